@@ -1,0 +1,78 @@
+// Package testnet has small loopback servers that tests in several packages
+// share: an echo server with half-close, and a server that hands every
+// accepted connection to a callback.
+package testnet
+
+import (
+	"io"
+	"net"
+	"sync"
+	"testing"
+)
+
+// Serve listens on 127.0.0.1 at a free port and runs handle for each
+// connection in its own goroutine. The listener, the open connections and
+// the goroutines are gone when the test's cleanup runs.
+func Serve(t testing.TB, handle func(net.Conn)) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		conns = map[net.Conn]struct{}{}
+	)
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns[c] = struct{}{}
+			mu.Unlock()
+			wg.Go(func() {
+				defer func() {
+					mu.Lock()
+					delete(conns, c)
+					mu.Unlock()
+					c.Close()
+				}()
+				handle(c)
+			})
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln
+}
+
+// Echo starts an echo server: it copies everything back, and when the client
+// half-closes it half-closes too, so a client can test half-close.
+func Echo(t testing.TB) net.Listener {
+	return Serve(t, func(c net.Conn) {
+		io.Copy(c, c)
+		c.(*net.TCPConn).CloseWrite()
+	})
+}
+
+// ClosedPort returns a loopback address nothing listens on.
+func ClosedPort(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}

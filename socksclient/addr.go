@@ -1,0 +1,163 @@
+package socksclient
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+)
+
+// MaxNameLen is the longest domain name a SOCKS5 address can carry: its
+// length travels in one byte.
+const MaxNameLen = 255
+
+// Addr is a SOCKS5 address: an IP address or a domain name, and a port.
+// Exactly one of IP and Name is set. It implements net.Addr.
+type Addr struct {
+	IP   netip.Addr
+	Name string
+	Port uint16
+}
+
+// AddrFromAddrPort returns the Addr of an IP address and port. IPv4-mapped
+// IPv6 addresses are unmapped, so they travel as ATYP 1.
+func AddrFromAddrPort(ap netip.AddrPort) Addr {
+	return Addr{IP: ap.Addr().Unmap(), Port: ap.Port()}
+}
+
+// ParseAddr parses "host:port" where host is an IP literal (IPv6 in
+// brackets) or a domain name. Names are kept as names: they are for the proxy
+// to resolve.
+func ParseAddr(hostport string) (Addr, error) {
+	host, portStr, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return Addr{}, err
+	}
+	port, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil {
+		return Addr{}, fmt.Errorf("address %q: invalid port %q", hostport, portStr)
+	}
+	if ip, err := netip.ParseAddr(host); err == nil {
+		if ip.Zone() != "" {
+			return Addr{}, fmt.Errorf("address %q: a zone cannot be sent to a SOCKS server", hostport)
+		}
+		return Addr{IP: ip.Unmap(), Port: uint16(port)}, nil
+	}
+	if len(host) == 0 || len(host) > MaxNameLen {
+		return Addr{}, fmt.Errorf("address %q: host name must be 1 to %d bytes", hostport, MaxNameLen)
+	}
+	return Addr{Name: host, Port: uint16(port)}, nil
+}
+
+// Type is the ATYP that the address travels as.
+func (a Addr) Type() AddrType {
+	switch {
+	case a.Name != "":
+		return AddrDomain
+	case a.IP.Is4():
+		return AddrIPv4
+	default:
+		return AddrIPv6
+	}
+}
+
+// Host is the IP literal or the name, without the port.
+func (a Addr) Host() string {
+	if a.Name != "" {
+		return a.Name
+	}
+	if !a.IP.IsValid() {
+		return ""
+	}
+	return a.IP.String()
+}
+
+// AddrPort returns the address as a netip.AddrPort; ok is false for names.
+func (a Addr) AddrPort() (ap netip.AddrPort, ok bool) {
+	if a.Name != "" || !a.IP.IsValid() {
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPortFrom(a.IP, a.Port), true
+}
+
+// Network implements net.Addr.
+func (a Addr) Network() string { return "tcp" }
+
+// String gives host:port, with IPv6 in brackets.
+func (a Addr) String() string {
+	return net.JoinHostPort(a.Host(), strconv.Itoa(int(a.Port)))
+}
+
+// appendAddr appends ATYP, the address and the port, the layout shared by
+// requests, replies and UDP headers:
+//
+//	+------+----------+----------+
+//	| ATYP | DST.ADDR | DST.PORT |
+//	+------+----------+----------+
+//	|  1   | Variable |    2     |
+//	+------+----------+----------+
+func appendAddr(b []byte, a Addr) ([]byte, error) {
+	switch {
+	case a.Name != "":
+		if len(a.Name) > MaxNameLen {
+			return b, fmt.Errorf("socks: host name is %d bytes, longer than %d", len(a.Name), MaxNameLen)
+		}
+		b = append(b, byte(AddrDomain), byte(len(a.Name)))
+		b = append(b, a.Name...)
+	case a.IP.Is4():
+		ip := a.IP.As4()
+		b = append(b, byte(AddrIPv4))
+		b = append(b, ip[:]...)
+	case a.IP.Is6():
+		ip := a.IP.As16()
+		b = append(b, byte(AddrIPv6))
+		b = append(b, ip[:]...)
+	default:
+		return b, fmt.Errorf("socks: address has neither an IP nor a name")
+	}
+	return binary.BigEndian.AppendUint16(b, a.Port), nil
+}
+
+// addrLen returns the encoded length of ATYP+ADDR+PORT from its first two
+// bytes (ATYP, and the name length for ATYP 3). It is what lets stream readers
+// read exactly one frame.
+func addrLen(atyp, next byte) (int, error) {
+	switch AddrType(atyp) {
+	case AddrIPv4:
+		return 1 + 4 + 2, nil
+	case AddrIPv6:
+		return 1 + 16 + 2, nil
+	case AddrDomain:
+		if next == 0 {
+			return 0, protoErr("address", "zero-length domain name")
+		}
+		return 1 + 1 + int(next) + 2, nil
+	}
+	return 0, &ProtocolError{Frame: "address", Msg: fmt.Sprintf("unknown address type 0x%02x", atyp), unknownATYP: true}
+}
+
+// parseAddr decodes ATYP+ADDR+PORT at the start of b.
+func parseAddr(b []byte) (Addr, int, error) {
+	if len(b) < 2 {
+		return Addr{}, 0, errTruncated("address")
+	}
+	n, err := addrLen(b[0], b[1])
+	if err != nil {
+		return Addr{}, 0, err
+	}
+	if len(b) < n {
+		return Addr{}, 0, errTruncated("address")
+	}
+	var a Addr
+	switch AddrType(b[0]) {
+	case AddrIPv4:
+		a.IP = netip.AddrFrom4([4]byte(b[1:5]))
+	case AddrIPv6:
+		a.IP = netip.AddrFrom16([16]byte(b[1:17]))
+	case AddrDomain:
+		a.Name = string(b[2 : 2+int(b[1])])
+	}
+	a.Port = binary.BigEndian.Uint16(b[n-2:])
+	return a, n, nil
+}

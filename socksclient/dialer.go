@@ -1,0 +1,328 @@
+package socksclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"time"
+)
+
+// DefaultHandshakeTimeout bounds connecting to the proxy plus the SOCKS
+// handshake when Dialer.HandshakeTimeout is zero.
+const DefaultHandshakeTimeout = 10 * time.Second
+
+// aLongTimeAgo is a deadline in the past: setting it interrupts a blocked
+// read or write and leaves the conn usable (the trick x/net's SOCKS dialer
+// uses).
+var aLongTimeAgo = time.Unix(1, 0)
+
+// Dialer opens SOCKS5 sessions through one proxy. The zero value of each
+// optional field is a sensible default. A Dialer is safe for concurrent use.
+type Dialer struct {
+	// ProxyAddr is the proxy's host:port.
+	ProxyAddr string
+	// Username and Password enable RFC 1929 authentication when Username is
+	// set. They never appear in errors.
+	Username string
+	Password string
+	// HandshakeTimeout bounds dialing the proxy and the handshake
+	// (default DefaultHandshakeTimeout).
+	HandshakeTimeout time.Duration
+	// ResolveLocally makes DialContext resolve target names here and send
+	// IP addresses (curl's socks5://). By default names go to the proxy
+	// (ATYP 3, socks5h://), so nothing leaks to the local resolver.
+	ResolveLocally bool
+	// Resolver is used when ResolveLocally is set (default net.DefaultResolver).
+	Resolver *net.Resolver
+	// ProxyDial connects to the proxy (default a net.Dialer).
+	ProxyDial func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// Conn is a CONNECT session (or an accepted BIND): a net.Conn to the target,
+// carried over the proxy connection.
+type Conn struct {
+	net.Conn
+	bound Addr
+}
+
+// BoundAddr is BND.ADDR/PORT of the server's reply: for CONNECT the address
+// the server connected from, for BIND the peer that connected.
+func (c *Conn) BoundAddr() Addr { return c.bound }
+
+// NetConn returns the connection to the proxy, which after the handshake
+// carries the target's bytes unchanged; relays use it to reach the
+// *net.TCPConn fast paths.
+func (c *Conn) NetConn() net.Conn { return c.Conn }
+
+// CloseWrite half-closes the session: the target sees EOF.
+func (c *Conn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("socks: underlying connection cannot half-close")
+}
+
+// DialContext connects to address ("host:port") through the proxy with
+// CONNECT. Errors are *net.OpError with Op "socks connect" naming proxy and
+// target; errors.As finds *ReplyError, *ProtocolError and the Err values.
+func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+	default:
+		return nil, d.opError(CmdConnect, network, nil, fmt.Errorf("network %q is not supported", network))
+	}
+	target, err := ParseAddr(address)
+	if err != nil {
+		return nil, d.opError(CmdConnect, network, nil, err)
+	}
+	c, err := d.DialAddr(ctx, target)
+	if err != nil {
+		return nil, err // not a typed nil in the interface
+	}
+	return c, nil
+}
+
+// DialAddr is DialContext for an already parsed target.
+func (d *Dialer) DialAddr(ctx context.Context, target Addr) (*Conn, error) {
+	conn, reply, err := d.request(ctx, CmdConnect, target)
+	if err != nil {
+		return nil, d.opError(CmdConnect, "tcp", target, err)
+	}
+	return &Conn{Conn: conn, bound: reply.Addr}, nil
+}
+
+// Binding is a BIND session between its two replies: the server listens at
+// Addr for one incoming connection.
+type Binding struct {
+	d      *Dialer
+	conn   net.Conn
+	addr   Addr
+	target Addr
+}
+
+// Bind asks the proxy to listen for one connection from expected (the peer
+// the application expects; 0.0.0.0:0 when unknown). It returns after the
+// first reply; the zero Addr means 0.0.0.0:0. BND.ADDR 0.0.0.0 or :: is replaced by the proxy's address.
+func (d *Dialer) Bind(ctx context.Context, expected Addr) (*Binding, error) {
+	if expected.Name == "" && !expected.IP.IsValid() {
+		expected.IP = netip.IPv4Unspecified()
+	}
+	conn, reply, err := d.request(ctx, CmdBind, expected)
+	if err != nil {
+		return nil, d.opError(CmdBind, "tcp", expected, err)
+	}
+	return &Binding{d: d, conn: conn, addr: substituteUnspecified(reply.Addr, conn), target: expected}, nil
+}
+
+// Addr is where the remote peer must connect.
+func (b *Binding) Addr() Addr { return b.addr }
+
+// Accept waits for the second reply, sent when the peer has connected, and
+// returns the session with that peer. A Binding accepts once.
+func (b *Binding) Accept(ctx context.Context) (*Conn, error) {
+	stop := context.AfterFunc(ctx, func() { b.conn.SetReadDeadline(aLongTimeAgo) })
+	reply, err := ReadReply(b.conn)
+	if !stop() {
+		b.conn.Close()
+		return nil, b.d.opError(CmdBind, "tcp", b.target, ctx.Err())
+	}
+	if err == nil && reply.Code != RepSucceeded {
+		err = &ReplyError{Cmd: CmdBind, Code: reply.Code}
+	}
+	if err != nil {
+		b.conn.Close()
+		if err == io.EOF {
+			err = errors.New("server closed the connection before a peer connected")
+		}
+		return nil, b.d.opError(CmdBind, "tcp", b.target, err)
+	}
+	return &Conn{Conn: b.conn, bound: reply.Addr}, nil
+}
+
+// Close abandons the binding.
+func (b *Binding) Close() error { return b.conn.Close() }
+
+// request connects to the proxy, negotiates, sends one request and reads
+// its reply. On success the conn is positioned at the first payload byte.
+func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Conn, Reply, error) {
+	timeout := d.HandshakeTimeout
+	if timeout <= 0 {
+		timeout = DefaultHandshakeTimeout
+	}
+	hctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	if d.ResolveLocally && target.Name != "" && cmd == CmdConnect {
+		resolved, err := d.resolve(hctx, target)
+		if err != nil {
+			return nil, Reply{}, err
+		}
+		target = resolved
+	}
+
+	dial := d.ProxyDial
+	if dial == nil {
+		var nd net.Dialer
+		dial = nd.DialContext
+	}
+	conn, err := dial(hctx, "tcp", d.ProxyAddr)
+	if err != nil {
+		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, err)
+	}
+
+	stop := context.AfterFunc(hctx, func() { conn.SetDeadline(aLongTimeAgo) })
+	reply, err := d.handshake(conn, cmd, target)
+	if !stop() {
+		conn.Close()
+		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, hctx.Err())
+	}
+	if err != nil {
+		conn.Close()
+		return nil, Reply{}, err
+	}
+	return conn, reply, nil
+}
+
+// handshake runs method negotiation, authentication and the request.
+func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr) (Reply, error) {
+	var buf [8 + 2*256 + maxAddrFrame]byte
+	g := Greeting{Methods: []AuthMethod{MethodNoAuth}}
+	if d.Username != "" {
+		// OpenSSH closes silently unless 0x00 is offered, so offer both.
+		g.Methods = []AuthMethod{MethodNoAuth, MethodUserPass}
+	}
+	b, err := g.AppendTo(buf[:0])
+	if err != nil {
+		return Reply{}, err
+	}
+	if _, err := conn.Write(b); err != nil {
+		return Reply{}, err
+	}
+	sel, err := ReadMethodSelection(conn)
+	if err != nil {
+		return Reply{}, closedEarly(err, "method selection")
+	}
+	switch sel.Method {
+	case MethodNoAuth:
+	case MethodUserPass:
+		if d.Username == "" {
+			return Reply{}, ErrCredentialsRequired
+		}
+		b, err := UserPassRequest{Username: d.Username, Password: d.Password}.AppendTo(buf[:0])
+		if err != nil {
+			return Reply{}, err
+		}
+		if _, err := conn.Write(b); err != nil {
+			return Reply{}, err
+		}
+		st, err := ReadUserPassStatus(conn)
+		if err != nil {
+			if err == io.EOF {
+				// Some servers close instead of sending a failure status.
+				return Reply{}, ErrAuthFailed
+			}
+			return Reply{}, closedEarly(err, "username/password status")
+		}
+		if !st.Success() {
+			return Reply{}, ErrAuthFailed
+		}
+	case MethodNoAcceptable:
+		return Reply{}, ErrNoAcceptableMethods
+	default:
+		return Reply{}, protoErr("method selection", fmt.Sprintf("server chose %s, which was not offered", sel.Method))
+	}
+
+	b, err = Request{Cmd: cmd, Addr: target}.AppendTo(buf[:0])
+	if err != nil {
+		return Reply{}, err
+	}
+	if _, err := conn.Write(b); err != nil {
+		return Reply{}, err
+	}
+	reply, err := ReadReply(conn)
+	if err == io.EOF {
+		if cmd == CmdConnect {
+			return Reply{}, errors.New("server closed the connection without replying to the request")
+		}
+		return Reply{}, unsupportedError{cmd}
+	}
+	if err != nil {
+		return Reply{}, closedEarly(err, "reply")
+	}
+	if reply.Code != RepSucceeded {
+		return Reply{}, &ReplyError{Cmd: cmd, Code: reply.Code}
+	}
+	return reply, nil
+}
+
+func (d *Dialer) resolve(ctx context.Context, target Addr) (Addr, error) {
+	r := d.Resolver
+	if r == nil {
+		r = net.DefaultResolver
+	}
+	ips, err := r.LookupNetIP(ctx, "ip", target.Name)
+	if err == nil && len(ips) == 0 {
+		err = errors.New("no addresses")
+	}
+	if err != nil {
+		return Addr{}, fmt.Errorf("resolving %s locally failed (socks5:// resolves names here; use socks5h:// to let the proxy resolve them): %w", target.Name, err)
+	}
+	ip := ips[0]
+	for _, cand := range ips {
+		if cand.Unmap().Is4() { // prefer IPv4, the family every proxy can reach
+			ip = cand
+			break
+		}
+	}
+	return Addr{IP: ip.Unmap(), Port: target.Port}, nil
+}
+
+// opError puts the dial boundary's names around err.
+func (d *Dialer) opError(cmd Command, network string, target net.Addr, err error) error {
+	op := &net.OpError{Op: "socks " + cmd.String(), Net: network, Source: proxyAddr(d.ProxyAddr), Err: err}
+	if target != nil {
+		op.Addr = target
+	}
+	return op
+}
+
+// proxyAddr names the proxy in a *net.OpError.
+type proxyAddr string
+
+func (p proxyAddr) Network() string { return "tcp" }
+func (p proxyAddr) String() string  { return string(p) }
+
+// closedEarly names the frame a server hung up before sending.
+func closedEarly(err error, frame string) error {
+	if err == io.EOF || err == io.ErrUnexpectedEOF {
+		return fmt.Errorf("server closed the connection during the %s: %w", frame, io.ErrUnexpectedEOF)
+	}
+	return err
+}
+
+// timeoutCause turns the handshake context's expiry into words: which limit
+// hit, or the caller's cancellation.
+func timeoutCause(parent, hctx context.Context, timeout time.Duration, err error) error {
+	if parent.Err() != nil {
+		return parent.Err()
+	}
+	if hctx.Err() != nil {
+		return fmt.Errorf("handshake timed out after %s: %w", timeout, context.DeadlineExceeded)
+	}
+	return err
+}
+
+// substituteUnspecified applies RFC 1928's convention that BND.ADDR 0.0.0.0
+// or :: means "the address you reached me at".
+func substituteUnspecified(a Addr, conn net.Conn) Addr {
+	if a.Name != "" || !a.IP.IsUnspecified() {
+		return a
+	}
+	if ap, err := netip.ParseAddrPort(conn.RemoteAddr().String()); err == nil {
+		a.IP = ap.Addr().Unmap()
+	}
+	return a
+}

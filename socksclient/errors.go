@@ -1,0 +1,72 @@
+package socksclient
+
+import (
+	"errors"
+	"fmt"
+)
+
+var (
+	// ErrAuthFailed: the server rejected the username and password (RFC 1929
+	// STATUS != 0).
+	ErrAuthFailed = errors.New("socks: username/password authentication failed")
+	// ErrNoAcceptableMethods: the server answered method 0xFF.
+	ErrNoAcceptableMethods = errors.New("socks: server accepted none of the offered authentication methods")
+	// ErrCommandNotSupported: the server does not implement the command,
+	// either by REP 7 or by closing the connection right after the request
+	// (what OpenSSH's ssh -D does for BIND and UDP ASSOCIATE).
+	ErrCommandNotSupported = errors.New("socks: command not supported by the server")
+	// ErrFragmented: a UDP datagram with FRAG != 0, which we do not reassemble
+	// (RFC 1928 §7 allows dropping them).
+	ErrFragmented = errors.New("socks: fragmented UDP datagram")
+	// ErrCredentialsRequired: the server chose username/password but the
+	// dialer has none.
+	ErrCredentialsRequired = errors.New("socks: server requires username/password but none is configured")
+)
+
+// ReplyError is a server's refusal: a reply whose REP is not 0.
+type ReplyError struct {
+	Cmd  Command
+	Code ReplyCode
+}
+
+func (e *ReplyError) Error() string {
+	return fmt.Sprintf("socks %s: %s (REP 0x%02x)", e.Cmd, e.Code, byte(e.Code))
+}
+
+// Is makes errors.Is(err, ErrCommandNotSupported) true for REP 7.
+func (e *ReplyError) Is(target error) bool {
+	return target == ErrCommandNotSupported && e.Code == RepCommandNotSupported
+}
+
+// ProtocolError reports bytes that break RFC 1928 or RFC 1929: the peer is
+// not speaking SOCKS5 correctly.
+type ProtocolError struct {
+	Frame string // which frame was being decoded, e.g. "reply"
+	Msg   string
+
+	truncated   bool
+	unknownATYP bool
+}
+
+func (e *ProtocolError) Error() string {
+	return fmt.Sprintf("socks: malformed %s: %s", e.Frame, e.Msg)
+}
+
+// Truncated reports whether the frame ended early (more bytes were needed).
+func (e *ProtocolError) Truncated() bool { return e.truncated }
+
+func protoErr(frame, msg string) *ProtocolError { return &ProtocolError{Frame: frame, Msg: msg} }
+
+func errTruncated(frame string) *ProtocolError {
+	return &ProtocolError{Frame: frame, Msg: "truncated", truncated: true}
+}
+
+// unsupportedError is ErrCommandNotSupported with the command named; it
+// comes from a server that closed the connection instead of replying.
+type unsupportedError struct{ cmd Command }
+
+func (e unsupportedError) Error() string {
+	return fmt.Sprintf("socks %s: the server does not support %s (it closed the connection without replying)", e.cmd, e.cmd)
+}
+
+func (e unsupportedError) Is(target error) bool { return target == ErrCommandNotSupported }

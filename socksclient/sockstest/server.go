@@ -1,0 +1,382 @@
+// Package sockstest is an in-process SOCKS5 server for tests, built on the
+// socksclient codec. It serves CONNECT and BIND for real and can be told to
+// misbehave in the ways real servers will not on demand: every REP code,
+// authentication failure, malformed or truncated frames, slow drip, hangs,
+// and connections closed mid-frame.
+package sockstest
+
+import (
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// Fault selects one way for the server to misbehave.
+type Fault int
+
+const (
+	FaultNone Fault = iota
+	// FaultNoAcceptable answers every greeting with method 0xFF.
+	FaultNoAcceptable
+	// FaultWrongVersion answers the greeting with VER 0x04.
+	FaultWrongVersion
+	// FaultUnknownATYP answers the request with ATYP 0x09.
+	FaultUnknownATYP
+	// FaultTruncatedReply sends the first 6 bytes of a reply, then closes.
+	FaultTruncatedReply
+	// FaultDrip sends every server frame one byte per write.
+	FaultDrip
+	// FaultHangAfterGreeting reads the greeting and never answers.
+	FaultHangAfterGreeting
+	// FaultCloseMidFrame sends one byte of the method selection, then closes.
+	FaultCloseMidFrame
+	// FaultCloseAfterRequest reads the request and closes without a reply,
+	// as OpenSSH's ssh -D does for BIND and UDP ASSOCIATE.
+	FaultCloseAfterRequest
+	// FaultTrailingPayload sends the reply and the first payload bytes in
+	// one write, to catch clients that read past the reply.
+	FaultTrailingPayload
+)
+
+// Config describes the server's behaviour. The zero value is a correct
+// no-auth server.
+type Config struct {
+	// Users enables RFC 1929: the server selects method 0x02 and accepts
+	// these username → password pairs.
+	Users map[string]string
+	// Reply, when not 0, is the REP every request is answered with.
+	Reply socksclient.ReplyCode
+	// Fault makes the server misbehave.
+	Fault Fault
+	// BindUnspecified makes BIND's first reply carry BND.ADDR 0.0.0.0.
+	BindUnspecified bool
+	// Greeted, if not nil, receives a value (without blocking) each time the
+	// server has read a greeting: a readiness signal for tests.
+	Greeted chan<- struct{}
+	// TrailingPayload is what FaultTrailingPayload sends after the reply.
+	TrailingPayload []byte
+}
+
+// Server is a running test server. Close stops it and waits for every
+// connection handler to return.
+type Server struct {
+	cfg Config
+	ln  net.Listener
+
+	handshakes atomic.Int64
+	requests   atomic.Int64
+
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// NewServer starts a server on 127.0.0.1 at a free port.
+func NewServer(cfg Config) (*Server, error) {
+	return Listen("127.0.0.1:0", cfg)
+}
+
+// Listen starts a server on addr.
+func Listen(addr string, cfg Config) (*Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, ln: ln, conns: make(map[net.Conn]struct{})}
+	s.wg.Go(s.acceptLoop)
+	return s, nil
+}
+
+// Addr is the server's listening address, host:port.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// Handshakes counts greetings the server has read.
+func (s *Server) Handshakes() int64 { return s.handshakes.Load() }
+
+// Requests counts requests the server has read.
+func (s *Server) Requests() int64 { return s.requests.Load() }
+
+// Close stops accepting, closes every connection and waits for handlers.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	err := s.ln.Close()
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return err
+}
+
+func (s *Server) track(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		c.Close()
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(c net.Conn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+	c.Close()
+}
+
+func (s *Server) acceptLoop() {
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			return
+		}
+		if !s.track(c) {
+			continue
+		}
+		s.wg.Go(func() {
+			defer s.untrack(c)
+			s.serveConn(c)
+		})
+	}
+}
+
+// write sends one frame, a byte per write under FaultDrip.
+func (s *Server) write(c net.Conn, b []byte) error {
+	if s.cfg.Fault != FaultDrip {
+		_, err := c.Write(b)
+		return err
+	}
+	for i := range b {
+		if _, err := c.Write(b[i : i+1]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Server) writeFrame(c net.Conn, f interface{ AppendTo([]byte) ([]byte, error) }) error {
+	b, err := f.AppendTo(nil)
+	if err != nil {
+		return err
+	}
+	return s.write(c, b)
+}
+
+func (s *Server) serveConn(c net.Conn) {
+	g, err := socksclient.ReadGreeting(c)
+	if err != nil {
+		return
+	}
+	s.handshakes.Add(1)
+	if s.cfg.Greeted != nil {
+		select {
+		case s.cfg.Greeted <- struct{}{}:
+		default:
+		}
+	}
+	switch s.cfg.Fault {
+	case FaultHangAfterGreeting:
+		io.Copy(io.Discard, c) // until the client or Close hangs up
+		return
+	case FaultCloseMidFrame:
+		c.Write([]byte{socksclient.Version})
+		return
+	case FaultWrongVersion:
+		c.Write([]byte{0x04, 0x00})
+		return
+	case FaultNoAcceptable:
+		s.writeFrame(c, socksclient.MethodSelection{Method: socksclient.MethodNoAcceptable})
+		return
+	}
+	want := socksclient.MethodNoAuth
+	if s.cfg.Users != nil {
+		want = socksclient.MethodUserPass
+	}
+	if !offers(g, want) {
+		s.writeFrame(c, socksclient.MethodSelection{Method: socksclient.MethodNoAcceptable})
+		return
+	}
+	if err := s.writeFrame(c, socksclient.MethodSelection{Method: want}); err != nil {
+		return
+	}
+	if want == socksclient.MethodUserPass {
+		up, err := socksclient.ReadUserPassRequest(c)
+		if err != nil {
+			return
+		}
+		pw, ok := s.cfg.Users[up.Username]
+		if !ok || pw != up.Password {
+			s.writeFrame(c, socksclient.UserPassStatus{Status: 1})
+			return
+		}
+		if err := s.writeFrame(c, socksclient.UserPassStatus{}); err != nil {
+			return
+		}
+	}
+
+	req, err := socksclient.ReadRequest(c)
+	if err != nil {
+		return
+	}
+	s.requests.Add(1)
+	switch s.cfg.Fault {
+	case FaultCloseAfterRequest:
+		return
+	case FaultUnknownATYP:
+		c.Write([]byte{socksclient.Version, 0, 0, 0x09, 1, 2, 3, 4, 0, 80})
+		return
+	case FaultTruncatedReply:
+		c.Write([]byte{socksclient.Version, 0, 0, byte(socksclient.AddrIPv4), 127, 0})
+		return
+	}
+	if s.cfg.Reply != socksclient.RepSucceeded {
+		s.writeFrame(c, socksclient.Reply{Code: s.cfg.Reply, Addr: zeroAddr})
+		return
+	}
+	switch req.Cmd {
+	case socksclient.CmdConnect:
+		s.serveConnect(c, req.Addr)
+	case socksclient.CmdBind:
+		s.serveBind(c)
+	default:
+		s.writeFrame(c, socksclient.Reply{Code: socksclient.RepCommandNotSupported, Addr: zeroAddr})
+	}
+}
+
+var zeroAddr = socksclient.Addr{IP: netip.IPv4Unspecified()}
+
+func offers(g socksclient.Greeting, m socksclient.AuthMethod) bool {
+	for _, o := range g.Methods {
+		if o == m {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Server) serveConnect(c net.Conn, target socksclient.Addr) {
+	d := net.Dialer{Timeout: 5 * time.Second}
+	up, err := d.Dial("tcp", target.String())
+	if err != nil {
+		s.writeFrame(c, socksclient.Reply{Code: replyFor(err), Addr: zeroAddr})
+		return
+	}
+	if !s.track(up) {
+		return
+	}
+	defer s.untrack(up)
+	bound := socksclient.AddrFromAddrPort(up.LocalAddr().(*net.TCPAddr).AddrPort())
+	b, err := socksclient.Reply{Addr: bound}.AppendTo(nil)
+	if err != nil {
+		return
+	}
+	if s.cfg.Fault == FaultTrailingPayload {
+		b = append(b, s.cfg.TrailingPayload...)
+	}
+	if err := s.write(c, b); err != nil {
+		return
+	}
+	pipe(c, up)
+}
+
+func (s *Server) serveBind(c net.Conn) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		s.writeFrame(c, socksclient.Reply{Code: socksclient.RepGeneralFailure, Addr: zeroAddr})
+		return
+	}
+	bound := socksclient.AddrFromAddrPort(ln.Addr().(*net.TCPAddr).AddrPort())
+	if s.cfg.BindUnspecified {
+		bound.IP = netip.IPv4Unspecified()
+	}
+	if err := s.writeFrame(c, socksclient.Reply{Addr: bound}); err != nil {
+		ln.Close()
+		return
+	}
+	// Stop waiting for the peer when the client hangs up or the server
+	// closes (Close closes the tracked conn, which ends the read).
+	watchDone := make(chan int)
+	go func() {
+		var b [1]byte
+		n, _ := c.Read(b[:])
+		ln.Close()
+		watchDone <- n
+	}()
+	peer, err := ln.Accept()
+	c.SetReadDeadline(time.Unix(1, 0))
+	early := <-watchDone
+	c.SetReadDeadline(time.Time{})
+	ln.Close()
+	if err == nil && early > 0 {
+		// The client sent payload before the second reply: not SOCKS.
+		peer.Close()
+		return
+	}
+	if err != nil {
+		s.writeFrame(c, socksclient.Reply{Code: socksclient.RepGeneralFailure, Addr: zeroAddr})
+		return
+	}
+	if !s.track(peer) {
+		return
+	}
+	defer s.untrack(peer)
+	from := socksclient.AddrFromAddrPort(peer.RemoteAddr().(*net.TCPAddr).AddrPort())
+	if err := s.writeFrame(c, socksclient.Reply{Addr: from}); err != nil {
+		return
+	}
+	pipe(c, peer)
+}
+
+var (
+	errConnRefused = syscall.ECONNREFUSED
+	errNetUnreach  = syscall.ENETUNREACH
+	errHostUnreach = syscall.EHOSTUNREACH
+)
+
+func replyFor(err error) socksclient.ReplyCode {
+	switch {
+	case errors.Is(err, errConnRefused):
+		return socksclient.RepConnectionRefused
+	case errors.Is(err, errNetUnreach):
+		return socksclient.RepNetworkUnreachable
+	case errors.Is(err, errHostUnreach):
+		return socksclient.RepHostUnreachable
+	}
+	var dnsErr *net.DNSError
+	if errors.As(err, &dnsErr) {
+		return socksclient.RepHostUnreachable
+	}
+	return socksclient.RepGeneralFailure
+}
+
+// pipe copies both ways with half-close until both directions end.
+func pipe(a, b net.Conn) {
+	var wg sync.WaitGroup
+	wg.Go(func() { copyHalf(a, b) })
+	copyHalf(b, a)
+	wg.Wait()
+}
+
+func copyHalf(dst, src net.Conn) {
+	io.Copy(dst, src)
+	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	} else {
+		dst.Close()
+	}
+}
