@@ -7,13 +7,20 @@ import (
 	"io"
 	"net"
 	"sync"
-	"testing"
 )
+
+// TB is the part of testing.TB these helpers use, so that callers outside
+// a *testing.T (testscript commands, the benchmark driver) can use them.
+type TB interface {
+	Helper()
+	Fatal(args ...any)
+	Cleanup(func())
+}
 
 // Serve listens on 127.0.0.1 at a free port and runs handle for each
 // connection in its own goroutine. The listener, the open connections and
 // the goroutines are gone when the test's cleanup runs.
-func Serve(t testing.TB, handle func(net.Conn)) net.Listener {
+func Serve(t TB, handle func(net.Conn)) net.Listener {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -58,7 +65,7 @@ func Serve(t testing.TB, handle func(net.Conn)) net.Listener {
 
 // Echo starts an echo server: it copies everything back, and when the client
 // half-closes it half-closes too, so a client can test half-close.
-func Echo(t testing.TB) net.Listener {
+func Echo(t TB) net.Listener {
 	return Serve(t, func(c net.Conn) {
 		io.Copy(c, c)
 		c.(*net.TCPConn).CloseWrite()
@@ -66,7 +73,7 @@ func Echo(t testing.TB) net.Listener {
 }
 
 // ClosedPort returns a loopback address nothing listens on.
-func ClosedPort(t testing.TB) string {
+func ClosedPort(t TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -1,0 +1,68 @@
+# socksfwd — see README.md. Every target works on a fresh Debian 12 machine
+# as root: `deps` installs the Debian packages the tests and demo need.
+
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X main.version=$(VERSION)
+BIN      := bin
+FUZZTIME ?= 10s
+
+# command → Debian package, for everything the tests start or drive.
+PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:openssh-client \
+	psql:postgresql-client ip:iproute2 iperf3:iperf3 proxychains4:proxychains4 \
+	/usr/lib/postgresql/15/bin/initdb:postgresql
+
+.PHONY: all build test demo bench fuzz lint deps peer-versions clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/socksfwd ./cmd/socksfwd
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/socksbench ./cmd/socksbench
+
+# Install the Debian packages of missing peers (apt-get update first, once).
+deps:
+	@missing=""; for p in $(PEERS); do cmd=$${p%%:*}; pkg=$${p#*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x $$cmd ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  systemctl disable --now danted ssh postgresql >/dev/null 2>&1 || true; \
+	fi
+
+peer-versions:
+	@echo "peers:"
+	@echo "  $$(danted -v 2>&1 | head -1)"
+	@echo "  microsocks $$(dpkg-query -W -f='$${Version}' microsocks 2>/dev/null)"
+	@echo "  $$(ssh -V 2>&1)"
+	@echo "  $$(/usr/lib/postgresql/15/bin/postgres --version)"
+	@echo "  $$(iperf3 --version 2>&1 | head -1)"
+	@echo "  proxychains4 $$(dpkg-query -W -f='$${Version}' proxychains4 2>/dev/null)"
+
+test: deps peer-versions
+	$(GO) vet ./...
+	$(GO) test -race -count=1 ./...
+
+demo: deps build
+	$(GO) run ./cmd/socksbench demo
+
+bench: deps build
+	$(GO) run ./cmd/socksbench bench
+
+# A short, bounded run of every fuzz target.
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+	    echo "fuzz $$pkg $$f"; \
+	    $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	  done; \
+	done
+
+lint:
+	@test -z "$$(gofmt -l .)" || { gofmt -l .; exit 1; }
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+
+clean:
+	rm -rf $(BIN)

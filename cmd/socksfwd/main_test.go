@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rogpeppe/go-internal/testscript"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
+)
+
+func TestMain(m *testing.M) {
+	testscript.Main(m, map[string]func(){
+		"socksfwd": func() { os.Exit(run(os.Args, os.Stdout, os.Stderr, os.Getenv)) },
+	})
+}
+
+// TestScripts drives the built binary through testdata/script/*.txtar:
+// flags, environment, config file, errors, exit codes and signals.
+func TestScripts(t *testing.T) {
+	testscript.Run(t, testscript.Params{
+		Dir: "testdata/script",
+		Setup: func(env *testscript.Env) error {
+			// The scripts set their own environment; drop any inherited proxy.
+			env.Setenv("ALL_PROXY", "")
+			env.Setenv("all_proxy", "")
+			root, err := filepath.Abs("../..")
+			env.Setenv("REPO", root)
+			return err
+		},
+		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
+			"echoserver":  cmdEchoServer,
+			"socksserver": cmdSocksServer,
+			"freeport":    cmdFreePort,
+			"roundtrip":   cmdRoundTrip,
+		},
+	})
+}
+
+// tb adapts a TestScript to testnet.TB.
+type tb struct{ ts *testscript.TestScript }
+
+func (t tb) Helper()           {}
+func (t tb) Cleanup(f func())  { t.ts.Defer(f) }
+func (t tb) Fatal(args ...any) { t.ts.Fatalf("%v", args...) }
+
+// echoserver VAR: start an echo server, its address in $VAR.
+func cmdEchoServer(ts *testscript.TestScript, neg bool, args []string) {
+	ln := testnet.Echo(tb{ts: ts})
+	ts.Setenv(args[0], ln.Addr().String())
+}
+
+// socksserver VAR [user pass]: start a sockstest server, its address in $VAR.
+func cmdSocksServer(ts *testscript.TestScript, neg bool, args []string) {
+	cfg := sockstest.Config{}
+	if len(args) == 3 {
+		cfg.Users = map[string]string{args[1]: args[2]}
+	}
+	srv, err := sockstest.NewServer(cfg)
+	ts.Check(err)
+	ts.Defer(func() { srv.Close() })
+	ts.Setenv(args[0], srv.Addr())
+}
+
+// freeport VAR: a loopback port nothing listens on, in $VAR.
+func cmdFreePort(ts *testscript.TestScript, neg bool, args []string) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ts.Check(err)
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	ln.Close()
+	ts.Setenv(args[0], port)
+}
+
+// roundtrip ADDR MSG: connect (waiting up to 10 s for the listener to come
+// up), send MSG, half-close, and expect MSG back. With !, expect the
+// connection to be closed without an echo.
+func cmdRoundTrip(ts *testscript.TestScript, neg bool, args []string) {
+	var c net.Conn
+	var err error
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err = net.Dial("tcp", args[0])
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond) // the process is starting; bounded readiness probe
+	}
+	ts.Check(err)
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write([]byte(args[1]))
+	c.(*net.TCPConn).CloseWrite()
+	got, _ := io.ReadAll(bufio.NewReader(c))
+	if ok := string(got) == args[1]; ok == neg {
+		ts.Fatalf("roundtrip got %q (want echo: %v)", got, !neg)
+	}
+}
+
+func TestExitCodes(t *testing.T) {
+	noEnv := func(string) string { return "" }
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	tests := []struct {
+		args []string
+		want int
+	}{
+		{[]string{"-V"}, exitOK},
+		{[]string{"-S", "p:1", "-L", "1:h:2", "--print-config"}, exitOK},
+		{[]string{}, exitUsage},
+		{[]string{"--bogus"}, exitUsage},
+		{[]string{"-S", "p:1", "-L", "nonsense"}, exitUsage},
+		{[]string{"-S", "p:1", "-L", "1:h:2", "extra-arg"}, exitUsage},
+		{[]string{"-S", "p:1", "-L", "1:h:2", "--idle-timeout", "soon"}, exitUsage},
+		{[]string{"-S", "127.0.0.1:1", "-L", busy.Addr().String() + ":h:2"}, exitRuntime},
+	}
+	for _, tc := range tests {
+		var out, errOut strings.Builder
+		got := run(append([]string{"socksfwd"}, tc.args...), &out, &errOut, noEnv)
+		if got != tc.want {
+			t.Errorf("socksfwd %v = %d, want %d; stderr: %s", tc.args, got, tc.want, errOut.String())
+		}
+		if tc.want != exitOK && strings.Count(strings.TrimSpace(errOut.String()), "\n") > 2 {
+			t.Errorf("socksfwd %v: error is not short: %s", tc.args, errOut.String())
+		}
+	}
+}

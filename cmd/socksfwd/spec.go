@@ -1,0 +1,177 @@
+package main
+
+import (
+	"net"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+const defaultProxyPort = "1080"
+
+// localForward is one parsed -L spec.
+type localForward struct {
+	Spec   string
+	Binds  []string // listen addresses, host:port
+	Target socksclient.Addr
+	UDP    bool
+	// optionalBinds may fail to bind without failing the forward: ::1 for
+	// "localhost" on a host without IPv6, as ssh tolerates.
+	optionalBinds map[string]bool
+}
+
+// parseLocal parses ssh's -L grammar, [bind:]port:host:hostport[/udp],
+// with IPv6 addresses in brackets. The bind address defaults to 127.0.0.1;
+// "localhost" binds 127.0.0.1 and ::1; "*" or an empty bind means all
+// interfaces.
+func parseLocal(spec string) (localForward, error) {
+	lf := localForward{Spec: spec}
+	s := spec
+	if rest, ok := strings.CutSuffix(s, "/udp"); ok {
+		lf.UDP = true
+		s = rest
+	} else if rest, ok := strings.CutSuffix(s, "/tcp"); ok {
+		s = rest
+	}
+	fields, err := splitColons(s)
+	if err != nil {
+		return lf, usagef("-L %q: %v", spec, err)
+	}
+	var bind, port, host, hostport string
+	switch len(fields) {
+	case 3:
+		bind, port, host, hostport = "127.0.0.1", fields[0], fields[1], fields[2]
+	case 4:
+		bind, port, host, hostport = fields[0], fields[1], fields[2], fields[3]
+	default:
+		return lf, usagef("-L %q: want [bind:]port:host:hostport[/udp]", spec)
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return lf, usagef("-L %q: invalid local port %q", spec, port)
+	}
+	if n, err := strconv.ParseUint(hostport, 10, 16); err != nil || n == 0 {
+		return lf, usagef("-L %q: invalid target port %q", spec, hostport)
+	}
+	lf.Target, err = socksclient.ParseAddr(net.JoinHostPort(unbracket(host), hostport))
+	if err != nil {
+		return lf, usagef("-L %q: %v", spec, err)
+	}
+	switch bind = unbracket(bind); bind {
+	case "localhost":
+		lf.Binds = []string{net.JoinHostPort("127.0.0.1", port), net.JoinHostPort("::1", port)}
+		lf.optionalBinds = map[string]bool{lf.Binds[1]: true}
+	case "*", "":
+		lf.Binds = []string{net.JoinHostPort("", port)}
+	default:
+		lf.Binds = []string{net.JoinHostPort(bind, port)}
+	}
+	return lf, nil
+}
+
+// splitColons splits on colons outside [brackets].
+func splitColons(s string) ([]string, error) {
+	var (
+		fields []string
+		depth  int
+		start  int
+	)
+	for i, c := range s {
+		switch c {
+		case '[':
+			depth++
+		case ']':
+			depth--
+			if depth < 0 {
+				return nil, errBrackets
+			}
+		case ':':
+			if depth == 0 {
+				fields = append(fields, s[start:i])
+				start = i + 1
+			}
+		}
+	}
+	if depth != 0 {
+		return nil, errBrackets
+	}
+	return append(fields, s[start:]), nil
+}
+
+var errBrackets = usagef("unbalanced [brackets]")
+
+func unbracket(s string) string {
+	if len(s) >= 2 && s[0] == '[' && s[len(s)-1] == ']' {
+		return s[1 : len(s)-1]
+	}
+	return s
+}
+
+// parseServer turns an -S value into a dialer. Accepted: host[:port],
+// socks5h://[user[:pass]@]host[:port] (names go to the proxy) and socks5://
+// (names resolved here, as curl does). user and password apply when the URL
+// carries none.
+func parseServer(raw, user, password string) (*socksclient.Dialer, error) {
+	d := &socksclient.Dialer{Username: user, Password: password}
+	hostport := raw
+	if strings.Contains(raw, "://") {
+		u, err := url.Parse(raw)
+		if err != nil {
+			// url's error quotes the input, which may hold a password.
+			return nil, usagef("-S %s: not a valid URL", redactURL(raw))
+		}
+		switch u.Scheme {
+		case "socks5h":
+		case "socks5":
+			d.ResolveLocally = true
+		default:
+			return nil, usagef("-S %s: unsupported scheme %q (want socks5h:// or socks5://)", u.Redacted(), u.Scheme)
+		}
+		if u.Path != "" && u.Path != "/" || u.RawQuery != "" {
+			return nil, usagef("-S %s: a proxy URL has no path or query", u.Redacted())
+		}
+		if u.User != nil {
+			d.Username = u.User.Username()
+			d.Password, _ = u.User.Password()
+		}
+		hostport = u.Host
+	}
+	if ip, err := netip.ParseAddr(hostport); err == nil {
+		hostport = net.JoinHostPort(ip.String(), defaultProxyPort) // bare IPv6
+	} else if _, _, err := net.SplitHostPort(hostport); err != nil {
+		hostport = net.JoinHostPort(unbracket(hostport), defaultProxyPort)
+	}
+	host, port, err := net.SplitHostPort(hostport)
+	if err != nil || host == "" {
+		return nil, usagef("-S %s: want host[:port]", redactURL(raw))
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
+		return nil, usagef("-S %s: invalid port %q", redactURL(raw), port)
+	}
+	if len(d.Username) > 255 || len(d.Password) > 255 {
+		return nil, usagef("-S %s: username and password must be at most 255 bytes", redactURL(raw))
+	}
+	if d.Username != "" && d.Password == "" {
+		return nil, usagef("-S %s: username %q has no password (use user:pass@ or --server-password-file)", redactURL(raw), d.Username)
+	}
+	d.ProxyAddr = hostport
+	return d, nil
+}
+
+// redactURL hides a password in a proxy URL.
+func redactURL(raw string) string {
+	if !strings.Contains(raw, "://") {
+		return raw
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		if i := strings.LastIndex(raw, "@"); i >= 0 {
+			scheme, _, _ := strings.Cut(raw, "://")
+			return scheme + "://xxxxx@" + raw[i+1:]
+		}
+		return raw
+	}
+	return u.Redacted()
+}

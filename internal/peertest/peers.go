@@ -1,0 +1,206 @@
+package peertest
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// Peer is a started server: its address and the process behind it.
+type Peer struct {
+	Addr string // host:port
+	Proc *Proc
+}
+
+// DanteOptions configures a Dante instance.
+type DanteOptions struct {
+	// Username requires RFC 1929 with the system account TestUser.
+	Username bool
+	// Hosts are /etc/hosts entries only danted sees.
+	Hosts map[string]string
+	// Port to listen on (default: a free one).
+	Port int
+}
+
+// Dante starts danted (CONNECT, BIND, UDP ASSOCIATE) on loopback.
+func Dante(t TB, opt DanteOptions) Peer {
+	t.Helper()
+	bin := Require(t, "danted")
+	RequireRoot(t) // user.privileged root, and the username method reads /etc/shadow
+	method := "none"
+	if opt.Username {
+		EnsureTestUser(t)
+		method = "username"
+	}
+	port := opt.Port
+	if port == 0 {
+		port = FreePort(t)
+	}
+	dir := t.TempDir()
+	// One keyword per line in rule blocks; bindreply and udpreply need rules
+	// of their own (NOTES.md).
+	conf := fmt.Sprintf(`logoutput: stderr
+internal: 127.0.0.1 port = %d
+external: 127.0.0.1
+clientmethod: none
+socksmethod: %s
+user.privileged: root
+user.unprivileged: nobody
+client pass {
+	from: 127.0.0.0/8 to: 0.0.0.0/0
+	log: error
+}
+socks pass {
+	from: 127.0.0.0/8 to: 0.0.0.0/0
+	command: bind connect udpassociate
+	log: error
+}
+socks pass {
+	from: 0.0.0.0/0 to: 0.0.0.0/0
+	command: bindreply udpreply
+	log: error
+}
+`, port, method)
+	path := writeFile(t, dir, "danted.conf", conf)
+	argv := WithHosts(t, opt.Hosts, bin, "-f", path, "-p", filepath.Join(dir, "danted.pid"))
+	p := Start(t, "danted", argv...)
+	addr := hostPort(port)
+	WaitTCP(t, p, addr)
+	return Peer{Addr: addr, Proc: p}
+}
+
+// MicrosocksOptions configures microsocks.
+type MicrosocksOptions struct {
+	User, Password string // RFC 1929 when User is set
+	Hosts          map[string]string
+}
+
+// Microsocks starts microsocks (CONNECT only) on loopback.
+func Microsocks(t TB, opt MicrosocksOptions) Peer {
+	t.Helper()
+	bin := Require(t, "microsocks")
+	port := FreePort(t)
+	argv := []string{bin, "-i", "127.0.0.1", "-p", strconv.Itoa(port)}
+	if opt.User != "" {
+		argv = append(argv, "-u", opt.User, "-P", opt.Password)
+	}
+	p := Start(t, "microsocks", WithHosts(t, opt.Hosts, argv...)...)
+	addr := hostPort(port)
+	WaitTCP(t, p, addr)
+	return Peer{Addr: addr, Proc: p}
+}
+
+// SSHDynamic starts a throwaway sshd and `ssh -N -D` against it: OpenSSH's
+// SOCKS server (CONNECT only, no SOCKS authentication). Hosts are entries
+// only sshd (which makes the onward connections) sees.
+func SSHDynamic(t TB, hosts map[string]string) Peer {
+	t.Helper()
+	sshd := Require(t, "sshd")
+	ssh := Require(t, "ssh")
+	keygen := Require(t, "ssh-keygen")
+	EnsureTestUser(t)
+	dir := t.TempDir()
+	if err := os.MkdirAll("/run/sshd", 0o755); err != nil { // privilege separation dir
+		t.Fatalf("mkdir /run/sshd: %v", err)
+	}
+	hostKey := filepath.Join(dir, "host_ed25519")
+	userKey := filepath.Join(dir, "id_ed25519")
+	for _, k := range []string{hostKey, userKey} {
+		if err := runCmd(keygen, "-q", "-t", "ed25519", "-N", "", "-f", k); err != nil {
+			t.Fatalf("ssh-keygen: %v", err)
+		}
+	}
+	pub, err := os.ReadFile(userKey + ".pub")
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	// sshd reads authorized_keys as the user, who cannot enter t.TempDir (0700).
+	keysDir, err := os.MkdirTemp("", "socksfwd-ssh-")
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(keysDir) })
+	os.Chmod(keysDir, 0o755)
+	authKeys := writeFile(t, keysDir, "authorized_keys", string(pub))
+	sshPort := FreePort(t)
+	conf := writeFile(t, dir, "sshd_config", fmt.Sprintf(`Port %d
+ListenAddress 127.0.0.1
+HostKey %s
+AuthorizedKeysFile %s
+AllowUsers %s
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+PidFile %s
+LogLevel ERROR
+`, sshPort, hostKey, authKeys, TestUser, filepath.Join(dir, "sshd.pid")))
+	ps := Start(t, "sshd", WithHosts(t, hosts, sshd, "-D", "-e", "-f", conf)...)
+	WaitTCP(t, ps, hostPort(sshPort))
+
+	socksPort := FreePort(t)
+	pc := Start(t, "ssh -D", ssh, "-N", "-D", hostPort(socksPort),
+		"-i", userKey, "-p", strconv.Itoa(sshPort),
+		"-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+		"-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
+		TestUser+"@127.0.0.1")
+	addr := hostPort(socksPort)
+	WaitTCP(t, pc, addr)
+	return Peer{Addr: addr, Proc: pc}
+}
+
+// pgBin is where Debian 12 installs PostgreSQL 15's server programs.
+const pgBin = "/usr/lib/postgresql/15/bin"
+
+// Postgres initialises a throwaway cluster and starts PostgreSQL 15 on
+// loopback, with trust authentication for user postgres. initdb and
+// postgres refuse root, so both run as the postgres user in a directory it
+// owns.
+func Postgres(t TB) Peer {
+	t.Helper()
+	RequireRoot(t)
+	Require(t, "runuser")
+	if _, err := os.Stat(filepath.Join(pgBin, "postgres")); err != nil {
+		missing(t, "PostgreSQL 15 is not installed (make deps installs it): %v", err)
+	}
+	dir, err := os.MkdirTemp("", "socksfwd-pg-")
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := runCmd("chown", "postgres:postgres", dir); err != nil {
+		t.Fatalf("%v", err)
+	}
+	data := filepath.Join(dir, "data")
+	if err := runCmd("runuser", "-u", "postgres", "--", filepath.Join(pgBin, "initdb"),
+		"-D", data, "-A", "trust", "-U", "postgres", "--no-sync", "--no-instructions"); err != nil {
+		t.Fatalf("initdb: %v", err)
+	}
+	port := FreePort(t)
+	p := Start(t, "postgres", "runuser", "-u", "postgres", "--", filepath.Join(pgBin, "postgres"),
+		"-D", data, "-k", dir, "-p", strconv.Itoa(port),
+		"-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "logging_collector=off")
+	addr := hostPort(port)
+	WaitTCP(t, p, addr)
+	return Peer{Addr: addr, Proc: p}
+}
+
+// Versions lists the installed peers' versions, one line each, for the
+// test log.
+func Versions() []string {
+	run := func(argv ...string) string {
+		out, _ := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+		line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+		return line
+	}
+	return []string{
+		run("danted", "-v"),
+		"microsocks " + run("dpkg-query", "-W", "-f=${Version}", "microsocks"),
+		run("ssh", "-V"),
+		run(filepath.Join(pgBin, "postgres"), "--version"),
+	}
+}

@@ -1,0 +1,265 @@
+// Package peertest starts real peers for interop tests and benchmarks:
+// Dante (danted), microsocks, OpenSSH's ssh -D against a throwaway sshd,
+// and PostgreSQL, each on a free loopback port with a generated config,
+// stopped in cleanup.
+//
+// A peer whose program is missing skips the test, or fails it when
+// CI=true, where every real-peer test must run. Facts about each peer that
+// bite are in shared/spec/NOTES.md.
+package peertest
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// TB is what peertest needs from a test: satisfied by testing.TB, and by
+// small adapters in testscript commands and cmd/socksbench.
+type TB interface {
+	Helper()
+	Fatalf(format string, args ...any)
+	Skipf(format string, args ...any)
+	Logf(format string, args ...any)
+	Cleanup(func())
+	TempDir() string
+}
+
+// startTimeout bounds how long a peer may take to accept connections.
+const startTimeout = 30 * time.Second
+
+// Require finds a program, or skips (fails under CI=true) when missing.
+func Require(t TB, program string) string {
+	t.Helper()
+	path, err := exec.LookPath(program)
+	if err != nil {
+		missing(t, "%s is not installed (make deps installs it): %v", program, err)
+	}
+	return path
+}
+
+func missing(t TB, format string, args ...any) {
+	t.Helper()
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("CI=true requires every peer: "+format, args...)
+	}
+	t.Skipf(format, args...)
+}
+
+// RequireRoot skips (fails under CI) unless running as root, which Dante's
+// username method, sshd and unshare need.
+func RequireRoot(t TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		missing(t, "needs root")
+	}
+}
+
+// FreePort returns a loopback port that was free a moment ago.
+func FreePort(t TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("free port: %v", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// Proc is a running peer process.
+type Proc struct {
+	Name string
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan struct{}
+	err  error
+}
+
+// Output is what the process printed so far.
+func (p *Proc) Output() string { return p.out.String() }
+
+// Exited reports whether the process has ended.
+func (p *Proc) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Stop ends the process group: SIGTERM, then SIGKILL after 5 s.
+func (p *Proc) Stop() {
+	if p.Exited() {
+		return
+	}
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(5 * time.Second):
+		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-p.done
+	}
+}
+
+// Start runs argv in its own process group, stopped in cleanup.
+func Start(t TB, name string, argv ...string) *Proc {
+	t.Helper()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	out := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	p := &Proc{Name: name, cmd: cmd, out: out, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	t.Cleanup(p.Stop)
+	return p
+}
+
+// WaitTCP waits until addr accepts connections, failing if p exits first.
+func WaitTCP(t TB, p *Proc, addr string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	for {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if p != nil && p.Exited() {
+			t.Fatalf("%s exited before listening on %s: %v\n%s", p.Name, addr, p.err, p.Output())
+		}
+		select {
+		case <-ctx.Done():
+			out := ""
+			if p != nil {
+				out = p.Output()
+			}
+			t.Fatalf("%s not listening on %s after %s\n%s", nameOf(p), addr, startTimeout, out)
+		case <-time.After(20 * time.Millisecond): // a readiness probe, bounded by startTimeout
+		}
+	}
+}
+
+func nameOf(p *Proc) string {
+	if p == nil {
+		return "peer"
+	}
+	return p.Name
+}
+
+// WithHosts runs argv so that the program alone sees extra /etc/hosts
+// entries (name → IP): a private mount namespace with a bind-mounted hosts
+// file. That is how a target name is made resolvable by the proxy only,
+// never by socksfwd.
+func WithHosts(t TB, hosts map[string]string, argv ...string) []string {
+	t.Helper()
+	if len(hosts) == 0 {
+		return argv
+	}
+	RequireRoot(t)
+	Require(t, "unshare")
+	base, err := os.ReadFile("/etc/hosts")
+	if err != nil {
+		t.Fatalf("read /etc/hosts: %v", err)
+	}
+	var b bytes.Buffer
+	b.Write(base)
+	for name, ip := range hosts {
+		fmt.Fprintf(&b, "\n%s %s\n", ip, name)
+	}
+	path := filepath.Join(t.TempDir(), "hosts")
+	if err := os.WriteFile(path, b.Bytes(), 0o644); err != nil {
+		t.Fatalf("write hosts: %v", err)
+	}
+	script := `mount --bind "$0" /etc/hosts && exec "$@"`
+	return append([]string{"unshare", "--mount", "--propagation", "private", "sh", "-c", script, path}, argv...)
+}
+
+// writeFile writes a generated config file.
+func writeFile(t TB, dir, name, content string) string {
+	t.Helper()
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatalf("write %s: %v", path, err)
+	}
+	return path
+}
+
+func runCmd(argv ...string) error {
+	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%v: %w: %s", argv, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// TestUser is a system account for username authentication (Dante checks
+// system passwords) and for sshd logins. Its password holds the characters
+// that proxy URLs must escape.
+const (
+	TestUser     = "sfwdtest"
+	TestPassword = "p@ss:w/rd%"
+)
+
+var userOnce sync.Once
+
+// EnsureTestUser creates TestUser with TestPassword, once per process.
+func EnsureTestUser(t TB) {
+	t.Helper()
+	RequireRoot(t)
+	var err error
+	userOnce.Do(func() {
+		if exec.Command("id", TestUser).Run() != nil {
+			if err = runCmd("useradd", "--system", "--shell", "/bin/sh", "--home-dir", "/nonexistent", "--no-create-home", TestUser); err != nil {
+				return
+			}
+		}
+		cmd := exec.Command("chpasswd")
+		cmd.Stdin = bytes.NewBufferString(TestUser + ":" + TestPassword + "\n")
+		if out, e := cmd.CombinedOutput(); e != nil {
+			err = fmt.Errorf("chpasswd: %w: %s", e, out)
+		}
+	})
+	if err != nil {
+		t.Fatalf("test user: %v", err)
+	}
+}
+
+func hostPort(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.b.Len() > 1<<20 {
+		return len(p), nil // keep the tail of a chatty peer out of memory
+	}
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
