@@ -83,7 +83,8 @@ func (u *Upstreams) markUp(i int) {
 }
 
 // DialAddr connects to target with CONNECT through the first upstream that
-// works and returns the session and the dialer that made it.
+// works and returns the session and the dialer that made it (on failure,
+// the dialer that failed when there was one, else nil).
 func (u *Upstreams) DialAddr(ctx context.Context, target Addr) (*Conn, *Dialer, error) {
 	return try(u, ctx, func(d *Dialer) (*Conn, error) { return d.DialAddr(ctx, target) })
 }
@@ -97,9 +98,10 @@ func try[T any](u *Upstreams, ctx context.Context, op func(*Dialer) (T, error)) 
 	var (
 		zero T
 		errs []error
+		d    *Dialer
 	)
 	for _, i := range u.order() {
-		d := u.dialers[i]
+		d = u.dialers[i]
 		v, err := op(d)
 		if err == nil {
 			u.markUp(i)
@@ -114,7 +116,7 @@ func try[T any](u *Upstreams, ctx context.Context, op func(*Dialer) (T, error)) 
 		errs = append(errs, err)
 	}
 	if len(errs) == 1 {
-		return zero, nil, errs[0]
+		return zero, d, errs[0]
 	}
 	msgs := make([]string, len(errs))
 	for i, e := range errs {

@@ -40,6 +40,7 @@ func TestScripts(t *testing.T) {
 			"socksserver": cmdSocksServer,
 			"freeport":    cmdFreePort,
 			"roundtrip":   cmdRoundTrip,
+			"waitport":    cmdWaitPort,
 		},
 	})
 }
@@ -78,20 +79,31 @@ func cmdFreePort(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Setenv(args[0], port)
 }
 
-// roundtrip ADDR MSG: connect (waiting up to 10 s for the listener to come
-// up), send MSG, half-close, and expect MSG back. With !, expect the
-// connection to be closed without an echo.
-func cmdRoundTrip(ts *testscript.TestScript, neg bool, args []string) {
-	var c net.Conn
-	var err error
+// waitport ADDR: wait up to 10 s for a background socksfwd to listen.
+func cmdWaitPort(ts *testscript.TestScript, neg bool, args []string) {
+	ts.Check(dialRetry(args[0]))
+}
+
+func dialRetry(addr string) error {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		c, err = net.Dial("tcp", args[0])
-		if err == nil || time.Now().After(deadline) {
-			break
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			return c.Close()
+		}
+		if time.Now().After(deadline) {
+			return err
 		}
 		time.Sleep(20 * time.Millisecond) // the process is starting; bounded readiness probe
 	}
+}
+
+// roundtrip ADDR MSG: connect (waiting for the listener to come up), send
+// MSG, half-close, and expect MSG back. With !, expect the connection to be
+// closed without an echo.
+func cmdRoundTrip(ts *testscript.TestScript, neg bool, args []string) {
+	ts.Check(dialRetry(args[0]))
+	c, err := net.Dial("tcp", args[0])
 	ts.Check(err)
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/rogpeppe/go-internal/testscript"
+
+	"github.com/socksfwd/socksfwd/internal/peertest"
+)
+
+// TestInterop runs testdata/interop/*.txtar: the built binary between real
+// clients (psql) and real SOCKS5 servers (Dante, microsocks, ssh -D).
+func TestInterop(t *testing.T) {
+	if testing.Short() {
+		t.Skip("interop tests start real servers")
+	}
+	// Check every peer up front: a script cannot skip from inside a command.
+	peertest.RequireRoot(t)
+	for _, p := range []string{"danted", "microsocks", "sshd", "ssh", "ssh-keygen", "psql", "runuser", "unshare"} {
+		peertest.Require(t, p)
+	}
+	testscript.Run(t, testscript.Params{
+		Dir: "testdata/interop",
+		Setup: func(env *testscript.Env) error {
+			env.Setenv("ALL_PROXY", "")
+			env.Setenv("all_proxy", "")
+			env.Setenv("TESTUSER", peertest.TestUser)
+			env.Setenv("TESTPASS", peertest.TestPassword)
+			env.Setenv("TESTPASS_URL", urlEscape(peertest.TestPassword))
+			return nil
+		},
+		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
+			"echoserver": cmdEchoServer,
+			"freeport":   cmdFreePort,
+			"roundtrip":  cmdRoundTrip,
+			"waitport":   cmdWaitPort,
+			"dante":      cmdDante,
+			"microsocks": cmdMicrosocks,
+			"sshdynamic": cmdSSHDynamic,
+			"postgres":   cmdPostgres,
+			"resolvable": cmdResolvable,
+		},
+	})
+}
+
+// urlEscape percent-encodes every byte outside unreserved characters, as
+// a user would write a password into socks5h://user:pass@host.
+func urlEscape(s string) string {
+	var b strings.Builder
+	for _, c := range []byte(s) {
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("-._~", c) >= 0 {
+			b.WriteByte(c)
+		} else {
+			fmt.Fprintf(&b, "%%%02X", c)
+		}
+	}
+	return b.String()
+}
+
+// peerTB adapts a TestScript to peertest.TB.
+type peerTB struct{ ts *testscript.TestScript }
+
+func (p peerTB) Helper()                           {}
+func (p peerTB) Fatalf(format string, args ...any) { p.ts.Fatalf(format, args...) }
+func (p peerTB) Skipf(format string, args ...any)  { p.ts.Fatalf(format, args...) } // checked in TestInterop first
+func (p peerTB) Logf(format string, args ...any)   { p.ts.Logf(format, args...) }
+func (p peerTB) Cleanup(f func())                  { p.ts.Defer(f) }
+func (p peerTB) TempDir() string {
+	dir, err := os.MkdirTemp(p.ts.Getenv("WORK"), "peer")
+	p.ts.Check(err)
+	return dir
+}
+
+// peerArgs splits NAME=IP host entries from other words.
+func peerArgs(args []string) (words []string, hosts map[string]string) {
+	for _, a := range args {
+		if name, ip, ok := strings.Cut(a, "="); ok {
+			if hosts == nil {
+				hosts = map[string]string{}
+			}
+			hosts[name] = ip
+			continue
+		}
+		words = append(words, a)
+	}
+	return words, hosts
+}
+
+// dante VAR [username] [port=N] [NAME=IP...]: start danted, address in $VAR.
+func cmdDante(ts *testscript.TestScript, neg bool, args []string) {
+	words, hosts := peerArgs(args[1:])
+	opt := peertest.DanteOptions{Hosts: hosts}
+	if p, ok := hosts["port"]; ok {
+		delete(hosts, "port")
+		opt.Port, _ = strconv.Atoi(ts.Getenv(p))
+	}
+	for _, w := range words {
+		if w == "username" {
+			opt.Username = true
+		}
+	}
+	ts.Setenv(args[0], peertest.Dante(peerTB{ts}, opt).Addr)
+}
+
+// microsocks VAR [user pass] [NAME=IP...]
+func cmdMicrosocks(ts *testscript.TestScript, neg bool, args []string) {
+	words, hosts := peerArgs(args[1:])
+	opt := peertest.MicrosocksOptions{Hosts: hosts}
+	if len(words) == 2 {
+		opt.User, opt.Password = words[0], words[1]
+	}
+	ts.Setenv(args[0], peertest.Microsocks(peerTB{ts}, opt).Addr)
+}
+
+// sshdynamic VAR [NAME=IP...]: sshd plus ssh -D, SOCKS address in $VAR.
+func cmdSSHDynamic(ts *testscript.TestScript, neg bool, args []string) {
+	_, hosts := peerArgs(args[1:])
+	ts.Setenv(args[0], peertest.SSHDynamic(peerTB{ts}, hosts).Addr)
+}
+
+// postgres VAR: start PostgreSQL, its port in $VAR.
+func cmdPostgres(ts *testscript.TestScript, neg bool, args []string) {
+	p := peertest.Postgres(peerTB{ts})
+	_, port, _ := net.SplitHostPort(p.Addr)
+	ts.Setenv(args[0], port)
+}
+
+// resolvable NAME: NAME resolves locally (use ! to insist it does not).
+func cmdResolvable(ts *testscript.TestScript, neg bool, args []string) {
+	_, err := net.LookupHost(args[0])
+	if (err == nil) == neg {
+		ts.Fatalf("resolving %s locally: %v", args[0], err)
+	}
+}
