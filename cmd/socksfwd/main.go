@@ -12,6 +12,8 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
+
+	"github.com/socksfwd/socksfwd/tunnel"
 )
 
 // version is stamped at build time: -ldflags "-X main.version=…".
@@ -81,6 +83,8 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 			str("log-level", "", "debug | info | warn | error (default info)"),
 			str("log-format", "", "auto | json | console (default auto: console on a terminal)"),
 			dur("shutdown-timeout", "drain time on SIGINT/SIGTERM", def.ShutdownTimeout),
+			// For make bench: compare the relay's two copy paths.
+			&cli.StringFlag{Name: "relay-copy", Value: "pooled", Hidden: true},
 			&cli.BoolFlag{Name: "print-config", Usage: "print the merged configuration as TOML (secrets redacted) and exit"},
 		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
@@ -109,7 +113,15 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 			for _, w := range cfg.warnings {
 				log.Warn().Msg(w)
 			}
-			return serve(cfg.Config, log)
+			mode := tunnel.CopyPooled
+			switch c.String("relay-copy") {
+			case "pooled":
+			case "splice":
+				mode = tunnel.CopySplice
+			default:
+				return usagef("--relay-copy: want pooled or splice")
+			}
+			return serve(cfg.Config, mode, log)
 		},
 	}
 	return app

@@ -53,7 +53,7 @@ type service interface {
 // serve binds every listener first (a bind failure exits 1 and nothing
 // half-starts), then runs the services until SIGINT/SIGTERM, drains them
 // for the shutdown timeout and returns. A second signal exits at once.
-func serve(cfg Config, log zerolog.Logger) error {
+func serve(cfg Config, mode tunnel.CopyMode, log zerolog.Logger) error {
 	dialers, err := buildDialers(&cfg)
 	if err != nil {
 		return err
@@ -84,6 +84,7 @@ func serve(cfg Config, log zerolog.Logger) error {
 				Target:      lf.Target,
 				Upstreams:   upstreams,
 				IdleTimeout: time.Duration(cfg.IdleTimeout),
+				CopyMode:    mode,
 				Logger:      log,
 			}, ln))
 			log.Info().Str("listener", name).Str("target", lf.Target.String()).Strs("upstream", via).

@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -81,6 +82,22 @@ type Proc struct {
 	out  *syncBuffer
 	done chan struct{}
 	err  error
+}
+
+// Pid is the process id.
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+
+// Signal sends sig to the process (not its group).
+func (p *Proc) Signal(sig os.Signal) error { return p.cmd.Process.Signal(sig) }
+
+// Wait waits for the process to end, at most d, and reports whether it did.
+func (p *Proc) Wait(d time.Duration) bool {
+	select {
+	case <-p.done:
+		return true
+	case <-time.After(d):
+		return false
+	}
 }
 
 // Output is what the process printed so far.
@@ -153,6 +170,22 @@ func WaitTCP(t TB, p *Proc, addr string) {
 			t.Fatalf("%s not listening on %s after %s\n%s", nameOf(p), addr, startTimeout, out)
 		case <-time.After(20 * time.Millisecond): // a readiness probe, bounded by startTimeout
 		}
+	}
+}
+
+// WaitOutput waits until p has printed s, for peers that must not be
+// probed with a connection (iperf3 -s takes any connection as a test).
+func WaitOutput(t TB, p *Proc, s string) {
+	t.Helper()
+	deadline := time.Now().Add(startTimeout)
+	for !strings.Contains(p.Output(), s) {
+		if p.Exited() {
+			t.Fatalf("%s exited: %v\n%s", p.Name, p.err, p.Output())
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not print %q after %s\n%s", p.Name, s, startTimeout, p.Output())
+		}
+		time.Sleep(20 * time.Millisecond) // a readiness probe, bounded by startTimeout
 	}
 }
 

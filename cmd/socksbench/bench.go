@@ -1,0 +1,209 @@
+package main
+
+import (
+	_ "embed"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/socksfwd/socksfwd/internal/peertest"
+	"github.com/socksfwd/socksfwd/internal/testnet"
+)
+
+//go:embed csrc/connrate.c
+var connrateSource string
+
+type benchConfig struct {
+	socksfwd  string
+	seconds   int
+	idleConns int
+}
+
+// result is one measurement of one way to reach the target.
+type result struct {
+	way   string
+	value float64
+}
+
+// report prints a workload's results and socksfwd's ratio to the baseline,
+// with the bar it must meet (ratio ≥ bar).
+func report(name, unit string, rows []result, baseline string, bar float64) {
+	var fwd, base float64
+	parts := make([]string, 0, len(rows))
+	for _, r := range rows {
+		parts = append(parts, fmt.Sprintf("%s %.1f %s", r.way, r.value, unit))
+		switch r.way {
+		case "socksfwd":
+			fwd = r.value
+		case baseline:
+			base = r.value
+		}
+	}
+	line := fmt.Sprintf("%-22s %s", name, strings.Join(parts, " | "))
+	if base > 0 {
+		ratio := fwd / base
+		verdict := "ok"
+		if ratio < bar {
+			verdict = "BELOW BAR"
+		}
+		line += fmt.Sprintf(" | socksfwd/%s = %.2f (bar ≥ %.2f: %s)", baseline, ratio, bar, verdict)
+	}
+	fmt.Println(line)
+}
+
+func bench(h *harness, cfg benchConfig) {
+	iperf := peertest.Require(h, "iperf3")
+	pc := peertest.Require(h, "proxychains4")
+	cc := peertest.Require(h, "cc")
+	gost, _ := exec.LookPath("gost") // an optional extra row
+
+	dante := peertest.Dante(h, peertest.DanteOptions{})
+	pcConf := filepath.Join(h.TempDir(), "proxychains.conf")
+	_, dantePort, _ := net.SplitHostPort(dante.Addr)
+	os.WriteFile(pcConf, []byte("strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 "+dantePort+"\n"), 0o644)
+	proxychains := []string{pc, "-q", "-f", pcConf}
+
+	fmt.Printf("socksbench: %d s per run, via Dante at %s; peers: %s\n", cfg.seconds, dante.Addr, strings.Join(peertest.Versions()[:1], ""))
+
+	// TCP throughput with iperf3 (a libc client, so proxychains4 can carry it).
+	iperfPort := peertest.FreePort(h)
+	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(iperfPort), "--forceflush")
+	iperfAddr := "127.0.0.1:" + strconv.Itoa(iperfPort)
+	peertest.WaitOutput(h, srv, "Server listening")
+	fwd, _ := h.socksfwd(cfg.socksfwd, iperfAddr, dante.Addr)
+	var gostFwd string
+	if gost != "" {
+		gostFwd = h.gost(gost, iperfAddr, dante.Addr)
+	}
+	for _, streams := range []int{1, 4} {
+		rows := []result{
+			{"direct", iperfGbps(h, nil, iperf, iperfAddr, streams, cfg.seconds)},
+			{"socksfwd", iperfGbps(h, nil, iperf, fwd, streams, cfg.seconds)},
+			{"proxychains4", iperfGbps(h, proxychains, iperf, iperfAddr, streams, cfg.seconds)},
+		}
+		if gostFwd != "" {
+			rows = append(rows, result{"gost", iperfGbps(h, nil, iperf, gostFwd, streams, cfg.seconds)})
+		}
+		report(fmt.Sprintf("tcp-throughput-%dstream", streams), "Gbit/s", rows, "proxychains4", 0.9)
+	}
+
+	// New connections per second, one 1-byte exchange each, 4 client threads.
+	connrate := filepath.Join(h.TempDir(), "connrate")
+	src := connrate + ".c"
+	os.WriteFile(src, []byte(connrateSource), 0o644)
+	if out, err := exec.Command(cc, "-O2", "-pthread", "-o", connrate, src).CombinedOutput(); err != nil {
+		h.Fatalf("building connrate: %v\n%s", err, out)
+	}
+	echo := testnet.Echo(h).Addr().String()
+	echoFwd, _ := h.socksfwd(cfg.socksfwd, echo, dante.Addr)
+	rows := []result{
+		{"direct", connRate(h, nil, connrate, echo, cfg.seconds)},
+		{"socksfwd", connRate(h, nil, connrate, echoFwd, cfg.seconds)},
+		{"proxychains4", connRate(h, proxychains, connrate, echo, cfg.seconds)},
+	}
+	if gost != "" {
+		rows = append(rows, result{"gost", connRate(h, nil, connrate, h.gost(gost, echo, dante.Addr), cfg.seconds)})
+	}
+	report("tcp-new-conns", "conn/s", rows, "proxychains4", 0.8)
+
+	// Memory: RSS idle, and per idle forwarded connection, for both copy modes.
+	for _, mode := range []string{"pooled", "splice"} {
+		idle, per := idleMemory(h, cfg, echo, dante.Addr, mode)
+		verdict := "ok"
+		if per > 20 {
+			verdict = "ABOVE BAR"
+		}
+		fmt.Printf("%-22s socksfwd (%s copy) idle RSS %d KB | %.1f KB per idle connection over %d (bar ≤ 20 KB: %s)\n",
+			"tcp-memory", mode, idle, per, cfg.idleConns, verdict)
+	}
+}
+
+// iperfGbps runs an iperf3 client (under prefix, e.g. proxychains4) and
+// returns the received throughput.
+func iperfGbps(h *harness, prefix []string, iperf, addr string, streams, secs int) float64 {
+	host, port, _ := net.SplitHostPort(addr)
+	argv := append(append([]string{}, prefix...), iperf, "-c", host, "-p", port, "-P", strconv.Itoa(streams), "-t", strconv.Itoa(secs), "-J")
+	out, err := exec.Command(argv[0], argv[1:]...).Output()
+	if err != nil {
+		h.Fatalf("%s: %v\n%s", strings.Join(argv, " "), err, out)
+	}
+	var res struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+		Error string `json:"error"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil || res.Error != "" {
+		h.Fatalf("%s: %v %s", strings.Join(argv, " "), err, res.Error)
+	}
+	return res.End.SumReceived.BitsPerSecond / 1e9
+}
+
+func connRate(h *harness, prefix []string, connrate, addr string, secs int) float64 {
+	host, port, _ := net.SplitHostPort(addr)
+	argv := append(append([]string{}, prefix...), connrate, host, port, strconv.Itoa(secs), "4")
+	out, err := exec.Command(argv[0], argv[1:]...).Output()
+	if err != nil {
+		h.Fatalf("%s: %v", strings.Join(argv, " "), err)
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(out)))
+	if err != nil {
+		h.Fatalf("connrate printed %q", out)
+	}
+	return float64(n) / float64(secs)
+}
+
+// idleMemory starts a fresh socksfwd, warms it with one session, then holds
+// cfg.idleConns sessions open after one exchange each, and returns the idle
+// RSS and the RSS growth per held connection, in KB.
+func idleMemory(h *harness, cfg benchConfig, echo, proxy, mode string) (idleKB int, perConnKB float64) {
+	fwd, p := h.socksfwd(cfg.socksfwd, echo, proxy, "--relay-copy", mode)
+	exchange := func() net.Conn {
+		c, err := net.Dial("tcp", fwd)
+		if err != nil {
+			h.Fatalf("%v", err)
+		}
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		if _, err := c.Write([]byte("x")); err != nil {
+			h.Fatalf("%v", err)
+		}
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			h.Fatalf("exchange through socksfwd: %v", err)
+		}
+		return c
+	}
+	exchange().Close()
+	settle()
+	before := rssKB(h, p.Pid())
+	conns := make([]net.Conn, 0, cfg.idleConns)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range cfg.idleConns {
+		conns = append(conns, exchange())
+	}
+	settle()
+	after := rssKB(h, p.Pid())
+	p.Stop()
+	return before, float64(after-before) / float64(cfg.idleConns)
+}
+
+// gost starts `gost` forwarding a free port to target through proxy.
+func (h *harness) gost(bin, target, proxy string) string {
+	port := peertest.FreePort(h)
+	local := "127.0.0.1:" + strconv.Itoa(port)
+	p := peertest.Start(h, "gost", bin, "-L", "tcp://"+local+"/"+target, "-F", "socks5://"+proxy)
+	peertest.WaitTCP(h, p, local)
+	return local
+}
