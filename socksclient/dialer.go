@@ -19,6 +19,8 @@ const DefaultHandshakeTimeout = 10 * time.Second
 // uses).
 var aLongTimeAgo = time.Unix(1, 0)
 
+var defaultProxyDialer = &net.Dialer{KeepAlive: -1}
+
 // Dialer opens SOCKS5 sessions through one proxy. The zero value of each
 // optional field is a sensible default. A Dialer is safe for concurrent use.
 type Dialer struct {
@@ -37,7 +39,9 @@ type Dialer struct {
 	ResolveLocally bool
 	// Resolver is used when ResolveLocally is set (default net.DefaultResolver).
 	Resolver *net.Resolver
-	// ProxyDial connects to the proxy (default a net.Dialer).
+	// ProxyDial connects to the proxy (default a net.Dialer without TCP
+	// keep-alive probes: like ssh -L, sessions are not probed, which also
+	// saves four setsockopt calls per connection).
 	ProxyDial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
@@ -165,8 +169,7 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 
 	dial := d.ProxyDial
 	if dial == nil {
-		var nd net.Dialer
-		dial = nd.DialContext
+		dial = defaultProxyDialer.DialContext
 	}
 	conn, err := dial(hctx, "tcp", d.ProxyAddr)
 	if err != nil {

@@ -136,8 +136,10 @@ func serve(cfg Config, mode tunnel.CopyMode, log zerolog.Logger) error {
 // bound and is fatal, except for optional binds (::1 of "localhost").
 func listenAll(lf localForward, log zerolog.Logger) ([]net.Listener, error) {
 	var lns []net.Listener
+	// No keep-alive probes on accepted connections, as ssh -L does.
+	lc := net.ListenConfig{KeepAlive: -1}
 	for _, addr := range lf.Binds {
-		ln, err := net.Listen("tcp", addr)
+		ln, err := lc.Listen(context.Background(), "tcp", addr)
 		if err != nil {
 			if lf.optionalBinds[addr] {
 				log.Warn().Err(err).Str("listener", addr).Msg("skipping optional bind")
