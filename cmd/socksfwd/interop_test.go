@@ -16,6 +16,7 @@ import (
 // TestInterop runs testdata/interop/*.txtar: the built binary between real
 // clients (psql) and real SOCKS5 servers (Dante, microsocks, ssh -D).
 func TestInterop(t *testing.T) {
+	verifyNoLeaks(t)
 	if testing.Short() {
 		t.Skip("interop tests start real servers")
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
+	"go.uber.org/goleak"
 
 	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
@@ -25,6 +26,7 @@ func TestMain(m *testing.M) {
 // TestScripts drives the built binary through testdata/script/*.txtar:
 // flags, environment, config file, errors, exit codes and signals.
 func TestScripts(t *testing.T) {
+	verifyNoLeaks(t)
 	testscript.Run(t, testscript.Params{
 		Dir: "testdata/script",
 		Setup: func(env *testscript.Env) error {
@@ -43,6 +45,13 @@ func TestScripts(t *testing.T) {
 			"waitport":    cmdWaitPort,
 		},
 	})
+}
+
+// verifyNoLeaks checks, once the test and its (parallel) subtests are done,
+// that no goroutine they started is left. testscript.Main owns TestMain, so
+// goleak runs per test here.
+func verifyNoLeaks(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
 }
 
 // tb adapts a TestScript to testnet.TB.
@@ -116,6 +125,7 @@ func cmdRoundTrip(ts *testscript.TestScript, neg bool, args []string) {
 }
 
 func TestExitCodes(t *testing.T) {
+	verifyNoLeaks(t)
 	noEnv := func(string) string { return "" }
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

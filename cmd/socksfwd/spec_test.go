@@ -1,0 +1,93 @@
+package main
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestParseLocal(t *testing.T) {
+	tests := []struct {
+		spec   string
+		binds  []string
+		target string
+		udp    bool
+		err    string
+	}{
+		{spec: "5432:db.internal:5432", binds: []string{"127.0.0.1:5432"}, target: "db.internal:5432"},
+		{spec: "0.0.0.0:80:web:8080", binds: []string{"0.0.0.0:80"}, target: "web:8080"},
+		{spec: "*:80:web:8080", binds: []string{":80"}, target: "web:8080"},
+		{spec: ":80:web:8080", binds: []string{":80"}, target: "web:8080"},
+		{spec: "localhost:80:web:8080", binds: []string{"127.0.0.1:80", "[::1]:80"}, target: "web:8080"},
+		{spec: "[::1]:5432:[2001:db8::5]:5432", binds: []string{"[::1]:5432"}, target: "[2001:db8::5]:5432"},
+		{spec: "[::]:53:10.0.0.53:53/udp", binds: []string{"[::]:53"}, target: "10.0.0.53:53", udp: true},
+		{spec: "8080:web:80/tcp", binds: []string{"127.0.0.1:8080"}, target: "web:80"},
+		{spec: "5432:db", err: "want [bind:]port:host:hostport"},
+		{spec: "a:b:c:d:e", err: "want [bind:]port:host:hostport"},
+		{spec: "x:db:5432", err: "invalid local port"},
+		{spec: "1:db:0", err: "invalid target port"},
+		{spec: "1:db:70000", err: "invalid target port"},
+		{spec: "[::1:5432:db:1", err: "unbalanced"},
+		{spec: "1:[fe80::1%eth0]:80", err: "zone"},
+	}
+	for _, tc := range tests {
+		lf, err := parseLocal(tc.spec)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("parseLocal(%q) err = %v, want %q", tc.spec, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("parseLocal(%q): %v", tc.spec, err)
+			continue
+		}
+		if !reflect.DeepEqual(lf.Binds, tc.binds) || lf.Target.String() != tc.target || lf.UDP != tc.udp {
+			t.Errorf("parseLocal(%q) = %v → %v udp=%v; want %v → %v udp=%v", tc.spec, lf.Binds, lf.Target, lf.UDP, tc.binds, tc.target, tc.udp)
+		}
+	}
+}
+
+func TestParseServer(t *testing.T) {
+	tests := []struct {
+		raw, user, pass    string
+		addr, wantU, wantP string
+		local              bool
+		err                string
+	}{
+		{raw: "proxy", addr: "proxy:1080"},
+		{raw: "proxy:9050", addr: "proxy:9050"},
+		{raw: "::1", addr: "[::1]:1080"},
+		{raw: "[::1]", addr: "[::1]:1080"},
+		{raw: "[::1]:1081", addr: "[::1]:1081"},
+		{raw: "socks5h://proxy", addr: "proxy:1080"},
+		{raw: "socks5h://u:p%40ss%3Aw%2Frd%25@[2001:db8::1]:1080/", addr: "[2001:db8::1]:1080", wantU: "u", wantP: "p@ss:w/rd%"},
+		{raw: "socks5://proxy:1", addr: "proxy:1", local: true},
+		{raw: "socks5h://proxy", user: "alice", pass: "pw", addr: "proxy:1080", wantU: "alice", wantP: "pw"},
+		{raw: "socks5h://bob:x@proxy", user: "alice", pass: "pw", addr: "proxy:1080", wantU: "bob", wantP: "x"},
+		{raw: "http://proxy:3128", err: `unsupported scheme "http"`},
+		{raw: "socks5h://proxy:0", err: "invalid port"},
+		{raw: "socks5h://proxy/path", err: "no path"},
+		{raw: "socks5h://bob@proxy", err: "has no password"},
+		{raw: "socks5h://:1080", err: "want host[:port]"},
+	}
+	for _, tc := range tests {
+		d, err := parseServer(tc.raw, tc.user, tc.pass)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("parseServer(%q) err = %v, want %q", tc.raw, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("parseServer(%q): %v", tc.raw, err)
+			continue
+		}
+		if d.ProxyAddr != tc.addr || d.Username != tc.wantU || d.Password != tc.wantP || d.ResolveLocally != tc.local {
+			t.Errorf("parseServer(%q) = %s %q %q local=%v", tc.raw, d.ProxyAddr, d.Username, d.Password, d.ResolveLocally)
+		}
+	}
+	if got := redactURL("socks5h://u:secret@proxy"); strings.Contains(got, "secret") {
+		t.Errorf("redactURL = %s", got)
+	}
+}
