@@ -14,24 +14,40 @@ import (
 	"time"
 )
 
-// relayBufSize is the copy buffer. 32 KiB matches io.Copy's and keeps the
-// syscall count per megabyte low on loopback.
-const relayBufSize = 32 << 10
+// Pooled-copy buffers come in two sizes. A direction starts with a small one; a
+// read that fills it marks the flow as bulk, which then reads into a large
+// buffer until a read fits the small size again. Bulk transfers get few
+// syscalls per megabyte (256 KiB reads measured about 20 % faster than
+// 32 KiB through Dante on 2 cores), interactive sessions stay small.
+const (
+	smallBufSize = 32 << 10
+	largeBufSize = 256 << 10
+)
 
-// bufPool holds copy buffers. A buffer is taken only when bytes are ready to
-// read and returned after they are written, so an idle session holds none:
-// memory per idle connection is goroutines and sockets, not buffers.
-var bufPool = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+// Buffers are taken only when bytes are ready to read and returned after
+// they are written, so an idle session holds none: memory per idle
+// connection is goroutines and sockets, not buffers.
+var (
+	smallPool = sync.Pool{New: func() any { b := make([]byte, smallBufSize); return &b }}
+	largePool = sync.Pool{New: func() any { b := make([]byte, largeBufSize); return &b }}
+	bufPool   = &smallPool // the general path's buffers
+)
 
 // CopyMode selects how Relay moves bytes between two TCP connections.
 type CopyMode int
 
 const (
+	// CopySplice (the default) uses io.Copy between *net.TCPConn, which
+	// splices on Linux: the bytes never enter user space. Through Dante on
+	// 2 cores it cost a third of the CPU per gigabyte of the pooled copy
+	// (1.0 s against 2.6-3.2 s per 4 GB), which is what counts when the
+	// proxy competes for the same cores. An idle session holds its two
+	// pipes (four descriptors, no pages) but no user memory.
+	CopySplice CopyMode = iota
 	// CopyPooled reads into a pooled buffer taken only while data is
-	// ready. Measured faster than splice on 2 cores (see make bench).
-	CopyPooled CopyMode = iota
-	// CopySplice uses io.Copy between *net.TCPConn, which splices on Linux.
-	CopySplice
+	// ready. It is also the path for the idle timeout (splice cannot report
+	// progress while it runs) and for conns that are not TCP.
+	CopyPooled
 )
 
 // RelayResult is what a finished relay reports.
@@ -153,11 +169,12 @@ func (c *copier) copyPooled(src, dst *net.TCPConn) error {
 	}
 	var (
 		buf   *[]byte
+		pool  = &smallPool
 		n     int
 		rdErr error
 	)
 	readReady := func(fd uintptr) bool {
-		buf = bufPool.Get().(*[]byte)
+		buf = pool.Get().(*[]byte)
 		for {
 			n, rdErr = syscall.Read(int(fd), *buf)
 			if rdErr != syscall.EINTR {
@@ -165,7 +182,7 @@ func (c *copier) copyPooled(src, dst *net.TCPConn) error {
 			}
 		}
 		if rdErr == syscall.EAGAIN {
-			bufPool.Put(buf)
+			pool.Put(buf)
 			return false // wait for readability without a buffer
 		}
 		return true
@@ -179,20 +196,26 @@ func (c *copier) copyPooled(src, dst *net.TCPConn) error {
 			return c.idleErr(err)
 		}
 		if rdErr != nil {
-			bufPool.Put(buf)
+			pool.Put(buf)
 			return os.NewSyscallError("read", rdErr)
 		}
 		if n <= 0 {
-			bufPool.Put(buf)
+			pool.Put(buf)
 			return nil // EOF
 		}
 		c.r.touch()
 		_, err := dst.Write((*buf)[:n])
-		bufPool.Put(buf)
+		pool.Put(buf)
 		if err != nil {
 			return err
 		}
 		c.n += int64(n)
+		switch {
+		case n == smallBufSize && pool == &smallPool:
+			pool = &largePool // the flow fills buffers: go bulk
+		case n < smallBufSize && pool == &largePool:
+			pool = &smallPool
+		}
 	}
 }
 

@@ -109,15 +109,17 @@ func TestRelayIdleNotWhileOneWayTraffic(t *testing.T) {
 }
 
 func TestRelayResetEndsBoth(t *testing.T) {
-	app, target, done := relayed(t, 0, CopyPooled)
-	target.SetLinger(0)
-	target.Close() // RST toward the relay
-	res := <-done
-	if res.Err == nil {
-		t.Fatal("want an error after RST")
-	}
-	if _, err := app.Read(make([]byte, 1)); err == nil {
-		t.Fatal("app conn still open")
+	for _, mode := range []CopyMode{CopyPooled, CopySplice} {
+		app, target, done := relayed(t, 0, mode)
+		target.SetLinger(0)
+		target.Close() // RST toward the relay
+		res := <-done
+		if res.Err == nil {
+			t.Fatalf("mode %d: want an error after RST", mode)
+		}
+		if _, err := app.Read(make([]byte, 1)); err == nil {
+			t.Fatalf("mode %d: app conn still open", mode)
+		}
 	}
 }
 

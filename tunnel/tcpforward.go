@@ -23,7 +23,7 @@ type TCPForwardConfig struct {
 	Upstreams *socksclient.Upstreams
 	// IdleTimeout closes a session idle this long (default 0 = never, like ssh -L).
 	IdleTimeout time.Duration
-	// CopyMode chooses the relay's copy (default CopyPooled).
+	// CopyMode chooses the relay's copy (default CopySplice).
 	CopyMode CopyMode
 	Logger   zerolog.Logger
 }

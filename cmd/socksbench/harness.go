@@ -89,6 +89,20 @@ func rssKB(h *harness, pid int) int {
 	return 0
 }
 
+// cpuMillis reads a process's user plus system CPU time from /proc.
+func cpuMillis(h *harness, pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		h.Fatalf("%v", err)
+	}
+	// Fields after the parenthesised command name; utime and stime are the
+	// 14th and 15th fields of the whole line, in clock ticks (100 Hz).
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	ut, _ := strconv.Atoi(f[11])
+	st, _ := strconv.Atoi(f[12])
+	return (ut + st) * 10
+}
+
 // settle gives a process a moment to finish handling what was just sent,
 // before its memory is read. A measurement pause, not synchronisation.
 func settle() { time.Sleep(300 * time.Millisecond) }

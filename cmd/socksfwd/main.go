@@ -84,7 +84,7 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 			str("log-format", "", "auto | json | console (default auto: console on a terminal)"),
 			dur("shutdown-timeout", "drain time on SIGINT/SIGTERM", def.ShutdownTimeout),
 			// For make bench: compare the relay's two copy paths.
-			&cli.StringFlag{Name: "relay-copy", Value: "pooled", Hidden: true},
+			&cli.StringFlag{Name: "relay-copy", Value: "splice", Hidden: true},
 			&cli.BoolFlag{Name: "print-config", Usage: "print the merged configuration as TOML (secrets redacted) and exit"},
 		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
@@ -113,11 +113,11 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 			for _, w := range cfg.warnings {
 				log.Warn().Msg(w)
 			}
-			mode := tunnel.CopyPooled
+			mode := tunnel.CopySplice
 			switch c.String("relay-copy") {
-			case "pooled":
 			case "splice":
-				mode = tunnel.CopySplice
+			case "pooled":
+				mode = tunnel.CopyPooled
 			default:
 				return usagef("--relay-copy: want pooled or splice")
 			}
