@@ -57,6 +57,17 @@ type Config struct {
 	Fault Fault
 	// BindUnspecified makes BIND's first reply carry BND.ADDR 0.0.0.0.
 	BindUnspecified bool
+	// UDPBindUnspecified makes UDP ASSOCIATE's reply carry BND.ADDR 0.0.0.0.
+	UDPBindUnspecified bool
+	// UDPFragmentCopies sends, before each relayed reply, a copy with
+	// FRAG = 1 that a client must drop.
+	UDPFragmentCopies bool
+	// UDPStrangerCopies sends, before each relayed reply, a copy from
+	// another socket than the relay, which a client must ignore.
+	UDPStrangerCopies bool
+	// UDPCloseControlAfter, when > 0, closes the control connection (ending
+	// the association) after that many datagrams from the client.
+	UDPCloseControlAfter int
 	// Greeted, if not nil, receives a value (without blocking) each time the
 	// server has read a greeting: a readiness signal for tests.
 	Greeted chan<- struct{}
@@ -253,6 +264,8 @@ func (s *Server) serveConn(c net.Conn) {
 		s.serveConnect(c, req.Addr)
 	case socksclient.CmdBind:
 		s.serveBind(c)
+	case socksclient.CmdUDPAssociate:
+		s.serveAssociate(c)
 	default:
 		s.writeFrame(c, socksclient.Reply{Code: socksclient.RepCommandNotSupported, Addr: zeroAddr})
 	}
@@ -378,5 +391,93 @@ func copyHalf(dst, src net.Conn) {
 		cw.CloseWrite()
 	} else {
 		dst.Close()
+	}
+}
+
+// serveAssociate runs a UDP relay for as long as the control connection
+// lasts (RFC 1928 §7). One socket serves both sides: datagrams from the
+// client carry a header and go to their target; datagrams from anyone else
+// are replies and go back to the client with the sender in the header.
+func (s *Server) serveAssociate(c net.Conn) {
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		s.writeFrame(c, socksclient.Reply{Code: socksclient.RepGeneralFailure, Addr: zeroAddr})
+		return
+	}
+	defer pc.Close()
+	bound := socksclient.AddrFromAddrPort(pc.LocalAddr().(*net.UDPAddr).AddrPort())
+	if s.cfg.UDPBindUnspecified {
+		bound.IP = netip.IPv4Unspecified()
+	}
+	if err := s.writeFrame(c, socksclient.Reply{Addr: bound}); err != nil {
+		return
+	}
+	var stranger *net.UDPConn
+	if s.cfg.UDPStrangerCopies {
+		if stranger, err = net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
+			return
+		}
+		defer stranger.Close()
+	}
+	relayDone := make(chan struct{})
+	go func() {
+		defer close(relayDone)
+		s.relayUDP(pc, stranger, c)
+	}()
+	io.Copy(io.Discard, c) // the association lives as long as this connection
+	pc.Close()
+	<-relayDone
+}
+
+func (s *Server) relayUDP(pc, stranger *net.UDPConn, ctrl net.Conn) {
+	buf := make([]byte, socksclient.MaxUDPHeaderLen+65536)
+	var (
+		client   netip.AddrPort
+		requests int
+	)
+	for {
+		n, src, err := pc.ReadFromUDPAddrPort(buf[socksclient.MaxUDPHeaderLen:])
+		if err != nil {
+			return
+		}
+		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+		pkt := buf[socksclient.MaxUDPHeaderLen : socksclient.MaxUDPHeaderLen+n]
+		if !client.IsValid() || src == client {
+			h, hlen, err := socksclient.ParseUDPHeader(pkt)
+			if err != nil || h.Frag != 0 {
+				continue
+			}
+			client = src
+			dst, ok := h.Addr.AddrPort()
+			if !ok { // a name: the proxy resolves it
+				ua, err := net.ResolveUDPAddr("udp4", h.Addr.String())
+				if err != nil {
+					continue
+				}
+				dst = ua.AddrPort()
+			}
+			pc.WriteToUDPAddrPort(pkt[hlen:], dst)
+			requests++
+			if s.cfg.UDPCloseControlAfter > 0 && requests >= s.cfg.UDPCloseControlAfter {
+				ctrl.Close()
+			}
+			continue
+		}
+		// A reply: put the header in the headroom before the payload
+		// (without allocating, so tests can count the client's allocations).
+		var hdr [socksclient.MaxUDPHeaderLen]byte
+		hb, _ := socksclient.UDPHeader{Addr: socksclient.AddrFromAddrPort(src)}.AppendTo(hdr[:0])
+		start := socksclient.MaxUDPHeaderLen - len(hb)
+		copy(buf[start:], hb)
+		out := buf[start : socksclient.MaxUDPHeaderLen+n]
+		if s.cfg.UDPStrangerCopies {
+			stranger.WriteToUDPAddrPort(out, client)
+		}
+		if s.cfg.UDPFragmentCopies {
+			out[2] = 1
+			pc.WriteToUDPAddrPort(out, client)
+			out[2] = 0
+		}
+		pc.WriteToUDPAddrPort(out, client)
 	}
 }

@@ -1,0 +1,261 @@
+package socksclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// MaxUDPHeaderLen is the longest UDP request header (RFC 1928 §7): RSV,
+// FRAG, ATYP, a 255-byte name with its length, and the port. Callers that
+// want zero-copy sends leave this much headroom before the payload.
+const MaxUDPHeaderLen = 2 + 1 + 1 + 1 + MaxNameLen + 2
+
+// MaxUDPDatagram is the largest UDP payload over IPv4 (65535 - 20 - 8); the
+// SOCKS header comes out of it.
+const MaxUDPDatagram = 65507
+
+var (
+	// ErrAssociationClosed: the proxy closed the UDP ASSOCIATE control
+	// connection, which ends the association (RFC 1928 §7); a new one is
+	// needed.
+	ErrAssociationClosed = errors.New("socks udp associate: the proxy closed the control connection; the association is gone")
+	// ErrDatagramTooLarge: payload plus SOCKS header exceed one datagram.
+	ErrDatagramTooLarge = errors.New("socks udp: datagram too large for the SOCKS header")
+)
+
+// UDPStats counts datagrams an association dropped, by reason.
+type UDPStats struct {
+	Fragmented atomic.Int64 // FRAG != 0, which we do not reassemble
+	Stranger   atomic.Int64 // not from the relay
+	Malformed  atomic.Int64 // header did not parse
+	TooLarge   atomic.Int64 // payload plus header over MaxUDPDatagram
+}
+
+// UDPConn is a UDP ASSOCIATE session: a local UDP socket that talks to the
+// proxy's relay, alive while the TCP control connection is. It implements
+// net.PacketConn (addresses may be Addr values with names, which the proxy
+// resolves); WritePacket and ReadPacket are the allocation-free forms.
+type UDPConn struct {
+	ctrl  net.Conn
+	pc    *net.UDPConn
+	relay netip.AddrPort
+	stats UDPStats
+
+	watchDone chan struct{}
+	ctrlDead  atomic.Bool
+	closeOnce sync.Once
+}
+
+// Associate asks the proxy for a UDP relay. REP 7, or a server that closes
+// the connection without replying (OpenSSH's ssh -D), gives an error
+// matching ErrCommandNotSupported.
+func (d *Dialer) Associate(ctx context.Context) (*UDPConn, error) {
+	// DST is the address we will send from; we cannot know it before the
+	// relay's address is, so send zeros as RFC 1928 §7 allows.
+	conn, reply, err := d.request(ctx, CmdUDPAssociate, Addr{IP: netip.IPv4Unspecified()})
+	if err != nil {
+		return nil, d.opError(CmdUDPAssociate, "udp", nil, err)
+	}
+	relayAddr := substituteUnspecified(reply.Addr, conn)
+	relay, ok := relayAddr.AddrPort()
+	if !ok {
+		conn.Close()
+		return nil, d.opError(CmdUDPAssociate, "udp", nil, protoErr("reply", "relay address is a name: "+relayAddr.Name))
+	}
+	pc, err := net.ListenUDP("udp", nil)
+	if err != nil {
+		conn.Close()
+		return nil, d.opError(CmdUDPAssociate, "udp", nil, err)
+	}
+	u := &UDPConn{ctrl: conn, pc: pc, relay: relay, watchDone: make(chan struct{})}
+	go u.watchControl()
+	return u, nil
+}
+
+// watchControl waits for the control connection to end. The proxy sends
+// nothing on it after the reply, so any read result means it is gone; the
+// UDP socket is then closed so that readers fail with ErrAssociationClosed.
+func (u *UDPConn) watchControl() {
+	defer close(u.watchDone)
+	var b [1]byte
+	u.ctrl.Read(b[:])
+	u.ctrlDead.Store(true)
+	u.pc.Close()
+}
+
+// Relay is the proxy's UDP relay address.
+func (u *UDPConn) Relay() netip.AddrPort { return u.relay }
+
+// Stats returns the drop counters.
+func (u *UDPConn) Stats() *UDPStats { return &u.stats }
+
+// Alive reports whether the control connection still stands.
+func (u *UDPConn) Alive() bool { return !u.ctrlDead.Load() }
+
+// WritePacket sends buf[off:] to dst through the relay. The header is
+// written into buf[:off] right before the payload, so nothing is copied;
+// off must be at least the header's length (MaxUDPHeaderLen always is).
+func (u *UDPConn) WritePacket(buf []byte, off int, dst Addr) error {
+	hlen := udpHeaderLen(dst)
+	if hlen < 0 || off < hlen {
+		return fmt.Errorf("socks udp: %d bytes of headroom, need %d", off, hlen)
+	}
+	if len(buf)-off+hlen > MaxUDPDatagram {
+		u.stats.TooLarge.Add(1)
+		return ErrDatagramTooLarge
+	}
+	start := off - hlen
+	if _, err := (UDPHeader{Addr: dst}).AppendTo(buf[start:start]); err != nil {
+		return err
+	}
+	_, err := u.pc.WriteToUDPAddrPort(buf[start:], u.relay)
+	return u.fail(err)
+}
+
+// ReadPacket reads the next datagram from the relay into buf and returns
+// where its payload starts and ends and the remote peer that sent it.
+// Datagrams from strangers, fragments and malformed headers are dropped and
+// counted. Make buf MaxUDPDatagram long to never truncate.
+func (u *UDPConn) ReadPacket(buf []byte) (off, n int, from Addr, err error) {
+	for {
+		n, src, err := u.pc.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			return 0, 0, Addr{}, u.fail(err)
+		}
+		if src.Addr().Unmap() != u.relay.Addr().Unmap() || src.Port() != u.relay.Port() {
+			u.stats.Stranger.Add(1)
+			continue
+		}
+		h, hlen, err := ParseUDPHeader(buf[:n])
+		if err != nil {
+			u.stats.Malformed.Add(1)
+			continue
+		}
+		if h.Frag != 0 {
+			u.stats.Fragmented.Add(1)
+			continue
+		}
+		return hlen, n, h.Addr, nil
+	}
+}
+
+// fail turns the socket's error after the control connection died into
+// ErrAssociationClosed.
+func (u *UDPConn) fail(err error) error {
+	if err != nil && u.ctrlDead.Load() {
+		return ErrAssociationClosed
+	}
+	return err
+}
+
+// ReadFrom implements net.PacketConn; addr is an Addr. The datagram is
+// read into p and its payload moved to the front, so p must hold the
+// header too (MaxUDPHeaderLen more than the payload).
+func (u *UDPConn) ReadFrom(p []byte) (int, net.Addr, error) {
+	off, n, from, err := u.ReadPacket(p)
+	if err != nil {
+		return 0, nil, err
+	}
+	return copy(p, p[off:n]), from, nil
+}
+
+// WriteTo implements net.PacketConn. addr may be an Addr (names are sent
+// to the proxy to resolve), a *net.UDPAddr, or anything whose String is
+// host:port.
+func (u *UDPConn) WriteTo(p []byte, addr net.Addr) (int, error) {
+	var dst Addr
+	switch a := addr.(type) {
+	case Addr:
+		dst = a
+	case *Addr:
+		dst = *a
+	case *net.UDPAddr:
+		dst = AddrFromAddrPort(a.AddrPort())
+	default:
+		var err error
+		if dst, err = ParseAddr(addr.String()); err != nil {
+			return 0, err
+		}
+	}
+	buf := make([]byte, MaxUDPHeaderLen+len(p))
+	copy(buf[MaxUDPHeaderLen:], p)
+	if err := u.WritePacket(buf, MaxUDPHeaderLen, dst); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Close ends the association: the control connection and the socket.
+func (u *UDPConn) Close() error {
+	u.closeOnce.Do(func() {
+		u.ctrl.Close()
+		u.pc.Close()
+	})
+	<-u.watchDone
+	return nil
+}
+
+func (u *UDPConn) LocalAddr() net.Addr                { return u.pc.LocalAddr() }
+func (u *UDPConn) SetDeadline(t time.Time) error      { return u.pc.SetDeadline(t) }
+func (u *UDPConn) SetReadDeadline(t time.Time) error  { return u.pc.SetReadDeadline(t) }
+func (u *UDPConn) SetWriteDeadline(t time.Time) error { return u.pc.SetWriteDeadline(t) }
+
+var _ net.PacketConn = (*UDPConn)(nil)
+
+// udpHeaderLen is the encoded header length for dst, -1 if it cannot be
+// encoded.
+func udpHeaderLen(dst Addr) int {
+	switch {
+	case dst.Name != "":
+		if len(dst.Name) > MaxNameLen {
+			return -1
+		}
+		return 3 + 2 + len(dst.Name) + 2
+	case dst.IP.Is4():
+		return 3 + 1 + 4 + 2
+	case dst.IP.Is6():
+		return 3 + 1 + 16 + 2
+	}
+	return -1
+}
+
+// UDPTargetConn is an association used for one fixed target: a net.Conn
+// whose Write sends to the target and whose Read returns what comes back.
+type UDPTargetConn struct {
+	*UDPConn
+	target Addr
+}
+
+// DialUDP associates and fixes the target ("host:port"; names are
+// resolved by the proxy).
+func (d *Dialer) DialUDP(ctx context.Context, target string) (*UDPTargetConn, error) {
+	dst, err := ParseAddr(target)
+	if err != nil {
+		return nil, d.opError(CmdUDPAssociate, "udp", nil, err)
+	}
+	u, err := d.Associate(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &UDPTargetConn{UDPConn: u, target: dst}, nil
+}
+
+// Read returns the payload of the next datagram.
+func (c *UDPTargetConn) Read(p []byte) (int, error) {
+	n, _, err := c.ReadFrom(p)
+	return n, err
+}
+
+// Write sends p to the target.
+func (c *UDPTargetConn) Write(p []byte) (int, error) { return c.WriteTo(p, c.target) }
+
+// RemoteAddr is the target.
+func (c *UDPTargetConn) RemoteAddr() net.Addr { return c.target }
+
+var _ net.Conn = (*UDPTargetConn)(nil)

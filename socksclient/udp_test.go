@@ -1,0 +1,190 @@
+package socksclient_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
+)
+
+func associate(t *testing.T, cfg sockstest.Config) (*socksclient.UDPConn, error) {
+	t.Helper()
+	srv, err := sockstest.NewServer(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	d := socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: 5 * time.Second}
+	u, err := d.Associate(context.Background())
+	if u != nil {
+		t.Cleanup(func() { u.Close() })
+	}
+	return u, err
+}
+
+// exchange sends payload to echo through u and returns what came back.
+func exchange(t *testing.T, u *socksclient.UDPConn, echo socksclient.Addr, payload []byte) []byte {
+	t.Helper()
+	buf := make([]byte, socksclient.MaxUDPHeaderLen+len(payload))
+	copy(buf[socksclient.MaxUDPHeaderLen:], payload)
+	if err := u.WritePacket(buf, socksclient.MaxUDPHeaderLen, echo); err != nil {
+		t.Fatal(err)
+	}
+	u.SetReadDeadline(time.Now().Add(5 * time.Second))
+	in := make([]byte, socksclient.MaxUDPDatagram)
+	off, n, from, err := u.ReadPacket(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if from != echo {
+		t.Fatalf("reply from %v, want %v", from, echo)
+	}
+	return in[off:n]
+}
+
+func echoAddr(t *testing.T) socksclient.Addr {
+	return socksclient.AddrFromAddrPort(testnet.UDPEcho(t).LocalAddr().(*net.UDPAddr).AddrPort())
+}
+
+func TestAssociateSizes(t *testing.T) {
+	echo := echoAddr(t)
+	u, err := associate(t, sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, size := range []int{1, 1400, 9000, 65000, socksclient.MaxUDPDatagram - 10} {
+		payload := bytes.Repeat([]byte{byte(size)}, size)
+		if got := exchange(t, u, echo, payload); !bytes.Equal(got, payload) {
+			t.Fatalf("size %d: got %d bytes back", size, len(got))
+		}
+	}
+	big := make([]byte, socksclient.MaxUDPHeaderLen+socksclient.MaxUDPDatagram-9)
+	if err := u.WritePacket(big, socksclient.MaxUDPHeaderLen, echo); !errors.Is(err, socksclient.ErrDatagramTooLarge) {
+		t.Fatalf("oversized: %v", err)
+	}
+	if u.Stats().TooLarge.Load() != 1 {
+		t.Fatal("oversized datagram not counted")
+	}
+}
+
+func TestAssociateFaults(t *testing.T) {
+	echo := echoAddr(t)
+	tests := []struct {
+		name  string
+		cfg   sockstest.Config
+		count func(*socksclient.UDPStats) int64
+	}{
+		{"BND.ADDR 0.0.0.0 means the server's address", sockstest.Config{UDPBindUnspecified: true}, nil},
+		{"FRAG != 0 dropped", sockstest.Config{UDPFragmentCopies: true}, func(s *socksclient.UDPStats) int64 { return s.Fragmented.Load() }},
+		{"strangers ignored", sockstest.Config{UDPStrangerCopies: true}, func(s *socksclient.UDPStats) int64 { return s.Stranger.Load() }},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			u, err := associate(t, tc.cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := range 3 {
+				msg := []byte{byte(i), 'x'}
+				if got := exchange(t, u, echo, msg); !bytes.Equal(got, msg) {
+					t.Fatalf("got %q, want %q", got, msg)
+				}
+			}
+			if tc.count != nil && tc.count(u.Stats()) == 0 {
+				t.Fatal("drop not counted")
+			}
+		})
+	}
+}
+
+func TestAssociateUnsupported(t *testing.T) {
+	for _, cfg := range []sockstest.Config{
+		{Reply: socksclient.RepCommandNotSupported},
+		{Fault: sockstest.FaultCloseAfterRequest},
+	} {
+		_, err := associate(t, cfg)
+		if !errors.Is(err, socksclient.ErrCommandNotSupported) || !strings.Contains(err.Error(), "udp associate") {
+			t.Fatalf("err = %v, want command not supported naming udp associate", err)
+		}
+	}
+}
+
+func TestAssociateControlClosed(t *testing.T) {
+	echo := echoAddr(t)
+	u, err := associate(t, sockstest.Config{UDPCloseControlAfter: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, socksclient.MaxUDPHeaderLen+1)
+	u.WritePacket(buf, socksclient.MaxUDPHeaderLen, echo)
+	in := make([]byte, socksclient.MaxUDPDatagram)
+	u.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		// The echo may or may not come back before the association ends;
+		// then reads must fail with ErrAssociationClosed, not hang.
+		_, _, _, err := u.ReadPacket(in)
+		if err == nil {
+			continue
+		}
+		if !errors.Is(err, socksclient.ErrAssociationClosed) {
+			t.Fatalf("err = %v, want ErrAssociationClosed", err)
+		}
+		break
+	}
+	if u.Alive() {
+		t.Fatal("still alive")
+	}
+}
+
+func TestDialUDPTarget(t *testing.T) {
+	echo := testnet.UDPEcho(t).LocalAddr().String()
+	srv, err := sockstest.NewServer(sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	d := socksclient.Dialer{ProxyAddr: srv.Addr()}
+	c, err := d.DialUDP(context.Background(), echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("ping"))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 512)
+	n, err := c.Read(buf)
+	if err != nil || string(buf[:n]) != "ping" {
+		t.Fatalf("got %q, %v", buf[:n], err)
+	}
+}
+
+// TestUDPHotPathAllocs: a relayed datagram (write through the association,
+// read the reply) allocates nothing.
+func TestUDPHotPathAllocs(t *testing.T) {
+	echo := echoAddr(t)
+	u, err := associate(t, sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, socksclient.MaxUDPHeaderLen+64)
+	in := make([]byte, socksclient.MaxUDPDatagram)
+	u.SetReadDeadline(time.Now().Add(30 * time.Second))
+	allocs := testing.AllocsPerRun(200, func() {
+		if err := u.WritePacket(out, socksclient.MaxUDPHeaderLen, echo); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, _, err := u.ReadPacket(in); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("%v allocations per datagram, want 0", allocs)
+	}
+}
