@@ -94,6 +94,13 @@ func (u *Upstreams) Bind(ctx context.Context, expected Addr) (*Binding, *Dialer,
 	return try(u, ctx, func(d *Dialer) (*Binding, error) { return d.Bind(ctx, expected) })
 }
 
+// Associate opens a UDP association through the first upstream that works
+// (see Dialer.Associate). An upstream without UDP ASSOCIATE counts as a
+// failed one, so a later -S that has it is tried.
+func (u *Upstreams) Associate(ctx context.Context) (*UDPConn, *Dialer, error) {
+	return try(u, ctx, func(d *Dialer) (*UDPConn, error) { return d.Associate(ctx) })
+}
+
 func try[T any](u *Upstreams, ctx context.Context, op func(*Dialer) (T, error)) (T, *Dialer, error) {
 	var (
 		zero T

@@ -65,6 +65,9 @@ func NewTCPForward(cfg TCPForwardConfig, listeners ...net.Listener) *TCPForward 
 // Stats returns the live counters.
 func (f *TCPForward) Stats() *TCPStats { return &f.stats }
 
+// Addr is the first listener's address.
+func (f *TCPForward) Addr() net.Addr { return f.listeners[0].Addr() }
+
 // Serve accepts until Shutdown or Close, or until ctx is done (which then
 // closes the forward). It returns nil on such a stop.
 func (f *TCPForward) Serve(ctx context.Context) error {

@@ -20,6 +20,8 @@ type Config struct {
 	Local              []string `toml:"local"`
 	HandshakeTimeout   Duration `toml:"handshake-timeout"`
 	IdleTimeout        Duration `toml:"idle-timeout"`
+	UDPIdleTimeout     Duration `toml:"udp-idle-timeout"`
+	UDPMaxSessions     int      `toml:"udp-max-sessions"`
 	LogLevel           string   `toml:"log-level"`
 	LogFormat          string   `toml:"log-format"`
 	ShutdownTimeout    Duration `toml:"shutdown-timeout"`
@@ -29,6 +31,8 @@ func defaultConfig() Config {
 	return Config{
 		HandshakeTimeout: Duration(10 * time.Second), // connect + SOCKS handshake
 		IdleTimeout:      0,                          // never, like ssh -L
+		UDPIdleTimeout:   Duration(60 * time.Second), // a UDP session with no datagram either way
+		UDPMaxSessions:   1024,                       // UDP sessions (client addresses) per listener
 		LogLevel:         "info",
 		LogFormat:        "auto", // console on a terminal, JSON otherwise
 		ShutdownTimeout:  Duration(30 * time.Second),

@@ -64,7 +64,7 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 	}
 	app := &cli.App{
 		Name:    "socksfwd",
-		Usage:   "forward local TCP ports through a SOCKS5 proxy",
+		Usage:   "forward local TCP and UDP ports through a SOCKS5 proxy",
 		Version: version,
 		UsageText: "socksfwd -L [bind:]port:host:hostport -S [socks5h://][user:pass@]proxy[:port] [flags]\n" +
 			"   socksfwd -c config.toml",
@@ -76,9 +76,11 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 			slice("server", "S", "upstream SOCKS5 server, repeat for failover: host:port | socks5h://[user[:pass]@]host[:port] | socks5://… (resolves names locally)"),
 			str("server-user", "", "username for servers whose URL has none"),
 			str("server-password-file", "", "file holding the password for them (one trailing newline stripped)"),
-			slice("local", "L", "forward [bind:]port:host:hostport, repeatable; bind defaults to 127.0.0.1"),
+			slice("local", "L", "forward [bind:]port:host:hostport[/udp], repeatable; bind defaults to 127.0.0.1"),
 			dur("handshake-timeout", "connect + SOCKS handshake to the upstream", def.HandshakeTimeout),
 			dur("idle-timeout", "close a TCP session idle this long (0 = never, like ssh -L)", def.IdleTimeout),
+			dur("udp-idle-timeout", "end a UDP session idle this long", def.UDPIdleTimeout),
+			&cli.IntFlag{Name: "udp-max-sessions", Usage: "UDP sessions (client addresses) per listener", Value: def.UDPMaxSessions, EnvVars: []string{envName("udp-max-sessions")}},
 			str("config", "c", "TOML file (see config.example.toml)"),
 			str("log-level", "", "debug | info | warn | error (default info)"),
 			str("log-format", "", "auto | json | console (default auto: console on a terminal)"),
@@ -205,6 +207,10 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 	setDur("handshake-timeout", &cfg.HandshakeTimeout)
 	setDur("idle-timeout", &cfg.IdleTimeout)
 	setDur("shutdown-timeout", &cfg.ShutdownTimeout)
+	setDur("udp-idle-timeout", &cfg.UDPIdleTimeout)
+	if c.IsSet("udp-max-sessions") {
+		cfg.UDPMaxSessions = c.Int("udp-max-sessions")
+	}
 
 	if len(cfg.Server) == 0 {
 		for _, name := range []string{"ALL_PROXY", "all_proxy"} {
@@ -243,13 +249,15 @@ func validate(cfg *Config) error {
 		return err
 	}
 	for _, spec := range cfg.Local {
-		lf, err := parseLocal(spec)
-		if err != nil {
+		if _, err := parseLocal(spec); err != nil {
 			return err
 		}
-		if lf.UDP {
-			return usagef("-L %q: UDP forwards (/udp) are not supported yet", spec)
-		}
+	}
+	if cfg.UDPMaxSessions < 1 {
+		return usagef("--udp-max-sessions %d: want at least 1", cfg.UDPMaxSessions)
+	}
+	if cfg.UDPIdleTimeout <= 0 {
+		return usagef("--udp-idle-timeout must be positive")
 	}
 	return nil
 }

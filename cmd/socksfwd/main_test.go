@@ -2,11 +2,13 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -40,11 +42,13 @@ func TestScripts(t *testing.T) {
 			return err
 		},
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
-			"echoserver":  cmdEchoServer,
-			"socksserver": cmdSocksServer,
-			"freeport":    cmdFreePort,
-			"roundtrip":   cmdRoundTrip,
-			"waitport":    cmdWaitPort,
+			"echoserver":   cmdEchoServer,
+			"socksserver":  cmdSocksServer,
+			"freeport":     cmdFreePort,
+			"roundtrip":    cmdRoundTrip,
+			"waitport":     cmdWaitPort,
+			"udpecho":      cmdUDPEcho,
+			"udproundtrip": cmdUDPRoundTrip,
 		},
 	})
 }
@@ -67,6 +71,34 @@ func (t tb) Fatal(args ...any) { t.ts.Fatalf("%v", args...) }
 func cmdEchoServer(ts *testscript.TestScript, neg bool, args []string) {
 	ln := testnet.Echo(tb{ts: ts})
 	ts.Setenv(args[0], ln.Addr().String())
+}
+
+// udpecho VAR: start a UDP echo server, its address in $VAR.
+func cmdUDPEcho(ts *testscript.TestScript, neg bool, args []string) {
+	ts.Setenv(args[0], testnet.UDPEcho(tb{ts: ts}).LocalAddr().String())
+}
+
+// udproundtrip ADDR SIZE: send a SIZE-byte datagram to ADDR and expect it
+// back; resent a few times while the forward starts.
+func cmdUDPRoundTrip(ts *testscript.TestScript, neg bool, args []string) {
+	size, err := strconv.Atoi(args[1])
+	ts.Check(err)
+	c, err := net.ListenUDP("udp", nil)
+	ts.Check(err)
+	defer c.Close()
+	to, err := net.ResolveUDPAddr("udp", args[0])
+	ts.Check(err)
+	msg := bytes.Repeat([]byte{'u'}, size)
+	buf := make([]byte, 65536)
+	for range 20 {
+		c.WriteToUDP(msg, to)
+		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		n, _, err := c.ReadFromUDP(buf)
+		if err == nil && bytes.Equal(buf[:n], msg) {
+			return
+		}
+	}
+	ts.Fatalf("no echo of a %d-byte datagram from %s", size, args[0])
 }
 
 // socksserver VAR [user pass]: start a sockstest server, its address in $VAR.

@@ -45,6 +45,7 @@ func buildDialers(cfg *Config) ([]*socksclient.Dialer, error) {
 
 // service is what every listener kind provides (DESIGN §3).
 type service interface {
+	Addr() net.Addr
 	Serve(ctx context.Context) error
 	Shutdown(ctx context.Context) error
 	Close() error
@@ -72,23 +73,20 @@ func serve(cfg Config, mode tunnel.CopyMode, log zerolog.Logger) error {
 	}
 	for _, spec := range cfg.Local {
 		lf, _ := parseLocal(spec) // validated already
-		lns, err := listenAll(lf, log)
+		svcs, err := startForward(lf, cfg, mode, upstreams, log)
 		if err != nil {
 			closeAll()
 			return err
 		}
-		for _, ln := range lns {
-			name := ln.Addr().String()
-			services = append(services, tunnel.NewTCPForward(tunnel.TCPForwardConfig{
-				Name:        name,
-				Target:      lf.Target,
-				Upstreams:   upstreams,
-				IdleTimeout: time.Duration(cfg.IdleTimeout),
-				CopyMode:    mode,
-				Logger:      log,
-			}, ln))
-			log.Info().Str("listener", name).Str("target", lf.Target.String()).Strs("upstream", via).
-				Msgf("forwarding %s → %s via %s", name, lf.Target, strings.Join(via, ", "))
+		services = append(services, svcs...)
+		proto := "tcp"
+		if lf.UDP {
+			proto = "udp"
+		}
+		for _, s := range svcs {
+			name := s.Addr().String()
+			log.Info().Str("listener", name).Str("proto", proto).Str("target", lf.Target.String()).Strs("upstream", via).
+				Msgf("forwarding %s → %s via %s", name+protoSuffix(lf.UDP), lf.Target, strings.Join(via, ", "))
 		}
 	}
 
@@ -132,25 +130,63 @@ func serve(cfg Config, mode tunnel.CopyMode, log zerolog.Logger) error {
 	return nil
 }
 
-// listenAll binds every address of a forward. A failure closes what was
-// bound and is fatal, except for optional binds (::1 of "localhost").
-func listenAll(lf localForward, log zerolog.Logger) ([]net.Listener, error) {
-	var lns []net.Listener
-	// No keep-alive probes on accepted connections, as ssh -L does.
-	lc := net.ListenConfig{KeepAlive: -1}
+func protoSuffix(udp bool) string {
+	if udp {
+		return "/udp"
+	}
+	return ""
+}
+
+// startForward binds every address of a forward and makes its services.
+// A bind failure closes what was bound and is fatal, except for optional
+// binds (::1 of "localhost").
+func startForward(lf localForward, cfg Config, mode tunnel.CopyMode, ups *socksclient.Upstreams, log zerolog.Logger) ([]service, error) {
+	var svcs []service
 	for _, addr := range lf.Binds {
-		ln, err := lc.Listen(context.Background(), "tcp", addr)
+		svc, err := listenForward(lf, addr, cfg, mode, ups, log)
 		if err != nil {
 			if lf.optionalBinds[addr] {
 				log.Warn().Err(err).Str("listener", addr).Msg("skipping optional bind")
 				continue
 			}
-			for _, l := range lns {
-				l.Close()
+			for _, s := range svcs {
+				s.Close()
 			}
 			return nil, fmt.Errorf("-L %s: cannot listen: %w", lf.Spec, err)
 		}
-		lns = append(lns, ln)
+		svcs = append(svcs, svc)
 	}
-	return lns, nil
+	return svcs, nil
+}
+
+// listenForward binds one address of a forward, TCP or UDP.
+func listenForward(lf localForward, addr string, cfg Config, mode tunnel.CopyMode, ups *socksclient.Upstreams, log zerolog.Logger) (service, error) {
+	// No keep-alive probes on accepted connections, as ssh -L does.
+	lc := net.ListenConfig{KeepAlive: -1}
+	if lf.UDP {
+		pc, err := lc.ListenPacket(context.Background(), "udp", addr)
+		if err != nil {
+			return nil, err
+		}
+		return tunnel.NewUDPForward(tunnel.UDPForwardConfig{
+			Name:        pc.LocalAddr().String(),
+			Target:      lf.Target,
+			Upstreams:   ups,
+			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
+			MaxSessions: cfg.UDPMaxSessions,
+			Logger:      log,
+		}, pc.(*net.UDPConn)), nil
+	}
+	ln, err := lc.Listen(context.Background(), "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
+		Name:        ln.Addr().String(),
+		Target:      lf.Target,
+		Upstreams:   ups,
+		IdleTimeout: time.Duration(cfg.IdleTimeout),
+		CopyMode:    mode,
+		Logger:      log,
+	}, ln), nil
 }

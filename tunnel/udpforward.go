@@ -1,0 +1,352 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// UDP forward defaults (DESIGN §5).
+const (
+	DefaultUDPIdleTimeout = 60 * time.Second
+	DefaultUDPMaxSessions = 1024
+	// udpQueueLen bounds the datagrams waiting for one session's
+	// association; beyond it they are dropped, as a full socket would.
+	udpQueueLen = 64
+	// udpRetryDelay keeps a session whose upstream failed from starting a
+	// handshake for every datagram.
+	udpRetryDelay = time.Second
+	// capWarnEvery limits the warning about a full session table.
+	capWarnEvery = time.Minute
+)
+
+// udpBufPool holds datagram buffers with headroom for the SOCKS header, so
+// a client's datagram is wrapped in place.
+var udpBufPool = sync.Pool{New: func() any {
+	b := make([]byte, socksclient.MaxUDPHeaderLen+socksclient.MaxUDPDatagram)
+	return &b
+}}
+
+// UDPForwardConfig describes one -L …/udp forward.
+type UDPForwardConfig struct {
+	Name      string
+	Target    socksclient.Addr // names are resolved by the proxy
+	Upstreams *socksclient.Upstreams
+	// IdleTimeout ends a session with no datagram either way for this long
+	// (default DefaultUDPIdleTimeout).
+	IdleTimeout time.Duration
+	// MaxSessions bounds the session table (default DefaultUDPMaxSessions);
+	// new sources beyond it are dropped, existing ones keep working.
+	MaxSessions int
+	Logger      zerolog.Logger
+}
+
+// UDPStats counts a UDP forward's sessions and datagrams.
+type UDPStats struct {
+	Sessions      atomic.Int64 // sessions started
+	Active        atomic.Int64
+	DatagramsUp   atomic.Int64 // client → target
+	DatagramsDown atomic.Int64 // target → client
+	DroppedFull   atomic.Int64 // new source while the table was full
+	DroppedQueue  atomic.Int64 // session queue full, or no association
+}
+
+// UDPForward relays datagrams from local clients to one target: one session
+// per client address, each with its own UDP ASSOCIATE.
+type UDPForward struct {
+	cfg UDPForwardConfig
+	pc  *net.UDPConn
+
+	mu       sync.Mutex
+	sessions map[netip.AddrPort]*udpSession
+	closed   bool
+	wg       sync.WaitGroup
+
+	stats       UDPStats
+	lastCapWarn atomic.Int64
+	closeOnce   sync.Once
+}
+
+// NewUDPForward returns a forward serving on pc, which the caller bound.
+func NewUDPForward(cfg UDPForwardConfig, pc *net.UDPConn) *UDPForward {
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultUDPIdleTimeout
+	}
+	if cfg.MaxSessions <= 0 {
+		cfg.MaxSessions = DefaultUDPMaxSessions
+	}
+	return &UDPForward{cfg: cfg, pc: pc, sessions: make(map[netip.AddrPort]*udpSession)}
+}
+
+// Stats returns the live counters.
+func (f *UDPForward) Stats() *UDPStats { return &f.stats }
+
+// Addr is the listening address.
+func (f *UDPForward) Addr() net.Addr { return f.pc.LocalAddr() }
+
+// Sessions is the number of live sessions.
+func (f *UDPForward) Sessions() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.sessions)
+}
+
+// udpPacket is one client datagram: payload at buf[MaxUDPHeaderLen:][:n].
+type udpPacket struct {
+	buf *[]byte
+	n   int
+}
+
+// Serve reads client datagrams until Close (or ctx is done) and hands each
+// to its source's session. It returns nil on such a stop.
+func (f *UDPForward) Serve(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() { f.Close() })
+	defer stop()
+	for {
+		bp := udpBufPool.Get().(*[]byte)
+		n, src, err := f.pc.ReadFromUDPAddrPort((*bp)[socksclient.MaxUDPHeaderLen:])
+		if err != nil {
+			udpBufPool.Put(bp)
+			if f.isClosed() || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			continue // e.g. ICMP errors surfacing on the socket
+		}
+		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+		s := f.session(src)
+		if s == nil {
+			udpBufPool.Put(bp)
+			continue
+		}
+		select {
+		case s.in <- udpPacket{bp, n}:
+		default:
+			f.stats.DroppedQueue.Add(1)
+			udpBufPool.Put(bp)
+		}
+	}
+}
+
+func (f *UDPForward) isClosed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.closed
+}
+
+// session finds or starts the session of a client; nil when the table is
+// full or the forward is closing.
+func (f *UDPForward) session(client netip.AddrPort) *udpSession {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if s, ok := f.sessions[client]; ok {
+		return s
+	}
+	if f.closed {
+		return nil
+	}
+	if len(f.sessions) >= f.cfg.MaxSessions {
+		f.stats.DroppedFull.Add(1)
+		now := time.Now().UnixNano()
+		if last := f.lastCapWarn.Load(); now-last >= int64(capWarnEvery) && f.lastCapWarn.CompareAndSwap(last, now) {
+			f.cfg.Logger.Warn().Str("listener", f.cfg.Name).Str("client", client.String()).Int("max_sessions", f.cfg.MaxSessions).
+				Msg("UDP session table full; dropping datagrams from new sources")
+		}
+		return nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &udpSession{f: f, client: client, in: make(chan udpPacket, udpQueueLen), ctx: ctx, cancel: cancel}
+	s.touch()
+	f.sessions[client] = s
+	f.stats.Sessions.Add(1)
+	f.stats.Active.Add(1)
+	f.wg.Go(s.serve)
+	return s
+}
+
+func (f *UDPForward) remove(s *udpSession) {
+	s.cancel()
+	f.mu.Lock()
+	delete(f.sessions, s.client)
+	f.mu.Unlock()
+	f.stats.Active.Add(-1)
+}
+
+// Shutdown stops the forward. UDP has no connection to drain, so it is
+// Close; the context is accepted for the common service interface.
+func (f *UDPForward) Shutdown(ctx context.Context) error { return f.Close() }
+
+// Close stops reading, ends every session and waits for their goroutines.
+// It is idempotent.
+func (f *UDPForward) Close() error {
+	f.closeOnce.Do(func() {
+		f.mu.Lock()
+		f.closed = true
+		for _, s := range f.sessions {
+			s.cancel()
+		}
+		f.mu.Unlock()
+		f.pc.Close()
+	})
+	f.wg.Wait()
+	return nil
+}
+
+// udpSession is one client's association with the target.
+type udpSession struct {
+	f      *UDPForward
+	client netip.AddrPort
+	in     chan udpPacket
+	ctx    context.Context // cancelled by UDPForward.Close
+	cancel context.CancelFunc
+
+	lastIO atomic.Int64 // unix nanos of the last datagram either way
+	up     int64
+	down   atomic.Int64
+
+	// Owned by serve:
+	assoc     *socksclient.UDPConn
+	readDone  chan struct{}
+	upstream  string
+	lastErr   error
+	failUntil time.Time
+}
+
+func (s *udpSession) touch() { s.lastIO.Store(time.Now().UnixNano()) }
+
+// serve owns the session: it sends the client's datagrams through an
+// association, which it builds on the first datagram and builds again when
+// the proxy has dropped the control connection, until the session is idle
+// or the forward closes.
+func (s *udpSession) serve() {
+	f := s.f
+	start := time.Now()
+	idle := time.NewTimer(f.cfg.IdleTimeout)
+	defer func() {
+		idle.Stop()
+		s.closeAssoc()
+		f.remove(s)
+		s.drain()
+		ev := f.cfg.Logger.Debug()
+		if s.lastErr != nil {
+			ev = f.cfg.Logger.Info().Err(s.lastErr)
+		}
+		ev.Str("listener", f.cfg.Name).Str("client", s.client.String()).Str("target", f.cfg.Target.String()).
+			Str("upstream", s.upstream).Int64("datagrams_up", s.up).Int64("datagrams_down", s.down.Load()).
+			Dur("dur", time.Since(start)).Msg("UDP session ended")
+	}()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-idle.C:
+			if rest := f.cfg.IdleTimeout - time.Since(time.Unix(0, s.lastIO.Load())); rest > 0 {
+				idle.Reset(rest)
+				continue
+			}
+			return
+		case p := <-s.in:
+			s.touch()
+			s.send(p)
+			udpBufPool.Put(p.buf)
+		}
+	}
+}
+
+// send relays one datagram, associating first if needed. A datagram that
+// finds the association just dropped by the proxy is sent again on a new
+// one.
+func (s *udpSession) send(p udpPacket) {
+	f := s.f
+	for attempt := 0; attempt < 2; attempt++ {
+		if s.assoc != nil && !s.assoc.Alive() {
+			s.closeAssoc()
+		}
+		if s.assoc == nil && !s.associate() {
+			f.stats.DroppedQueue.Add(1)
+			return
+		}
+		err := s.assoc.WritePacket((*p.buf)[:socksclient.MaxUDPHeaderLen+p.n], socksclient.MaxUDPHeaderLen, f.cfg.Target)
+		if err == nil {
+			s.up++
+			f.stats.DatagramsUp.Add(1)
+			return
+		}
+		if !errors.Is(err, socksclient.ErrAssociationClosed) {
+			return // e.g. too large: counted by the association
+		}
+		s.closeAssoc()
+	}
+}
+
+// associate builds the association; false (datagram dropped) while the
+// upstreams fail, retried at most every udpRetryDelay.
+func (s *udpSession) associate() bool {
+	f := s.f
+	if time.Now().Before(s.failUntil) {
+		return false
+	}
+	a, d, err := f.cfg.Upstreams.Associate(s.ctx)
+	if d != nil {
+		s.upstream = d.ProxyAddr
+	}
+	if err != nil {
+		if s.ctx.Err() == nil {
+			s.lastErr = err
+			s.failUntil = time.Now().Add(udpRetryDelay)
+			f.cfg.Logger.Info().Err(err).Str("listener", f.cfg.Name).Str("client", s.client.String()).
+				Str("upstream", s.upstream).Msg("UDP associate failed")
+		}
+		return false
+	}
+	s.lastErr = nil
+	s.assoc = a
+	s.readDone = make(chan struct{})
+	go s.copyDown(a, s.readDone)
+	return true
+}
+
+func (s *udpSession) closeAssoc() {
+	if s.assoc != nil {
+		s.assoc.Close()
+		<-s.readDone
+		s.assoc = nil
+	}
+}
+
+// drain returns the buffers of datagrams still queued.
+func (s *udpSession) drain() {
+	for {
+		select {
+		case p := <-s.in:
+			udpBufPool.Put(p.buf)
+		default:
+			return
+		}
+	}
+}
+
+// copyDown relays the association's datagrams back to the client.
+func (s *udpSession) copyDown(a *socksclient.UDPConn, done chan struct{}) {
+	defer close(done)
+	bp := udpBufPool.Get().(*[]byte)
+	defer udpBufPool.Put(bp)
+	for {
+		off, n, _, err := a.ReadPacket(*bp)
+		if err != nil {
+			return
+		}
+		s.touch()
+		if _, err := s.f.pc.WriteToUDPAddrPort((*bp)[off:n], s.client); err == nil {
+			s.down.Add(1)
+			s.f.stats.DatagramsDown.Add(1)
+		}
+	}
+}

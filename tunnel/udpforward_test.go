@@ -1,0 +1,188 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
+)
+
+type udpFwdOpts struct {
+	idle        time.Duration
+	maxSessions int
+	listen      string // default 127.0.0.1:0
+}
+
+// startUDPForward runs a UDPForward to the UDP echo through a sockstest
+// server with cfg; it returns the forward, its address and the log.
+func startUDPForward(t *testing.T, cfg sockstest.Config, o udpFwdOpts) (*UDPForward, *net.UDPAddr, *logBuf) {
+	t.Helper()
+	echo := testnet.UDPEcho(t).LocalAddr().(*net.UDPAddr)
+	proxy := newSocks(t, cfg)
+	if o.listen == "" {
+		o.listen = "127.0.0.1:0"
+	}
+	la, err := net.ResolveUDPAddr("udp", o.listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := net.ListenUDP("udp", la)
+	if err != nil {
+		t.Skipf("cannot listen on %s: %v", o.listen, err)
+	}
+	logs := &logBuf{}
+	f := NewUDPForward(UDPForwardConfig{
+		Name: pc.LocalAddr().String(), Target: socksclient.AddrFromAddrPort(echo.AddrPort()),
+		Upstreams:   socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy.Addr(), HandshakeTimeout: 5 * time.Second}),
+		IdleTimeout: o.idle, MaxSessions: o.maxSessions,
+		Logger: zerolog.New(logs).Level(zerolog.DebugLevel),
+	}, pc)
+	served := make(chan error, 1)
+	go func() { served <- f.Serve(context.Background()) }()
+	t.Cleanup(func() {
+		f.Close()
+		if err := <-served; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return f, pc.LocalAddr().(*net.UDPAddr), logs
+}
+
+func udpClient(t *testing.T, network string) *net.UDPConn {
+	t.Helper()
+	c, err := net.ListenUDP(network, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// udpRoundTrip sends msg to the forward and waits for the echo, resending
+// (at most 5 times) in case the datagram was lost to an association change.
+func udpRoundTrip(c *net.UDPConn, fwd *net.UDPAddr, msg []byte, wait time.Duration) error {
+	buf := make([]byte, 65536)
+	for range 5 {
+		if _, err := c.WriteToUDP(msg, fwd); err != nil {
+			return err
+		}
+		c.SetReadDeadline(time.Now().Add(wait))
+		n, _, err := c.ReadFromUDP(buf)
+		if err != nil {
+			continue
+		}
+		if !bytes.Equal(buf[:n], msg) {
+			return fmt.Errorf("got %d bytes, want %d", n, len(msg))
+		}
+		return nil
+	}
+	return fmt.Errorf("no echo for %d-byte datagram", len(msg))
+}
+
+func TestUDPForwardEcho(t *testing.T) {
+	f, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{})
+	a, b := udpClient(t, "udp4"), udpClient(t, "udp4")
+	for _, size := range []int{1, 1400, 9000, 65000} {
+		for i, c := range []*net.UDPConn{a, b} {
+			msg := bytes.Repeat([]byte{byte(i + 1)}, size)
+			if err := udpRoundTrip(c, fwd, msg, 5*time.Second); err != nil {
+				t.Fatalf("client %d: %v", i, err)
+			}
+		}
+	}
+	if n := f.Sessions(); n != 2 {
+		t.Fatalf("%d sessions, want one per client", n)
+	}
+}
+
+func TestUDPForwardIPv6(t *testing.T) {
+	_, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{listen: "[::1]:0"})
+	c := udpClient(t, "udp6")
+	if err := udpRoundTrip(c, fwd, []byte("v6"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestUDPForwardSessionCap(t *testing.T) {
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{maxSessions: 1})
+	first, second := udpClient(t, "udp4"), udpClient(t, "udp4")
+	if err := udpRoundTrip(first, fwd, []byte("one"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := udpRoundTrip(second, fwd, []byte("two"), 200*time.Millisecond); err == nil {
+		t.Fatal("a new source beyond the cap got through")
+	}
+	if err := udpRoundTrip(first, fwd, []byte("still"), 5*time.Second); err != nil {
+		t.Fatalf("existing session stopped working: %v", err)
+	}
+	if f.Stats().DroppedFull.Load() == 0 {
+		t.Fatal("drops not counted")
+	}
+	logs.waitFor(t, "UDP session table full")
+}
+
+func TestUDPForwardIdleTimeout(t *testing.T) {
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{idle: 50 * time.Millisecond})
+	c := udpClient(t, "udp4")
+	if err := udpRoundTrip(c, fwd, []byte("x"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	logs.waitFor(t, "UDP session ended")
+	if n := f.Sessions(); n != 0 {
+		t.Fatalf("%d sessions after idle timeout", n)
+	}
+	// A new datagram starts a new session.
+	if err := udpRoundTrip(c, fwd, []byte("again"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestUDPForwardControlDropped(t *testing.T) {
+	_, fwd, logs := startUDPForward(t, sockstest.Config{UDPCloseControlAfter: 2}, udpFwdOpts{})
+	c := udpClient(t, "udp4")
+	for i := range 6 {
+		if err := udpRoundTrip(c, fwd, []byte{byte(i)}, 300*time.Millisecond); err != nil {
+			t.Fatalf("datagram %d: %v\n%s", i, err, logs)
+		}
+	}
+}
+
+func TestUDPForwardNoAssociate(t *testing.T) {
+	_, fwd, logs := startUDPForward(t, sockstest.Config{Fault: sockstest.FaultCloseAfterRequest}, udpFwdOpts{})
+	c := udpClient(t, "udp4")
+	c.WriteToUDP([]byte("x"), fwd)
+	logs.waitFor(t, "the server does not support udp associate")
+}
+
+// TestUDPForwardAllocs: relaying a datagram each way allocates nothing once
+// the session exists (client, forward, sockstest relay and echo all count).
+func TestUDPForwardAllocs(t *testing.T) {
+	_, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{})
+	c := udpClient(t, "udp4")
+	if err := udpRoundTrip(c, fwd, []byte("warm"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, 64)
+	in := make([]byte, 2048)
+	to := fwd.AddrPort()
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	allocs := testing.AllocsPerRun(500, func() {
+		if _, err := c.WriteToUDPAddrPort(out, to); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := c.ReadFromUDPAddrPort(in); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("%v allocations per relayed datagram, want 0", allocs)
+	}
+}
