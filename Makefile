@@ -9,6 +9,7 @@ FUZZTIME ?= 10s
 
 # command → Debian package, for everything the tests start or drive.
 PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:openssh-client \
+	ss-server:shadowsocks-libev dnsmasq:dnsmasq-base dig:dnsutils \
 	psql:postgresql-client ip:iproute2 iperf3:iperf3 proxychains4:proxychains4 \
 	/usr/lib/postgresql/15/bin/initdb:postgresql
 
@@ -39,6 +40,8 @@ peer-versions:
 	@echo "  $$(/usr/lib/postgresql/15/bin/postgres --version)"
 	@echo "  $$(iperf3 --version 2>&1 | head -1)"
 	@echo "  proxychains4 $$(dpkg-query -W -f='$${Version}' proxychains4 2>/dev/null)"
+	@echo "  $$(ss-server -h 2>&1 | grep -m1 shadowsocks)"
+	@echo "  $$(dnsmasq --version | head -1)"
 
 test: deps peer-versions
 	$(GO) vet ./...

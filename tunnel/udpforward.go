@@ -268,6 +268,8 @@ func (s *udpSession) send(p udpPacket) {
 	for attempt := 0; attempt < 2; attempt++ {
 		if s.assoc != nil && !s.assoc.Alive() {
 			s.closeAssoc()
+			f.cfg.Logger.Debug().Str("listener", f.cfg.Name).Str("client", s.client.String()).
+				Msg("UDP association ended by the proxy; re-associating")
 		}
 		if s.assoc == nil && !s.associate() {
 			f.stats.DroppedQueue.Add(1)

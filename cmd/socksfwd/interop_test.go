@@ -6,11 +6,14 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
+	"github.com/socksfwd/socksfwd/internal/testnet"
 )
 
 // TestInterop runs testdata/interop/*.txtar: the built binary between real
@@ -22,7 +25,8 @@ func TestInterop(t *testing.T) {
 	}
 	// Check every peer up front: a script cannot skip from inside a command.
 	peertest.RequireRoot(t)
-	for _, p := range []string{"danted", "microsocks", "sshd", "ssh", "ssh-keygen", "psql", "runuser", "unshare"} {
+	for _, p := range []string{"danted", "microsocks", "sshd", "ssh", "ssh-keygen", "psql", "runuser", "unshare",
+		"ss-server", "ss-local", "dnsmasq", "dig"} {
 		peertest.Require(t, p)
 	}
 	testscript.Run(t, testscript.Params{
@@ -36,15 +40,22 @@ func TestInterop(t *testing.T) {
 			return nil
 		},
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
-			"echoserver": cmdEchoServer,
-			"freeport":   cmdFreePort,
-			"roundtrip":  cmdRoundTrip,
-			"waitport":   cmdWaitPort,
-			"dante":      cmdDante,
-			"microsocks": cmdMicrosocks,
-			"sshdynamic": cmdSSHDynamic,
-			"postgres":   cmdPostgres,
-			"resolvable": cmdResolvable,
+			"echoserver":   cmdEchoServer,
+			"freeport":     cmdFreePort,
+			"roundtrip":    cmdRoundTrip,
+			"waitport":     cmdWaitPort,
+			"dante":        cmdDante,
+			"microsocks":   cmdMicrosocks,
+			"sshdynamic":   cmdSSHDynamic,
+			"postgres":     cmdPostgres,
+			"resolvable":   cmdResolvable,
+			"shadowsocks":  cmdShadowsocks,
+			"dnsmasq":      cmdDnsmasq,
+			"udpecho":      cmdUDPEcho,
+			"udproundtrip": cmdUDPRoundTrip,
+			"cutter":       cmdCutter,
+			"cut":          cmdCut,
+			"udpcutstream": cmdUDPCutStream,
 		},
 	})
 }
@@ -136,5 +147,76 @@ func cmdResolvable(ts *testscript.TestScript, neg bool, args []string) {
 	_, err := net.LookupHost(args[0])
 	if (err == nil) == neg {
 		ts.Fatalf("resolving %s locally: %v", args[0], err)
+	}
+}
+
+// shadowsocks VAR: ss-local in front of ss-server, SOCKS address in $VAR.
+func cmdShadowsocks(ts *testscript.TestScript, neg bool, args []string) {
+	ts.Setenv(args[0], peertest.Shadowsocks(peerTB{ts}).Addr)
+}
+
+// dnsmasq VAR NAME=IP... [txt:NAME=TEXT...]: a resolver answering those records.
+func cmdDnsmasq(ts *testscript.TestScript, neg bool, args []string) {
+	a, txt := map[string]string{}, map[string]string{}
+	for _, arg := range args[1:] {
+		name, val, _ := strings.Cut(arg, "=")
+		if n, ok := strings.CutPrefix(name, "txt:"); ok {
+			txt[n] = val
+		} else {
+			a[name] = val
+		}
+	}
+	ts.Setenv(args[0], peertest.Dnsmasq(peerTB{ts}, a, txt).Addr)
+}
+
+// cutters are TCP relays a script can cut: "cutter VAR TARGET" puts one in
+// front of TARGET (address in $VAR); "cut VAR" closes every connection it
+// carries, as a proxy or a network would drop a control connection.
+var cutters sync.Map // relay address → *testnet.Cutter
+
+func cmdCutter(ts *testscript.TestScript, neg bool, args []string) {
+	c := testnet.NewCutter(tb{ts: ts}, ts.Getenv(args[1]))
+	ts.Setenv(args[0], c.Addr())
+	cutters.Store(c.Addr(), c)
+}
+
+func cmdCut(ts *testscript.TestScript, neg bool, args []string) {
+	c, ok := cutters.Load(ts.Getenv(args[0]))
+	if !ok {
+		ts.Fatalf("no cutter at $%s", args[0])
+	}
+	if n := c.(*testnet.Cutter).Cut(); n == 0 {
+		ts.Fatalf("cut: no connection to cut")
+	}
+}
+
+// udpcutstream ADDR CUTVAR: from one client socket (one session), echo
+// datagrams through ADDR, cut the cutter's connections mid-stream, and
+// expect the datagrams after the cut to get through too.
+func cmdUDPCutStream(ts *testscript.TestScript, neg bool, args []string) {
+	c, err := net.ListenUDP("udp", nil)
+	ts.Check(err)
+	defer c.Close()
+	to, err := net.ResolveUDPAddr("udp", args[0])
+	ts.Check(err)
+	buf := make([]byte, 2048)
+	echo := func(i int) {
+		msg := []byte(fmt.Sprintf("datagram %d", i))
+		for range 20 { // resent while an association is (re)built
+			c.WriteToUDP(msg, to)
+			c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+			n, _, err := c.ReadFromUDP(buf)
+			if err == nil && string(buf[:n]) == string(msg) {
+				return
+			}
+		}
+		ts.Fatalf("no echo of %q", msg)
+	}
+	for i := range 3 {
+		echo(i)
+	}
+	cmdCut(ts, false, args[1:])
+	for i := 3; i < 6; i++ {
+		echo(i)
 	}
 }

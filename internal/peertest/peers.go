@@ -202,5 +202,47 @@ func Versions() []string {
 		"microsocks " + run("dpkg-query", "-W", "-f=${Version}", "microsocks"),
 		run("ssh", "-V"),
 		run(filepath.Join(pgBin, "postgres"), "--version"),
+		run("dnsmasq", "--version"),
 	}
+}
+
+// Shadowsocks starts ss-server and, in front of it, ss-local, whose SOCKS5
+// side relays UDP (both run with -u, and --mtu 65535 so that datagrams
+// above about 2.7 KB are not truncated). The returned address is
+// ss-local's SOCKS5 port; it has no username method and no BIND.
+func Shadowsocks(t TB) Peer {
+	t.Helper()
+	server := Require(t, "ss-server")
+	local := Require(t, "ss-local")
+	const method, key = "chacha20-ietf-poly1305", "socksfwd-test-key"
+	sport, lport := FreePort(t), FreePort(t)
+	ps := Start(t, "ss-server", server, "-s", "127.0.0.1", "-p", strconv.Itoa(sport), "-k", key, "-m", method, "-u", "--mtu", "65535")
+	WaitTCP(t, ps, hostPort(sport))
+	pl := Start(t, "ss-local", local, "-s", "127.0.0.1", "-p", strconv.Itoa(sport), "-b", "127.0.0.1", "-l", strconv.Itoa(lport),
+		"-k", key, "-m", method, "-u", "--mtu", "65535")
+	addr := hostPort(lport)
+	WaitTCP(t, pl, addr)
+	return Peer{Addr: addr, Proc: pl}
+}
+
+// Dnsmasq starts an authoritative-only dnsmasq on loopback (UDP and TCP)
+// answering the given A records (name → IPv4) and TXT records (name →
+// text), with no upstream resolver.
+func Dnsmasq(t TB, a map[string]string, txt map[string]string) Peer {
+	t.Helper()
+	bin := Require(t, "dnsmasq")
+	port := FreePort(t)
+	argv := []string{bin, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-daemon",
+		"--bind-interfaces", "--listen-address=127.0.0.1", "--port=" + strconv.Itoa(port),
+		"--user=root", "--pid-file=", "--log-facility=-", "--edns-packet-max=4096"}
+	for name, ip := range a {
+		argv = append(argv, "--host-record="+name+","+ip)
+	}
+	for name, text := range txt {
+		argv = append(argv, "--txt-record="+name+","+text)
+	}
+	p := Start(t, "dnsmasq", argv...)
+	addr := hostPort(port)
+	WaitTCP(t, p, addr)
+	return Peer{Addr: addr, Proc: p}
 }

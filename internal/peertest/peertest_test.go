@@ -64,3 +64,15 @@ func TestPostgresStarts(t *testing.T) {
 	}
 	c.Close()
 }
+
+func TestShadowsocksAndDnsmasqStart(t *testing.T) {
+	ss := Shadowsocks(t)
+	dns := Dnsmasq(t, map[string]string{"example.internal": "192.0.2.10"}, nil)
+	for _, p := range []Peer{ss, dns} {
+		c, err := net.Dial("tcp", p.Addr)
+		if err != nil {
+			t.Fatalf("%s: %v", p.Proc.Name, err)
+		}
+		c.Close()
+	}
+}

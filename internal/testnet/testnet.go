@@ -109,3 +109,55 @@ func UDPEcho(t TB) *net.UDPConn {
 	})
 	return pc
 }
+
+// Cutter is a TCP relay whose connections a test can cut at once, to play
+// a proxy or network that drops a connection mid-stream.
+type Cutter struct {
+	ln    net.Listener
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+}
+
+// NewCutter relays 127.0.0.1:<free port> to target until cleanup.
+func NewCutter(t TB, target string) *Cutter {
+	c := &Cutter{conns: map[net.Conn]struct{}{}}
+	c.ln = Serve(t, func(client net.Conn) {
+		up, err := net.Dial("tcp", target)
+		if err != nil {
+			return
+		}
+		c.mu.Lock()
+		c.conns[client], c.conns[up] = struct{}{}, struct{}{}
+		c.mu.Unlock()
+		defer func() {
+			c.mu.Lock()
+			delete(c.conns, client)
+			delete(c.conns, up)
+			c.mu.Unlock()
+			up.Close()
+		}()
+		done := make(chan struct{})
+		go func() {
+			io.Copy(up, client)
+			up.Close()
+			close(done)
+		}()
+		io.Copy(client, up)
+		client.Close()
+		<-done
+	})
+	return c
+}
+
+// Addr is the relay's address.
+func (c *Cutter) Addr() string { return c.ln.Addr().String() }
+
+// Cut closes every relayed connection and reports how many there were.
+func (c *Cutter) Cut() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for conn := range c.conns {
+		conn.Close()
+	}
+	return len(c.conns) / 2
+}
