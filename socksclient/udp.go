@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
 
 // MaxUDPHeaderLen is the longest UDP request header (RFC 1928 §7): RSV,
@@ -73,6 +75,7 @@ func (d *Dialer) Associate(ctx context.Context) (*UDPConn, error) {
 		conn.Close()
 		return nil, d.opError(CmdUDPAssociate, "udp", nil, err)
 	}
+	sockbuf.Grow(pc)
 	u := &UDPConn{ctrl: conn, pc: pc, relay: relay, watchDone: make(chan struct{})}
 	go u.watchControl()
 	return u, nil

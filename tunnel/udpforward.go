@@ -11,6 +11,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
@@ -83,6 +84,7 @@ func NewUDPForward(cfg UDPForwardConfig, pc *net.UDPConn) *UDPForward {
 	if cfg.MaxSessions <= 0 {
 		cfg.MaxSessions = DefaultUDPMaxSessions
 	}
+	sockbuf.Grow(pc)
 	return &UDPForward{cfg: cfg, pc: pc, sessions: make(map[netip.AddrPort]*udpSession)}
 }
 
@@ -125,6 +127,18 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 		if s == nil {
 			udpBufPool.Put(bp)
 			continue
+		}
+		// Fast path: with a live association, send from this goroutine; no
+		// hand-off, no wake-up of the session goroutine.
+		if a := s.live.Load(); a != nil && a.Alive() {
+			s.touch()
+			if a.WritePacket((*bp)[:socksclient.MaxUDPHeaderLen+n], socksclient.MaxUDPHeaderLen, f.cfg.Target) == nil {
+				s.upFast.Add(1)
+				f.stats.DatagramsUp.Add(1)
+				udpBufPool.Put(bp)
+				continue
+			}
+			// Just dropped by the proxy: the session re-associates and resends.
 		}
 		select {
 		case s.in <- udpPacket{bp, n}:
@@ -208,8 +222,11 @@ type udpSession struct {
 	cancel context.CancelFunc
 
 	lastIO atomic.Int64 // unix nanos of the last datagram either way
-	up     int64
+	up     int64        // datagrams sent by serve
+	upFast atomic.Int64 // datagrams sent by UDPForward.Serve's fast path
 	down   atomic.Int64
+	// live is the association once built, for Serve's fast path.
+	live atomic.Pointer[socksclient.UDPConn]
 
 	// Owned by serve:
 	assoc     *socksclient.UDPConn
@@ -239,7 +256,7 @@ func (s *udpSession) serve() {
 			ev = f.cfg.Logger.Info().Err(s.lastErr)
 		}
 		ev.Str("listener", f.cfg.Name).Str("client", s.client.String()).Str("target", f.cfg.Target.String()).
-			Str("upstream", s.upstream).Int64("datagrams_up", s.up).Int64("datagrams_down", s.down.Load()).
+			Str("upstream", s.upstream).Int64("datagrams_up", s.up+s.upFast.Load()).Int64("datagrams_down", s.down.Load()).
 			Dur("dur", time.Since(start)).Msg("UDP session ended")
 	}()
 	for {
@@ -312,11 +329,13 @@ func (s *udpSession) associate() bool {
 	s.assoc = a
 	s.readDone = make(chan struct{})
 	go s.copyDown(a, s.readDone)
+	s.live.Store(a)
 	return true
 }
 
 func (s *udpSession) closeAssoc() {
 	if s.assoc != nil {
+		s.live.Store(nil)
 		s.assoc.Close()
 		<-s.readDone
 		s.assoc = nil

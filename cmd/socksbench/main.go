@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 )
 
 func main() {
@@ -33,7 +34,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
-	if fs.Arg(0) == "bench" && os.Getenv(netnsEnv) == "" {
+	if strings.HasPrefix(fs.Arg(0), "bench") && os.Getenv(netnsEnv) == "" {
 		if code, ok := inFreshNetns(os.Args); ok {
 			os.Exit(code)
 		}
@@ -44,7 +45,11 @@ func main() {
 		case "demo":
 			demo(h, abs)
 		case "bench":
-			bench(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
+			cfg := benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns}
+			bench(h, cfg)
+			benchUDP(h, cfg)
+		case "bench-udp":
+			benchUDP(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
 		default:
 			fs.Usage()
 			h.Fatalf("unknown command %q", fs.Arg(0))

@@ -1,0 +1,237 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/socksfwd/socksfwd/internal/peertest"
+	"github.com/socksfwd/socksfwd/internal/testnet"
+)
+
+// benchUDP: iperf3 UDP at fixed rates (loss, delivered rate) and the
+// round-trip latency of 64-byte datagrams, through socksfwd → Dante beside
+// direct. Each row names the busiest process, so a reader knows what
+// limits it.
+func benchUDP(h *harness, cfg benchConfig) {
+	iperf := peertest.Require(h, "iperf3")
+	dante := peertest.Dante(h, peertest.DanteOptions{})
+	iperfPort := peertest.FreePort(h)
+	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(iperfPort), "--forceflush")
+	peertest.WaitOutput(h, srv, "Server listening")
+	iperfAddr := "127.0.0.1:" + strconv.Itoa(iperfPort)
+
+	// iperf3 -u has a TCP control connection and UDP data on the same port
+	// number: forward both.
+	fwdPort := peertest.FreePort(h)
+	fwdAddr := "127.0.0.1:" + strconv.Itoa(fwdPort)
+	p := peertest.Start(h, "socksfwd", cfg.socksfwd, "-L", fwdAddr+":"+iperfAddr, "-L", fwdAddr+":"+iperfAddr+"/udp",
+		"-S", dante.Addr, "--log-format", "json")
+	peertest.WaitOutput(h, p, `/udp →`)
+
+	for _, rate := range []string{"100M", "300M", "1G"} {
+		for _, way := range []string{"direct", "socksfwd"} {
+			addr := iperfAddr
+			if way == "socksfwd" {
+				addr = fwdAddr
+			}
+			cpu := startCPU()
+			drops := udpRcvbufErrors()
+			lost, mbps := iperfUDP(h, iperf, addr, rate, cfg.seconds)
+			busiest := cpu.busiest()
+			drops = udpRcvbufErrors() - drops
+			verdict := ""
+			if way == "socksfwd" {
+				switch rate {
+				case "100M":
+					verdict = barText(lost <= 0.1, "loss ≤ 0.1 %")
+				case "1G":
+					verdict = barText(mbps >= 250 || cpu.percent("danted") >= 95, "≥ 250 Mbit/s unless Dante ≥ 95 % CPU")
+				}
+			}
+			fmt.Printf("%-26s %-8s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  socket-buffer drops %d  busiest: %s%s\n",
+				"udp-iperf3-1200B", way, rate, mbps, lost, drops, busiest, verdict)
+		}
+	}
+
+	echo := testnet.UDPEcho(h).LocalAddr().String()
+	echoFwdPort := peertest.FreePort(h)
+	echoFwd := "127.0.0.1:" + strconv.Itoa(echoFwdPort)
+	pe := peertest.Start(h, "socksfwd", cfg.socksfwd, "-L", echoFwd+":"+echo+"/udp", "-S", dante.Addr, "--log-format", "json")
+	peertest.WaitOutput(h, pe, `/udp →`)
+	for _, way := range []string{"direct", "socksfwd"} {
+		addr := echo
+		if way == "socksfwd" {
+			addr = echoFwd
+		}
+		p50, p99 := udpEchoLatency(h, addr, 2000)
+		verdict := ""
+		if way == "socksfwd" {
+			verdict = barText(p50 <= 150*time.Microsecond, "p50 ≤ 150 µs")
+		}
+		fmt.Printf("%-26s %-8s p50 %6.0f µs  p99 %6.0f µs%s\n", "udp-echo-64B", way,
+			float64(p50)/1e3, float64(p99)/1e3, verdict)
+	}
+}
+
+func barText(ok bool, bar string) string {
+	if ok {
+		return "  (bar " + bar + ": ok)"
+	}
+	return "  (bar " + bar + ": MISSED)"
+}
+
+// iperfUDP runs an iperf3 UDP client with 1200-byte datagrams and a 2 MB
+// socket buffer, returning the receiver's loss and rate.
+func iperfUDP(h *harness, iperf, addr, rate string, secs int) (lostPct, mbps float64) {
+	host, port, _ := net.SplitHostPort(addr)
+	argv := []string{iperf, "-c", host, "-p", port, "-u", "-b", rate, "-l", "1200", "-w", "2M", "-t", strconv.Itoa(secs), "-J"}
+	out, err := exec.Command(argv[0], argv[1:]...).Output()
+	var res struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+				LostPercent   float64 `json:"lost_percent"`
+			} `json:"sum_received"`
+		} `json:"end"`
+		Error string `json:"error"`
+	}
+	if jerr := json.Unmarshal(out, &res); jerr != nil || res.Error != "" {
+		h.Fatalf("%s: %v %v %s", strings.Join(argv, " "), err, jerr, res.Error)
+	}
+	return res.End.SumReceived.LostPercent, res.End.SumReceived.BitsPerSecond / 1e6
+}
+
+// udpEchoLatency measures n sequential 64-byte round trips.
+func udpEchoLatency(h *harness, addr string, n int) (p50, p99 time.Duration) {
+	c, err := net.Dial("udp", addr)
+	if err != nil {
+		h.Fatalf("%v", err)
+	}
+	defer c.Close()
+	msg, buf := make([]byte, 64), make([]byte, 256)
+	rtts := make([]time.Duration, 0, n)
+	for i := 0; len(rtts) < n && i < 2*n; i++ {
+		msg[0] = byte(i)
+		start := time.Now()
+		c.Write(msg)
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		if _, err := c.Read(buf); err != nil {
+			continue // lost; the first ones while the association is built
+		}
+		if i >= 10 { // warm-up
+			rtts = append(rtts, time.Since(start))
+		}
+	}
+	if len(rtts) == 0 {
+		h.Fatalf("no echo through %s", addr)
+	}
+	sort.Slice(rtts, func(i, j int) bool { return rtts[i] < rtts[j] })
+	return rtts[len(rtts)/2], rtts[len(rtts)*99/100]
+}
+
+// cpuSnapshot holds CPU ticks per process at a moment, to name the busiest
+// process of a run.
+type cpuSnapshot struct {
+	at    time.Time
+	ticks map[int]procTicks
+}
+
+type procTicks struct {
+	comm  string
+	ticks int
+}
+
+func startCPU() *cpuSnapshot { return &cpuSnapshot{at: time.Now(), ticks: readTicks()} }
+
+func readTicks() map[int]procTicks {
+	out := map[int]procTicks{}
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		open, closeIdx := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+		if open < 0 || closeIdx < open {
+			continue
+		}
+		f := strings.Fields(s[closeIdx+2:])
+		ut, _ := strconv.Atoi(f[11])
+		st, _ := strconv.Atoi(f[12])
+		out[pid] = procTicks{comm: s[open+1 : closeIdx], ticks: ut + st}
+	}
+	return out
+}
+
+// usage is CPU percent of one core per command name since the snapshot.
+func (c *cpuSnapshot) usage() map[string]float64 {
+	now := readTicks()
+	secs := time.Since(c.at).Seconds()
+	u := map[string]float64{}
+	for pid, t := range now {
+		if before, ok := c.ticks[pid]; ok {
+			u[t.comm] += float64(t.ticks-before.ticks) / 100 / secs * 100
+		}
+	}
+	return u
+}
+
+func (c *cpuSnapshot) percent(comm string) float64 { return c.usage()[comm] }
+
+// busiest names the processes using most CPU, e.g. "danted 97 %, socksfwd 41 %".
+func (c *cpuSnapshot) busiest() string {
+	u := c.usage()
+	type kv struct {
+		k string
+		v float64
+	}
+	var all []kv
+	for k, v := range u {
+		all = append(all, kv{k, v})
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].v > all[j].v })
+	var parts []string
+	for i := 0; i < len(all) && i < 3; i++ {
+		parts = append(parts, fmt.Sprintf("%s %.0f %%", all[i].k, all[i].v))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// udpRcvbufErrors is the namespace's count of datagrams dropped because a
+// socket's receive buffer was full (/proc/net/snmp, Udp RcvbufErrors).
+func udpRcvbufErrors() int {
+	b, err := os.ReadFile("/proc/net/snmp")
+	if err != nil {
+		return 0
+	}
+	var names []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "Udp:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		for i, n := range names {
+			if n == "RcvbufErrors" && i < len(f) {
+				v, _ := strconv.Atoi(f[i])
+				return v
+			}
+		}
+	}
+	return 0
+}
