@@ -52,6 +52,7 @@ func TestInterop(t *testing.T) {
 			"shadowsocks":  cmdShadowsocks,
 			"dnsmasq":      cmdDnsmasq,
 			"udpecho":      cmdUDPEcho,
+			"waitudp":      cmdWaitUDP,
 			"udproundtrip": cmdUDPRoundTrip,
 			"cutter":       cmdCutter,
 			"cut":          cmdCut,

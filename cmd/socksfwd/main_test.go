@@ -73,6 +73,26 @@ func cmdEchoServer(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Setenv(args[0], ln.Addr().String())
 }
 
+// waitudp ADDR: wait up to 10 s until something listens on UDP ADDR: a
+// probe datagram no longer draws "connection refused" (ICMP port
+// unreachable).
+func cmdWaitUDP(ts *testscript.TestScript, neg bool, args []string) {
+	c, err := net.Dial("udp", args[0])
+	ts.Check(err)
+	defer c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	buf := make([]byte, 512)
+	for time.Now().Before(deadline) {
+		c.Write([]byte{0})
+		c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		if _, err := c.Read(buf); !errors.Is(err, syscall.ECONNREFUSED) {
+			return
+		}
+		time.Sleep(20 * time.Millisecond) // the process is starting; bounded readiness probe
+	}
+	ts.Fatalf("nothing listens on udp %s", args[0])
+}
+
 // udpecho VAR: start a UDP echo server, its address in $VAR.
 func cmdUDPEcho(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Setenv(args[0], testnet.UDPEcho(tb{ts: ts}).LocalAddr().String())
