@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient"
 )
 
 // benchUDP: iperf3 UDP at fixed rates (loss, delivered rate) and the
@@ -65,17 +67,34 @@ func benchUDP(h *harness, cfg benchConfig) {
 	echoFwd := "127.0.0.1:" + strconv.Itoa(echoFwdPort)
 	pe := peertest.Start(h, "socksfwd", cfg.socksfwd, "-L", echoFwd+":"+echo+"/udp", "-S", dante.Addr, "--log-format", "json")
 	peertest.WaitOutput(h, pe, `/udp →`)
-	for _, way := range []string{"direct", "socksfwd"} {
-		addr := echo
-		if way == "socksfwd" {
-			addr = echoFwd
+	// The floor for any forwarder: this process speaking SOCKS UDP to Dante
+	// itself, as an application linked with a SOCKS library would.
+	d := socksclient.Dialer{ProxyAddr: dante.Addr}
+	viaDante, err := d.DialUDP(context.Background(), echo)
+	if err != nil {
+		h.Fatalf("UDP associate with Dante: %v", err)
+	}
+	defer viaDante.Close()
+	for _, way := range []string{"direct", "dante-only", "socksfwd"} {
+		var c net.Conn = viaDante
+		if way != "dante-only" {
+			addr := echo
+			if way == "socksfwd" {
+				addr = echoFwd
+			}
+			if c, err = net.Dial("udp", addr); err != nil {
+				h.Fatalf("%v", err)
+			}
 		}
-		p50, p99 := udpEchoLatency(h, addr, 2000)
+		p50, p99 := udpEchoLatency(h, c, 2000)
+		if way != "dante-only" {
+			c.Close()
+		}
 		verdict := ""
 		if way == "socksfwd" {
 			verdict = barText(p50 <= 150*time.Microsecond, "p50 ≤ 150 µs")
 		}
-		fmt.Printf("%-26s %-8s p50 %6.0f µs  p99 %6.0f µs%s\n", "udp-echo-64B", way,
+		fmt.Printf("%-26s %-10s p50 %6.0f µs  p99 %6.0f µs%s\n", "udp-echo-64B", way,
 			float64(p50)/1e3, float64(p99)/1e3, verdict)
 	}
 }
@@ -108,14 +127,9 @@ func iperfUDP(h *harness, iperf, addr, rate string, secs int) (lostPct, mbps flo
 	return res.End.SumReceived.LostPercent, res.End.SumReceived.BitsPerSecond / 1e6
 }
 
-// udpEchoLatency measures n sequential 64-byte round trips.
-func udpEchoLatency(h *harness, addr string, n int) (p50, p99 time.Duration) {
-	c, err := net.Dial("udp", addr)
-	if err != nil {
-		h.Fatalf("%v", err)
-	}
-	defer c.Close()
-	msg, buf := make([]byte, 64), make([]byte, 256)
+// udpEchoLatency measures n sequential 64-byte round trips over c.
+func udpEchoLatency(h *harness, c net.Conn, n int) (p50, p99 time.Duration) {
+	msg, buf := make([]byte, 64), make([]byte, 512)
 	rtts := make([]time.Duration, 0, n)
 	for i := 0; len(rtts) < n && i < 2*n; i++ {
 		msg[0] = byte(i)
@@ -130,7 +144,7 @@ func udpEchoLatency(h *harness, addr string, n int) (p50, p99 time.Duration) {
 		}
 	}
 	if len(rtts) == 0 {
-		h.Fatalf("no echo through %s", addr)
+		h.Fatalf("no echo through %s", c.RemoteAddr())
 	}
 	sort.Slice(rtts, func(i, j int) bool { return rtts[i] < rtts[j] })
 	return rtts[len(rtts)/2], rtts[len(rtts)*99/100]
