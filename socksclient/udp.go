@@ -34,7 +34,6 @@ var (
 // UDPStats counts datagrams an association dropped, by reason.
 type UDPStats struct {
 	Fragmented atomic.Int64 // FRAG != 0, which we do not reassemble
-	Stranger   atomic.Int64 // not from the relay
 	Malformed  atomic.Int64 // header did not parse
 	TooLarge   atomic.Int64 // payload plus header over MaxUDPDatagram
 }
@@ -70,7 +69,9 @@ func (d *Dialer) Associate(ctx context.Context) (*UDPConn, error) {
 		conn.Close()
 		return nil, d.opError(CmdUDPAssociate, "udp", nil, protoErr("reply", "relay address is a name: "+relayAddr.Name))
 	}
-	pc, err := net.ListenUDP("udp", nil)
+	// A socket connected to the relay: the kernel drops datagrams from
+	// anyone else, and sends skip the per-datagram route lookup.
+	pc, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(relay))
 	if err != nil {
 		conn.Close()
 		return nil, d.opError(CmdUDPAssociate, "udp", nil, err)
@@ -117,7 +118,7 @@ func (u *UDPConn) WritePacket(buf []byte, off int, dst Addr) error {
 	if _, err := (UDPHeader{Addr: dst}).AppendTo(buf[start:start]); err != nil {
 		return err
 	}
-	_, err := u.pc.WriteToUDPAddrPort(buf[start:], u.relay)
+	_, err := u.pc.Write(buf[start:])
 	return u.fail(err)
 }
 
@@ -127,13 +128,10 @@ func (u *UDPConn) WritePacket(buf []byte, off int, dst Addr) error {
 // counted. Make buf MaxUDPDatagram long to never truncate.
 func (u *UDPConn) ReadPacket(buf []byte) (off, n int, from Addr, err error) {
 	for {
-		n, src, err := u.pc.ReadFromUDPAddrPort(buf)
+		// The socket is connected to the relay, so only its datagrams arrive.
+		n, err := u.pc.Read(buf)
 		if err != nil {
 			return 0, 0, Addr{}, u.fail(err)
-		}
-		if src.Addr().Unmap() != u.relay.Addr().Unmap() || src.Port() != u.relay.Port() {
-			u.stats.Stranger.Add(1)
-			continue
 		}
 		h, hlen, err := ParseUDPHeader(buf[:n])
 		if err != nil {
