@@ -212,7 +212,10 @@ func TestTCPForwardDeadUpstreamReturns(t *testing.T) {
 	}
 }
 
-func TestTCPForwardShutdownDrains(t *testing.T) {
+// liveSession starts a forward to an echo server and returns it with one
+// session that has completed an exchange.
+func liveSession(t *testing.T) (*TCPForward, string, net.Conn) {
+	t.Helper()
 	echo := testnet.Echo(t).Addr().String()
 	proxy := newSocks(t, sockstest.Config{})
 	f, addr, _ := startForward(t, echo, proxy.Addr())
@@ -220,11 +223,16 @@ func TestTCPForwardShutdownDrains(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	c.Write([]byte("a"))
 	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
 		t.Fatal(err)
 	}
+	return f, addr, c
+}
+
+func TestTCPForwardShutdownDrains(t *testing.T) {
+	f, addr, c := liveSession(t)
 	shut := make(chan error, 1)
 	go func() { shut <- f.Shutdown(context.Background()) }()
 	// The live session keeps working, and Shutdown waits for its end.
@@ -244,16 +252,7 @@ func TestTCPForwardShutdownDrains(t *testing.T) {
 }
 
 func TestTCPForwardShutdownTimeoutCuts(t *testing.T) {
-	echo := testnet.Echo(t).Addr().String()
-	proxy := newSocks(t, sockstest.Config{})
-	f, addr, _ := startForward(t, echo, proxy.Addr())
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.Write([]byte("a"))
-	io.ReadFull(c, make([]byte, 1))
+	f, _, c := liveSession(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	if err := f.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {

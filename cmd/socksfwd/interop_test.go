@@ -32,18 +32,13 @@ func TestInterop(t *testing.T) {
 	testscript.Run(t, testscript.Params{
 		Dir: "testdata/interop",
 		Setup: func(env *testscript.Env) error {
-			env.Setenv("ALL_PROXY", "")
-			env.Setenv("all_proxy", "")
+			clearProxyEnv(env)
 			env.Setenv("TESTUSER", peertest.TestUser)
 			env.Setenv("TESTPASS", peertest.TestPassword)
 			env.Setenv("TESTPASS_URL", urlEscape(peertest.TestPassword))
 			return nil
 		},
-		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
-			"echoserver":   cmdEchoServer,
-			"freeport":     cmdFreePort,
-			"roundtrip":    cmdRoundTrip,
-			"waitport":     cmdWaitPort,
+		Cmds: scriptCmds(map[string]scriptCmd{
 			"dante":        cmdDante,
 			"microsocks":   cmdMicrosocks,
 			"sshdynamic":   cmdSSHDynamic,
@@ -51,13 +46,10 @@ func TestInterop(t *testing.T) {
 			"resolvable":   cmdResolvable,
 			"shadowsocks":  cmdShadowsocks,
 			"dnsmasq":      cmdDnsmasq,
-			"udpecho":      cmdUDPEcho,
-			"waitudp":      cmdWaitUDP,
-			"udproundtrip": cmdUDPRoundTrip,
 			"cutter":       cmdCutter,
 			"cut":          cmdCut,
 			"udpcutstream": cmdUDPCutStream,
-		},
+		}),
 	})
 }
 

@@ -34,23 +34,39 @@ func TestScripts(t *testing.T) {
 	testscript.Run(t, testscript.Params{
 		Dir: "testdata/script",
 		Setup: func(env *testscript.Env) error {
-			// The scripts set their own environment; drop any inherited proxy.
-			env.Setenv("ALL_PROXY", "")
-			env.Setenv("all_proxy", "")
+			clearProxyEnv(env)
 			root, err := filepath.Abs("../..")
 			env.Setenv("REPO", root)
 			return err
 		},
-		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
-			"echoserver":   cmdEchoServer,
-			"socksserver":  cmdSocksServer,
-			"freeport":     cmdFreePort,
-			"roundtrip":    cmdRoundTrip,
-			"waitport":     cmdWaitPort,
-			"udpecho":      cmdUDPEcho,
-			"udproundtrip": cmdUDPRoundTrip,
-		},
+		Cmds: scriptCmds(nil),
 	})
+}
+
+type scriptCmd = func(ts *testscript.TestScript, neg bool, args []string)
+
+// scriptCmds is the commands every script gets, plus extra.
+func scriptCmds(extra map[string]scriptCmd) map[string]scriptCmd {
+	cmds := map[string]scriptCmd{
+		"echoserver":   cmdEchoServer,
+		"socksserver":  cmdSocksServer,
+		"freeport":     cmdFreePort,
+		"roundtrip":    cmdRoundTrip,
+		"waitport":     cmdWaitPort,
+		"udpecho":      cmdUDPEcho,
+		"waitudp":      cmdWaitUDP,
+		"udproundtrip": cmdUDPRoundTrip,
+	}
+	for k, v := range extra {
+		cmds[k] = v
+	}
+	return cmds
+}
+
+// clearProxyEnv drops any inherited proxy: scripts set their own.
+func clearProxyEnv(env *testscript.Env) {
+	env.Setenv("ALL_PROXY", "")
+	env.Setenv("all_proxy", "")
 }
 
 // verifyNoLeaks checks, once the test and its (parallel) subtests are done,
