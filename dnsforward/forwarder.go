@@ -1,0 +1,161 @@
+// Package dnsforward owns DNS: a Forwarder (a miekg/dns dns.Handler) that
+// sends every query to resolvers behind the SOCKS5 proxy, so that nothing
+// leaks to the local network. The transport is DNS over TCP through
+// CONNECT (works through every SOCKS server, ssh -D and Tor included), on a
+// small pool of pipelined connections per resolver.
+package dnsforward
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// Defaults (DESIGN §4, §5).
+const (
+	DefaultTimeout     = 5 * time.Second
+	DefaultPoolSize    = 4
+	DefaultIdleTimeout = 30 * time.Second
+)
+
+// Config describes a Forwarder.
+type Config struct {
+	// Resolvers behind the proxy, tried in order (at least one).
+	Resolvers []socksclient.Addr
+	// Upstreams dials the resolvers through the proxies.
+	Upstreams *socksclient.Upstreams
+	// Timeout bounds a whole query across every attempt and resolver
+	// (default DefaultTimeout).
+	Timeout time.Duration
+	// PoolSize is the most TCP connections per resolver (default
+	// DefaultPoolSize).
+	PoolSize int
+	// IdleTimeout closes a pooled connection with nothing in flight for
+	// this long (default DefaultIdleTimeout).
+	IdleTimeout time.Duration
+	Logger      zerolog.Logger
+}
+
+// Stats counts queries by result.
+type Stats struct {
+	Queries   atomic.Int64
+	Answered  atomic.Int64
+	ServFail  atomic.Int64 // every resolver failed within the timeout
+	Failovers atomic.Int64 // an attempt failed and the next resolver was tried
+}
+
+// Forwarder answers DNS queries by forwarding them through the proxy.
+type Forwarder struct {
+	cfg   Config
+	pools []*tcpPool
+	stats Stats
+}
+
+// New returns a Forwarder; Close releases its connections.
+func New(cfg Config) (*Forwarder, error) {
+	if len(cfg.Resolvers) == 0 {
+		return nil, errors.New("dnsforward: no resolver configured")
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	if cfg.PoolSize <= 0 {
+		cfg.PoolSize = DefaultPoolSize
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
+	f := &Forwarder{cfg: cfg}
+	for _, r := range cfg.Resolvers {
+		resolver := r
+		dial := func(ctx context.Context) (net.Conn, error) {
+			c, _, err := cfg.Upstreams.DialAddr(ctx, resolver)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		}
+		f.pools = append(f.pools, newTCPPool(dial, cfg.PoolSize, cfg.IdleTimeout))
+	}
+	return f, nil
+}
+
+// Stats returns the live counters.
+func (f *Forwarder) Stats() *Stats { return &f.stats }
+
+// Exchange forwards q to the resolvers in order within the whole-query
+// timeout. Each attempt gets an equal share of what is left, so a
+// blackholed first resolver still leaves time for the next.
+func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
+	ctx, cancel := context.WithTimeout(ctx, f.cfg.Timeout)
+	defer cancel()
+	var errs []string
+	for i, pool := range f.pools {
+		deadline, _ := ctx.Deadline()
+		share := time.Until(deadline) / time.Duration(len(f.pools)-i)
+		actx, acancel := context.WithTimeout(ctx, share)
+		resp, err := pool.exchange(actx, q)
+		acancel()
+		if err == nil {
+			return resp, nil
+		}
+		if errors.Is(err, context.DeadlineExceeded) && actx.Err() != nil {
+			err = fmt.Errorf("no answer within %s", share.Round(time.Millisecond))
+		}
+		errs = append(errs, fmt.Sprintf("%s: %v", f.cfg.Resolvers[i], err))
+		if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+			break
+		}
+		if i+1 < len(f.pools) {
+			f.stats.Failovers.Add(1)
+		}
+	}
+	return nil, errors.New("every resolver failed: " + strings.Join(errs, "; "))
+}
+
+// ServeDNS implements dns.Handler: forward, or SERVFAIL with one log line
+// naming the reason. Never a silent drop.
+func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
+	f.stats.Queries.Add(1)
+	resp, err := f.Exchange(context.Background(), r)
+	if err != nil {
+		f.stats.ServFail.Add(1)
+		ev := f.cfg.Logger.Info().Err(err).Str("client", w.RemoteAddr().String())
+		if len(r.Question) > 0 {
+			ev = ev.Str("name", r.Question[0].Name).Str("type", dns.TypeToString[r.Question[0].Qtype])
+		}
+		ev.Msg("DNS query failed; answering SERVFAIL")
+		m := new(dns.Msg)
+		m.SetRcode(r, dns.RcodeServerFailure)
+		w.WriteMsg(m)
+		return
+	}
+	f.stats.Answered.Add(1)
+	if _, udp := w.RemoteAddr().(*net.UDPAddr); udp {
+		// A UDP client gets what fits its buffer, with TC=1 if cut, and
+		// retries over TCP for the whole answer (RFC 7766 §5).
+		size := dns.MinMsgSize
+		if opt := r.IsEdns0(); opt != nil {
+			size = int(opt.UDPSize())
+		}
+		resp.Truncate(size)
+	}
+	w.WriteMsg(resp)
+}
+
+// Close closes every pooled connection.
+func (f *Forwarder) Close() error {
+	for _, p := range f.pools {
+		p.close()
+	}
+	return nil
+}

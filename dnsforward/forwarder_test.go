@@ -1,0 +1,287 @@
+package dnsforward
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/rs/zerolog"
+	"go.uber.org/goleak"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// resolver is a DNS-over-TCP server for tests that answers pipelined
+// queries concurrently: names starting with "slow" wait 30 ms, so answers
+// leave in another order than the queries came. It answers A 192.0.2.1
+// and a TXT of txtSize bytes for TXT queries.
+type resolver struct {
+	addr        string
+	conns       atomic.Int64
+	maxInFlight atomic.Int64
+	outOfOrder  atomic.Bool
+	closeAfter  int // close each connection after this many answers (0: never)
+	txtSize     int
+}
+
+func newResolver(t *testing.T, closeAfter int) *resolver {
+	r := &resolver{closeAfter: closeAfter, txtSize: 3000}
+	ln := testnet.Serve(t, r.serveConn)
+	r.addr = ln.Addr().String()
+	return r
+}
+
+func (r *resolver) serveConn(c net.Conn) {
+	r.conns.Add(1)
+	var (
+		wmu       sync.Mutex
+		wg        sync.WaitGroup
+		inFlight  atomic.Int64
+		seq, sent atomic.Int64
+	)
+	defer wg.Wait()
+	for {
+		var l [2]byte
+		if _, err := io.ReadFull(c, l[:]); err != nil {
+			return
+		}
+		buf := make([]byte, binary.BigEndian.Uint16(l[:]))
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return
+		}
+		q := new(dns.Msg)
+		if q.Unpack(buf) != nil {
+			return
+		}
+		n := inFlight.Add(1)
+		for old := r.maxInFlight.Load(); n > old && !r.maxInFlight.CompareAndSwap(old, n); old = r.maxInFlight.Load() {
+		}
+		mySeq := seq.Add(1)
+		wg.Go(func() {
+			defer inFlight.Add(-1)
+			if strings.HasPrefix(q.Question[0].Name, "slow") {
+				time.Sleep(30 * time.Millisecond) // the resolver's work, to reorder answers
+			}
+			m := new(dns.Msg)
+			m.SetReply(q)
+			switch q.Question[0].Qtype {
+			case dns.TypeTXT:
+				var parts []string
+				for rest := r.txtSize; rest > 0; rest -= 200 {
+					parts = append(parts, strings.Repeat("t", min(rest, 200)))
+				}
+				m.Answer = append(m.Answer, &dns.TXT{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeTXT, Class: dns.ClassINET, Ttl: 60}, Txt: parts})
+			default:
+				m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(192, 0, 2, 1)})
+			}
+			out, _ := m.Pack()
+			frame := binary.BigEndian.AppendUint16(nil, uint16(len(out)))
+			wmu.Lock()
+			defer wmu.Unlock()
+			if s := sent.Add(1); s != mySeq {
+				r.outOfOrder.Store(true)
+			}
+			c.Write(append(frame, out...))
+			if r.closeAfter > 0 && sent.Load() >= int64(r.closeAfter) {
+				c.Close()
+			}
+		})
+	}
+}
+
+func newForwarder(t *testing.T, proxy string, timeout time.Duration, logs io.Writer, resolvers ...string) *Forwarder {
+	t.Helper()
+	var addrs []socksclient.Addr
+	for _, r := range resolvers {
+		a, err := socksclient.ParseAddr(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		addrs = append(addrs, a)
+	}
+	if logs == nil {
+		logs = io.Discard
+	}
+	f, err := New(Config{
+		Resolvers: addrs,
+		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy}),
+		Timeout:   timeout, PoolSize: 2,
+		Logger: zerolog.New(logs),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+func socks(t *testing.T) *sockstest.Server {
+	s, err := sockstest.NewServer(sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func query(name string, qtype uint16, id uint16) *dns.Msg {
+	q := new(dns.Msg)
+	q.SetQuestion(dns.Fqdn(name), qtype)
+	q.Id = id
+	return q
+}
+
+// TestPipelining: 100 concurrent queries, all with the same client ID,
+// cost at most pool-size SOCKS handshakes; connections carry several
+// queries at once; answers come back out of order and each reaches its own
+// query with its own ID.
+func TestPipelining(t *testing.T) {
+	proxy := socks(t)
+	res := newResolver(t, 0)
+	f := newForwarder(t, proxy.Addr(), 5*time.Second, nil, res.addr)
+	var wg sync.WaitGroup
+	errs := make(chan error, 100)
+	for i := range 100 {
+		wg.Go(func() {
+			name := fmt.Sprintf("q%d.example.", i)
+			if i%2 == 0 {
+				name = "slow" + name
+			}
+			resp, err := f.Exchange(context.Background(), query(name, dns.TypeA, 42))
+			if err != nil {
+				errs <- err
+				return
+			}
+			if resp.Id != 42 || resp.Question[0].Name != name || len(resp.Answer) != 1 {
+				errs <- fmt.Errorf("query %s got %v", name, resp)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n := proxy.Handshakes(); n > 2 {
+		t.Errorf("%d SOCKS handshakes for 100 queries, want at most the pool size 2", n)
+	}
+	if n := res.maxInFlight.Load(); n < 2 {
+		t.Errorf("at most %d queries in flight on a connection, want pipelining", n)
+	}
+	if !res.outOfOrder.Load() {
+		t.Error("answers never came back out of order")
+	}
+}
+
+func TestRedialDeadConnection(t *testing.T) {
+	res := newResolver(t, 1) // closes every connection after one answer
+	f := newForwarder(t, socks(t).Addr(), 5*time.Second, nil, res.addr)
+	for i := range 5 {
+		if _, err := f.Exchange(context.Background(), query(fmt.Sprintf("r%d.example", i), dns.TypeA, 1)); err != nil {
+			t.Fatalf("query %d: %v", i, err)
+		}
+	}
+}
+
+func TestFailoverFromBlackhole(t *testing.T) {
+	blackhole := testnet.Serve(t, func(c net.Conn) { io.Copy(io.Discard, c) }) // accepts, never answers
+	good := newResolver(t, 0)
+	f := newForwarder(t, socks(t).Addr(), 2*time.Second, nil, blackhole.Addr().String(), good.addr)
+	start := time.Now()
+	if _, err := f.Exchange(context.Background(), query("example", dns.TypeA, 7)); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("took %v, beyond the whole-query timeout", d)
+	}
+	if f.Stats().Failovers.Load() == 0 {
+		t.Error("failover not counted")
+	}
+}
+
+// startServer serves f on UDP and TCP at one loopback address.
+func startServer(t *testing.T, f *Forwarder) string {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", pc.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(f, pc, ln)
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(context.Background()) }()
+	t.Cleanup(func() {
+		s.Close()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return pc.LocalAddr().String()
+}
+
+func exchange(t *testing.T, net, addr string, q *dns.Msg) *dns.Msg {
+	t.Helper()
+	c := &dns.Client{Net: net, Timeout: 10 * time.Second}
+	var resp *dns.Msg
+	var err error
+	for range 20 { // the server goroutines may still be starting
+		if resp, _, err = c.Exchange(q, addr); err == nil {
+			return resp
+		}
+	}
+	t.Fatalf("%s exchange: %v", net, err)
+	return nil
+}
+
+func TestServerServFailWithReason(t *testing.T) {
+	var logs bytes.Buffer
+	var mu sync.Mutex
+	w := writerFunc(func(p []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return logs.Write(p) })
+	f := newForwarder(t, socks(t).Addr(), time.Second, w, testnet.ClosedPort(t))
+	addr := startServer(t, f)
+	resp := exchange(t, "udp", addr, query("example", dns.TypeA, 9))
+	if resp.Rcode != dns.RcodeServerFailure {
+		t.Fatalf("rcode %s, want SERVFAIL", dns.RcodeToString[resp.Rcode])
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !strings.Contains(logs.String(), "every resolver failed") || !strings.Contains(logs.String(), "connection refused") {
+		t.Fatalf("log: %s", logs.String())
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// TestServerTruncation: a 3000-byte TXT answer gets TC=1 over UDP without
+// EDNS, and comes whole over TCP.
+func TestServerTruncation(t *testing.T) {
+	res := newResolver(t, 0)
+	f := newForwarder(t, socks(t).Addr(), 5*time.Second, nil, res.addr)
+	addr := startServer(t, f)
+	udp := exchange(t, "udp", addr, query("big.example", dns.TypeTXT, 3))
+	if !udp.Truncated {
+		t.Fatalf("UDP answer not truncated: %d answers", len(udp.Answer))
+	}
+	tcp := exchange(t, "tcp", addr, query("big.example", dns.TypeTXT, 4))
+	if tcp.Truncated || len(tcp.Answer) != 1 || tcp.Len() < 3000 {
+		t.Fatalf("TCP answer: truncated=%v len=%d", tcp.Truncated, tcp.Len())
+	}
+}

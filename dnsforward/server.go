@@ -1,0 +1,78 @@
+package dnsforward
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+
+	"github.com/miekg/dns"
+)
+
+// Server serves one Forwarder on a UDP socket and a TCP listener bound to
+// the same address by the caller (so a bind failure surfaces at start).
+// It has the service shape of the tunnel package: Serve, Shutdown, Close.
+type Server struct {
+	fwd *Forwarder
+	udp *dns.Server
+	tcp *dns.Server
+
+	closeOnce sync.Once
+}
+
+// NewServer returns a server for fwd on pc (UDP) and ln (TCP).
+func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
+	return &Server{
+		fwd: fwd,
+		udp: &dns.Server{PacketConn: pc, Handler: fwd},
+		tcp: &dns.Server{Listener: ln, Handler: fwd},
+	}
+}
+
+// Addr is the listening address.
+func (s *Server) Addr() net.Addr { return s.udp.PacketConn.LocalAddr() }
+
+// Serve answers queries until Shutdown or Close, or until ctx is done.
+func (s *Server) Serve(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() { s.Close() })
+	defer stop()
+	errc := make(chan error, 2)
+	var wg sync.WaitGroup
+	for _, srv := range []*dns.Server{s.udp, s.tcp} {
+		wg.Go(func() { errc <- srv.ActivateAndServe() })
+	}
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			return err
+		}
+	}
+	return nil
+}
+
+// Shutdown stops both listeners and waits for queries in progress until ctx
+// is done, then closes the forwarder's connections.
+func (s *Server) Shutdown(ctx context.Context) error {
+	var err error
+	s.closeOnce.Do(func() {
+		err = errors.Join(s.udp.ShutdownContext(ctx), s.tcp.ShutdownContext(ctx))
+		// Also close the sockets ourselves: a server not started yet
+		// ignores ShutdownContext and would otherwise start later.
+		s.udp.PacketConn.Close()
+		s.tcp.Listener.Close()
+		s.fwd.Close()
+	})
+	if errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	return nil
+}
+
+// Close stops at once.
+func (s *Server) Close() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	s.Shutdown(ctx)
+	return nil
+}

@@ -1,0 +1,303 @@
+package dnsforward
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// errConnDead: a pooled connection failed or was closed while a query was
+// on it; the query may be retried on a new connection.
+var errConnDead = errors.New("dns over tcp: connection to the resolver closed")
+
+// tcpPool keeps a few pipelined DNS-over-TCP connections to one resolver
+// (RFC 7766 §6.2.1.1): several queries in flight per connection, answers
+// matched by ID, IDs rewritten so that clients cannot collide. New
+// connections are dialed only while the pool is below size and every
+// connection is busy; idle ones are closed after idleTimeout.
+type tcpPool struct {
+	dial        func(ctx context.Context) (net.Conn, error)
+	size        int
+	idleTimeout time.Duration
+
+	mu      sync.Mutex
+	conns   []*pipeConn
+	dialing int           // dials in progress
+	dialed  chan struct{} // closed when a dial ends, for queries waiting on it
+	closed  bool
+	wg      sync.WaitGroup
+}
+
+func newTCPPool(dial func(ctx context.Context) (net.Conn, error), size int, idle time.Duration) *tcpPool {
+	return &tcpPool{dial: dial, size: size, idleTimeout: idle}
+}
+
+// exchange sends q and waits for its answer until ctx is done. A query that
+// finds its pooled connection dead is retried once on a fresh one.
+func (p *tcpPool) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
+	for attempt := 0; ; attempt++ {
+		pc, err := p.get(ctx)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := pc.exchange(ctx, q)
+		if errors.Is(err, errConnDead) && attempt == 0 && ctx.Err() == nil {
+			continue
+		}
+		return resp, err
+	}
+}
+
+// get picks the live connection with the fewest queries in flight, or
+// dials a new one if all are busy and the pool has room. Dials count
+// against the pool's size, so a burst of queries on an empty pool waits for
+// the first connections instead of dialing one each.
+func (p *tcpPool) get(ctx context.Context) (*pipeConn, error) {
+	for {
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			return nil, net.ErrClosed
+		}
+		var best *pipeConn
+		live := p.conns[:0]
+		for _, c := range p.conns {
+			if c.isDead() {
+				continue
+			}
+			live = append(live, c)
+			if best == nil || c.inFlight() < best.inFlight() {
+				best = c
+			}
+		}
+		p.conns = live
+		full := len(p.conns)+p.dialing >= p.size
+		if best != nil && (best.inFlight() == 0 || full) {
+			p.mu.Unlock()
+			return best, nil
+		}
+		if full { // nothing usable yet, dials in progress: wait for one
+			if p.dialed == nil {
+				p.dialed = make(chan struct{})
+			}
+			wait := p.dialed
+			p.mu.Unlock()
+			select {
+			case <-wait:
+				continue
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+		p.dialing++
+		p.mu.Unlock()
+
+		conn, err := p.dial(ctx)
+
+		p.mu.Lock()
+		p.dialing--
+		if p.dialed != nil {
+			close(p.dialed)
+			p.dialed = nil
+		}
+		if err != nil {
+			p.mu.Unlock()
+			if best != nil {
+				return best, nil // a busy connection beats none
+			}
+			return nil, err
+		}
+		if p.closed {
+			p.mu.Unlock()
+			conn.Close()
+			return nil, net.ErrClosed
+		}
+		pc := newPipeConn(conn)
+		p.conns = append(p.conns, pc)
+		p.wg.Go(func() { pc.readAnswers(p.idleTimeout) })
+		p.mu.Unlock()
+		return pc, nil
+	}
+}
+
+// size reports the live connections, for tests and stats.
+func (p *tcpPool) liveConns() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, c := range p.conns {
+		if !c.isDead() {
+			n++
+		}
+	}
+	return n
+}
+
+// close closes every connection and waits for their readers.
+func (p *tcpPool) close() {
+	p.mu.Lock()
+	p.closed = true
+	for _, c := range p.conns {
+		c.fail(net.ErrClosed)
+	}
+	p.conns = nil
+	p.mu.Unlock()
+	p.wg.Wait()
+}
+
+// pipeConn is one pipelined connection to a resolver.
+type pipeConn struct {
+	conn net.Conn
+	wmu  sync.Mutex // one framed write at a time
+
+	mu      sync.Mutex
+	pending map[uint16]chan *dns.Msg
+	nextID  uint16
+	dead    error
+	maxSeen int // most queries in flight at once, for tests
+}
+
+func newPipeConn(c net.Conn) *pipeConn {
+	return &pipeConn{conn: c, pending: make(map[uint16]chan *dns.Msg), nextID: uint16(time.Now().UnixNano())}
+}
+
+func (c *pipeConn) isDead() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.dead != nil
+}
+
+func (c *pipeConn) inFlight() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.pending)
+}
+
+// exchange writes q under a connection-unique ID and waits for the answer,
+// which gets the client's ID back.
+func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
+	ch := make(chan *dns.Msg, 1)
+	c.mu.Lock()
+	if c.dead != nil {
+		c.mu.Unlock()
+		return nil, errConnDead
+	}
+	if len(c.pending) >= 1<<16-1 {
+		c.mu.Unlock()
+		return nil, errors.New("dns over tcp: 65535 queries in flight on one connection")
+	}
+	id := c.nextID
+	for {
+		id++
+		if _, used := c.pending[id]; !used {
+			break
+		}
+	}
+	c.nextID = id
+	c.pending[id] = ch
+	c.maxSeen = max(c.maxSeen, len(c.pending))
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.pending, id)
+		c.mu.Unlock()
+	}()
+
+	out := q.Copy()
+	out.Id = id
+	wire, err := out.Pack()
+	if err != nil {
+		return nil, fmt.Errorf("packing query: %w", err)
+	}
+	if len(wire) > 0xFFFF {
+		return nil, errors.New("dns over tcp: query larger than 65535 bytes")
+	}
+	frame := make([]byte, 2+len(wire))
+	binary.BigEndian.PutUint16(frame, uint16(len(wire)))
+	copy(frame[2:], wire)
+	c.wmu.Lock()
+	if dl, ok := ctx.Deadline(); ok {
+		c.conn.SetWriteDeadline(dl)
+	}
+	_, err = c.conn.Write(frame)
+	c.wmu.Unlock()
+	if err != nil {
+		c.fail(err)
+		return nil, errConnDead
+	}
+	select {
+	case resp, ok := <-ch:
+		if !ok {
+			return nil, errConnDead
+		}
+		resp.Id = q.Id
+		return resp, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// readAnswers dispatches answers by ID until the connection fails or has
+// been idle (nothing in flight) for idle.
+func (c *pipeConn) readAnswers(idle time.Duration) {
+	var lenBuf [2]byte
+	for {
+		// With nothing in flight, the read may time out: then the
+		// connection has been idle long enough and is closed.
+		if idle > 0 {
+			c.conn.SetReadDeadline(time.Now().Add(idle))
+		}
+		if _, err := io.ReadFull(c.conn, lenBuf[:]); err != nil {
+			if isTimeout(err) && c.inFlight() > 0 {
+				continue // waiting on a slow answer is not idleness
+			}
+			c.fail(err)
+			return
+		}
+		buf := make([]byte, binary.BigEndian.Uint16(lenBuf[:]))
+		if _, err := io.ReadFull(c.conn, buf); err != nil {
+			c.fail(err)
+			return
+		}
+		resp := new(dns.Msg)
+		if err := resp.Unpack(buf); err != nil {
+			continue // a malformed answer cannot be matched; its query times out
+		}
+		c.mu.Lock()
+		ch, ok := c.pending[resp.Id]
+		if ok {
+			delete(c.pending, resp.Id)
+		}
+		c.mu.Unlock()
+		if ok {
+			ch <- resp
+		}
+	}
+}
+
+// fail marks the connection dead, closes it and wakes every waiting query.
+func (c *pipeConn) fail(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.dead != nil {
+		return
+	}
+	c.dead = err
+	c.conn.Close()
+	for id, ch := range c.pending {
+		close(ch)
+		delete(c.pending, id)
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
