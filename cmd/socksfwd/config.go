@@ -18,6 +18,10 @@ type Config struct {
 	ServerUser         string   `toml:"server-user,omitempty"`
 	ServerPasswordFile string   `toml:"server-password-file,omitempty"`
 	Local              []string `toml:"local"`
+	DNS                string   `toml:"dns,omitempty"`
+	DNSUpstream        []string `toml:"dns-upstream,omitempty"`
+	DNSTransport       string   `toml:"dns-transport"`
+	DNSTimeout         Duration `toml:"dns-timeout"`
 	HandshakeTimeout   Duration `toml:"handshake-timeout"`
 	IdleTimeout        Duration `toml:"idle-timeout"`
 	UDPIdleTimeout     Duration `toml:"udp-idle-timeout"`
@@ -33,6 +37,8 @@ func defaultConfig() Config {
 		IdleTimeout:      0,                          // never, like ssh -L
 		UDPIdleTimeout:   Duration(60 * time.Second), // a UDP session with no datagram either way
 		UDPMaxSessions:   1024,                       // UDP sessions (client addresses) per listener
+		DNSTransport:     "tcp",                      // DNS over TCP through CONNECT: works with every server
+		DNSTimeout:       Duration(5 * time.Second),  // a whole query, across attempts and resolvers
 		LogLevel:         "info",
 		LogFormat:        "auto", // console on a terminal, JSON otherwise
 		ShutdownTimeout:  Duration(30 * time.Second),

@@ -36,6 +36,8 @@ func TestInterop(t *testing.T) {
 			env.Setenv("TESTUSER", peertest.TestUser)
 			env.Setenv("TESTPASS", peertest.TestPassword)
 			env.Setenv("TESTPASS_URL", urlEscape(peertest.TestPassword))
+			// dnsmasq takes one TXT string per comma-separated value.
+			env.Setenv("BIGTXT", strings.TrimSuffix(strings.Repeat(strings.Repeat("x", 200)+",", 9), ","))
 			return nil
 		},
 		Cmds: scriptCmds(map[string]scriptCmd{

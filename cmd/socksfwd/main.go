@@ -40,7 +40,7 @@ func envName(flag string) string {
 
 // repeatable flags take a comma-separated list in the environment; on the
 // command line each repetition is one value.
-var repeatable = []string{"server", "local"}
+var repeatable = []string{"server", "local", "dns-upstream"}
 
 func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 	cli.VersionFlag = &cli.BoolFlag{Name: "version", Aliases: []string{"V"}, Usage: "print the version and exit"}
@@ -64,7 +64,7 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 	}
 	app := &cli.App{
 		Name:    "socksfwd",
-		Usage:   "forward local TCP and UDP ports through a SOCKS5 proxy",
+		Usage:   "forward local TCP and UDP ports, and DNS, through a SOCKS5 proxy",
 		Version: version,
 		UsageText: "socksfwd -L [bind:]port:host:hostport -S [socks5h://][user:pass@]proxy[:port] [flags]\n" +
 			"   socksfwd -c config.toml",
@@ -77,6 +77,10 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 			str("server-user", "", "username for servers whose URL has none"),
 			str("server-password-file", "", "file holding the password for them (one trailing newline stripped)"),
 			slice("local", "L", "forward [bind:]port:host:hostport[/udp], repeatable; bind defaults to 127.0.0.1"),
+			str("dns", "", "DNS listener [bind:]port, UDP and TCP (bind defaults to 127.0.0.1)"),
+			slice("dns-upstream", "", "resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"),
+			str("dns-transport", "", "tcp (DNS over TCP through CONNECT; the default)"),
+			dur("dns-timeout", "whole-query deadline across all attempts and resolvers", def.DNSTimeout),
 			dur("handshake-timeout", "connect + SOCKS handshake to the upstream", def.HandshakeTimeout),
 			dur("idle-timeout", "close a TCP session idle this long (0 = never, like ssh -L)", def.IdleTimeout),
 			dur("udp-idle-timeout", "end a UDP session idle this long", def.UDPIdleTimeout),
@@ -188,6 +192,8 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 			cfg.Server = vals
 		case "local":
 			cfg.Local = vals
+		case "dns-upstream":
+			cfg.DNSUpstream = vals
 		}
 	}
 	setStr := func(name string, dst *string) {
@@ -202,6 +208,9 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 	}
 	setStr("server-user", &cfg.ServerUser)
 	setStr("server-password-file", &cfg.ServerPasswordFile)
+	setStr("dns", &cfg.DNS)
+	setStr("dns-transport", &cfg.DNSTransport)
+	setDur("dns-timeout", &cfg.DNSTimeout)
 	setStr("log-level", &cfg.LogLevel)
 	setStr("log-format", &cfg.LogFormat)
 	setDur("handshake-timeout", &cfg.HandshakeTimeout)
@@ -234,8 +243,27 @@ func validate(cfg *Config) error {
 	if len(cfg.Server) == 0 {
 		return usagef("no upstream server: give -S host:port (or server in the config file, or %s)", envName("server"))
 	}
-	if len(cfg.Local) == 0 {
-		return usagef("nothing to forward: give -L [bind:]port:host:hostport")
+	if len(cfg.Local) == 0 && cfg.DNS == "" {
+		return usagef("nothing to forward: give -L [bind:]port:host:hostport or --dns [bind:]port")
+	}
+	if cfg.DNS != "" {
+		if _, err := dnsListenAddr(cfg.DNS); err != nil {
+			return err
+		}
+		if len(cfg.DNSUpstream) == 0 {
+			return usagef("--dns needs at least one --dns-upstream (the resolver behind the proxy, e.g. 10.0.0.53)")
+		}
+		for _, u := range cfg.DNSUpstream {
+			if _, err := dnsUpstreamAddr(u); err != nil {
+				return err
+			}
+		}
+		if cfg.DNSTransport != "tcp" {
+			return usagef("--dns-transport %q: only tcp is available (udp comes later)", cfg.DNSTransport)
+		}
+		if cfg.DNSTimeout <= 0 {
+			return usagef("--dns-timeout must be positive")
+		}
 	}
 	if _, err := zerolog.ParseLevel(cfg.LogLevel); err != nil || cfg.LogLevel == "" {
 		return usagef("--log-level %q: want debug, info, warn or error", cfg.LogLevel)

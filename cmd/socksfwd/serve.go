@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/socksfwd/socksfwd/dnsforward"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/tunnel"
 )
@@ -90,6 +91,17 @@ func serve(cfg Config, mode tunnel.CopyMode, log zerolog.Logger) error {
 		}
 	}
 
+	if cfg.DNS != "" {
+		svc, err := startDNS(cfg, upstreams, log)
+		if err != nil {
+			closeAll()
+			return err
+		}
+		services = append(services, svc)
+		log.Info().Str("listener", svc.Addr().String()).Str("proto", "dns").Strs("resolvers", cfg.DNSUpstream).Strs("upstream", via).
+			Msgf("DNS on %s (udp+tcp) → %s over tcp via %s", svc.Addr(), strings.Join(cfg.DNSUpstream, ", "), strings.Join(via, ", "))
+	}
+
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
@@ -128,6 +140,38 @@ func serve(cfg Config, mode tunnel.CopyMode, log zerolog.Logger) error {
 	<-served
 	log.Info().Msg("stopped")
 	return nil
+}
+
+// startDNS binds the DNS listener on UDP and TCP at one address.
+func startDNS(cfg Config, ups *socksclient.Upstreams, log zerolog.Logger) (service, error) {
+	addr, _ := dnsListenAddr(cfg.DNS) // validated already
+	var resolvers []socksclient.Addr
+	for _, u := range cfg.DNSUpstream {
+		a, _ := dnsUpstreamAddr(u)
+		resolvers = append(resolvers, a)
+	}
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--dns %s: cannot listen: %w", cfg.DNS, err)
+	}
+	// TCP on the same port as UDP (which may have been chosen by the kernel).
+	ln, err := net.Listen("tcp", pc.LocalAddr().String())
+	if err != nil {
+		pc.Close()
+		return nil, fmt.Errorf("--dns %s: cannot listen on tcp: %w", cfg.DNS, err)
+	}
+	fwd, err := dnsforward.New(dnsforward.Config{
+		Resolvers: resolvers,
+		Upstreams: ups,
+		Timeout:   time.Duration(cfg.DNSTimeout),
+		Logger:    log,
+	})
+	if err != nil {
+		pc.Close()
+		ln.Close()
+		return nil, err
+	}
+	return dnsforward.NewServer(fwd, pc, ln), nil
 }
 
 func protoSuffix(udp bool) string {

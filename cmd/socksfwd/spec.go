@@ -175,3 +175,38 @@ func redactURL(raw string) string {
 	}
 	return u.Redacted()
 }
+
+// dnsListenAddr parses --dns [bind:]port; the bind defaults to 127.0.0.1.
+func dnsListenAddr(spec string) (string, error) {
+	fields, err := splitColons(spec)
+	if err != nil || len(fields) > 2 {
+		return "", usagef("--dns %q: want [bind:]port", spec)
+	}
+	bind, port := "127.0.0.1", fields[len(fields)-1]
+	if len(fields) == 2 {
+		bind = unbracket(fields[0])
+		if bind == "*" {
+			bind = ""
+		}
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && port != "0") {
+		return "", usagef("--dns %q: invalid port %q", spec, port)
+	}
+	return net.JoinHostPort(bind, port), nil
+}
+
+// dnsUpstreamAddr parses a resolver, host[:port] with port 53 by default;
+// names are resolved by the proxy.
+func dnsUpstreamAddr(s string) (socksclient.Addr, error) {
+	hostport := s
+	if ip, err := netip.ParseAddr(unbracket(s)); err == nil {
+		hostport = net.JoinHostPort(ip.String(), "53")
+	} else if _, _, err := net.SplitHostPort(s); err != nil {
+		hostport = net.JoinHostPort(s, "53")
+	}
+	a, err := socksclient.ParseAddr(hostport)
+	if err != nil || a.Port == 0 {
+		return socksclient.Addr{}, usagef("--dns-upstream %q: want host[:port]", s)
+	}
+	return a, nil
+}

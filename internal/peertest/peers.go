@@ -232,7 +232,9 @@ func Dnsmasq(t TB, a map[string]string, txt map[string]string) Peer {
 	t.Helper()
 	bin := Require(t, "dnsmasq")
 	port := FreePort(t)
-	argv := []string{bin, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-daemon",
+	// Not --no-daemon: in that mode dnsmasq serves one TCP connection at a
+	// time, and a pooled idle connection would block every other.
+	argv := []string{bin, "--keep-in-foreground", "--no-resolv", "--no-hosts",
 		"--bind-interfaces", "--listen-address=127.0.0.1", "--port=" + strconv.Itoa(port),
 		"--user=root", "--pid-file=", "--log-facility=-", "--edns-packet-max=4096"}
 	for name, ip := range a {
