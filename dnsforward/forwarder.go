@@ -16,6 +16,7 @@ import (
 
 	"github.com/miekg/dns"
 	"github.com/rs/zerolog"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/socksfwd/socksfwd/socksclient"
 )
@@ -42,7 +43,9 @@ type Config struct {
 	// IdleTimeout closes a pooled connection with nothing in flight for
 	// this long (default DefaultIdleTimeout).
 	IdleTimeout time.Duration
-	Logger      zerolog.Logger
+	// CacheSize bounds the answer cache (entries); 0 disables it.
+	CacheSize int
+	Logger    zerolog.Logger
 }
 
 // Stats counts queries by result.
@@ -51,13 +54,16 @@ type Stats struct {
 	Answered  atomic.Int64
 	ServFail  atomic.Int64 // every resolver failed within the timeout
 	Failovers atomic.Int64 // an attempt failed and the next resolver was tried
+	CacheHits atomic.Int64
 }
 
 // Forwarder answers DNS queries by forwarding them through the proxy.
 type Forwarder struct {
-	cfg   Config
-	pools []*tcpPool
-	stats Stats
+	cfg    Config
+	pools  []*tcpPool
+	cache  *cache // nil when disabled
+	flight singleflight.Group
+	stats  Stats
 }
 
 // New returns a Forwarder; Close releases its connections.
@@ -74,7 +80,7 @@ func New(cfg Config) (*Forwarder, error) {
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
-	f := &Forwarder{cfg: cfg}
+	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize)}
 	for _, r := range cfg.Resolvers {
 		resolver := r
 		dial := func(ctx context.Context) (net.Conn, error) {
@@ -122,11 +128,48 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 	return nil, errors.New("every resolver failed: " + strings.Join(errs, "; "))
 }
 
+// Resolve answers q from the cache or by Exchange, merging identical
+// concurrent misses into one upstream query.
+func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
+	k, cacheable := keyOf(q)
+	if !cacheable || f.cache == nil {
+		return f.Exchange(ctx, q)
+	}
+	if m, ok := f.cache.get(k); ok {
+		f.stats.CacheHits.Add(1)
+		return answerFor(q, m), nil
+	}
+	ch := f.flight.DoChan(fmt.Sprintf("%s|%d|%d|%t", k.name, k.qtype, k.qclass, k.do), func() (any, error) {
+		// Not the first caller's context: the others share this query.
+		resp, err := f.Exchange(context.Background(), q)
+		if err == nil {
+			f.cache.put(k, resp)
+		}
+		return resp, err
+	})
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return nil, r.Err
+		}
+		return answerFor(q, r.Val.(*dns.Msg).Copy()), nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// answerFor makes a shared or cached answer q's own: its ID and question.
+func answerFor(q, m *dns.Msg) *dns.Msg {
+	m.Id = q.Id
+	m.Question = append(m.Question[:0], q.Question...)
+	return m
+}
+
 // ServeDNS implements dns.Handler: forward, or SERVFAIL with one log line
 // naming the reason. Never a silent drop.
 func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	f.stats.Queries.Add(1)
-	resp, err := f.Exchange(context.Background(), r)
+	resp, err := f.Resolve(context.Background(), r)
 	if err != nil {
 		f.stats.ServFail.Add(1)
 		ev := f.cfg.Logger.Info().Err(err).Str("client", w.RemoteAddr().String())

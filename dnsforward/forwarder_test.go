@@ -33,6 +33,7 @@ type resolver struct {
 	conns       atomic.Int64
 	maxInFlight atomic.Int64
 	outOfOrder  atomic.Bool
+	queries     atomic.Int64
 	closeAfter  int // close each connection after this many answers (0: never)
 	txtSize     int
 }
@@ -66,6 +67,7 @@ func (r *resolver) serveConn(c net.Conn) {
 		if q.Unpack(buf) != nil {
 			return
 		}
+		r.queries.Add(1)
 		n := inFlight.Add(1)
 		for old := r.maxInFlight.Load(); n > old && !r.maxInFlight.CompareAndSwap(old, n); old = r.maxInFlight.Load() {
 		}
@@ -77,8 +79,14 @@ func (r *resolver) serveConn(c net.Conn) {
 			}
 			m := new(dns.Msg)
 			m.SetReply(q)
-			switch q.Question[0].Qtype {
-			case dns.TypeTXT:
+			switch {
+			case strings.HasPrefix(q.Question[0].Name, "nx"):
+				m.Rcode = dns.RcodeNameError
+				m.Ns = append(m.Ns, &dns.SOA{Hdr: dns.RR_Header{Name: "example.", Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: 300},
+					Ns: "ns.example.", Mbox: "admin.example.", Serial: 1, Refresh: 3600, Retry: 600, Expire: 86400, Minttl: 30})
+			case strings.HasPrefix(q.Question[0].Name, "servfail"):
+				m.Rcode = dns.RcodeServerFailure
+			case q.Question[0].Qtype == dns.TypeTXT:
 				var parts []string
 				for rest := r.txtSize; rest > 0; rest -= 200 {
 					parts = append(parts, strings.Repeat("t", min(rest, 200)))
@@ -103,6 +111,10 @@ func (r *resolver) serveConn(c net.Conn) {
 }
 
 func newForwarder(t *testing.T, proxy string, timeout time.Duration, logs io.Writer, resolvers ...string) *Forwarder {
+	return newCachingForwarder(t, proxy, timeout, 0, logs, resolvers...)
+}
+
+func newCachingForwarder(t *testing.T, proxy string, timeout time.Duration, cacheSize int, logs io.Writer, resolvers ...string) *Forwarder {
 	t.Helper()
 	var addrs []socksclient.Addr
 	for _, r := range resolvers {
@@ -118,7 +130,7 @@ func newForwarder(t *testing.T, proxy string, timeout time.Duration, logs io.Wri
 	f, err := New(Config{
 		Resolvers: addrs,
 		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy}),
-		Timeout:   timeout, PoolSize: 2,
+		Timeout:   timeout, PoolSize: 2, CacheSize: cacheSize,
 		Logger: zerolog.New(logs),
 	})
 	if err != nil {

@@ -22,6 +22,7 @@ type Config struct {
 	DNSUpstream        []string `toml:"dns-upstream,omitempty"`
 	DNSTransport       string   `toml:"dns-transport"`
 	DNSTimeout         Duration `toml:"dns-timeout"`
+	DNSCacheSize       int      `toml:"dns-cache-size"`
 	HandshakeTimeout   Duration `toml:"handshake-timeout"`
 	IdleTimeout        Duration `toml:"idle-timeout"`
 	UDPIdleTimeout     Duration `toml:"udp-idle-timeout"`
@@ -39,6 +40,7 @@ func defaultConfig() Config {
 		UDPMaxSessions:   1024,                       // UDP sessions (client addresses) per listener
 		DNSTransport:     "tcp",                      // DNS over TCP through CONNECT: works with every server
 		DNSTimeout:       Duration(5 * time.Second),  // a whole query, across attempts and resolvers
+		DNSCacheSize:     10000,                      // cached answers; 0 disables the cache
 		LogLevel:         "info",
 		LogFormat:        "auto", // console on a terminal, JSON otherwise
 		ShutdownTimeout:  Duration(30 * time.Second),

@@ -81,6 +81,7 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 			slice("dns-upstream", "", "resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"),
 			str("dns-transport", "", "tcp (DNS over TCP through CONNECT; the default)"),
 			dur("dns-timeout", "whole-query deadline across all attempts and resolvers", def.DNSTimeout),
+			&cli.IntFlag{Name: "dns-cache-size", Usage: "cached DNS answers (0 disables the cache)", Value: def.DNSCacheSize, EnvVars: []string{envName("dns-cache-size")}},
 			dur("handshake-timeout", "connect + SOCKS handshake to the upstream", def.HandshakeTimeout),
 			dur("idle-timeout", "close a TCP session idle this long (0 = never, like ssh -L)", def.IdleTimeout),
 			dur("udp-idle-timeout", "end a UDP session idle this long", def.UDPIdleTimeout),
@@ -220,6 +221,9 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 	if c.IsSet("udp-max-sessions") {
 		cfg.UDPMaxSessions = c.Int("udp-max-sessions")
 	}
+	if c.IsSet("dns-cache-size") {
+		cfg.DNSCacheSize = c.Int("dns-cache-size")
+	}
 
 	if len(cfg.Server) == 0 {
 		for _, name := range []string{"ALL_PROXY", "all_proxy"} {
@@ -263,6 +267,9 @@ func validate(cfg *Config) error {
 		}
 		if cfg.DNSTimeout <= 0 {
 			return usagef("--dns-timeout must be positive")
+		}
+		if cfg.DNSCacheSize < 0 {
+			return usagef("--dns-cache-size %d: want 0 (off) or more", cfg.DNSCacheSize)
 		}
 	}
 	if _, err := zerolog.ParseLevel(cfg.LogLevel); err != nil || cfg.LogLevel == "" {

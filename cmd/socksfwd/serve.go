@@ -164,6 +164,7 @@ func startDNS(cfg Config, ups *socksclient.Upstreams, log zerolog.Logger) (servi
 		Resolvers: resolvers,
 		Upstreams: ups,
 		Timeout:   time.Duration(cfg.DNSTimeout),
+		CacheSize: cfg.DNSCacheSize,
 		Logger:    log,
 	})
 	if err != nil {
