@@ -45,6 +45,10 @@ type Config struct {
 	IdleTimeout time.Duration
 	// CacheSize bounds the answer cache (entries); 0 disables it.
 	CacheSize int
+	// Transport is "tcp" (default: DNS over TCP through CONNECT) or "udp"
+	// (one shared UDP ASSOCIATE; truncated answers are asked again over
+	// TCP).
+	Transport string
 	Logger    zerolog.Logger
 }
 
@@ -61,7 +65,8 @@ type Stats struct {
 type Forwarder struct {
 	cfg    Config
 	pools  []*tcpPool
-	cache  *cache // nil when disabled
+	udp    *udpTransport // nil for the tcp transport
+	cache  *cache        // nil when disabled
 	flight singleflight.Group
 	stats  Stats
 }
@@ -81,6 +86,16 @@ func New(cfg Config) (*Forwarder, error) {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
 	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize)}
+	switch cfg.Transport {
+	case "", "tcp":
+	case "udp":
+		f.udp = newUDPTransport(func(ctx context.Context) (*socksclient.UDPConn, error) {
+			c, _, err := cfg.Upstreams.Associate(ctx)
+			return c, err
+		})
+	default:
+		return nil, fmt.Errorf("dnsforward: unknown transport %q (want tcp or udp)", cfg.Transport)
+	}
 	for _, r := range cfg.Resolvers {
 		resolver := r
 		dial := func(ctx context.Context) (net.Conn, error) {
@@ -109,7 +124,7 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 		deadline, _ := ctx.Deadline()
 		share := time.Until(deadline) / time.Duration(len(f.pools)-i)
 		actx, acancel := context.WithTimeout(ctx, share)
-		resp, err := pool.exchange(actx, q)
+		resp, err := f.attempt(actx, i, pool, q)
 		acancel()
 		if err == nil {
 			return resp, nil
@@ -118,7 +133,8 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 			err = fmt.Errorf("no answer within %s", share.Round(time.Millisecond))
 		}
 		errs = append(errs, fmt.Sprintf("%s: %v", f.cfg.Resolvers[i], err))
-		if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+		var noUDP errNoUDPAssociate
+		if ctx.Err() != nil || errors.Is(err, net.ErrClosed) || errors.As(err, &noUDP) {
 			break
 		}
 		if i+1 < len(f.pools) {
@@ -126,6 +142,19 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 		}
 	}
 	return nil, errors.New("every resolver failed: " + strings.Join(errs, "; "))
+}
+
+// attempt asks resolver i once over the configured transport. On the udp
+// transport a truncated answer is asked again over TCP (DESIGN §4).
+func (f *Forwarder) attempt(ctx context.Context, i int, pool *tcpPool, q *dns.Msg) (*dns.Msg, error) {
+	if f.udp == nil {
+		return pool.exchange(ctx, q)
+	}
+	resp, err := f.udp.exchange(ctx, f.cfg.Resolvers[i], q)
+	if err == nil && resp.Truncated {
+		return pool.exchange(ctx, q)
+	}
+	return resp, err
 }
 
 // Resolve answers q from the cache or by Exchange, merging identical
@@ -195,8 +224,11 @@ func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	w.WriteMsg(resp)
 }
 
-// Close closes every pooled connection.
+// Close closes every pooled connection and the UDP association.
 func (f *Forwarder) Close() error {
+	if f.udp != nil {
+		f.udp.close()
+	}
 	for _, p := range f.pools {
 		p.close()
 	}

@@ -79,7 +79,7 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 			slice("local", "L", "forward [bind:]port:host:hostport[/udp], repeatable; bind defaults to 127.0.0.1"),
 			str("dns", "", "DNS listener [bind:]port, UDP and TCP (bind defaults to 127.0.0.1)"),
 			slice("dns-upstream", "", "resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"),
-			str("dns-transport", "", "tcp (DNS over TCP through CONNECT; the default)"),
+			str("dns-transport", "", "tcp (DNS over TCP through CONNECT, works everywhere; the default) | udp (one UDP ASSOCIATE)"),
 			dur("dns-timeout", "whole-query deadline across all attempts and resolvers", def.DNSTimeout),
 			&cli.IntFlag{Name: "dns-cache-size", Usage: "cached DNS answers (0 disables the cache)", Value: def.DNSCacheSize, EnvVars: []string{envName("dns-cache-size")}},
 			dur("handshake-timeout", "connect + SOCKS handshake to the upstream", def.HandshakeTimeout),
@@ -262,8 +262,8 @@ func validate(cfg *Config) error {
 				return err
 			}
 		}
-		if cfg.DNSTransport != "tcp" {
-			return usagef("--dns-transport %q: only tcp is available (udp comes later)", cfg.DNSTransport)
+		if cfg.DNSTransport != "tcp" && cfg.DNSTransport != "udp" {
+			return usagef("--dns-transport %q: want tcp or udp", cfg.DNSTransport)
 		}
 		if cfg.DNSTimeout <= 0 {
 			return usagef("--dns-timeout must be positive")

@@ -99,7 +99,7 @@ func serve(cfg Config, mode tunnel.CopyMode, log zerolog.Logger) error {
 		}
 		services = append(services, svc)
 		log.Info().Str("listener", svc.Addr().String()).Str("proto", "dns").Strs("resolvers", cfg.DNSUpstream).Strs("upstream", via).
-			Msgf("DNS on %s (udp+tcp) → %s over tcp via %s", svc.Addr(), strings.Join(cfg.DNSUpstream, ", "), strings.Join(via, ", "))
+			Msgf("DNS on %s (udp+tcp) → %s over %s via %s", svc.Addr(), strings.Join(cfg.DNSUpstream, ", "), cfg.DNSTransport, strings.Join(via, ", "))
 	}
 
 	sigs := make(chan os.Signal, 2)
@@ -165,6 +165,7 @@ func startDNS(cfg Config, ups *socksclient.Upstreams, log zerolog.Logger) (servi
 		Upstreams: ups,
 		Timeout:   time.Duration(cfg.DNSTimeout),
 		CacheSize: cfg.DNSCacheSize,
+		Transport: cfg.DNSTransport,
 		Logger:    log,
 	})
 	if err != nil {
