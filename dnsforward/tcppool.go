@@ -1,6 +1,7 @@
 package dnsforward
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -155,7 +156,14 @@ func (p *tcpPool) close() {
 // pipeConn is one pipelined connection to a resolver.
 type pipeConn struct {
 	conn net.Conn
-	wmu  sync.Mutex // one framed write at a time
+
+	// Writes are combined: a query appends its frame to wbuf, and whoever
+	// finds no flush in progress writes everything queued, so under load
+	// one write carries many queries.
+	wmu      sync.Mutex
+	wbuf     []byte
+	spare    []byte
+	flushing bool
 
 	mu      sync.Mutex
 	pending map[uint16]chan *dns.Msg
@@ -219,16 +227,7 @@ func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	if len(wire) > 0xFFFF {
 		return nil, errors.New("dns over tcp: query larger than 65535 bytes")
 	}
-	frame := make([]byte, 2+len(wire))
-	binary.BigEndian.PutUint16(frame, uint16(len(wire)))
-	copy(frame[2:], wire)
-	c.wmu.Lock()
-	if dl, ok := ctx.Deadline(); ok {
-		c.conn.SetWriteDeadline(dl)
-	}
-	_, err = c.conn.Write(frame)
-	c.wmu.Unlock()
-	if err != nil {
+	if err := c.send(wire); err != nil {
 		c.fail(err)
 		return nil, errConnDead
 	}
@@ -244,17 +243,54 @@ func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	}
 }
 
+// writeTimeout bounds one combined write; a resolver that stops reading
+// fails the connection instead of stalling every query on it.
+const writeTimeout = 5 * time.Second
+
+// send queues one framed query and flushes the queue unless another
+// sender is already flushing (it will write this frame too).
+func (c *pipeConn) send(wire []byte) error {
+	c.wmu.Lock()
+	c.wbuf = binary.BigEndian.AppendUint16(c.wbuf, uint16(len(wire)))
+	c.wbuf = append(c.wbuf, wire...)
+	if c.flushing {
+		c.wmu.Unlock()
+		return nil
+	}
+	c.flushing = true
+	for len(c.wbuf) > 0 {
+		buf := c.wbuf
+		c.wbuf = c.spare[:0]
+		c.wmu.Unlock()
+		c.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+		_, err := c.conn.Write(buf)
+		c.wmu.Lock()
+		c.spare = buf[:0]
+		if err != nil {
+			c.flushing = false
+			c.wbuf = c.wbuf[:0]
+			c.wmu.Unlock()
+			return err
+		}
+	}
+	c.flushing = false
+	c.wmu.Unlock()
+	return nil
+}
+
 // readAnswers dispatches answers by ID until the connection fails or has
 // been idle (nothing in flight) for idle.
 func (c *pipeConn) readAnswers(idle time.Duration) {
 	var lenBuf [2]byte
+	// Buffered: under load one read brings many answers.
+	r := bufio.NewReaderSize(c.conn, 16<<10)
 	for {
 		// With nothing in flight, the read may time out: then the
 		// connection has been idle long enough and is closed.
 		if idle > 0 {
 			c.conn.SetReadDeadline(time.Now().Add(idle))
 		}
-		if _, err := io.ReadFull(c.conn, lenBuf[:]); err != nil {
+		if _, err := io.ReadFull(r, lenBuf[:]); err != nil {
 			if isTimeout(err) && c.inFlight() > 0 {
 				continue // waiting on a slow answer is not idleness
 			}
@@ -262,7 +298,7 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 			return
 		}
 		buf := make([]byte, binary.BigEndian.Uint16(lenBuf[:]))
-		if _, err := io.ReadFull(c.conn, buf); err != nil {
+		if _, err := io.ReadFull(r, buf); err != nil {
 			c.fail(err)
 			return
 		}

@@ -48,8 +48,11 @@ func main() {
 			cfg := benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns}
 			bench(h, cfg)
 			benchUDP(h, cfg)
+			benchDNS(h, cfg)
 		case "bench-udp":
 			benchUDP(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
+		case "bench-dns":
+			benchDNS(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
 		default:
 			fs.Usage()
 			h.Fatalf("unknown command %q", fs.Arg(0))

@@ -248,3 +248,19 @@ func Dnsmasq(t TB, a map[string]string, txt map[string]string) Peer {
 	WaitTCP(t, p, addr)
 	return Peer{Addr: addr, Proc: p}
 }
+
+// DnsmasqWildcard starts dnsmasq answering every name under domain with ip
+// (for load tests with unique names), with no upstream and no logging.
+func DnsmasqWildcard(t TB, domain, ip string) Peer {
+	t.Helper()
+	bin := Require(t, "dnsmasq")
+	port := FreePort(t)
+	p := Start(t, "dnsmasq", bin, "--keep-in-foreground", "--no-resolv", "--no-hosts",
+		"--bind-interfaces", "--listen-address=127.0.0.1", "--port="+strconv.Itoa(port),
+		"--user=root", "--pid-file=", "--cache-size=0", "--dns-forward-max=1000",
+		"--local-ttl=300", // answers to cache (the default TTL 0 may not be cached)
+		"--address=/"+domain+"/"+ip)
+	addr := hostPort(port)
+	WaitTCP(t, p, addr)
+	return Peer{Addr: addr, Proc: p}
+}
