@@ -297,3 +297,15 @@ func TestServerTruncation(t *testing.T) {
 		t.Fatalf("TCP answer: truncated=%v len=%d", tcp.Truncated, tcp.Len())
 	}
 }
+
+// TestServerLargeAnswerOverTCP: answers up to 64 KiB pass over TCP.
+func TestServerLargeAnswerOverTCP(t *testing.T) {
+	res := newResolver(t, 0)
+	res.txtSize = 60000
+	f := newForwarder(t, socks(t).Addr(), 5*time.Second, nil, res.addr)
+	addr := startServer(t, f)
+	resp := exchange(t, "tcp", addr, query("huge.example", dns.TypeTXT, 8))
+	if resp.Truncated || resp.Len() < 60000 {
+		t.Fatalf("truncated=%v len=%d, want a whole 60 KB answer", resp.Truncated, resp.Len())
+	}
+}

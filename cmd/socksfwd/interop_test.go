@@ -26,7 +26,7 @@ func TestInterop(t *testing.T) {
 	// Check every peer up front: a script cannot skip from inside a command.
 	peertest.RequireRoot(t)
 	for _, p := range []string{"danted", "microsocks", "sshd", "ssh", "ssh-keygen", "psql", "runuser", "unshare",
-		"ss-server", "ss-local", "dnsmasq", "dig"} {
+		"ss-server", "ss-local", "dnsmasq", "dig", "kdig"} {
 		peertest.Require(t, p)
 	}
 	testscript.Run(t, testscript.Params{

@@ -239,6 +239,10 @@ func Dnsmasq(t TB, a map[string]string, txt map[string]string) Peer {
 		"--user=root", "--pid-file=", "--log-facility=-", "--edns-packet-max=4096"}
 	for name, ip := range a {
 		argv = append(argv, "--host-record="+name+","+ip)
+		// Authoritative for the name's domain: unknown names get NXDOMAIN.
+		if _, domain, ok := strings.Cut(name, "."); ok {
+			argv = append(argv, "--local=/"+domain+"/")
+		}
 	}
 	for name, text := range txt {
 		argv = append(argv, "--txt-record="+name+","+text)
