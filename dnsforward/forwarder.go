@@ -123,7 +123,10 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 	for i, pool := range f.pools {
 		deadline, _ := ctx.Deadline()
 		share := time.Until(deadline) / time.Duration(len(f.pools)-i)
-		actx, acancel := context.WithTimeout(ctx, share)
+		actx, acancel := ctx, context.CancelFunc(func() {})
+		if i+1 < len(f.pools) { // the last attempt has the whole rest anyway
+			actx, acancel = context.WithTimeout(ctx, share)
+		}
 		resp, err := f.attempt(actx, i, pool, q)
 		acancel()
 		if err == nil {
@@ -168,23 +171,23 @@ func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 		f.stats.CacheHits.Add(1)
 		return answerFor(q, m), nil
 	}
-	ch := f.flight.DoChan(fmt.Sprintf("%s|%d|%d|%t", k.name, k.qtype, k.qclass, k.do), func() (any, error) {
-		// Not the first caller's context: the others share this query.
+	// Do, not DoChan: no goroutine per miss. The shared query is bounded by
+	// the forwarder's timeout, not by the first caller's context.
+	v, err, shared := f.flight.Do(fmt.Sprintf("%s|%d|%d|%t", k.name, k.qtype, k.qclass, k.do), func() (any, error) {
 		resp, err := f.Exchange(context.Background(), q)
 		if err == nil {
 			f.cache.put(k, resp)
 		}
 		return resp, err
 	})
-	select {
-	case r := <-ch:
-		if r.Err != nil {
-			return nil, r.Err
-		}
-		return answerFor(q, r.Val.(*dns.Msg).Copy()), nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	if err != nil {
+		return nil, err
 	}
+	m := v.(*dns.Msg)
+	if shared {
+		m = m.Copy() // other callers hold the same message
+	}
+	return answerFor(q, m), nil
 }
 
 // answerFor makes a shared or cached answer q's own: its ID and question.
