@@ -7,6 +7,8 @@ import (
 	"sync"
 
 	"github.com/miekg/dns"
+
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
 
 // Server serves one Forwarder on a UDP socket and a TCP listener bound to
@@ -22,6 +24,9 @@ type Server struct {
 
 // NewServer returns a server for fwd on pc (UDP) and ln (TCP).
 func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
+	if u, ok := pc.(*net.UDPConn); ok {
+		sockbuf.Grow(u) // bursts of queries should queue, not drop
+	}
 	return &Server{
 		fwd: fwd,
 		udp: &dns.Server{PacketConn: pc, Handler: fwd},
