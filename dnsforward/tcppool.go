@@ -290,20 +290,15 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 		if idle > 0 {
 			c.conn.SetReadDeadline(time.Now().Add(idle))
 		}
-		if _, err := io.ReadFull(r, lenBuf[:]); err != nil {
+		resp, err := readTCPMessage(r, &lenBuf)
+		if err != nil {
 			if isTimeout(err) && c.inFlight() > 0 {
 				continue // waiting on a slow answer is not idleness
 			}
 			c.fail(err)
 			return
 		}
-		buf := make([]byte, binary.BigEndian.Uint16(lenBuf[:]))
-		if _, err := io.ReadFull(r, buf); err != nil {
-			c.fail(err)
-			return
-		}
-		resp := new(dns.Msg)
-		if err := resp.Unpack(buf); err != nil {
+		if resp == nil {
 			continue // a malformed answer cannot be matched; its query times out
 		}
 		c.mu.Lock()
@@ -316,6 +311,34 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 			ch <- resp
 		}
 	}
+}
+
+// readTCPMessage reads one length-prefixed DNS message (RFC 1035 §4.2.2).
+// A message that does not parse is consumed and reported as (nil, nil):
+// the stream stays in step. An error means the stream itself failed.
+func readTCPMessage(r io.Reader, lenBuf *[2]byte) (*dns.Msg, error) {
+	if n, err := io.ReadFull(r, lenBuf[:]); err != nil {
+		if n > 0 {
+			return nil, cut(err)
+		}
+		return nil, err // nothing consumed: a timeout here may be retried
+	}
+	buf := make([]byte, binary.BigEndian.Uint16(lenBuf[:]))
+	if _, err := io.ReadFull(r, buf); err != nil {
+		return nil, cut(err)
+	}
+	m := new(dns.Msg)
+	if m.Unpack(buf) != nil {
+		return nil, nil
+	}
+	return m, nil
+}
+
+// cut reports a stream that failed inside a message. It deliberately does
+// not wrap err: a timeout there is not retryable (the stream is out of
+// step), so it must not look like one.
+func cut(err error) error {
+	return fmt.Errorf("dns over tcp: message cut short: %v", err)
 }
 
 // fail marks the connection dead, closes it and wakes every waiting query.
