@@ -90,7 +90,7 @@ func TestRelayIdleTimeout(t *testing.T) {
 
 func TestRelayIdleNotWhileOneWayTraffic(t *testing.T) {
 	// A download with a silent client is not idle.
-	app, target, done := relayed(t, 100*time.Millisecond, CopyPooled)
+	app, target, done := relayed(t, 500*time.Millisecond, CopyPooled)
 	go func() {
 		for range 6 {
 			target.Write([]byte("tick"))

@@ -187,9 +187,10 @@ func TestTCPForwardFailover(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The broken upstreams are in backoff: later sessions skip them.
-	if n := badAuth.Handshakes(); n != 1 {
-		t.Errorf("bad upstream tried %d times, want 1 (then backoff)", n)
+	// The broken upstreams are in backoff: later sessions skip them (at
+	// most one retry if a slow machine let the 1 s backoff lapse).
+	if n := badAuth.Handshakes(); n > 2 {
+		t.Errorf("bad upstream tried %d times for 3 sessions, want backoff to skip it", n)
 	}
 }
 
