@@ -227,11 +227,7 @@ func TestFailoverFromBlackhole(t *testing.T) {
 // startServer serves f on UDP and TCP at one loopback address.
 func startServer(t *testing.T, f *Forwarder) string {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", pc.LocalAddr().String())
+	pc, ln, err := Listen("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,6 +22,21 @@ type Server struct {
 	closeOnce sync.Once
 }
 
+// Listen binds UDP and TCP at one address: TCP on the port UDP got, so
+// port 0 works too. DNS clients expect both on the same port.
+func Listen(addr string) (net.PacketConn, net.Listener, error) {
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	ln, err := net.Listen("tcp", pc.LocalAddr().String())
+	if err != nil {
+		pc.Close()
+		return nil, nil, err
+	}
+	return pc, ln, nil
+}
+
 // NewServer returns a server for fwd on pc (UDP) and ln (TCP).
 func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
 	if u, ok := pc.(*net.UDPConn); ok {

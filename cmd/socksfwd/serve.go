@@ -150,15 +150,9 @@ func startDNS(cfg Config, ups *socksclient.Upstreams, log zerolog.Logger) (servi
 		a, _ := dnsUpstreamAddr(u)
 		resolvers = append(resolvers, a)
 	}
-	pc, err := net.ListenPacket("udp", addr)
+	pc, ln, err := dnsforward.Listen(addr)
 	if err != nil {
 		return nil, fmt.Errorf("--dns %s: cannot listen: %w", cfg.DNS, err)
-	}
-	// TCP on the same port as UDP (which may have been chosen by the kernel).
-	ln, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
-		pc.Close()
-		return nil, fmt.Errorf("--dns %s: cannot listen on tcp: %w", cfg.DNS, err)
 	}
 	fwd, err := dnsforward.New(dnsforward.Config{
 		Resolvers: resolvers,
