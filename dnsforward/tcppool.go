@@ -218,9 +218,7 @@ func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 		c.mu.Unlock()
 	}()
 
-	out := q.Copy()
-	out.Id = id
-	wire, err := out.Pack()
+	wire, err := packWithID(q, id)
 	if err != nil {
 		return nil, fmt.Errorf("packing query: %w", err)
 	}
@@ -241,6 +239,17 @@ func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// packWithID packs q under another ID without copying it: the ID is
+// swapped in for the Pack and restored (the caller owns q and is not
+// sharing it meanwhile).
+func packWithID(q *dns.Msg, id uint16) ([]byte, error) {
+	orig := q.Id
+	q.Id = id
+	wire, err := q.Pack()
+	q.Id = orig
+	return wire, err
 }
 
 // writeTimeout bounds one combined write; a resolver that stops reading

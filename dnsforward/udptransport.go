@@ -128,9 +128,7 @@ func (t *udpTransport) exchange(ctx context.Context, resolver socksclient.Addr, 
 		t.mu.Unlock()
 	}()
 
-	out := q.Copy()
-	out.Id = key.id
-	wire, err := out.Pack()
+	wire, err := packWithID(q, key.id)
 	if err != nil {
 		return nil, fmt.Errorf("packing query: %w", err)
 	}
