@@ -145,13 +145,11 @@ func (f *TCPForward) serveSession(client net.Conn) {
 	f.stats.Active.Add(1)
 	defer f.stats.Active.Add(-1)
 	start := time.Now()
-	log := f.cfg.Logger.With().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).
-		Str("target", f.cfg.Target.String()).Logger()
 
 	up, d, err := f.cfg.Upstreams.DialAddr(f.ctx, f.cfg.Target)
 	if err != nil {
 		f.stats.Failed.Add(1)
-		ev := log.Info()
+		ev := f.sessionEvent(f.cfg.Logger.Info(), client)
 		if d != nil {
 			ev = ev.Str("upstream", d.ProxyAddr)
 		}
@@ -172,12 +170,22 @@ func (f *TCPForward) serveSession(client net.Conn) {
 	res := Relay(client, up, f.cfg.IdleTimeout, f.cfg.CopyMode)
 	f.stats.BytesUp.Add(res.Up)
 	f.stats.BytesDown.Add(res.Down)
-	ev := log.Debug()
+	ev := f.cfg.Logger.Debug()
 	if res.Err != nil && !errors.Is(res.Err, net.ErrClosed) {
-		ev = log.Info().Err(res.Err)
+		ev = f.cfg.Logger.Info().Err(res.Err)
 	}
-	ev.Str("upstream", d.ProxyAddr).Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).
+	f.sessionEvent(ev, client).Str("upstream", d.ProxyAddr).Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).
 		Dur("dur", time.Since(start)).Msg("session ended")
+}
+
+// sessionEvent adds the session's fields to a log event. Built when the
+// session ends rather than held in a per-session logger, so an idle session
+// carries no log context (and a disabled level costs nothing).
+func (f *TCPForward) sessionEvent(ev *zerolog.Event, client net.Conn) *zerolog.Event {
+	if ev == nil {
+		return nil
+	}
+	return ev.Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).Str("target", f.cfg.Target.String())
 }
 
 // reset closes a conn with RST where possible, so the local client learns at

@@ -171,9 +171,14 @@ func bench(h *harness, cfg benchConfig) {
 		p.Stop()
 	}
 
-	// Memory: RSS idle, and per idle forwarded connection, for both copy modes.
+	benchMemory(h, cfg, dante.Addr)
+}
+
+// benchMemory: RSS idle, and per idle forwarded connection, for both copy
+// modes.
+func benchMemory(h *harness, cfg benchConfig, proxy string) {
 	for _, mode := range []string{"splice", "pooled"} {
-		idle, per := idleMemory(h, cfg, testnet.Echo(h).Addr().String(), dante.Addr, mode)
+		idle, per := idleMemory(h, cfg, testnet.Echo(h).Addr().String(), proxy, mode)
 		verdict := "ok"
 		if per > 20 {
 			verdict = "ABOVE BAR"

@@ -2,6 +2,7 @@
 //
 //	socksbench demo    forward a real request through socksfwd and microsocks
 //	socksbench bench   measure socksfwd beside direct and proxychains4, same run
+//	                   (bench-udp, bench-dns, bench-mem: one part alone)
 //
 // It starts its peers with internal/peertest and stops them on the way out.
 package main
@@ -13,6 +14,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/socksfwd/socksfwd/internal/peertest"
 )
 
 func main() {
@@ -51,6 +54,8 @@ func main() {
 			benchDNS(h, cfg)
 		case "bench-udp":
 			benchUDP(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
+		case "bench-mem":
+			benchMemory(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns}, peertest.Dante(h, peertest.DanteOptions{}).Addr)
 		case "bench-dns":
 			benchDNS(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
 		default:
