@@ -56,6 +56,7 @@ func scriptCmds(extra map[string]scriptCmd) map[string]scriptCmd {
 		"udpecho":      cmdUDPEcho,
 		"waitudp":      cmdWaitUDP,
 		"udproundtrip": cmdUDPRoundTrip,
+		"sleep":        cmdSleep,
 	}
 	for k, v := range extra {
 		cmds[k] = v
@@ -87,6 +88,14 @@ func (t tb) Fatal(args ...any) { t.ts.Fatalf("%v", args...) }
 func cmdEchoServer(ts *testscript.TestScript, neg bool, args []string) {
 	ln := testnet.Echo(tb{ts: ts})
 	ts.Setenv(args[0], ln.Addr().String())
+}
+
+// sleep DURATION: let time pass, for what is measured in time (a TTL
+// counting down), never to wait for something to be ready.
+func cmdSleep(ts *testscript.TestScript, neg bool, args []string) {
+	d, err := time.ParseDuration(args[0])
+	ts.Check(err)
+	time.Sleep(d)
 }
 
 // waitudp ADDR: wait up to 10 s until something listens on UDP ADDR: a

@@ -237,11 +237,20 @@ func Dnsmasq(t TB, a map[string]string, txt map[string]string) Peer {
 	argv := []string{bin, "--keep-in-foreground", "--no-resolv", "--no-hosts",
 		"--bind-interfaces", "--listen-address=127.0.0.1", "--port=" + strconv.Itoa(port),
 		"--user=root", "--pid-file=", "--log-facility=-", "--edns-packet-max=4096"}
+	zones := map[string]bool{}
 	for name, ip := range a {
 		argv = append(argv, "--host-record="+name+","+ip)
-		// Authoritative for the name's domain: unknown names get NXDOMAIN.
 		if _, domain, ok := strings.Cut(name, "."); ok {
-			argv = append(argv, "--local=/"+domain+"/")
+			zones[domain] = true
+		}
+	}
+	// Authoritative for the names' domains: unknown names get NXDOMAIN with
+	// the zone's SOA (TTL and MINIMUM 60 s), which makes them cacheable
+	// (RFC 2308).
+	if len(zones) > 0 {
+		argv = append(argv, "--auth-server=ns.socksfwd.test,127.0.0.1", "--auth-ttl=60")
+		for z := range zones {
+			argv = append(argv, "--auth-zone="+z)
 		}
 	}
 	for name, text := range txt {
