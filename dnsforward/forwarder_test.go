@@ -34,12 +34,13 @@ type resolver struct {
 	maxInFlight atomic.Int64
 	outOfOrder  atomic.Bool
 	queries     atomic.Int64
-	closeAfter  int // close each connection after this many answers (0: never)
+	closed      chan struct{} // a value each time a client connection ends
+	closeAfter  int           // close each connection after this many answers (0: never)
 	txtSize     int
 }
 
 func newResolver(t *testing.T, closeAfter int) *resolver {
-	r := &resolver{closeAfter: closeAfter, txtSize: 3000}
+	r := &resolver{closeAfter: closeAfter, txtSize: 3000, closed: make(chan struct{}, 1000)}
 	ln := testnet.Serve(t, r.serveConn)
 	r.addr = ln.Addr().String()
 	return r
@@ -47,6 +48,12 @@ func newResolver(t *testing.T, closeAfter int) *resolver {
 
 func (r *resolver) serveConn(c net.Conn) {
 	r.conns.Add(1)
+	defer func() {
+		select {
+		case r.closed <- struct{}{}:
+		default:
+		}
+	}()
 	var (
 		wmu       sync.Mutex
 		wg        sync.WaitGroup
@@ -115,6 +122,10 @@ func newForwarder(t *testing.T, proxy string, timeout time.Duration, logs io.Wri
 }
 
 func newCachingForwarder(t *testing.T, proxy string, timeout time.Duration, cacheSize int, logs io.Writer, resolvers ...string) *Forwarder {
+	return newForwarderConfig(t, proxy, Config{Timeout: timeout, CacheSize: cacheSize}, logs, resolvers...)
+}
+
+func newForwarderConfig(t *testing.T, proxy string, cfg Config, logs io.Writer, resolvers ...string) *Forwarder {
 	t.Helper()
 	var addrs []socksclient.Addr
 	for _, r := range resolvers {
@@ -127,12 +138,11 @@ func newCachingForwarder(t *testing.T, proxy string, timeout time.Duration, cach
 	if logs == nil {
 		logs = io.Discard
 	}
-	f, err := New(Config{
-		Resolvers: addrs,
-		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy}),
-		Timeout:   timeout, PoolSize: 2, CacheSize: cacheSize,
-		Logger: zerolog.New(logs),
-	})
+	cfg.Resolvers = addrs
+	cfg.Upstreams = socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy})
+	cfg.PoolSize = 2
+	cfg.Logger = zerolog.New(logs)
+	f, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -303,5 +313,26 @@ func TestServerLargeAnswerOverTCP(t *testing.T) {
 	resp := exchange(t, "tcp", addr, query("huge.example", dns.TypeTXT, 8))
 	if resp.Truncated || resp.Len() < 60000 {
 		t.Fatalf("truncated=%v len=%d, want a whole 60 KB answer", resp.Truncated, resp.Len())
+	}
+}
+
+// TestIdleConnectionClosed: a pooled connection with nothing in flight is
+// closed after the idle timeout, and the next query dials again.
+func TestIdleConnectionClosed(t *testing.T) {
+	res := newResolver(t, 0)
+	f := newForwarderConfig(t, socks(t).Addr(), Config{Timeout: 5 * time.Second, IdleTimeout: 100 * time.Millisecond}, nil, res.addr)
+	if _, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, 1)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-res.closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("idle connection not closed")
+	}
+	if _, err := f.Exchange(context.Background(), query("b.example", dns.TypeA, 2)); err != nil {
+		t.Fatal(err)
+	}
+	if n := res.conns.Load(); n != 2 {
+		t.Fatalf("%d connections, want a new one after the idle close", n)
 	}
 }
