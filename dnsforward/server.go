@@ -23,18 +23,32 @@ type Server struct {
 }
 
 // Listen binds UDP and TCP at one address: TCP on the port UDP got, so
-// port 0 works too. DNS clients expect both on the same port.
+// port 0 works too. DNS clients expect both on the same port. With port 0
+// the kernel's UDP choice may be taken for TCP (by any connection's local
+// port); then another UDP port is tried, a bounded number of times.
 func Listen(addr string) (net.PacketConn, net.Listener, error) {
-	pc, err := net.ListenPacket("udp", addr)
+	_, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, nil, err
 	}
-	ln, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
+	tries := 1
+	if port == "0" {
+		tries = 20
+	}
+	for i := 0; ; i++ {
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return nil, nil, err
+		}
+		ln, err := net.Listen("tcp", pc.LocalAddr().String())
+		if err == nil {
+			return pc, ln, nil
+		}
 		pc.Close()
-		return nil, nil, err
+		if i+1 >= tries {
+			return nil, nil, err
+		}
 	}
-	return pc, ln, nil
 }
 
 // NewServer returns a server for fwd on pc (UDP) and ln (TCP).
