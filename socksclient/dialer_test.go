@@ -40,7 +40,7 @@ func transcriptServer(t *testing.T, steps []step) (addr string, errc <-chan erro
 					return
 				}
 				if !bytes.Equal(got, want) {
-					ch <- errors.New("client wrote " + fmtHex(got) + ", want " + fmtHex(want))
+					ch <- errors.New("client wrote " + hex.EncodeToString(got) + ", want " + hex.EncodeToString(want))
 					return
 				}
 			}
@@ -70,8 +70,6 @@ func hexBytes(t *testing.T, s string) []byte {
 	}
 	return out
 }
-
-func fmtHex(b []byte) string { return hex.EncodeToString(b) }
 
 func TestDialTranscript(t *testing.T) {
 	tests := []struct {

@@ -133,7 +133,7 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 		if a := s.live.Load(); a != nil && a.Alive() {
 			s.touch()
 			if a.WritePacket((*bp)[:socksclient.MaxUDPHeaderLen+n], socksclient.MaxUDPHeaderLen, f.cfg.Target) == nil {
-				s.upFast.Add(1)
+				s.up.Add(1)
 				f.stats.DatagramsUp.Add(1)
 				udpBufPool.Put(bp)
 				continue
@@ -222,8 +222,7 @@ type udpSession struct {
 	cancel context.CancelFunc
 
 	lastIO atomic.Int64 // unix nanos of the last datagram either way
-	up     int64        // datagrams sent by serve
-	upFast atomic.Int64 // datagrams sent by UDPForward.Serve's fast path
+	up     atomic.Int64 // datagrams sent, by serve or Serve's fast path
 	down   atomic.Int64
 	// live is the association once built, for Serve's fast path.
 	live atomic.Pointer[socksclient.UDPConn]
@@ -256,7 +255,7 @@ func (s *udpSession) serve() {
 			ev = f.cfg.Logger.Info().Err(s.lastErr)
 		}
 		ev.Str("listener", f.cfg.Name).Str("client", s.client.String()).Str("target", f.cfg.Target.String()).
-			Str("upstream", s.upstream).Int64("datagrams_up", s.up+s.upFast.Load()).Int64("datagrams_down", s.down.Load()).
+			Str("upstream", s.upstream).Int64("datagrams_up", s.up.Load()).Int64("datagrams_down", s.down.Load()).
 			Dur("dur", time.Since(start)).Msg("UDP session ended")
 	}()
 	for {
@@ -294,7 +293,7 @@ func (s *udpSession) send(p udpPacket) {
 		}
 		err := s.assoc.WritePacket((*p.buf)[:socksclient.MaxUDPHeaderLen+p.n], socksclient.MaxUDPHeaderLen, f.cfg.Target)
 		if err == nil {
-			s.up++
+			s.up.Add(1)
 			f.stats.DatagramsUp.Add(1)
 			return
 		}

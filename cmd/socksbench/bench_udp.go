@@ -177,19 +177,9 @@ func readTicks() map[int]procTicks {
 		if err != nil {
 			continue
 		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
+		if t, ok := readProcStat(pid); ok {
+			out[pid] = t
 		}
-		s := string(b)
-		open, closeIdx := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
-		if open < 0 || closeIdx < open {
-			continue
-		}
-		f := strings.Fields(s[closeIdx+2:])
-		ut, _ := strconv.Atoi(f[11])
-		st, _ := strconv.Atoi(f[12])
-		out[pid] = procTicks{comm: s[open+1 : closeIdx], ticks: ut + st}
 	}
 	return out
 }

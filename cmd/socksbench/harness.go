@@ -91,16 +91,34 @@ func rssKB(h *harness, pid int) int {
 
 // cpuMillis reads a process's user plus system CPU time from /proc.
 func cpuMillis(h *harness, pid int) int {
+	t, ok := readProcStat(pid)
+	if !ok {
+		h.Fatalf("no /proc/%d/stat", pid)
+	}
+	return t.ticks * 10 // clock ticks are 10 ms (USER_HZ 100)
+}
+
+// readProcStat reads a process's command name and user plus system CPU
+// time in clock ticks from /proc/PID/stat.
+func readProcStat(pid int) (procTicks, bool) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		h.Fatalf("%v", err)
+		return procTicks{}, false
 	}
-	// Fields after the parenthesised command name; utime and stime are the
-	// 14th and 15th fields of the whole line, in clock ticks (100 Hz).
-	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	s := string(b)
+	open, closeIdx := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if open < 0 || closeIdx < open || closeIdx+2 > len(s) {
+		return procTicks{}, false
+	}
+	// Fields after the parenthesised name; utime and stime are the 14th
+	// and 15th fields of the whole line.
+	f := strings.Fields(s[closeIdx+2:])
+	if len(f) < 13 {
+		return procTicks{}, false
+	}
 	ut, _ := strconv.Atoi(f[11])
 	st, _ := strconv.Atoi(f[12])
-	return (ut + st) * 10
+	return procTicks{comm: s[open+1 : closeIdx], ticks: ut + st}, true
 }
 
 // settle gives a process a moment to finish handling what was just sent,
