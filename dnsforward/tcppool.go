@@ -128,19 +128,6 @@ func (p *tcpPool) get(ctx context.Context) (*pipeConn, error) {
 	}
 }
 
-// size reports the live connections, for tests and stats.
-func (p *tcpPool) liveConns() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	n := 0
-	for _, c := range p.conns {
-		if !c.isDead() {
-			n++
-		}
-	}
-	return n
-}
-
 // close closes every connection and waits for their readers.
 func (p *tcpPool) close() {
 	p.mu.Lock()
@@ -169,7 +156,6 @@ type pipeConn struct {
 	pending map[uint16]chan *dns.Msg
 	nextID  uint16
 	dead    error
-	maxSeen int // most queries in flight at once, for tests
 }
 
 func newPipeConn(c net.Conn) *pipeConn {
@@ -210,7 +196,6 @@ func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	}
 	c.nextID = id
 	c.pending[id] = ch
-	c.maxSeen = max(c.maxSeen, len(c.pending))
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()

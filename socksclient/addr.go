@@ -134,7 +134,7 @@ func addrLen(atyp, next byte) (int, error) {
 		}
 		return 1 + 1 + int(next) + 2, nil
 	}
-	return 0, &ProtocolError{Frame: "address", Msg: fmt.Sprintf("unknown address type 0x%02x", atyp), unknownATYP: true}
+	return 0, protoErr("address", fmt.Sprintf("unknown address type 0x%02x", atyp))
 }
 
 // parseAddr decodes ATYP+ADDR+PORT at the start of b.

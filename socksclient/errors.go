@@ -44,8 +44,7 @@ type ProtocolError struct {
 	Frame string // which frame was being decoded, e.g. "reply"
 	Msg   string
 
-	truncated   bool
-	unknownATYP bool
+	truncated bool
 }
 
 func (e *ProtocolError) Error() string {
