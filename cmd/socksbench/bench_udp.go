@@ -24,7 +24,7 @@ import (
 // limits it.
 func benchUDP(h *harness, cfg benchConfig) {
 	iperf := peertest.Require(h, "iperf3")
-	dante := peertest.Dante(h, peertest.DanteOptions{})
+	dante := peertest.Dante(h, peertest.DanteOptions{Extra: os.Getenv("DANTE_EXTRA")})
 	iperfPort := peertest.FreePort(h)
 	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(iperfPort), "--forceflush")
 	peertest.WaitOutput(h, srv, "Server listening")
@@ -49,10 +49,11 @@ func benchUDP(h *harness, cfg benchConfig) {
 				addr = fwdAddr
 			}
 			cpu := startCPU()
-			drops := udpRcvbufErrors()
+			drops, perSocket := udpRcvbufErrors(), udpDrops()
 			lost, mbps := iperfUDP(h, iperf, addr, rate, cfg.seconds)
 			busiest := cpu.busiest()
 			drops = udpRcvbufErrors() - drops
+			where := dropsSince(perSocket)
 			verdict := ""
 			if way == "socksfwd" {
 				switch rate {
@@ -62,8 +63,8 @@ func benchUDP(h *harness, cfg benchConfig) {
 					verdict = barText(mbps >= 250 || cpu.percent("danted") >= 95, "≥ 250 Mbit/s unless Dante ≥ 95 % CPU")
 				}
 			}
-			fmt.Printf("%-26s %-10s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  socket-buffer drops %d  busiest: %s%s\n",
-				"udp-iperf3-1200B", way, rate, mbps, lost, drops, busiest, verdict)
+			fmt.Printf("%-26s %-10s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  socket-buffer drops %d (%s)  busiest: %s%s\n",
+				"udp-iperf3-1200B", way, rate, mbps, lost, drops, where, busiest, verdict)
 		}
 	}
 
@@ -243,6 +244,71 @@ func udpRcvbufErrors() int {
 		}
 	}
 	return 0
+}
+
+// udpDrops is the receive-buffer drop count of every UDP socket in the
+// namespace (the drops column of /proc/net/udp and udp6), by inode.
+func udpDrops() map[string]int {
+	out := map[string]int{}
+	for _, f := range []string{"/proc/net/udp", "/proc/net/udp6"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fs := strings.Fields(line)
+			if len(fs) < 13 {
+				continue
+			}
+			if n, err := strconv.Atoi(fs[len(fs)-1]); err == nil {
+				out[fs[9]] = n
+			}
+		}
+	}
+	return out
+}
+
+// dropsSince names the processes whose sockets dropped datagrams since
+// before, e.g. "socksfwd 2000, danted 10": where a flood was lost.
+func dropsSince(before map[string]int) string {
+	owner := map[string]string{} // socket inode → command
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		t, ok := readProcStat(pid)
+		if !ok {
+			continue
+		}
+		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		for _, fd := range fds {
+			l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+			if err == nil && strings.HasPrefix(l, "socket:[") {
+				owner[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] = t.comm
+			}
+		}
+	}
+	by := map[string]int{}
+	for inode, n := range udpDrops() {
+		if d := n - before[inode]; d > 0 {
+			name := owner[inode]
+			if name == "" {
+				name = "closed socket"
+			}
+			by[name] += d
+		}
+	}
+	var parts []string
+	for name, n := range by {
+		parts = append(parts, fmt.Sprintf("%s %d", name, n))
+	}
+	sort.Strings(parts)
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, ", ")
 }
 
 // socksUDPFlood sends paced 1200-byte datagrams at rate through its own UDP

@@ -23,6 +23,9 @@ type DanteOptions struct {
 	Hosts map[string]string
 	// Port to listen on (default: a free one).
 	Port int
+	// Extra is appended to the global section of danted.conf, e.g. socket
+	// options for benchmarks.
+	Extra string
 }
 
 // Dante starts danted (CONNECT, BIND, UDP ASSOCIATE) on loopback.
@@ -49,6 +52,7 @@ clientmethod: none
 socksmethod: %s
 user.privileged: root
 user.unprivileged: nobody
+%s
 client pass {
 	from: 127.0.0.0/8 to: 0.0.0.0/0
 	log: error
@@ -63,7 +67,7 @@ socks pass {
 	command: bindreply udpreply
 	log: error
 }
-`, port, method)
+`, port, method, opt.Extra)
 	path := writeFile(t, dir, "danted.conf", conf)
 	argv := WithHosts(t, opt.Hosts, bin, "-f", path, "-p", filepath.Join(dir, "danted.pid"))
 	p := Start(t, "danted", argv...)
