@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
+	"github.com/socksfwd/socksfwd/internal/udpbatch"
 )
 
 // MaxUDPHeaderLen is the longest UDP request header (RFC 1928 §7): RSV,
@@ -106,20 +107,73 @@ func (u *UDPConn) Alive() bool { return !u.ctrlDead.Load() }
 // written into buf[:off] right before the payload, so nothing is copied;
 // off must be at least the header's length (MaxUDPHeaderLen always is).
 func (u *UDPConn) WritePacket(buf []byte, off int, dst Addr) error {
+	start, err := u.wrap(buf, off, dst)
+	if err != nil {
+		return err
+	}
+	_, err = u.pc.Write(buf[start:])
+	return u.fail(err)
+}
+
+// wrap writes the header for dst into buf right before off and returns
+// where the datagram starts.
+func (u *UDPConn) wrap(buf []byte, off int, dst Addr) (int, error) {
 	hlen := udpHeaderLen(dst)
 	if hlen < 0 || off < hlen {
-		return fmt.Errorf("socks udp: %d bytes of headroom, need %d", off, hlen)
+		return 0, fmt.Errorf("socks udp: %d bytes of headroom, need %d", off, hlen)
 	}
 	if len(buf)-off+hlen > MaxUDPDatagram {
 		u.stats.TooLarge.Add(1)
-		return ErrDatagramTooLarge
+		return 0, ErrDatagramTooLarge
 	}
 	start := off - hlen
 	if _, err := (UDPHeader{Addr: dst}).AppendTo(buf[start:start]); err != nil {
+		return 0, err
+	}
+	return start, nil
+}
+
+// UDPBatch queues datagrams for one association and sends them with as
+// few system calls as the kernel allows (sendmmsg, and one segmented send
+// for a run of equal-sized datagrams). It belongs to one goroutine.
+type UDPBatch struct {
+	u *UDPConn
+	w *udpbatch.Writer
+}
+
+// NewBatch returns a batch of up to n datagrams for u.
+func (u *UDPConn) NewBatch(n int) (*UDPBatch, error) {
+	w, err := udpbatch.NewWriter(u.pc, n)
+	if err != nil {
+		return nil, err
+	}
+	return &UDPBatch{u: u, w: w}, nil
+}
+
+// Conn is the association the batch sends on.
+func (b *UDPBatch) Conn() *UDPConn { return b.u }
+
+// Add queues buf[off:] for dst, writing the SOCKS header into buf[:off]
+// as WritePacket does. buf must stay untouched until Flush.
+func (b *UDPBatch) Add(buf []byte, off int, dst Addr) error {
+	start, err := b.u.wrap(buf, off, dst)
+	if err != nil {
 		return err
 	}
-	_, err := u.pc.Write(buf[start:])
-	return u.fail(err)
+	b.w.Add(buf[start:], netip.AddrPort{})
+	return nil
+}
+
+// Len is the number of queued datagrams; Full reports no room for more.
+func (b *UDPBatch) Len() int   { return b.w.Len() }
+func (b *UDPBatch) Full() bool { return b.w.Full() }
+
+// Flush sends the queued datagrams and returns how many went. The error is
+// the first send's failure, ErrAssociationClosed once the control
+// connection is gone.
+func (b *UDPBatch) Flush() (int, error) {
+	n, err := b.w.Flush()
+	return n, b.u.fail(err)
 }
 
 // ReadPacket reads the next datagram from the relay into buf and returns

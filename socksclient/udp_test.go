@@ -143,6 +143,62 @@ func TestAssociateControlClosed(t *testing.T) {
 	}
 }
 
+// A batch wraps each datagram in place and sends them all; the relay sees
+// separate datagrams with their own headers, equal-sized runs included.
+func TestUDPBatch(t *testing.T) {
+	echo := echoAddr(t)
+	u, err := associate(t, sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := u.NewBatch(8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sizes := []int{1200, 1200, 1200, 5, 9000, 1200, 1200}
+	for i, size := range sizes {
+		buf := make([]byte, socksclient.MaxUDPHeaderLen+size)
+		buf[socksclient.MaxUDPHeaderLen] = byte(i)
+		if err := b.Add(buf, socksclient.MaxUDPHeaderLen, echo); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b.Len() != len(sizes) || b.Full() {
+		t.Fatalf("Len %d Full %v", b.Len(), b.Full())
+	}
+	if sent, err := b.Flush(); sent != len(sizes) || err != nil {
+		t.Fatalf("Flush = %d, %v", sent, err)
+	}
+	got := map[int]int{}
+	in := make([]byte, socksclient.MaxUDPDatagram)
+	u.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for len(got) < len(sizes) {
+		off, n, from, err := u.ReadPacket(in)
+		if err != nil {
+			t.Fatalf("after %d echoes: %v", len(got), err)
+		}
+		if from != echo {
+			t.Fatalf("reply from %v", from)
+		}
+		got[int(in[off])] = n - off
+	}
+	for i, size := range sizes {
+		if got[i] != size {
+			t.Fatalf("datagram %d came back with %d bytes, want %d", i, got[i], size)
+		}
+	}
+	// An oversized datagram is refused at Add; after Close, Flush fails.
+	big := make([]byte, socksclient.MaxUDPHeaderLen+socksclient.MaxUDPDatagram)
+	if err := b.Add(big, socksclient.MaxUDPHeaderLen, echo); !errors.Is(err, socksclient.ErrDatagramTooLarge) {
+		t.Fatalf("Add of an oversized datagram: %v", err)
+	}
+	u.Close()
+	b.Add(make([]byte, socksclient.MaxUDPHeaderLen+1), socksclient.MaxUDPHeaderLen, echo)
+	if _, err := b.Flush(); err == nil {
+		t.Fatal("Flush on a closed association succeeded")
+	}
+}
+
 func TestDialUDPTarget(t *testing.T) {
 	echo := testnet.UDPEcho(t).LocalAddr().String()
 	srv, err := sockstest.NewServer(sockstest.Config{})

@@ -12,6 +12,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
+	"github.com/socksfwd/socksfwd/internal/udpbatch"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
@@ -107,45 +108,58 @@ type udpPacket struct {
 	n   int
 }
 
+// udpReadBatch is how many client datagrams Serve takes per system call.
+// Each slot can hold the largest datagram; only the pages datagrams touch
+// become resident.
+const udpReadBatch = 32
+
 // Serve reads client datagrams until Close (or ctx is done) and hands each
 // to its source's session. It returns nil on such a stop.
+//
+// Datagrams come in batches (recvmmsg). Those of sessions with a live
+// association are wrapped in place and sent from here, a batch per
+// session (sendmmsg, or one segmented send for a run of equal sizes): no
+// copy, no hand-off, no wake-up of the session goroutine. The others are
+// copied to the session, which associates first.
 func (f *UDPForward) Serve(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { f.Close() })
 	defer stop()
+	slots := make([][]byte, udpReadBatch)
+	for i := range slots {
+		slots[i] = make([]byte, socksclient.MaxUDPHeaderLen+socksclient.MaxUDPDatagram)
+	}
+	r, err := udpbatch.NewReader(f.pc, slots, socksclient.MaxUDPHeaderLen, true)
+	if err != nil {
+		return err
+	}
+	pending := make([]*udpSession, 0, udpReadBatch) // sessions with queued datagrams
 	for {
-		bp := udpBufPool.Get().(*[]byte)
-		n, src, err := f.pc.ReadFromUDPAddrPort((*bp)[socksclient.MaxUDPHeaderLen:])
+		n, err := r.Read()
 		if err != nil {
-			udpBufPool.Put(bp)
 			if f.isClosed() || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
 			continue // e.g. ICMP errors surfacing on the socket
 		}
-		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-		s := f.session(src)
-		if s == nil {
-			udpBufPool.Put(bp)
-			continue
-		}
-		// Fast path: with a live association, send from this goroutine; no
-		// hand-off, no wake-up of the session goroutine.
-		if a := s.live.Load(); a != nil && a.Alive() {
-			s.touch()
-			if a.WritePacket((*bp)[:socksclient.MaxUDPHeaderLen+n], socksclient.MaxUDPHeaderLen, f.cfg.Target) == nil {
-				s.up.Add(1)
-				f.stats.DatagramsUp.Add(1)
-				udpBufPool.Put(bp)
+		for i := range n {
+			s := f.session(r.Addr(i))
+			if s == nil {
 				continue
 			}
-			// Just dropped by the proxy: the session re-associates and resends.
+			s.touch()
+			if s.queueFast(r.Slot(i), i) {
+				if len(s.fastSlots) == 1 {
+					pending = append(pending, s)
+				}
+				continue
+			}
+			s.handOff(r.Slot(i))
 		}
-		select {
-		case s.in <- udpPacket{bp, n}:
-		default:
-			f.stats.DroppedQueue.Add(1)
-			udpBufPool.Put(bp)
+		for _, s := range pending {
+			s.flushFast(r)
 		}
+		clear(pending)
+		pending = pending[:0]
 	}
 }
 
@@ -227,6 +241,10 @@ type udpSession struct {
 	// live is the association once built, for Serve's fast path.
 	live atomic.Pointer[socksclient.UDPConn]
 
+	// Owned by Serve: the batch for live, and which read slots it holds.
+	fast      *socksclient.UDPBatch
+	fastSlots []int
+
 	// Owned by serve:
 	assoc     *socksclient.UDPConn
 	readDone  chan struct{}
@@ -236,6 +254,56 @@ type udpSession struct {
 }
 
 func (s *udpSession) touch() { s.lastIO.Store(time.Now().UnixNano()) }
+
+// queueFast queues a client datagram (slot: headroom, then payload) for
+// the live association; false when there is none. Serve only.
+func (s *udpSession) queueFast(slot []byte, idx int) bool {
+	a := s.live.Load()
+	if a == nil || !a.Alive() {
+		return false
+	}
+	if s.fast == nil || s.fast.Conn() != a {
+		b, err := a.NewBatch(udpReadBatch)
+		if err != nil {
+			return false
+		}
+		s.fast = b
+		s.fastSlots = make([]int, 0, udpReadBatch)
+	}
+	if err := s.fast.Add(slot, socksclient.MaxUDPHeaderLen, s.f.cfg.Target); err != nil {
+		return false // too large: the session path counts and drops it
+	}
+	s.fastSlots = append(s.fastSlots, idx)
+	return true
+}
+
+// flushFast sends the queued datagrams. Those that found the association
+// just dropped by the proxy go to the session, which associates again and
+// resends them.
+func (s *udpSession) flushFast(r *udpbatch.Reader) {
+	sent, err := s.fast.Flush()
+	s.up.Add(int64(sent))
+	s.f.stats.DatagramsUp.Add(int64(sent))
+	if errors.Is(err, socksclient.ErrAssociationClosed) {
+		for _, idx := range s.fastSlots[sent:] {
+			s.handOff(r.Slot(idx))
+		}
+	}
+	s.fastSlots = s.fastSlots[:0]
+}
+
+// handOff copies a client datagram (slot: headroom, then payload) to the
+// session goroutine. Serve only.
+func (s *udpSession) handOff(slot []byte) {
+	bp := udpBufPool.Get().(*[]byte)
+	n := copy((*bp)[socksclient.MaxUDPHeaderLen:], slot[socksclient.MaxUDPHeaderLen:])
+	select {
+	case s.in <- udpPacket{bp, n}:
+	default:
+		s.f.stats.DroppedQueue.Add(1)
+		udpBufPool.Put(bp)
+	}
+}
 
 // serve owns the session: it sends the client's datagrams through an
 // association, which it builds on the first datagram and builds again when

@@ -103,6 +103,56 @@ func TestUDPForwardEcho(t *testing.T) {
 	}
 }
 
+// Bursts from several clients, interleaved, are read and sent in batches:
+// every datagram must reach the target and its echo the right client,
+// byte-exact, whatever the grouping (equal sizes go as one segmented send,
+// a shorter one ends a run).
+func TestUDPForwardBurstsFromSeveralClients(t *testing.T) {
+	f, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{})
+	clients := []*net.UDPConn{udpClient(t, "udp4"), udpClient(t, "udp4"), udpClient(t, "udp4")}
+	for i, c := range clients { // sessions and associations first
+		if err := udpRoundTrip(c, fwd, []byte{byte(i)}, 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const perClient = 40
+	msg := func(client, seq int) []byte {
+		size := 1200
+		if seq%7 == 6 {
+			size = 100 + seq // a shorter one now and then
+		}
+		b := bytes.Repeat([]byte{byte(client)}, size)
+		b[1] = byte(seq)
+		return b
+	}
+	for seq := range perClient {
+		for i, c := range clients {
+			if _, err := c.WriteToUDP(msg(i, seq), fwd); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	buf := make([]byte, 2048)
+	for i, c := range clients {
+		seen := make(map[int]bool)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		for len(seen) < perClient {
+			n, _, err := c.ReadFromUDP(buf)
+			if err != nil {
+				t.Fatalf("client %d: %d of %d echoes: %v", i, len(seen), perClient, err)
+			}
+			seq := int(buf[1])
+			if want := msg(i, seq); !bytes.Equal(buf[:n], want) {
+				t.Fatalf("client %d got %d bytes for seq %d, want %d bytes of its own", i, n, seq, len(want))
+			}
+			seen[seq] = true
+		}
+	}
+	if n := f.Sessions(); n != len(clients) {
+		t.Fatalf("%d sessions, want %d", n, len(clients))
+	}
+}
+
 func TestUDPForwardIPv6(t *testing.T) {
 	_, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{listen: "[::1]:0"})
 	c := udpClient(t, "udp6")

@@ -7,11 +7,14 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/testnet"
@@ -22,9 +25,21 @@ import (
 // round-trip latency of 64-byte datagrams, through socksfwd → Dante beside
 // direct. Each row names the busiest process, so a reader knows what
 // limits it.
+//
+// Dante runs on a CPU of its own and everything else on the other, as a
+// proxy on another host would: on two shared CPUs the traffic generator
+// alone takes one, and Dante, starved, drops datagrams however little the
+// forwarder in front of it uses.
 func benchUDP(h *harness, cfg benchConfig) {
 	iperf := peertest.Require(h, "iperf3")
-	dante := peertest.Dante(h, peertest.DanteOptions{Extra: os.Getenv("DANTE_EXTRA")})
+	split := runtime.NumCPU() >= 2
+	if split {
+		pinSelf(h, 1) // Dante's processes inherit it
+	}
+	dante := peertest.Dante(h, peertest.DanteOptions{})
+	if split {
+		pinSelf(h, 0) // iperf3, socksfwd and this process
+	}
 	iperfPort := peertest.FreePort(h)
 	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(iperfPort), "--forceflush")
 	peertest.WaitOutput(h, srv, "Server listening")
@@ -68,6 +83,9 @@ func benchUDP(h *harness, cfg benchConfig) {
 		}
 	}
 
+	if split {
+		pinSelf(h) // the latency rows run unpinned, but for Dante
+	}
 	echo := testnet.UDPEcho(h).LocalAddr().String()
 	echoFwdPort := peertest.FreePort(h)
 	echoFwd := "127.0.0.1:" + strconv.Itoa(echoFwdPort)
@@ -81,21 +99,30 @@ func benchUDP(h *harness, cfg benchConfig) {
 		h.Fatalf("UDP associate with Dante: %v", err)
 	}
 	defer viaDante.Close()
-	for _, way := range []string{"direct", "dante-only", "socksfwd"} {
-		var c net.Conn = viaDante
-		if way != "dante-only" {
-			addr := echo
-			if way == "socksfwd" {
-				addr = echoFwd
-			}
-			if c, err = net.Dial("udp", addr); err != nil {
-				h.Fatalf("%v", err)
-			}
+	// Interleaved rounds, so that a noisy moment on a shared machine hits
+	// every way alike; percentiles over all rounds' samples.
+	ways := []string{"direct", "dante-only", "socksfwd"}
+	conns := map[string]net.Conn{"dante-only": viaDante}
+	for _, way := range []string{"direct", "socksfwd"} {
+		addr := echo
+		if way == "socksfwd" {
+			addr = echoFwd
 		}
-		p50, p99 := udpEchoLatency(h, c, 2000)
-		if way != "dante-only" {
-			c.Close()
+		c, err := net.Dial("udp", addr)
+		if err != nil {
+			h.Fatalf("%v", err)
 		}
+		defer c.Close()
+		conns[way] = c
+	}
+	rtts := map[string][]time.Duration{}
+	for range 5 {
+		for _, way := range ways {
+			rtts[way] = append(rtts[way], udpEchoRTTs(h, conns[way], 400)...)
+		}
+	}
+	for _, way := range ways {
+		p50, p99 := percentiles(rtts[way])
 		verdict := ""
 		if way == "socksfwd" {
 			verdict = barText(p50 <= 150*time.Microsecond, "p50 ≤ 150 µs")
@@ -133,8 +160,8 @@ func iperfUDP(h *harness, iperf, addr, rate string, secs int) (lostPct, mbps flo
 	return res.End.SumReceived.LostPercent, res.End.SumReceived.BitsPerSecond / 1e6
 }
 
-// udpEchoLatency measures n sequential 64-byte round trips over c.
-func udpEchoLatency(h *harness, c net.Conn, n int) (p50, p99 time.Duration) {
+// udpEchoRTTs measures n sequential 64-byte round trips over c.
+func udpEchoRTTs(h *harness, c net.Conn, n int) []time.Duration {
 	msg, buf := make([]byte, 64), make([]byte, 512)
 	rtts := make([]time.Duration, 0, n)
 	for i := 0; len(rtts) < n && i < 2*n; i++ {
@@ -152,6 +179,10 @@ func udpEchoLatency(h *harness, c net.Conn, n int) (p50, p99 time.Duration) {
 	if len(rtts) == 0 {
 		h.Fatalf("no echo through %s", c.RemoteAddr())
 	}
+	return rtts
+}
+
+func percentiles(rtts []time.Duration) (p50, p99 time.Duration) {
 	sort.Slice(rtts, func(i, j int) bool { return rtts[i] < rtts[j] })
 	return rtts[len(rtts)/2], rtts[len(rtts)*99/100]
 }
@@ -309,6 +340,30 @@ func dropsSince(before map[string]int) string {
 		return "none"
 	}
 	return strings.Join(parts, ", ")
+}
+
+// pinSelf binds every thread of this process, and so the processes it
+// starts from now on, to cpus (all CPUs when none are given).
+func pinSelf(h *harness, cpus ...int) {
+	var set unix.CPUSet
+	for _, c := range cpus {
+		set.Set(c)
+	}
+	if len(cpus) == 0 {
+		for c := range runtime.NumCPU() {
+			set.Set(c)
+		}
+	}
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		h.Fatalf("%v", err)
+	}
+	for _, t := range tasks {
+		tid, _ := strconv.Atoi(t.Name())
+		if err := unix.SchedSetaffinity(tid, &set); err != nil {
+			h.Fatalf("pin thread %d to CPUs %v: %v", tid, cpus, err)
+		}
+	}
 }
 
 // socksUDPFlood sends paced 1200-byte datagrams at rate through its own UDP
