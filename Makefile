@@ -10,7 +10,7 @@ FUZZTIME ?= 10s
 # command → Debian package, for everything the tests start or drive.
 PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:openssh-client \
 	ss-server:shadowsocks-libev dnsmasq:dnsmasq-base dig:dnsutils kdig:knot-dnsutils dnsperf:dnsperf \
-	psql:postgresql-client ip:iproute2 iperf3:iperf3 proxychains4:proxychains4 \
+	psql:postgresql-client ip:iproute2 iperf3:iperf3 proxychains4:proxychains4 socat:socat \
 	/usr/lib/postgresql/15/bin/initdb:postgresql
 
 .PHONY: all build test demo bench fuzz lint deps peer-versions clean

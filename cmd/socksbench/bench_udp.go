@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
@@ -37,6 +38,10 @@ func benchUDP(h *harness, cfg benchConfig) {
 		pinSelf(h, 1) // Dante's processes inherit it
 	}
 	dante := peertest.Dante(h, peertest.DanteOptions{})
+	// A second Dante with 4 MiB socket buffers, socksfwd's own size: with
+	// the kernel's default (about 208 KB) Dante drops bursts at 1 Gbit/s
+	// while its CPU still has room.
+	bigDante := peertest.Dante(h, peertest.DanteOptions{Extra: "internal.socket.so_rcvbufforce: 4194304\nexternal.socket.so_rcvbufforce: 4194304"})
 	if split {
 		pinSelf(h, 0) // iperf3, socksfwd and this process
 	}
@@ -53,15 +58,32 @@ func benchUDP(h *harness, cfg benchConfig) {
 		"-S", dante.Addr, "--log-format", "json")
 	peertest.WaitOutput(h, p, `/udp →`)
 
+	bigFwdAddr := "127.0.0.1:" + strconv.Itoa(peertest.FreePort(h))
+	pb := peertest.Start(h, "socksfwd", cfg.socksfwd, "-L", bigFwdAddr+":"+iperfAddr, "-L", bigFwdAddr+":"+iperfAddr+"/udp",
+		"-S", bigDante.Addr, "--log-format", "json")
+	peertest.WaitOutput(h, pb, `/udp →`)
+
+	type run struct {
+		rate, suffix, proxy, fwd string
+	}
+	var runs []run
 	for _, rate := range []string{"100M", "300M", "1G"} {
+		runs = append(runs, run{rate, "", dante.Addr, fwdAddr})
+	}
+	runs = append(runs, run{"1G", "-dante4MiB", bigDante.Addr, bigFwdAddr})
+	for _, r := range runs {
+		rate := r.rate
 		cpu := startCPU()
-		lost, mbps := socksUDPFlood(h, dante.Addr, rate, cfg.seconds)
+		lost, mbps := socksUDPFlood(h, r.proxy, rate, cfg.seconds)
 		fmt.Printf("%-26s %-10s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  busiest: %s  (Dante's own ceiling: this process speaks SOCKS UDP to it)\n",
-			"udp-flood-1200B", "dante-only", rate, mbps, lost, cpu.busiest())
+			"udp-flood-1200B"+r.suffix, "dante-only", rate, mbps, lost, cpu.busiest())
 		for _, way := range []string{"direct", "socksfwd"} {
+			if way == "direct" && r.suffix != "" {
+				continue // no Dante in it
+			}
 			addr := iperfAddr
 			if way == "socksfwd" {
-				addr = fwdAddr
+				addr = r.fwd
 			}
 			cpu := startCPU()
 			drops, perSocket := udpRcvbufErrors(), udpDrops()
@@ -79,7 +101,7 @@ func benchUDP(h *harness, cfg benchConfig) {
 				}
 			}
 			fmt.Printf("%-26s %-10s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  socket-buffer drops %d (%s)  busiest: %s%s\n",
-				"udp-iperf3-1200B", way, rate, mbps, lost, drops, where, busiest, verdict)
+				"udp-iperf3-1200B"+r.suffix, way, rate, mbps, lost, drops, where, busiest, verdict)
 		}
 	}
 
@@ -99,15 +121,20 @@ func benchUDP(h *harness, cfg benchConfig) {
 		h.Fatalf("UDP associate with Dante: %v", err)
 	}
 	defer viaDante.Close()
+	// What one relay hop costs by itself: socat (C) between client and
+	// echo, no SOCKS. socksfwd's row should exceed dante-only by about this.
+	socat := peertest.Require(h, "socat")
+	socatPort := peertest.FreePort(h)
+	socatAddr := "127.0.0.1:" + strconv.Itoa(socatPort)
+	peertest.Start(h, "socat", socat, "-T", "600",
+		"UDP4-LISTEN:"+strconv.Itoa(socatPort)+",bind=127.0.0.1,reuseaddr", "UDP4:"+echo)
+	waitUDPBound(h, socatAddr)
+
 	// Interleaved rounds, so that a noisy moment on a shared machine hits
 	// every way alike; percentiles over all rounds' samples.
-	ways := []string{"direct", "dante-only", "socksfwd"}
+	ways := []string{"direct", "socat-hop", "dante-only", "socksfwd"}
 	conns := map[string]net.Conn{"dante-only": viaDante}
-	for _, way := range []string{"direct", "socksfwd"} {
-		addr := echo
-		if way == "socksfwd" {
-			addr = echoFwd
-		}
+	for way, addr := range map[string]string{"direct": echo, "socat-hop": socatAddr, "socksfwd": echoFwd} {
 		c, err := net.Dial("udp", addr)
 		if err != nil {
 			h.Fatalf("%v", err)
@@ -340,6 +367,20 @@ func dropsSince(before map[string]int) string {
 		return "none"
 	}
 	return strings.Join(parts, ", ")
+}
+
+// waitUDPBound waits (at most 5 s) until something has bound addr: our
+// own bind to it fails then.
+func waitUDPBound(h *harness, addr string) {
+	ua := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr))
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		c, err := net.ListenUDP("udp4", ua)
+		if err != nil {
+			return
+		}
+		c.Close()
+	}
+	h.Fatalf("nothing bound %s within 5 s", addr)
 }
 
 // pinSelf binds every thread of this process, and so the processes it
