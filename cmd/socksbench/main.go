@@ -52,6 +52,8 @@ func main() {
 			bench(h, cfg)
 			benchUDP(h, cfg)
 			benchDNS(h, cfg)
+		case "bench-tcp":
+			bench(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
 		case "bench-udp":
 			benchUDP(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
 		case "bench-mem":
