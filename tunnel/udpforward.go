@@ -59,6 +59,7 @@ type UDPStats struct {
 	DatagramsDown atomic.Int64 // target → client
 	DroppedFull   atomic.Int64 // new source while the table was full
 	DroppedQueue  atomic.Int64 // session queue full, or no association
+	DroppedLarge  atomic.Int64 // longer than a slot: only IPv6 allows it
 }
 
 // UDPForward relays datagrams from local clients to one target: one session
@@ -142,6 +143,12 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 			continue // e.g. ICMP errors surfacing on the socket
 		}
 		for i := range n {
+			if r.Truncated(i) {
+				// Over 65 507 bytes, possible on IPv6 only: it could not
+				// carry a SOCKS header anyway. Never forward a cut one.
+				f.stats.DroppedLarge.Add(1)
+				continue
+			}
 			s := f.session(r.Addr(i))
 			if s == nil {
 				continue

@@ -161,6 +161,22 @@ func TestUDPForwardIPv6(t *testing.T) {
 	}
 }
 
+// A datagram longer than any SOCKS relay could take (IPv6 allows 65 527
+// bytes) is dropped whole and counted, never forwarded cut short.
+func TestUDPForwardDropsOversized(t *testing.T) {
+	f, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{listen: "[::1]:0"})
+	c := udpClient(t, "udp6")
+	if _, err := c.WriteToUDP(make([]byte, 65520), fwd); err != nil {
+		t.Skipf("cannot send 65 520 bytes over IPv6 loopback here: %v", err)
+	}
+	if err := udpRoundTrip(c, fwd, []byte("after"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if f.Stats().DroppedLarge.Load() != 1 {
+		t.Fatalf("DroppedLarge = %d, want 1", f.Stats().DroppedLarge.Load())
+	}
+}
+
 func TestUDPForwardSessionCap(t *testing.T) {
 	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{maxSessions: 1})
 	first, second := udpClient(t, "udp4"), udpClient(t, "udp4")
