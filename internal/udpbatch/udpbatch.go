@@ -257,16 +257,17 @@ func (w *Writer) refusedGSO(err error, size int) bool {
 
 // run returns the end of the run of datagrams starting at i that can go as
 // one segmented send: same destination, same size (the last may be
-// shorter), within the kernel's limits.
+// shorter), within the kernel's limits. Empty datagrams never join a run:
+// segmentation cannot produce them.
 func (w *Writer) run(i int) int {
 	size := w.iovs[i].Len
-	if int(size) > w.gsoMax {
+	if size == 0 || int(size) > w.gsoMax {
 		return i + 1
 	}
 	total := size
 	j := i + 1
 	for ; j < w.n && j-i < maxSegments; j++ {
-		if w.dests[j] != w.dests[i] || w.iovs[j].Len > size || total+w.iovs[j].Len > maxGSOBytes {
+		if w.dests[j] != w.dests[i] || w.iovs[j].Len > size || w.iovs[j].Len == 0 || total+w.iovs[j].Len > maxGSOBytes {
 			break
 		}
 		total += w.iovs[j].Len

@@ -76,6 +76,8 @@ func TestWriterSendsEveryDatagramWhole(t *testing.T) {
 		{"shorter then longer", []int{1200, 7, 1200, 1200}},
 		{"mixed", []int{1, 1400, 9000, 9000, 65000, 3, 3, 3}},
 		{"empty datagram", []int{0, 5, 5}},
+		{"empty datagrams", []int{0, 0, 0}},
+		{"empty after a run", []int{5, 5, 0, 5}},
 		{"longer than a run may be", slices.Repeat([]int{1210}, 60)},
 		{"over 64 segments", slices.Repeat([]int{100}, 100)},
 	} {
