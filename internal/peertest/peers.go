@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -235,11 +236,10 @@ func Shadowsocks(t TB) Peer {
 func Dnsmasq(t TB, a map[string]string, txt map[string]string) Peer {
 	t.Helper()
 	bin := Require(t, "dnsmasq")
-	port := FreePort(t)
 	// Not --no-daemon: in that mode dnsmasq serves one TCP connection at a
 	// time, and a pooled idle connection would block every other.
 	argv := []string{bin, "--keep-in-foreground", "--no-resolv", "--no-hosts",
-		"--bind-interfaces", "--listen-address=127.0.0.1", "--port=" + strconv.Itoa(port),
+		"--bind-interfaces", "--listen-address=127.0.0.1",
 		"--user=root", "--pid-file=", "--log-facility=-", "--edns-packet-max=4096"}
 	zones := map[string]bool{}
 	for name, ip := range a {
@@ -260,9 +260,9 @@ func Dnsmasq(t TB, a map[string]string, txt map[string]string) Peer {
 	for name, text := range txt {
 		argv = append(argv, "--txt-record="+name+","+text)
 	}
-	p := Start(t, "dnsmasq", argv...)
-	addr := hostPort(port)
-	WaitTCP(t, p, addr)
+	p, addr := StartListening(t, "dnsmasq", func(port int) []string {
+		return append(slices.Clip(argv), "--port="+strconv.Itoa(port))
+	})
 	return Peer{Addr: addr, Proc: p}
 }
 
@@ -271,13 +271,12 @@ func Dnsmasq(t TB, a map[string]string, txt map[string]string) Peer {
 func DnsmasqWildcard(t TB, domain, ip string) Peer {
 	t.Helper()
 	bin := Require(t, "dnsmasq")
-	port := FreePort(t)
-	p := Start(t, "dnsmasq", bin, "--keep-in-foreground", "--no-resolv", "--no-hosts",
-		"--bind-interfaces", "--listen-address=127.0.0.1", "--port="+strconv.Itoa(port),
-		"--user=root", "--pid-file=", "--cache-size=0", "--dns-forward-max=1000",
-		"--local-ttl=300", // answers to cache (the default TTL 0 may not be cached)
-		"--address=/"+domain+"/"+ip)
-	addr := hostPort(port)
-	WaitTCP(t, p, addr)
+	p, addr := StartListening(t, "dnsmasq", func(port int) []string {
+		return []string{bin, "--keep-in-foreground", "--no-resolv", "--no-hosts",
+			"--bind-interfaces", "--listen-address=127.0.0.1", "--port=" + strconv.Itoa(port),
+			"--user=root", "--pid-file=", "--cache-size=0", "--dns-forward-max=1000",
+			"--local-ttl=300", // answers to cache (the default TTL 0 may not be cached)
+			"--address=/" + domain + "/" + ip}
+	})
 	return Peer{Addr: addr, Proc: p}
 }

@@ -67,12 +67,44 @@ func RequireRoot(t TB) {
 // FreePort returns a loopback port that was free a moment ago.
 func FreePort(t TB) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("free port: %v", err)
+	// Free on UDP too: peers such as dnsmasq bind both, and an ephemeral
+	// UDP socket of another test may hold a number TCP has free.
+	for range 20 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("free port: %v", err)
+		}
+		port := ln.Addr().(*net.TCPAddr).Port
+		pc, err := net.ListenPacket("udp", hostPort(port))
+		ln.Close()
+		if err == nil {
+			pc.Close()
+			return port
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	t.Fatalf("free port: no port free on both TCP and UDP in 20 tries")
+	return 0
+}
+
+// StartListening starts a peer whose command line argv(port) makes it
+// listen on port (TCP and maybe UDP), and waits until it accepts TCP
+// connections. A port taken between choosing and binding it (by another
+// test's socket) gets a new one, up to three times.
+func StartListening(t TB, name string, argv func(port int) []string) (*Proc, string) {
+	t.Helper()
+	for attempt := 1; ; attempt++ {
+		port := FreePort(t)
+		addr := hostPort(port)
+		p := Start(t, name, argv(port)...)
+		err := waitTCP(p, addr)
+		if err == nil {
+			return p, addr
+		}
+		if attempt < 3 && p.Exited() && strings.Contains(p.Output(), "in use") {
+			continue
+		}
+		t.Fatalf("%v", err)
+	}
 }
 
 // Proc is a running peer process.
@@ -149,6 +181,12 @@ func Start(t TB, name string, argv ...string) *Proc {
 // WaitTCP waits until addr accepts connections, failing if p exits first.
 func WaitTCP(t TB, p *Proc, addr string) {
 	t.Helper()
+	if err := waitTCP(p, addr); err != nil {
+		t.Fatalf("%v", err)
+	}
+}
+
+func waitTCP(p *Proc, addr string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
 	for {
@@ -156,10 +194,10 @@ func WaitTCP(t TB, p *Proc, addr string) {
 		c, err := d.DialContext(ctx, "tcp", addr)
 		if err == nil {
 			c.Close()
-			return
+			return nil
 		}
 		if p != nil && p.Exited() {
-			t.Fatalf("%s exited before listening on %s: %v\n%s", p.Name, addr, p.err, p.Output())
+			return fmt.Errorf("%s exited before listening on %s: %v\n%s", p.Name, addr, p.err, p.Output())
 		}
 		select {
 		case <-ctx.Done():
@@ -167,7 +205,7 @@ func WaitTCP(t TB, p *Proc, addr string) {
 			if p != nil {
 				out = p.Output()
 			}
-			t.Fatalf("%s not listening on %s after %s\n%s", nameOf(p), addr, startTimeout, out)
+			return fmt.Errorf("%s not listening on %s after %s\n%s", nameOf(p), addr, startTimeout, out)
 		case <-time.After(20 * time.Millisecond): // a readiness probe, bounded by startTimeout
 		}
 	}

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"sync"
+
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
 
 // TB is the part of testing.TB these helpers use, so that callers outside
@@ -91,6 +93,7 @@ func UDPEcho(t TB) *net.UDPConn {
 	if err != nil {
 		t.Fatal(err)
 	}
+	sockbuf.Grow(pc)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
@@ -405,6 +406,7 @@ func (s *Server) serveAssociate(c net.Conn) {
 		return
 	}
 	defer pc.Close()
+	sockbuf.Grow(pc) // as a real relay would: tests send bursts
 	bound := socksclient.AddrFromAddrPort(pc.LocalAddr().(*net.UDPAddr).AddrPort())
 	if s.cfg.UDPBindUnspecified {
 		bound.IP = netip.IPv4Unspecified()
