@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -27,15 +26,16 @@ import (
 // direct. Each row names the busiest process, so a reader knows what
 // limits it.
 //
-// Dante runs on a CPU of its own and everything else on the other, as a
-// proxy on another host would: on two shared CPUs the traffic generator
-// alone takes one, and Dante, starved, drops datagrams however little the
-// forwarder in front of it uses.
+// Dante runs on a CPU of its own (the last) and everything else on the
+// others, as a proxy on another host would: on two shared CPUs the traffic
+// generator alone takes one, and Dante, starved, drops datagrams however
+// little the forwarder in front of it uses.
 func benchUDP(h *harness, cfg benchConfig) {
 	iperf := peertest.Require(h, "iperf3")
-	split := runtime.NumCPU() >= 2
+	cpus := allowedCPUs(h)
+	split := len(cpus) >= 2
 	if split {
-		pinSelf(h, 1) // Dante's processes inherit it
+		pinSelf(h, cpus[len(cpus)-1]) // Dante's processes inherit it
 	}
 	dante := peertest.Dante(h, peertest.DanteOptions{})
 	// A second Dante with 4 MiB socket buffers, socksfwd's own size: with
@@ -43,7 +43,7 @@ func benchUDP(h *harness, cfg benchConfig) {
 	// while its CPU still has room.
 	bigDante := peertest.Dante(h, peertest.DanteOptions{Extra: "internal.socket.so_rcvbufforce: 4194304\nexternal.socket.so_rcvbufforce: 4194304"})
 	if split {
-		pinSelf(h, 0) // iperf3, socksfwd and this process
+		pinSelf(h, cpus[:len(cpus)-1]...) // iperf3, socksfwd and this process
 	}
 	iperfPort := peertest.FreePort(h)
 	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(iperfPort), "--forceflush")
@@ -106,7 +106,7 @@ func benchUDP(h *harness, cfg benchConfig) {
 	}
 
 	if split {
-		pinSelf(h) // the latency rows run unpinned, but for Dante
+		pinSelf(h, cpus...) // the latency rows run unpinned, but for Dante
 	}
 	echo := testnet.UDPEcho(h).LocalAddr().String()
 	echoFwdPort := peertest.FreePort(h)
@@ -383,17 +383,27 @@ func waitUDPBound(h *harness, addr string) {
 	h.Fatalf("nothing bound %s within 5 s", addr)
 }
 
+// allowedCPUs lists the CPUs this process may run on.
+func allowedCPUs(h *harness) []int {
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		h.Fatalf("CPU affinity: %v", err)
+	}
+	var cpus []int
+	for c := range 1024 {
+		if set.IsSet(c) {
+			cpus = append(cpus, c)
+		}
+	}
+	return cpus
+}
+
 // pinSelf binds every thread of this process, and so the processes it
-// starts from now on, to cpus (all CPUs when none are given).
+// starts from now on, to cpus.
 func pinSelf(h *harness, cpus ...int) {
 	var set unix.CPUSet
 	for _, c := range cpus {
 		set.Set(c)
-	}
-	if len(cpus) == 0 {
-		for c := range runtime.NumCPU() {
-			set.Set(c)
-		}
 	}
 	tasks, err := os.ReadDir("/proc/self/task")
 	if err != nil {
