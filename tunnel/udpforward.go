@@ -142,6 +142,9 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 			}
 			continue // e.g. ICMP errors surfacing on the socket
 		}
+		// A batch mostly comes from one client: look its session up once.
+		var lastSrc netip.AddrPort
+		var s *udpSession
 		for i := range n {
 			if r.Truncated(i) {
 				// Over 65 507 bytes, possible on IPv6 only: it could not
@@ -149,7 +152,9 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 				f.stats.DroppedLarge.Add(1)
 				continue
 			}
-			s := f.session(r.Addr(i))
+			if src := r.Addr(i); s == nil || src != lastSrc {
+				lastSrc, s = src, f.session(src)
+			}
 			if s == nil {
 				continue
 			}
@@ -275,7 +280,9 @@ func (s *udpSession) queueFast(slot []byte, idx int) bool {
 			return false
 		}
 		s.fast = b
-		s.fastSlots = make([]int, 0, udpReadBatch)
+		if s.fastSlots == nil {
+			s.fastSlots = make([]int, 0, udpReadBatch)
+		}
 	}
 	if err := s.fast.Add(slot, socksclient.MaxUDPHeaderLen, s.f.cfg.Target); err != nil {
 		return false // too large: the session path counts and drops it

@@ -264,8 +264,7 @@ func idleMemory(h *harness, cfg benchConfig, echo, proxy, mode string) (idleKB i
 
 // gost starts `gost` forwarding a free port to target through proxy.
 func (h *harness) gost(bin, target, proxy string) string {
-	port := peertest.FreePort(h)
-	local := "127.0.0.1:" + strconv.Itoa(port)
+	local := freeAddr(h)
 	p := peertest.Start(h, "gost", bin, "-L", "tcp://"+local+"/"+target, "-F", "socks5://"+proxy)
 	peertest.WaitTCP(h, p, local)
 	return local

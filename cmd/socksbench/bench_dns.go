@@ -36,8 +36,7 @@ func benchDNS(h *harness, cfg benchConfig) {
 	os.WriteFile(repeat, []byte(rb.String()), 0o644)
 
 	forward := func(transport string) string {
-		port := peertest.FreePort(h)
-		addr := "127.0.0.1:" + strconv.Itoa(port)
+		addr := freeAddr(h)
 		p := peertest.Start(h, "socksfwd", cfg.socksfwd, "--dns", addr, "--dns-upstream", resolver.Addr,
 			"--dns-transport", transport, "-S", dante.Addr, "--log-format", "json")
 		peertest.WaitOutput(h, p, "DNS on")

@@ -52,16 +52,8 @@ func benchUDP(h *harness, cfg benchConfig) {
 
 	// iperf3 -u has a TCP control connection and UDP data on the same port
 	// number: forward both.
-	fwdPort := peertest.FreePort(h)
-	fwdAddr := "127.0.0.1:" + strconv.Itoa(fwdPort)
-	p := peertest.Start(h, "socksfwd", cfg.socksfwd, "-L", fwdAddr+":"+iperfAddr, "-L", fwdAddr+":"+iperfAddr+"/udp",
-		"-S", dante.Addr, "--log-format", "json")
-	peertest.WaitOutput(h, p, `/udp →`)
-
-	bigFwdAddr := "127.0.0.1:" + strconv.Itoa(peertest.FreePort(h))
-	pb := peertest.Start(h, "socksfwd", cfg.socksfwd, "-L", bigFwdAddr+":"+iperfAddr, "-L", bigFwdAddr+":"+iperfAddr+"/udp",
-		"-S", bigDante.Addr, "--log-format", "json")
-	peertest.WaitOutput(h, pb, `/udp →`)
+	fwdAddr := h.socksfwdUDP(cfg.socksfwd, iperfAddr, dante.Addr, true)
+	bigFwdAddr := h.socksfwdUDP(cfg.socksfwd, iperfAddr, bigDante.Addr, true)
 
 	type run struct {
 		rate, suffix, proxy, fwd string
@@ -109,10 +101,7 @@ func benchUDP(h *harness, cfg benchConfig) {
 		pinSelf(h, cpus...) // the latency rows run unpinned, but for Dante
 	}
 	echo := testnet.UDPEcho(h).LocalAddr().String()
-	echoFwdPort := peertest.FreePort(h)
-	echoFwd := "127.0.0.1:" + strconv.Itoa(echoFwdPort)
-	pe := peertest.Start(h, "socksfwd", cfg.socksfwd, "-L", echoFwd+":"+echo+"/udp", "-S", dante.Addr, "--log-format", "json")
-	peertest.WaitOutput(h, pe, `/udp →`)
+	echoFwd := h.socksfwdUDP(cfg.socksfwd, echo, dante.Addr, false)
 	// The floor for any forwarder: this process speaking SOCKS UDP to Dante
 	// itself, as an application linked with a SOCKS library would.
 	d := socksclient.Dialer{ProxyAddr: dante.Addr}

@@ -61,16 +61,44 @@ func (h *harness) TempDir() string {
 	return d
 }
 
+// freeAddr is a free loopback address.
+func freeAddr(h *harness) string { return "127.0.0.1:" + strconv.Itoa(peertest.FreePort(h)) }
+
 // socksfwd starts the binary forwarding a free local port to target via
 // proxy, and returns the local address and the process.
 func (h *harness) socksfwd(bin, target, proxy string, extra ...string) (string, *peertest.Proc) {
-	port := peertest.FreePort(h)
-	local := "127.0.0.1:" + strconv.Itoa(port)
-	args := append([]string{bin, "-L", local + ":" + target, "-S", proxy, "--log-format", "json"}, extra...)
+	local := freeAddr(h)
+	return local, h.startSocksfwd(bin, proxy, []string{local + ":" + target}, extra...)
+}
+
+// socksfwdUDP starts the binary forwarding a free local port to target
+// over UDP (and TCP too, with tcp) via proxy, and returns the local address.
+func (h *harness) socksfwdUDP(bin, target, proxy string, tcp bool) string {
+	local := freeAddr(h)
+	specs := []string{local + ":" + target + "/udp"}
+	if tcp {
+		specs = append([]string{local + ":" + target}, specs...)
+	}
+	h.startSocksfwd(bin, proxy, specs)
+	return local
+}
+
+// startSocksfwd runs the binary with one -L per spec and waits until it has
+// logged the last listener. Not a probe connection: it would reach the
+// target (iperf3 counts it as a test).
+func (h *harness) startSocksfwd(bin, proxy string, specs []string, extra ...string) *peertest.Proc {
+	args := []string{bin}
+	for _, spec := range specs {
+		args = append(args, "-L", spec)
+	}
+	args = append(append(args, "-S", proxy, "--log-format", "json"), extra...)
 	p := peertest.Start(h, "socksfwd", args...)
-	// Not a probe connection: it would reach the target (iperf3 counts it as a test).
-	peertest.WaitOutput(h, p, `"message":"forwarding `)
-	return local, p
+	last := `"message":"forwarding `
+	if strings.HasSuffix(specs[len(specs)-1], "/udp") {
+		last = `/udp →` // listeners log in -L order
+	}
+	peertest.WaitOutput(h, p, last)
+	return p
 }
 
 // rssKB reads a process's resident set size from /proc.
