@@ -14,6 +14,7 @@ FUZZTIME ?= 200000x
 PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:openssh-client \
 	ss-server:shadowsocks-libev dnsmasq:dnsmasq-base dig:dnsutils kdig:knot-dnsutils dnsperf:dnsperf \
 	psql:postgresql-client ip:iproute2 iperf3:iperf3 proxychains4:proxychains4 socat:socat \
+	redsocks:redsocks nft:nftables \
 	/usr/lib/postgresql/15/bin/initdb:postgresql
 
 .PHONY: all build test demo bench fuzz lint deps peer-versions clean
@@ -32,7 +33,7 @@ deps:
 	  echo "installing:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  systemctl disable --now danted ssh postgresql >/dev/null 2>&1 || true; \
+	  systemctl disable --now danted ssh postgresql redsocks >/dev/null 2>&1 || true; \
 	fi
 
 peer-versions:

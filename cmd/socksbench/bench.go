@@ -34,27 +34,28 @@ type result struct {
 }
 
 // report prints a workload's results and socksfwd's ratio to the baseline,
-// with the bar it must meet (ratio ≥ bar).
+// with the bar it must meet (ratio ≥ bar), then every other forwarder's
+// ratio to the same baseline, so a reader sees where the bar sits for them.
 func report(name, unit string, rows []result, baseline string, bar float64) {
-	var fwd, base float64
+	values := make(map[string]float64, len(rows))
 	parts := make([]string, 0, len(rows))
 	for _, r := range rows {
 		parts = append(parts, fmt.Sprintf("%s %.1f %s", r.way, r.value, unit))
-		switch r.way {
-		case "socksfwd":
-			fwd = r.value
-		case baseline:
-			base = r.value
-		}
+		values[r.way] = r.value
 	}
 	line := fmt.Sprintf("%-26s %s", name, strings.Join(parts, " | "))
-	if base > 0 {
-		ratio := fwd / base
+	if base := values[baseline]; base > 0 {
+		ratio := values["socksfwd"] / base
 		verdict := "ok"
 		if ratio < bar {
 			verdict = "BELOW BAR"
 		}
 		line += fmt.Sprintf(" | socksfwd/%s = %.2f (bar ≥ %.2f: %s)", baseline, ratio, bar, verdict)
+		for _, r := range rows {
+			if r.way != "socksfwd" && r.way != baseline && r.way != "direct" {
+				line += fmt.Sprintf(", %s/%s = %.2f", r.way, baseline, r.value/base)
+			}
+		}
 	}
 	fmt.Println(line)
 }
@@ -93,6 +94,8 @@ func bench(h *harness, cfg benchConfig) {
 	pc := peertest.Require(h, "proxychains4")
 	cc := peertest.Require(h, "cc")
 	gost, _ := exec.LookPath("gost") // an optional extra row
+	redsocks := peertest.Require(h, "redsocks")
+	nft := peertest.Require(h, "nft")
 
 	// proxychains4 → a given Dante, through a generated config.
 	proxychains := func(dante peertest.Peer) []string {
@@ -101,7 +104,7 @@ func bench(h *harness, cfg benchConfig) {
 		os.WriteFile(conf, []byte("strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 "+port+"\n"), 0o644)
 		return []string{pc, "-q", "-f", conf}
 	}
-	ways := []string{"direct", "socksfwd", "proxychains4"}
+	ways := []string{"direct", "socksfwd", "proxychains4", "redsocks"}
 	if gost != "" {
 		ways = append(ways, "gost")
 	}
@@ -113,17 +116,22 @@ func bench(h *harness, cfg benchConfig) {
 	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(iperfPort), "--forceflush")
 	iperfAddr := "127.0.0.1:" + strconv.Itoa(iperfPort)
 	peertest.WaitOutput(h, srv, "Server listening")
-	addrs := map[string]string{"direct": iperfAddr, "proxychains4": iperfAddr}
+	addrs := map[string]string{"direct": iperfAddr, "proxychains4": iperfAddr, "redsocks": iperfAddr}
 	addrs["socksfwd"], _ = h.socksfwd(cfg.socksfwd, iperfAddr, dante.Addr)
 	if gost != "" {
 		addrs["gost"] = h.gost(gost, iperfAddr, dante.Addr)
 	}
 	pcDante := proxychains(dante)
+	rsPort, _ := h.redsocks(redsocks, dante.Addr)
 	for _, streams := range []int{1, 4} {
 		rows := measure(ways, func(way string) float64 {
 			var prefix []string
-			if way == "proxychains4" {
+			switch way {
+			case "proxychains4":
 				prefix = pcDante
+			case "redsocks":
+				defer redirect(h, nft, iperfAddr, rsPort)()
+				prefix = redirectedClient
 			}
 			return iperfGbps(h, prefix, iperf, addrs[way], streams, cfg.seconds)
 		})
@@ -151,6 +159,11 @@ func bench(h *harness, cfg benchConfig) {
 			return connRate(h, proxychains(d), connrate, echo, cfg.seconds)
 		case "gost":
 			return connRate(h, nil, connrate, h.gost(gost, echo, d.Addr), cfg.seconds)
+		case "redsocks":
+			port, p := h.redsocks(redsocks, d.Addr)
+			defer p.Stop()
+			defer redirect(h, nft, echo, port)()
+			return connRate(h, redirectedClient, connrate, echo, cfg.seconds)
 		}
 		fwd, p := h.socksfwd(cfg.socksfwd, echo, d.Addr)
 		defer p.Stop()
@@ -260,6 +273,59 @@ func idleMemory(h *harness, cfg benchConfig, echo, proxy, mode string) (idleKB i
 	after := rssKB(h, p.Pid())
 	p.Stop()
 	return before, float64(after-before) / float64(cfg.idleConns)
+}
+
+// redsocks, the C transparent redirector (libevent), takes connections that
+// the kernel redirected to it and carries each to its original destination
+// through proxy, as socksfwd's users run it beside iptables. It starts on a
+// free port, which it returns with the process.
+func (h *harness) redsocks(bin, proxy string) (int, *peertest.Proc) {
+	port := peertest.FreePort(h)
+	proxyHost, proxyPort, _ := net.SplitHostPort(proxy)
+	conf := filepath.Join(h.TempDir(), "redsocks.conf")
+	os.WriteFile(conf, fmt.Appendf(nil, `base {
+	log_debug = off;
+	log_info = off;
+	log = stderr;
+	daemon = off;
+	redirector = iptables;
+}
+redsocks {
+	local_ip = 127.0.0.1;
+	local_port = %d;
+	ip = %s;
+	port = %s;
+	type = socks5;
+}
+`, port, proxyHost, proxyPort), 0o644)
+	p := peertest.Start(h, "redsocks", bin, "-c", conf)
+	peertest.WaitTCP(h, p, "127.0.0.1:"+strconv.Itoa(port))
+	return port, p
+}
+
+// redirectGID marks the clients whose connections are redirected to
+// redsocks: a group no peer runs as (Dante's children run as nobody).
+const redirectGID = "4242"
+
+// redirectedClient runs a client command in redirectGID.
+var redirectedClient = []string{"setpriv", "--regid=" + redirectGID, "--clear-groups"}
+
+// redirect sends redirectedClient's TCP connections to target on to the
+// local port instead, through an nftables table that the returned function
+// deletes. The table exists only while a redsocks row runs: its NAT hook
+// turns on connection tracking, which would tax every other row too.
+func redirect(h *harness, nft, target string, port int) (undo func()) {
+	host, tport, _ := net.SplitHostPort(target)
+	for _, cmd := range []string{
+		"add table ip socksbench",
+		"add chain ip socksbench out { type nat hook output priority -100 ; }",
+		fmt.Sprintf("add rule ip socksbench out ip daddr %s tcp dport %s meta skgid %s redirect to :%d", host, tport, redirectGID, port),
+	} {
+		if out, err := exec.Command(nft, strings.Fields(cmd)...).CombinedOutput(); err != nil {
+			h.Fatalf("nft %s: %v %s", cmd, err, out)
+		}
+	}
+	return func() { exec.Command(nft, "delete", "table", "ip", "socksbench").Run() }
 }
 
 // gost starts `gost` forwarding a free port to target through proxy.
