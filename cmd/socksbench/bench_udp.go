@@ -232,15 +232,15 @@ func readTicks() map[int]procTicks {
 	return out
 }
 
-// usage is CPU percent of one core per command name since the snapshot.
+// usage is CPU percent of one core per command name since the snapshot. A
+// process born since then counts whole: Dante forks children under load.
+// One that has already exited is missed.
 func (c *cpuSnapshot) usage() map[string]float64 {
 	now := readTicks()
 	secs := time.Since(c.at).Seconds()
 	u := map[string]float64{}
 	for pid, t := range now {
-		if before, ok := c.ticks[pid]; ok {
-			u[t.comm] += float64(t.ticks-before.ticks) / 100 / secs * 100
-		}
+		u[t.comm] += float64(t.ticks-c.ticks[pid].ticks) / 100 / secs * 100
 	}
 	return u
 }
