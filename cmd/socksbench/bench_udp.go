@@ -208,6 +208,34 @@ func percentiles(rtts []time.Duration) (p50, p99 time.Duration) {
 type cpuSnapshot struct {
 	at    time.Time
 	ticks map[int]procTicks
+	cpus  []cpuTimes
+}
+
+// cpuTimes is one CPU's line of /proc/stat: busy and total ticks.
+type cpuTimes struct {
+	name        string
+	busy, total int
+}
+
+func readCPUTimes() []cpuTimes {
+	data, _ := os.ReadFile("/proc/stat")
+	var out []cpuTimes
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 9 || !strings.HasPrefix(f[0], "cpu") || f[0] == "cpu" {
+			continue
+		}
+		t := cpuTimes{name: f[0]}
+		for i, v := range f[1:9] { // user nice system idle iowait irq softirq steal
+			n, _ := strconv.Atoi(v)
+			t.total += n
+			if i != 3 && i != 4 {
+				t.busy += n
+			}
+		}
+		out = append(out, t)
+	}
+	return out
 }
 
 type procTicks struct {
@@ -215,7 +243,9 @@ type procTicks struct {
 	ticks int
 }
 
-func startCPU() *cpuSnapshot { return &cpuSnapshot{at: time.Now(), ticks: readTicks()} }
+func startCPU() *cpuSnapshot {
+	return &cpuSnapshot{at: time.Now(), ticks: readTicks(), cpus: readCPUTimes()}
+}
 
 func readTicks() map[int]procTicks {
 	out := map[int]procTicks{}
@@ -263,7 +293,15 @@ func (c *cpuSnapshot) busiest() string {
 	for i := 0; i < len(all) && i < 3; i++ {
 		parts = append(parts, fmt.Sprintf("%s %.0f %%", all[i].k, all[i].v))
 	}
-	return strings.Join(parts, ", ")
+	// Each CPU's load too: a CPU can be full with no process near 100 %
+	// (a sender, a forwarder and their softirqs sharing it).
+	var loads []string
+	for i, t := range readCPUTimes() {
+		if i < len(c.cpus) && c.cpus[i].name == t.name && t.total > c.cpus[i].total {
+			loads = append(loads, fmt.Sprintf("%s %.0f %%", t.name, 100*float64(t.busy-c.cpus[i].busy)/float64(t.total-c.cpus[i].total)))
+		}
+	}
+	return strings.Join(parts, ", ") + " (" + strings.Join(loads, ", ") + " busy)"
 }
 
 // udpRcvbufErrors is the namespace's count of datagrams dropped because a
