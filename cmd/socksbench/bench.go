@@ -37,36 +37,44 @@ type result struct {
 
 // report prints a workload's results and socksfwd's ratio to the baseline,
 // with the bar it must meet (ratio ≥ bar), then every other forwarder's
-// ratio to the same baseline, so a reader sees where the bar sits for them.
+// ratio to the same baseline, so a reader sees where the bar sits for them,
+// and the busiest processes of each way.
 func report(name, unit string, rows []result, baseline string, bar float64) {
-	values := make(map[string]float64, len(rows))
 	parts := make([]string, 0, len(rows))
 	for _, r := range rows {
 		parts = append(parts, fmt.Sprintf("%s %.1f %s", r.way, r.value, unit))
+	}
+	line := fmt.Sprintf("%-26s %s", name, strings.Join(parts, " | ")) + ratios(rows, baseline, bar)
+	for _, r := range rows {
+		if r.busy != "" && r.way != "direct" {
+			line += fmt.Sprintf("\n%-26s   busiest via %s: %s", "", r.way, r.busy)
+		}
+	}
+	fmt.Println(line)
+}
+
+// ratios is report's verdict: socksfwd against the bar, then the others.
+func ratios(rows []result, baseline string, bar float64) string {
+	values := make(map[string]float64, len(rows))
+	for _, r := range rows {
 		values[r.way] = r.value
 	}
-	line := fmt.Sprintf("%-26s %s", name, strings.Join(parts, " | "))
-	defer func() {
-		for _, r := range rows {
-			if r.busy != "" && r.way != "direct" {
-				line += fmt.Sprintf("\n%-26s   busiest via %s: %s", "", r.way, r.busy)
-			}
-		}
-		fmt.Println(line)
-	}()
-	if base := values[baseline]; base > 0 {
-		ratio := values["socksfwd"] / base
-		verdict := "ok"
-		if ratio < bar {
-			verdict = "BELOW BAR"
-		}
-		line += fmt.Sprintf(" | socksfwd/%s = %.2f (bar ≥ %.2f: %s)", baseline, ratio, bar, verdict)
-		for _, r := range rows {
-			if r.way != "socksfwd" && r.way != baseline && r.way != "direct" {
-				line += fmt.Sprintf(", %s/%s = %.2f", r.way, baseline, r.value/base)
-			}
+	base := values[baseline]
+	if base <= 0 {
+		return ""
+	}
+	ratio := values["socksfwd"] / base
+	verdict := "ok"
+	if ratio < bar {
+		verdict = "BELOW BAR"
+	}
+	out := fmt.Sprintf(" | socksfwd/%s = %.2f (bar ≥ %.2f: %s)", baseline, ratio, bar, verdict)
+	for _, r := range rows {
+		if r.way != "socksfwd" && r.way != baseline && r.way != "direct" {
+			out += fmt.Sprintf(", %s/%s = %.2f", r.way, baseline, r.value/base)
 		}
 	}
+	return out
 }
 
 // rounds: every workload runs this many times, the ways interleaved, and
