@@ -139,8 +139,28 @@ func bench(h *harness, cfg benchConfig) {
 	}
 	fmt.Printf("socksbench: median of %d interleaved rounds, %d s per run, proxies → %s\n", rounds, cfg.seconds, peertest.Versions()[0])
 
+	// Dante gets a CPU of its own and everything else the others, as a
+	// proxy on another host would, and as the UDP rows have it. Left to the
+	// scheduler, Dante's relay process (at 93-99 % of a core in every way)
+	// shares and changes CPUs more often the more threads run beside it,
+	// which taxed each forwarder for its threads rather than its work: the
+	// 4-stream runs went from 0.78 of proxychains4 to parity when pinned.
+	cpus := allowedCPUs(h)
+	split := len(cpus) >= 2
+	startDante := func() peertest.Peer {
+		if split {
+			pinSelf(h, cpus[len(cpus)-1]) // Dante's processes inherit it
+			defer pinSelf(h, cpus[:len(cpus)-1]...)
+		}
+		return peertest.Dante(h, peertest.DanteOptions{})
+	}
+	if split {
+		pinSelf(h, cpus[:len(cpus)-1]...) // clients, forwarders, targets and this process
+		defer pinSelf(h, cpus...)
+	}
+
 	// TCP throughput with iperf3 (a libc client, so proxychains4 can carry it).
-	dante := peertest.Dante(h, peertest.DanteOptions{})
+	dante := startDante()
 	iperfPort := peertest.FreePort(h)
 	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(iperfPort), "--forceflush")
 	iperfAddr := "127.0.0.1:" + strconv.Itoa(iperfPort)
@@ -184,7 +204,7 @@ func bench(h *harness, cfg benchConfig) {
 		if way == "direct" {
 			return rate(nil, echo)
 		}
-		d := peertest.Dante(h, peertest.DanteOptions{})
+		d := startDante()
 		defer d.Proc.Stop()
 		switch way {
 		case "proxychains4":
