@@ -27,12 +27,14 @@ type benchConfig struct {
 	idleConns int
 }
 
-// result is one measurement of one way to reach the target, with the
-// processes that were busiest meanwhile.
+// result is one way to reach the target: the median of its rounds, the
+// busiest processes of the run that median came from, and every round's
+// value in round order.
 type result struct {
-	way   string
-	value float64
-	busy  string
+	way    string
+	value  float64
+	busy   string
+	rounds []float64
 }
 
 // report prints a workload's results and socksfwd's ratio to the baseline,
@@ -54,27 +56,58 @@ func report(name, unit string, rows []result, baseline string, bar float64) {
 }
 
 // ratios is report's verdict: socksfwd against the bar, then the others.
+// A ratio is the median of the per-round ratios: a round runs the ways back
+// to back, so a slow minute of the host weighs on both sides of a ratio
+// rather than on whichever way it happened to hit.
 func ratios(rows []result, baseline string, bar float64) string {
-	values := make(map[string]float64, len(rows))
-	for _, r := range rows {
-		values[r.way] = r.value
+	var base *result
+	for i := range rows {
+		if rows[i].way == baseline {
+			base = &rows[i]
+		}
 	}
-	base := values[baseline]
-	if base <= 0 {
+	if base == nil {
 		return ""
 	}
-	ratio := values["socksfwd"] / base
-	verdict := "ok"
-	if ratio < bar {
-		verdict = "BELOW BAR"
+	paired := func(r result) (float64, []string) {
+		var rs []float64
+		var text []string
+		for i, v := range r.rounds {
+			if i < len(base.rounds) && base.rounds[i] > 0 {
+				rs = append(rs, v/base.rounds[i])
+				text = append(text, fmt.Sprintf("%.2f", v/base.rounds[i]))
+			}
+		}
+		if len(rs) == 0 {
+			return 0, nil
+		}
+		return median(rs), text
 	}
-	out := fmt.Sprintf(" | socksfwd/%s = %.2f (bar ≥ %.2f: %s)", baseline, ratio, bar, verdict)
+	var out string
+	for _, r := range rows {
+		if r.way != "socksfwd" {
+			continue
+		}
+		ratio, each := paired(r)
+		verdict := "ok"
+		if ratio < bar {
+			verdict = "BELOW BAR"
+		}
+		out = fmt.Sprintf(" | socksfwd/%s = %.3f (rounds %s; bar ≥ %.2f: %s)", baseline, ratio, strings.Join(each, " "), bar, verdict)
+	}
 	for _, r := range rows {
 		if r.way != "socksfwd" && r.way != baseline && r.way != "direct" {
-			out += fmt.Sprintf(", %s/%s = %.2f", r.way, baseline, r.value/base)
+			ratio, _ := paired(r)
+			out += fmt.Sprintf(", %s/%s = %.2f", r.way, baseline, ratio)
 		}
 	}
 	return out
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
 }
 
 // rounds: every workload runs this many times, the ways interleaved, and
@@ -99,21 +132,26 @@ func (m *meter) timed(client func() float64) float64 {
 
 // measure runs each way's function rounds times, interleaved, and returns
 // the medians in the ways' order, each with the busiest processes of the
-// run it came from.
+// run it came from and all its rounds.
 func measure(ways []string, run func(way string, m *meter) float64) []result {
 	samples := make(map[string][]result)
 	for range rounds {
 		for _, w := range ways {
 			var m meter
 			v := run(w, &m)
-			samples[w] = append(samples[w], result{w, v, m.busy})
+			samples[w] = append(samples[w], result{way: w, value: v, busy: m.busy})
 		}
 	}
 	out := make([]result, len(ways))
 	for i, w := range ways {
 		s := samples[w]
+		inOrder := make([]float64, len(s))
+		for j, r := range s {
+			inOrder[j] = r.value
+		}
 		sort.Slice(s, func(a, b int) bool { return s[a].value < s[b].value })
 		out[i] = s[len(s)/2]
+		out[i].rounds = inOrder
 	}
 	return out
 }
