@@ -183,22 +183,12 @@ func bench(h *harness, cfg benchConfig) {
 	// shares and changes CPUs more often the more threads run beside it,
 	// which taxed each forwarder for its threads rather than its work: the
 	// 4-stream runs went from 0.78 of proxychains4 to parity when pinned.
-	cpus := allowedCPUs(h)
-	split := len(cpus) >= 2
-	startDante := func() peertest.Peer {
-		if split {
-			pinSelf(h, cpus[len(cpus)-1]) // Dante's processes inherit it
-			defer pinSelf(h, cpus[:len(cpus)-1]...)
-		}
-		return peertest.Dante(h, peertest.DanteOptions{})
-	}
-	if split {
-		pinSelf(h, cpus[:len(cpus)-1]...) // clients, forwarders, targets and this process
-		defer pinSelf(h, cpus...)
-	}
+	cpus := newCPUSplit(h)
+	cpus.rest() // clients, forwarders, targets and this process
+	defer cpus.all()
 
 	// TCP throughput with iperf3 (a libc client, so proxychains4 can carry it).
-	dante := startDante()
+	dante := cpus.dante(peertest.DanteOptions{})
 	iperfPort := peertest.FreePort(h)
 	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(iperfPort), "--forceflush")
 	iperfAddr := "127.0.0.1:" + strconv.Itoa(iperfPort)
@@ -242,7 +232,7 @@ func bench(h *harness, cfg benchConfig) {
 		if way == "direct" {
 			return rate(nil, echo)
 		}
-		d := startDante()
+		d := cpus.dante(peertest.DanteOptions{})
 		defer d.Proc.Stop()
 		switch way {
 		case "proxychains4":
@@ -295,23 +285,30 @@ func benchMemory(h *harness, cfg benchConfig, proxy string) {
 // returns the received throughput.
 func iperfGbps(h *harness, prefix []string, iperf, addr string, streams, secs int) float64 {
 	host, port, _ := net.SplitHostPort(addr)
-	argv := append(append([]string{}, prefix...), iperf, "-c", host, "-p", port, "-P", strconv.Itoa(streams), "-t", strconv.Itoa(secs), "-J")
+	got := runIperf(h, append(append([]string{}, prefix...), iperf, "-c", host, "-p", port, "-P", strconv.Itoa(streams), "-t", strconv.Itoa(secs), "-J"))
+	return got.BitsPerSecond / 1e9
+}
+
+// iperfReceived is what an iperf3 client reports the receiver got.
+type iperfReceived struct {
+	BitsPerSecond float64 `json:"bits_per_second"`
+	LostPercent   float64 `json:"lost_percent"` // UDP only
+}
+
+// runIperf runs an iperf3 client with -J (argv may start with a wrapper
+// such as proxychains4) and returns the receiver's totals.
+func runIperf(h *harness, argv []string) iperfReceived {
 	out, err := exec.Command(argv[0], argv[1:]...).Output()
-	if err != nil {
-		h.Fatalf("%s: %v\n%s", strings.Join(argv, " "), err, out)
-	}
 	var res struct {
 		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
+			SumReceived iperfReceived `json:"sum_received"`
 		} `json:"end"`
 		Error string `json:"error"`
 	}
-	if err := json.Unmarshal(out, &res); err != nil || res.Error != "" {
-		h.Fatalf("%s: %v %s", strings.Join(argv, " "), err, res.Error)
+	if jerr := json.Unmarshal(out, &res); jerr != nil || res.Error != "" {
+		h.Fatalf("%s: %v %v %s", strings.Join(argv, " "), err, jerr, res.Error)
 	}
-	return res.End.SumReceived.BitsPerSecond / 1e9
+	return res.End.SumReceived
 }
 
 func connRate(h *harness, prefix []string, connrate, addr string, secs int) float64 {

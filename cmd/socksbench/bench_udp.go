@@ -2,12 +2,10 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"sort"
 	"strconv"
 	"strings"
@@ -32,19 +30,12 @@ import (
 // little the forwarder in front of it uses.
 func benchUDP(h *harness, cfg benchConfig) {
 	iperf := peertest.Require(h, "iperf3")
-	cpus := allowedCPUs(h)
-	split := len(cpus) >= 2
-	if split {
-		pinSelf(h, cpus[len(cpus)-1]) // Dante's processes inherit it
-	}
-	dante := peertest.Dante(h, peertest.DanteOptions{})
+	cpus := newCPUSplit(h)
+	dante := cpus.dante(peertest.DanteOptions{}) // iperf3, socksfwd and this process stay off its CPU
 	// A second Dante with 4 MiB socket buffers, socksfwd's own size: with
 	// the kernel's default (about 208 KB) Dante drops bursts at 1 Gbit/s
 	// while its CPU still has room.
-	bigDante := peertest.Dante(h, peertest.DanteOptions{Extra: "internal.socket.so_rcvbufforce: 4194304\nexternal.socket.so_rcvbufforce: 4194304"})
-	if split {
-		pinSelf(h, cpus[:len(cpus)-1]...) // iperf3, socksfwd and this process
-	}
+	bigDante := cpus.dante(peertest.DanteOptions{Extra: "internal.socket.so_rcvbufforce: 4194304\nexternal.socket.so_rcvbufforce: 4194304"})
 	iperfPort := peertest.FreePort(h)
 	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(iperfPort), "--forceflush")
 	peertest.WaitOutput(h, srv, "Server listening")
@@ -97,9 +88,7 @@ func benchUDP(h *harness, cfg benchConfig) {
 		}
 	}
 
-	if split {
-		pinSelf(h, cpus...) // the latency rows run unpinned, but for Dante
-	}
+	cpus.all() // the latency rows run unpinned, but for Dante
 	echo := testnet.UDPEcho(h).LocalAddr().String()
 	echoFwd := h.socksfwdUDP(cfg.socksfwd, echo, dante.Addr, false)
 	// The floor for any forwarder: this process speaking SOCKS UDP to Dante
@@ -159,21 +148,8 @@ func barText(ok bool, bar string) string {
 // socket buffer, returning the receiver's loss and rate.
 func iperfUDP(h *harness, iperf, addr, rate string, secs int) (lostPct, mbps float64) {
 	host, port, _ := net.SplitHostPort(addr)
-	argv := []string{iperf, "-c", host, "-p", port, "-u", "-b", rate, "-l", "1200", "-w", "2M", "-t", strconv.Itoa(secs), "-J"}
-	out, err := exec.Command(argv[0], argv[1:]...).Output()
-	var res struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-				LostPercent   float64 `json:"lost_percent"`
-			} `json:"sum_received"`
-		} `json:"end"`
-		Error string `json:"error"`
-	}
-	if jerr := json.Unmarshal(out, &res); jerr != nil || res.Error != "" {
-		h.Fatalf("%s: %v %v %s", strings.Join(argv, " "), err, jerr, res.Error)
-	}
-	return res.End.SumReceived.LostPercent, res.End.SumReceived.BitsPerSecond / 1e6
+	got := runIperf(h, []string{iperf, "-c", host, "-p", port, "-u", "-b", rate, "-l", "1200", "-w", "2M", "-t", strconv.Itoa(secs), "-J"})
+	return got.LostPercent, got.BitsPerSecond / 1e6
 }
 
 // udpEchoRTTs measures n sequential 64-byte round trips over c.
@@ -410,19 +386,44 @@ func waitUDPBound(h *harness, addr string) {
 	h.Fatalf("nothing bound %s within 5 s", addr)
 }
 
-// allowedCPUs lists the CPUs this process may run on.
-func allowedCPUs(h *harness) []int {
+// cpuSplit gives Dante the last CPU this process may use and everything
+// else the others, as a proxy on another host would have it. With one CPU
+// it pins nothing.
+type cpuSplit struct {
+	h    *harness
+	cpus []int
+}
+
+func newCPUSplit(h *harness) cpuSplit {
 	var set unix.CPUSet
 	if err := unix.SchedGetaffinity(0, &set); err != nil {
 		h.Fatalf("CPU affinity: %v", err)
 	}
-	var cpus []int
-	for c := range 1024 {
-		if set.IsSet(c) {
-			cpus = append(cpus, c)
+	c := cpuSplit{h: h}
+	for cpu := range 1024 {
+		if set.IsSet(cpu) {
+			c.cpus = append(c.cpus, cpu)
 		}
 	}
-	return cpus
+	return c
+}
+
+// dante starts a Dante on its own CPU; this process (and what it starts
+// next) is left on the others.
+func (c cpuSplit) dante(opt peertest.DanteOptions) peertest.Peer {
+	c.pin(c.cpus[len(c.cpus)-1:]) // Dante's processes inherit it
+	defer c.rest()
+	return peertest.Dante(c.h, opt)
+}
+
+// rest pins this process to the CPUs other than Dante's; all undoes it.
+func (c cpuSplit) rest() { c.pin(c.cpus[:len(c.cpus)-1]) }
+func (c cpuSplit) all()  { c.pin(c.cpus) }
+
+func (c cpuSplit) pin(cpus []int) {
+	if len(c.cpus) >= 2 {
+		pinSelf(c.h, cpus...)
+	}
 }
 
 // pinSelf binds every thread of this process, and so the processes it
