@@ -154,11 +154,13 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 			}
 			if src := r.Addr(i); s == nil || src != lastSrc {
 				lastSrc, s = src, f.session(src)
+				if s != nil {
+					s.touch() // once per run: the batch arrived at one moment
+				}
 			}
 			if s == nil {
 				continue
 			}
-			s.touch()
 			if s.queueFast(r.Slot(i), i) {
 				if len(s.fastSlots) == 1 {
 					pending = append(pending, s)
