@@ -203,7 +203,7 @@ func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 		c.mu.Unlock()
 	}()
 
-	wire, err := packWithID(q, id)
+	wire, err := packWithID(q, id, nil)
 	if err != nil {
 		return nil, fmt.Errorf("packing query: %w", err)
 	}
@@ -228,11 +228,12 @@ func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 
 // packWithID packs q under another ID without copying it: the ID is
 // swapped in for the Pack and restored (the caller owns q and is not
-// sharing it meanwhile).
-func packWithID(q *dns.Msg, id uint16) ([]byte, error) {
+// sharing it meanwhile). The message goes into buf when it fits there
+// (buf[0] onwards), else into a new slice.
+func packWithID(q *dns.Msg, id uint16, buf []byte) ([]byte, error) {
 	orig := q.Id
 	q.Id = id
-	wire, err := q.Pack()
+	wire, err := q.PackBuffer(buf)
 	q.Id = orig
 	return wire, err
 }

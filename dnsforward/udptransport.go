@@ -30,6 +30,10 @@ type udpTransport struct {
 	wg      sync.WaitGroup
 }
 
+// udpQueryRoom fits a query with EDNS options (packing needs one byte
+// more than the message).
+const udpQueryRoom = 512
+
 // udpKey matches an answer to its query: ID and question. (Not the
 // resolver: the relay names the sender by the address it reached, which is
 // an IP even when the resolver was configured by name.)
@@ -128,13 +132,18 @@ func (t *udpTransport) exchange(ctx context.Context, resolver socksclient.Addr, 
 		t.mu.Unlock()
 	}()
 
-	wire, err := packWithID(q, key.id)
+	// Packed straight after the SOCKS header's room; a query too large for
+	// the usual buffer is copied into a larger one.
+	const hdr = socksclient.MaxUDPHeaderLen
+	buf := make([]byte, hdr+udpQueryRoom)
+	wire, err := packWithID(q, key.id, buf[hdr:])
 	if err != nil {
 		return nil, fmt.Errorf("packing query: %w", err)
 	}
-	buf := make([]byte, socksclient.MaxUDPHeaderLen+len(wire))
-	copy(buf[socksclient.MaxUDPHeaderLen:], wire)
-	if err := c.WritePacket(buf, socksclient.MaxUDPHeaderLen, resolver); err != nil {
+	if len(wire) > 0 && &wire[0] != &buf[hdr] {
+		buf = append(make([]byte, hdr, hdr+len(wire)), wire...)
+	}
+	if err := c.WritePacket(buf[:hdr+len(wire)], hdr, resolver); err != nil {
 		return nil, err
 	}
 	select {

@@ -43,7 +43,7 @@ func udpResolver(t *testing.T) string {
 		}
 		w.WriteMsg(m)
 	})
-	udp := &dns.Server{PacketConn: pc, Handler: handler}
+	udp := &dns.Server{PacketConn: pc, Handler: handler, UDPSize: dns.MaxMsgSize}
 	tcp := &dns.Server{Listener: ln, Handler: handler}
 	var wg sync.WaitGroup
 	for _, s := range []*dns.Server{udp, tcp} {
@@ -99,6 +99,20 @@ func TestUDPTransportOneAssociation(t *testing.T) {
 	wg.Wait()
 	if n := proxy.Requests(); n != 1 {
 		t.Errorf("%d SOCKS requests for 50 queries, want one shared association", n)
+	}
+}
+
+// A query larger than the usual packing buffer (here with a 1000-byte EDNS
+// option) still goes out whole.
+func TestUDPTransportLargeQuery(t *testing.T) {
+	f, _ := newUDPForwarder(t, sockstest.Config{}, udpResolver(t))
+	q := query("big.example.", dns.TypeA, 7)
+	q.SetEdns0(4096, false)
+	opt := q.IsEdns0()
+	opt.Option = append(opt.Option, &dns.EDNS0_PADDING{Padding: make([]byte, 1000)})
+	resp, err := f.Exchange(context.Background(), q)
+	if err != nil || resp.Id != 7 || len(resp.Answer) != 1 {
+		t.Fatalf("%v %v", resp, err)
 	}
 }
 
