@@ -361,8 +361,8 @@ func decodeSockaddr(sa *unix.RawSockaddrInet6) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-// encodeSockaddr writes ap as an AF_INET6 address (IPv4 as mapped), which
-// a dual-stack or IPv6 socket takes; IPv4 sockets get AF_INET.
+// encodeSockaddr writes ap as AF_INET for an IPv4 address (which Linux
+// takes on IPv4 and dual-stack sockets alike) and AF_INET6 otherwise.
 func encodeSockaddr(sa *unix.RawSockaddrInet6, ap netip.AddrPort) uint32 {
 	*sa = unix.RawSockaddrInet6{}
 	if ap.Addr().Is4() {
