@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/socksfwd/socksfwd/dnsforward"
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/tunnel"
 )
@@ -201,8 +202,9 @@ func startForward(lf localForward, cfg Config, mode tunnel.CopyMode, ups *socksc
 
 // listenForward binds one address of a forward, TCP or UDP.
 func listenForward(lf localForward, addr string, cfg Config, mode tunnel.CopyMode, ups *socksclient.Upstreams, log zerolog.Logger) (service, error) {
-	// No keep-alive probes on accepted connections, as ssh -L does.
-	lc := net.ListenConfig{KeepAlive: -1}
+	// No keep-alive probes on accepted connections, as ssh -L does; a
+	// loopback listener's connections get small buffers (sockbuf).
+	lc := net.ListenConfig{KeepAlive: -1, Control: sockbuf.CapLoopbackTCP}
 	if lf.UDP {
 		pc, err := lc.ListenPacket(context.Background(), "udp", addr)
 		if err != nil {

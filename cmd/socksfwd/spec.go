@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
@@ -109,12 +110,16 @@ func unbracket(s string) string {
 	return s
 }
 
+// proxyDialer connects to SOCKS servers: no keep-alive probes (as ssh -L),
+// and small buffers when the server is on this host (sockbuf).
+var proxyDialer = &net.Dialer{KeepAlive: -1, Control: sockbuf.CapLoopbackTCP}
+
 // parseServer turns an -S value into a dialer. Accepted: host[:port],
 // socks5h://[user[:pass]@]host[:port] (names go to the proxy) and socks5://
 // (names resolved here, as curl does). user and password apply when the URL
 // carries none.
 func parseServer(raw, user, password string) (*socksclient.Dialer, error) {
-	d := &socksclient.Dialer{Username: user, Password: password}
+	d := &socksclient.Dialer{Username: user, Password: password, ProxyDial: proxyDialer.DialContext}
 	hostport := raw
 	if strings.Contains(raw, "://") {
 		u, err := url.Parse(raw)
