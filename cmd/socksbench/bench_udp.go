@@ -88,6 +88,12 @@ func benchUDP(h *harness, cfg benchConfig) {
 		}
 	}
 
+	benchUDPEcho(h, cfg, cpus, dante)
+}
+
+// benchUDPEcho: the round-trip latency of 64-byte datagrams, direct, through
+// one plain relay hop, through Dante alone and through socksfwd → Dante.
+func benchUDPEcho(h *harness, cfg benchConfig, cpus cpuSplit, dante peertest.Peer) {
 	cpus.all() // the latency rows run unpinned, but for Dante
 	echo := testnet.UDPEcho(h).LocalAddr().String()
 	echoFwd := h.socksfwdUDP(cfg.socksfwd, echo, dante.Addr, false)

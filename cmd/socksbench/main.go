@@ -2,7 +2,8 @@
 //
 //	socksbench demo    forward a real request through socksfwd and microsocks
 //	socksbench bench   measure socksfwd beside direct and proxychains4, same run
-//	                   (bench-udp, bench-dns, bench-mem: one part alone)
+//	                   (bench-tcp, bench-udp, bench-echo, bench-dns, bench-mem:
+//	                   one part alone)
 //
 // It starts its peers with internal/peertest and stops them on the way out.
 package main
@@ -42,24 +43,27 @@ func main() {
 			os.Exit(code)
 		}
 	}
+	cfg := benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns}
 	h := newHarness()
 	code := h.run(func() {
 		switch fs.Arg(0) {
 		case "demo":
 			demo(h, abs)
 		case "bench":
-			cfg := benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns}
 			bench(h, cfg)
 			benchUDP(h, cfg)
 			benchDNS(h, cfg)
 		case "bench-tcp":
-			bench(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
+			bench(h, cfg)
 		case "bench-udp":
-			benchUDP(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
+			benchUDP(h, cfg)
+		case "bench-echo":
+			cpus := newCPUSplit(h)
+			benchUDPEcho(h, cfg, cpus, cpus.dante(peertest.DanteOptions{}))
 		case "bench-mem":
-			benchMemory(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns}, peertest.Dante(h, peertest.DanteOptions{}).Addr)
+			benchMemory(h, cfg, peertest.Dante(h, peertest.DanteOptions{}).Addr)
 		case "bench-dns":
-			benchDNS(h, benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns})
+			benchDNS(h, cfg)
 		default:
 			fs.Usage()
 			h.Fatalf("unknown command %q", fs.Arg(0))
