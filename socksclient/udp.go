@@ -200,6 +200,55 @@ func (u *UDPConn) ReadPacket(buf []byte) (off, n int, from Addr, err error) {
 	}
 }
 
+// UDPReadBatch reads datagrams from the relay, as many per system call as
+// are waiting (recvmmsg), into slots given once; datagrams that ReadPacket
+// would drop are dropped and counted the same way. It belongs to one
+// goroutine.
+type UDPReadBatch struct {
+	u        *UDPConn
+	r        *udpbatch.Reader
+	payloads [][]byte
+}
+
+// NewReadBatch returns a reader into slots, each of which should be
+// MaxUDPDatagram long to never truncate.
+func (u *UDPConn) NewReadBatch(slots [][]byte) (*UDPReadBatch, error) {
+	r, err := udpbatch.NewReader(u.pc, slots, 0, false)
+	if err != nil {
+		return nil, err
+	}
+	return &UDPReadBatch{u: u, r: r, payloads: make([][]byte, 0, len(slots))}, nil
+}
+
+// Read waits for datagrams and returns how many of those it read carry a
+// payload (possibly none, when every one was dropped). Payload(i) is the
+// i-th, valid until the next Read. The error is ErrAssociationClosed once
+// the control connection is gone.
+func (b *UDPReadBatch) Read() (int, error) {
+	n, err := b.r.Read()
+	if err != nil {
+		return 0, b.u.fail(err)
+	}
+	b.payloads = b.payloads[:0]
+	for i := range n {
+		d := b.r.Slot(i)
+		h, hlen, err := ParseUDPHeader(d)
+		if err != nil {
+			b.u.stats.Malformed.Add(1)
+			continue
+		}
+		if h.Frag != 0 {
+			b.u.stats.Fragmented.Add(1)
+			continue
+		}
+		b.payloads = append(b.payloads, d[hlen:])
+	}
+	return len(b.payloads), nil
+}
+
+// Payload is the i-th datagram's payload from the last Read.
+func (b *UDPReadBatch) Payload(i int) []byte { return b.payloads[i] }
+
 // fail turns the socket's error after the control connection died into
 // ErrAssociationClosed.
 func (u *UDPConn) fail(err error) error {

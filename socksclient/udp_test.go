@@ -244,3 +244,70 @@ func TestUDPHotPathAllocs(t *testing.T) {
 		t.Fatalf("%v allocations per datagram, want 0", allocs)
 	}
 }
+
+// A read batch yields what ReadPacket would: payloads in order, with
+// fragments and strangers dropped, and ErrAssociationClosed at the end.
+func TestReadBatch(t *testing.T) {
+	echo := echoAddr(t)
+	for _, cfg := range []sockstest.Config{{}, {UDPFragmentCopies: true}, {UDPStrangerCopies: true}} {
+		u, err := associate(t, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		slots := [][]byte{make([]byte, socksclient.MaxUDPDatagram), make([]byte, socksclient.MaxUDPDatagram)}
+		r, err := u.NewReadBatch(slots)
+		if err != nil {
+			t.Fatal(err)
+		}
+		u.SetReadDeadline(time.Now().Add(10 * time.Second))
+		var got []string
+		for i := range 4 {
+			buf := make([]byte, socksclient.MaxUDPHeaderLen+2)
+			copy(buf[socksclient.MaxUDPHeaderLen:], []byte{'a' + byte(i), 'x'})
+			if err := u.WritePacket(buf, socksclient.MaxUDPHeaderLen, echo); err != nil {
+				t.Fatal(err)
+			}
+			// Read until this datagram's echo is in; a dropped copy
+			// may make a read yield nothing.
+			for len(got) <= i {
+				n, err := r.Read()
+				if err != nil {
+					t.Fatalf("%+v: %v", cfg, err)
+				}
+				for j := range n {
+					got = append(got, string(r.Payload(j)))
+				}
+			}
+		}
+		if want := []string{"ax", "bx", "cx", "dx"}; strings.Join(got, " ") != strings.Join(want, " ") {
+			t.Fatalf("%+v: got %q, want %q", cfg, got, want)
+		}
+		if cfg.UDPFragmentCopies && u.Stats().Fragmented.Load() == 0 {
+			t.Fatalf("fragments not counted")
+		}
+		u.Close()
+		if _, err := r.Read(); err == nil {
+			t.Fatal("read after Close succeeded")
+		}
+	}
+
+	u, err := associate(t, sockstest.Config{UDPCloseControlAfter: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := u.NewReadBatch([][]byte{make([]byte, socksclient.MaxUDPDatagram)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, socksclient.MaxUDPHeaderLen+1)
+	u.WritePacket(buf, socksclient.MaxUDPHeaderLen, echo)
+	u.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for range 10 {
+		if _, err = r.Read(); err != nil {
+			break
+		}
+	}
+	if !errors.Is(err, socksclient.ErrAssociationClosed) {
+		t.Fatalf("err = %v, want ErrAssociationClosed", err)
+	}
+}

@@ -442,15 +442,29 @@ func (s *udpSession) copyDown(a *socksclient.UDPConn, done chan struct{}) {
 	defer close(done)
 	bp := udpBufPool.Get().(*[]byte)
 	defer udpBufPool.Put(bp)
+	// One slot, as much memory as a plain read; the batch types are for
+	// their raw system calls (see internal/udpbatch), which keep a reply's
+	// way back free of the scheduler's syscall bookkeeping.
+	r, err := a.NewReadBatch([][]byte{*bp})
+	if err != nil {
+		return
+	}
+	w, err := udpbatch.NewWriter(s.f.pc, 1)
+	if err != nil {
+		return
+	}
 	for {
-		off, n, _, err := a.ReadPacket(*bp)
+		n, err := r.Read()
 		if err != nil {
 			return
 		}
 		s.touch()
-		if _, err := s.f.pc.WriteToUDPAddrPort((*bp)[off:n], s.client); err == nil {
-			s.down.Add(1)
-			s.f.stats.DatagramsDown.Add(1)
+		for i := range n {
+			w.Add(r.Payload(i), s.client)
+		}
+		if sent, _ := w.Flush(); sent > 0 {
+			s.down.Add(int64(sent))
+			s.f.stats.DatagramsDown.Add(int64(sent))
 		}
 	}
 }

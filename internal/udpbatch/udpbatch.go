@@ -7,6 +7,13 @@
 //
 // Readers and Writers own preallocated message headers, so a batch costs
 // no allocation. Each is used by one goroutine at a time.
+//
+// The calls are raw (unix.RawSyscall6): the sockets are non-blocking and
+// MSG_DONTWAIT is set, so none can block, and skipping the scheduler's
+// syscall bookkeeping matters for latency. A Go process that went idle
+// puts its monitor thread (sysmon) into a deep sleep, and the next
+// ordinary system call wakes it first: a futex wake-up on the path of
+// every datagram of a request/response exchange.
 package udpbatch
 
 import (
@@ -81,7 +88,7 @@ func (r *Reader) read(fd uintptr) bool {
 			r.msgs[i].Hdr.Namelen = unix.SizeofSockaddrInet6
 		}
 	}
-	n, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), uintptr(len(r.msgs)), unix.MSG_DONTWAIT, 0, 0)
+	n, _, e := unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), uintptr(len(r.msgs)), unix.MSG_DONTWAIT, 0, 0)
 	switch e {
 	case unix.EAGAIN:
 		return false // wait for the poller
@@ -329,7 +336,7 @@ func (w *Writer) do() error {
 }
 
 func (w *Writer) write(fd uintptr) bool {
-	n, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.msgs[w.from])), uintptr(w.upto-w.from), unix.MSG_DONTWAIT, 0, 0)
+	n, _, e := unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.msgs[w.from])), uintptr(w.upto-w.from), unix.MSG_DONTWAIT, 0, 0)
 	switch e {
 	case unix.EAGAIN:
 		return false
