@@ -88,12 +88,12 @@ func (r *Reader) read(fd uintptr) bool {
 			r.msgs[i].Hdr.Namelen = unix.SizeofSockaddrInet6
 		}
 	}
-	n, _, e := unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), uintptr(len(r.msgs)), unix.MSG_DONTWAIT, 0, 0)
+	n, e := mmsg(unix.SYS_RECVMMSG, fd, r.msgs)
 	switch e {
 	case unix.EAGAIN:
 		return false // wait for the poller
 	case 0:
-		r.n, r.err = int(n), nil
+		r.n, r.err = n, nil
 	default:
 		r.n, r.err = 0, e
 	}
@@ -336,16 +336,28 @@ func (w *Writer) do() error {
 }
 
 func (w *Writer) write(fd uintptr) bool {
-	n, _, e := unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.msgs[w.from])), uintptr(w.upto-w.from), unix.MSG_DONTWAIT, 0, 0)
+	n, e := mmsg(unix.SYS_SENDMMSG, fd, w.msgs[w.from:w.upto])
 	switch e {
 	case unix.EAGAIN:
 		return false
 	case 0:
-		w.sent = int(n)
+		w.sent = n
 	default:
 		w.err = e
 	}
 	return true
+}
+
+// mmsg is one non-blocking recvmmsg or sendmmsg (trap) of msgs on fd, made
+// raw (see the package comment). An interrupted call, not expected when
+// nothing blocks, is made again rather than reported.
+func mmsg(trap, fd uintptr, msgs []unix.Mmsghdr) (int, unix.Errno) {
+	for {
+		n, _, e := unix.RawSyscall6(trap, fd, uintptr(unsafe.Pointer(&msgs[0])), uintptr(len(msgs)), unix.MSG_DONTWAIT, 0, 0)
+		if e != unix.EINTR {
+			return int(n), e
+		}
+	}
 }
 
 func decodeSockaddr(sa *unix.RawSockaddrInet6) netip.AddrPort {
