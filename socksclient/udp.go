@@ -187,17 +187,26 @@ func (u *UDPConn) ReadPacket(buf []byte) (off, n int, from Addr, err error) {
 		if err != nil {
 			return 0, 0, Addr{}, u.fail(err)
 		}
-		h, hlen, err := ParseUDPHeader(buf[:n])
-		if err != nil {
-			u.stats.Malformed.Add(1)
-			continue
+		if hlen, from, ok := u.unwrap(buf[:n]); ok {
+			return hlen, n, from, nil
 		}
-		if h.Frag != 0 {
-			u.stats.Fragmented.Add(1)
-			continue
-		}
-		return hlen, n, h.Addr, nil
 	}
+}
+
+// unwrap parses a datagram from the relay and returns where its payload
+// starts and who sent it; fragments and malformed headers are counted and
+// not ok.
+func (u *UDPConn) unwrap(d []byte) (hlen int, from Addr, ok bool) {
+	h, hlen, err := ParseUDPHeader(d)
+	if err != nil {
+		u.stats.Malformed.Add(1)
+		return 0, Addr{}, false
+	}
+	if h.Frag != 0 {
+		u.stats.Fragmented.Add(1)
+		return 0, Addr{}, false
+	}
+	return hlen, h.Addr, true
 }
 
 // UDPReadBatch reads datagrams from the relay, as many per system call as
@@ -232,16 +241,9 @@ func (b *UDPReadBatch) Read() (int, error) {
 	b.payloads = b.payloads[:0]
 	for i := range n {
 		d := b.r.Slot(i)
-		h, hlen, err := ParseUDPHeader(d)
-		if err != nil {
-			b.u.stats.Malformed.Add(1)
-			continue
+		if hlen, _, ok := b.u.unwrap(d); ok {
+			b.payloads = append(b.payloads, d[hlen:])
 		}
-		if h.Frag != 0 {
-			b.u.stats.Fragmented.Add(1)
-			continue
-		}
-		b.payloads = append(b.payloads, d[hlen:])
 	}
 	return len(b.payloads), nil
 }

@@ -445,11 +445,12 @@ func (s *udpSession) copyDown(a *socksclient.UDPConn, done chan struct{}) {
 	// One slot, as much memory as a plain read; the batch types are for
 	// their raw system calls (see internal/udpbatch), which keep a reply's
 	// way back free of the scheduler's syscall bookkeeping.
-	r, err := a.NewReadBatch([][]byte{*bp})
+	slots := [][]byte{*bp}
+	r, err := a.NewReadBatch(slots)
 	if err != nil {
 		return
 	}
-	w, err := udpbatch.NewWriter(s.f.pc, 1)
+	w, err := udpbatch.NewWriter(s.f.pc, len(slots)) // room for a whole read
 	if err != nil {
 		return
 	}

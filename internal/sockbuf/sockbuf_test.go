@@ -3,6 +3,7 @@ package sockbuf
 import (
 	"context"
 	"net"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -30,11 +31,11 @@ func TestIsLoopback(t *testing.T) {
 	}
 }
 
-// buffers returns a TCP conn's SO_RCVBUF and SO_SNDBUF as the kernel
+// buffers returns a socket's SO_RCVBUF and SO_SNDBUF as the kernel
 // reports them (twice what was asked for).
-func buffers(t *testing.T, c net.Conn) (rcv, snd int) {
+func buffers(t *testing.T, c syscall.Conn) (rcv, snd int) {
 	t.Helper()
-	rc, err := c.(*net.TCPConn).SyscallConn()
+	rc, err := c.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +67,7 @@ func TestCapLoopbackTCP(t *testing.T) {
 	}
 	defer accepted.Close()
 	for name, c := range map[string]net.Conn{"dialed": dialed, "accepted": accepted} {
-		if rcv, snd := buffers(t, c); rcv != 2*LoopbackTCPSize || snd != 2*LoopbackTCPSize {
+		if rcv, snd := buffers(t, c.(syscall.Conn)); rcv != 2*LoopbackTCPSize || snd != 2*LoopbackTCPSize {
 			t.Errorf("%s conn: SO_RCVBUF %d, SO_SNDBUF %d; want %d each", name, rcv, snd, 2*LoopbackTCPSize)
 		}
 	}
@@ -82,7 +83,7 @@ func TestCapLoopbackTCP(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if rcv, _ := buffers(t, c); rcv == 2*LoopbackTCPSize {
+	if rcv, _ := buffers(t, c.(syscall.Conn)); rcv == 2*LoopbackTCPSize {
 		t.Errorf("a conn dialed without the hook has SO_RCVBUF %d too", rcv)
 	}
 }
@@ -95,10 +96,7 @@ func TestCapLoopbackTCPIgnoresUDP(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pc.Close()
-	rc, _ := pc.(*net.UDPConn).SyscallConn()
-	var rcv int
-	rc.Control(func(fd uintptr) { rcv, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF) })
-	if rcv == 2*LoopbackTCPSize {
+	if rcv, _ := buffers(t, pc.(syscall.Conn)); rcv == 2*LoopbackTCPSize {
 		t.Errorf("UDP socket got SO_RCVBUF %d", rcv)
 	}
 }
