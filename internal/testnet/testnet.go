@@ -6,6 +6,7 @@ package testnet
 import (
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
@@ -84,6 +85,24 @@ func ClosedPort(t TB) string {
 	addr := ln.Addr().String()
 	ln.Close()
 	return addr
+}
+
+// SkipTB is TB for helpers that skip a test the machine cannot run.
+type SkipTB interface {
+	TB
+	Skipf(format string, args ...any)
+}
+
+// ListenUDP listens on addr (such as "127.0.0.1:0" or "[::1]:0") until
+// cleanup; a machine without that network (no IPv6, say) skips the test.
+func ListenUDP(t SkipTB, network, addr string) *net.UDPConn {
+	t.Helper()
+	c, err := net.ListenUDP(network, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
+	if err != nil {
+		t.Skipf("no %s here: %v", network, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 // UDPEcho starts a UDP echo server on 127.0.0.1 and returns its address.

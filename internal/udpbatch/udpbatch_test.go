@@ -11,19 +11,11 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
-
-func listen(t *testing.T, network, addr string) *net.UDPConn {
-	t.Helper()
-	c, err := net.ListenUDP(network, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
-	if err != nil {
-		t.Skipf("no %s here: %v", network, err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
 
 func slots(n, size int) [][]byte {
 	s := make([][]byte, n)
@@ -82,8 +74,8 @@ func TestWriterSendsEveryDatagramWhole(t *testing.T) {
 		{"over 64 segments", slices.Repeat([]int{100}, 100)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dst := listen(t, "udp4", "127.0.0.1:0")
-			src := listen(t, "udp4", "127.0.0.1:0")
+			dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+			src := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 			w, err := NewWriter(src, len(tc.sizes))
 			if err != nil {
 				t.Fatal(err)
@@ -133,9 +125,9 @@ func TestWriterSeveralDestinations(t *testing.T) {
 			if network == "udp" {
 				bind = "[::]:0"
 			}
-			src := listen(t, network, bind)
-			a := listen(t, "udp4", "127.0.0.1:0")
-			b := listen(t, "udp4", "127.0.0.1:0")
+			src := testnet.ListenUDP(t, network, bind)
+			a := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+			b := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 			w, _ := NewWriter(src, 8)
 			order := []*net.UDPConn{a, a, b, b, a, b}
 			for i, c := range order {
@@ -167,8 +159,8 @@ func TestWriterSeveralDestinations(t *testing.T) {
 }
 
 func TestIPv6(t *testing.T) {
-	dst := listen(t, "udp6", "[::1]:0")
-	src := listen(t, "udp6", "[::1]:0")
+	dst := testnet.ListenUDP(t, "udp6", "[::1]:0")
+	src := testnet.ListenUDP(t, "udp6", "[::1]:0")
 	w, _ := NewWriter(src, 4)
 	for i := 0; i < 3; i++ {
 		w.Add([]byte("hello"), dst.LocalAddr().(*net.UDPAddr).AddrPort())
@@ -186,7 +178,7 @@ func TestIPv6(t *testing.T) {
 // A connected socket needs no addresses: the writer sends with none and
 // the reader keeps none.
 func TestConnected(t *testing.T) {
-	dst := listen(t, "udp4", "127.0.0.1:0")
+	dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 	src, err := net.DialUDP("udp4", nil, dst.LocalAddr().(*net.UDPAddr))
 	if err != nil {
 		t.Fatal(err)
@@ -208,7 +200,7 @@ func TestConnected(t *testing.T) {
 }
 
 func TestTruncated(t *testing.T) {
-	dst := listen(t, "udp4", "127.0.0.1:0")
+	dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 	dst.WriteToUDP(make([]byte, 100), dst.LocalAddr().(*net.UDPAddr))
 	r, _ := NewReader(dst, slots(2, 50), 10, true)
 	n, err := r.Read()
@@ -219,7 +211,7 @@ func TestTruncated(t *testing.T) {
 
 // A closed socket ends a blocked Read with net.ErrClosed, and Flush stops.
 func TestClosed(t *testing.T) {
-	c := listen(t, "udp4", "127.0.0.1:0")
+	c := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 	r, _ := NewReader(c, slots(2, 64), 0, true)
 	w, _ := NewWriter(c, 2)
 	done := make(chan error)
@@ -238,7 +230,7 @@ func TestClosed(t *testing.T) {
 // pending on a connected socket) drops that datagram only; Flush reports
 // the error and still sends the rest.
 func TestFlushGoesOnAfterARefusedDatagram(t *testing.T) {
-	dead := listen(t, "udp4", "127.0.0.1:0")
+	dead := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 	deadAddr := dead.LocalAddr().(*net.UDPAddr)
 	dead.Close()
 	src, err := net.DialUDP("udp4", nil, deadAddr)
@@ -258,8 +250,8 @@ func TestFlushGoesOnAfterARefusedDatagram(t *testing.T) {
 }
 
 func TestNoAllocations(t *testing.T) {
-	dst := listen(t, "udp4", "127.0.0.1:0")
-	src := listen(t, "udp4", "127.0.0.1:0")
+	dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	src := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 	w, _ := NewWriter(src, 8)
 	r, _ := NewReader(dst, slots(8, 2048), 64, true)
 	to := dst.LocalAddr().(*net.UDPAddr).AddrPort()
