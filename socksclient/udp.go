@@ -32,11 +32,14 @@ var (
 	ErrDatagramTooLarge = errors.New("socks udp: datagram too large for the SOCKS header")
 )
 
-// UDPStats counts datagrams an association dropped, by reason.
+// UDPStats counts datagrams an association dropped, by reason, and how
+// often its batches waited for a relay on this host (relayroom.go).
 type UDPStats struct {
-	Fragmented atomic.Int64 // FRAG != 0, which we do not reassemble
-	Malformed  atomic.Int64 // header did not parse
-	TooLarge   atomic.Int64 // payload plus header over MaxUDPDatagram
+	Fragmented  atomic.Int64 // FRAG != 0, which we do not reassemble
+	Malformed   atomic.Int64 // header did not parse
+	TooLarge    atomic.Int64 // payload plus header over MaxUDPDatagram
+	RelayWaits  atomic.Int64 // batches held until the relay had room
+	RelayStalls atomic.Int64 // waits given up: the relay made no room in time
 }
 
 // UDPConn is a UDP ASSOCIATE session: a local UDP socket that talks to the
@@ -135,10 +138,14 @@ func (u *UDPConn) wrap(buf []byte, off int, dst Addr) (int, error) {
 
 // UDPBatch queues datagrams for one association and sends them with as
 // few system calls as the kernel allows (sendmmsg, and one segmented send
-// for a run of equal-sized datagrams). It belongs to one goroutine.
+// for a run of equal-sized datagrams). A batch for a relay on this host
+// waits, before it goes, until the relay's socket has room for it (see
+// relayroom.go). It belongs to one goroutine.
 type UDPBatch struct {
-	u *UDPConn
-	w *udpbatch.Writer
+	u    *UDPConn
+	w    *udpbatch.Writer
+	room *relayRoom // nil: the relay is elsewhere
+	need int        // what the queued datagrams cost the relay's buffer
 }
 
 // NewBatch returns a batch of up to n datagrams for u.
@@ -147,7 +154,8 @@ func (u *UDPConn) NewBatch(n int) (*UDPBatch, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &UDPBatch{u: u, w: w}, nil
+	from := u.pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	return &UDPBatch{u: u, w: w, room: newRelayRoom(from, u.relay, &u.stats)}, nil
 }
 
 // Conn is the association the batch sends on.
@@ -161,6 +169,9 @@ func (b *UDPBatch) Add(buf []byte, off int, dst Addr) error {
 		return err
 	}
 	b.w.Add(buf[start:], netip.AddrPort{})
+	if b.room != nil {
+		b.need += chargedSize(len(buf) - start)
+	}
 	return nil
 }
 
@@ -172,6 +183,10 @@ func (b *UDPBatch) Full() bool { return b.w.Full() }
 // the first send's failure, ErrAssociationClosed once the control
 // connection is gone.
 func (b *UDPBatch) Flush() (int, error) {
+	if b.room != nil && b.need > 0 {
+		b.room.wait(b.need)
+		b.need = 0
+	}
 	n, err := b.w.Flush()
 	return n, b.u.fail(err)
 }
