@@ -122,6 +122,11 @@ const udpReadBatch = 32
 // session (sendmmsg, or one segmented send for a run of equal sizes): no
 // copy, no hand-off, no wake-up of the session goroutine. The others are
 // copied to the session, which associates first.
+//
+// A batch for a proxy on this host waits until the proxy's relay socket
+// has room (socksclient.UDPBatch), and holds this loop meanwhile, for a
+// bounded time: the sessions of one forward share that proxy, which is
+// the one falling behind.
 func (f *UDPForward) Serve(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { f.Close() })
 	defer stop()
