@@ -9,7 +9,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -456,30 +455,14 @@ func pinSelf(h *harness, cpus ...int) {
 // delivered rate: what the proxy's relay manages with no forwarder in front.
 func socksUDPFlood(h *harness, proxy, rate string, secs int) (lostPct, mbps float64) {
 	bps := map[string]float64{"100M": 100e6, "300M": 300e6, "1G": 1e9}[rate]
-	sink, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		h.Fatalf("%v", err)
-	}
-	defer sink.Close()
-	var received atomic.Int64
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 2048)
-		for {
-			if _, err := sink.Read(buf); err != nil {
-				return
-			}
-			received.Add(1)
-		}
-	}()
+	sink := testnet.NewUDPSink(h)
 	d := socksclient.Dialer{ProxyAddr: proxy}
 	u, err := d.Associate(context.Background())
 	if err != nil {
 		h.Fatalf("UDP associate with %s: %v", proxy, err)
 	}
 	defer u.Close()
-	dst := socksclient.AddrFromAddrPort(sink.LocalAddr().(*net.UDPAddr).AddrPort())
+	dst := socksclient.AddrFromAddrPort(sink.Addr())
 	buf := make([]byte, socksclient.MaxUDPHeaderLen+1200)
 	perSec := bps / 8 / 1200
 	start, sent := time.Now(), 0
@@ -490,8 +473,6 @@ func socksUDPFlood(h *harness, proxy, rate string, secs int) (lostPct, mbps floa
 		time.Sleep(200 * time.Microsecond) // pacing
 	}
 	time.Sleep(300 * time.Millisecond) // let the relay drain
-	sink.Close()
-	<-done
-	got := received.Load()
+	got := sink.Count()
 	return 100 * float64(int64(sent)-got) / float64(sent), float64(got) * 1200 * 8 / float64(secs) / 1e6
 }

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
@@ -104,6 +105,45 @@ func ListenUDP(t SkipTB, network, addr string) *net.UDPConn {
 	t.Cleanup(func() { c.Close() })
 	return c
 }
+
+// UDPSink counts the datagrams that reach it, until cleanup.
+type UDPSink struct {
+	pc *net.UDPConn
+	n  atomic.Int64
+}
+
+// NewUDPSink starts a sink on 127.0.0.1.
+func NewUDPSink(t TB) *UDPSink {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockbuf.Grow(pc)
+	s := &UDPSink{pc: pc}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 65536)
+		for {
+			if _, err := pc.Read(buf); err != nil {
+				return
+			}
+			s.n.Add(1)
+		}
+	}()
+	t.Cleanup(func() {
+		pc.Close()
+		<-done
+	})
+	return s
+}
+
+// Addr is where the sink listens.
+func (s *UDPSink) Addr() netip.AddrPort { return s.pc.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+// Count is the number of datagrams received so far.
+func (s *UDPSink) Count() int64 { return s.n.Load() }
 
 // UDPEcho starts a UDP echo server on 127.0.0.1 and returns its address.
 func UDPEcho(t TB) *net.UDPConn {
