@@ -270,6 +270,9 @@ type udpSession struct {
 	upstream  string
 	lastErr   error
 	failUntil time.Time
+	// Batches held back for a relay on this host, over the session's
+	// associations so far, and waits given up (socksclient.UDPStats).
+	relayWaits, relayStalls int64
 }
 
 func (s *udpSession) touch() { s.lastIO.Store(time.Now().UnixNano()) }
@@ -343,9 +346,12 @@ func (s *udpSession) serve() {
 		if s.lastErr != nil {
 			ev = f.cfg.Logger.Info().Err(s.lastErr)
 		}
-		ev.Str("listener", f.cfg.Name).Str("client", s.client.String()).Str("target", f.cfg.Target.String()).
-			Str("upstream", s.upstream).Int64("datagrams_up", s.up.Load()).Int64("datagrams_down", s.down.Load()).
-			Dur("dur", time.Since(start)).Msg("UDP session ended")
+		ev = ev.Str("listener", f.cfg.Name).Str("client", s.client.String()).Str("target", f.cfg.Target.String()).
+			Str("upstream", s.upstream).Int64("datagrams_up", s.up.Load()).Int64("datagrams_down", s.down.Load())
+		if s.relayWaits > 0 {
+			ev = ev.Int64("relay_waits", s.relayWaits).Int64("relay_stalls", s.relayStalls)
+		}
+		ev.Dur("dur", time.Since(start)).Msg("UDP session ended")
 	}()
 	for {
 		select {
@@ -426,6 +432,8 @@ func (s *udpSession) closeAssoc() {
 		s.live.Store(nil)
 		s.assoc.Close()
 		<-s.readDone
+		s.relayWaits += s.assoc.Stats().RelayWaits.Load()
+		s.relayStalls += s.assoc.Stats().RelayStalls.Load()
 		s.assoc = nil
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,14 +20,18 @@ import (
 type udpFwdOpts struct {
 	idle        time.Duration
 	maxSessions int
-	listen      string // default 127.0.0.1:0
+	listen      string         // default 127.0.0.1:0
+	target      netip.AddrPort // default: a UDP echo
 }
 
-// startUDPForward runs a UDPForward to the UDP echo through a sockstest
-// server with cfg; it returns the forward, its address and the log.
+// startUDPForward runs a UDPForward to the target (a UDP echo unless o
+// says otherwise) through a sockstest server with cfg; it returns the
+// forward, its address and the log.
 func startUDPForward(t *testing.T, cfg sockstest.Config, o udpFwdOpts) (*UDPForward, *net.UDPAddr, *logBuf) {
 	t.Helper()
-	echo := testnet.UDPEcho(t).LocalAddr().(*net.UDPAddr)
+	if !o.target.IsValid() {
+		o.target = testnet.UDPEcho(t).LocalAddr().(*net.UDPAddr).AddrPort()
+	}
 	proxy := newSocks(t, cfg)
 	if o.listen == "" {
 		o.listen = "127.0.0.1:0"
@@ -40,7 +46,7 @@ func startUDPForward(t *testing.T, cfg sockstest.Config, o udpFwdOpts) (*UDPForw
 	}
 	logs := &logBuf{}
 	f := NewUDPForward(UDPForwardConfig{
-		Name: pc.LocalAddr().String(), Target: socksclient.AddrFromAddrPort(echo.AddrPort()),
+		Name: pc.LocalAddr().String(), Target: socksclient.AddrFromAddrPort(o.target),
 		Upstreams:   socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy.Addr(), HandshakeTimeout: 5 * time.Second}),
 		IdleTimeout: o.idle, MaxSessions: o.maxSessions,
 		Logger: zerolog.New(logs).Level(zerolog.DebugLevel),
@@ -198,6 +204,57 @@ func TestUDPForwardSessionCap(t *testing.T) {
 		t.Fatal("drops not counted")
 	}
 	logs.waitFor(t, "UDP session table full")
+}
+
+// A slow relay on this host with a small buffer gets bursts several times
+// its size whole: the forward's batches wait for room in its socket (the
+// burst waits in the forward's own buffer), and the session's log line
+// counts the waits.
+func TestUDPForwardSlowLocalRelay(t *testing.T) {
+	sink := testnet.NewUDPSink(t)
+	f, fwd, logs := startUDPForward(t, sockstest.Config{UDPSlowRelay: true}, udpFwdOpts{target: sink.Addr()})
+	c := udpClient(t, "udp4")
+	arrived := func(n int64) bool {
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			if sink.Count() >= n {
+				return true
+			}
+		}
+		return false
+	}
+	// The session and its association first.
+	for range 5 {
+		c.WriteToUDP([]byte("first"), fwd)
+		if arrived(1) {
+			break
+		}
+	}
+	// Waves of 60 datagrams of 1200 bytes (about 140 KB as the kernel
+	// counts them) fit the forward's socket even where it cannot grow
+	// past the default 208 KB; the relay keeps 64 KiB.
+	const waves, wave = 5, 60
+	start := sink.Count()
+	for i := range waves {
+		for range wave {
+			if _, err := c.WriteToUDP(make([]byte, 1200), fwd); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if !arrived(start + int64((i+1)*wave)) {
+			break
+		}
+	}
+	f.Close()
+	logs.waitFor(t, "UDP session ended")
+	if !strings.Contains(logs.String(), `"relay_waits":`) {
+		t.Fatalf("no batch waited for the relay:\n%s", logs)
+	}
+	if lost := start + waves*wave - sink.Count(); lost != 0 {
+		if strings.Contains(logs.String(), `"relay_stalls":0`) {
+			t.Fatalf("%d of %d datagrams lost though no wait was given up:\n%s", lost, waves*wave, logs)
+		}
+		t.Logf("%d lost after the relay stalled on a starved machine:\n%s", lost, logs)
+	}
 }
 
 func TestUDPForwardIdleTimeout(t *testing.T) {

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
@@ -69,6 +71,11 @@ type Config struct {
 	// UDPCloseControlAfter, when > 0, closes the control connection (ending
 	// the association) after that many datagrams from the client.
 	UDPCloseControlAfter int
+	// UDPSlowRelay plays a slow proxy on this host with small buffers: the
+	// relay socket keeps 64 KiB (about 27 datagrams of 1200 bytes) and
+	// pauses udpSlowRelayPause after each client datagram, so a burst
+	// overflows it unless the client waits for room.
+	UDPSlowRelay bool
 	// Greeted, if not nil, receives a value (without blocking) each time the
 	// server has read a greeting: a readiness signal for tests.
 	Greeted chan<- struct{}
@@ -406,7 +413,11 @@ func (s *Server) serveAssociate(c net.Conn) {
 		return
 	}
 	defer pc.Close()
-	sockbuf.Grow(pc) // as a real relay would: tests send bursts
+	if s.cfg.UDPSlowRelay {
+		pc.SetReadBuffer(32 << 10) // the kernel doubles it
+	} else {
+		sockbuf.Grow(pc) // as a real relay would: tests send bursts
+	}
 	bound := socksclient.AddrFromAddrPort(pc.LocalAddr().(*net.UDPAddr).AddrPort())
 	if s.cfg.UDPBindUnspecified {
 		bound.IP = netip.IPv4Unspecified()
@@ -430,6 +441,10 @@ func (s *Server) serveAssociate(c net.Conn) {
 	pc.Close()
 	<-relayDone
 }
+
+// udpSlowRelayPause is what UDPSlowRelay spends on each datagram: about
+// 25 000 datagrams a second at most, far below a burst's pace.
+var udpSlowRelayPause = unix.NsecToTimespec(40_000)
 
 func (s *Server) relayUDP(pc, stranger *net.UDPConn, ctrl net.Conn) {
 	buf := make([]byte, socksclient.MaxUDPHeaderLen+65536)
@@ -459,6 +474,9 @@ func (s *Server) relayUDP(pc, stranger *net.UDPConn, ctrl net.Conn) {
 				dst = ua.AddrPort()
 			}
 			pc.WriteToUDPAddrPort(pkt[hlen:], dst)
+			if s.cfg.UDPSlowRelay {
+				unix.Nanosleep(&udpSlowRelayPause, nil)
+			}
 			requests++
 			if s.cfg.UDPCloseControlAfter > 0 && requests >= s.cfg.UDPCloseControlAfter {
 				ctrl.Close()
