@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/internal/udpbatch"
 )
 
@@ -16,24 +17,22 @@ import (
 // socket connected to it, with flow control between them.
 func relayPair(t *testing.T) (relay, client *net.UDPConn, room *relayRoom, stats *UDPStats) {
 	t.Helper()
-	relay, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { relay.Close() })
+	relay = testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 	relay.SetReadBuffer(32 << 10) // the kernel doubles it: room for ~27 datagrams of 1200 bytes
-	client, err = net.DialUDP("udp4", nil, relay.LocalAddr().(*net.UDPAddr))
+	client, err := net.DialUDP("udp4", nil, relay.LocalAddr().(*net.UDPAddr))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { client.Close() })
 	stats = new(UDPStats)
-	room = newRelayRoom(client.LocalAddr().(*net.UDPAddr).AddrPort(), relay.LocalAddr().(*net.UDPAddr).AddrPort(), stats)
+	room = newRelayRoom(addrPort(client), addrPort(relay), stats)
 	if room == nil {
 		t.Fatal("no flow control toward a relay on 127.0.0.1")
 	}
 	return relay, client, room, stats
 }
+
+func addrPort(c *net.UDPConn) netip.AddrPort { return c.LocalAddr().(*net.UDPAddr).AddrPort() }
 
 // sendBatches sends n datagrams of size bytes in batches of 8, each batch
 // waiting for room first, as UDPBatch.Flush does.
@@ -112,11 +111,8 @@ func TestNewRelayRoom(t *testing.T) {
 	if newRelayRoom(from, netip.MustParseAddrPort("192.0.2.1:1080"), new(UDPStats)) != nil {
 		t.Error("flow control toward a relay on another host")
 	}
-	gone, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	to := gone.LocalAddr().(*net.UDPAddr).AddrPort()
+	gone := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	to := addrPort(gone)
 	gone.Close()
 	if newRelayRoom(from, to, new(UDPStats)) != nil {
 		t.Error("flow control toward a port nobody has bound")
@@ -131,16 +127,13 @@ func TestChargedSize(t *testing.T) {
 		t.Fatal("no socket diagnostics on this kernel")
 	}
 	for _, size := range []int{1, 64, 512, 1210, 1472, 4000, 9000, 30000} {
-		rx, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		if err != nil {
-			t.Fatal(err)
-		}
+		rx := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 		tx, err := net.DialUDP("udp4", nil, rx.LocalAddr().(*net.UDPAddr))
 		if err != nil {
 			t.Fatal(err)
 		}
 		tx.Write(make([]byte, size))
-		m, err := q.UDPReceiver(tx.LocalAddr().(*net.UDPAddr).AddrPort(), rx.LocalAddr().(*net.UDPAddr).AddrPort())
+		m, err := q.UDPReceiver(addrPort(tx), addrPort(rx))
 		tx.Close()
 		rx.Close()
 		if err != nil {
