@@ -249,7 +249,7 @@ type Request struct {
 }
 
 func (q Request) AppendTo(b []byte) ([]byte, error) {
-	return appendAddr(append(b, Version, byte(q.Cmd), 0), q.Addr)
+	return appendAddrFrame(b, [3]byte{Version, byte(q.Cmd), 0}, q.Addr)
 }
 
 func (q Request) String() string { return fmt.Sprintf("request %s %s", q.Cmd, q.Addr) }
@@ -283,7 +283,7 @@ type Reply struct {
 }
 
 func (p Reply) AppendTo(b []byte) ([]byte, error) {
-	return appendAddr(append(b, Version, byte(p.Code), 0), p.Addr)
+	return appendAddrFrame(b, [3]byte{Version, byte(p.Code), 0}, p.Addr)
 }
 
 func (p Reply) String() string { return fmt.Sprintf("reply %s %s", p.Code, p.Addr) }
@@ -317,7 +317,7 @@ type UDPHeader struct {
 }
 
 func (h UDPHeader) AppendTo(b []byte) ([]byte, error) {
-	return appendAddr(append(b, 0, 0, h.Frag), h.Addr)
+	return appendAddrFrame(b, [3]byte{0, 0, h.Frag}, h.Addr)
 }
 
 func (h UDPHeader) String() string { return fmt.Sprintf("udp header frag=%d %s", h.Frag, h.Addr) }
@@ -332,6 +332,20 @@ func ParseUDPHeader(b []byte) (UDPHeader, int, error) {
 		return UDPHeader{}, 0, relabel(err, "udp header")
 	}
 	return UDPHeader{Frag: b[2], Addr: a}, 3 + n, nil
+}
+
+// appendAddrFrame appends three head bytes and the address. The address is
+// encoded on the stack first, so an address that cannot be sent leaves b
+// untouched, spare capacity included: a UDP header is written into the
+// headroom right before the payload, which a failed append must not touch.
+func appendAddrFrame(b []byte, head [3]byte, a Addr) ([]byte, error) {
+	var tmp [1 + 1 + MaxNameLen + 2]byte
+	enc, err := appendAddr(tmp[:0], a)
+	if err != nil {
+		return b, err
+	}
+	b = append(b, head[:]...)
+	return append(b, enc...), nil
 }
 
 // maxAddrFrame is the longest request or reply: VER CMD RSV, ATYP, a 255-byte

@@ -180,13 +180,26 @@ func TestAppendValidates(t *testing.T) {
 		{"empty password", UserPassRequest{Username: "x"}},
 		{"256-byte password", UserPassRequest{Username: "x", Password: name255 + "a"}},
 		{"udp 256-byte name", UDPHeader{Addr: Addr{Name: name255 + "a"}}},
+		{"udp empty address", UDPHeader{Frag: 1}},
+		{"reply 256-byte name", Reply{Addr: Addr{Name: name255 + "a", Port: 1}}},
+		{"reply empty address", Reply{Code: RepGeneralFailure}},
+		{"bind empty address", Request{Cmd: CmdBind}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			prefix := []byte{1, 2}
-			got, err := tc.f.AppendTo(prefix)
+			// The caller's bytes, with spare capacity that must stay
+			// untouched too: a failed append writes nothing anywhere.
+			buf := bytes.Repeat([]byte{0xEE}, 64)
+			buf[0], buf[1] = 1, 2
+			got, err := tc.f.AppendTo(buf[:2])
 			if err == nil {
 				t.Fatalf("AppendTo succeeded: % x", got)
+			}
+			if !bytes.Equal(got, []byte{1, 2}) {
+				t.Fatalf("AppendTo returned % x on error, want the input 01 02", got)
+			}
+			if want := append([]byte{1, 2}, bytes.Repeat([]byte{0xEE}, 62)...); !bytes.Equal(buf, want) {
+				t.Fatalf("AppendTo wrote % x past the input on error", buf[2:8])
 			}
 		})
 	}
