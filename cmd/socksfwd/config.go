@@ -2,52 +2,123 @@ package main
 
 import (
 	"bytes"
+	"encoding"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"reflect"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
 )
 
-// Config is the merged configuration. TOML keys are the long flag names.
-// Defaults are set in defaultConfig.
+// Config is the merged configuration. Each field is one option, declared
+// here and nowhere else: the toml tag is the long flag name, the TOML key
+// and (as SOCKSFWD_NAME) the environment variable; short is the one-letter
+// alias, usage the help text, def the default, written as on the command
+// line. A field of type []string is repeatable. Adding an option is adding
+// a field; validation of what it means lives in buildPlan.
 type Config struct {
-	Server             []string `toml:"server"`
-	ServerUser         string   `toml:"server-user,omitempty"`
-	ServerPasswordFile string   `toml:"server-password-file,omitempty"`
-	Local              []string `toml:"local"`
-	DNS                string   `toml:"dns,omitempty"`
-	DNSUpstream        []string `toml:"dns-upstream,omitempty"`
-	DNSTransport       string   `toml:"dns-transport"`
-	DNSTimeout         Duration `toml:"dns-timeout"`
-	DNSCacheSize       int      `toml:"dns-cache-size"`
-	HandshakeTimeout   Duration `toml:"handshake-timeout"`
-	IdleTimeout        Duration `toml:"idle-timeout"`
-	UDPIdleTimeout     Duration `toml:"udp-idle-timeout"`
-	UDPMaxSessions     int      `toml:"udp-max-sessions"`
-	LogLevel           string   `toml:"log-level"`
-	LogFormat          string   `toml:"log-format"`
-	ShutdownTimeout    Duration `toml:"shutdown-timeout"`
+	Server             []string `toml:"server" short:"S" usage:"upstream SOCKS5 server, repeat for failover: host:port | socks5h://[user[:pass]@]host[:port] | socks5://… (resolves names locally)"`
+	ServerUser         string   `toml:"server-user,omitempty" usage:"username for servers whose URL has none"`
+	ServerPasswordFile string   `toml:"server-password-file,omitempty" usage:"file holding the password for them (one trailing newline stripped)"`
+	Local              []string `toml:"local" short:"L" usage:"forward [bind:]port:host:hostport[/udp], repeatable; bind defaults to 127.0.0.1"`
+	DNS                string   `toml:"dns,omitempty" usage:"DNS listener [bind:]port, UDP and TCP (bind defaults to 127.0.0.1)"`
+	DNSUpstream        []string `toml:"dns-upstream,omitempty" usage:"resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"`
+	DNSTransport       string   `toml:"dns-transport" def:"tcp" usage:"tcp (DNS over TCP through CONNECT, works everywhere) | udp (one UDP ASSOCIATE)"`
+	DNSTimeout         Duration `toml:"dns-timeout" def:"5s" usage:"whole-query deadline across all attempts and resolvers"`
+	DNSCacheSize       int      `toml:"dns-cache-size" def:"10000" usage:"cached DNS answers (0 disables the cache)"`
+	DNSMaxInFlight     int      `toml:"dns-max-inflight" def:"2000" usage:"DNS queries forwarded at once; beyond it queries get REFUSED"`
+	HandshakeTimeout   Duration `toml:"handshake-timeout" def:"10s" usage:"connect + SOCKS handshake to the upstream"`
+	HedgeDelay         Duration `toml:"hedge-delay" def:"300ms" usage:"when an upstream has not finished its handshake this long, try the next one in parallel (0 = only after it fails)"`
+	IdleTimeout        Duration `toml:"idle-timeout" def:"0s" usage:"close a TCP session idle this long (0 = never, like ssh -L)"`
+	UDPIdleTimeout     Duration `toml:"udp-idle-timeout" def:"60s" usage:"end a UDP session idle this long"`
+	UDPMaxSessions     int      `toml:"udp-max-sessions" def:"1024" usage:"UDP sessions (client addresses) per listener; when full, the one idle longest makes room"`
+	LogLevel           string   `toml:"log-level" def:"info" usage:"debug | info | warn | error"`
+	LogFormat          string   `toml:"log-format" def:"auto" usage:"auto | json | console (auto: console on a terminal)"`
+	ShutdownTimeout    Duration `toml:"shutdown-timeout" def:"30s" usage:"drain time on SIGINT/SIGTERM"`
+	// For make bench: compare the relay's copy paths.
+	RelayCopy string `toml:"relay-copy,omitempty" hidden:"true" usage:"splice | pooled"`
 }
 
-func defaultConfig() Config {
-	return Config{
-		HandshakeTimeout: Duration(10 * time.Second), // connect + SOCKS handshake
-		IdleTimeout:      0,                          // never, like ssh -L
-		UDPIdleTimeout:   Duration(60 * time.Second), // a UDP session with no datagram either way
-		UDPMaxSessions:   1024,                       // UDP sessions (client addresses) per listener
-		DNSTransport:     "tcp",                      // DNS over TCP through CONNECT: works with every server
-		DNSTimeout:       Duration(5 * time.Second),  // a whole query, across attempts and resolvers
-		DNSCacheSize:     10000,                      // cached answers; 0 disables the cache
-		LogLevel:         "info",
-		LogFormat:        "auto", // console on a terminal, JSON otherwise
-		ShutdownTimeout:  Duration(30 * time.Second),
+// option is one field of Config as the command line sees it.
+type option struct {
+	name, short, usage, def string
+	hidden                  bool
+	repeatable              bool
+	index                   int // field index in Config
+}
+
+// options lists Config's fields, in declaration order.
+var options = func() []option {
+	t := reflect.TypeFor[Config]()
+	opts := make([]option, t.NumField())
+	for i := range opts {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+		opts[i] = option{
+			name: name, short: f.Tag.Get("short"), usage: f.Tag.Get("usage"), def: f.Tag.Get("def"),
+			hidden: f.Tag.Get("hidden") == "true", repeatable: f.Type.Kind() == reflect.Slice, index: i,
+		}
 	}
+	return opts
+}()
+
+// envName is an option's environment variable: --dns-upstream →
+// SOCKSFWD_DNS_UPSTREAM.
+func envName(flag string) string {
+	return "SOCKSFWD_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
 }
 
-// Duration is a time.Duration written as "10s" in TOML.
+// defaultConfig is Config with every def tag applied.
+func defaultConfig() Config {
+	var c Config
+	for _, o := range options {
+		if o.def == "" {
+			continue
+		}
+		if err := o.set(&c, o.def); err != nil {
+			panic(fmt.Sprintf("option %s: bad default: %v", o.name, err)) // a programming error
+		}
+	}
+	return c
+}
+
+// set parses one value written as on the command line into the option's
+// field. Repeatable options take one value per call.
+func (o option) set(c *Config, value string) error {
+	v := reflect.ValueOf(c).Elem().Field(o.index)
+	switch p := v.Addr().Interface().(type) {
+	case *string:
+		*p = value
+	case *[]string:
+		*p = append(*p, value)
+	case *int:
+		n, err := strconv.Atoi(value)
+		if err != nil {
+			return fmt.Errorf("want a whole number such as %s", o.exampleOr("10"))
+		}
+		*p = n
+	case encoding.TextUnmarshaler:
+		return p.UnmarshalText([]byte(value))
+	default:
+		panic("option " + o.name + ": unsupported field type " + v.Type().String())
+	}
+	return nil
+}
+
+func (o option) exampleOr(s string) string {
+	if o.def != "" {
+		return o.def
+	}
+	return s
+}
+
+// Duration is a time.Duration written as "10s" in TOML and on the command
+// line.
 type Duration time.Duration
 
 func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
@@ -55,13 +126,23 @@ func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d)
 func (d *Duration) UnmarshalText(b []byte) error {
 	v, err := time.ParseDuration(string(b))
 	if err != nil {
-		return fmt.Errorf("invalid duration %q (want e.g. 10s, 1m30s)", b)
+		return errors.New("want a duration such as 30s or 1m30s")
 	}
 	if v < 0 {
-		return fmt.Errorf("negative duration %q", b)
+		return fmt.Errorf("negative duration %s", quote(string(b)))
 	}
 	*d = Duration(v)
 	return nil
+}
+
+// quote quotes a user's value for an error message, cut short: a value
+// can be megabytes long, and an error is one line.
+func quote(s string) string {
+	const max = 64
+	if len(s) <= max {
+		return strconv.Quote(s)
+	}
+	return strconv.Quote(s[:max]) + fmt.Sprintf("… (%d bytes)", len(s))
 }
 
 // usageError is a configuration or usage mistake: exit code 2.
@@ -72,10 +153,14 @@ func (e usageError) Unwrap() error { return e.err }
 
 func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
 
+// maxConfigSize bounds the TOML file: a configuration is a few kilobytes,
+// and -c /dev/zero must not read forever.
+const maxConfigSize = 1 << 20
+
 // loadFile reads a TOML file strictly into cfg: an unknown key is an error
 // naming file, line and key.
 func loadFile(path string, cfg *Config) error {
-	data, err := os.ReadFile(path)
+	data, err := readLimited(path, maxConfigSize)
 	if err != nil {
 		return usagef("config: %w", err)
 	}
@@ -86,18 +171,46 @@ func loadFile(path string, cfg *Config) error {
 			keys := make([]string, len(strict.Errors))
 			for i, e := range strict.Errors {
 				row, _ := e.Position()
-				keys[i] = fmt.Sprintf("%s:%d: unknown key %q", path, row, strings.Join(e.Key(), "."))
+				keys[i] = fmt.Sprintf("%s:%d: unknown key %s", path, row, quote(strings.Join(e.Key(), ".")))
 			}
 			return usageError{errors.New(strings.Join(keys, "; "))}
 		}
 		var de *toml.DecodeError
 		if errors.As(err, &de) {
 			row, col := de.Position()
-			return usagef("%s:%d:%d: %s", path, row, col, de.Error())
+			return usagef("%s:%d:%d: %s", path, row, col, cut(de.Error()))
 		}
-		return usagef("%s: %w", path, err)
+		return usagef("%s: %s", path, cut(err.Error()))
 	}
 	return nil
+}
+
+// readLimited reads a whole file of at most max bytes, and refuses a
+// larger one (or an endless one such as /dev/zero) after reading max+1.
+func readLimited(path string, max int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if int64(len(data)) > max {
+		return nil, fmt.Errorf("%s: larger than %d KiB; is it the right file?", path, max>>10)
+	}
+	return data, nil
+}
+
+// cut shortens a message that may quote a huge value.
+func cut(s string) string {
+	const max = 200
+	s, _, _ = strings.Cut(s, "\n")
+	if len(s) <= max {
+		return s
+	}
+	return s[:max] + "…"
 }
 
 // printable returns the config as TOML with secrets redacted.

@@ -1,5 +1,5 @@
 // Command socksfwd lets software that does not speak SOCKS use a SOCKS5
-// proxy: local listeners turn plain TCP into SOCKS5 CONNECT sessions.
+// proxy: local listeners turn plain TCP, UDP and DNS into SOCKS5 sessions.
 package main
 
 import (
@@ -7,20 +7,22 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
+	"reflect"
 	"runtime/debug"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
-
-	"github.com/socksfwd/socksfwd/tunnel"
 )
 
 // version is stamped at build time: -ldflags "-X main.version=…".
 var version = "dev"
 
-// Exit codes (DESIGN §5).
+// Exit codes: 0 a clean stop, 1 a runtime failure (a listener that cannot
+// bind), 2 a usage or configuration error.
 const (
 	exitOK      = 0
 	exitRuntime = 1
@@ -41,39 +43,38 @@ func main() {
 	os.Exit(run(os.Args, os.Stdout, os.Stderr, os.Getenv))
 }
 
-// envPrefix prefixes every flag's environment variable: --dns-upstream →
-// SOCKSFWD_DNS_UPSTREAM.
-const envPrefix = "SOCKSFWD_"
-
-func envName(flag string) string {
-	return envPrefix + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+func init() {
+	cli.VersionFlag = &cli.BoolFlag{Name: "version", Aliases: []string{"V"}, Usage: "print the version and exit"}
 }
 
-// repeatable flags take a comma-separated list in the environment; on the
-// command line each repetition is one value.
-var repeatable = []string{"server", "local", "dns-upstream"}
-
-func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
-	cli.VersionFlag = &cli.BoolFlag{Name: "version", Aliases: []string{"V"}, Usage: "print the version and exit"}
-	str := func(name, alias, usage string) *cli.StringFlag {
-		f := &cli.StringFlag{Name: name, Usage: usage, EnvVars: []string{envName(name)}}
-		if alias != "" {
-			f.Aliases = []string{alias}
+// newApp is the command line: one flag per Config option, plus the flags
+// that act at once. Its Action only hands back the merged configuration
+// (through loaded); serving is the supervisor's.
+func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *mergedConfig) *cli.App {
+	flags := make([]cli.Flag, 0, len(options)+2)
+	for _, o := range options {
+		usage := o.usage + " (env " + envName(o.name)
+		if o.repeatable {
+			usage += ", comma-separated"
 		}
-		return f
-	}
-	slice := func(name, alias, usage string) *cli.StringSliceFlag {
-		f := &cli.StringSliceFlag{Name: name, Usage: usage + " (env " + envName(name) + ", comma-separated)"}
-		if alias != "" {
-			f.Aliases = []string{alias}
+		usage += ")"
+		var aliases []string
+		if o.short != "" {
+			aliases = []string{o.short}
 		}
-		return f
+		// Every value arrives as text and is parsed by mergeConfig, so
+		// that an error names the option and says what it wants.
+		if o.repeatable {
+			flags = append(flags, &cli.StringSliceFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden})
+		} else {
+			flags = append(flags, &cli.StringFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Value: o.def})
+		}
 	}
-	def := defaultConfig()
-	dur := func(name, usage string, value Duration) *cli.DurationFlag {
-		return &cli.DurationFlag{Name: name, Usage: usage, EnvVars: []string{envName(name)}, Value: time.Duration(value)}
-	}
-	app := &cli.App{
+	flags = append(flags,
+		&cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "TOML file (see config.example.toml); re-read on SIGHUP"},
+		&cli.BoolFlag{Name: "print-config", Usage: "print the merged configuration as TOML (secrets redacted) and exit"},
+	)
+	return &cli.App{
 		Name:    "socksfwd",
 		Usage:   "forward local TCP and UDP ports, and DNS, through a SOCKS5 proxy",
 		Version: version,
@@ -83,40 +84,22 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 		ErrWriter:                 stderr,
 		DisableSliceFlagSeparator: true,
 		HideHelpCommand:           true,
-		Flags: []cli.Flag{
-			slice("server", "S", "upstream SOCKS5 server, repeat for failover: host:port | socks5h://[user[:pass]@]host[:port] | socks5://… (resolves names locally)"),
-			str("server-user", "", "username for servers whose URL has none"),
-			str("server-password-file", "", "file holding the password for them (one trailing newline stripped)"),
-			slice("local", "L", "forward [bind:]port:host:hostport[/udp], repeatable; bind defaults to 127.0.0.1"),
-			str("dns", "", "DNS listener [bind:]port, UDP and TCP (bind defaults to 127.0.0.1)"),
-			slice("dns-upstream", "", "resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"),
-			str("dns-transport", "", "tcp (DNS over TCP through CONNECT, works everywhere; the default) | udp (one UDP ASSOCIATE)"),
-			dur("dns-timeout", "whole-query deadline across all attempts and resolvers", def.DNSTimeout),
-			&cli.IntFlag{Name: "dns-cache-size", Usage: "cached DNS answers (0 disables the cache)", Value: def.DNSCacheSize, EnvVars: []string{envName("dns-cache-size")}},
-			dur("handshake-timeout", "connect + SOCKS handshake to the upstream", def.HandshakeTimeout),
-			dur("idle-timeout", "close a TCP session idle this long (0 = never, like ssh -L)", def.IdleTimeout),
-			dur("udp-idle-timeout", "end a UDP session idle this long", def.UDPIdleTimeout),
-			&cli.IntFlag{Name: "udp-max-sessions", Usage: "UDP sessions (client addresses) per listener", Value: def.UDPMaxSessions, EnvVars: []string{envName("udp-max-sessions")}},
-			str("config", "c", "TOML file (see config.example.toml)"),
-			str("log-level", "", "debug | info | warn | error (default info)"),
-			str("log-format", "", "auto | json | console (default auto: console on a terminal)"),
-			dur("shutdown-timeout", "drain time on SIGINT/SIGTERM", def.ShutdownTimeout),
-			// For make bench: compare the relay's two copy paths.
-			&cli.StringFlag{Name: "relay-copy", Value: "splice", Hidden: true},
-			&cli.BoolFlag{Name: "print-config", Usage: "print the merged configuration as TOML (secrets redacted) and exit"},
-		},
+		Flags:                     flags,
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return usageError{err}
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {
-				return usagef("unexpected argument %q", c.Args().First())
+				return usagef("unexpected argument %s", quote(c.Args().First()))
 			}
 			cfg, err := mergeConfig(c, getenv)
 			if err != nil {
 				return err
 			}
 			if c.Bool("print-config") {
+				if _, err := buildPlan(cfg.Config); err != nil {
+					return err
+				}
 				out, err := cfg.printable()
 				if err != nil {
 					return err
@@ -124,31 +107,52 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string) *cli.App {
 				fmt.Fprint(stdout, out)
 				return nil
 			}
-			log, err := newLogger(cfg, stderr)
-			if err != nil {
-				return err
-			}
-			for _, w := range cfg.warnings {
-				log.Warn().Msg(w)
-			}
-			mode := tunnel.CopySplice
-			switch c.String("relay-copy") {
-			case "splice":
-			case "pooled":
-				mode = tunnel.CopyPooled
-			default:
-				return usagef("--relay-copy: want pooled or splice")
-			}
-			return serve(cfg.Config, mode, log)
+			*loaded = cfg
+			loaded.loaded = true
+			return nil
 		},
 	}
-	return app
 }
 
 // run is main without os.Exit, for tests.
 func run(args []string, stdout, stderr io.Writer, getenv func(string) string) int {
-	app := newApp(stdout, stderr, getenv)
-	err := app.Run(args)
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	return runWith(args, stdout, stderr, getenv, sigs)
+}
+
+// runWith loads the configuration, builds the plan and hands it to the
+// supervisor, which runs until a signal on sigs stops it.
+func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string, sigs <-chan os.Signal) int {
+	err := func() error {
+		cfg, err := loadConfig(args, stdout, stderr, getenv)
+		if err != nil || !cfg.loaded {
+			return err // answered already: --help, --version, --print-config
+		}
+		p, err := buildPlan(cfg.Config)
+		if err != nil {
+			return err
+		}
+		log, err := newLogger(cfg, stderr)
+		if err != nil {
+			return err
+		}
+		for _, w := range cfg.warnings {
+			log.Warn().Msg(w)
+		}
+		reload := func() (*plan, error) {
+			cfg, err := loadConfig(args, io.Discard, io.Discard, getenv)
+			if err != nil {
+				return nil, err
+			}
+			for _, w := range cfg.warnings {
+				log.Warn().Msg(w)
+			}
+			return buildPlan(cfg.Config)
+		}
+		return newSupervisor(log, reload).run(p, sigs)
+	}()
 	if err == nil {
 		return exitOK
 	}
@@ -158,6 +162,14 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) in
 		return exitUsage
 	}
 	return exitRuntime
+}
+
+// loadConfig parses the command line and merges every source. A config
+// whose loaded is false was answered already (help, version, print-config).
+func loadConfig(args []string, stdout, stderr io.Writer, getenv func(string) string) (mergedConfig, error) {
+	var cfg mergedConfig
+	err := newApp(stdout, stderr, getenv, &cfg).Run(args)
+	return cfg, err
 }
 
 // isFlagError recognises the flag package's parse errors, which urfave
@@ -172,70 +184,54 @@ func isFlagError(err error) bool {
 type mergedConfig struct {
 	Config
 	warnings []string
+	loaded   bool // false when the command line was answered without serving
 }
 
 // mergeConfig layers the sources, lowest first: defaults, ALL_PROXY (only
-// for the server), the TOML file, environment, flags. urfave reports a
-// scalar flag as set when it came from the command line or its variable.
+// for the server), the TOML file, environment, flags. On the command line
+// each repetition of a repeatable option is one value; in the environment
+// it is a comma-separated list.
 func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, error) {
 	m := mergedConfig{Config: defaultConfig()}
 	cfg := &m.Config
-	path := c.String("config")
-	if path != "" {
+	if path := c.String("config"); path != "" {
 		if err := loadFile(path, cfg); err != nil {
 			return m, err
 		}
 	}
-	for _, name := range repeatable {
+	for _, o := range options {
 		var vals []string
-		if c.IsSet(name) {
-			vals = c.StringSlice(name)
-		} else if env := getenv(envName(name)); env != "" {
+		source := "--" + o.name
+		switch {
+		case c.IsSet(o.name) && o.repeatable:
+			vals = c.StringSlice(o.name)
+		case c.IsSet(o.name):
+			vals = []string{c.String(o.name)}
+		case getenv(envName(o.name)) != "":
+			env := getenv(envName(o.name))
+			source = envName(o.name)
+			if !o.repeatable {
+				vals = []string{env}
+				break
+			}
 			for _, v := range strings.Split(env, ",") {
 				if v = strings.TrimSpace(v); v != "" {
 					vals = append(vals, v)
 				}
 			}
-		} else {
+		default:
 			continue
 		}
-		switch name {
-		case "server":
-			cfg.Server = vals
-		case "local":
-			cfg.Local = vals
-		case "dns-upstream":
-			cfg.DNSUpstream = vals
+		if o.repeatable {
+			// The command line or environment replaces the file's list.
+			reflect.ValueOf(cfg).Elem().Field(o.index).SetZero()
+		}
+		for _, v := range vals {
+			if err := o.set(cfg, v); err != nil {
+				return m, usagef("%s %s: %v", source, quote(v), err)
+			}
 		}
 	}
-	setStr := func(name string, dst *string) {
-		if c.IsSet(name) {
-			*dst = c.String(name)
-		}
-	}
-	setDur := func(name string, dst *Duration) {
-		if c.IsSet(name) {
-			*dst = Duration(c.Duration(name))
-		}
-	}
-	setStr("server-user", &cfg.ServerUser)
-	setStr("server-password-file", &cfg.ServerPasswordFile)
-	setStr("dns", &cfg.DNS)
-	setStr("dns-transport", &cfg.DNSTransport)
-	setDur("dns-timeout", &cfg.DNSTimeout)
-	setStr("log-level", &cfg.LogLevel)
-	setStr("log-format", &cfg.LogFormat)
-	setDur("handshake-timeout", &cfg.HandshakeTimeout)
-	setDur("idle-timeout", &cfg.IdleTimeout)
-	setDur("shutdown-timeout", &cfg.ShutdownTimeout)
-	setDur("udp-idle-timeout", &cfg.UDPIdleTimeout)
-	if c.IsSet("udp-max-sessions") {
-		cfg.UDPMaxSessions = c.Int("udp-max-sessions")
-	}
-	if c.IsSet("dns-cache-size") {
-		cfg.DNSCacheSize = c.Int("dns-cache-size")
-	}
-
 	if len(cfg.Server) == 0 {
 		for _, name := range []string{"ALL_PROXY", "all_proxy"} {
 			v := getenv(name)
@@ -250,66 +246,17 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 			break
 		}
 	}
-	return m, validate(cfg)
+	return m, nil
 }
 
-// validate checks what can be checked without touching the network.
-func validate(cfg *Config) error {
-	if len(cfg.Server) == 0 {
-		return usagef("no upstream server: give -S host:port (or server in the config file, or %s)", envName("server"))
-	}
-	if len(cfg.Local) == 0 && cfg.DNS == "" {
-		return usagef("nothing to forward: give -L [bind:]port:host:hostport or --dns [bind:]port")
-	}
-	if cfg.DNS != "" {
-		if _, err := dnsListenAddr(cfg.DNS); err != nil {
-			return err
-		}
-		if len(cfg.DNSUpstream) == 0 {
-			return usagef("--dns needs at least one --dns-upstream (the resolver behind the proxy, e.g. 10.0.0.53)")
-		}
-		for _, u := range cfg.DNSUpstream {
-			if _, err := dnsUpstreamAddr(u); err != nil {
-				return err
-			}
-		}
-		if cfg.DNSTransport != "tcp" && cfg.DNSTransport != "udp" {
-			return usagef("--dns-transport %q: want tcp or udp", cfg.DNSTransport)
-		}
-		if cfg.DNSTimeout <= 0 {
-			return usagef("--dns-timeout must be positive")
-		}
-		if cfg.DNSCacheSize < 0 {
-			return usagef("--dns-cache-size %d: want 0 (off) or more", cfg.DNSCacheSize)
-		}
-	}
-	if _, err := zerolog.ParseLevel(cfg.LogLevel); err != nil || cfg.LogLevel == "" {
-		return usagef("--log-level %q: want debug, info, warn or error", cfg.LogLevel)
-	}
-	switch cfg.LogFormat {
-	case "auto", "json", "console":
-	default:
-		return usagef("--log-format %q: want auto, json or console", cfg.LogFormat)
-	}
-	if _, err := buildDialers(cfg); err != nil {
-		return err
-	}
-	for _, spec := range cfg.Local {
-		if _, err := parseLocal(spec); err != nil {
-			return err
-		}
-	}
-	if cfg.UDPMaxSessions < 1 {
-		return usagef("--udp-max-sessions %d: want at least 1", cfg.UDPMaxSessions)
-	}
-	if cfg.UDPIdleTimeout <= 0 {
-		return usagef("--udp-idle-timeout must be positive")
-	}
-	return nil
-}
-
+// newLogger builds the process's logger. Its level is zerolog's global
+// level, so that a reload can change it for every service at once.
 func newLogger(cfg mergedConfig, stderr io.Writer) (zerolog.Logger, error) {
-	level, _ := zerolog.ParseLevel(cfg.LogLevel)
+	level, err := zerolog.ParseLevel(cfg.LogLevel)
+	if err != nil {
+		return zerolog.Logger{}, usagef("--log-level %s: want debug, info, warn or error", quote(cfg.LogLevel))
+	}
+	zerolog.SetGlobalLevel(level)
 	zerolog.DurationFieldUnit = time.Millisecond
 	var w io.Writer = stderr
 	format := cfg.LogFormat
@@ -324,5 +271,5 @@ func newLogger(cfg mergedConfig, stderr io.Writer) (zerolog.Logger, error) {
 	if format == "console" {
 		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: time.DateTime}
 	}
-	return zerolog.New(w).Level(level).With().Timestamp().Logger(), nil
+	return zerolog.New(w).Level(zerolog.TraceLevel).With().Timestamp().Logger(), nil
 }

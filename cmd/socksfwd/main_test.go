@@ -35,6 +35,7 @@ func TestScripts(t *testing.T) {
 		Dir: "testdata/script",
 		Setup: func(env *testscript.Env) error {
 			clearProxyEnv(env)
+			env.Setenv("HUGE", strings.Repeat("x", 100000))
 			root, err := filepath.Abs("../..")
 			env.Setenv("REPO", root)
 			return err

@@ -1,0 +1,194 @@
+package main
+
+import (
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+	"github.com/socksfwd/socksfwd/tunnel"
+)
+
+// plan is a configuration parsed and checked once, without touching the
+// network: what the supervisor starts, and what a reload diffs against the
+// running one.
+type plan struct {
+	cfg      Config
+	dialers  []*socksclient.Dialer // -S, in failover order
+	listens  []listenPlan          // one per address to bind, -L then --dns
+	copyMode tunnel.CopyMode
+	logLevel zerolog.Level
+}
+
+// listenKind says what a listener serves.
+type listenKind string
+
+const (
+	kindTCP listenKind = "tcp"
+	kindUDP listenKind = "udp"
+	kindDNS listenKind = "dns"
+)
+
+// listenPlan is one address to bind and what it forwards to.
+type listenPlan struct {
+	kind listenKind
+	addr string // host:port to bind
+	spec string // the option's value, for messages
+	// optional: a bind failure is a warning, not fatal (::1 for
+	// "localhost" on a host without IPv6, as ssh tolerates).
+	optional bool
+	target   socksclient.Addr // tcp and udp forwards
+	dns      *dnsPlan         // kindDNS
+}
+
+// key identifies a listener across reloads: a listener whose key is in
+// both plans stays bound and keeps its sessions.
+func (l listenPlan) key() string { return string(l.kind) + " " + l.addr }
+
+// dnsPlan is the DNS forwarder's configuration.
+type dnsPlan struct {
+	resolvers   []socksclient.Addr
+	transport   string
+	timeout     time.Duration
+	cacheSize   int
+	maxInFlight int
+}
+
+func (d *dnsPlan) equal(o *dnsPlan) bool {
+	return slices.Equal(d.resolvers, o.resolvers) && d.transport == o.transport && d.timeout == o.timeout &&
+		d.cacheSize == o.cacheSize && d.maxInFlight == o.maxInFlight
+}
+
+// buildPlan checks cfg and parses everything it names, once.
+func buildPlan(cfg Config) (*plan, error) {
+	p := &plan{cfg: cfg}
+	if len(cfg.Server) == 0 {
+		return nil, usagef("no upstream server: give -S host:port (or server in the config file, or %s)", envName("server"))
+	}
+	if len(cfg.Local) == 0 && cfg.DNS == "" {
+		return nil, usagef("nothing to forward: give -L [bind:]port:host:hostport or --dns [bind:]port")
+	}
+	var err error
+	if p.logLevel, err = zerolog.ParseLevel(cfg.LogLevel); err != nil || cfg.LogLevel == "" {
+		return nil, usagef("--log-level %s: want debug, info, warn or error", quote(cfg.LogLevel))
+	}
+	switch cfg.LogFormat {
+	case "auto", "json", "console":
+	default:
+		return nil, usagef("--log-format %s: want auto, json or console", quote(cfg.LogFormat))
+	}
+	switch cfg.RelayCopy {
+	case "", "splice":
+		p.copyMode = tunnel.CopySplice
+	case "pooled":
+		p.copyMode = tunnel.CopyPooled
+	default:
+		return nil, usagef("--relay-copy %s: want splice or pooled", quote(cfg.RelayCopy))
+	}
+	if cfg.UDPMaxSessions < 1 {
+		return nil, usagef("--udp-max-sessions %d: want at least 1", cfg.UDPMaxSessions)
+	}
+	if cfg.UDPIdleTimeout <= 0 {
+		return nil, usagef("--udp-idle-timeout must be positive")
+	}
+	if cfg.ShutdownTimeout <= 0 {
+		return nil, usagef("--shutdown-timeout must be positive")
+	}
+	if p.dialers, err = buildDialers(&cfg); err != nil {
+		return nil, err
+	}
+	for _, spec := range cfg.Local {
+		lf, err := parseLocal(spec)
+		if err != nil {
+			return nil, err
+		}
+		kind := kindTCP
+		if lf.UDP {
+			kind = kindUDP
+		}
+		for _, addr := range lf.Binds {
+			p.listens = append(p.listens, listenPlan{kind: kind, addr: addr, spec: "-L " + spec, optional: lf.optionalBinds[addr], target: lf.Target})
+		}
+	}
+	if cfg.DNS != "" {
+		l, err := buildDNS(&cfg)
+		if err != nil {
+			return nil, err
+		}
+		p.listens = append(p.listens, l)
+	}
+	seen := make(map[string]string, len(p.listens))
+	for _, l := range p.listens {
+		if !strings.HasSuffix(l.addr, ":0") {
+			if other, dup := seen[l.key()]; dup {
+				return nil, usagef("%s and %s both listen on %s", other, l.spec, l.key())
+			}
+		}
+		seen[l.key()] = l.spec
+	}
+	return p, nil
+}
+
+func buildDNS(cfg *Config) (listenPlan, error) {
+	addr, err := dnsListenAddr(cfg.DNS)
+	if err != nil {
+		return listenPlan{}, err
+	}
+	if len(cfg.DNSUpstream) == 0 {
+		return listenPlan{}, usagef("--dns needs at least one --dns-upstream (the resolver behind the proxy, e.g. 10.0.0.53)")
+	}
+	d := &dnsPlan{
+		transport:   cfg.DNSTransport,
+		timeout:     time.Duration(cfg.DNSTimeout),
+		cacheSize:   cfg.DNSCacheSize,
+		maxInFlight: cfg.DNSMaxInFlight,
+	}
+	for _, u := range cfg.DNSUpstream {
+		a, err := dnsUpstreamAddr(u)
+		if err != nil {
+			return listenPlan{}, err
+		}
+		d.resolvers = append(d.resolvers, a)
+	}
+	if d.transport != "tcp" && d.transport != "udp" {
+		return listenPlan{}, usagef("--dns-transport %s: want tcp or udp", quote(d.transport))
+	}
+	if d.timeout <= 0 {
+		return listenPlan{}, usagef("--dns-timeout must be positive")
+	}
+	if d.cacheSize < 0 {
+		return listenPlan{}, usagef("--dns-cache-size %d: want 0 (off) or more", d.cacheSize)
+	}
+	if d.maxInFlight < 1 {
+		return listenPlan{}, usagef("--dns-max-inflight %d: want at least 1", d.maxInFlight)
+	}
+	return listenPlan{kind: kindDNS, addr: addr, spec: "--dns " + cfg.DNS, dns: d}, nil
+}
+
+// buildDialers turns the -S list into dialers, in failover order.
+func buildDialers(cfg *Config) ([]*socksclient.Dialer, error) {
+	password := ""
+	if cfg.ServerPasswordFile != "" {
+		b, err := readLimited(cfg.ServerPasswordFile, 64<<10)
+		if err != nil {
+			return nil, usagef("--server-password-file: %w", err)
+		}
+		password = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	}
+	if password != "" && cfg.ServerUser == "" {
+		return nil, usagef("--server-password-file needs --server-user")
+	}
+	var dialers []*socksclient.Dialer
+	for _, raw := range cfg.Server {
+		d, err := parseServer(raw, cfg.ServerUser, password)
+		if err != nil {
+			return nil, err
+		}
+		d.HandshakeTimeout = time.Duration(cfg.HandshakeTimeout)
+		dialers = append(dialers, d)
+	}
+	return dialers, nil
+}
+

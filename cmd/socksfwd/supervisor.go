@@ -1,0 +1,435 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/dnsforward"
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
+	"github.com/socksfwd/socksfwd/socksclient"
+	"github.com/socksfwd/socksfwd/tunnel"
+)
+
+// service is what every listener kind provides.
+type service interface {
+	Addr() net.Addr
+	Serve(ctx context.Context) error
+	// Shutdown stops accepting at once, waits for live sessions until ctx
+	// is done, then cuts the rest.
+	Shutdown(ctx context.Context) error
+	Close() error
+}
+
+// unit is one running listener.
+type unit struct {
+	lp  listenPlan
+	svc service
+}
+
+// supervisor runs a plan's services: it binds them all before serving
+// (nothing half-starts), reloads by diff on SIGHUP, and on SIGINT or
+// SIGTERM stops every listener at once and drains them in parallel under
+// one deadline.
+type supervisor struct {
+	log    zerolog.Logger
+	reload func() (*plan, error)
+
+	plan  *plan
+	ups   *socksclient.Upstreams
+	units map[string]*unit
+
+	// failed receives the first error a service's Serve returned.
+	failed  chan error
+	serving sync.WaitGroup
+	// Listeners removed by a reload drain in the background, each under
+	// its own deadline; cut cuts them at once (a second signal).
+	drains sync.WaitGroup
+	cutCtx context.Context
+	cut    context.CancelFunc
+}
+
+func newSupervisor(log zerolog.Logger, reload func() (*plan, error)) *supervisor {
+	cutCtx, cut := context.WithCancel(context.Background())
+	return &supervisor{log: log, reload: reload, units: make(map[string]*unit), failed: make(chan error, 1), cutCtx: cutCtx, cut: cut}
+}
+
+// errSecondSignal ends a drain cut short by a second signal: exit 1.
+var errSecondSignal = errors.New("second signal: sessions cut without drain")
+
+// run serves p until a stop signal on sigs or a service failure.
+func (s *supervisor) run(p *plan, sigs <-chan os.Signal) error {
+	defer s.cut()
+	s.plan = p
+	s.ups = socksclient.NewUpstreams(p.dialers...)
+	s.configureUpstreams(p)
+	bound, err := s.bind(p.listens)
+	if err != nil {
+		return err
+	}
+	s.start(bound)
+
+	var runErr error
+loop:
+	for {
+		select {
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				s.reloadNow()
+				continue
+			}
+			s.log.Info().Str("signal", sig.String()).Dur("timeout", time.Duration(s.plan.cfg.ShutdownTimeout)).Msg("draining sessions")
+			break loop
+		case err := <-s.failed:
+			s.log.Error().Err(err).Msg("a listener failed; stopping")
+			runErr = err
+			break loop
+		}
+	}
+	if err := s.drainAll(sigs); err != nil && runErr == nil {
+		runErr = err
+	}
+	s.log.Info().Msg("stopped")
+	return runErr
+}
+
+// configureUpstreams applies what the plan says of failover.
+func (s *supervisor) configureUpstreams(p *plan) {
+	pendingUps(s.ups).SetHedgeDelay(time.Duration(p.cfg.HedgeDelay))
+	pendingUps(s.ups).OnStateChange(func(proxy string, up bool, cause error) {
+		if up {
+			s.log.Info().Str("upstream", proxy).Msg("upstream is back")
+			return
+		}
+		s.log.Info().Str("upstream", proxy).Err(cause).Msg("upstream is down; trying the next one")
+	})
+}
+
+// bind opens every listener of ls, or none: on a failure it closes what it
+// bound and returns the error, naming the option.
+func (s *supervisor) bind(ls []listenPlan) (map[string]*unit, error) {
+	bound := make(map[string]*unit, len(ls))
+	for _, l := range ls {
+		svc, err := s.listen(l)
+		if err != nil {
+			if l.optional {
+				s.log.Warn().Err(err).Str("listener", l.addr).Msg("skipping optional bind")
+				continue
+			}
+			for _, u := range bound {
+				u.svc.Close()
+			}
+			return nil, fmt.Errorf("%s: cannot listen: %w", l.spec, err)
+		}
+		bound[l.key()] = &unit{lp: l, svc: svc}
+	}
+	return bound, nil
+}
+
+// start serves bound units and logs one line for each, once all are bound.
+func (s *supervisor) start(bound map[string]*unit) {
+	keys := make([]string, 0, len(bound))
+	for k := range bound {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		u := bound[k]
+		s.units[k] = u
+		s.logListening(u)
+		s.serving.Go(func() {
+			if err := u.svc.Serve(context.Background()); err != nil {
+				select {
+				case s.failed <- fmt.Errorf("%s: %w", u.lp.spec, err):
+				default:
+				}
+			}
+		})
+	}
+}
+
+func (s *supervisor) via() string {
+	via := make([]string, len(s.plan.dialers))
+	for i, d := range s.plan.dialers {
+		via[i] = d.ProxyAddr
+	}
+	return strings.Join(via, ", ")
+}
+
+func (s *supervisor) logListening(u *unit) {
+	name := u.svc.Addr().String()
+	ev := s.log.Info().Str("listener", name).Str("proto", string(u.lp.kind)).Str("upstream", s.via())
+	if u.lp.kind == kindDNS {
+		resolvers := make([]string, len(u.lp.dns.resolvers))
+		for i, r := range u.lp.dns.resolvers {
+			resolvers[i] = r.String()
+		}
+		ev.Strs("resolvers", resolvers).Msgf("DNS on %s (udp+tcp) → %s over %s via %s", name, strings.Join(resolvers, ", "), u.lp.dns.transport, s.via())
+		return
+	}
+	suffix := ""
+	if u.lp.kind == kindUDP {
+		suffix = "/udp"
+	}
+	ev.Str("target", u.lp.target.String()).Msgf("forwarding %s → %s via %s", name+suffix, u.lp.target, s.via())
+}
+
+// listen binds one listener and makes its service.
+func (s *supervisor) listen(l listenPlan) (service, error) {
+	cfg := s.plan.cfg
+	// No keep-alive probes on accepted connections, as ssh -L does; a
+	// loopback listener's connections get small buffers (sockbuf).
+	lc := net.ListenConfig{KeepAlive: -1, Control: sockbuf.CapLoopbackTCP}
+	switch l.kind {
+	case kindUDP:
+		pc, err := lc.ListenPacket(context.Background(), "udp", l.addr)
+		if err != nil {
+			return nil, err
+		}
+		return tunnel.NewUDPForward(tunnel.UDPForwardConfig{
+			Name:        pc.LocalAddr().String(),
+			Target:      l.target,
+			Upstreams:   s.ups,
+			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
+			MaxSessions: cfg.UDPMaxSessions,
+			Logger:      s.log,
+		}, pc.(*net.UDPConn)), nil
+	case kindDNS:
+		pc, ln, err := dnsforward.Listen(l.addr)
+		if err != nil {
+			return nil, err
+		}
+		fwd, err := s.newForwarder(l.dns)
+		if err != nil {
+			pc.Close()
+			ln.Close()
+			return nil, err
+		}
+		return dnsforward.NewServer(fwd, pc, ln), nil
+	}
+	ln, err := lc.Listen(context.Background(), "tcp", l.addr)
+	if err != nil {
+		return nil, err
+	}
+	return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
+		Name:        ln.Addr().String(),
+		Target:      l.target,
+		Upstreams:   s.ups,
+		IdleTimeout: time.Duration(cfg.IdleTimeout),
+		CopyMode:    s.plan.copyMode,
+		Logger:      s.log,
+	}, ln), nil
+}
+
+func (s *supervisor) newForwarder(d *dnsPlan) (*dnsforward.Forwarder, error) {
+	return dnsforward.New(dnsforward.Config{
+		Resolvers:   d.resolvers,
+		Upstreams:   s.ups,
+		Timeout:     d.timeout,
+		CacheSize:   d.cacheSize,
+		Transport:   d.transport,
+		Logger:      s.log,
+	})
+}
+
+// reloadNow loads the configuration again and applies the difference. The
+// new plan is checked whole and its new listeners bound before anything
+// changes: on any error the running plan stays untouched. Listeners in
+// both plans stay bound with their sessions; removed ones drain; settings
+// apply to new sessions.
+func (s *supervisor) reloadNow() {
+	p, err := s.reload()
+	if err == nil {
+		err = s.checkFixed(p)
+	}
+	if err != nil {
+		s.log.Error().Err(err).Msg("reload failed; the running configuration stays")
+		return
+	}
+	want := make(map[string]listenPlan, len(p.listens))
+	var added []listenPlan
+	for _, l := range p.listens {
+		want[l.key()] = l
+		if _, ok := s.units[l.key()]; !ok {
+			added = append(added, l)
+		}
+	}
+	old := s.plan
+	s.plan = p // new listeners are made with the new settings
+	bound, err := s.bind(added)
+	if err != nil {
+		s.plan = old
+		s.log.Error().Err(err).Msg("reload failed; the running configuration stays")
+		return
+	}
+
+	// From here on nothing fails.
+	var changes []string
+	if !sameDialers(old.dialers, p.dialers) {
+		pendingUps(s.ups).SetDialers(p.dialers...)
+		changes = append(changes, fmt.Sprintf("upstreams [%s] → [%s]", redactedServers(old.cfg.Server), redactedServers(p.cfg.Server)))
+	}
+	if old.cfg.HedgeDelay != p.cfg.HedgeDelay {
+		pendingUps(s.ups).SetHedgeDelay(time.Duration(p.cfg.HedgeDelay))
+		changes = append(changes, fmt.Sprintf("hedge-delay %s → %s", time.Duration(old.cfg.HedgeDelay), time.Duration(p.cfg.HedgeDelay)))
+	}
+	if old.logLevel != p.logLevel {
+		zerolog.SetGlobalLevel(p.logLevel)
+		changes = append(changes, fmt.Sprintf("log-level %s → %s", old.logLevel, p.logLevel))
+	}
+	if old.cfg.ShutdownTimeout != p.cfg.ShutdownTimeout {
+		changes = append(changes, fmt.Sprintf("shutdown-timeout %s → %s", time.Duration(old.cfg.ShutdownTimeout), time.Duration(p.cfg.ShutdownTimeout)))
+	}
+	keys := make([]string, 0, len(s.units))
+	for k := range s.units {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		u := s.units[k]
+		l, keep := want[k]
+		if !keep {
+			delete(s.units, k)
+			s.drainRemoved(u, time.Duration(old.cfg.ShutdownTimeout))
+			changes = append(changes, "-"+k)
+			continue
+		}
+		changes = append(changes, s.update(u, l, old, p)...)
+	}
+	for _, l := range added {
+		if _, ok := bound[l.key()]; ok {
+			changes = append(changes, "+"+l.key())
+		}
+	}
+	s.start(bound)
+	if len(changes) == 0 {
+		s.log.Info().Msg("reloaded: nothing changed")
+		return
+	}
+	s.log.Info().Strs("changes", changes).Msg("reloaded: " + strings.Join(changes, "; "))
+}
+
+// checkFixed refuses changes a running process cannot make.
+func (s *supervisor) checkFixed(p *plan) error {
+	if p.cfg.LogFormat != s.plan.cfg.LogFormat {
+		return usagef("--log-format changes only on restart (running %s, new %s)", s.plan.cfg.LogFormat, p.cfg.LogFormat)
+	}
+	if p.copyMode != s.plan.copyMode {
+		return usagef("--relay-copy changes only on restart")
+	}
+	return nil
+}
+
+// update applies a new plan's settings to a listener that stays bound;
+// they take effect for new sessions. It returns the changes made.
+func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
+	var changes []string
+	key := l.key()
+	switch svc := u.svc.(type) {
+	case *tunnel.TCPForward:
+		if l.target != u.lp.target {
+			pendingSvc(svc).SetTarget(l.target)
+			changes = append(changes, fmt.Sprintf("%s target %s → %s", key, u.lp.target, l.target))
+		}
+		if old.cfg.IdleTimeout != p.cfg.IdleTimeout {
+			pendingSvc(svc).SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
+			changes = append(changes, fmt.Sprintf("%s idle-timeout %s → %s", key, time.Duration(old.cfg.IdleTimeout), time.Duration(p.cfg.IdleTimeout)))
+		}
+	case *tunnel.UDPForward:
+		if l.target != u.lp.target {
+			pendingSvc(svc).SetTarget(l.target)
+			changes = append(changes, fmt.Sprintf("%s target %s → %s", key, u.lp.target, l.target))
+		}
+		if old.cfg.UDPIdleTimeout != p.cfg.UDPIdleTimeout || old.cfg.UDPMaxSessions != p.cfg.UDPMaxSessions {
+			pendingSvc(svc).SetLimits(time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions)
+			changes = append(changes, fmt.Sprintf("%s udp-idle-timeout %s, udp-max-sessions %d", key, time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions))
+		}
+	case *dnsforward.Server:
+		if !l.dns.equal(u.lp.dns) {
+			fwd, err := s.newForwarder(l.dns)
+			if err != nil {
+				// New only fails on what buildPlan checked; keep the old one.
+				s.log.Error().Err(err).Str("listener", key).Msg("reload: DNS settings not applied")
+				return changes
+			}
+			pendingSvc(svc).SetForwarder(fwd)
+			changes = append(changes, key+" resolvers, transport, timeout or cache")
+		}
+	}
+	u.lp = l
+	return changes
+}
+
+// drainRemoved drains a listener a reload removed, in the background.
+func (s *supervisor) drainRemoved(u *unit, timeout time.Duration) {
+	s.drains.Go(func() {
+		ctx, cancel := context.WithTimeout(s.cutCtx, timeout)
+		defer cancel()
+		if err := u.svc.Shutdown(ctx); errors.Is(err, context.DeadlineExceeded) {
+			s.log.Warn().Str("listener", u.lp.key()).Msg("removed listener: shutdown timeout reached; cutting remaining sessions")
+		}
+		s.log.Info().Str("listener", u.lp.key()).Msg("removed listener drained")
+	})
+}
+
+// drainAll stops accepting on every listener at once and drains them in
+// parallel under one deadline; a second signal cuts what is left.
+func (s *supervisor) drainAll(sigs <-chan os.Signal) error {
+	ctx, cancel := context.WithTimeout(s.cutCtx, time.Duration(s.plan.cfg.ShutdownTimeout))
+	defer cancel()
+	var wg sync.WaitGroup
+	var timedOut sync.Once
+	for _, u := range s.units {
+		wg.Go(func() {
+			if err := u.svc.Shutdown(ctx); errors.Is(err, context.DeadlineExceeded) {
+				timedOut.Do(func() { s.log.Warn().Msg("shutdown timeout reached; cutting remaining sessions") })
+			}
+		})
+	}
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		s.drains.Wait()
+		s.serving.Wait()
+		close(done)
+	}()
+	for {
+		select {
+		case <-done:
+			return nil
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				continue // no reload while stopping
+			}
+			s.log.Warn().Str("signal", sig.String()).Msg("second signal; cutting sessions without drain")
+			s.cut()
+			<-done
+			return errSecondSignal
+		}
+	}
+}
+
+// sameDialers reports whether two -S lists dial the same way.
+func sameDialers(a, b []*socksclient.Dialer) bool {
+	return slices.EqualFunc(a, b, func(x, y *socksclient.Dialer) bool {
+		return x.ProxyAddr == y.ProxyAddr && x.Username == y.Username && x.Password == y.Password &&
+			x.ResolveLocally == y.ResolveLocally && x.HandshakeTimeout == y.HandshakeTimeout
+	})
+}
+
+func redactedServers(servers []string) string {
+	red := make([]string, len(servers))
+	for i, s := range servers {
+		red[i] = redactURL(s)
+	}
+	return strings.Join(red, ", ")
+}
