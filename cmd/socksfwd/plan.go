@@ -191,4 +191,3 @@ func buildDialers(cfg *Config) ([]*socksclient.Dialer, error) {
 	}
 	return dialers, nil
 }
-

@@ -232,12 +232,12 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 
 func (s *supervisor) newForwarder(d *dnsPlan) (*dnsforward.Forwarder, error) {
 	return dnsforward.New(dnsforward.Config{
-		Resolvers:   d.resolvers,
-		Upstreams:   s.ups,
-		Timeout:     d.timeout,
-		CacheSize:   d.cacheSize,
-		Transport:   d.transport,
-		Logger:      s.log,
+		Resolvers: d.resolvers,
+		Upstreams: s.ups,
+		Timeout:   d.timeout,
+		CacheSize: d.cacheSize,
+		Transport: d.transport,
+		Logger:    s.log,
 	})
 }
 
