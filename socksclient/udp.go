@@ -26,7 +26,8 @@ const MaxUDPDatagram = 65507
 var (
 	// ErrAssociationClosed: the proxy closed the UDP ASSOCIATE control
 	// connection, which ends the association (RFC 1928 §7); a new one is
-	// needed.
+	// needed. After the owner's own Close, operations report net.ErrClosed
+	// instead, as any closed socket does.
 	ErrAssociationClosed = errors.New("socks udp associate: the proxy closed the control connection; the association is gone")
 	// ErrDatagramTooLarge: payload plus SOCKS header exceed one datagram.
 	ErrDatagramTooLarge = errors.New("socks udp: datagram too large for the SOCKS header")
@@ -53,9 +54,17 @@ type UDPConn struct {
 	stats UDPStats
 
 	watchDone chan struct{}
-	ctrlDead  atomic.Bool
+	ended     atomic.Int32 // assocOpen until the proxy or the owner ends it
 	closeOnce sync.Once
 }
+
+// Who ended an association: the first to do so decides which error later
+// operations report.
+const (
+	assocOpen int32 = iota
+	assocEndedByProxy
+	assocClosedByOwner
+)
 
 // Associate asks the proxy for a UDP relay. REP 7, or a server that closes
 // the connection without replying (OpenSSH's ssh -D), gives an error
@@ -93,7 +102,7 @@ func (u *UDPConn) watchControl() {
 	defer close(u.watchDone)
 	var b [1]byte
 	u.ctrl.Read(b[:])
-	u.ctrlDead.Store(true)
+	u.ended.CompareAndSwap(assocOpen, assocEndedByProxy)
 	u.pc.Close()
 }
 
@@ -104,7 +113,7 @@ func (u *UDPConn) Relay() netip.AddrPort { return u.relay }
 func (u *UDPConn) Stats() *UDPStats { return &u.stats }
 
 // Alive reports whether the control connection still stands.
-func (u *UDPConn) Alive() bool { return !u.ctrlDead.Load() }
+func (u *UDPConn) Alive() bool { return u.ended.Load() == assocOpen }
 
 // WritePacket sends buf[off:] to dst through the relay. The header is
 // written into buf[:off] right before the payload, so nothing is copied;
@@ -266,11 +275,20 @@ func (b *UDPReadBatch) Read() (int, error) {
 // Payload is the i-th datagram's payload from the last Read.
 func (b *UDPReadBatch) Payload(i int) []byte { return b.payloads[i] }
 
-// fail turns the socket's error after the control connection died into
-// ErrAssociationClosed.
+// fail turns the socket's error once the association has ended into the
+// reason: ErrAssociationClosed when the proxy ended it, net.ErrClosed when
+// the owner closed it (a normal end its read loops can tell apart).
 func (u *UDPConn) fail(err error) error {
-	if err != nil && u.ctrlDead.Load() {
+	if err == nil {
+		return nil
+	}
+	switch u.ended.Load() {
+	case assocEndedByProxy:
 		return ErrAssociationClosed
+	case assocClosedByOwner:
+		if !errors.Is(err, net.ErrClosed) {
+			return fmt.Errorf("socks udp associate: closed: %w", net.ErrClosed)
+		}
 	}
 	return err
 }
@@ -313,8 +331,12 @@ func (u *UDPConn) WriteTo(p []byte, addr net.Addr) (int, error) {
 }
 
 // Close ends the association: the control connection and the socket.
+// Operations after it, and those it interrupts, report net.ErrClosed.
 func (u *UDPConn) Close() error {
 	u.closeOnce.Do(func() {
+		// Before anything is closed, so no operation it interrupts can see
+		// the control connection's end and blame the proxy.
+		u.ended.CompareAndSwap(assocOpen, assocClosedByOwner)
 		u.ctrl.Close()
 		u.pc.Close()
 	})

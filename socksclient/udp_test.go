@@ -311,3 +311,53 @@ func TestReadBatch(t *testing.T) {
 		t.Fatalf("err = %v, want ErrAssociationClosed", err)
 	}
 }
+
+// TestUDPConnOwnClose: after the owner's Close every read and write reports
+// net.ErrClosed, not that the proxy ended the association.
+func TestUDPConnOwnClose(t *testing.T) {
+	echo := echoAddr(t)
+	u, err := associate(t, sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := u.NewReadBatch([][]byte{make([]byte, socksclient.MaxUDPDatagram)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := u.NewBatch(4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A read in flight when Close comes (or just after it: either way it
+	// must not blame the proxy).
+	u.SetReadDeadline(time.Now().Add(time.Minute))
+	blocked := make(chan error, 1)
+	go func() {
+		_, _, _, err := u.ReadPacket(make([]byte, socksclient.MaxUDPDatagram))
+		blocked <- err
+	}()
+	if err := u.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if u.Alive() {
+		t.Fatal("Alive after Close")
+	}
+	buf := make([]byte, socksclient.MaxUDPHeaderLen+1)
+	_, _, _, readErr := u.ReadPacket(make([]byte, socksclient.MaxUDPDatagram))
+	_, batchReadErr := r.Read()
+	b.Add(buf, socksclient.MaxUDPHeaderLen, echo)
+	_, flushErr := b.Flush()
+	_, writeToErr := u.WriteTo([]byte("x"), echo)
+	for name, err := range map[string]error{
+		"blocked read": <-blocked,
+		"ReadPacket":   readErr,
+		"batch Read":   batchReadErr,
+		"WritePacket":  u.WritePacket(buf, socksclient.MaxUDPHeaderLen, echo),
+		"batch Flush":  flushErr,
+		"WriteTo":      writeToErr,
+	} {
+		if !errors.Is(err, net.ErrClosed) || errors.Is(err, socksclient.ErrAssociationClosed) {
+			t.Errorf("%s after Close: %v, want net.ErrClosed", name, err)
+		}
+	}
+}
