@@ -2,8 +2,10 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,15 +25,14 @@ func TestInterop(t *testing.T) {
 	if testing.Short() {
 		t.Skip("interop tests start real servers")
 	}
-	// Check every peer up front: a script cannot skip from inside a command.
+	// Every peer here runs as root (Dante's privileged user, sshd, unshare);
+	// programs are checked per script by "needs", so one missing program
+	// skips only the scripts that use it.
 	peertest.RequireRoot(t)
-	for _, p := range []string{"danted", "microsocks", "sshd", "ssh", "ssh-keygen", "psql", "runuser", "unshare",
-		"ss-server", "ss-local", "dnsmasq", "dig", "kdig"} {
-		peertest.Require(t, p)
-	}
 	testscript.Run(t, testscript.Params{
 		Dir: "testdata/interop",
 		Setup: func(env *testscript.Env) error {
+			env.Values[scriptT{}] = env.T()
 			clearProxyEnv(env)
 			env.Setenv("TESTUSER", peertest.TestUser)
 			env.Setenv("TESTPASS", peertest.TestPassword)
@@ -51,6 +52,12 @@ func TestInterop(t *testing.T) {
 			"cutter":       cmdCutter,
 			"cut":          cmdCut,
 			"udpcutstream": cmdUDPCutStream,
+			"needs":        cmdNeeds,
+			"blackhole":    cmdBlackhole,
+			"echoserver6":  cmdEchoServer6,
+			"udpecho6":     cmdUDPEcho6,
+			"portof":       cmdPortOf,
+			"downonce":     cmdDownOnce,
 		}),
 	})
 }
@@ -69,14 +76,27 @@ func urlEscape(s string) string {
 	return b.String()
 }
 
+// scriptT keys the script's testscript.T in Env.Values: a command skips
+// its script through it, as the builtin skip does.
+type scriptT struct{}
+
 // peerTB adapts a TestScript to peertest.TB.
 type peerTB struct{ ts *testscript.TestScript }
 
 func (p peerTB) Helper()                           {}
 func (p peerTB) Fatalf(format string, args ...any) { p.ts.Fatalf(format, args...) }
-func (p peerTB) Skipf(format string, args ...any)  { p.ts.Fatalf(format, args...) } // checked in TestInterop first
 func (p peerTB) Logf(format string, args ...any)   { p.ts.Logf(format, args...) }
-func (p peerTB) Cleanup(f func())                  { p.ts.Defer(f) }
+
+// Skipf skips the script; testscript stops its background commands on
+// the way out.
+func (p peerTB) Skipf(format string, args ...any) {
+	t, ok := p.ts.Value(scriptT{}).(testscript.T)
+	if !ok {
+		p.ts.Fatalf("cannot skip: "+format, args...)
+	}
+	t.Skip(fmt.Sprintf(format, args...))
+}
+func (p peerTB) Cleanup(f func()) { p.ts.Defer(f) }
 func (p peerTB) TempDir() string {
 	dir, err := os.MkdirTemp(p.ts.Getenv("WORK"), "peer")
 	p.ts.Check(err)
@@ -98,7 +118,9 @@ func peerArgs(args []string) (words []string, hosts map[string]string) {
 	return words, hosts
 }
 
-// dante VAR [username] [port=N] [NAME=IP...]: start danted, address in $VAR.
+// dante VAR [username] [ipv6] [onlyhosts] [port=PORTVAR] [NAME=IP...]: start
+// danted, address in $VAR; ipv6 lets it reach IPv6 targets, onlyhosts makes
+// the NAME=IP entries its whole /etc/hosts.
 func cmdDante(ts *testscript.TestScript, neg bool, args []string) {
 	words, hosts := peerArgs(args[1:])
 	opt := peertest.DanteOptions{Hosts: hosts}
@@ -107,8 +129,15 @@ func cmdDante(ts *testscript.TestScript, neg bool, args []string) {
 		opt.Port, _ = strconv.Atoi(ts.Getenv(p))
 	}
 	for _, w := range words {
-		if w == "username" {
+		switch w {
+		case "username":
 			opt.Username = true
+		case "ipv6":
+			opt.IPv6 = true
+		case "onlyhosts":
+			opt.OnlyHosts = true
+		default:
+			ts.Fatalf("dante: unknown option %q", w)
 		}
 	}
 	ts.Setenv(args[0], peertest.Dante(peerTB{ts}, opt).Addr)
@@ -213,5 +242,133 @@ func cmdUDPCutStream(ts *testscript.TestScript, neg bool, args []string) {
 	cmdCut(ts, false, args[1:])
 	for i := 3; i < 6; i++ {
 		echo(i)
+	}
+}
+
+// needs PROGRAM...: the script uses these programs. One that is missing
+// skips the script, or fails it under CI=true, where every real-peer test
+// must run; other scripts still run.
+func cmdNeeds(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) == 0 {
+		ts.Fatalf("usage: needs PROGRAM...")
+	}
+	for _, program := range args {
+		peertest.Require(peerTB{ts}, program)
+	}
+}
+
+// blackhole VAR: a loopback TCP listener that accepts connections and
+// never reads or answers, as a hung proxy does; address in $VAR. Its
+// connections stay open until the script ends.
+func cmdBlackhole(ts *testscript.TestScript, neg bool, args []string) {
+	ts.Setenv(args[0], serveLoopback(ts, "127.0.0.1:0", nil).Addr().String())
+}
+
+// echoserver6 VAR: an echo server on [::1] (half-close as echoserver),
+// address in $VAR.
+func cmdEchoServer6(ts *testscript.TestScript, neg bool, args []string) {
+	ln := serveLoopback(ts, "[::1]:0", func(c net.Conn) {
+		io.Copy(c, c)
+		c.(*net.TCPConn).CloseWrite()
+	})
+	ts.Setenv(args[0], ln.Addr().String())
+}
+
+// udpecho6 VAR: a UDP echo server on [::1], address in $VAR.
+func cmdUDPEcho6(ts *testscript.TestScript, neg bool, args []string) {
+	pc, err := net.ListenUDP("udp6", &net.UDPAddr{IP: net.IPv6loopback})
+	if err != nil {
+		peertest.Missing(peerTB{ts}, "no IPv6 loopback: %v", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteToUDPAddrPort(buf[:n], from)
+		}
+	}()
+	ts.Defer(func() {
+		pc.Close()
+		<-done
+	})
+	ts.Setenv(args[0], pc.LocalAddr().String())
+}
+
+// portof VAR ADDR: the port of host:port ADDR, in $VAR.
+func cmdPortOf(ts *testscript.TestScript, neg bool, args []string) {
+	_, port, err := net.SplitHostPort(args[1])
+	ts.Check(err)
+	ts.Setenv(args[0], port)
+}
+
+// serveLoopback listens on addr (an address family the machine lacks
+// skips the script) and runs handle for each connection in its own
+// goroutine; a nil handle holds the connection unread. Listener,
+// connections and goroutines are gone when the script ends.
+func serveLoopback(ts *testscript.TestScript, addr string, handle func(net.Conn)) net.Listener {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		peertest.Missing(peerTB{ts}, "cannot listen on %s: %v", addr, err)
+	}
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		conns  = map[net.Conn]struct{}{}
+		closed bool
+	)
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			if closed { // accepted while the script ended
+				mu.Unlock()
+				c.Close()
+				return
+			}
+			conns[c] = struct{}{}
+			if handle != nil {
+				wg.Go(func() { handle(c) })
+			}
+			mu.Unlock()
+		}
+	})
+	ts.Defer(func() {
+		ln.Close()
+		mu.Lock()
+		closed = true
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln
+}
+
+// downMessage is a log line's message saying that an upstream is down.
+var downMessage = regexp.MustCompile(`"message":"[^"]*[Uu]pstream[^"]*\bdown\b`)
+
+// downonce ADDR: the last stderr (JSON log lines) says exactly once that an
+// upstream is down, and that line names ADDR.
+func cmdDownOnce(ts *testscript.TestScript, neg bool, args []string) {
+	var down []string
+	for line := range strings.Lines(ts.ReadFile("stderr")) {
+		if downMessage.MatchString(line) {
+			down = append(down, line)
+		}
+	}
+	if len(down) != 1 {
+		ts.Fatalf("want one line saying an upstream is down, have %d:\n%s", len(down), strings.Join(down, ""))
+	}
+	if !strings.Contains(down[0], args[0]) {
+		ts.Fatalf("the upstream-down line does not name %s: %s", args[0], down[0])
 	}
 }

@@ -22,6 +22,13 @@ type DanteOptions struct {
 	Username bool
 	// Hosts are /etc/hosts entries only danted sees.
 	Hosts map[string]string
+	// OnlyHosts gives danted Hosts in place of the system's /etc/hosts, so
+	// a name this host resolves (localhost) can mean another address to
+	// Dante: a test can then tell whether a name or an address reached it.
+	OnlyHosts bool
+	// IPv6 lets Dante reach IPv6 targets too (external ::1), for CONNECT
+	// and UDP ASSOCIATE; it still listens on 127.0.0.1.
+	IPv6 bool
 	// Port to listen on (default: a free one).
 	Port int
 	// Extra is appended to the global section of danted.conf, e.g. socket
@@ -44,11 +51,28 @@ func Dante(t TB, opt DanteOptions) Peer {
 		port = FreePort(t)
 	}
 	dir := t.TempDir()
+	// Rules match one address family: 0.0.0.0/0 is IPv4 only.
+	external, ipv6Rules := "", ""
+	if opt.IPv6 {
+		external = "external: ::1"
+		ipv6Rules = `socks pass {
+	from: 127.0.0.0/8 to: ::/0
+	command: bind connect udpassociate
+	log: error
+}
+socks pass {
+	from: ::/0 to: 0.0.0.0/0
+	command: bindreply udpreply
+	log: error
+}
+`
+	}
 	// One keyword per line in rule blocks; bindreply and udpreply need rules
 	// of their own (NOTES.md).
 	conf := fmt.Sprintf(`logoutput: stderr
 internal: 127.0.0.1 port = %d
 external: 127.0.0.1
+%s
 clientmethod: none
 socksmethod: %s
 user.privileged: root
@@ -68,9 +92,14 @@ socks pass {
 	command: bindreply udpreply
 	log: error
 }
-`, port, method, opt.Extra)
+%s`, port, external, method, opt.Extra, ipv6Rules)
 	path := writeFile(t, dir, "danted.conf", conf)
-	argv := WithHosts(t, opt.Hosts, bin, "-f", path, "-p", filepath.Join(dir, "danted.pid"))
+	argv := []string{bin, "-f", path, "-p", filepath.Join(dir, "danted.pid")}
+	if opt.OnlyHosts {
+		argv = WithOnlyHosts(t, opt.Hosts, argv...)
+	} else {
+		argv = WithHosts(t, opt.Hosts, argv...)
+	}
 	p := Start(t, "danted", argv...)
 	addr := hostPort(port)
 	WaitTCP(t, p, addr)
@@ -170,7 +199,7 @@ func Postgres(t TB) Peer {
 	RequireRoot(t)
 	Require(t, "runuser")
 	if _, err := os.Stat(filepath.Join(pgBin, "postgres")); err != nil {
-		missing(t, "PostgreSQL 15 is not installed (make deps installs it): %v", err)
+		Missing(t, "PostgreSQL 15 is not installed (make deps installs it): %v", err)
 	}
 	dir, err := os.MkdirTemp("", "socksfwd-pg-")
 	if err != nil {

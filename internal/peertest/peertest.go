@@ -19,7 +19,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 )
 
@@ -42,12 +41,15 @@ func Require(t TB, program string) string {
 	t.Helper()
 	path, err := exec.LookPath(program)
 	if err != nil {
-		missing(t, "%s is not installed (make deps installs it): %v", program, err)
+		Missing(t, "%s is not installed (make deps installs it): %v", program, err)
 	}
 	return path
 }
 
-func missing(t TB, format string, args ...any) {
+// Missing skips the test, or fails it under CI=true, for something the
+// machine lacks (a program, root, an IPv6 loopback): under CI every
+// real-peer test must run, so a skip there would hide a lost test.
+func Missing(t TB, format string, args ...any) {
 	t.Helper()
 	if os.Getenv("CI") == "true" {
 		t.Fatalf("CI=true requires every peer: "+format, args...)
@@ -60,7 +62,7 @@ func missing(t TB, format string, args ...any) {
 func RequireRoot(t TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		missing(t, "needs root")
+		Missing(t, "needs root")
 	}
 }
 
@@ -150,11 +152,11 @@ func (p *Proc) Stop() {
 	if p.Exited() {
 		return
 	}
-	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+	terminateGroup(p.cmd.Process)
 	select {
 	case <-p.done:
 	case <-time.After(5 * time.Second):
-		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		killGroup(p.cmd.Process)
 		<-p.done
 	}
 }
@@ -165,7 +167,7 @@ func Start(t TB, name string, argv ...string) *Proc {
 	cmd := exec.Command(argv[0], argv[1:]...)
 	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = groupAttr()
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", name, err)
 	}
@@ -243,12 +245,25 @@ func WithHosts(t TB, hosts map[string]string, argv ...string) []string {
 	if len(hosts) == 0 {
 		return argv
 	}
-	RequireRoot(t)
-	Require(t, "unshare")
 	base, err := os.ReadFile("/etc/hosts")
 	if err != nil {
 		t.Fatalf("read /etc/hosts: %v", err)
 	}
+	return withHostsFile(t, base, hosts, argv)
+}
+
+// WithOnlyHosts is WithHosts with the given entries in place of the
+// system's /etc/hosts, so that a name this host resolves (localhost) can
+// mean another address to the program.
+func WithOnlyHosts(t TB, hosts map[string]string, argv ...string) []string {
+	t.Helper()
+	return withHostsFile(t, nil, hosts, argv)
+}
+
+func withHostsFile(t TB, base []byte, hosts map[string]string, argv []string) []string {
+	t.Helper()
+	RequireRoot(t)
+	Require(t, "unshare")
 	var b bytes.Buffer
 	b.Write(base)
 	for name, ip := range hosts {

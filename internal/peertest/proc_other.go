@@ -1,0 +1,17 @@
+//go:build !linux
+
+package peertest
+
+import (
+	"os"
+	"syscall"
+)
+
+// The peers are Debian packages run on Linux; elsewhere this package only
+// has to build (cmd/socksbench imports it), so a peer is stopped alone.
+
+func groupAttr() *syscall.SysProcAttr { return nil }
+
+func terminateGroup(p *os.Process) { p.Kill() }
+
+func killGroup(p *os.Process) { p.Kill() }
