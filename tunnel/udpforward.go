@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"math"
 	"net"
 	"net/netip"
 	"sync"
@@ -11,31 +12,42 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/logthrottle"
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/internal/udpbatch"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
-// UDP forward defaults (DESIGN §5).
+// UDP forward defaults and bounds.
 const (
 	DefaultUDPIdleTimeout = 60 * time.Second
 	DefaultUDPMaxSessions = 1024
+	// DefaultUDPQueueBytes bounds, per forward, the memory held by
+	// datagrams waiting for their session (while its association is being
+	// built, say): without it 64 queued 64 KiB buffers per session times
+	// 1024 sessions could hold about 4 GB while an upstream hangs.
+	DefaultUDPQueueBytes = 4 << 20
 	// udpQueueLen bounds the datagrams waiting for one session's
 	// association; beyond it they are dropped, as a full socket would.
 	udpQueueLen = 64
 	// udpRetryDelay keeps a session whose upstream failed from starting a
 	// handshake for every datagram.
 	udpRetryDelay = time.Second
-	// capWarnEvery limits the warning about a full session table.
-	capWarnEvery = time.Minute
+	// udpLogEvery is how often a cause that repeats (a full table, a
+	// failing association, a failing read) is logged again, with a count.
+	udpLogEvery = time.Minute
+	// A read that keeps failing is retried after readBackoffMin, doubling
+	// up to readBackoffMax, so a broken socket costs no CPU.
+	readBackoffMin = 5 * time.Millisecond
+	readBackoffMax = time.Second
 )
 
-// udpBufPool holds datagram buffers with headroom for the SOCKS header, so
-// a client's datagram is wrapped in place.
-var udpBufPool = sync.Pool{New: func() any {
-	b := make([]byte, socksclient.MaxUDPHeaderLen+socksclient.MaxUDPDatagram)
-	return &b
-}}
+// Log causes, one throttled line each (see logthrottle).
+const (
+	causeAssociate = "associate"
+	causeTableFull = "table full"
+	causeRead      = "read"
+)
 
 // UDPForwardConfig describes one -L …/udp forward.
 type UDPForwardConfig struct {
@@ -46,36 +58,77 @@ type UDPForwardConfig struct {
 	// (default DefaultUDPIdleTimeout).
 	IdleTimeout time.Duration
 	// MaxSessions bounds the session table (default DefaultUDPMaxSessions);
-	// new sources beyond it are dropped, existing ones keep working.
+	// a new source that finds it full evicts the session idle the longest,
+	// as a NAT table does.
 	MaxSessions int
-	Logger      zerolog.Logger
+	// QueueBytes bounds the buffers of datagrams queued for sessions,
+	// over the whole forward (default DefaultUDPQueueBytes); datagrams
+	// beyond it are dropped and counted (DroppedMemory).
+	QueueBytes int
+	Logger     zerolog.Logger
 }
 
-// UDPStats counts a UDP forward's sessions and datagrams.
+// UDPStats counts a UDP forward's sessions and datagrams. Every datagram
+// read from a client is, once handled, either sent (DatagramsUp) or
+// counted under exactly one Dropped reason.
 type UDPStats struct {
 	Sessions      atomic.Int64 // sessions started
 	Active        atomic.Int64
+	Evicted       atomic.Int64 // sessions ended to make room for a new source
+	Received      atomic.Int64 // datagrams read from clients
 	DatagramsUp   atomic.Int64 // client → target
 	DatagramsDown atomic.Int64 // target → client
-	DroppedFull   atomic.Int64 // new source while the table was full
 	DroppedQueue  atomic.Int64 // session queue full, or no association
-	DroppedLarge  atomic.Int64 // longer than a slot: only IPv6 allows it
+	DroppedLarge  atomic.Int64 // too large for a SOCKS header, or longer than a slot (IPv6)
+	DroppedMemory atomic.Int64 // the forward's queued bytes were at QueueBytes
+	DroppedEnded  atomic.Int64 // queued for a session evicted or closed before it sent them
+	DroppedSend   atomic.Int64 // the send failed (e.g. an ICMP error on the association)
+	// AssociateFailures counts UDP ASSOCIATE attempts that failed.
+	AssociateFailures atomic.Int64
+	// ReadErrors counts failed reads of the listening socket.
+	ReadErrors atomic.Int64
+}
+
+// datagramReader is how Serve reads client datagrams: a udpbatch.Reader,
+// or a fake in tests.
+type datagramReader interface {
+	Read() (int, error)
+	Slot(i int) []byte // headroom, then the payload
+	Truncated(i int) bool
+	Addr(i int) netip.AddrPort
+}
+
+func newBatchReader(pc *net.UDPConn, slots [][]byte) (datagramReader, error) {
+	r, err := udpbatch.NewReader(pc, slots, socksclient.MaxUDPHeaderLen, true)
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
 // UDPForward relays datagrams from local clients to one target: one session
 // per client address, each with its own UDP ASSOCIATE.
 type UDPForward struct {
-	cfg UDPForwardConfig
-	pc  *net.UDPConn
+	cfg       UDPForwardConfig
+	pc        *net.UDPConn
+	newReader func(pc *net.UDPConn, slots [][]byte) (datagramReader, error)
+	logs      *logthrottle.Throttle
+	done      chan struct{} // closed by Close
 
-	mu       sync.Mutex
-	sessions map[netip.AddrPort]*udpSession
-	closed   bool
-	wg       sync.WaitGroup
+	// queued is what the buffers of queued datagrams take, charged when a
+	// datagram is queued and given back when it is sent or dropped.
+	queued     atomic.Int64
+	queueLimit int64
 
-	stats       UDPStats
-	lastCapWarn atomic.Int64
-	closeOnce   sync.Once
+	mu          sync.Mutex
+	sessions    map[netip.AddrPort]*udpSession
+	idleTimeout time.Duration // for sessions started from now on
+	maxSessions int
+	closed      bool
+	wg          sync.WaitGroup
+
+	stats     UDPStats
+	closeOnce sync.Once
 }
 
 // NewUDPForward returns a forward serving on pc, which the caller bound.
@@ -86,8 +139,35 @@ func NewUDPForward(cfg UDPForwardConfig, pc *net.UDPConn) *UDPForward {
 	if cfg.MaxSessions <= 0 {
 		cfg.MaxSessions = DefaultUDPMaxSessions
 	}
+	if cfg.QueueBytes <= 0 {
+		cfg.QueueBytes = DefaultUDPQueueBytes
+	}
 	sockbuf.Grow(pc)
-	return &UDPForward{cfg: cfg, pc: pc, sessions: make(map[netip.AddrPort]*udpSession)}
+	return &UDPForward{
+		cfg: cfg, pc: pc, newReader: newBatchReader,
+		logs:        logthrottle.New(udpLogEvery),
+		done:        make(chan struct{}),
+		queueLimit:  int64(cfg.QueueBytes),
+		sessions:    make(map[netip.AddrPort]*udpSession),
+		idleTimeout: cfg.IdleTimeout, maxSessions: cfg.MaxSessions,
+	}
+}
+
+// SetLimits changes the idle timeout of the sessions started from now on
+// and the bound of the session table (a reload); zero or less means the
+// default. Live sessions keep their timeout. A lower bound ends no session
+// at once: the table no longer grows past it, and shrinks to it as
+// sessions end.
+func (f *UDPForward) SetLimits(idleTimeout time.Duration, maxSessions int) {
+	if idleTimeout <= 0 {
+		idleTimeout = DefaultUDPIdleTimeout
+	}
+	if maxSessions <= 0 {
+		maxSessions = DefaultUDPMaxSessions
+	}
+	f.mu.Lock()
+	f.idleTimeout, f.maxSessions = idleTimeout, maxSessions
+	f.mu.Unlock()
 }
 
 // Stats returns the live counters.
@@ -103,10 +183,47 @@ func (f *UDPForward) Sessions() int {
 	return len(f.sessions)
 }
 
+// Queued datagrams are copied into buffers of a size class, so that a
+// queue of small datagrams does not hold 64 KiB each, and the byte budget
+// charges what a buffer really takes.
+var udpBufClasses = [...]int{2 << 10, 16 << 10, socksclient.MaxUDPHeaderLen + socksclient.MaxUDPDatagram}
+
+var udpBufPools [len(udpBufClasses)]sync.Pool
+
+func init() {
+	for i, size := range udpBufClasses {
+		udpBufPools[i].New = func() any {
+			b := make([]byte, size)
+			return &b
+		}
+	}
+}
+
+// udpBufClass is the smallest class that holds n bytes.
+func udpBufClass(n int) int {
+	for i, size := range udpBufClasses {
+		if n <= size {
+			return i
+		}
+	}
+	return len(udpBufClasses) - 1
+}
+
+func getUDPBuf(class int) *[]byte { return udpBufPools[class].Get().(*[]byte) }
+
+func putUDPBuf(bp *[]byte) { udpBufPools[udpBufClass(cap(*bp))].Put(bp) }
+
 // udpPacket is one client datagram: payload at buf[MaxUDPHeaderLen:][:n].
 type udpPacket struct {
 	buf *[]byte
 	n   int
+}
+
+// release gives a queued datagram's buffer back, and its bytes to the
+// forward's budget.
+func (f *UDPForward) release(p udpPacket) {
+	f.queued.Add(-int64(cap(*p.buf)))
+	putUDPBuf(p.buf)
 }
 
 // udpReadBatch is how many client datagrams Serve takes per system call.
@@ -127,6 +244,10 @@ const udpReadBatch = 32
 // has room (socksclient.UDPBatch), and holds this loop meanwhile, for a
 // bounded time: the sessions of one forward share that proxy, which is
 // the one falling behind.
+//
+// A failed read is retried at once (an ICMP error a send provoked surfaces
+// once, on the next read); reads that keep failing are retried after a
+// growing pause, so a broken socket does not spin.
 func (f *UDPForward) Serve(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { f.Close() })
 	defer stop()
@@ -134,19 +255,26 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 	for i := range slots {
 		slots[i] = make([]byte, socksclient.MaxUDPHeaderLen+socksclient.MaxUDPDatagram)
 	}
-	r, err := udpbatch.NewReader(f.pc, slots, socksclient.MaxUDPHeaderLen, true)
+	r, err := f.newReader(f.pc, slots)
 	if err != nil {
 		return err
 	}
 	pending := make([]*udpSession, 0, udpReadBatch) // sessions with queued datagrams
+	failures := 0                                   // reads failed in a row
 	for {
 		n, err := r.Read()
 		if err != nil {
 			if f.isClosed() || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			continue // e.g. ICMP errors surfacing on the socket
+			failures++
+			if !f.readBackoff(err, failures) {
+				return nil
+			}
+			continue
 		}
+		failures = 0
+		f.stats.Received.Add(int64(n))
 		// A batch mostly comes from one client: look its session up once.
 		var lastSrc netip.AddrPort
 		var s *udpSession
@@ -157,14 +285,14 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 				f.stats.DroppedLarge.Add(1)
 				continue
 			}
-			if src := r.Addr(i); s == nil || src != lastSrc {
+			src := r.Addr(i)
+			if s == nil || src != lastSrc {
 				lastSrc, s = src, f.session(src)
-				if s != nil {
-					s.touch() // once per run: the batch arrived at one moment
+				if s == nil { // the forward is closing
+					f.stats.DroppedEnded.Add(1)
+					continue
 				}
-			}
-			if s == nil {
-				continue
+				s.touch() // once per run: the batch arrived at one moment
 			}
 			if s.queueFast(r.Slot(i), i) {
 				if len(s.fastSlots) == 1 {
@@ -172,7 +300,7 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 				}
 				continue
 			}
-			s.handOff(r.Slot(i))
+			s = f.deliver(s, src, r.Slot(i))
 		}
 		for _, s := range pending {
 			s.flushFast(r)
@@ -182,14 +310,39 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 	}
 }
 
+// readBackoff counts and logs a failed read of the listening socket and
+// waits before the next: not at all after a lone failure, then from
+// readBackoffMin doubling up to readBackoffMax while reads keep failing.
+// It reports false when the forward closed meanwhile.
+func (f *UDPForward) readBackoff(err error, failures int) bool {
+	f.stats.ReadErrors.Add(1)
+	if ok, suppressed := f.logs.Allow(causeRead); ok {
+		f.cfg.Logger.Warn().Err(err).Str("listener", f.cfg.Name).Int64("repeats", suppressed).
+			Msg("UDP read failed; retrying with a pause while it keeps failing")
+	}
+	if failures < 2 {
+		return true
+	}
+	pause := min(readBackoffMin<<min(failures-2, 16), readBackoffMax)
+	t := time.NewTimer(pause)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-f.done:
+		return false
+	}
+}
+
 func (f *UDPForward) isClosed() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.closed
 }
 
-// session finds or starts the session of a client; nil when the table is
-// full or the forward is closing.
+// session finds or starts the session of a client; nil once the forward
+// is closing. A new source that finds the table full evicts the session
+// idle the longest.
 func (f *UDPForward) session(client netip.AddrPort) *udpSession {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -199,17 +352,11 @@ func (f *UDPForward) session(client netip.AddrPort) *udpSession {
 	if f.closed {
 		return nil
 	}
-	if len(f.sessions) >= f.cfg.MaxSessions {
-		f.stats.DroppedFull.Add(1)
-		now := time.Now().UnixNano()
-		if last := f.lastCapWarn.Load(); now-last >= int64(capWarnEvery) && f.lastCapWarn.CompareAndSwap(last, now) {
-			f.cfg.Logger.Warn().Str("listener", f.cfg.Name).Str("client", client.String()).Int("max_sessions", f.cfg.MaxSessions).
-				Msg("UDP session table full; dropping datagrams from new sources")
-		}
-		return nil
+	if len(f.sessions) >= f.maxSessions {
+		f.evictIdlestLocked()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &udpSession{f: f, client: client, in: make(chan udpPacket, udpQueueLen), ctx: ctx, cancel: cancel}
+	s := &udpSession{f: f, client: client, idle: f.idleTimeout, in: make(chan udpPacket, udpQueueLen), ctx: ctx, cancel: cancel}
 	s.touch()
 	f.sessions[client] = s
 	f.stats.Sessions.Add(1)
@@ -218,12 +365,71 @@ func (f *UDPForward) session(client netip.AddrPort) *udpSession {
 	return s
 }
 
-func (f *UDPForward) remove(s *udpSession) {
-	s.cancel()
+// evictIdlestLocked ends the session idle the longest, to make room for a
+// new source as a NAT table does. The scan looks at each session once and
+// only runs when a new source finds the table full, so datagrams of
+// existing sessions never pay for it. Only one session goes: after a
+// lower bound from SetLimits the table shrinks as sessions end.
+func (f *UDPForward) evictIdlestLocked() {
+	var victim *udpSession
+	oldest := int64(math.MaxInt64)
+	for _, s := range f.sessions {
+		if t := s.lastIO.Load(); t < oldest {
+			oldest, victim = t, s
+		}
+	}
+	if victim == nil {
+		return
+	}
+	f.retireLocked(victim, false)
+	victim.cancel()
+	f.stats.Evicted.Add(1)
+	if ok, suppressed := f.logs.Allow(causeTableFull); ok {
+		f.cfg.Logger.Warn().Str("listener", f.cfg.Name).Int("max_sessions", f.maxSessions).
+			Str("evicted", victim.client.String()).Int64("evicted_before", suppressed).
+			Msg("UDP session table full; evicting the session idle the longest")
+	}
+}
+
+// retireLocked takes s out of the table and marks it ending, atomically
+// for handOff: from here on no datagram is queued to it, and Serve's next
+// lookup of its client starts a fresh session. With ifIdle, s is retired
+// only if it has nothing queued and saw no datagram for its idle timeout,
+// and the result says whether it was. f.mu is held.
+func (f *UDPForward) retireLocked(s *udpSession, ifIdle bool) bool {
+	s.mu.Lock()
+	if ifIdle && (len(s.in) > 0 || time.Since(time.Unix(0, s.lastIO.Load())) < s.idle) {
+		s.mu.Unlock()
+		return false
+	}
+	s.ending.Store(true)
+	s.mu.Unlock()
+	if f.sessions[s.client] == s {
+		delete(f.sessions, s.client)
+	}
+	return true
+}
+
+func (f *UDPForward) retire(s *udpSession, ifIdle bool) bool {
 	f.mu.Lock()
-	delete(f.sessions, s.client)
-	f.mu.Unlock()
-	f.stats.Active.Add(-1)
+	defer f.mu.Unlock()
+	return f.retireLocked(s, ifIdle)
+}
+
+// deliver queues a client datagram (slot: headroom, then payload) for
+// its session s. When s left the table after Serve looked it up (it ended
+// idle, or was evicted), a fresh session takes the datagram, as it would
+// have a moment later. It returns the session that now serves src, nil
+// when there is none (the forward is closing; the datagram is counted).
+func (f *UDPForward) deliver(s *udpSession, src netip.AddrPort, slot []byte) *udpSession {
+	if s != nil && s.handOff(slot) {
+		return s
+	}
+	if s = f.session(src); s != nil && s.handOff(slot) {
+		return s
+	}
+	f.stats.DroppedEnded.Add(1)
+	return nil
 }
 
 // Shutdown stops the forward. UDP has no connection to drain, so it is
@@ -240,6 +446,7 @@ func (f *UDPForward) Close() error {
 			s.cancel()
 		}
 		f.mu.Unlock()
+		close(f.done)
 		f.pc.Close()
 	})
 	f.wg.Wait()
@@ -250,9 +457,16 @@ func (f *UDPForward) Close() error {
 type udpSession struct {
 	f      *UDPForward
 	client netip.AddrPort
+	idle   time.Duration
 	in     chan udpPacket
-	ctx    context.Context // cancelled by UDPForward.Close
+	ctx    context.Context // cancelled by eviction and UDPForward.Close
 	cancel context.CancelFunc
+
+	// mu orders handOff's sends on in against retirement: once ending is
+	// set under it, nothing more is queued, so what serve drains then is
+	// all there is. ending is also read alone by Serve's fast path.
+	mu     sync.Mutex
+	ending atomic.Bool
 
 	lastIO atomic.Int64 // unix nanos of the last datagram either way
 	up     atomic.Int64 // datagrams sent, by serve or Serve's fast path
@@ -281,7 +495,7 @@ func (s *udpSession) touch() { s.lastIO.Store(time.Now().UnixNano()) }
 // the live association; false when there is none. Serve only.
 func (s *udpSession) queueFast(slot []byte, idx int) bool {
 	a := s.live.Load()
-	if a == nil || !a.Alive() {
+	if a == nil || !a.Alive() || s.ending.Load() {
 		return false
 	}
 	if s.fast == nil || s.fast.Conn() != a {
@@ -302,49 +516,75 @@ func (s *udpSession) queueFast(slot []byte, idx int) bool {
 }
 
 // flushFast sends the queued datagrams. Those that found the association
-// just dropped by the proxy go to the session, which associates again and
-// resends them.
-func (s *udpSession) flushFast(r *udpbatch.Reader) {
+// ended (by the proxy, or by the session, which is re-associating or
+// ending) go to the session or its successor; those another error failed
+// are counted.
+func (s *udpSession) flushFast(r datagramReader) {
+	f := s.f
 	sent, err := s.fast.Flush()
 	s.up.Add(int64(sent))
-	s.f.stats.DatagramsUp.Add(int64(sent))
-	if errors.Is(err, socksclient.ErrAssociationClosed) {
-		for _, idx := range s.fastSlots[sent:] {
-			s.handOff(r.Slot(idx))
+	f.stats.DatagramsUp.Add(int64(sent))
+	switch rest := s.fastSlots[sent:]; {
+	case err == nil:
+	case errors.Is(err, socksclient.ErrAssociationClosed) || errors.Is(err, net.ErrClosed):
+		to := s
+		for _, idx := range rest {
+			to = f.deliver(to, s.client, r.Slot(idx))
 		}
+	default:
+		f.stats.DroppedSend.Add(int64(len(rest)))
 	}
 	s.fastSlots = s.fastSlots[:0]
 }
 
 // handOff copies a client datagram (slot: headroom, then payload) to the
-// session goroutine. Serve only.
-func (s *udpSession) handOff(slot []byte) {
-	bp := udpBufPool.Get().(*[]byte)
-	n := copy((*bp)[socksclient.MaxUDPHeaderLen:], slot[socksclient.MaxUDPHeaderLen:])
-	select {
-	case s.in <- udpPacket{bp, n}:
-	default:
-		s.f.stats.DroppedQueue.Add(1)
-		udpBufPool.Put(bp)
+// session goroutine, or drops and counts it when the session's queue or
+// the forward's byte budget is full. It reports false, having taken
+// nothing, when the session has ended.
+func (s *udpSession) handOff(slot []byte) bool {
+	f := s.f
+	payload := slot[socksclient.MaxUDPHeaderLen:]
+	class := udpBufClass(socksclient.MaxUDPHeaderLen + len(payload))
+	size := int64(udpBufClasses[class])
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ending.Load() {
+		return false
 	}
+	if len(s.in) == cap(s.in) {
+		f.stats.DroppedQueue.Add(1)
+		return true
+	}
+	if f.queued.Add(size) > f.queueLimit {
+		f.queued.Add(-size)
+		f.stats.DroppedMemory.Add(1)
+		return true
+	}
+	bp := getUDPBuf(class)
+	n := copy((*bp)[socksclient.MaxUDPHeaderLen:], payload)
+	s.in <- udpPacket{bp, n} // room checked above; only handOff sends, under mu
+	return true
 }
 
 // serve owns the session: it sends the client's datagrams through an
 // association, which it builds on the first datagram and builds again when
-// the proxy has dropped the control connection, until the session is idle
-// or the forward closes.
+// the proxy has dropped the control connection, until the session is idle,
+// evicted, or the forward closes.
 func (s *udpSession) serve() {
 	f := s.f
 	start := time.Now()
-	idle := time.NewTimer(f.cfg.IdleTimeout)
+	idle := time.NewTimer(s.idle)
 	defer func() {
 		idle.Stop()
+		f.retire(s, false)
 		s.closeAssoc()
-		f.remove(s)
-		s.drain()
+		s.dropQueued()
+		f.stats.Active.Add(-1)
+		// Debug even after a failure: the forward logs failing
+		// associations once per state change, not once per session.
 		ev := f.cfg.Logger.Debug()
 		if s.lastErr != nil {
-			ev = f.cfg.Logger.Info().Err(s.lastErr)
+			ev = ev.Err(s.lastErr)
 		}
 		ev = ev.Str("listener", f.cfg.Name).Str("client", s.client.String()).Str("target", f.cfg.Target.String()).
 			Str("upstream", s.upstream).Int64("datagrams_up", s.up.Load()).Int64("datagrams_down", s.down.Load())
@@ -358,15 +598,18 @@ func (s *udpSession) serve() {
 		case <-s.ctx.Done():
 			return
 		case <-idle.C:
-			if rest := f.cfg.IdleTimeout - time.Since(time.Unix(0, s.lastIO.Load())); rest > 0 {
+			if rest := s.idle - time.Since(time.Unix(0, s.lastIO.Load())); rest > 0 {
 				idle.Reset(rest)
 				continue
 			}
-			return
+			if f.retire(s, true) {
+				return
+			}
+			idle.Reset(s.idle) // a datagram came meanwhile
 		case p := <-s.in:
 			s.touch()
 			s.send(p)
-			udpBufPool.Put(p.buf)
+			f.release(p)
 		}
 	}
 }
@@ -387,20 +630,27 @@ func (s *udpSession) send(p udpPacket) {
 			return
 		}
 		err := s.assoc.WritePacket((*p.buf)[:socksclient.MaxUDPHeaderLen+p.n], socksclient.MaxUDPHeaderLen, f.cfg.Target)
-		if err == nil {
+		switch {
+		case err == nil:
 			s.up.Add(1)
 			f.stats.DatagramsUp.Add(1)
 			return
-		}
-		if !errors.Is(err, socksclient.ErrAssociationClosed) {
-			return // e.g. too large: counted by the association
+		case errors.Is(err, socksclient.ErrDatagramTooLarge):
+			f.stats.DroppedLarge.Add(1)
+			return
+		case !errors.Is(err, socksclient.ErrAssociationClosed):
+			f.stats.DroppedSend.Add(1)
+			return
 		}
 		s.closeAssoc()
 	}
+	f.stats.DroppedSend.Add(1) // the new association ended at once too
 }
 
 // associate builds the association; false (datagram dropped) while the
-// upstreams fail, retried at most every udpRetryDelay.
+// upstreams fail, retried at most every udpRetryDelay. Failures are
+// logged once per forward when they start, then once per udpLogEvery with
+// a count, and once when an association works again.
 func (s *udpSession) associate() bool {
 	f := s.f
 	if time.Now().Before(s.failUntil) {
@@ -414,10 +664,17 @@ func (s *udpSession) associate() bool {
 		if s.ctx.Err() == nil {
 			s.lastErr = err
 			s.failUntil = time.Now().Add(udpRetryDelay)
-			f.cfg.Logger.Info().Err(err).Str("listener", f.cfg.Name).Str("client", s.client.String()).
-				Str("upstream", s.upstream).Msg("UDP associate failed")
+			f.stats.AssociateFailures.Add(1)
+			if ok, suppressed := f.logs.Allow(causeAssociate); ok {
+				f.cfg.Logger.Warn().Err(err).Str("listener", f.cfg.Name).Str("upstream", s.upstream).
+					Int64("failures_since_last_line", suppressed).Msg("UDP associate failing")
+			}
 		}
 		return false
+	}
+	if suppressed, seen := f.logs.Reset(causeAssociate); seen {
+		f.cfg.Logger.Info().Str("listener", f.cfg.Name).Str("upstream", s.upstream).
+			Int64("failures_since_last_line", suppressed).Msg("UDP associate works again")
 	}
 	s.lastErr = nil
 	s.assoc = a
@@ -438,12 +695,14 @@ func (s *udpSession) closeAssoc() {
 	}
 }
 
-// drain returns the buffers of datagrams still queued.
-func (s *udpSession) drain() {
+// dropQueued counts and releases the datagrams still queued when the
+// session ends; it runs after retire, so none can follow.
+func (s *udpSession) dropQueued() {
 	for {
 		select {
 		case p := <-s.in:
-			udpBufPool.Put(p.buf)
+			s.f.stats.DroppedEnded.Add(1)
+			s.f.release(p)
 		default:
 			return
 		}
@@ -453,8 +712,8 @@ func (s *udpSession) drain() {
 // copyDown relays the association's datagrams back to the client.
 func (s *udpSession) copyDown(a *socksclient.UDPConn, done chan struct{}) {
 	defer close(done)
-	bp := udpBufPool.Get().(*[]byte)
-	defer udpBufPool.Put(bp)
+	bp := getUDPBuf(len(udpBufClasses) - 1)
+	defer putUDPBuf(bp)
 	// One slot, as much memory as a plain read; the batch types are for
 	// their raw system calls (see internal/udpbatch), which keep a reply's
 	// way back free of the scheduler's syscall bookkeeping.

@@ -3,15 +3,19 @@ package tunnel
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
@@ -22,6 +26,8 @@ type udpFwdOpts struct {
 	maxSessions int
 	listen      string         // default 127.0.0.1:0
 	target      netip.AddrPort // default: a UDP echo
+	// proxyDial, if set, connects to the proxy (socksclient.Dialer.ProxyDial).
+	proxyDial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // startUDPForward runs a UDPForward to the target (a UDP echo unless o
@@ -47,7 +53,7 @@ func startUDPForward(t *testing.T, cfg sockstest.Config, o udpFwdOpts) (*UDPForw
 	logs := &logBuf{}
 	f := NewUDPForward(UDPForwardConfig{
 		Name: pc.LocalAddr().String(), Target: socksclient.AddrFromAddrPort(o.target),
-		Upstreams:   socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy.Addr(), HandshakeTimeout: 5 * time.Second}),
+		Upstreams:   socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy.Addr(), HandshakeTimeout: 5 * time.Second, ProxyDial: o.proxyDial}),
 		IdleTimeout: o.idle, MaxSessions: o.maxSessions,
 		Logger: zerolog.New(logs).Level(zerolog.DebugLevel),
 	}, pc)
@@ -188,73 +194,93 @@ func TestUDPForwardDropsOversized(t *testing.T) {
 	}
 }
 
-func TestUDPForwardSessionCap(t *testing.T) {
-	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{maxSessions: 1})
-	first, second := udpClient(t, "udp4"), udpClient(t, "udp4")
-	if err := udpRoundTrip(first, fwd, []byte("one"), 5*time.Second); err != nil {
+// A new source that finds the table full evicts the session idle the
+// longest, as a NAT table does, instead of being locked out until some
+// session idles out.
+func TestUDPForwardEvictsIdlest(t *testing.T) {
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{maxSessions: 2})
+	a, b, c := udpClient(t, "udp4"), udpClient(t, "udp4"), udpClient(t, "udp4")
+	for i, cl := range []*net.UDPConn{a, b, c} {
+		if err := udpRoundTrip(cl, fwd, []byte{byte(i)}, 5*time.Second); err != nil {
+			t.Fatalf("client %d: %v", i, err)
+		}
+	}
+	if !hasSession(f, b) || !hasSession(f, c) || hasSession(f, a) || f.Sessions() != 2 {
+		t.Fatalf("want the sessions of b and c after c evicted a, have %d", f.Sessions())
+	}
+	if err := udpRoundTrip(b, fwd, []byte("b again"), 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if err := udpRoundTrip(second, fwd, []byte("two"), 200*time.Millisecond); err == nil {
-		t.Fatal("a new source beyond the cap got through")
+	// Now c is the idlest.
+	if err := udpRoundTrip(a, fwd, []byte("a again"), 5*time.Second); err != nil {
+		t.Fatal(err)
 	}
-	if err := udpRoundTrip(first, fwd, []byte("still"), 5*time.Second); err != nil {
-		t.Fatalf("existing session stopped working: %v", err)
+	if !hasSession(f, a) || !hasSession(f, b) || hasSession(f, c) {
+		t.Fatal("a's return did not evict c, the idlest")
 	}
-	if f.Stats().DroppedFull.Load() == 0 {
-		t.Fatal("drops not counted")
+	if n := f.Stats().Evicted.Load(); n != 2 {
+		t.Fatalf("Evicted = %d, want 2", n)
 	}
-	logs.waitFor(t, "UDP session table full")
+	logs.waitFor(t, "UDP session table full; evicting")
+	if n := strings.Count(logs.String(), "UDP session table full"); n != 1 {
+		t.Fatalf("%d lines about the full table, want 1 a period:\n%s", n, logs)
+	}
+	f.Close()
+	checkAccounted(t, f, f.Stats().Received.Load())
 }
 
 // A slow relay on this host with a small buffer gets bursts several times
 // its size whole: the forward's batches wait for room in its socket (the
 // burst waits in the forward's own buffer), and the session's log line
 // counts the waits.
+//
+// Flow control gives a wait up when the relay has made no room for some
+// milliseconds of the clock, which a starved machine can take. In a
+// synctest bubble the clock stands still while goroutines work or wait on
+// sockets, so no wait is given up, and every datagram must arrive.
 func TestUDPForwardSlowLocalRelay(t *testing.T) {
-	sink := testnet.NewUDPSink(t)
-	f, fwd, logs := startUDPForward(t, sockstest.Config{UDPSlowRelay: true}, udpFwdOpts{target: sink.Addr()})
-	c := udpClient(t, "udp4")
-	arrived := func(n int64) bool {
-		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-			if sink.Count() >= n {
-				return true
+	// The target is bound outside the bubble, so that a real timer can
+	// close it should a datagram never come (a read in the bubble has no
+	// clock to time out on).
+	dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	sockbuf.Grow(dst)
+	watchdog := time.AfterFunc(30*time.Second, func() { dst.Close() })
+	defer watchdog.Stop()
+	synctest.Test(t, func(t *testing.T) {
+		f, fwd, logs := startUDPForward(t, sockstest.Config{UDPSlowRelay: true},
+			udpFwdOpts{target: dst.LocalAddr().(*net.UDPAddr).AddrPort()})
+		c := udpClient(t, "udp4")
+		buf := make([]byte, 2048)
+		receive := func(n int) {
+			t.Helper()
+			for i := range n {
+				if _, _, err := dst.ReadFromUDPAddrPort(buf); err != nil {
+					t.Fatalf("datagram %d of %d never arrived: %v\n%s", i+1, n, err, logs)
+				}
 			}
 		}
-		return false
-	}
-	// The session and its association first.
-	for range 5 {
-		c.WriteToUDP([]byte("first"), fwd)
-		if arrived(1) {
-			break
+		// The session and its association first.
+		if _, err := c.WriteToUDP([]byte("first"), fwd); err != nil {
+			t.Fatal(err)
 		}
-	}
-	// Waves of 60 datagrams of 1200 bytes (about 140 KB as the kernel
-	// counts them) fit the forward's socket even where it cannot grow
-	// past the default 208 KB; the relay keeps 64 KiB.
-	const waves, wave = 5, 60
-	start := sink.Count()
-	for i := range waves {
-		for range wave {
-			if _, err := c.WriteToUDP(make([]byte, 1200), fwd); err != nil {
-				t.Fatal(err)
+		receive(1)
+		// Waves of 60 datagrams of 1200 bytes (about 140 KB as the kernel
+		// counts them) fit the forward's socket even where it cannot grow
+		// past the default 208 KB; the relay keeps 64 KiB.
+		const waves, wave = 5, 60
+		for range waves {
+			for range wave {
+				if _, err := c.WriteToUDP(make([]byte, 1200), fwd); err != nil {
+					t.Fatal(err)
+				}
 			}
+			receive(wave)
 		}
-		if !arrived(start + int64((i+1)*wave)) {
-			break
+		f.Close()
+		if !strings.Contains(logs.String(), `"relay_waits":`) || !strings.Contains(logs.String(), `"relay_stalls":0`) {
+			t.Fatalf("want batches that waited for the relay, none given up:\n%s", logs)
 		}
-	}
-	f.Close()
-	logs.waitFor(t, "UDP session ended")
-	if !strings.Contains(logs.String(), `"relay_waits":`) {
-		t.Fatalf("no batch waited for the relay:\n%s", logs)
-	}
-	if lost := start + waves*wave - sink.Count(); lost != 0 {
-		if strings.Contains(logs.String(), `"relay_stalls":0`) {
-			t.Fatalf("%d of %d datagrams lost though no wait was given up:\n%s", lost, waves*wave, logs)
-		}
-		t.Logf("%d lost after the relay stalled on a starved machine:\n%s", lost, logs)
-	}
+	})
 }
 
 func TestUDPForwardIdleTimeout(t *testing.T) {
@@ -312,5 +338,270 @@ func TestUDPForwardAllocs(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Fatalf("%v allocations per relayed datagram, want 0", allocs)
+	}
+}
+
+// hasSession reports whether the client c has a session.
+func hasSession(f *UDPForward, c *net.UDPConn) bool {
+	port := c.LocalAddr().(*net.UDPAddr).Port
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.sessions[netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(port))]
+	return ok
+}
+
+// checkAccounted checks, once f is closed, that each of the handed
+// datagrams was sent or counted under one drop reason, and that every
+// queued buffer was given back to the byte budget.
+func checkAccounted(t *testing.T, f *UDPForward, handed int64) {
+	t.Helper()
+	st := f.Stats()
+	drops := st.DroppedQueue.Load() + st.DroppedLarge.Load() + st.DroppedMemory.Load() + st.DroppedEnded.Load() + st.DroppedSend.Load()
+	if up := st.DatagramsUp.Load(); up+drops != handed {
+		t.Errorf("%d datagrams sent and %d dropped (queue %d, large %d, memory %d, ended %d, send %d), but %d came",
+			up, drops, st.DroppedQueue.Load(), st.DroppedLarge.Load(), st.DroppedMemory.Load(), st.DroppedEnded.Load(), st.DroppedSend.Load(), handed)
+	}
+	if q := f.queued.Load(); q != 0 {
+		t.Errorf("%d queued bytes left charged after Close", q)
+	}
+}
+
+// waitForCount waits until the log holds s n times, at most 5 s.
+func (l *logBuf) waitForCount(t *testing.T, s string, n int) {
+	t.Helper()
+	timeout := time.After(5 * time.Second)
+	for {
+		l.mu.Lock()
+		if strings.Count(l.b.String(), s) >= n {
+			l.mu.Unlock()
+			return
+		}
+		if l.changed == nil {
+			l.changed = make(chan struct{})
+		}
+		ch := l.changed
+		l.mu.Unlock()
+		select {
+		case <-ch:
+		case <-timeout:
+			t.Fatalf("log never said %q %d times:\n%s", s, n, l)
+		}
+	}
+}
+
+// slotWith is a read slot holding a datagram of size bytes: headroom, then
+// the payload.
+func slotWith(payload []byte) []byte {
+	return append(make([]byte, socksclient.MaxUDPHeaderLen), payload...)
+}
+
+// hangingProxy is a proxy that never answers: a dial waits for the
+// caller to give up.
+func hangingProxy(ctx context.Context, network, addr string) (net.Conn, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// quietForward returns a forward whose upstream is reached through dial,
+// on a socket that nothing reads: tests in a synctest bubble (where a
+// blocked socket read would stop the clock) play Serve's part through
+// session and deliver.
+func quietForward(t *testing.T, dial func(ctx context.Context, network, addr string) (net.Conn, error), cfg UDPForwardConfig) (*UDPForward, *logBuf) {
+	t.Helper()
+	pc := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	logs := &logBuf{}
+	cfg.Name = pc.LocalAddr().String()
+	cfg.Target = socksclient.AddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:9"))
+	cfg.Upstreams = socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "proxy.test:1080", ProxyDial: dial})
+	cfg.Logger = zerolog.New(logs).Level(zerolog.DebugLevel)
+	f := NewUDPForward(cfg, pc)
+	t.Cleanup(func() { f.Close() })
+	return f, logs
+}
+
+// A datagram that Serve hands to a session which has just ended (its
+// client was looked up a moment before the idle timeout ended it) goes to
+// a fresh session, and its echo comes back; it was lost silently before.
+func TestUDPForwardLateDatagramGetsFreshSession(t *testing.T) {
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{idle: 50 * time.Millisecond})
+	c := udpClient(t, "udp4")
+	if err := udpRoundTrip(c, fwd, []byte("x"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	var (
+		src   netip.AddrPort
+		stale *udpSession
+	)
+	for src, stale = range f.sessions {
+	}
+	f.mu.Unlock()
+	logs.waitFor(t, "UDP session ended")
+	// What Serve does with a session it looked up before the end.
+	got := f.deliver(stale, src, slotWith([]byte("late")))
+	buf := make([]byte, 64)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, _, err := c.ReadFromUDP(buf); err != nil || string(buf[:n]) != "late" {
+		t.Fatalf("no echo of the late datagram: %q, %v", buf[:n], err)
+	}
+	if got == nil || got == stale || !hasSession(f, c) {
+		t.Fatalf("the datagram went to %p, want a fresh session in the table (the stale one is %p)", got, stale)
+	}
+	f.Close()
+	checkAccounted(t, f, f.Stats().Received.Load()+1)
+}
+
+// While an upstream hangs, queued datagrams hold at most the forward's
+// byte budget, charged at the size of the buffer each really takes (small
+// datagrams take small buffers); beyond it they are dropped and counted.
+// When the forward closes, what was queued is counted, and the budget is
+// whole again.
+func TestUDPForwardQueueBudget(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const budget = 1 << 20
+		f, _ := quietForward(t, hangingProxy, UDPForwardConfig{QueueBytes: budget})
+		var handed int64
+		send := func(src netip.AddrPort, size, count int) {
+			for range count {
+				f.deliver(f.session(src), src, slotWith(make([]byte, size)))
+				handed++
+			}
+		}
+		send(netip.MustParseAddrPort("127.0.0.1:1001"), 60_000, udpQueueLen)
+		send(netip.MustParseAddrPort("127.0.0.1:1002"), 100, 10)
+		synctest.Wait() // both sessions wait for their association
+		largeBuf, smallBuf := udpBufClasses[len(udpBufClasses)-1], udpBufClasses[0]
+		fit := budget / largeBuf
+		if n := f.Stats().DroppedMemory.Load(); n != int64(udpQueueLen-fit) {
+			t.Errorf("DroppedMemory = %d, want %d: %d buffers of %d bytes fit %d", n, udpQueueLen-fit, fit, largeBuf, budget)
+		}
+		if q, want := f.queued.Load(), int64(fit*largeBuf+10*smallBuf); q != want {
+			t.Errorf("%d bytes queued, want %d (the small datagrams in %d-byte buffers)", q, want, smallBuf)
+		}
+		f.Close()
+		if n := f.Stats().DroppedEnded.Load(); n == 0 {
+			t.Error("datagrams queued at Close were not counted")
+		}
+		checkAccounted(t, f, handed)
+	})
+}
+
+var errSocketBroken = errors.New("test: the socket is broken")
+
+// failingReader fails every read, as a broken socket would, up to limit
+// reads; then it waits for stop.
+type failingReader struct {
+	calls atomic.Int64
+	limit int64
+	stop  chan struct{}
+}
+
+func (r *failingReader) Read() (int, error) {
+	if r.calls.Load() == r.limit {
+		<-r.stop
+		return 0, net.ErrClosed
+	}
+	r.calls.Add(1)
+	return 0, errSocketBroken
+}
+func (r *failingReader) Slot(int) []byte         { panic("no datagram was read") }
+func (r *failingReader) Truncated(int) bool      { panic("no datagram was read") }
+func (r *failingReader) Addr(int) netip.AddrPort { panic("no datagram was read") }
+
+// A read that keeps failing is retried after a growing pause, not at
+// once forever (a CPU spinning on the error); the first line says so, the
+// rest are counted; Serve keeps going, and Close still stops it at once.
+func TestUDPForwardReadErrorsBackOff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, logs := quietForward(t, hangingProxy, UDPForwardConfig{})
+		r := &failingReader{limit: 1000, stop: make(chan struct{})}
+		defer close(r.stop)
+		f.newReader = func(*net.UDPConn, [][]byte) (datagramReader, error) { return r, nil }
+		served := make(chan error, 1)
+		go func() { served <- f.Serve(context.Background()) }()
+		time.Sleep(30 * time.Second)
+		synctest.Wait()
+		// Pauses of 5 ms doubling to 1 s: about 37 reads in 30 s.
+		if n := r.calls.Load(); n < 20 || n > 50 {
+			t.Errorf("%d reads in 30 s of failures, want about 37", n)
+		}
+		if n := f.Stats().ReadErrors.Load(); n != r.calls.Load() {
+			t.Errorf("ReadErrors = %d, want %d", n, r.calls.Load())
+		}
+		if n := strings.Count(logs.String(), "UDP read failed"); n != 1 {
+			t.Errorf("%d lines about failed reads, want 1:\n%s", n, logs)
+		}
+		select {
+		case err := <-served:
+			t.Fatalf("Serve stopped on a read error: %v", err)
+		default:
+		}
+		f.Close()
+		if err := <-served; err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+	})
+}
+
+// With the upstream down, many sessions failing to associate make one log
+// line for the forward, not one per session and retry; the line when it
+// works again counts the failures in between.
+func TestUDPForwardAssociateFailuresLogOnce(t *testing.T) {
+	var down atomic.Bool
+	down.Store(true)
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if down.Load() {
+			return nil, errors.New("test: upstream down")
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, addr)
+	}
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{idle: 50 * time.Millisecond, proxyDial: dial})
+	const clients = 5
+	for range clients {
+		if _, err := udpClient(t, "udp4").WriteToUDP([]byte("x"), fwd); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A session ends (idle) after its failure was handled.
+	logs.waitForCount(t, "UDP session ended", clients)
+	if n := f.Stats().AssociateFailures.Load(); n != clients {
+		t.Fatalf("AssociateFailures = %d, want %d", n, clients)
+	}
+	if n := strings.Count(logs.String(), "UDP associate fail"); n != 1 {
+		t.Fatalf("%d lines for %d failed associations, want 1:\n%s", n, clients, logs)
+	}
+	down.Store(false)
+	if err := udpRoundTrip(udpClient(t, "udp4"), fwd, []byte("back"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	logs.waitFor(t, "UDP associate works again")
+	if !strings.Contains(logs.String(), fmt.Sprintf(`"failures_since_last_line":%d,"message":"UDP associate works again"`, clients-1)) {
+		t.Fatalf("the line when it works again does not count %d failures:\n%s", clients-1, logs)
+	}
+}
+
+// SetLimits, while datagrams flow: a new idle timeout applies to sessions
+// started after it (earlier ones keep theirs), a new bound to the table.
+func TestUDPForwardSetLimits(t *testing.T) {
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{maxSessions: 4})
+	a, b, c := udpClient(t, "udp4"), udpClient(t, "udp4"), udpClient(t, "udp4")
+	if err := udpRoundTrip(a, fwd, []byte("a"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	f.SetLimits(50*time.Millisecond, 4)
+	if err := udpRoundTrip(b, fwd, []byte("b"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	logs.waitFor(t, "UDP session ended") // b's, on the new timeout
+	if !hasSession(f, a) || hasSession(f, b) {
+		t.Fatal("want a's session (old timeout) alive and b's (new timeout) ended")
+	}
+	f.SetLimits(0, 1)
+	if err := udpRoundTrip(c, fwd, []byte("c"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if !hasSession(f, c) || hasSession(f, a) || f.Stats().Evicted.Load() != 1 {
+		t.Fatalf("with a bound of 1, c's session should have evicted a's; %d sessions, %d evicted", f.Sessions(), f.Stats().Evicted.Load())
 	}
 }
