@@ -123,6 +123,7 @@ type UDPForward struct {
 	mu          sync.Mutex
 	sessions    map[netip.AddrPort]*udpSession
 	idleTimeout time.Duration // for sessions started from now on
+	target      socksclient.Addr
 	maxSessions int
 	closed      bool
 	wg          sync.WaitGroup
@@ -149,7 +150,7 @@ func NewUDPForward(cfg UDPForwardConfig, pc *net.UDPConn) *UDPForward {
 		done:        make(chan struct{}),
 		queueLimit:  int64(cfg.QueueBytes),
 		sessions:    make(map[netip.AddrPort]*udpSession),
-		idleTimeout: cfg.IdleTimeout, maxSessions: cfg.MaxSessions,
+		idleTimeout: cfg.IdleTimeout, maxSessions: cfg.MaxSessions, target: cfg.Target,
 	}
 }
 
@@ -167,6 +168,14 @@ func (f *UDPForward) SetLimits(idleTimeout time.Duration, maxSessions int) {
 	}
 	f.mu.Lock()
 	f.idleTimeout, f.maxSessions = idleTimeout, maxSessions
+	f.mu.Unlock()
+}
+
+// SetTarget changes where sessions started from now on send their
+// datagrams; a live session keeps its target, as a reload promises.
+func (f *UDPForward) SetTarget(target socksclient.Addr) {
+	f.mu.Lock()
+	f.target = target
 	f.mu.Unlock()
 }
 
@@ -356,7 +365,7 @@ func (f *UDPForward) session(client netip.AddrPort) *udpSession {
 		f.evictIdlestLocked()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &udpSession{f: f, client: client, idle: f.idleTimeout, in: make(chan udpPacket, udpQueueLen), ctx: ctx, cancel: cancel}
+	s := &udpSession{f: f, client: client, idle: f.idleTimeout, target: f.target, in: make(chan udpPacket, udpQueueLen), ctx: ctx, cancel: cancel}
 	s.touch()
 	f.sessions[client] = s
 	f.stats.Sessions.Add(1)
@@ -458,6 +467,7 @@ type udpSession struct {
 	f      *UDPForward
 	client netip.AddrPort
 	idle   time.Duration
+	target socksclient.Addr // fixed for the session's life
 	in     chan udpPacket
 	ctx    context.Context // cancelled by eviction and UDPForward.Close
 	cancel context.CancelFunc
@@ -508,7 +518,7 @@ func (s *udpSession) queueFast(slot []byte, idx int) bool {
 			s.fastSlots = make([]int, 0, udpReadBatch)
 		}
 	}
-	if err := s.fast.Add(slot, socksclient.MaxUDPHeaderLen, s.f.cfg.Target); err != nil {
+	if err := s.fast.Add(slot, socksclient.MaxUDPHeaderLen, s.target); err != nil {
 		return false // too large: the session path counts and drops it
 	}
 	s.fastSlots = append(s.fastSlots, idx)
@@ -586,7 +596,7 @@ func (s *udpSession) serve() {
 		if s.lastErr != nil {
 			ev = ev.Err(s.lastErr)
 		}
-		ev = ev.Str("listener", f.cfg.Name).Str("client", s.client.String()).Str("target", f.cfg.Target.String()).
+		ev = ev.Str("listener", f.cfg.Name).Str("client", s.client.String()).Str("target", s.target.String()).
 			Str("upstream", s.upstream).Int64("datagrams_up", s.up.Load()).Int64("datagrams_down", s.down.Load())
 		if s.relayWaits > 0 {
 			ev = ev.Int64("relay_waits", s.relayWaits).Int64("relay_stalls", s.relayStalls)
@@ -629,7 +639,7 @@ func (s *udpSession) send(p udpPacket) {
 			f.stats.DroppedQueue.Add(1)
 			return
 		}
-		err := s.assoc.WritePacket((*p.buf)[:socksclient.MaxUDPHeaderLen+p.n], socksclient.MaxUDPHeaderLen, f.cfg.Target)
+		err := s.assoc.WritePacket((*p.buf)[:socksclient.MaxUDPHeaderLen+p.n], socksclient.MaxUDPHeaderLen, s.target)
 		switch {
 		case err == nil:
 			s.up.Add(1)

@@ -605,3 +605,55 @@ func TestUDPForwardSetLimits(t *testing.T) {
 		t.Fatalf("with a bound of 1, c's session should have evicted a's; %d sessions, %d evicted", f.Sessions(), f.Stats().Evicted.Load())
 	}
 }
+
+// TestUDPForwardSetTarget: after SetTarget a new client's datagrams go to
+// the new target while a live session keeps the one it started with.
+func TestUDPForwardSetTarget(t *testing.T) {
+	f, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{})
+	// The second target answers with a prefix, so a reply says who sent it.
+	second := udpClient(t, "udp4")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 2048)
+		for range 100 { // bounded: the test sends a handful
+			n, from, err := second.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			second.WriteToUDPAddrPort(append([]byte("second:"), buf[:n]...), from)
+		}
+	}()
+	t.Cleanup(func() { second.Close(); <-done })
+	secondAddr := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), second.LocalAddr().(*net.UDPAddr).AddrPort().Port())
+
+	a, b := udpClient(t, "udp4"), udpClient(t, "udp4")
+	if err := udpRoundTrip(a, fwd, []byte("a"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	f.SetTarget(socksclient.AddrFromAddrPort(secondAddr))
+	if got := udpExchange(t, b, fwd, "b"); got != "second:b" {
+		t.Errorf("a new client after SetTarget got %q, want the new target's %q", got, "second:b")
+	}
+	if got := udpExchange(t, a, fwd, "a2"); got != "a2" {
+		t.Errorf("the live session got %q, want its first target's echo %q", got, "a2")
+	}
+}
+
+// udpExchange sends msg and returns the first reply (resending at most 5
+// times, as udpRoundTrip does).
+func udpExchange(t *testing.T, c *net.UDPConn, fwd *net.UDPAddr, msg string) string {
+	t.Helper()
+	buf := make([]byte, 2048)
+	for range 5 {
+		if _, err := c.WriteToUDP([]byte(msg), fwd); err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, _, err := c.ReadFromUDP(buf); err == nil {
+			return string(buf[:n])
+		}
+	}
+	t.Fatalf("no reply to %q", msg)
+	return ""
+}
