@@ -5,6 +5,7 @@ package tunnel
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -37,31 +38,109 @@ var (
 type CopyMode int
 
 const (
-	// CopySplice (the default) uses io.Copy between *net.TCPConn, which
-	// splices on Linux: the bytes never enter user space. Through Dante on
-	// 2 cores it cost a third of the CPU per gigabyte of the pooled copy
-	// (1.0 s against 2.6-3.2 s per 4 GB), which is what counts when the
-	// proxy competes for the same cores. An idle session holds its two
-	// pipes (four descriptors, no pages) but no user memory.
+	// CopySplice (the default) splices on Linux: the bytes never enter user
+	// space, which through Dante on 2 cores cost a third of the CPU per
+	// gigabyte of the pooled copy. A direction takes a pipe from a bounded
+	// pool only once its socket is readable and gives it back once the
+	// pipe is drained, so an idle session holds its two sockets and
+	// nothing else. Elsewhere it is CopyPooled.
 	CopySplice CopyMode = iota
 	// CopyPooled reads into a pooled buffer taken only while data is
-	// ready. It is also the path for the idle timeout (splice cannot report
-	// progress while it runs) and for conns that are not TCP.
+	// ready. It is also the path for conns that are not TCP.
 	CopyPooled
+	// CopyIOCopy is io.Copy between the *net.TCPConn, Go's own splice on
+	// Linux: it holds two pipes per session for the session's whole life
+	// (and Go keeps them a while after), and its errors do not say which
+	// side failed. Kept to compare against in the benchmark. With an idle
+	// timeout it is CopyPooled, as io.Copy cannot report progress.
+	CopyIOCopy
 )
+
+// String is the mode's name as ParseCopyMode takes it.
+func (m CopyMode) String() string {
+	switch m {
+	case CopySplice:
+		return "splice"
+	case CopyPooled:
+		return "pooled"
+	case CopyIOCopy:
+		return "iocopy"
+	}
+	return fmt.Sprintf("CopyMode(%d)", int(m))
+}
+
+// ParseCopyMode reads a mode's name: splice, pooled or iocopy.
+func ParseCopyMode(s string) (CopyMode, error) {
+	for _, m := range []CopyMode{CopySplice, CopyPooled, CopyIOCopy} {
+		if s == m.String() {
+			return m, nil
+		}
+	}
+	return 0, fmt.Errorf("unknown copy mode %q: want splice, pooled or iocopy", s)
+}
 
 // RelayResult is what a finished relay reports.
 type RelayResult struct {
 	Up   int64 // bytes client → upstream
 	Down int64 // bytes upstream → client
-	// Err is the first error that ended the relay early: an I/O error or
-	// ErrIdleTimeout. A clean end in both directions leaves it nil.
+	// Err is the first error that ended the relay early: a *RelayError
+	// naming the side whose socket failed, or ErrIdleTimeout. A clean end
+	// in both directions leaves it nil.
 	Err error
 }
 
 // ErrIdleTimeout ends a relay in which no byte moved either way for the idle
 // timeout.
 var ErrIdleTimeout = errors.New("idle timeout")
+
+// Side names one end of a relay.
+type Side uint8
+
+const (
+	// SideUnknown: the error came from io.Copy (CopyIOCopy), which does not
+	// say whether reading or writing failed.
+	SideUnknown Side = iota
+	SideClient
+	SideUpstream
+)
+
+func (s Side) String() string {
+	switch s {
+	case SideClient:
+		return "client"
+	case SideUpstream:
+		return "upstream"
+	}
+	return "client or upstream"
+}
+
+// RelayError is an I/O error that ended a relay, with the side whose socket
+// reported it: a reset by the upstream reads "upstream read: connection
+// reset by peer", where an error from the copy alone would name the conn it
+// was writing to.
+type RelayError struct {
+	Side Side
+	Op   string // "read" or "write" ("copy" for SideUnknown)
+	Err  error
+}
+
+func (e *RelayError) Error() string { return e.Side.String() + " " + e.Op + ": " + e.Err.Error() }
+func (e *RelayError) Unwrap() error { return e.Err }
+
+// Reset reports whether the side reset the connection: ECONNRESET, or
+// EPIPE when writing to a peer that had reset or closed.
+func (e *RelayError) Reset() bool {
+	return errors.Is(e.Err, syscall.ECONNRESET) || errors.Is(e.Err, syscall.EPIPE)
+}
+
+// Cause is the short phrase a log line gives: "upstream reset", "client
+// read error".
+func (e *RelayError) Cause() string {
+	if e.Reset() {
+		return e.Side.String() + " reset"
+	}
+	return e.Side.String() + " " + e.Op + " error"
+}
 
 // closeWriter is what half-close needs; *net.TCPConn and *socksclient.Conn
 // have it.
@@ -76,29 +155,47 @@ var (
 // directions have ended, then closes both conns. An EOF in one direction is
 // passed on as a half-close (CloseWrite), so the other direction keeps
 // flowing: a client's shutdown(SHUT_WR) reaches the target as FIN and the
-// reply still comes back. An error in either direction ends both. With
-// idle > 0, the relay ends when no byte has moved either way for idle.
+// reply still comes back. An error in either direction ends both, with a
+// reset (RST) toward both ends so that neither takes the cut for a complete
+// stream; the idle timeout ends both with a plain close. With idle > 0, the
+// relay ends when no byte has moved either way for idle.
 func Relay(client, upstream net.Conn, idle time.Duration, mode CopyMode) RelayResult {
-	r := &relay{idle: idle, mode: mode}
-	r.touch()
-	up := &copier{r: r, dst: upstream, src: client, peer: client}
-	down := &copier{r: r, dst: client, src: upstream, peer: upstream}
+	var res RelayResult
+	r := newRelay(client, upstream, idle, mode, func(rr RelayResult) { res = rr })
 	var wg sync.WaitGroup
-	wg.Go(up.copyUpstream)
-	down.copyDownstream()
+	wg.Go(r.up.copyUpstream)
+	r.down.copyDownstream()
 	wg.Wait()
-	client.Close()
-	upstream.Close()
-	res := RelayResult{Up: up.n, Down: down.n}
-	if e := r.firstErr.Load(); e != nil {
-		res.Err = *e
-	}
 	return res
+}
+
+// StartRelay is Relay that returns at once and calls done with the result
+// from the goroutine that finishes last. The relay runs on two goroutines of
+// its own, so an idle session holds two small stacks rather than keeping
+// the caller's (a dial grows a stack well past what waiting needs).
+func StartRelay(client, upstream net.Conn, idle time.Duration, mode CopyMode, done func(RelayResult)) {
+	r := newRelay(client, upstream, idle, mode, done)
+	go r.up.copyUpstream()
+	go r.down.copyDownstream()
+}
+
+func newRelay(client, upstream net.Conn, idle time.Duration, mode CopyMode, done func(RelayResult)) *relay {
+	r := &relay{idle: idle, mode: mode, client: client, upstream: upstream, done: done}
+	r.up = copier{r: r, dst: upstream, src: client, srcSide: SideClient, dstSide: SideUpstream}
+	r.down = copier{r: r, dst: client, src: upstream, srcSide: SideUpstream, dstSide: SideClient}
+	r.left.Store(2)
+	r.touch()
+	return r
 }
 
 type relay struct {
 	idle     time.Duration
 	mode     CopyMode
+	client   net.Conn
+	upstream net.Conn
+	up, down copier
+	done     func(RelayResult)
+	left     atomic.Int32 // directions still running
 	lastIO   atomic.Int64 // unix nanos of the last byte moved, when idle > 0
 	firstErr atomic.Pointer[error]
 	// aborted is set once one direction failed: the other must not treat
@@ -113,19 +210,33 @@ func (r *relay) touch() {
 	}
 }
 
+// directionDone closes both conns and reports once both directions ended.
+func (r *relay) directionDone() {
+	if r.left.Add(-1) != 0 {
+		return
+	}
+	r.client.Close()
+	r.upstream.Close()
+	res := RelayResult{Up: r.up.n, Down: r.down.n}
+	if e := r.firstErr.Load(); e != nil {
+		res.Err = *e
+	}
+	r.done(res)
+}
+
 // copier is one direction of a relay.
 type copier struct {
-	r    *relay
-	dst  net.Conn
-	src  net.Conn
-	peer net.Conn // the other side's source, closed to unblock it on error
-	n    int64
+	r                *relay
+	dst              net.Conn
+	src              net.Conn
+	srcSide, dstSide Side
+	n                int64
 }
 
 // copyUpstream and copyDownstream are named so stacks say which way a
 // goroutine copies.
-func (c *copier) copyUpstream()   { c.run() }
-func (c *copier) copyDownstream() { c.run() }
+func (c *copier) copyUpstream()   { c.run(); c.r.directionDone() }
+func (c *copier) copyDownstream() { c.run(); c.r.directionDone() }
 
 func (c *copier) run() {
 	err := c.copy()
@@ -140,86 +251,40 @@ func (c *copier) run() {
 		return // the other direction failed first and closed us
 	}
 	c.r.firstErr.CompareAndSwap(nil, &err)
-	// Unblock the other direction.
-	c.dst.Close()
-	c.src.Close()
+	// Unblock the other direction. A session that merely went quiet ends
+	// with FIN; one cut by an error ends with RST both ways, as a clean
+	// end would make a cut-off download look complete.
+	if errors.Is(err, ErrIdleTimeout) {
+		c.dst.Close()
+		c.src.Close()
+		return
+	}
+	abort(c.dst)
+	abort(c.src)
 }
 
 // copy moves bytes until EOF (nil) or an error.
 func (c *copier) copy() error {
 	dstTCP, ok1 := unwrapTCP(c.dst)
 	srcTCP, ok2 := unwrapTCP(c.src)
-	if !ok1 || !ok2 {
+	switch {
+	case !ok1 || !ok2:
 		return c.copyBuffered(c.src, c.dst)
-	}
-	if c.r.mode == CopySplice && c.r.idle == 0 {
+	case c.r.mode == CopyIOCopy && c.r.idle == 0:
 		n, err := io.Copy(dstTCP, srcTCP)
 		c.n += n
-		return err
+		if err != nil {
+			return &RelayError{Side: SideUnknown, Op: "copy", Err: bareErr(err)}
+		}
+		return nil
+	case c.r.mode == CopySplice:
+		return c.copySplice(srcTCP, dstTCP)
 	}
 	return c.copyPooled(srcTCP, dstTCP)
 }
 
-// copyPooled reads through the raw socket so that the pooled buffer is taken
-// only once the socket is readable; a blocked idle reader holds no buffer.
-func (c *copier) copyPooled(src, dst *net.TCPConn) error {
-	rc, err := src.SyscallConn()
-	if err != nil {
-		return c.copyBuffered(src, dst)
-	}
-	var (
-		buf   *[]byte
-		pool  = &smallPool
-		n     int
-		rdErr error
-	)
-	readReady := func(fd uintptr) bool {
-		buf = pool.Get().(*[]byte)
-		for {
-			n, rdErr = syscall.Read(int(fd), *buf)
-			if rdErr != syscall.EINTR {
-				break
-			}
-		}
-		if rdErr == syscall.EAGAIN {
-			pool.Put(buf)
-			return false // wait for readability without a buffer
-		}
-		return true
-	}
-	for {
-		c.armIdle(src)
-		if err := rc.Read(readReady); err != nil {
-			if c.stillActive(err) {
-				continue
-			}
-			return c.idleErr(err)
-		}
-		if rdErr != nil {
-			pool.Put(buf)
-			return os.NewSyscallError("read", rdErr)
-		}
-		if n <= 0 {
-			pool.Put(buf)
-			return nil // EOF
-		}
-		c.r.touch()
-		_, err := dst.Write((*buf)[:n])
-		pool.Put(buf)
-		if err != nil {
-			return err
-		}
-		c.n += int64(n)
-		switch {
-		case n == smallBufSize && pool == &smallPool:
-			pool = &largePool // the flow fills buffers: go bulk
-		case n < smallBufSize && pool == &largePool:
-			pool = &smallPool
-		}
-	}
-}
-
-// copyBuffered is the general path: any net.Conn, and the idle timeout.
+// copyBuffered is the general path: any net.Conn, and where raw reads are
+// not available.
 func (c *copier) copyBuffered(src, dst net.Conn) error {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
@@ -230,7 +295,7 @@ func (c *copier) copyBuffered(src, dst net.Conn) error {
 		if n > 0 {
 			c.r.touch()
 			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return werr
+				return c.writeErr(werr)
 			}
 			c.n += int64(n)
 		}
@@ -243,7 +308,7 @@ func (c *copier) copyBuffered(src, dst net.Conn) error {
 		if c.stillActive(err) {
 			continue
 		}
-		return c.idleErr(err)
+		return c.waitErr(err)
 	}
 }
 
@@ -261,11 +326,42 @@ func (c *copier) stillActive(err error) bool {
 		time.Since(time.Unix(0, c.r.lastIO.Load())) < c.r.idle
 }
 
-func (c *copier) idleErr(err error) error {
+// waitErr is the relay's error for a failed read (or wait to read) on src:
+// the idle timeout, or the source side's error.
+func (c *copier) waitErr(err error) error {
 	if c.r.idle > 0 && errors.Is(err, os.ErrDeadlineExceeded) {
 		return ErrIdleTimeout
 	}
+	return c.readErr(err)
+}
+
+func (c *copier) readErr(err error) error {
+	return &RelayError{Side: c.srcSide, Op: "read", Err: bareErr(err)}
+}
+
+func (c *copier) writeErr(err error) error {
+	return &RelayError{Side: c.dstSide, Op: "write", Err: bareErr(err)}
+}
+
+// bareErr keeps only the errno of a system call's error, so a RelayError
+// reads "upstream read: connection reset by peer" rather than repeating
+// the operation and both addresses. Other errors (our own close, a
+// deadline) stay whole so errors.Is still finds them.
+func bareErr(err error) error {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return errno
+	}
 	return err
+}
+
+// abort closes a conn with RST where it can (SO_LINGER 0), so its peer
+// learns the stream was cut rather than seeing a clean end of it.
+func abort(c net.Conn) {
+	if tc, ok := unwrapTCP(c); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
 }
 
 // unwrapTCP finds the *net.TCPConn under a conn (a *socksclient.Conn exposes

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 
@@ -44,12 +45,26 @@ func relayed(t testing.TB, idle time.Duration, mode CopyMode) (app, target *net.
 	app, relayClient := tcpPair(t)
 	relayUp, target := tcpPair(t)
 	ch := make(chan RelayResult, 1)
-	go func() { ch <- Relay(relayClient, relayUp, idle, mode) }()
+	ended := make(chan struct{})
+	go func() {
+		ch <- Relay(relayClient, relayUp, idle, mode)
+		close(ended)
+	}()
+	// The relay has ended before the test's other cleanups run (those that
+	// swap the pipe pool among them).
+	t.Cleanup(func() {
+		app.Close()
+		target.Close()
+		<-ended
+	})
 	return app, target, ch
 }
 
+// allModes are the copy modes every relay behaviour must hold in.
+var allModes = []CopyMode{CopySplice, CopyPooled, CopyIOCopy}
+
 func TestRelayHalfClose(t *testing.T) {
-	for _, mode := range []CopyMode{CopyPooled, CopySplice} {
+	for _, mode := range allModes {
 		for _, idle := range []time.Duration{0, time.Minute} {
 			app, target, done := relayed(t, idle, mode)
 			request := bytes.Repeat([]byte("q"), 100_000)
@@ -59,7 +74,7 @@ func TestRelayHalfClose(t *testing.T) {
 			}()
 			got, err := io.ReadAll(target) // ends only if the FIN crossed the relay
 			if err != nil || !bytes.Equal(got, request) {
-				t.Fatalf("mode %d: target read %d bytes, %v", mode, len(got), err)
+				t.Fatalf("%v idle %v: target read %d bytes, %v", mode, idle, len(got), err)
 			}
 			// The response still flows after the client's half-close.
 			response := bytes.Repeat([]byte("r"), 70_000)
@@ -67,30 +82,39 @@ func TestRelayHalfClose(t *testing.T) {
 			target.CloseWrite()
 			got, err = io.ReadAll(app)
 			if err != nil || !bytes.Equal(got, response) {
-				t.Fatalf("mode %d: app read %d bytes, %v", mode, len(got), err)
+				t.Fatalf("%v idle %v: app read %d bytes, %v", mode, idle, len(got), err)
 			}
 			res := <-done
 			if res.Err != nil || res.Up != int64(len(request)) || res.Down != int64(len(response)) {
-				t.Fatalf("mode %d: result %+v", mode, res)
+				t.Fatalf("%v idle %v: result %+v", mode, idle, res)
 			}
 		}
 	}
 }
 
 func TestRelayIdleTimeout(t *testing.T) {
-	app, _, done := relayed(t, 50*time.Millisecond, CopyPooled)
-	res := <-done
-	if !errors.Is(res.Err, ErrIdleTimeout) {
-		t.Fatalf("err = %v, want idle timeout", res.Err)
-	}
-	if _, err := app.Read(make([]byte, 1)); err == nil {
-		t.Fatal("app conn still open after idle timeout")
+	for _, mode := range allModes {
+		app, _, done := relayed(t, 50*time.Millisecond, mode)
+		res := <-done
+		if !errors.Is(res.Err, ErrIdleTimeout) {
+			t.Fatalf("%v: err = %v, want idle timeout", mode, res.Err)
+		}
+		// A session that went quiet ends with a clean close, not a reset.
+		if _, err := app.Read(make([]byte, 1)); err != io.EOF {
+			t.Fatalf("%v: app read after idle timeout: %v, want EOF", mode, err)
+		}
 	}
 }
 
 func TestRelayIdleNotWhileOneWayTraffic(t *testing.T) {
+	for _, mode := range allModes {
+		t.Run(mode.String(), func(t *testing.T) { testIdleNotWhileOneWayTraffic(t, mode) })
+	}
+}
+
+func testIdleNotWhileOneWayTraffic(t *testing.T, mode CopyMode) {
 	// A download with a silent client is not idle.
-	app, target, done := relayed(t, 500*time.Millisecond, CopyPooled)
+	app, target, done := relayed(t, 500*time.Millisecond, mode)
 	go func() {
 		for range 6 {
 			target.Write([]byte("tick"))
@@ -109,17 +133,54 @@ func TestRelayIdleNotWhileOneWayTraffic(t *testing.T) {
 }
 
 func TestRelayResetEndsBoth(t *testing.T) {
-	for _, mode := range []CopyMode{CopyPooled, CopySplice} {
+	for _, mode := range allModes {
 		app, target, done := relayed(t, 0, mode)
 		target.SetLinger(0)
 		target.Close() // RST toward the relay
 		res := <-done
 		if res.Err == nil {
-			t.Fatalf("mode %d: want an error after RST", mode)
+			t.Fatalf("%v: want an error after RST", mode)
 		}
-		if _, err := app.Read(make([]byte, 1)); err == nil {
-			t.Fatalf("mode %d: app conn still open", mode)
+		// The reset is passed on: a clean EOF would tell the app its
+		// stream was complete.
+		if _, err := app.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("%v: app read %v, want ECONNRESET", mode, err)
 		}
+	}
+}
+
+// TestRelayErrorNamesSide: the error of a reset says which end reset, for
+// either end (io.Copy cannot tell, so CopyIOCopy is not held to it).
+func TestRelayErrorNamesSide(t *testing.T) {
+	for _, mode := range []CopyMode{CopySplice, CopyPooled} {
+		for _, side := range []Side{SideClient, SideUpstream} {
+			app, target, done := relayed(t, 0, mode)
+			resetter, other := target, app
+			if side == SideClient {
+				resetter, other = app, target
+			}
+			resetter.SetLinger(0)
+			resetter.Close()
+			res := <-done
+			var re *RelayError
+			if !errors.As(res.Err, &re) || re.Side != side || !re.Reset() || re.Cause() != side.String()+" reset" {
+				t.Fatalf("%v, %v resets: err = %#v (%v), want a reset by the %v", mode, side, res.Err, res.Err, side)
+			}
+			if _, err := other.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatalf("%v, %v resets: the other end read %v, want ECONNRESET", mode, side, err)
+			}
+		}
+	}
+}
+
+func TestParseCopyMode(t *testing.T) {
+	for _, m := range allModes {
+		if got, err := ParseCopyMode(m.String()); err != nil || got != m {
+			t.Errorf("ParseCopyMode(%q) = %v, %v", m.String(), got, err)
+		}
+	}
+	if _, err := ParseCopyMode("sendfile"); err == nil {
+		t.Error("ParseCopyMode accepted an unknown mode")
 	}
 }
 
@@ -143,3 +204,4 @@ func benchmarkRelay(b *testing.B, mode CopyMode) {
 
 func BenchmarkRelayPooled(b *testing.B) { benchmarkRelay(b, CopyPooled) }
 func BenchmarkRelaySplice(b *testing.B) { benchmarkRelay(b, CopySplice) }
+func BenchmarkRelayIOCopy(b *testing.B) { benchmarkRelay(b, CopyIOCopy) }
