@@ -21,7 +21,8 @@ type TCPForwardConfig struct {
 	Target socksclient.Addr
 	// Upstreams dials the target through the configured proxies.
 	Upstreams *socksclient.Upstreams
-	// IdleTimeout closes a session idle this long (default 0 = never, like ssh -L).
+	// IdleTimeout closes a session idle this long (default 0 = never, like
+	// ssh -L). SetIdleTimeout changes it for new sessions.
 	IdleTimeout time.Duration
 	// CopyMode chooses the relay's copy (default CopySplice).
 	CopyMode CopyMode
@@ -37,9 +38,12 @@ type TCPForward struct {
 	ctx    context.Context // cancelled by Close: aborts handshakes
 	cancel context.CancelFunc
 
+	idle atomic.Int64 // the idle timeout new sessions get
+
 	mu       sync.Mutex
-	conns    map[net.Conn]struct{}
+	conns    map[net.Conn]bool // true for a session's client conn
 	stopping bool
+	cut      atomic.Bool // Close cut live sessions
 	sessions sync.WaitGroup
 	accepts  sync.WaitGroup
 
@@ -59,8 +63,15 @@ type TCPStats struct {
 // caller has bound (so a bind failure surfaces before anything starts).
 func NewTCPForward(cfg TCPForwardConfig, listeners ...net.Listener) *TCPForward {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &TCPForward{cfg: cfg, listeners: listeners, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]struct{})}
+	f := &TCPForward{cfg: cfg, listeners: listeners, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]bool)}
+	f.idle.Store(int64(cfg.IdleTimeout))
+	return f
 }
+
+// SetIdleTimeout sets the idle timeout of sessions accepted from now on
+// (0 = never); live sessions keep theirs. A reload calls it without
+// rebinding.
+func (f *TCPForward) SetIdleTimeout(d time.Duration) { f.idle.Store(int64(d)) }
 
 // Stats returns the live counters.
 func (f *TCPForward) Stats() *TCPStats { return &f.stats }
@@ -108,7 +119,7 @@ func (f *TCPForward) acceptLoop(ln net.Listener) error {
 			}
 		}
 		tempDelay = 0
-		if !f.track(c) {
+		if !f.track(c, true) {
 			c.Close()
 			continue
 		}
@@ -123,13 +134,13 @@ func (f *TCPForward) isStopping() bool {
 }
 
 // track registers a conn to cut on Close; false once the forward stops.
-func (f *TCPForward) track(c net.Conn) bool {
+func (f *TCPForward) track(c net.Conn, client bool) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.ctx.Err() != nil {
 		return false
 	}
-	f.conns[c] = struct{}{}
+	f.conns[c] = client
 	return true
 }
 
@@ -139,12 +150,14 @@ func (f *TCPForward) untrack(c net.Conn) {
 	f.mu.Unlock()
 }
 
+// serveSession dials the upstream and hands the session to a relay that
+// runs on goroutines of its own: this goroutine, whose stack the dial grew,
+// ends, so an idle session keeps only the relay's two small stacks.
 func (f *TCPForward) serveSession(client net.Conn) {
-	defer f.untrack(client)
 	f.stats.Sessions.Add(1)
 	f.stats.Active.Add(1)
-	defer f.stats.Active.Add(-1)
 	start := time.Now()
+	idle := time.Duration(f.idle.Load())
 
 	up, d, err := f.cfg.Upstreams.DialAddr(f.ctx, f.cfg.Target)
 	if err != nil {
@@ -158,23 +171,52 @@ func (f *TCPForward) serveSession(client net.Conn) {
 			ev = ev.Str("rep", re.Code.String())
 		}
 		ev.Err(err).Dur("dur", time.Since(start)).Msg("session failed")
-		reset(client)
+		abort(client)
+		f.endSession(client, nil)
 		return
 	}
-	if !f.track(up) {
-		up.Close()
-		client.Close()
+	if !f.track(up, false) { // Close came during the dial: cut
+		abort(up)
+		abort(client)
+		f.endSession(client, nil)
 		return
 	}
-	defer f.untrack(up)
-	res := Relay(client, up, f.cfg.IdleTimeout, f.cfg.CopyMode)
-	f.stats.BytesUp.Add(res.Up)
-	f.stats.BytesDown.Add(res.Down)
+	f.sessions.Add(1) // this goroutine still counts, so Close's Wait cannot miss it
+	StartRelay(client, up, idle, f.cfg.CopyMode, func(res RelayResult) {
+		defer f.sessions.Done()
+		f.stats.BytesUp.Add(res.Up)
+		f.stats.BytesDown.Add(res.Down)
+		f.logEnd(client, d.ProxyAddr, res, start)
+		f.endSession(client, up)
+	})
+}
+
+func (f *TCPForward) endSession(client, up net.Conn) {
+	f.untrack(client)
+	if up != nil {
+		f.untrack(up)
+	}
+	f.stats.Active.Add(-1)
+}
+
+// logEnd writes the session's end line: debug for a clean end, info with
+// the error, the side that failed and a short cause otherwise. A session
+// cut by Close stays at debug; Close says once how many it cut.
+func (f *TCPForward) logEnd(client net.Conn, upstream string, res RelayResult, start time.Time) {
 	ev := f.cfg.Logger.Debug()
-	if res.Err != nil && !errors.Is(res.Err, net.ErrClosed) {
-		ev = f.cfg.Logger.Info().Err(res.Err)
+	var re *RelayError
+	switch {
+	case res.Err == nil:
+	case f.cut.Load() && errors.Is(res.Err, net.ErrClosed):
+		ev = ev.Err(res.Err).Str("cause", "cut at shutdown")
+	case errors.Is(res.Err, ErrIdleTimeout):
+		ev = f.cfg.Logger.Info().Err(res.Err).Str("cause", "idle timeout")
+	case errors.As(res.Err, &re) && !errors.Is(res.Err, net.ErrClosed):
+		ev = f.cfg.Logger.Info().Err(res.Err).Str("side", re.Side.String()).Str("cause", re.Cause())
+	default:
+		ev = ev.Err(res.Err)
 	}
-	f.sessionEvent(ev, client).Str("upstream", d.ProxyAddr).Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).
+	f.sessionEvent(ev, client).Str("upstream", upstream).Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).
 		Dur("dur", time.Since(start)).Msg("session ended")
 }
 
@@ -188,17 +230,8 @@ func (f *TCPForward) sessionEvent(ev *zerolog.Event, client net.Conn) *zerolog.E
 	return ev.Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).Str("target", f.cfg.Target.String())
 }
 
-// reset closes a conn with RST where possible, so the local client learns at
-// once that the target refused, rather than seeing a clean EOF.
-func reset(c net.Conn) {
-	if tc, ok := c.(*net.TCPConn); ok {
-		tc.SetLinger(0)
-	}
-	c.Close()
-}
-
 // Shutdown stops accepting and waits for live sessions to end until ctx is
-// done; then it cuts the rest (Close).
+// done; then it cuts the rest (Close), with a reset.
 func (f *TCPForward) Shutdown(ctx context.Context) error {
 	f.mu.Lock()
 	f.stopping = true
@@ -223,14 +256,26 @@ func (f *TCPForward) Shutdown(ctx context.Context) error {
 	}
 }
 
-// Close stops accepting and cuts every session at once. It is idempotent
-// and returns after every session goroutine has ended.
+// Close stops accepting and cuts every session at once, with a reset (RST)
+// toward both ends: a clean FIN would make a cut-off download look
+// complete. It is idempotent and returns after every session goroutine has
+// ended.
 func (f *TCPForward) Close() error {
 	f.mu.Lock()
 	f.stopping = true
 	f.cancel()
+	sessions := 0
+	for _, client := range f.conns {
+		if client {
+			sessions++
+		}
+	}
+	if sessions > 0 {
+		f.cut.Store(true)
+		f.cfg.Logger.Info().Str("listener", f.cfg.Name).Int("sessions", sessions).Msg("cutting sessions still open")
+	}
 	for c := range f.conns {
-		c.Close()
+		abort(c)
 	}
 	f.mu.Unlock()
 	for _, ln := range f.listeners {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"os"
 	"strings"
 	"sync"
 	"syscall"
@@ -81,15 +80,21 @@ func newSocks(t *testing.T, cfg sockstest.Config) *sockstest.Server {
 // listening address and the log.
 func startForward(t *testing.T, target string, proxies ...string) (*TCPForward, string, *logBuf) {
 	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startForwardOn(t, ln, target, proxies...)
+}
+
+// startForwardOn is startForward on a listener of the test's.
+func startForwardOn(t *testing.T, ln net.Listener, target string, proxies ...string) (*TCPForward, string, *logBuf) {
+	t.Helper()
 	var dialers []*socksclient.Dialer
 	for _, p := range proxies {
 		dialers = append(dialers, &socksclient.Dialer{ProxyAddr: p, HandshakeTimeout: 5 * time.Second})
 	}
 	tgt, err := socksclient.ParseAddr(target)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,8 +173,8 @@ func TestTCPForwardRefusedTarget(t *testing.T) {
 		c.SetDeadline(time.Now().Add(10 * time.Second))
 		_, err = c.Read(make([]byte, 1))
 		c.Close()
-		if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
-			t.Fatalf("read err = %v, want the conn closed at once", err)
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("read err = %v, want ECONNRESET at once", err)
 		}
 	}
 	// The log names the REP code.
@@ -232,23 +237,182 @@ func liveSession(t *testing.T) (*TCPForward, string, net.Conn) {
 	return f, addr, c
 }
 
+// closeNotifyListener tells when the forward stops accepting.
+type closeNotifyListener struct {
+	net.Listener
+	once   sync.Once
+	closed chan struct{}
+}
+
+func (l *closeNotifyListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
 func TestTCPForwardShutdownDrains(t *testing.T) {
-	f, addr, c := liveSession(t)
+	echo := testnet.Echo(t).Addr().String()
+	proxy := newSocks(t, sockstest.Config{})
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := &closeNotifyListener{Listener: inner, closed: make(chan struct{})}
+	f, addr, _ := startForwardOn(t, ln, echo, proxy.Addr())
+	c := dialExchange(t, addr)
 	shut := make(chan error, 1)
 	go func() { shut <- f.Shutdown(context.Background()) }()
+	<-ln.closed // Shutdown has stopped accepting and is draining
 	// The live session keeps working, and Shutdown waits for its end.
 	c.Write([]byte("b"))
 	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
 		t.Fatalf("live session cut during drain: %v", err)
 	}
+	select {
+	case err := <-shut:
+		t.Fatalf("Shutdown returned (%v) while a session was live", err)
+	default:
+	}
 	c.(*net.TCPConn).CloseWrite()
 	io.Copy(io.Discard, c)
-	if err := <-shut; err != nil {
-		t.Fatal(err)
+	select {
+	case err := <-shut:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown still waiting after the last session ended")
 	}
 	if c2, err := net.Dial("tcp", addr); err == nil {
 		c2.Close()
 		t.Fatal("listener still accepting after Shutdown")
+	}
+}
+
+// dialExchange opens a session through the forward at addr to an echo
+// target and completes one exchange.
+func dialExchange(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write([]byte("a"))
+	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// rawUpstream is a SOCKS5 server of a few lines: it accepts one CONNECT to
+// an IPv4 target per connection and hands the connection, after its
+// success reply, to session, so that the test plays the upstream itself,
+// down to how it closes.
+func rawUpstream(t *testing.T, session func(net.Conn)) string {
+	ln := testnet.Serve(t, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		greeting := make([]byte, 3) // VER 5, one method: no authentication
+		if _, err := io.ReadFull(c, greeting); err != nil {
+			return
+		}
+		c.Write([]byte{5, 0})
+		req := make([]byte, 10) // VER CMD RSV ATYP=1 ADDR(4) PORT(2)
+		if _, err := io.ReadFull(c, req); err != nil || req[3] != 1 {
+			return
+		}
+		c.Write([]byte{5, 0, 0, 1, 127, 0, 0, 1, 0, 0})
+		c.SetDeadline(time.Time{})
+		session(c)
+	})
+	return ln.Addr().String()
+}
+
+// TestTCPForwardShutdownCutResets: a session still live at the shutdown
+// deadline is reset both ways: a client mid-download sees ECONNRESET, not
+// an EOF that would make the cut-off download look complete.
+func TestTCPForwardShutdownCutResets(t *testing.T) {
+	download := bytes.Repeat([]byte("d"), 1000) // the start of a longer one
+	upstreamSaw := make(chan error, 1)
+	proxy := rawUpstream(t, func(c net.Conn) {
+		c.Write(download)
+		_, err := c.Read(make([]byte, 1)) // until the forward cuts
+		upstreamSaw <- err
+	})
+	f, addr, logs := startForward(t, "127.0.0.1:9", proxy)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, len(download))); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // the deadline has passed
+	if err := f.Shutdown(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Shutdown = %v", err)
+	}
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read %v after the cut, want ECONNRESET", err)
+	}
+	select {
+	case err := <-upstreamSaw:
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("upstream read %v after the cut, want ECONNRESET", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("upstream never saw the cut")
+	}
+	logs.waitFor(t, `"sessions":1,"message":"cutting sessions still open"`)
+}
+
+// TestTCPForwardUpstreamResetNamed: a reset by the upstream is logged as
+// the upstream's, not as an error on the client's conn, and reaches the
+// client as a reset.
+func TestTCPForwardUpstreamResetNamed(t *testing.T) {
+	proxy := rawUpstream(t, func(c net.Conn) {
+		// Wait for the client's first bytes: the relay is running.
+		if _, err := io.ReadFull(c, make([]byte, 2)); err != nil {
+			return
+		}
+		c.Write([]byte("partial"))
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	})
+	_, addr, logs := startForward(t, "127.0.0.1:9", proxy)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write([]byte("go"))
+	if _, err := io.ReadAll(c); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read ended with %v, want ECONNRESET", err)
+	}
+	logs.waitFor(t, `"error":"upstream read: connection reset by peer"`)
+	logs.waitFor(t, `"side":"upstream","cause":"upstream reset"`)
+}
+
+// TestTCPForwardSetIdleTimeout: a new idle timeout applies to sessions
+// accepted after it; a live session keeps the one it started with.
+func TestTCPForwardSetIdleTimeout(t *testing.T) {
+	echo := testnet.Echo(t).Addr().String()
+	proxy := newSocks(t, sockstest.Config{})
+	f, addr, logs := startForward(t, echo, proxy.Addr())
+	older := dialExchange(t, addr)
+	f.SetIdleTimeout(50 * time.Millisecond)
+	newer := dialExchange(t, addr)
+	if _, err := newer.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("new session read %v, want EOF at its idle timeout", err)
+	}
+	logs.waitFor(t, `"cause":"idle timeout"`)
+	// The older session has been idle longer, and is still served.
+	older.Write([]byte("c"))
+	if _, err := io.ReadFull(older, make([]byte, 1)); err != nil {
+		t.Fatalf("older session: %v", err)
 	}
 }
 
