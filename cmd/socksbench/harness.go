@@ -117,6 +117,15 @@ func rssKB(h *harness, pid int) int {
 	return 0
 }
 
+// openFDs counts a process's open descriptors in /proc.
+func openFDs(h *harness, pid int) int {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		h.Fatalf("%v", err)
+	}
+	return len(ents)
+}
+
 // cpuMillis reads a process's user plus system CPU time from /proc.
 func cpuMillis(h *harness, pid int) int {
 	t, ok := readProcStat(pid)
