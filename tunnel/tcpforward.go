@@ -38,7 +38,8 @@ type TCPForward struct {
 	ctx    context.Context // cancelled by Close: aborts handshakes
 	cancel context.CancelFunc
 
-	idle atomic.Int64 // the idle timeout new sessions get
+	idle   atomic.Int64                     // the idle timeout new sessions get
+	target atomic.Pointer[socksclient.Addr] // where new sessions go
 
 	mu       sync.Mutex
 	conns    map[net.Conn]bool // true for a session's client conn
@@ -65,8 +66,13 @@ func NewTCPForward(cfg TCPForwardConfig, listeners ...net.Listener) *TCPForward 
 	ctx, cancel := context.WithCancel(context.Background())
 	f := &TCPForward{cfg: cfg, listeners: listeners, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]bool)}
 	f.idle.Store(int64(cfg.IdleTimeout))
+	f.target.Store(&cfg.Target)
 	return f
 }
+
+// SetTarget changes where sessions accepted from now on go; live sessions
+// keep theirs. A reload calls it without rebinding.
+func (f *TCPForward) SetTarget(target socksclient.Addr) { f.target.Store(&target) }
 
 // SetIdleTimeout sets the idle timeout of sessions accepted from now on
 // (0 = never); live sessions keep theirs. A reload calls it without
@@ -158,11 +164,12 @@ func (f *TCPForward) serveSession(client net.Conn) {
 	f.stats.Active.Add(1)
 	start := time.Now()
 	idle := time.Duration(f.idle.Load())
+	target := *f.target.Load()
 
-	up, d, err := f.cfg.Upstreams.DialAddr(f.ctx, f.cfg.Target)
+	up, d, err := f.cfg.Upstreams.DialAddr(f.ctx, target)
 	if err != nil {
 		f.stats.Failed.Add(1)
-		ev := f.sessionEvent(f.cfg.Logger.Info(), client)
+		ev := f.sessionEvent(f.cfg.Logger.Info(), client, target)
 		if d != nil {
 			ev = ev.Str("upstream", d.ProxyAddr)
 		}
@@ -186,7 +193,7 @@ func (f *TCPForward) serveSession(client net.Conn) {
 		defer f.sessions.Done()
 		f.stats.BytesUp.Add(res.Up)
 		f.stats.BytesDown.Add(res.Down)
-		f.logEnd(client, d.ProxyAddr, res, start)
+		f.logEnd(client, target, d.ProxyAddr, res, start)
 		f.endSession(client, up)
 	})
 }
@@ -202,7 +209,7 @@ func (f *TCPForward) endSession(client, up net.Conn) {
 // logEnd writes the session's end line: debug for a clean end, info with
 // the error, the side that failed and a short cause otherwise. A session
 // cut by Close stays at debug; Close says once how many it cut.
-func (f *TCPForward) logEnd(client net.Conn, upstream string, res RelayResult, start time.Time) {
+func (f *TCPForward) logEnd(client net.Conn, target socksclient.Addr, upstream string, res RelayResult, start time.Time) {
 	ev := f.cfg.Logger.Debug()
 	var re *RelayError
 	switch {
@@ -216,18 +223,18 @@ func (f *TCPForward) logEnd(client net.Conn, upstream string, res RelayResult, s
 	default:
 		ev = ev.Err(res.Err)
 	}
-	f.sessionEvent(ev, client).Str("upstream", upstream).Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).
+	f.sessionEvent(ev, client, target).Str("upstream", upstream).Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).
 		Dur("dur", time.Since(start)).Msg("session ended")
 }
 
 // sessionEvent adds the session's fields to a log event. Built when the
 // session ends rather than held in a per-session logger, so an idle session
 // carries no log context (and a disabled level costs nothing).
-func (f *TCPForward) sessionEvent(ev *zerolog.Event, client net.Conn) *zerolog.Event {
+func (f *TCPForward) sessionEvent(ev *zerolog.Event, client net.Conn, target socksclient.Addr) *zerolog.Event {
 	if ev == nil {
 		return nil
 	}
-	return ev.Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).Str("target", f.cfg.Target.String())
+	return ev.Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).Str("target", target.String())
 }
 
 // Shutdown stops accepting and waits for live sessions to end until ctx is

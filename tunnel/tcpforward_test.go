@@ -427,3 +427,32 @@ func TestTCPForwardShutdownTimeoutCuts(t *testing.T) {
 		t.Fatal("session survived the shutdown timeout")
 	}
 }
+
+// TestTCPForwardSetTarget: sessions accepted after SetTarget go to the new
+// target; a live session stays with its own.
+func TestTCPForwardSetTarget(t *testing.T) {
+	echo := testnet.Echo(t).Addr().String()
+	greeter := testnet.Serve(t, func(c net.Conn) { io.WriteString(c, "second"); c.Close() }).Addr().String()
+	proxy := newSocks(t, sockstest.Config{})
+	f, addr, _ := startForward(t, echo, proxy.Addr())
+	older := dialExchange(t, addr)
+	target, err := socksclient.ParseAddr(greeter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.SetTarget(target)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if got, _ := io.ReadAll(c); string(got) != "second" {
+		t.Errorf("a new session got %q, want the new target's %q", got, "second")
+	}
+	older.Write([]byte("b"))
+	buf := make([]byte, 1)
+	if _, err := io.ReadFull(older, buf); err != nil || buf[0] != 'b' {
+		t.Errorf("the live session: %q, %v; want its first target's echo", buf, err)
+	}
+}
