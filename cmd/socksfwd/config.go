@@ -41,7 +41,7 @@ type Config struct {
 	LogFormat          string   `toml:"log-format" def:"auto" usage:"auto | json | console (auto: console on a terminal)"`
 	ShutdownTimeout    Duration `toml:"shutdown-timeout" def:"30s" usage:"drain time on SIGINT/SIGTERM"`
 	// For make bench: compare the relay's copy paths.
-	RelayCopy string `toml:"relay-copy,omitempty" hidden:"true" usage:"splice | pooled"`
+	RelayCopy string `toml:"relay-copy,omitempty" hidden:"true" usage:"splice | pooled | iocopy"`
 }
 
 // option is one field of Config as the command line sees it.

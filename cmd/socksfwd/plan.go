@@ -79,13 +79,11 @@ func buildPlan(cfg Config) (*plan, error) {
 	default:
 		return nil, usagef("--log-format %s: want auto, json or console", quote(cfg.LogFormat))
 	}
-	switch cfg.RelayCopy {
-	case "", "splice":
-		p.copyMode = tunnel.CopySplice
-	case "pooled":
-		p.copyMode = tunnel.CopyPooled
-	default:
-		return nil, usagef("--relay-copy %s: want splice or pooled", quote(cfg.RelayCopy))
+	p.copyMode = tunnel.CopySplice
+	if cfg.RelayCopy != "" {
+		if p.copyMode, err = tunnel.ParseCopyMode(cfg.RelayCopy); err != nil {
+			return nil, usagef("--relay-copy: %w", err)
+		}
 	}
 	if cfg.UDPMaxSessions < 1 {
 		return nil, usagef("--udp-max-sessions %d: want at least 1", cfg.UDPMaxSessions)

@@ -337,20 +337,20 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 	switch svc := u.svc.(type) {
 	case *tunnel.TCPForward:
 		if l.target != u.lp.target {
-			pendingSvc(svc).SetTarget(l.target)
+			svc.SetTarget(l.target)
 			changes = append(changes, fmt.Sprintf("%s target %s → %s", key, u.lp.target, l.target))
 		}
 		if old.cfg.IdleTimeout != p.cfg.IdleTimeout {
-			pendingSvc(svc).SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
+			svc.SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
 			changes = append(changes, fmt.Sprintf("%s idle-timeout %s → %s", key, time.Duration(old.cfg.IdleTimeout), time.Duration(p.cfg.IdleTimeout)))
 		}
 	case *tunnel.UDPForward:
 		if l.target != u.lp.target {
-			pendingSvc(svc).SetTarget(l.target)
+			svc.SetTarget(l.target)
 			changes = append(changes, fmt.Sprintf("%s target %s → %s", key, u.lp.target, l.target))
 		}
 		if old.cfg.UDPIdleTimeout != p.cfg.UDPIdleTimeout || old.cfg.UDPMaxSessions != p.cfg.UDPMaxSessions {
-			pendingSvc(svc).SetLimits(time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions)
+			svc.SetLimits(time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions)
 			changes = append(changes, fmt.Sprintf("%s udp-idle-timeout %s, udp-max-sessions %d", key, time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions))
 		}
 	case *dnsforward.Server:
