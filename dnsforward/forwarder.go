@@ -11,22 +11,42 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/miekg/dns"
 	"github.com/rs/zerolog"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/socksfwd/socksfwd/internal/logthrottle"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
-// Defaults (DESIGN §4, §5).
+// Defaults.
 const (
 	DefaultTimeout     = 5 * time.Second
-	DefaultPoolSize    = 4
+	DefaultPoolSize    = 8
 	DefaultIdleTimeout = 30 * time.Second
+	// DefaultPipelineLimit: queries in flight on one pooled connection.
+	// Small enough that a resolver closing a connection (dnsmasq does
+	// after 100 queries) strands few queries, large enough that the
+	// default pool carries a few hundred at once.
+	DefaultPipelineLimit = 32
+	// DefaultMaxConcurrent: queries waiting on the resolvers at once.
+	// Each costs a goroutine and a few KB; beyond it the forwarder answers
+	// REFUSED at once rather than letting a flood pile up to the timeout.
+	DefaultMaxConcurrent = 2000
 )
+
+// failureLogPeriod: a cause of failure is logged at most once per period,
+// with the count of the queries it failed meanwhile.
+const failureLogPeriod = 10 * time.Second
+
+// ErrOverloaded: the forwarder already has MaxConcurrent queries waiting
+// on the resolvers; ServeDNS answers REFUSED.
+var ErrOverloaded = errors.New("dnsforward: too many queries in flight")
 
 // Config describes a Forwarder.
 type Config struct {
@@ -40,9 +60,17 @@ type Config struct {
 	// PoolSize is the most TCP connections per resolver (default
 	// DefaultPoolSize).
 	PoolSize int
+	// PipelineLimit is the most queries in flight on one TCP connection
+	// (default DefaultPipelineLimit); beyond it the pool grows, up to
+	// PoolSize, and then queries wait for a free slot.
+	PipelineLimit int
 	// IdleTimeout closes a pooled connection with nothing in flight for
 	// this long (default DefaultIdleTimeout).
 	IdleTimeout time.Duration
+	// MaxConcurrent bounds the queries waiting on the resolvers at once
+	// (cache hits do not count); beyond it queries are answered REFUSED
+	// and counted (default DefaultMaxConcurrent).
+	MaxConcurrent int
 	// CacheSize bounds the answer cache (entries); 0 disables it.
 	CacheSize int
 	// Transport is "tcp" (default: DNS over TCP through CONNECT) or "udp"
@@ -54,21 +82,29 @@ type Config struct {
 
 // Stats counts queries by result.
 type Stats struct {
-	Queries   atomic.Int64
-	Answered  atomic.Int64
-	ServFail  atomic.Int64 // every resolver failed within the timeout
-	Failovers atomic.Int64 // an attempt failed and the next resolver was tried
-	CacheHits atomic.Int64
+	Queries     atomic.Int64
+	Answered    atomic.Int64
+	ServFail    atomic.Int64 // every resolver failed within the timeout
+	Refused     atomic.Int64 // answered REFUSED: MaxConcurrent queries were in flight
+	Failovers   atomic.Int64 // an attempt failed and the next resolver was tried
+	CacheHits   atomic.Int64
+	Resent      atomic.Int64 // tcp: queries sent again after the resolver closed their connection
+	Retransmits atomic.Int64 // udp: datagrams sent again (timeout or association ended)
 }
 
 // Forwarder answers DNS queries by forwarding them through the proxy.
 type Forwarder struct {
-	cfg    Config
-	pools  []*tcpPool
-	udp    *udpTransport // nil for the tcp transport
-	cache  *cache        // nil when disabled
-	flight singleflight.Group
-	stats  Stats
+	cfg      Config
+	pools    []*tcpPool
+	udp      *udpTransport // nil for the tcp transport
+	cache    *cache        // nil when disabled
+	flight   singleflight.Group
+	stats    Stats
+	inFlight atomic.Int64 // queries admitted past the cache, against MaxConcurrent
+	failLog  *logthrottle.Throttle
+
+	closeOnce sync.Once
+	closed    chan struct{} // closed by Close
 }
 
 // New returns a Forwarder; Close releases its connections.
@@ -82,22 +118,32 @@ func New(cfg Config) (*Forwarder, error) {
 	if cfg.PoolSize <= 0 {
 		cfg.PoolSize = DefaultPoolSize
 	}
+	if cfg.PipelineLimit <= 0 {
+		cfg.PipelineLimit = DefaultPipelineLimit
+	}
+	cfg.PipelineLimit = min(cfg.PipelineLimit, 1<<16-1) // one connection's ID space
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
-	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize)}
+	if cfg.MaxConcurrent <= 0 {
+		cfg.MaxConcurrent = DefaultMaxConcurrent
+	}
+	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize), failLog: logthrottle.New(failureLogPeriod), closed: make(chan struct{})}
 	switch cfg.Transport {
 	case "", "tcp":
 	case "udp":
 		f.udp = newUDPTransport(func(ctx context.Context) (*socksclient.UDPConn, error) {
 			c, _, err := cfg.Upstreams.Associate(ctx)
 			return c, err
-		})
+		}, len(cfg.Resolvers), &f.stats)
 	default:
 		return nil, fmt.Errorf("dnsforward: unknown transport %q (want tcp or udp)", cfg.Transport)
 	}
 	for _, r := range cfg.Resolvers {
 		resolver := r
+		// The query's own context reaches the proxies: their failover
+		// (and hedging) works within the query's deadline, with no
+		// shorter timeout of ours per proxy.
 		dial := func(ctx context.Context) (net.Conn, error) {
 			c, _, err := cfg.Upstreams.DialAddr(ctx, resolver)
 			if err != nil {
@@ -105,7 +151,7 @@ func New(cfg Config) (*Forwarder, error) {
 			}
 			return c, nil
 		}
-		f.pools = append(f.pools, newTCPPool(dial, cfg.PoolSize, cfg.IdleTimeout))
+		f.pools = append(f.pools, newTCPPool(dial, cfg.PoolSize, cfg.PipelineLimit, cfg.IdleTimeout, &f.stats))
 	}
 	return f, nil
 }
@@ -113,13 +159,94 @@ func New(cfg Config) (*Forwarder, error) {
 // Stats returns the live counters.
 func (f *Forwarder) Stats() *Stats { return &f.stats }
 
+// ResolveError is Exchange's error when every resolver failed: one
+// attempt per resolver tried, in order.
+type ResolveError struct {
+	Attempts []AttemptError
+}
+
+// AttemptError is one resolver's failure.
+type AttemptError struct {
+	Resolver string
+	Err      error
+}
+
+func (e *ResolveError) Error() string {
+	var b strings.Builder
+	b.WriteString("every resolver failed: ")
+	for i, a := range e.Attempts {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(a.Resolver + ": " + a.Err.Error())
+	}
+	return b.String()
+}
+
+func (e *ResolveError) Unwrap() []error {
+	errs := make([]error, len(e.Attempts))
+	for i, a := range e.Attempts {
+		errs[i] = a.Err
+	}
+	return errs
+}
+
+// cause names the failure without what varies from query to query
+// (durations, local ports), so that the log can count repeats of it.
+func (e *ResolveError) cause() string {
+	var b strings.Builder
+	for i, a := range e.Attempts {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(a.Resolver + ": " + causeOf(a.Err))
+	}
+	return b.String()
+}
+
+// errNoAnswer: an attempt's share of the deadline passed.
+var errNoAnswer = errors.New("no answer in time")
+
+// causeOf is a short, stable name for why an attempt failed.
+func causeOf(err error) string {
+	var (
+		backoff *errBackoff
+		reply   *socksclient.ReplyError
+		noUDP   errNoUDPAssociate
+		errno   syscall.Errno
+	)
+	switch {
+	case errors.As(err, &backoff):
+		return causeOf(backoff.last) // the same failure, answered without a dial
+	case errors.Is(err, errNoAnswer), errors.Is(err, context.DeadlineExceeded):
+		return "no answer in time"
+	case errors.Is(err, errConnDead):
+		return "the resolver closed the connection"
+	case errors.Is(err, socksclient.ErrAssociationClosed):
+		return "the proxy ended the udp association"
+	case errors.As(err, &noUDP):
+		return "the proxy has no udp associate"
+	case errors.Is(err, net.ErrClosed):
+		return "shutting down"
+	case errors.As(err, &reply):
+		return reply.Error()
+	case errors.As(err, &errno):
+		return errno.Error()
+	}
+	msg := err.Error()
+	if len(msg) > 120 {
+		msg = msg[:120]
+	}
+	return msg
+}
+
 // Exchange forwards q to the resolvers in order within the whole-query
 // timeout. Each attempt gets an equal share of what is left, so a
 // blackholed first resolver still leaves time for the next.
 func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	ctx, cancel := context.WithTimeout(ctx, f.cfg.Timeout)
 	defer cancel()
-	var errs []string
+	rerr := &ResolveError{}
 	for i, pool := range f.pools {
 		deadline, _ := ctx.Deadline()
 		share := time.Until(deadline) / time.Duration(len(f.pools)-i)
@@ -133,9 +260,9 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 			return resp, nil
 		}
 		if errors.Is(err, context.DeadlineExceeded) && actx.Err() != nil {
-			err = fmt.Errorf("no answer within %s", share.Round(time.Millisecond))
+			err = fmt.Errorf("%w (within %s)", errNoAnswer, share.Round(time.Millisecond))
 		}
-		errs = append(errs, fmt.Sprintf("%s: %v", f.cfg.Resolvers[i], err))
+		rerr.Attempts = append(rerr.Attempts, AttemptError{Resolver: f.cfg.Resolvers[i].String(), Err: err})
 		var noUDP errNoUDPAssociate
 		if ctx.Err() != nil || errors.Is(err, net.ErrClosed) || errors.As(err, &noUDP) {
 			break
@@ -144,16 +271,16 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 			f.stats.Failovers.Add(1)
 		}
 	}
-	return nil, errors.New("every resolver failed: " + strings.Join(errs, "; "))
+	return nil, rerr
 }
 
-// attempt asks resolver i once over the configured transport. On the udp
-// transport a truncated answer is asked again over TCP (DESIGN §4).
+// attempt asks resolver i over the configured transport. On the udp
+// transport a truncated answer is asked again over TCP.
 func (f *Forwarder) attempt(ctx context.Context, i int, pool *tcpPool, q *dns.Msg) (*dns.Msg, error) {
 	if f.udp == nil {
 		return pool.exchange(ctx, q)
 	}
-	resp, err := f.udp.exchange(ctx, f.cfg.Resolvers[i], q)
+	resp, err := f.udp.exchange(ctx, i, f.cfg.Resolvers[i], q)
 	if err == nil && resp.Truncated {
 		return pool.exchange(ctx, q)
 	}
@@ -161,15 +288,24 @@ func (f *Forwarder) attempt(ctx context.Context, i int, pool *tcpPool, q *dns.Ms
 }
 
 // Resolve answers q from the cache or by Exchange, merging identical
-// concurrent misses into one upstream query.
+// concurrent misses into one upstream query. Beyond MaxConcurrent
+// queries waiting on the resolvers it fails at once with ErrOverloaded.
 func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	k, cacheable := keyOf(q)
-	if !cacheable || f.cache == nil {
-		return f.Exchange(ctx, q)
+	cacheable = cacheable && f.cache != nil
+	if cacheable {
+		if m, ok := f.cache.get(k); ok {
+			f.stats.CacheHits.Add(1)
+			return answerFor(q, m), nil
+		}
 	}
-	if m, ok := f.cache.get(k); ok {
-		f.stats.CacheHits.Add(1)
-		return answerFor(q, m), nil
+	if f.inFlight.Add(1) > int64(f.cfg.MaxConcurrent) {
+		f.inFlight.Add(-1)
+		return nil, ErrOverloaded
+	}
+	defer f.inFlight.Add(-1)
+	if !cacheable {
+		return f.Exchange(ctx, q)
 	}
 	// Do, not DoChan: no goroutine per miss. The shared query is bounded by
 	// the forwarder's timeout, not by the first caller's context.
@@ -197,20 +333,24 @@ func answerFor(q, m *dns.Msg) *dns.Msg {
 	return m
 }
 
-// ServeDNS implements dns.Handler: forward, or SERVFAIL with one log line
-// naming the reason. Never a silent drop.
+// ServeDNS implements dns.Handler: forward, or answer SERVFAIL (every
+// resolver failed) or REFUSED (too many queries in flight). Never a silent
+// drop. Failures are logged one line per cause per period, with the count
+// of queries that failed the same way since the last line.
 func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	f.stats.Queries.Add(1)
 	resp, err := f.Resolve(context.Background(), r)
 	if err != nil {
-		f.stats.ServFail.Add(1)
-		ev := f.cfg.Logger.Info().Err(err).Str("client", w.RemoteAddr().String())
-		if len(r.Question) > 0 {
-			ev = ev.Str("name", r.Question[0].Name).Str("type", dns.TypeToString[r.Question[0].Qtype])
+		rcode := dns.RcodeServerFailure
+		if errors.Is(err, ErrOverloaded) {
+			rcode = dns.RcodeRefused
+			f.stats.Refused.Add(1)
+		} else {
+			f.stats.ServFail.Add(1)
 		}
-		ev.Msg("DNS query failed; answering SERVFAIL")
+		f.logFailure(err, rcode, w, r)
 		m := new(dns.Msg)
-		m.SetRcode(r, dns.RcodeServerFailure)
+		m.SetRcode(r, rcode)
 		w.WriteMsg(m)
 		return
 	}
@@ -227,13 +367,39 @@ func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	w.WriteMsg(resp)
 }
 
-// Close closes every pooled connection and the UDP association.
+// logFailure logs the first query failed by a cause in each period, with
+// how many more it failed since the previous line.
+func (f *Forwarder) logFailure(err error, rcode int, w dns.ResponseWriter, r *dns.Msg) {
+	cause := err.Error()
+	if rerr, ok := errors.AsType[*ResolveError](err); ok {
+		cause = rerr.cause()
+	}
+	ok, suppressed := f.failLog.Allow(cause)
+	if !ok {
+		return
+	}
+	ev := f.cfg.Logger.Info().Err(err).Str("client", w.RemoteAddr().String())
+	if len(r.Question) > 0 {
+		ev = ev.Str("name", r.Question[0].Name).Str("type", dns.TypeToString[r.Question[0].Qtype])
+	}
+	if suppressed > 0 {
+		ev = ev.Int64("more_since_last_line", suppressed)
+	}
+	ev.Msgf("DNS query failed; answering %s (further queries failing the same way: one line per %s)",
+		dns.RcodeToString[rcode], failureLogPeriod)
+}
+
+// Close closes every pooled connection and the UDP association; queries
+// still in flight fail at once. Idempotent.
 func (f *Forwarder) Close() error {
-	if f.udp != nil {
-		f.udp.close()
-	}
-	for _, p := range f.pools {
-		p.close()
-	}
+	f.closeOnce.Do(func() {
+		if f.udp != nil {
+			f.udp.close()
+		}
+		for _, p := range f.pools {
+			p.close()
+		}
+		close(f.closed)
+	})
 	return nil
 }

@@ -80,7 +80,6 @@ func (r *resolver) serveConn(c net.Conn) {
 		}
 		mySeq := seq.Add(1)
 		wg.Go(func() {
-			defer inFlight.Add(-1)
 			if strings.HasPrefix(q.Question[0].Name, "slow") {
 				time.Sleep(30 * time.Millisecond) // the resolver's work, to reorder answers
 			}
@@ -106,6 +105,7 @@ func (r *resolver) serveConn(c net.Conn) {
 			frame := binary.BigEndian.AppendUint16(nil, uint16(len(out)))
 			wmu.Lock()
 			defer wmu.Unlock()
+			inFlight.Add(-1) // before the answer leaves: the client may send the next at once
 			if s := sent.Add(1); s != mySeq {
 				r.outOfOrder.Store(true)
 			}
@@ -140,7 +140,9 @@ func newForwarderConfig(t *testing.T, proxy string, cfg Config, logs io.Writer, 
 	}
 	cfg.Resolvers = addrs
 	cfg.Upstreams = socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy})
-	cfg.PoolSize = 2
+	if cfg.PoolSize == 0 {
+		cfg.PoolSize = 2
+	}
 	cfg.Logger = zerolog.New(logs)
 	f, err := New(cfg)
 	if err != nil {
@@ -237,34 +239,20 @@ func TestFailoverFromBlackhole(t *testing.T) {
 // startServer serves f on UDP and TCP at one loopback address.
 func startServer(t *testing.T, f *Forwarder) string {
 	t.Helper()
-	pc, ln, err := Listen("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := NewServer(f, pc, ln)
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(context.Background()) }()
-	t.Cleanup(func() {
-		s.Close()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
-	return pc.LocalAddr().String()
+	_, addr := startServerFor(t, f)
+	return addr
 }
 
 func exchange(t *testing.T, net, addr string, q *dns.Msg) *dns.Msg {
 	t.Helper()
+	// The sockets are bound before Serve starts: a query sent before the
+	// server reads waits in the socket's queue (or the listen backlog).
 	c := &dns.Client{Net: net, Timeout: 10 * time.Second}
-	var resp *dns.Msg
-	var err error
-	for range 20 { // the server goroutines may still be starting
-		if resp, _, err = c.Exchange(q, addr); err == nil {
-			return resp
-		}
+	resp, _, err := c.Exchange(q, addr)
+	if err != nil {
+		t.Fatalf("%s exchange: %v", net, err)
 	}
-	t.Fatalf("%s exchange: %v", net, err)
-	return nil
+	return resp
 }
 
 func TestServerServFailWithReason(t *testing.T) {

@@ -5,27 +5,64 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"github.com/miekg/dns"
 
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
 
-// Server serves one Forwarder on a UDP socket and a TCP listener bound to
+// Server serves a Forwarder on a UDP socket and a TCP listener bound to
 // the same address by the caller (so a bind failure surfaces at start).
 // It has the service shape of the tunnel package: Serve, Shutdown, Close.
+// The forwarder can be replaced while the sockets stay bound
+// (SetForwarder), for a configuration reload.
 type Server struct {
-	fwd *Forwarder
+	cur atomic.Pointer[serving]
 	udp *dns.Server
 	tcp *dns.Server
+
+	mu       sync.Mutex
+	stopped  bool
+	stopping chan struct{} // closed by Shutdown: retired forwarders close now
+	retiring sync.WaitGroup
 
 	closeOnce sync.Once
 }
 
+// serving is a forwarder with the count of queries it is answering, so
+// that a replaced one is closed only once they are done.
+type serving struct {
+	fwd     *Forwarder
+	active  atomic.Int64
+	retired atomic.Bool
+	idle    chan struct{} // closed once retired and no query is active
+	once    sync.Once
+}
+
+func newServing(fwd *Forwarder) *serving {
+	return &serving{fwd: fwd, idle: make(chan struct{})}
+}
+
+func (h *serving) leave() {
+	if h.active.Add(-1) == 0 && h.retired.Load() {
+		h.once.Do(func() { close(h.idle) })
+	}
+}
+
+func (h *serving) retire() {
+	h.retired.Store(true)
+	if h.active.Load() == 0 {
+		h.once.Do(func() { close(h.idle) })
+	}
+}
+
 // Listen binds UDP and TCP at one address: TCP on the port UDP got, so
 // port 0 works too. DNS clients expect both on the same port. With port 0
-// the kernel's UDP choice may be taken for TCP (by any connection's local
-// port); then another UDP port is tried, a bounded number of times.
+// the kernel's UDP choice may be taken for TCP (UDP and TCP ports are
+// separate spaces, so the number the kernel found free for UDP may be any
+// TCP connection's local port); then another UDP port is tried, a bounded
+// number of times. A fixed port is bound once.
 func Listen(addr string) (net.PacketConn, net.Listener, error) {
 	_, port, err := net.SplitHostPort(addr)
 	if err != nil {
@@ -51,16 +88,61 @@ func Listen(addr string) (net.PacketConn, net.Listener, error) {
 	}
 }
 
-// NewServer returns a server for fwd on pc (UDP) and ln (TCP).
+// NewServer returns a server for fwd on pc (UDP) and ln (TCP). The server
+// owns fwd: Shutdown and Close close it.
 func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
 	if u, ok := pc.(*net.UDPConn); ok {
 		sockbuf.Grow(u) // bursts of queries should queue, not drop
 	}
-	return &Server{
-		fwd: fwd,
-		udp: &dns.Server{PacketConn: pc, Handler: fwd},
-		tcp: &dns.Server{Listener: ln, Handler: fwd},
+	s := &Server{stopping: make(chan struct{})}
+	s.cur.Store(newServing(fwd))
+	s.udp = &dns.Server{PacketConn: pc, Handler: s}
+	s.tcp = &dns.Server{Listener: ln, Handler: s}
+	return s
+}
+
+// Forwarder is the forwarder answering new queries (for its Stats).
+func (s *Server) Forwarder() *Forwarder { return s.cur.Load().fwd }
+
+// SetForwarder makes fwd answer every query that arrives from now on,
+// with the sockets kept bound, so a reload loses no query and no client
+// sees the port closed. Queries already in progress finish on the
+// previous forwarder, which is closed as soon as they are done (or at
+// Shutdown, whichever is first). The server owns fwd from now on; after
+// Shutdown or Close, fwd is closed at once.
+func (s *Server) SetForwarder(fwd *Forwarder) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		fwd.Close()
+		return
 	}
+	old := s.cur.Swap(newServing(fwd))
+	old.retire()
+	s.retiring.Go(func() {
+		select {
+		case <-old.idle:
+		case <-s.stopping:
+		}
+		old.fwd.Close()
+	})
+}
+
+// ServeDNS implements dns.Handler with the current forwarder.
+func (s *Server) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
+	var h *serving
+	for {
+		h = s.cur.Load()
+		h.active.Add(1)
+		// Counted before the check: a forwarder replaced meanwhile either
+		// sees this query active or the query sees the replacement.
+		if s.cur.Load() == h {
+			break
+		}
+		h.leave()
+	}
+	defer h.leave()
+	h.fwd.ServeDNS(w, r)
 }
 
 // Addr is the listening address.
@@ -86,7 +168,8 @@ func (s *Server) Serve(ctx context.Context) error {
 }
 
 // Shutdown stops both listeners and waits for queries in progress until ctx
-// is done, then closes the forwarder's connections.
+// is done, then closes the forwarders (the current one and any replaced
+// one still finishing queries), which fails whatever is left at once.
 func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	s.closeOnce.Do(func() {
@@ -95,7 +178,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		// ignores ShutdownContext and would otherwise start later.
 		s.udp.PacketConn.Close()
 		s.tcp.Listener.Close()
-		s.fwd.Close()
+		s.mu.Lock()
+		s.stopped = true
+		close(s.stopping)
+		s.mu.Unlock()
+		s.retiring.Wait()
+		s.cur.Load().fwd.Close()
 	})
 	if errors.Is(err, context.DeadlineExceeded) {
 		return err

@@ -9,57 +9,119 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/dns"
 )
 
 // errConnDead: a pooled connection failed or was closed while a query was
-// on it; the query may be retried on a new connection.
-var errConnDead = errors.New("dns over tcp: connection to the resolver closed")
+// on it; the query may be sent again on another connection.
+var errConnDead = errors.New("dns over tcp: the connection to the resolver closed")
 
-// tcpPool keeps a few pipelined DNS-over-TCP connections to one resolver
+// errIdle ends a connection that carried nothing for the idle timeout.
+var errIdle = errors.New("dns over tcp: idle")
+
+// maxTCPSends bounds how often one query is sent again after the
+// resolver closed the connection it was on; the deadline bounds it too. A
+// resolver that closes after a bounded number of queries (dnsmasq: 100)
+// loses at most the pipeline limit each time, so a query is rarely unlucky
+// twice, let alone this often.
+const maxTCPSends = 16
+
+// Redial backoff after connections that fail (dial errors, or closed by
+// the resolver before answering anything): the first failure is redialed
+// at once (a stale connection is normal), the next ones wait from
+// redialMin, doubling up to redialMax, so a resolver that accepts and
+// closes at once is not redialed in a tight loop.
+const (
+	redialMin = 50 * time.Millisecond
+	redialMax = 2 * time.Second
+)
+
+// errBackoff: the pool is waiting before it dials the resolver again.
+type errBackoff struct {
+	failures int
+	wait     time.Duration
+	last     error
+}
+
+func (e *errBackoff) Error() string {
+	return fmt.Sprintf("dns over tcp: not dialing the resolver for another %s after %d failed connections (last: %v)",
+		e.wait.Round(time.Millisecond), e.failures, e.last)
+}
+func (e *errBackoff) Unwrap() error { return e.last }
+
+// tcpPool keeps pipelined DNS-over-TCP connections to one resolver
 // (RFC 7766 §6.2.1.1): several queries in flight per connection, answers
-// matched by ID, IDs rewritten so that clients cannot collide. New
-// connections are dialed only while the pool is below size and every
-// connection is busy; idle ones are closed after idleTimeout.
+// matched by ID, IDs rewritten so that clients cannot collide. A
+// connection carries at most pipeline queries at once; beyond that the
+// pool grows, up to size connections, and beyond that queries wait for a
+// free slot (within their deadline). Queries on a connection the resolver
+// closed are sent again on another one. Idle connections are closed after
+// idleTimeout.
 type tcpPool struct {
 	dial        func(ctx context.Context) (net.Conn, error)
 	size        int
+	pipeline    int
 	idleTimeout time.Duration
+	stats       *Stats
+	// slots holds a token per query in the pool, at most size·pipeline:
+	// so whenever a query holds one, some connection has a free slot or
+	// the pool has room for another connection. Waiting on a channel
+	// wakes one waiter per freed slot, not all of them.
+	slots chan struct{}
 
-	mu      sync.Mutex
-	conns   []*pipeConn
-	dialing int           // dials in progress
-	dialed  chan struct{} // closed when a dial ends, for queries waiting on it
-	closed  bool
-	wg      sync.WaitGroup
+	mu        sync.Mutex
+	conns     []*pipeConn
+	dialing   int           // dials in progress
+	changed   chan struct{} // closed when a dial ends or a connection dies
+	failures  int           // connections failed in a row (see redialMin)
+	lastErr   error
+	notBefore time.Time // no dial before this
+	closed    bool
+	wg        sync.WaitGroup
 }
 
-func newTCPPool(dial func(ctx context.Context) (net.Conn, error), size int, idle time.Duration) *tcpPool {
-	return &tcpPool{dial: dial, size: size, idleTimeout: idle}
+func newTCPPool(dial func(ctx context.Context) (net.Conn, error), size, pipeline int, idle time.Duration, stats *Stats) *tcpPool {
+	return &tcpPool{dial: dial, size: size, pipeline: pipeline, idleTimeout: idle, stats: stats,
+		slots: make(chan struct{}, size*pipeline)}
 }
 
-// exchange sends q and waits for its answer until ctx is done. A query that
-// finds its pooled connection dead is retried once on a fresh one.
+// exchange sends q and waits for its answer until ctx is done. A query
+// whose connection the resolver closed (dnsmasq does after 100 queries) is
+// sent again on another connection.
 func (p *tcpPool) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
-	for attempt := 0; ; attempt++ {
+	select {
+	case p.slots <- struct{}{}:
+	default:
+		select {
+		case p.slots <- struct{}{}:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	defer func() { <-p.slots }()
+	for sends := 1; ; sends++ {
 		pc, err := p.get(ctx)
 		if err != nil {
 			return nil, err
 		}
 		resp, err := pc.exchange(ctx, q)
-		if errors.Is(err, errConnDead) && attempt == 0 && ctx.Err() == nil {
-			continue
+		pc.load.Add(-1)
+		if !errors.Is(err, errConnDead) || ctx.Err() != nil || sends >= maxTCPSends {
+			return resp, err
 		}
-		return resp, err
+		p.stats.Resent.Add(1)
 	}
 }
 
-// get picks the live connection with the fewest queries in flight, or
-// dials a new one if all are busy and the pool has room. Dials count
-// against the pool's size, so a burst of queries on an empty pool waits for
-// the first connections instead of dialing one each.
+// get takes a slot on the live connection with the fewest queries in
+// flight, or dials a new connection if every one is busy and the pool has
+// room. Dials count against the pool's size, so a burst of queries on an
+// empty pool waits for the first connections instead of dialing one each.
+// The caller holds a token of p.slots and gives the slot back (load) when
+// its query ends.
 func (p *tcpPool) get(ctx context.Context) (*pipeConn, error) {
 	for {
 		p.mu.Lock()
@@ -67,65 +129,135 @@ func (p *tcpPool) get(ctx context.Context) (*pipeConn, error) {
 			p.mu.Unlock()
 			return nil, net.ErrClosed
 		}
-		var best *pipeConn
-		live := p.conns[:0]
-		for _, c := range p.conns {
-			if c.isDead() {
-				continue
-			}
-			live = append(live, c)
-			if best == nil || c.inFlight() < best.inFlight() {
-				best = c
-			}
+		best := p.leastLoaded()
+		free := best != nil && int(best.load.Load()) < p.pipeline
+		room := len(p.conns)+p.dialing < p.size
+		if free && (best.load.Load() == 0 || !room) {
+			return p.take(best), nil
 		}
-		p.conns = live
-		full := len(p.conns)+p.dialing >= p.size
-		if best != nil && (best.inFlight() == 0 || full) {
+		if room {
+			if wait := time.Until(p.notBefore); wait > 0 {
+				if free {
+					return p.take(best), nil
+				}
+				err := &errBackoff{failures: p.failures, wait: wait, last: p.lastErr}
+				p.mu.Unlock()
+				return nil, err
+			}
+			p.dialing++
 			p.mu.Unlock()
-			return best, nil
+			return p.dialNew(ctx)
 		}
-		if full { // nothing usable yet, dials in progress: wait for one
-			if p.dialed == nil {
-				p.dialed = make(chan struct{})
-			}
-			wait := p.dialed
-			p.mu.Unlock()
-			select {
-			case <-wait:
-				continue
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			}
+		// Every connection is full and dials are under way (the tokens
+		// guarantee one or the other): wait for a dial or a death.
+		if p.changed == nil {
+			p.changed = make(chan struct{})
 		}
-		p.dialing++
+		wait := p.changed
 		p.mu.Unlock()
-
-		conn, err := p.dial(ctx)
-
-		p.mu.Lock()
-		p.dialing--
-		if p.dialed != nil {
-			close(p.dialed)
-			p.dialed = nil
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return nil, ctx.Err()
 		}
-		if err != nil {
-			p.mu.Unlock()
-			if best != nil {
-				return best, nil // a busy connection beats none
-			}
-			return nil, err
-		}
-		if p.closed {
-			p.mu.Unlock()
-			conn.Close()
-			return nil, net.ErrClosed
-		}
-		pc := newPipeConn(conn)
-		p.conns = append(p.conns, pc)
-		p.wg.Go(func() { pc.readAnswers(p.idleTimeout) })
-		p.mu.Unlock()
-		return pc, nil
 	}
+}
+
+// leastLoaded drops dead connections and returns the live one with the
+// fewest queries in flight (nil if none). Called with p.mu held.
+func (p *tcpPool) leastLoaded() *pipeConn {
+	var best *pipeConn
+	live := p.conns[:0]
+	for _, c := range p.conns {
+		if c.dead.Load() {
+			continue
+		}
+		live = append(live, c)
+		if best == nil || c.load.Load() < best.load.Load() {
+			best = c
+		}
+	}
+	clear(p.conns[len(live):])
+	p.conns = live
+	return best
+}
+
+// take reserves a slot on c and unlocks p.mu.
+func (p *tcpPool) take(c *pipeConn) *pipeConn {
+	c.load.Add(1)
+	p.mu.Unlock()
+	return c
+}
+
+// dialNew dials a connection for the caller (who counted it in p.dialing)
+// and returns it with a slot taken.
+func (p *tcpPool) dialNew(ctx context.Context) (*pipeConn, error) {
+	conn, err := p.dial(ctx)
+
+	p.mu.Lock()
+	p.dialing--
+	p.notifyLocked()
+	if err != nil {
+		if ctx.Err() == nil { // our caller giving up is not the resolver's failure
+			p.failedLocked(err)
+		}
+		if best := p.leastLoaded(); best != nil && int(best.load.Load()) < p.pipeline {
+			return p.take(best), nil // a busy connection beats none
+		}
+		p.mu.Unlock()
+		return nil, err
+	}
+	if p.closed {
+		p.mu.Unlock()
+		conn.Close()
+		return nil, net.ErrClosed
+	}
+	pc := &pipeConn{conn: conn, pool: p, pending: make(map[uint16]chan *dns.Msg), nextID: uint16(time.Now().UnixNano())}
+	p.conns = append(p.conns, pc)
+	p.wg.Go(func() { pc.readAnswers(p.idleTimeout) })
+	return p.take(pc), nil
+}
+
+// failedLocked counts a failed connection and sets when the next dial may
+// start. Called with p.mu held.
+func (p *tcpPool) failedLocked(err error) {
+	p.failures++
+	p.lastErr = err
+	if p.failures >= 2 {
+		wait := min(redialMin<<min(p.failures-2, 16), redialMax)
+		p.notBefore = time.Now().Add(wait)
+	}
+}
+
+// notifyLocked wakes the queries waiting for a dial or a death. Called
+// with p.mu held.
+func (p *tcpPool) notifyLocked() {
+	if p.changed != nil {
+		close(p.changed)
+		p.changed = nil
+	}
+}
+
+// answered records that a connection delivered its first answer: the
+// resolver works, so the failures in a row are over.
+func (p *tcpPool) answered() {
+	p.mu.Lock()
+	p.failures = 0
+	p.lastErr = nil
+	p.notBefore = time.Time{}
+	p.mu.Unlock()
+}
+
+// ended records the end of a connection, which had delivered answered
+// answers and died of err: closed by the resolver before answering
+// anything, it counts as a failed connection.
+func (p *tcpPool) ended(answered int, err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if answered == 0 && !errors.Is(err, errIdle) && !errors.Is(err, net.ErrClosed) {
+		p.failedLocked(fmt.Errorf("%w before answering: %v", errConnDead, err))
+	}
+	p.notifyLocked()
 }
 
 // close closes every connection and waits for their readers.
@@ -136,6 +268,7 @@ func (p *tcpPool) close() {
 		c.fail(net.ErrClosed)
 	}
 	p.conns = nil
+	p.notifyLocked()
 	p.mu.Unlock()
 	p.wg.Wait()
 }
@@ -143,6 +276,9 @@ func (p *tcpPool) close() {
 // pipeConn is one pipelined connection to a resolver.
 type pipeConn struct {
 	conn net.Conn
+	pool *tcpPool
+	load atomic.Int32 // slots taken: queries on it or about to be
+	dead atomic.Bool
 
 	// Writes are combined: a query appends its frame to wbuf, and whoever
 	// finds no flush in progress writes everything queued, so under load
@@ -155,23 +291,7 @@ type pipeConn struct {
 	mu      sync.Mutex
 	pending map[uint16]chan *dns.Msg
 	nextID  uint16
-	dead    error
-}
-
-func newPipeConn(c net.Conn) *pipeConn {
-	return &pipeConn{conn: c, pending: make(map[uint16]chan *dns.Msg), nextID: uint16(time.Now().UnixNano())}
-}
-
-func (c *pipeConn) isDead() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.dead != nil
-}
-
-func (c *pipeConn) inFlight() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.pending)
+	err     error // why it died
 }
 
 // exchange writes q under a connection-unique ID and waits for the answer,
@@ -179,13 +299,9 @@ func (c *pipeConn) inFlight() int {
 func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	ch := make(chan *dns.Msg, 1)
 	c.mu.Lock()
-	if c.dead != nil {
+	if c.err != nil {
 		c.mu.Unlock()
 		return nil, errConnDead
-	}
-	if len(c.pending) >= 1<<16-1 {
-		c.mu.Unlock()
-		return nil, errors.New("dns over tcp: 65535 queries in flight on one connection")
 	}
 	id := c.nextID
 	for {
@@ -274,11 +390,12 @@ func (c *pipeConn) send(wire []byte) error {
 }
 
 // readAnswers dispatches answers by ID until the connection fails or has
-// been idle (nothing in flight) for idle.
+// been idle (nothing in flight) for idle, then tells the pool.
 func (c *pipeConn) readAnswers(idle time.Duration) {
 	var lenBuf [2]byte
 	// Buffered: under load one read brings many answers.
 	r := bufio.NewReaderSize(c.conn, 16<<10)
+	answered := 0
 	for {
 		// With nothing in flight, the read may time out: then the
 		// connection has been idle long enough and is closed.
@@ -287,10 +404,14 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 		}
 		resp, err := readTCPMessage(r, &lenBuf)
 		if err != nil {
-			if isTimeout(err) && c.inFlight() > 0 {
-				continue // waiting on a slow answer is not idleness
+			if isTimeout(err) {
+				if c.load.Load() > 0 {
+					continue // waiting on a slow answer is not idleness
+				}
+				err = errIdle
 			}
 			c.fail(err)
+			c.pool.ended(answered, c.cause())
 			return
 		}
 		if resp == nil {
@@ -304,6 +425,9 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 		c.mu.Unlock()
 		if ok {
 			ch <- resp
+			if answered++; answered == 1 {
+				c.pool.answered()
+			}
 		}
 	}
 }
@@ -336,19 +460,27 @@ func cut(err error) error {
 	return fmt.Errorf("dns over tcp: message cut short: %v", err)
 }
 
-// fail marks the connection dead, closes it and wakes every waiting query.
+// fail marks the connection dead, closes it and wakes every waiting query
+// (which is then sent again elsewhere). The first cause sticks.
 func (c *pipeConn) fail(err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.dead != nil {
+	if c.err != nil {
 		return
 	}
-	c.dead = err
+	c.err = err
+	c.dead.Store(true)
 	c.conn.Close()
 	for id, ch := range c.pending {
 		close(ch)
 		delete(c.pending, id)
 	}
+}
+
+func (c *pipeConn) cause() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
 }
 
 func isTimeout(err error) bool {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"time"
@@ -13,21 +14,56 @@ import (
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
+// errTransportClosed: the forwarder was closed; no resolver is tried after it.
+var errTransportClosed = fmt.Errorf("dnsforward: closed: %w", net.ErrClosed)
+
+// maxUDPSends bounds the datagrams one query sends (the first and its
+// retransmissions); the deadline bounds them too.
+const maxUDPSends = 8
+
 // udpTransport sends queries as datagrams through one long-lived UDP
 // ASSOCIATE shared by every query and resolver; answers are matched by ID
-// and question. When the proxy ends the association, the next query
-// builds a new one.
+// and question. A query unanswered after the retransmission timeout is
+// sent again, and a query whose association ends is sent again at once on
+// a new one, both within its deadline.
 type udpTransport struct {
 	associate func(ctx context.Context) (*socksclient.UDPConn, error)
-
-	assocMu sync.Mutex // one association handshake at a time
+	rtts      []rttEstimator // per resolver, by index
+	stats     *Stats
+	// firstRTO overrides the estimator's wait before a retransmission when
+	// not 0 (tests that must tell a retransmission from another resend).
+	firstRTO time.Duration
 
 	mu      sync.Mutex
-	conn    *socksclient.UDPConn
+	cur     *association   // the newest association, possibly ended
+	round   *associateCall // the handshake in progress, if any
 	pending map[udpKey]chan *dns.Msg
 	nextID  uint16
 	closed  bool
 	wg      sync.WaitGroup
+}
+
+// association is one UDP ASSOCIATE and the end of its reader.
+type association struct {
+	conn  *socksclient.UDPConn
+	ended chan struct{} // closed when the reader stops: the association is gone
+}
+
+func (a *association) alive() bool {
+	select {
+	case <-a.ended:
+		return false
+	default:
+		return a.conn.Alive()
+	}
+}
+
+// associateCall is one handshake that every query arriving meanwhile waits
+// for (each until its own deadline) instead of associating on its own.
+type associateCall struct {
+	done chan struct{}
+	a    *association
+	err  error
 }
 
 // udpQueryRoom fits a query with EDNS options (packing needs one byte
@@ -43,8 +79,14 @@ type udpKey struct {
 	qtype uint16
 }
 
-func newUDPTransport(associate func(ctx context.Context) (*socksclient.UDPConn, error)) *udpTransport {
-	return &udpTransport{associate: associate, pending: make(map[udpKey]chan *dns.Msg), nextID: uint16(time.Now().UnixNano())}
+func newUDPTransport(associate func(ctx context.Context) (*socksclient.UDPConn, error), resolvers int, stats *Stats) *udpTransport {
+	return &udpTransport{
+		associate: associate,
+		rtts:      make([]rttEstimator, resolvers),
+		stats:     stats,
+		pending:   make(map[udpKey]chan *dns.Msg),
+		nextID:    uint16(time.Now().UnixNano()),
+	}
 }
 
 // errNoUDPAssociate wraps a proxy without UDP ASSOCIATE with the advice to
@@ -56,61 +98,79 @@ func (e errNoUDPAssociate) Error() string {
 }
 func (e errNoUDPAssociate) Unwrap() error { return e.err }
 
-// live returns the current association if it stands.
-func (t *udpTransport) live() (*socksclient.UDPConn, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.closed {
-		return nil, errors.New("dnsforward: closed")
+// getConn returns the live association, building one if needed. Queries
+// arriving during a handshake wait for it, each no longer than its own
+// context allows, and share its outcome; a handshake abandoned because its
+// caller gave up is started again by the next caller still waiting.
+func (t *udpTransport) getConn(ctx context.Context) (*association, error) {
+	for {
+		t.mu.Lock()
+		if t.closed {
+			t.mu.Unlock()
+			return nil, errTransportClosed
+		}
+		if a := t.cur; a != nil && a.alive() {
+			t.mu.Unlock()
+			return a, nil
+		}
+		if call := t.round; call != nil {
+			t.mu.Unlock()
+			select {
+			case <-call.done:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			if call.err != nil && !(isContextErr(call.err) && ctx.Err() == nil) {
+				return nil, call.err
+			}
+			continue
+		}
+		call := &associateCall{done: make(chan struct{})}
+		t.round = call
+		t.mu.Unlock()
+
+		c, err := t.associate(ctx)
+
+		t.mu.Lock()
+		t.round = nil
+		switch {
+		case err != nil && errors.Is(err, socksclient.ErrCommandNotSupported):
+			call.err = errNoUDPAssociate{err}
+		case err != nil:
+			call.err = err
+		case t.closed:
+			c.Close()
+			call.err = errTransportClosed
+		default:
+			if old := t.cur; old != nil {
+				old.conn.Close() // ended already, or about to be replaced
+			}
+			a := &association{conn: c, ended: make(chan struct{})}
+			t.cur, call.a = a, a
+			t.wg.Go(func() { t.readAnswers(a) })
+		}
+		close(call.done)
+		t.mu.Unlock()
+		return call.a, call.err
 	}
-	if t.conn != nil && t.conn.Alive() {
-		return t.conn, nil
-	}
-	return nil, nil
 }
 
-// getConn returns the live association, building one if needed; queries
-// arriving meanwhile wait for that one instead of associating each.
-func (t *udpTransport) getConn(ctx context.Context) (*socksclient.UDPConn, error) {
-	if c, err := t.live(); c != nil || err != nil {
-		return c, err
-	}
-	t.assocMu.Lock()
-	defer t.assocMu.Unlock()
-	if c, err := t.live(); c != nil || err != nil {
-		return c, err
-	}
-	c, err := t.associate(ctx)
-	if err != nil {
-		if errors.Is(err, socksclient.ErrCommandNotSupported) {
-			return nil, errNoUDPAssociate{err}
-		}
-		return nil, err
-	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.closed {
-		c.Close()
-		return nil, errors.New("dnsforward: closed")
-	}
-	if t.conn != nil {
-		t.conn.Close()
-	}
-	t.conn = c
-	t.wg.Go(func() { t.readAnswers(c) })
-	return c, nil
+func isContextErr(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
 func keyFor(id uint16, q dns.Question) udpKey {
 	return udpKey{id: id, name: strings.ToLower(q.Name), qtype: q.Qtype}
 }
 
-// exchange sends q to resolver and waits for the matching answer.
-func (t *udpTransport) exchange(ctx context.Context, resolver socksclient.Addr, q *dns.Msg) (*dns.Msg, error) {
+// exchange sends q to resolver i and waits for the matching answer,
+// sending it again when the retransmission timeout passes or the
+// association ends, until ctx is done.
+func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient.Addr, q *dns.Msg) (*dns.Msg, error) {
 	if len(q.Question) != 1 {
 		return nil, errors.New("dns over udp: a query needs exactly one question to be matched")
 	}
-	c, err := t.getConn(ctx)
+	a, err := t.getConn(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -133,7 +193,8 @@ func (t *udpTransport) exchange(ctx context.Context, resolver socksclient.Addr, 
 	}()
 
 	// Packed straight after the SOCKS header's room; a query too large for
-	// the usual buffer is copied into a larger one.
+	// the usual buffer is copied into a larger one. Every send reuses it
+	// (the same ID: whichever send is answered first answers the query).
 	const hdr = socksclient.MaxUDPHeaderLen
 	buf := make([]byte, hdr+udpQueryRoom)
 	wire, err := packWithID(q, key.id, buf[hdr:])
@@ -143,29 +204,86 @@ func (t *udpTransport) exchange(ctx context.Context, resolver socksclient.Addr, 
 	if len(wire) > 0 && &wire[0] != &buf[hdr] {
 		buf = append(make([]byte, hdr, hdr+len(wire)), wire...)
 	}
-	if err := c.WritePacket(buf[:hdr+len(wire)], hdr, resolver); err != nil {
-		return nil, err
+	pkt := buf[:hdr+len(wire)]
+
+	est := &t.rtts[i]
+	rto := est.rto()
+	if t.firstRTO > 0 {
+		rto = t.firstRTO
 	}
-	select {
-	case resp := <-ch:
-		resp.Id = q.Id
-		return resp, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for sends := 0; ; {
+		if sends > 0 {
+			if a, err = t.getConn(ctx); err != nil {
+				return nil, err
+			}
+			t.stats.Retransmits.Add(1)
+		}
+		sends++
+		sentAt := time.Now()
+		if err := a.conn.WritePacket(pkt, hdr, resolver); err != nil {
+			if errors.Is(err, socksclient.ErrAssociationClosed) && sends < maxUDPSends {
+				continue // gone under us: a new association
+			}
+			return nil, err
+		}
+		var retransmit <-chan time.Time
+		if sends < maxUDPSends {
+			if timer == nil {
+				timer = time.NewTimer(rto)
+			} else {
+				timer.Reset(rto)
+			}
+			retransmit = timer.C
+		}
+		select {
+		case resp := <-ch:
+			if sends == 1 {
+				est.sample(time.Since(sentAt))
+			}
+			resp.Id = q.Id
+			return resp, nil
+		case <-retransmit:
+			est.timedOut(rto)
+			rto = min(2*rto, rtoMax)
+		case <-a.ended:
+			if sends >= maxUDPSends {
+				return nil, socksclient.ErrAssociationClosed
+			}
+			// The association is gone with the datagram: send again at
+			// once rather than wait for the timer.
+			if timer != nil {
+				timer.Stop()
+			}
+			select {
+			case resp := <-ch: // an answer read just before the end
+				resp.Id = q.Id
+				return resp, nil
+			default:
+			}
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
 }
 
 // readAnswers delivers answers from one association until it ends.
-func (t *udpTransport) readAnswers(c *socksclient.UDPConn) {
+func (t *udpTransport) readAnswers(a *association) {
+	defer close(a.ended)
 	buf := make([]byte, socksclient.MaxUDPDatagram)
 	for {
-		off, n, _, err := c.ReadPacket(buf)
+		off, n, _, err := a.conn.ReadPacket(buf)
 		if err != nil {
-			return // closed or ended by the proxy: the next query re-associates
+			return // closed or ended by the proxy: queries on it send again
 		}
 		resp := new(dns.Msg)
 		if resp.Unpack(buf[off:n]) != nil || len(resp.Question) != 1 {
-			continue // unmatchable; its query times out
+			continue // unmatchable; its query is retransmitted or times out
 		}
 		key := keyFor(resp.Id, resp.Question[0])
 		t.mu.Lock()
@@ -183,8 +301,8 @@ func (t *udpTransport) readAnswers(c *socksclient.UDPConn) {
 func (t *udpTransport) close() {
 	t.mu.Lock()
 	t.closed = true
-	if t.conn != nil {
-		t.conn.Close()
+	if t.cur != nil {
+		t.cur.conn.Close()
 	}
 	t.mu.Unlock()
 	t.wg.Wait()

@@ -2,6 +2,7 @@ package dnsforward
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"github.com/miekg/dns"
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
 )
@@ -67,21 +69,26 @@ func newUDPForwarder(t *testing.T, cfg sockstest.Config, resolver string) (*Forw
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { proxy.Close() })
+	return newUDPForwarderVia(t, proxy.Addr(), resolver, 3*time.Second), proxy
+}
+
+func newUDPForwarderVia(t *testing.T, proxy, resolver string, timeout time.Duration) *Forwarder {
+	t.Helper()
 	r, err := socksclient.ParseAddr(resolver)
 	if err != nil {
 		t.Fatal(err)
 	}
 	f, err := New(Config{
 		Resolvers: []socksclient.Addr{r},
-		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy.Addr()}),
-		Timeout:   3 * time.Second, Transport: "udp",
+		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy}),
+		Timeout:   timeout, Transport: "udp",
 		Logger: zerolog.New(io.Discard),
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { f.Close() })
-	return f, proxy
+	return f
 }
 
 func TestUDPTransportOneAssociation(t *testing.T) {
@@ -127,23 +134,19 @@ func TestUDPTransportTruncatedRetriesOverTCP(t *testing.T) {
 	}
 }
 
+// TestUDPTransportReassociates: the proxy ends the association after every
+// second datagram, taking the answer to that one with it; each query is
+// still answered, sent again at once on a new association (no retry by
+// the client).
 func TestUDPTransportReassociates(t *testing.T) {
-	f, _ := newUDPForwarder(t, sockstest.Config{UDPCloseControlAfter: 2}, udpResolver(t))
+	f, proxy := newUDPForwarder(t, sockstest.Config{UDPCloseControlAfter: 2}, udpResolver(t))
 	for i := range 4 {
-		// The first query after a drop may be lost with its association;
-		// a client retries, as resolvers do.
-		var err error
-		for range 3 {
-			ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-			_, err = f.Exchange(ctx, query(fmt.Sprintf("r%d.example", i), dns.TypeA, 1))
-			cancel()
-			if err == nil {
-				break
-			}
-		}
-		if err != nil {
+		if _, err := f.Exchange(context.Background(), query(fmt.Sprintf("r%d.example", i), dns.TypeA, 1)); err != nil {
 			t.Fatalf("query %d: %v", i, err)
 		}
+	}
+	if n := proxy.Requests(); n < 2 {
+		t.Errorf("%d associations, want a new one after the proxy ended the first", n)
 	}
 }
 
@@ -152,5 +155,131 @@ func TestUDPTransportWithoutAssociate(t *testing.T) {
 	_, err := f.Exchange(context.Background(), query("example", dns.TypeA, 1))
 	if err == nil || !strings.Contains(err.Error(), "use --dns-transport tcp") || !strings.Contains(err.Error(), "does not support udp associate") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// lossyResolver answers A queries over UDP, but drops the first datagram
+// of each query (by ID and name), as a lossy path would; every datagram
+// it reads is reported on got.
+type lossyResolver struct {
+	addr string
+	got  chan string
+}
+
+func newLossyResolver(t *testing.T) *lossyResolver {
+	pc := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	r := &lossyResolver{addr: pc.LocalAddr().String(), got: make(chan string, 100)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		seen := map[string]bool{}
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			q := new(dns.Msg)
+			if q.Unpack(buf[:n]) != nil || len(q.Question) != 1 {
+				continue
+			}
+			select {
+			case r.got <- q.Question[0].Name:
+			default:
+			}
+			key := fmt.Sprintf("%d/%s", q.Id, q.Question[0].Name)
+			if !seen[key] {
+				seen[key] = true
+				continue
+			}
+			m := new(dns.Msg)
+			m.SetReply(q)
+			m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(192, 0, 2, 2)})
+			out, _ := m.Pack()
+			pc.WriteToUDPAddrPort(out, from)
+		}
+	}()
+	t.Cleanup(func() {
+		pc.Close()
+		<-done
+	})
+	return r
+}
+
+// TestUDPRetransmitsLostDatagram: a query whose first datagram is lost is
+// sent again after the retransmission timeout, well within its deadline,
+// and counted.
+func TestUDPRetransmitsLostDatagram(t *testing.T) {
+	res := newLossyResolver(t)
+	f, _ := newUDPForwarder(t, sockstest.Config{}, res.addr)
+	resp, err := f.Exchange(context.Background(), query("lost.example", dns.TypeA, 5))
+	if err != nil || resp.Id != 5 || len(resp.Answer) != 1 {
+		t.Fatalf("%v %v", resp, err)
+	}
+	if n := f.Stats().Retransmits.Load(); n != 1 {
+		t.Errorf("Retransmits = %d, want 1", n)
+	}
+}
+
+// TestUDPResendsWhenAssociationEnds: a query waiting for its answer when
+// the proxy ends the association wakes at once and is sent again on a new
+// one; it does not wait for a retransmission timer (here too long to
+// matter) or its deadline.
+func TestUDPResendsWhenAssociationEnds(t *testing.T) {
+	res := newLossyResolver(t) // drops the first send: only a resend is answered
+	proxy := socks(t)
+	cutter := testnet.NewCutter(t, proxy.Addr()) // carries the control connections
+	f := newUDPForwarderVia(t, cutter.Addr(), res.addr, time.Minute)
+	f.udp.firstRTO = time.Hour
+
+	result := make(chan error, 1)
+	go func() {
+		_, err := f.Exchange(context.Background(), query("cut.example", dns.TypeA, 1))
+		result <- err
+	}()
+	<-res.got // the first send reached the resolver (and was dropped)
+	if n := cutter.Cut(); n != 1 {
+		t.Fatalf("cut %d control connections, want 1", n)
+	}
+	if err := <-result; err != nil {
+		t.Fatal(err)
+	}
+	if n := proxy.Requests(); n != 2 {
+		t.Errorf("%d associations, want a second after the cut", n)
+	}
+}
+
+// TestUDPWaitHonoursContext: while one query's UDP ASSOCIATE hangs, a
+// query whose context is done returns at once instead of queueing behind
+// that handshake.
+func TestUDPWaitHonoursContext(t *testing.T) {
+	greeted := make(chan struct{}, 1)
+	f, _ := newUDPForwarder(t, sockstest.Config{Fault: sockstest.FaultHangAfterGreeting, Greeted: greeted}, udpResolver(t))
+	ctx1, cancel1 := context.WithCancel(context.Background())
+	first := make(chan error, 1)
+	go func() {
+		_, err := f.udp.exchange(ctx1, 0, f.cfg.Resolvers[0], query("hang.example", dns.TypeA, 1))
+		first <- err
+	}()
+	<-greeted // the first query is in the handshake
+
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	cancel2()
+	second := make(chan error, 1)
+	go func() {
+		_, err := f.udp.exchange(ctx2, 0, f.cfg.Resolvers[0], query("other.example", dns.TypeA, 2))
+		second <- err
+	}()
+	select {
+	case err := <-second:
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("second query: %v, want its own context's end", err)
+		}
+	case err := <-first:
+		t.Fatalf("the handshake ended (%v) before the cancelled query returned: it waited for it", err)
+	}
+	cancel1()
+	if err := <-first; !errors.Is(err, context.Canceled) {
+		t.Errorf("first query: %v", err)
 	}
 }

@@ -1,0 +1,103 @@
+package dnsforward
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// startServerFor serves f on UDP and TCP at one loopback address until
+// cleanup.
+func startServerFor(t *testing.T, f *Forwarder) (*Server, string) {
+	t.Helper()
+	pc, ln, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(f, pc, ln)
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(context.Background()) }()
+	t.Cleanup(func() {
+		s.Close()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return s, pc.LocalAddr().String()
+}
+
+func answerIP(t *testing.T, m *dns.Msg) net.IP {
+	t.Helper()
+	if m.Rcode != dns.RcodeSuccess || len(m.Answer) != 1 {
+		t.Fatalf("answer: %s with %d records", dns.RcodeToString[m.Rcode], len(m.Answer))
+	}
+	return m.Answer[0].(*dns.A).A
+}
+
+// TestSetForwarder: a reload swaps the forwarder with the sockets bound.
+// New queries go to the new forwarder; a query in flight finishes on the
+// old one, which is closed only after it.
+func TestSetForwarder(t *testing.T) {
+	gate := newGateResolver(t) // answers 198.51.100.1 when opened
+	oldFwd := newForwarder(t, socks(t).Addr(), time.Minute, nil, gate.addr)
+	newFwd := newForwarder(t, socks(t).Addr(), time.Minute, nil, newResolver(t, 0).addr) // 192.0.2.1
+	srv, addr := startServerFor(t, oldFwd)
+
+	held := make(chan *dns.Msg, 1)
+	go func() {
+		resp, _, err := (&dns.Client{Net: "tcp", Timeout: time.Minute}).Exchange(query("held.example", dns.TypeA, 1), addr)
+		if err != nil {
+			t.Error(err)
+		}
+		held <- resp
+	}()
+	<-gate.got // in flight on the old forwarder
+
+	srv.SetForwarder(newFwd)
+	if srv.Forwarder() != newFwd {
+		t.Fatal("Forwarder() is not the new one")
+	}
+	if ip := answerIP(t, exchange(t, "udp", addr, query("new.example", dns.TypeA, 2))); !ip.Equal(net.IPv4(192, 0, 2, 1)) {
+		t.Errorf("after the swap answered %v, want the new forwarder's 192.0.2.1", ip)
+	}
+	select {
+	case <-oldFwd.closed:
+		t.Fatal("the old forwarder was closed with a query still in flight on it")
+	default:
+	}
+
+	gate.open()
+	if resp := <-held; resp == nil || !answerIP(t, resp).Equal(net.IPv4(198, 51, 100, 1)) {
+		t.Fatalf("the query in flight during the swap: %v", resp)
+	}
+	select {
+	case <-oldFwd.closed:
+	case <-time.After(time.Minute):
+		t.Fatal("the old forwarder was never closed")
+	}
+	select {
+	case <-newFwd.closed:
+		t.Fatal("the new forwarder is closed")
+	default:
+	}
+}
+
+// TestSetForwarderAfterClose: the server owns what it is given; after
+// Close, a forwarder handed to it is closed at once.
+func TestSetForwarderAfterClose(t *testing.T) {
+	first := newForwarder(t, socks(t).Addr(), time.Second, nil, newResolver(t, 0).addr)
+	srv, _ := startServerFor(t, first)
+	srv.Close()
+	late := newForwarder(t, socks(t).Addr(), time.Second, nil, newResolver(t, 0).addr)
+	srv.SetForwarder(late)
+	for name, f := range map[string]*Forwarder{"the first": first, "the late": late} {
+		select {
+		case <-f.closed:
+		default:
+			t.Errorf("%s forwarder is still open after Close", name)
+		}
+	}
+}
