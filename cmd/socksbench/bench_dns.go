@@ -16,7 +16,8 @@ import (
 // benchDNS: dnsperf with 8 concurrent clients against dnsmasq directly and
 // through socksfwd --dns → Dante, over the tcp and udp transports with
 // unique names (the cache cannot help), and with a repeating set of names
-// (cache hits).
+// (cache hits); then the SERVFAIL count when dnsmasq closes pipelined
+// connections under load.
 func benchDNS(h *harness, cfg benchConfig) {
 	dnsperf := peertest.Require(h, "dnsperf")
 	dante := peertest.Dante(h, peertest.DanteOptions{})
@@ -25,15 +26,10 @@ func benchDNS(h *harness, cfg benchConfig) {
 	dir := h.TempDir()
 	unique := filepath.Join(dir, "unique.txt")
 	repeat := filepath.Join(dir, "repeat.txt")
-	var ub, rb strings.Builder
-	for i := range 500_000 {
-		fmt.Fprintf(&ub, "u%d.bench.test A\n", i)
-	}
-	for i := range 100 {
-		fmt.Fprintf(&rb, "r%d.bench.test A\n", i)
-	}
-	os.WriteFile(unique, []byte(ub.String()), 0o644)
-	os.WriteFile(repeat, []byte(rb.String()), 0o644)
+	closing := filepath.Join(dir, "closing.txt")
+	writeNames(h, unique, "u", 500_000)
+	writeNames(h, repeat, "r", 100)
+	writeNames(h, closing, "c", 500_000) // names no earlier row has cached
 
 	forward := func(transport string) string {
 		addr := freeAddr(h)
@@ -65,31 +61,79 @@ func benchDNS(h *harness, cfg benchConfig) {
 		fmt.Printf("%-26s %-12s %8.0f q/s  avg latency %6.2f ms  lost %d  busiest: %s%s\n",
 			r.name, r.way, qps, lat*1000, lost, cpu.busiest(), verdict)
 	}
+	benchDNSClosing(h, dnsperf, resolver.Addr, viaTCP, closing, cfg.seconds)
+}
+
+// benchDNSClosing: DNS through a resolver that closes pipelined
+// connections, 200 in flight. dnsmasq answers 100 queries on a TCP
+// connection and closes it, stranding whatever else was in flight on it;
+// socksfwd's tcp transport must send those again, so that no client sees
+// a SERVFAIL (the bar). The baseline is the same load straight to dnsmasq
+// over UDP: the SERVFAILs the resolver itself gives.
+func benchDNSClosing(h *harness, dnsperf, direct, viaTCP, names string, secs int) {
+	for _, r := range []struct{ way, addr string }{{"direct", direct}, {"socksfwd-tcp", viaTCP}} {
+		out := dnsperfOutput(h, dnsperf, r.addr, names, secs)
+		qps, _ := strconv.ParseFloat(dnsperfField(h, out, reQPS), 64)
+		lost, _ := strconv.Atoi(dnsperfField(h, out, reLost))
+		completed, _ := strconv.Atoi(dnsperfField(h, out, reCompleted))
+		servfail := 0
+		if m := reServFail.FindSubmatch(out); m != nil {
+			servfail, _ = strconv.Atoi(string(m[1]))
+		}
+		verdict := ""
+		if r.way != "direct" {
+			verdict = barText(servfail == 0, "0 SERVFAIL")
+		}
+		fmt.Printf("%-26s %-12s %8.0f q/s  SERVFAIL %d of %d answered  lost %d%s\n",
+			"dns-closing-resolver-200", r.way, qps, servfail, completed, lost, verdict)
+	}
+}
+
+// writeNames writes n unique A queries under bench.test for dnsperf.
+func writeNames(h *harness, path, prefix string, n int) {
+	var b strings.Builder
+	for i := range n {
+		fmt.Fprintf(&b, "%s%d.bench.test A\n", prefix, i)
+	}
+	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+		h.Fatalf("%v", err)
+	}
 }
 
 var (
-	reQPS  = regexp.MustCompile(`Queries per second:\s+([0-9.]+)`)
-	reLost = regexp.MustCompile(`Queries lost:\s+([0-9]+)`)
-	reLat  = regexp.MustCompile(`Average Latency \(s\):\s+([0-9.]+)`)
+	reQPS       = regexp.MustCompile(`Queries per second:\s+([0-9.]+)`)
+	reLost      = regexp.MustCompile(`Queries lost:\s+([0-9]+)`)
+	reCompleted = regexp.MustCompile(`Queries completed:\s+([0-9]+)`)
+	reLat       = regexp.MustCompile(`Average Latency \(s\):\s+([0-9.]+)`)
+	reServFail  = regexp.MustCompile(`Response codes:.*SERVFAIL ([0-9]+)`)
 )
 
 // dnsperfRun runs dnsperf with 8 clients and returns queries per second,
 // lost queries and the average latency in seconds.
 func dnsperfRun(h *harness, dnsperf, addr, file string, secs int) (qps float64, lost int, lat float64) {
+	out := dnsperfOutput(h, dnsperf, addr, file, secs)
+	qps, _ = strconv.ParseFloat(dnsperfField(h, out, reQPS), 64)
+	lost, _ = strconv.Atoi(dnsperfField(h, out, reLost))
+	lat, _ = strconv.ParseFloat(dnsperfField(h, out, reLat), 64)
+	return qps, lost, lat
+}
+
+// dnsperfOutput runs dnsperf with 8 clients and 200 queries in flight and
+// returns its report.
+func dnsperfOutput(h *harness, dnsperf, addr, file string, secs int) []byte {
 	host, port, _ := net.SplitHostPort(addr)
 	out, err := exec.Command(dnsperf, "-s", host, "-p", port, "-d", file, "-c", "8", "-l", strconv.Itoa(secs), "-q", "200").CombinedOutput()
 	if err != nil {
 		h.Fatalf("dnsperf: %v\n%s", err, out)
 	}
-	num := func(re *regexp.Regexp) string {
-		m := re.FindSubmatch(out)
-		if m == nil {
-			h.Fatalf("dnsperf output without %s:\n%s", re, out)
-		}
-		return string(m[1])
+	return out
+}
+
+// dnsperfField is the first group of re in dnsperf's report.
+func dnsperfField(h *harness, out []byte, re *regexp.Regexp) string {
+	m := re.FindSubmatch(out)
+	if m == nil {
+		h.Fatalf("dnsperf output without %s:\n%s", re, out)
 	}
-	qps, _ = strconv.ParseFloat(num(reQPS), 64)
-	lost, _ = strconv.Atoi(num(reLost))
-	lat, _ = strconv.ParseFloat(num(reLat), 64)
-	return qps, lost, lat
+	return string(m[1])
 }
