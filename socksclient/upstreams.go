@@ -4,133 +4,521 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
-// Backoff bounds for an upstream that failed: it is skipped for 1 s after
-// its first failure, doubling up to 30 s, so a dead primary costs no
+// DefaultHedgeDelay is how long an upstream may take to connect and finish
+// its handshake before the next one is started beside it, unless
+// SetHedgeDelay says otherwise. Short enough that a black-holed primary
+// costs a connection little, long enough that a working one on another
+// continent is not raced on every dial.
+const DefaultHedgeDelay = 300 * time.Millisecond
+
+// Backoff bounds for an upstream that failed: it is tried last for 1 s
+// after its first failure, doubling up to 30 s, so a dead primary costs no
 // timeout per connection.
 const (
 	minBackoff = time.Second
 	maxBackoff = 30 * time.Second
 )
 
-// Upstreams dials through the first healthy proxy of an ordered list. A proxy
-// that cannot be reached, fails the handshake or rejects the credentials is
-// skipped and the next one tried; a refusal about the target (a
-// *ReplyError) is the target's answer and is returned as is. Failover only
-// happens while dialing, never after payload has flowed.
-type Upstreams struct {
-	dialers []*Dialer
-	now     func() time.Time
+var errNoUpstreams = errors.New("socks: no upstream proxy configured")
 
-	mu    sync.Mutex
-	state []upstreamState
+// Upstreams dials through an ordered list of proxies, healthy ones first.
+// Dials are hedged as Happy Eyeballs (RFC 8305) hedges addresses: when the
+// upstream being tried has not connected and finished its handshake within
+// the hedge delay (DefaultHedgeDelay, see SetHedgeDelay), the next one is
+// started beside it, and the first to succeed wins; the others are
+// cancelled and their connections closed before the call returns. When the
+// caller's context has a deadline, each upstream not yet started is left
+// its share of the time remaining, so a deadline shorter than the handshake
+// timeout still reaches the next upstream.
+//
+// An upstream that cannot be reached, fails the handshake, rejects the
+// credentials or lacks the command is marked down and tried last for a
+// backoff (1 s doubling to 30 s); so is one that had not answered after the
+// hedge delay when a later-started upstream succeeded, or when the caller's
+// deadline passed. A refusal about the target (a *ReplyError other than
+// command or address type not supported) is the target's answer and is
+// returned as is: no failover. Failover only happens while dialing, never
+// after payload has flowed.
+//
+// SetDialers replaces the list for new dials; dials in flight finish on the
+// list they started with. Every method is safe for concurrent use, at any
+// time.
+type Upstreams struct {
+	hedge    atomic.Int64 // 0: DefaultHedgeDelay; negative: none; else the delay
+	onChange atomic.Pointer[func(proxy string, up bool, cause error)]
+	now      func() time.Time // time.Now when nil; tests replace it
+
+	setMu sync.Mutex // serialises SetDialers
+	list  atomic.Pointer[[]*upstream]
+
+	mu       sync.Mutex // guards every upstream's health
+	notifyMu sync.Mutex // keeps OnStateChange calls in the order of the changes
 }
 
-type upstreamState struct {
-	downUntil time.Time
-	backoff   time.Duration
+// upstream is one entry of a list. Its health outlives the entry when
+// SetDialers keeps the same proxy, so a dial still running on the old list updates
+// what new dials see.
+type upstream struct {
+	d *Dialer
+	h *health
+}
+
+// health is an upstream's state, guarded by Upstreams.mu.
+type health struct {
+	down      bool          // from a failure until the next success
+	since     time.Time     // when the last counted failure was
+	downUntil time.Time     // tried last until then
+	backoff   time.Duration // the last backoff; 0 while up
+	retired   bool          // no longer in the list: changes go unreported
+}
+
+// UpstreamStatus is one upstream's health as Status reports it.
+type UpstreamStatus struct {
+	Dialer *Dialer
+	// Up is false from a failure until the next success.
+	Up bool
+	// Backoff is the current backoff (0 while up); DownUntil is when it
+	// ends, until which the upstream is tried after the others.
+	Backoff   time.Duration
+	DownUntil time.Time
 }
 
 // NewUpstreams returns a failover group over dialers, in order of preference.
 func NewUpstreams(dialers ...*Dialer) *Upstreams {
-	return &Upstreams{dialers: dialers, now: time.Now, state: make([]upstreamState, len(dialers))}
+	u := &Upstreams{}
+	u.SetDialers(dialers...)
+	return u
 }
 
-// Dialers returns the group's dialers in order.
-func (u *Upstreams) Dialers() []*Dialer { return u.dialers }
+// SetHedgeDelay sets how long an upstream may take to connect and finish
+// its handshake before the next one is started beside it (default
+// DefaultHedgeDelay). Zero or negative disables the fixed delay: the next
+// upstream starts when the current one fails, or when the caller's
+// deadline leaves it no more than its share. Dials in flight keep the delay
+// they started with.
+func (u *Upstreams) SetHedgeDelay(d time.Duration) {
+	if d <= 0 {
+		d = -1 // 0 stands for the default
+	}
+	u.hedge.Store(int64(d))
+}
+
+// OnStateChange sets f to be told when an upstream goes down (its first
+// failure after working; cause says why) and when it comes back (its first
+// success after that; cause is nil): once per change, never per failed
+// dial. Calls are serialised in the order of the changes and made from a
+// dialing goroutine, which waits for them, so f should be quick (a log
+// line) and must not dial through the group. Upstreams that SetDialers
+// removed report nothing. A nil f reports nothing.
+func (u *Upstreams) OnStateChange(f func(proxy string, up bool, cause error)) {
+	if f == nil {
+		u.onChange.Store(nil)
+		return
+	}
+	u.onChange.Store(&f)
+}
+
+// SetDialers replaces the dialers for new dials, in order of preference.
+// Dials in flight finish on the list they started with. An upstream that
+// stays (same proxy address, credentials and ResolveLocally) keeps its
+// health and backoff, even when other settings of its Dialer change; a new
+// one starts healthy; one removed is no longer reported to OnStateChange.
+func (u *Upstreams) SetDialers(dialers ...*Dialer) {
+	u.setMu.Lock()
+	defer u.setMu.Unlock()
+	var old []*upstream
+	if p := u.list.Load(); p != nil {
+		old = *p
+	}
+	kept := make([]bool, len(old))
+	next := make([]*upstream, len(dialers))
+	for i, d := range dialers {
+		next[i] = &upstream{d: d}
+		for j, o := range old {
+			if !kept[j] && sameUpstream(o.d, d) {
+				kept[j] = true
+				next[i].h = o.h
+				break
+			}
+		}
+		if next[i].h == nil {
+			next[i].h = &health{}
+		}
+	}
+	u.mu.Lock()
+	for j, o := range old {
+		if !kept[j] {
+			o.h.retired = true
+		}
+	}
+	u.mu.Unlock()
+	u.list.Store(&next)
+}
+
+// sameUpstream reports whether b reaches the same proxy as a the same way,
+// so that what was learned about a holds for b.
+func sameUpstream(a, b *Dialer) bool {
+	return a == b || (a.ProxyAddr == b.ProxyAddr && a.Username == b.Username &&
+		a.Password == b.Password && a.ResolveLocally == b.ResolveLocally)
+}
+
+func (u *Upstreams) current() []*upstream {
+	if p := u.list.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// Dialers returns the current dialers in order.
+func (u *Upstreams) Dialers() []*Dialer {
+	list := u.current()
+	ds := make([]*Dialer, len(list))
+	for i, up := range list {
+		ds[i] = up.d
+	}
+	return ds
+}
+
+// Status returns the current upstreams' health, in order.
+func (u *Upstreams) Status() []UpstreamStatus {
+	list := u.current()
+	st := make([]UpstreamStatus, len(list))
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for i, up := range list {
+		st[i] = UpstreamStatus{Dialer: up.d, Up: !up.h.down, Backoff: up.h.backoff}
+		if up.h.down {
+			st[i].DownUntil = up.h.downUntil
+		}
+	}
+	return st
+}
+
+func (u *Upstreams) clock() time.Time {
+	if u.now != nil {
+		return u.now()
+	}
+	return time.Now()
+}
+
+// hedgeDelay is the delay for a dial starting now, negative for none.
+func (u *Upstreams) hedgeDelay() time.Duration {
+	switch d := time.Duration(u.hedge.Load()); {
+	case d == 0:
+		return DefaultHedgeDelay
+	case d < 0:
+		return -1
+	default:
+		return d
+	}
+}
+
+// patience is how long an upstream must have gone without completing its
+// handshake before a lost race or the caller's deadline counts against it:
+// the hedge delay, or DefaultHedgeDelay when there is none. A shorter wait
+// says nothing about the upstream: the caller gave it no time.
+func patience(hedge time.Duration) time.Duration {
+	if hedge > 0 {
+		return hedge
+	}
+	return DefaultHedgeDelay
+}
+
+// notify reports a change to the OnStateChange function, if any.
+func (u *Upstreams) notify(proxy string, up bool, cause error) {
+	if f := u.onChange.Load(); f != nil {
+		(*f)(proxy, up, cause)
+	}
+}
 
 // order lists healthy upstreams first, then those in backoff (tried last
 // rather than never, so a returning upstream is found again).
-func (u *Upstreams) order() []int {
+func (u *Upstreams) order(list []*upstream) []*upstream {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	now := u.now()
-	idx := make([]int, 0, len(u.dialers))
-	for i := range u.dialers {
-		if !now.Before(u.state[i].downUntil) {
-			idx = append(idx, i)
+	now := u.clock()
+	out := make([]*upstream, 0, len(list))
+	for _, up := range list {
+		if !now.Before(up.h.downUntil) {
+			out = append(out, up)
 		}
 	}
-	for i := range u.dialers {
-		if now.Before(u.state[i].downUntil) {
-			idx = append(idx, i)
+	for _, up := range list {
+		if now.Before(up.h.downUntil) {
+			out = append(out, up)
 		}
 	}
-	return idx
+	return out
 }
 
-func (u *Upstreams) markDown(i int) {
+// markDown counts a failure of an attempt that began at started. A failure
+// of an attempt that began before the upstream was last counted down is
+// already accounted for: concurrent dials hitting one dead proxy back it
+// off once, not once each.
+func (u *Upstreams) markDown(up *upstream, started time.Time, cause error) {
+	u.notifyMu.Lock()
+	defer u.notifyMu.Unlock()
 	u.mu.Lock()
-	defer u.mu.Unlock()
-	s := &u.state[i]
+	h := up.h
+	if h.down && started.Before(h.since) {
+		u.mu.Unlock()
+		return
+	}
+	wentDown := !h.down
 	switch {
-	case s.backoff == 0:
-		s.backoff = minBackoff
-	case s.backoff < maxBackoff:
-		s.backoff = min(2*s.backoff, maxBackoff)
+	case h.backoff == 0:
+		h.backoff = minBackoff
+	case h.backoff < maxBackoff:
+		h.backoff = min(2*h.backoff, maxBackoff)
 	}
-	s.downUntil = u.now().Add(s.backoff)
+	now := u.clock()
+	h.down, h.since, h.downUntil = true, now, now.Add(h.backoff)
+	report := wentDown && !h.retired
+	u.mu.Unlock()
+	if report {
+		u.notify(up.d.ProxyAddr, false, cause)
+	}
 }
 
-func (u *Upstreams) markUp(i int) {
+func (u *Upstreams) markUp(up *upstream) {
 	u.mu.Lock()
-	u.state[i] = upstreamState{}
+	down := up.h.down
 	u.mu.Unlock()
+	if !down { // the common case: no change, no notification lock
+		return
+	}
+	u.notifyMu.Lock()
+	defer u.notifyMu.Unlock()
+	u.mu.Lock()
+	h := up.h
+	cameBack := h.down
+	*h = health{retired: h.retired}
+	report := cameBack && !h.retired
+	u.mu.Unlock()
+	if report {
+		u.notify(up.d.ProxyAddr, true, nil)
+	}
 }
 
 // DialAddr connects to target with CONNECT through the first upstream that
 // works and returns the session and the dialer that made it (on failure,
-// the dialer that failed when there was one, else nil).
+// the dialer that failed when only one was tried or answered for the
+// target, else nil).
 func (u *Upstreams) DialAddr(ctx context.Context, target Addr) (*Conn, *Dialer, error) {
-	return try(u, ctx, func(d *Dialer) (*Conn, error) { return d.DialAddr(ctx, target) })
+	return try(u, ctx, func(ctx context.Context, d *Dialer) (*Conn, error) { return d.DialAddr(ctx, target) })
 }
 
 // Bind asks the first upstream that works to listen (see Dialer.Bind).
 func (u *Upstreams) Bind(ctx context.Context, expected Addr) (*Binding, *Dialer, error) {
-	return try(u, ctx, func(d *Dialer) (*Binding, error) { return d.Bind(ctx, expected) })
+	return try(u, ctx, func(ctx context.Context, d *Dialer) (*Binding, error) { return d.Bind(ctx, expected) })
 }
 
 // Associate opens a UDP association through the first upstream that works
 // (see Dialer.Associate). An upstream without UDP ASSOCIATE counts as a
 // failed one, so a later -S that has it is tried.
 func (u *Upstreams) Associate(ctx context.Context) (*UDPConn, *Dialer, error) {
-	return try(u, ctx, func(d *Dialer) (*UDPConn, error) { return d.Associate(ctx) })
+	return try(u, ctx, func(ctx context.Context, d *Dialer) (*UDPConn, error) { return d.Associate(ctx) })
 }
 
-func try[T any](u *Upstreams, ctx context.Context, op func(*Dialer) (T, error)) (T, *Dialer, error) {
+// attempt is one upstream's try within a hedged dial.
+type attempt struct {
+	up      *upstream
+	started time.Time
+}
+
+type attemptResult[T any] struct {
+	i   int // index into the dial's attempts
+	v   T
+	err error
+}
+
+// hedgedDial is one call's race over an ordered list of upstreams. All its
+// attempts run under one context that it cancels when the call is decided,
+// and it collects every attempt before returning, so none outlives the call.
+type hedgedDial[T io.Closer] struct {
+	u        *Upstreams
+	ctx      context.Context // the caller's
+	order    []*upstream
+	op       func(context.Context, *Dialer) (T, error)
+	hedge    time.Duration   // the hedge delay, negative for none
+	actx     context.Context // the attempts'
+	cancel   context.CancelFunc
+	results  chan attemptResult[T]
+	attempts []attempt
+	running  int
+	timer    *time.Timer
+}
+
+func try[T io.Closer](u *Upstreams, ctx context.Context, op func(context.Context, *Dialer) (T, error)) (T, *Dialer, error) {
+	var zero T
+	list := u.current()
+	if len(list) == 0 {
+		return zero, nil, errNoUpstreams
+	}
+	h := &hedgedDial[T]{u: u, ctx: ctx, order: u.order(list), op: op, hedge: u.hedgeDelay()}
+	h.actx, h.cancel = context.WithCancel(ctx)
+	defer h.cancel()
+	h.results = make(chan attemptResult[T], len(h.order))
+	return h.run()
+}
+
+func (h *hedgedDial[T]) run() (T, *Dialer, error) {
 	var (
 		zero T
 		errs []error
-		d    *Dialer
 	)
-	for _, i := range u.order() {
-		d = u.dialers[i]
-		v, err := op(d)
-		if err == nil {
-			u.markUp(i)
-			return v, d, nil
+	defer func() {
+		if h.timer != nil {
+			h.timer.Stop()
 		}
-		if !IsUpstreamFailure(err) || ctx.Err() != nil {
-			// The server worked and answered for the target, or the caller gave up.
-			u.markUp(i)
-			return zero, d, err
+	}()
+	hedge := h.startNext()
+	for h.running > 0 {
+		select {
+		case <-hedge:
+			hedge = nil
+			if h.ctx.Err() == nil {
+				hedge = h.startNext()
+			}
+		case r := <-h.results:
+			h.running--
+			a := h.attempts[r.i]
+			switch {
+			case r.err == nil:
+				h.u.markUp(a.up)
+				h.settle(r.i)
+				return r.v, a.up.d, nil
+			case h.ctx.Err() != nil && errors.Is(r.err, h.ctx.Err()):
+				// The caller gave up. Its deadline passing counts against an
+				// upstream that had been given time; a cancel says nothing.
+				if ran := h.u.clock().Sub(a.started); errors.Is(r.err, context.DeadlineExceeded) && ran >= patience(h.hedge) {
+					h.u.markDown(a.up, a.started, fmt.Errorf("no reply to the handshake within %s, the caller's deadline: %w", ran.Round(time.Millisecond), r.err))
+				}
+				errs = append(errs, r.err)
+				hedge = nil
+			case !IsUpstreamFailure(r.err):
+				// The server worked and answered for the target.
+				h.u.markUp(a.up)
+				h.settle(r.i)
+				return zero, a.up.d, r.err
+			default:
+				h.u.markDown(a.up, a.started, r.err)
+				errs = append(errs, r.err)
+				if h.ctx.Err() == nil {
+					hedge = h.startNext()
+				}
+			}
 		}
-		u.markDown(i)
-		errs = append(errs, err)
 	}
 	if len(errs) == 1 {
-		return zero, d, errs[0]
+		return zero, h.attempts[0].up.d, errs[0]
 	}
-	msgs := make([]string, len(errs))
-	for i, e := range errs {
-		msgs[i] = e.Error()
-	}
-	return zero, nil, fmt.Errorf("all %d upstreams failed: %s: %w", len(errs), strings.Join(msgs, "; "), errors.Join(errs...))
+	return zero, nil, &upstreamsError{tried: len(errs), total: len(h.order), errs: errs}
 }
+
+// startNext starts the next upstream in the order, if any, and returns the
+// channel that says when to start the one after it (nil: only on failure).
+func (h *hedgedDial[T]) startNext() <-chan time.Time {
+	if len(h.attempts) == len(h.order) {
+		return nil
+	}
+	i := len(h.attempts)
+	up := h.order[i]
+	h.attempts = append(h.attempts, attempt{up: up, started: h.u.clock()})
+	h.running++
+	go h.runAttempt(i, up.d)
+
+	left := len(h.order) - len(h.attempts)
+	if left == 0 {
+		return nil
+	}
+	wait := h.hedge
+	if deadline, ok := h.ctx.Deadline(); ok {
+		// Leave each upstream not yet started its share of the caller's
+		// time, or a deadline shorter than the handshake timeout would
+		// spend it all on the first.
+		share := max(deadline.Sub(h.u.clock())/time.Duration(left+1), 0)
+		if wait < 0 || share < wait {
+			wait = share
+		}
+	}
+	if wait < 0 {
+		return nil
+	}
+	if h.timer == nil {
+		h.timer = time.NewTimer(wait)
+	} else {
+		h.timer.Reset(wait)
+	}
+	return h.timer.C
+}
+
+func (h *hedgedDial[T]) runAttempt(i int, d *Dialer) {
+	v, err := h.op(h.actx, d)
+	h.results <- attemptResult[T]{i: i, v: v, err: err}
+}
+
+// settle ends the race that attempt w decided: it cancels the others and
+// waits for them, closing what they opened meanwhile. One started before w
+// that had not answered within the hedge delay lost to a later upstream:
+// it counts as failed, which is how a black-holed upstream is found out
+// without waiting for its handshake timeout. Letting it run on to that
+// timeout instead would keep a connection and a goroutine per dial alive
+// for seconds after the call, and for CONNECT would have the slow proxy
+// open a connection to the target only to drop it.
+func (h *hedgedDial[T]) settle(w int) {
+	h.cancel()
+	for h.running > 0 {
+		r := <-h.results
+		h.running--
+		a := h.attempts[r.i]
+		switch {
+		case r.err == nil:
+			r.v.Close()
+		case errors.Is(r.err, context.Canceled):
+			// Cut short by the win. Started after the winner, or too
+			// recently, it had no fair chance: nothing learned.
+			if ran := h.u.clock().Sub(a.started); r.i < w && ran >= patience(h.hedge) {
+				h.u.markDown(a.up, a.started, fmt.Errorf("no reply to the handshake within %s, while %s, started after it, completed one",
+					ran.Round(time.Millisecond), h.attempts[w].up.d.ProxyAddr))
+			}
+		case IsUpstreamFailure(r.err):
+			h.u.markDown(a.up, a.started, r.err) // it failed on its own meanwhile
+		}
+	}
+}
+
+// upstreamsError is the failure of every upstream tried, on one line, each
+// cause once; errors.Is and errors.As see each cause.
+type upstreamsError struct {
+	tried, total int
+	errs         []error
+}
+
+func (e *upstreamsError) Error() string {
+	var b strings.Builder
+	if e.tried == e.total {
+		fmt.Fprintf(&b, "all %d upstreams failed: ", e.total)
+	} else {
+		fmt.Fprintf(&b, "%d of %d upstreams tried, none worked: ", e.tried, e.total)
+	}
+	for i, err := range e.errs {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(err.Error())
+	}
+	return b.String()
+}
+
+func (e *upstreamsError) Unwrap() []error { return e.errs }
 
 // IsUpstreamFailure reports whether err is the proxy's fault (unreachable,
 // broken handshake, rejected credentials, unsupported command) rather than

@@ -3,80 +3,518 @@ package socksclient
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
-// TestUpstreamsBackoff: a failed upstream is tried last for 1 s, doubling
-// to 30 s; success resets it; a REP about the target is no failover.
-func TestUpstreamsBackoff(t *testing.T) {
-	var tried []string
-	fail := errors.New("unreachable")
-	dialer := func(name string, err *error) *Dialer {
-		return &Dialer{ProxyAddr: name, ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			tried = append(tried, name)
-			if *err != nil {
-				return nil, *err
-			}
-			// A working server: answer the greeting and the CONNECT for "db:1".
-			c, srv := net.Pipe()
-			go func() {
-				defer srv.Close()
-				io.ReadFull(srv, make([]byte, 3))
-				srv.Write([]byte{5, 0})
-				io.ReadFull(srv, make([]byte, 9))
-				srv.Write([]byte{5, 0, 0, 1, 0, 0, 0, 0, 0, 0})
-			}()
-			return c, nil
-		}}
-	}
-	primaryErr, secondaryErr := fail, fail
-	u := NewUpstreams(dialer("primary", &primaryErr), dialer("secondary", &secondaryErr))
-	now := time.Unix(1000, 0)
-	u.now = func() time.Time { return now }
-	target := Addr{Name: "db", Port: 1}
+// Time in these tests is a synctest bubble's: the durations asserted are
+// what the hedging logic chose, not how fast the machine is.
 
-	_, _, err := u.DialAddr(context.Background(), target)
-	if err == nil || len(tried) != 2 {
-		t.Fatalf("err = %v, tried %v", err, tried)
+var testTarget = Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 80}
+
+type proxyMode int
+
+const (
+	proxyWorks     proxyMode = iota // answers after delay, with rep
+	proxyBlackHole                  // accepts and reads, never answers
+	proxyRefused                    // the dial fails
+)
+
+// fakeProxy plays one upstream over net.Pipe, so that a synctest bubble
+// sees every wait as durable.
+type fakeProxy struct {
+	name  string
+	mode  proxyMode
+	delay time.Duration // before the method selection
+	rep   ReplyCode
+
+	dials atomic.Int32
+	open  atomic.Int32 // connections whose server side is still up
+}
+
+func (p *fakeProxy) dialer() *Dialer {
+	return &Dialer{ProxyAddr: p.name, ProxyDial: p.dial}
+}
+
+func (p *fakeProxy) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	p.dials.Add(1)
+	if p.mode == proxyRefused {
+		return nil, &net.OpError{Op: "dial", Net: network, Err: syscall.ECONNREFUSED}
 	}
-	// Both in backoff: still tried, in order, so a returning server is found.
-	tried = nil
-	u.DialAddr(context.Background(), target)
-	if len(tried) != 2 || tried[0] != "primary" {
-		t.Fatalf("tried %v", tried)
+	c, srv := net.Pipe()
+	p.open.Add(1)
+	go p.serve(srv)
+	return c, nil
+}
+
+// serve ends when the client closes its side, so a closed loser leaves no
+// goroutine behind.
+func (p *fakeProxy) serve(srv net.Conn) {
+	defer p.open.Add(-1)
+	defer srv.Close()
+	defer io.Copy(io.Discard, srv)
+	if p.mode == proxyBlackHole {
+		return
 	}
-	// Backoff doubled for both (1 s, then 2 s). After 1.5 s both are still down.
-	now = now.Add(1500 * time.Millisecond)
-	if got := u.order(); u.dialers[got[0]].ProxyAddr != "primary" || !now.Before(u.state[0].downUntil) {
-		t.Fatalf("primary should still be in backoff: %+v", u.state[0])
+	if _, err := ReadGreeting(srv); err != nil {
+		return
 	}
-	if u.state[0].backoff != 2*time.Second {
-		t.Fatalf("backoff = %v, want 2s", u.state[0].backoff)
+	time.Sleep(p.delay) // a slow proxy, in the bubble's time
+	if _, err := srv.Write([]byte{Version, byte(MethodNoAuth)}); err != nil {
+		return
 	}
-	// The secondary comes back and wins once its backoff ends; it resets.
-	secondaryErr = nil
-	now = now.Add(time.Second)
-	u.state[0].downUntil = now.Add(time.Hour) // primary still down
-	tried = nil
-	conn, _, err := u.DialAddr(context.Background(), target)
+	if _, err := ReadRequest(srv); err != nil {
+		return
+	}
+	b, _ := Reply{Code: p.rep, Addr: Addr{IP: netip.IPv4Unspecified()}}.AppendTo(nil)
+	srv.Write(b)
+}
+
+// stateLog records OnStateChange calls.
+type stateLog struct {
+	mu     sync.Mutex
+	events []string
+	causes []error
+}
+
+func (l *stateLog) hook(proxy string, up bool, cause error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	state := "down"
+	if up {
+		state = "up"
+	}
+	l.events = append(l.events, proxy+" "+state)
+	l.causes = append(l.causes, cause)
+}
+
+func (l *stateLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.events, ", ")
+}
+
+// set is the changes in sorted order, for upstreams that change at the
+// same instant.
+func (l *stateLog) set() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(slices.Sorted(slices.Values(l.events)), ", ")
+}
+
+func (l *stateLog) cause(i int) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.causes[i]
+}
+
+func group(log *stateLog, proxies ...*fakeProxy) *Upstreams {
+	ds := make([]*Dialer, len(proxies))
+	for i, p := range proxies {
+		ds[i] = p.dialer()
+	}
+	u := NewUpstreams(ds...)
+	u.OnStateChange(log.hook)
+	return u
+}
+
+// dialOK dials testTarget, wants success through want, and closes the session.
+func dialOK(t *testing.T, ctx context.Context, u *Upstreams, want *fakeProxy) {
+	t.Helper()
+	c, d, err := u.DialAddr(ctx, testTarget)
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn.Close()
-	if tried[0] != "secondary" || u.state[1].backoff != 0 {
-		t.Fatalf("tried %v, secondary state %+v", tried, u.state[1])
+	c.Close()
+	if d.ProxyAddr != want.name {
+		t.Fatalf("dialed through %s, want %s", d.ProxyAddr, want.name)
 	}
-	for range 10 {
-		u.markDown(0)
-	}
-	if u.state[0].backoff != maxBackoff {
-		t.Fatalf("backoff = %v, want capped at %v", u.state[0].backoff, maxBackoff)
-	}
-	if !IsUpstreamFailure(fail) || IsUpstreamFailure(&ReplyError{Cmd: CmdConnect, Code: RepConnectionRefused}) ||
-		!IsUpstreamFailure(&ReplyError{Cmd: CmdUDPAssociate, Code: RepCommandNotSupported}) {
+}
+
+// TestHedgeBlackHoledPrimary: a primary that accepts and never answers
+// costs the first dial the hedge delay, not the handshake timeout; it goes
+// down once (one report), is skipped during its backoff, and loses again
+// after it without a second report.
+func TestHedgeBlackHoledPrimary(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		hole, ok := &fakeProxy{name: "hole:1080", mode: proxyBlackHole}, &fakeProxy{name: "ok:1080"}
+		var log stateLog
+		u := group(&log, hole, ok)
+
+		start := time.Now()
+		dialOK(t, context.Background(), u, ok)
+		if waited := time.Since(start); waited != DefaultHedgeDelay {
+			t.Fatalf("dial took %v, want the hedge delay %v", waited, DefaultHedgeDelay)
+		}
+		synctest.Wait()
+		if n := hole.open.Load() + ok.open.Load(); n != 0 {
+			t.Fatalf("%d proxy connections still open after the dial and Close", n)
+		}
+		if log.String() != "hole:1080 down" || !strings.Contains(log.cause(0).Error(), "no reply to the handshake within 300ms, while ok:1080") {
+			t.Fatalf("state changes %q (cause %v), want one: hole:1080 down", log.String(), log.cause(0))
+		}
+		st := u.Status()
+		if st[0].Up || st[0].Backoff != time.Second || !st[1].Up {
+			t.Fatalf("status %+v, want the black hole down for 1s", st)
+		}
+
+		// In backoff it is tried last, so the working one answers at once.
+		dials := hole.dials.Load()
+		start = time.Now()
+		dialOK(t, context.Background(), u, ok)
+		if time.Since(start) != 0 || hole.dials.Load() != dials {
+			t.Fatalf("during the backoff the black hole was dialed (%d) or waited for (%v)", hole.dials.Load()-dials, time.Since(start))
+		}
+
+		// After it, it is tried first again, loses again, and backs off longer.
+		time.Sleep(time.Second)
+		dialOK(t, context.Background(), u, ok)
+		if hole.dials.Load() != dials+1 || u.Status()[0].Backoff != 2*time.Second {
+			t.Fatalf("after the backoff: %d dials, status %+v", hole.dials.Load()-dials, u.Status()[0])
+		}
+		if log.String() != "hole:1080 down" {
+			t.Fatalf("state changes %q, want only the first down", log.String())
+		}
+	})
+}
+
+// TestHedgeCallerDeadline: a caller's deadline shorter than the handshake
+// timeout (DNS: 5 s against 10 s) leaves each upstream its share even with
+// no fixed hedge delay, so the next one is tried in time and the black
+// hole backs off.
+func TestHedgeCallerDeadline(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		hole, ok := &fakeProxy{name: "hole:1080", mode: proxyBlackHole}, &fakeProxy{name: "ok:1080"}
+		var log stateLog
+		u := group(&log, hole, ok)
+		u.SetHedgeDelay(0)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		start := time.Now()
+		dialOK(t, ctx, u, ok)
+		if waited := time.Since(start); waited != 2500*time.Millisecond {
+			t.Fatalf("second upstream answered after %v, want half the deadline", waited)
+		}
+		if log.String() != "hole:1080 down" || u.Status()[0].Up {
+			t.Fatalf("state changes %q, status %+v; want the black hole down", log.String(), u.Status())
+		}
+	})
+	synctest.Test(t, func(t *testing.T) {
+		// Three: each not yet started is left its share of what remains.
+		h1, h2, ok := &fakeProxy{name: "h1:1080", mode: proxyBlackHole}, &fakeProxy{name: "h2:1080", mode: proxyBlackHole}, &fakeProxy{name: "ok:1080"}
+		var log stateLog
+		u := group(&log, h1, h2, ok)
+		u.SetHedgeDelay(0)
+		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Second)
+		defer cancel()
+		start := time.Now()
+		dialOK(t, ctx, u, ok)
+		if waited := time.Since(start); waited != 4*time.Second {
+			t.Fatalf("third upstream answered after %v, want 2s + 2s", waited)
+		}
+		if log.set() != "h1:1080 down, h2:1080 down" {
+			t.Fatalf("state changes %q", log.String())
+		}
+	})
+}
+
+// TestHedgeAllBlackHoled: when nothing answers before the caller's
+// deadline, the error says so on one line, and every upstream that had
+// its hedge delay goes down once.
+func TestHedgeAllBlackHoled(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h1, h2 := &fakeProxy{name: "h1:1080", mode: proxyBlackHole}, &fakeProxy{name: "h2:1080", mode: proxyBlackHole}
+		var log stateLog
+		u := group(&log, h1, h2)
+		for range 2 {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_, d, err := u.DialAddr(ctx, testTarget)
+			cancel()
+			if !errors.Is(err, context.DeadlineExceeded) || d != nil {
+				t.Fatalf("err = %v, dialer %v; want the deadline and no dialer", err, d)
+			}
+			msg := err.Error()
+			if !strings.HasPrefix(msg, "all 2 upstreams failed: ") || strings.Contains(msg, "\n") ||
+				strings.Count(msg, "h1:1080") != 1 || strings.Count(msg, "h2:1080") != 1 {
+				t.Fatalf("err = %q, want one line naming each upstream once", msg)
+			}
+		}
+		if log.set() != "h1:1080 down, h2:1080 down" {
+			t.Fatalf("state changes %q, want each down once", log.String())
+		}
+		synctest.Wait()
+		if n := h1.open.Load() + h2.open.Load(); n != 0 {
+			t.Fatalf("%d proxy connections left open", n)
+		}
+	})
+}
+
+// TestHedgeCallerCancel: a caller that gives up (a closing service) says
+// nothing about the upstream.
+func TestHedgeCallerCancel(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		hole := &fakeProxy{name: "hole:1080", mode: proxyBlackHole}
+		var log stateLog
+		u := group(&log, hole)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() {
+			_, _, err := u.DialAddr(ctx, testTarget)
+			done <- err
+		}()
+		time.Sleep(5 * time.Second) // past the hedge delay, within the handshake timeout
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Fatalf("err = %v, want context.Canceled", err)
+		}
+		if log.String() != "" || !u.Status()[0].Up {
+			t.Fatalf("state changes %q, status %+v; want none", log.String(), u.Status())
+		}
+	})
+}
+
+// TestHedgeTargetAnswer: a REP about the target is the answer, even from
+// a slow primary while a hedge runs; the hedge is cut short and nothing
+// goes down. REP 7 is the proxy's failing: the next one is tried.
+func TestHedgeTargetAnswer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		slow := &fakeProxy{name: "slow:1080", delay: time.Second, rep: RepConnectionRefused}
+		hole := &fakeProxy{name: "hole:1080", mode: proxyBlackHole}
+		var log stateLog
+		u := group(&log, slow, hole)
+		_, d, err := u.DialAddr(context.Background(), testTarget)
+		var re *ReplyError
+		if !errors.As(err, &re) || re.Code != RepConnectionRefused || d == nil || d.ProxyAddr != "slow:1080" {
+			t.Fatalf("err = %v, dialer %v; want the primary's REP 5", err, d)
+		}
+		if hole.dials.Load() != 1 {
+			t.Fatalf("hedge dialed %d times, want once", hole.dials.Load())
+		}
+		synctest.Wait()
+		if log.String() != "" || hole.open.Load() != 0 {
+			t.Fatalf("state changes %q, %d connections open; want none", log.String(), hole.open.Load())
+		}
+	})
+	synctest.Test(t, func(t *testing.T) {
+		noCmd := &fakeProxy{name: "nocmd:1080", rep: RepCommandNotSupported}
+		ok := &fakeProxy{name: "ok:1080"}
+		var log stateLog
+		u := group(&log, noCmd, ok)
+		dialOK(t, context.Background(), u, ok)
+		if log.String() != "nocmd:1080 down" || !errors.Is(log.cause(0), ErrCommandNotSupported) {
+			t.Fatalf("state changes %q", log.String())
+		}
+	})
+}
+
+// TestHedgeBothAnswer: when the hedge and the primary both complete, one
+// wins and the other's connection is closed.
+func TestHedgeBothAnswer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p1 := &fakeProxy{name: "p1:1080", delay: 400 * time.Millisecond}
+		p2 := &fakeProxy{name: "p2:1080", delay: 100 * time.Millisecond}
+		var log stateLog
+		u := group(&log, p1, p2)
+		c, _, err := u.DialAddr(context.Background(), testTarget)
+		if err != nil {
+			t.Fatal(err)
+		}
+		synctest.Wait()
+		if n := p1.open.Load() + p2.open.Load(); n != 1 {
+			t.Fatalf("%d proxy connections open, want the winner's only", n)
+		}
+		c.Close()
+	})
+}
+
+// TestUpstreamsBackoff: a failed upstream is tried last for 1 s, doubling
+// to 30 s; success resets it; each change is reported once.
+func TestUpstreamsBackoff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		primary := &fakeProxy{name: "primary:1080", mode: proxyRefused}
+		secondary := &fakeProxy{name: "secondary:1080", mode: proxyRefused}
+		var log stateLog
+		u := group(&log, primary, secondary)
+
+		for range 2 {
+			_, _, err := u.DialAddr(context.Background(), testTarget)
+			if err == nil || !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Fatalf("err = %v", err)
+			}
+		}
+		// Both in backoff are still tried, in order, so a returning server
+		// is found; the second failure doubled the backoff.
+		if primary.dials.Load() != 2 || secondary.dials.Load() != 2 {
+			t.Fatalf("dials %d, %d", primary.dials.Load(), secondary.dials.Load())
+		}
+		if st := u.Status(); st[0].Backoff != 2*time.Second || st[1].Backoff != 2*time.Second || st[0].Up {
+			t.Fatalf("status %+v, want both down for 2s", st)
+		}
+		if log.String() != "primary:1080 down, secondary:1080 down" {
+			t.Fatalf("state changes %q, want one down each", log.String())
+		}
+
+		// The secondary comes back; once its backoff ends it goes first.
+		time.Sleep(1500 * time.Millisecond)
+		secondary.mode = proxyWorks
+		dialOK(t, context.Background(), u, secondary) // both in backoff: primary first, fails
+		time.Sleep(time.Second)
+		before := primary.dials.Load()
+		dialOK(t, context.Background(), u, secondary)
+		if primary.dials.Load() != before {
+			t.Fatal("primary in backoff was tried before the healthy secondary")
+		}
+		if st := u.Status(); !st[1].Up || st[1].Backoff != 0 {
+			t.Fatalf("secondary status %+v, want reset", st[1])
+		}
+		if log.String() != "primary:1080 down, secondary:1080 down, secondary:1080 up" {
+			t.Fatalf("state changes %q", log.String())
+		}
+
+		for range 10 {
+			u.markDown(u.current()[0], time.Now(), errors.New("x"))
+		}
+		if b := u.Status()[0].Backoff; b != maxBackoff {
+			t.Fatalf("backoff = %v, want capped at %v", b, maxBackoff)
+		}
+		// A failure of an attempt begun before the last counted one does
+		// not back off again (concurrent dials to one dead proxy).
+		u.markDown(u.current()[0], time.Now().Add(-time.Second), errors.New("x"))
+		if st := u.Status()[0]; !st.DownUntil.Equal(time.Now().Add(maxBackoff)) {
+			t.Fatalf("stale failure moved the backoff: %+v", st)
+		}
+	})
+	if !IsUpstreamFailure(errors.New("unreachable")) || IsUpstreamFailure(&ReplyError{Cmd: CmdConnect, Code: RepConnectionRefused}) ||
+		!IsUpstreamFailure(&ReplyError{Cmd: CmdUDPAssociate, Code: RepCommandNotSupported}) ||
+		IsUpstreamFailure(fmt.Errorf("x: %w", context.Canceled)) {
 		t.Fatal("IsUpstreamFailure misclassifies")
 	}
+}
+
+// TestUpstreamsErrorOneLine: the all-failed error has each cause once, on
+// one line, and each stays reachable with errors.Is and errors.As.
+func TestUpstreamsErrorOneLine(t *testing.T) {
+	errA, errB := errors.New("cause A"), errors.New("cause B")
+	failing := func(name string, err error) *Dialer {
+		return &Dialer{ProxyAddr: name, ProxyDial: func(context.Context, string, string) (net.Conn, error) { return nil, err }}
+	}
+	u := NewUpstreams(failing("a:1080", errA), failing("b:1080", errB))
+	_, d, err := u.DialAddr(context.Background(), testTarget)
+	if err == nil || d != nil {
+		t.Fatalf("err = %v, dialer %v", err, d)
+	}
+	msg := err.Error()
+	if strings.Contains(msg, "\n") || strings.Count(msg, "cause A") != 1 || strings.Count(msg, "cause B") != 1 ||
+		!strings.HasPrefix(msg, "all 2 upstreams failed: socks connect") {
+		t.Fatalf("err = %q, want one line with each cause once", msg)
+	}
+	var op *net.OpError
+	if !errors.Is(err, errA) || !errors.Is(err, errB) || !errors.As(err, &op) {
+		t.Fatalf("causes not reachable in %q", msg)
+	}
+	// One upstream: its error as is, with its dialer.
+	u = NewUpstreams(failing("a:1080", errA))
+	if _, d, err := u.DialAddr(context.Background(), testTarget); !errors.Is(err, errA) || d == nil || strings.Contains(err.Error(), "upstreams failed") {
+		t.Fatalf("single upstream: err = %v, dialer %v", err, d)
+	}
+	if _, _, err := NewUpstreams().DialAddr(context.Background(), testTarget); !errors.Is(err, errNoUpstreams) {
+		t.Fatalf("no upstreams: %v", err)
+	}
+}
+
+// TestUpstreamsSet: a dial in flight finishes on the list and hedge delay
+// it started with; new dials use the new ones; an upstream that stays keeps its backoff, a
+// new one starts healthy, a removed one reports nothing more.
+func TestUpstreamsSet(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		hole, ok, fresh := &fakeProxy{name: "hole:1080", mode: proxyBlackHole}, &fakeProxy{name: "ok:1080"}, &fakeProxy{name: "fresh:1080"}
+		var log stateLog
+		u := group(&log, hole, ok)
+		u.SetHedgeDelay(time.Minute)
+		done := make(chan *Dialer, 1)
+		start := time.Now()
+		go func() {
+			c, d, err := u.DialAddr(context.Background(), testTarget)
+			if err != nil {
+				t.Error(err)
+				done <- nil
+				return
+			}
+			c.Close()
+			done <- d
+		}()
+		synctest.Wait() // the dial is waiting on the black hole
+		u.SetDialers(fresh.dialer())
+		u.SetHedgeDelay(time.Millisecond)
+		if ds := u.Dialers(); len(ds) != 1 || ds[0].ProxyAddr != "fresh:1080" {
+			t.Fatalf("Dialers() = %v", ds)
+		}
+		if d := <-done; d == nil || d.ProxyAddr != "ok:1080" || fresh.dials.Load() != 0 {
+			t.Fatalf("in-flight dial went through %v (fresh dialed %d times), want ok:1080", d, fresh.dials.Load())
+		}
+		if waited := time.Since(start); waited != DefaultHandshakeTimeout {
+			t.Fatalf("in-flight dial moved on after %v, want the black hole's handshake timeout (its hedge delay was a minute)", waited)
+		}
+		if log.String() != "" {
+			t.Fatalf("removed upstream reported %q", log.String())
+		}
+		dialOK(t, context.Background(), u, fresh)
+	})
+
+	synctest.Test(t, func(t *testing.T) {
+		dead, ok := &fakeProxy{name: "dead:1080", mode: proxyRefused}, &fakeProxy{name: "ok:1080"}
+		var log stateLog
+		u := group(&log, dead, ok)
+		dialOK(t, context.Background(), u, ok)
+		// The same proxy with a new timeout keeps its backoff; other
+		// credentials make it another upstream, fresh.
+		same := dead.dialer()
+		same.HandshakeTimeout = time.Second
+		other := dead.dialer()
+		other.Username, other.Password = "u", "p"
+		u.SetDialers(ok.dialer(), same, other)
+		st := u.Status()
+		if !st[0].Up || st[1].Up || st[1].Backoff != time.Second || st[1].Dialer != same || !st[2].Up {
+			t.Fatalf("after Set: %+v", st)
+		}
+	})
+
+	// Concurrent dials while the list changes, for the race detector.
+	a, b := &fakeProxy{name: "a:1080"}, &fakeProxy{name: "b:1080"}
+	u := NewUpstreams(a.dialer())
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for range 25 {
+				c, _, err := u.DialAddr(context.Background(), testTarget)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				c.Close()
+			}
+		})
+	}
+	for i := range 50 {
+		if i%2 == 0 {
+			u.SetDialers(b.dialer(), a.dialer())
+		} else {
+			u.SetDialers(a.dialer())
+		}
+		u.SetHedgeDelay(time.Duration(i) * time.Millisecond)
+		u.OnStateChange(func(string, bool, error) {})
+		u.Dialers()
+		u.Status()
+	}
+	wg.Wait()
 }
