@@ -1,0 +1,399 @@
+//go:build linux
+
+// The Linux Reader and Writer: recvmmsg, sendmmsg and UDP_SEGMENT, made
+// as raw system calls (unix.RawSyscall6). The sockets are non-blocking
+// and MSG_DONTWAIT is set, so none can block, and skipping the
+// scheduler's syscall bookkeeping matters for latency. A Go process that
+// went idle puts its monitor thread (sysmon) into a deep sleep, and the
+// next ordinary system call wakes it first: a futex wake-up on the path
+// of every datagram of a request/response exchange.
+
+package udpbatch
+
+import (
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"strconv"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Reader reads up to len(slots) datagrams per system call.
+type Reader struct {
+	rc       syscall.RawConn
+	msgs     []unix.Mmsghdr
+	iovs     []unix.Iovec
+	names    []unix.RawSockaddrInet6
+	slots    [][]byte
+	headroom int
+	n        int
+	err      error
+	readFn   func(fd uintptr) bool
+}
+
+// NewReader reads from c into slots: datagram i lands at slots[i][headroom:],
+// leaving headroom bytes before it (for a header written in place). With
+// wantAddr false no source addresses are kept (a connected socket).
+func NewReader(c *net.UDPConn, slots [][]byte, headroom int, wantAddr bool) (*Reader, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	r := &Reader{
+		rc:       rc,
+		msgs:     make([]unix.Mmsghdr, len(slots)),
+		iovs:     make([]unix.Iovec, len(slots)),
+		slots:    slots,
+		headroom: headroom,
+	}
+	if wantAddr {
+		r.names = make([]unix.RawSockaddrInet6, len(slots))
+	}
+	for i := range r.msgs {
+		b := slots[i][headroom:]
+		r.iovs[i].Base = &b[0]
+		r.iovs[i].SetLen(len(b))
+		r.msgs[i].Hdr.Iov = &r.iovs[i]
+		r.msgs[i].Hdr.SetIovlen(1)
+		if wantAddr {
+			r.msgs[i].Hdr.Name = (*byte)(unsafe.Pointer(&r.names[i]))
+		}
+	}
+	r.readFn = r.read
+	return r, nil
+}
+
+// Read waits for at least one datagram and returns how many it read.
+func (r *Reader) Read() (int, error) {
+	if err := r.rc.Read(r.readFn); err != nil {
+		return 0, err
+	}
+	return r.n, r.err
+}
+
+func (r *Reader) read(fd uintptr) bool {
+	for i := range r.msgs {
+		r.msgs[i].Hdr.Flags = 0
+		if r.names != nil {
+			r.msgs[i].Hdr.Namelen = unix.SizeofSockaddrInet6
+		}
+	}
+	n, e := mmsg(unix.SYS_RECVMMSG, fd, r.msgs)
+	switch e {
+	case unix.EAGAIN:
+		return false // wait for the poller
+	case 0:
+		r.n, r.err = n, nil
+	default:
+		r.n, r.err = 0, e
+	}
+	return true
+}
+
+// Slot is datagram i's whole slot: headroom, then the payload.
+func (r *Reader) Slot(i int) []byte { return r.slots[i][:r.headroom+int(r.msgs[i].Len)] }
+
+// Len is the payload length of datagram i.
+func (r *Reader) Len(i int) int { return int(r.msgs[i].Len) }
+
+// Truncated reports whether datagram i was longer than its slot.
+func (r *Reader) Truncated(i int) bool { return r.msgs[i].Hdr.Flags&unix.MSG_TRUNC != 0 }
+
+// Addr is the source of datagram i, IPv4-mapped addresses unmapped.
+func (r *Reader) Addr(i int) netip.AddrPort { return decodeSockaddr(&r.names[i]) }
+
+// Writer queues datagrams and sends them with as few system calls as it
+// can: runs of equal-sized datagrams to one destination as one segmented
+// send where the kernel supports it, the rest with sendmmsg.
+type Writer struct {
+	rc    syscall.RawConn
+	msgs  []unix.Mmsghdr
+	iovs  []unix.Iovec
+	names []unix.RawSockaddrInet6
+	// dests are the queued datagrams' destinations (zero: connected).
+	dests []netip.AddrPort
+	cmsg  []byte
+	n     int
+
+	// gso is off after the kernel refused segmented sends outright;
+	// gsoMax is the largest segment it took or has not refused yet (a
+	// route's MTU bounds it).
+	gso    bool
+	gsoMax int
+	// Per-call state for writeFn.
+	from, upto int
+	sent       int
+	err        error
+	writeFn    func(fd uintptr) bool
+
+	segmented int // segmented sends made, for tests
+}
+
+// maxSegments is the kernel's UDP_MAX_SEGMENTS (64 in Linux ≤ 6.8).
+const maxSegments = 64
+
+// maxGSOBytes bounds the payload of one segmented send: it must fit one
+// IP packet's length field.
+const maxGSOBytes = 65535 - 8 - 40
+
+// NewWriter returns a Writer for c that queues up to size datagrams.
+func NewWriter(c *net.UDPConn, size int) (*Writer, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	w := &Writer{
+		rc:     rc,
+		msgs:   make([]unix.Mmsghdr, size),
+		iovs:   make([]unix.Iovec, size),
+		names:  make([]unix.RawSockaddrInet6, size),
+		dests:  make([]netip.AddrPort, size),
+		cmsg:   make([]byte, unix.CmsgSpace(2)),
+		gso:    true,
+		gsoMax: 1 << 16,
+	}
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&w.cmsg[0]))
+	h.Level = unix.SOL_UDP
+	h.Type = unix.UDP_SEGMENT
+	h.SetLen(unix.CmsgLen(2))
+	w.writeFn = w.write
+	return w, nil
+}
+
+// Len is the number of queued datagrams.
+func (w *Writer) Len() int { return w.n }
+
+// Full reports whether the queue has no room left.
+func (w *Writer) Full() bool { return w.n == len(w.msgs) }
+
+// Add queues b for to (the zero AddrPort on a connected socket). b must
+// stay untouched until Flush returns. Add on a full Writer panics.
+func (w *Writer) Add(b []byte, to netip.AddrPort) {
+	i := w.n
+	w.n++
+	w.iovs[i].Base = nil
+	if len(b) > 0 {
+		w.iovs[i].Base = &b[0]
+	}
+	w.iovs[i].SetLen(len(b))
+	w.dests[i] = to
+	m := &w.msgs[i].Hdr
+	*m = unix.Msghdr{Iov: &w.iovs[i]}
+	m.SetIovlen(1)
+	if to.IsValid() {
+		m.Name = (*byte)(unsafe.Pointer(&w.names[i]))
+		m.Namelen = encodeSockaddr(&w.names[i], to)
+	}
+}
+
+// Flush sends every queued datagram and empties the queue. It returns how
+// many were sent and the first error; a datagram whose send fails is
+// dropped, as a single failed send would be, and the rest still go, except
+// after net.ErrClosed.
+func (w *Writer) Flush() (sent int, err error) {
+	defer func() { w.n = 0 }()
+	for i := 0; i < w.n; {
+		j := i + 1
+		if w.gso {
+			j = w.run(i)
+		}
+		var n int
+		var e error
+		if j-i > 1 {
+			n, e = w.sendSegmented(i, j)
+			if e != nil && !errors.Is(e, net.ErrClosed) {
+				// Nothing went. Either the kernel refused segmentation, or
+				// the first datagram's error (e.g. a pending ICMP refusal)
+				// failed the whole run: send them one by one.
+				if w.refusedGSO(e, int(w.iovs[i].Len)) {
+					e = nil
+				}
+				var e2 error
+				if n, e2 = w.sendmmsg(i, j); e == nil {
+					e = e2
+				}
+			}
+		} else {
+			// A lone datagram, or no GSO: sendmmsg up to the next run.
+			if w.gso {
+				for j < w.n && w.run(j) == j+1 {
+					j++
+				}
+			} else {
+				j = w.n
+			}
+			n, e = w.sendmmsg(i, j)
+		}
+		sent += n
+		if e != nil && err == nil {
+			err = e
+		}
+		if errors.Is(e, net.ErrClosed) {
+			return sent, err
+		}
+		i = j
+	}
+	return sent, err
+}
+
+// refusedGSO reports whether err is the kernel refusing a segmented send
+// (rather than the datagrams' fate), and learns not to try it again.
+func (w *Writer) refusedGSO(err error, size int) bool {
+	switch {
+	case errors.Is(err, unix.EINVAL):
+		// Segments larger than the route's MTU, or more than the kernel's
+		// limit: smaller ones may still go.
+		w.gsoMax = size - 1
+		return true
+	case errors.Is(err, unix.EIO), errors.Is(err, unix.ENOPROTOOPT), errors.Is(err, unix.EOPNOTSUPP):
+		w.gso = false // no checksum offload, or no UDP_SEGMENT at all
+		return true
+	}
+	return false
+}
+
+// run returns the end of the run of datagrams starting at i that can go as
+// one segmented send: same destination, same size (the last may be
+// shorter), within the kernel's limits. Empty datagrams never join a run:
+// segmentation cannot produce them.
+func (w *Writer) run(i int) int {
+	size := w.iovs[i].Len
+	if size == 0 || int(size) > w.gsoMax {
+		return i + 1
+	}
+	total := size
+	j := i + 1
+	for ; j < w.n && j-i < maxSegments; j++ {
+		if w.dests[j] != w.dests[i] || w.iovs[j].Len > size || w.iovs[j].Len == 0 || total+w.iovs[j].Len > maxGSOBytes {
+			break
+		}
+		total += w.iovs[j].Len
+		if w.iovs[j].Len < size {
+			j++ // a shorter datagram ends the run
+			break
+		}
+	}
+	return j
+}
+
+func (w *Writer) sendSegmented(i, j int) (int, error) {
+	binary.NativeEndian.PutUint16(w.cmsg[unix.CmsgLen(0):], uint16(w.iovs[i].Len))
+	m := &w.msgs[i].Hdr
+	m.Iov = &w.iovs[i]
+	m.SetIovlen(j - i)
+	m.Control = &w.cmsg[0]
+	m.SetControllen(len(w.cmsg))
+	w.from, w.upto = i, i+1
+	err := w.do()
+	m.SetIovlen(1)
+	m.Control = nil
+	m.SetControllen(0)
+	if err != nil {
+		return 0, err
+	}
+	w.segmented++
+	return j - i, nil
+}
+
+// sendmmsg sends msgs[i:j], dropping any the kernel refuses; it returns
+// the count sent and the first error.
+func (w *Writer) sendmmsg(i, j int) (sent int, err error) {
+	for i < j {
+		w.from, w.upto = i, j
+		if e := w.do(); e != nil {
+			if err == nil {
+				err = e
+			}
+			if errors.Is(e, net.ErrClosed) {
+				return sent, err
+			}
+			i++ // sendmmsg reports an error only for the first datagram
+			continue
+		}
+		sent += w.sent
+		i += w.sent
+	}
+	return sent, err
+}
+
+// do runs one sendmmsg of msgs[from:upto] through the poller.
+func (w *Writer) do() error {
+	w.sent, w.err = 0, nil
+	if err := w.rc.Write(w.writeFn); err != nil {
+		return err
+	}
+	return w.err
+}
+
+func (w *Writer) write(fd uintptr) bool {
+	n, e := mmsg(unix.SYS_SENDMMSG, fd, w.msgs[w.from:w.upto])
+	switch e {
+	case unix.EAGAIN:
+		return false
+	case 0:
+		w.sent = n
+	default:
+		w.err = e
+	}
+	return true
+}
+
+// mmsg is one non-blocking recvmmsg or sendmmsg (trap) of msgs on fd, made
+// raw (see the package comment). An interrupted call, not expected when
+// nothing blocks, is made again rather than reported.
+func mmsg(trap, fd uintptr, msgs []unix.Mmsghdr) (int, unix.Errno) {
+	for {
+		n, _, e := unix.RawSyscall6(trap, fd, uintptr(unsafe.Pointer(&msgs[0])), uintptr(len(msgs)), unix.MSG_DONTWAIT, 0, 0)
+		if e != unix.EINTR {
+			return int(n), e
+		}
+	}
+}
+
+func decodeSockaddr(sa *unix.RawSockaddrInet6) netip.AddrPort {
+	switch sa.Family {
+	case unix.AF_INET:
+		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:])
+		return netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), port)
+	case unix.AF_INET6:
+		port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
+		a := netip.AddrFrom16(sa.Addr)
+		if a.Is4In6() {
+			return netip.AddrPortFrom(a.Unmap(), port)
+		}
+		if sa.Scope_id != 0 {
+			a = a.WithZone(strconv.FormatUint(uint64(sa.Scope_id), 10))
+		}
+		return netip.AddrPortFrom(a, port)
+	}
+	return netip.AddrPort{}
+}
+
+// encodeSockaddr writes ap as AF_INET for an IPv4 address (which Linux
+// takes on IPv4 and dual-stack sockets alike) and AF_INET6 otherwise.
+func encodeSockaddr(sa *unix.RawSockaddrInet6, ap netip.AddrPort) uint32 {
+	*sa = unix.RawSockaddrInet6{}
+	if ap.Addr().Is4() {
+		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		sa4.Family = unix.AF_INET
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:], ap.Port())
+		sa4.Addr = ap.Addr().As4()
+		return unix.SizeofSockaddrInet4
+	}
+	sa.Family = unix.AF_INET6
+	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], ap.Port())
+	sa.Addr = ap.Addr().As16()
+	if z := ap.Addr().Zone(); z != "" {
+		if id, err := strconv.ParseUint(z, 10, 32); err == nil {
+			sa.Scope_id = uint32(id)
+		} else if ifi, err := net.InterfaceByName(z); err == nil {
+			sa.Scope_id = uint32(ifi.Index)
+		}
+	}
+	return unix.SizeofSockaddrInet6
+}

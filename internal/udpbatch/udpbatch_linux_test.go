@@ -1,0 +1,109 @@
+package udpbatch
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"syscall"
+	"testing"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
+)
+
+// impls: the system-call batching Reader and Writer, and the portable
+// ones other systems get, tested here too.
+var impls = []impl{native, portable}
+
+// portable is the fallback, built on every system.
+var portable = impl{
+	name: "portable",
+	newReader: func(c *net.UDPConn, slots [][]byte, headroom int, wantAddr bool) (reader, error) {
+		return newPortableReader(c, slots, headroom, wantAddr)
+	},
+	newWriter: func(c *net.UDPConn, size int) (writer, error) { return newPortableWriter(c, size) },
+}
+
+// A run of equal datagrams to one peer goes as one segmented send
+// (UDP_SEGMENT), and one Read takes every datagram waiting (recvmmsg).
+func TestBatchesPerSystemCall(t *testing.T) {
+	dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	src := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	w, err := NewWriter(src, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		w.Add(make([]byte, 1200), udpAddr(dst))
+	}
+	if sent, err := w.Flush(); err != nil || sent != 5 {
+		t.Fatalf("Flush = %d, %v", sent, err)
+	}
+	if w.segmented != 1 {
+		t.Errorf("five equal datagrams to one peer went in %d segmented sends, want 1", w.segmented)
+	}
+	r, err := NewReader(dst, slots(8, 2048), 0, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// On loopback the datagrams are queued before Flush returns.
+	if n, err := r.Read(); err != nil || n != 5 {
+		t.Fatalf("Read = %d, %v; want the 5 waiting datagrams at once", n, err)
+	}
+}
+
+// A refused send (the ICMP port unreachable of an earlier datagram,
+// pending on a connected socket) drops that datagram only; Flush reports
+// the error and still sends the rest.
+func TestFlushGoesOnAfterARefusedDatagram(t *testing.T) {
+	forEachImpl(t, func(t *testing.T, im impl) {
+		dead := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+		deadAddr := dead.LocalAddr().(*net.UDPAddr)
+		dead.Close()
+		src, err := net.DialUDP("udp4", nil, deadAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer src.Close()
+		src.Write([]byte("provoke the ICMP error")) // on loopback it is queued before Write returns
+		w := im.writer(t, src, 4)
+		for i := range 4 {
+			w.Add([]byte{byte(i), 1, 2}, netip.AddrPort{})
+		}
+		sent, err := w.Flush()
+		if sent < 1 || !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("Flush = %d, %v; want ECONNREFUSED and the datagrams after it sent", sent, err)
+		}
+	})
+}
+
+// A batch allocates nothing, written or read (the portable kind too, on
+// Linux at least).
+func TestNoAllocations(t *testing.T) {
+	forEachImpl(t, func(t *testing.T, im impl) {
+		dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+		src := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+		w := im.writer(t, src, 8)
+		r := im.reader(t, dst, slots(8, 2048), 64, true)
+		to := udpAddr(dst)
+		payload := make([]byte, 1200)
+		allocs := testing.AllocsPerRun(200, func() {
+			for range 8 {
+				w.Add(payload, to)
+			}
+			w.Flush()
+			for got := 0; got < 8; {
+				n, err := r.Read()
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := range n {
+					_ = r.Addr(i)
+				}
+				got += n
+			}
+		})
+		if allocs != 0 {
+			t.Fatalf("%.1f allocations per batch, want 0", allocs)
+		}
+	})
+}
