@@ -1,38 +1,19 @@
 // Package sockbuf sizes socket buffers. UDP relay sockets are enlarged: a
 // relay that falls behind for a moment loses datagrams at its own socket
-// when the buffers are the kernel's default (about 208 KiB); root may exceed
-// net.core.rmem_max with SO_RCVBUFFORCE, others get what the sysctl allows.
-// TCP sockets to a peer on this host are capped instead (LoopbackTCPSize).
+// when the buffers are the system's default (about 208 KiB on Linux); on
+// Linux root may exceed net.core.rmem_max with SO_RCVBUFFORCE, others get
+// what the sysctl allows. TCP sockets to a peer on this host are capped
+// instead (LoopbackTCPSize), on Linux, where that was measured.
 package sockbuf
 
-import (
-	"net"
-	"net/netip"
-	"strings"
-	"syscall"
-
-	"golang.org/x/sys/unix"
-)
+import "net/netip"
 
 // Size is what UDP relay sockets ask for in each direction.
 const Size = 4 << 20
 
-// Grow sets c's receive and send buffers to Size, forcing past the sysctl
-// limits where the process may; errors are ignored (the default still
-// works, only with more loss under bursts).
-func Grow(c *net.UDPConn) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return
-	}
-	rc.Control(func(fd uintptr) {
-		for _, opt := range [][2]int{{unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}, {unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}} {
-			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[0], Size) != nil {
-				unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[1], Size)
-			}
-		}
-	})
-}
+// minGrowSize is the smallest size growTo tries: below it a system's
+// default is as good.
+const minGrowSize = 64 << 10
 
 // LoopbackTCPSize is what a TCP socket whose peer is on this host asks for
 // in each direction (the kernel doubles it for its bookkeeping). Over
@@ -45,20 +26,17 @@ func Grow(c *net.UDPConn) {
 // path's throughput at the buffer per round trip.
 const LoopbackTCPSize = 128 << 10
 
-// CapLoopbackTCP is a Control hook for net.Dialer and net.ListenConfig: a
-// TCP socket that connects to, or listens on, a loopback address gets
-// LoopbackTCPSize buffers; anything else is left alone. Connections a
-// listener accepts inherit its buffer sizes, so a loopback listener costs
-// nothing per connection. A socket option that fails leaves the kernel's
-// default, which works, only slower; it is not an error.
-func CapLoopbackTCP(network, address string, c syscall.RawConn) error {
-	if !strings.HasPrefix(network, "tcp") || !isLoopback(address) {
-		return nil
+// growTo asks set for Size, then half as much each time the system
+// refuses, down to minGrowSize: the BSDs refuse a buffer above their
+// limit (kern.ipc.maxsockbuf) where Linux clamps it. It returns the size
+// set took, or 0 when it took none.
+func growTo(set func(bytes int) error) int {
+	for n := Size; n >= minGrowSize; n /= 2 {
+		if set(n) == nil {
+			return n
+		}
 	}
-	return c.Control(func(fd uintptr) {
-		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, LoopbackTCPSize)
-		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, LoopbackTCPSize)
-	})
+	return 0
 }
 
 // isLoopback reports whether an "ip:port" names a loopback address; a name,

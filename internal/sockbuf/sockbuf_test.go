@@ -1,12 +1,8 @@
 package sockbuf
 
 import (
-	"context"
-	"net"
-	"syscall"
+	"errors"
 	"testing"
-
-	"golang.org/x/sys/unix"
 )
 
 func TestIsLoopback(t *testing.T) {
@@ -31,72 +27,34 @@ func TestIsLoopback(t *testing.T) {
 	}
 }
 
-// buffers returns a socket's SO_RCVBUF and SO_SNDBUF as the kernel
-// reports them (twice what was asked for).
-func buffers(t *testing.T, c syscall.Conn) (rcv, snd int) {
-	t.Helper()
-	rc, err := c.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc.Control(func(fd uintptr) {
-		rcv, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF)
-		snd, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF)
-	})
-	return rcv, snd
-}
-
-// Both ends of a loopback connection are capped: the dialed one by the
-// hook, the accepted one by inheriting the listener's sizes.
-func TestCapLoopbackTCP(t *testing.T) {
-	lc := net.ListenConfig{Control: CapLoopbackTCP}
-	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	d := net.Dialer{Control: CapLoopbackTCP}
-	dialed, err := d.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dialed.Close()
-	accepted, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer accepted.Close()
-	for name, c := range map[string]net.Conn{"dialed": dialed, "accepted": accepted} {
-		if rcv, snd := buffers(t, c.(syscall.Conn)); rcv != 2*LoopbackTCPSize || snd != 2*LoopbackTCPSize {
-			t.Errorf("%s conn: SO_RCVBUF %d, SO_SNDBUF %d; want %d each", name, rcv, snd, 2*LoopbackTCPSize)
+// growTo settles on the largest size the system takes, halving from Size,
+// and gives up below minGrowSize.
+func TestGrowTo(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		limit int // the largest size the fake system takes
+		want  int
+	}{
+		{"takes Size", Size, Size},
+		{"clamps silently", 1 << 40, Size}, // as Linux does
+		{"refuses above 2 MiB", 2 << 20, 2 << 20},
+		{"refuses 2 MiB", 1864135, 1 << 20}, // FreeBSD by default: kern.ipc.maxsockbuf 2 MiB, less its overhead
+		{"takes only the smallest", minGrowSize, minGrowSize},
+		{"takes nothing", minGrowSize - 1, 0},
+	} {
+		var asked []int
+		got := growTo(func(n int) error {
+			asked = append(asked, n)
+			if n > tc.limit {
+				return errors.New("no buffer space available")
+			}
+			return nil
+		})
+		if got != tc.want {
+			t.Errorf("%s: growTo = %d after asking %v, want %d", tc.name, got, asked, tc.want)
 		}
-	}
-
-	// Without the hook, the listener's conns keep the kernel's defaults.
-	plain, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer plain.Close()
-	c, err := net.Dial("tcp", plain.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if rcv, _ := buffers(t, c.(syscall.Conn)); rcv == 2*LoopbackTCPSize {
-		t.Errorf("a conn dialed without the hook has SO_RCVBUF %d too", rcv)
-	}
-}
-
-// UDP sockets are not TCP's business: the hook leaves them alone.
-func TestCapLoopbackTCPIgnoresUDP(t *testing.T) {
-	lc := net.ListenConfig{Control: CapLoopbackTCP}
-	pc, err := lc.ListenPacket(context.Background(), "udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	if rcv, _ := buffers(t, pc.(syscall.Conn)); rcv == 2*LoopbackTCPSize {
-		t.Errorf("UDP socket got SO_RCVBUF %d", rcv)
+		if len(asked) > 7 {
+			t.Errorf("%s: asked %d times: %v", tc.name, len(asked), asked)
+		}
 	}
 }
