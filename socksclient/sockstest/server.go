@@ -15,9 +15,8 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
+	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
@@ -444,7 +443,7 @@ func (s *Server) serveAssociate(c net.Conn) {
 
 // udpSlowRelayPause is what UDPSlowRelay spends on each datagram: about
 // 25 000 datagrams a second at most, far below a burst's pace.
-var udpSlowRelayPause = unix.NsecToTimespec(40_000)
+const udpSlowRelayPause = 40 * time.Microsecond
 
 func (s *Server) relayUDP(pc, stranger *net.UDPConn, ctrl net.Conn) {
 	buf := make([]byte, socksclient.MaxUDPHeaderLen+65536)
@@ -475,7 +474,7 @@ func (s *Server) relayUDP(pc, stranger *net.UDPConn, ctrl net.Conn) {
 			}
 			pc.WriteToUDPAddrPort(pkt[hlen:], dst)
 			if s.cfg.UDPSlowRelay {
-				unix.Nanosleep(&udpSlowRelayPause, nil)
+				testnet.Nap(udpSlowRelayPause)
 			}
 			requests++
 			if s.cfg.UDPCloseControlAfter > 0 && requests >= s.cfg.UDPCloseControlAfter {
