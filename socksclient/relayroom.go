@@ -6,8 +6,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/socksfwd/socksfwd/internal/sockdiag"
 )
 
@@ -22,15 +20,16 @@ import (
 // and there the kernel can say how full the relay's socket is. So a batch
 // for a relay on a loopback address waits until the relay has room for it,
 // as a write waits for room in a full socket buffer; what cannot wait stays
-// in our own (larger) receive buffer, or is dropped there.
+// in our own (larger) receive buffer, or is dropped there. Only Linux
+// tells (sock_diag); elsewhere there is no flow control.
 
 const (
 	// A waiting batch sleeps relayPoll before it looks again, then twice
 	// as long each time up to relayPollMax: a slow relay costs a few looks
 	// a wait, and a sleep overshoots a relay's room by little next to the
-	// couple of milliseconds a default buffer lasts. The thread sleeps
-	// (nanosleep): Go's timers wait at least about a millisecond in an
-	// otherwise idle process.
+	// couple of milliseconds a default buffer lasts. On Linux the thread
+	// sleeps (nanosleep): Go's timers wait at least about a millisecond in
+	// an otherwise idle process.
 	relayPoll    = 50 * time.Microsecond
 	relayPollMax = 200 * time.Microsecond
 	// A wait ends after relayWaitMax, plus the time a quarter of the
@@ -45,7 +44,8 @@ const (
 )
 
 // diagQuerier is the process's one netlink socket for looking at relays;
-// nil where the kernel does not answer (no sock_diag, or a sandbox).
+// nil where the kernel does not answer (no sock_diag, or a sandbox, or not
+// Linux).
 var diagQuerier = sync.OnceValue(func() *sockdiag.Querier {
 	q, err := sockdiag.Open()
 	if err != nil {
@@ -54,22 +54,32 @@ var diagQuerier = sync.OnceValue(func() *sockdiag.Querier {
 	return q
 })
 
+// relayProbe reads a relay socket's receive memory: *sockdiag.Querier, or
+// a fake in tests.
+type relayProbe interface {
+	UDPReceiver(from, to netip.AddrPort) (sockdiag.Mem, error)
+}
+
 // relayRoom keeps one association's batches within its relay's free
 // receive buffer. It belongs to the batch's goroutine.
 type relayRoom struct {
-	q        *sockdiag.Querier
+	probe    relayProbe
 	from, to netip.AddrPort
 	stats    *UDPStats
 	// credit is what the relay could still take at the last look, less
 	// what was sent since. Sends within it need no look.
 	credit     int
 	pauseUntil time.Time
-	nap        unix.Timespec
+	nap        relayNap
+	// sleep, when set, replaces nap between looks (tests: a clock they
+	// control, or a relay that reads while the batch waits).
+	sleep func(time.Duration)
 }
 
 // newRelayRoom returns flow control for datagrams from `from` to a relay
 // at `to`, or nil when the relay is not on a loopback address or the
-// kernel cannot find its socket (another namespace, a NAT rule).
+// kernel cannot find its socket (another namespace, a NAT rule, a system
+// without sock_diag).
 func newRelayRoom(from, to netip.AddrPort, stats *UDPStats) *relayRoom {
 	if !to.Addr().Unmap().IsLoopback() {
 		return nil
@@ -78,11 +88,17 @@ func newRelayRoom(from, to netip.AddrPort, stats *UDPStats) *relayRoom {
 	if q == nil {
 		return nil
 	}
-	m, err := q.UDPReceiver(from, to)
+	return probeRelayRoom(q, from, to, stats)
+}
+
+// probeRelayRoom returns flow control through probe, or nil when it cannot
+// see the relay's socket.
+func probeRelayRoom(probe relayProbe, from, to netip.AddrPort, stats *UDPStats) *relayRoom {
+	m, err := probe.UDPReceiver(from, to)
 	if err != nil {
 		return nil
 	}
-	return &relayRoom{q: q, from: from, to: to, stats: stats, credit: m.Limit - m.Queued}
+	return &relayRoom{probe: probe, from: from, to: to, stats: stats, credit: m.Limit - m.Queued}
 }
 
 // wait returns when the relay can take need more bytes (as the kernel
@@ -92,14 +108,14 @@ func (r *relayRoom) wait(need int) {
 		r.credit -= need
 		return
 	}
-	if r.q == nil || (!r.pauseUntil.IsZero() && time.Now().Before(r.pauseUntil)) {
+	if r.probe == nil || (!r.pauseUntil.IsZero() && time.Now().Before(r.pauseUntil)) {
 		return
 	}
 	var deadline time.Time
 	for nap := relayPoll; ; nap = min(2*nap, relayPollMax) {
-		m, err := r.q.UDPReceiver(r.from, r.to)
+		m, err := r.probe.UDPReceiver(r.from, r.to)
 		if err != nil {
-			r.q = nil // the relay's socket is gone, or the kernel stopped answering
+			r.probe = nil // the relay's socket is gone, or the kernel stopped answering
 			return
 		}
 		if free := m.Limit - m.Queued; need <= free || m.Queued == 0 {
@@ -110,13 +126,16 @@ func (r *relayRoom) wait(need int) {
 		if deadline.IsZero() {
 			deadline = now.Add(relayWaitMax + time.Duration(m.Limit/4)*time.Second/relayMinDrain)
 			r.stats.RelayWaits.Add(1)
-		} else if now.After(deadline) {
+		} else if !now.Before(deadline) { // at it exactly, a nap of 0 would spin
 			r.stats.RelayStalls.Add(1)
 			r.credit, r.pauseUntil = 0, now.Add(relayStallPause)
 			return
 		}
-		r.nap = unix.NsecToTimespec(int64(min(nap, deadline.Sub(now))))
-		unix.Nanosleep(&r.nap, nil)
+		if d := min(nap, deadline.Sub(now)); r.sleep != nil {
+			r.sleep(d)
+		} else {
+			r.nap.sleep(d)
+		}
 	}
 }
 

@@ -1,111 +1,197 @@
 package socksclient
 
 import (
+	"errors"
 	"net"
 	"net/netip"
-	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/socksfwd/socksfwd/internal/sockdiag"
 	"github.com/socksfwd/socksfwd/internal/testnet"
-	"github.com/socksfwd/socksfwd/internal/udpbatch"
 )
-
-// relayPair is a "relay" socket with a small receive buffer and a client
-// socket connected to it, with flow control between them.
-func relayPair(t *testing.T) (relay, client *net.UDPConn, room *relayRoom, stats *UDPStats) {
-	t.Helper()
-	relay = testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
-	relay.SetReadBuffer(32 << 10) // the kernel doubles it: room for ~27 datagrams of 1200 bytes
-	client, err := net.DialUDP("udp4", nil, relay.LocalAddr().(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close() })
-	stats = new(UDPStats)
-	room = newRelayRoom(addrPort(client), addrPort(relay), stats)
-	if room == nil {
-		t.Fatal("no flow control toward a relay on 127.0.0.1")
-	}
-	return relay, client, room, stats
-}
 
 func addrPort(c *net.UDPConn) netip.AddrPort { return c.LocalAddr().(*net.UDPAddr).AddrPort() }
 
-// sendBatches sends n datagrams of size bytes in batches of 8, each batch
-// waiting for room first, as UDPBatch.Flush does.
-func sendBatches(t *testing.T, client *net.UDPConn, room *relayRoom, n, size int) {
+// fakeRelay is a relay's socket as the probe sees it: limit bytes of
+// buffer, queued of them taken, read at drainRate bytes a second of
+// synctest's clock.
+type fakeRelay struct {
+	limit, queued int
+	drainRate     int
+	last          time.Time
+	looks         int
+	err           error // what the next look fails with
+}
+
+func newFakeRelay(limit, queued, drainRate int) *fakeRelay {
+	return &fakeRelay{limit: limit, queued: queued, drainRate: drainRate, last: time.Now()}
+}
+
+func (f *fakeRelay) UDPReceiver(from, to netip.AddrPort) (sockdiag.Mem, error) {
+	f.looks++
+	if f.err != nil {
+		return sockdiag.Mem{}, f.err
+	}
+	f.advance()
+	return sockdiag.Mem{Queued: f.queued, Limit: f.limit}, nil
+}
+
+func (f *fakeRelay) advance() {
+	now := time.Now()
+	f.queued = max(0, f.queued-int(now.Sub(f.last).Seconds()*float64(f.drainRate)))
+	f.last = now
+}
+
+// send is a batch of n bytes arriving, after its wait.
+func (f *fakeRelay) send(n int) {
+	f.advance()
+	f.queued += n
+}
+
+// fakeRoom is flow control toward f whose naps are synctest's sleeps,
+// bounded in number.
+func fakeRoom(t *testing.T, f *fakeRelay) (*relayRoom, *UDPStats) {
 	t.Helper()
-	w, err := udpbatch.NewWriter(client, 8)
-	if err != nil {
-		t.Fatal(err)
+	stats := new(UDPStats)
+	room := probeRelayRoom(f, netip.MustParseAddrPort("127.0.0.1:40000"), netip.MustParseAddrPort("127.0.0.1:1080"), stats)
+	if room == nil {
+		t.Fatal("no flow control through a probe that answers")
 	}
-	payload := make([]byte, size)
-	for sent := 0; sent < n; {
-		need := 0
-		for ; sent < n && !w.Full(); sent++ {
-			w.Add(payload, netip.AddrPort{})
-			need += chargedSize(size)
+	naps := 0
+	room.sleep = func(d time.Duration) {
+		// A wait naps a few dozen times at most before it stalls.
+		if naps++; naps > 10000 {
+			t.Fatalf("%d naps: the wait spins (this nap: %v)", naps, d)
 		}
-		room.wait(need)
-		if _, err := w.Flush(); err != nil {
-			t.Fatalf("flush: %v", err)
-		}
+		time.Sleep(d)
 	}
+	return room, stats
 }
 
-// A burst far larger than the relay's buffer, toward a relay that reads
-// slowly, arrives whole: batches wait for room instead of overflowing it.
-func TestRelayRoomHoldsBatchesBack(t *testing.T) {
-	relay, client, room, stats := relayPair(t)
-	const total = 1000
-	var got atomic.Int64
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 2048)
-		pause := unix.NsecToTimespec(20_000) // ~20 µs a datagram: far slower than the sender
-		relay.SetReadDeadline(time.Now().Add(10 * time.Second))
-		for got.Load() < total {
-			if _, err := relay.Read(buf); err != nil {
-				return
+const batch = 8 * 2368 // eight datagrams of 1200 bytes, as charged
+
+// Batches within the room the relay had at the last look go without
+// another look; the first beyond it looks again.
+func TestRelayRoomCredit(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeRelay(4*batch, 0, 0)
+		room, stats := fakeRoom(t, f)
+		for range 4 {
+			room.wait(batch)
+			f.send(batch)
+		}
+		if f.looks != 1 || stats.RelayWaits.Load() != 0 {
+			t.Fatalf("%d looks and %d waits for four batches that fit, want the first look only", f.looks, stats.RelayWaits.Load())
+		}
+		f.queued = 0 // the relay read everything
+		room.wait(batch)
+		if f.looks != 2 || stats.RelayWaits.Load() != 0 {
+			t.Fatalf("%d looks and %d waits for a fifth batch the relay has room for again, want one more look, no wait", f.looks, stats.RelayWaits.Load())
+		}
+	})
+}
+
+// A batch for a full relay waits until the relay has read enough for it,
+// and no longer: it never lands in a buffer without room for it.
+func TestRelayRoomWaitsForRoom(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeRelay(64<<10, 64<<10, 4<<20)
+		room, stats := fakeRoom(t, f)
+		start := time.Now()
+		for range 100 {
+			room.wait(batch)
+			f.send(batch)
+			if f.queued > f.limit {
+				t.Fatalf("a batch went with %d bytes queued in a %d-byte buffer", f.queued-batch, f.limit)
 			}
-			got.Add(1)
-			unix.Nanosleep(&pause, nil)
 		}
-	}()
-	sendBatches(t, client, room, total, 1200)
-	<-done
-
-	if stats.RelayWaits.Load() == 0 {
-		t.Fatal("no batch waited: the burst never filled the relay's buffer")
-	}
-	if stalls := stats.RelayStalls.Load(); stalls > 0 {
-		// The reader made no room for relayWaitMax (a starved test
-		// machine): flow control gave up as designed, so some loss is
-		// expected.
-		t.Logf("%d stalls; %d of %d arrived", stalls, got.Load(), total)
-		return
-	}
-	if got.Load() != total {
-		t.Fatalf("%d of %d datagrams arrived", got.Load(), total)
-	}
+		elapsed := time.Since(start)
+		if stats.RelayWaits.Load() < 90 || stats.RelayStalls.Load() != 0 {
+			t.Fatalf("%d waits and %d stalls for 100 batches into a full relay, want a wait for nearly each and no stall",
+				stats.RelayWaits.Load(), stats.RelayStalls.Load())
+		}
+		// The batches went at the relay's pace: no faster, and no slower than
+		// a nap's overshoot per batch.
+		pace := time.Duration(100*batch) * time.Second / time.Duration(f.drainRate)
+		if elapsed < pace-time.Duration(f.limit)*time.Second/time.Duration(f.drainRate) || elapsed > pace+100*relayPollMax {
+			t.Fatalf("100 batches took %v; the relay reads them in %v", elapsed, pace)
+		}
+	})
 }
 
-// A relay that never reads stalls one wait; for relayStallPause after it,
-// batches go at once (and the relay drops them) instead of each waiting.
-func TestRelayRoomStalledRelay(t *testing.T) {
-	_, client, room, stats := relayPair(t)
-	sendBatches(t, client, room, 400, 1200) // 15 times what fits
-	if w, s := stats.RelayWaits.Load(), stats.RelayStalls.Load(); w != 1 || s != 1 {
-		t.Fatalf("%d waits and %d stalls, want one each", w, s)
+// A relay that makes no room stalls the wait after relayWaitMax and the
+// time a quarter of its buffer takes at relayMinDrain; for
+// relayStallPause after that, batches go at once without a look; then
+// flow control looks again.
+func TestRelayRoomStall(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeRelay(64<<10, 64<<10, 0)
+		room, stats := fakeRoom(t, f)
+		start := time.Now()
+		room.wait(batch)
+		waited := time.Since(start)
+		limit := relayWaitMax + time.Duration(f.limit/4)*time.Second/relayMinDrain
+		if stats.RelayWaits.Load() != 1 || stats.RelayStalls.Load() != 1 || waited < limit || waited > limit+relayPollMax {
+			t.Fatalf("%d waits, %d stalls after %v; want one each after %v", stats.RelayWaits.Load(), stats.RelayStalls.Load(), waited, limit)
+		}
+		looks := f.looks
+		time.Sleep(relayStallPause - time.Millisecond)
+		room.wait(batch)
+		if f.looks != looks || stats.RelayWaits.Load() != 1 {
+			t.Fatalf("a batch during the pause after a stall looked or waited")
+		}
+		time.Sleep(time.Millisecond)
+		f.queued = 0
+		room.wait(batch)
+		if f.looks != looks+1 {
+			t.Fatalf("after the pause: %d looks, want %d", f.looks, looks+1)
+		}
+	})
+}
+
+// A batch larger than the relay's whole buffer goes once the buffer is
+// empty: waiting longer would never make room.
+func TestRelayRoomBatchLargerThanBuffer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeRelay(16<<10, 0, 4<<20)
+		room, stats := fakeRoom(t, f)
+		room.wait(batch)
+		if stats.RelayWaits.Load() != 0 {
+			t.Fatal("a batch waited for an empty relay")
+		}
+		f.send(batch)
+		room.wait(batch)
+		if f.queued != 0 || stats.RelayWaits.Load() != 1 || stats.RelayStalls.Load() != 0 {
+			t.Fatalf("%d bytes queued, %d waits, %d stalls; want one wait until the relay was empty",
+				f.queued, stats.RelayWaits.Load(), stats.RelayStalls.Load())
+		}
+	})
+}
+
+// When the probe stops answering (the relay's socket is gone), flow
+// control turns off for good: no more looks, no waits.
+func TestRelayRoomProbeFails(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeRelay(64<<10, 64<<10, 0)
+		room, stats := fakeRoom(t, f)
+		f.err = sockdiag.ErrNoSocket
+		room.wait(batch)
+		room.wait(batch)
+		if f.looks != 2 || stats.RelayWaits.Load() != 0 {
+			t.Fatalf("%d looks and %d waits, want one failed look after the first and no wait", f.looks, stats.RelayWaits.Load())
+		}
+	})
+	f := newFakeRelay(0, 0, 0)
+	f.err = errors.New("no answer")
+	if probeRelayRoom(f, netip.AddrPort{}, netip.AddrPort{}, new(UDPStats)) != nil {
+		t.Fatal("flow control through a probe that cannot see the relay")
 	}
 }
 
 // Only a relay on a loopback address whose socket the kernel can find is
-// flow-controlled.
+// flow-controlled (and none where the kernel cannot tell: not Linux).
 func TestNewRelayRoom(t *testing.T) {
 	from := netip.MustParseAddrPort("127.0.0.1:40000")
 	if newRelayRoom(from, netip.MustParseAddrPort("192.0.2.1:1080"), new(UDPStats)) != nil {
@@ -116,31 +202,5 @@ func TestNewRelayRoom(t *testing.T) {
 	gone.Close()
 	if newRelayRoom(from, to, new(UDPStats)) != nil {
 		t.Error("flow control toward a port nobody has bound")
-	}
-}
-
-// chargedSize never underestimates what the kernel charges the receiving
-// socket for a datagram over loopback.
-func TestChargedSize(t *testing.T) {
-	q := diagQuerier()
-	if q == nil {
-		t.Fatal("no socket diagnostics on this kernel")
-	}
-	for _, size := range []int{1, 64, 512, 1210, 1472, 4000, 9000, 30000} {
-		rx := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
-		tx, err := net.DialUDP("udp4", nil, rx.LocalAddr().(*net.UDPAddr))
-		if err != nil {
-			t.Fatal(err)
-		}
-		tx.Write(make([]byte, size))
-		m, err := q.UDPReceiver(addrPort(tx), addrPort(rx))
-		tx.Close()
-		rx.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if m.Queued > chargedSize(size) {
-			t.Errorf("a %d-byte datagram is charged %d bytes, chargedSize says %d", size, m.Queued, chargedSize(size))
-		}
 	}
 }
