@@ -10,6 +10,9 @@ BIN      := bin
 # duration expires (golang/go#75804, fixed in 1.27). ~10 s per target here.
 FUZZTIME ?= 200000x
 
+# Systems every package (tests included) must build and vet for.
+CROSS    := linux/arm64 darwin/arm64 windows/amd64 freebsd/amd64
+
 # command → Debian package, for everything the tests start or drive.
 PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:openssh-client \
 	ss-server:shadowsocks-libev dnsmasq:dnsmasq-base dig:dnsutils kdig:knot-dnsutils dnsperf:dnsperf \
@@ -17,7 +20,7 @@ PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:opens
 	redsocks:redsocks nft:nftables \
 	/usr/lib/postgresql/15/bin/initdb:postgresql
 
-.PHONY: all build test demo bench fuzz lint deps peer-versions clean
+.PHONY: all build test cross demo bench fuzz lint deps peer-versions clean
 
 all: build
 
@@ -50,6 +53,14 @@ peer-versions:
 test: deps peer-versions
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./...
+
+# Build and vet ./... for each of CROSS; stops at the first target that
+# fails, naming it. Silent when all pass but for one line.
+cross:
+	@for t in $(CROSS); do \
+	  export GOOS=$${t%/*} GOARCH=$${t#*/} CGO_ENABLED=0; \
+	  $(GO) build ./... && $(GO) vet ./... || { echo "cross: $$t fails (above)" >&2; exit 1; }; \
+	done; echo "cross: build and vet pass for $(CROSS)"
 
 demo: deps build
 	$(GO) run ./cmd/socksbench demo
