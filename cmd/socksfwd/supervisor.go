@@ -104,8 +104,8 @@ loop:
 
 // configureUpstreams applies what the plan says of failover.
 func (s *supervisor) configureUpstreams(p *plan) {
-	pendingUps(s.ups).SetHedgeDelay(time.Duration(p.cfg.HedgeDelay))
-	pendingUps(s.ups).OnStateChange(func(proxy string, up bool, cause error) {
+	s.ups.SetHedgeDelay(time.Duration(p.cfg.HedgeDelay))
+	s.ups.OnStateChange(func(proxy string, up bool, cause error) {
 		if up {
 			s.log.Info().Str("upstream", proxy).Msg("upstream is back")
 			return
@@ -232,12 +232,13 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 
 func (s *supervisor) newForwarder(d *dnsPlan) (*dnsforward.Forwarder, error) {
 	return dnsforward.New(dnsforward.Config{
-		Resolvers: d.resolvers,
-		Upstreams: s.ups,
-		Timeout:   d.timeout,
-		CacheSize: d.cacheSize,
-		Transport: d.transport,
-		Logger:    s.log,
+		Resolvers:     d.resolvers,
+		Upstreams:     s.ups,
+		Timeout:       d.timeout,
+		CacheSize:     d.cacheSize,
+		Transport:     d.transport,
+		MaxConcurrent: d.maxInFlight,
+		Logger:        s.log,
 	})
 }
 
@@ -275,11 +276,11 @@ func (s *supervisor) reloadNow() {
 	// From here on nothing fails.
 	var changes []string
 	if !sameDialers(old.dialers, p.dialers) {
-		pendingUps(s.ups).SetDialers(p.dialers...)
+		s.ups.SetDialers(p.dialers...)
 		changes = append(changes, fmt.Sprintf("upstreams [%s] → [%s]", redactedServers(old.cfg.Server), redactedServers(p.cfg.Server)))
 	}
 	if old.cfg.HedgeDelay != p.cfg.HedgeDelay {
-		pendingUps(s.ups).SetHedgeDelay(time.Duration(p.cfg.HedgeDelay))
+		s.ups.SetHedgeDelay(time.Duration(p.cfg.HedgeDelay))
 		changes = append(changes, fmt.Sprintf("hedge-delay %s → %s", time.Duration(old.cfg.HedgeDelay), time.Duration(p.cfg.HedgeDelay)))
 	}
 	if old.logLevel != p.logLevel {
@@ -361,7 +362,7 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 				s.log.Error().Err(err).Str("listener", key).Msg("reload: DNS settings not applied")
 				return changes
 			}
-			pendingSvc(svc).SetForwarder(fwd)
+			svc.SetForwarder(fwd)
 			changes = append(changes, key+" resolvers, transport, timeout or cache")
 		}
 	}

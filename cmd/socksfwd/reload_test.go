@@ -1,0 +1,658 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
+)
+
+// daemon is socksfwd run in-process by runWith, with signals fed by the
+// test and every log line parsed, so a test waits for what the log says
+// (readiness) instead of sleeping.
+type daemon struct {
+	t    *testing.T
+	sigs chan os.Signal
+	exit chan int
+
+	mu    sync.Mutex
+	lines []map[string]any
+	added chan struct{} // a line arrived
+}
+
+func startDaemon(t *testing.T, args ...string) *daemon {
+	t.Helper()
+	d := &daemon{t: t, sigs: make(chan os.Signal, 4), exit: make(chan int, 1), added: make(chan struct{}, 1)}
+	pr, pw := io.Pipe()
+	scanned := make(chan struct{})
+	go func() {
+		defer close(scanned)
+		sc := bufio.NewScanner(pr)
+		sc.Buffer(nil, 1<<20)
+		for sc.Scan() {
+			var m map[string]any
+			if json.Unmarshal(sc.Bytes(), &m) != nil {
+				m = map[string]any{"message": sc.Text()}
+			}
+			d.mu.Lock()
+			d.lines = append(d.lines, m)
+			d.mu.Unlock()
+			select {
+			case d.added <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	go func() {
+		code := runWith(append([]string{"socksfwd", "--log-format", "json"}, args...), io.Discard, pw, noEnv, d.sigs)
+		pw.Close()
+		<-scanned
+		d.exit <- code
+	}()
+	t.Cleanup(func() {
+		select {
+		case d.sigs <- syscall.SIGTERM:
+		default:
+		}
+		select {
+		case d.sigs <- syscall.SIGTERM: // a second one cuts a drain short
+		default:
+		}
+		select {
+		case <-d.exit:
+		case <-time.After(30 * time.Second):
+			t.Error("socksfwd did not stop")
+		}
+	})
+	return d
+}
+
+func noEnv(string) string { return "" }
+
+// count returns how many log lines have message msg (a prefix) so far.
+func (d *daemon) count(msg string) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for _, l := range d.lines {
+		if s, _ := l["message"].(string); strings.HasPrefix(s, msg) {
+			n++
+		}
+	}
+	return n
+}
+
+// waitFor waits until n log lines start with msg and returns the last one.
+func (d *daemon) waitFor(msg string, n int) map[string]any {
+	d.t.Helper()
+	deadline := time.After(20 * time.Second)
+	for {
+		d.mu.Lock()
+		var last map[string]any
+		k := 0
+		for _, l := range d.lines {
+			if s, _ := l["message"].(string); strings.HasPrefix(s, msg) {
+				k++
+				last = l
+			}
+		}
+		d.mu.Unlock()
+		if k >= n {
+			return last
+		}
+		select {
+		case <-d.added:
+		case code := <-d.exit:
+			d.exit <- code
+			d.t.Fatalf("socksfwd exited (%d) before logging %q ×%d; log: %v", code, msg, n, d.dump())
+		case <-deadline:
+			d.t.Fatalf("no %q ×%d in the log: %v", msg, n, d.dump())
+		}
+	}
+}
+
+func (d *daemon) dump() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var b strings.Builder
+	for _, l := range d.lines {
+		fmt.Fprintf(&b, "\n  %v", l)
+	}
+	return b.String()
+}
+
+// stop sends SIGTERM and returns the exit code.
+func (d *daemon) stop() int {
+	d.t.Helper()
+	d.sigs <- syscall.SIGTERM
+	select {
+	case code := <-d.exit:
+		d.exit <- code // for the cleanup
+		return code
+	case <-time.After(20 * time.Second):
+		d.t.Fatal("socksfwd did not stop after SIGTERM")
+		return -1
+	}
+}
+
+// reload rewrites the config file and sends SIGHUP, then waits for the
+// n-th "reloaded" line and returns it.
+func (d *daemon) reload(path, config string, n int) map[string]any {
+	d.t.Helper()
+	if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
+		d.t.Fatal(err)
+	}
+	d.sigs <- syscall.SIGHUP
+	return d.waitFor("reload", n)
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	return port
+}
+
+func newSocks(t *testing.T) *sockstest.Server {
+	t.Helper()
+	s, err := sockstest.NewServer(sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// echoOnce connects, sends msg, half-closes and checks the echo.
+func echoOnce(addr, msg string) error {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, msg); err != nil {
+		return err
+	}
+	c.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(c)
+	if err != nil {
+		return err
+	}
+	if string(got) != msg {
+		return fmt.Errorf("echo %q, want %q", got, msg)
+	}
+	return nil
+}
+
+// heldSession is a connection through a forward, opened and checked with
+// one exchange, kept open to be finished later.
+type heldSession struct{ c net.Conn }
+
+func hold(t *testing.T, addr string) *heldSession {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	if _, err := io.WriteString(c, "ping"); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatalf("held session through %s: %v", addr, err)
+	}
+	return &heldSession{c: c}
+}
+
+// finish exchanges once more, half-closes and expects a clean end.
+func (h *heldSession) finish() error {
+	if _, err := io.WriteString(h.c, "last"); err != nil {
+		return err
+	}
+	h.c.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(h.c)
+	if err != nil {
+		return err
+	}
+	if string(got) != "last" {
+		return fmt.Errorf("got %q after the reload, want %q", got, "last")
+	}
+	return nil
+}
+
+// loader opens connections to addr at a steady rate until stopped, and
+// counts those that failed.
+type loader struct {
+	addr     string
+	stopped  chan struct{}
+	progress chan struct{} // a connection succeeded
+	done     sync.WaitGroup
+	ok, fail atomic.Int64
+	firstErr atomic.Pointer[error]
+}
+
+func startLoader(addr string, every time.Duration) *loader {
+	l := &loader{addr: addr, stopped: make(chan struct{}), progress: make(chan struct{}, 1)}
+	l.done.Go(func() {
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		var conns sync.WaitGroup
+		defer conns.Wait()
+		for i := 0; i < 100000; i++ { // bounded; stop ends it long before
+			select {
+			case <-l.stopped:
+				return
+			case <-tick.C:
+			}
+			conns.Go(func() {
+				if err := echoOnce(l.addr, fmt.Sprintf("msg %d", i)); err != nil {
+					l.fail.Add(1)
+					l.firstErr.CompareAndSwap(nil, &err)
+					return
+				}
+				l.ok.Add(1)
+				select {
+				case l.progress <- struct{}{}:
+				default:
+				}
+			})
+		}
+	})
+	return l
+}
+
+// waitMore waits until n more connections have succeeded, so that each
+// reload happens under load.
+func (l *loader) waitMore(t *testing.T, n int64) {
+	t.Helper()
+	want := l.ok.Load() + n
+	deadline := time.After(20 * time.Second)
+	for l.ok.Load() < want {
+		select {
+		case <-l.progress:
+		case <-deadline:
+			t.Fatalf("load on %s stalled: %d ok, %d failed", l.addr, l.ok.Load(), l.fail.Load())
+		}
+	}
+}
+
+// stop ends the load and waits for every connection it opened.
+func (l *loader) stop() { close(l.stopped); l.done.Wait() }
+
+func (l *loader) check(t *testing.T, name string) {
+	t.Helper()
+	if n := l.fail.Load(); n > 0 {
+		t.Errorf("%s: %d of %d connections failed; first: %v", name, n, n+l.ok.Load(), *l.firstErr.Load())
+	}
+	if l.ok.Load() == 0 {
+		t.Errorf("%s: no connection got through", name)
+	}
+}
+
+// TestReloadUnderLoad: connections arrive at 200 a second over the
+// forwards while five reloads add a forward, change the upstreams and
+// remove a forward. No connection opened before a reload fails, sessions
+// held across every reload finish cleanly, the removed forward drains, and
+// the log names each change.
+func TestReloadUnderLoad(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	a, b := newSocks(t), newSocks(t)
+	p1, p2, p3 := freePort(t), freePort(t), freePort(t)
+	fwd := func(port string) string { return fmt.Sprintf("%q", "127.0.0.1:"+port+":"+echo) }
+	conf := func(servers []string, ports ...string) string {
+		locals := make([]string, len(ports))
+		for i, p := range ports {
+			locals[i] = fwd(p)
+		}
+		return fmt.Sprintf("server = [%s]\nlocal = [%s]\nshutdown-timeout = \"20s\"\n",
+			`"`+strings.Join(servers, `", "`)+`"`, strings.Join(locals, ", "))
+	}
+	path := filepath.Join(t.TempDir(), "socksfwd.toml")
+	if err := os.WriteFile(path, []byte(conf([]string{a.Addr()}, p1, p2)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", path)
+	d.waitFor("forwarding", 2)
+
+	addr := func(p string) string { return "127.0.0.1:" + p }
+	held := []*heldSession{hold(t, addr(p1)), hold(t, addr(p2))}
+	l1 := startLoader(addr(p1), 10*time.Millisecond) // 100/s on each forward
+	l2 := startLoader(addr(p2), 10*time.Millisecond)
+
+	changes := func(line map[string]any) string { return fmt.Sprint(line["changes"]) }
+	underLoad := func(ls ...*loader) {
+		for _, l := range ls {
+			l.waitMore(t, 20)
+		}
+	}
+	underLoad(l1, l2)
+	// 1: add a third forward.
+	line := d.reload(path, conf([]string{a.Addr()}, p1, p2, p3), 1)
+	if !strings.Contains(changes(line), "+tcp 127.0.0.1:"+p3) {
+		t.Errorf("reload 1 changes = %v, want +tcp 127.0.0.1:%s", changes(line), p3)
+	}
+	held = append(held, hold(t, addr(p3)))
+	l3 := startLoader(addr(p3), 20*time.Millisecond)
+	underLoad(l1, l2, l3)
+
+	// 2: a second upstream, first in line.
+	line = d.reload(path, conf([]string{b.Addr(), a.Addr()}, p1, p2, p3), 2)
+	if !strings.Contains(changes(line), "upstreams") {
+		t.Errorf("reload 2 changes = %v, want the upstreams", changes(line))
+	}
+	before := b.Requests()
+	if err := echoOnce(addr(p1), "via b"); err != nil {
+		t.Fatal(err)
+	}
+	if b.Requests() == before {
+		t.Error("after reload 2 a new session did not go through the new first upstream")
+	}
+
+	underLoad(l1, l2, l3)
+
+	// 3: remove the second forward; its held session must drain, not drop.
+	l2.stop()
+	line = d.reload(path, conf([]string{b.Addr(), a.Addr()}, p1, p3), 3)
+	if !strings.Contains(changes(line), "-tcp 127.0.0.1:"+p2) {
+		t.Errorf("reload 3 changes = %v, want -tcp 127.0.0.1:%s", changes(line), p2)
+	}
+	if !refusesSoon(addr(p2)) {
+		t.Error("the removed forward still accepts new connections")
+	}
+	if err := held[1].finish(); err != nil {
+		t.Errorf("session on the removed forward: %v", err)
+	}
+	d.waitFor("removed listener drained", 1)
+
+	underLoad(l1, l3)
+
+	// 4 and 5: the upstream list changes again.
+	d.reload(path, conf([]string{a.Addr()}, p1, p3), 4)
+	underLoad(l1, l3)
+	line = d.reload(path, conf([]string{a.Addr(), b.Addr()}, p1, p3), 5)
+	if !strings.Contains(changes(line), "upstreams") {
+		t.Errorf("reload 5 changes = %v, want the upstreams", changes(line))
+	}
+
+	underLoad(l1, l3)
+	l1.stop()
+	l3.stop()
+	l1.check(t, "forward 1")
+	l2.check(t, "forward 2 (until removed)")
+	l3.check(t, "forward 3")
+	for i, h := range []*heldSession{held[0], held[2]} {
+		if err := h.finish(); err != nil {
+			t.Errorf("held session %d across five reloads: %v", i, err)
+		}
+	}
+	if n := d.count("forwarding"); n != 3 {
+		t.Errorf("%d forwarding lines, want 3 (each listener once)", n)
+	}
+	if code := d.stop(); code != exitOK {
+		t.Errorf("exit %d after SIGTERM, want 0", code)
+	}
+}
+
+// TestReloadFailureKeepsRunning: a broken file, or a new listener that
+// cannot bind, is one log line and changes nothing, not even the parts of
+// the new plan that would have worked.
+func TestReloadFailureKeepsRunning(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	socks := newSocks(t)
+	p1, p2 := freePort(t), freePort(t)
+	path := filepath.Join(t.TempDir(), "socksfwd.toml")
+	good := fmt.Sprintf("server = [%q]\nlocal = [%q]\n", socks.Addr(), "127.0.0.1:"+p1+":"+echo)
+	if err := os.WriteFile(path, []byte(good), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", path)
+	d.waitFor("forwarding", 1)
+	held := hold(t, "127.0.0.1:"+p1)
+
+	line := d.reload(path, "server = [\n", 1)
+	if msg, _ := line["message"].(string); !strings.HasPrefix(msg, "reload failed") || !strings.Contains(fmt.Sprint(line["error"]), "socksfwd.toml:") {
+		t.Errorf("broken file: %v, want reload failed naming the file", line)
+	}
+
+	// The new plan drops p1 and adds a listener on a busy port: nothing of
+	// it may apply, p1 keeps serving.
+	busy := testnet.Echo(t).Addr().String()
+	bad := fmt.Sprintf("server = [%q]\nlocal = [%q, %q]\n", socks.Addr(), "127.0.0.1:"+p2+":"+echo, busy+":"+echo)
+	line = d.reload(path, bad, 2)
+	if !strings.Contains(fmt.Sprint(line["error"]), "cannot listen") {
+		t.Errorf("busy port: %v, want cannot listen", line)
+	}
+	if err := echoOnce("127.0.0.1:"+p1, "still here"); err != nil {
+		t.Errorf("after two failed reloads the running forward: %v", err)
+	}
+	if err := echoOnce("127.0.0.1:"+p2, "half applied"); err == nil {
+		t.Error("a failed reload left a new listener bound")
+	}
+	if err := held.finish(); err != nil {
+		t.Error(err)
+	}
+	if n := d.count("reload failed"); n != 2 {
+		t.Errorf("%d reload-failed lines, want 2", n)
+	}
+}
+
+// TestShutdownStopsAllListenersAtOnce: on SIGTERM every listener stops
+// accepting while the sessions of all of them are still draining (the old
+// serve drained one forward after another, and a later forward kept
+// accepting meanwhile); the process exits once the last session ends.
+func TestShutdownStopsAllListenersAtOnce(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	socks := newSocks(t)
+	ports := []string{freePort(t), freePort(t), freePort(t)}
+	args := []string{"-S", socks.Addr()}
+	for _, p := range ports {
+		args = append(args, "-L", "127.0.0.1:"+p+":"+echo)
+	}
+	d := startDaemon(t, args...)
+	d.waitFor("forwarding", 3)
+	var held []*heldSession
+	for _, p := range ports {
+		held = append(held, hold(t, "127.0.0.1:"+p))
+	}
+	d.sigs <- syscall.SIGTERM
+	d.waitFor("draining sessions", 1)
+	for _, p := range ports {
+		if !refusesSoon("127.0.0.1:" + p) {
+			t.Errorf("listener %s still accepts while draining", p)
+		}
+	}
+	// Every held session is still served during the drain.
+	for i := len(held) - 1; i >= 0; i-- {
+		select {
+		case code := <-d.exit:
+			t.Fatalf("exited (%d) with %d sessions still live", code, i+1)
+		default:
+		}
+		if err := held[i].finish(); err != nil {
+			t.Errorf("session %d during the drain: %v", i, err)
+		}
+	}
+	select {
+	case code := <-d.exit:
+		d.exit <- code
+		if code != exitOK {
+			t.Errorf("exit %d after a drain, want 0", code)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no exit after the last session ended")
+	}
+}
+
+// refusesSoon reports whether addr refuses connections within a few
+// seconds: the listener is closed by a goroutine the drain started.
+func refusesSoon(addr string) bool {
+	for range 200 {
+		c, err := net.Dial("tcp", addr)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return true
+		}
+		if err == nil {
+			c.Close()
+		}
+		time.Sleep(10 * time.Millisecond) // bounded probe of another goroutine's close
+	}
+	return false
+}
+
+// TestSIGHUPDoesNotKill: a real SIGHUP delivered to the process reloads
+// (it used to kill socksfwd with exit 129).
+func TestSIGHUPDoesNotKill(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	socks := newSocks(t)
+	port := freePort(t)
+	pr, pw := io.Pipe()
+	exit := make(chan int, 1)
+	go func() {
+		exit <- run([]string{"socksfwd", "--log-format", "json", "-S", socks.Addr(), "-L", "127.0.0.1:" + port + ":" + echo}, io.Discard, pw, noEnv)
+		pw.Close()
+	}()
+	sc := bufio.NewScanner(pr)
+	waitLine := func(want string) {
+		t.Helper()
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), want) {
+				return
+			}
+		}
+		t.Fatalf("no log line with %q", want)
+	}
+	waitLine("forwarding")
+	syscall.Kill(os.Getpid(), syscall.SIGHUP)
+	waitLine("reloaded")
+	if err := echoOnce("127.0.0.1:"+port, "after SIGHUP"); err != nil {
+		t.Fatal(err)
+	}
+	syscall.Kill(os.Getpid(), syscall.SIGTERM)
+	waitLine("stopped")
+	go io.Copy(io.Discard, pr)
+	if code := <-exit; code != exitOK {
+		t.Fatalf("exit %d, want 0", code)
+	}
+}
+
+// TestSecondSignalCuts: a second SIGTERM during the drain cuts the live
+// sessions at once and exits 1.
+func TestSecondSignalCuts(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	socks := newSocks(t)
+	port := freePort(t)
+	d := startDaemon(t, "-S", socks.Addr(), "-L", "127.0.0.1:"+port+":"+echo)
+	d.waitFor("forwarding", 1)
+	held := hold(t, "127.0.0.1:"+port)
+	d.sigs <- syscall.SIGTERM
+	d.waitFor("draining sessions", 1)
+	d.sigs <- syscall.SIGTERM
+	select {
+	case code := <-d.exit:
+		d.exit <- code
+		if code != exitRuntime {
+			t.Errorf("exit %d after a second signal, want %d", code, exitRuntime)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("a second signal did not end the drain")
+	}
+	// A cut session must not look complete: it is reset, not closed.
+	if _, err := io.ReadAll(held.c); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the cut session ended with %v, want a reset", err)
+	}
+	if d.count("second signal") != 1 {
+		t.Error("no log line for the second signal")
+	}
+}
+
+// fakeResolver answers every A query over TCP with ip.
+func fakeResolver(t *testing.T, ip string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &dns.Server{Listener: ln, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetReply(q)
+		rr, _ := dns.NewRR(q.Question[0].Name + " 60 IN A " + ip)
+		m.Answer = append(m.Answer, rr)
+		w.WriteMsg(m)
+	})}
+	served := make(chan struct{})
+	go func() { defer close(served); srv.ActivateAndServe() }()
+	t.Cleanup(func() { srv.Shutdown(); <-served })
+	return ln.Addr().String()
+}
+
+// TestReloadDNS: a reload that changes the resolvers keeps the DNS
+// listener bound and sends new queries to the new resolver.
+func TestReloadDNS(t *testing.T) {
+	verifyNoLeaks(t)
+	socks := newSocks(t)
+	r1, r2 := fakeResolver(t, "192.0.2.1"), fakeResolver(t, "192.0.2.2")
+	port := freePort(t)
+	conf := func(resolver string) string {
+		return fmt.Sprintf("server = [%q]\ndns = %q\ndns-upstream = [%q]\ndns-cache-size = 0\n", socks.Addr(), "127.0.0.1:"+port, resolver)
+	}
+	path := filepath.Join(t.TempDir(), "socksfwd.toml")
+	if err := os.WriteFile(path, []byte(conf(r1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", path)
+	d.waitFor("DNS on", 1)
+	ask := func() string {
+		t.Helper()
+		c := &dns.Client{Net: "tcp", Timeout: 10 * time.Second}
+		q := new(dns.Msg)
+		q.SetQuestion("app.internal.", dns.TypeA)
+		r, _, err := c.Exchange(q, "127.0.0.1:"+port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(r.Answer) != 1 {
+			t.Fatalf("answer %v", r)
+		}
+		return r.Answer[0].(*dns.A).A.String()
+	}
+	if got := ask(); got != "192.0.2.1" {
+		t.Fatalf("before the reload: %s, want the first resolver's 192.0.2.1", got)
+	}
+	line := d.reload(path, conf(r2), 1)
+	if !strings.Contains(fmt.Sprint(line["changes"]), "dns 127.0.0.1:"+port) {
+		t.Errorf("changes = %v, want the DNS listener's settings", line["changes"])
+	}
+	if got := ask(); got != "192.0.2.2" {
+		t.Errorf("after the reload: %s, want the new resolver's 192.0.2.2", got)
+	}
+	if n := d.count("DNS on"); n != 1 {
+		t.Errorf("the DNS listener was started %d times, want once (kept bound)", n)
+	}
+}
