@@ -50,7 +50,7 @@ peer-versions:
 	@echo "  $$(ss-server -h 2>&1 | grep -m1 shadowsocks)"
 	@echo "  $$(dnsmasq --version | head -1)"
 
-test: deps peer-versions
+test: deps peer-versions cross
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./...
 

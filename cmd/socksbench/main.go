@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command socksbench is the driver behind `make demo` and `make bench`.
 //
 //	socksbench demo    forward a real request through socksfwd and microsocks
