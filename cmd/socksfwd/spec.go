@@ -39,7 +39,7 @@ func parseLocal(spec string) (localForward, error) {
 	}
 	fields, err := splitColons(s)
 	if err != nil {
-		return lf, usagef("-L %q: %v", spec, err)
+		return lf, usagef("-L %s: %v", quote(spec), err)
 	}
 	var bind, port, host, hostport string
 	switch len(fields) {
@@ -48,17 +48,17 @@ func parseLocal(spec string) (localForward, error) {
 	case 4:
 		bind, port, host, hostport = fields[0], fields[1], fields[2], fields[3]
 	default:
-		return lf, usagef("-L %q: want [bind:]port:host:hostport[/udp]", spec)
+		return lf, usagef("-L %s: want [bind:]port:host:hostport[/udp]", quote(spec))
 	}
 	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
-		return lf, usagef("-L %q: invalid local port %q", spec, port)
+		return lf, usagef("-L %s: invalid local port %s", quote(spec), quote(port))
 	}
 	if n, err := strconv.ParseUint(hostport, 10, 16); err != nil || n == 0 {
-		return lf, usagef("-L %q: invalid target port %q", spec, hostport)
+		return lf, usagef("-L %s: invalid target port %s", quote(spec), quote(hostport))
 	}
 	lf.Target, err = socksclient.ParseAddr(net.JoinHostPort(unbracket(host), hostport))
 	if err != nil {
-		return lf, usagef("-L %q: %v", spec, err)
+		return lf, usagef("-L %s: %v", quote(spec), err)
 	}
 	switch bind = unbracket(bind); bind {
 	case "localhost":
@@ -125,17 +125,17 @@ func parseServer(raw, user, password string) (*socksclient.Dialer, error) {
 		u, err := url.Parse(raw)
 		if err != nil {
 			// url's error quotes the input, which may hold a password.
-			return nil, usagef("-S %s: not a valid URL", redactURL(raw))
+			return nil, usagef("-S %s: not a valid URL", cut(redactURL(raw)))
 		}
 		switch u.Scheme {
 		case "socks5h":
 		case "socks5":
 			d.ResolveLocally = true
 		default:
-			return nil, usagef("-S %s: unsupported scheme %q (want socks5h:// or socks5://)", u.Redacted(), u.Scheme)
+			return nil, usagef("-S %s: unsupported scheme %s (want socks5h:// or socks5://)", cut(u.Redacted()), quote(u.Scheme))
 		}
 		if u.Path != "" && u.Path != "/" || u.RawQuery != "" {
-			return nil, usagef("-S %s: a proxy URL has no path or query", u.Redacted())
+			return nil, usagef("-S %s: a proxy URL has no path or query", cut(u.Redacted()))
 		}
 		if u.User != nil {
 			d.Username = u.User.Username()
@@ -150,16 +150,16 @@ func parseServer(raw, user, password string) (*socksclient.Dialer, error) {
 	}
 	host, port, err := net.SplitHostPort(hostport)
 	if err != nil || host == "" {
-		return nil, usagef("-S %s: want host[:port]", redactURL(raw))
+		return nil, usagef("-S %s: want host[:port]", cut(redactURL(raw)))
 	}
 	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
-		return nil, usagef("-S %s: invalid port %q", redactURL(raw), port)
+		return nil, usagef("-S %s: invalid port %s", cut(redactURL(raw)), quote(port))
 	}
 	if len(d.Username) > 255 || len(d.Password) > 255 {
-		return nil, usagef("-S %s: username and password must be at most 255 bytes", redactURL(raw))
+		return nil, usagef("-S %s: username and password must be at most 255 bytes", cut(redactURL(raw)))
 	}
 	if d.Username != "" && d.Password == "" {
-		return nil, usagef("-S %s: username %q has no password (use user:pass@ or --server-password-file)", redactURL(raw), d.Username)
+		return nil, usagef("-S %s: username %s has no password (use user:pass@ or --server-password-file)", cut(redactURL(raw)), quote(d.Username))
 	}
 	d.ProxyAddr = hostport
 	return d, nil
@@ -185,7 +185,7 @@ func redactURL(raw string) string {
 func dnsListenAddr(spec string) (string, error) {
 	fields, err := splitColons(spec)
 	if err != nil || len(fields) > 2 {
-		return "", usagef("--dns %q: want [bind:]port", spec)
+		return "", usagef("--dns %s: want [bind:]port", quote(spec))
 	}
 	bind, port := "127.0.0.1", fields[len(fields)-1]
 	if len(fields) == 2 {
@@ -195,7 +195,7 @@ func dnsListenAddr(spec string) (string, error) {
 		}
 	}
 	if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && port != "0") {
-		return "", usagef("--dns %q: invalid port %q", spec, port)
+		return "", usagef("--dns %s: invalid port %s", quote(spec), quote(port))
 	}
 	return net.JoinHostPort(bind, port), nil
 }
@@ -211,7 +211,7 @@ func dnsUpstreamAddr(s string) (socksclient.Addr, error) {
 	}
 	a, err := socksclient.ParseAddr(hostport)
 	if err != nil || a.Port == 0 {
-		return socksclient.Addr{}, usagef("--dns-upstream %q: want host[:port]", s)
+		return socksclient.Addr{}, usagef("--dns-upstream %s: want host[:port]", quote(s))
 	}
 	return a, nil
 }
