@@ -4,7 +4,8 @@
 //
 //	socksbench demo    forward a real request through socksfwd and microsocks
 //	socksbench bench   measure socksfwd beside direct and proxychains4, same run
-//	                   (bench-tcp, bench-udp, bench-echo, bench-dns, bench-mem:
+//	                   (bench-tcp, bench-udp, bench-echo, bench-dns, bench-mem,
+//	                   bench-failover:
 //	                   one part alone)
 //
 // It starts its peers with internal/peertest and stops them on the way out.
@@ -55,6 +56,7 @@ func main() {
 			bench(h, cfg)
 			benchUDP(h, cfg)
 			benchDNS(h, cfg)
+			benchFailover(h, cfg)
 		case "bench-tcp":
 			bench(h, cfg)
 		case "bench-udp":
@@ -66,6 +68,8 @@ func main() {
 			benchMemory(h, cfg, peertest.Dante(h, peertest.DanteOptions{}).Addr)
 		case "bench-dns":
 			benchDNS(h, cfg)
+		case "bench-failover":
+			benchFailover(h, cfg)
 		default:
 			fs.Usage()
 			h.Fatalf("unknown command %q", fs.Arg(0))
