@@ -306,50 +306,13 @@ func cmdPortOf(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Setenv(args[0], port)
 }
 
-// serveLoopback listens on addr (an address family the machine lacks
-// skips the script) and runs handle for each connection in its own
-// goroutine; a nil handle holds the connection unread. Listener,
-// connections and goroutines are gone when the script ends.
+// serveLoopback is testnet.ServeOn for a script: an address family the
+// machine lacks skips the script (fails it under CI=true).
 func serveLoopback(ts *testscript.TestScript, addr string, handle func(net.Conn)) net.Listener {
-	ln, err := net.Listen("tcp", addr)
+	ln, err := testnet.ServeOn(tb{ts: ts}, addr, handle)
 	if err != nil {
 		peertest.Missing(peerTB{ts}, "cannot listen on %s: %v", addr, err)
 	}
-	var (
-		wg     sync.WaitGroup
-		mu     sync.Mutex
-		conns  = map[net.Conn]struct{}{}
-		closed bool
-	)
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			if closed { // accepted while the script ended
-				mu.Unlock()
-				c.Close()
-				return
-			}
-			conns[c] = struct{}{}
-			if handle != nil {
-				wg.Go(func() { handle(c) })
-			}
-			mu.Unlock()
-		}
-	})
-	ts.Defer(func() {
-		ln.Close()
-		mu.Lock()
-		closed = true
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
 	return ln
 }
 

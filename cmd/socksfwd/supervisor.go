@@ -114,10 +114,10 @@ func (s *supervisor) configureUpstreams(p *plan) {
 	})
 }
 
-// bind opens every listener of ls, or none: on a failure it closes what it
-// bound and returns the error, naming the option.
-func (s *supervisor) bind(ls []listenPlan) (map[string]*unit, error) {
-	bound := make(map[string]*unit, len(ls))
+// bind opens every listener of ls, in order, or none: on a failure it
+// closes what it bound and returns the error, naming the option.
+func (s *supervisor) bind(ls []listenPlan) ([]*unit, error) {
+	bound := make([]*unit, 0, len(ls))
 	for _, l := range ls {
 		svc, err := s.listen(l)
 		if err != nil {
@@ -130,21 +130,16 @@ func (s *supervisor) bind(ls []listenPlan) (map[string]*unit, error) {
 			}
 			return nil, fmt.Errorf("%s: cannot listen: %w", l.spec, err)
 		}
-		bound[l.key()] = &unit{lp: l, svc: svc}
+		bound = append(bound, &unit{lp: l, svc: svc})
 	}
 	return bound, nil
 }
 
-// start serves bound units and logs one line for each, once all are bound.
-func (s *supervisor) start(bound map[string]*unit) {
-	keys := make([]string, 0, len(bound))
-	for k := range bound {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	for _, k := range keys {
-		u := bound[k]
-		s.units[k] = u
+// start serves bound units and logs one line for each, in the order of
+// the options, once all are bound.
+func (s *supervisor) start(bound []*unit) {
+	for _, u := range bound {
+		s.units[u.lp.key()] = u
 		s.logListening(u)
 		s.serving.Go(func() {
 			if err := u.svc.Serve(context.Background()); err != nil {
@@ -306,10 +301,8 @@ func (s *supervisor) reloadNow() {
 		}
 		changes = append(changes, s.update(u, l, old, p)...)
 	}
-	for _, l := range added {
-		if _, ok := bound[l.key()]; ok {
-			changes = append(changes, "+"+l.key())
-		}
+	for _, u := range bound {
+		changes = append(changes, "+"+u.lp.key())
 	}
 	s.start(bound)
 	if len(changes) == 0 {

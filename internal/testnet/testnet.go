@@ -26,14 +26,26 @@ type TB interface {
 // the goroutines are gone when the test's cleanup runs.
 func Serve(t TB, handle func(net.Conn)) net.Listener {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := ServeOn(t, "127.0.0.1:0", handle)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return ln
+}
+
+// ServeOn is Serve on addr (which may be of an address family the machine
+// lacks: the caller decides whether that skips). A nil handle holds each
+// connection open, unread, until the cleanup.
+func ServeOn(t TB, addr string, handle func(net.Conn)) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
 	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		conns = map[net.Conn]struct{}{}
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		conns  = map[net.Conn]struct{}{}
+		closed bool
 	)
 	wg.Go(func() {
 		for {
@@ -42,29 +54,37 @@ func Serve(t TB, handle func(net.Conn)) net.Listener {
 				return
 			}
 			mu.Lock()
+			if closed { // accepted just as the cleanup ran: it would never be closed
+				mu.Unlock()
+				c.Close()
+				return
+			}
 			conns[c] = struct{}{}
+			if handle != nil {
+				wg.Go(func() {
+					defer func() {
+						mu.Lock()
+						delete(conns, c)
+						mu.Unlock()
+						c.Close()
+					}()
+					handle(c)
+				})
+			}
 			mu.Unlock()
-			wg.Go(func() {
-				defer func() {
-					mu.Lock()
-					delete(conns, c)
-					mu.Unlock()
-					c.Close()
-				}()
-				handle(c)
-			})
 		}
 	})
 	t.Cleanup(func() {
 		ln.Close()
 		mu.Lock()
+		closed = true
 		for c := range conns {
 			c.Close()
 		}
 		mu.Unlock()
 		wg.Wait()
 	})
-	return ln
+	return ln, nil
 }
 
 // Echo starts an echo server: it copies everything back, and when the client
