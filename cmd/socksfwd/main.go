@@ -134,10 +134,7 @@ func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string
 		if err != nil {
 			return err
 		}
-		log, err := newLogger(cfg, stderr)
-		if err != nil {
-			return err
-		}
+		log := newLogger(p, stderr)
 		for _, w := range cfg.warnings {
 			log.Warn().Msg(w)
 		}
@@ -251,15 +248,11 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 
 // newLogger builds the process's logger. Its level is zerolog's global
 // level, so that a reload can change it for every service at once.
-func newLogger(cfg mergedConfig, stderr io.Writer) (zerolog.Logger, error) {
-	level, err := zerolog.ParseLevel(cfg.LogLevel)
-	if err != nil {
-		return zerolog.Logger{}, usagef("--log-level %s: want debug, info, warn or error", quote(cfg.LogLevel))
-	}
-	zerolog.SetGlobalLevel(level)
+func newLogger(p *plan, stderr io.Writer) zerolog.Logger {
+	zerolog.SetGlobalLevel(p.logLevel)
 	zerolog.DurationFieldUnit = time.Millisecond
 	var w io.Writer = stderr
-	format := cfg.LogFormat
+	format := p.cfg.LogFormat
 	if format == "auto" {
 		format = "json"
 		if f, ok := stderr.(*os.File); ok {
@@ -271,5 +264,5 @@ func newLogger(cfg mergedConfig, stderr io.Writer) (zerolog.Logger, error) {
 	if format == "console" {
 		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: time.DateTime}
 	}
-	return zerolog.New(w).Level(zerolog.TraceLevel).With().Timestamp().Logger(), nil
+	return zerolog.New(w).Level(zerolog.TraceLevel).With().Timestamp().Logger()
 }

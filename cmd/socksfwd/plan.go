@@ -44,8 +44,16 @@ type listenPlan struct {
 }
 
 // key identifies a listener across reloads: a listener whose key is in
-// both plans stays bound and keeps its sessions.
-func (l listenPlan) key() string { return string(l.kind) + " " + l.addr }
+// both plans stays bound and keeps its sessions. A port-0 listener (the
+// kernel picks the port) is told apart by what it forwards to, so that
+// two of them are two listeners.
+func (l listenPlan) key() string {
+	k := string(l.kind) + " " + l.addr
+	if strings.HasSuffix(l.addr, ":0") && l.kind != kindDNS {
+		k += " → " + l.target.String()
+	}
+	return k
+}
 
 // dnsPlan is the DNS forwarder's configuration.
 type dnsPlan struct {
@@ -119,10 +127,8 @@ func buildPlan(cfg Config) (*plan, error) {
 	}
 	seen := make(map[string]string, len(p.listens))
 	for _, l := range p.listens {
-		if !strings.HasSuffix(l.addr, ":0") {
-			if other, dup := seen[l.key()]; dup {
-				return nil, usagef("%s and %s both listen on %s", other, l.spec, l.key())
-			}
+		if other, dup := seen[l.key()]; dup {
+			return nil, usagef("%s and %s both listen on %s", other, l.spec, l.key())
 		}
 		seen[l.key()] = l.spec
 	}

@@ -312,26 +312,30 @@ func (l *loader) check(t *testing.T, name string) {
 }
 
 // TestReloadUnderLoad: connections arrive at 200 a second over the
-// forwards while five reloads add a forward, change the upstreams and
-// remove a forward. No connection opened before a reload fails, sessions
-// held across every reload finish cleanly, the removed forward drains, and
-// the log names each change.
+// forwards while five reloads each change the upstream list, the first
+// also adding a forward and the third removing one. No connection opened
+// before a reload fails, sessions held across every reload finish cleanly,
+// sessions in flight on the removed forward drain, and the log names each
+// change.
 func TestReloadUnderLoad(t *testing.T) {
 	verifyNoLeaks(t)
 	echo := testnet.Echo(t).Addr().String()
 	a, b := newSocks(t), newSocks(t)
 	p1, p2, p3 := freePort(t), freePort(t), freePort(t)
 	fwd := func(port string) string { return fmt.Sprintf("%q", "127.0.0.1:"+port+":"+echo) }
-	conf := func(servers []string, ports ...string) string {
+	conf := func(servers []*sockstest.Server, ports ...string) string {
+		addrs := make([]string, len(servers))
+		for i, s := range servers {
+			addrs[i] = fmt.Sprintf("%q", s.Addr())
+		}
 		locals := make([]string, len(ports))
 		for i, p := range ports {
 			locals[i] = fwd(p)
 		}
-		return fmt.Sprintf("server = [%s]\nlocal = [%s]\nshutdown-timeout = \"20s\"\n",
-			`"`+strings.Join(servers, `", "`)+`"`, strings.Join(locals, ", "))
+		return fmt.Sprintf("server = [%s]\nlocal = [%s]\nshutdown-timeout = \"20s\"\n", strings.Join(addrs, ", "), strings.Join(locals, ", "))
 	}
 	path := filepath.Join(t.TempDir(), "socksfwd.toml")
-	if err := os.WriteFile(path, []byte(conf([]string{a.Addr()}, p1, p2)), 0o600); err != nil {
+	if err := os.WriteFile(path, []byte(conf([]*sockstest.Server{a}, p1, p2)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	d := startDaemon(t, "-c", path)
@@ -341,63 +345,62 @@ func TestReloadUnderLoad(t *testing.T) {
 	held := []*heldSession{hold(t, addr(p1)), hold(t, addr(p2))}
 	l1 := startLoader(addr(p1), 10*time.Millisecond) // 100/s on each forward
 	l2 := startLoader(addr(p2), 10*time.Millisecond)
-
-	changes := func(line map[string]any) string { return fmt.Sprint(line["changes"]) }
 	underLoad := func(ls ...*loader) {
 		for _, l := range ls {
 			l.waitMore(t, 20)
 		}
 	}
-	underLoad(l1, l2)
-	// 1: add a third forward.
-	line := d.reload(path, conf([]string{a.Addr()}, p1, p2, p3), 1)
-	if !strings.Contains(changes(line), "+tcp 127.0.0.1:"+p3) {
-		t.Errorf("reload 1 changes = %v, want +tcp 127.0.0.1:%s", changes(line), p3)
+	// reload applies a new file, checks the log line names the upstream
+	// change and want, and that a new session goes through first.
+	reload := func(n int, servers []*sockstest.Server, want string, ports ...string) {
+		t.Helper()
+		line := d.reload(path, conf(servers, ports...), n)
+		changes := fmt.Sprint(line["changes"])
+		if !strings.Contains(changes, "upstreams") || !strings.Contains(changes, want) {
+			t.Errorf("reload %d changes = %v, want the upstreams and %q", n, changes, want)
+		}
+		before := servers[0].Requests()
+		if err := echoOnce(addr(p1), fmt.Sprintf("after reload %d", n)); err != nil {
+			t.Fatalf("after reload %d: %v", n, err)
+		}
+		if servers[0].Requests() == before {
+			t.Errorf("after reload %d a new session did not go through the new first upstream", n)
+		}
 	}
+	underLoad(l1, l2)
+
+	reload(1, []*sockstest.Server{a, b}, "+tcp 127.0.0.1:"+p3, p1, p2, p3)
 	held = append(held, hold(t, addr(p3)))
 	l3 := startLoader(addr(p3), 20*time.Millisecond)
 	underLoad(l1, l2, l3)
 
-	// 2: a second upstream, first in line.
-	line = d.reload(path, conf([]string{b.Addr(), a.Addr()}, p1, p2, p3), 2)
-	if !strings.Contains(changes(line), "upstreams") {
-		t.Errorf("reload 2 changes = %v, want the upstreams", changes(line))
-	}
-	before := b.Requests()
-	if err := echoOnce(addr(p1), "via b"); err != nil {
-		t.Fatal(err)
-	}
-	if b.Requests() == before {
-		t.Error("after reload 2 a new session did not go through the new first upstream")
-	}
-
+	reload(2, []*sockstest.Server{b, a}, "upstreams", p1, p2, p3)
 	underLoad(l1, l2, l3)
 
-	// 3: remove the second forward; its held session must drain, not drop.
-	l2.stop()
-	line = d.reload(path, conf([]string{b.Addr(), a.Addr()}, p1, p3), 3)
-	if !strings.Contains(changes(line), "-tcp 127.0.0.1:"+p2) {
-		t.Errorf("reload 3 changes = %v, want -tcp 127.0.0.1:%s", changes(line), p2)
+	// 3 removes the second forward while ten of its sessions are in the
+	// middle of an exchange: they must drain, not drop.
+	var inFlight []*heldSession
+	for range 10 {
+		inFlight = append(inFlight, hold(t, addr(p2)))
 	}
+	l2.stop()
+	reload(3, []*sockstest.Server{b}, "-tcp 127.0.0.1:"+p2, p1, p3)
 	if !refusesSoon(addr(p2)) {
 		t.Error("the removed forward still accepts new connections")
 	}
-	if err := held[1].finish(); err != nil {
-		t.Errorf("session on the removed forward: %v", err)
+	for i, h := range append(inFlight, held[1]) {
+		if err := h.finish(); err != nil {
+			t.Errorf("session %d on the removed forward: %v", i, err)
+		}
 	}
 	d.waitFor("removed listener drained", 1)
-
 	underLoad(l1, l3)
 
-	// 4 and 5: the upstream list changes again.
-	d.reload(path, conf([]string{a.Addr()}, p1, p3), 4)
+	reload(4, []*sockstest.Server{a}, "upstreams", p1, p3)
 	underLoad(l1, l3)
-	line = d.reload(path, conf([]string{a.Addr(), b.Addr()}, p1, p3), 5)
-	if !strings.Contains(changes(line), "upstreams") {
-		t.Errorf("reload 5 changes = %v, want the upstreams", changes(line))
-	}
+	reload(5, []*sockstest.Server{a, b}, "upstreams", p1, p3)
+	underLoad(l1, l3)
 
-	underLoad(l1, l3)
 	l1.stop()
 	l3.stop()
 	l1.check(t, "forward 1")
@@ -405,7 +408,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	l3.check(t, "forward 3")
 	for i, h := range []*heldSession{held[0], held[2]} {
 		if err := h.finish(); err != nil {
-			t.Errorf("held session %d across five reloads: %v", i, err)
+			t.Errorf("held session %d across the reloads: %v", i, err)
 		}
 	}
 	if n := d.count("forwarding"); n != 3 {
@@ -617,5 +620,23 @@ func TestReloadDNS(t *testing.T) {
 	}
 	if n := d.count("DNS on"); n != 1 {
 		t.Errorf("the DNS listener was started %d times, want once (kept bound)", n)
+	}
+}
+
+// TestPortZeroListeners: two forwards on port 0 are two listeners, each
+// served and each stopped on SIGTERM (one used to replace the other in the
+// supervisor's table and keep the process from ever stopping).
+func TestPortZeroListeners(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	other := testnet.Echo(t).Addr().String()
+	socks := newSocks(t)
+	d := startDaemon(t, "-S", socks.Addr(), "-L", "127.0.0.1:0:"+echo, "-L", "127.0.0.1:0:"+other)
+	d.waitFor("forwarding", 2)
+	if n := d.count("forwarding"); n != 2 {
+		t.Fatalf("%d listeners, want 2", n)
+	}
+	if code := d.stop(); code != exitOK {
+		t.Errorf("exit %d, want 0", code)
 	}
 }

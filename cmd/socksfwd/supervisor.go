@@ -270,9 +270,15 @@ func (s *supervisor) reloadNow() {
 
 	// From here on nothing fails.
 	var changes []string
-	if !sameDialers(old.dialers, p.dialers) {
-		s.ups.SetDialers(p.dialers...)
+	// New dialers every time: an upstream that did not change keeps its
+	// health (SetDialers matches them), and credentials read from a
+	// password file are taken afresh.
+	s.ups.SetDialers(p.dialers...)
+	if !slices.Equal(old.cfg.Server, p.cfg.Server) {
 		changes = append(changes, fmt.Sprintf("upstreams [%s] → [%s]", redactedServers(old.cfg.Server), redactedServers(p.cfg.Server)))
+	}
+	if old.cfg.HandshakeTimeout != p.cfg.HandshakeTimeout {
+		changes = append(changes, fmt.Sprintf("handshake-timeout %s → %s", time.Duration(old.cfg.HandshakeTimeout), time.Duration(p.cfg.HandshakeTimeout)))
 	}
 	if old.cfg.HedgeDelay != p.cfg.HedgeDelay {
 		s.ups.SetHedgeDelay(time.Duration(p.cfg.HedgeDelay))
@@ -410,14 +416,6 @@ func (s *supervisor) drainAll(sigs <-chan os.Signal) error {
 			return errSecondSignal
 		}
 	}
-}
-
-// sameDialers reports whether two -S lists dial the same way.
-func sameDialers(a, b []*socksclient.Dialer) bool {
-	return slices.EqualFunc(a, b, func(x, y *socksclient.Dialer) bool {
-		return x.ProxyAddr == y.ProxyAddr && x.Username == y.Username && x.Password == y.Password &&
-			x.ResolveLocally == y.ResolveLocally && x.HandshakeTimeout == y.HandshakeTimeout
-	})
 }
 
 func redactedServers(servers []string) string {
