@@ -244,7 +244,7 @@ func (f *TCPForward) Shutdown(ctx context.Context) error {
 	f.stopping = true
 	f.mu.Unlock()
 	for _, ln := range f.listeners {
-		ln.Close()
+		f.closeDrained(ln)
 	}
 	done := make(chan struct{})
 	go func() {
@@ -261,6 +261,23 @@ func (f *TCPForward) Shutdown(ctx context.Context) error {
 		<-done
 		return ctx.Err()
 	}
+}
+
+// backlogDrainMax bounds how long Shutdown lets the accept loop take the
+// connections still queued in a listener: under a steady flood the queue
+// never empties, and the drain must end.
+const backlogDrainMax = 100 * time.Millisecond
+
+// closeDrained closes ln once the accept loop has taken what the kernel
+// had already queued for it. Closing a listener resets every connection in
+// its queue, and their clients connected before the shutdown (or the
+// reload that removed this forward): they are sessions to drain.
+func (f *TCPForward) closeDrained(ln net.Listener) {
+	deadline := time.Now().Add(backlogDrainMax)
+	for acceptQueued(ln) && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Microsecond) // the accept loop runs meanwhile
+	}
+	ln.Close()
 }
 
 // Close stops accepting and cuts every session at once, with a reset (RST)

@@ -1,0 +1,29 @@
+//go:build unix
+
+package tunnel
+
+import (
+	"net"
+
+	"golang.org/x/sys/unix"
+)
+
+// acceptQueued reports whether connections the kernel has completed wait
+// in ln's accept queue (a listening socket polls readable then).
+func acceptQueued(ln net.Listener) bool {
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		return false
+	}
+	rc, err := tl.SyscallConn()
+	if err != nil {
+		return false
+	}
+	queued := false
+	rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(fds, 0)
+		queued = err == nil && n > 0 && fds[0].Revents&unix.POLLIN != 0
+	})
+	return queued
+}
