@@ -132,9 +132,12 @@ func New(cfg Config) (*Forwarder, error) {
 	switch cfg.Transport {
 	case "", "tcp":
 	case "udp":
-		f.udp = newUDPTransport(func(ctx context.Context) (*socksclient.UDPConn, error) {
+		f.udp = newUDPTransport(func(ctx context.Context) (relayConn, error) {
 			c, _, err := cfg.Upstreams.Associate(ctx)
-			return c, err
+			if err != nil {
+				return nil, err // not a typed nil in the interface
+			}
+			return c, nil
 		}, len(cfg.Resolvers), &f.stats)
 	default:
 		return nil, fmt.Errorf("dnsforward: unknown transport %q (want tcp or udp)", cfg.Transport)

@@ -27,7 +27,7 @@ const maxUDPSends = 8
 // sent again, and a query whose association ends is sent again at once on
 // a new one, both within its deadline.
 type udpTransport struct {
-	associate func(ctx context.Context) (*socksclient.UDPConn, error)
+	associate func(ctx context.Context) (relayConn, error)
 	rtts      []rttEstimator // per resolver, by index
 	stats     *Stats
 	// firstRTO overrides the estimator's wait before a retransmission when
@@ -43,9 +43,18 @@ type udpTransport struct {
 	wg      sync.WaitGroup
 }
 
+// relayConn is what the transport uses of a UDP ASSOCIATE
+// (*socksclient.UDPConn); tests put in-memory fakes in its place.
+type relayConn interface {
+	WritePacket(buf []byte, off int, dst socksclient.Addr) error
+	ReadPacket(buf []byte) (off, n int, from socksclient.Addr, err error)
+	Alive() bool
+	Close() error
+}
+
 // association is one UDP ASSOCIATE and the end of its reader.
 type association struct {
-	conn  *socksclient.UDPConn
+	conn  relayConn
 	ended chan struct{} // closed when the reader stops: the association is gone
 }
 
@@ -79,7 +88,7 @@ type udpKey struct {
 	qtype uint16
 }
 
-func newUDPTransport(associate func(ctx context.Context) (*socksclient.UDPConn, error), resolvers int, stats *Stats) *udpTransport {
+func newUDPTransport(associate func(ctx context.Context) (relayConn, error), resolvers int, stats *Stats) *udpTransport {
 	return &udpTransport{
 		associate: associate,
 		rtts:      make([]rttEstimator, resolvers),
