@@ -149,9 +149,33 @@ func (b *Binding) Accept(ctx context.Context) (*Conn, error) {
 // Close abandons the binding.
 func (b *Binding) Close() error { return b.conn.Close() }
 
+// handshakeProgress is how far a request got through the proxy's own part
+// of the handshake. Upstreams judges a proxy on that part only: once the
+// proxy has answered, the wait for the reply is the wait for the target
+// (connecting to it, or whatever BIND and UDP ASSOCIATE wait on), and a
+// slow or black-holed target says nothing about the proxy.
+type handshakeProgress struct {
+	proxyAt time.Time // when connecting to the proxy began; zero if it never did (local resolution failed)
+	greeted bool      // the proxy answered the method selection and, if used, authentication
+}
+
+// progressKey carries a *handshakeProgress in a request's context, as
+// net/http/httptrace carries its hooks: every command (DialAddr, Bind,
+// Associate) reports through it without a second set of entry points, and
+// a dial without one pays a context lookup, no allocation.
+type progressKey struct{}
+
+// withProgress returns ctx with p to be filled in by requests under it.
+// Only the goroutine running the request writes p; read it after the
+// request has returned.
+func withProgress(ctx context.Context, p *handshakeProgress) context.Context {
+	return context.WithValue(ctx, progressKey{}, p)
+}
+
 // request connects to the proxy, negotiates, sends one request and reads
 // its reply. On success the conn is positioned at the first payload byte.
 func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Conn, Reply, error) {
+	progress, _ := ctx.Value(progressKey{}).(*handshakeProgress)
 	timeout := d.HandshakeTimeout
 	if timeout <= 0 {
 		timeout = DefaultHandshakeTimeout
@@ -171,13 +195,16 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 	if dial == nil {
 		dial = defaultProxyDialer.DialContext
 	}
+	if progress != nil {
+		progress.proxyAt = time.Now()
+	}
 	conn, err := dial(hctx, "tcp", d.ProxyAddr)
 	if err != nil {
 		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, err)
 	}
 
 	stop := context.AfterFunc(hctx, func() { conn.SetDeadline(aLongTimeAgo) })
-	reply, err := d.handshake(conn, cmd, target)
+	reply, err := d.handshake(conn, cmd, target, progress)
 	if !stop() {
 		conn.Close()
 		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, hctx.Err())
@@ -189,8 +216,9 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 	return conn, reply, nil
 }
 
-// handshake runs method negotiation, authentication and the request.
-func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr) (Reply, error) {
+// handshake runs method negotiation, authentication and the request,
+// marking progress (if not nil) greeted once the proxy's part is done.
+func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr, progress *handshakeProgress) (Reply, error) {
 	var buf [8 + 2*256 + maxAddrFrame]byte
 	g := Greeting{Methods: []AuthMethod{MethodNoAuth}}
 	if d.Username != "" {
@@ -236,6 +264,9 @@ func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr) (Reply, erro
 		return Reply{}, ErrNoAcceptableMethods
 	default:
 		return Reply{}, protoErr("method selection", fmt.Sprintf("server chose %s, which was not offered", sel.Method))
+	}
+	if progress != nil {
+		progress.greeted = true
 	}
 
 	b, err = Request{Cmd: cmd, Addr: target}.AppendTo(buf[:0])

@@ -12,8 +12,8 @@ import (
 )
 
 // DefaultHedgeDelay is how long an upstream may take to connect and finish
-// its handshake before the next one is started beside it, unless
-// SetHedgeDelay says otherwise. Short enough that a black-holed primary
+// its handshake, the request's reply included, before the next one is
+// started beside it, unless SetHedgeDelay says otherwise. Short enough that a black-holed primary
 // costs a connection little, long enough that a working one on another
 // continent is not raced on every dial.
 const DefaultHedgeDelay = 300 * time.Millisecond
@@ -40,12 +40,19 @@ var errNoUpstreams = errors.New("socks: no upstream proxy configured")
 //
 // An upstream that cannot be reached, fails the handshake, rejects the
 // credentials or lacks the command is marked down and tried last for a
-// backoff (1 s doubling to 30 s); so is one that had not answered after the
-// hedge delay when a later-started upstream succeeded, or when the caller's
-// deadline passed. A refusal about the target (a *ReplyError other than
-// command or address type not supported) is the target's answer and is
-// returned as is: no failover. Failover only happens while dialing, never
-// after payload has flowed.
+// backoff (1 s doubling to 30 s); so is one that had not answered the
+// greeting (method selection, then authentication) after the hedge delay
+// when a later-started upstream completed, or when the caller's deadline
+// passed. A proxy is judged on that part of the handshake only: one that has
+// answered it and waits, with the request sent, for the target is never
+// marked down for a lost race, the caller's deadline or the handshake
+// timeout, so one slow or black-holed target does not reorder failover for
+// all traffic. Nor is one marked down for a name that ResolveLocally could
+// not resolve. A refusal about the target (a *ReplyError other than command
+// or address type not supported) is the target's answer and is returned as
+// is: no failover. A failure of an attempt that began before the upstream
+// last came back up is stale and ignored. Failover only happens while
+// dialing, never after payload has flowed.
 //
 // SetDialers replaces the list for new dials; dials in flight finish on the
 // list they started with. Every method is safe for concurrent use, at any
@@ -53,7 +60,6 @@ var errNoUpstreams = errors.New("socks: no upstream proxy configured")
 type Upstreams struct {
 	hedge    atomic.Int64 // 0: DefaultHedgeDelay; negative: none; else the delay
 	onChange atomic.Pointer[func(proxy string, up bool, cause error)]
-	now      func() time.Time // time.Now when nil; tests replace it
 
 	setMu sync.Mutex // serialises SetDialers
 	list  atomic.Pointer[[]*upstream]
@@ -74,6 +80,7 @@ type upstream struct {
 type health struct {
 	down      bool          // from a failure until the next success
 	since     time.Time     // when the last counted failure was
+	upSince   time.Time     // when it last came back up; zero if it never went down
 	downUntil time.Time     // tried last until then
 	backoff   time.Duration // the last backoff; 0 while up
 	retired   bool          // no longer in the list: changes go unreported
@@ -201,13 +208,6 @@ func (u *Upstreams) Status() []UpstreamStatus {
 	return st
 }
 
-func (u *Upstreams) clock() time.Time {
-	if u.now != nil {
-		return u.now()
-	}
-	return time.Now()
-}
-
 // hedgeDelay is the delay for a dial starting now, negative for none.
 func (u *Upstreams) hedgeDelay() time.Duration {
 	switch d := time.Duration(u.hedge.Load()); {
@@ -220,8 +220,8 @@ func (u *Upstreams) hedgeDelay() time.Duration {
 	}
 }
 
-// patience is how long an upstream must have gone without completing its
-// handshake before a lost race or the caller's deadline counts against it:
+// patience is how long a proxy must have gone without answering the
+// greeting before a lost race or the caller's deadline counts against it:
 // the hedge delay, or DefaultHedgeDelay when there is none. A shorter wait
 // says nothing about the upstream: the caller gave it no time.
 func patience(hedge time.Duration) time.Duration {
@@ -243,7 +243,7 @@ func (u *Upstreams) notify(proxy string, up bool, cause error) {
 func (u *Upstreams) order(list []*upstream) []*upstream {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	now := u.clock()
+	now := time.Now()
 	out := make([]*upstream, 0, len(list))
 	for _, up := range list {
 		if !now.Before(up.h.downUntil) {
@@ -261,13 +261,17 @@ func (u *Upstreams) order(list []*upstream) []*upstream {
 // markDown counts a failure of an attempt that began at started. A failure
 // of an attempt that began before the upstream was last counted down is
 // already accounted for: concurrent dials hitting one dead proxy back it
-// off once, not once each.
+// off once, not once each. One that began before the upstream last came
+// back up is older than the news that it works (an attempt caught in the
+// outage, failing on its handshake timeout after a later one succeeded):
+// counting it would report a second "down" and back off an upstream that
+// works.
 func (u *Upstreams) markDown(up *upstream, started time.Time, cause error) {
 	u.notifyMu.Lock()
 	defer u.notifyMu.Unlock()
 	u.mu.Lock()
 	h := up.h
-	if h.down && started.Before(h.since) {
+	if started.Before(h.upSince) || (h.down && started.Before(h.since)) {
 		u.mu.Unlock()
 		return
 	}
@@ -278,7 +282,7 @@ func (u *Upstreams) markDown(up *upstream, started time.Time, cause error) {
 	case h.backoff < maxBackoff:
 		h.backoff = min(2*h.backoff, maxBackoff)
 	}
-	now := u.clock()
+	now := time.Now()
 	h.down, h.since, h.downUntil = true, now, now.Add(h.backoff)
 	report := wentDown && !h.retired
 	u.mu.Unlock()
@@ -299,7 +303,7 @@ func (u *Upstreams) markUp(up *upstream) {
 	u.mu.Lock()
 	h := up.h
 	cameBack := h.down
-	*h = health{retired: h.retired}
+	*h = health{retired: h.retired, upSince: time.Now()}
 	report := cameBack && !h.retired
 	u.mu.Unlock()
 	if report {
@@ -327,10 +331,12 @@ func (u *Upstreams) Associate(ctx context.Context) (*UDPConn, *Dialer, error) {
 	return try(u, ctx, func(ctx context.Context, d *Dialer) (*UDPConn, error) { return d.Associate(ctx) })
 }
 
-// attempt is one upstream's try within a hedged dial.
+// attempt is one upstream's try within a hedged dial. Its goroutine fills
+// in progress; the dial reads it once the attempt's result has arrived.
 type attempt struct {
-	up      *upstream
-	started time.Time
+	up       *upstream
+	started  time.Time
+	progress handshakeProgress
 }
 
 type attemptResult[T any] struct {
@@ -351,7 +357,7 @@ type hedgedDial[T io.Closer] struct {
 	actx     context.Context // the attempts'
 	cancel   context.CancelFunc
 	results  chan attemptResult[T]
-	attempts []attempt
+	attempts []attempt // never reallocated: attempts write their progress in place
 	running  int
 	timer    *time.Timer
 }
@@ -366,6 +372,7 @@ func try[T io.Closer](u *Upstreams, ctx context.Context, op func(context.Context
 	h.actx, h.cancel = context.WithCancel(ctx)
 	defer h.cancel()
 	h.results = make(chan attemptResult[T], len(h.order))
+	h.attempts = make([]attempt, 0, len(h.order))
 	return h.run()
 }
 
@@ -396,10 +403,9 @@ func (h *hedgedDial[T]) run() (T, *Dialer, error) {
 				h.settle(r.i)
 				return r.v, a.up.d, nil
 			case h.ctx.Err() != nil && errors.Is(r.err, h.ctx.Err()):
-				// The caller gave up. Its deadline passing counts against an
-				// upstream that had been given time; a cancel says nothing.
-				if ran := h.u.clock().Sub(a.started); errors.Is(r.err, context.DeadlineExceeded) && ran >= patience(h.hedge) {
-					h.u.markDown(a.up, a.started, fmt.Errorf("no reply to the handshake within %s, the caller's deadline: %w", ran.Round(time.Millisecond), r.err))
+				// The caller gave up.
+				if cause := h.fault(r.i, r.err, -1); cause != nil {
+					h.u.markDown(a.up, a.started, cause)
 				}
 				errs = append(errs, r.err)
 				hedge = nil
@@ -409,7 +415,11 @@ func (h *hedgedDial[T]) run() (T, *Dialer, error) {
 				h.settle(r.i)
 				return zero, a.up.d, r.err
 			default:
-				h.u.markDown(a.up, a.started, r.err)
+				// The next upstream is tried even when this one was not at
+				// fault: it may reach the target another way.
+				if cause := h.fault(r.i, r.err, -1); cause != nil {
+					h.u.markDown(a.up, a.started, cause)
+				}
 				errs = append(errs, r.err)
 				if h.ctx.Err() == nil {
 					hedge = h.startNext()
@@ -431,20 +441,25 @@ func (h *hedgedDial[T]) startNext() <-chan time.Time {
 	}
 	i := len(h.attempts)
 	up := h.order[i]
-	h.attempts = append(h.attempts, attempt{up: up, started: h.u.clock()})
+	h.attempts = append(h.attempts, attempt{up: up, started: time.Now()})
 	h.running++
-	go h.runAttempt(i, up.d)
+	go h.runAttempt(i, up.d, &h.attempts[i].progress)
 
 	left := len(h.order) - len(h.attempts)
 	if left == 0 {
 		return nil
 	}
+	// The next one is started after the delay whatever this one's progress:
+	// one that has answered the greeting and waits on the target is raced
+	// too, since another proxy may reach the target by another route, or
+	// resolve its name faster, and the one left behind is cut short without
+	// counting against it.
 	wait := h.hedge
 	if deadline, ok := h.ctx.Deadline(); ok {
 		// Leave each upstream not yet started its share of the caller's
 		// time, or a deadline shorter than the handshake timeout would
 		// spend it all on the first.
-		share := max(deadline.Sub(h.u.clock())/time.Duration(left+1), 0)
+		share := max(deadline.Sub(time.Now())/time.Duration(left+1), 0)
 		if wait < 0 || share < wait {
 			wait = share
 		}
@@ -460,19 +475,21 @@ func (h *hedgedDial[T]) startNext() <-chan time.Time {
 	return h.timer.C
 }
 
-func (h *hedgedDial[T]) runAttempt(i int, d *Dialer) {
-	v, err := h.op(h.actx, d)
+func (h *hedgedDial[T]) runAttempt(i int, d *Dialer, progress *handshakeProgress) {
+	v, err := h.op(withProgress(h.actx, progress), d)
 	h.results <- attemptResult[T]{i: i, v: v, err: err}
 }
 
 // settle ends the race that attempt w decided: it cancels the others and
 // waits for them, closing what they opened meanwhile. One started before w
-// that had not answered within the hedge delay lost to a later upstream:
-// it counts as failed, which is how a black-holed upstream is found out
-// without waiting for its handshake timeout. Letting it run on to that
-// timeout instead would keep a connection and a goroutine per dial alive
-// for seconds after the call, and for CONNECT would have the slow proxy
-// open a connection to the target only to drop it.
+// whose proxy had not answered the greeting within the hedge delay lost to
+// a later upstream: it counts as failed, which is how a black-holed
+// upstream is found out without waiting for its handshake timeout. One
+// whose proxy had answered was only waiting on the target: no fault.
+// Letting the others run on to their timeout instead would keep a
+// connection and a goroutine per dial alive for seconds after the call,
+// and for CONNECT would have a slow proxy open a connection to the target
+// only to drop it.
 func (h *hedgedDial[T]) settle(w int) {
 	h.cancel()
 	for h.running > 0 {
@@ -482,17 +499,55 @@ func (h *hedgedDial[T]) settle(w int) {
 		switch {
 		case r.err == nil:
 			r.v.Close()
-		case errors.Is(r.err, context.Canceled):
-			// Cut short by the win. Started after the winner, or too
-			// recently, it had no fair chance: nothing learned.
-			if ran := h.u.clock().Sub(a.started); r.i < w && ran >= patience(h.hedge) {
-				h.u.markDown(a.up, a.started, fmt.Errorf("no reply to the handshake within %s, while %s, started after it, completed one",
-					ran.Round(time.Millisecond), h.attempts[w].up.d.ProxyAddr))
+		case errors.Is(r.err, context.Canceled) || IsUpstreamFailure(r.err):
+			// Cut short by the win, or failed on its own meanwhile.
+			if cause := h.fault(r.i, r.err, w); cause != nil {
+				h.u.markDown(a.up, a.started, cause)
 			}
-		case IsUpstreamFailure(r.err):
-			h.u.markDown(a.up, a.started, r.err) // it failed on its own meanwhile
 		}
 	}
+}
+
+// fault returns why attempt i's failure err counts against its proxy, or
+// nil when it says nothing about the proxy. won is the attempt that
+// decided the race, -1 while none has.
+func (h *hedgedDial[T]) fault(i int, err error, won int) error {
+	p := &h.attempts[i].progress
+	waited := errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+	switch {
+	case p.proxyAt.IsZero():
+		// It never reached the proxy: local resolution failed, or was cut
+		// short.
+		return nil
+	case p.greeted && waited:
+		// The proxy had done its part and was waiting on the target (the
+		// lost race, the caller's deadline or the handshake timeout alike).
+		return nil
+	case !waited:
+		if IsUpstreamFailure(err) {
+			return err
+		}
+		return nil
+	}
+	ran := time.Since(p.proxyAt)
+	if h.ctx.Err() == nil && errors.Is(err, context.Canceled) {
+		// Cut short by the win. Started after the winner, or too recently,
+		// it had no fair chance: nothing learned.
+		if won < 0 || i > won || ran < patience(h.hedge) {
+			return nil
+		}
+		return fmt.Errorf("no reply to the handshake within %s, while %s, started after it, completed one",
+			ran.Round(time.Millisecond), h.attempts[won].up.d.ProxyAddr)
+	}
+	if h.ctx.Err() != nil && errors.Is(err, h.ctx.Err()) {
+		// The caller's deadline counts against a proxy that had been given
+		// time; a cancel says nothing.
+		if !errors.Is(err, context.DeadlineExceeded) || ran < patience(h.hedge) {
+			return nil
+		}
+		return fmt.Errorf("no reply to the handshake within %s, the caller's deadline: %w", ran.Round(time.Millisecond), err)
+	}
+	return err // its own handshake timeout, before the proxy answered
 }
 
 // upstreamsError is the failure of every upstream tried, on one line, each

@@ -25,18 +25,21 @@ var testTarget = Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 80}
 type proxyMode int
 
 const (
-	proxyWorks     proxyMode = iota // answers after delay, with rep
-	proxyBlackHole                  // accepts and reads, never answers
-	proxyRefused                    // the dial fails
+	proxyWorks      proxyMode = iota // answers after delay, with rep
+	proxyBlackHole                   // accepts and reads, never answers
+	proxyRefused                     // the dial fails
+	proxyTargetHole                  // answers the greeting, never the request (a black-holed target)
 )
 
 // fakeProxy plays one upstream over net.Pipe, so that a synctest bubble
 // sees every wait as durable.
 type fakeProxy struct {
-	name  string
-	mode  proxyMode
-	delay time.Duration // before the method selection
-	rep   ReplyCode
+	name       string
+	mode       proxyMode
+	script     []proxyMode   // the mode of the n-th dial, mode past its end
+	delay      time.Duration // before the method selection
+	replyDelay time.Duration // before the reply: the time it takes to reach the target
+	rep        ReplyCode
 
 	dials atomic.Int32
 	open  atomic.Int32 // connections whose server side is still up
@@ -47,23 +50,26 @@ func (p *fakeProxy) dialer() *Dialer {
 }
 
 func (p *fakeProxy) dial(ctx context.Context, network, addr string) (net.Conn, error) {
-	p.dials.Add(1)
-	if p.mode == proxyRefused {
+	mode := p.mode
+	if n := int(p.dials.Add(1)) - 1; n < len(p.script) {
+		mode = p.script[n]
+	}
+	if mode == proxyRefused {
 		return nil, &net.OpError{Op: "dial", Net: network, Err: syscall.ECONNREFUSED}
 	}
 	c, srv := net.Pipe()
 	p.open.Add(1)
-	go p.serve(srv)
+	go p.serve(srv, mode)
 	return c, nil
 }
 
 // serve ends when the client closes its side, so a closed loser leaves no
 // goroutine behind.
-func (p *fakeProxy) serve(srv net.Conn) {
+func (p *fakeProxy) serve(srv net.Conn, mode proxyMode) {
 	defer p.open.Add(-1)
 	defer srv.Close()
 	defer io.Copy(io.Discard, srv)
-	if p.mode == proxyBlackHole {
+	if mode == proxyBlackHole {
 		return
 	}
 	if _, err := ReadGreeting(srv); err != nil {
@@ -73,8 +79,23 @@ func (p *fakeProxy) serve(srv net.Conn) {
 	if _, err := srv.Write([]byte{Version, byte(MethodNoAuth)}); err != nil {
 		return
 	}
-	if _, err := ReadRequest(srv); err != nil {
+	if _, err := ReadRequest(srv); err != nil || mode == proxyTargetHole {
 		return
+	}
+	if p.replyDelay > 0 {
+		// Reaching the target ends early when the client gives up, as a
+		// proxy's connect to the target does when its client closes.
+		gone := make(chan struct{})
+		go func() {
+			defer close(gone)
+			io.Copy(io.Discard, srv)
+		}()
+		defer func() { <-gone }()
+		select {
+		case <-time.After(p.replyDelay):
+		case <-gone:
+			return
+		}
 	}
 	b, _ := Reply{Code: p.rep, Addr: Addr{IP: netip.IPv4Unspecified()}}.AppendTo(nil)
 	srv.Write(b)
@@ -517,4 +538,255 @@ func TestUpstreamsSet(t *testing.T) {
 		u.Status()
 	}
 	wg.Wait()
+}
+
+// commandOps runs each command through a group once and closes what it
+// opened.
+var commandOps = []struct {
+	name string
+	run  func(context.Context, *Upstreams) (*Dialer, error)
+}{
+	{"connect", func(ctx context.Context, u *Upstreams) (*Dialer, error) {
+		c, d, err := u.DialAddr(ctx, testTarget)
+		if err == nil {
+			c.Close()
+		}
+		return d, err
+	}},
+	{"bind", func(ctx context.Context, u *Upstreams) (*Dialer, error) {
+		b, d, err := u.Bind(ctx, Addr{})
+		if err == nil {
+			b.Close()
+		}
+		return d, err
+	}},
+	{"udp associate", func(ctx context.Context, u *Upstreams) (*Dialer, error) {
+		a, d, err := u.Associate(ctx)
+		if err == nil {
+			a.Close()
+		}
+		return d, err
+	}},
+}
+
+// TestHedgeSlowTarget: proxies that answer the greeting and then wait on a
+// black-holed target (the CONNECT target; for BIND and ASSOCIATE whatever
+// the proxy waits on before replying) have done their part. When the
+// caller's deadline (DNS gives its first resolver half of --dns-timeout) or
+// the handshake timeout passes, the call fails, every proxy was tried, and
+// none goes down: one bad target must not reorder failover for all traffic.
+func TestHedgeSlowTarget(t *testing.T) {
+	for _, op := range commandOps {
+		t.Run(op.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p1, p2 := &fakeProxy{name: "p1:1080", mode: proxyTargetHole}, &fakeProxy{name: "p2:1080", mode: proxyTargetHole}
+				var log stateLog
+				u := group(&log, p1, p2)
+
+				ctx, cancel := context.WithTimeout(context.Background(), 2500*time.Millisecond)
+				_, err := op.run(ctx, u)
+				cancel()
+				if !errors.Is(err, context.DeadlineExceeded) {
+					t.Fatalf("with the caller's deadline: err = %v, want it exceeded", err)
+				}
+				_, err = op.run(context.Background(), u)
+				if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "handshake timed out") {
+					t.Fatalf("without a deadline: err = %v, want the handshake timeout", err)
+				}
+				if p1.dials.Load() != 2 || p2.dials.Load() != 2 {
+					t.Fatalf("dials %d, %d; want each proxy tried by each call", p1.dials.Load(), p2.dials.Load())
+				}
+				if st := u.Status(); log.String() != "" || !st[0].Up || !st[1].Up {
+					t.Fatalf("state changes %q, status %+v; want none, both up", log.String(), st)
+				}
+				synctest.Wait()
+				if n := p1.open.Load() + p2.open.Load(); n != 0 {
+					t.Fatalf("%d proxy connections left open", n)
+				}
+			})
+		})
+	}
+	t.Run("beside a black hole", func(t *testing.T) {
+		// A proxy that does not answer the greeting is still found out.
+		synctest.Test(t, func(t *testing.T) {
+			slow, hole := &fakeProxy{name: "slow:1080", mode: proxyTargetHole}, &fakeProxy{name: "hole:1080", mode: proxyBlackHole}
+			var log stateLog
+			u := group(&log, slow, hole)
+			ctx, cancel := context.WithTimeout(context.Background(), 2500*time.Millisecond)
+			defer cancel()
+			if _, _, err := u.DialAddr(ctx, testTarget); !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("err = %v, want the deadline", err)
+			}
+			if st := u.Status(); log.String() != "hole:1080 down" || !st[0].Up || st[1].Up {
+				t.Fatalf("state changes %q, status %+v; want only the black hole down", log.String(), st)
+			}
+		})
+	})
+}
+
+// TestHedgeSlowTargetLosesRace: a primary that answered the greeting and
+// waits on a slow target, beaten by a hedge that reached the target first
+// (or was refused by it first), is cut short but not marked down, and stays
+// first for the next dial.
+func TestHedgeSlowTargetLosesRace(t *testing.T) {
+	for _, rep := range []ReplyCode{RepSucceeded, RepConnectionRefused} {
+		t.Run(rep.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				slow := &fakeProxy{name: "slow:1080", replyDelay: time.Second}
+				fast := &fakeProxy{name: "fast:1080", rep: rep}
+				var log stateLog
+				u := group(&log, slow, fast)
+				c, d, err := u.DialAddr(context.Background(), testTarget)
+				if rep == RepSucceeded && err == nil {
+					c.Close()
+				}
+				var re *ReplyError
+				if d == nil || d.ProxyAddr != "fast:1080" || (rep == RepSucceeded) != (err == nil) ||
+					(rep != RepSucceeded && (!errors.As(err, &re) || re.Code != rep)) {
+					t.Fatalf("err = %v through %v, want the hedge's answer (%s)", err, d, rep)
+				}
+				if st := u.Status(); log.String() != "" || !st[0].Up {
+					t.Fatalf("state changes %q, status %+v; want none", log.String(), st)
+				}
+				// Still first: the next dial tries it before the hedge.
+				c, d, err = u.DialAddr(context.Background(), testTarget)
+				if err == nil {
+					c.Close()
+				}
+				if slow.dials.Load() != 2 {
+					t.Fatalf("the slow target's proxy was dialed %d times in two dials (the second went through %v), want 2", slow.dials.Load(), d)
+				}
+				synctest.Wait()
+				if n := slow.open.Load() + fast.open.Load(); n != 0 {
+					t.Fatalf("%d proxy connections left open", n)
+				}
+			})
+		})
+	}
+}
+
+// TestUpstreamsLocalResolutionFailure: with ResolveLocally, a name that
+// does not resolve is the target's problem: the proxies are never reached
+// and none goes down.
+func TestUpstreamsLocalResolutionFailure(t *testing.T) {
+	noDNS := &net.Resolver{PreferGo: true, Dial: func(context.Context, string, string) (net.Conn, error) {
+		return nil, errors.New("no resolver here")
+	}}
+	p1, p2 := &fakeProxy{name: "p1:1080"}, &fakeProxy{name: "p2:1080"}
+	var log stateLog
+	u := group(&log, p1, p2)
+	ds := u.Dialers()
+	for _, d := range ds {
+		d.ResolveLocally, d.Resolver = true, noDNS
+	}
+	u.SetDialers(ds...)
+	_, _, err := u.DialAddr(context.Background(), Addr{Name: "db.internal", Port: 5432})
+	if err == nil || !strings.Contains(err.Error(), "resolving db.internal locally failed") {
+		t.Fatalf("err = %v, want the resolution failure", err)
+	}
+	if st := u.Status(); log.String() != "" || !st[0].Up || !st[1].Up || p1.dials.Load()+p2.dials.Load() != 0 {
+		t.Fatalf("state changes %q, status %+v, dials %d, %d; want none, both up, no dial",
+			log.String(), st, p1.dials.Load(), p2.dials.Load())
+	}
+}
+
+// TestUpstreamsStaleFailureAfterRecovery: an attempt that began during an
+// outage and fails after the upstream came back (here on its handshake
+// timeout) is old news: the upstream stays up, with no second "down".
+func TestUpstreamsStaleFailureAfterRecovery(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := &fakeProxy{name: "p:1080", script: []proxyMode{proxyRefused, proxyBlackHole}}
+		var log stateLog
+		u := group(&log, p)
+		if _, _, err := u.DialAddr(context.Background(), testTarget); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("err = %v, want refused", err)
+		}
+		stale := make(chan error, 1)
+		go func() {
+			_, _, err := u.DialAddr(context.Background(), testTarget)
+			stale <- err
+		}()
+		synctest.Wait() // the stale attempt waits on the black hole
+
+		time.Sleep(minBackoff)
+		dialOK(t, context.Background(), u, p)
+		if err := <-stale; !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("stale attempt: err = %v, want the handshake timeout", err)
+		}
+		if st := u.Status()[0]; log.String() != "p:1080 down, p:1080 up" || !st.Up || st.Backoff != 0 {
+			t.Fatalf("state changes %q, status %+v; want down, up, and up now", log.String(), st)
+		}
+		// A failure of an attempt begun after it came back still counts.
+		p.mode = proxyRefused
+		u.DialAddr(context.Background(), testTarget)
+		if log.String() != "p:1080 down, p:1080 up, p:1080 down" {
+			t.Fatalf("state changes %q, want a new down", log.String())
+		}
+	})
+}
+
+// TestDialProgress: the Dialer records how far the proxy's part of the
+// handshake got (connecting, the method selection, authentication), which
+// is what Upstreams judges a proxy on.
+func TestDialProgress(t *testing.T) {
+	const (
+		stallGreeting = iota // reads the greeting, never answers
+		stallAuth            // selects username/password, never answers it
+		rejectAuth           // rejects the credentials
+		stallReply           // authenticates, reads the request, never replies
+	)
+	cases := []struct {
+		name    string
+		server  int
+		greeted bool
+	}{
+		{"black hole", stallGreeting, false},
+		{"stalled authentication", stallAuth, false},
+		{"rejected credentials", rejectAuth, false},
+		{"waiting on the target", stallReply, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			served := make(chan struct{})
+			d := &Dialer{ProxyAddr: "p:1080", Username: "u", Password: "p", ProxyDial: func(context.Context, string, string) (net.Conn, error) {
+				c, srv := net.Pipe()
+				go func() {
+					defer close(served)
+					defer srv.Close()
+					defer io.Copy(io.Discard, srv)
+					defer cancel() // the caller gives up once the server stalls
+					if _, err := ReadGreeting(srv); err != nil || tc.server == stallGreeting {
+						return
+					}
+					srv.Write([]byte{Version, byte(MethodUserPass)})
+					if _, err := ReadUserPassRequest(srv); err != nil || tc.server == stallAuth {
+						return
+					}
+					if tc.server == rejectAuth {
+						srv.Write([]byte{1, 1})
+						return
+					}
+					srv.Write([]byte{1, 0})
+					ReadRequest(srv)
+				}()
+				return c, nil
+			}}
+			var p handshakeProgress
+			_, _, err := d.request(withProgress(ctx, &p), CmdConnect, testTarget)
+			<-served
+			if err == nil || p.proxyAt.IsZero() || p.greeted != tc.greeted {
+				t.Fatalf("err = %v, progress %+v; want a failure, the proxy reached, greeted %v", err, p, tc.greeted)
+			}
+		})
+	}
+	t.Run("local resolution failed", func(t *testing.T) {
+		d := &Dialer{ProxyAddr: "p:1080", ResolveLocally: true, Resolver: &net.Resolver{PreferGo: true,
+			Dial: func(context.Context, string, string) (net.Conn, error) { return nil, errors.New("no resolver here") }}}
+		var p handshakeProgress
+		if _, _, err := d.request(withProgress(context.Background(), &p), CmdConnect, Addr{Name: "db.internal", Port: 1}); err == nil || p != (handshakeProgress{}) {
+			t.Fatalf("err = %v, progress %+v; want a failure before the proxy", err, p)
+		}
+	})
 }
