@@ -525,26 +525,59 @@ func (s *udpSession) queueFast(slot []byte, idx int) bool {
 	return true
 }
 
-// flushFast sends the queued datagrams. Those that found the association
-// ended (by the proxy, or by the session, which is re-associating or
-// ending) go to the session or its successor; those another error failed
-// are counted.
+// fastBatch is what Serve's fast path sends through: a
+// socksclient.UDPBatch, or a fake in tests.
+type fastBatch interface {
+	Add(buf []byte, off int, dst socksclient.Addr) error
+	// Flush stops at the first datagram that fails: those that went are
+	// the first ones queued.
+	Flush() (int, error)
+}
+
+// flushFast sends the datagrams queued for the live association.
 func (s *udpSession) flushFast(r datagramReader) {
-	f := s.f
-	sent, err := s.fast.Flush()
-	s.up.Add(int64(sent))
-	f.stats.DatagramsUp.Add(int64(sent))
-	switch rest := s.fastSlots[sent:]; {
-	case err == nil:
-	case errors.Is(err, socksclient.ErrAssociationClosed) || errors.Is(err, net.ErrClosed):
-		to := s
-		for _, idx := range rest {
-			to = f.deliver(to, s.client, r.Slot(idx))
-		}
-	default:
-		f.stats.DroppedSend.Add(int64(len(rest)))
-	}
+	s.flushBatch(s.fast, r)
 	s.fastSlots = s.fastSlots[:0]
+}
+
+// flushBatch sends the datagrams of s.fastSlots queued in b (r holds
+// them). A flush stops at the first datagram that fails, and those before
+// it went, so the failed one and those after it are known exactly. When
+// the association has ended (by the proxy, or by the session, which is
+// re-associating or ending), they go to the session or its successor.
+// Another error is the failed datagram's own (an ICMP error surfacing on
+// it, say): that one is dropped and counted, as a lone send's would be,
+// and the rest are queued again; each pass settles at least one, so the
+// loop ends within len(s.fastSlots) flushes.
+func (s *udpSession) flushBatch(b fastBatch, r datagramReader) {
+	f := s.f
+	slots := s.fastSlots
+	for len(slots) > 0 {
+		sent, err := b.Flush()
+		s.up.Add(int64(sent))
+		f.stats.DatagramsUp.Add(int64(sent))
+		rest := slots[min(sent, len(slots)):]
+		switch {
+		case err == nil || len(rest) == 0:
+			return
+		case errors.Is(err, socksclient.ErrAssociationClosed) || errors.Is(err, net.ErrClosed):
+			to := s
+			for _, idx := range rest {
+				to = f.deliver(to, s.client, r.Slot(idx))
+			}
+			return
+		}
+		f.stats.DroppedSend.Add(1)
+		next := rest[1:]
+		slots = next[:0]
+		for _, idx := range next {
+			if b.Add(r.Slot(idx), socksclient.MaxUDPHeaderLen, s.target) != nil {
+				f.deliver(s, s.client, r.Slot(idx)) // as Serve does when queueFast fails
+				continue
+			}
+			slots = append(slots, idx)
+		}
+	}
 }
 
 // handOff copies a client datagram (slot: headroom, then payload) to the

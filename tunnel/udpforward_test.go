@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -656,4 +657,99 @@ func udpExchange(t *testing.T, c *net.UDPConn, fwd *net.UDPAddr, msg string) str
 	}
 	t.Fatalf("no reply to %q", msg)
 	return ""
+}
+
+// scriptedBatch plays the fast path's socksclient.UDPBatch with sends that
+// fail where the test says: fail maps a datagram (its first payload byte)
+// to the error its send meets. Flush keeps UDPBatch's contract: it stops
+// at the first failure, so what went is the first datagrams queued.
+type scriptedBatch struct {
+	fail   map[byte]error
+	queued []byte
+	went   []byte
+}
+
+func (b *scriptedBatch) Add(buf []byte, off int, _ socksclient.Addr) error {
+	b.queued = append(b.queued, buf[off])
+	return nil
+}
+
+func (b *scriptedBatch) Flush() (int, error) {
+	defer func() { b.queued = b.queued[:0] }()
+	for i, id := range b.queued {
+		if err := b.fail[id]; err != nil {
+			return i, err
+		}
+		b.went = append(b.went, id)
+	}
+	return len(b.queued), nil
+}
+
+// slotReader holds datagrams in read slots, as Serve's reader does.
+type slotReader [][]byte
+
+func (r slotReader) Read() (int, error)      { panic("flushBatch does not read") }
+func (r slotReader) Slot(i int) []byte       { return r[i] }
+func (r slotReader) Truncated(int) bool      { return false }
+func (r slotReader) Addr(int) netip.AddrPort { panic("flushBatch needs no source") }
+
+// A fast-path flush that fails part-way sends each datagram once at most,
+// and loses none uncounted. A send that fails on its own (an ICMP error
+// surfacing on it) drops that datagram, counted, and the ones queued after
+// it still go; once the association has ended, the datagrams from the
+// failed one on go to the session, which sends them on a new one, and none
+// that went already goes again.
+func TestUDPForwardFastFlushFailsPartWay(t *testing.T) {
+	const queued = 6
+	for _, tc := range []struct {
+		name    string
+		fail    map[byte]error
+		went    []byte // through the fast path
+		dropped int64
+		session []byte // handed to the session, which sends them
+	}{
+		{"a datagram refused", map[byte]error{2: syscall.ECONNREFUSED}, []byte{0, 1, 3, 4, 5}, 1, nil},
+		{"two refused", map[byte]error{0: syscall.ECONNREFUSED, 4: syscall.EPERM}, []byte{1, 2, 3, 5}, 2, nil},
+		{"association ended", map[byte]error{3: socksclient.ErrAssociationClosed}, []byte{0, 1, 2}, 0, []byte{3, 4, 5}},
+		{"closed at once", map[byte]error{0: net.ErrClosed}, nil, 0, []byte{0, 1, 2, 3, 4, 5}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+			f, _, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{target: dst.LocalAddr().(*net.UDPAddr).AddrPort()})
+			// A client that sends nothing itself: Serve never touches its
+			// session, and the test plays Serve's fast path for it.
+			s := f.session(netip.MustParseAddrPort("127.0.0.1:9"))
+			b := &scriptedBatch{fail: tc.fail}
+			r := make(slotReader, queued)
+			for i := range r {
+				r[i] = slotWith([]byte{byte(i), 'x'})
+				b.Add(r[i], socksclient.MaxUDPHeaderLen, s.target)
+				s.fastSlots = append(s.fastSlots, i)
+			}
+			s.flushBatch(b, r)
+			if !bytes.Equal(b.went, tc.went) {
+				t.Errorf("the fast path sent %v, want %v", b.went, tc.went)
+			}
+			buf := make([]byte, 64)
+			dst.SetReadDeadline(time.Now().Add(5 * time.Second))
+			for _, want := range tc.session {
+				n, _, err := dst.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					t.Fatalf("the session sent no datagram %d: %v\n%s", want, err, logs)
+				}
+				if n != 2 || buf[0] != want {
+					t.Fatalf("the session sent %v, want datagram %d (all it should send: %v)", buf[:n], want, tc.session)
+				}
+			}
+			st := f.Stats()
+			if up, want := st.DatagramsUp.Load(), int64(len(tc.went)+len(tc.session)); up != want {
+				t.Errorf("DatagramsUp = %d, want %d", up, want)
+			}
+			if n := st.DroppedSend.Load(); n != tc.dropped {
+				t.Errorf("DroppedSend = %d, want %d", n, tc.dropped)
+			}
+			f.Close()
+			checkAccounted(t, f, queued)
+		})
+	}
 }

@@ -97,9 +97,10 @@ func (w *portableWriter) Add(b []byte, to netip.AddrPort) {
 	w.n++
 }
 
-// Flush sends every queued datagram and empties the queue. It returns how
-// many were sent and the first error; a datagram whose send fails is
-// dropped, and the rest still go, except after net.ErrClosed.
+// Flush sends the queued datagrams in order and empties the queue. It
+// stops at the first datagram that fails, so the datagrams that went are
+// always the first sent queued: the one at index sent failed with err, and
+// those after it were not tried.
 func (w *portableWriter) Flush() (sent int, err error) {
 	defer func() {
 		clear(w.bufs[:w.n]) // hold no caller's buffer past Flush
@@ -112,16 +113,10 @@ func (w *portableWriter) Flush() (sent int, err error) {
 		} else {
 			_, e = w.c.Write(w.bufs[i])
 		}
-		if e == nil {
-			sent++
-			continue
+		if e != nil {
+			return sent, e
 		}
-		if err == nil {
-			err = e
-		}
-		if errors.Is(e, net.ErrClosed) {
-			return sent, err
-		}
+		sent++
 	}
-	return sent, err
+	return sent, nil
 }

@@ -190,10 +190,12 @@ func (w *Writer) Add(b []byte, to netip.AddrPort) {
 	}
 }
 
-// Flush sends every queued datagram and empties the queue. It returns how
-// many were sent and the first error; a datagram whose send fails is
-// dropped, as a single failed send would be, and the rest still go, except
-// after net.ErrClosed.
+// Flush sends the queued datagrams in order and empties the queue. It
+// stops at the first datagram that fails, so the datagrams that went are
+// always the first sent queued: the one at index sent failed with err, and
+// those after it were not tried. So a caller knows exactly which datagrams to
+// send again or count as lost: a flush that went on past a failure would
+// leave a gap that a count cannot describe.
 func (w *Writer) Flush() (sent int, err error) {
 	defer func() { w.n = 0 }()
 	for i := 0; i < w.n; {
@@ -204,18 +206,12 @@ func (w *Writer) Flush() (sent int, err error) {
 		var n int
 		var e error
 		if j-i > 1 {
+			// A segmented send goes whole or not at all.
 			n, e = w.sendSegmented(i, j)
-			if e != nil && !errors.Is(e, net.ErrClosed) {
-				// Nothing went. Either the kernel refused segmentation, or
-				// the first datagram's error (e.g. a pending ICMP refusal)
-				// failed the whole run: send them one by one.
-				if w.refusedGSO(e, int(w.iovs[i].Len)) {
-					e = nil
-				}
-				var e2 error
-				if n, e2 = w.sendmmsg(i, j); e == nil {
-					e = e2
-				}
+			if e != nil && w.refusedGSO(e, int(w.iovs[i].Len)) {
+				// The kernel refused segmentation, not the datagrams:
+				// send them one by one.
+				n, e = w.sendmmsg(i, j)
 			}
 		} else {
 			// A lone datagram, or no GSO: sendmmsg up to the next run.
@@ -229,15 +225,12 @@ func (w *Writer) Flush() (sent int, err error) {
 			n, e = w.sendmmsg(i, j)
 		}
 		sent += n
-		if e != nil && err == nil {
-			err = e
-		}
-		if errors.Is(e, net.ErrClosed) {
-			return sent, err
+		if e != nil {
+			return sent, e
 		}
 		i = j
 	}
-	return sent, err
+	return sent, nil
 }
 
 // refusedGSO reports whether err is the kernel refusing a segmented send
@@ -299,26 +292,28 @@ func (w *Writer) sendSegmented(i, j int) (int, error) {
 	return j - i, nil
 }
 
-// sendmmsg sends msgs[i:j], dropping any the kernel refuses; it returns
-// the count sent and the first error.
+// sendmmsg sends msgs[i:j] in order, stopping at the first the kernel
+// refuses; it returns how many went (all before that one) and the error.
 func (w *Writer) sendmmsg(i, j int) (sent int, err error) {
 	for i < j {
 		w.from, w.upto = i, j
-		if e := w.do(); e != nil {
-			if err == nil {
-				err = e
-			}
-			if errors.Is(e, net.ErrClosed) {
-				return sent, err
-			}
-			i++ // sendmmsg reports an error only for the first datagram
-			continue
+		if err := w.do(); err != nil {
+			// sendmmsg reports an error only when its first datagram
+			// failed; after a later failure it returns the count before
+			// it, and the next call starts at the failed one.
+			return sent, err
+		}
+		if w.sent <= 0 { // not for a call with datagrams to send; never spin on it
+			return sent, errNothingSent
 		}
 		sent += w.sent
 		i += w.sent
 	}
-	return sent, err
+	return sent, nil
 }
+
+// errNothingSent: sendmmsg reported success without sending a datagram.
+var errNothingSent = errors.New("udpbatch: sendmmsg sent nothing and reported no error")
 
 // do runs one sendmmsg of msgs[from:upto] through the poller.
 func (w *Writer) do() error {

@@ -52,26 +52,35 @@ func TestBatchesPerSystemCall(t *testing.T) {
 }
 
 // A refused send (the ICMP port unreachable of an earlier datagram,
-// pending on a connected socket) drops that datagram only; Flush reports
-// the error and still sends the rest.
-func TestFlushGoesOnAfterARefusedDatagram(t *testing.T) {
+// pending on a connected socket) stops Flush at the datagram it surfaced
+// on, whether that one was to go in a segmented send or alone; the error
+// is consumed, so the next Flush sends.
+func TestFlushStopsAtARefusedDatagram(t *testing.T) {
 	forEachImpl(t, func(t *testing.T, im impl) {
-		dead := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
-		deadAddr := dead.LocalAddr().(*net.UDPAddr)
-		dead.Close()
-		src, err := net.DialUDP("udp4", nil, deadAddr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer src.Close()
-		src.Write([]byte("provoke the ICMP error")) // on loopback it is queued before Write returns
-		w := im.writer(t, src, 4)
-		for i := range 4 {
-			w.Add([]byte{byte(i), 1, 2}, netip.AddrPort{})
-		}
-		sent, err := w.Flush()
-		if sent < 1 || !errors.Is(err, syscall.ECONNREFUSED) {
-			t.Fatalf("Flush = %d, %v; want ECONNREFUSED and the datagrams after it sent", sent, err)
+		for _, sizes := range [][]int{{3, 3, 3, 3}, {3, 5, 7, 9}} {
+			dead := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+			deadAddr := dead.LocalAddr().(*net.UDPAddr)
+			dead.Close()
+			src, err := net.DialUDP("udp4", nil, deadAddr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer src.Close()
+			src.Write([]byte("provoke the ICMP error")) // on loopback it is queued before Write returns
+			w := im.writer(t, src, 4)
+			for _, n := range sizes {
+				w.Add(make([]byte, n), netip.AddrPort{})
+			}
+			if sent, err := w.Flush(); sent != 0 || !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Fatalf("sizes %v: Flush = %d, %v; want 0 sent and ECONNREFUSED", sizes, sent, err)
+			}
+			if w.Len() != 0 {
+				t.Fatalf("sizes %v: Len %d after Flush", sizes, w.Len())
+			}
+			w.Add([]byte{1}, netip.AddrPort{})
+			if sent, err := w.Flush(); sent != 1 || err != nil {
+				t.Fatalf("sizes %v: next Flush = %d, %v; want 1, nil", sizes, sent, err)
+			}
 		}
 	})
 }

@@ -276,6 +276,45 @@ func TestTruncated(t *testing.T) {
 	})
 }
 
+// Flush stops at the first datagram that fails (here one too large for
+// UDP), so that what went is always the first sent queued: a caller that
+// sends the rest again, or hands them on, then neither duplicates a
+// datagram nor skips one. A flush that went on past the failure would
+// report 4 sent out of 0, 1, 3 and 4, and a caller taking the first 4 as
+// sent would send 4 twice and never count 2.
+func TestFlushStopsAtTheFirstFailure(t *testing.T) {
+	forEachImpl(t, func(t *testing.T, im impl) {
+		dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+		src := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+		w := im.writer(t, src, 8)
+		to := udpAddr(dst)
+		datagrams := [][]byte{{0, 0}, {1, 1}, make([]byte, 70_000), {3, 3}, {4, 4}}
+		for _, d := range datagrams {
+			w.Add(d, to)
+		}
+		sent, err := w.Flush()
+		if sent != 2 || err == nil || isClosed(err) {
+			t.Fatalf("Flush = %d, %v; want 2 sent and the error of the oversized third", sent, err)
+		}
+		if w.Len() != 0 {
+			t.Fatalf("Len %d after Flush, want an empty queue", w.Len())
+		}
+		// What arrives after the first two is the next flush's datagram:
+		// nothing queued behind the failure went (loopback keeps order).
+		w.Add([]byte{9, 9}, to)
+		if sent, err := w.Flush(); sent != 1 || err != nil {
+			t.Fatalf("next Flush = %d, %v; want 1, nil", sent, err)
+		}
+		r := im.reader(t, dst, slots(8, 64), 0, false)
+		got, _ := readAll(t, r, dst, 3, 0, false)
+		for i, want := range []byte{0, 1, 9} {
+			if len(got[i]) != 2 || got[i][0] != want {
+				t.Fatalf("datagram %d to arrive is %v, want %v (arrived: %v)", i, got[i], []byte{want, want}, got)
+			}
+		}
+	})
+}
+
 // A closed socket ends a blocked Read with net.ErrClosed, and Flush stops.
 func TestClosed(t *testing.T) {
 	forEachImpl(t, func(t *testing.T, im impl) {
