@@ -5,14 +5,23 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"go.uber.org/goleak"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// exchangeIdle is the idle timeout of a session that must first complete
+// an exchange through the proxy, then time out: far longer than such an
+// exchange takes on a loaded machine under -race, so the exchange never
+// races the timeout, and short enough for a test to wait for. A timeout
+// that only has to fire, with nothing before it, can be shorter.
+const exchangeIdle = time.Second
 
 // tcpPair returns the two ends of a loopback TCP connection.
 func tcpPair(t testing.TB) (*net.TCPConn, *net.TCPConn) {
@@ -92,6 +101,8 @@ func TestRelayHalfClose(t *testing.T) {
 	}
 }
 
+// TestRelayIdleTimeout: a quiet session ends, in every copy mode. Nothing
+// has to happen before the timeout, so a short one races nothing.
 func TestRelayIdleTimeout(t *testing.T) {
 	for _, mode := range allModes {
 		app, _, done := relayed(t, 50*time.Millisecond, mode)
@@ -106,25 +117,95 @@ func TestRelayIdleTimeout(t *testing.T) {
 	}
 }
 
+// On a synctest bubble's clock, over net.Pipe (the relay's path for conns
+// that are not TCP): a session ends one idle timeout after its last byte,
+// whichever way it went, and not a moment before.
+func TestRelayIdleTimeoutOnTheClock(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const idle = time.Minute
+		app, relayClient := net.Pipe()
+		relayUp, target := net.Pipe()
+		done := make(chan RelayResult, 1)
+		go func() { done <- Relay(relayClient, relayUp, idle, CopyPooled) }()
+		defer app.Close()
+		defer target.Close()
+		alive := func(when string) {
+			t.Helper()
+			synctest.Wait()
+			select {
+			case res := <-done:
+				t.Fatalf("%s: the relay ended (%v)", when, res.Err)
+			default:
+			}
+		}
+		buf := make([]byte, 1)
+		// move sends a byte from one end to the other through the relay.
+		move := func(from, to net.Conn) {
+			t.Helper()
+			go from.Write([]byte{1}) // a pipe's write waits for the read
+			if _, err := io.ReadFull(to, buf); err != nil {
+				t.Fatal(err)
+			}
+		}
+		time.Sleep(idle - time.Millisecond)
+		alive("just before the idle timeout of a session that never moved a byte")
+		move(target, app)
+		time.Sleep(idle - time.Millisecond)
+		alive("just before the idle timeout after a byte down")
+		move(app, target)
+		time.Sleep(idle - time.Millisecond)
+		alive("just before the idle timeout after a byte up")
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
+		select {
+		case res := <-done:
+			if !errors.Is(res.Err, ErrIdleTimeout) || res.Up != 1 || res.Down != 1 {
+				t.Fatalf("result %+v, want the idle timeout after a byte each way", res)
+			}
+		default:
+			t.Fatal("the relay outlived its idle timeout")
+		}
+		if _, err := app.Read(buf); err != io.EOF {
+			t.Fatalf("app read after the idle timeout: %v, want EOF", err)
+		}
+	})
+}
+
 func TestRelayIdleNotWhileOneWayTraffic(t *testing.T) {
 	for _, mode := range allModes {
-		t.Run(mode.String(), func(t *testing.T) { testIdleNotWhileOneWayTraffic(t, mode) })
+		t.Run(mode.String(), func(t *testing.T) {
+			t.Parallel()
+			testIdleNotWhileOneWayTraffic(t, mode)
+		})
 	}
 }
 
+// testIdleNotWhileOneWayTraffic: a download with a silent client is not
+// idle. The client's direction moves no byte for 2.5 idle timeouts, so its
+// wait times out again and again, while the download moves a tick every
+// twentieth of the timeout: the traffic pattern under test, with room for
+// a loaded machine's stalls between ticks.
 func testIdleNotWhileOneWayTraffic(t *testing.T, mode CopyMode) {
-	// A download with a silent client is not idle.
-	app, target, done := relayed(t, 500*time.Millisecond, mode)
+	const (
+		idle  = 500 * time.Millisecond
+		every = idle / 20
+		ticks = 50
+	)
+	app, target, done := relayed(t, idle, mode)
 	go func() {
-		for range 6 {
-			target.Write([]byte("tick"))
-			time.Sleep(40 * time.Millisecond) // the traffic pattern under test, not synchronisation
+		pace := time.NewTicker(every)
+		defer pace.Stop()
+		for range ticks {
+			if _, err := target.Write([]byte("tick")); err != nil {
+				return // the relay ended: the test fails on what the app got
+			}
+			<-pace.C
 		}
 		target.CloseWrite()
 	}()
 	got, _ := io.ReadAll(app)
-	if string(got) != "ticktickticktickticktick" {
-		t.Fatalf("got %q", got)
+	if want := strings.Repeat("tick", ticks); string(got) != want {
+		t.Fatalf("the download got %d bytes, want %d: the relay ended it as idle", len(got), len(want))
 	}
 	app.CloseWrite()
 	if res := <-done; res.Err != nil {

@@ -403,7 +403,7 @@ func TestTCPForwardSetIdleTimeout(t *testing.T) {
 	proxy := newSocks(t, sockstest.Config{})
 	f, addr, logs := startForward(t, echo, proxy.Addr())
 	older := dialExchange(t, addr)
-	f.SetIdleTimeout(50 * time.Millisecond)
+	f.SetIdleTimeout(exchangeIdle)
 	newer := dialExchange(t, addr)
 	if _, err := newer.Read(make([]byte, 1)); err != io.EOF {
 		t.Fatalf("new session read %v, want EOF at its idle timeout", err)

@@ -285,7 +285,7 @@ func TestUDPForwardSlowLocalRelay(t *testing.T) {
 }
 
 func TestUDPForwardIdleTimeout(t *testing.T) {
-	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{idle: 50 * time.Millisecond})
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{idle: exchangeIdle})
 	c := udpClient(t, "udp4")
 	if err := udpRoundTrip(c, fwd, []byte("x"), 5*time.Second); err != nil {
 		t.Fatal(err)
@@ -424,7 +424,7 @@ func quietForward(t *testing.T, dial func(ctx context.Context, network, addr str
 // client was looked up a moment before the idle timeout ended it) goes to
 // a fresh session, and its echo comes back; it was lost silently before.
 func TestUDPForwardLateDatagramGetsFreshSession(t *testing.T) {
-	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{idle: 50 * time.Millisecond})
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{idle: exchangeIdle})
 	c := udpClient(t, "udp4")
 	if err := udpRoundTrip(c, fwd, []byte("x"), 5*time.Second); err != nil {
 		t.Fatal(err)
@@ -438,6 +438,9 @@ func TestUDPForwardLateDatagramGetsFreshSession(t *testing.T) {
 	}
 	f.mu.Unlock()
 	logs.waitFor(t, "UDP session ended")
+	// The fresh session must outlive its own echo and the check below,
+	// however slow its association: only the stale one's end is timed.
+	f.SetLimits(time.Hour, 0)
 	// What Serve does with a session it looked up before the end.
 	got := f.deliver(stale, src, slotWith([]byte("late")))
 	buf := make([]byte, 64)
@@ -573,6 +576,9 @@ func TestUDPForwardAssociateFailuresLogOnce(t *testing.T) {
 		t.Fatalf("%d lines for %d failed associations, want 1:\n%s", n, clients, logs)
 	}
 	down.Store(false)
+	// The next session must outlive its association and echo, however
+	// slow: only the failed sessions' ends were timed.
+	f.SetLimits(time.Hour, 0)
 	if err := udpRoundTrip(udpClient(t, "udp4"), fwd, []byte("back"), 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
@@ -590,7 +596,7 @@ func TestUDPForwardSetLimits(t *testing.T) {
 	if err := udpRoundTrip(a, fwd, []byte("a"), 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	f.SetLimits(50*time.Millisecond, 4)
+	f.SetLimits(exchangeIdle, 4)
 	if err := udpRoundTrip(b, fwd, []byte("b"), 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
