@@ -90,6 +90,9 @@ type Stats struct {
 	CacheHits   atomic.Int64
 	Resent      atomic.Int64 // tcp: queries sent again after the resolver closed their connection
 	Retransmits atomic.Int64 // udp: datagrams sent again (timeout or association ended)
+	// udp: read errors that did not end the association (an ICMP port
+	// unreachable from the relay reads as ECONNREFUSED).
+	UDPReadErrors atomic.Int64
 }
 
 // Forwarder answers DNS queries by forwarding them through the proxy.
@@ -207,6 +210,11 @@ func (e *ResolveError) cause() string {
 	return b.String()
 }
 
+// errForwarderClosed: the forwarder was closed; no resolver is tried after
+// it. Only this stops Exchange early: a net.ErrClosed from a connection or
+// association closed under one query is that attempt's failure.
+var errForwarderClosed = fmt.Errorf("dnsforward: the forwarder is closed: %w", net.ErrClosed)
+
 // errNoAnswer: an attempt's share of the deadline passed.
 var errNoAnswer = errors.New("no answer in time")
 
@@ -229,8 +237,10 @@ func causeOf(err error) string {
 		return "the proxy ended the udp association"
 	case errors.As(err, &noUDP):
 		return "the proxy has no udp associate"
-	case errors.Is(err, net.ErrClosed):
+	case errors.Is(err, errForwarderClosed):
 		return "shutting down"
+	case errors.Is(err, net.ErrClosed):
+		return "the connection closed under the query"
 	case errors.As(err, &reply):
 		return reply.Error()
 	case errors.As(err, &errno):
@@ -267,7 +277,7 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 		}
 		rerr.Attempts = append(rerr.Attempts, AttemptError{Resolver: f.cfg.Resolvers[i].String(), Err: err})
 		var noUDP errNoUDPAssociate
-		if ctx.Err() != nil || errors.Is(err, net.ErrClosed) || errors.As(err, &noUDP) {
+		if ctx.Err() != nil || errors.Is(err, errForwarderClosed) || errors.As(err, &noUDP) {
 			break
 		}
 		if i+1 < len(f.pools) {
@@ -280,12 +290,13 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 // attempt asks resolver i over the configured transport. On the udp
 // transport a truncated answer is asked again over TCP.
 func (f *Forwarder) attempt(ctx context.Context, i int, pool *tcpPool, q *dns.Msg) (*dns.Msg, error) {
+	failover := i+1 < len(f.pools)
 	if f.udp == nil {
-		return pool.exchange(ctx, q)
+		return pool.exchange(ctx, q, failover)
 	}
 	resp, err := f.udp.exchange(ctx, i, f.cfg.Resolvers[i], q)
 	if err == nil && resp.Truncated {
-		return pool.exchange(ctx, q)
+		return pool.exchange(ctx, q, failover)
 	}
 	return resp, err
 }

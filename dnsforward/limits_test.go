@@ -250,13 +250,20 @@ func TestNoTightRedialOfClosingResolver(t *testing.T) {
 	var accepted atomic.Int64
 	closer := testnet.Serve(t, func(c net.Conn) { accepted.Add(1) })
 	f := newForwarder(t, socks(t).Addr(), 2*time.Second, nil, closer.Addr().String())
+	// Concurrent: queries wait out the backoff within their deadline, so
+	// one after another they would take the whole timeout each.
+	var wg sync.WaitGroup
 	for i := range 100 {
-		if _, err := f.Exchange(context.Background(), query(fmt.Sprintf("c%d.example", i), dns.TypeA, 1)); err == nil {
-			t.Fatal("answered by a resolver that answers nothing")
-		}
+		wg.Go(func() {
+			if _, err := f.Exchange(context.Background(), query(fmt.Sprintf("c%d.example", i), dns.TypeA, 1)); err == nil {
+				t.Error("answered by a resolver that answers nothing")
+			}
+		})
 	}
-	// Unbounded, this is 100 to 200; with backoff from 50 ms doubling, 100
-	// quick queries fit in a handful of periods.
+	wg.Wait()
+	// Unbounded, each query is sent up to maxTCPSends times (hundreds of
+	// connections); with backoff from 50 ms doubling, the 2 s timeout
+	// holds a handful of redial rounds of at most the pool size (2) each.
 	if n := accepted.Load(); n > 20 {
 		t.Errorf("%d connections for 100 queries: the resolver is redialed in a tight loop", n)
 	}

@@ -90,8 +90,11 @@ func newTCPPool(dial func(ctx context.Context) (net.Conn, error), size, pipeline
 
 // exchange sends q and waits for its answer until ctx is done. A query
 // whose connection the resolver closed (dnsmasq does after 100 queries) is
-// sent again on another connection.
-func (p *tcpPool) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
+// sent again on another connection. failover says another resolver is left
+// to try: then a first send finding the pool in redial backoff fails at
+// once (that resolver is failing: the next one answers sooner), while a
+// send again, to a resolver that was answering, waits out the backoff.
+func (p *tcpPool) exchange(ctx context.Context, q *dns.Msg, failover bool) (*dns.Msg, error) {
 	select {
 	case p.slots <- struct{}{}:
 	default:
@@ -103,7 +106,7 @@ func (p *tcpPool) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	}
 	defer func() { <-p.slots }()
 	for sends := 1; ; sends++ {
-		pc, err := p.get(ctx)
+		pc, err := p.get(ctx, failover && sends == 1)
 		if err != nil {
 			return nil, err
 		}
@@ -122,12 +125,22 @@ func (p *tcpPool) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 // empty pool waits for the first connections instead of dialing one each.
 // The caller holds a token of p.slots and gives the slot back (load) when
 // its query ends.
-func (p *tcpPool) get(ctx context.Context) (*pipeConn, error) {
+//
+// While redials back off, a query with no free slot waits for the backoff
+// to end (or the pool to change), within ctx; it fails at once only when
+// failFast or when its deadline would pass before the backoff ends.
+func (p *tcpPool) get(ctx context.Context, failFast bool) (*pipeConn, error) {
+	var backoff *time.Timer
+	defer func() {
+		if backoff != nil {
+			backoff.Stop()
+		}
+	}()
 	for {
 		p.mu.Lock()
 		if p.closed {
 			p.mu.Unlock()
-			return nil, net.ErrClosed
+			return nil, errForwarderClosed
 		}
 		best := p.leastLoaded()
 		free := best != nil && int(best.load.Load()) < p.pipeline
@@ -136,31 +149,56 @@ func (p *tcpPool) get(ctx context.Context) (*pipeConn, error) {
 			return p.take(best), nil
 		}
 		if room {
-			if wait := time.Until(p.notBefore); wait > 0 {
-				if free {
-					return p.take(best), nil
-				}
+			wait := time.Until(p.notBefore)
+			if wait <= 0 {
+				p.dialing++
+				p.mu.Unlock()
+				return p.dialNew(ctx)
+			}
+			if free {
+				return p.take(best), nil
+			}
+			if deadline, ok := ctx.Deadline(); failFast || ok && deadline.Before(p.notBefore) {
 				err := &errBackoff{failures: p.failures, wait: wait, last: p.lastErr}
 				p.mu.Unlock()
 				return nil, err
 			}
-			p.dialing++
+			// Backing off, with time left: wait for the backoff to end, or
+			// for a change (a dial ends, a connection dies or answers).
+			changed := p.changedLocked()
 			p.mu.Unlock()
-			return p.dialNew(ctx)
+			if backoff == nil {
+				backoff = time.NewTimer(wait)
+			} else {
+				backoff.Reset(wait)
+			}
+			select {
+			case <-changed:
+			case <-backoff.C:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			continue
 		}
 		// Every connection is full and dials are under way (the tokens
 		// guarantee one or the other): wait for a dial or a death.
-		if p.changed == nil {
-			p.changed = make(chan struct{})
-		}
-		wait := p.changed
+		changed := p.changedLocked()
 		p.mu.Unlock()
 		select {
-		case <-wait:
+		case <-changed:
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// changedLocked returns the channel that the next change of the pool
+// closes. Called with p.mu held.
+func (p *tcpPool) changedLocked() <-chan struct{} {
+	if p.changed == nil {
+		p.changed = make(chan struct{})
+	}
+	return p.changed
 }
 
 // leastLoaded drops dead connections and returns the live one with the
@@ -210,7 +248,7 @@ func (p *tcpPool) dialNew(ctx context.Context) (*pipeConn, error) {
 	if p.closed {
 		p.mu.Unlock()
 		conn.Close()
-		return nil, net.ErrClosed
+		return nil, errForwarderClosed
 	}
 	pc := &pipeConn{conn: conn, pool: p, pending: make(map[uint16]chan *dns.Msg), nextID: uint16(time.Now().UnixNano())}
 	p.conns = append(p.conns, pc)
@@ -229,7 +267,7 @@ func (p *tcpPool) failedLocked(err error) {
 	}
 }
 
-// notifyLocked wakes the queries waiting for a dial or a death. Called
+// notifyLocked wakes the queries waiting for a change. Called
 // with p.mu held.
 func (p *tcpPool) notifyLocked() {
 	if p.changed != nil {
@@ -239,12 +277,14 @@ func (p *tcpPool) notifyLocked() {
 }
 
 // answered records that a connection delivered its first answer: the
-// resolver works, so the failures in a row are over.
+// resolver works, so the failures in a row are over, and queries waiting
+// out the backoff may dial now.
 func (p *tcpPool) answered() {
 	p.mu.Lock()
 	p.failures = 0
 	p.lastErr = nil
 	p.notBefore = time.Time{}
+	p.notifyLocked()
 	p.mu.Unlock()
 }
 

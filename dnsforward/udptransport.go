@@ -7,15 +7,13 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/miekg/dns"
 
 	"github.com/socksfwd/socksfwd/socksclient"
 )
-
-// errTransportClosed: the forwarder was closed; no resolver is tried after it.
-var errTransportClosed = fmt.Errorf("dnsforward: closed: %w", net.ErrClosed)
 
 // maxUDPSends bounds the datagrams one query sends (the first and its
 // retransmissions); the deadline bounds them too.
@@ -54,8 +52,18 @@ type relayConn interface {
 
 // association is one UDP ASSOCIATE and the end of its reader.
 type association struct {
-	conn  relayConn
-	ended chan struct{} // closed when the reader stops: the association is gone
+	conn      relayConn
+	ended     chan struct{} // closed when the reader stops: the association is gone
+	closing   chan struct{} // closed by close: wakes the reader from a backoff
+	closeOnce sync.Once
+}
+
+// close ends the association from our side (replaced, or shutting down).
+func (a *association) close() {
+	a.closeOnce.Do(func() {
+		close(a.closing)
+		a.conn.Close()
+	})
 }
 
 func (a *association) alive() bool {
@@ -116,7 +124,7 @@ func (t *udpTransport) getConn(ctx context.Context) (*association, error) {
 		t.mu.Lock()
 		if t.closed {
 			t.mu.Unlock()
-			return nil, errTransportClosed
+			return nil, errForwarderClosed
 		}
 		if a := t.cur; a != nil && a.alive() {
 			t.mu.Unlock()
@@ -149,12 +157,15 @@ func (t *udpTransport) getConn(ctx context.Context) (*association, error) {
 			call.err = err
 		case t.closed:
 			c.Close()
-			call.err = errTransportClosed
+			call.err = errForwarderClosed
 		default:
 			if old := t.cur; old != nil {
-				old.conn.Close() // ended already, or about to be replaced
+				// Ended already. A query that took it before this swap
+				// and writes now gets net.ErrClosed: it sends again on
+				// the new one.
+				old.close()
 			}
-			a := &association{conn: c, ended: make(chan struct{})}
+			a := &association{conn: c, ended: make(chan struct{}), closing: make(chan struct{})}
 			t.cur, call.a = a, a
 			t.wg.Go(func() { t.readAnswers(a) })
 		}
@@ -236,8 +247,8 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 		sends++
 		sentAt := time.Now()
 		if err := a.conn.WritePacket(pkt, hdr, resolver); err != nil {
-			if errors.Is(err, socksclient.ErrAssociationClosed) && sends < maxUDPSends {
-				continue // gone under us: a new association
+			if resendAfterWriteError(err) && sends < maxUDPSends {
+				continue
 			}
 			return nil, err
 		}
@@ -281,15 +292,73 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 	}
 }
 
+// resendAfterWriteError reports whether a query whose datagram failed to
+// go with err is sent again at once (getConn then gives it the live
+// association, or errForwarderClosed when the forwarder is closing):
+//   - the proxy ended the association;
+//   - net.ErrClosed: another query replaced the association (its reader
+//     had stopped) and closed it between our getConn and this write; only
+//     the forwarder's own close, which getConn reports, ends the query;
+//   - ECONNREFUSED: an ICMP port unreachable for an earlier datagram,
+//     reported on this send, which therefore did not leave.
+func resendAfterWriteError(err error) bool {
+	return errors.Is(err, socksclient.ErrAssociationClosed) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, syscall.ECONNREFUSED)
+}
+
+// Read errors that do not end the association: an ICMP port unreachable
+// from the relay (a datagram it dropped, or one from before a restart)
+// reads as ECONNREFUSED on the connected socket, once, and the relay still
+// works. The reader counts each and reads on; when they repeat with no
+// datagram between, it waits before each read from readErrorBackoffMin,
+// doubling up to readErrorBackoffMax, so an error that persists cannot
+// spin; after maxReadErrors in a row the relay is taken as gone and the
+// association ends (queries on it send again on a new one).
+const (
+	readErrorBackoffMin = time.Millisecond
+	readErrorBackoffMax = 100 * time.Millisecond
+	maxReadErrors       = 16
+)
+
 // readAnswers delivers answers from one association until it ends.
 func (t *udpTransport) readAnswers(a *association) {
 	defer close(a.ended)
 	buf := make([]byte, socksclient.MaxUDPDatagram)
+	var (
+		errorsInRow int
+		backoff     *time.Timer
+	)
+	defer func() {
+		if backoff != nil {
+			backoff.Stop()
+		}
+	}()
 	for {
 		off, n, _, err := a.conn.ReadPacket(buf)
 		if err != nil {
-			return // closed or ended by the proxy: queries on it send again
+			if !a.conn.Alive() || errors.Is(err, net.ErrClosed) || errors.Is(err, socksclient.ErrAssociationClosed) {
+				return // closed or ended by the proxy: queries on it send again
+			}
+			t.stats.UDPReadErrors.Add(1)
+			if errorsInRow++; errorsInRow >= maxReadErrors {
+				return
+			}
+			if errorsInRow > 1 {
+				wait := min(readErrorBackoffMin<<(errorsInRow-2), readErrorBackoffMax)
+				if backoff == nil {
+					backoff = time.NewTimer(wait)
+				} else {
+					backoff.Reset(wait)
+				}
+				select {
+				case <-backoff.C:
+				case <-a.closing:
+					return
+				}
+			}
+			continue
 		}
+		errorsInRow = 0
 		resp := new(dns.Msg)
 		if resp.Unpack(buf[off:n]) != nil || len(resp.Question) != 1 {
 			continue // unmatchable; its query is retransmitted or times out
@@ -311,7 +380,7 @@ func (t *udpTransport) close() {
 	t.mu.Lock()
 	t.closed = true
 	if t.cur != nil {
-		t.cur.conn.Close()
+		t.cur.close()
 	}
 	t.mu.Unlock()
 	t.wg.Wait()

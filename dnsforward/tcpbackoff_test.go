@@ -1,0 +1,290 @@
+package dnsforward
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+func netipAddrPort(t *testing.T, s string) netip.AddrPort {
+	t.Helper()
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ap
+}
+
+// pipeResolver answers DNS over TCP on in-memory connections until the
+// client closes them.
+type pipeResolver struct{ wg sync.WaitGroup }
+
+func (r *pipeResolver) dial(ctx context.Context) (net.Conn, error) {
+	client, server := net.Pipe()
+	r.serve(server)
+	return client, nil
+}
+
+// serve answers the queries on server (A 192.0.2.7) until it fails.
+func (r *pipeResolver) serve(server net.Conn) {
+	r.wg.Go(func() {
+		defer server.Close()
+		var lenBuf [2]byte
+		for {
+			q, err := readTCPMessage(server, &lenBuf)
+			if err != nil || q == nil {
+				return
+			}
+			if writeAnswer(server, q) != nil {
+				return
+			}
+		}
+	})
+}
+
+// writeAnswer writes an answer to q (A 192.0.2.7) as one TCP frame.
+func writeAnswer(c net.Conn, q *dns.Msg) error {
+	m := new(dns.Msg)
+	m.SetReply(q)
+	m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(192, 0, 2, 7)})
+	out, err := m.Pack()
+	if err != nil {
+		return err
+	}
+	_, err = c.Write(append(binary.BigEndian.AppendUint16(nil, uint16(len(out))), out...))
+	return err
+}
+
+// newPipeForwarder is a tcp-transport forwarder whose resolvers (never
+// dialed through a proxy) answer on in-memory connections.
+func newPipeForwarder(t *testing.T, resolvers int) *Forwarder {
+	t.Helper()
+	var addrs []socksclient.Addr
+	for i := range resolvers {
+		addrs = append(addrs, socksclient.AddrFromAddrPort(netipAddrPort(t, fmt.Sprintf("192.0.2.%d:53", 53+i))))
+	}
+	f, err := New(Config{
+		Resolvers: addrs,
+		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "192.0.2.1:1080"}),
+		Timeout:   10 * time.Second,
+		Logger:    zerolog.New(io.Discard),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := &pipeResolver{}
+	for _, p := range f.pools {
+		p.dial = res.dial
+	}
+	t.Cleanup(func() {
+		f.Close()
+		res.wg.Wait()
+	})
+	return f
+}
+
+// backoffPool is a pool of at most two connections, one query each,
+// whose dials the test scripts: the first connection goes to a resolver
+// the test holds (held), the next two dials fail, putting the pool in
+// redial backoff, and later ones reach an answering resolver.
+type backoffPool struct {
+	*tcpPool
+	held   chan net.Conn // the server side of the first connection
+	res    pipeResolver
+	mu     sync.Mutex
+	dials  int
+	lastAt time.Time // when the last dial started
+}
+
+func newBackoffPool(stats *Stats) *backoffPool {
+	bp := &backoffPool{held: make(chan net.Conn, 1)}
+	bp.tcpPool = newTCPPool(func(ctx context.Context) (net.Conn, error) {
+		bp.mu.Lock()
+		bp.dials++
+		n := bp.dials
+		bp.lastAt = time.Now()
+		bp.mu.Unlock()
+		switch n {
+		case 1:
+			client, server := net.Pipe()
+			bp.held <- server
+			return client, nil
+		case 2, 3:
+			return nil, errors.New("connect: connection refused")
+		}
+		return bp.res.dial(ctx)
+	}, 2, 1, time.Minute, stats)
+	return bp
+}
+
+func (bp *backoffPool) close() {
+	bp.tcpPool.close()
+	bp.res.wg.Wait()
+}
+
+// inBackoff is the state intoBackoff leaves: query A in flight on the
+// held connection (server, as the resolver read it: q) and its result to
+// come, and when the redial backoff ends.
+type inBackoff struct {
+	server    net.Conn
+	q         *dns.Msg
+	result    chan error
+	notBefore time.Time
+}
+
+// intoBackoff puts query A in flight on the held connection, then fails
+// two dials (queries that found A's connection full), which sets the
+// redial backoff.
+func (bp *backoffPool) intoBackoff(t *testing.T, ctx context.Context) inBackoff {
+	t.Helper()
+	result := make(chan error, 1)
+	go func() {
+		resp, err := bp.exchange(ctx, query("a.example", dns.TypeA, 1), false)
+		if err == nil && len(resp.Answer) != 1 {
+			err = errors.New("no answer record")
+		}
+		result <- err
+	}()
+	server := <-bp.held
+	var lenBuf [2]byte
+	q, err := readTCPMessage(server, &lenBuf)
+	if err != nil || q == nil {
+		t.Fatalf("held resolver: %v %v", q, err)
+	}
+	for _, name := range []string{"x.example", "y.example"} {
+		if _, err := bp.exchange(ctx, query(name, dns.TypeA, 2), false); err == nil {
+			t.Fatalf("%s answered, want its dial to fail", name)
+		}
+	}
+	bp.mu.Lock()
+	defer bp.mu.Unlock()
+	if bp.notBefore.IsZero() {
+		t.Fatal("two failed dials did not start a backoff")
+	}
+	return inBackoff{server: server, q: q, result: result, notBefore: bp.notBefore}
+}
+
+// TestTCPResendWaitsOutBackoff: a query whose connection the resolver
+// closes while the pool is in redial backoff waits for the backoff to end
+// and is sent again on a new connection, within its deadline; before, it
+// failed at once (SERVFAIL with seconds of its deadline left).
+func TestTCPResendWaitsOutBackoff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var stats Stats
+		bp := newBackoffPool(&stats)
+		defer bp.close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		st := bp.intoBackoff(t, ctx)
+
+		st.server.Close() // the resolver closes A's connection unanswered
+		if err := <-st.result; err != nil {
+			t.Fatalf("query A: %v", err)
+		}
+		bp.mu.Lock()
+		dials, lastAt := bp.dials, bp.lastAt
+		bp.mu.Unlock()
+		if dials != 4 {
+			t.Errorf("%d dials, want one redial for A", dials)
+		}
+		if lastAt.Before(st.notBefore) {
+			t.Errorf("redialed %v before the backoff ended", st.notBefore.Sub(lastAt))
+		}
+		if n := stats.Resent.Load(); n != 1 {
+			t.Errorf("Resent = %d, want 1", n)
+		}
+	})
+}
+
+// TestTCPBackoffFailsFast: during redial backoff a query fails at once,
+// with no redial, when its deadline would pass before the backoff ends,
+// and when it is a first send with another resolver left to try (failing
+// over is quicker than waiting for a failing resolver).
+func TestTCPBackoffFailsFast(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var stats Stats
+		bp := newBackoffPool(&stats)
+		defer bp.close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		st := bp.intoBackoff(t, ctx)
+		defer func() {
+			st.server.Close()
+			<-st.result
+		}()
+
+		start := time.Now()
+		short, cancelShort := context.WithDeadline(context.Background(), st.notBefore.Add(-time.Millisecond))
+		defer cancelShort()
+		_, err := bp.exchange(short, query("short.example", dns.TypeA, 3), false)
+		if _, ok := errors.AsType[*errBackoff](err); !ok {
+			t.Errorf("deadline before the backoff ends: %v, want the backoff error", err)
+		}
+		_, err = bp.exchange(ctx, query("failover.example", dns.TypeA, 4), true)
+		if _, ok := errors.AsType[*errBackoff](err); !ok {
+			t.Errorf("first send with a resolver left: %v, want the backoff error", err)
+		}
+		if d := time.Since(start); d != 0 {
+			t.Errorf("failing fast took %v of the clock", d)
+		}
+		bp.mu.Lock()
+		defer bp.mu.Unlock()
+		if bp.dials != 3 {
+			t.Errorf("%d dials, want no redial during the backoff", bp.dials)
+		}
+	})
+}
+
+// TestTCPBackoffWaiterWakesOnAnswer: a query waiting out the backoff
+// goes on as soon as a connection answers (the resolver works again), not
+// at the end of the backoff.
+func TestTCPBackoffWaiterWakesOnAnswer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var stats Stats
+		bp := newBackoffPool(&stats)
+		defer bp.close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		st := bp.intoBackoff(t, ctx)
+
+		resultB := make(chan error, 1)
+		go func() {
+			_, err := bp.exchange(ctx, query("b.example", dns.TypeA, 5), false)
+			resultB <- err
+		}()
+		synctest.Wait() // B waits out the backoff: A's connection is full
+		select {
+		case err := <-resultB:
+			t.Fatalf("query B did not wait: %v", err)
+		default:
+		}
+
+		// The held resolver answers A, and then whatever else comes.
+		if err := writeAnswer(st.server, st.q); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-st.result; err != nil {
+			t.Fatalf("query A: %v", err)
+		}
+		bp.res.serve(st.server)
+		if err := <-resultB; err != nil {
+			t.Fatalf("query B: %v", err)
+		}
+		if !time.Now().Before(st.notBefore) {
+			t.Errorf("query B answered at the end of the backoff, want once the resolver answered")
+		}
+	})
+}

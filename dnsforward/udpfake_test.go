@@ -1,0 +1,384 @@
+package dnsforward
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// errFakeClosed is what a fake association reports after its owner's
+// Close, as a socksclient.UDPConn does.
+var errFakeClosed = fmt.Errorf("fake relay: closed: %w", net.ErrClosed)
+
+// refused is the read or write error of a connected UDP socket after an
+// ICMP port unreachable.
+var refused = &net.OpError{Op: "read", Net: "udp", Err: os.NewSyscallError("read", syscall.ECONNREFUSED)}
+
+// fakeRelay is an in-memory UDP association to a resolver: each query
+// written to it is answered (A 192.0.2.9) through its read side. Tests
+// may hold a write (hold), put read errors before an answer (errorsFirst),
+// or make every read fail from some point on (startFailing).
+type fakeRelay struct {
+	reads     chan fakeRead
+	failing   chan struct{} // closed: every read fails with refused
+	closed    chan struct{}
+	closeOnce sync.Once
+	failOnce  sync.Once
+	readCount atomic.Int64
+	// hold, if set, is called at the start of each write (which it may
+	// block).
+	hold func(q *dns.Msg)
+	// errorsFirst read errors come before each answer.
+	errorsFirst int
+	// writeErrors: the first writes fail with ECONNREFUSED (the datagram
+	// does not leave), as after an ICMP error for an earlier one.
+	writeErrors atomic.Int64
+}
+
+type fakeRead struct {
+	msg []byte
+	err error
+}
+
+func newFakeRelay() *fakeRelay {
+	return &fakeRelay{reads: make(chan fakeRead, 64), failing: make(chan struct{}), closed: make(chan struct{})}
+}
+
+func (r *fakeRelay) WritePacket(buf []byte, off int, dst socksclient.Addr) error {
+	q := new(dns.Msg)
+	if err := q.Unpack(buf[off:]); err != nil {
+		return err
+	}
+	if r.hold != nil {
+		r.hold(q)
+	}
+	select {
+	case <-r.closed:
+		return errFakeClosed
+	default:
+	}
+	if r.writeErrors.Add(-1) >= 0 {
+		return &net.OpError{Op: "write", Net: "udp", Err: os.NewSyscallError("write", syscall.ECONNREFUSED)}
+	}
+	m := new(dns.Msg)
+	m.SetReply(q)
+	m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(192, 0, 2, 9)})
+	out, err := m.Pack()
+	if err != nil {
+		return err
+	}
+	for range r.errorsFirst {
+		r.reads <- fakeRead{err: refused}
+	}
+	r.reads <- fakeRead{msg: out}
+	return nil
+}
+
+func (r *fakeRelay) ReadPacket(buf []byte) (int, int, socksclient.Addr, error) {
+	r.readCount.Add(1)
+	select {
+	case <-r.closed:
+		return 0, 0, socksclient.Addr{}, errFakeClosed
+	default:
+	}
+	select {
+	case d := <-r.reads:
+		if d.err != nil {
+			return 0, 0, socksclient.Addr{}, d.err
+		}
+		return 0, copy(buf, d.msg), socksclient.Addr{}, nil
+	case <-r.failing:
+		return 0, 0, socksclient.Addr{}, refused
+	case <-r.closed:
+		return 0, 0, socksclient.Addr{}, errFakeClosed
+	}
+}
+
+// Alive: the proxy never ends a fake association; only its owner does.
+func (r *fakeRelay) Alive() bool {
+	select {
+	case <-r.closed:
+		return false
+	default:
+		return true
+	}
+}
+
+func (r *fakeRelay) Close() error {
+	r.closeOnce.Do(func() { close(r.closed) })
+	return nil
+}
+
+func (r *fakeRelay) startFailing() { r.failOnce.Do(func() { close(r.failing) }) }
+
+// fakeRelays makes the associations of a udp transport: the i-th
+// association is made by setup(i) (newFakeRelay when it is nil).
+type fakeRelays struct {
+	mu    sync.Mutex
+	made  []*fakeRelay
+	setup func(i int) *fakeRelay
+}
+
+func (fr *fakeRelays) associate(ctx context.Context) (relayConn, error) {
+	fr.mu.Lock()
+	defer fr.mu.Unlock()
+	r := newFakeRelay()
+	if fr.setup != nil {
+		r = fr.setup(len(fr.made))
+	}
+	fr.made = append(fr.made, r)
+	return r, nil
+}
+
+func (fr *fakeRelays) count() int {
+	fr.mu.Lock()
+	defer fr.mu.Unlock()
+	return len(fr.made)
+}
+
+// newFakeUDPForwarder is a udp-transport forwarder whose associations
+// come from relays; resolvers are documentation addresses never dialed.
+func newFakeUDPForwarder(t *testing.T, relays *fakeRelays, resolvers int) *Forwarder {
+	t.Helper()
+	var addrs []socksclient.Addr
+	for i := range resolvers {
+		addrs = append(addrs, socksclient.AddrFromAddrPort(netipAddrPort(t, fmt.Sprintf("192.0.2.%d:53", 53+i))))
+	}
+	f, err := New(Config{
+		Resolvers: addrs,
+		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "192.0.2.1:1080"}),
+		Timeout:   10 * time.Second,
+		Transport: "udp",
+		Logger:    zerolog.New(io.Discard),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.udp.associate = relays.associate
+	f.udp.firstRTO = time.Hour // no retransmission on a timer: every resend here has another cause
+	return f
+}
+
+// currentAssociation is the transport's newest association.
+func currentAssociation(tr *udpTransport) *association {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	return tr.cur
+}
+
+// TestUDPQuerySentAgainOnReplacedAssociation: a query that took the
+// association just before another query replaced it (its reader had
+// stopped) finds it closed when it writes: net.ErrClosed, though the
+// forwarder is not closing. The query is sent again on the new association
+// and answered; before, Exchange took that net.ErrClosed for a shutdown,
+// tried no other resolver and the client got SERVFAIL.
+func TestUDPQuerySentAgainOnReplacedAssociation(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		held, release := make(chan struct{}), make(chan struct{})
+		relays := &fakeRelays{setup: func(i int) *fakeRelay {
+			r := newFakeRelay()
+			if i == 0 {
+				var once sync.Once
+				r.hold = func(*dns.Msg) {
+					once.Do(func() {
+						close(held)
+						<-release
+					})
+				}
+			}
+			return r
+		}}
+		f := newFakeUDPForwarder(t, relays, 2)
+		defer f.Close()
+
+		resultA := make(chan error, 1)
+		go func() {
+			resp, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, 11))
+			if err == nil && (resp.Id != 11 || len(resp.Answer) != 1) {
+				err = fmt.Errorf("wrong answer %v", resp)
+			}
+			resultA <- err
+		}()
+		<-held // A took the first association and is about to write on it
+		first := currentAssociation(f.udp)
+		relays.made[0].startFailing() // its reads fail until its reader gives up
+		<-first.ended
+
+		// B replaces the ended association, closing the old one under A.
+		if resp, err := f.Exchange(context.Background(), query("b.example", dns.TypeA, 12)); err != nil || len(resp.Answer) != 1 {
+			t.Fatalf("query B: %v %v", resp, err)
+		}
+		if n := relays.count(); n != 2 {
+			t.Fatalf("%d associations, want B on a second one", n)
+		}
+		close(release)
+		if err := <-resultA; err != nil {
+			t.Fatalf("query A: %v", err)
+		}
+		if n := f.Stats().Retransmits.Load(); n != 1 {
+			t.Errorf("Retransmits = %d, want A sent once more", n)
+		}
+		if n := f.Stats().Failovers.Load(); n != 0 {
+			t.Errorf("Failovers = %d, want A answered by its first resolver", n)
+		}
+	})
+}
+
+// TestUDPReadErrorKeepsAssociation: an ICMP port unreachable from the
+// relay (ECONNREFUSED on the connected socket) is counted and the reader
+// reads on: the answer behind it reaches its query on the same
+// association, with no resend and no new UDP ASSOCIATE.
+func TestUDPReadErrorKeepsAssociation(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		relays := &fakeRelays{setup: func(int) *fakeRelay {
+			r := newFakeRelay()
+			r.errorsFirst = 1
+			return r
+		}}
+		f := newFakeUDPForwarder(t, relays, 1)
+		defer f.Close()
+		resp, err := f.Exchange(context.Background(), query("icmp.example", dns.TypeA, 3))
+		if err != nil || len(resp.Answer) != 1 {
+			t.Fatalf("%v %v", resp, err)
+		}
+		if n := relays.count(); n != 1 {
+			t.Errorf("%d associations, want the first kept through a read error", n)
+		}
+		if n := f.Stats().Retransmits.Load(); n != 0 {
+			t.Errorf("Retransmits = %d, want none", n)
+		}
+		if n := f.Stats().UDPReadErrors.Load(); n != 1 {
+			t.Errorf("UDPReadErrors = %d, want 1", n)
+		}
+	})
+}
+
+// TestUDPRefusedWriteSentAgain: a send that fails with ECONNREFUSED (an
+// earlier datagram's ICMP error, reported on this one, which did not
+// leave) is sent again at once on the same association.
+func TestUDPRefusedWriteSentAgain(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		relays := &fakeRelays{setup: func(int) *fakeRelay {
+			r := newFakeRelay()
+			r.writeErrors.Store(1)
+			return r
+		}}
+		f := newFakeUDPForwarder(t, relays, 2)
+		defer f.Close()
+		resp, err := f.Exchange(context.Background(), query("refused.example", dns.TypeA, 4))
+		if err != nil || len(resp.Answer) != 1 {
+			t.Fatalf("%v %v", resp, err)
+		}
+		if relays.count() != 1 || f.Stats().Retransmits.Load() != 1 || f.Stats().Failovers.Load() != 0 {
+			t.Errorf("%d associations, %d retransmits, %d failovers; want the same association, one resend, no failover",
+				relays.count(), f.Stats().Retransmits.Load(), f.Stats().Failovers.Load())
+		}
+	})
+}
+
+// TestUDPPersistentReadErrorsBackOffThenEnd: a read error that persists
+// does not spin the reader: it waits between reads, and after
+// maxReadErrors in a row the association ends, so the next query makes a
+// new one.
+func TestUDPPersistentReadErrorsBackOffThenEnd(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		relays := &fakeRelays{}
+		var stats Stats
+		tr := newUDPTransport(relays.associate, 1, &stats)
+		defer tr.close()
+		a, err := tr.getConn(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		relays.made[0].startFailing()
+		<-a.ended
+		if n := relays.made[0].readCount.Load(); n != maxReadErrors {
+			t.Errorf("%d reads, want the reader to stop after %d errors in a row", n, maxReadErrors)
+		}
+		if n := stats.UDPReadErrors.Load(); n != maxReadErrors {
+			t.Errorf("UDPReadErrors = %d, want %d", n, maxReadErrors)
+		}
+		var backoff time.Duration // waits between the errors (on synctest's clock)
+		for e := 2; e < maxReadErrors; e++ {
+			backoff += min(readErrorBackoffMin<<(e-2), readErrorBackoffMax)
+		}
+		if d := time.Since(start); d < backoff {
+			t.Errorf("%d errors within %v, want waits of %v between them", maxReadErrors, d, backoff)
+		}
+		if b, err := tr.getConn(context.Background()); err != nil || b == a || relays.count() != 2 {
+			t.Errorf("after the end: %v (new association: %v), %d associations", err, b != a, relays.count())
+		}
+	})
+}
+
+// TestUDPReaderBackoffEndsOnClose: a reader waiting between failing reads
+// stops as soon as the forwarder closes (goleak and synctest would catch
+// it lingering).
+func TestUDPReaderBackoffEndsOnClose(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		relays := &fakeRelays{}
+		var stats Stats
+		tr := newUDPTransport(relays.associate, 1, &stats)
+		a, err := tr.getConn(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		relays.made[0].startFailing()
+		synctest.Wait() // the reader is in a backoff
+		if stats.UDPReadErrors.Load() < 2 {
+			t.Fatal("the reader is not backing off")
+		}
+		start := time.Now()
+		tr.close()
+		select {
+		case <-a.ended:
+		default:
+			t.Fatal("the reader outlived close")
+		}
+		if d := time.Since(start); d != 0 {
+			t.Errorf("close waited %v for the backoff", d)
+		}
+	})
+}
+
+// TestExchangeFailsOverOnConnectionClosed: a net.ErrClosed from one
+// attempt (a connection closed under the query, not the forwarder's own
+// Close) is that resolver's failure: the next resolver is tried. Only the
+// forwarder's Close stops Exchange before the last resolver.
+func TestExchangeFailsOverOnConnectionClosed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newPipeForwarder(t, 2)
+		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
+			return nil, &net.OpError{Op: "dial", Net: "tcp", Err: net.ErrClosed}
+		}
+		resp, err := f.Exchange(context.Background(), query("x.example", dns.TypeA, 5))
+		if err != nil || len(resp.Answer) != 1 {
+			t.Fatalf("%v %v", resp, err)
+		}
+		if n := f.Stats().Failovers.Load(); n != 1 {
+			t.Errorf("Failovers = %d, want 1", n)
+		}
+
+		f.Close()
+		_, err = f.Exchange(context.Background(), query("y.example", dns.TypeA, 6))
+		rerr, ok := errors.AsType[*ResolveError](err)
+		if !ok || len(rerr.Attempts) != 1 || !errors.Is(err, errForwarderClosed) || rerr.cause() != "192.0.2.53:53: shutting down" {
+			t.Fatalf("after Close: %v, want one attempt that says the forwarder is closed", err)
+		}
+	})
+}
