@@ -242,11 +242,22 @@ func TestUDPForwardEvictsIdlest(t *testing.T) {
 func TestUDPForwardSlowLocalRelay(t *testing.T) {
 	// The target is bound outside the bubble, so that a real timer can
 	// close it should a datagram never come (a read in the bubble has no
-	// clock to time out on).
+	// clock to time out on): the test then fails with the log.
 	dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 	sockbuf.Grow(dst)
 	watchdog := time.AfterFunc(30*time.Second, func() { dst.Close() })
 	defer watchdog.Stop()
+	// A batch that waited for the relay forever (flow control that never
+	// sees room and never gives up, whose give-up clock is the bubble's
+	// standing one) would keep Serve, and so the bubble and the test,
+	// alive after that failure until go test's timeout, minutes later.
+	// Bound it on the real clock, saying why.
+	stuck := time.AfterFunc(60*time.Second, func() {
+		panic("TestUDPForwardSlowLocalRelay: the forward has not stopped 30 s after the watchdog " +
+			"closed the target: a batch is held for the relay forever (UDP flow control never " +
+			"returns; in the synctest bubble its give-up clock stands still)")
+	})
+	defer stuck.Stop()
 	synctest.Test(t, func(t *testing.T) {
 		f, fwd, logs := startUDPForward(t, sockstest.Config{UDPSlowRelay: true},
 			udpFwdOpts{target: dst.LocalAddr().(*net.UDPAddr).AddrPort()})
