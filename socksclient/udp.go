@@ -188,9 +188,11 @@ func (b *UDPBatch) Add(buf []byte, off int, dst Addr) error {
 func (b *UDPBatch) Len() int   { return b.w.Len() }
 func (b *UDPBatch) Full() bool { return b.w.Full() }
 
-// Flush sends the queued datagrams and returns how many went. The error is
-// the first send's failure, ErrAssociationClosed once the control
-// connection is gone.
+// Flush sends the queued datagrams and returns how many went. It stops at
+// the first failure: the n that went are the first n queued, the one after
+// them failed with the error (ErrAssociationClosed once the control
+// connection is gone), and the rest were not sent. The queue is empty
+// afterwards either way.
 func (b *UDPBatch) Flush() (int, error) {
 	if b.room != nil && b.need > 0 {
 		b.room.wait(b.need)
