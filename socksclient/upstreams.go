@@ -459,7 +459,7 @@ func (h *hedgedDial[T]) startNext() <-chan time.Time {
 		// Leave each upstream not yet started its share of the caller's
 		// time, or a deadline shorter than the handshake timeout would
 		// spend it all on the first.
-		share := max(deadline.Sub(time.Now())/time.Duration(left+1), 0)
+		share := max(time.Until(deadline)/time.Duration(left+1), 0)
 		if wait < 0 || share < wait {
 			wait = share
 		}
