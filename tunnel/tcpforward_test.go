@@ -37,13 +37,13 @@ func (l *logBuf) Write(p []byte) (int, error) {
 	return l.b.Write(p)
 }
 
-// waitFor waits until the log contains s, at most 5 s.
-func (l *logBuf) waitFor(t *testing.T, s string) {
+// waitForCount waits until the log holds s n times, at most 5 s.
+func (l *logBuf) waitForCount(t *testing.T, s string, n int) {
 	t.Helper()
 	timeout := time.After(5 * time.Second)
 	for {
 		l.mu.Lock()
-		if strings.Contains(l.b.String(), s) {
+		if strings.Count(l.b.String(), s) >= n {
 			l.mu.Unlock()
 			return
 		}
@@ -55,9 +55,15 @@ func (l *logBuf) waitFor(t *testing.T, s string) {
 		select {
 		case <-ch:
 		case <-timeout:
-			t.Fatalf("log never said %q:\n%s", s, l)
+			t.Fatalf("log never said %q %d times:\n%s", s, n, l)
 		}
 	}
+}
+
+// waitFor waits until the log contains s, at most 5 s.
+func (l *logBuf) waitFor(t *testing.T, s string) {
+	t.Helper()
+	l.waitForCount(t, s, 1)
 }
 
 func (l *logBuf) String() string {

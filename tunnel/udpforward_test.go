@@ -378,29 +378,6 @@ func checkAccounted(t *testing.T, f *UDPForward, handed int64) {
 	}
 }
 
-// waitForCount waits until the log holds s n times, at most 5 s.
-func (l *logBuf) waitForCount(t *testing.T, s string, n int) {
-	t.Helper()
-	timeout := time.After(5 * time.Second)
-	for {
-		l.mu.Lock()
-		if strings.Count(l.b.String(), s) >= n {
-			l.mu.Unlock()
-			return
-		}
-		if l.changed == nil {
-			l.changed = make(chan struct{})
-		}
-		ch := l.changed
-		l.mu.Unlock()
-		select {
-		case <-ch:
-		case <-timeout:
-			t.Fatalf("log never said %q %d times:\n%s", s, n, l)
-		}
-	}
-}
-
 // slotWith is a read slot holding a datagram of size bytes: headroom, then
 // the payload.
 func slotWith(payload []byte) []byte {

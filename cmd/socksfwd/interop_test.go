@@ -276,26 +276,10 @@ func cmdEchoServer6(ts *testscript.TestScript, neg bool, args []string) {
 
 // udpecho6 VAR: a UDP echo server on [::1], address in $VAR.
 func cmdUDPEcho6(ts *testscript.TestScript, neg bool, args []string) {
-	pc, err := net.ListenUDP("udp6", &net.UDPAddr{IP: net.IPv6loopback})
+	pc, err := testnet.UDPEchoOn(tb{ts: ts}, &net.UDPAddr{IP: net.IPv6loopback})
 	if err != nil {
 		peertest.Missing(peerTB{ts}, "no IPv6 loopback: %v", err)
 	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 65536)
-		for {
-			n, from, err := pc.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteToUDPAddrPort(buf[:n], from)
-		}
-	}()
-	ts.Defer(func() {
-		pc.Close()
-		<-done
-	})
 	ts.Setenv(args[0], pc.LocalAddr().String())
 }
 

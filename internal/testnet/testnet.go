@@ -168,9 +168,19 @@ func (s *UDPSink) Count() int64 { return s.n.Load() }
 // UDPEcho starts a UDP echo server on 127.0.0.1 and returns its address.
 func UDPEcho(t TB) *net.UDPConn {
 	t.Helper()
-	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	pc, err := UDPEchoOn(t, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
+	}
+	return pc
+}
+
+// UDPEchoOn is UDPEcho on addr (which may be of an address family the
+// machine lacks: the caller decides whether that skips).
+func UDPEchoOn(t TB, addr *net.UDPAddr) (*net.UDPConn, error) {
+	pc, err := net.ListenUDP("udp", addr)
+	if err != nil {
+		return nil, err
 	}
 	sockbuf.Grow(pc)
 	done := make(chan struct{})
@@ -189,7 +199,7 @@ func UDPEcho(t TB) *net.UDPConn {
 		pc.Close()
 		<-done
 	})
-	return pc
+	return pc, nil
 }
 
 // Cutter is a TCP relay whose connections a test can cut at once, to play
