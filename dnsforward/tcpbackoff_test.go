@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -72,12 +71,8 @@ func writeAnswer(c net.Conn, q *dns.Msg) error {
 // dialed through a proxy) answer on in-memory connections.
 func newPipeForwarder(t *testing.T, resolvers int) *Forwarder {
 	t.Helper()
-	var addrs []socksclient.Addr
-	for i := range resolvers {
-		addrs = append(addrs, socksclient.AddrFromAddrPort(netipAddrPort(t, fmt.Sprintf("192.0.2.%d:53", 53+i))))
-	}
 	f, err := New(Config{
-		Resolvers: addrs,
+		Resolvers: documentationResolvers(t, resolvers),
 		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "192.0.2.1:1080"}),
 		Timeout:   10 * time.Second,
 		Logger:    zerolog.New(io.Discard),

@@ -150,16 +150,23 @@ func (fr *fakeRelays) count() int {
 	return len(fr.made)
 }
 
+// documentationResolvers is n resolver addresses from the documentation
+// range, for forwarders whose connections are fakes that never dial.
+func documentationResolvers(t *testing.T, n int) []socksclient.Addr {
+	t.Helper()
+	var addrs []socksclient.Addr
+	for i := range n {
+		addrs = append(addrs, socksclient.AddrFromAddrPort(netipAddrPort(t, fmt.Sprintf("192.0.2.%d:53", 53+i))))
+	}
+	return addrs
+}
+
 // newFakeUDPForwarder is a udp-transport forwarder whose associations
 // come from relays; resolvers are documentation addresses never dialed.
 func newFakeUDPForwarder(t *testing.T, relays *fakeRelays, resolvers int) *Forwarder {
 	t.Helper()
-	var addrs []socksclient.Addr
-	for i := range resolvers {
-		addrs = append(addrs, socksclient.AddrFromAddrPort(netipAddrPort(t, fmt.Sprintf("192.0.2.%d:53", 53+i))))
-	}
 	f, err := New(Config{
-		Resolvers: addrs,
+		Resolvers: documentationResolvers(t, resolvers),
 		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "192.0.2.1:1080"}),
 		Timeout:   10 * time.Second,
 		Transport: "udp",
