@@ -1,0 +1,61 @@
+//go:build linux
+
+package sockmark
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Control returns a control that sets SO_MARK to mark on every socket it
+// sees. Its error, when the process may not set marks, is the one Check
+// returns; a dial or listen using it then fails rather than sending
+// unmarked traffic that the rules would capture again.
+func Control(mark int) ControlFunc {
+	return func(network, address string, c syscall.RawConn) error {
+		if err := checkRange(mark); err != nil {
+			return err
+		}
+		var serr error
+		if err := c.Control(func(fd uintptr) { serr = setMark(int(fd), mark) }); err != nil {
+			return err
+		}
+		return serr
+	}
+}
+
+// Check sets mark on a throwaway socket, so that a process that may not
+// (it lacks CAP_NET_ADMIN) learns so at start-up, not at its first
+// upstream connection. That error matches errors.Is(err, fs.ErrPermission).
+func Check(mark int) error {
+	if err := checkRange(mark); err != nil {
+		return err
+	}
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		// A kernel without IPv4 still has IPv6.
+		fd, err = unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	}
+	if err != nil {
+		return fmt.Errorf("socket mark: opening a socket to try it on: %w", err)
+	}
+	defer unix.Close(fd)
+	return setMark(fd, mark)
+}
+
+func setMark(fd, mark int) error {
+	// SetsockoptInt passes the low 32 bits, so marks above 1<<31 arrive
+	// intact.
+	err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, mark)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EPERM):
+		return fmt.Errorf("--mark needs CAP_NET_ADMIN (run as root or grant the capability): %w", err)
+	default:
+		return fmt.Errorf("setting socket mark %#x: %w", mark, err)
+	}
+}

@@ -1,0 +1,110 @@
+package sockmark
+
+import (
+	"context"
+	"math"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/socksfwd/socksfwd/internal/peertest"
+)
+
+// markOf reads a socket's SO_MARK back from the kernel.
+func markOf(t *testing.T, c syscall.Conn) uint32 {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mark int
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { mark, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK) }); err != nil {
+		t.Fatal(err)
+	}
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return uint32(mark)
+}
+
+func TestControlMarksSockets(t *testing.T) {
+	peertest.RequireRoot(t)
+	// 0x80000438 has the top bit set, which a signed 32-bit round trip
+	// would lose.
+	for _, mark := range []uint32{0x438, 0x80000438} {
+		control := Control(int(mark))
+
+		pc, err := (&net.ListenConfig{Control: control}).ListenPacket(t.Context(), "udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := markOf(t, pc.(*net.UDPConn)); got != mark {
+			t.Errorf("udp socket mark %#x, want %#x", got, mark)
+		}
+		pc.Close()
+
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := (&net.Dialer{Control: control}).DialContext(t.Context(), "tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := markOf(t, c.(*net.TCPConn)); got != mark {
+			t.Errorf("tcp socket mark %#x, want %#x", got, mark)
+		}
+		c.Close()
+		ln.Close()
+	}
+}
+
+func TestMarkAboveUint32(t *testing.T) {
+	if strconv.IntSize < 64 {
+		t.Skip("int holds no mark above 32 bits here")
+	}
+	big64 := int64(math.MaxUint32) + 1 // a variable: as a constant it would not compile where int is 32 bits
+	big := int(big64)
+	if err := Check(big); err == nil || !strings.Contains(err.Error(), "out of range") {
+		t.Fatalf("Check(%#x) = %v, want out of range", big, err)
+	}
+}
+
+func TestCheckAsRoot(t *testing.T) {
+	peertest.RequireRoot(t)
+	if err := Check(0x438); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCheckWithoutCapability runs Check in a child that is still root but
+// has CAP_NET_ADMIN and CAP_NET_RAW removed from its bounding set, so they
+// are gone after exec. Both must go: since Linux 5.17 CAP_NET_RAW alone
+// also allows SO_MARK.
+func TestCheckWithoutCapability(t *testing.T) {
+	peertest.RequireRoot(t)
+	setpriv := peertest.Require(t, "setpriv")
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, setpriv, "--bounding-set=-net_admin,-net_raw", "--", os.Args[0])
+	cmd.Env = append(os.Environ(), childEnv+"=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v: %s", err, out)
+	}
+	report := string(out)
+	if !strings.HasPrefix(report, "permission=true\n") {
+		t.Fatalf("Check without the capability said %q, want a permission error", report)
+	}
+	if want := "--mark needs CAP_NET_ADMIN (run as root or grant the capability): operation not permitted"; !strings.Contains(report, want) {
+		t.Fatalf("Check without the capability said %q, want %q", report, want)
+	}
+}
