@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"syscall"
 	"time"
 )
 
@@ -41,8 +42,17 @@ type Dialer struct {
 	Resolver *net.Resolver
 	// ProxyDial connects to the proxy (default a net.Dialer without TCP
 	// keep-alive probes: like ssh -L, sessions are not probed, which also
-	// saves four setsockopt calls per connection).
+	// saves four setsockopt calls per connection). A caller who sets it
+	// applies its own control (a socket mark, say) to the TCP connection:
+	// Control is not used for it then.
 	ProxyDial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Control, if not nil, is applied to every socket the dialer opens: the
+	// TCP connection to the proxy when ProxyDial is nil, and the UDP socket
+	// of an association. It runs before the socket connects, as
+	// net.Dialer.Control does; an error fails the dial. It is how a
+	// transparent proxy marks its upstream traffic (SO_MARK) so that the
+	// rules capturing traffic into it let that traffic pass.
+	Control func(network, address string, c syscall.RawConn) error
 }
 
 // Conn is a CONNECT session (or an accepted BIND): a net.Conn to the target,
@@ -191,14 +201,10 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 		target = resolved
 	}
 
-	dial := d.ProxyDial
-	if dial == nil {
-		dial = defaultProxyDialer.DialContext
-	}
 	if progress != nil {
 		progress.proxyAt = time.Now()
 	}
-	conn, err := dial(hctx, "tcp", d.ProxyAddr)
+	conn, err := d.dialProxy(hctx)
 	if err != nil {
 		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, err)
 	}
@@ -214,6 +220,20 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 		return nil, Reply{}, err
 	}
 	return conn, reply, nil
+}
+
+// dialProxy opens the TCP connection to the proxy: through ProxyDial when
+// set, else through the default dialer with Control on the socket.
+func (d *Dialer) dialProxy(ctx context.Context) (net.Conn, error) {
+	if d.ProxyDial != nil {
+		return d.ProxyDial(ctx, "tcp", d.ProxyAddr)
+	}
+	if d.Control == nil {
+		return defaultProxyDialer.DialContext(ctx, "tcp", d.ProxyAddr)
+	}
+	nd := *defaultProxyDialer
+	nd.Control = d.Control
+	return nd.DialContext(ctx, "tcp", d.ProxyAddr)
 }
 
 // handshake runs method negotiation, authentication and the request,

@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -391,5 +393,66 @@ func TestResolveLocallyFailure(t *testing.T) {
 	_, err := d.DialContext(context.Background(), "tcp", "db.internal:5432")
 	if err == nil || !strings.Contains(err.Error(), "resolving db.internal locally failed") || !strings.Contains(err.Error(), "socks5h://") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// controlLog records the sockets a Control hook saw, as "network address".
+type controlLog struct {
+	mu    sync.Mutex
+	calls []string
+	fail  func(network string) error // if set, its error for a network fails the socket
+}
+
+func (l *controlLog) control(network, address string, c syscall.RawConn) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.calls = append(l.calls, network+" "+address)
+	if l.fail != nil {
+		return l.fail(network)
+	}
+	return nil
+}
+
+func (l *controlLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.calls, ", ")
+}
+
+// TestDialAppliesControl: without ProxyDial, the TCP connection to the
+// proxy goes through Control (where a socket mark is set).
+func TestDialAppliesControl(t *testing.T) {
+	var log controlLog
+	conn, err := dialThrough(t, sockstest.Config{}, socksclient.Dialer{Control: log.control}, testnet.Echo(t).Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := conn.(*socksclient.Conn).NetConn().RemoteAddr().String()
+	if got, want := log.String(), "tcp4 "+proxy; got != want {
+		t.Fatalf("Control saw %q, want %q", got, want)
+	}
+}
+
+// TestProxyDialOwnsTCPControl: a caller's ProxyDial applies its own
+// control; Dialer.Control does not run for the TCP connection.
+func TestProxyDialOwnsTCPControl(t *testing.T) {
+	var log controlLog
+	d := socksclient.Dialer{Control: log.control, ProxyDial: (&net.Dialer{}).DialContext}
+	if _, err := dialThrough(t, sockstest.Config{}, d, testnet.Echo(t).Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.String(); got != "" {
+		t.Fatalf("Control saw %q with ProxyDial set, want nothing", got)
+	}
+}
+
+// TestDialControlErrorFails: a socket Control refuses (a mark the process
+// may not set) is never used.
+func TestDialControlErrorFails(t *testing.T) {
+	refused := errors.New("refused by control")
+	log := controlLog{fail: func(string) error { return refused }}
+	_, err := dialThrough(t, sockstest.Config{}, socksclient.Dialer{Control: log.control}, testnet.Echo(t).Addr().String())
+	if !errors.Is(err, refused) {
+		t.Fatalf("err = %v, want the control's error", err)
 	}
 }

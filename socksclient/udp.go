@@ -83,8 +83,10 @@ func (d *Dialer) Associate(ctx context.Context) (*UDPConn, error) {
 		return nil, d.opError(CmdUDPAssociate, "udp", nil, protoErr("reply", "relay address is a name: "+relayAddr.Name))
 	}
 	// A socket connected to the relay: the kernel drops datagrams from
-	// anyone else, and sends skip the per-datagram route lookup.
-	pc, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(relay))
+	// anyone else, and sends skip the per-datagram route lookup. Opened
+	// through a net.Dialer so that Control (a socket mark) applies before
+	// the first datagram leaves.
+	pc, err := d.dialRelay(ctx, relay)
 	if err != nil {
 		conn.Close()
 		return nil, d.opError(CmdUDPAssociate, "udp", nil, err)
@@ -93,6 +95,17 @@ func (d *Dialer) Associate(ctx context.Context) (*UDPConn, error) {
 	u := &UDPConn{ctrl: conn, pc: pc, relay: relay, watchDone: make(chan struct{})}
 	go u.watchControl()
 	return u, nil
+}
+
+// dialRelay opens the association's UDP socket, connected to relay, with
+// Control applied. The relay is an IP address, so nothing is resolved.
+func (d *Dialer) dialRelay(ctx context.Context, relay netip.AddrPort) (*net.UDPConn, error) {
+	nd := net.Dialer{Control: d.Control}
+	c, err := nd.DialContext(ctx, "udp", relay.String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.UDPConn), nil
 }
 
 // watchControl waits for the control connection to end. The proxy sends

@@ -361,3 +361,55 @@ func TestUDPConnOwnClose(t *testing.T) {
 		}
 	}
 }
+
+// TestAssociateAppliesControl: both sockets of an association, the TCP
+// control connection and the UDP socket toward the relay, go through
+// Control, and the association still carries datagrams.
+func TestAssociateAppliesControl(t *testing.T) {
+	echo := echoAddr(t)
+	srv, err := sockstest.NewServer(sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	var log controlLog
+	d := socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: 5 * time.Second, Control: log.control}
+	u, err := d.Associate(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if got, want := log.String(), "tcp4 "+srv.Addr()+", udp4 "+u.Relay().String(); got != want {
+		t.Fatalf("Control saw %q, want %q", got, want)
+	}
+	if got := exchange(t, u, echo, []byte("marked")); string(got) != "marked" {
+		t.Fatalf("echo %q", got)
+	}
+}
+
+// TestAssociateControlErrorFails: when Control refuses the UDP socket the
+// association fails with its error, and the control connection is not
+// left open (goleak would see its watcher).
+func TestAssociateControlErrorFails(t *testing.T) {
+	refused := errors.New("refused by control")
+	log := controlLog{fail: func(network string) error {
+		if strings.HasPrefix(network, "udp") {
+			return refused
+		}
+		return nil
+	}}
+	srv, err := sockstest.NewServer(sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	d := socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: 5 * time.Second, Control: log.control}
+	u, err := d.Associate(context.Background())
+	if err == nil {
+		u.Close()
+		t.Fatal("Associate succeeded though Control refused the UDP socket")
+	}
+	if !errors.Is(err, refused) {
+		t.Fatalf("err = %v, want the control's error", err)
+	}
+}
