@@ -26,6 +26,8 @@ type Config struct {
 	ServerUser         string   `toml:"server-user,omitempty" usage:"username for servers whose URL has none"`
 	ServerPasswordFile string   `toml:"server-password-file,omitempty" usage:"file holding the password for them (one trailing newline stripped)"`
 	Local              []string `toml:"local" short:"L" usage:"forward [bind:]port:host:hostport[/udp], repeatable; bind defaults to 127.0.0.1"`
+	Transparent        []string `toml:"transparent,omitempty" usage:"transparent TCP listener [bind:]port for connections netfilter sends here (REDIRECT or TPROXY; Linux), repeatable; bind defaults to 127.0.0.1"`
+	Mark               Mark     `toml:"mark,omitempty" usage:"SO_MARK on every socket toward an upstream, e.g. 0x438, so netfilter rules can leave socksfwd's own traffic alone (Linux, needs CAP_NET_ADMIN)"`
 	DNS                string   `toml:"dns,omitempty" usage:"DNS listener [bind:]port, UDP and TCP (bind defaults to 127.0.0.1)"`
 	DNSUpstream        []string `toml:"dns-upstream,omitempty" usage:"resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"`
 	DNSTransport       string   `toml:"dns-transport" def:"tcp" usage:"tcp (DNS over TCP through CONNECT, works everywhere) | udp (one UDP ASSOCIATE)"`
@@ -132,6 +134,20 @@ func (d *Duration) UnmarshalText(b []byte) error {
 		return fmt.Errorf("negative duration %s", quote(string(b)))
 	}
 	*d = Duration(v)
+	return nil
+}
+
+// Mark is a socket mark, written in decimal or as 0x… hex.
+type Mark uint32
+
+func (m Mark) MarshalText() ([]byte, error) { return []byte(fmt.Sprintf("%#x", uint32(m))), nil }
+
+func (m *Mark) UnmarshalText(b []byte) error {
+	v, err := strconv.ParseUint(string(b), 0, 32)
+	if err != nil {
+		return errors.New("want a mark such as 0x438 or 1080")
+	}
+	*m = Mark(v)
 	return nil
 }
 

@@ -29,6 +29,9 @@ const (
 	kindTCP listenKind = "tcp"
 	kindUDP listenKind = "udp"
 	kindDNS listenKind = "dns"
+	// kindTransparent is TCP that netfilter redirected here: each
+	// connection's target is its original destination.
+	kindTransparent listenKind = "transparent"
 )
 
 // listenPlan is one address to bind and what it forwards to.
@@ -75,8 +78,8 @@ func buildPlan(cfg Config) (*plan, error) {
 	if len(cfg.Server) == 0 {
 		return nil, usagef("no upstream server: give -S host:port (or server in the config file, or %s)", envName("server"))
 	}
-	if len(cfg.Local) == 0 && cfg.DNS == "" {
-		return nil, usagef("nothing to forward: give -L [bind:]port:host:hostport or --dns [bind:]port")
+	if len(cfg.Local) == 0 && cfg.DNS == "" && len(cfg.Transparent) == 0 {
+		return nil, usagef("nothing to forward: give -L [bind:]port:host:hostport, --dns [bind:]port or --transparent [bind:]port")
 	}
 	var err error
 	if p.logLevel, err = zerolog.ParseLevel(cfg.LogLevel); err != nil || cfg.LogLevel == "" {
@@ -117,6 +120,16 @@ func buildPlan(cfg Config) (*plan, error) {
 		for _, addr := range lf.Binds {
 			p.listens = append(p.listens, listenPlan{kind: kind, addr: addr, spec: "-L " + spec, optional: lf.optionalBinds[addr], target: lf.Target})
 		}
+	}
+	for _, spec := range cfg.Transparent {
+		if strings.HasSuffix(spec, "/udp") {
+			return nil, usagef("--transparent %s: transparent UDP (TPROXY) is not supported yet; TCP only", quote(spec))
+		}
+		addr, err := listenAddr("--transparent", strings.TrimSuffix(spec, "/tcp"))
+		if err != nil {
+			return nil, err
+		}
+		p.listens = append(p.listens, listenPlan{kind: kindTransparent, addr: addr, spec: "--transparent " + spec})
 	}
 	if cfg.DNS != "" {
 		l, err := buildDNS(&cfg)
@@ -186,7 +199,7 @@ func buildDialers(cfg *Config) ([]*socksclient.Dialer, error) {
 	}
 	var dialers []*socksclient.Dialer
 	for _, raw := range cfg.Server {
-		d, err := parseServer(raw, cfg.ServerUser, password)
+		d, err := parseServer(raw, cfg.ServerUser, password, cfg.Mark)
 		if err != nil {
 			return nil, err
 		}

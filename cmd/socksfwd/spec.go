@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
+	"github.com/socksfwd/socksfwd/internal/sockmark"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
@@ -110,16 +111,20 @@ func unbracket(s string) string {
 	return s
 }
 
-// proxyDialer connects to SOCKS servers: no keep-alive probes (as ssh -L),
-// and small buffers when the server is on this host (sockbuf).
-var proxyDialer = &net.Dialer{KeepAlive: -1, Control: sockbuf.CapLoopbackTCP}
-
 // parseServer turns an -S value into a dialer. Accepted: host[:port],
 // socks5h://[user[:pass]@]host[:port] (names go to the proxy) and socks5://
 // (names resolved here, as curl does). user and password apply when the URL
 // carries none.
-func parseServer(raw, user, password string) (*socksclient.Dialer, error) {
-	d := &socksclient.Dialer{Username: user, Password: password, ProxyDial: proxyDialer.DialContext}
+//
+// Every socket toward the proxy gets small buffers when the proxy is on
+// this host (sockbuf) and the mark, when one is set; the dialer's own
+// default sends no keep-alive probes, as ssh -L does.
+func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, error) {
+	var markControl sockmark.ControlFunc
+	if mark != 0 {
+		markControl = sockmark.Control(int(mark))
+	}
+	d := &socksclient.Dialer{Username: user, Password: password, Control: sockmark.Chain(sockbuf.CapLoopbackTCP, markControl)}
 	hostport := raw
 	if strings.Contains(raw, "://") {
 		u, err := url.Parse(raw)
@@ -182,10 +187,14 @@ func redactURL(raw string) string {
 }
 
 // dnsListenAddr parses --dns [bind:]port; the bind defaults to 127.0.0.1.
-func dnsListenAddr(spec string) (string, error) {
+func dnsListenAddr(spec string) (string, error) { return listenAddr("--dns", spec) }
+
+// listenAddr parses a listener's [bind:]port for option; the bind defaults
+// to 127.0.0.1, "*" means every interface.
+func listenAddr(option, spec string) (string, error) {
 	fields, err := splitColons(spec)
 	if err != nil || len(fields) > 2 {
-		return "", usagef("--dns %s: want [bind:]port", quote(spec))
+		return "", usagef("%s %s: want [bind:]port", option, quote(spec))
 	}
 	bind, port := "127.0.0.1", fields[len(fields)-1]
 	if len(fields) == 2 {
@@ -195,7 +204,7 @@ func dnsListenAddr(spec string) (string, error) {
 		}
 	}
 	if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && port != "0") {
-		return "", usagef("--dns %s: invalid port %s", quote(spec), quote(port))
+		return "", usagef("%s %s: invalid port %s", option, quote(spec), quote(port))
 	}
 	return net.JoinHostPort(bind, port), nil
 }

@@ -72,7 +72,7 @@ func TestParseServer(t *testing.T) {
 		{raw: "socks5h://:1080", err: "want host[:port]"},
 	}
 	for _, tc := range tests {
-		d, err := parseServer(tc.raw, tc.user, tc.pass)
+		d, err := parseServer(tc.raw, tc.user, tc.pass, 0)
 		if tc.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.err) {
 				t.Errorf("parseServer(%q) err = %v, want %q", tc.raw, err, tc.err)

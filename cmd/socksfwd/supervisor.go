@@ -16,6 +16,7 @@ import (
 
 	"github.com/socksfwd/socksfwd/dnsforward"
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
+	"github.com/socksfwd/socksfwd/internal/sockmark"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/tunnel"
 )
@@ -69,6 +70,9 @@ var errSecondSignal = errors.New("second signal: sessions cut without drain")
 // run serves p until a stop signal on sigs or a service failure.
 func (s *supervisor) run(p *plan, sigs <-chan os.Signal) error {
 	defer s.cut()
+	if err := checkMark(p); err != nil {
+		return err
+	}
 	s.plan = p
 	s.ups = socksclient.NewUpstreams(p.dialers...)
 	s.configureUpstreams(p)
@@ -247,6 +251,9 @@ func (s *supervisor) reloadNow() {
 	if err == nil {
 		err = s.checkFixed(p)
 	}
+	if err == nil {
+		err = checkMark(p)
+	}
 	if err != nil {
 		s.log.Error().Err(err).Msg("reload failed; the running configuration stays")
 		return
@@ -316,6 +323,15 @@ func (s *supervisor) reloadNow() {
 		return
 	}
 	s.log.Info().Strs("changes", changes).Msg("reloaded: " + strings.Join(changes, "; "))
+}
+
+// checkMark makes sure the process may mark its sockets before any is
+// opened: without CAP_NET_ADMIN every upstream dial would fail.
+func checkMark(p *plan) error {
+	if p.cfg.Mark == 0 {
+		return nil
+	}
+	return sockmark.Check(int(p.cfg.Mark))
 }
 
 // checkFixed refuses changes a running process cannot make.
