@@ -202,6 +202,8 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 			MaxSessions: cfg.UDPMaxSessions,
 			Logger:      s.log,
 		}, pc.(*net.UDPConn)), nil
+	case kindTransparent:
+		return nil, errors.New("transparent mode needs Linux")
 	case kindDNS:
 		pc, ln, err := dnsforward.Listen(l.addr)
 		if err != nil {
