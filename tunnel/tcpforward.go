@@ -19,6 +19,11 @@ type TCPForwardConfig struct {
 	Name string
 	// Target is where connections go, resolved by the proxy when a name.
 	Target socksclient.Addr
+	// TargetOf, when set, gives each accepted connection its own target
+	// (a transparent listener's original destination); Target and
+	// SetTarget are then unused. An error refuses the session: the client
+	// gets a reset and the log one line naming the cause.
+	TargetOf func(c net.Conn) (socksclient.Addr, error)
 	// Upstreams dials the target through the configured proxies.
 	Upstreams *socksclient.Upstreams
 	// IdleTimeout closes a session idle this long (default 0 = never, like
@@ -55,7 +60,7 @@ type TCPForward struct {
 type TCPStats struct {
 	Sessions  atomic.Int64 // accepted connections
 	Active    atomic.Int64
-	Failed    atomic.Int64 // sessions whose upstream dial failed
+	Failed    atomic.Int64 // sessions refused (TargetOf) or whose upstream dial failed
 	BytesUp   atomic.Int64
 	BytesDown atomic.Int64
 }
@@ -164,7 +169,15 @@ func (f *TCPForward) serveSession(client net.Conn) {
 	f.stats.Active.Add(1)
 	start := time.Now()
 	idle := time.Duration(f.idle.Load())
-	target := *f.target.Load()
+	target, err := f.targetOf(client)
+	if err != nil {
+		f.stats.Failed.Add(1)
+		f.cfg.Logger.Info().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).
+			Err(err).Msg("session refused")
+		abort(client)
+		f.endSession(client, nil)
+		return
+	}
 
 	up, d, err := f.cfg.Upstreams.DialAddr(f.ctx, target)
 	if err != nil {
@@ -196,6 +209,14 @@ func (f *TCPForward) serveSession(client net.Conn) {
 		f.logEnd(client, target, d.ProxyAddr, res, start)
 		f.endSession(client, up)
 	})
+}
+
+// targetOf is where the session on client goes.
+func (f *TCPForward) targetOf(client net.Conn) (socksclient.Addr, error) {
+	if f.cfg.TargetOf != nil {
+		return f.cfg.TargetOf(client)
+	}
+	return *f.target.Load(), nil
 }
 
 func (f *TCPForward) endSession(client, up net.Conn) {
