@@ -90,6 +90,10 @@ func (f *TCPForward) Stats() *TCPStats { return &f.stats }
 // Addr is the first listener's address.
 func (f *TCPForward) Addr() net.Addr { return f.listeners[0].Addr() }
 
+// Listener is the first listener, for what its socket says of itself
+// (IsTransparent).
+func (f *TCPForward) Listener() net.Listener { return f.listeners[0] }
+
 // Serve accepts until Shutdown or Close, or until ctx is done (which then
 // closes the forward). It returns nil on such a stop.
 func (f *TCPForward) Serve(ctx context.Context) error {

@@ -175,6 +175,14 @@ func (s *supervisor) logListening(u *unit) {
 		ev.Strs("resolvers", resolvers).Msgf("DNS on %s (udp+tcp) → %s over %s via %s", name, strings.Join(resolvers, ", "), u.lp.dns.transport, s.via())
 		return
 	}
+	if u.lp.kind == kindTransparent {
+		how := "REDIRECT only: no IP_TRANSPARENT without CAP_NET_ADMIN"
+		if f, ok := u.svc.(*tunnel.TCPForward); ok && tunnel.IsTransparent(f.Listener()) {
+			how = "REDIRECT and TPROXY"
+		}
+		ev.Msgf("transparent %s (%s) → original destinations via %s", name, how, s.via())
+		return
+	}
 	suffix := ""
 	if u.lp.kind == kindUDP {
 		suffix = "/udp"
@@ -203,7 +211,18 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 			Logger:      s.log,
 		}, pc.(*net.UDPConn)), nil
 	case kindTransparent:
-		return nil, errors.New("transparent mode needs Linux")
+		ln, err := tunnel.ListenTransparent(context.Background(), "tcp", l.addr, sockbuf.CapLoopbackTCP)
+		if err != nil {
+			return nil, err
+		}
+		return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
+			Name:        ln.Addr().String(),
+			TargetOf:    tunnel.TransparentTarget(ln.Addr().(*net.TCPAddr).AddrPort()),
+			Upstreams:   s.ups,
+			IdleTimeout: time.Duration(cfg.IdleTimeout),
+			CopyMode:    s.plan.copyMode,
+			Logger:      s.log,
+		}, ln), nil
 	case kindDNS:
 		pc, ln, err := dnsforward.Listen(l.addr)
 		if err != nil {
