@@ -1,0 +1,119 @@
+package rules
+
+// chainKind is one of the jobs a rule set does; nft and iptables lay each
+// out as one chain, with the same steps in the same order.
+type chainKind int
+
+const (
+	// markOutput (scope local, TPROXY): mark this host's outgoing packets
+	// so that policy routing turns them back in through lo.
+	markOutput chainKind = iota
+	// tproxyPrerouting (TPROXY): hand packets to the transparent
+	// listeners and mark them for local delivery.
+	tproxyPrerouting
+	// redirect (NAT, OUTPUT or PREROUTING by scope): REDIRECT new TCP
+	// connections and DNS to the listeners.
+	redirect
+)
+
+// chains lists the chains p needs, in the order they are written.
+func (p *plan) chains() []chainKind {
+	var cs []chainKind
+	if p.tproxy() {
+		if p.Scope == ScopeLocal {
+			cs = append(cs, markOutput)
+		}
+		cs = append(cs, tproxyPrerouting)
+	}
+	if p.DNSPort != 0 || (p.Mode == ModeRedirect && p.TCPPort != 0) {
+		cs = append(cs, redirect)
+	}
+	return cs
+}
+
+// What each chain contains: the steps below are taken in this order.
+
+// hookIsOutput reports whether k sits in OUTPUT (else PREROUTING).
+func (p *plan) hookIsOutput(k chainKind) bool {
+	return k == markOutput || (k == redirect && p.Scope == ScopeLocal)
+}
+
+// filtersInterfaces: gateway chains may look at the input interface only.
+func (p *plan) filtersInterfaces(k chainKind) bool {
+	return !p.hookIsOutput(k) && len(p.Interfaces) > 0
+}
+
+// onlyMarked: in scope local, prerouting takes just what markOutput marked;
+// markOutput has already left everything else out.
+func (p *plan) onlyMarked(k chainKind) bool {
+	return k == tproxyPrerouting && p.Scope == ScopeLocal
+}
+
+// skipsOwnMark: socksfwd's --mark, wherever its packets can show up.
+func (p *plan) skipsOwnMark(k chainKind) bool {
+	return p.Mark != 0 && !p.onlyMarked(k)
+}
+
+// explainsNoMark: without --mark, the chains that see socksfwd's own
+// packets (OUTPUT) say how else to keep them out.
+func (p *plan) explainsNoMark(k chainKind) bool {
+	return p.Mark == 0 && p.hookIsOutput(k)
+}
+
+// skipsReplies: the mangle chains see every packet, replies included, and
+// a reply is never new traffic to proxy: without this, in scope local the
+// answers of a server on this host to a client at a captured address would
+// be taken, and in scope gateway the answers to uncaptured forwarded
+// connections. NAT chains see only a connection's first packet.
+func (p *plan) skipsReplies(k chainKind) bool {
+	return k == markOutput || (k == tproxyPrerouting && p.Scope == ScopeGateway)
+}
+
+// filtersDestinations: the proxies, multicast, broadcast and --exclude.
+func (p *plan) filtersDestinations(k chainKind) bool {
+	return !p.onlyMarked(k)
+}
+
+// capturesDNS: the redirect chain sends DNS to --dns; the TPROXY chains
+// leave it alone for that.
+func (p *plan) capturesDNS(k chainKind) bool {
+	return p.DNSPort != 0 && k == redirect
+}
+
+func (p *plan) passesDNS(k chainKind) bool {
+	return p.DNSPort != 0 && k != redirect && !p.onlyMarked(k)
+}
+
+// proxiesTraffic: the chain goes on past DNS to TCP and UDP traffic
+// (loopback, this host's addresses, --include, then the action).
+func (p *plan) proxiesTraffic(k chainKind) bool {
+	if k == redirect {
+		return p.Mode == ModeRedirect && p.TCPPort != 0
+	}
+	return true
+}
+
+// filtersLocal: loopback, link-local, this host's addresses, --include.
+func (p *plan) filtersLocal(k chainKind) bool {
+	return p.proxiesTraffic(k) && !p.onlyMarked(k)
+}
+
+// protocols lists the transport protocols captured by TCP or UDP rules.
+func (p *plan) protocols() []string {
+	var ps []string
+	if p.TCPPort != 0 {
+		ps = append(ps, "tcp")
+	}
+	if p.UDPPort != 0 {
+		ps = append(ps, "udp")
+	}
+	return ps
+}
+
+// port returns the listener port for proto.
+func (p *plan) port(proto string) int {
+	if proto == "udp" {
+		return p.UDPPort
+	}
+	return p.TCPPort
+}

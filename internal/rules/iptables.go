@@ -1,0 +1,226 @@
+package rules
+
+import (
+	"fmt"
+	"net/netip"
+)
+
+// IPTables returns iptables-restore input for IPv4 and, when cfg.IPv6 is
+// set, ip6tables-restore input for IPv6 (else v6 is empty). Both are meant
+// for `iptables-restore --noflush`: without --noflush, iptables-restore
+// first empties the whole mangle and nat tables, other programs' rules
+// included. The rules live in SOCKSFWD_* chains that a load empties and
+// refills; the jumps to them from the built-in chains are added on every
+// load, so the header lists the commands that remove them first.
+func IPTables(cfg Config) (v4, v6 string, err error) {
+	p, err := newPlan(cfg)
+	if err != nil {
+		return "", "", err
+	}
+	for _, f := range p.families {
+		s := p.iptables(f)
+		if f.v6 {
+			v6 = s
+		} else {
+			v4 = s
+		}
+	}
+	return v4, v6, nil
+}
+
+// iptChain is one chain of ours with its rules (comment lines included) and
+// the jumps that hook it into a built-in chain.
+type iptChain struct {
+	table, name string
+	lines       []string
+	hooks       []string // "-A PREROUTING -j SOCKSFWD_TPROXY"
+}
+
+func (c *iptChain) rule(format string, args ...any) {
+	c.lines = append(c.lines, fmt.Sprintf("-A %s ", c.name)+fmt.Sprintf(format, args...))
+}
+
+func (c *iptChain) comment(format string, args ...any) {
+	c.lines = append(c.lines, "# "+fmt.Sprintf(format, args...))
+}
+
+// iptables writes the restore input for one family.
+func (p *plan) iptables(f family) string {
+	command := "iptables"
+	if f.v6 {
+		command = "ip6tables"
+	}
+	var chains []*iptChain
+	for _, k := range p.chains() {
+		chains = append(chains, p.iptChains(f, k)...)
+	}
+
+	var t text
+	p.header(&t, command+"-restore input", []family{f})
+	t.line("# Load: %s-restore --noflush < FILE", command)
+	t.line("#   (without --noflush, %s-restore first empties the whole mangle and nat tables,", command)
+	t.line("#   other programs' rules included)")
+	t.line("# Remove (before loading again too: a load adds the jumps to these chains once more):")
+	for _, c := range chains {
+		for _, h := range c.hooks {
+			t.line("#   %s -t %s -D%s", command, c.table, h[len("-A"):])
+		}
+	}
+	for _, verb := range []string{"-F", "-X"} {
+		for _, c := range chains {
+			t.line("#   %s -t %s %s %s", command, c.table, verb, c.name)
+		}
+	}
+	for _, table := range []string{"mangle", "nat"} {
+		var in []*iptChain
+		for _, c := range chains {
+			if c.table == table {
+				in = append(in, c)
+			}
+		}
+		if len(in) == 0 {
+			continue
+		}
+		t.line("")
+		t.line("*%s", table)
+		for _, c := range in {
+			t.line(":%s - [0:0]", c.name)
+		}
+		for _, c := range in {
+			for _, l := range c.lines {
+				t.line("%s", l)
+			}
+		}
+		for _, c := range in {
+			for _, h := range c.hooks {
+				t.line("%s", h)
+			}
+		}
+		t.line("COMMIT")
+	}
+	return t.String()
+}
+
+// iptChains lays out chain k for family f: the chain itself and, with
+// --include, the one the included destinations jump to. The steps and their
+// order are the ones chains.go describes, shared with the nft script.
+func (p *plan) iptChains(f family, k chainKind) []*iptChain {
+	c := &iptChain{table: "mangle"}
+	builtin := "PREROUTING"
+	if p.hookIsOutput(k) {
+		builtin = "OUTPUT"
+	}
+	switch k {
+	case markOutput:
+		c.name = "SOCKSFWD_MARK"
+		c.comment("This host's programs: mark what is to be proxied. Policy routing (fwmark %#x -> table %d,", p.RouteMark, p.RouteTable)
+		c.comment("where every address is local) turns it back in through lo, to SOCKSFWD_TPROXY.")
+	case tproxyPrerouting:
+		c.name = "SOCKSFWD_TPROXY"
+		if p.Scope == ScopeLocal {
+			c.comment("What SOCKSFWD_MARK marked comes back in through lo: TPROXY hands it to the listeners.")
+		} else {
+			c.comment("TPROXY hands what other hosts send to the listeners; the mark delivers it locally.")
+		}
+	case redirect:
+		c.table, c.name = "nat", "SOCKSFWD_REDIRECT"
+		what := "new TCP connections"
+		if p.Mode == ModeTProxy || p.TCPPort == 0 {
+			what = "DNS"
+		} else if p.DNSPort != 0 {
+			what = "DNS and new TCP connections"
+		}
+		c.comment("REDIRECT %s to the listeners.", what)
+	}
+	if p.filtersInterfaces(k) {
+		for _, name := range p.Interfaces {
+			c.hooks = append(c.hooks, fmt.Sprintf("-A %s -i %s -j %s", builtin, name, c.name))
+		}
+	} else {
+		c.hooks = []string{fmt.Sprintf("-A %s -j %s", builtin, c.name)}
+	}
+
+	if p.onlyMarked(k) {
+		c.comment("Only what SOCKSFWD_MARK marked.")
+		c.rule("-m mark ! --mark %#x -j RETURN", p.RouteMark)
+	}
+	if p.skipsOwnMark(k) {
+		c.comment("socksfwd's own sockets (--mark).")
+		c.rule("-m mark --mark %#x -j RETURN", p.Mark)
+	}
+	if p.explainsNoMark(k) {
+		c.comment("No --mark: socksfwd's own connections are left out only by the proxies' addresses below,")
+		c.comment("so a proxy name that comes to resolve elsewhere would loop. Run socksfwd with --mark N (and")
+		c.comment("these rules with the same mark), or run it as a user of its own and uncomment:")
+		c.comment("-A %s -m owner --uid-owner socksfwd -j RETURN", c.name)
+	}
+	if p.skipsReplies(k) {
+		c.comment("Replies (of connections made to this host, or forwarded uncaptured) are not new traffic.")
+		c.rule("-m conntrack --ctdir REPLY -j RETURN")
+	}
+	if p.filtersDestinations(k) {
+		c.comment("Never: the proxies, multicast, broadcast, --exclude.")
+		for _, a := range f.proxies {
+			c.rule("-d %s -j RETURN", netip.PrefixFrom(a, a.BitLen()))
+		}
+		for _, pr := range f.skip {
+			c.rule("-d %s -j RETURN", pr)
+		}
+		if !f.v6 { // IPv6 has no broadcast
+			c.rule("-m addrtype --dst-type BROADCAST -j RETURN")
+		}
+	}
+	if p.capturesDNS(k) {
+		c.comment("DNS to any other destination (loopback and --include do not limit it) goes to --dns.")
+		for _, proto := range []string{"udp", "tcp"} {
+			c.rule("-p %s --dport %d -j REDIRECT --to-ports %d", proto, dnsPort, p.DNSPort)
+		}
+	}
+	if p.passesDNS(k) {
+		c.comment("DNS is left to SOCKSFWD_REDIRECT, which sends it to --dns.")
+		for _, proto := range []string{"udp", "tcp"} {
+			c.rule("-p %s --dport %d -j RETURN", proto, dnsPort)
+		}
+	}
+	if !p.proxiesTraffic(k) {
+		return []*iptChain{c}
+	}
+	chains := []*iptChain{c}
+	action := c
+	if p.filtersLocal(k) {
+		c.comment(`Loopback, link-local, "this network", this host's own addresses.`)
+		for _, pr := range f.local {
+			c.rule("-d %s -j RETURN", pr)
+		}
+		c.rule("-m addrtype --dst-type LOCAL -j RETURN")
+		if len(p.Include) > 0 {
+			if len(f.include) == 0 {
+				c.comment("--include names no %s destination: no %s traffic is proxied.", f.name(), f.name())
+				return chains
+			}
+			action = &iptChain{table: c.table, name: c.name + "_INCLUDED"}
+			chains = append(chains, action)
+			c.comment("--include: only these destinations are proxied.")
+			for _, pr := range f.include {
+				c.rule("-d %s -j %s", pr, action.name)
+			}
+		}
+	}
+	switch k {
+	case markOutput:
+		action.comment("The rest is proxied.")
+		for _, proto := range p.protocols() {
+			action.rule("-p %s -j MARK --set-mark %#x", proto, p.RouteMark)
+		}
+	case tproxyPrerouting:
+		action.comment("TPROXY drops what no listener takes (socksfwd is not running): nothing goes out unproxied.")
+		for _, proto := range p.protocols() {
+			action.rule("-p %s -j TPROXY --on-port %d --on-ip %s --tproxy-mark %#x",
+				proto, p.port(proto), f.tproxyAddr, p.RouteMark)
+		}
+	case redirect:
+		action.comment("The rest is proxied.")
+		action.rule("-p tcp -j REDIRECT --to-ports %d", p.TCPPort)
+	}
+	return chains
+}
