@@ -70,7 +70,7 @@ type Config struct {
 	Mark int
 	// Proxies are the upstream proxies' addresses, always left out.
 	Proxies []netip.Addr
-	// Exclude lists destinations never captured (DNS to them included).
+	// Exclude lists destinations never captured, not even their DNS.
 	Exclude []netip.Prefix
 	// Include, when not empty, limits proxied traffic to these
 	// destinations; Exclude still wins. DNS capture is not limited by it.
