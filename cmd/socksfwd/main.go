@@ -51,27 +51,7 @@ func init() {
 // that act at once. Its Action only hands back the merged configuration
 // (through loaded); serving is the supervisor's.
 func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *mergedConfig) *cli.App {
-	flags := make([]cli.Flag, 0, len(options)+2)
-	for _, o := range options {
-		usage := o.usage + " (env " + envName(o.name)
-		if o.repeatable {
-			usage += ", comma-separated"
-		}
-		usage += ")"
-		var aliases []string
-		if o.short != "" {
-			aliases = []string{o.short}
-		}
-		// Every value arrives as text and is parsed by mergeConfig, so
-		// that an error names the option and says what it wants.
-		if o.repeatable {
-			flags = append(flags, &cli.StringSliceFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden})
-		} else {
-			flags = append(flags, &cli.StringFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Value: o.def})
-		}
-	}
-	flags = append(flags,
-		&cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "TOML file (see config.example.toml); re-read on SIGHUP"},
+	flags := append(optionFlags(),
 		&cli.BoolFlag{Name: "print-config", Usage: "print the merged configuration as TOML (secrets redacted) and exit"},
 	)
 	return &cli.App{
@@ -85,6 +65,7 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 		DisableSliceFlagSeparator: true,
 		HideHelpCommand:           true,
 		Flags:                     flags,
+		Commands:                  []*cli.Command{rulesCommand(stdout, getenv)},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return usageError{err}
 		},
@@ -112,6 +93,30 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 			return nil
 		},
 	}
+}
+
+// optionFlags is one flag per Config option, and -c.
+func optionFlags() []cli.Flag {
+	flags := make([]cli.Flag, 0, len(options)+1)
+	for _, o := range options {
+		usage := o.usage + " (env " + envName(o.name)
+		if o.repeatable {
+			usage += ", comma-separated"
+		}
+		usage += ")"
+		var aliases []string
+		if o.short != "" {
+			aliases = []string{o.short}
+		}
+		// Every value arrives as text and is parsed by mergeConfig, so
+		// that an error names the option and says what it wants.
+		if o.repeatable {
+			flags = append(flags, &cli.StringSliceFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden})
+		} else {
+			flags = append(flags, &cli.StringFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Value: o.def})
+		}
+	}
+	return append(flags, &cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "TOML file (see config.example.toml); re-read on SIGHUP"})
 }
 
 // run is main without os.Exit, for tests.
