@@ -106,6 +106,50 @@ func ratios(rows []result, baseline string, bar float64) string {
 	return out
 }
 
+// reportTransparent prints the transparent listener (behind the same
+// REDIRECT rule as redsocks) against the -L path and against redsocks,
+// each the median of per-round ratios, with its bars.
+func reportTransparent(name string, rows []result, barVsForward, barVsRedsocks float64) {
+	find := func(way string) *result {
+		for i := range rows {
+			if rows[i].way == way {
+				return &rows[i]
+			}
+		}
+		return nil
+	}
+	tp := find("transparent")
+	if tp == nil {
+		return
+	}
+	line := fmt.Sprintf("%-26s transparent %.1f", name, tp.value)
+	for _, b := range []struct {
+		way string
+		bar float64
+	}{{"socksfwd", barVsForward}, {"redsocks", barVsRedsocks}} {
+		base := find(b.way)
+		if base == nil {
+			continue
+		}
+		var rs []float64
+		for i, v := range tp.rounds {
+			if i < len(base.rounds) && base.rounds[i] > 0 {
+				rs = append(rs, v/base.rounds[i])
+			}
+		}
+		if len(rs) == 0 {
+			continue
+		}
+		ratio := median(rs)
+		verdict := "ok"
+		if ratio < b.bar {
+			verdict = "BELOW BAR"
+		}
+		line += fmt.Sprintf(" | transparent/%s = %.3f (bar ≥ %.2f: %s)", b.way, ratio, b.bar, verdict)
+	}
+	fmt.Println(line)
+}
+
 func median(v []float64) float64 {
 	s := append([]float64(nil), v...)
 	sort.Float64s(s)
@@ -173,7 +217,7 @@ func bench(h *harness, cfg benchConfig) {
 		os.WriteFile(conf, []byte("strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 "+port+"\n"), 0o644)
 		return []string{pc, "-q", "-f", conf}
 	}
-	ways := []string{"direct", "socksfwd", "proxychains4", "redsocks"}
+	ways := []string{"direct", "socksfwd", "proxychains4", "redsocks", "transparent"}
 	if gost != "" {
 		ways = append(ways, "gost")
 	}
@@ -202,6 +246,7 @@ func bench(h *harness, cfg benchConfig) {
 	}
 	pcDante := proxychains(dante)
 	rsPort, _ := h.redsocks(redsocks, dante.Addr)
+	tpPort, _ := h.socksfwdTransparent(cfg.socksfwd, dante.Addr)
 	for _, streams := range []int{1, 4} {
 		rows := measure(ways, func(way string, m *meter) float64 {
 			var prefix []string
@@ -211,10 +256,19 @@ func bench(h *harness, cfg benchConfig) {
 			case "redsocks":
 				defer redirect(h, nft, iperfAddr, rsPort)()
 				prefix = redirectedClient
+			case "transparent":
+				defer redirect(h, nft, iperfAddr, tpPort)()
+				prefix = redirectedClient
 			}
-			return m.timed(func() float64 { return iperfGbps(h, prefix, iperf, addrs[way], streams, cfg.seconds) })
+			addr := addrs[way]
+			if way == "transparent" {
+				addr = iperfAddr
+			}
+			return m.timed(func() float64 { return iperfGbps(h, prefix, iperf, addr, streams, cfg.seconds) })
 		})
-		report(fmt.Sprintf("tcp-throughput-%dstream", streams), "Gbit/s", rows, "proxychains4", 0.9)
+		name := fmt.Sprintf("tcp-throughput-%dstream", streams)
+		report(name, "Gbit/s", rows, "proxychains4", 0.9)
+		reportTransparent(name, rows, 0.95, 1.15)
 	}
 
 	// New connections per second, one 1-byte exchange each. Every run gets
@@ -246,12 +300,19 @@ func bench(h *harness, cfg benchConfig) {
 			defer p.Stop()
 			defer redirect(h, nft, echo, port)()
 			return rate(redirectedClient, echo)
+		case "transparent":
+			port, p := h.socksfwdTransparent(cfg.socksfwd, d.Addr)
+			defer p.Stop()
+			defer redirect(h, nft, echo, port)()
+			return rate(redirectedClient, echo)
 		}
 		fwd, p := h.socksfwd(cfg.socksfwd, echo, d.Addr)
 		defer p.Stop()
 		return rate(nil, fwd)
 	})
-	report(fmt.Sprintf("tcp-new-conns-%dthreads", connThreads), "conn/s", rows, "proxychains4", 0.8)
+	name := fmt.Sprintf("tcp-new-conns-%dthreads", connThreads)
+	report(name, "conn/s", rows, "proxychains4", 0.8)
+	reportTransparent(name, rows, 0.95, 1.0)
 
 	benchRelayCPU(h, iperf, iperfAddr, cfg.socksfwd, dante.Addr)
 	benchMemory(h, cfg, dante.Addr)
@@ -468,6 +529,15 @@ func redirect(h *harness, nft, target string, port int) (undo func()) {
 		}
 	}
 	return func() { exec.Command(nft, "delete", "table", "ip", "socksbench").Run() }
+}
+
+// socksfwdTransparent starts the binary with a transparent listener on a
+// free loopback port via proxy, for the REDIRECT rule redsocks also gets.
+func (h *harness) socksfwdTransparent(bin, proxy string) (int, *peertest.Proc) {
+	port := peertest.FreePort(h)
+	p := peertest.Start(h, "socksfwd", bin, "--transparent", "127.0.0.1:"+strconv.Itoa(port), "-S", proxy, "--log-format", "json")
+	peertest.WaitOutput(h, p, `"message":"transparent `)
+	return port, p
 }
 
 // gost starts `gost` forwarding a free port to target through proxy.
