@@ -34,6 +34,17 @@ type DanteOptions struct {
 	// Extra is appended to the global section of danted.conf, e.g. socket
 	// options for benchmarks.
 	Extra string
+
+	// Netns runs danted inside this network namespace (NewNetns), on
+	// Listen (required there) and port 1080 unless Port says otherwise,
+	// serving any client; IPv6 does not apply there: External says which
+	// addresses it connects from.
+	Netns string
+	// Listen is the address danted listens on, in Netns.
+	Listen string
+	// External are the addresses danted connects from, in Netns, one per
+	// address family it reaches (default: Listen).
+	External []string
 }
 
 // Dante starts danted (CONNECT, BIND, UDP ASSOCIATE) on loopback.
@@ -41,6 +52,9 @@ func Dante(t TB, opt DanteOptions) Peer {
 	t.Helper()
 	bin := Require(t, "danted")
 	RequireRoot(t) // user.privileged root, and the username method reads /etc/shadow
+	if opt.Netns != "" {
+		return danteNetns(t, bin, opt)
+	}
 	method := "none"
 	if opt.Username {
 		EnsureTestUser(t)
