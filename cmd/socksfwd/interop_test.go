@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bufio"
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"regexp"
 	"strconv"
@@ -58,6 +60,13 @@ func TestInterop(t *testing.T) {
 			"udpecho6":     cmdUDPEcho6,
 			"portof":       cmdPortOf,
 			"downonce":     cmdDownOnce,
+			"netns":        cmdNetns,
+			"nssysctl":     cmdNsSysctl,
+			"innetns":      cmdInNetns,
+			"dantein":      cmdDanteIn,
+			"dnsmasqin":    cmdDnsmasqIn,
+			"servehttp":    cmdServeHTTP,
+			"serveecho":    cmdServeEcho,
 		}),
 	})
 }
@@ -317,5 +326,140 @@ func cmdDownOnce(ts *testscript.TestScript, neg bool, args []string) {
 	}
 	if !strings.Contains(down[0], args[0]) {
 		ts.Fatalf("the upstream-down line does not name %s: %s", args[0], down[0])
+	}
+}
+
+// netns VAR...: a network namespace per VAR, its name in $VAR, deleted
+// when the script ends (processes still inside keep it alive until they
+// end). Loopback is up, IPv6 duplicate address detection off.
+func cmdNetns(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) == 0 {
+		ts.Fatalf("usage: netns VAR...")
+	}
+	for _, v := range args {
+		ts.Setenv(v, peertest.NewNetns(peerTB{ts}, strings.ToLower(v)))
+	}
+}
+
+// nssysctl NS KEY=VALUE...: set net.* sysctls in namespace NS.
+func cmdNsSysctl(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 2 {
+		ts.Fatalf("usage: nssysctl NS KEY=VALUE...")
+	}
+	settings := map[string]string{}
+	for _, a := range args[1:] {
+		k, v, ok := strings.Cut(a, "=")
+		if !ok {
+			ts.Fatalf("nssysctl: want KEY=VALUE, have %q", a)
+		}
+		settings[k] = v
+	}
+	ts.Check(peertest.Sysctl(args[0], settings))
+}
+
+// netnsCmds are the commands innetns runs: each opens its sockets on its
+// own goroutine (literal addresses), so they land in the namespace.
+var netnsCmds = map[string]scriptCmd{
+	"waitport":  cmdWaitPort,
+	"waitudp":   cmdWaitUDP,
+	"roundtrip": cmdRoundTrip,
+	"servehttp": cmdServeHTTP,
+	"serveecho": cmdServeEcho,
+}
+
+// innetns NS CMD ARGS...: run the script command CMD (waitport, waitudp,
+// roundtrip, servehttp, serveecho) inside network namespace NS; with !,
+// CMD is negated. Servers it starts keep serving there.
+func cmdInNetns(ts *testscript.TestScript, neg bool, args []string) {
+	if len(args) < 2 {
+		ts.Fatalf("usage: innetns NS CMD ARGS...")
+	}
+	cmd, ok := netnsCmds[args[1]]
+	if !ok {
+		ts.Fatalf("innetns: %s cannot run in a namespace", args[1])
+	}
+	ts.Check(peertest.InNetns(args[0], func() error {
+		cmd(ts, neg, args[2:])
+		return nil
+	}))
+}
+
+// dantein VAR NS LISTEN [EXTERNAL...]: danted inside namespace NS,
+// listening on LISTEN port 1080 and connecting from EXTERNAL (default
+// LISTEN); address in $VAR. It logs each connect.
+func cmdDanteIn(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 3 {
+		ts.Fatalf("usage: dantein VAR NS LISTEN [EXTERNAL...]")
+	}
+	p := peertest.Dante(peerTB{ts}, peertest.DanteOptions{Netns: args[1], Listen: args[2], External: args[3:]})
+	ts.Setenv(args[0], p.Addr)
+}
+
+// dnsmasqin VAR NS IP NAME=IP...: dnsmasq inside namespace NS on IP port
+// 53, answering those A records; address in $VAR.
+func cmdDnsmasqIn(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 3 {
+		ts.Fatalf("usage: dnsmasqin VAR NS IP NAME=IP...")
+	}
+	a := map[string]string{}
+	for _, arg := range args[3:] {
+		name, ip, _ := strings.Cut(arg, "=")
+		a[name] = ip
+	}
+	ts.Setenv(args[0], peertest.DnsmasqNetns(peerTB{ts}, args[1], args[2], a).Addr)
+}
+
+// servehttp ADDR...: an HTTP server on each ADDR answering every request
+// with "hello CLIENT-IP", so a client sees who connected for it (a
+// proxy's address, or its own when nothing captured it).
+func cmdServeHTTP(ts *testscript.TestScript, neg bool, args []string) {
+	for _, addr := range args {
+		_, err := testnet.ServeOn(tb{ts: ts}, addr, func(c net.Conn) {
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			r := bufio.NewReader(c)
+			for { // the request's head; nothing else is read
+				line, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				if strings.TrimRight(line, "\r\n") == "" {
+					break
+				}
+			}
+			host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
+			body := "hello " + host + "\n"
+			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
+		})
+		ts.Check(err)
+	}
+}
+
+// serveecho from=IP[,IP...] ADDR...: an echo server on each ADDR (with
+// half-close, as echoserver) for connections from those addresses only;
+// any other is reset unanswered, so an echo proves who connected (the
+// proxy, not the app itself).
+func cmdServeEcho(ts *testscript.TestScript, neg bool, args []string) {
+	list, ok := strings.CutPrefix(args[0], "from=")
+	if neg || !ok || len(args) < 2 {
+		ts.Fatalf("usage: serveecho from=IP[,IP...] ADDR...")
+	}
+	allowed := map[netip.Addr]bool{}
+	for _, ip := range strings.Split(list, ",") {
+		a, err := netip.ParseAddr(ip)
+		ts.Check(err)
+		allowed[a] = true
+	}
+	for _, addr := range args[1:] {
+		_, err := testnet.ServeOn(tb{ts: ts}, addr, func(c net.Conn) {
+			tc := c.(*net.TCPConn)
+			if from := tc.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap(); !allowed[from] {
+				tc.SetLinger(0) // a reset, not an empty echo
+				return
+			}
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			io.Copy(c, c)
+			tc.CloseWrite()
+		})
+		ts.Check(err)
 	}
 }
