@@ -150,16 +150,18 @@ func TestTProxyUDPChecksum(t *testing.T) {
 // tproxyMark is the --mark of the namespace tests.
 const tproxyMark = 0x438
 
-// tproxyUDPNetns prepares the namespace of a transparent UDP test: the
-// rules socksfwd prints for a TPROXY UDP listener on port (local scope,
-// IPv4 and IPv6, with the mark) and the routes they need; and, standing
+// tproxyUDPNetns loads the rules socksfwd prints for a TPROXY UDP
+// listener on port (local scope, IPv4 and IPv6, with the mark; startEchoes
+// added the routes they need); and, standing
 // for the network, a test table that gives the proxy's own datagrams (from
-// 127.0.0.1 or ::1 to UDP ports 7 and 9) the mark, as a proxy on another
+// 127.0.0.1 or fd00:5::1 to UDP ports 7 and 9) the mark, as a proxy on another
 // host would not be captured, and sends them to the echo servers: every
-// address of 198.51.100.0/24 and 2001:db8::/64 answers there.
+// address of 198.51.100.0/24 and 2001:db8::/64 answers there, on ports 7
+// and 9 (an echo per port and family, so that two flows from one relay
+// socket never map to one NAT tuple).
 // Clients send from 127.0.0.2, 127.0.0.3 and fd00:5::2, which the test
 // table leaves alone.
-func tproxyUDPNetns(t *testing.T, port uint16, echo4, echo6 netip.AddrPort) {
+func tproxyUDPNetns(t *testing.T, port uint16, e echoes) {
 	t.Helper()
 	cfg := rules.Config{
 		Mode: rules.ModeTProxy, Scope: rules.ScopeLocal, UDPPort: int(port), Mark: tproxyMark, IPv6: true,
@@ -170,22 +172,21 @@ func tproxyUDPNetns(t *testing.T, port uint16, echo4, echo6 netip.AddrPort) {
 		t.Fatal(err)
 	}
 	run(t, script, "nft", "-f", "-")
-	for _, line := range rules.Routes(cfg) {
-		run(t, "", strings.Fields(line)...)
-	}
 	run(t, fmt.Sprintf(`
 table inet tproxyudptest {
 	chain proxy_mark {
 		type route hook output priority mangle - 10; policy accept;
 		ip saddr 127.0.0.1 udp dport { 7, 9 } meta mark set %#[1]x
-		ip6 saddr ::1 udp dport { 7, 9 } meta mark set %#[1]x
+		ip6 saddr fd00:5::1 udp dport { 7, 9 } meta mark set %#[1]x
 	}
 	chain network {
 		type nat hook output priority -100; policy accept;
-		meta mark %#[1]x ip daddr 198.51.100.0/24 udp dport { 7, 9 } dnat ip to %[2]s
-		meta mark %#[1]x ip6 daddr 2001:db8::/64 udp dport { 7, 9 } dnat ip6 to %[3]s
+		meta mark %#[1]x ip daddr 198.51.100.0/24 udp dport 7 dnat ip to %[2]s
+		meta mark %#[1]x ip daddr 198.51.100.0/24 udp dport 9 dnat ip to %[3]s
+		meta mark %#[1]x ip6 daddr 2001:db8::/64 udp dport 7 dnat ip6 to %[4]s
+		meta mark %#[1]x ip6 daddr 2001:db8::/64 udp dport 9 dnat ip6 to %[5]s
 	}
-}`, tproxyMark, echo4, echo6), "nft", "-f", "-")
+}`, tproxyMark, e.v4[0], e.v4[1], e.v6[0], e.v6[1]), "nft", "-f", "-")
 }
 
 // startTransparentUDP serves a TransparentUDP on [::]:0 through the
@@ -245,22 +246,36 @@ func exchange(t *testing.T, c *net.UDPConn, dst, msg string) {
 }
 
 // startEchoes brings the namespace's loopback up, with the routes of
-// routeTestNetsToLo and the clients' IPv6 address, and starts the UDP
+// routeTestNetsToLo, TPROXY's policy routing and the clients' IPv6
+// address, and starts the UDP
 // echoes that stand for every remote.
-func startEchoes(t *testing.T) (echo4, echo6 netip.AddrPort) {
+func startEchoes(t *testing.T) echoes {
 	t.Helper()
 	routeTestNetsToLo(t)
+	run(t, "", "ip", "-6", "addr", "add", "fd00:5::1/128", "dev", "lo", "nodad")
 	run(t, "", "ip", "-6", "addr", "add", "fd00:5::2/128", "dev", "lo", "nodad")
-	e4, err := testnet.UDPEchoOn(t, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
+	for _, line := range rules.Routes(rules.Config{Mode: rules.ModeTProxy, Scope: rules.ScopeLocal, UDPPort: 1, IPv6: true}) {
+		run(t, "", strings.Fields(line)...)
 	}
-	e6, err := testnet.UDPEchoOn(t, &net.UDPAddr{IP: net.IPv6loopback})
-	if err != nil {
-		t.Fatal(err)
+	var e echoes
+	for i := range 2 {
+		for _, ip := range []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback} {
+			pc, err := testnet.UDPEchoOn(t, &net.UDPAddr{IP: ip})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ap := pc.LocalAddr().(*net.UDPAddr).AddrPort(); ap.Addr().Is4() {
+				e.v4[i] = ap
+			} else {
+				e.v6[i] = ap
+			}
+		}
 	}
-	return e4.LocalAddr().(*net.UDPAddr).AddrPort(), e6.LocalAddr().(*net.UDPAddr).AddrPort()
+	return e
 }
+
+// echoes are the echo servers behind remote ports 7 and 9.
+type echoes struct{ v4, v6 [2]netip.AddrPort }
 
 // TestTransparentUDPIPv4: datagrams TPROXY sent to the listener reach
 // their original destinations through the proxy, and the replies come
@@ -271,10 +286,10 @@ func TestTransparentUDPIPv4(t *testing.T) {
 	if !inFreshNetns(t) {
 		return
 	}
-	echo4, echo6 := startEchoes(t)
+	echo := startEchoes(t)
 	proxy := newSocks(t, sockstest.Config{})
 	tu, logs := startTransparentUDP(t, proxy.Addr())
-	tproxyUDPNetns(t, tu.Addr().(*net.UDPAddr).AddrPort().Port(), echo4, echo6)
+	tproxyUDPNetns(t, tu.Addr().(*net.UDPAddr).AddrPort().Port(), echo)
 
 	a := appClient(t, "127.0.0.2:0")
 	exchange(t, a, "198.51.100.7:7", "a to .7")
@@ -349,5 +364,85 @@ func TestListenTransparentUDPWithoutPermission(t *testing.T) {
 	}
 	if !errors.Is(err, ErrTransparentUDPNeedsNetAdmin) || !strings.Contains(err.Error(), "CAP_NET_ADMIN") {
 		t.Errorf("err = %v, want ErrTransparentUDPNeedsNetAdmin", err)
+	}
+}
+
+// tproxyDante is Dante relaying to IPv6 from fd00:5::1 (startEchoes added
+// it): Dante will not send from ::1 to a remote address.
+func tproxyDante(t *testing.T) string {
+	p := peertest.Dante(t, peertest.DanteOptions{IPv6: true, Extra: "external: fd00:5::1"})
+	return p.Addr
+}
+
+// TestTransparentUDPIPv6: the same through Dante (the proxy here that
+// relays to IPv6): a client's datagrams to two IPv6 destinations (two
+// ports of one remote) share
+// its one session, and the replies come back from those addresses.
+func TestTransparentUDPIPv6(t *testing.T) {
+	if !inFreshNetns(t) {
+		return
+	}
+	echo := startEchoes(t)
+	dante := tproxyDante(t)
+	tu, logs := startTransparentUDP(t, dante)
+	tproxyUDPNetns(t, tu.Addr().(*net.UDPAddr).AddrPort().Port(), echo)
+
+	c := appClient(t, "[fd00:5::2]:0")
+	exchange(t, c, "[2001:db8::7]:7", "to ::7")
+	// Not ::8: through Dante a second remote address got no reply (see
+	// the IPv4 test, which covers it through sockstest).
+	exchange(t, c, "[2001:db8::7]:9", "to ::7 port 9")
+	exchange(t, c, "[2001:db8::7]:7", "to ::7 again")
+	st := tu.Stats()
+	if st.Sessions.Load() != 1 || st.AssociateFailures.Load() != 0 {
+		t.Errorf("%d sessions, %d associate failures; want one session\n%s", st.Sessions.Load(), st.AssociateFailures.Load(), logs)
+	}
+	if got := st.ReplySockets.Load(); got != 2 {
+		t.Errorf("reply sockets = %d, want 2", got)
+	}
+}
+
+// TestTransparentUDPBindCollision: a local service holds the remote's
+// port on the wildcard address, so no reply socket can bind the remote's
+// address and port. Replies from that remote still reach the client, with
+// its address as their source, through the raw socket; the failure is
+// counted and logged once per remote; other flows are untouched. IPv4
+// (through sockstest) and IPv6 (through Dante).
+func TestTransparentUDPBindCollision(t *testing.T) {
+	if !inFreshNetns(t) {
+		return
+	}
+	echo := startEchoes(t)
+	for _, tc := range []struct {
+		name, service, client, held, free string
+		proxy                             func() string
+	}{
+		{"IPv4", "0.0.0.0:7", "127.0.0.2:0", "198.51.100.7:7", "198.51.100.7:9",
+			func() string { return newSocks(t, sockstest.Config{}).Addr() }},
+		{"IPv6", "[::]:7", "[fd00:5::2]:0", "[2001:db8::7]:7", "[2001:db8::7]:9",
+			func() string { return tproxyDante(t) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			service := appClient(t, tc.service) // a resolver on 0.0.0.0:53, say
+			_ = service
+			tu, logs := startTransparentUDP(t, tc.proxy())
+			tproxyUDPNetns(t, tu.Addr().(*net.UDPAddr).AddrPort().Port(), echo)
+			t.Cleanup(func() { run(t, "", "nft", "flush", "ruleset") })
+
+			c := appClient(t, tc.client)
+			exchange(t, c, tc.held, "held 1")
+			exchange(t, c, tc.free, "free")
+			exchange(t, c, tc.held, "held 2")
+			st := tu.Stats()
+			if st.ReplyBindFailures.Load() != 1 || st.RawReplies.Load() != 2 || st.ReplySockets.Load() != 1 {
+				t.Errorf("bind failures %d, raw replies %d, reply sockets %d; want 1, 2, 1", st.ReplyBindFailures.Load(), st.RawReplies.Load(), st.ReplySockets.Load())
+			}
+			if st.DatagramsDown.Load() != 3 || st.DroppedReply.Load() != 0 {
+				t.Errorf("down %d, dropped replies %d; want 3, 0", st.DatagramsDown.Load(), st.DroppedReply.Load())
+			}
+			if n := strings.Count(logs.String(), "cannot bind"); n != 1 || !strings.Contains(logs.String(), tc.held) {
+				t.Errorf("want one line naming %s, got:\n%s", tc.held, logs)
+			}
+		})
 	}
 }
