@@ -26,7 +26,7 @@ type Config struct {
 	ServerUser         string   `toml:"server-user,omitempty" usage:"username for servers whose URL has none"`
 	ServerPasswordFile string   `toml:"server-password-file,omitempty" usage:"file holding the password for them (one trailing newline stripped)"`
 	Local              []string `toml:"local" short:"L" usage:"forward [bind:]port:host:hostport[/udp], repeatable; bind defaults to 127.0.0.1"`
-	Transparent        []string `toml:"transparent,omitempty" usage:"transparent TCP listener [bind:]port for connections netfilter sends here (REDIRECT or TPROXY; Linux), repeatable; bind defaults to 127.0.0.1"`
+	Transparent        []string `toml:"transparent,omitempty" usage:"transparent listener [bind:]port[/udp] for what netfilter sends here (TCP: REDIRECT or TPROXY; /udp: TPROXY; Linux), repeatable; bind defaults to 127.0.0.1"`
 	Mark               Mark     `toml:"mark,omitempty" usage:"SO_MARK on every socket toward an upstream, e.g. 0x438, so netfilter rules can leave socksfwd's own traffic alone (Linux, needs CAP_NET_ADMIN)"`
 	DNS                string   `toml:"dns,omitempty" usage:"DNS listener [bind:]port, UDP and TCP (bind defaults to 127.0.0.1)"`
 	DNSUpstream        []string `toml:"dns-upstream,omitempty" usage:"resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"`

@@ -32,6 +32,9 @@ const (
 	// kindTransparent is TCP that netfilter redirected here: each
 	// connection's target is its original destination.
 	kindTransparent listenKind = "transparent"
+	// kindTransparentUDP is UDP that TPROXY sent here: each datagram goes
+	// to its original destination.
+	kindTransparentUDP listenKind = "transparent-udp"
 )
 
 // listenPlan is one address to bind and what it forwards to.
@@ -122,14 +125,15 @@ func buildPlan(cfg Config) (*plan, error) {
 		}
 	}
 	for _, spec := range cfg.Transparent {
-		if strings.HasSuffix(spec, "/udp") {
-			return nil, usagef("--transparent %s: transparent UDP (TPROXY) is not supported yet; TCP only", quote(spec))
+		kind, bare := kindTransparent, strings.TrimSuffix(spec, "/tcp")
+		if rest, ok := strings.CutSuffix(spec, "/udp"); ok {
+			kind, bare = kindTransparentUDP, rest
 		}
-		addr, err := listenAddr("--transparent", strings.TrimSuffix(spec, "/tcp"))
+		addr, err := listenAddr("--transparent", bare)
 		if err != nil {
 			return nil, err
 		}
-		p.listens = append(p.listens, listenPlan{kind: kindTransparent, addr: addr, spec: "--transparent " + spec})
+		p.listens = append(p.listens, listenPlan{kind: kind, addr: addr, spec: "--transparent " + spec})
 	}
 	if cfg.DNS != "" {
 		l, err := buildDNS(&cfg)

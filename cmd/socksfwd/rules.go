@@ -93,12 +93,17 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 					rc.TProxyAddr6 = a
 				}
 			}
+		case kindTransparentUDP:
+			if rc.UDPPort != 0 && rc.UDPPort != int(ap.Port()) {
+				return rc, usagef("rules: the transparent UDP listeners use ports %d and %d; rules send everything to one port", rc.UDPPort, ap.Port())
+			}
+			rc.UDPPort = int(ap.Port())
 		case kindDNS:
 			rc.DNSPort = int(ap.Port())
 		}
 	}
-	if rc.TCPPort == 0 && rc.DNSPort == 0 {
-		return rc, usagef("rules: nothing to capture: give --transparent [bind:]port (and --dns to capture DNS)")
+	if rc.TCPPort == 0 && rc.UDPPort == 0 && rc.DNSPort == 0 {
+		return rc, usagef("rules: nothing to capture: give --transparent [bind:]port[/udp] (and --dns to capture DNS)")
 	}
 	for _, d := range p.dialers {
 		addrs, err := proxyAddrs(d.ProxyAddr)

@@ -175,6 +175,10 @@ func (s *supervisor) logListening(u *unit) {
 		ev.Strs("resolvers", resolvers).Msgf("DNS on %s (udp+tcp) → %s over %s via %s", name, strings.Join(resolvers, ", "), u.lp.dns.transport, s.via())
 		return
 	}
+	if u.lp.kind == kindTransparentUDP {
+		ev.Msgf("transparent %s/udp (TPROXY) → original destinations via %s", name, s.via())
+		return
+	}
 	if u.lp.kind == kindTransparent {
 		how := "REDIRECT only: no IP_TRANSPARENT without CAP_NET_ADMIN"
 		if f, ok := u.svc.(*tunnel.TCPForward); ok && tunnel.IsTransparent(f.Listener()) {
@@ -223,6 +227,23 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 			CopyMode:    s.plan.copyMode,
 			Logger:      s.log,
 		}, ln), nil
+	case kindTransparentUDP:
+		pc, err := tunnel.ListenTransparentUDP(l.addr)
+		if err != nil {
+			return nil, err
+		}
+		var control sockmark.ControlFunc
+		if cfg.Mark != 0 { // reply sockets must not be captured again either
+			control = sockmark.Control(int(cfg.Mark))
+		}
+		return tunnel.NewTransparentUDP(tunnel.TransparentUDPConfig{
+			Name:        pc.LocalAddr().String(),
+			Upstreams:   s.ups,
+			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
+			MaxSessions: cfg.UDPMaxSessions,
+			Control:     control,
+			Logger:      s.log,
+		}, pc), nil
 	case kindDNS:
 		pc, ln, err := dnsforward.Listen(l.addr)
 		if err != nil {
