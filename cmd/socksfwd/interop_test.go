@@ -67,6 +67,8 @@ func TestInterop(t *testing.T) {
 			"dnsmasqin":    cmdDnsmasqIn,
 			"servehttp":    cmdServeHTTP,
 			"serveecho":    cmdServeEcho,
+			"serveudpecho": cmdServeUDPEcho,
+			"udpask":       cmdUDPAsk,
 		}),
 	})
 }
@@ -360,15 +362,18 @@ func cmdNsSysctl(ts *testscript.TestScript, neg bool, args []string) {
 // netnsCmds are the commands innetns runs: each opens its sockets on its
 // own goroutine (literal addresses), so they land in the namespace.
 var netnsCmds = map[string]scriptCmd{
-	"waitport":  cmdWaitPort,
-	"waitudp":   cmdWaitUDP,
-	"roundtrip": cmdRoundTrip,
-	"servehttp": cmdServeHTTP,
-	"serveecho": cmdServeEcho,
+	"waitport":     cmdWaitPort,
+	"waitudp":      cmdWaitUDP,
+	"roundtrip":    cmdRoundTrip,
+	"servehttp":    cmdServeHTTP,
+	"serveecho":    cmdServeEcho,
+	"serveudpecho": cmdServeUDPEcho,
+	"udpask":       cmdUDPAsk,
 }
 
 // innetns NS CMD ARGS...: run the script command CMD (waitport, waitudp,
-// roundtrip, servehttp, serveecho) inside network namespace NS; with !,
+// roundtrip, servehttp, serveecho, serveudpecho, udpask) inside network
+// namespace NS; with !,
 // CMD is negated. Servers it starts keep serving there.
 func cmdInNetns(ts *testscript.TestScript, neg bool, args []string) {
 	if len(args) < 2 {
@@ -395,11 +400,11 @@ func cmdDanteIn(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Setenv(args[0], p.Addr)
 }
 
-// dnsmasqin VAR NS IP NAME=IP...: dnsmasq inside namespace NS on IP port
-// 53, answering those A records; address in $VAR.
+// dnsmasqin VAR NS ADDR NAME=IP...: dnsmasq inside namespace NS on
+// ip:port ADDR (UDP and TCP), answering those A records; address in $VAR.
 func cmdDnsmasqIn(ts *testscript.TestScript, neg bool, args []string) {
 	if neg || len(args) < 3 {
-		ts.Fatalf("usage: dnsmasqin VAR NS IP NAME=IP...")
+		ts.Fatalf("usage: dnsmasqin VAR NS ADDR NAME=IP...")
 	}
 	a := map[string]string{}
 	for _, arg := range args[3:] {
@@ -439,16 +444,10 @@ func cmdServeHTTP(ts *testscript.TestScript, neg bool, args []string) {
 // any other is reset unanswered, so an echo proves who connected (the
 // proxy, not the app itself).
 func cmdServeEcho(ts *testscript.TestScript, neg bool, args []string) {
-	list, ok := strings.CutPrefix(args[0], "from=")
-	if neg || !ok || len(args) < 2 {
+	if neg || len(args) < 2 {
 		ts.Fatalf("usage: serveecho from=IP[,IP...] ADDR...")
 	}
-	allowed := map[netip.Addr]bool{}
-	for _, ip := range strings.Split(list, ",") {
-		a, err := netip.ParseAddr(ip)
-		ts.Check(err)
-		allowed[a] = true
-	}
+	allowed := sourcesOf(ts, args[0])
 	for _, addr := range args[1:] {
 		_, err := testnet.ServeOn(tb{ts: ts}, addr, func(c net.Conn) {
 			tc := c.(*net.TCPConn)
@@ -461,5 +460,97 @@ func cmdServeEcho(ts *testscript.TestScript, neg bool, args []string) {
 			tc.CloseWrite()
 		})
 		ts.Check(err)
+	}
+}
+
+// sourcesOf parses "from=IP[,IP...]": the addresses a server answers.
+func sourcesOf(ts *testscript.TestScript, arg string) map[netip.Addr]bool {
+	list, ok := strings.CutPrefix(arg, "from=")
+	if !ok {
+		ts.Fatalf("want from=IP[,IP...], have %q", arg)
+	}
+	allowed := map[netip.Addr]bool{}
+	for _, ip := range strings.Split(list, ",") {
+		a, err := netip.ParseAddr(ip)
+		ts.Check(err)
+		allowed[a] = true
+	}
+	return allowed
+}
+
+// serveudpecho [from=IP[,IP...]] ADDR...: a UDP echo server on each ADDR,
+// answering only datagrams from those addresses when from= is given (so
+// an echo proves the proxy sent it), until the script ends.
+func cmdServeUDPEcho(ts *testscript.TestScript, neg bool, args []string) {
+	var allowed map[netip.Addr]bool
+	if len(args) > 0 && strings.HasPrefix(args[0], "from=") {
+		allowed, args = sourcesOf(ts, args[0]), args[1:]
+	}
+	if neg || len(args) == 0 {
+		ts.Fatalf("usage: serveudpecho [from=IP[,IP...]] ADDR...")
+	}
+	for _, addr := range args {
+		pc, err := net.ListenPacket("udp", addr)
+		ts.Check(err)
+		c := pc.(*net.UDPConn)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			buf := make([]byte, 65536)
+			for {
+				n, from, err := c.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					return
+				}
+				if allowed == nil || allowed[from.Addr().Unmap()] {
+					c.WriteToUDPAddrPort(buf[:n], from)
+				}
+			}
+		}()
+		ts.Defer(func() { c.Close(); <-done })
+	}
+}
+
+// udpask ADDR MSG: from an unconnected socket, send MSG to ADDR and expect
+// it back from ADDR itself (a transparent proxy answers with the remote's
+// address); resent every 500 ms, 20 times, while associations are built.
+// With !, expect no answer in 3 tries.
+func cmdUDPAsk(ts *testscript.TestScript, neg bool, args []string) {
+	if len(args) != 2 {
+		ts.Fatalf("usage: udpask ADDR MSG")
+	}
+	to, err := netip.ParseAddrPort(args[0])
+	ts.Check(err)
+	c, err := net.ListenUDP("udp", nil)
+	ts.Check(err)
+	defer c.Close()
+	tries := 20
+	if neg {
+		tries = 3
+	}
+	buf := make([]byte, 65536)
+	for range tries {
+		c.WriteToUDPAddrPort([]byte(args[1]), to)
+		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		for {
+			n, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				break // next try
+			}
+			from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+			if string(buf[:n]) != args[1] {
+				continue // an echo of an earlier try with another message
+			}
+			if neg {
+				ts.Fatalf("unexpected answer from %s", from)
+			}
+			if from != to {
+				ts.Fatalf("the answer to %s came from %s", to, from)
+			}
+			return
+		}
+	}
+	if !neg {
+		ts.Fatalf("no answer from %s", to)
 	}
 }

@@ -155,22 +155,25 @@ socks pass {
 	return Peer{Addr: addr, Proc: p}
 }
 
-// DnsmasqNetns starts dnsmasq inside network namespace ns on ip port 53
-// (UDP and TCP), answering the given A records (name → IPv4), with no
-// upstream resolver.
-func DnsmasqNetns(t TB, ns, ip string, a map[string]string) Peer {
+// DnsmasqNetns starts dnsmasq inside network namespace ns on addr (an
+// ip:port, UDP and TCP), answering the given A records (name → IPv4),
+// with no upstream resolver.
+func DnsmasqNetns(t TB, ns, addr string, a map[string]string) Peer {
 	t.Helper()
 	bin := Require(t, "dnsmasq")
+	ip, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Fatalf("dnsmasq in %s: %v", ns, err)
+	}
 	// Not --no-daemon: in that mode dnsmasq serves one TCP connection at a
 	// time, and a pooled idle connection would block every other.
 	argv := []string{bin, "--keep-in-foreground", "--no-resolv", "--no-hosts",
-		"--bind-interfaces", "--listen-address=" + ip, "--port=53",
+		"--bind-interfaces", "--listen-address=" + ip, "--port=" + port,
 		"--user=root", "--pid-file=", "--log-facility=-", "--log-queries"}
 	for name, addr := range a {
 		argv = append(argv, "--host-record="+name+","+addr)
 	}
 	p := Start(t, "dnsmasq in "+ns, inNetnsArgv(ns, argv)...)
-	addr := net.JoinHostPort(ip, "53")
 	if err := waitTCPNetns(p, ns, addr); err != nil {
 		t.Fatalf("%v", err)
 	}

@@ -63,7 +63,7 @@ func TestPeersInNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 	dante := Dante(t, DanteOptions{Netns: ns, Listen: "127.0.0.1"})
-	DnsmasqNetns(t, ns, "127.0.0.1", map[string]string{"example.internal": "192.0.2.10"})
+	DnsmasqNetns(t, ns, "127.0.0.1:53", map[string]string{"example.internal": "192.0.2.10"})
 	var c net.Conn
 	if err := InNetns(ns, func() (err error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
