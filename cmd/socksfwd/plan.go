@@ -129,18 +129,20 @@ func buildPlan(cfg Config) (*plan, error) {
 		if rest, ok := strings.CutSuffix(spec, "/udp"); ok {
 			kind, bare = kindTransparentUDP, rest
 		}
-		addr, err := listenAddr("--transparent", bare)
+		addrs, optional, err := listenAddrs("--transparent", bare)
 		if err != nil {
 			return nil, err
 		}
-		p.listens = append(p.listens, listenPlan{kind: kind, addr: addr, spec: "--transparent " + spec})
+		for _, addr := range addrs {
+			p.listens = append(p.listens, listenPlan{kind: kind, addr: addr, spec: "--transparent " + spec, optional: optional[addr]})
+		}
 	}
 	if cfg.DNS != "" {
-		l, err := buildDNS(&cfg)
+		ls, err := buildDNS(&cfg)
 		if err != nil {
 			return nil, err
 		}
-		p.listens = append(p.listens, l)
+		p.listens = append(p.listens, ls...)
 	}
 	seen := make(map[string]string, len(p.listens))
 	for _, l := range p.listens {
@@ -152,13 +154,15 @@ func buildPlan(cfg Config) (*plan, error) {
 	return p, nil
 }
 
-func buildDNS(cfg *Config) (listenPlan, error) {
-	addr, err := dnsListenAddr(cfg.DNS)
+// buildDNS plans the DNS listeners: one per address --dns binds, each
+// with the same settings.
+func buildDNS(cfg *Config) ([]listenPlan, error) {
+	addrs, optional, err := listenAddrs("--dns", cfg.DNS)
 	if err != nil {
-		return listenPlan{}, err
+		return nil, err
 	}
 	if len(cfg.DNSUpstream) == 0 {
-		return listenPlan{}, usagef("--dns needs at least one --dns-upstream (the resolver behind the proxy, e.g. 10.0.0.53)")
+		return nil, usagef("--dns needs at least one --dns-upstream (the resolver behind the proxy, e.g. 10.0.0.53)")
 	}
 	d := &dnsPlan{
 		transport:   cfg.DNSTransport,
@@ -169,23 +173,27 @@ func buildDNS(cfg *Config) (listenPlan, error) {
 	for _, u := range cfg.DNSUpstream {
 		a, err := dnsUpstreamAddr(u)
 		if err != nil {
-			return listenPlan{}, err
+			return nil, err
 		}
 		d.resolvers = append(d.resolvers, a)
 	}
 	if d.transport != "tcp" && d.transport != "udp" {
-		return listenPlan{}, usagef("--dns-transport %s: want tcp or udp", quote(d.transport))
+		return nil, usagef("--dns-transport %s: want tcp or udp", quote(d.transport))
 	}
 	if d.timeout <= 0 {
-		return listenPlan{}, usagef("--dns-timeout must be positive")
+		return nil, usagef("--dns-timeout must be positive")
 	}
 	if d.cacheSize < 0 {
-		return listenPlan{}, usagef("--dns-cache-size %d: want 0 (off) or more", d.cacheSize)
+		return nil, usagef("--dns-cache-size %d: want 0 (off) or more", d.cacheSize)
 	}
 	if d.maxInFlight < 1 {
-		return listenPlan{}, usagef("--dns-max-inflight %d: want at least 1", d.maxInFlight)
+		return nil, usagef("--dns-max-inflight %d: want at least 1", d.maxInFlight)
 	}
-	return listenPlan{kind: kindDNS, addr: addr, spec: "--dns " + cfg.DNS, dns: d}, nil
+	var ls []listenPlan
+	for _, addr := range addrs {
+		ls = append(ls, listenPlan{kind: kindDNS, addr: addr, spec: "--dns " + cfg.DNS, dns: d, optional: optional[addr]})
+	}
+	return ls, nil
 }
 
 // buildDialers turns the -S list into dialers, in failover order.

@@ -80,6 +80,12 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 			n, _ := strconv.Atoi(port)
 			ap = netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(n))
 		}
+		// REDIRECT on a gateway hands a connection to the address of the
+		// interface it arrived on: a loopback listener never sees it.
+		redirected := l.kind == kindDNS || l.kind == kindTransparent && rc.Mode == rules.ModeRedirect
+		if rc.Scope == rules.ScopeGateway && redirected && ap.Addr().IsLoopback() {
+			return rc, usagef("rules --scope gateway: %s listens on %s, but REDIRECT on a gateway sends to the address of the interface traffic arrives on; bind it to 0.0.0.0:%d (or that interface's address)", l.spec, ap, ap.Port())
+		}
 		switch l.kind {
 		case kindTransparent:
 			if rc.TCPPort != 0 && rc.TCPPort != int(ap.Port()) {

@@ -186,27 +186,30 @@ func redactURL(raw string) string {
 	return u.Redacted()
 }
 
-// dnsListenAddr parses --dns [bind:]port; the bind defaults to 127.0.0.1.
-func dnsListenAddr(spec string) (string, error) { return listenAddr("--dns", spec) }
-
-// listenAddr parses a listener's [bind:]port for option; the bind defaults
-// to 127.0.0.1, "*" means every interface.
-func listenAddr(option, spec string) (string, error) {
+// listenAddrs parses a listener's [bind:]port for option: the bind
+// defaults to 127.0.0.1; "localhost" binds 127.0.0.1 and ::1 (the second
+// optional, for hosts without IPv6), as -L does; "*" or an empty bind means
+// every interface.
+func listenAddrs(option, spec string) (addrs []string, optional map[string]bool, err error) {
 	fields, err := splitColons(spec)
 	if err != nil || len(fields) > 2 {
-		return "", usagef("%s %s: want [bind:]port", option, quote(spec))
+		return nil, nil, usagef("%s %s: want [bind:]port", option, quote(spec))
 	}
 	bind, port := "127.0.0.1", fields[len(fields)-1]
 	if len(fields) == 2 {
 		bind = unbracket(fields[0])
-		if bind == "*" {
-			bind = ""
-		}
 	}
 	if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && port != "0") {
-		return "", usagef("%s %s: invalid port %s", option, quote(spec), quote(port))
+		return nil, nil, usagef("%s %s: invalid port %s", option, quote(spec), quote(port))
 	}
-	return net.JoinHostPort(bind, port), nil
+	switch bind {
+	case "localhost":
+		v6 := net.JoinHostPort("::1", port)
+		return []string{net.JoinHostPort("127.0.0.1", port), v6}, map[string]bool{v6: true}, nil
+	case "*":
+		bind = ""
+	}
+	return []string{net.JoinHostPort(bind, port)}, nil, nil
 }
 
 // dnsUpstreamAddr parses a resolver, host[:port] with port 53 by default;

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -221,7 +222,7 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 		}
 		return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
 			Name:        ln.Addr().String(),
-			TargetOf:    tunnel.TransparentTarget(ln.Addr().(*net.TCPAddr).AddrPort()),
+			TargetOf:    s.notToUpstream(tunnel.TransparentTarget(ln.Addr().(*net.TCPAddr).AddrPort())),
 			Upstreams:   s.ups,
 			IdleTimeout: time.Duration(cfg.IdleTimeout),
 			CopyMode:    s.plan.copyMode,
@@ -269,6 +270,28 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 		CopyMode:    s.plan.copyMode,
 		Logger:      s.log,
 	}, ln), nil
+}
+
+// errCaptureLoop refuses a transparent connection whose original
+// destination is an upstream proxy: the capture rules took socksfwd's own
+// connection, and relaying it would loop until descriptors run out.
+var errCaptureLoop = errors.New("the capture rules took socksfwd's own connection to its proxy; run with --mark N and print the rules with the same mark (or leave the proxy's address out)")
+
+// notToUpstream wraps a transparent listener's target so that a
+// connection to one of the upstream proxies is refused instead of relayed.
+func (s *supervisor) notToUpstream(targetOf func(net.Conn) (socksclient.Addr, error)) func(net.Conn) (socksclient.Addr, error) {
+	return func(c net.Conn) (socksclient.Addr, error) {
+		a, err := targetOf(c)
+		if err != nil || !a.IP.IsValid() {
+			return a, err
+		}
+		for _, d := range s.ups.Dialers() {
+			if ap, perr := netip.ParseAddrPort(d.ProxyAddr); perr == nil && ap.Addr().Unmap() == a.IP.Unmap() && ap.Port() == a.Port {
+				return a, fmt.Errorf("original destination %s: %w", a, errCaptureLoop)
+			}
+		}
+		return a, nil
+	}
 }
 
 func (s *supervisor) newForwarder(d *dnsPlan) (*dnsforward.Forwarder, error) {

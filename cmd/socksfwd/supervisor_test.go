@@ -1,0 +1,72 @@
+package main
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// TestNotToUpstream: a transparent connection whose original destination
+// is an upstream proxy is the capture rules taking socksfwd's own
+// connection; it is refused, never relayed (which would loop until the
+// descriptors run out). Other destinations pass.
+func TestNotToUpstream(t *testing.T) {
+	s := newSupervisor(zerolog.Nop(), nil)
+	s.ups = socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "10.200.0.2:1080"}, &socksclient.Dialer{ProxyAddr: "[2001:db8::2]:1080"}, &socksclient.Dialer{ProxyAddr: "proxy.example:1080"})
+	for _, tc := range []struct {
+		dst  string
+		loop bool
+	}{
+		{"10.200.0.2:1080", true},
+		{"[2001:db8::2]:1080", true},
+		{"10.200.0.2:80", false},
+		{"198.51.100.7:1080", false},
+	} {
+		dst := socksclient.AddrFromAddrPort(netip.MustParseAddrPort(tc.dst))
+		target := s.notToUpstream(func(net.Conn) (socksclient.Addr, error) { return dst, nil })
+		_, err := target(nil)
+		if got := errors.Is(err, errCaptureLoop); got != tc.loop {
+			t.Errorf("%s: refused = %v (%v), want %v", tc.dst, got, err, tc.loop)
+		}
+	}
+}
+
+func TestListenAddrs(t *testing.T) {
+	for _, tc := range []struct {
+		spec     string
+		want     []string
+		optional string
+	}{
+		{"12345", []string{"127.0.0.1:12345"}, ""},
+		{"localhost:12345", []string{"127.0.0.1:12345", "[::1]:12345"}, "[::1]:12345"},
+		{"*:53", []string{":53"}, ""},
+		{"[::1]:53", []string{"[::1]:53"}, ""},
+		{"0.0.0.0:53", []string{"0.0.0.0:53"}, ""},
+	} {
+		got, optional, err := listenAddrs("--dns", tc.spec)
+		if err != nil {
+			t.Errorf("%s: %v", tc.spec, err)
+			continue
+		}
+		if len(got) != len(tc.want) {
+			t.Errorf("%s: %v, want %v", tc.spec, got, tc.want)
+			continue
+		}
+		for i := range got {
+			if got[i] != tc.want[i] {
+				t.Errorf("%s: %v, want %v", tc.spec, got, tc.want)
+			}
+		}
+		if tc.optional != "" && !optional[tc.optional] {
+			t.Errorf("%s: %s is not optional", tc.spec, tc.optional)
+		}
+	}
+	if _, _, err := listenAddrs("--dns", "a:b:c"); err == nil {
+		t.Error("a:b:c accepted")
+	}
+}
