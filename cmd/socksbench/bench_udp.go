@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"sort"
 	"strconv"
 	"strings"
@@ -46,6 +47,13 @@ func benchUDP(h *harness, cfg benchConfig) {
 	// number: forward both.
 	fwdAddr := h.socksfwdUDP(cfg.socksfwd, iperfAddr, dante.Addr, true)
 	bigFwdAddr := h.socksfwdUDP(cfg.socksfwd, iperfAddr, bigDante.Addr, true)
+	// The transparent UDP rows: iperf3's datagrams taken by TPROXY (its TCP
+	// control connection goes straight to the server), to a server of
+	// their own.
+	tpIperfPort := peertest.FreePort(h)
+	tpSrv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(tpIperfPort), "--forceflush")
+	peertest.WaitOutput(h, tpSrv, "Server listening")
+	tpIperfAddr := "127.0.0.1:" + strconv.Itoa(tpIperfPort)
 
 	type run struct {
 		rate, suffix, proxy, fwd string
@@ -61,27 +69,47 @@ func benchUDP(h *harness, cfg benchConfig) {
 		lost, mbps := socksUDPFlood(h, r.proxy, rate, cfg.seconds)
 		fmt.Printf("%-26s %-10s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  busiest: %s  (Dante's own ceiling: this process speaks SOCKS UDP to it)\n",
 			"udp-flood-1200B"+r.suffix, "dante-only", rate, mbps, lost, cpu.busiest())
-		for _, way := range []string{"direct", "socksfwd"} {
+		var forwardMbps float64
+		for _, way := range []string{"direct", "socksfwd", "tproxy"} {
 			if way == "direct" && r.suffix != "" {
 				continue // no Dante in it
 			}
 			addr := iperfAddr
-			if way == "socksfwd" {
+			var prefix []string
+			done := func() {}
+			switch way {
+			case "socksfwd":
 				addr = r.fwd
+			case "tproxy":
+				// A fresh process and rule set each run.
+				port, p := h.socksfwdTProxyUDP(cfg.socksfwd, r.proxy)
+				tproxyUDP(h, tpIperfPort, port)
+				addr, prefix = tpIperfAddr, redirectedClient
+				done = func() { tproxyUDPOff(); p.Stop() }
 			}
 			cpu := startCPU()
 			drops, perSocket := udpRcvbufErrors(), udpDrops()
-			lost, mbps := iperfUDP(h, iperf, addr, rate, cfg.seconds)
+			lost, mbps := iperfUDPVia(h, prefix, iperf, addr, rate, cfg.seconds)
+			done()
 			busiest := cpu.busiest()
 			drops = udpRcvbufErrors() - drops
 			where := dropsSince(perSocket)
 			verdict := ""
-			if way == "socksfwd" {
+			switch way {
+			case "socksfwd":
+				forwardMbps = mbps
 				switch rate {
 				case "100M":
 					verdict = barText(lost <= 0.1, "loss ≤ 0.1 %")
 				case "1G":
 					verdict = barText(mbps >= 250 || cpu.percent("danted") >= 95, "≥ 250 Mbit/s unless Dante ≥ 95 % CPU")
+				}
+			case "tproxy":
+				switch rate {
+				case "100M":
+					verdict = barText(lost <= 0.1, "loss ≤ 0.1 %")
+				case "1G":
+					verdict = barText(mbps >= 0.9*forwardMbps, fmt.Sprintf("≥ 0.9 × the /udp forward's %.1f Mbit/s", forwardMbps))
 				}
 			}
 			fmt.Printf("%-26s %-10s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  socket-buffer drops %d (%s)  busiest: %s%s\n",
@@ -154,9 +182,61 @@ func barText(ok bool, bar string) string {
 // iperfUDP runs an iperf3 UDP client with 1200-byte datagrams and a 2 MB
 // socket buffer, returning the receiver's loss and rate.
 func iperfUDP(h *harness, iperf, addr, rate string, secs int) (lostPct, mbps float64) {
+	return iperfUDPVia(h, nil, iperf, addr, rate, secs)
+}
+
+// iperfUDPVia is iperfUDP with the client run under prefix (redirectedClient).
+func iperfUDPVia(h *harness, prefix []string, iperf, addr, rate string, secs int) (lostPct, mbps float64) {
 	host, port, _ := net.SplitHostPort(addr)
-	got := runIperf(h, []string{iperf, "-c", host, "-p", port, "-u", "-b", rate, "-l", "1200", "-w", "2M", "-t", strconv.Itoa(secs), "-J"})
+	argv := append(append([]string{}, prefix...), iperf, "-c", host, "-p", port, "-u", "-b", rate, "-l", "1200", "-w", "2M", "-t", strconv.Itoa(secs), "-J")
+	got := runIperf(h, argv)
 	return got.LostPercent, got.BitsPerSecond / 1e6
+}
+
+// socksfwdTProxyUDP starts the binary with a transparent UDP listener on a
+// free loopback port via proxy.
+func (h *harness) socksfwdTProxyUDP(bin, proxy string) (int, *peertest.Proc) {
+	port := peertest.FreePort(h)
+	p := peertest.Start(h, "socksfwd", bin, "--transparent", "127.0.0.1:"+strconv.Itoa(port)+"/udp", "-S", proxy, "--log-format", "json")
+	peertest.WaitOutput(h, p, `/udp (TPROXY)`)
+	return port, p
+}
+
+// tproxyUDP sends redirectedClient's UDP datagrams to the iperf3 port on
+// to the transparent listener at port by TPROXY: marked on output, routed
+// back in through lo by policy routing, taken by TPROXY in prerouting.
+// The bench runs in a network namespace of its own, so the routing rule
+// touches nothing else. tproxyUDPOff undoes it.
+func tproxyUDP(h *harness, iperfPort, port int) {
+	nft := peertest.Require(h, "nft")
+	ip := peertest.Require(h, "ip")
+	script := fmt.Sprintf(`table ip socksbench_tproxy {
+	chain out {
+		type route hook output priority mangle; policy accept;
+		meta skgid %s udp dport %d meta mark set 0x1
+	}
+	chain pre {
+		type filter hook prerouting priority mangle; policy accept;
+		meta mark 0x1 udp dport %d tproxy to 127.0.0.1:%d meta mark set 0x1 accept
+	}
+}
+`, redirectGID, iperfPort, iperfPort, port)
+	cmd := exec.Command(nft, "-f", "-")
+	cmd.Stdin = strings.NewReader(script)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		h.Fatalf("nft tproxy rules: %v %s", err, out)
+	}
+	for _, args := range [][]string{{"rule", "add", "fwmark", "0x1", "lookup", "100"}, {"route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"}} {
+		if out, err := exec.Command(ip, args...).CombinedOutput(); err != nil {
+			h.Fatalf("ip %v: %v %s", args, err, out)
+		}
+	}
+}
+
+func tproxyUDPOff() {
+	exec.Command("nft", "delete", "table", "ip", "socksbench_tproxy").Run()
+	exec.Command("ip", "rule", "del", "fwmark", "0x1", "lookup", "100").Run()
+	exec.Command("ip", "route", "flush", "table", "100").Run()
 }
 
 // udpEchoRTTs measures n sequential 64-byte round trips over c.
