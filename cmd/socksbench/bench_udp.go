@@ -179,13 +179,9 @@ func barText(ok bool, bar string) string {
 	return "  (bar " + bar + ": MISSED)"
 }
 
-// iperfUDP runs an iperf3 UDP client with 1200-byte datagrams and a 2 MB
-// socket buffer, returning the receiver's loss and rate.
-func iperfUDP(h *harness, iperf, addr, rate string, secs int) (lostPct, mbps float64) {
-	return iperfUDPVia(h, nil, iperf, addr, rate, secs)
-}
-
-// iperfUDPVia is iperfUDP with the client run under prefix (redirectedClient).
+// iperfUDPVia runs an iperf3 UDP client with 1200-byte datagrams and a 2 MB
+// socket buffer, under prefix (redirectedClient for the TPROXY rows), and
+// returns the receiver's loss and rate.
 func iperfUDPVia(h *harness, prefix []string, iperf, addr, rate string, secs int) (lostPct, mbps float64) {
 	host, port, _ := net.SplitHostPort(addr)
 	argv := append(append([]string{}, prefix...), iperf, "-c", host, "-p", port, "-u", "-b", rate, "-l", "1200", "-w", "2M", "-t", strconv.Itoa(secs), "-J")
