@@ -70,17 +70,11 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 			return usageError{err}
 		},
 		Action: func(c *cli.Context) error {
-			if c.NArg() > 0 {
-				return usagef("unexpected argument %s", quote(c.Args().First()))
-			}
-			cfg, err := mergeConfig(c, getenv)
+			cfg, err := planFrom(c, getenv)
 			if err != nil {
 				return err
 			}
 			if c.Bool("print-config") {
-				if _, err := buildPlan(cfg.Config); err != nil {
-					return err
-				}
 				out, err := cfg.printable()
 				if err != nil {
 					return err
@@ -89,7 +83,6 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 				return nil
 			}
 			*loaded = cfg
-			loaded.loaded = true
 			return nil
 		},
 	}
@@ -132,13 +125,10 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) in
 func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string, sigs <-chan os.Signal) int {
 	err := func() error {
 		cfg, err := loadConfig(args, stdout, stderr, getenv)
-		if err != nil || !cfg.loaded {
+		if err != nil || cfg.plan == nil {
 			return err // answered already: --help, --version, --print-config
 		}
-		p, err := buildPlan(cfg.Config)
-		if err != nil {
-			return err
-		}
+		p := cfg.plan
 		log := newLogger(p, stderr)
 		for _, w := range cfg.warnings {
 			log.Warn().Msg(w)
@@ -148,10 +138,13 @@ func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string
 			if err != nil {
 				return nil, err
 			}
+			if cfg.plan == nil {
+				return nil, usagef("the command line no longer starts socksfwd")
+			}
 			for _, w := range cfg.warnings {
 				log.Warn().Msg(w)
 			}
-			return buildPlan(cfg.Config)
+			return cfg.plan, nil
 		}
 		return newSupervisor(log, reload).run(p, sigs)
 	}()
@@ -167,7 +160,7 @@ func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string
 }
 
 // loadConfig parses the command line and merges every source. A config
-// whose loaded is false was answered already (help, version, print-config).
+// without a plan was answered already (help, version, print-config).
 func loadConfig(args []string, stdout, stderr io.Writer, getenv func(string) string) (mergedConfig, error) {
 	var cfg mergedConfig
 	err := newApp(stdout, stderr, getenv, &cfg).Run(args)
@@ -182,11 +175,25 @@ func isFlagError(err error) bool {
 		strings.Contains(s, "flag needs an argument")
 }
 
-// mergedConfig is the configuration with what merging had to say.
+// mergedConfig is the configuration with what merging had to say, and
+// the plan built from it.
 type mergedConfig struct {
 	Config
 	warnings []string
-	loaded   bool // false when the command line was answered without serving
+	plan     *plan // nil when the command line was answered without serving
+}
+
+// planFrom merges the sources of a command's flags and builds the plan.
+func planFrom(c *cli.Context, getenv func(string) string) (mergedConfig, error) {
+	if c.NArg() > 0 {
+		return mergedConfig{}, usagef("unexpected argument %s", quote(c.Args().First()))
+	}
+	cfg, err := mergeConfig(c, getenv)
+	if err != nil {
+		return cfg, err
+	}
+	cfg.plan, err = buildPlan(cfg.Config)
+	return cfg, err
 }
 
 // mergeConfig layers the sources, lowest first: defaults, ALL_PROXY (only

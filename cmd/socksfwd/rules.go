@@ -39,18 +39,11 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 			return usageError{err}
 		},
 		Action: func(c *cli.Context) error {
-			if c.NArg() > 0 {
-				return usagef("unexpected argument %s", quote(c.Args().First()))
-			}
-			cfg, err := mergeConfig(c, getenv)
+			cfg, err := planFrom(c, getenv)
 			if err != nil {
 				return err
 			}
-			p, err := buildPlan(cfg.Config)
-			if err != nil {
-				return err
-			}
-			rc, err := rulesConfig(c, p)
+			rc, err := rulesConfig(c, cfg.plan)
 			if err != nil {
 				return err
 			}
