@@ -718,7 +718,7 @@ func TestUDPForwardFastFlushFailsPartWay(t *testing.T) {
 			for i := range r {
 				r[i] = slotWith([]byte{byte(i), 'x'})
 				b.Add(r[i], socksclient.MaxUDPHeaderLen, s.target)
-				s.fastSlots = append(s.fastSlots, i)
+				s.fastSlots = append(s.fastSlots, fastSlot{i, s.target})
 			}
 			s.flushBatch(b, r)
 			if !bytes.Equal(b.went, tc.went) {
