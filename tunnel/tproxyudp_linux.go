@@ -55,6 +55,15 @@ func NewTransparentUDP(cfg TransparentUDPConfig, pc *net.UDPConn) *TransparentUD
 	return t
 }
 
+// SetLimits changes the idle timeout of the sessions started from now on
+// and the bound of the session table (a reload), as UDPForward's does;
+// zero or less means the default. Live sessions keep their timeout; a
+// lower bound ends no session at once. Reply sockets keep the idle
+// timeout the listener started with.
+func (t *TransparentUDP) SetLimits(idleTimeout time.Duration, maxSessions int) {
+	t.udpTable.SetLimits(idleTimeout, maxSessions)
+}
+
 // Stats returns the live counters.
 func (t *TransparentUDP) Stats() *TransparentUDPStats { return &t.stats }
 

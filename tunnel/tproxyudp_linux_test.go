@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 	"unsafe"
 
@@ -445,4 +446,59 @@ func TestTransparentUDPBindCollision(t *testing.T) {
 			}
 		})
 	}
+}
+
+// quietTransparent returns a transparent UDP listener on a plain socket
+// that nothing reads, whose upstream is reached through dial: tests in a
+// synctest bubble (where a blocked socket read would stop the clock) play
+// Serve's part through dispatch.
+func quietTransparent(t *testing.T, dial func(ctx context.Context, network, addr string) (net.Conn, error), cfg TransparentUDPConfig) (*TransparentUDP, *logBuf) {
+	t.Helper()
+	logs := &logBuf{}
+	cfg.Name = "tproxy-udp"
+	cfg.Upstreams = socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "proxy.test:1080", ProxyDial: dial})
+	cfg.Logger = zerolog.New(logs).Level(zerolog.DebugLevel)
+	tu := NewTransparentUDP(cfg, testnet.ListenUDP(t, "udp4", "127.0.0.1:0"))
+	t.Cleanup(func() { tu.Close() })
+	return tu, logs
+}
+
+// dispatchOne hands one datagram of src, bound for dst, to tu as Serve
+// does with a batch of one.
+func dispatchOne(tu *TransparentUDP, src netip.AddrPort, dst string) {
+	d := newUDPDispatch()
+	tu.dispatch(d, src, slotWith([]byte("x")), 0, socksclient.AddrFromAddrPort(netip.MustParseAddrPort(dst)))
+	d.flush(slotReader{})
+}
+
+// hasClient reports whether src has a session in tu's table.
+func hasClient(tu *TransparentUDP, src netip.AddrPort) bool {
+	tu.mu.Lock()
+	defer tu.mu.Unlock()
+	_, ok := tu.sessions[src]
+	return ok
+}
+
+// TestTransparentUDPSetLimits: a new idle timeout applies to the sessions
+// started after it (earlier ones keep theirs), a new bound to the table.
+func TestTransparentUDPSetLimits(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tu, _ := quietTransparent(t, hangingProxy, TransparentUDPConfig{MaxSessions: 4})
+		a, b, c := netip.MustParseAddrPort("127.0.0.2:1001"), netip.MustParseAddrPort("127.0.0.2:1002"), netip.MustParseAddrPort("127.0.0.2:1003")
+		tu.session(a) // on the default idle timeout, a minute
+		const idle = 10 * time.Second
+		tu.SetLimits(idle, 4)
+		tu.session(b)
+		time.Sleep(idle)
+		synctest.Wait()
+		if !hasClient(tu, a) || hasClient(tu, b) {
+			t.Fatalf("after %v: a's session (old timeout) alive %v, b's (new timeout) alive %v; want true, false", idle, hasClient(tu, a), hasClient(tu, b))
+		}
+		tu.SetLimits(0, 1)
+		tu.session(c)
+		synctest.Wait()
+		if !hasClient(tu, c) || hasClient(tu, a) || tu.Stats().Evicted.Load() != 1 {
+			t.Fatalf("with a bound of 1, c's session should have evicted a's; %d sessions, %d evicted", tu.Sessions(), tu.Stats().Evicted.Load())
+		}
+	})
 }

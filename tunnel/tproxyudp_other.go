@@ -5,6 +5,7 @@ package tunnel
 import (
 	"context"
 	"net"
+	"time"
 )
 
 // ListenTransparentUDP needs Linux (TPROXY is netfilter's).
@@ -51,3 +52,6 @@ func (t *TransparentUDP) Stats() *TransparentUDPStats { return &t.stats }
 
 // Sessions is zero.
 func (t *TransparentUDP) Sessions() int { return 0 }
+
+// SetLimits does nothing: there are no sessions without Linux.
+func (t *TransparentUDP) SetLimits(idleTimeout time.Duration, maxSessions int) {}
