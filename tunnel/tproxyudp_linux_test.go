@@ -194,16 +194,21 @@ table inet tproxyudptest {
 // proxy until the test's end.
 func startTransparentUDP(t *testing.T, proxy string) (*TransparentUDP, *logBuf) {
 	t.Helper()
+	return startTransparentUDPWith(t, proxy, TransparentUDPConfig{})
+}
+
+// startTransparentUDPWith is startTransparentUDP with cfg's limits.
+func startTransparentUDPWith(t *testing.T, proxy string, cfg TransparentUDPConfig) (*TransparentUDP, *logBuf) {
+	t.Helper()
 	pc, err := ListenTransparentUDP("[::]:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	logs := &logBuf{}
-	tu := NewTransparentUDP(TransparentUDPConfig{
-		Name:      "tproxy-udp",
-		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy, HandshakeTimeout: 5 * time.Second}),
-		Logger:    zerolog.New(logs),
-	}, pc)
+	cfg.Name = "tproxy-udp"
+	cfg.Upstreams = socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy, HandshakeTimeout: 5 * time.Second})
+	cfg.Logger = zerolog.New(logs)
+	tu := NewTransparentUDP(cfg, pc)
 	served := make(chan error, 1)
 	go func() { served <- tu.Serve(context.Background()) }()
 	t.Cleanup(func() {
@@ -499,6 +504,109 @@ func TestTransparentUDPSetLimits(t *testing.T) {
 		synctest.Wait()
 		if !hasClient(tu, c) || hasClient(tu, a) || tu.Stats().Evicted.Load() != 1 {
 			t.Fatalf("with a bound of 1, c's session should have evicted a's; %d sessions, %d evicted", tu.Sessions(), tu.Stats().Evicted.Load())
+		}
+	})
+}
+
+// TestTransparentUDPEvictsIdlest: a new client that finds the table full
+// evicts the session idle the longest (not the oldest), counted and logged
+// once; every datagram is sent or counted.
+func TestTransparentUDPEvictsIdlest(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tu, logs := quietTransparent(t, hangingProxy, TransparentUDPConfig{MaxSessions: 2})
+		a, b, c := netip.MustParseAddrPort("127.0.0.2:1001"), netip.MustParseAddrPort("127.0.0.2:1002"), netip.MustParseAddrPort("127.0.0.2:1003")
+		dispatchOne(tu, a, "198.51.100.7:7")
+		time.Sleep(time.Second)
+		dispatchOne(tu, b, "198.51.100.8:9")
+		time.Sleep(time.Second)
+		dispatchOne(tu, a, "198.51.100.9:7") // a is the oldest session, b now the idlest
+		time.Sleep(time.Second)
+		dispatchOne(tu, c, "198.51.100.7:7")
+		synctest.Wait()
+		if !hasClient(tu, a) || hasClient(tu, b) || !hasClient(tu, c) {
+			t.Fatalf("sessions of a %v, b %v, c %v; want b's evicted", hasClient(tu, a), hasClient(tu, b), hasClient(tu, c))
+		}
+		st := tu.Stats()
+		if st.Evicted.Load() != 1 || st.Active.Load() != 2 || st.Sessions.Load() != 3 {
+			t.Errorf("evicted %d, active %d, started %d; want 1, 2, 3", st.Evicted.Load(), st.Active.Load(), st.Sessions.Load())
+		}
+		if n := strings.Count(logs.String(), "UDP session table full; evicting"); n != 1 || !strings.Contains(logs.String(), b.String()) {
+			t.Errorf("want one eviction line naming %s:\n%s", b, logs)
+		}
+		tu.Close()
+		checkAccounted(t, &tu.udpTable, 4)
+	})
+}
+
+// TestTransparentUDPReplySocketsLRU: the reply sockets are bounded by
+// MaxReplySockets; a new remote closes the least recently used one, and
+// replies from every remote still come back from its address (the evicted
+// remote's socket is made again).
+func TestTransparentUDPReplySocketsLRU(t *testing.T) {
+	if !inFreshNetns(t) {
+		return
+	}
+	echo := startEchoes(t)
+	proxy := newSocks(t, sockstest.Config{})
+	tu, logs := startTransparentUDPWith(t, proxy.Addr(), TransparentUDPConfig{MaxReplySockets: 2})
+	tproxyUDPNetns(t, tu.Addr().(*net.UDPAddr).AddrPort().Port(), echo)
+	held := func(remote string) bool {
+		tu.replies.mu.Lock()
+		defer tu.replies.mu.Unlock()
+		return tu.replies.lru.Contains(netip.MustParseAddrPort(remote))
+	}
+
+	c := appClient(t, "127.0.0.2:0")
+	exchange(t, c, "198.51.100.7:7", "to .7")
+	exchange(t, c, "198.51.100.8:7", "to .8")
+	exchange(t, c, "198.51.100.7:7", "to .7 again") // .8 is now the least recently used
+	exchange(t, c, "198.51.100.9:7", "to .9")
+	st := tu.Stats()
+	if !held("198.51.100.7:7") || held("198.51.100.8:7") || !held("198.51.100.9:7") {
+		t.Errorf("reply sockets held: .7 %v, .8 %v, .9 %v; want .8's closed", held("198.51.100.7:7"), held("198.51.100.8:7"), held("198.51.100.9:7"))
+	}
+	if n := st.ReplySockets.Load(); n != 2 {
+		t.Errorf("%d reply sockets open, want 2", n)
+	}
+	exchange(t, c, "198.51.100.8:7", "to .8 again")
+	if n, l := st.ReplySockets.Load(), tu.replies.Len(); n != 2 || l != 2 {
+		t.Errorf("%d reply sockets open, %d held; want 2", n, l)
+	}
+	if st.DatagramsDown.Load() != 5 || st.DroppedReply.Load() != 0 || st.RawReplies.Load() != 0 {
+		t.Errorf("down %d, dropped replies %d, raw %d; want 5, 0, 0\n%s", st.DatagramsDown.Load(), st.DroppedReply.Load(), st.RawReplies.Load(), logs)
+	}
+}
+
+// TestTransparentUDPReplySocketsExpire: a reply socket unused for the idle
+// timeout is closed by the listener's expiry, one still in use is kept.
+func TestTransparentUDPReplySocketsExpire(t *testing.T) {
+	if !inFreshNetns(t) { // binding a remote's address needs IP_TRANSPARENT
+		return
+	}
+	synctest.Test(t, func(t *testing.T) {
+		const idle = 10 * time.Second
+		tu, _ := quietTransparent(t, hangingProxy, TransparentUDPConfig{IdleTimeout: idle})
+		tu.wg.Go(tu.expireReplies) // as Serve does; it checks every idle/2
+		r1, r2 := netip.MustParseAddrPort("198.51.100.7:7"), netip.MustParseAddrPort("198.51.100.8:9")
+		first := tu.replies.get(r1)
+		if first == nil || first.pc == nil {
+			t.Fatalf("no reply socket bound to %s", r1)
+		}
+		time.Sleep(idle / 2)
+		tu.replies.get(r2)
+		time.Sleep(idle)
+		synctest.Wait()
+		st := tu.Stats()
+		if n, l := st.ReplySockets.Load(), tu.replies.Len(); n != 1 || l != 1 {
+			t.Fatalf("after %v: %d reply sockets open, %d held; want r2's only", idle+idle/2, n, l)
+		}
+		if _, err := first.pc.WriteToUDPAddrPort([]byte("x"), netip.MustParseAddrPort("127.0.0.2:9")); !errors.Is(err, net.ErrClosed) {
+			t.Errorf("the expired socket still writes: %v", err)
+		}
+		time.Sleep(idle / 2)
+		synctest.Wait()
+		if n, l := st.ReplySockets.Load(), tu.replies.Len(); n != 0 || l != 0 {
+			t.Fatalf("%d reply sockets open, %d held; want none", n, l)
 		}
 	})
 }

@@ -227,7 +227,7 @@ func TestUDPForwardEvictsIdlest(t *testing.T) {
 		t.Fatalf("%d lines about the full table, want 1 a period:\n%s", n, logs)
 	}
 	f.Close()
-	checkAccounted(t, f, f.Stats().Received.Load())
+	checkAccounted(t, &f.udpTable, f.Stats().Received.Load())
 }
 
 // A slow relay on this host with a small buffer gets bursts several times
@@ -362,12 +362,12 @@ func hasSession(f *UDPForward, c *net.UDPConn) bool {
 	return ok
 }
 
-// checkAccounted checks, once f is closed, that each of the handed
-// datagrams was sent or counted under one drop reason, and that every
-// queued buffer was given back to the byte budget.
-func checkAccounted(t *testing.T, f *UDPForward, handed int64) {
+// checkAccounted checks, once the service of table f is closed, that each
+// of the handed datagrams was sent or counted under one drop reason, and
+// that every queued buffer was given back to the byte budget.
+func checkAccounted(t *testing.T, f *udpTable, handed int64) {
 	t.Helper()
-	st := f.Stats()
+	st := f.stats
 	drops := st.DroppedQueue.Load() + st.DroppedLarge.Load() + st.DroppedMemory.Load() + st.DroppedEnded.Load() + st.DroppedSend.Load()
 	if up := st.DatagramsUp.Load(); up+drops != handed {
 		t.Errorf("%d datagrams sent and %d dropped (queue %d, large %d, memory %d, ended %d, send %d), but %d came",
@@ -440,7 +440,7 @@ func TestUDPForwardLateDatagramGetsFreshSession(t *testing.T) {
 		t.Fatalf("the datagram went to %p, want a fresh session in the table (the stale one is %p)", got, stale)
 	}
 	f.Close()
-	checkAccounted(t, f, f.Stats().Received.Load()+1)
+	checkAccounted(t, &f.udpTable, f.Stats().Received.Load()+1)
 }
 
 // While an upstream hangs, queued datagrams hold at most the forward's
@@ -474,7 +474,7 @@ func TestUDPForwardQueueBudget(t *testing.T) {
 		if n := f.Stats().DroppedEnded.Load(); n == 0 {
 			t.Error("datagrams queued at Close were not counted")
 		}
-		checkAccounted(t, f, handed)
+		checkAccounted(t, &f.udpTable, handed)
 	})
 }
 
@@ -743,7 +743,7 @@ func TestUDPForwardFastFlushFailsPartWay(t *testing.T) {
 				t.Errorf("DroppedSend = %d, want %d", n, tc.dropped)
 			}
 			f.Close()
-			checkAccounted(t, f, queued)
+			checkAccounted(t, &f.udpTable, queued)
 		})
 	}
 }
