@@ -434,6 +434,11 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 			svc.SetLimits(time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions)
 			changes = append(changes, fmt.Sprintf("%s udp-idle-timeout %s, udp-max-sessions %d", key, time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions))
 		}
+	case *tunnel.TransparentUDP:
+		if old.cfg.UDPIdleTimeout != p.cfg.UDPIdleTimeout || old.cfg.UDPMaxSessions != p.cfg.UDPMaxSessions {
+			svc.SetLimits(time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions)
+			changes = append(changes, fmt.Sprintf("%s udp-idle-timeout %s, udp-max-sessions %d", key, time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions))
+		}
 	case *dnsforward.Server:
 		if !l.dns.equal(u.lp.dns) {
 			fwd, err := s.newForwarder(l.dns)
