@@ -316,6 +316,11 @@ func TestTransparentUDPIPv4(t *testing.T) {
 	if got := st.ReplySockets.Load(); got != 2 {
 		t.Errorf("reply sockets = %d, want 2 (one per remote, shared)", got)
 	}
+	// A reply can reach the client before the sender has counted its
+	// datagram as sent: the counters settle just after the exchanges.
+	for deadline := time.Now().Add(5 * time.Second); st.DatagramsUp.Load() < 4 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond) // bounded: another goroutine's counter
+	}
 	if st.DatagramsUp.Load() != 4 || st.DatagramsDown.Load() != 4 || st.Received.Load() != 4 {
 		t.Errorf("received %d, up %d, down %d; want 4 each", st.Received.Load(), st.DatagramsUp.Load(), st.DatagramsDown.Load())
 	}
