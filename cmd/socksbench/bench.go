@@ -107,8 +107,9 @@ func ratios(rows []result, baseline string, bar float64) string {
 }
 
 // reportTransparent prints the transparent listener (behind the same
-// REDIRECT rule as redsocks) against the -L path and against redsocks,
-// each the median of per-round ratios, with its bars.
+// REDIRECT rule as redsocks, and by TPROXY where that way ran) against the
+// -L path and against redsocks, each the median of per-round ratios, with
+// its bars.
 func reportTransparent(name string, rows []result, barVsForward, barVsRedsocks float64) {
 	find := func(way string) *result {
 		for i := range rows {
@@ -118,40 +119,42 @@ func reportTransparent(name string, rows []result, barVsForward, barVsRedsocks f
 		}
 		return nil
 	}
-	tp := find("transparent")
-	if tp == nil {
-		return
-	}
-	line := fmt.Sprintf("%-26s transparent %.1f", name, tp.value)
-	for _, b := range []struct {
-		way string
-		bar float64
-	}{{"socksfwd", barVsForward}, {"redsocks", barVsRedsocks}, {"socksfwd-conntrack", 0}} {
-		base := find(b.way)
-		if base == nil {
+	for _, way := range []string{"transparent", "transparent-tproxy"} {
+		tp := find(way)
+		if tp == nil {
 			continue
 		}
-		var rs []float64
-		for i, v := range tp.rounds {
-			if i < len(base.rounds) && base.rounds[i] > 0 {
-				rs = append(rs, v/base.rounds[i])
+		line := fmt.Sprintf("%-26s %s %.1f", name, way, tp.value)
+		for _, b := range []struct {
+			way string
+			bar float64
+		}{{"socksfwd", barVsForward}, {"redsocks", barVsRedsocks}, {"socksfwd-conntrack", 0}} {
+			base := find(b.way)
+			if base == nil {
+				continue
 			}
+			var rs []float64
+			for i, v := range tp.rounds {
+				if i < len(base.rounds) && base.rounds[i] > 0 {
+					rs = append(rs, v/base.rounds[i])
+				}
+			}
+			if len(rs) == 0 {
+				continue
+			}
+			ratio := median(rs)
+			if b.bar == 0 { // for the reader: no bar
+				line += fmt.Sprintf(" | %s/%s = %.3f", way, b.way, ratio)
+				continue
+			}
+			verdict := "ok"
+			if ratio < b.bar {
+				verdict = "BELOW BAR"
+			}
+			line += fmt.Sprintf(" | %s/%s = %.3f (bar ≥ %.2f: %s)", way, b.way, ratio, b.bar, verdict)
 		}
-		if len(rs) == 0 {
-			continue
-		}
-		ratio := median(rs)
-		if b.bar == 0 { // for the reader: no bar
-			line += fmt.Sprintf(" | transparent/%s = %.3f", b.way, ratio)
-			continue
-		}
-		verdict := "ok"
-		if ratio < b.bar {
-			verdict = "BELOW BAR"
-		}
-		line += fmt.Sprintf(" | transparent/%s = %.3f (bar ≥ %.2f: %s)", b.way, ratio, b.bar, verdict)
+		fmt.Println(line)
 	}
-	fmt.Println(line)
 }
 
 func median(v []float64) float64 {
@@ -287,7 +290,9 @@ func bench(h *harness, cfg benchConfig) {
 	// One more way for connections: the -L path while a NAT table is
 	// loaded, as it is for the redirected ways, so that the cost of
 	// connection tracking on every leg shows apart from socksfwd's own.
-	connWays := append(append([]string{}, ways...), "socksfwd-conntrack")
+	// And the transparent listener taking connections by TPROXY, which
+	// needs no NAT and so no connection tracking.
+	connWays := append(append([]string{}, ways...), "socksfwd-conntrack", "transparent-tproxy")
 	rows := measure(connWays, func(way string, m *meter) float64 {
 		echo := testnet.Echo(h).Addr().String()
 		rate := func(prefix []string, addr string) float64 {
@@ -312,6 +317,14 @@ func bench(h *harness, cfg benchConfig) {
 			port, p := h.socksfwdTransparent(cfg.socksfwd, d.Addr)
 			defer p.Stop()
 			defer redirect(h, nft, echo, port)()
+			return rate(redirectedClient, echo)
+		case "transparent-tproxy":
+			port, p := h.socksfwdTransparent(cfg.socksfwd, d.Addr)
+			defer p.Stop()
+			_, echoPort, _ := net.SplitHostPort(echo)
+			ep, _ := strconv.Atoi(echoPort)
+			tproxyRule(h, "tcp", ep, port)
+			defer tproxyUDPOff()
 			return rate(redirectedClient, echo)
 		case "socksfwd-conntrack":
 			defer redirect(h, nft, "192.0.2.1:9", 9)() // matches nothing; its NAT hook tracks every connection

@@ -203,20 +203,23 @@ func (h *harness) socksfwdTProxyUDP(bin, proxy string) (int, *peertest.Proc) {
 // back in through lo by policy routing, taken by TPROXY in prerouting.
 // The bench runs in a network namespace of its own, so the routing rule
 // touches nothing else. tproxyUDPOff undoes it.
-func tproxyUDP(h *harness, iperfPort, port int) {
+func tproxyUDP(h *harness, iperfPort, port int) { tproxyRule(h, "udp", iperfPort, port) }
+
+// tproxyRule is tproxyUDP for protocol proto (tcp or udp).
+func tproxyRule(h *harness, proto string, dport, port int) {
 	nft := peertest.Require(h, "nft")
 	ip := peertest.Require(h, "ip")
 	script := fmt.Sprintf(`table ip socksbench_tproxy {
 	chain out {
 		type route hook output priority mangle; policy accept;
-		meta skgid %s udp dport %d meta mark set 0x1
+		meta skgid %s %s dport %d meta mark set 0x1
 	}
 	chain pre {
 		type filter hook prerouting priority mangle; policy accept;
-		meta mark 0x1 udp dport %d tproxy to 127.0.0.1:%d meta mark set 0x1 accept
+		meta mark 0x1 %s dport %d tproxy to 127.0.0.1:%d meta mark set 0x1 accept
 	}
 }
-`, redirectGID, iperfPort, iperfPort, port)
+`, redirectGID, proto, dport, proto, dport, port)
 	cmd := exec.Command(nft, "-f", "-")
 	cmd.Stdin = strings.NewReader(script)
 	if out, err := cmd.CombinedOutput(); err != nil {
