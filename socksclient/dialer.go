@@ -233,6 +233,14 @@ func (d *Dialer) dialProxy(ctx context.Context) (net.Conn, error) {
 	}
 	nd := *defaultProxyDialer
 	nd.Control = d.Control
+	// The proxy's name is looked up through sockets with Control too: a
+	// transparent proxy marks them, and its own capture rules must not
+	// take that lookup (sent to its own DNS listener, which needs this
+	// very proxy, it would never be answered).
+	nd.Resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
+		rd := net.Dialer{Control: d.Control}
+		return rd.DialContext(ctx, network, address)
+	}}
 	return nd.DialContext(ctx, "tcp", d.ProxyAddr)
 }
 

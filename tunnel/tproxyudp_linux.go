@@ -90,7 +90,15 @@ func (t *TransparentUDP) Close() error {
 func (t *TransparentUDP) Serve(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { t.Close() })
 	defer stop()
+	// Started under the table's lock, so that a Close that came first is
+	// seen, and one that comes later waits for it.
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return nil
+	}
 	t.wg.Go(t.expireReplies)
+	t.mu.Unlock()
 	r, err := newOrigDstReader(t.pc, newReadSlots(), socksclient.MaxUDPHeaderLen)
 	if err != nil {
 		return err
@@ -156,6 +164,13 @@ func (t *TransparentUDP) copyDown(s *udpSession, a *socksclient.UDPConn) {
 		}
 		s.touch()
 		remote, ok := from.AddrPort()
+		remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+		// The proxy picks the reply's source: one of the other family than
+		// the client's cannot be its source address (and would take the
+		// raw path with a wrong-sized header).
+		if ok && remote.Addr().Is4() != s.client.Addr().Unmap().Is4() {
+			ok = false
+		}
 		if !ok || !t.replies.send((*bp)[off:n], remote, s.client) {
 			t.stats.DroppedReply.Add(1)
 			continue

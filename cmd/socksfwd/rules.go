@@ -97,8 +97,28 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 				return rc, usagef("rules: the transparent UDP listeners use ports %d and %d; rules send everything to one port", rc.UDPPort, ap.Port())
 			}
 			rc.UDPPort = int(ap.Port())
+			if a := ap.Addr(); !a.IsUnspecified() && !a.IsLoopback() {
+				if a.Is4() {
+					rc.TProxyAddr4 = a
+				} else {
+					rc.TProxyAddr6 = a
+				}
+			}
 		case kindDNS:
 			rc.DNSPort = int(ap.Port())
+		}
+	}
+	// With --ipv6 the rules send IPv6 to ::1 (or the listener's address):
+	// something must listen there, or IPv6 is dropped or refused.
+	if rc.IPv6 {
+		v6 := false
+		for _, l := range p.listens {
+			if a, err := netip.ParseAddrPort(l.addr); err != nil || a.Addr().Is6() {
+				v6 = true // an empty bind (dual-stack) or an IPv6 one takes IPv6
+			}
+		}
+		if !v6 {
+			return rc, usagef("rules --ipv6: no listener takes IPv6; bind them with localhost: (127.0.0.1 and ::1), [::1]: or *:")
 		}
 	}
 	if rc.TCPPort == 0 && rc.UDPPort == 0 && rc.DNSPort == 0 {

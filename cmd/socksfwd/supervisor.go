@@ -407,6 +407,10 @@ func (s *supervisor) checkFixed(p *plan) error {
 	if p.copyMode != s.plan.copyMode {
 		return usagef("--relay-copy changes only on restart")
 	}
+	if p.cfg.Mark != s.plan.cfg.Mark {
+		// Transparent UDP reply sockets carry the mark they were made with.
+		return usagef("--mark changes only on restart (running %#x, new %#x)", uint32(s.plan.cfg.Mark), uint32(p.cfg.Mark))
+	}
 	return nil
 }
 
