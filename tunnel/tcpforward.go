@@ -10,6 +10,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/logthrottle"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
@@ -43,8 +44,9 @@ type TCPForward struct {
 	ctx    context.Context // cancelled by Close: aborts handshakes
 	cancel context.CancelFunc
 
-	idle   atomic.Int64                     // the idle timeout new sessions get
-	target atomic.Pointer[socksclient.Addr] // where new sessions go
+	refusals *logthrottle.Throttle            // "session refused" lines
+	idle     atomic.Int64                     // the idle timeout new sessions get
+	target   atomic.Pointer[socksclient.Addr] // where new sessions go
 
 	mu       sync.Mutex
 	conns    map[net.Conn]bool // true for a session's client conn
@@ -70,10 +72,14 @@ type TCPStats struct {
 func NewTCPForward(cfg TCPForwardConfig, listeners ...net.Listener) *TCPForward {
 	ctx, cancel := context.WithCancel(context.Background())
 	f := &TCPForward{cfg: cfg, listeners: listeners, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]bool)}
+	f.refusals = logthrottle.New(refusalLogEvery)
 	f.idle.Store(int64(cfg.IdleTimeout))
 	f.target.Store(&cfg.Target)
 	return f
 }
+
+// refusalLogEvery is how often a refused session's cause is logged again.
+const refusalLogEvery = 10 * time.Second
 
 // SetTarget changes where sessions accepted from now on go; live sessions
 // keep theirs. A reload calls it without rebinding.
@@ -176,8 +182,12 @@ func (f *TCPForward) serveSession(client net.Conn) {
 	target, err := f.targetOf(client)
 	if err != nil {
 		f.stats.Failed.Add(1)
-		f.cfg.Logger.Info().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).
-			Err(err).Msg("session refused")
+		// Anyone who can reach a listener can make it refuse: one line
+		// per cause and period, with a count, not one per connection.
+		if ok, suppressed := f.refusals.Allow(err.Error()); ok {
+			f.cfg.Logger.Info().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).
+				Int64("refused_since_last_line", suppressed).Err(err).Msg("session refused")
+		}
 		abort(client)
 		f.endSession(client, nil)
 		return

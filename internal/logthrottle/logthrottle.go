@@ -75,9 +75,13 @@ func (t *Throttle) Reset(cause string) (suppressed int64, seen bool) {
 	return e.suppressed, true
 }
 
+// forgetExpired makes room: a cause whose period is over is forgotten,
+// with the count of its repeats since its last line (a cause that never
+// comes back would never report them anyway), so that new causes are
+// logged rather than dropped once the table has filled.
 func (t *Throttle) forgetExpired(now time.Time) {
 	for k, e := range t.keys {
-		if !now.Before(e.next) && e.suppressed == 0 {
+		if !now.Before(e.next) {
 			delete(t.keys, k)
 		}
 	}

@@ -69,3 +69,19 @@ func TestBoundedKeys(t *testing.T) {
 		t.Fatalf("%d keys, bound %d", len(th.keys), maxKeys)
 	}
 }
+
+// TestFullTableForgetsExpiredCounts: a full table makes room by forgetting
+// causes whose period is over, even those with repeats still uncounted,
+// so that a new cause is logged rather than dropped for good.
+func TestFullTableForgetsExpiredCounts(t *testing.T) {
+	th := New(time.Minute)
+	now := fakeClock(th)
+	for i := range maxKeys {
+		th.Allow(strconv.Itoa(i))
+		th.Allow(strconv.Itoa(i)) // a repeat: suppressed 1
+	}
+	*now = now.Add(time.Minute)
+	if ok, _ := th.Allow("new cause"); !ok {
+		t.Fatal("a new cause was dropped while every other cause's period was over")
+	}
+}
