@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/sockmark"
 	"github.com/socksfwd/socksfwd/internal/testnet"
@@ -19,19 +17,11 @@ import (
 // markOf reads a socket's SO_MARK back from the kernel.
 func markOf(t *testing.T, c syscall.Conn) int {
 	t.Helper()
-	rc, err := c.SyscallConn()
+	mark, err := sockmark.Of(c)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var mark int
-	var gerr error
-	if err := rc.Control(func(fd uintptr) { mark, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK) }); err != nil {
-		t.Fatal(err)
-	}
-	if gerr != nil {
-		t.Fatal(gerr)
-	}
-	return mark
+	return int(mark)
 }
 
 // TestMarkedSockets: with sockmark.Control as the Dialer's Control, the

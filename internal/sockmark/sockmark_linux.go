@@ -59,3 +59,17 @@ func setMark(fd, mark int) error {
 		return fmt.Errorf("setting socket mark %#x: %w", mark, err)
 	}
 }
+
+// Of reads a socket's mark back from the kernel.
+func Of(c syscall.Conn) (uint32, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var mark int
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { mark, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK) }); err != nil {
+		return 0, err
+	}
+	return uint32(mark), gerr
+}

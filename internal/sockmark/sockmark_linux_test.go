@@ -12,27 +12,17 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/socksfwd/socksfwd/internal/peertest"
 )
 
 // markOf reads a socket's SO_MARK back from the kernel.
 func markOf(t *testing.T, c syscall.Conn) uint32 {
 	t.Helper()
-	rc, err := c.SyscallConn()
+	mark, err := Of(c)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var mark int
-	var gerr error
-	if err := rc.Control(func(fd uintptr) { mark, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK) }); err != nil {
-		t.Fatal(err)
-	}
-	if gerr != nil {
-		t.Fatal(gerr)
-	}
-	return uint32(mark)
+	return mark
 }
 
 func TestControlMarksSockets(t *testing.T) {

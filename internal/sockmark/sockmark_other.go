@@ -17,3 +17,6 @@ func Check(mark int) error {
 	}
 	return ErrUnsupported
 }
+
+// Of reads a socket's mark: there is none off Linux.
+func Of(c syscall.Conn) (uint32, error) { return 0, ErrUnsupported }
