@@ -47,6 +47,10 @@ type replyPool struct {
 	lru    *simplelru.LRU[netip.AddrPort, *replySocket]
 	raw    [2]*rawUDPSender // IPv4, IPv6; made on first need
 	rawErr [2]error
+	// rawUse is when each raw socket last sent: one unused for idle is
+	// closed, since the kernel hands a raw UDP socket (filtered, but
+	// copied first) every UDP packet the host receives.
+	rawUse [2]time.Time
 	closed bool
 }
 
@@ -160,6 +164,7 @@ func (p *replyPool) sendRaw(payload []byte, remote, client netip.AddrPort) bool 
 		fam = 1
 	}
 	p.mu.Lock()
+	p.rawUse[fam] = time.Now()
 	r := p.raw[fam]
 	if r == nil && p.rawErr[fam] == nil && !p.closed {
 		r, p.rawErr[fam] = newRawUDPSender(fam == 1, p.control)
@@ -180,14 +185,21 @@ func (p *replyPool) sendRaw(payload []byte, remote, client netip.AddrPort) bool 
 	return true
 }
 
-// expire closes the reply sockets unused for idle.
+// expire closes the reply sockets, and the raw ones, unused for idle.
 func (p *replyPool) expire() {
-	cutoff := time.Now().Add(-p.idle).UnixNano()
+	now := time.Now()
+	cutoff := now.Add(-p.idle).UnixNano()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, k := range p.lru.Keys() {
 		if s, ok := p.lru.Peek(k); ok && s.lastUse.Load() < cutoff {
 			p.lru.Remove(k)
+		}
+	}
+	for i, r := range p.raw {
+		if r != nil && now.Sub(p.rawUse[i]) >= p.idle {
+			r.close()
+			p.raw[i] = nil
 		}
 	}
 }
