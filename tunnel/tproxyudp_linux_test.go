@@ -316,11 +316,7 @@ func TestTransparentUDPIPv4(t *testing.T) {
 	if got := st.ReplySockets.Load(); got != 2 {
 		t.Errorf("reply sockets = %d, want 2 (one per remote, shared)", got)
 	}
-	// A reply can reach the client before the sender has counted its
-	// datagram as sent: the counters settle just after the exchanges.
-	for deadline := time.Now().Add(5 * time.Second); st.DatagramsUp.Load() < 4 && time.Now().Before(deadline); {
-		time.Sleep(time.Millisecond) // bounded: another goroutine's counter
-	}
+	countersSettle(func() bool { return st.DatagramsUp.Load() >= 4 && st.DatagramsDown.Load() >= 4 })
 	if st.DatagramsUp.Load() != 4 || st.DatagramsDown.Load() != 4 || st.Received.Load() != 4 {
 		t.Errorf("received %d, up %d, down %d; want 4 each", st.Received.Load(), st.DatagramsUp.Load(), st.DatagramsDown.Load())
 	}
@@ -445,6 +441,7 @@ func TestTransparentUDPBindCollision(t *testing.T) {
 			exchange(t, c, tc.free, "free")
 			exchange(t, c, tc.held, "held 2")
 			st := tu.Stats()
+			countersSettle(func() bool { return st.RawReplies.Load() >= 2 && st.DatagramsDown.Load() >= 3 })
 			if st.ReplyBindFailures.Load() != 1 || st.RawReplies.Load() != 2 || st.ReplySockets.Load() != 1 {
 				t.Errorf("bind failures %d, raw replies %d, reply sockets %d; want 1, 2, 1", st.ReplyBindFailures.Load(), st.RawReplies.Load(), st.ReplySockets.Load())
 			}
@@ -614,4 +611,13 @@ func TestTransparentUDPReplySocketsExpire(t *testing.T) {
 			t.Fatalf("%d reply sockets open, %d held; want none", n, l)
 		}
 	})
+}
+
+// countersSettle waits, at most 5 s, until done reports true: a datagram
+// can reach its receiver before the goroutine that sent it has counted
+// it, so counters settle just after an exchange.
+func countersSettle(done func() bool) {
+	for deadline := time.Now().Add(5 * time.Second); !done() && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond) // bounded: another goroutine's counter
+	}
 }
