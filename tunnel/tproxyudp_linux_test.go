@@ -574,6 +574,7 @@ func TestTransparentUDPReplySocketsLRU(t *testing.T) {
 	if n, l := st.ReplySockets.Load(), tu.replies.Len(); n != 2 || l != 2 {
 		t.Errorf("%d reply sockets open, %d held; want 2", n, l)
 	}
+	countersSettle(func() bool { return st.DatagramsDown.Load() >= 5 })
 	if st.DatagramsDown.Load() != 5 || st.DroppedReply.Load() != 0 || st.RawReplies.Load() != 0 {
 		t.Errorf("down %d, dropped replies %d, raw %d; want 5, 0, 0\n%s", st.DatagramsDown.Load(), st.DroppedReply.Load(), st.RawReplies.Load(), logs)
 	}
