@@ -50,9 +50,12 @@ peer-versions:
 	@echo "  $$(ss-server -h 2>&1 | grep -m1 shadowsocks)"
 	@echo "  $$(dnsmasq --version | head -1)"
 
+# Packages are tested one at a time (-p 1): peers listen on ports chosen
+# free a moment before, and another package's burst of connections can take
+# such a port in between (its ephemeral ports come from the same range).
 test: deps peer-versions cross
 	$(GO) vet ./...
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 -p 1 ./...
 
 # Build and vet ./... for each of CROSS; stops at the first target that
 # fails, naming it. Silent when all pass but for one line.
