@@ -196,7 +196,11 @@ func waitTCP(p *Proc, addr string) error {
 		c, err := d.DialContext(ctx, "tcp", addr)
 		if err == nil {
 			c.Close()
-			return nil
+			if p == nil || groupListens(p.Pid(), portOf(addr)) {
+				return nil
+			}
+			// Another process took the port: the peer fails to bind and
+			// exits, and StartListening tries another port.
 		}
 		if p != nil && p.Exited() {
 			return fmt.Errorf("%s exited before listening on %s: %v\n%s", p.Name, addr, p.err, p.Output())
@@ -211,6 +215,12 @@ func waitTCP(p *Proc, addr string) error {
 		case <-time.After(20 * time.Millisecond): // a readiness probe, bounded by startTimeout
 		}
 	}
+}
+
+func portOf(addr string) int {
+	_, port, _ := net.SplitHostPort(addr)
+	n, _ := strconv.Atoi(port)
+	return n
 }
 
 // WaitOutput waits until p has printed s, for peers that must not be

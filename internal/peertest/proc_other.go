@@ -15,3 +15,6 @@ func groupAttr() *syscall.SysProcAttr { return nil }
 func terminateGroup(p *os.Process) { p.Kill() }
 
 func killGroup(p *os.Process) { p.Kill() }
+
+// groupListens cannot tell here: the connection is trusted.
+func groupListens(pgid, port int) bool { return true }
