@@ -7,11 +7,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strconv"
 	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/socksfwd/socksfwd/internal/udpbatch"
 )
 
 // ListenTransparentUDP opens a UDP socket for datagrams sent by a TPROXY
@@ -70,119 +71,22 @@ func setTransparentUDP(fd int, v6 bool) error {
 const origDstOOBLen = 128
 
 // origDstReader reads a batch of datagrams per system call (recvmmsg)
-// with each one's source and original destination. Its buffers are
-// allocated once, so a read allocates nothing.
-type origDstReader struct {
-	rc       syscall.RawConn
-	msgs     []unix.Mmsghdr
-	iovs     []unix.Iovec
-	names    []unix.RawSockaddrInet6
-	oob      []byte // origDstOOBLen per datagram
-	slots    [][]byte
-	headroom int
-	n        int
-	err      error
-	readFn   func(fd uintptr) bool
-}
+// with each one's source and original destination, allocation-free.
+type origDstReader struct{ *udpbatch.Reader }
 
 // newOrigDstReader reads from c into slots, datagram i at
 // slots[i][headroom:].
 func newOrigDstReader(c *net.UDPConn, slots [][]byte, headroom int) (*origDstReader, error) {
-	rc, err := c.SyscallConn()
+	r, err := udpbatch.NewControlReader(c, slots, headroom, origDstOOBLen)
 	if err != nil {
 		return nil, err
 	}
-	r := &origDstReader{
-		rc:       rc,
-		msgs:     make([]unix.Mmsghdr, len(slots)),
-		iovs:     make([]unix.Iovec, len(slots)),
-		names:    make([]unix.RawSockaddrInet6, len(slots)),
-		oob:      make([]byte, origDstOOBLen*len(slots)),
-		slots:    slots,
-		headroom: headroom,
-	}
-	for i := range r.msgs {
-		b := slots[i][headroom:]
-		r.iovs[i].Base = &b[0]
-		r.iovs[i].SetLen(len(b))
-		h := &r.msgs[i].Hdr
-		h.Iov = &r.iovs[i]
-		h.SetIovlen(1)
-		h.Name = (*byte)(unsafe.Pointer(&r.names[i]))
-		h.Control = &r.oob[i*origDstOOBLen]
-	}
-	r.readFn = r.read
-	return r, nil
+	return &origDstReader{r}, nil
 }
-
-// Read waits for at least one datagram and returns how many it read.
-func (r *origDstReader) Read() (int, error) {
-	if err := r.rc.Read(r.readFn); err != nil {
-		return 0, err
-	}
-	return r.n, r.err
-}
-
-func (r *origDstReader) read(fd uintptr) bool {
-	for i := range r.msgs {
-		h := &r.msgs[i].Hdr
-		h.Flags = 0
-		h.Namelen = unix.SizeofSockaddrInet6
-		h.SetControllen(origDstOOBLen)
-	}
-	var n uintptr
-	var e unix.Errno
-	for {
-		n, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), uintptr(len(r.msgs)), unix.MSG_DONTWAIT, 0, 0)
-		if e != unix.EINTR {
-			break
-		}
-	}
-	switch e {
-	case unix.EAGAIN:
-		return false // wait for the poller
-	case 0:
-		r.n, r.err = int(n), nil
-	default:
-		r.n, r.err = 0, e
-	}
-	return true
-}
-
-// Slot is datagram i's whole slot: headroom, then the payload.
-func (r *origDstReader) Slot(i int) []byte { return r.slots[i][:r.headroom+int(r.msgs[i].Len)] }
-
-// Truncated reports whether datagram i was longer than its slot.
-func (r *origDstReader) Truncated(i int) bool { return r.msgs[i].Hdr.Flags&unix.MSG_TRUNC != 0 }
-
-// Addr is the source of datagram i, IPv4-mapped addresses unmapped.
-func (r *origDstReader) Addr(i int) netip.AddrPort { return rawSockaddrAddrPort(&r.names[i]) }
 
 // OrigDst is where datagram i was going; false when it carried no
 // original destination.
-func (r *origDstReader) OrigDst(i int) (netip.AddrPort, bool) {
-	n := int(r.msgs[i].Hdr.Controllen)
-	return parseOrigDst(r.oob[i*origDstOOBLen : i*origDstOOBLen+min(n, origDstOOBLen)])
-}
-
-// rawSockaddrAddrPort decodes a sockaddr_in or sockaddr_in6, unmapped.
-func rawSockaddrAddrPort(sa *unix.RawSockaddrInet6) netip.AddrPort {
-	switch sa.Family {
-	case unix.AF_INET:
-		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
-		return netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), netPort(&sa4.Port))
-	case unix.AF_INET6:
-		a := netip.AddrFrom16(sa.Addr)
-		if a.Is4In6() {
-			return netip.AddrPortFrom(a.Unmap(), netPort(&sa.Port))
-		}
-		if sa.Scope_id != 0 && a.IsLinkLocalUnicast() {
-			a = a.WithZone(strconv.FormatUint(uint64(sa.Scope_id), 10))
-		}
-		return netip.AddrPortFrom(a, netPort(&sa.Port))
-	}
-	return netip.AddrPort{}
-}
+func (r *origDstReader) OrigDst(i int) (netip.AddrPort, bool) { return parseOrigDst(r.OOB(i)) }
 
 // cmsgAlignTo is the alignment of control messages: the size of a long.
 const cmsgAlignTo = int(unsafe.Sizeof(uintptr(0)))

@@ -28,6 +28,8 @@ type Reader struct {
 	msgs     []unix.Mmsghdr
 	iovs     []unix.Iovec
 	names    []unix.RawSockaddrInet6
+	oob      []byte // oobLen per datagram, when control messages are wanted
+	oobLen   int
 	slots    [][]byte
 	headroom int
 	n        int
@@ -67,6 +69,28 @@ func NewReader(c *net.UDPConn, slots [][]byte, headroom int, wantAddr bool) (*Re
 	return r, nil
 }
 
+// NewControlReader is NewReader, with source addresses, that also keeps
+// each datagram's control messages (room for oobLen bytes each), for a
+// socket that asked for some (IP_RECVORIGDSTADDR, say): see OOB.
+func NewControlReader(c *net.UDPConn, slots [][]byte, headroom, oobLen int) (*Reader, error) {
+	r, err := NewReader(c, slots, headroom, true)
+	if err != nil {
+		return nil, err
+	}
+	r.oobLen = oobLen
+	r.oob = make([]byte, oobLen*len(slots))
+	for i := range r.msgs {
+		r.msgs[i].Hdr.Control = &r.oob[i*oobLen]
+	}
+	return r, nil
+}
+
+// OOB is datagram i's control messages, as the kernel wrote them.
+func (r *Reader) OOB(i int) []byte {
+	n := min(int(r.msgs[i].Hdr.Controllen), r.oobLen)
+	return r.oob[i*r.oobLen : i*r.oobLen+n]
+}
+
 // Read waits for at least one datagram and returns how many it read.
 func (r *Reader) Read() (int, error) {
 	if err := r.rc.Read(r.readFn); err != nil {
@@ -80,6 +104,9 @@ func (r *Reader) read(fd uintptr) bool {
 		r.msgs[i].Hdr.Flags = 0
 		if r.names != nil {
 			r.msgs[i].Hdr.Namelen = unix.SizeofSockaddrInet6
+		}
+		if r.oob != nil {
+			r.msgs[i].Hdr.SetControllen(r.oobLen)
 		}
 	}
 	n, e := mmsg(unix.SYS_RECVMMSG, fd, r.msgs)

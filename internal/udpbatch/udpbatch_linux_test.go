@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/socksfwd/socksfwd/internal/testnet"
 )
 
@@ -115,4 +117,37 @@ func TestNoAllocations(t *testing.T) {
 			t.Fatalf("%.1f allocations per batch, want 0", allocs)
 		}
 	})
+}
+
+// TestControlMessages: a control reader hands back each datagram's
+// control messages (IP_PKTINFO here), read after read.
+func TestControlMessages(t *testing.T) {
+	dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	rc, err := dst.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_PKTINFO, 1) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := NewControlReader(dst, slots(4, 2048), 0, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	payload := []byte("ping")
+	for range 3 {
+		if _, err := src.WriteToUDPAddrPort(payload, udpAddr(dst)); err != nil {
+			t.Fatal(err)
+		}
+		n, err := r.Read()
+		if err != nil || n != 1 {
+			t.Fatalf("read %d, %v", n, err)
+		}
+		msgs, err := unix.ParseSocketControlMessage(r.OOB(0))
+		if err != nil || len(msgs) != 1 || msgs[0].Header.Type != unix.IP_PKTINFO {
+			t.Fatalf("control messages %v, %v; want one IP_PKTINFO", msgs, err)
+		}
+	}
 }
