@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"context"
 	"errors"
 	"net"
 	"net/netip"
@@ -32,14 +31,7 @@ func startTargetOfForward(t *testing.T, ln net.Listener, targetOf func(net.Conn)
 		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy, HandshakeTimeout: 5 * time.Second}),
 		Logger:    zerolog.New(logs).Level(zerolog.DebugLevel),
 	}, ln)
-	served := make(chan error, 1)
-	go func() { served <- f.Serve(context.Background()) }()
-	t.Cleanup(func() {
-		f.Close()
-		if err := <-served; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	serveForTest(t, f)
 	return f, logs
 }
 

@@ -19,6 +19,22 @@ import (
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
 )
 
+// serveForTest runs svc's Serve until the test's cleanup closes it, and
+// fails the test if Serve ended with an error.
+func serveForTest(t *testing.T, svc interface {
+	Serve(context.Context) error
+	Close() error
+}) {
+	served := make(chan error, 1)
+	go func() { served <- svc.Serve(context.Background()) }()
+	t.Cleanup(func() {
+		svc.Close()
+		if err := <-served; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+}
+
 // logBuf is a goroutine-safe log sink for assertions; waitFor blocks until
 // a line appears.
 type logBuf struct {
@@ -109,14 +125,7 @@ func startForwardOn(t *testing.T, ln net.Listener, target string, proxies ...str
 		Name: ln.Addr().String(), Target: tgt, Upstreams: socksclient.NewUpstreams(dialers...),
 		Logger: zerolog.New(logs).Level(zerolog.DebugLevel),
 	}, ln)
-	served := make(chan error, 1)
-	go func() { served <- f.Serve(context.Background()) }()
-	t.Cleanup(func() {
-		f.Close()
-		if err := <-served; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	serveForTest(t, f)
 	return f, ln.Addr().String(), logs
 }
 

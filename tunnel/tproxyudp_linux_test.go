@@ -209,14 +209,7 @@ func startTransparentUDPWith(t *testing.T, proxy string, cfg TransparentUDPConfi
 	cfg.Upstreams = socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy, HandshakeTimeout: 5 * time.Second})
 	cfg.Logger = zerolog.New(logs)
 	tu := NewTransparentUDP(cfg, pc)
-	served := make(chan error, 1)
-	go func() { served <- tu.Serve(context.Background()) }()
-	t.Cleanup(func() {
-		tu.Close()
-		if err := <-served; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	serveForTest(t, tu)
 	return tu, logs
 }
 

@@ -58,14 +58,7 @@ func startUDPForward(t *testing.T, cfg sockstest.Config, o udpFwdOpts) (*UDPForw
 		IdleTimeout: o.idle, MaxSessions: o.maxSessions,
 		Logger: zerolog.New(logs).Level(zerolog.DebugLevel),
 	}, pc)
-	served := make(chan error, 1)
-	go func() { served <- f.Serve(context.Background()) }()
-	t.Cleanup(func() {
-		f.Close()
-		if err := <-served; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	serveForTest(t, f)
 	return f, pc.LocalAddr().(*net.UDPAddr), logs
 }
 
