@@ -125,9 +125,9 @@ func (r *relayRoom) wait(need int) {
 		now := time.Now()
 		if deadline.IsZero() {
 			deadline = now.Add(relayWaitMax + time.Duration(m.Limit/4)*time.Second/relayMinDrain)
-			r.stats.RelayWaits.Add(1)
+			r.stats.add(relayWaits)
 		} else if !now.Before(deadline) { // at it exactly, a nap of 0 would spin
-			r.stats.RelayStalls.Add(1)
+			r.stats.add(relayStalls)
 			r.credit, r.pauseUntil = 0, now.Add(relayStallPause)
 			return
 		}

@@ -41,7 +41,26 @@ type UDPStats struct {
 	TooLarge    atomic.Int64 // payload plus header over MaxUDPDatagram
 	RelayWaits  atomic.Int64 // batches held until the relay had room
 	RelayStalls atomic.Int64 // waits given up: the relay made no room in time
+
+	// parent, when set, is added to as well: a listener's totals, current
+	// while its associations live rather than when they end.
+	parent *UDPStats
 }
+
+// add counts one event in the field of s that field picks, and in s's
+// parent.
+func (s *UDPStats) add(field func(*UDPStats) *atomic.Int64) {
+	field(s).Add(1)
+	if s.parent != nil {
+		field(s.parent).Add(1)
+	}
+}
+
+func fragmented(s *UDPStats) *atomic.Int64  { return &s.Fragmented }
+func malformed(s *UDPStats) *atomic.Int64   { return &s.Malformed }
+func tooLarge(s *UDPStats) *atomic.Int64    { return &s.TooLarge }
+func relayWaits(s *UDPStats) *atomic.Int64  { return &s.RelayWaits }
+func relayStalls(s *UDPStats) *atomic.Int64 { return &s.RelayStalls }
 
 // UDPConn is a UDP ASSOCIATE session: a local UDP socket that talks to the
 // proxy's relay, alive while the TCP control connection is. It implements
@@ -125,6 +144,10 @@ func (u *UDPConn) Relay() netip.AddrPort { return u.relay }
 // Stats returns the drop counters.
 func (u *UDPConn) Stats() *UDPStats { return &u.stats }
 
+// CountInto has every count of u also added to totals (a listener's, for
+// its metrics), from the moment of the call. Call it before u is used.
+func (u *UDPConn) CountInto(totals *UDPStats) { u.stats.parent = totals }
+
 // Alive reports whether the control connection still stands.
 func (u *UDPConn) Alive() bool { return u.ended.Load() == assocOpen }
 
@@ -148,7 +171,7 @@ func (u *UDPConn) wrap(buf []byte, off int, dst Addr) (int, error) {
 		return 0, fmt.Errorf("socks udp: %d bytes of headroom, need %d", off, hlen)
 	}
 	if len(buf)-off+hlen > MaxUDPDatagram {
-		u.stats.TooLarge.Add(1)
+		u.stats.add(tooLarge)
 		return 0, ErrDatagramTooLarge
 	}
 	start := off - hlen
@@ -238,11 +261,11 @@ func (u *UDPConn) ReadPacket(buf []byte) (off, n int, from Addr, err error) {
 func (u *UDPConn) unwrap(d []byte) (hlen int, from Addr, ok bool) {
 	h, hlen, err := ParseUDPHeader(d)
 	if err != nil {
-		u.stats.Malformed.Add(1)
+		u.stats.add(malformed)
 		return 0, Addr{}, false
 	}
 	if h.Frag != 0 {
-		u.stats.Fragmented.Add(1)
+		u.stats.add(fragmented)
 		return 0, Addr{}, false
 	}
 	return hlen, h.Addr, true

@@ -60,6 +60,7 @@ var errNoUpstreams = errors.New("socks: no upstream proxy configured")
 type Upstreams struct {
 	hedge    atomic.Int64 // 0: DefaultHedgeDelay; negative: none; else the delay
 	onChange atomic.Pointer[func(proxy string, up bool, cause error)]
+	onTry    atomic.Pointer[func(Attempt)]
 
 	setMu sync.Mutex // serialises SetDialers
 	list  atomic.Pointer[[]*upstream]
@@ -130,6 +131,27 @@ func (u *Upstreams) OnStateChange(f func(proxy string, up bool, cause error)) {
 		return
 	}
 	u.onChange.Store(&f)
+}
+
+// Attempt is one upstream's try within a dial, as OnAttempt reports it.
+type Attempt struct {
+	Proxy string        // the Dialer's ProxyAddr
+	Took  time.Duration // from the start of the try to its result
+	// Err is nil when the session was made. Else it says why: a
+	// *ReplyError for the proxy's refusal, context.Canceled for a try cut
+	// short because another upstream won the race, and so on.
+	Err error
+}
+
+// OnAttempt sets f to be told the result of every try of every dial (for
+// metrics). It is called from the try's goroutine, concurrently, so f must
+// be quick and safe for concurrent use. A nil f reports nothing.
+func (u *Upstreams) OnAttempt(f func(Attempt)) {
+	if f == nil {
+		u.onTry.Store(nil)
+		return
+	}
+	u.onTry.Store(&f)
 }
 
 // SetDialers replaces the dialers for new dials, in order of preference.
@@ -476,7 +498,11 @@ func (h *hedgedDial[T]) startNext() <-chan time.Time {
 }
 
 func (h *hedgedDial[T]) runAttempt(i int, d *Dialer, progress *handshakeProgress) {
+	start := time.Now()
 	v, err := h.op(withProgress(h.actx, progress), d)
+	if f := h.u.onTry.Load(); f != nil {
+		(*f)(Attempt{Proxy: d.ProxyAddr, Took: time.Since(start), Err: err})
+	}
 	h.results <- attemptResult[T]{i: i, v: v, err: err}
 }
 
