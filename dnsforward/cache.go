@@ -91,14 +91,15 @@ func (c *cache) get(k cacheKey) (*dns.Msg, bool) {
 	return m, true
 }
 
-// put stores resp for k for as long as its records allow.
-func (c *cache) put(k cacheKey, resp *dns.Msg) {
+// put stores resp for k for as long as its records allow, and reports
+// whether that pushed another answer out.
+func (c *cache) put(k cacheKey, resp *dns.Msg) (evicted bool) {
 	ttl, ok := cacheTTL(resp)
 	if !ok || ttl <= 0 {
-		return
+		return false
 	}
 	now := c.now()
-	c.lru.Add(k, &cacheEntry{msg: resp.Copy(), stored: now, expires: now.Add(ttl)})
+	return c.lru.Add(k, &cacheEntry{msg: resp.Copy(), stored: now, expires: now.Add(ttl)})
 }
 
 // cacheTTL is how long resp may be cached.

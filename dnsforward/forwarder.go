@@ -77,7 +77,11 @@ type Config struct {
 	// (one shared UDP ASSOCIATE; truncated answers are asked again over
 	// TCP).
 	Transport string
-	Logger    zerolog.Logger
+	// Stats, when set, is counted into instead of the Forwarder's own, so
+	// that counts run on across forwarders that replace each other on one
+	// listener (a reload).
+	Stats  *Stats
+	Logger zerolog.Logger
 }
 
 // Stats counts queries by result.
@@ -93,7 +97,23 @@ type Stats struct {
 	// udp: read errors that did not end the association (an ICMP port
 	// unreachable from the relay reads as ECONNREFUSED).
 	UDPReadErrors atomic.Int64
+
+	// Queries by the client's transport; they add up to Queries.
+	QueriesUDP, QueriesTCP atomic.Int64
+	// Responses counts what clients were sent, by RCODE (extended codes
+	// above MaxCountedRcode count under it); they add up to Queries.
+	Responses [MaxCountedRcode + 1]atomic.Int64
+	// CacheMisses: cacheable queries the cache could not answer;
+	// CacheEvictions: answers pushed out of a full cache.
+	CacheMisses, CacheEvictions atomic.Int64
+	// NotAllowed: queries from sources outside the Server's allow list,
+	// answered REFUSED without reaching the forwarder (not in Queries).
+	NotAllowed atomic.Int64
 }
+
+// MaxCountedRcode is the highest RCODE Stats.Responses tells apart
+// (BADCOOKIE).
+const MaxCountedRcode = dns.RcodeBadCookie
 
 // Forwarder answers DNS queries by forwarding them through the proxy.
 type Forwarder struct {
@@ -102,7 +122,7 @@ type Forwarder struct {
 	udp      *udpTransport // nil for the tcp transport
 	cache    *cache        // nil when disabled
 	flight   singleflight.Group
-	stats    Stats
+	stats    *Stats
 	inFlight atomic.Int64 // queries admitted past the cache, against MaxConcurrent
 	failLog  *logthrottle.Throttle
 
@@ -131,7 +151,10 @@ func New(cfg Config) (*Forwarder, error) {
 	if cfg.MaxConcurrent <= 0 {
 		cfg.MaxConcurrent = DefaultMaxConcurrent
 	}
-	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize), failLog: logthrottle.New(failureLogPeriod), closed: make(chan struct{})}
+	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize), stats: cfg.Stats, failLog: logthrottle.New(failureLogPeriod), closed: make(chan struct{})}
+	if f.stats == nil {
+		f.stats = new(Stats)
+	}
 	switch cfg.Transport {
 	case "", "tcp":
 	case "udp":
@@ -141,7 +164,7 @@ func New(cfg Config) (*Forwarder, error) {
 				return nil, err // not a typed nil in the interface
 			}
 			return c, nil
-		}, len(cfg.Resolvers), &f.stats)
+		}, len(cfg.Resolvers), f.stats)
 	default:
 		return nil, fmt.Errorf("dnsforward: unknown transport %q (want tcp or udp)", cfg.Transport)
 	}
@@ -157,13 +180,28 @@ func New(cfg Config) (*Forwarder, error) {
 			}
 			return c, nil
 		}
-		f.pools = append(f.pools, newTCPPool(dial, cfg.PoolSize, cfg.PipelineLimit, cfg.IdleTimeout, &f.stats))
+		f.pools = append(f.pools, newTCPPool(dial, cfg.PoolSize, cfg.PipelineLimit, cfg.IdleTimeout, f.stats))
 	}
 	return f, nil
 }
 
 // Stats returns the live counters.
-func (f *Forwarder) Stats() *Stats { return &f.stats }
+func (f *Forwarder) Stats() *Stats { return f.stats }
+
+// InFlight is the number of queries waiting on the resolvers now.
+func (f *Forwarder) InFlight() int64 { return f.inFlight.Load() }
+
+// CacheLen is the number of answers cached now.
+func (f *Forwarder) CacheLen() int {
+	if f.cache == nil {
+		return 0
+	}
+	return f.cache.lru.Len()
+}
+
+func (f *Forwarder) countResponse(rcode int) {
+	f.stats.Responses[min(max(rcode, 0), MaxCountedRcode)].Add(1)
+}
 
 // ResolveError is Exchange's error when every resolver failed: one
 // attempt per resolver tried, in order.
@@ -312,6 +350,7 @@ func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 			f.stats.CacheHits.Add(1)
 			return answerFor(q, m), nil
 		}
+		f.stats.CacheMisses.Add(1)
 	}
 	if f.inFlight.Add(1) > int64(f.cfg.MaxConcurrent) {
 		f.inFlight.Add(-1)
@@ -325,8 +364,8 @@ func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	// the forwarder's timeout, not by the first caller's context.
 	v, err, shared := f.flight.Do(fmt.Sprintf("%s|%d|%d|%t", k.name, k.qtype, k.qclass, k.do), func() (any, error) {
 		resp, err := f.Exchange(context.Background(), q)
-		if err == nil {
-			f.cache.put(k, resp)
+		if err == nil && f.cache.put(k, resp) {
+			f.stats.CacheEvictions.Add(1)
 		}
 		return resp, err
 	})
@@ -353,6 +392,12 @@ func answerFor(q, m *dns.Msg) *dns.Msg {
 // of queries that failed the same way since the last line.
 func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	f.stats.Queries.Add(1)
+	_, udp := w.RemoteAddr().(*net.UDPAddr)
+	if udp {
+		f.stats.QueriesUDP.Add(1)
+	} else {
+		f.stats.QueriesTCP.Add(1)
+	}
 	resp, err := f.Resolve(context.Background(), r)
 	if err != nil {
 		rcode := dns.RcodeServerFailure
@@ -365,11 +410,13 @@ func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 		f.logFailure(err, rcode, w, r)
 		m := new(dns.Msg)
 		m.SetRcode(r, rcode)
+		f.countResponse(rcode)
 		w.WriteMsg(m)
 		return
 	}
 	f.stats.Answered.Add(1)
-	if _, udp := w.RemoteAddr().(*net.UDPAddr); udp {
+	f.countResponse(resp.Rcode)
+	if udp {
 		// A UDP client gets what fits its buffer, with TC=1 if cut, and
 		// retries over TCP for the whole answer (RFC 7766 §5).
 		size := dns.MinMsgSize

@@ -9,6 +9,7 @@ import (
 
 	"github.com/miekg/dns"
 
+	"github.com/socksfwd/socksfwd/internal/allowlist"
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
 
@@ -18,9 +19,10 @@ import (
 // The forwarder can be replaced while the sockets stay bound
 // (SetForwarder), for a configuration reload.
 type Server struct {
-	cur atomic.Pointer[serving]
-	udp *dns.Server
-	tcp *dns.Server
+	cur   atomic.Pointer[serving]
+	allow atomic.Pointer[allowlist.List] // nil: every source
+	udp   *dns.Server
+	tcp   *dns.Server
 
 	mu       sync.Mutex
 	stopped  bool
@@ -128,8 +130,19 @@ func (s *Server) SetForwarder(fwd *Forwarder) {
 	})
 }
 
+// SetAllow sets the client sources served from now on (nil: every
+// source); others are answered REFUSED and counted (Stats.NotAllowed).
+func (s *Server) SetAllow(l *allowlist.List) { s.allow.Store(l) }
+
 // ServeDNS implements dns.Handler with the current forwarder.
 func (s *Server) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
+	if !s.allow.Load().AllowsAddr(w.RemoteAddr()) {
+		s.cur.Load().fwd.stats.NotAllowed.Add(1)
+		m := new(dns.Msg)
+		m.SetRcode(r, dns.RcodeRefused)
+		w.WriteMsg(m)
+		return
+	}
 	var h *serving
 	for {
 		h = s.cur.Load()

@@ -10,6 +10,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/allowlist"
 	"github.com/socksfwd/socksfwd/internal/logthrottle"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
@@ -32,8 +33,26 @@ type TCPForwardConfig struct {
 	IdleTimeout time.Duration
 	// CopyMode chooses the relay's copy (default CopySplice).
 	CopyMode CopyMode
-	Logger   zerolog.Logger
+	// MaxSessions bounds the sessions open at once (0 = no bound):
+	// connections beyond it are closed at once and counted. Allow, when
+	// set, lists the client sources served; others are closed at once
+	// and counted. SetAdmission changes both.
+	MaxSessions int
+	Allow       *allowlist.List
+	Logger      zerolog.Logger
 }
+
+// admission is what a new connection must pass.
+type admission struct {
+	maxSessions int
+	allow       *allowlist.List
+}
+
+// Why a connection was closed at once.
+var (
+	ErrTooManySessions = errors.New("too many sessions: --max-sessions reached")
+	ErrNotAllowed      = errors.New("client source not in --allow")
+)
 
 // TCPForward accepts local connections and relays each one to the target
 // through a SOCKS5 CONNECT.
@@ -47,6 +66,7 @@ type TCPForward struct {
 	refusals *logthrottle.Throttle            // "session refused" lines
 	idle     atomic.Int64                     // the idle timeout new sessions get
 	target   atomic.Pointer[socksclient.Addr] // where new sessions go
+	admit    atomic.Pointer[admission]
 
 	mu       sync.Mutex
 	conns    map[net.Conn]bool // true for a session's client conn
@@ -63,6 +83,9 @@ type TCPStats struct {
 	Sessions  atomic.Int64 // accepted connections
 	Active    atomic.Int64
 	Failed    atomic.Int64 // sessions refused (TargetOf) or whose upstream dial failed
+	// Connections closed at once: MaxSessions were open, or the source
+	// is not in Allow.
+	RejectedFull, RejectedNotAllowed atomic.Int64
 	BytesUp   atomic.Int64
 	BytesDown atomic.Int64
 }
@@ -75,7 +98,26 @@ func NewTCPForward(cfg TCPForwardConfig, listeners ...net.Listener) *TCPForward 
 	f.refusals = logthrottle.New(refusalLogEvery)
 	f.idle.Store(int64(cfg.IdleTimeout))
 	f.target.Store(&cfg.Target)
+	f.SetAdmission(cfg.MaxSessions, cfg.Allow)
 	return f
+}
+
+// SetAdmission changes MaxSessions and Allow for connections accepted from
+// now on; live sessions stay. A reload calls it without rebinding.
+func (f *TCPForward) SetAdmission(maxSessions int, allow *allowlist.List) {
+	f.admit.Store(&admission{maxSessions: maxSessions, allow: allow})
+}
+
+// admits says why c must be closed at once, or nil.
+func (f *TCPForward) admits(c net.Conn) error {
+	a := f.admit.Load()
+	if !a.allow.AllowsAddr(c.RemoteAddr()) {
+		return ErrNotAllowed
+	}
+	if a.maxSessions > 0 && f.stats.Active.Load() >= int64(a.maxSessions) {
+		return ErrTooManySessions
+	}
+	return nil
 }
 
 // refusalLogEvery is how often a refused session's cause is logged again.
@@ -140,12 +182,35 @@ func (f *TCPForward) acceptLoop(ln net.Listener) error {
 			}
 		}
 		tempDelay = 0
+		if err := f.admits(c); err != nil {
+			f.reject(c, err)
+			continue
+		}
 		if !f.track(c, true) {
 			c.Close()
 			continue
 		}
+		// Counted here, not in the session's goroutine, so that the next
+		// accept already sees it against MaxSessions.
+		f.stats.Sessions.Add(1)
+		f.stats.Active.Add(1)
 		f.sessions.Go(func() { f.serveSession(c) })
 	}
+}
+
+// reject closes a connection admission refused, with a reset, and logs
+// one line per cause and period.
+func (f *TCPForward) reject(c net.Conn, err error) {
+	if errors.Is(err, ErrNotAllowed) {
+		f.stats.RejectedNotAllowed.Add(1)
+	} else {
+		f.stats.RejectedFull.Add(1)
+	}
+	if ok, suppressed := f.refusals.Allow(err.Error()); ok {
+		f.cfg.Logger.Warn().Str("listener", f.cfg.Name).Str("client", c.RemoteAddr().String()).
+			Int64("rejected_since_last_line", suppressed).Err(err).Msg("connection rejected")
+	}
+	abort(c)
 }
 
 func (f *TCPForward) isStopping() bool {
@@ -175,8 +240,6 @@ func (f *TCPForward) untrack(c net.Conn) {
 // runs on goroutines of its own: this goroutine, whose stack the dial grew,
 // ends, so an idle session keeps only the relay's two small stacks.
 func (f *TCPForward) serveSession(client net.Conn) {
-	f.stats.Sessions.Add(1)
-	f.stats.Active.Add(1)
 	start := time.Now()
 	idle := time.Duration(f.idle.Load())
 	target, err := f.targetOf(client)

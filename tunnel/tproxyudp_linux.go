@@ -177,5 +177,6 @@ func (t *TransparentUDP) copyDown(s *udpSession, a *socksclient.UDPConn) {
 		}
 		s.down.Add(1)
 		t.stats.DatagramsDown.Add(1)
+		t.stats.BytesDown.Add(int64(n - off))
 	}
 }

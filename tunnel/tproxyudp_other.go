@@ -6,6 +6,8 @@ import (
 	"context"
 	"net"
 	"time"
+
+	"github.com/socksfwd/socksfwd/internal/allowlist"
 )
 
 // ListenTransparentUDP needs Linux (TPROXY is netfilter's).
@@ -55,3 +57,6 @@ func (t *TransparentUDP) Sessions() int { return 0 }
 
 // SetLimits does nothing: there are no sessions without Linux.
 func (t *TransparentUDP) SetLimits(idleTimeout time.Duration, maxSessions int) {}
+
+// SetAllow does nothing: there are no clients without Linux.
+func (t *TransparentUDP) SetAllow(l *allowlist.List) {}

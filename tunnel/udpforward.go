@@ -42,9 +42,10 @@ const (
 
 // Log causes, one throttled line each (see logthrottle).
 const (
-	causeAssociate = "associate"
-	causeTableFull = "table full"
-	causeRead      = "read"
+	causeAssociate  = "associate"
+	causeTableFull  = "table full"
+	causeRead       = "read"
+	causeNotAllowed = "not-allowed"
 )
 
 // UDPForwardConfig describes one -L …/udp forward.
@@ -76,15 +77,23 @@ type UDPStats struct {
 	Received      atomic.Int64 // datagrams read from clients
 	DatagramsUp   atomic.Int64 // client → target
 	DatagramsDown atomic.Int64 // target → client
+	BytesUp       atomic.Int64 // payload bytes of DatagramsUp
+	BytesDown     atomic.Int64 // payload bytes of DatagramsDown
 	DroppedQueue  atomic.Int64 // session queue full, or no association
 	DroppedLarge  atomic.Int64 // too large for a SOCKS header, or longer than a slot (IPv6)
 	DroppedMemory atomic.Int64 // the forward's queued bytes were at QueueBytes
 	DroppedEnded  atomic.Int64 // queued for a session evicted or closed before it sent them
 	DroppedSend   atomic.Int64 // the send failed (e.g. an ICMP error on the association)
+	// DroppedNotAllowed: the client's source is not in the allow list.
+	DroppedNotAllowed atomic.Int64
 	// AssociateFailures counts UDP ASSOCIATE attempts that failed.
 	AssociateFailures atomic.Int64
 	// ReadErrors counts failed reads of the listening socket.
 	ReadErrors atomic.Int64
+	// Association adds up what every association counted (fragments,
+	// malformed headers and strangers from the relay, relay waits and
+	// stalls), live.
+	Association socksclient.UDPStats
 }
 
 // datagramReader is how Serve reads client datagrams: a udpbatch.Reader,
@@ -260,8 +269,13 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 			w.Add(r.Payload(i), s.client)
 		}
 		if sent, _ := w.Flush(); sent > 0 {
+			bytes := 0
+			for i := range sent {
+				bytes += len(r.Payload(i))
+			}
 			s.down.Add(int64(sent))
 			f.stats.DatagramsDown.Add(int64(sent))
+			f.stats.BytesDown.Add(int64(bytes))
 		}
 	}
 }

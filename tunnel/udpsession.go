@@ -12,6 +12,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/allowlist"
 	"github.com/socksfwd/socksfwd/internal/logthrottle"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
@@ -43,6 +44,8 @@ type udpTable struct {
 	// datagram is queued and given back when it is sent or dropped.
 	queued     atomic.Int64
 	queueLimit int64
+
+	allow atomic.Pointer[allowlist.List] // nil: every source
 
 	mu          sync.Mutex
 	sessions    map[netip.AddrPort]*udpSession
@@ -106,6 +109,10 @@ func (t *udpTable) SetLimits(idleTimeout time.Duration, maxSessions int) {
 	t.idleTimeout, t.maxSessions = idleTimeout, maxSessions
 	t.mu.Unlock()
 }
+
+// SetAllow sets the client sources served from now on (nil: every
+// source); datagrams from others are dropped and counted.
+func (t *udpTable) SetAllow(l *allowlist.List) { t.allow.Store(l) }
 
 // Sessions is the number of live sessions.
 func (t *udpTable) Sessions() int {
@@ -318,6 +325,15 @@ func newUDPDispatch() *udpDispatch {
 func (t *udpTable) dispatch(d *udpDispatch, src netip.AddrPort, slot []byte, idx int, dst socksclient.Addr) {
 	s := d.s
 	if s == nil || src != d.lastSrc {
+		if !t.allow.Load().Allows(src.Addr()) {
+			d.s = nil
+			t.stats.DroppedNotAllowed.Add(1)
+			if ok, suppressed := t.logs.Allow(causeNotAllowed); ok {
+				t.logger.Warn().Str("listener", t.name).Str("client", src.String()).Int64("repeats", suppressed).
+					Msg("datagram dropped: client source not in --allow")
+			}
+			return
+		}
 		d.lastSrc, s = src, t.session(src)
 		d.s = s
 		if s == nil { // the service is closing
@@ -466,6 +482,11 @@ func (s *udpSession) flushBatch(b fastBatch, r datagramReader) {
 		sent, err := b.Flush()
 		s.up.Add(int64(sent))
 		t.stats.DatagramsUp.Add(int64(sent))
+		bytes := 0
+		for _, q := range slots[:min(sent, len(slots))] {
+			bytes += len(r.Slot(q.idx)) - socksclient.MaxUDPHeaderLen
+		}
+		t.stats.BytesUp.Add(int64(bytes))
 		rest := slots[min(sent, len(slots)):]
 		switch {
 		case err == nil || len(rest) == 0:
@@ -590,6 +611,7 @@ func (s *udpSession) send(p udpPacket) {
 		case err == nil:
 			s.up.Add(1)
 			t.stats.DatagramsUp.Add(1)
+			t.stats.BytesUp.Add(int64(p.n))
 			return
 		case errors.Is(err, socksclient.ErrDatagramTooLarge):
 			t.stats.DroppedLarge.Add(1)
@@ -633,6 +655,7 @@ func (s *udpSession) associate() bool {
 			Int64("failures_since_last_line", suppressed).Msg("UDP associate works again")
 	}
 	s.lastErr = nil
+	a.CountInto(&t.stats.Association)
 	s.assoc = a
 	done := make(chan struct{})
 	s.readDone = done
