@@ -248,56 +248,14 @@ func (d *Dialer) dialProxy(ctx context.Context) (net.Conn, error) {
 // marking progress (if not nil) greeted once the proxy's part is done.
 func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr, progress *handshakeProgress) (Reply, error) {
 	var buf [8 + 2*256 + maxAddrFrame]byte
-	g := Greeting{Methods: []AuthMethod{MethodNoAuth}}
-	if d.Username != "" {
-		// OpenSSH closes silently unless 0x00 is offered, so offer both.
-		g.Methods = []AuthMethod{MethodNoAuth, MethodUserPass}
-	}
-	b, err := g.AppendTo(buf[:0])
-	if err != nil {
+	if _, _, err := d.greet(conn, buf[:0]); err != nil {
 		return Reply{}, err
-	}
-	if _, err := conn.Write(b); err != nil {
-		return Reply{}, err
-	}
-	sel, err := ReadMethodSelection(conn)
-	if err != nil {
-		return Reply{}, closedEarly(err, "method selection")
-	}
-	switch sel.Method {
-	case MethodNoAuth:
-	case MethodUserPass:
-		if d.Username == "" {
-			return Reply{}, ErrCredentialsRequired
-		}
-		b, err := UserPassRequest{Username: d.Username, Password: d.Password}.AppendTo(buf[:0])
-		if err != nil {
-			return Reply{}, err
-		}
-		if _, err := conn.Write(b); err != nil {
-			return Reply{}, err
-		}
-		st, err := ReadUserPassStatus(conn)
-		if err != nil {
-			if err == io.EOF {
-				// Some servers close instead of sending a failure status.
-				return Reply{}, ErrAuthFailed
-			}
-			return Reply{}, closedEarly(err, "username/password status")
-		}
-		if !st.Success() {
-			return Reply{}, ErrAuthFailed
-		}
-	case MethodNoAcceptable:
-		return Reply{}, ErrNoAcceptableMethods
-	default:
-		return Reply{}, protoErr("method selection", fmt.Sprintf("server chose %s, which was not offered", sel.Method))
 	}
 	if progress != nil {
 		progress.greeted = true
 	}
 
-	b, err = Request{Cmd: cmd, Addr: target}.AppendTo(buf[:0])
+	b, err := Request{Cmd: cmd, Addr: target}.AppendTo(buf[:0])
 	if err != nil {
 		return Reply{}, err
 	}
@@ -318,6 +276,69 @@ func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr, progress *ha
 		return Reply{}, &ReplyError{Cmd: cmd, Code: reply.Code}
 	}
 	return reply, nil
+}
+
+// Methods offered in the greeting: with credentials both, since OpenSSH
+// closes silently unless 0x00 is offered.
+var (
+	offerNoAuth = []AuthMethod{MethodNoAuth}
+	offerBoth   = []AuthMethod{MethodNoAuth, MethodUserPass}
+)
+
+// offered is what the greeting offers.
+func (d *Dialer) offered() []AuthMethod {
+	if d.Username != "" {
+		return offerBoth
+	}
+	return offerNoAuth
+}
+
+// greet sends the greeting, reads the method the proxy chose and, for
+// username/password, authenticates. answered says whether the proxy chose
+// a method (chosen is then its choice, even when authentication failed).
+// buf is scratch space.
+func (d *Dialer) greet(conn net.Conn, buf []byte) (chosen AuthMethod, answered bool, err error) {
+	b, err := Greeting{Methods: d.offered()}.AppendTo(buf[:0])
+	if err != nil {
+		return 0, false, err
+	}
+	if _, err := conn.Write(b); err != nil {
+		return 0, false, err
+	}
+	sel, err := ReadMethodSelection(conn)
+	if err != nil {
+		return 0, false, closedEarly(err, "method selection")
+	}
+	switch sel.Method {
+	case MethodNoAuth:
+	case MethodUserPass:
+		if d.Username == "" {
+			return sel.Method, true, ErrCredentialsRequired
+		}
+		b, err := UserPassRequest{Username: d.Username, Password: d.Password}.AppendTo(buf[:0])
+		if err != nil {
+			return sel.Method, true, err
+		}
+		if _, err := conn.Write(b); err != nil {
+			return sel.Method, true, err
+		}
+		st, err := ReadUserPassStatus(conn)
+		if err != nil {
+			if err == io.EOF {
+				// Some servers close instead of sending a failure status.
+				return sel.Method, true, ErrAuthFailed
+			}
+			return sel.Method, true, closedEarly(err, "username/password status")
+		}
+		if !st.Success() {
+			return sel.Method, true, ErrAuthFailed
+		}
+	case MethodNoAcceptable:
+		return sel.Method, true, ErrNoAcceptableMethods
+	default:
+		return sel.Method, true, protoErr("method selection", fmt.Sprintf("server chose %s, which was not offered", sel.Method))
+	}
+	return sel.Method, true, nil
 }
 
 func (d *Dialer) resolve(ctx context.Context, target Addr) (Addr, error) {

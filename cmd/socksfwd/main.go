@@ -65,7 +65,7 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 		DisableSliceFlagSeparator: true,
 		HideHelpCommand:           true,
 		Flags:                     flags,
-		Commands:                  []*cli.Command{rulesCommand(stdout, getenv)},
+		Commands:                  []*cli.Command{rulesCommand(stdout, getenv), checkCommand(stdout, stderr, getenv)},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return usageError{err}
 		},

@@ -58,6 +58,7 @@ func scriptCmds(extra map[string]scriptCmd) map[string]scriptCmd {
 		"waitudp":      cmdWaitUDP,
 		"udproundtrip": cmdUDPRoundTrip,
 		"sleep":        cmdSleep,
+		"checkjson":    cmdCheckJSON,
 	}
 	for k, v := range extra {
 		cmds[k] = v
