@@ -39,9 +39,13 @@ type Config struct {
 	IdleTimeout        Duration `toml:"idle-timeout" def:"0s" usage:"close a TCP session idle this long (0 = never, like ssh -L)"`
 	UDPIdleTimeout     Duration `toml:"udp-idle-timeout" def:"60s" usage:"end a UDP session idle this long"`
 	UDPMaxSessions     int      `toml:"udp-max-sessions" def:"1024" usage:"UDP sessions (client addresses) per listener; when full, the one idle longest makes room"`
+	MaxSessions        int      `toml:"max-sessions" def:"0" usage:"TCP sessions per listener; connections beyond it are closed at once and counted (0 = no limit)"`
+	Allow              []string `toml:"allow,omitempty" usage:"client sources (CIDR) allowed on listeners bound beyond loopback, repeatable; others are closed at once and counted"`
 	LogLevel           string   `toml:"log-level" def:"info" usage:"debug | info | warn | error"`
 	LogFormat          string   `toml:"log-format" def:"auto" usage:"auto | json | console (auto: console on a terminal)"`
 	ShutdownTimeout    Duration `toml:"shutdown-timeout" def:"30s" usage:"drain time on SIGINT/SIGTERM"`
+	Admin              string   `toml:"admin,omitempty" usage:"serve /metrics, /healthz and /readyz on [bind:]port (bind defaults to 127.0.0.1; off by default)"`
+	AdminPprof         bool     `toml:"admin-pprof,omitempty" usage:"also serve /debug/pprof/ on --admin"`
 	// For make bench: compare the relay's copy paths.
 	RelayCopy string `toml:"relay-copy,omitempty" hidden:"true" usage:"splice | pooled | iocopy"`
 }
@@ -51,7 +55,8 @@ type option struct {
 	name, short, usage, def string
 	hidden                  bool
 	repeatable              bool
-	index                   int // field index in Config
+	isBool                  bool // a switch: --name alone means true
+	index                   int  // field index in Config
 }
 
 // options lists Config's fields, in declaration order.
@@ -64,6 +69,7 @@ var options = func() []option {
 		opts[i] = option{
 			name: name, short: f.Tag.Get("short"), usage: f.Tag.Get("usage"), def: f.Tag.Get("def"),
 			hidden: f.Tag.Get("hidden") == "true", repeatable: f.Type.Kind() == reflect.Slice, index: i,
+			isBool: f.Type.Kind() == reflect.Bool,
 		}
 	}
 	return opts
@@ -98,6 +104,12 @@ func (o option) set(c *Config, value string) error {
 		*p = value
 	case *[]string:
 		*p = append(*p, value)
+	case *bool:
+		b, err := strconv.ParseBool(value)
+		if err != nil {
+			return errors.New("want true or false")
+		}
+		*p = b
 	case *int:
 		n, err := strconv.Atoi(value)
 		if err != nil {

@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"reflect"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -103,9 +104,12 @@ func optionFlags() []cli.Flag {
 		}
 		// Every value arrives as text and is parsed by mergeConfig, so
 		// that an error names the option and says what it wants.
-		if o.repeatable {
+		switch {
+		case o.isBool:
+			flags = append(flags, &cli.BoolFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden})
+		case o.repeatable:
 			flags = append(flags, &cli.StringSliceFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden})
-		} else {
+		default:
 			flags = append(flags, &cli.StringFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Value: o.def})
 		}
 	}
@@ -212,6 +216,8 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 		var vals []string
 		source := "--" + o.name
 		switch {
+		case c.IsSet(o.name) && o.isBool:
+			vals = []string{strconv.FormatBool(c.Bool(o.name))}
 		case c.IsSet(o.name) && o.repeatable:
 			vals = c.StringSlice(o.name)
 		case c.IsSet(o.name):

@@ -1,12 +1,15 @@
 package main
 
 import (
+	"net"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/allowlist"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/tunnel"
 )
@@ -17,9 +20,31 @@ import (
 type plan struct {
 	cfg      Config
 	dialers  []*socksclient.Dialer // -S, in failover order
-	listens  []listenPlan          // one per address to bind, -L then --dns
+	listens  []listenPlan          // one per address to bind: -L, --transparent, --admin, --dns
 	copyMode tunnel.CopyMode
 	logLevel zerolog.Level
+	allow    *allowlist.List // --allow; nil: every source
+}
+
+// allowFor is the allow list of a listener bound to addr: --allow for one
+// bound beyond loopback, none for a loopback one (only this host reaches
+// it).
+func (p *plan) allowFor(addr string) *allowlist.List {
+	if isLoopbackBind(addr) {
+		return nil
+	}
+	return p.allow
+}
+
+// isLoopbackBind reports whether a host:port to bind is a loopback
+// address (not a wildcard, not a name).
+func isLoopbackBind(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
 }
 
 // listenKind says what a listener serves.
@@ -35,6 +60,8 @@ const (
 	// kindTransparentUDP is UDP that TPROXY sent here: each datagram goes
 	// to its original destination.
 	kindTransparentUDP listenKind = "transparent-udp"
+	// kindAdmin serves /metrics, /healthz and /readyz over HTTP.
+	kindAdmin listenKind = "admin"
 )
 
 // listenPlan is one address to bind and what it forwards to.
@@ -108,6 +135,14 @@ func buildPlan(cfg Config) (*plan, error) {
 	if cfg.ShutdownTimeout <= 0 {
 		return nil, usagef("--shutdown-timeout must be positive")
 	}
+	if cfg.MaxSessions < 0 {
+		return nil, usagef("--max-sessions %d: want 0 (no limit) or more", cfg.MaxSessions)
+	}
+	if len(cfg.Allow) > 0 {
+		if p.allow, err = allowlist.Parse(cfg.Allow); err != nil {
+			return nil, usagef("--allow: %v", err)
+		}
+	}
 	if p.dialers, err = buildDialers(&cfg); err != nil {
 		return nil, err
 	}
@@ -135,6 +170,15 @@ func buildPlan(cfg Config) (*plan, error) {
 		}
 		for _, addr := range addrs {
 			p.listens = append(p.listens, listenPlan{kind: kind, addr: addr, spec: "--transparent " + spec, optional: optional[addr]})
+		}
+	}
+	if cfg.Admin != "" {
+		addrs, optional, err := listenAddrs("--admin", cfg.Admin)
+		if err != nil {
+			return nil, err
+		}
+		for _, addr := range addrs {
+			p.listens = append(p.listens, listenPlan{kind: kindAdmin, addr: addr, spec: "--admin " + cfg.Admin, optional: optional[addr]})
 		}
 	}
 	if cfg.DNS != "" {

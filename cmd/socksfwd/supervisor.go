@@ -10,12 +10,14 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
 
 	"github.com/socksfwd/socksfwd/dnsforward"
+	"github.com/socksfwd/socksfwd/internal/allowlist"
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/internal/sockmark"
 	"github.com/socksfwd/socksfwd/socksclient"
@@ -49,6 +51,10 @@ type supervisor struct {
 	plan  *plan
 	ups   *socksclient.Upstreams
 	units map[string]*unit
+	// live is units as the admin endpoint reads them, published after
+	// each change.
+	live atomic.Pointer[[]liveUnit]
+	tel  *telemetry
 
 	// failed receives the first error a service's Serve returned.
 	failed  chan error
@@ -62,7 +68,7 @@ type supervisor struct {
 
 func newSupervisor(log zerolog.Logger, reload func() (*plan, error)) *supervisor {
 	cutCtx, cut := context.WithCancel(context.Background())
-	return &supervisor{log: log, reload: reload, units: make(map[string]*unit), failed: make(chan error, 1), cutCtx: cutCtx, cut: cut}
+	return &supervisor{log: log, reload: reload, units: make(map[string]*unit), tel: newTelemetry(), failed: make(chan error, 1), cutCtx: cutCtx, cut: cut}
 }
 
 // errSecondSignal ends a drain cut short by a second signal: exit 1.
@@ -82,6 +88,7 @@ func (s *supervisor) run(p *plan, sigs <-chan os.Signal) error {
 		return err
 	}
 	s.start(bound)
+	s.tel.bound.Store(true)
 
 	var runErr error
 loop:
@@ -110,6 +117,7 @@ loop:
 // configureUpstreams applies what the plan says of failover.
 func (s *supervisor) configureUpstreams(p *plan) {
 	s.ups.SetHedgeDelay(time.Duration(p.cfg.HedgeDelay))
+	s.observeUpstreams(p)
 	s.ups.OnStateChange(func(proxy string, up bool, cause error) {
 		if up {
 			s.log.Info().Str("upstream", proxy).Msg("upstream is back")
@@ -117,6 +125,39 @@ func (s *supervisor) configureUpstreams(p *plan) {
 		}
 		s.log.Info().Str("upstream", proxy).Err(cause).Msg("upstream is down; trying the next one")
 	})
+}
+
+// observeUpstreams records every upstream try for /metrics and /readyz
+// while an admin listener is configured, and costs nothing otherwise.
+func (s *supervisor) observeUpstreams(p *plan) {
+	if p.cfg.Admin == "" {
+		s.ups.OnAttempt(nil)
+		return
+	}
+	s.ups.OnAttempt(s.tel.observe)
+}
+
+// publish makes the current units what the admin endpoint reads, in the
+// order of their keys.
+func (s *supervisor) publish() {
+	keys := make([]string, 0, len(s.units))
+	for k := range s.units {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	live := make([]liveUnit, 0, len(keys))
+	for _, k := range keys {
+		u := s.units[k]
+		live = append(live, liveUnit{kind: u.lp.kind, name: u.svc.Addr().String(), svc: u.svc})
+	}
+	s.live.Store(&live)
+}
+
+func (s *supervisor) liveUnits() []liveUnit {
+	if l := s.live.Load(); l != nil {
+		return *l
+	}
+	return nil
 }
 
 // bind opens every listener of ls, in order, or none: on a failure it
@@ -140,9 +181,28 @@ func (s *supervisor) bind(ls []listenPlan) ([]*unit, error) {
 	return bound, nil
 }
 
+// warnExposed logs one line naming the listeners of bound that anyone on
+// their network can use: bound beyond loopback, with no --allow.
+func (s *supervisor) warnExposed(bound []*unit) {
+	if s.plan.allow != nil {
+		return
+	}
+	var open []string
+	for _, u := range bound {
+		if !isLoopbackBind(u.lp.addr) {
+			open = append(open, u.svc.Addr().String())
+		}
+	}
+	if len(open) > 0 {
+		s.log.Warn().Strs("listeners", open).Msg("listening beyond loopback without --allow: anyone who can reach " +
+			strings.Join(open, ", ") + " can use the proxy through it; give --allow CIDR to say who may")
+	}
+}
+
 // start serves bound units and logs one line for each, in the order of
 // the options, once all are bound.
 func (s *supervisor) start(bound []*unit) {
+	s.warnExposed(bound)
 	for _, u := range bound {
 		s.units[u.lp.key()] = u
 		s.logListening(u)
@@ -155,6 +215,7 @@ func (s *supervisor) start(bound []*unit) {
 			}
 		})
 	}
+	s.publish()
 }
 
 func (s *supervisor) via() string {
@@ -174,6 +235,10 @@ func (s *supervisor) logListening(u *unit) {
 			resolvers[i] = r.String()
 		}
 		ev.Strs("resolvers", resolvers).Msgf("DNS on %s (udp+tcp) → %s over %s via %s", name, strings.Join(resolvers, ", "), u.lp.dns.transport, s.via())
+		return
+	}
+	if u.lp.kind == kindAdmin {
+		ev.Msgf("admin on http://%s: /metrics /healthz /readyz", name)
 		return
 	}
 	if u.lp.kind == kindTransparentUDP {
@@ -202,19 +267,29 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 	// loopback listener's connections get small buffers (sockbuf).
 	lc := net.ListenConfig{KeepAlive: -1, Control: sockbuf.CapLoopbackTCP}
 	switch l.kind {
+	case kindAdmin:
+		ln, err := lc.Listen(context.Background(), "tcp", l.addr)
+		if err != nil {
+			return nil, err
+		}
+		a := newAdminServer(ln, s, cfg.AdminPprof)
+		a.SetAllow(s.plan.allowFor(l.addr))
+		return a, nil
 	case kindUDP:
 		pc, err := lc.ListenPacket(context.Background(), "udp", l.addr)
 		if err != nil {
 			return nil, err
 		}
-		return tunnel.NewUDPForward(tunnel.UDPForwardConfig{
+		f := tunnel.NewUDPForward(tunnel.UDPForwardConfig{
 			Name:        pc.LocalAddr().String(),
 			Target:      l.target,
 			Upstreams:   s.ups,
 			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
 			MaxSessions: cfg.UDPMaxSessions,
 			Logger:      s.log,
-		}, pc.(*net.UDPConn)), nil
+		}, pc.(*net.UDPConn))
+		f.SetAllow(s.plan.allowFor(l.addr))
+		return f, nil
 	case kindTransparent:
 		ln, err := tunnel.ListenTransparent(context.Background(), "tcp", l.addr, sockbuf.CapLoopbackTCP)
 		if err != nil {
@@ -226,6 +301,8 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 			Upstreams:   s.ups,
 			IdleTimeout: time.Duration(cfg.IdleTimeout),
 			CopyMode:    s.plan.copyMode,
+			MaxSessions: cfg.MaxSessions,
+			Allow:       s.plan.allowFor(l.addr),
 			Logger:      s.log,
 		}, ln), nil
 	case kindTransparentUDP:
@@ -237,26 +314,30 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 		if cfg.Mark != 0 { // reply sockets must not be captured again either
 			control = sockmark.Control(int(cfg.Mark))
 		}
-		return tunnel.NewTransparentUDP(tunnel.TransparentUDPConfig{
+		t := tunnel.NewTransparentUDP(tunnel.TransparentUDPConfig{
 			Name:        pc.LocalAddr().String(),
 			Upstreams:   s.ups,
 			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
 			MaxSessions: cfg.UDPMaxSessions,
 			Control:     control,
 			Logger:      s.log,
-		}, pc), nil
+		}, pc)
+		t.SetAllow(s.plan.allowFor(l.addr))
+		return t, nil
 	case kindDNS:
 		pc, ln, err := dnsforward.Listen(l.addr)
 		if err != nil {
 			return nil, err
 		}
-		fwd, err := s.newForwarder(l.dns)
+		fwd, err := s.newForwarder(l.dns, nil)
 		if err != nil {
 			pc.Close()
 			ln.Close()
 			return nil, err
 		}
-		return dnsforward.NewServer(fwd, pc, ln), nil
+		srv := dnsforward.NewServer(fwd, pc, ln)
+		srv.SetAllow(s.plan.allowFor(l.addr))
+		return srv, nil
 	}
 	ln, err := lc.Listen(context.Background(), "tcp", l.addr)
 	if err != nil {
@@ -268,6 +349,8 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 		Upstreams:   s.ups,
 		IdleTimeout: time.Duration(cfg.IdleTimeout),
 		CopyMode:    s.plan.copyMode,
+		MaxSessions: cfg.MaxSessions,
+		Allow:       s.plan.allowFor(l.addr),
 		Logger:      s.log,
 	}, ln), nil
 }
@@ -294,8 +377,11 @@ func (s *supervisor) notToUpstream(targetOf func(net.Conn) (socksclient.Addr, er
 	}
 }
 
-func (s *supervisor) newForwarder(d *dnsPlan) (*dnsforward.Forwarder, error) {
+// newForwarder makes a DNS listener's forwarder; a reload passes the
+// running one's stats, so that its counts run on.
+func (s *supervisor) newForwarder(d *dnsPlan, stats *dnsforward.Stats) (*dnsforward.Forwarder, error) {
 	return dnsforward.New(dnsforward.Config{
+		Stats:         stats,
 		Resolvers:     d.resolvers,
 		Upstreams:     s.ups,
 		Timeout:       d.timeout,
@@ -320,6 +406,7 @@ func (s *supervisor) reloadNow() {
 		err = checkMark(p)
 	}
 	if err != nil {
+		s.reloaded(false)
 		s.log.Error().Err(err).Msg("reload failed; the running configuration stays")
 		return
 	}
@@ -336,6 +423,7 @@ func (s *supervisor) reloadNow() {
 	bound, err := s.bind(added)
 	if err != nil {
 		s.plan = old
+		s.reloaded(false)
 		s.log.Error().Err(err).Msg("reload failed; the running configuration stays")
 		return
 	}
@@ -346,6 +434,7 @@ func (s *supervisor) reloadNow() {
 	// health (SetDialers matches them), and credentials read from a
 	// password file are taken afresh.
 	s.ups.SetDialers(p.dialers...)
+	s.observeUpstreams(p)
 	if !slices.Equal(old.cfg.Server, p.cfg.Server) {
 		changes = append(changes, fmt.Sprintf("upstreams [%s] → [%s]", redactedServers(old.cfg.Server), redactedServers(p.cfg.Server)))
 	}
@@ -383,11 +472,23 @@ func (s *supervisor) reloadNow() {
 		changes = append(changes, "+"+u.lp.key())
 	}
 	s.start(bound)
+	s.reloaded(true)
 	if len(changes) == 0 {
 		s.log.Info().Msg("reloaded: nothing changed")
 		return
 	}
 	s.log.Info().Strs("changes", changes).Msg("reloaded: " + strings.Join(changes, "; "))
+}
+
+// reloaded counts a reload's result for /metrics.
+func (s *supervisor) reloaded(ok bool) {
+	if ok {
+		s.tel.reloadsOK.Add(1)
+	} else {
+		s.tel.reloadsFailed.Add(1)
+	}
+	s.tel.lastReloadOK.Store(ok)
+	s.tel.lastReloadAt.Store(time.Now().Unix())
 }
 
 // checkMark makes sure the process may mark its sockets before any is
@@ -419,8 +520,18 @@ func (s *supervisor) checkFixed(p *plan) error {
 func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 	var changes []string
 	key := l.key()
+	if allow, was := p.allowFor(l.addr), old.allowFor(l.addr); allow.String() != was.String() {
+		changes = append(changes, fmt.Sprintf("%s allow %s", key, allow))
+	}
+	if a, ok := u.svc.(interface{ SetAllow(*allowlist.List) }); ok {
+		a.SetAllow(p.allowFor(l.addr))
+	}
 	switch svc := u.svc.(type) {
 	case *tunnel.TCPForward:
+		svc.SetAdmission(p.cfg.MaxSessions, p.allowFor(l.addr))
+		if old.cfg.MaxSessions != p.cfg.MaxSessions {
+			changes = append(changes, fmt.Sprintf("%s max-sessions %d → %d", key, old.cfg.MaxSessions, p.cfg.MaxSessions))
+		}
 		if l.target != u.lp.target {
 			svc.SetTarget(l.target)
 			changes = append(changes, fmt.Sprintf("%s target %s → %s", key, u.lp.target, l.target))
@@ -443,9 +554,14 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 			svc.SetLimits(time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions)
 			changes = append(changes, fmt.Sprintf("%s udp-idle-timeout %s, udp-max-sessions %d", key, time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions))
 		}
+	case *adminServer:
+		if old.cfg.AdminPprof != p.cfg.AdminPprof {
+			svc.SetPprof(p.cfg.AdminPprof)
+			changes = append(changes, fmt.Sprintf("admin-pprof %t", p.cfg.AdminPprof))
+		}
 	case *dnsforward.Server:
 		if !l.dns.equal(u.lp.dns) {
-			fwd, err := s.newForwarder(l.dns)
+			fwd, err := s.newForwarder(l.dns, svc.Forwarder().Stats())
 			if err != nil {
 				// New only fails on what buildPlan checked; keep the old one.
 				s.log.Error().Err(err).Str("listener", key).Msg("reload: DNS settings not applied")
@@ -474,11 +590,18 @@ func (s *supervisor) drainRemoved(u *unit, timeout time.Duration) {
 // drainAll stops accepting on every listener at once and drains them in
 // parallel under one deadline; a second signal cuts what is left.
 func (s *supervisor) drainAll(sigs <-chan os.Signal) error {
+	s.tel.draining.Store(true)
 	ctx, cancel := context.WithTimeout(s.cutCtx, time.Duration(s.plan.cfg.ShutdownTimeout))
 	defer cancel()
 	var wg sync.WaitGroup
 	var timedOut sync.Once
+	var admins []*unit
 	for _, u := range s.units {
+		if u.lp.kind == kindAdmin {
+			// It answers to the end, so that /readyz says "draining".
+			admins = append(admins, u)
+			continue
+		}
 		wg.Go(func() {
 			if err := u.svc.Shutdown(ctx); errors.Is(err, context.DeadlineExceeded) {
 				timedOut.Do(func() { s.log.Warn().Msg("shutdown timeout reached; cutting remaining sessions") })
@@ -489,6 +612,11 @@ func (s *supervisor) drainAll(sigs <-chan os.Signal) error {
 	go func() {
 		wg.Wait()
 		s.drains.Wait()
+		for _, u := range admins {
+			if u.svc.Shutdown(ctx) != nil {
+				u.svc.Close()
+			}
+		}
 		s.serving.Wait()
 		close(done)
 	}()
