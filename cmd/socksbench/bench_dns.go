@@ -33,14 +33,16 @@ func benchDNS(h *harness, cfg benchConfig) {
 	writeNames(h, repeat, "r", 100)
 	writeNames(h, closing, "c", 500_000) // names no earlier row has cached
 
-	forward := func(transport string) string {
+	forward := func(transport string, extra ...string) string {
 		addr := freeAddr(h)
-		p := peertest.Start(h, "socksfwd", cfg.socksfwd, "--dns", addr, "--dns-upstream", resolver.Addr,
-			"--dns-transport", transport, "-S", dante.Addr, "--log-format", "json")
+		p := peertest.Start(h, "socksfwd", append([]string{cfg.socksfwd, "--dns", addr, "--dns-upstream", resolver.Addr,
+			"--dns-transport", transport, "-S", dante.Addr, "--log-format", "json"}, extra...)...)
 		peertest.WaitOutput(h, p, "DNS on")
 		return addr
 	}
-	viaTCP, viaUDP := forward("tcp"), forward("udp")
+	// The tcp forwarder's /metrics is checked against dnsperf's totals.
+	admin := freeAddr(h)
+	viaTCP, viaUDP := forward("tcp", "--admin", admin), forward("udp")
 
 	type run struct {
 		name, way, addr, file string
@@ -53,8 +55,14 @@ func benchDNS(h *harness, cfg benchConfig) {
 		{"dns-cache-hits", "direct", resolver.Addr, repeat, 0},
 		{"dns-cache-hits", "socksfwd-tcp", viaTCP, repeat, 45000},
 	} {
+		var q0 float64
+		var r0 map[string]float64
+		if r.addr == viaTCP {
+			q0, r0 = dnsCounts(h, admin, viaTCP)
+		}
 		cpu := startCPU()
-		qps, lost, lat := dnsperfRun(h, dnsperf, r.addr, r.file, cfg.seconds)
+		out := dnsperfOutput(h, dnsperf, r.addr, r.file, cfg.seconds)
+		qps, lost, lat := dnsperfResult(out)
 		verdict := ""
 		if r.bar > 0 {
 			verdict = barText(qps >= r.bar && (r.name != "dns-unique-names" || r.way != "socksfwd-tcp" || lost == 0),
@@ -62,6 +70,10 @@ func benchDNS(h *harness, cfg benchConfig) {
 		}
 		fmt.Printf("%-26s %-12s %8.0f q/s  avg latency %6.2f ms  lost %d  busiest: %s%s\n",
 			r.name, r.way, qps, lat*1000, lost, cpu.busiest(), verdict)
+		if r.addr == viaTCP {
+			q1, r1 := dnsCounts(h, admin, viaTCP)
+			reportDNSMetrics(h, r.name, out, q0, q1, r0, r1)
+		}
 	}
 	benchDNSClosing(h, dnsperf, resolver.Addr, viaTCP, closing, cfg.seconds)
 }
@@ -110,13 +122,18 @@ var (
 	reServFail  = regexp.MustCompile(`Response codes:.*SERVFAIL ([0-9]+)`)
 )
 
-// dnsperfRun runs dnsperf with 8 clients and returns queries per second,
-// lost queries and the average latency in seconds.
-func dnsperfRun(h *harness, dnsperf, addr, file string, secs int) (qps float64, lost int, lat float64) {
-	out := dnsperfOutput(h, dnsperf, addr, file, secs)
-	qps, _ = strconv.ParseFloat(dnsperfField(h, out, reQPS), 64)
-	lost, _ = strconv.Atoi(dnsperfField(h, out, reLost))
-	lat, _ = strconv.ParseFloat(dnsperfField(h, out, reLat), 64)
+// dnsperfResult reads queries per second, lost queries and the average
+// latency in seconds from dnsperf's report.
+func dnsperfResult(out []byte) (qps float64, lost int, lat float64) {
+	field := func(re *regexp.Regexp) string {
+		if m := re.FindSubmatch(out); m != nil {
+			return string(m[1])
+		}
+		return ""
+	}
+	qps, _ = strconv.ParseFloat(field(reQPS), 64)
+	lost, _ = strconv.Atoi(field(reLost))
+	lat, _ = strconv.ParseFloat(field(reLat), 64)
 	return qps, lost, lat
 }
 
