@@ -102,3 +102,22 @@ func TestCacheDisabled(t *testing.T) {
 		t.Fatalf("cache size 0 still cached: %d upstream queries", n)
 	}
 }
+
+// TestCacheCounts: misses and hits of cacheable queries, and answers a
+// full cache pushed out, are counted.
+func TestCacheCounts(t *testing.T) {
+	res := newResolver(t, 0)
+	f := newCachingForwarder(t, socks(t).Addr(), 5*time.Second, 2, nil, res.addr)
+	for _, name := range []string{"a.example", "b.example", "a.example", "c.example", "d.example"} {
+		if _, err := f.Resolve(context.Background(), query(name, dns.TypeA, 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := f.Stats()
+	if h, m, e := s.CacheHits.Load(), s.CacheMisses.Load(), s.CacheEvictions.Load(); h != 1 || m != 4 || e != 2 {
+		t.Errorf("hits %d, misses %d, evictions %d; want 1, 4, 2", h, m, e)
+	}
+	if n := f.CacheLen(); n != 2 {
+		t.Errorf("CacheLen %d, want 2", n)
+	}
+}

@@ -109,6 +109,9 @@ type Stats struct {
 	// NotAllowed: queries from sources outside the Server's allow list,
 	// answered REFUSED without reaching the forwarder (not in Queries).
 	NotAllowed atomic.Int64
+	// Association adds up what the udp transport's associations dropped
+	// (fragments, malformed headers) and their relay waits.
+	Association socksclient.UDPStats
 }
 
 // MaxCountedRcode is the highest RCODE Stats.Responses tells apart
@@ -163,6 +166,7 @@ func New(cfg Config) (*Forwarder, error) {
 			if err != nil {
 				return nil, err // not a typed nil in the interface
 			}
+			c.CountInto(&f.stats.Association)
 			return c, nil
 		}, len(cfg.Resolvers), f.stats)
 	default:

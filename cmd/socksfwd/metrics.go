@@ -422,6 +422,13 @@ func writeDNS(p *promWriter, units []liveUnit) {
 			p.sample(f.name, float64(f.v(stats(u))), "listener", u.name)
 		}
 	}
+	p.family("socksfwd_dns_udp_dropped_total", "counter", "UDP transport: datagrams from the relay dropped, by reason.")
+	for _, u := range units {
+		a := &stats(u).Association
+		p.sample("socksfwd_dns_udp_dropped_total", float64(a.Fragmented.Load()), "listener", u.name, "reason", "fragment")
+		p.sample("socksfwd_dns_udp_dropped_total", float64(a.Malformed.Load()), "listener", u.name, "reason", "malformed")
+		p.sample("socksfwd_dns_udp_dropped_total", float64(a.TooLarge.Load()), "listener", u.name, "reason", "oversize")
+	}
 	p.family("socksfwd_dns_inflight", "gauge", "Queries waiting on the resolvers now.")
 	for _, u := range units {
 		p.sample("socksfwd_dns_inflight", float64(u.svc.(*dnsforward.Server).Forwarder().InFlight()), "listener", u.name)
