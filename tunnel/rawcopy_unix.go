@@ -73,7 +73,7 @@ func (c *copier) writePooled(p *pooledRead, dst net.Conn) (eof bool, err error) 
 	if _, err := dst.Write((*buf)[:n]); err != nil {
 		return false, c.writeErr(err)
 	}
-	c.n += int64(n)
+	c.moved(int64(n))
 	switch {
 	case n == smallBufSize && p.pool == &smallPool:
 		p.pool = &largePool // the flow fills buffers: go bulk

@@ -174,7 +174,16 @@ func Relay(client, upstream net.Conn, idle time.Duration, mode CopyMode) RelayRe
 // its own, so an idle session holds two small stacks rather than keeping
 // the caller's (a dial grows a stack well past what waiting needs).
 func StartRelay(client, upstream net.Conn, idle time.Duration, mode CopyMode, done func(RelayResult)) {
+	StartRelayCounting(client, upstream, idle, mode, nil, nil, done)
+}
+
+// StartRelayCounting is StartRelay that also adds the bytes it moves to up
+// (client → upstream) and down as they move, not only when the session
+// ends: a listener's totals then show what a long session carries.
+// Either may be nil.
+func StartRelayCounting(client, upstream net.Conn, idle time.Duration, mode CopyMode, up, down *atomic.Int64, done func(RelayResult)) {
 	r := newRelay(client, upstream, idle, mode, done)
+	r.up.live, r.down.live = up, down
 	go r.up.copyUpstream()
 	go r.down.copyDownstream()
 }
@@ -231,6 +240,15 @@ type copier struct {
 	src              net.Conn
 	srcSide, dstSide Side
 	n                int64
+	live             *atomic.Int64 // also counts n, as it grows; may be nil
+}
+
+// moved counts n bytes copied.
+func (c *copier) moved(n int64) {
+	c.n += n
+	if c.live != nil {
+		c.live.Add(n)
+	}
 }
 
 // copyUpstream and copyDownstream are named so stacks say which way a
@@ -272,7 +290,7 @@ func (c *copier) copy() error {
 		return c.copyBuffered(c.src, c.dst)
 	case c.r.mode == CopyIOCopy && c.r.idle == 0:
 		n, err := io.Copy(dstTCP, srcTCP)
-		c.n += n
+		c.moved(n)
 		if err != nil {
 			return &RelayError{Side: SideUnknown, Op: "copy", Err: bareErr(err)}
 		}
@@ -297,7 +315,7 @@ func (c *copier) copyBuffered(src, dst net.Conn) error {
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				return c.writeErr(werr)
 			}
-			c.n += int64(n)
+			c.moved(int64(n))
 		}
 		if err == nil {
 			continue

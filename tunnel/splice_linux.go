@@ -267,7 +267,7 @@ func (c *copier) copySplice(src, dst *net.TCPConn) error {
 		c.r.touch()
 		s.p.buffered = s.in
 		err := wc.Write(drain)
-		c.n += s.moved
+		c.moved(s.moved)
 		s.moved = 0
 		if err != nil {
 			return c.writeErr(err)

@@ -279,10 +279,8 @@ func (f *TCPForward) serveSession(client net.Conn) {
 		return
 	}
 	f.sessions.Add(1) // this goroutine still counts, so Close's Wait cannot miss it
-	StartRelay(client, up, idle, f.cfg.CopyMode, func(res RelayResult) {
+	StartRelayCounting(client, up, idle, f.cfg.CopyMode, &f.stats.BytesUp, &f.stats.BytesDown, func(res RelayResult) {
 		defer f.sessions.Done()
-		f.stats.BytesUp.Add(res.Up)
-		f.stats.BytesDown.Add(res.Down)
 		f.logEnd(client, target, d.ProxyAddr, res, start)
 		f.endSession(client, up)
 	})

@@ -471,3 +471,20 @@ func TestTCPForwardSetTarget(t *testing.T) {
 		t.Errorf("the live session: %q, %v; want its first target's echo", buf, err)
 	}
 }
+
+// TestTCPForwardCountsBytesLive: a session's bytes reach the forward's
+// totals while it is still open, not only when it ends.
+func TestTCPForwardCountsBytesLive(t *testing.T) {
+	f, _, c := liveSession(t)
+	deadline := time.Now().Add(10 * time.Second)
+	for f.Stats().BytesUp.Load() != 1 || f.Stats().BytesDown.Load() != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("bytes up %d, down %d while the session is open; want 1, 1", f.Stats().BytesUp.Load(), f.Stats().BytesDown.Load())
+		}
+		testnet.Nap(time.Millisecond)
+	}
+	if n := f.Stats().Active.Load(); n != 1 {
+		t.Fatalf("active %d: the session ended", n)
+	}
+	c.Close()
+}
