@@ -54,6 +54,9 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 	flags := append(optionFlags(),
 		&cli.BoolFlag{Name: "print-config", Usage: "print the merged configuration as TOML (secrets redacted) and exit"},
 	)
+	// The completion script is made from a new app: a running one has
+	// urfave's additions in it.
+	fresh := func() *cli.App { return newApp(io.Discard, io.Discard, getenv, new(mergedConfig)) }
 	return &cli.App{
 		Name:    "socksfwd",
 		Usage:   "forward local TCP and UDP ports, and DNS, through a SOCKS5 proxy",
@@ -65,7 +68,10 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 		DisableSliceFlagSeparator: true,
 		HideHelpCommand:           true,
 		Flags:                     flags,
-		Commands:                  []*cli.Command{rulesCommand(stdout, getenv)},
+		Commands: []*cli.Command{
+			rulesCommand(stdout, getenv),
+			completionCommand(stdout, fresh),
+		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return usageError{err}
 		},
@@ -104,12 +110,12 @@ func optionFlags() []cli.Flag {
 		// Every value arrives as text and is parsed by mergeConfig, so
 		// that an error names the option and says what it wants.
 		if o.repeatable {
-			flags = append(flags, &cli.StringSliceFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden})
+			flags = append(flags, &cli.StringSliceFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, TakesFile: o.takesFile()})
 		} else {
-			flags = append(flags, &cli.StringFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Value: o.def})
+			flags = append(flags, &cli.StringFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Value: o.def, TakesFile: o.takesFile()})
 		}
 	}
-	return append(flags, &cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "TOML file (see config.example.toml); re-read on SIGHUP"})
+	return append(flags, &cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "TOML file (see config.example.toml); re-read on SIGHUP", TakesFile: true})
 }
 
 // run is main without os.Exit, for tests.
