@@ -20,7 +20,7 @@ PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:opens
 	redsocks:redsocks nft:nftables iptables-restore:iptables setpriv:util-linux curl:curl \
 	/usr/lib/postgresql/15/bin/initdb:postgresql
 
-.PHONY: all build test cross demo bench fuzz lint deps peer-versions clean
+.PHONY: all build test cross man demo bench fuzz lint deps peer-versions clean
 
 all: build
 
@@ -64,6 +64,10 @@ cross:
 	  export GOOS=$${t%/*} GOARCH=$${t#*/} CGO_ENABLED=0; \
 	  $(GO) build ./... && $(GO) vet ./... || { echo "cross: $$t fails (above)" >&2; exit 1; }; \
 	done; echo "cross: build and vet pass for $(CROSS)"
+
+# The man page, from the flag definitions; a test fails when it is stale.
+man:
+	$(GO) run ./cmd/socksfwd man > docs/socksfwd.1.tmp && mv docs/socksfwd.1.tmp docs/socksfwd.1
 
 demo: deps build
 	$(GO) run ./cmd/socksbench demo

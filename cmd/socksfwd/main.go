@@ -54,8 +54,8 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 	flags := append(optionFlags(),
 		&cli.BoolFlag{Name: "print-config", Usage: "print the merged configuration as TOML (secrets redacted) and exit"},
 	)
-	// The completion script is made from a new app: a running one has
-	// urfave's additions in it.
+	// The completion script and man page are made from a new app: a
+	// running one has urfave's additions in it.
 	fresh := func() *cli.App { return newApp(io.Discard, io.Discard, getenv, new(mergedConfig)) }
 	return &cli.App{
 		Name:    "socksfwd",
@@ -71,6 +71,7 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 		Commands: []*cli.Command{
 			rulesCommand(stdout, getenv),
 			completionCommand(stdout, fresh),
+			manCommand(stdout, fresh),
 		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return usageError{err}
