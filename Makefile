@@ -12,6 +12,9 @@ FUZZTIME ?= 200000x
 
 # Systems every package (tests included) must build and vet for.
 CROSS    := linux/arm64 darwin/arm64 windows/amd64 freebsd/amd64
+# Systems `make release` builds socksfwd for.
+RELEASE  := linux/amd64 linux/arm64 darwin/arm64 windows/amd64 freebsd/amd64
+DIST     := dist
 
 # command → Debian package, for everything the tests start or drive.
 PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:openssh-client \
@@ -20,7 +23,7 @@ PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:opens
 	redsocks:redsocks nft:nftables iptables-restore:iptables setpriv:util-linux curl:curl \
 	/usr/lib/postgresql/15/bin/initdb:postgresql
 
-.PHONY: all build test cross demo bench fuzz lint deps peer-versions clean
+.PHONY: all build test cross release man demo bench fuzz lint deps peer-versions clean
 
 all: build
 
@@ -65,6 +68,21 @@ cross:
 	  $(GO) build ./... && $(GO) vet ./... || { echo "cross: $$t fails (above)" >&2; exit 1; }; \
 	done; echo "cross: build and vet pass for $(CROSS)"
 
+# Static binaries for each of RELEASE in dist/, named
+# socksfwd-VERSION-OS-ARCH, and their SHA256SUMS (sha256sum -c reads it).
+release:
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	@for t in $(RELEASE); do \
+	  os=$${t%/*} arch=$${t#*/} ext=; [ $$os = windows ] && ext=.exe; \
+	  out=$(DIST)/socksfwd-$(VERSION)-$$os-$$arch$$ext; echo "$$out"; \
+	  GOOS=$$os GOARCH=$$arch CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $$out ./cmd/socksfwd || exit 1; \
+	done
+	cd $(DIST) && sha256sum socksfwd-* > SHA256SUMS
+
+# The man page, from the flag definitions; a test fails when it is stale.
+man:
+	$(GO) run ./cmd/socksfwd man > docs/socksfwd.1.tmp && mv docs/socksfwd.1.tmp docs/socksfwd.1
+
 demo: deps build
 	$(GO) run ./cmd/socksbench demo
 
@@ -86,4 +104,4 @@ lint:
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) $(DIST)

@@ -55,6 +55,9 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 	flags := append(optionFlags(),
 		&cli.BoolFlag{Name: "print-config", Usage: "print the merged configuration as TOML (secrets redacted) and exit"},
 	)
+	// The completion script and man page are made from a new app: a
+	// running one has urfave's additions in it.
+	fresh := func() *cli.App { return newApp(io.Discard, io.Discard, getenv, new(mergedConfig)) }
 	return &cli.App{
 		Name:    "socksfwd",
 		Usage:   "forward local TCP and UDP ports, and DNS, through a SOCKS5 proxy",
@@ -66,7 +69,12 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 		DisableSliceFlagSeparator: true,
 		HideHelpCommand:           true,
 		Flags:                     flags,
-		Commands:                  []*cli.Command{rulesCommand(stdout, getenv), checkCommand(stdout, stderr, getenv)},
+		Commands: []*cli.Command{
+			rulesCommand(stdout, getenv),
+			checkCommand(stdout, stderr, getenv),
+			completionCommand(stdout, fresh),
+			manCommand(stdout, fresh),
+		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return usageError{err}
 		},
@@ -108,12 +116,12 @@ func optionFlags() []cli.Flag {
 		case o.isBool:
 			flags = append(flags, &cli.BoolFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden})
 		case o.repeatable:
-			flags = append(flags, &cli.StringSliceFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden})
+			flags = append(flags, &cli.StringSliceFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, TakesFile: o.takesFile()})
 		default:
-			flags = append(flags, &cli.StringFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Value: o.def})
+			flags = append(flags, &cli.StringFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Value: o.def, TakesFile: o.takesFile()})
 		}
 	}
-	return append(flags, &cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "TOML file (see config.example.toml); re-read on SIGHUP"})
+	return append(flags, &cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "TOML file (see config.example.toml); re-read on SIGHUP", TakesFile: true})
 }
 
 // run is main without os.Exit, for tests.
