@@ -21,6 +21,7 @@ PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:opens
 	ss-server:shadowsocks-libev dnsmasq:dnsmasq-base dig:dnsutils kdig:knot-dnsutils dnsperf:dnsperf \
 	psql:postgresql-client ip:iproute2 iperf3:iperf3 proxychains4:proxychains4 socat:socat \
 	redsocks:redsocks nft:nftables iptables-restore:iptables setpriv:util-linux curl:curl \
+	zsh:zsh fish:fish groff:groff systemd-socket-activate:systemd \
 	/usr/lib/postgresql/15/bin/initdb:postgresql
 
 .PHONY: all build test cross release man demo bench fuzz lint deps peer-versions clean

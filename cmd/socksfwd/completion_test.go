@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/socksfwd/socksfwd/internal/peertest"
 )
 
 // runOK runs socksfwd with args and returns its standard output; any
@@ -112,13 +114,7 @@ func TestCompletionScripts(t *testing.T) {
 			if strings.Contains(script, "'man'") || slices.Contains(words, "man") {
 				t.Error("the hidden man subcommand is offered")
 			}
-			bin, err := exec.LookPath(shell)
-			if err != nil {
-				if shell == "bash" {
-					t.Fatal(err)
-				}
-				t.Skipf("%s is not installed: the script's syntax is not checked", shell)
-			}
+			bin := peertest.Require(t, shell)
 			path := filepath.Join(t.TempDir(), "socksfwd."+shell)
 			if err := os.WriteFile(path, []byte(script), 0o644); err != nil {
 				t.Fatal(err)
@@ -192,9 +188,7 @@ func TestCompletionBash(t *testing.T) {
 // installed.
 func TestCompletionFish(t *testing.T) {
 	verifyNoLeaks(t)
-	if _, err := exec.LookPath("fish"); err != nil {
-		t.Skip("fish is not installed")
-	}
+	peertest.Require(t, "fish")
 	script := filepath.Join(t.TempDir(), "socksfwd.fish")
 	if err := os.WriteFile(script, []byte(runOK(t, "completion", "fish")), 0o644); err != nil {
 		t.Fatal(err)

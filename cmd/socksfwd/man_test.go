@@ -7,6 +7,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/socksfwd/socksfwd/internal/peertest"
 )
 
 // namesFlag matches --name as a whole flag: not the start of a longer one.
@@ -58,10 +60,7 @@ func TestManPage(t *testing.T) {
 			t.Fatalf("the page holds %q: formatters that read it as Latin-1 would garble it", r)
 		}
 	}
-	groff, err := exec.LookPath("groff")
-	if err != nil {
-		t.Skip("groff is not installed: the page is not rendered")
-	}
+	groff := peertest.Require(t, "groff")
 	// -ww: every warning; -P-cbou: plain text, no overstriking.
 	cmd := exec.Command(groff, "-man", "-Tutf8", "-ww", "-P-cbou")
 	cmd.Stdin = strings.NewReader(page)
