@@ -83,11 +83,11 @@ type TCPStats struct {
 	Sessions  atomic.Int64 // accepted connections
 	Active    atomic.Int64
 	Failed    atomic.Int64 // sessions refused (TargetOf) or whose upstream dial failed
+	BytesUp   atomic.Int64
+	BytesDown atomic.Int64
 	// Connections closed at once: MaxSessions were open, or the source
 	// is not in Allow.
 	RejectedFull, RejectedNotAllowed atomic.Int64
-	BytesUp   atomic.Int64
-	BytesDown atomic.Int64
 }
 
 // NewTCPForward returns a forward that will serve on listeners, which the
