@@ -16,7 +16,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/socksfwd/socksfwd/dnsforward"
-	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/internal/sockmark"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/tunnel"
@@ -195,31 +194,25 @@ func (s *supervisor) logListening(u *unit) {
 	ev.Str("target", u.lp.target.String()).Msgf("forwarding %s → %s via %s", name+suffix, u.lp.target, s.via())
 }
 
-// listen binds one listener and makes its service.
+// listen opens one listener's sockets and makes its service.
 func (s *supervisor) listen(l listenPlan) (service, error) {
+	socks, err := s.open(l)
+	if err != nil {
+		return nil, err
+	}
 	cfg := s.plan.cfg
-	// No keep-alive probes on accepted connections, as ssh -L does; a
-	// loopback listener's connections get small buffers (sockbuf).
-	lc := net.ListenConfig{KeepAlive: -1, Control: sockbuf.CapLoopbackTCP}
 	switch l.kind {
 	case kindUDP:
-		pc, err := lc.ListenPacket(context.Background(), "udp", l.addr)
-		if err != nil {
-			return nil, err
-		}
 		return tunnel.NewUDPForward(tunnel.UDPForwardConfig{
-			Name:        pc.LocalAddr().String(),
+			Name:        socks.pc.LocalAddr().String(),
 			Target:      l.target,
 			Upstreams:   s.ups,
 			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
 			MaxSessions: cfg.UDPMaxSessions,
 			Logger:      s.log,
-		}, pc.(*net.UDPConn)), nil
+		}, socks.pc), nil
 	case kindTransparent:
-		ln, err := tunnel.ListenTransparent(context.Background(), "tcp", l.addr, sockbuf.CapLoopbackTCP)
-		if err != nil {
-			return nil, err
-		}
+		ln := socks.ln
 		return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
 			Name:        ln.Addr().String(),
 			TargetOf:    s.notToUpstream(tunnel.TransparentTarget(ln.Addr().(*net.TCPAddr).AddrPort())),
@@ -229,47 +222,34 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 			Logger:      s.log,
 		}, ln), nil
 	case kindTransparentUDP:
-		pc, err := tunnel.ListenTransparentUDP(l.addr)
-		if err != nil {
-			return nil, err
-		}
 		var control sockmark.ControlFunc
 		if cfg.Mark != 0 { // reply sockets must not be captured again either
 			control = sockmark.Control(int(cfg.Mark))
 		}
 		return tunnel.NewTransparentUDP(tunnel.TransparentUDPConfig{
-			Name:        pc.LocalAddr().String(),
+			Name:        socks.pc.LocalAddr().String(),
 			Upstreams:   s.ups,
 			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
 			MaxSessions: cfg.UDPMaxSessions,
 			Control:     control,
 			Logger:      s.log,
-		}, pc), nil
+		}, socks.pc), nil
 	case kindDNS:
-		pc, ln, err := dnsforward.Listen(l.addr)
-		if err != nil {
-			return nil, err
-		}
 		fwd, err := s.newForwarder(l.dns)
 		if err != nil {
-			pc.Close()
-			ln.Close()
+			socks.close()
 			return nil, err
 		}
-		return dnsforward.NewServer(fwd, pc, ln), nil
-	}
-	ln, err := lc.Listen(context.Background(), "tcp", l.addr)
-	if err != nil {
-		return nil, err
+		return dnsforward.NewServer(fwd, socks.pc, socks.ln), nil
 	}
 	return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
-		Name:        ln.Addr().String(),
+		Name:        socks.ln.Addr().String(),
 		Target:      l.target,
 		Upstreams:   s.ups,
 		IdleTimeout: time.Duration(cfg.IdleTimeout),
 		CopyMode:    s.plan.copyMode,
 		Logger:      s.log,
-	}, ln), nil
+	}, socks.ln), nil
 }
 
 // errCaptureLoop refuses a transparent connection whose original
