@@ -146,7 +146,11 @@ func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string
 			}
 			return cfg.plan, nil
 		}
-		return newSupervisor(log, reload).run(p, sigs)
+		sd := newSystemd(getenv, log)
+		defer sd.close()
+		s := newSupervisor(log, reload)
+		s.sd = sd
+		return s.run(p, sigs)
 	}()
 	if err == nil {
 		return exitOK

@@ -48,6 +48,7 @@ type supervisor struct {
 	plan  *plan
 	ups   *socksclient.Upstreams
 	units map[string]*unit
+	sd    *systemd // notifications; its zero value does nothing
 
 	// failed receives the first error a service's Serve returned.
 	failed  chan error
@@ -61,7 +62,7 @@ type supervisor struct {
 
 func newSupervisor(log zerolog.Logger, reload func() (*plan, error)) *supervisor {
 	cutCtx, cut := context.WithCancel(context.Background())
-	return &supervisor{log: log, reload: reload, units: make(map[string]*unit), failed: make(chan error, 1), cutCtx: cutCtx, cut: cut}
+	return &supervisor{log: log, reload: reload, units: make(map[string]*unit), sd: &systemd{}, failed: make(chan error, 1), cutCtx: cutCtx, cut: cut}
 }
 
 // errSecondSignal ends a drain cut short by a second signal: exit 1.
@@ -81,6 +82,7 @@ func (s *supervisor) run(p *plan, sigs <-chan os.Signal) error {
 		return err
 	}
 	s.start(bound)
+	s.sd.ready(s.status())
 
 	var runErr error
 loop:
@@ -88,7 +90,9 @@ loop:
 		select {
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				s.reloadNow()
+				s.sd.reloading()
+				err := s.reloadNow()
+				s.sd.reloaded(err, s.status())
 				continue
 			}
 			s.log.Info().Str("signal", sig.String()).Dur("timeout", time.Duration(s.plan.cfg.ShutdownTimeout)).Msg("draining sessions")
@@ -99,6 +103,7 @@ loop:
 			break loop
 		}
 	}
+	s.sd.stopping()
 	if err := s.drainAll(sigs); err != nil && runErr == nil {
 		runErr = err
 	}
@@ -290,8 +295,8 @@ func (s *supervisor) newForwarder(d *dnsPlan) (*dnsforward.Forwarder, error) {
 // new plan is checked whole and its new listeners bound before anything
 // changes: on any error the running plan stays untouched. Listeners in
 // both plans stay bound with their sessions; removed ones drain; settings
-// apply to new sessions.
-func (s *supervisor) reloadNow() {
+// apply to new sessions. It returns why the reload failed.
+func (s *supervisor) reloadNow() error {
 	p, err := s.reload()
 	if err == nil {
 		err = s.checkFixed(p)
@@ -301,7 +306,7 @@ func (s *supervisor) reloadNow() {
 	}
 	if err != nil {
 		s.log.Error().Err(err).Msg("reload failed; the running configuration stays")
-		return
+		return err
 	}
 	want := make(map[string]listenPlan, len(p.listens))
 	var added []listenPlan
@@ -317,7 +322,7 @@ func (s *supervisor) reloadNow() {
 	if err != nil {
 		s.plan = old
 		s.log.Error().Err(err).Msg("reload failed; the running configuration stays")
-		return
+		return err
 	}
 
 	// From here on nothing fails.
@@ -365,9 +370,10 @@ func (s *supervisor) reloadNow() {
 	s.start(bound)
 	if len(changes) == 0 {
 		s.log.Info().Msg("reloaded: nothing changed")
-		return
+		return nil
 	}
 	s.log.Info().Strs("changes", changes).Msg("reloaded: " + strings.Join(changes, "; "))
+	return nil
 }
 
 // checkMark makes sure the process may mark its sockets before any is
