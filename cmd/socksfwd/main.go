@@ -146,7 +146,10 @@ func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string
 			}
 			return cfg.plan, nil
 		}
-		sd := newSystemd(getenv, log)
+		sd, err := newSystemd(getenv, log, p.listens)
+		if err != nil {
+			return err
+		}
 		defer sd.close()
 		s := newSupervisor(log, reload)
 		s.sd = sd

@@ -48,7 +48,7 @@ type supervisor struct {
 	plan  *plan
 	ups   *socksclient.Upstreams
 	units map[string]*unit
-	sd    *systemd // notifications; its zero value does nothing
+	sd    *systemd // notifications and passed sockets; its zero value does nothing
 
 	// failed receives the first error a service's Serve returned.
 	failed  chan error
@@ -172,6 +172,9 @@ func (s *supervisor) via() string {
 func (s *supervisor) logListening(u *unit) {
 	name := u.svc.Addr().String()
 	ev := s.log.Info().Str("listener", name).Str("proto", string(u.lp.kind)).Str("upstream", s.via())
+	if len(s.sd.passedFor(u.lp.key())) > 0 {
+		ev.Bool("systemd_socket", true)
+	}
 	if u.lp.kind == kindDNS {
 		resolvers := make([]string, len(u.lp.dns.resolvers))
 		for i, r := range u.lp.dns.resolvers {
@@ -199,7 +202,8 @@ func (s *supervisor) logListening(u *unit) {
 	ev.Str("target", u.lp.target.String()).Msgf("forwarding %s → %s via %s", name+suffix, u.lp.target, s.via())
 }
 
-// listen opens one listener's sockets and makes its service.
+// listen opens one listener's sockets (binds them, or takes those systemd
+// passed) and makes its service.
 func (s *supervisor) listen(l listenPlan) (service, error) {
 	socks, err := s.open(l)
 	if err != nil {

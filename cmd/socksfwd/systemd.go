@@ -1,8 +1,10 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -10,13 +12,15 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/activation"
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 	"github.com/rs/zerolog"
 )
 
 // systemd is socksfwd's side of a systemd service: state notifications on
-// NOTIFY_SOCKET (ready, reloading, stopping, the watchdog). The zero value
-// is a process systemd did not start: it does nothing.
+// NOTIFY_SOCKET (ready, reloading, stopping, the watchdog) and the
+// listening sockets systemd passed (LISTEN_FDS). The zero value is a
+// process systemd did not start: it does nothing.
 type systemd struct {
 	log zerolog.Logger
 	// notifySocket is NOTIFY_SOCKET; nil: nobody to notify.
@@ -27,10 +31,28 @@ type systemd struct {
 	watchdogEvery time.Duration
 	watchdogStop  chan struct{}
 	watchdog      sync.WaitGroup
+
+	// passed are the sockets systemd passed, each matched at start to the
+	// listener it serves. A listener serves a duplicate and the original
+	// stays open until close: a listener that one reload removes and
+	// another adds back serves the same socket again (systemd still holds
+	// it, so binding the address here would fail).
+	passed []*passedSocket
 }
 
-// newSystemd reads what systemd set in the environment.
-func newSystemd(getenv func(string) string, log zerolog.Logger) *systemd {
+// passedSocket is one socket systemd passed.
+type passedSocket struct {
+	file   *os.File
+	name   string         // FileDescriptorName=, or LISTEN_FD_<n>
+	stream bool           // a TCP listener; otherwise a UDP socket
+	addr   netip.AddrPort // its local address
+	key    string         // the listener it serves (listenPlan.key)
+}
+
+// newSystemd reads what systemd set in the environment and matches the
+// sockets it passed to the plan's listeners: a socket that matches none
+// is an error, since systemd would keep it bound for nothing.
+func newSystemd(getenv func(string) string, log zerolog.Logger, listens []listenPlan) (*systemd, error) {
 	sd := &systemd{log: log}
 	if path := getenv("NOTIFY_SOCKET"); path != "" {
 		sd.notifySocket = &net.UnixAddr{Name: path, Net: "unixgram"}
@@ -40,7 +62,20 @@ func newSystemd(getenv func(string) string, log zerolog.Logger) *systemd {
 		}
 		sd.watchdogEvery = every
 	}
-	return sd
+	// activation.Files reads the process environment itself; getenv is
+	// that environment outside tests, and keeps tests away from it.
+	if getenv("LISTEN_FDS") != "" {
+		var err error
+		sd.passed, err = passedSockets(activation.Files(true))
+		if err == nil {
+			err = matchPassed(sd.passed, listens)
+		}
+		if err != nil {
+			sd.close()
+			return nil, err
+		}
+	}
+	return sd, nil
 }
 
 // watchdogInterval is how often to ping systemd's watchdog: half of
@@ -145,13 +180,139 @@ func (sd *systemd) notify(fields ...string) {
 // notifyTimeout bounds one notification's send.
 const notifyTimeout = time.Second
 
-// close stops the watchdog.
+// close stops the watchdog and closes the passed sockets' originals.
 func (sd *systemd) close() {
 	if sd.watchdogStop != nil {
 		close(sd.watchdogStop)
 		sd.watchdog.Wait()
 		sd.watchdogStop = nil
 	}
+	for _, p := range sd.passed {
+		p.file.Close()
+	}
+	sd.passed = nil
+}
+
+// passedSockets finds out what each file systemd passed is: a listening
+// TCP socket or a UDP socket, and its local address.
+func passedSockets(files []*os.File) ([]*passedSocket, error) {
+	passed := make([]*passedSocket, 0, len(files))
+	var errs []error
+	for _, f := range files {
+		p := &passedSocket{file: f, name: f.Name()}
+		passed = append(passed, p)
+		c, err := net.FileConn(f)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("socket %s passed by systemd: %w", p.name, err))
+			continue
+		}
+		switch a := c.LocalAddr().(type) {
+		case *net.TCPAddr:
+			p.stream, p.addr = true, a.AddrPort()
+		case *net.UDPAddr:
+			p.addr = a.AddrPort()
+		default:
+			err = fmt.Errorf("socket %s passed by systemd is a %s socket; socksfwd takes TCP listeners and UDP sockets", p.name, c.LocalAddr().Network())
+		}
+		if err == nil && c.RemoteAddr() != nil {
+			err = fmt.Errorf("socket %s passed by systemd is connected to %s: use Accept=no", p.name, c.RemoteAddr())
+		}
+		c.Close()
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return passed, errors.Join(errs...)
+}
+
+// fdName is the FileDescriptorName= that gives a passed socket to
+// listener l whatever the socket's address: the option's long name and
+// the port it binds ("local-5432", "dns-53", "transparent-12345"). The
+// option's value itself cannot be a name: systemd forbids colons there.
+func fdName(l listenPlan) string {
+	_, port, _ := net.SplitHostPort(l.addr)
+	option := "local"
+	switch l.kind {
+	case kindDNS:
+		option = "dns"
+	case kindTransparent, kindTransparentUDP:
+		option = "transparent"
+	}
+	return option + "-" + port
+}
+
+// at reports whether the socket is bound to addr, a listener's host:port;
+// an empty host is every interface, which systemd's ListenStream=53 binds
+// as Go's ":53" does.
+func (p *passedSocket) at(addr string) bool {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || port != strconv.Itoa(int(p.addr.Port())) {
+		return false
+	}
+	got := p.addr.Addr().Unmap().WithZone("")
+	if host == "" {
+		return got.IsUnspecified()
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap() == got
+}
+
+// wants reports whether a listener of kind serves a stream socket (TCP)
+// or a datagram socket (UDP); DNS serves both at one address.
+func wants(kind listenKind, stream bool) bool {
+	if kind == kindDNS {
+		return true
+	}
+	return stream == (kind == kindTCP || kind == kindTransparent)
+}
+
+// matchPassed gives each passed socket to one listener of the right kind,
+// by FileDescriptorName (preferring the listener at the socket's address
+// when "localhost" made two of one name), then by address. A socket left
+// over is an error naming it.
+func matchPassed(passed []*passedSocket, listens []listenPlan) error {
+	type slot struct {
+		key    string
+		stream bool
+	}
+	taken := make(map[slot]bool)
+	rules := []func(p *passedSocket, l listenPlan) bool{
+		func(p *passedSocket, l listenPlan) bool { return p.name == fdName(l) && p.at(l.addr) },
+		func(p *passedSocket, l listenPlan) bool { return p.name == fdName(l) },
+		func(p *passedSocket, l listenPlan) bool { return p.at(l.addr) },
+	}
+	for _, rule := range rules {
+		for _, p := range passed {
+			for _, l := range listens {
+				s := slot{l.key(), p.stream}
+				if p.key == "" && wants(l.kind, p.stream) && !taken[s] && rule(p, l) {
+					p.key, taken[s] = s.key, true
+				}
+			}
+		}
+	}
+	for _, p := range passed {
+		if p.key == "" {
+			kind := "udp"
+			if p.stream {
+				kind = "tcp"
+			}
+			return fmt.Errorf("socket %s (%s %s) passed by systemd matches no listener: give it the address of a -L, --dns or --transparent listener, or FileDescriptorName=local-PORT, dns-PORT or transparent-PORT", p.name, kind, p.addr)
+		}
+	}
+	return nil
+}
+
+// passedFor returns the sockets systemd passed for the listener with key
+// (none when it passed none: the listener is bound as usual).
+func (sd *systemd) passedFor(key string) []*passedSocket {
+	var ps []*passedSocket
+	for _, p := range sd.passed {
+		if p.key == key {
+			ps = append(ps, p)
+		}
+	}
+	return ps
 }
 
 // status is the one-line summary systemctl status shows.
