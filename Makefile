@@ -18,7 +18,7 @@ PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:opens
 	ss-server:shadowsocks-libev dnsmasq:dnsmasq-base dig:dnsutils kdig:knot-dnsutils dnsperf:dnsperf \
 	psql:postgresql-client ip:iproute2 iperf3:iperf3 proxychains4:proxychains4 socat:socat \
 	redsocks:redsocks nft:nftables iptables-restore:iptables setpriv:util-linux curl:curl \
-	systemd-socket-activate:systemd \
+	systemd-socket-activate:systemd systemd-analyze:systemd \
 	/usr/lib/postgresql/15/bin/initdb:postgresql
 
 .PHONY: all build test cross demo bench fuzz lint deps peer-versions clean
