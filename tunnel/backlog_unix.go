@@ -4,6 +4,7 @@ package tunnel
 
 import (
 	"net"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -11,11 +12,11 @@ import (
 // acceptQueued reports whether connections the kernel has completed wait
 // in ln's accept queue (a listening socket polls readable then).
 func acceptQueued(ln net.Listener) bool {
-	tl, ok := ln.(*net.TCPListener)
+	sc, ok := ln.(syscall.Conn) // a *net.TCPListener, or one wrapping it
 	if !ok {
 		return false
 	}
-	rc, err := tl.SyscallConn()
+	rc, err := sc.SyscallConn()
 	if err != nil {
 		return false
 	}

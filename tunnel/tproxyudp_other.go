@@ -5,6 +5,7 @@ package tunnel
 import (
 	"context"
 	"net"
+	"syscall"
 	"time"
 
 	"github.com/socksfwd/socksfwd/internal/allowlist"
@@ -13,6 +14,11 @@ import (
 // ListenTransparentUDP needs Linux (TPROXY is netfilter's).
 func ListenTransparentUDP(addr string) (*net.UDPConn, error) {
 	return nil, ErrTransparentNeedsLinux
+}
+
+// ControlTransparentUDP needs Linux.
+func ControlTransparentUDP(network, address string, c syscall.RawConn) error {
+	return ErrTransparentNeedsLinux
 }
 
 // TransparentUDP is a transparent UDP listener; it needs Linux.

@@ -22,7 +22,7 @@ import (
 // where it was going. Without CAP_NET_ADMIN the error wraps
 // ErrTransparentUDPNeedsNetAdmin.
 func ListenTransparentUDP(addr string) (*net.UDPConn, error) {
-	lc := net.ListenConfig{Control: controlTransparentUDP}
+	lc := net.ListenConfig{Control: ControlTransparentUDP}
 	pc, err := lc.ListenPacket(context.Background(), "udp", addr)
 	if err != nil {
 		return nil, err
@@ -30,7 +30,11 @@ func ListenTransparentUDP(addr string) (*net.UDPConn, error) {
 	return pc.(*net.UDPConn), nil
 }
 
-func controlTransparentUDP(network, address string, c syscall.RawConn) error {
+// ControlTransparentUDP sets the options ListenTransparentUDP sets, as a
+// net.ListenConfig Control hook or on a socket bound elsewhere. An
+// IP_TRANSPARENT already on is left as it is: a socket systemd made with
+// Transparent=yes then needs no CAP_NET_ADMIN here.
+func ControlTransparentUDP(network, address string, c syscall.RawConn) error {
 	var serr error
 	err := c.Control(func(fd uintptr) { serr = setTransparentUDP(int(fd), network == "udp6") })
 	if err != nil {
@@ -42,7 +46,7 @@ func controlTransparentUDP(network, address string, c syscall.RawConn) error {
 // setTransparentUDP sets the options of a TPROXY UDP listener. An IPv6
 // socket gets the IPv4 options too: a dual-stack one receives both.
 func setTransparentUDP(fd int, v6 bool) error {
-	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
+	if err := setOnce(fd, unix.SOL_IP, unix.IP_TRANSPARENT); err != nil {
 		if errors.Is(err, unix.EPERM) {
 			return fmt.Errorf("%w: %w", ErrTransparentUDPNeedsNetAdmin, err)
 		}
@@ -54,7 +58,7 @@ func setTransparentUDP(fd int, v6 bool) error {
 	if !v6 {
 		return nil
 	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil {
+	if err := setOnce(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT); err != nil {
 		if errors.Is(err, unix.EPERM) {
 			return fmt.Errorf("%w: %w", ErrTransparentUDPNeedsNetAdmin, err)
 		}
@@ -64,6 +68,15 @@ func setTransparentUDP(fd int, v6 bool) error {
 		return fmt.Errorf("set IPV6_RECVORIGDSTADDR: %w", err)
 	}
 	return nil
+}
+
+// setOnce turns a boolean option on unless it is on already: setting
+// IP_TRANSPARENT takes CAP_NET_ADMIN even when it changes nothing.
+func setOnce(fd, level, opt int) error {
+	if v, err := unix.GetsockoptInt(fd, level, opt); err == nil && v != 0 {
+		return nil
+	}
+	return unix.SetsockoptInt(fd, level, opt, 1)
 }
 
 // origDstOOBLen is room for the one control message we ask for (a

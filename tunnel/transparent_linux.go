@@ -27,7 +27,7 @@ func ListenTransparent(ctx context.Context, network, addr string, control func(n
 	lc := net.ListenConfig{
 		KeepAlive: -1,
 		Control: func(network, address string, c syscall.RawConn) error {
-			if err := setTransparent(network, c); err != nil {
+			if err := ControlTransparent(network, address, c); err != nil {
 				return err
 			}
 			if control != nil {
@@ -37,6 +37,14 @@ func ListenTransparent(ctx context.Context, network, addr string, control func(n
 		},
 	}
 	return lc.Listen(ctx, network, addr)
+}
+
+// ControlTransparent sets the options ListenTransparent sets, as a
+// net.ListenConfig Control hook; it works as well on a listener bound
+// elsewhere (a socket systemd passed), since IP_TRANSPARENT only matters
+// when netfilter looks the socket up.
+func ControlTransparent(network, address string, c syscall.RawConn) error {
+	return setTransparent(network, c)
 }
 
 // setTransparent sets IP_TRANSPARENT (and IPV6_TRANSPARENT on an IPv6

@@ -14,6 +14,11 @@ func ListenTransparent(ctx context.Context, network, addr string, control func(n
 	return nil, ErrTransparentNeedsLinux
 }
 
+// ControlTransparent needs Linux.
+func ControlTransparent(network, address string, c syscall.RawConn) error {
+	return ErrTransparentNeedsLinux
+}
+
 // IsTransparent is false: no socket is transparent here.
 func IsTransparent(ln net.Listener) bool { return false }
 

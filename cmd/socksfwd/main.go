@@ -158,7 +158,14 @@ func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string
 			}
 			return cfg.plan, nil
 		}
-		return newSupervisor(log, reload).run(p, sigs)
+		sd, err := newSystemd(getenv, log, p.listens)
+		if err != nil {
+			return err
+		}
+		defer sd.close()
+		s := newSupervisor(log, reload)
+		s.sd = sd
+		return s.run(p, sigs)
 	}()
 	if err == nil {
 		return exitOK

@@ -37,6 +37,12 @@ type daemon struct {
 
 func startDaemon(t *testing.T, args ...string) *daemon {
 	t.Helper()
+	return startDaemonEnv(t, noEnv, args...)
+}
+
+// startDaemonEnv is startDaemon with getenv as the environment.
+func startDaemonEnv(t *testing.T, getenv func(string) string, args ...string) *daemon {
+	t.Helper()
 	d := &daemon{t: t, sigs: make(chan os.Signal, 4), exit: make(chan int, 1), added: make(chan struct{}, 1)}
 	pr, pw := io.Pipe()
 	scanned := make(chan struct{})
@@ -59,7 +65,7 @@ func startDaemon(t *testing.T, args ...string) *daemon {
 		}
 	}()
 	go func() {
-		code := runWith(append([]string{"socksfwd", "--log-format", "json"}, args...), io.Discard, pw, noEnv, d.sigs)
+		code := runWith(append([]string{"socksfwd", "--log-format", "json"}, args...), io.Discard, pw, getenv, d.sigs)
 		pw.Close()
 		<-scanned
 		d.exit <- code

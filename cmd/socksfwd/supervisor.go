@@ -18,7 +18,6 @@ import (
 
 	"github.com/socksfwd/socksfwd/dnsforward"
 	"github.com/socksfwd/socksfwd/internal/allowlist"
-	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/internal/sockmark"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/tunnel"
@@ -51,6 +50,7 @@ type supervisor struct {
 	plan  *plan
 	ups   *socksclient.Upstreams
 	units map[string]*unit
+	sd    *systemd // notifications and passed sockets; its zero value does nothing
 	// live is units as the admin endpoint reads them, published after
 	// each change.
 	live atomic.Pointer[[]liveUnit]
@@ -68,7 +68,7 @@ type supervisor struct {
 
 func newSupervisor(log zerolog.Logger, reload func() (*plan, error)) *supervisor {
 	cutCtx, cut := context.WithCancel(context.Background())
-	return &supervisor{log: log, reload: reload, units: make(map[string]*unit), tel: newTelemetry(), failed: make(chan error, 1), cutCtx: cutCtx, cut: cut}
+	return &supervisor{log: log, reload: reload, units: make(map[string]*unit), sd: &systemd{}, tel: newTelemetry(), failed: make(chan error, 1), cutCtx: cutCtx, cut: cut}
 }
 
 // errSecondSignal ends a drain cut short by a second signal: exit 1.
@@ -89,6 +89,7 @@ func (s *supervisor) run(p *plan, sigs <-chan os.Signal) error {
 	}
 	s.start(bound)
 	s.tel.bound.Store(true)
+	s.sd.ready(s.status())
 
 	var runErr error
 loop:
@@ -96,7 +97,9 @@ loop:
 		select {
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				s.reloadNow()
+				s.sd.reloading()
+				err := s.reloadNow()
+				s.sd.reloaded(err, s.status())
 				continue
 			}
 			s.log.Info().Str("signal", sig.String()).Dur("timeout", time.Duration(s.plan.cfg.ShutdownTimeout)).Msg("draining sessions")
@@ -107,6 +110,7 @@ loop:
 			break loop
 		}
 	}
+	s.sd.stopping()
 	if err := s.drainAll(sigs); err != nil && runErr == nil {
 		runErr = err
 	}
@@ -229,6 +233,9 @@ func (s *supervisor) via() string {
 func (s *supervisor) logListening(u *unit) {
 	name := u.svc.Addr().String()
 	ev := s.log.Info().Str("listener", name).Str("proto", string(u.lp.kind)).Str("upstream", s.via())
+	if len(s.sd.passedFor(u.lp.key())) > 0 {
+		ev.Bool("systemd_socket", true)
+	}
 	if u.lp.kind == kindDNS {
 		resolvers := make([]string, len(u.lp.dns.resolvers))
 		for i, r := range u.lp.dns.resolvers {
@@ -260,41 +267,32 @@ func (s *supervisor) logListening(u *unit) {
 	ev.Str("target", u.lp.target.String()).Msgf("forwarding %s → %s via %s", name+suffix, u.lp.target, s.via())
 }
 
-// listen binds one listener and makes its service.
+// listen opens one listener's sockets (binds them, or takes those systemd
+// passed) and makes its service.
 func (s *supervisor) listen(l listenPlan) (service, error) {
+	socks, err := s.open(l)
+	if err != nil {
+		return nil, err
+	}
 	cfg := s.plan.cfg
-	// No keep-alive probes on accepted connections, as ssh -L does; a
-	// loopback listener's connections get small buffers (sockbuf).
-	lc := net.ListenConfig{KeepAlive: -1, Control: sockbuf.CapLoopbackTCP}
 	switch l.kind {
 	case kindAdmin:
-		ln, err := lc.Listen(context.Background(), "tcp", l.addr)
-		if err != nil {
-			return nil, err
-		}
-		a := newAdminServer(ln, s, cfg.AdminPprof)
+		a := newAdminServer(socks.ln, s, cfg.AdminPprof)
 		a.SetAllow(s.plan.allowFor(l.addr))
 		return a, nil
 	case kindUDP:
-		pc, err := lc.ListenPacket(context.Background(), "udp", l.addr)
-		if err != nil {
-			return nil, err
-		}
 		f := tunnel.NewUDPForward(tunnel.UDPForwardConfig{
-			Name:        pc.LocalAddr().String(),
+			Name:        socks.pc.LocalAddr().String(),
 			Target:      l.target,
 			Upstreams:   s.ups,
 			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
 			MaxSessions: cfg.UDPMaxSessions,
 			Logger:      s.log,
-		}, pc.(*net.UDPConn))
+		}, socks.pc)
 		f.SetAllow(s.plan.allowFor(l.addr))
 		return f, nil
 	case kindTransparent:
-		ln, err := tunnel.ListenTransparent(context.Background(), "tcp", l.addr, sockbuf.CapLoopbackTCP)
-		if err != nil {
-			return nil, err
-		}
+		ln := socks.ln
 		return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
 			Name:        ln.Addr().String(),
 			TargetOf:    s.notToUpstream(tunnel.TransparentTarget(ln.Addr().(*net.TCPAddr).AddrPort())),
@@ -306,45 +304,32 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 			Logger:      s.log,
 		}, ln), nil
 	case kindTransparentUDP:
-		pc, err := tunnel.ListenTransparentUDP(l.addr)
-		if err != nil {
-			return nil, err
-		}
 		var control sockmark.ControlFunc
 		if cfg.Mark != 0 { // reply sockets must not be captured again either
 			control = sockmark.Control(int(cfg.Mark))
 		}
 		t := tunnel.NewTransparentUDP(tunnel.TransparentUDPConfig{
-			Name:        pc.LocalAddr().String(),
+			Name:        socks.pc.LocalAddr().String(),
 			Upstreams:   s.ups,
 			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
 			MaxSessions: cfg.UDPMaxSessions,
 			Control:     control,
 			Logger:      s.log,
-		}, pc)
+		}, socks.pc)
 		t.SetAllow(s.plan.allowFor(l.addr))
 		return t, nil
 	case kindDNS:
-		pc, ln, err := dnsforward.Listen(l.addr)
-		if err != nil {
-			return nil, err
-		}
 		fwd, err := s.newForwarder(l.dns, nil)
 		if err != nil {
-			pc.Close()
-			ln.Close()
+			socks.close()
 			return nil, err
 		}
-		srv := dnsforward.NewServer(fwd, pc, ln)
+		srv := dnsforward.NewServer(fwd, socks.pc, socks.ln)
 		srv.SetAllow(s.plan.allowFor(l.addr))
 		return srv, nil
 	}
-	ln, err := lc.Listen(context.Background(), "tcp", l.addr)
-	if err != nil {
-		return nil, err
-	}
 	return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
-		Name:        ln.Addr().String(),
+		Name:        socks.ln.Addr().String(),
 		Target:      l.target,
 		Upstreams:   s.ups,
 		IdleTimeout: time.Duration(cfg.IdleTimeout),
@@ -352,7 +337,7 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 		MaxSessions: cfg.MaxSessions,
 		Allow:       s.plan.allowFor(l.addr),
 		Logger:      s.log,
-	}, ln), nil
+	}, socks.ln), nil
 }
 
 // errCaptureLoop refuses a transparent connection whose original
@@ -396,8 +381,8 @@ func (s *supervisor) newForwarder(d *dnsPlan, stats *dnsforward.Stats) (*dnsforw
 // new plan is checked whole and its new listeners bound before anything
 // changes: on any error the running plan stays untouched. Listeners in
 // both plans stay bound with their sessions; removed ones drain; settings
-// apply to new sessions.
-func (s *supervisor) reloadNow() {
+// apply to new sessions. It returns why the reload failed.
+func (s *supervisor) reloadNow() error {
 	p, err := s.reload()
 	if err == nil {
 		err = s.checkFixed(p)
@@ -408,7 +393,7 @@ func (s *supervisor) reloadNow() {
 	if err != nil {
 		s.reloaded(false)
 		s.log.Error().Err(err).Msg("reload failed; the running configuration stays")
-		return
+		return err
 	}
 	want := make(map[string]listenPlan, len(p.listens))
 	var added []listenPlan
@@ -425,7 +410,7 @@ func (s *supervisor) reloadNow() {
 		s.plan = old
 		s.reloaded(false)
 		s.log.Error().Err(err).Msg("reload failed; the running configuration stays")
-		return
+		return err
 	}
 
 	// From here on nothing fails.
@@ -475,9 +460,10 @@ func (s *supervisor) reloadNow() {
 	s.reloaded(true)
 	if len(changes) == 0 {
 		s.log.Info().Msg("reloaded: nothing changed")
-		return
+		return nil
 	}
 	s.log.Info().Strs("changes", changes).Msg("reloaded: " + strings.Join(changes, "; "))
+	return nil
 }
 
 // reloaded counts a reload's result for /metrics.

@@ -1,0 +1,179 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"syscall"
+
+	"github.com/socksfwd/socksfwd/dnsforward"
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
+	"github.com/socksfwd/socksfwd/tunnel"
+)
+
+// sockets are what one listener serves: a TCP listener, a UDP socket, or
+// both at one address (DNS).
+type sockets struct {
+	ln net.Listener
+	pc *net.UDPConn
+}
+
+func (ss sockets) close() {
+	if ss.ln != nil {
+		ss.ln.Close()
+	}
+	if ss.pc != nil {
+		ss.pc.Close()
+	}
+}
+
+// socketControl sets socket options: a net.ListenConfig Control hook, and
+// applied as well to a socket systemd bound.
+type socketControl = func(network, address string, c syscall.RawConn) error
+
+// open binds l's sockets, or takes those systemd passed for it and sets on
+// them what a bind here would have set, so that either way the same
+// service is built on them.
+func (s *supervisor) open(l listenPlan) (sockets, error) {
+	var control socketControl
+	var bind func() (sockets, error)
+	switch l.kind {
+	case kindTCP, kindAdmin:
+		// No keep-alive probes on accepted connections, as ssh -L does; a
+		// loopback listener's connections get small buffers (sockbuf).
+		control = sockbuf.CapLoopbackTCP
+		bind = func() (sockets, error) {
+			lc := net.ListenConfig{KeepAlive: -1, Control: control}
+			ln, err := lc.Listen(context.Background(), "tcp", l.addr)
+			return sockets{ln: ln}, err
+		}
+	case kindTransparent:
+		control = func(network, address string, c syscall.RawConn) error {
+			if err := tunnel.ControlTransparent(network, address, c); err != nil {
+				return err
+			}
+			return sockbuf.CapLoopbackTCP(network, address, c)
+		}
+		bind = func() (sockets, error) {
+			ln, err := tunnel.ListenTransparent(context.Background(), "tcp", l.addr, sockbuf.CapLoopbackTCP)
+			return sockets{ln: ln}, err
+		}
+	case kindUDP:
+		bind = func() (sockets, error) {
+			pc, err := net.ListenPacket("udp", l.addr)
+			if err != nil {
+				return sockets{}, err
+			}
+			return sockets{pc: pc.(*net.UDPConn)}, nil
+		}
+	case kindTransparentUDP:
+		control = tunnel.ControlTransparentUDP
+		bind = func() (sockets, error) {
+			pc, err := tunnel.ListenTransparentUDP(l.addr)
+			return sockets{pc: pc}, err
+		}
+	case kindDNS:
+		bind = func() (sockets, error) {
+			pc, ln, err := dnsforward.Listen(l.addr)
+			if err != nil {
+				return sockets{}, err
+			}
+			return sockets{ln: ln, pc: pc.(*net.UDPConn)}, nil
+		}
+	default:
+		return sockets{}, fmt.Errorf("listener kind %q", l.kind)
+	}
+	passed := s.sd.passedFor(l.key())
+	if len(passed) == 0 {
+		return bind()
+	}
+	socks, err := adopt(passed, control)
+	if err == nil && l.kind == kindDNS {
+		err = socks.bindTwin()
+	}
+	if err != nil {
+		socks.close()
+		return sockets{}, err
+	}
+	return socks, nil
+}
+
+// adopt makes a listener's sockets from those systemd passed: duplicates
+// (the originals stay for a later reload), with control applied.
+func adopt(passed []*passedSocket, control socketControl) (sockets, error) {
+	var socks sockets
+	for _, p := range passed {
+		if err := p.adoptInto(&socks, control); err != nil {
+			socks.close()
+			return sockets{}, fmt.Errorf("socket %s passed by systemd: %w", p.name, err)
+		}
+	}
+	return socks, nil
+}
+
+func (p *passedSocket) adoptInto(socks *sockets, control socketControl) error {
+	var sc syscall.Conn
+	network := "udp"
+	if p.stream {
+		network = "tcp"
+		ln, err := net.FileListener(p.file)
+		if err != nil {
+			return err
+		}
+		tl := ln.(*net.TCPListener)
+		socks.ln, sc = keepAliveOff{tl}, tl
+	} else {
+		pc, err := net.FilePacketConn(p.file)
+		if err != nil {
+			return err
+		}
+		socks.pc = pc.(*net.UDPConn)
+		sc = socks.pc
+	}
+	if control == nil {
+		return nil
+	}
+	// The network as a bind passes it to Control: it says the family.
+	if p.addr.Addr().Is4() {
+		network += "4"
+	} else {
+		network += "6"
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return control(network, p.addr.String(), rc)
+}
+
+// bindTwin binds the DNS socket systemd did not pass, at the address of
+// the one it did: a DNS listener answers over UDP and TCP at one address.
+func (ss *sockets) bindTwin() error {
+	switch {
+	case ss.ln == nil:
+		ln, err := net.Listen("tcp", ss.pc.LocalAddr().String())
+		ss.ln = ln
+		return err
+	case ss.pc == nil:
+		pc, err := net.ListenPacket("udp", ss.ln.Addr().String())
+		if err != nil {
+			return err
+		}
+		ss.pc = pc.(*net.UDPConn)
+	}
+	return nil
+}
+
+// keepAliveOff accepts as a listener bound with KeepAlive: -1 does: Go
+// turns keep-alive probes on for the connections of a listener it did not
+// bind (a socket systemd passed).
+type keepAliveOff struct{ *net.TCPListener }
+
+func (l keepAliveOff) Accept() (net.Conn, error) {
+	c, err := l.AcceptTCP()
+	if err != nil {
+		return nil, err
+	}
+	c.SetKeepAlive(false)
+	return c, nil
+}
