@@ -288,12 +288,7 @@ func bench(h *harness, cfg benchConfig) {
 	// New connections per second, one 1-byte exchange each. Every run gets
 	// fresh servers on fresh ports: tens of thousands of loopback
 	// connections leave TIME_WAIT entries that would starve the next run.
-	connrate := filepath.Join(h.TempDir(), "connrate")
-	src := connrate + ".c"
-	os.WriteFile(src, []byte(connrateSource), 0o644)
-	if out, err := exec.Command(cc, "-O2", "-pthread", "-o", connrate, src).CombinedOutput(); err != nil {
-		h.Fatalf("building connrate: %v\n%s", err, out)
-	}
+	connrate := buildConnrate(h, cc)
 	// One more way for connections: the -L path while a NAT table is
 	// loaded, as it is for the redirected ways, so that the cost of
 	// connection tracking on every leg shows apart from socksfwd's own.
@@ -352,6 +347,7 @@ func bench(h *harness, cfg benchConfig) {
 	reportAdmin(name, rows)
 
 	benchRelayCPU(h, iperf, iperfAddr, cfg.socksfwd, dante.Addr)
+	benchAdminCPU(h, cfg, iperf, iperfAddr, dante.Addr, cpus, connrate)
 	benchMemory(h, cfg, dante.Addr)
 }
 
@@ -454,6 +450,17 @@ func runIperf(h *harness, argv []string) iperfReceived {
 		h.Fatalf("%s: %v %v %s", strings.Join(argv, " "), err, jerr, res.Error)
 	}
 	return res.End.SumReceived
+}
+
+// buildConnrate compiles the connection-rate client with cc.
+func buildConnrate(h *harness, cc string) string {
+	connrate := filepath.Join(h.TempDir(), "connrate")
+	src := connrate + ".c"
+	os.WriteFile(src, []byte(connrateSource), 0o644)
+	if out, err := exec.Command(cc, "-O2", "-pthread", "-o", connrate, src).CombinedOutput(); err != nil {
+		h.Fatalf("building connrate: %v\n%s", err, out)
+	}
+	return connrate
 }
 
 func connRate(h *harness, prefix []string, connrate, addr string, secs int) float64 {

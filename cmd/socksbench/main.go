@@ -59,6 +59,8 @@ func main() {
 			benchFailover(h, cfg)
 		case "bench-tcp":
 			bench(h, cfg)
+		case "bench-admin":
+			benchAdminOnly(h, cfg)
 		case "bench-udp":
 			benchUDP(h, cfg)
 		case "bench-echo":
