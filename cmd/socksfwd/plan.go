@@ -26,11 +26,12 @@ type plan struct {
 	allow    *allowlist.List // --allow; nil: every source
 }
 
-// allowFor is the allow list of a listener bound to addr: --allow for one
-// bound beyond loopback, none for a loopback one (only this host reaches
-// it).
-func (p *plan) allowFor(addr string) *allowlist.List {
-	if isLoopbackBind(addr) {
+// allowFor is the allow list of listener l: --allow for one bound beyond
+// loopback, none for a loopback one (only this host reaches it), except a
+// transparent one: TPROXY delivers other hosts' traffic to a listener on
+// 127.0.0.1 too. A loopback source is always allowed.
+func (p *plan) allowFor(l listenPlan) *allowlist.List {
+	if isLoopbackBind(l.addr) && l.kind != kindTransparent && l.kind != kindTransparentUDP {
 		return nil
 	}
 	return p.allow

@@ -278,7 +278,7 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 	switch l.kind {
 	case kindAdmin:
 		a := newAdminServer(socks.ln, s, cfg.AdminPprof)
-		a.SetAllow(s.plan.allowFor(l.addr))
+		a.SetAllow(s.plan.allowFor(l))
 		return a, nil
 	case kindUDP:
 		f := tunnel.NewUDPForward(tunnel.UDPForwardConfig{
@@ -289,7 +289,7 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 			MaxSessions: cfg.UDPMaxSessions,
 			Logger:      s.log,
 		}, socks.pc)
-		f.SetAllow(s.plan.allowFor(l.addr))
+		f.SetAllow(s.plan.allowFor(l))
 		return f, nil
 	case kindTransparent:
 		ln := socks.ln
@@ -300,7 +300,7 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 			IdleTimeout: time.Duration(cfg.IdleTimeout),
 			CopyMode:    s.plan.copyMode,
 			MaxSessions: cfg.MaxSessions,
-			Allow:       s.plan.allowFor(l.addr),
+			Allow:       s.plan.allowFor(l),
 			Logger:      s.log,
 		}, ln), nil
 	case kindTransparentUDP:
@@ -316,7 +316,7 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 			Control:     control,
 			Logger:      s.log,
 		}, socks.pc)
-		t.SetAllow(s.plan.allowFor(l.addr))
+		t.SetAllow(s.plan.allowFor(l))
 		return t, nil
 	case kindDNS:
 		fwd, err := s.newForwarder(l.dns, nil)
@@ -325,7 +325,7 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 			return nil, err
 		}
 		srv := dnsforward.NewServer(fwd, socks.pc, socks.ln)
-		srv.SetAllow(s.plan.allowFor(l.addr))
+		srv.SetAllow(s.plan.allowFor(l))
 		return srv, nil
 	}
 	return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
@@ -335,7 +335,7 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 		IdleTimeout: time.Duration(cfg.IdleTimeout),
 		CopyMode:    s.plan.copyMode,
 		MaxSessions: cfg.MaxSessions,
-		Allow:       s.plan.allowFor(l.addr),
+		Allow:       s.plan.allowFor(l),
 		Logger:      s.log,
 	}, socks.ln), nil
 }
@@ -506,15 +506,15 @@ func (s *supervisor) checkFixed(p *plan) error {
 func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 	var changes []string
 	key := l.key()
-	if allow, was := p.allowFor(l.addr), old.allowFor(l.addr); allow.String() != was.String() {
+	if allow, was := p.allowFor(l), old.allowFor(l); allow.String() != was.String() {
 		changes = append(changes, fmt.Sprintf("%s allow %s", key, allow))
 	}
 	if a, ok := u.svc.(interface{ SetAllow(*allowlist.List) }); ok {
-		a.SetAllow(p.allowFor(l.addr))
+		a.SetAllow(p.allowFor(l))
 	}
 	switch svc := u.svc.(type) {
 	case *tunnel.TCPForward:
-		svc.SetAdmission(p.cfg.MaxSessions, p.allowFor(l.addr))
+		svc.SetAdmission(p.cfg.MaxSessions, p.allowFor(l))
 		if old.cfg.MaxSessions != p.cfg.MaxSessions {
 			changes = append(changes, fmt.Sprintf("%s max-sessions %d → %d", key, old.cfg.MaxSessions, p.cfg.MaxSessions))
 		}

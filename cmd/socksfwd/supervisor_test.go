@@ -70,3 +70,32 @@ func TestListenAddrs(t *testing.T) {
 		t.Error("a:b:c accepted")
 	}
 }
+
+// TestAllowFor: --allow applies to listeners bound beyond loopback, and to
+// transparent ones wherever bound (TPROXY brings other hosts' traffic to a
+// listener on 127.0.0.1).
+func TestAllowFor(t *testing.T) {
+	p, err := buildPlan(Config{Server: []string{"proxy:1080"}, Local: []string{"1:h:1"}, Allow: []string{"10.0.0.0/8"},
+		LogLevel: "info", LogFormat: "json", UDPMaxSessions: 1, UDPIdleTimeout: 1, ShutdownTimeout: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		kind  listenKind
+		addr  string
+		scope bool
+	}{
+		{kindTCP, "127.0.0.1:1", false},
+		{kindTCP, "[::1]:1", false},
+		{kindDNS, "127.0.0.1:53", false},
+		{kindTCP, ":1", true},
+		{kindUDP, "0.0.0.0:1", true},
+		{kindAdmin, "10.1.2.3:9090", true},
+		{kindTransparent, "127.0.0.1:12345", true},
+		{kindTransparentUDP, "127.0.0.1:12345", true},
+	} {
+		if got := p.allowFor(listenPlan{kind: c.kind, addr: c.addr}) != nil; got != c.scope {
+			t.Errorf("%s %s: allow list applied %t, want %t", c.kind, c.addr, got, c.scope)
+		}
+	}
+}
