@@ -188,8 +188,17 @@ func (m *meter) timed(client func() float64) float64 {
 // run it came from and all its rounds.
 func measure(ways []string, run func(way string, m *meter) float64) []result {
 	samples := make(map[string][]result)
-	for range rounds {
-		for _, w := range ways {
+	for round := range rounds {
+		// Each round starts one way further along, and every other round
+		// runs backwards, so that a way neither keeps its place nor always
+		// follows the same other one: the run after a heavy one pays for
+		// it (a warm or a cooling CPU, sockets in TIME_WAIT).
+		for i := range ways {
+			k := (i + round) % len(ways)
+			if round%2 == 1 {
+				k = len(ways) - 1 - k
+			}
+			w := ways[k]
 			var m meter
 			v := run(w, &m)
 			samples[w] = append(samples[w], result{way: w, value: v, busy: m.busy})
