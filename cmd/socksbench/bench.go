@@ -233,9 +233,7 @@ func bench(h *harness, cfg benchConfig) {
 		os.WriteFile(conf, []byte("strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 "+port+"\n"), 0o644)
 		return []string{pc, "-q", "-f", conf}
 	}
-	// socksfwd-admin is the same binary with --admin, scraped every second:
-	// the A/B pair that prices the metrics.
-	ways := []string{"direct", "socksfwd", "socksfwd-admin", "proxychains4", "redsocks", "transparent"}
+	ways := []string{"direct", "socksfwd", "proxychains4", "redsocks", "transparent"}
 	if gost != "" {
 		ways = append(ways, "gost")
 	}
@@ -259,9 +257,6 @@ func bench(h *harness, cfg benchConfig) {
 	peertest.WaitOutput(h, srv, "Server listening")
 	addrs := map[string]string{"direct": iperfAddr, "proxychains4": iperfAddr, "redsocks": iperfAddr}
 	addrs["socksfwd"], _ = h.socksfwd(cfg.socksfwd, iperfAddr, dante.Addr)
-	admin := freeAddr(h)
-	addrs["socksfwd-admin"], _ = h.socksfwd(cfg.socksfwd, iperfAddr, dante.Addr, "--admin", admin)
-	stopScrape := scrapeWhile(h, admin)
 	if gost != "" {
 		addrs["gost"] = h.gost(gost, iperfAddr, dante.Addr)
 	}
@@ -290,9 +285,7 @@ func bench(h *harness, cfg benchConfig) {
 		name := fmt.Sprintf("tcp-throughput-%dstream", streams)
 		report(name, "Gbit/s", rows, "proxychains4", 0.9)
 		reportTransparent(name, rows, 0.95, 1.15)
-		reportAdmin(name, rows)
 	}
-	stopScrape()
 
 	// New connections per second, one 1-byte exchange each. Every run gets
 	// fresh servers on fresh ports: tens of thousands of loopback
@@ -339,12 +332,6 @@ func bench(h *harness, cfg benchConfig) {
 			return rate(redirectedClient, echo)
 		case "socksfwd-conntrack":
 			defer redirect(h, nft, "192.0.2.1:9", 9)() // matches nothing; its NAT hook tracks every connection
-		case "socksfwd-admin":
-			admin := freeAddr(h)
-			fwd, p := h.socksfwd(cfg.socksfwd, echo, d.Addr, "--admin", admin)
-			defer p.Stop()
-			defer scrapeWhile(h, admin)()
-			return rate(nil, fwd)
 		}
 		fwd, p := h.socksfwd(cfg.socksfwd, echo, d.Addr)
 		defer p.Stop()
@@ -353,10 +340,9 @@ func bench(h *harness, cfg benchConfig) {
 	name := fmt.Sprintf("tcp-new-conns-%dthreads", connThreads)
 	report(name, "conn/s", rows, "proxychains4", 0.8)
 	reportTransparent(name, rows, 0.95, 1.0)
-	reportAdmin(name, rows)
 
 	benchRelayCPU(h, iperf, iperfAddr, cfg.socksfwd, dante.Addr)
-	benchAdminCPU(h, cfg, iperf, iperfAddr, dante.Addr, cpus, connrate)
+	benchAdmin(h, cfg, iperf, iperfAddr, dante.Addr, cpus, connrate)
 	benchMemory(h, cfg, dante.Addr)
 }
 
