@@ -340,6 +340,7 @@ func bench(h *harness, cfg benchConfig) {
 	name := fmt.Sprintf("tcp-new-conns-%dthreads", connThreads)
 	report(name, "conn/s", rows, "proxychains4", 0.8)
 	reportTransparent(name, rows, 0.95, 1.0)
+	benchSidecar(h, cfg, cpus, connrate)
 
 	benchRelayCPU(h, iperf, iperfAddr, cfg.socksfwd, dante.Addr)
 	benchAdmin(h, cfg, iperf, iperfAddr, dante.Addr, cpus, connrate)

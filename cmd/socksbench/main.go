@@ -59,6 +59,11 @@ func main() {
 			benchFailover(h, cfg)
 		case "bench-tcp":
 			bench(h, cfg)
+		case "bench-sidecar":
+			cpus := newCPUSplit(h)
+			cpus.rest()
+			benchSidecar(h, cfg, cpus, buildConnrate(h, peertest.Require(h, "cc")))
+			cpus.all()
 		case "bench-admin":
 			benchAdminOnly(h, cfg)
 		case "bench-udp":
