@@ -290,8 +290,10 @@ func (f *TCPForward) serveSession(client net.Conn) {
 	f.sessions.Add(1) // this goroutine still counts, so Close's Wait cannot miss it
 	StartRelayCounting(client, up, idle, f.cfg.CopyMode, &f.stats.BytesUp, &f.stats.BytesDown, func(res RelayResult) {
 		defer f.sessions.Done()
-		f.logEnd(client, target, d.ProxyAddr, res, start)
+		// Ended before the line says so: whoever reads "session ended"
+		// finds the session gone from --max-sessions' count.
 		f.endSession(client, up)
+		f.logEnd(client, target, d.ProxyAddr, res, start)
 	})
 }
 
