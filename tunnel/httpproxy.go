@@ -83,7 +83,8 @@ type HTTPStats struct {
 	// Sessions and Active count client connections (a keep-alive
 	// connection carries many requests; a CONNECT tunnel is one);
 	// Failed counts requests whose target could not be reached; the
-	// bytes are CONNECT payload and forwarded bodies.
+	// bytes are CONNECT payload and the bodies of forwarded requests and
+	// of answers.
 	TCPStats
 	// Responses counts answered requests by kind and status class:
 	// Responses[HTTPConnect][2] is CONNECTs answered 2xx.
