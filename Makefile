@@ -21,7 +21,7 @@ PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:opens
 	ss-server:shadowsocks-libev dnsmasq:dnsmasq-base dig:dnsutils kdig:knot-dnsutils dnsperf:dnsperf \
 	psql:postgresql-client ip:iproute2 iperf3:iperf3 proxychains4:proxychains4 socat:socat \
 	redsocks:redsocks nft:nftables iptables-restore:iptables setpriv:util-linux curl:curl \
-	zsh:zsh fish:fish groff:groff systemd-socket-activate:systemd systemd-analyze:systemd \
+	zsh:zsh fish:fish groff:groff systemd-socket-activate:systemd systemd-analyze:systemd privoxy:privoxy \
 	/usr/lib/postgresql/15/bin/initdb:postgresql
 
 .PHONY: all build test cross release man demo bench fuzz lint deps peer-versions clean
@@ -40,7 +40,7 @@ deps:
 	  echo "installing:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  systemctl disable --now danted ssh postgresql redsocks >/dev/null 2>&1 || true; \
+	  systemctl disable --now danted ssh postgresql redsocks privoxy >/dev/null 2>&1 || true; \
 	fi
 
 peer-versions:
@@ -54,6 +54,7 @@ peer-versions:
 	@echo "  $$(ss-server -h 2>&1 | grep -m1 shadowsocks)"
 	@echo "  $$(dnsmasq --version | head -1)"
 	@echo "  $$(systemd-socket-activate --version | head -1)"
+	@echo "  $$(privoxy --version 2>&1 | head -1)"
 
 # Packages are tested one at a time (-p 1): peers listen on ports chosen
 # free a moment before, and another package's burst of connections can take

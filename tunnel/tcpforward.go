@@ -109,12 +109,15 @@ func (f *TCPForward) SetAdmission(maxSessions int, allow *allowlist.List) {
 }
 
 // admits says why c must be closed at once, or nil.
-func (f *TCPForward) admits(c net.Conn) error {
-	a := f.admit.Load()
+func (f *TCPForward) admits(c net.Conn) error { return f.admit.Load().check(c, f.stats.Active.Load()) }
+
+// check says why a connection from c, with active sessions open, must be
+// closed at once, or nil.
+func (a *admission) check(c net.Conn, active int64) error {
 	if !a.allow.AllowsAddr(c.RemoteAddr()) {
 		return ErrNotAllowed
 	}
-	if a.maxSessions > 0 && f.stats.Active.Load() >= int64(a.maxSessions) {
+	if a.maxSessions > 0 && active >= int64(a.maxSessions) {
 		return ErrTooManySessions
 	}
 	return nil
@@ -201,13 +204,19 @@ func (f *TCPForward) acceptLoop(ln net.Listener) error {
 // reject closes a connection admission refused, with a reset, and logs
 // one line per cause and period.
 func (f *TCPForward) reject(c net.Conn, err error) {
+	rejectConn(f.cfg.Logger, f.refusals, &f.stats, f.cfg.Name, c, err)
+}
+
+// rejectConn closes a connection admission refused on listener name, with
+// a reset; it counts it in stats and logs one line per cause and period.
+func rejectConn(log zerolog.Logger, refusals *logthrottle.Throttle, stats *TCPStats, name string, c net.Conn, err error) {
 	if errors.Is(err, ErrNotAllowed) {
-		f.stats.RejectedNotAllowed.Add(1)
+		stats.RejectedNotAllowed.Add(1)
 	} else {
-		f.stats.RejectedFull.Add(1)
+		stats.RejectedFull.Add(1)
 	}
-	if ok, suppressed := f.refusals.Allow(err.Error()); ok {
-		f.cfg.Logger.Warn().Str("listener", f.cfg.Name).Str("client", c.RemoteAddr().String()).
+	if ok, suppressed := refusals.Allow(err.Error()); ok {
+		log.Warn().Str("listener", name).Str("client", c.RemoteAddr().String()).
 			Int64("rejected_since_last_line", suppressed).Err(err).Msg("connection rejected")
 	}
 	abort(c)
@@ -281,8 +290,10 @@ func (f *TCPForward) serveSession(client net.Conn) {
 	f.sessions.Add(1) // this goroutine still counts, so Close's Wait cannot miss it
 	StartRelayCounting(client, up, idle, f.cfg.CopyMode, &f.stats.BytesUp, &f.stats.BytesDown, func(res RelayResult) {
 		defer f.sessions.Done()
-		f.logEnd(client, target, d.ProxyAddr, res, start)
+		// Ended before the line says so: whoever reads "session ended"
+		// finds the session gone from --max-sessions' count.
 		f.endSession(client, up)
+		f.logEnd(client, target, d.ProxyAddr, res, start)
 	})
 }
 
@@ -306,31 +317,43 @@ func (f *TCPForward) endSession(client, up net.Conn) {
 // the error, the side that failed and a short cause otherwise. A session
 // cut by Close stays at debug; Close says once how many it cut.
 func (f *TCPForward) logEnd(client net.Conn, target socksclient.Addr, upstream string, res RelayResult, start time.Time) {
-	ev := f.cfg.Logger.Debug()
+	logSessionEnd(f.cfg.Logger, f.cfg.Name, f.cut.Load(), client.RemoteAddr().String(), target, upstream, res, start)
+}
+
+// logSessionEnd writes the end line of a relayed session of listener
+// name: debug for a clean end, info with the error, the side that failed
+// and a short cause otherwise. A session cut by Close (cut) stays at
+// debug; Close says once how many it cut.
+func logSessionEnd(log zerolog.Logger, name string, cut bool, client string, target socksclient.Addr, upstream string, res RelayResult, start time.Time) {
+	ev := log.Debug()
 	var re *RelayError
 	switch {
 	case res.Err == nil:
-	case f.cut.Load() && errors.Is(res.Err, net.ErrClosed):
+	case cut && errors.Is(res.Err, net.ErrClosed):
 		ev = ev.Err(res.Err).Str("cause", "cut at shutdown")
 	case errors.Is(res.Err, ErrIdleTimeout):
-		ev = f.cfg.Logger.Info().Err(res.Err).Str("cause", "idle timeout")
+		ev = log.Info().Err(res.Err).Str("cause", "idle timeout")
 	case errors.As(res.Err, &re) && !errors.Is(res.Err, net.ErrClosed):
-		ev = f.cfg.Logger.Info().Err(res.Err).Str("side", re.Side.String()).Str("cause", re.Cause())
+		ev = log.Info().Err(res.Err).Str("side", re.Side.String()).Str("cause", re.Cause())
 	default:
 		ev = ev.Err(res.Err)
 	}
-	f.sessionEvent(ev, client, target).Str("upstream", upstream).Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).
+	sessionFields(ev, name, client, target).Str("upstream", upstream).Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).
 		Dur("dur", time.Since(start)).Msg("session ended")
 }
 
-// sessionEvent adds the session's fields to a log event. Built when the
+func (f *TCPForward) sessionEvent(ev *zerolog.Event, client net.Conn, target socksclient.Addr) *zerolog.Event {
+	return sessionFields(ev, f.cfg.Name, client.RemoteAddr().String(), target)
+}
+
+// sessionFields adds a session's fields to a log event. Built when the
 // session ends rather than held in a per-session logger, so an idle session
 // carries no log context (and a disabled level costs nothing).
-func (f *TCPForward) sessionEvent(ev *zerolog.Event, client net.Conn, target socksclient.Addr) *zerolog.Event {
+func sessionFields(ev *zerolog.Event, listener, client string, target socksclient.Addr) *zerolog.Event {
 	if ev == nil {
 		return nil
 	}
-	return ev.Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).Str("target", target.String())
+	return ev.Str("listener", listener).Str("client", client).Str("target", target.String())
 }
 
 // Shutdown stops accepting and waits for live sessions to end until ctx is
@@ -369,11 +392,17 @@ const backlogDrainMax = 100 * time.Millisecond
 // its queue, and their clients connected before the shutdown (or the
 // reload that removed this forward): they are sessions to drain.
 func (f *TCPForward) closeDrained(ln net.Listener) {
+	waitBacklog(ln)
+	ln.Close()
+}
+
+// waitBacklog returns once ln's accept loop has taken the connections the
+// kernel had queued for it, or after backlogDrainMax.
+func waitBacklog(ln net.Listener) {
 	deadline := time.Now().Add(backlogDrainMax)
 	for acceptQueued(ln) && time.Now().Before(deadline) {
 		time.Sleep(100 * time.Microsecond) // the accept loop runs meanwhile
 	}
-	ln.Close()
 }
 
 // Close stops accepting and cuts every session at once, with a reset (RST)

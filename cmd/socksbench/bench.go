@@ -71,20 +71,7 @@ func ratios(rows []result, baseline string, bar float64) string {
 	if base == nil {
 		return ""
 	}
-	paired := func(r result) (float64, []string) {
-		var rs []float64
-		var text []string
-		for i, v := range r.rounds {
-			if i < len(base.rounds) && base.rounds[i] > 0 {
-				rs = append(rs, v/base.rounds[i])
-				text = append(text, fmt.Sprintf("%.2f", v/base.rounds[i]))
-			}
-		}
-		if len(rs) == 0 {
-			return 0, nil
-		}
-		return median(rs), text
-	}
+	paired := func(r result) (float64, []string) { return pairedRatio(r, *base) }
 	var out string
 	for _, r := range rows {
 		if r.way != "socksfwd" {
@@ -104,6 +91,23 @@ func ratios(rows []result, baseline string, bar float64) string {
 		}
 	}
 	return out
+}
+
+// pairedRatio is the median of r's per-round ratios to base, and each
+// round's ratio as printed; 0 and none without a round to pair.
+func pairedRatio(r, base result) (float64, []string) {
+	var rs []float64
+	var text []string
+	for i, v := range r.rounds {
+		if i < len(base.rounds) && base.rounds[i] > 0 {
+			rs = append(rs, v/base.rounds[i])
+			text = append(text, fmt.Sprintf("%.2f", v/base.rounds[i]))
+		}
+	}
+	if len(rs) == 0 {
+		return 0, nil
+	}
+	return median(rs), text
 }
 
 // reportTransparent prints the transparent listener (behind the same
@@ -251,10 +255,7 @@ func bench(h *harness, cfg benchConfig) {
 
 	// TCP throughput with iperf3 (a libc client, so proxychains4 can carry it).
 	dante := cpus.dante(peertest.DanteOptions{})
-	iperfPort := peertest.FreePort(h)
-	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(iperfPort), "--forceflush")
-	iperfAddr := "127.0.0.1:" + strconv.Itoa(iperfPort)
-	peertest.WaitOutput(h, srv, "Server listening")
+	iperfAddr := h.iperfServer(iperf)
 	addrs := map[string]string{"direct": iperfAddr, "proxychains4": iperfAddr, "redsocks": iperfAddr}
 	addrs["socksfwd"], _ = h.socksfwd(cfg.socksfwd, iperfAddr, dante.Addr)
 	if gost != "" {
@@ -418,6 +419,16 @@ func benchMemory(h *harness, cfg benchConfig, proxy string) {
 	}
 }
 
+// iperfServer starts iperf3 -s on a free loopback port and returns its
+// address, once it says it listens (a probe connection would count as a
+// test).
+func (h *harness) iperfServer(iperf string) string {
+	port := strconv.Itoa(peertest.FreePort(h))
+	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", port, "--forceflush")
+	peertest.WaitOutput(h, srv, "Server listening")
+	return "127.0.0.1:" + port
+}
+
 // iperfGbps runs an iperf3 client (under prefix, e.g. proxychains4) and
 // returns the received throughput.
 func iperfGbps(h *harness, prefix []string, iperf, addr string, streams, secs int) float64 {
@@ -459,9 +470,13 @@ func buildConnrate(h *harness, cc string) string {
 	return connrate
 }
 
-func connRate(h *harness, prefix []string, connrate, addr string, secs int) float64 {
+// connRate runs the connection-rate client against addr (under prefix,
+// e.g. proxychains4) and returns connections per second; extra are its
+// optional arguments (a CONNECT target, when addr is an HTTP proxy).
+func connRate(h *harness, prefix []string, connrate, addr string, secs int, extra ...string) float64 {
 	host, port, _ := net.SplitHostPort(addr)
 	argv := append(append([]string{}, prefix...), connrate, host, port, strconv.Itoa(secs), strconv.Itoa(connThreads))
+	argv = append(argv, extra...)
 	out, err := exec.Command(argv[0], argv[1:]...).Output()
 	if err != nil {
 		h.Fatalf("%s: %v", strings.Join(argv, " "), err)

@@ -209,8 +209,5 @@ func benchAdminOnly(h *harness, cfg benchConfig) {
 	cpus.rest()
 	defer cpus.all()
 	dante := cpus.dante(peertest.DanteOptions{})
-	port := peertest.FreePort(h)
-	srv := peertest.Start(h, "iperf3 -s", iperf, "-s", "-p", strconv.Itoa(port), "--forceflush")
-	peertest.WaitOutput(h, srv, "Server listening")
-	benchAdmin(h, cfg, iperf, "127.0.0.1:"+strconv.Itoa(port), dante.Addr, cpus, connrate)
+	benchAdmin(h, cfg, iperf, h.iperfServer(iperf), dante.Addr, cpus, connrate)
 }

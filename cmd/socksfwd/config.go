@@ -28,6 +28,10 @@ type Config struct {
 	Local              []string `toml:"local" short:"L" usage:"forward [bind:]port:host:hostport[/udp], repeatable; bind defaults to 127.0.0.1"`
 	Transparent        []string `toml:"transparent,omitempty" usage:"transparent listener [bind:]port[/udp] for what netfilter sends here (TCP: REDIRECT or TPROXY; /udp: TPROXY; Linux), repeatable; bind defaults to 127.0.0.1"`
 	Mark               Mark     `toml:"mark,omitempty" usage:"SO_MARK on every socket toward an upstream, e.g. 0x438, so netfilter rules can leave socksfwd's own traffic alone (Linux, needs CAP_NET_ADMIN)"`
+	HTTP               string   `toml:"http,omitempty" usage:"HTTP proxy [bind:]port for programs that take HTTP_PROXY/HTTPS_PROXY: CONNECT and absolute-form requests, each through the upstreams (bind defaults to 127.0.0.1)"`
+	HTTPAuth           string   `toml:"http-auth,omitempty" usage:"user:password that --http clients must send (Proxy-Authorization: Basic); without it none is asked"`
+	HTTPAuthFile       string   `toml:"http-auth-file,omitempty" usage:"file holding user:password for --http (one trailing newline stripped), which keeps it out of ps"`
+	NoProxy            string   `toml:"no-proxy,omitempty" usage:"targets --http reaches directly, not through the upstreams, in NO_PROXY syntax: example.com,.internal,10.0.0.0/8,[::1]:8080 (a name matches itself and names below it; * matches all)"`
 	DNS                string   `toml:"dns,omitempty" usage:"DNS listener [bind:]port, UDP and TCP (bind defaults to 127.0.0.1)"`
 	DNSUpstream        []string `toml:"dns-upstream,omitempty" usage:"resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"`
 	DNSTransport       string   `toml:"dns-transport" def:"tcp" usage:"tcp (DNS over TCP through CONNECT, works everywhere) | udp (one UDP ASSOCIATE)"`
@@ -247,6 +251,9 @@ func (c Config) printable() (string, error) {
 	red.Server = make([]string, len(c.Server))
 	for i, s := range c.Server {
 		red.Server[i] = redactURL(s)
+	}
+	if user, _, ok := strings.Cut(c.HTTPAuth, ":"); ok {
+		red.HTTPAuth = user + ":xxxxx"
 	}
 	var buf bytes.Buffer
 	enc := toml.NewEncoder(&buf)

@@ -69,6 +69,7 @@ func TestInterop(t *testing.T) {
 			"serveecho":    cmdServeEcho,
 			"serveudpecho": cmdServeUDPEcho,
 			"udpask":       cmdUDPAsk,
+			"servegit":     cmdServeGit,
 		}),
 	})
 }

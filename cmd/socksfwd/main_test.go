@@ -240,6 +240,8 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"-S", "p:1", "-L", "1:h:2", "extra-arg"}, exitUsage},
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--idle-timeout", "soon"}, exitUsage},
 		{[]string{"-S", "127.0.0.1:1", "-L", busy.Addr().String() + ":h:2"}, exitRuntime},
+		{[]string{"-S", "127.0.0.1:1", "--http", busy.Addr().String()}, exitRuntime},
+		{[]string{"-S", "p:1", "--http", "3128", "--http-auth", "no-colon"}, exitUsage},
 	}
 	for _, tc := range tests {
 		var out, errOut strings.Builder

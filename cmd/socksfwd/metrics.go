@@ -184,7 +184,7 @@ func (s *supervisor) writeMetrics(w io.Writer) {
 	var dnsUnits []liveUnit
 	for _, u := range units {
 		switch u.svc.(type) {
-		case *tunnel.TCPForward:
+		case *tunnel.TCPForward, *tunnel.HTTPProxy:
 			tcp = append(tcp, u)
 		case *tunnel.UDPForward, *tunnel.TransparentUDP:
 			udp = append(udp, u)
@@ -208,6 +208,7 @@ func (s *supervisor) writeMetrics(w io.Writer) {
 	p.sample("socksfwd_last_reload_timestamp_seconds", float64(t.lastReloadAt.Load()))
 
 	writeTCP(p, tcp)
+	writeHTTP(p, tcp)
 	writeUDP(p, udp)
 	writeDNS(p, dnsUnits)
 	s.writeUpstreams(p)
@@ -243,27 +244,57 @@ func writeTCP(p *promWriter, units []liveUnit) {
 		name, typ, help string
 		v               func(st) int64
 	}{
-		{"socksfwd_sessions_total", "counter", "TCP sessions accepted.", func(s st) int64 { return s.Sessions.Load() }},
+		{"socksfwd_sessions_total", "counter", "TCP sessions accepted (for proto http: client connections).", func(s st) int64 { return s.Sessions.Load() }},
 		{"socksfwd_sessions_active", "gauge", "TCP sessions open now.", func(s st) int64 { return s.Active.Load() }},
 		{"socksfwd_sessions_failed_total", "counter", "TCP sessions refused, or whose upstream dial failed.", func(s st) int64 { return s.Failed.Load() }},
 	}
 	for _, f := range fams {
 		p.family(f.name, f.typ, f.help)
 		for _, u := range units {
-			p.sample(f.name, float64(f.v(u.svc.(*tunnel.TCPForward).Stats())), "listener", u.name, "proto", string(u.kind))
+			p.sample(f.name, float64(f.v(tcpStats(u.svc))), "listener", u.name, "proto", string(u.kind))
 		}
 	}
 	p.family("socksfwd_sessions_rejected_total", "counter", "TCP connections closed at once, by reason: max_sessions (--max-sessions were open) or not_allowed (source not in --allow).")
 	for _, u := range units {
-		s := u.svc.(*tunnel.TCPForward).Stats()
+		s := tcpStats(u.svc)
 		p.sample("socksfwd_sessions_rejected_total", float64(s.RejectedFull.Load()), "listener", u.name, "proto", string(u.kind), "reason", "max_sessions")
 		p.sample("socksfwd_sessions_rejected_total", float64(s.RejectedNotAllowed.Load()), "listener", u.name, "proto", string(u.kind), "reason", "not_allowed")
 	}
 	p.family("socksfwd_bytes_total", "counter", "Payload bytes relayed, by direction (up: client to target).")
 	for _, u := range units {
-		s := u.svc.(*tunnel.TCPForward).Stats()
+		s := tcpStats(u.svc)
 		p.sample("socksfwd_bytes_total", float64(s.BytesUp.Load()), "listener", u.name, "proto", string(u.kind), "direction", "up")
 		p.sample("socksfwd_bytes_total", float64(s.BytesDown.Load()), "listener", u.name, "proto", string(u.kind), "direction", "down")
+	}
+}
+
+// tcpStats returns a TCP listener's session counters.
+func tcpStats(svc service) *tunnel.TCPStats {
+	if h, ok := svc.(*tunnel.HTTPProxy); ok {
+		return &h.Stats().TCPStats
+	}
+	return svc.(*tunnel.TCPForward).Stats()
+}
+
+// writeHTTP writes what only the HTTP proxies of units count: requests
+// by kind and status class.
+func writeHTTP(p *promWriter, units []liveUnit) {
+	family := false
+	for _, u := range units {
+		h, ok := u.svc.(*tunnel.HTTPProxy)
+		if !ok {
+			continue
+		}
+		if !family {
+			p.family("socksfwd_http_requests_total", "counter", "Requests the HTTP proxy answered, by kind (connect or forward: absolute-form) and status class.")
+			family = true
+		}
+		for kind, name := range []string{tunnel.HTTPConnect: "connect", tunnel.HTTPForward: "forward"} {
+			for class := 1; class <= 5; class++ {
+				p.sample("socksfwd_http_requests_total", float64(h.Stats().Responses[kind][class].Load()),
+					"listener", u.name, "kind", name, "code", strconv.Itoa(class)+"xx")
+			}
+		}
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/socksfwd/socksfwd/internal/allowlist"
+	"github.com/socksfwd/socksfwd/internal/noproxy"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/tunnel"
 )
@@ -63,6 +64,9 @@ const (
 	kindTransparentUDP listenKind = "transparent-udp"
 	// kindAdmin serves /metrics, /healthz and /readyz over HTTP.
 	kindAdmin listenKind = "admin"
+	// kindHTTP is an HTTP proxy (--http) whose requests go through the
+	// upstreams.
+	kindHTTP listenKind = "http"
 )
 
 // listenPlan is one address to bind and what it forwards to.
@@ -75,6 +79,7 @@ type listenPlan struct {
 	optional bool
 	target   socksclient.Addr // tcp and udp forwards
 	dns      *dnsPlan         // kindDNS
+	http     *httpPlan        // kindHTTP
 }
 
 // key identifies a listener across reloads: a listener whose key is in
@@ -98,6 +103,12 @@ type dnsPlan struct {
 	maxInFlight int
 }
 
+// httpPlan is the HTTP proxy's configuration.
+type httpPlan struct {
+	creds   *tunnel.ProxyCredentials // nil: no authentication
+	noProxy *noproxy.List
+}
+
 func (d *dnsPlan) equal(o *dnsPlan) bool {
 	return slices.Equal(d.resolvers, o.resolvers) && d.transport == o.transport && d.timeout == o.timeout &&
 		d.cacheSize == o.cacheSize && d.maxInFlight == o.maxInFlight
@@ -109,8 +120,8 @@ func buildPlan(cfg Config) (*plan, error) {
 	if len(cfg.Server) == 0 {
 		return nil, usagef("no upstream server: give -S host:port (or server in the config file, or %s)", envName("server"))
 	}
-	if len(cfg.Local) == 0 && cfg.DNS == "" && len(cfg.Transparent) == 0 {
-		return nil, usagef("nothing to forward: give -L [bind:]port:host:hostport, --dns [bind:]port or --transparent [bind:]port")
+	if len(cfg.Local) == 0 && cfg.DNS == "" && len(cfg.Transparent) == 0 && cfg.HTTP == "" {
+		return nil, usagef("nothing to forward: give -L [bind:]port:host:hostport, --http [bind:]port, --dns [bind:]port or --transparent [bind:]port")
 	}
 	var err error
 	if p.logLevel, err = zerolog.ParseLevel(cfg.LogLevel); err != nil || cfg.LogLevel == "" {
@@ -182,6 +193,15 @@ func buildPlan(cfg Config) (*plan, error) {
 			p.listens = append(p.listens, listenPlan{kind: kindAdmin, addr: addr, spec: "--admin " + cfg.Admin, optional: optional[addr]})
 		}
 	}
+	if cfg.HTTP != "" {
+		ls, err := buildHTTP(&cfg)
+		if err != nil {
+			return nil, err
+		}
+		p.listens = append(p.listens, ls...)
+	} else if cfg.HTTPAuth != "" || cfg.HTTPAuthFile != "" || cfg.NoProxy != "" {
+		return nil, usagef("--http-auth, --http-auth-file and --no-proxy are for --http, which is not set")
+	}
 	if cfg.DNS != "" {
 		ls, err := buildDNS(&cfg)
 		if err != nil {
@@ -197,6 +217,41 @@ func buildPlan(cfg Config) (*plan, error) {
 		seen[l.key()] = l.spec
 	}
 	return p, nil
+}
+
+// buildHTTP plans the HTTP proxy listeners: one per address --http
+// binds, each with the same settings.
+func buildHTTP(cfg *Config) ([]listenPlan, error) {
+	addrs, optional, err := listenAddrs("--http", cfg.HTTP)
+	if err != nil {
+		return nil, err
+	}
+	h := &httpPlan{}
+	auth := cfg.HTTPAuth
+	switch {
+	case auth != "" && cfg.HTTPAuthFile != "":
+		return nil, usagef("give --http-auth or --http-auth-file, not both")
+	case cfg.HTTPAuthFile != "":
+		b, err := readLimited(cfg.HTTPAuthFile, 64<<10)
+		if err != nil {
+			return nil, usagef("--http-auth-file: %w", err)
+		}
+		auth = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	}
+	if auth != "" {
+		// The error never quotes the value: it holds a password.
+		if h.creds, err = tunnel.ParseProxyCredentials(auth); err != nil {
+			return nil, usagef("--http-auth: %v", err)
+		}
+	}
+	if h.noProxy, err = noproxy.Parse(cfg.NoProxy); err != nil {
+		return nil, usagef("--no-proxy: %v", err)
+	}
+	var ls []listenPlan
+	for _, addr := range addrs {
+		ls = append(ls, listenPlan{kind: kindHTTP, addr: addr, spec: "--http " + cfg.HTTP, http: h, optional: optional[addr]})
+	}
+	return ls, nil
 }
 
 // buildDNS plans the DNS listeners: one per address --dns binds, each

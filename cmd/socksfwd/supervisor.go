@@ -248,6 +248,11 @@ func (s *supervisor) logListening(u *unit) {
 		ev.Msgf("admin on http://%s: /metrics /healthz /readyz", name)
 		return
 	}
+	if u.lp.kind == kindHTTP {
+		ev.Bool("auth", u.lp.http.creds != nil).Str("no_proxy", u.lp.http.noProxy.String()).
+			Msgf("HTTP proxy on http://%s (CONNECT and absolute-form) via %s", name, s.via())
+		return
+	}
 	if u.lp.kind == kindTransparentUDP {
 		ev.Msgf("transparent %s/udp (TPROXY) → original destinations via %s", name, s.via())
 		return
@@ -318,6 +323,19 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 		}, socks.pc)
 		t.SetAllow(s.plan.allowFor(l))
 		return t, nil
+	case kindHTTP:
+		return tunnel.NewHTTPProxy(tunnel.HTTPProxyConfig{
+			Name:        socks.ln.Addr().String(),
+			Upstreams:   s.ups,
+			NoProxy:     l.http.noProxy,
+			Direct:      directDialer(cfg.Mark),
+			Credentials: l.http.creds,
+			IdleTimeout: time.Duration(cfg.IdleTimeout),
+			CopyMode:    s.plan.copyMode,
+			MaxSessions: cfg.MaxSessions,
+			Allow:       s.plan.allowFor(l),
+			Logger:      s.log,
+		}, socks.ln), nil
 	case kindDNS:
 		fwd, err := s.newForwarder(l.dns, nil)
 		if err != nil {
@@ -338,6 +356,16 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 		Allow:       s.plan.allowFor(l),
 		Logger:      s.log,
 	}, socks.ln), nil
+}
+
+// directDialer dials the targets --no-proxy lists, with the mark the
+// upstream sockets get: the capture rules must leave them alone too.
+func directDialer(mark Mark) func(ctx context.Context, network, address string) (net.Conn, error) {
+	d := &net.Dialer{}
+	if mark != 0 {
+		d.Control = sockmark.Control(int(mark))
+	}
+	return d.DialContext
 }
 
 // errCaptureLoop refuses a transparent connection whose original
@@ -512,19 +540,37 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 	if a, ok := u.svc.(interface{ SetAllow(*allowlist.List) }); ok {
 		a.SetAllow(p.allowFor(l))
 	}
-	switch svc := u.svc.(type) {
-	case *tunnel.TCPForward:
+	// TCP sessions: -L, --transparent and --http.
+	if svc, ok := u.svc.(interface {
+		SetAdmission(int, *allowlist.List)
+		SetIdleTimeout(time.Duration)
+	}); ok {
 		svc.SetAdmission(p.cfg.MaxSessions, p.allowFor(l))
 		if old.cfg.MaxSessions != p.cfg.MaxSessions {
 			changes = append(changes, fmt.Sprintf("%s max-sessions %d → %d", key, old.cfg.MaxSessions, p.cfg.MaxSessions))
 		}
+		if old.cfg.IdleTimeout != p.cfg.IdleTimeout {
+			svc.SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
+			changes = append(changes, fmt.Sprintf("%s idle-timeout %s → %s", key, time.Duration(old.cfg.IdleTimeout), time.Duration(p.cfg.IdleTimeout)))
+		}
+	}
+	switch svc := u.svc.(type) {
+	case *tunnel.TCPForward:
 		if l.target != u.lp.target {
 			svc.SetTarget(l.target)
 			changes = append(changes, fmt.Sprintf("%s target %s → %s", key, u.lp.target, l.target))
 		}
-		if old.cfg.IdleTimeout != p.cfg.IdleTimeout {
-			svc.SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
-			changes = append(changes, fmt.Sprintf("%s idle-timeout %s → %s", key, time.Duration(old.cfg.IdleTimeout), time.Duration(p.cfg.IdleTimeout)))
+	case *tunnel.HTTPProxy:
+		if !l.http.creds.Equal(u.lp.http.creds) {
+			svc.SetCredentials(l.http.creds)
+			changes = append(changes, key+" http-auth")
+		}
+		if l.http.noProxy.String() != u.lp.http.noProxy.String() {
+			svc.SetNoProxy(l.http.noProxy)
+			changes = append(changes, fmt.Sprintf("%s no-proxy %q", key, l.http.noProxy))
+		} else if !slices.Equal(old.cfg.Server, p.cfg.Server) {
+			// Kept-alive connections to targets went through the old ones.
+			svc.CloseIdleConnections()
 		}
 	case *tunnel.UDPForward:
 		if l.target != u.lp.target {

@@ -239,6 +239,8 @@ func fdName(l listenPlan) string {
 		option = "transparent"
 	case kindAdmin:
 		option = "admin"
+	case kindHTTP:
+		option = "http"
 	}
 	return option + "-" + port
 }
@@ -265,7 +267,7 @@ func wants(kind listenKind, stream bool) bool {
 	if kind == kindDNS {
 		return true
 	}
-	return stream == (kind == kindTCP || kind == kindTransparent || kind == kindAdmin)
+	return stream == (kind == kindTCP || kind == kindTransparent || kind == kindAdmin || kind == kindHTTP)
 }
 
 // matchPassed gives each passed socket to one listener of the right kind,
@@ -299,7 +301,7 @@ func matchPassed(passed []*passedSocket, listens []listenPlan) error {
 			if p.stream {
 				kind = "tcp"
 			}
-			return fmt.Errorf("socket %s (%s %s) passed by systemd matches no listener: give it the address of a -L, --dns or --transparent listener, or FileDescriptorName=local-PORT, dns-PORT or transparent-PORT", p.name, kind, p.addr)
+			return fmt.Errorf("socket %s (%s %s) passed by systemd matches no listener: give it the address of a -L, --http, --dns or --transparent listener, or FileDescriptorName=local-PORT, http-PORT, dns-PORT or transparent-PORT", p.name, kind, p.addr)
 		}
 	}
 	return nil

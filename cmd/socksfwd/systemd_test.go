@@ -18,6 +18,7 @@ func TestMatchPassed(t *testing.T) {
 	cfg.DNS = "127.0.0.1:5300"
 	cfg.DNSUpstream = []string{"10.0.0.53"}
 	cfg.Transparent = []string{"12345", "12345/udp"}
+	cfg.HTTP = "3128"
 	p, err := buildPlan(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -45,6 +46,9 @@ func TestMatchPassed(t *testing.T) {
 		{"all interfaces, IPv4", []sock{{"", true, "0.0.0.0:7000"}}, []string{"tcp :7000"}, ""},
 		{"transparent tcp and udp", []sock{{"", true, "127.0.0.1:12345"}, {"transparent-12345", false, "0.0.0.0:12345"}},
 			[]string{"transparent 127.0.0.1:12345", "transparent-udp 127.0.0.1:12345"}, ""},
+		{"http by address", []sock{{"", true, "127.0.0.1:3128"}}, []string{"http 127.0.0.1:3128"}, ""},
+		{"http by name elsewhere", []sock{{"http-3128", true, "[::]:3128"}}, []string{"http 127.0.0.1:3128"}, ""},
+		{"a datagram socket for http", []sock{{"http-3128", false, "127.0.0.1:3128"}}, nil, "socket http-3128 (udp 127.0.0.1:3128)"},
 		{"a stream socket where only udp listens", []sock{{"", true, "127.0.0.1:5353"}}, nil, "socket LISTEN_FD_3 (tcp 127.0.0.1:5353) passed by systemd matches no listener"},
 		{"an unknown name elsewhere", []sock{{"web", true, "127.0.0.1:8080"}}, nil, "socket web (tcp 127.0.0.1:8080)"},
 		{"two sockets for one listener", []sock{{"", true, "127.0.0.1:5432"}, {"second", true, "127.0.0.1:5432"}}, nil, "socket second (tcp 127.0.0.1:5432)"},

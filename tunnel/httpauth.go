@@ -1,0 +1,54 @@
+package tunnel
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"net/http"
+	"strings"
+)
+
+// ProxyCredentials are the user name and password that clients of an
+// HTTP proxy door must send (Proxy-Authorization: Basic, RFC 9110 §11.7.2).
+// Only digests are kept, so a comparison takes the same time whatever the
+// lengths of what was sent.
+type ProxyCredentials struct {
+	user, password [sha256.Size]byte
+}
+
+// ParseProxyCredentials reads "user:pass" (the password may hold colons).
+func ParseProxyCredentials(s string) (*ProxyCredentials, error) {
+	user, password, ok := strings.Cut(s, ":")
+	if !ok || user == "" || password == "" {
+		return nil, errors.New("want user:password, both not empty")
+	}
+	return &ProxyCredentials{user: sha256.Sum256([]byte(user)), password: sha256.Sum256([]byte(password))}, nil
+}
+
+// Equal reports whether c and o hold the same credentials (a reload
+// compares them); nil is "no authentication".
+func (c *ProxyCredentials) Equal(o *ProxyCredentials) bool {
+	if c == nil || o == nil {
+		return c == o
+	}
+	return c.user == o.user && c.password == o.password
+}
+
+// allows reports whether r carries these credentials in
+// Proxy-Authorization. The header has the syntax of Authorization, so the
+// standard library's parser reads it: no hand-written one sees bytes from
+// the network.
+func (c *ProxyCredentials) allows(r *http.Request) bool {
+	header := r.Header.Values("Proxy-Authorization")
+	if len(header) != 1 {
+		return false
+	}
+	probe := http.Request{Header: http.Header{"Authorization": header}}
+	user, password, ok := probe.BasicAuth()
+	if !ok {
+		return false
+	}
+	u, p := sha256.Sum256([]byte(user)), sha256.Sum256([]byte(password))
+	// Both compared every time: which one was wrong takes no other time.
+	return subtle.ConstantTimeCompare(u[:], c.user[:])&subtle.ConstantTimeCompare(p[:], c.password[:]) == 1
+}

@@ -1,0 +1,754 @@
+package tunnel
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/http/httputil"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/internal/allowlist"
+	"github.com/socksfwd/socksfwd/internal/logthrottle"
+	"github.com/socksfwd/socksfwd/internal/noproxy"
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// HTTPProxyConfig describes one --http listener.
+type HTTPProxyConfig struct {
+	// Name labels the listener in logs, e.g. "127.0.0.1:3128".
+	Name string
+	// Upstreams dials every target through the configured proxies; names
+	// go to the proxy to resolve.
+	Upstreams *socksclient.Upstreams
+	// NoProxy lists the targets reached directly, through Direct, not
+	// through the upstreams. SetNoProxy changes it.
+	NoProxy *noproxy.List
+	// Direct dials the targets NoProxy lists (default: a net.Dialer).
+	Direct func(ctx context.Context, network, address string) (net.Conn, error)
+	// Credentials, when set, must come with every request, else the
+	// answer is 407. SetCredentials changes them.
+	Credentials *ProxyCredentials
+	// IdleTimeout closes a CONNECT tunnel idle this long (default 0 =
+	// never, like -L). SetIdleTimeout changes it for new tunnels.
+	IdleTimeout time.Duration
+	// CopyMode chooses the tunnels' relay copy (default CopySplice).
+	CopyMode CopyMode
+	// MaxSessions bounds the client connections open at once (0 = no
+	// bound), Allow the client sources served; connections beyond them
+	// are closed at once and counted. SetAdmission changes both.
+	MaxSessions int
+	Allow       *allowlist.List
+	// ReadHeaderTimeout bounds reading a request's head (default 10 s):
+	// a client that drips its headers (slowloris) loses the connection.
+	ReadHeaderTimeout time.Duration
+	// KeepAlive closes a client connection idle this long between
+	// requests (default 2 min).
+	KeepAlive time.Duration
+	Logger    zerolog.Logger
+}
+
+const (
+	defaultReadHeaderTimeout = 10 * time.Second
+	defaultKeepAlive         = 2 * time.Minute
+	// maxRequestHead bounds a request line and its headers; a larger head
+	// gets 431. Real clients send a few kilobytes.
+	maxRequestHead = 64 << 10
+	// maxResponseHead bounds a target's response headers.
+	maxResponseHead = 256 << 10
+)
+
+// HTTPRequestKind tells CONNECT requests from forwarded ones in the
+// counters.
+type HTTPRequestKind int
+
+const (
+	HTTPConnect HTTPRequestKind = iota // CONNECT host:port
+	HTTPForward                        // absolute-form: GET http://host/path
+)
+
+// HTTPStats counts an HTTP proxy's connections, requests and bytes.
+type HTTPStats struct {
+	// Sessions and Active count client connections (a keep-alive
+	// connection carries many requests; a CONNECT tunnel is one);
+	// Failed counts requests whose target could not be reached; the
+	// bytes are CONNECT payload and the bodies of forwarded requests and
+	// of answers.
+	TCPStats
+	// Responses counts answered requests by kind and status class:
+	// Responses[HTTPConnect][2] is CONNECTs answered 2xx.
+	Responses [2][6]atomic.Int64
+}
+
+// HTTPProxy is an HTTP/1.1 forward proxy whose every request goes through
+// the upstreams: CONNECT host:port becomes a SOCKS5 CONNECT and a raw
+// relay; an absolute-form request is forwarded over a connection dialed
+// the same way. It is built on net/http: the server parses requests, a
+// ReverseProxy forwards them (dropping hop-by-hop headers both ways, RFC
+// 9110 §7.6.1), and CONNECT hijacks the connection.
+type HTTPProxy struct {
+	cfg       HTTPProxyConfig
+	ln        net.Listener
+	srv       *http.Server
+	transport *http.Transport
+	forwarder *httputil.ReverseProxy
+	direct    func(ctx context.Context, network, address string) (net.Conn, error)
+
+	ctx    context.Context // cancelled by Close: aborts dials and requests
+	cancel context.CancelFunc
+
+	refusals *logthrottle.Throttle
+	admit    atomic.Pointer[admission]
+	idle     atomic.Int64
+	creds    atomic.Pointer[ProxyCredentials]
+	noProxy  atomic.Pointer[noproxy.List]
+
+	mu      sync.Mutex
+	closed  bool
+	busy    int               // requests being handled and tunnels relaying
+	idleNow chan struct{}     // closed when busy drops to 0
+	tunnels map[net.Conn]bool // true for a tunnel's client conn
+	cut     atomic.Bool       // Close cut live tunnels
+
+	stats HTTPStats
+}
+
+// NewHTTPProxy returns a proxy that will serve on ln, which the caller
+// has bound (so a bind failure surfaces before anything starts).
+func NewHTTPProxy(cfg HTTPProxyConfig, ln net.Listener) *HTTPProxy {
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &HTTPProxy{cfg: cfg, ln: ln, ctx: ctx, cancel: cancel, tunnels: make(map[net.Conn]bool)}
+	p.refusals = logthrottle.New(refusalLogEvery)
+	p.idle.Store(int64(cfg.IdleTimeout))
+	p.creds.Store(cfg.Credentials)
+	p.noProxy.Store(cfg.NoProxy)
+	p.SetAdmission(cfg.MaxSessions, cfg.Allow)
+	p.direct = cfg.Direct
+	if p.direct == nil {
+		p.direct = (&net.Dialer{}).DialContext
+	}
+	p.transport = &http.Transport{
+		DialContext: p.dialForward,
+		// The client asked for its own encoding; the bytes pass as they are.
+		DisableCompression:     true,
+		MaxIdleConns:           100,
+		MaxIdleConnsPerHost:    8,
+		IdleConnTimeout:        time.Minute,
+		ExpectContinueTimeout:  time.Second,
+		MaxResponseHeaderBytes: maxResponseHead,
+		// HTTP/1.1 only, as the client speaks it to us.
+		TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{},
+	}
+	p.forwarder = &httputil.ReverseProxy{
+		Rewrite:        p.rewrite,
+		Transport:      p.transport,
+		ModifyResponse: recordStatus,
+		ErrorHandler:   p.forwardFailed,
+		ErrorLog:       log.New(io.Discard, "", 0),
+	}
+	readHeader, keepAlive := cfg.ReadHeaderTimeout, cfg.KeepAlive
+	if readHeader <= 0 {
+		readHeader = defaultReadHeaderTimeout
+	}
+	if keepAlive <= 0 {
+		keepAlive = defaultKeepAlive
+	}
+	var protocols http.Protocols
+	protocols.SetHTTP1(true)
+	p.srv = &http.Server{
+		Handler:           p,
+		ReadHeaderTimeout: readHeader,
+		IdleTimeout:       keepAlive,
+		MaxHeaderBytes:    maxRequestHead,
+		Protocols:         &protocols,
+		BaseContext:       func(net.Listener) context.Context { return p.ctx },
+		ErrorLog:          log.New(serverLog{p}, "", 0),
+	}
+	return p
+}
+
+// SetAdmission changes MaxSessions and Allow for connections accepted
+// from now on; open ones stay. A reload calls it without rebinding.
+func (p *HTTPProxy) SetAdmission(maxSessions int, allow *allowlist.List) {
+	p.admit.Store(&admission{maxSessions: maxSessions, allow: allow})
+}
+
+// SetIdleTimeout sets the idle timeout of tunnels opened from now on.
+func (p *HTTPProxy) SetIdleTimeout(d time.Duration) { p.idle.Store(int64(d)) }
+
+// SetCredentials sets what requests from now on must carry (nil: none).
+func (p *HTTPProxy) SetCredentials(c *ProxyCredentials) { p.creds.Store(c) }
+
+// SetNoProxy sets the targets that requests from now on reach directly;
+// kept-alive connections to targets are dropped, as they went the old way.
+func (p *HTTPProxy) SetNoProxy(l *noproxy.List) {
+	p.noProxy.Store(l)
+	p.transport.CloseIdleConnections()
+}
+
+// CloseIdleConnections closes the kept-alive connections to targets, so
+// that the next forwarded requests dial again (through new upstreams,
+// after a reload changed them).
+func (p *HTTPProxy) CloseIdleConnections() { p.transport.CloseIdleConnections() }
+
+// Stats returns the live counters.
+func (p *HTTPProxy) Stats() *HTTPStats { return &p.stats }
+
+// Addr is the listener's address.
+func (p *HTTPProxy) Addr() net.Addr { return p.ln.Addr() }
+
+// Serve answers requests until Shutdown or Close, or until ctx is done
+// (which then closes the proxy). It returns nil on such a stop.
+func (p *HTTPProxy) Serve(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() { p.Close() })
+	defer stop()
+	err := p.srv.Serve(admittingListener{p.ln, p})
+	if errors.Is(err, http.ErrServerClosed) || p.isClosed() && errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	p.Close()
+	return err
+}
+
+// Shutdown stops accepting, lets requests in flight and open tunnels end
+// until ctx is done, then cuts the rest (Close).
+func (p *HTTPProxy) Shutdown(ctx context.Context) error {
+	// Connections the kernel queued before the stop are clients to serve.
+	waitBacklog(p.ln)
+	// Closes the listener and idle keep-alive connections, and waits for
+	// requests in flight; tunnels have left the server's care.
+	err := p.srv.Shutdown(ctx)
+	if err == nil {
+		select {
+		case <-p.whenIdle():
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+	}
+	p.Close()
+	return err
+}
+
+// Close stops accepting and cuts every connection and tunnel at once,
+// tunnels with a reset toward both ends. It is idempotent and returns
+// once every request and tunnel has ended.
+func (p *HTTPProxy) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	p.cancel()
+	tunnels := 0
+	for c, client := range p.tunnels {
+		if client {
+			tunnels++
+		}
+		abort(c)
+	}
+	if tunnels > 0 {
+		p.cut.Store(true)
+		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Int("sessions", tunnels).Msg("cutting sessions still open")
+	}
+	p.mu.Unlock()
+	p.srv.Close()
+	p.ln.Close() // in case Serve never ran
+	<-p.whenIdle()
+	p.transport.CloseIdleConnections()
+	return nil
+}
+
+func (p *HTTPProxy) isClosed() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.closed
+}
+
+// enter counts a request or tunnel that Shutdown and Close wait for;
+// false once the proxy is closed. With track, it also registers the
+// tunnel's conns (client first) for Close to cut.
+func (p *HTTPProxy) enter(track ...net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.busy++
+	for i, c := range track {
+		p.tunnels[c] = i == 0
+	}
+	return true
+}
+
+// leave ends what enter counted.
+func (p *HTTPProxy) leave(untrack ...net.Conn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range untrack {
+		delete(p.tunnels, c)
+	}
+	if p.busy--; p.busy == 0 && p.idleNow != nil {
+		close(p.idleNow)
+		p.idleNow = nil
+	}
+}
+
+// whenIdle is closed once no request or tunnel is left.
+func (p *HTTPProxy) whenIdle() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.busy == 0 {
+		done := make(chan struct{})
+		close(done)
+		return done
+	}
+	if p.idleNow == nil {
+		p.idleNow = make(chan struct{})
+	}
+	return p.idleNow
+}
+
+// admittingListener closes at once, with a reset, connections that
+// --allow or --max-sessions refuse; the server sees only the others.
+type admittingListener struct {
+	net.Listener
+	p *HTTPProxy
+}
+
+func (l admittingListener) Accept() (net.Conn, error) {
+	p := l.p
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if err := p.admit.Load().check(c, p.stats.Active.Load()); err != nil {
+			rejectConn(p.cfg.Logger, p.refusals, &p.stats.TCPStats, p.cfg.Name, c, err)
+			continue
+		}
+		// Counted here, so that the next accept sees it against
+		// MaxSessions.
+		p.stats.Sessions.Add(1)
+		p.stats.Active.Add(1)
+		return &clientConn{Conn: c, active: &p.stats.Active}, nil
+	}
+}
+
+// clientConn is an accepted connection, counted as active until it is
+// closed: by the server, or by the relay once CONNECT took it over.
+type clientConn struct {
+	net.Conn
+	once   sync.Once
+	active *atomic.Int64
+}
+
+func (c *clientConn) Close() error {
+	c.once.Do(func() { c.active.Add(-1) })
+	return c.Conn.Close()
+}
+
+// CloseWrite passes a tunnel's half-close on to the socket.
+func (c *clientConn) CloseWrite() error {
+	if cw, ok := c.Conn.(closeWriter); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
+// NetConn is the socket, which the relay splices from.
+func (c *clientConn) NetConn() net.Conn { return c.Conn }
+
+// ServeHTTP answers one request: CONNECT, or an absolute-form request to
+// forward.
+func (p *HTTPProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !p.enter() {
+		w.Header().Set("Connection", "close")
+		answer(w, http.StatusServiceUnavailable, "socksfwd is stopping")
+		return
+	}
+	defer p.leave()
+	kind := HTTPForward
+	if r.Method == http.MethodConnect {
+		kind = HTTPConnect
+	}
+	sw := &statusWriter{ResponseWriter: w, bytes: &p.stats.BytesDown}
+	// Deferred: a forwarded response cut mid-body ends in a panic
+	// (http.ErrAbortHandler) that the server recovers.
+	defer func() { p.stats.Responses[kind][sw.class()].Add(1) }()
+	if c := p.creds.Load(); c != nil && !c.allows(r) {
+		p.authFailed(sw, r)
+		return
+	}
+	switch {
+	case kind == HTTPConnect:
+		p.connect(sw, r)
+	case r.URL.IsAbs():
+		p.forward(sw, r)
+	default:
+		answer(sw, http.StatusBadRequest, "socksfwd is an HTTP proxy: ask it for absolute URLs (GET http://host/path) or CONNECT host:port")
+	}
+}
+
+// authFailed answers 407, which asks the client for credentials, and
+// logs once per period how many asked without them or with wrong ones.
+func (p *HTTPProxy) authFailed(w http.ResponseWriter, r *http.Request) {
+	cause := "proxy authentication missing"
+	if r.Header.Get("Proxy-Authorization") != "" {
+		cause = "proxy authentication failed"
+	}
+	if ok, suppressed := p.refusals.Allow(cause); ok {
+		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).
+			Int64("refused_since_last_line", suppressed).Msg(cause)
+	}
+	w.Header().Set("Proxy-Authenticate", `Basic realm="socksfwd", charset="UTF-8"`)
+	answer(w, http.StatusProxyAuthRequired, cause+": send Proxy-Authorization (Basic) with the user and password of --http-auth")
+}
+
+// answer writes a status with a one-line plain-text body.
+func answer(w http.ResponseWriter, code int, msg string) {
+	http.Error(w, strings.ReplaceAll(msg, "\n", " "), code)
+}
+
+// requestTarget reads a request's host[:port] (IPv6 in brackets); port
+// is used when it has none ("" makes a port required).
+func requestTarget(hostport, port string) (socksclient.Addr, error) {
+	if _, _, err := net.SplitHostPort(hostport); err != nil && port != "" {
+		host := hostport
+		if len(host) > 1 && host[0] == '[' && host[len(host)-1] == ']' {
+			host = host[1 : len(host)-1]
+		}
+		hostport = net.JoinHostPort(host, port)
+	}
+	a, err := socksclient.ParseAddr(hostport)
+	if err != nil {
+		return a, err
+	}
+	if a.Port == 0 {
+		return a, fmt.Errorf("target %s: port 0", hostport)
+	}
+	return a, nil
+}
+
+// dial reaches target through the upstreams, or directly when NoProxy
+// lists it. upstream names the way taken ("direct" or the proxy's
+// address), on failure too when one proxy answered for the target.
+func (p *HTTPProxy) dial(ctx context.Context, target socksclient.Addr) (c net.Conn, upstream string, err error) {
+	// Close aborts dials, also those the Transport runs on its own.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(p.ctx, cancel)
+	defer stop()
+	if p.noProxy.Load().Match(target.Host(), target.Port) {
+		c, err := p.direct(ctx, "tcp", target.String())
+		return c, "direct", err
+	}
+	up, d, err := p.cfg.Upstreams.DialAddr(ctx, target)
+	if d != nil {
+		upstream = d.ProxyAddr
+	}
+	if err != nil {
+		return nil, upstream, err
+	}
+	return up, upstream, nil
+}
+
+// dialStatus is the status a client gets when its target could not be
+// reached: 504 when the handshake (or a direct connect) timed out, else
+// 502, whose body names the proxy's REP code when it refused.
+func dialStatus(err error) int {
+	var nerr net.Error
+	if errors.Is(err, context.DeadlineExceeded) || errors.As(err, &nerr) && nerr.Timeout() {
+		return http.StatusGatewayTimeout
+	}
+	return http.StatusBadGateway
+}
+
+// dialFailed answers a request whose target could not be reached and
+// logs the failure, naming the REP code.
+func (p *HTTPProxy) dialFailed(w http.ResponseWriter, r *http.Request, target socksclient.Addr, upstream string, err error, start time.Time) {
+	p.stats.Failed.Add(1)
+	ev := p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", target.String()).
+		Str("method", r.Method)
+	if upstream != "" {
+		ev = ev.Str("upstream", upstream)
+	}
+	var re *socksclient.ReplyError
+	if errors.As(err, &re) {
+		ev = ev.Str("rep", re.Code.String())
+	}
+	ev.Err(err).Dur("dur", time.Since(start)).Msg("request failed")
+	answer(w, dialStatus(err), fmt.Sprintf("%s: %v", target, err))
+}
+
+// connect serves CONNECT host:port: a SOCKS5 CONNECT to the target (a
+// name goes to the proxy as a name), 200, then a raw relay with
+// half-close, as -L relays.
+func (p *HTTPProxy) connect(w *statusWriter, r *http.Request) {
+	start := time.Now()
+	target, err := requestTarget(r.URL.Host, "")
+	if err != nil {
+		answer(w, http.StatusBadRequest, "CONNECT wants host:port: "+err.Error())
+		return
+	}
+	up, upstream, err := p.dial(r.Context(), target)
+	if err != nil {
+		p.dialFailed(w, r, target, upstream, err, start)
+		return
+	}
+	client, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil {
+		abort(up)
+		answer(w, http.StatusInternalServerError, "cannot take over the connection: "+err.Error())
+		return
+	}
+	w.code = http.StatusOK
+	p.startTunnel(client, brw.Reader, up, target, upstream, start)
+}
+
+// startTunnel answers 200 on a hijacked CONNECT and relays client and up
+// until both ends are done, on the relay's own goroutines.
+func (p *HTTPProxy) startTunnel(client net.Conn, buffered *bufio.Reader, up net.Conn, target socksclient.Addr, upstream string, start time.Time) {
+	if !p.enter(client, up) { // Close came during the dial: cut
+		abort(up)
+		abort(client)
+		return
+	}
+	client.SetDeadline(time.Time{}) // the server's header deadline
+	_, err := io.WriteString(client, "HTTP/1.1 200 Connection established\r\n\r\n")
+	// What the client sent before it saw the 200 (a TLS ClientHello sent
+	// at once) is in the server's read buffer: it goes first.
+	var early int64
+	if n := buffered.Buffered(); err == nil && n > 0 {
+		b, _ := buffered.Peek(n)
+		var wn int
+		wn, err = up.Write(b)
+		early = int64(wn)
+		p.stats.BytesUp.Add(early)
+	}
+	if err != nil {
+		abort(up)
+		abort(client)
+		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", client.RemoteAddr().String()).Str("target", target.String()).
+			Str("upstream", upstream).Err(err).Msg("session ended")
+		p.leave(client, up)
+		return
+	}
+	StartRelayCounting(client, up, time.Duration(p.idle.Load()), p.cfg.CopyMode, &p.stats.BytesUp, &p.stats.BytesDown, func(res RelayResult) {
+		res.Up += early
+		logSessionEnd(p.cfg.Logger, p.cfg.Name, p.cut.Load(), client.RemoteAddr().String(), target, upstream, res, start)
+		p.leave(client, up)
+	})
+}
+
+// forwardInfo is what one forwarded request learns on its way, for its
+// log line: the context carries it through the ReverseProxy.
+type forwardInfo struct {
+	target   socksclient.Addr
+	upstream atomic.Pointer[string]
+	status   atomic.Int32 // the target's answer (101 too, which hijacks)
+	failed   atomic.Bool  // forwardFailed answered and logged
+	up       atomic.Int64 // request body bytes
+}
+
+type forwardInfoKey struct{}
+
+func infoOf(r *http.Request) *forwardInfo {
+	info, _ := r.Context().Value(forwardInfoKey{}).(*forwardInfo)
+	return info
+}
+
+// forward serves an absolute-form request (GET http://host/path): over a
+// kept-alive connection to the target, dialed through the upstreams.
+func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
+	start := time.Now()
+	if r.URL.Scheme != "http" {
+		answer(w, http.StatusBadRequest, fmt.Sprintf("cannot forward %s:// URLs: send https through CONNECT (set HTTPS_PROXY)", r.URL.Scheme))
+		return
+	}
+	target, err := requestTarget(r.URL.Host, "80")
+	if err != nil {
+		answer(w, http.StatusBadRequest, "bad target: "+err.Error())
+		return
+	}
+	info := &forwardInfo{target: target}
+	r = r.WithContext(context.WithValue(r.Context(), forwardInfoKey{}, info))
+	if r.Body != nil && r.Body != http.NoBody {
+		r.Body = &countingBody{ReadCloser: r.Body, total: &p.stats.BytesUp, n: &info.up}
+	}
+	defer func() {
+		if info.failed.Load() {
+			return
+		}
+		code := w.code
+		if s := int(info.status.Load()); s == http.StatusSwitchingProtocols {
+			code = s
+		}
+		ev := p.cfg.Logger.Debug().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", target.String())
+		if up := info.upstream.Load(); up != nil {
+			ev = ev.Str("upstream", *up)
+		}
+		ev.Str("method", r.Method).Int("status", code).Int64("bytes_up", info.up.Load()).Int64("bytes_down", w.n).
+			Dur("dur", time.Since(start)).Msg("request ended")
+	}()
+	p.forwarder.ServeHTTP(w, r)
+}
+
+// forwardingHeaders are end-to-end headers that ReverseProxy drops in
+// Rewrite mode (it is built for reverse proxies): a forward proxy passes
+// what the client sent, and adds nothing that would name the client.
+var forwardingHeaders = []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"}
+
+// rewrite makes the outgoing request: the client's, minus hop-by-hop
+// headers (ReverseProxy removed them, those named in Connection and
+// Proxy-Authorization included), with a trace that learns which upstream
+// carried it.
+func (p *HTTPProxy) rewrite(pr *httputil.ProxyRequest) {
+	for _, h := range forwardingHeaders {
+		if v, ok := pr.In.Header[h]; ok {
+			pr.Out.Header[h] = v
+		}
+	}
+	info := infoOf(pr.In)
+	if info == nil {
+		return
+	}
+	trace := &httptrace.ClientTrace{GotConn: func(ci httptrace.GotConnInfo) {
+		if v, ok := ci.Conn.(*viaConn); ok {
+			info.upstream.Store(&v.upstream)
+		}
+	}}
+	pr.Out = pr.Out.WithContext(httptrace.WithClientTrace(pr.Out.Context(), trace))
+}
+
+// recordStatus notes the target's status for the request's log line.
+func recordStatus(res *http.Response) error {
+	if info := infoOf(res.Request); info != nil {
+		info.status.Store(int32(res.StatusCode))
+	}
+	return nil
+}
+
+// forwardFailed answers a forwarded request that got no response.
+func (p *HTTPProxy) forwardFailed(w http.ResponseWriter, r *http.Request, err error) {
+	info := infoOf(r)
+	if info == nil {
+		answer(w, http.StatusBadGateway, err.Error())
+		return
+	}
+	info.failed.Store(true)
+	var de *dialError
+	if errors.As(err, &de) {
+		p.dialFailed(w, r, info.target, de.upstream, de.err, time.Now())
+		return
+	}
+	code := http.StatusBadGateway
+	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+		// The client left (or Close cut it): nobody reads the answer.
+		p.cfg.Logger.Debug().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String()).
+			Err(err).Msg("request ended")
+	} else {
+		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String()).
+			Str("method", r.Method).Err(err).Msg("request failed")
+	}
+	answer(w, code, fmt.Sprintf("%s: %v", info.target, err))
+}
+
+// dialForward is the Transport's dialer: every connection to a target
+// goes through dial, and says which way it went.
+func (p *HTTPProxy) dialForward(ctx context.Context, _, address string) (net.Conn, error) {
+	target, err := socksclient.ParseAddr(address)
+	if err != nil {
+		return nil, err
+	}
+	c, upstream, err := p.dial(ctx, target)
+	if err != nil {
+		return nil, &dialError{upstream: upstream, err: err}
+	}
+	return &viaConn{Conn: c, upstream: upstream}, nil
+}
+
+// dialError is a failed dial of a forwarded request, with the upstream
+// that answered for the target.
+type dialError struct {
+	upstream string
+	err      error
+}
+
+func (e *dialError) Error() string { return e.err.Error() }
+func (e *dialError) Unwrap() error { return e.err }
+
+// viaConn is a connection to a target, with the way it went.
+type viaConn struct {
+	net.Conn
+	upstream string
+}
+
+// statusWriter notes the status and counts the body bytes of a response.
+// Unwrap lets http.ResponseController reach Flush and Hijack beneath it.
+type statusWriter struct {
+	http.ResponseWriter
+	code  int
+	n     int64
+	bytes *atomic.Int64
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.code == 0 && code >= 200 {
+		w.code = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(b)
+	w.n += int64(n)
+	w.bytes.Add(int64(n))
+	return n, err
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// class is the status class for the counters, 1 to 5; a handler that
+// wrote nothing answered 200.
+func (w *statusWriter) class() int {
+	switch {
+	case w.code == 0:
+		return 2
+	case w.code >= 100 && w.code < 600:
+		return w.code / 100
+	}
+	return 0
+}
+
+// countingBody counts a request body's bytes as the target reads them.
+type countingBody struct {
+	io.ReadCloser
+	total, n *atomic.Int64
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.total.Add(int64(n))
+	b.n.Add(int64(n))
+	return n, err
+}
+
+// serverLog takes what net/http's server logs (a panic it recovered, a
+// malformed exchange) as debug lines.
+type serverLog struct{ p *HTTPProxy }
+
+func (l serverLog) Write(b []byte) (int, error) {
+	l.p.cfg.Logger.Debug().Str("listener", l.p.cfg.Name).Msg(strings.TrimSpace(string(b)))
+	return len(b), nil
+}

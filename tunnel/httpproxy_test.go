@@ -1,0 +1,623 @@
+package tunnel
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/cgi"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/internal/noproxy"
+	"github.com/socksfwd/socksfwd/internal/peertest"
+	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
+)
+
+// startHTTPProxy runs an HTTPProxy with cfg through proxies, and returns
+// it, its URL and its log.
+func startHTTPProxy(t *testing.T, cfg HTTPProxyConfig, proxies ...string) (*HTTPProxy, *url.URL, *logBuf) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dialers []*socksclient.Dialer
+	for _, p := range proxies {
+		dialers = append(dialers, &socksclient.Dialer{ProxyAddr: p, HandshakeTimeout: 5 * time.Second})
+	}
+	logs := &logBuf{}
+	cfg.Name = ln.Addr().String()
+	cfg.Upstreams = socksclient.NewUpstreams(dialers...)
+	cfg.Logger = zerolog.New(logs).Level(zerolog.DebugLevel)
+	p := NewHTTPProxy(cfg, ln)
+	serveForTest(t, p)
+	return p, &url.URL{Scheme: "http", Host: ln.Addr().String()}, logs
+}
+
+// target is an HTTP server that answers "hello PATH" and keeps the
+// headers of the last request it got. Its response carries a hop-by-hop
+// header (named in Connection) that no client may see.
+type target struct {
+	srv  *httptest.Server
+	mu   sync.Mutex
+	last http.Header
+}
+
+func newTarget(t *testing.T, tls bool) *target {
+	tg := &target{}
+	tg.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tg.mu.Lock()
+		tg.last = r.Header.Clone()
+		tg.mu.Unlock()
+		if r.Body != nil {
+			io.Copy(io.Discard, r.Body)
+		}
+		w.Header().Set("Connection", "X-Resp-Hop")
+		w.Header().Set("X-Resp-Hop", "1")
+		w.Header().Set("X-Resp-End", "1")
+		fmt.Fprintf(w, "hello %s", r.URL.Path)
+	}))
+	if tls {
+		tg.srv.StartTLS()
+	} else {
+		tg.srv.Start()
+	}
+	t.Cleanup(tg.srv.Close)
+	return tg
+}
+
+func (tg *target) header() http.Header {
+	tg.mu.Lock()
+	defer tg.mu.Unlock()
+	return tg.last
+}
+
+// caFile writes a TLS test server's certificate as PEM, for clients to
+// trust (curl --cacert, git's http.sslCAInfo).
+func caFile(t *testing.T, srv *httptest.Server) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "ca.pem")
+	b := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// clientEnv is an environment for real clients: no proxy inherited, HOME
+// in a temporary directory, plus extra.
+func clientEnv(t *testing.T, extra ...string) []string {
+	return append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir(), "NO_PROXY=", "no_proxy="}, extra...)
+}
+
+// curl runs curl with args and returns its output; a failure fails the
+// test.
+func curl(t *testing.T, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(peertest.Require(t, "curl"), append([]string{"-sS", "--max-time", "20"}, args...)...)
+	cmd.Env = clientEnv(t)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("curl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// TestHTTPProxyCurlForward: curl -x sends absolute-form requests; the
+// target gets end-to-end headers and none of the hop-by-hop ones (those
+// named in Connection, Keep-Alive, Proxy-Authorization), curl gets none of
+// the target's, and two requests share one kept-alive connection.
+func TestHTTPProxyCurlForward(t *testing.T) {
+	tg := newTarget(t, false)
+	creds, err := ParseProxyCredentials("alice:s3cret:with:colons")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{Credentials: creds}, newSocks(t, sockstest.Config{}).Addr())
+
+	out := curl(t, "-i", "-x", proxy.String(), "-U", "alice:s3cret:with:colons",
+		"-H", "Connection: X-Hop", "-H", "X-Hop: secret", "-H", "X-End: kept", "-H", "Keep-Alive: timeout=5",
+		"-H", "X-Forwarded-For: 192.0.2.1",
+		tg.srv.URL+"/one", tg.srv.URL+"/two")
+	if !strings.Contains(out, "hello /one") || !strings.Contains(out, "hello /two") {
+		t.Fatalf("curl through the proxy:\n%s", out)
+	}
+	if strings.Contains(out, "X-Resp-Hop") || !strings.Contains(out, "X-Resp-End: 1") {
+		t.Errorf("the target's hop-by-hop header reached the client, or its end-to-end one did not:\n%s", out)
+	}
+	h := tg.header()
+	for _, hop := range []string{"X-Hop", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "Connection"} {
+		if v := h.Values(hop); len(v) > 0 {
+			t.Errorf("the target got hop-by-hop header %s: %q", hop, v)
+		}
+	}
+	if h.Get("X-End") != "kept" || h.Get("X-Forwarded-For") != "192.0.2.1" {
+		t.Errorf("end-to-end headers lost: %v", h)
+	}
+	if n := p.Stats().Sessions.Load(); n != 1 {
+		t.Errorf("%d client connections for two requests; want one kept alive", n)
+	}
+	if n := p.Stats().Responses[HTTPForward][2].Load(); n != 2 {
+		t.Errorf("%d forwarded requests answered 2xx, want 2", n)
+	}
+	logs.waitForCount(t, `"message":"request ended"`, 2)
+	if !strings.Contains(logs.String(), `"status":200`) || !strings.Contains(logs.String(), `"bytes_down":10`) {
+		t.Errorf("request end lines:\n%s", logs)
+	}
+}
+
+// TestHTTPProxyCurlConnect: curl through CONNECT, to an HTTPS server on
+// 127.0.0.1 and one on [::1] (curl sends CONNECT [::1]:port), and plain
+// HTTP tunnelled with -p; each tunnel ends with a session line like -L's.
+func TestHTTPProxyCurlConnect(t *testing.T) {
+	tg := newTarget(t, true)
+	ca := caFile(t, tg.srv)
+	p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+
+	if out := curl(t, "-x", proxy.String(), "--cacert", ca, tg.srv.URL+"/secure"); out != "hello /secure" {
+		t.Fatalf("https through CONNECT: %q", out)
+	}
+	plain := newTarget(t, false)
+	if out := curl(t, "-p", "-x", proxy.String(), plain.srv.URL+"/tunnelled"); out != "hello /tunnelled" {
+		t.Fatalf("http through CONNECT (-p): %q", out)
+	}
+	logs.waitForCount(t, `"message":"session ended"`, 2)
+	if !strings.Contains(logs.String(), `"target":"`+tg.srv.Listener.Addr().String()+`"`) || !strings.Contains(logs.String(), `"bytes_down":`) {
+		t.Errorf("no session end line for the tunnel:\n%s", logs)
+	}
+
+	ln6, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		peertest.Missing(t, "no IPv6 loopback: %v", err)
+	}
+	v6 := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "six") }))
+	v6.Listener.Close()
+	v6.Listener = ln6
+	v6.StartTLS()
+	defer v6.Close()
+	if out := curl(t, "-x", proxy.String(), "--cacert", caFile(t, v6), v6.URL); out != "six" {
+		t.Fatalf("https to [::1] through CONNECT: %q", out)
+	}
+	logs.waitFor(t, `"target":"`+ln6.Addr().String()+`"`)
+	if n := p.Stats().Responses[HTTPConnect][2].Load(); n != 3 {
+		t.Errorf("%d CONNECTs answered 2xx, want 3", n)
+	}
+}
+
+// TestHTTPProxyGitClone: git clones over HTTPS (smart HTTP, git
+// http-backend behind a TLS server with its own CA) with HTTPS_PROXY set
+// to the proxy.
+func TestHTTPProxyGitClone(t *testing.T) {
+	git := peertest.Require(t, "git")
+	out, err := exec.Command(git, "--exec-path").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	backend := filepath.Join(strings.TrimSpace(string(out)), "git-http-backend")
+	if _, err := os.Stat(backend); err != nil {
+		peertest.Missing(t, "git-http-backend: %v", err)
+	}
+	root := t.TempDir()
+	env := clientEnv(t, "GIT_CONFIG_NOSYSTEM=1", "GIT_AUTHOR_NAME=t", "GIT_AUTHOR_EMAIL=t@example.invalid",
+		"GIT_COMMITTER_NAME=t", "GIT_COMMITTER_EMAIL=t@example.invalid")
+	run := func(dir string, extraEnv []string, args ...string) {
+		t.Helper()
+		cmd := exec.Command(git, args...)
+		cmd.Dir, cmd.Env = dir, append(append([]string{}, env...), extraEnv...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("git %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	work := filepath.Join(root, "work")
+	run(root, nil, "init", "-q", "-b", "main", work)
+	os.WriteFile(filepath.Join(work, "README"), []byte("through the proxy\n"), 0o644)
+	run(work, nil, "add", "README")
+	run(work, nil, "commit", "-q", "-m", "first")
+	run(root, nil, "clone", "-q", "--bare", work, filepath.Join(root, "repo.git"))
+
+	srv := httptest.NewUnstartedServer(gitBackend(backend, root))
+	srv.StartTLS()
+	defer srv.Close()
+	_, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+
+	clone := filepath.Join(root, "clone")
+	run(root, []string{"HTTPS_PROXY=" + proxy.String(), "GIT_SSL_CAINFO=" + caFile(t, srv)}, "clone", "-q", srv.URL+"/repo.git", clone)
+	got, err := os.ReadFile(filepath.Join(clone, "README"))
+	if err != nil || string(got) != "through the proxy\n" {
+		t.Fatalf("cloned README: %q, %v", got, err)
+	}
+	logs.waitFor(t, `"message":"session ended"`)
+}
+
+// gitBackend serves the repositories under root over smart HTTP, through
+// git's own CGI program.
+func gitBackend(backend, root string) http.Handler {
+	return &cgi.Handler{Path: backend, Env: []string{"GIT_PROJECT_ROOT=" + root, "GIT_HTTP_EXPORT_ALL=1"}}
+}
+
+// TestHTTPProxyGoClient: Go's own client with the proxy in its
+// Transport, as HTTPS_PROXY sets it, with credentials: HTTPS through
+// CONNECT and HTTP forwarded; wrong or missing credentials get 407.
+func TestHTTPProxyGoClient(t *testing.T) {
+	secure, plain := newTarget(t, true), newTarget(t, false)
+	creds, _ := ParseProxyCredentials("bob:pw")
+	_, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{Credentials: creds}, newSocks(t, sockstest.Config{}).Addr())
+	pool := x509.NewCertPool()
+	pool.AddCert(secure.srv.Certificate())
+	client := func(user *url.Userinfo) *http.Client {
+		u := *proxy
+		u.User = user
+		tr := &http.Transport{Proxy: http.ProxyURL(&u), TLSClientConfig: &tls.Config{RootCAs: pool}}
+		t.Cleanup(tr.CloseIdleConnections)
+		return &http.Client{Transport: tr, Timeout: 20 * time.Second}
+	}
+	get := func(c *http.Client, url string) (int, string, http.Header, error) {
+		resp, err := c.Get(url)
+		if err != nil {
+			return 0, "", nil, err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), resp.Header, nil
+	}
+
+	good := client(url.UserPassword("bob", "pw"))
+	for _, u := range []string{secure.srv.URL + "/s", plain.srv.URL + "/p"} {
+		code, body, _, err := get(good, u)
+		if err != nil || code != http.StatusOK || !strings.HasPrefix(body, "hello /") {
+			t.Errorf("GET %s with credentials: %d %q %v", u, code, body, err)
+		}
+	}
+
+	for _, user := range []*url.Userinfo{nil, url.UserPassword("bob", "wrong"), url.UserPassword("eve", "pw")} {
+		c := client(user)
+		code, body, h, err := get(c, plain.srv.URL+"/p")
+		if err != nil || code != http.StatusProxyAuthRequired || !strings.HasPrefix(h.Get("Proxy-Authenticate"), "Basic ") {
+			t.Errorf("GET http with %v: %d %q %v %v; want 407 with Proxy-Authenticate", user, code, body, h, err)
+		}
+		if strings.Count(strings.TrimSpace(body), "\n") != 0 {
+			t.Errorf("407 body is not one line: %q", body)
+		}
+		if _, _, _, err := get(c, secure.srv.URL+"/s"); err == nil || !strings.Contains(err.Error(), "Proxy Authentication Required") {
+			t.Errorf("GET https with %v: %v; want the CONNECT refused with 407", user, err)
+		}
+	}
+	logs.waitFor(t, `"message":"proxy authentication failed"`)
+	if strings.Contains(logs.String(), "wrong") {
+		t.Errorf("a password reached the log:\n%s", logs)
+	}
+}
+
+// proxyExchange sends a raw request on a new connection and reads the
+// response head; the reader holds what follows it.
+func proxyExchange(t *testing.T, addr, req string) (*http.Response, *bufio.Reader, net.Conn) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("response to %q: %v", strings.SplitN(req, "\r\n", 2)[0], err)
+	}
+	return resp, br, c
+}
+
+// body reads a response body whole.
+func body(t *testing.T, resp *http.Response) string {
+	t.Helper()
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// TestHTTPProxyRefusedTarget: a target that refuses (the proxy answers
+// REP 5) is a 502 whose one-line body names the REP code, for CONNECT and
+// for a forwarded request alike, and a log line says so.
+func TestHTTPProxyRefusedTarget(t *testing.T) {
+	closed := testnet.ClosedPort(t)
+	p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	for _, req := range []string{
+		"CONNECT " + closed + " HTTP/1.1\r\nHost: " + closed + "\r\n\r\n",
+		"GET http://" + closed + "/x HTTP/1.1\r\nHost: " + closed + "\r\n\r\n",
+	} {
+		resp, _, _ := proxyExchange(t, proxy.Host, req)
+		b := body(t, resp)
+		if resp.StatusCode != http.StatusBadGateway || !strings.Contains(b, "REP 0x05") || strings.Count(b, "\n") != 1 {
+			t.Errorf("%s: %s %q; want 502 naming REP 0x05 in one line", strings.Fields(req)[0], resp.Status, b)
+		}
+	}
+	logs.waitForCount(t, `"message":"request failed"`, 2)
+	if !strings.Contains(logs.String(), `"rep":"connection refused"`) {
+		t.Errorf("the failure line does not name the REP:\n%s", logs)
+	}
+	if n := p.Stats().Failed.Load(); n != 2 {
+		t.Errorf("Failed = %d, want 2", n)
+	}
+}
+
+// TestHTTPProxyHandshakeTimeout: a proxy that never answers the request
+// makes a 504.
+func TestHTTPProxyHandshakeTimeout(t *testing.T) {
+	hung := newSocks(t, sockstest.Config{Fault: sockstest.FaultHangAfterGreeting})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &logBuf{}
+	p := NewHTTPProxy(HTTPProxyConfig{
+		Name:      "t",
+		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: hung.Addr(), HandshakeTimeout: 200 * time.Millisecond}),
+		Logger:    zerolog.New(logs),
+	}, ln)
+	serveForTest(t, p)
+	resp, _, _ := proxyExchange(t, ln.Addr().String(), "CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
+	if b := body(t, resp); resp.StatusCode != http.StatusGatewayTimeout || !strings.Contains(b, "timed out") {
+		t.Errorf("%s %q; want 504 saying the handshake timed out", resp.Status, b)
+	}
+}
+
+// TestHTTPProxyFailover: a dead first upstream is skipped.
+func TestHTTPProxyFailover(t *testing.T) {
+	tg := newTarget(t, false)
+	p, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, testnet.ClosedPort(t), newSocks(t, sockstest.Config{}).Addr())
+	resp, _, _ := proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+"/f HTTP/1.1\r\nHost: x\r\n\r\n")
+	if b := body(t, resp); resp.StatusCode != http.StatusOK || b != "hello /f" {
+		t.Errorf("%s %q past a dead first upstream", resp.Status, b)
+	}
+	if n := p.Stats().Failed.Load(); n != 0 {
+		t.Errorf("Failed = %d after a failover", n)
+	}
+}
+
+// TestHTTPProxyNoProxy: targets --no-proxy lists are reached directly;
+// the others go through the upstream (here a dead one, so they fail).
+func TestHTTPProxyNoProxy(t *testing.T) {
+	tg := newTarget(t, false)
+	echo := testnet.Echo(t).Addr().String()
+	list, err := noproxy.Parse("127.0.0.0/8, example.invalid")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{NoProxy: list}, testnet.ClosedPort(t))
+	resp, _, _ := proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+"/direct HTTP/1.1\r\nHost: x\r\n\r\n")
+	if b := body(t, resp); resp.StatusCode != http.StatusOK || b != "hello /direct" {
+		t.Errorf("listed target: %s %q", resp.Status, b)
+	}
+	resp, br, c := proxyExchange(t, proxy.Host, "CONNECT "+echo+" HTTP/1.1\r\n\r\n")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("CONNECT to a listed target: %s", resp.Status)
+	}
+	io.WriteString(c, "ping")
+	c.(*net.TCPConn).CloseWrite()
+	if got, err := io.ReadAll(br); string(got) != "ping" {
+		t.Errorf("direct tunnel echoed %q, %v", got, err)
+	}
+	logs.waitFor(t, `"upstream":"direct"`)
+	// A name is not an address: localhost goes through the (dead) proxy.
+	_, port, _ := net.SplitHostPort(echo)
+	resp, _, _ = proxyExchange(t, proxy.Host, "CONNECT localhost:"+port+" HTTP/1.1\r\n\r\n")
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("CONNECT to an unlisted name: %s, want 502 from the dead upstream", resp.Status)
+	}
+	p.SetNoProxy(nil)
+	resp, _, _ = proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+"/direct HTTP/1.1\r\nHost: x\r\n\r\n")
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("after SetNoProxy(nil): %s, want 502", resp.Status)
+	}
+}
+
+// TestHTTPProxyTunnelHalfCloseAndEarlyBytes: bytes sent right behind the
+// CONNECT request, before the 200, reach the target first; the client's
+// half-close reaches it as FIN and the echo still comes back.
+func TestHTTPProxyTunnelHalfCloseAndEarlyBytes(t *testing.T) {
+	echo := testnet.Echo(t).Addr().String()
+	_, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	resp, br, c := proxyExchange(t, proxy.Host, "CONNECT "+echo+" HTTP/1.1\r\nHost: "+echo+"\r\n\r\nearly,")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("CONNECT: %s", resp.Status)
+	}
+	io.WriteString(c, "late")
+	c.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(br)
+	if err != nil || string(got) != "early,late" {
+		t.Fatalf("echo %q, %v; want the early bytes first", got, err)
+	}
+	logs.waitFor(t, `"bytes_up":10,"bytes_down":10`)
+}
+
+// TestHTTPProxyMalformed: what no client should send is answered, never
+// panicked on: garbage, an origin-form request, https:// in absolute
+// form, CONNECT without a port, a head over the limit; a head dripped
+// slower than ReadHeaderTimeout loses the connection.
+func TestHTTPProxyMalformed(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := NewHTTPProxy(HTTPProxyConfig{Name: "t", Upstreams: socksclient.NewUpstreams(), ReadHeaderTimeout: 300 * time.Millisecond, Logger: zerolog.Nop()}, ln)
+	serveForTest(t, p)
+	addr := ln.Addr().String()
+	for _, tc := range []struct {
+		req  string
+		code int
+	}{
+		{"\x16\x03\x01garbage\r\n\r\n", http.StatusBadRequest},
+		{"GET / HTTP/1.1\r\nHost: x\r\n\r\n", http.StatusBadRequest},
+		{"GET https://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n", http.StatusBadRequest},
+		{"CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n", http.StatusBadRequest},
+		{"CONNECT example.com:0 HTTP/1.1\r\n\r\n", http.StatusBadRequest},
+		{"GET http://x/ HTTP/1.1\r\nHost: x\r\nX-Big: " + strings.Repeat("a", 2*maxRequestHead) + "\r\n\r\n", http.StatusRequestHeaderFieldsTooLarge},
+		{"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n", http.StatusBadRequest},
+	} {
+		resp, _, _ := proxyExchange(t, addr, tc.req)
+		resp.Body.Close()
+		if resp.StatusCode != tc.code {
+			t.Errorf("%.40q: %s, want %d", tc.req, resp.Status, tc.code)
+		}
+	}
+
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	io.WriteString(c, "GET http://x/ HTTP/1.1\r\nHost: x\r\n") // and nothing more
+	if _, err := io.ReadAll(c); err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("a dripped head kept the connection: %v", err)
+	}
+}
+
+// TestHTTPProxyAdmission: beyond MaxSessions a connection is reset and
+// counted; SetAdmission lifts the bound for new connections.
+func TestHTTPProxyAdmission(t *testing.T) {
+	echo := testnet.Echo(t).Addr().String()
+	p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{MaxSessions: 1}, newSocks(t, sockstest.Config{}).Addr())
+	resp, _, held := proxyExchange(t, proxy.Host, "CONNECT "+echo+" HTTP/1.1\r\n\r\n")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatal(resp.Status)
+	}
+	// The reset may come before the connect returns.
+	if c, err := net.Dial("tcp", proxy.Host); err == nil {
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		io.WriteString(c, "CONNECT "+echo+" HTTP/1.1\r\n\r\n")
+		if b, err := io.ReadAll(c); err == nil && len(b) > 0 {
+			t.Errorf("a connection beyond --max-sessions got %q", b)
+		}
+		c.Close()
+	}
+	logs.waitFor(t, `"message":"connection rejected"`)
+	if n := p.Stats().RejectedFull.Load(); n != 1 {
+		t.Errorf("RejectedFull = %d", n)
+	}
+	p.SetAdmission(0, nil)
+	resp, _, _ = proxyExchange(t, proxy.Host, "CONNECT "+echo+" HTTP/1.1\r\n\r\n")
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("after SetAdmission(0): %s", resp.Status)
+	}
+	held.Close()
+}
+
+// TestHTTPProxyShutdownDrains: Shutdown stops accepting at once and lets
+// an open tunnel finish; Close cuts one with a reset.
+func TestHTTPProxyShutdownDrains(t *testing.T) {
+	echo := testnet.Echo(t).Addr().String()
+	p, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	resp, br, c := proxyExchange(t, proxy.Host, "CONNECT "+echo+" HTTP/1.1\r\n\r\n")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatal(resp.Status)
+	}
+	done := make(chan error, 1)
+	go func() { done <- p.Shutdown(context.Background()) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for { // bounded: the listener closes at once
+		probe, err := net.Dial("tcp", proxy.Host)
+		if err != nil {
+			break
+		}
+		probe.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("still accepting after Shutdown")
+		}
+		testnet.Nap(time.Millisecond)
+	}
+	io.WriteString(c, "still here")
+	c.(*net.TCPConn).CloseWrite()
+	if got, err := io.ReadAll(br); string(got) != "still here" {
+		t.Fatalf("tunnel during the drain: %q, %v", got, err)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+
+	p2, proxy2, logs2 := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	resp, br, _ = proxyExchange(t, proxy2.Host, "CONNECT "+echo+" HTTP/1.1\r\n\r\n")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatal(resp.Status)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := p2.Shutdown(ctx); !errors.Is(err, context.Canceled) {
+		t.Errorf("Shutdown past its deadline: %v", err)
+	}
+	if _, err := io.ReadAll(br); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("a cut tunnel read %v, want a reset", err)
+	}
+	logs2.waitFor(t, "cutting sessions still open")
+}
+
+// FuzzHTTPProxyRequest: whatever request net/http parses from the
+// network, the proxy answers it (here without upstreams, so every target
+// fails) with a status and a one-line body, never a panic; with and
+// without credentials.
+func FuzzHTTPProxyRequest(f *testing.F) {
+	for _, seed := range []string{
+		"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n",
+		"CONNECT [::1]:443 HTTP/1.1\r\nProxy-Authorization: Basic YTpi\r\n\r\n",
+		"CONNECT :0 HTTP/1.1\r\n\r\n",
+		"GET http://[2001:db8::1]:8080/x?y HTTP/1.1\r\nHost: h\r\nConnection: x, y\r\nX: 1\r\n\r\n",
+		"POST http://h/ HTTP/1.1\r\nContent-Length: 3\r\nProxy-Authorization: Basic !!!\r\n\r\nabc",
+		"GET / HTTP/1.0\r\n\r\n",
+		"GET ftp://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+		"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n",
+	} {
+		f.Add([]byte(seed))
+	}
+	creds, _ := ParseProxyCredentials("a:b")
+	var proxies []*HTTPProxy
+	for _, c := range []*ProxyCredentials{nil, creds} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			f.Fatal(err)
+		}
+		p := NewHTTPProxy(HTTPProxyConfig{Name: "fuzz", Upstreams: socksclient.NewUpstreams(), Credentials: c, Logger: zerolog.Nop()}, ln)
+		f.Cleanup(func() { p.Close() })
+		proxies = append(proxies, p)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		req, err := http.ReadRequest(bufio.NewReader(strings.NewReader(string(b))))
+		if err != nil {
+			return
+		}
+		req.RemoteAddr = "127.0.0.1:1"
+		for _, p := range proxies {
+			rec := httptest.NewRecorder()
+			p.ServeHTTP(rec, req.Clone(context.Background()))
+			if rec.Code < 100 || rec.Code > 599 {
+				t.Fatalf("status %d", rec.Code)
+			}
+			if body := strings.TrimSuffix(rec.Body.String(), "\n"); rec.Code != http.StatusOK && strings.Contains(body, "\n") {
+				t.Fatalf("%d body of more than one line: %q", rec.Code, body)
+			}
+		}
+	})
+}
