@@ -30,6 +30,7 @@ type ReverseConfig struct {
 	// Upstreams issues the BINDs, with failover as for CONNECT.
 	Upstreams *socksclient.Upstreams
 	// IdleTimeout closes a session idle this long (0 = never).
+	// SetIdleTimeout changes it for new sessions.
 	IdleTimeout time.Duration
 	// CopyMode chooses the relay's copy (default CopySplice).
 	CopyMode CopyMode
@@ -132,6 +133,7 @@ var controlKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 30 * time.Second,
 type Reverse struct {
 	cfg    ReverseConfig
 	target atomic.Pointer[string]
+	idle   atomic.Int64 // the idle timeout new sessions get
 
 	loopCtx  context.Context // cancelled by Shutdown and Close: no more BINDs
 	stopLoop context.CancelFunc
@@ -171,6 +173,7 @@ func NewReverse(cfg ReverseConfig) *Reverse {
 	r.loopCtx, r.stopLoop = context.WithCancel(context.Background())
 	r.sessCtx, r.cutAll = context.WithCancel(context.Background())
 	r.target.Store(&cfg.Target)
+	r.idle.Store(int64(cfg.IdleTimeout))
 	r.targetFails = logthrottle.New(refusalLogEvery)
 	return r
 }
@@ -197,6 +200,10 @@ func (r *Reverse) Target() string { return *r.target.Load() }
 // SetTarget changes where callers from now on are relayed; the binding
 // stays. A reload calls it.
 func (r *Reverse) SetTarget(target string) { r.target.Store(&target) }
+
+// SetIdleTimeout sets the idle timeout of sessions from now on (0 =
+// never). A reload calls it.
+func (r *Reverse) SetIdleTimeout(d time.Duration) { r.idle.Store(int64(d)) }
 
 // Retry ends a backoff, or the stop after a server without BIND, at once:
 // a reload calls it when the upstreams changed.
@@ -523,7 +530,7 @@ func (r *Reverse) serveSession(s *reverseSession, peer *socksclient.Conn, upstre
 		r.endSession(s, peer, nil)
 		return
 	}
-	StartRelayCounting(peer, local, r.cfg.IdleTimeout, r.cfg.CopyMode, &r.stats.BytesUp, &r.stats.BytesDown, func(res RelayResult) {
+	StartRelayCounting(peer, local, time.Duration(r.idle.Load()), r.cfg.CopyMode, &r.stats.BytesUp, &r.stats.BytesDown, func(res RelayResult) {
 		r.logEnd(peer, target, upstream, res, start)
 		r.endSession(s, peer, local)
 	})

@@ -69,6 +69,8 @@ func TestInterop(t *testing.T) {
 			"serveecho":    cmdServeEcho,
 			"serveudpecho": cmdServeUDPEcho,
 			"udpask":       cmdUDPAsk,
+			"remoteaddr":   cmdRemoteAddr,
+			"callback":     cmdCallback,
 		}),
 	})
 }

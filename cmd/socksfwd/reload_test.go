@@ -188,17 +188,27 @@ func newSocks(t *testing.T) *sockstest.Server {
 	return s
 }
 
+// sendTo connects to addr and sends msg, with a 10 s deadline.
+func sendTo(addr, msg string) (net.Conn, error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, msg); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
 // echoOnce connects, sends msg, half-closes and checks the echo.
 func echoOnce(addr, msg string) error {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	c, err := sendTo(addr, msg)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.WriteString(c, msg); err != nil {
-		return err
-	}
 	c.(*net.TCPConn).CloseWrite()
 	got, err := io.ReadAll(c)
 	if err != nil {
