@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -34,6 +35,10 @@ type ReverseConfig struct {
 	IdleTimeout time.Duration
 	// CopyMode chooses the relay's copy (default CopySplice).
 	CopyMode CopyMode
+	// TargetControl, if not nil, is applied to each socket toward the
+	// local target before it connects (buffer sizes, as a -L listener's
+	// connections get them).
+	TargetControl func(network, address string, c syscall.RawConn) error
 	// OnListen, when set, is told every address the server listens at (the
 	// first reply of each BIND), and the zero Addr when the forward has
 	// none any more (a failure, or the end). Called from Serve's goroutine.
@@ -512,7 +517,7 @@ func (r *Reverse) startSession(peer *socksclient.Conn, upstream string) *reverse
 func (r *Reverse) serveSession(s *reverseSession, peer *socksclient.Conn, upstream string) {
 	start := time.Now()
 	target := r.Target()
-	d := net.Dialer{Timeout: targetDialTimeout, KeepAlive: -1}
+	d := net.Dialer{Timeout: targetDialTimeout, KeepAlive: -1, Control: r.cfg.TargetControl}
 	local, err := d.DialContext(r.sessCtx, "tcp", target)
 	if err == nil && !r.track(local) {
 		local.Close()

@@ -12,6 +12,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/tunnel"
 )
@@ -50,9 +51,11 @@ func (s *supervisor) newReverse(l listenPlan) (*tunnel.Reverse, error) {
 		Upstreams:   s.ups,
 		IdleTimeout: time.Duration(s.plan.cfg.IdleTimeout),
 		CopyMode:    s.plan.copyMode,
-		OnListen:    func(a socksclient.Addr) { s.remotes.set(key, a) },
-		OnRearm:     func(re tunnel.Rearm) { rearms.Update(re.Gap.Seconds()) },
-		Logger:      s.log,
+		// As a -L listener's connections: small buffers toward this host.
+		TargetControl: sockbuf.CapLoopbackTCP,
+		OnListen:      func(a socksclient.Addr) { s.remotes.set(key, a) },
+		OnRearm:       func(re tunnel.Rearm) { rearms.Update(re.Gap.Seconds()) },
+		Logger:        s.log,
 	}), nil
 }
 
