@@ -5,7 +5,7 @@
 //	socksbench demo    forward a real request through socksfwd and microsocks
 //	socksbench bench   measure socksfwd beside direct and proxychains4, same run
 //	                   (bench-tcp, bench-udp, bench-echo, bench-dns, bench-mem,
-//	                   bench-failover:
+//	                   bench-failover, bench-reverse:
 //	                   one part alone)
 //
 // It starts its peers with internal/peertest and stops them on the way out.
@@ -57,6 +57,7 @@ func main() {
 			benchUDP(h, cfg)
 			benchDNS(h, cfg)
 			benchFailover(h, cfg)
+			benchReverse(h, cfg)
 		case "bench-tcp":
 			bench(h, cfg)
 		case "bench-admin":
@@ -72,6 +73,8 @@ func main() {
 			benchDNS(h, cfg)
 		case "bench-failover":
 			benchFailover(h, cfg)
+		case "bench-reverse":
+			benchReverse(h, cfg)
 		default:
 			fs.Usage()
 			h.Fatalf("unknown command %q", fs.Arg(0))
