@@ -225,10 +225,20 @@ func TestReverseRearmsAtOnce(t *testing.T) {
 }
 
 // TestReverseControlCut: the control connection dropped while waiting for
-// a caller: one line says so, and the forward comes back.
+// a caller (the test server's, and Dante's): one line says so, and the
+// forward comes back.
 func TestReverseControlCut(t *testing.T) {
-	proxy := newSocks(t, sockstest.Config{})
-	cutter := testnet.NewCutter(t, proxy.Addr())
+	t.Run("sockstest", func(t *testing.T) { testReverseControlCut(t, newSocks(t, sockstest.Config{}).Addr()) })
+	t.Run("dante", func(t *testing.T) {
+		if testing.Short() {
+			t.Skip("starts danted")
+		}
+		testReverseControlCut(t, peertest.Dante(t, peertest.DanteOptions{}).Addr)
+	})
+}
+
+func testReverseControlCut(t *testing.T, proxy string) {
+	cutter := testnet.NewCutter(t, proxy)
 	echo := testnet.Echo(t).Addr().String()
 	run := startReverse(t, anyPeer, echo, cutter.Addr())
 	run.next(t)
@@ -363,5 +373,32 @@ func TestReverseShutdownDrains(t *testing.T) {
 	}
 	if err := <-done; err != nil {
 		t.Fatalf("Shutdown: %v", err)
+	}
+}
+
+// TestReverseDanteRules: a Dante whose rules leave out bind refuses the
+// BIND, one that leaves out bindreply refuses the caller (REP 2 in the
+// second reply); either way the log names the rule to add.
+func TestReverseDanteRules(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts danted")
+	}
+	for _, tc := range []struct{ without, cause, hint string }{
+		{"bind", "refused", `\"command: bind\" must match this client`},
+		{"bindreply", "second_reply", `\"command: bindreply\" must match the caller`},
+	} {
+		t.Run("without "+tc.without, func(t *testing.T) {
+			dante := peertest.Dante(t, peertest.DanteOptions{Without: []string{tc.without}})
+			run := startReverse(t, anyPeer, testnet.Echo(t).Addr().String(), dante.Addr)
+			if tc.without == "bindreply" {
+				c := dialCaller(t, run.next(t))
+				c.Write([]byte("x"))
+				io.ReadAll(c)
+			}
+			run.logs.waitFor(t, `"cause":"`+tc.cause+`"`)
+			if logs := run.logs.String(); !strings.Contains(logs, "(REP 2)") || !strings.Contains(logs, tc.hint) {
+				t.Errorf("no hint %s:\n%s", tc.hint, logs)
+			}
+		})
 	}
 }

@@ -204,17 +204,11 @@ func sendTo(addr, msg string) (net.Conn, error) {
 
 // echoOnce connects, sends msg, half-closes and checks the echo.
 func echoOnce(addr, msg string) error {
-	c, err := sendTo(addr, msg)
+	got, err := callOnce(addr, msg)
 	if err != nil {
 		return err
 	}
-	defer c.Close()
-	c.(*net.TCPConn).CloseWrite()
-	got, err := io.ReadAll(c)
-	if err != nil {
-		return err
-	}
-	if string(got) != msg {
+	if got != msg {
 		return fmt.Errorf("echo %q, want %q", got, msg)
 	}
 	return nil
