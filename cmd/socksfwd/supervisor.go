@@ -285,7 +285,11 @@ func (s *supervisor) logListening(u *unit) {
 // passed) and makes its service.
 func (s *supervisor) listen(l listenPlan) (service, error) {
 	if l.kind == kindReverse { // the upstream listens: nothing to open here
-		return s.newReverse(l)
+		r, err := s.newReverse(l)
+		if err != nil {
+			return nil, err
+		}
+		return r, nil
 	}
 	socks, err := s.open(l)
 	if err != nil {
