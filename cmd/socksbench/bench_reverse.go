@@ -19,6 +19,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/tunnel"
@@ -243,7 +244,10 @@ func reverseClosedLoop(h *harness, ups *socksclient.Upstreams, echo string, fixe
 // benchReverseThroughput: one connection's throughput through -R (caller →
 // Dante's port → socksfwd → sink) beside one through -L (client → socksfwd
 // → Dante → sink), both of the same socksfwd process, interleaved rounds,
-// the verdict on the median of per-round ratios.
+// the verdict on the median of per-round ratios. Beside them, for the
+// reader, Dante's own BIND path against its CONNECT path, driven by a
+// client that speaks SOCKS directly (with socksfwd's socket buffers): what
+// of the -R/-L ratio is Dante's.
 func benchReverseThroughput(h *harness, cfg benchConfig, dante string) {
 	sink := newByteSink(h)
 	remotePort := strconv.Itoa(peertest.FreePort(h))
@@ -251,19 +255,56 @@ func benchReverseThroughput(h *harness, cfg benchConfig, dante string) {
 	p := peertest.Start(h, "socksfwd", cfg.socksfwd, "-R", remotePort+":"+sink.addr, "-L", local+":"+sink.addr,
 		"-S", dante, "--log-format", "json")
 	peertest.WaitOutput(h, p, `listens on`)
-	targets := map[string]string{"-L": local, "-R": "127.0.0.1:" + remotePort}
-	rows := measure([]string{"-L", "-R"}, func(way string, m *meter) float64 {
-		return m.timed(func() float64 { return sink.send(h, targets[way], cfg.seconds) })
+	d := &socksclient.Dialer{ProxyAddr: dante, Control: sockbuf.CapLoopbackTCP}
+	ways := []string{"-L", "-R", "dante-connect", "dante-bind"}
+	rows := measure(ways, func(way string, m *meter) float64 {
+		return m.timed(func() float64 {
+			switch way {
+			case "-L":
+				return sink.rate(h, pump(h, dialRetry(h, local), cfg.seconds))
+			case "-R":
+				return sink.rate(h, pump(h, dialRetry(h, "127.0.0.1:"+remotePort), cfg.seconds))
+			case "dante-connect":
+				target, _ := socksclient.ParseAddr(sink.addr)
+				c, err := d.DialAddr(context.Background(), target)
+				if err != nil {
+					h.Fatalf("CONNECT through %s: %v", dante, err)
+				}
+				return sink.rate(h, pump(h, c, cfg.seconds))
+			}
+			b, err := d.Bind(context.Background(), socksclient.Addr{})
+			if err != nil {
+				h.Fatalf("BIND through %s: %v", dante, err)
+			}
+			bound := &byteSink{got: make(chan int64, 1)}
+			go func() {
+				c, err := b.Accept(context.Background())
+				if err != nil {
+					bound.got <- -1
+					return
+				}
+				n, _ := io.Copy(io.Discard, c)
+				c.Close()
+				bound.got <- n
+			}()
+			return bound.rate(h, pump(h, dialRetry(h, b.Addr().String()), cfg.seconds))
+		})
 	})
-	var ratios []float64
-	for i := range rows[1].rounds {
-		if i < len(rows[0].rounds) && rows[0].rounds[i] > 0 {
-			ratios = append(ratios, rows[1].rounds[i]/rows[0].rounds[i])
+	ratio := func(a, b result) (float64, []float64) {
+		var rs []float64
+		for i := range a.rounds {
+			if i < len(b.rounds) && b.rounds[i] > 0 {
+				rs = append(rs, a.rounds[i]/b.rounds[i])
+			}
 		}
+		return median(rs), rs
 	}
-	ratio := median(ratios)
+	fwd, fwdRounds := ratio(rows[1], rows[0])
+	dan, danRounds := ratio(rows[3], rows[2])
 	fmt.Printf("%-26s -L %.2f Gbit/s | -R %.2f Gbit/s | -R/-L = %.3f (rounds %s)%s\n", "reverse-tcp-throughput",
-		rows[0].value, rows[1].value, ratio, joinFloats(ratios), barText(ratio >= reverseTCPBar, fmt.Sprintf("≥ %.2f", reverseTCPBar)))
+		rows[0].value, rows[1].value, fwd, joinFloats(fwdRounds), barText(fwd >= reverseTCPBar, fmt.Sprintf("≥ %.2f", reverseTCPBar)))
+	fmt.Printf("%-26s Dante alone, socksclient directly: CONNECT %.2f Gbit/s | BIND %.2f Gbit/s | BIND/CONNECT = %.3f (rounds %s)\n",
+		"reverse-tcp-dante-alone", rows[2].value, rows[3].value, dan, joinFloats(danRounds))
 	for _, r := range rows {
 		fmt.Printf("%-26s   busiest via %s: %s\n", "", r.way, r.busy)
 	}
@@ -284,43 +325,58 @@ func newByteSink(h *harness) *byteSink {
 	return s
 }
 
-// send writes to addr for secs seconds, half-closes, and returns the rate
-// the sink received at, in Gbit/s. A connect refused while -R re-arms is
-// tried again, for up to 10 s.
-func (s *byteSink) send(h *harness, addr string, secs int) float64 {
-	var c net.Conn
+// dialRetry connects to addr; a connect refused while -R re-arms is tried
+// again, for up to 10 s.
+func dialRetry(h *harness, addr string) net.Conn {
 	for deadline := time.Now().Add(10 * time.Second); ; {
-		var err error
-		if c, err = net.Dial("tcp", addr); err == nil {
-			break
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			return c
 		}
 		if !errors.Is(err, syscall.ECONNREFUSED) || time.Now().After(deadline) {
 			h.Fatalf("throughput client: %v", err)
 		}
 		time.Sleep(time.Millisecond) // the forward re-arms; bounded
 	}
-	defer c.Close()
+}
+
+// pumped is what pump sent on c, and since when.
+type pumped struct {
+	c     net.Conn
+	sent  int64
+	start time.Time
+}
+
+// pump writes to c for secs seconds, then half-closes it; rate closes it
+// once the sink has counted.
+func pump(h *harness, c net.Conn, secs int) pumped {
 	buf := make([]byte, 256<<10)
-	start := time.Now()
-	var sent int64
-	for end := start.Add(time.Duration(secs) * time.Second); time.Now().Before(end); {
+	p := pumped{c: c, start: time.Now()}
+	for end := p.start.Add(time.Duration(secs) * time.Second); time.Now().Before(end); {
 		n, err := c.Write(buf)
-		sent += int64(n)
+		p.sent += int64(n)
 		if err != nil {
 			h.Fatalf("throughput client: %v", err)
 		}
 	}
-	c.(*net.TCPConn).CloseWrite()
+	c.(interface{ CloseWrite() error }).CloseWrite()
+	return p
+}
+
+// rate waits for the sink to count what p sent and returns the rate it
+// received at, in Gbit/s.
+func (s *byteSink) rate(h *harness, p pumped) float64 {
+	defer p.c.Close()
 	var got int64
 	select {
 	case got = <-s.got:
 	case <-time.After(30 * time.Second):
-		h.Fatalf("the sink never saw the end of %s", addr)
+		h.Fatalf("the sink never saw the end of the stream")
 	}
-	if got != sent {
-		h.Fatalf("sent %d bytes through %s, the sink got %d", sent, addr, got)
+	if got != p.sent {
+		h.Fatalf("sent %d bytes, the sink got %d", p.sent, got)
 	}
-	return float64(got) * 8 / time.Since(start).Seconds() / 1e9
+	return float64(got) * 8 / time.Since(p.start).Seconds() / 1e9
 }
 
 // quantile is the q-quantile of d (nearest rank), 0 when empty.
