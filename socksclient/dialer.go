@@ -159,6 +159,11 @@ func (b *Binding) Accept(ctx context.Context) (*Conn, error) {
 // Close abandons the binding.
 func (b *Binding) Close() error { return b.conn.Close() }
 
+// NetConn returns the control connection to the proxy, for socket options
+// (keep-alive probes during a long wait for the peer). Reading or writing
+// it breaks the session.
+func (b *Binding) NetConn() net.Conn { return b.conn }
+
 // handshakeProgress is how far a request got through the proxy's own part
 // of the handshake. Upstreams judges a proxy on that part only: once the
 // proxy has answered, the wait for the reply is the wait for the target

@@ -365,21 +365,10 @@ func (f *TCPForward) Shutdown(ctx context.Context) error {
 	for _, ln := range f.listeners {
 		f.closeDrained(ln)
 	}
-	done := make(chan struct{})
-	go func() {
+	return drain(ctx, func() {
 		f.accepts.Wait()
 		f.sessions.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-		f.Close()
-		return nil
-	case <-ctx.Done():
-		f.Close()
-		<-done
-		return ctx.Err()
-	}
+	}, f.Close)
 }
 
 // backlogDrainMax bounds how long Shutdown lets the accept loop take the
@@ -413,19 +402,11 @@ func (f *TCPForward) Close() error {
 	f.mu.Lock()
 	f.stopping = true
 	f.cancel()
-	sessions := 0
-	for _, client := range f.conns {
-		if client {
-			sessions++
-		}
-	}
-	if sessions > 0 {
+	if sessions := sessionsIn(f.conns); sessions > 0 {
 		f.cut.Store(true)
 		f.cfg.Logger.Info().Str("listener", f.cfg.Name).Int("sessions", sessions).Msg("cutting sessions still open")
 	}
-	for c := range f.conns {
-		abort(c)
-	}
+	abortAll(f.conns)
 	f.mu.Unlock()
 	for _, ln := range f.listeners {
 		ln.Close()

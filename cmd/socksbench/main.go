@@ -5,7 +5,8 @@
 //	socksbench demo    forward a real request through socksfwd and microsocks
 //	socksbench bench   measure socksfwd beside direct and proxychains4, same run
 //	                   (bench-tcp, bench-udp, bench-echo, bench-dns, bench-mem,
-//	                   bench-failover, bench-http:
+//	                   bench-failover, bench-http, bench-reverse,
+//	                   bench-sidecar, bench-admin:
 //	                   one part alone)
 //
 // It starts its peers with internal/peertest and stops them on the way out.
@@ -58,6 +59,7 @@ func main() {
 			benchDNS(h, cfg)
 			benchFailover(h, cfg)
 			benchHTTP(h, cfg)
+			benchReverse(h, cfg)
 		case "bench-tcp":
 			bench(h, cfg)
 		case "bench-sidecar":
@@ -80,6 +82,8 @@ func main() {
 			benchFailover(h, cfg)
 		case "bench-http":
 			benchHTTP(h, cfg)
+		case "bench-reverse":
+			benchReverse(h, cfg)
 		default:
 			fs.Usage()
 			h.Fatalf("unknown command %q", fs.Arg(0))

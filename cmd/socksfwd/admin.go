@@ -109,7 +109,9 @@ func (a *adminServer) readyz(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, why, http.StatusServiceUnavailable)
 		return
 	}
-	fmt.Fprintln(w, "ok")
+	// Where each -R's proxy listens, for whoever waits on readiness; it
+	// does not decide readiness, which is about this host's listeners.
+	fmt.Fprint(w, "ok\n"+a.sup.remoteLines())
 }
 
 // ready says whether socksfwd can forward now, and why not: every listener

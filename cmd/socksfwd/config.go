@@ -26,6 +26,8 @@ type Config struct {
 	ServerUser         string   `toml:"server-user,omitempty" usage:"username for servers whose URL has none"`
 	ServerPasswordFile string   `toml:"server-password-file,omitempty" usage:"file holding the password for them (one trailing newline stripped)"`
 	Local              []string `toml:"local" short:"L" usage:"forward [bind:]port:host:hostport[/udp], repeatable; bind defaults to 127.0.0.1"`
+	Remote             []string `toml:"remote,omitempty" short:"R" usage:"reverse forward through BIND, [bind_address:]port:host:hostport, repeatable: the proxy listens on port (0: it picks one) for a caller from bind_address (default any) and relays it to host:hostport here; one caller at a time"`
+	RemoteAddrFile     string   `toml:"remote-addr-file,omitempty" usage:"write where the proxy listens for each -R to this file, one line per -R (- while it listens nowhere), for scripts"`
 	Transparent        []string `toml:"transparent,omitempty" usage:"transparent listener [bind:]port[/udp] for what netfilter sends here (TCP: REDIRECT or TPROXY; /udp: TPROXY; Linux), repeatable; bind defaults to 127.0.0.1"`
 	Mark               Mark     `toml:"mark,omitempty" usage:"SO_MARK on every socket toward an upstream, e.g. 0x438, so netfilter rules can leave socksfwd's own traffic alone (Linux, needs CAP_NET_ADMIN)"`
 	HTTP               string   `toml:"http,omitempty" usage:"HTTP proxy [bind:]port for programs that take HTTP_PROXY/HTTPS_PROXY: CONNECT and absolute-form requests, each through the upstreams (bind defaults to 127.0.0.1)"`

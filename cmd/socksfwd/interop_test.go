@@ -70,6 +70,8 @@ func TestInterop(t *testing.T) {
 			"serveudpecho": cmdServeUDPEcho,
 			"udpask":       cmdUDPAsk,
 			"servegit":     cmdServeGit,
+			"remoteaddr":   cmdRemoteAddr,
+			"callback":     cmdCallback,
 		}),
 	})
 }

@@ -28,9 +28,11 @@ import (
 // /readyz; the services count their own sessions and drops (their Stats),
 // read at scrape time, so a scrape costs the hot paths nothing.
 type telemetry struct {
-	// handshakes holds one latency histogram per upstream; its families
-	// are written by the metrics package.
+	// handshakes holds one latency histogram per upstream, rearms one
+	// re-arm gap histogram per -R; their families are written by the
+	// metrics package.
 	handshakes *metrics.Set
+	rearms     *metrics.Set
 	upstreams  sync.Map // proxy address → *upstreamTelemetry
 
 	reloadsOK, reloadsFailed atomic.Int64
@@ -54,7 +56,7 @@ type upstreamTelemetry struct {
 var handshakeBuckets = []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
 
 func newTelemetry() *telemetry {
-	return &telemetry{handshakes: metrics.NewSet()}
+	return &telemetry{handshakes: metrics.NewSet(), rearms: metrics.NewSet()}
 }
 
 func (t *telemetry) upstream(proxy string) *upstreamTelemetry {
@@ -182,8 +184,11 @@ func (s *supervisor) writeMetrics(w io.Writer) {
 	var tcp []liveUnit
 	var udp []liveUnit
 	var dnsUnits []liveUnit
+	var reverse []liveUnit
 	for _, u := range units {
 		switch u.svc.(type) {
+		case *tunnel.Reverse:
+			reverse = append(reverse, u)
 		case *tunnel.TCPForward, *tunnel.HTTPProxy:
 			tcp = append(tcp, u)
 		case *tunnel.UDPForward, *tunnel.TransparentUDP:
@@ -211,6 +216,7 @@ func (s *supervisor) writeMetrics(w io.Writer) {
 	writeHTTP(p, tcp)
 	writeUDP(p, udp)
 	writeDNS(p, dnsUnits)
+	s.writeReverse(p, reverse)
 	s.writeUpstreams(p)
 
 	metrics.WriteProcessMetrics(w)
@@ -468,6 +474,53 @@ func writeDNS(p *promWriter, units []liveUnit) {
 	for _, u := range units {
 		p.sample("socksfwd_dns_cache_entries", float64(u.svc.(*dnsforward.Server).Forwarder().CacheLen()), "listener", u.name)
 	}
+}
+
+// writeReverse writes the -R forwards' families, labelled by the -R spec
+// (one series set per -R).
+func (s *supervisor) writeReverse(p *promWriter, units []liveUnit) {
+	if len(units) == 0 {
+		return
+	}
+	type st = *tunnel.ReverseStats
+	stats := func(u liveUnit) st { return u.svc.(*tunnel.Reverse).Stats() }
+	for _, f := range []struct {
+		name, typ, help string
+		v               func(st) int64
+	}{
+		{"socksfwd_reverse_binds_total", "counter", "BINDs the proxy answered by listening: the first and every re-arm.", func(s st) int64 { return s.Binds.Load() }},
+		{"socksfwd_reverse_sessions_total", "counter", "Callers that connected to the proxy's port.", func(s st) int64 { return s.Sessions.Load() }},
+		{"socksfwd_reverse_sessions_active", "gauge", "Reverse sessions open now.", func(s st) int64 { return s.Active.Load() }},
+	} {
+		p.family(f.name, f.typ, f.help)
+		for _, u := range units {
+			p.sample(f.name, float64(f.v(stats(u))), "reverse", u.name)
+		}
+	}
+	p.family("socksfwd_reverse_bytes_total", "counter", "Payload bytes relayed, by direction (up: caller to local target).")
+	for _, u := range units {
+		p.sample("socksfwd_reverse_bytes_total", float64(stats(u).BytesUp.Load()), "reverse", u.name, "direction", "up")
+		p.sample("socksfwd_reverse_bytes_total", float64(stats(u).BytesDown.Load()), "reverse", u.name, "direction", "down")
+	}
+	p.family("socksfwd_reverse_failures_total", "counter", "Failed BINDs and callers, by cause (unsupported, refused, upstream, port_busy, control_lost, second_reply, target).")
+	for _, u := range units {
+		for c := range tunnel.NumReverseCauses {
+			p.sample("socksfwd_reverse_failures_total", float64(stats(u).Failures[c].Load()), "reverse", u.name, "cause", c.String())
+		}
+	}
+	p.family("socksfwd_reverse_listening", "gauge", "1 while the proxy listens for the next caller, 0 while it does not (a failure, a re-arm).")
+	for _, u := range units {
+		_, listening := u.svc.(*tunnel.Reverse).Remote()
+		p.sample("socksfwd_reverse_listening", b2f(listening), "reverse", u.name)
+	}
+	p.family("socksfwd_reverse_remote_info", "gauge", "Where the proxy listens (remote), 1 per -R while it does.")
+	for _, u := range units {
+		if a, listening := u.svc.(*tunnel.Reverse).Remote(); listening {
+			p.sample("socksfwd_reverse_remote_info", 1, "reverse", u.name, "remote", a.String())
+		}
+	}
+	p.family("socksfwd_reverse_rearm_seconds", "histogram", "Time the port was closed between two callers: from a caller's arrival to the proxy listening again.")
+	s.tel.rearms.WritePrometheus(p.w)
 }
 
 // rcodeName is an RCODE's mnemonic, lower case, or its number.

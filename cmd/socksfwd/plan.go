@@ -32,7 +32,7 @@ type plan struct {
 // transparent one: TPROXY delivers other hosts' traffic to a listener on
 // 127.0.0.1 too. A loopback source is always allowed.
 func (p *plan) allowFor(l listenPlan) *allowlist.List {
-	if isLoopbackBind(l.addr) && l.kind != kindTransparent && l.kind != kindTransparentUDP {
+	if l.kind == kindReverse || isLoopbackBind(l.addr) && l.kind != kindTransparent && l.kind != kindTransparentUDP {
 		return nil
 	}
 	return p.allow
@@ -67,6 +67,9 @@ const (
 	// kindHTTP is an HTTP proxy (--http) whose requests go through the
 	// upstreams.
 	kindHTTP listenKind = "http"
+	// kindReverse is a -R forward: the upstream listens (BIND), nothing
+	// here does. Its addr is what BIND asks for, its target local.
+	kindReverse listenKind = "reverse"
 )
 
 // listenPlan is one address to bind and what it forwards to.
@@ -77,15 +80,16 @@ type listenPlan struct {
 	// optional: a bind failure is a warning, not fatal (::1 for
 	// "localhost" on a host without IPv6, as ssh tolerates).
 	optional bool
-	target   socksclient.Addr // tcp and udp forwards
+	target   socksclient.Addr // tcp and udp forwards; reverse: the local target
 	dns      *dnsPlan         // kindDNS
 	http     *httpPlan        // kindHTTP
 }
 
 // key identifies a listener across reloads: a listener whose key is in
-// both plans stays bound and keeps its sessions. A port-0 listener (the
-// kernel picks the port) is told apart by what it forwards to, so that
-// two of them are two listeners.
+// both plans stays bound and keeps its sessions (a -R keeps its BIND). A
+// port-0 listener (the kernel, or for -R the proxy, picks the port) is
+// told apart by what it forwards to, so that two of them are two
+// listeners.
 func (l listenPlan) key() string {
 	k := string(l.kind) + " " + l.addr
 	if strings.HasSuffix(l.addr, ":0") && l.kind != kindDNS {
@@ -120,8 +124,11 @@ func buildPlan(cfg Config) (*plan, error) {
 	if len(cfg.Server) == 0 {
 		return nil, usagef("no upstream server: give -S host:port (or server in the config file, or %s)", envName("server"))
 	}
-	if len(cfg.Local) == 0 && cfg.DNS == "" && len(cfg.Transparent) == 0 && cfg.HTTP == "" {
-		return nil, usagef("nothing to forward: give -L [bind:]port:host:hostport, --http [bind:]port, --dns [bind:]port or --transparent [bind:]port")
+	if len(cfg.Local) == 0 && len(cfg.Remote) == 0 && cfg.DNS == "" && len(cfg.Transparent) == 0 && cfg.HTTP == "" {
+		return nil, usagef("nothing to forward: give -L [bind:]port:host:hostport, -R [bind_address:]port:host:hostport, --http [bind:]port, --dns [bind:]port or --transparent [bind:]port")
+	}
+	if cfg.RemoteAddrFile != "" && len(cfg.Remote) == 0 {
+		return nil, usagef("--remote-addr-file needs -R")
 	}
 	var err error
 	if p.logLevel, err = zerolog.ParseLevel(cfg.LogLevel); err != nil || cfg.LogLevel == "" {
@@ -170,6 +177,13 @@ func buildPlan(cfg Config) (*plan, error) {
 		for _, addr := range lf.Binds {
 			p.listens = append(p.listens, listenPlan{kind: kind, addr: addr, spec: "-L " + spec, optional: lf.optionalBinds[addr], target: lf.Target})
 		}
+	}
+	for _, spec := range cfg.Remote {
+		rf, err := parseRemote(spec)
+		if err != nil {
+			return nil, err
+		}
+		p.listens = append(p.listens, listenPlan{kind: kindReverse, addr: rf.Remote.String(), spec: "-R " + spec, target: rf.Target})
 	}
 	for _, spec := range cfg.Transparent {
 		kind, bare := kindTransparent, strings.TrimSuffix(spec, "/tcp")

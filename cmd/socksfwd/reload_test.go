@@ -188,23 +188,27 @@ func newSocks(t *testing.T) *sockstest.Server {
 	return s
 }
 
-// echoOnce connects, sends msg, half-closes and checks the echo.
-func echoOnce(addr, msg string) error {
+// sendTo connects to addr and sends msg, with a 10 s deadline.
+func sendTo(addr, msg string) (net.Conn, error) {
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.WriteString(c, msg); err != nil {
-		return err
+		c.Close()
+		return nil, err
 	}
-	c.(*net.TCPConn).CloseWrite()
-	got, err := io.ReadAll(c)
+	return c, nil
+}
+
+// echoOnce connects, sends msg, half-closes and checks the echo.
+func echoOnce(addr, msg string) error {
+	got, err := callOnce(addr, msg)
 	if err != nil {
 		return err
 	}
-	if string(got) != msg {
+	if got != msg {
 		return fmt.Errorf("echo %q, want %q", got, msg)
 	}
 	return nil

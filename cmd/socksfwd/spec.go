@@ -38,30 +38,16 @@ func parseLocal(spec string) (localForward, error) {
 	} else if rest, ok := strings.CutSuffix(s, "/tcp"); ok {
 		s = rest
 	}
-	fields, err := splitColons(s)
+	f, err := splitForward("-L", spec, s, "[bind:]port:host:hostport[/udp]", "local port")
 	if err != nil {
-		return lf, usagef("-L %s: %v", quote(spec), err)
+		return lf, err
 	}
-	var bind, port, host, hostport string
-	switch len(fields) {
-	case 3:
-		bind, port, host, hostport = "127.0.0.1", fields[0], fields[1], fields[2]
-	case 4:
-		bind, port, host, hostport = fields[0], fields[1], fields[2], fields[3]
-	default:
-		return lf, usagef("-L %s: want [bind:]port:host:hostport[/udp]", quote(spec))
+	bind, port := f.bind, f.port
+	if !f.hasBind {
+		bind = "127.0.0.1"
 	}
-	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
-		return lf, usagef("-L %s: invalid local port %s", quote(spec), quote(port))
-	}
-	if n, err := strconv.ParseUint(hostport, 10, 16); err != nil || n == 0 {
-		return lf, usagef("-L %s: invalid target port %s", quote(spec), quote(hostport))
-	}
-	lf.Target, err = socksclient.ParseAddr(net.JoinHostPort(unbracket(host), hostport))
-	if err != nil {
-		return lf, usagef("-L %s: %v", quote(spec), err)
-	}
-	switch bind = unbracket(bind); bind {
+	lf.Target = f.target
+	switch bind {
 	case "localhost":
 		lf.Binds = []string{net.JoinHostPort("127.0.0.1", port), net.JoinHostPort("::1", port)}
 		lf.optionalBinds = map[string]bool{lf.Binds[1]: true}
@@ -71,6 +57,75 @@ func parseLocal(spec string) (localForward, error) {
 		lf.Binds = []string{net.JoinHostPort(bind, port)}
 	}
 	return lf, nil
+}
+
+// forwardFields are the parts of an ssh-style forward spec,
+// [bind:]port:host:hostport.
+type forwardFields struct {
+	bind    string // unbracketed; "" when not given
+	hasBind bool
+	port    string // 0..65535
+	target  socksclient.Addr
+}
+
+// splitForward parses s, the spec of option (spec as given, for
+// messages), as [bind:]port:host:hostport; want is the grammar to show
+// when it is not that, portName what to call the port in an error.
+func splitForward(option, spec, s, want, portName string) (forwardFields, error) {
+	var f forwardFields
+	fields, err := splitColons(s)
+	if err != nil {
+		return f, usagef("%s %s: %v", option, quote(spec), err)
+	}
+	var host, hostport string
+	switch len(fields) {
+	case 3:
+		f.port, host, hostport = fields[0], fields[1], fields[2]
+	case 4:
+		f.bind, f.hasBind, f.port, host, hostport = unbracket(fields[0]), true, fields[1], fields[2], fields[3]
+	default:
+		return f, usagef("%s %s: want %s", option, quote(spec), want)
+	}
+	if _, err := strconv.ParseUint(f.port, 10, 16); err != nil {
+		return f, usagef("%s %s: invalid %s %s", option, quote(spec), portName, quote(f.port))
+	}
+	if n, err := strconv.ParseUint(hostport, 10, 16); err != nil || n == 0 {
+		return f, usagef("%s %s: invalid target port %s", option, quote(spec), quote(hostport))
+	}
+	if f.target, err = socksclient.ParseAddr(net.JoinHostPort(unbracket(host), hostport)); err != nil {
+		return f, usagef("%s %s: %v", option, quote(spec), err)
+	}
+	return f, nil
+}
+
+// remoteForward is one parsed -R spec.
+type remoteForward struct {
+	// Remote is what BIND asks for: DST.ADDR, the peer the proxy should
+	// expect (bind_address; 0.0.0.0 for any), and DST.PORT, the port to
+	// listen on (0: the proxy picks one).
+	Remote socksclient.Addr
+	// Target is the local host:port callers are relayed to.
+	Target socksclient.Addr
+}
+
+// parseRemote parses ssh's -R grammar, [bind_address:]port:host:hostport,
+// with IPv6 addresses in brackets. bind_address "", "*" or "0.0.0.0"
+// means any peer.
+func parseRemote(spec string) (remoteForward, error) {
+	var rf remoteForward
+	f, err := splitForward("-R", spec, spec, "[bind_address:]port:host:hostport", "port")
+	if err != nil {
+		return rf, err
+	}
+	rf.Target = f.target
+	bind := f.bind
+	if bind == "" || bind == "*" {
+		bind = "0.0.0.0"
+	}
+	if rf.Remote, err = socksclient.ParseAddr(net.JoinHostPort(bind, f.port)); err != nil {
+		return rf, usagef("-R %s: bind_address %s: %v", quote(spec), quote(f.bind), err)
+	}
+	return rf, nil
 }
 
 // splitColons splits on colons outside [brackets].

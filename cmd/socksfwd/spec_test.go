@@ -48,6 +48,41 @@ func TestParseLocal(t *testing.T) {
 	}
 }
 
+func TestParseRemote(t *testing.T) {
+	tests := []struct {
+		spec, remote, target, err string
+	}{
+		{spec: "8080:127.0.0.1:80", remote: "0.0.0.0:8080", target: "127.0.0.1:80"},
+		{spec: "0:localhost:80", remote: "0.0.0.0:0", target: "localhost:80"},
+		{spec: "10.0.0.5:8080:web:80", remote: "10.0.0.5:8080", target: "web:80"},
+		{spec: "*:8080:web:80", remote: "0.0.0.0:8080", target: "web:80"},
+		{spec: ":8080:web:80", remote: "0.0.0.0:8080", target: "web:80"},
+		{spec: "[2001:db8::7]:8080:[::1]:80", remote: "[2001:db8::7]:8080", target: "[::1]:80"},
+		{spec: "peer.example:0:[::1]:80", remote: "peer.example:0", target: "[::1]:80"},
+		{spec: "8080:web", err: "want [bind_address:]port:host:hostport"},
+		{spec: "x:web:80", err: "invalid port"},
+		{spec: "70000:web:80", err: "invalid port"},
+		{spec: "1:web:0", err: "invalid target port"},
+		{spec: "[::1:1:web:80", err: "unbalanced"},
+	}
+	for _, tc := range tests {
+		rf, err := parseRemote(tc.spec)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) || !strings.HasPrefix(err.Error(), "-R ") {
+				t.Errorf("parseRemote(%q) err = %v, want -R … %q", tc.spec, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("parseRemote(%q): %v", tc.spec, err)
+			continue
+		}
+		if rf.Remote.String() != tc.remote || rf.Target.String() != tc.target {
+			t.Errorf("parseRemote(%q) = %v → %v; want %v → %v", tc.spec, rf.Remote, rf.Target, tc.remote, tc.target)
+		}
+	}
+}
+
 func TestParseServer(t *testing.T) {
 	tests := []struct {
 		raw, user, pass    string

@@ -55,6 +55,8 @@ type supervisor struct {
 	// each change.
 	live atomic.Pointer[[]liveUnit]
 	tel  *telemetry
+	// remotes is where each -R's proxy listens, for --remote-addr-file.
+	remotes *remoteAddrs
 
 	// failed receives the first error a service's Serve returned.
 	failed  chan error
@@ -68,7 +70,8 @@ type supervisor struct {
 
 func newSupervisor(log zerolog.Logger, reload func() (*plan, error)) *supervisor {
 	cutCtx, cut := context.WithCancel(context.Background())
-	return &supervisor{log: log, reload: reload, units: make(map[string]*unit), sd: &systemd{}, tel: newTelemetry(), failed: make(chan error, 1), cutCtx: cutCtx, cut: cut}
+	return &supervisor{log: log, reload: reload, units: make(map[string]*unit), sd: &systemd{}, tel: newTelemetry(),
+		remotes: &remoteAddrs{log: log}, failed: make(chan error, 1), cutCtx: cutCtx, cut: cut}
 }
 
 // errSecondSignal ends a drain cut short by a second signal: exit 1.
@@ -87,6 +90,7 @@ func (s *supervisor) run(p *plan, sigs <-chan os.Signal) error {
 	if err != nil {
 		return err
 	}
+	s.remotes.configure(p)
 	s.start(bound)
 	s.tel.bound.Store(true)
 	s.sd.ready(s.status())
@@ -114,6 +118,7 @@ loop:
 	if err := s.drainAll(sigs); err != nil && runErr == nil {
 		runErr = err
 	}
+	s.remotes.remove()
 	s.log.Info().Msg("stopped")
 	return runErr
 }
@@ -152,7 +157,11 @@ func (s *supervisor) publish() {
 	live := make([]liveUnit, 0, len(keys))
 	for _, k := range keys {
 		u := s.units[k]
-		live = append(live, liveUnit{kind: u.lp.kind, name: u.svc.Addr().String(), svc: u.svc})
+		name := u.svc.Addr().String()
+		if u.lp.kind == kindReverse {
+			name = reverseName(u.lp)
+		}
+		live = append(live, liveUnit{kind: u.lp.kind, name: name, svc: u.svc})
 	}
 	s.live.Store(&live)
 }
@@ -193,7 +202,7 @@ func (s *supervisor) warnExposed(bound []*unit) {
 	}
 	var open []string
 	for _, u := range bound {
-		if !isLoopbackBind(u.lp.addr) {
+		if u.lp.kind != kindReverse && !isLoopbackBind(u.lp.addr) {
 			open = append(open, u.svc.Addr().String())
 		}
 	}
@@ -253,6 +262,11 @@ func (s *supervisor) logListening(u *unit) {
 			Msgf("HTTP proxy on http://%s (CONNECT and absolute-form) via %s", name, s.via())
 		return
 	}
+	if u.lp.kind == kindReverse {
+		ev.Str("reverse", reverseName(u.lp)).Str("target", u.lp.target.String()).
+			Msgf("reverse: asking %s to listen %s → %s", s.via(), reverseAsk(u.lp.addr), u.lp.target)
+		return
+	}
 	if u.lp.kind == kindTransparentUDP {
 		ev.Msgf("transparent %s/udp (TPROXY) → original destinations via %s", name, s.via())
 		return
@@ -275,6 +289,13 @@ func (s *supervisor) logListening(u *unit) {
 // listen opens one listener's sockets (binds them, or takes those systemd
 // passed) and makes its service.
 func (s *supervisor) listen(l listenPlan) (service, error) {
+	if l.kind == kindReverse { // the upstream listens: nothing to open here
+		r, err := s.newReverse(l)
+		if err != nil {
+			return nil, err
+		}
+		return r, nil
+	}
 	socks, err := s.open(l)
 	if err != nil {
 		return nil, err
@@ -474,6 +495,9 @@ func (s *supervisor) reloadNow() error {
 		u := s.units[k]
 		l, keep := want[k]
 		if !keep {
+			if u.lp.kind == kindReverse {
+				s.tel.rearms.UnregisterMetric(rearmSeries(reverseName(u.lp)))
+			}
 			delete(s.units, k)
 			s.drainRemoved(u, time.Duration(old.cfg.ShutdownTimeout))
 			changes = append(changes, "-"+k)
@@ -484,6 +508,7 @@ func (s *supervisor) reloadNow() error {
 	for _, u := range bound {
 		changes = append(changes, "+"+u.lp.key())
 	}
+	s.remotes.configure(p)
 	s.start(bound)
 	s.reloaded(true)
 	if len(changes) == 0 {
@@ -585,6 +610,17 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 		if old.cfg.UDPIdleTimeout != p.cfg.UDPIdleTimeout || old.cfg.UDPMaxSessions != p.cfg.UDPMaxSessions {
 			svc.SetLimits(time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions)
 			changes = append(changes, fmt.Sprintf("%s udp-idle-timeout %s, udp-max-sessions %d", key, time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions))
+		}
+	case *tunnel.Reverse:
+		if l.target != u.lp.target {
+			svc.SetTarget(l.target.String())
+			changes = append(changes, fmt.Sprintf("%s target %s → %s", key, u.lp.target, l.target))
+		}
+		if old.cfg.IdleTimeout != p.cfg.IdleTimeout {
+			svc.SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
+		}
+		if !slices.Equal(old.cfg.Server, p.cfg.Server) {
+			svc.Retry() // another upstream may have BIND
 		}
 	case *adminServer:
 		if old.cfg.AdminPprof != p.cfg.AdminPprof {

@@ -264,6 +264,9 @@ func (p *passedSocket) at(addr string) bool {
 // wants reports whether a listener of kind serves a stream socket (TCP)
 // or a datagram socket (UDP); DNS serves both at one address.
 func wants(kind listenKind, stream bool) bool {
+	if kind == kindReverse { // binds nothing here
+		return false
+	}
 	if kind == kindDNS {
 		return true
 	}

@@ -34,6 +34,9 @@ type DanteOptions struct {
 	// Extra is appended to the global section of danted.conf, e.g. socket
 	// options for benchmarks.
 	Extra string
+	// Without lists commands the pass rules leave out ("bind",
+	// "bindreply"), to see how Dante refuses them.
+	Without []string
 
 	// Netns runs danted inside this network namespace (NewNetns), on
 	// Listen (required there) and port 1080 unless Port says otherwise,
@@ -107,6 +110,10 @@ socks pass {
 	log: error
 }
 %s`, port, external, method, opt.Extra, ipv6Rules)
+	for _, cmd := range opt.Without {
+		conf = strings.ReplaceAll(conf, " "+cmd+" ", " ")
+		conf = strings.ReplaceAll(conf, " "+cmd+"\n", "\n")
+	}
 	path := writeFile(t, dir, "danted.conf", conf)
 	argv := []string{bin, "-f", path, "-p", filepath.Join(dir, "danted.pid")}
 	if opt.OnlyHosts {

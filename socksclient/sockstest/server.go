@@ -2,7 +2,8 @@
 // socksclient codec. It serves CONNECT and BIND for real and can be told to
 // misbehave in the ways real servers will not on demand: every REP code,
 // authentication failure, malformed or truncated frames, slow drip, hangs,
-// and connections closed mid-frame.
+// connections closed mid-frame, and BIND second replies withheld, malformed
+// or refused.
 package sockstest
 
 import (
@@ -10,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -45,6 +47,12 @@ const (
 	// FaultTrailingPayload sends the reply and the first payload bytes in
 	// one write, to catch clients that read past the reply.
 	FaultTrailingPayload
+	// FaultBindNoSecondReply makes BIND accept the peer and never send the
+	// second reply: the client waits until it hangs up or Close.
+	FaultBindNoSecondReply
+	// FaultBindMalformedSecondReply answers BIND's peer with a malformed
+	// second reply (VER 0x04), then closes.
+	FaultBindMalformedSecondReply
 )
 
 // Config describes the server's behaviour. The zero value is a correct
@@ -59,6 +67,9 @@ type Config struct {
 	Fault Fault
 	// BindUnspecified makes BIND's first reply carry BND.ADDR 0.0.0.0.
 	BindUnspecified bool
+	// BindSecondReply, when not 0, is the REP of BIND's second reply: the
+	// peer that connected is refused with it, and the server closes.
+	BindSecondReply socksclient.ReplyCode
 	// UDPBindUnspecified makes UDP ASSOCIATE's reply carry BND.ADDR 0.0.0.0.
 	UDPBindUnspecified bool
 	// UDPFragmentCopies sends, before each relayed reply, a copy with
@@ -270,7 +281,7 @@ func (s *Server) serveConn(c net.Conn) {
 	case socksclient.CmdConnect:
 		s.serveConnect(c, req.Addr)
 	case socksclient.CmdBind:
-		s.serveBind(c)
+		s.serveBind(c, req.Addr)
 	case socksclient.CmdUDPAssociate:
 		s.serveAssociate(c)
 	default:
@@ -314,8 +325,20 @@ func (s *Server) serveConnect(c net.Conn, target socksclient.Addr) {
 	pipe(c, up)
 }
 
-func (s *Server) serveBind(c net.Conn) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+// serveBind listens for one peer. As Dante does, it binds the port the
+// request asks for when DST.ADDR is unspecified (any peer), and any port
+// when that port is taken or a peer address is given. Unlike Dante it sets
+// SO_REUSEADDR (Go's default), so it can bind a port again while a
+// connection accepted on it is still open.
+func (s *Server) serveBind(c net.Conn, expected socksclient.Addr) {
+	port := "0"
+	if expected.Name == "" && expected.IP.IsUnspecified() {
+		port = strconv.Itoa(int(expected.Port))
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", port))
+	if err != nil && port != "0" {
+		ln, err = net.Listen("tcp", "127.0.0.1:0")
+	}
 	if err != nil {
 		s.writeFrame(c, socksclient.Reply{Code: socksclient.RepGeneralFailure, Addr: zeroAddr})
 		return
@@ -355,6 +378,17 @@ func (s *Server) serveBind(c net.Conn) {
 		return
 	}
 	defer s.untrack(peer)
+	switch {
+	case s.cfg.Fault == FaultBindNoSecondReply:
+		io.Copy(io.Discard, c) // until the client or Close hangs up
+		return
+	case s.cfg.Fault == FaultBindMalformedSecondReply:
+		c.Write([]byte{0x04, 0, 0, byte(socksclient.AddrIPv4), 127, 0, 0, 1, 0, 80})
+		return
+	case s.cfg.BindSecondReply != socksclient.RepSucceeded:
+		s.writeFrame(c, socksclient.Reply{Code: s.cfg.BindSecondReply, Addr: zeroAddr})
+		return
+	}
 	from := socksclient.AddrFromAddrPort(peer.RemoteAddr().(*net.TCPAddr).AddrPort())
 	if err := s.writeFrame(c, socksclient.Reply{Addr: from}); err != nil {
 		return

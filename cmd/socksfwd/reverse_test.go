@@ -1,0 +1,217 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rogpeppe/go-internal/testscript"
+
+	"github.com/socksfwd/socksfwd/internal/peertest"
+	"github.com/socksfwd/socksfwd/internal/testnet"
+)
+
+// remoteLinesOf reads --remote-addr-file.
+func remoteLinesOf(t *testing.T, path string) []string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("--remote-addr-file: %v", err)
+	}
+	return strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+}
+
+// TestReverseReload: two -R through the test server. Where the server
+// listens reaches the log, --remote-addr-file, /metrics and /readyz; a
+// caller through each is relayed. A reload keeps the -R that stays (its
+// BIND is not asked again), ends the removed one and starts the new one;
+// the file goes at exit.
+func TestReverseReload(t *testing.T) {
+	verifyNoLeaks(t)
+	socks := newSocks(t)
+	echo := testnet.Echo(t).Addr().String()
+	echo2 := testnet.Echo(t).Addr().String()
+	dir := t.TempDir()
+	file := filepath.Join(dir, "remote")
+	conf := filepath.Join(dir, "socksfwd.toml")
+	fixed := freePort(t)
+	admin := "127.0.0.1:" + freePort(t)
+	keep, gone, added := fixed+":"+echo, "0:"+echo, "0:"+echo2
+	config := func(remotes ...string) string {
+		return fmt.Sprintf("server = [%q]\nremote = [%q, %q]\nremote-addr-file = %q\nadmin = %q\n", socks.Addr(), remotes[0], remotes[1], file, admin)
+	}
+	if err := os.WriteFile(conf, []byte(config(keep, gone)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", conf)
+	d.waitFor("reverse "+socks.Addr()+" listens on", 2)
+	lines := remoteLinesOf(t, file)
+	if len(lines) != 2 || lines[0] != "127.0.0.1:"+fixed || lines[1] == "-" {
+		t.Fatalf("--remote-addr-file holds %q; want the fixed port's address, then the other's", lines)
+	}
+	m := scrape(t, admin)
+	keptBinds := `socksfwd_reverse_binds_total{reverse="` + keep + `"}`
+	if m[`socksfwd_reverse_remote_info{reverse="`+keep+`",remote="`+lines[0]+`"}`] != 1 || m[keptBinds] != 1 ||
+		m[`socksfwd_reverse_listening{reverse="`+gone+`"}`] != 1 {
+		t.Errorf("metrics lack the -R forwards: %v", m)
+	}
+	if body, code := get(t, admin, "/readyz"); code != http.StatusOK || !strings.Contains(body, "reverse "+keep+" listens on "+lines[0]) {
+		t.Errorf("/readyz: %d %q", code, body)
+	}
+	if err := echoOnce(lines[1], "through the port the server chose"); err != nil {
+		t.Fatal(err)
+	}
+	d.waitFor("reverse "+socks.Addr()+" listens on", 3) // re-armed on a new port
+
+	rel := d.reload(conf, config(keep, added), 1)
+	if changes := fmt.Sprint(rel["changes"]); !strings.Contains(changes, "-reverse 0.0.0.0:0 → "+echo) || !strings.Contains(changes, "+reverse 0.0.0.0:0 → "+echo2) {
+		t.Fatalf("reload changes %s", changes)
+	}
+	d.waitFor("reverse "+socks.Addr()+" listens on", 4) // the new one
+	d.waitFor("removed listener drained", 1)            // the removed one gave its BIND up
+	lines = remoteLinesOf(t, file)
+	if len(lines) != 2 || lines[0] != "127.0.0.1:"+fixed || lines[1] == "-" {
+		t.Fatalf("after the reload, --remote-addr-file holds %q", lines)
+	}
+	if m := scrape(t, admin); m[keptBinds] != 1 {
+		t.Errorf("the kept -R asked BIND %v times; want its first BIND kept", m[keptBinds])
+	}
+	for _, addr := range lines {
+		if err := echoOnce(addr, "after the reload"); err != nil {
+			t.Fatalf("caller to %s: %v", addr, err)
+		}
+	}
+	if code := d.stop(); code != exitOK {
+		t.Fatalf("exit %d", code)
+	}
+	if _, err := os.Stat(file); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("--remote-addr-file left behind at exit: %v", err)
+	}
+}
+
+// TestReverseServerWithoutBind: through microsocks (REP 7) and ssh -D
+// (which closes the connection), -R is one error line naming the server
+// and the fix, and a -L beside it keeps working.
+func TestReverseServerWithoutBind(t *testing.T) {
+	verifyNoLeaks(t)
+	if testing.Short() {
+		t.Skip("starts microsocks and sshd")
+	}
+	echo := testnet.Echo(t).Addr().String()
+	for name, start := range map[string]func() string{
+		"microsocks": func() string { return peertest.Microsocks(t, peertest.MicrosocksOptions{}).Addr },
+		"ssh -D":     func() string { return peertest.SSHDynamic(t, nil).Addr },
+	} {
+		t.Run(name, func(t *testing.T) {
+			proxy := start()
+			local := "127.0.0.1:" + freePort(t)
+			spec := "0:" + echo
+			d := startDaemon(t, "-S", proxy, "-L", local+":"+echo, "-R", spec)
+			line := d.waitFor("reverse "+spec+": ", 1)
+			msg, _ := line["message"].(string)
+			if line["level"] != "error" || !strings.Contains(msg, proxy+" has no BIND") || !strings.Contains(msg, "Dante") {
+				t.Errorf("error line %v; want it to name %s and the fix", line, proxy)
+			}
+			for i := range 3 {
+				// No half-close: microsocks closes both ways on the first EOF.
+				if err := exchangeOnce(local, "the -L beside it"); err != nil {
+					t.Fatalf("-L, exchange %d: %v; log: %s", i, err, d.dump())
+				}
+			}
+			if n := d.count("reverse " + spec + ": "); n != 1 {
+				t.Errorf("%d lines about the missing BIND, want 1", n)
+			}
+			if code := d.stop(); code != exitOK {
+				t.Fatalf("exit %d", code)
+			}
+		})
+	}
+}
+
+// exchangeOnce connects, sends msg and reads it back, without a
+// half-close.
+func exchangeOnce(addr, msg string) error {
+	c, err := sendTo(addr, msg)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != msg {
+		return fmt.Errorf("echo %q, %v; want %q", got, err, msg)
+	}
+	return nil
+}
+
+// Script commands for -R (testdata/interop/reverse.txtar).
+
+// remoteaddr VAR FILE LINE: wait up to 10 s until line LINE (from 1) of
+// --remote-addr-file FILE holds an address other than OLD (when $VAR is
+// set, its value), and put it in $VAR.
+func cmdRemoteAddr(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 3 {
+		ts.Fatalf("usage: remoteaddr VAR FILE LINE")
+	}
+	n, err := strconv.Atoi(args[2])
+	ts.Check(err)
+	old := ts.Getenv(args[0])
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if b, err := os.ReadFile(ts.MkAbs(args[1])); err == nil {
+			lines := strings.Split(string(b), "\n")
+			if n <= len(lines) && lines[n-1] != "-" && lines[n-1] != "" && lines[n-1] != old {
+				ts.Setenv(args[0], lines[n-1])
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			ts.Fatalf("line %d of %s never held a new address", n, args[1])
+		}
+		time.Sleep(20 * time.Millisecond) // the file is written by another process; bounded readiness probe
+	}
+}
+
+// callback ADDR MSG: as a caller behind the proxy would, connect to ADDR,
+// send MSG, half-close, and expect MSG back. A connect refused while the
+// forward re-arms is tried again, and so is one reset before any reply
+// (it reached Dante's listener of the last BIND just as Dante closed it),
+// for up to 10 s.
+func cmdCallback(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 2 {
+		ts.Fatalf("usage: callback ADDR MSG")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got, err := callOnce(args[0], args[1])
+		if err == nil && got == args[1] {
+			return
+		}
+		inGap := got == "" && (errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE))
+		if !inGap || time.Now().After(deadline) {
+			ts.Fatalf("callback got %q, %v; want %q", got, err, args[1])
+		}
+		time.Sleep(time.Millisecond) // the port is closed while the forward re-arms; bounded
+	}
+}
+
+// callOnce connects to addr, sends msg, half-closes and returns what came
+// back.
+func callOnce(addr, msg string) (string, error) {
+	c, err := sendTo(addr, msg)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(c)
+	return string(got), err
+}

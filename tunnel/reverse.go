@@ -1,0 +1,671 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/internal/logthrottle"
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// ReverseConfig describes one -R forward.
+type ReverseConfig struct {
+	// Name labels the forward in logs, e.g. the -R spec "8080:127.0.0.1:80".
+	Name string
+	// Remote is what BIND asks for (DST.ADDR, DST.PORT): the peer the
+	// server should expect (0.0.0.0: any) and the port to listen on (0:
+	// the server chooses, a new one for every BIND).
+	Remote socksclient.Addr
+	// Target is the local host:port each incoming connection is relayed
+	// to, dialed (and resolved) here. SetTarget changes it.
+	Target string
+	// Upstreams issues the BINDs, with failover as for CONNECT.
+	Upstreams *socksclient.Upstreams
+	// IdleTimeout closes a session idle this long (0 = never).
+	// SetIdleTimeout changes it for new sessions.
+	IdleTimeout time.Duration
+	// CopyMode chooses the relay's copy (default CopySplice).
+	CopyMode CopyMode
+	// TargetControl, if not nil, is applied to each socket toward the
+	// local target before it connects (buffer sizes, as a -L listener's
+	// connections get them).
+	TargetControl func(network, address string, c syscall.RawConn) error
+	// OnListen, when set, is told every address the server listens at (the
+	// first reply of each BIND), and the zero Addr when the forward has
+	// none any more (a failure, or the end). Called from Serve's goroutine.
+	OnListen func(remote socksclient.Addr)
+	// OnRearm, when set, is told how long the port was closed between two
+	// callers (see Rearm). Called from Serve's goroutine.
+	OnRearm func(Rearm)
+	Logger  zerolog.Logger
+}
+
+// Rearm times one re-arm: from a BIND's second reply (a caller came) to
+// the next BIND's first reply (the server listens again).
+type Rearm struct {
+	// Gap is the whole time: a caller that came meanwhile was refused.
+	Gap time.Duration
+	// Held is the part of Gap spent waiting for the session to end, when
+	// the server cannot bind a port that a connection still uses (Dante:
+	// it sets no SO_REUSEADDR). Zero when the server binds again at once.
+	Held time.Duration
+}
+
+// ReverseCause is why a BIND, or the wait for its caller, failed.
+type ReverseCause int
+
+const (
+	// CauseUnsupported: the server has no BIND (REP 7, or it closed the
+	// connection at the request, as ssh -D does). Not retried.
+	CauseUnsupported ReverseCause = iota
+	// CauseRefused: the server refused the BIND with a REP code (REP 2:
+	// its rules do not allow it).
+	CauseRefused
+	// CauseUpstream: the server could not be reached or failed the
+	// handshake.
+	CauseUpstream
+	// CausePortBusy: the server listened on another port than asked: the
+	// port is taken on its side.
+	CausePortBusy
+	// CauseControlLost: the control connection closed while waiting for a
+	// caller.
+	CauseControlLost
+	// CauseSecondReply: the second reply refused the caller or was
+	// malformed.
+	CauseSecondReply
+	// CauseTarget: the local target could not be reached; the caller was
+	// closed at once.
+	CauseTarget
+	// NumReverseCauses counts the causes, for arrays indexed by them.
+	NumReverseCauses
+)
+
+var causeNames = [NumReverseCauses]string{"unsupported", "refused", "upstream", "port_busy", "control_lost", "second_reply", "target"}
+
+// String is the cause as a metric label: "port_busy".
+func (c ReverseCause) String() string {
+	if c >= 0 && c < NumReverseCauses {
+		return causeNames[c]
+	}
+	return fmt.Sprintf("ReverseCause(%d)", int(c))
+}
+
+// ReverseStats counts a reverse forward's BINDs, sessions and bytes.
+type ReverseStats struct {
+	Binds    atomic.Int64 // first replies: times the server listened
+	Sessions atomic.Int64 // second replies: callers that came
+	Active   atomic.Int64
+	// BytesUp counts caller → local target, BytesDown the way back.
+	BytesUp, BytesDown atomic.Int64
+	Failures           [NumReverseCauses]atomic.Int64
+}
+
+// Backoff between failed BINDs: 1 s doubling to 30 s, as for upstreams.
+const (
+	reverseMinBackoff = time.Second
+	reverseMaxBackoff = 30 * time.Second
+)
+
+// portReleaseGrace: for this long after a session on the asked port
+// ended, the server listening elsewhere is taken for the proxy still
+// closing that session's connection (which holds the port), and BIND is
+// asked again at once rather than after a backoff.
+const portReleaseGrace = time.Second
+
+// targetDialTimeout bounds the dial of the local target for one caller.
+const targetDialTimeout = 10 * time.Second
+
+// Keep-alive probes on the control connection while it waits for a
+// caller, which may take hours: a NAT or firewall that dropped the
+// connection silently would otherwise leave the forward waiting on a dead
+// socket, with the port gone on the proxy's side.
+var controlKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 3}
+
+// Reverse is a remote forward over RFC 1928 BIND: the upstream listens for
+// one caller per BIND; each caller is relayed to the local target, and the
+// next BIND is issued as soon as the second reply arrives, before the
+// relay starts, so the port is closed for as short a time as the server
+// allows.
+type Reverse struct {
+	cfg    ReverseConfig
+	target atomic.Pointer[string]
+	idle   atomic.Int64 // the idle timeout new sessions get
+
+	loopCtx  context.Context // cancelled by Shutdown and Close: no more BINDs
+	stopLoop context.CancelFunc
+	sessCtx  context.Context // cancelled by Close: aborts target dials
+	cutAll   context.CancelFunc
+	wake     chan struct{} // Retry: end a backoff, or the wait after "unsupported"
+	loopDone chan struct{}
+	served   atomic.Bool
+
+	remote atomic.Pointer[socksclient.Addr] // where the server listens now; nil: nowhere
+	// rearmAfterSession is learned: the server bound another port than
+	// asked while a session held it, so re-arming waits for sessions.
+	rearmAfterSession atomic.Bool
+	targetFails       *logthrottle.Throttle
+
+	mu        sync.Mutex
+	conns     map[net.Conn]bool // true for a session's caller side
+	latest    *reverseSession   // the session started last, while it lives
+	latestEnd time.Time         // when the session started last ended
+	cut       bool
+	sessions  sync.WaitGroup
+
+	// The loop's own state, touched by Serve's goroutine only.
+	failing   ReverseCause
+	isFailing bool
+	failTries int64
+
+	stats ReverseStats
+}
+
+// reverseSession is one caller's session; done closes when it ends.
+type reverseSession struct{ done chan struct{} }
+
+// NewReverse returns a reverse forward; Serve runs it.
+func NewReverse(cfg ReverseConfig) *Reverse {
+	r := &Reverse{cfg: cfg, wake: make(chan struct{}, 1), loopDone: make(chan struct{}), conns: make(map[net.Conn]bool)}
+	r.loopCtx, r.stopLoop = context.WithCancel(context.Background())
+	r.sessCtx, r.cutAll = context.WithCancel(context.Background())
+	r.target.Store(&cfg.Target)
+	r.idle.Store(int64(cfg.IdleTimeout))
+	r.targetFails = logthrottle.New(refusalLogEvery)
+	return r
+}
+
+// Stats returns the live counters.
+func (r *Reverse) Stats() *ReverseStats { return &r.stats }
+
+// Addr is the address BIND asks for (not where the server listens: see
+// Remote).
+func (r *Reverse) Addr() net.Addr { return r.cfg.Remote }
+
+// Remote is where the server listens now, and false while it listens
+// nowhere (before the first reply, after a failure).
+func (r *Reverse) Remote() (socksclient.Addr, bool) {
+	if a := r.remote.Load(); a != nil {
+		return *a, true
+	}
+	return socksclient.Addr{}, false
+}
+
+// Target is where callers are relayed to.
+func (r *Reverse) Target() string { return *r.target.Load() }
+
+// SetTarget changes where callers from now on are relayed; the binding
+// stays. A reload calls it.
+func (r *Reverse) SetTarget(target string) { r.target.Store(&target) }
+
+// SetIdleTimeout sets the idle timeout of sessions from now on (0 =
+// never). A reload calls it.
+func (r *Reverse) SetIdleTimeout(d time.Duration) { r.idle.Store(int64(d)) }
+
+// Retry ends a backoff, or the stop after a server without BIND, at once:
+// a reload calls it when the upstreams changed.
+func (r *Reverse) Retry() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Serve issues BINDs until Shutdown or Close, or until ctx is done (which
+// then closes the forward). Failures are logged and retried, never
+// returned: a server without BIND must not stop the other forwards.
+func (r *Reverse) Serve(ctx context.Context) error {
+	if r.served.Swap(true) {
+		return errors.New("tunnel: Reverse.Serve called twice")
+	}
+	stop := context.AfterFunc(ctx, func() { r.Close() })
+	defer stop()
+	defer close(r.loopDone)
+	r.loop()
+	r.setRemote(nil)
+	return nil
+}
+
+func (r *Reverse) loop() {
+	var (
+		backoff  time.Duration
+		quick    time.Duration // pause while the proxy releases the port
+		secondAt time.Time     // the last second reply, until the next first reply
+		held     time.Duration // of the time since, spent waiting for a session
+	)
+	// retryLater waits out the backoff after a failure; false: stopped.
+	retryLater := func() bool {
+		backoff = min(max(2*backoff, reverseMinBackoff), reverseMaxBackoff)
+		return r.pause(backoff)
+	}
+	for r.loopCtx.Err() == nil {
+		b, d, err := r.cfg.Upstreams.Bind(r.loopCtx, r.cfg.Remote)
+		if err != nil {
+			if r.loopCtx.Err() != nil {
+				return
+			}
+			cause := bindCause(err)
+			r.fail(cause, err, d)
+			if cause == CauseUnsupported {
+				backoff = 0
+				if !r.pause(-1) { // until a reload brings other upstreams
+					return
+				}
+				continue
+			}
+			if !retryLater() {
+				return
+			}
+			continue
+		}
+		if tc, ok := unwrapTCP(b.NetConn()); ok {
+			tc.SetKeepAliveConfig(controlKeepAlive)
+		}
+		addr := b.Addr()
+		if want := r.cfg.Remote.Port; want != 0 && addr.Port != want {
+			b.Close()
+			s, ended := r.holder()
+			switch {
+			case s != nil:
+				// Our own session still uses the port: this server cannot
+				// bind it twice. From now on re-arming waits for sessions.
+				if !r.rearmAfterSession.Swap(true) {
+					r.cfg.Logger.Info().Str("reverse", r.cfg.Name).Str("upstream", d.ProxyAddr).
+						Msgf("reverse: %s cannot listen on port %d again while a session uses it: it serves one caller at a time, the next one once the session ends", d.ProxyAddr, want)
+				}
+				if !r.waitSession(s, &held) {
+					return
+				}
+				continue
+			case !ended.IsZero() && time.Since(ended) < portReleaseGrace:
+				// The session ended here; the proxy is still closing its
+				// side of it, which holds the port for a moment.
+				quick = min(max(2*quick, time.Millisecond), 100*time.Millisecond)
+				start := time.Now()
+				if !r.pause(quick) {
+					return
+				}
+				held += time.Since(start)
+				continue
+			}
+			r.fail(CausePortBusy, fmt.Errorf("asked for port %d, the server listens on %s instead", want, addr), d)
+			if !retryLater() {
+				return
+			}
+			continue
+		}
+		backoff, quick = 0, 0
+		r.armed(addr, d)
+		if !secondAt.IsZero() && r.cfg.OnRearm != nil {
+			r.cfg.OnRearm(Rearm{Gap: time.Since(secondAt), Held: held})
+		}
+		secondAt, held = time.Time{}, 0
+
+		conn, err := b.Accept(r.loopCtx)
+		if err != nil {
+			if r.loopCtx.Err() != nil {
+				return
+			}
+			r.setRemote(nil)
+			cause := CauseControlLost
+			var re *socksclient.ReplyError
+			var pe *socksclient.ProtocolError
+			if errors.As(err, &re) || errors.As(err, &pe) {
+				cause = CauseSecondReply
+			}
+			r.fail(cause, err, d)
+			if !retryLater() {
+				return
+			}
+			continue
+		}
+		secondAt = time.Now()
+		r.stats.Sessions.Add(1)
+		s := r.startSession(conn, d.ProxyAddr)
+		if s != nil && r.cfg.Remote.Port != 0 && r.rearmAfterSession.Load() {
+			if !r.waitSession(s, &held) {
+				return
+			}
+		}
+	}
+}
+
+// bindCause classifies a failed BIND.
+func bindCause(err error) ReverseCause {
+	var re *socksclient.ReplyError
+	switch {
+	case errors.Is(err, socksclient.ErrCommandNotSupported) && !mixedFailure(err):
+		return CauseUnsupported
+	case errors.As(err, &re) && !errors.Is(err, socksclient.ErrCommandNotSupported):
+		return CauseRefused
+	}
+	return CauseUpstream
+}
+
+// mixedFailure reports whether err joins the failures of several
+// upstreams not all of which lack BIND: one may be down and have it.
+func mixedFailure(err error) bool {
+	var multi interface{ Unwrap() []error }
+	if !errors.As(err, &multi) {
+		return false
+	}
+	for _, e := range multi.Unwrap() {
+		if !errors.Is(e, socksclient.ErrCommandNotSupported) {
+			return true
+		}
+	}
+	return false
+}
+
+// pause waits d (forever when negative) or until Retry; false once the
+// loop is stopped.
+func (r *Reverse) pause(d time.Duration) bool {
+	var timeout <-chan time.Time
+	if d >= 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		timeout = t.C
+	}
+	select {
+	case <-timeout:
+	case <-r.wake:
+	case <-r.loopCtx.Done():
+		return false
+	}
+	return true
+}
+
+// holder is the session that may hold the asked port, if it still runs;
+// else when the last one ended (zero: none yet).
+func (r *Reverse) holder() (*reverseSession, time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.latest, r.latestEnd
+}
+
+// waitSession waits until s ends, adding the wait to held; false once the
+// loop is stopped.
+func (r *Reverse) waitSession(s *reverseSession, held *time.Duration) bool {
+	start := time.Now()
+	select {
+	case <-s.done:
+		*held += time.Since(start)
+		return true
+	case <-r.loopCtx.Done():
+		return false
+	}
+}
+
+// armed records a first reply: the server listens at addr. The address is
+// logged when it is news: the first one, one after a failure, and every
+// one when the server chooses the port.
+func (r *Reverse) armed(addr socksclient.Addr, d *socksclient.Dialer) {
+	r.stats.Binds.Add(1)
+	prev, had := r.Remote()
+	r.setRemote(&addr)
+	recovered, tries := r.isFailing, r.failTries
+	r.isFailing, r.failTries = false, 0
+	if had && prev == addr && !recovered {
+		return
+	}
+	ev := r.cfg.Logger.Info().Str("reverse", r.cfg.Name).Str("remote_listen", addr.String()).
+		Str("upstream", d.ProxyAddr).Str("target", r.Target())
+	if recovered {
+		ev = ev.Int64("failed_tries", tries)
+	}
+	ev.Msgf("reverse %s listens on %s → %s", d.ProxyAddr, addr, r.Target())
+}
+
+func (r *Reverse) setRemote(a *socksclient.Addr) {
+	old := r.remote.Swap(a)
+	if r.cfg.OnListen == nil || (old == nil && a == nil) {
+		return
+	}
+	if a == nil {
+		r.cfg.OnListen(socksclient.Addr{})
+		return
+	}
+	r.cfg.OnListen(*a)
+}
+
+// fail counts a failure and logs it once per state change: the first
+// failure, and a failure of another cause; repeats are counted and the
+// count given when the forward works again.
+func (r *Reverse) fail(cause ReverseCause, err error, d *socksclient.Dialer) {
+	r.stats.Failures[cause].Add(1)
+	r.setRemote(nil)
+	r.failTries++
+	if r.isFailing && r.failing == cause {
+		return
+	}
+	r.isFailing, r.failing = true, cause
+	ev := r.cfg.Logger.Warn()
+	if cause == CauseUnsupported {
+		ev = r.cfg.Logger.Error()
+	}
+	ev = ev.Str("reverse", r.cfg.Name).Str("cause", cause.String()).Err(err)
+	if d != nil {
+		ev = ev.Str("upstream", d.ProxyAddr)
+	}
+	ev.Msg(r.failureText(cause, err, d))
+}
+
+// failureText says what went wrong and what to do, in one line.
+func (r *Reverse) failureText(cause ReverseCause, err error, d *socksclient.Dialer) string {
+	server := "the upstream"
+	if d != nil {
+		server = d.ProxyAddr
+	} else if ds := r.cfg.Upstreams.Dialers(); len(ds) > 0 {
+		names := make([]string, len(ds))
+		for i, d := range ds {
+			names[i] = d.ProxyAddr
+		}
+		server = strings.Join(names, ", ")
+	}
+	name := "reverse " + r.cfg.Name + ": "
+	var re *socksclient.ReplyError
+	switch cause {
+	case CauseUnsupported:
+		return name + server + " has no BIND, which -R needs: use a SOCKS5 server that supports it, such as Dante (ssh -D and microsocks do not); the other forwards keep running"
+	case CauseRefused:
+		if errors.As(err, &re) && re.Code == socksclient.RepNotAllowed {
+			return name + server + " refused BIND by its rules (REP 2); on Dante, a socks pass rule with \"command: bind\" must match this client, and one with \"command: bindreply\" the peers that connect; retrying with backoff"
+		}
+		return name + server + " refused BIND; retrying with backoff"
+	case CausePortBusy:
+		return name + "the port is taken on " + server + "'s side (another program, or a connection closing there in TIME_WAIT; Dante binds an asked port only for bind_address 0.0.0.0); retrying with backoff"
+	case CauseControlLost:
+		return name + "the connection to " + server + " closed while waiting for a caller; retrying with backoff"
+	case CauseSecondReply:
+		if errors.As(err, &re) && re.Code == socksclient.RepNotAllowed {
+			return name + server + " refused the caller by its rules (REP 2); on Dante, a socks pass rule with \"command: bindreply\" must match the caller's address; retrying with backoff"
+		}
+		return name + server + " failed the caller (second reply); retrying with backoff"
+	}
+	return name + "BIND through " + server + " failed; retrying with backoff"
+}
+
+// startSession hands a caller to a goroutine that dials the local target
+// and relays; it returns the session, or nil when Close came first.
+func (r *Reverse) startSession(peer *socksclient.Conn, upstream string) *reverseSession {
+	s := &reverseSession{done: make(chan struct{})}
+	r.mu.Lock()
+	if r.cut {
+		r.mu.Unlock()
+		abort(peer)
+		return nil
+	}
+	r.conns[peer] = true
+	r.latest = s
+	r.sessions.Add(1)
+	r.mu.Unlock()
+	r.stats.Active.Add(1)
+	go r.serveSession(s, peer, upstream)
+	return s
+}
+
+// serveSession dials the target and relays; a target that cannot be
+// reached closes the caller at once, with a reset.
+func (r *Reverse) serveSession(s *reverseSession, peer *socksclient.Conn, upstream string) {
+	start := time.Now()
+	target := r.Target()
+	d := net.Dialer{Timeout: targetDialTimeout, KeepAlive: -1, Control: r.cfg.TargetControl}
+	local, err := d.DialContext(r.sessCtx, "tcp", target)
+	if err == nil && !r.track(local) {
+		local.Close()
+		err = net.ErrClosed
+	}
+	if err != nil {
+		r.stats.Failures[CauseTarget].Add(1)
+		abort(peer)
+		// Any caller can make it happen: one line per period, with a count.
+		if ok, suppressed := r.targetFails.Allow(target); ok {
+			r.cfg.Logger.Info().Str("reverse", r.cfg.Name).Str("client", peer.BoundAddr().String()).Str("target", target).
+				Str("upstream", upstream).Int64("failed_since_last_line", suppressed).Err(err).
+				Dur("dur", time.Since(start)).Msg("reverse session failed: local target unreachable; caller closed")
+		}
+		r.endSession(s, peer, nil)
+		return
+	}
+	StartRelayCounting(peer, local, time.Duration(r.idle.Load()), r.cfg.CopyMode, &r.stats.BytesUp, &r.stats.BytesDown, func(res RelayResult) {
+		r.logEnd(peer, target, upstream, res, start)
+		r.endSession(s, peer, local)
+	})
+}
+
+func (r *Reverse) track(c net.Conn) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cut {
+		return false
+	}
+	r.conns[c] = false
+	return true
+}
+
+func (r *Reverse) endSession(s *reverseSession, peer, local net.Conn) {
+	r.mu.Lock()
+	delete(r.conns, peer)
+	if local != nil {
+		delete(r.conns, local)
+	}
+	if r.latest == s {
+		r.latest, r.latestEnd = nil, time.Now()
+	}
+	r.mu.Unlock()
+	r.stats.Active.Add(-1)
+	close(s.done)
+	r.sessions.Done()
+}
+
+// logEnd writes the session's end line, as a -L session's: debug for a
+// clean end, info with the cause otherwise. client is the caller that
+// connected to the server.
+func (r *Reverse) logEnd(peer *socksclient.Conn, target, upstream string, res RelayResult, start time.Time) {
+	ev := r.cfg.Logger.Debug()
+	var re *RelayError
+	switch {
+	case res.Err == nil:
+	case r.isCut() && errors.Is(res.Err, net.ErrClosed):
+		ev = ev.Err(res.Err).Str("cause", "cut at shutdown")
+	case errors.Is(res.Err, ErrIdleTimeout):
+		ev = r.cfg.Logger.Info().Err(res.Err).Str("cause", "idle timeout")
+	case errors.As(res.Err, &re) && !errors.Is(res.Err, net.ErrClosed):
+		// The relay's client is the caller, its upstream the local target.
+		side := map[Side]string{SideClient: "caller", SideUpstream: "target"}[re.Side]
+		ev = r.cfg.Logger.Info().Err(res.Err).Str("side", side).Str("cause", re.Cause())
+	default:
+		ev = ev.Err(res.Err)
+	}
+	ev.Str("reverse", r.cfg.Name).Str("client", peer.BoundAddr().String()).Str("target", target).Str("upstream", upstream).
+		Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).Dur("dur", time.Since(start)).Msg("session ended")
+}
+
+func (r *Reverse) isCut() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cut
+}
+
+// Shutdown stops issuing BINDs (the waiting one is abandoned: the server
+// stops listening) and waits for live sessions to end until ctx is done;
+// then it cuts the rest (Close).
+func (r *Reverse) Shutdown(ctx context.Context) error {
+	r.stopLoop()
+	r.waitLoop()
+	return drain(ctx, r.sessions.Wait, r.Close)
+}
+
+// drain waits for wait to return until ctx is done, then calls cut (which
+// must make wait return) and waits for it; cut is called either way, to
+// release the rest. It returns ctx's error when cut had to cut.
+func drain(ctx context.Context, wait func(), cut func() error) error {
+	done := make(chan struct{})
+	go func() {
+		wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		cut()
+		return nil
+	case <-ctx.Done():
+		cut()
+		<-done
+		return ctx.Err()
+	}
+}
+
+// waitLoop waits for Serve's loop to end, if Serve was called.
+func (r *Reverse) waitLoop() {
+	if r.served.Load() {
+		<-r.loopDone
+	}
+}
+
+// Close stops issuing BINDs and cuts every session at once, with a reset
+// toward both ends. It is idempotent and returns after Serve's loop and
+// every session goroutine have ended.
+func (r *Reverse) Close() error {
+	r.stopLoop()
+	r.mu.Lock()
+	if !r.cut {
+		r.cut = true
+		r.cutAll()
+		if n := sessionsIn(r.conns); n > 0 {
+			r.cfg.Logger.Info().Str("reverse", r.cfg.Name).Int("sessions", n).Msg("cutting reverse sessions still open")
+		}
+		abortAll(r.conns)
+	}
+	r.mu.Unlock()
+	r.waitLoop()
+	r.sessions.Wait()
+	return nil
+}
+
+// sessionsIn counts the sessions among tracked conns (true marks a
+// session's client side).
+func sessionsIn(conns map[net.Conn]bool) int {
+	n := 0
+	for _, client := range conns {
+		if client {
+			n++
+		}
+	}
+	return n
+}
+
+// abortAll resets every tracked conn.
+func abortAll(conns map[net.Conn]bool) {
+	for c := range conns {
+		abort(c)
+	}
+}
