@@ -41,7 +41,12 @@ func benchSidecar(h *harness, cfg benchConfig, cpus cpuSplit, connrate string) {
 	// A Dante per run for connections (see the connection-rate row), one
 	// for throughput.
 	dante := func() peertest.Peer {
-		return cpus.dante(peertest.DanteOptions{Netns: ns, Listen: sidecarRemote, Port: peertest.FreePort(h)})
+		// A port free there, where the echo servers listen too.
+		var port int
+		if err := peertest.InNetns(ns, func() error { port = peertest.FreePort(h); return nil }); err != nil {
+			h.Fatalf("free port in %s: %v", ns, err)
+		}
+		return cpus.dante(peertest.DanteOptions{Netns: ns, Listen: sidecarRemote, Port: port})
 	}
 	d := dante()
 	ways := []string{"socksfwd", "transparent", "transparent-tproxy"}
