@@ -43,7 +43,14 @@ func benchSidecar(h *harness, cfg benchConfig, cpus cpuSplit, connrate string) {
 	dante := func() peertest.Peer {
 		// A port free there, where the echo servers listen too.
 		var port int
-		if err := peertest.InNetns(ns, func() error { port = peertest.FreePort(h); return nil }); err != nil {
+		if err := peertest.InNetns(ns, func() error {
+			ln, err := net.Listen("tcp", net.JoinHostPort(sidecarRemote, "0"))
+			if err != nil {
+				return err
+			}
+			port = ln.Addr().(*net.TCPAddr).Port
+			return ln.Close()
+		}); err != nil {
 			h.Fatalf("free port in %s: %v", ns, err)
 		}
 		return cpus.dante(peertest.DanteOptions{Netns: ns, Listen: sidecarRemote, Port: port})
