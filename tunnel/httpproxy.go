@@ -3,7 +3,9 @@ package tunnel
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +14,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/http/httputil"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -578,6 +581,10 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 		answer(w, http.StatusBadRequest, "bad target: "+err.Error())
 		return
 	}
+	if looped(r.Header) {
+		answer(w, http.StatusLoopDetected, "the request came back to this proxy (its Via holds "+viaToken+"): the target is the proxy itself")
+		return
+	}
 	info := &forwardInfo{target: target}
 	r = r.WithContext(context.WithValue(r.Context(), forwardInfoKey{}, info))
 	if r.Body != nil && r.Body != http.NoBody {
@@ -612,10 +619,13 @@ var forwardingHeaders = []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Ho
 // carried it.
 func (p *HTTPProxy) rewrite(pr *httputil.ProxyRequest) {
 	for _, h := range forwardingHeaders {
-		if v, ok := pr.In.Header[h]; ok {
+		if v, ok := pr.In.Header[h]; ok && !namedInConnection(pr.In.Header, h) {
 			pr.Out.Header[h] = v
 		}
 	}
+	// Via, as RFC 9110 §7.6.3 asks of a proxy: with this process's own
+	// token, which is how a request that comes back here is told.
+	pr.Out.Header["Via"] = append(slices.Clone(pr.In.Header["Via"]), viaToken)
 	info := infoOf(pr.In)
 	if info == nil {
 		return
@@ -628,8 +638,46 @@ func (p *HTTPProxy) rewrite(pr *httputil.ProxyRequest) {
 	pr.Out = pr.Out.WithContext(httptrace.WithClientTrace(pr.Out.Context(), trace))
 }
 
-// recordStatus notes the target's status for the request's log line.
+// viaToken is the Via entry this process adds, unique to it.
+var viaToken = func() string {
+	var b [6]byte
+	rand.Read(b[:])
+	return "1.1 socksfwd-" + hex.EncodeToString(b[:])
+}()
+
+// looped reports whether a request already passed through this process:
+// a chain of proxies brought it back, and forwarding it again would send
+// it round the loop once more.
+func looped(h http.Header) bool {
+	for _, v := range h["Via"] {
+		for _, e := range strings.Split(v, ",") {
+			if strings.TrimSpace(e) == viaToken {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// namedInConnection reports whether the Connection header lists name:
+// such a header is hop-by-hop (RFC 9110 §7.6.1) whatever it is.
+func namedInConnection(h http.Header, name string) bool {
+	for _, v := range h["Connection"] {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), name) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// recordStatus notes the target's status for the request's log line. A
+// status below 100 is no status: net/http would panic writing it.
 func recordStatus(res *http.Response) error {
+	if res.StatusCode < 100 {
+		return fmt.Errorf("the target answered status %d", res.StatusCode)
+	}
 	if info := infoOf(res.Request); info != nil {
 		info.status.Store(int32(res.StatusCode))
 	}

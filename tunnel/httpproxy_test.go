@@ -621,3 +621,58 @@ func FuzzHTTPProxyRequest(f *testing.F) {
 		}
 	})
 }
+
+// TestHTTPProxyViaAndLoop: a forwarded request carries this proxy's Via
+// entry after the client's; one that already carries it came back through
+// a chain of proxies to this one and is answered 508 rather than
+// forwarded around the loop again.
+func TestHTTPProxyViaAndLoop(t *testing.T) {
+	tg := newTarget(t, false)
+	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	resp, _, _ := proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+"/v HTTP/1.1\r\nHost: "+tg.srv.Listener.Addr().String()+"\r\nVia: 1.0 elsewhere\r\n\r\n")
+	body(t, resp)
+	if via := tg.header().Values("Via"); len(via) != 2 || via[0] != "1.0 elsewhere" || via[1] != viaToken {
+		t.Errorf("the target got Via %q, want the client's then %q", via, viaToken)
+	}
+	resp, _, _ = proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+"/again HTTP/1.1\r\nHost: "+tg.srv.Listener.Addr().String()+"\r\nVia: 1.0 a, "+viaToken+"\r\n\r\n")
+	text := body(t, resp)
+	if resp.StatusCode != http.StatusLoopDetected || !strings.Contains(text, "came back") {
+		t.Errorf("a request carrying this proxy's Via: %d %q, want 508", resp.StatusCode, text)
+	}
+}
+
+// TestHTTPProxyConnectionNamesForwardingHeader: X-Forwarded-For named in
+// Connection is hop-by-hop like any header named there.
+func TestHTTPProxyConnectionNamesForwardingHeader(t *testing.T) {
+	tg := newTarget(t, false)
+	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	resp, _, _ := proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+"/h HTTP/1.1\r\nHost: "+tg.srv.Listener.Addr().String()+
+		"\r\nConnection: X-Forwarded-For\r\nX-Forwarded-For: 192.0.2.9\r\nForwarded: for=192.0.2.9\r\n\r\n")
+	body(t, resp)
+	h := tg.header()
+	if v := h.Values("X-Forwarded-For"); len(v) > 0 {
+		t.Errorf("X-Forwarded-For named in Connection reached the target: %q", v)
+	}
+	if h.Get("Forwarded") != "for=192.0.2.9" {
+		t.Errorf("Forwarded, not named in Connection, was lost: %v", h)
+	}
+}
+
+// TestHTTPProxyStatusBelow100: a target's status line with a code below
+// 100 is answered 502, not a dropped connection (net/http panics writing
+// such a code).
+func TestHTTPProxyStatusBelow100(t *testing.T) {
+	odd := testnet.Serve(t, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		br := bufio.NewReader(c)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n")
+	}).Addr().String()
+	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	resp, _, _ := proxyExchange(t, proxy.Host, "GET http://"+odd+"/ HTTP/1.1\r\nHost: "+odd+"\r\n\r\n")
+	if text := body(t, resp); resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("status 099 from the target: got %d %q, want 502", resp.StatusCode, text)
+	}
+}

@@ -165,6 +165,7 @@ type Reverse struct {
 	failing   ReverseCause
 	isFailing bool
 	failTries int64
+	logged    socksclient.Addr // the address last logged as listening
 
 	stats ReverseStats
 }
@@ -276,7 +277,9 @@ func (r *Reverse) loop() {
 			switch {
 			case s != nil:
 				// Our own session still uses the port: this server cannot
-				// bind it twice. From now on re-arming waits for sessions.
+				// bind it twice. From now on re-arming waits for sessions;
+				// meanwhile nothing listens there.
+				r.setRemote(nil)
 				if !r.rearmAfterSession.Swap(true) {
 					r.cfg.Logger.Info().Str("reverse", r.cfg.Name).Str("upstream", d.ProxyAddr).
 						Msgf("reverse: %s cannot listen on port %d again while a session uses it: it serves one caller at a time, the next one once the session ends", d.ProxyAddr, want)
@@ -331,6 +334,7 @@ func (r *Reverse) loop() {
 		r.stats.Sessions.Add(1)
 		s := r.startSession(conn, d.ProxyAddr)
 		if s != nil && r.cfg.Remote.Port != 0 && r.rearmAfterSession.Load() {
+			r.setRemote(nil) // the BIND is spent: nothing listens until the session ends
 			if !r.waitSession(s, &held) {
 				return
 			}
@@ -409,13 +413,15 @@ func (r *Reverse) waitSession(s *reverseSession, held *time.Duration) bool {
 // one when the server chooses the port.
 func (r *Reverse) armed(addr socksclient.Addr, d *socksclient.Dialer) {
 	r.stats.Binds.Add(1)
-	prev, had := r.Remote()
 	r.setRemote(&addr)
 	recovered, tries := r.isFailing, r.failTries
 	r.isFailing, r.failTries = false, 0
-	if had && prev == addr && !recovered {
+	// Logged when the address changes, not each time a fixed port is
+	// listened on again after a session.
+	if r.logged == addr && !recovered {
 		return
 	}
+	r.logged = addr
 	ev := r.cfg.Logger.Info().Str("reverse", r.cfg.Name).Str("remote_listen", addr.String()).
 		Str("upstream", d.ProxyAddr).Str("target", r.Target())
 	if recovered {

@@ -149,6 +149,12 @@ func TestReverseDante(t *testing.T) {
 				addr := run.next(t)
 				hold := dialCaller(t, addr)
 				run.logs.waitFor(t, "serves one caller at a time")
+				// Nothing listens while the session holds the port, and the
+				// forward says so (the admin endpoint, --remote-addr-file).
+				run.lost(t)
+				if a, ok := run.r.Remote(); ok {
+					t.Errorf("Remote() = %s while the session holds the port", a)
+				}
 				hold.Close()
 				ended++
 			}
