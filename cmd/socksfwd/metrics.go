@@ -171,9 +171,10 @@ func (p *promWriter) sample(name string, value float64, labels ...string) {
 // labelValue quotes a label value as the text format wants: backslash,
 // double quote and newline escaped.
 func labelValue(v string) string {
-	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
-	return `"` + r.Replace(v) + `"`
+	return `"` + labelEscaper.Replace(v) + `"`
 }
+
+var labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
 
 // writeMetrics writes every socksfwd_ family, then the process's.
 func (s *supervisor) writeMetrics(w io.Writer) {
@@ -359,10 +360,11 @@ func writeUDP(p *promWriter, units []liveUnit) {
 	p.family("socksfwd_udp_dropped_total", "counter", "Datagrams dropped, by reason.")
 	for _, u := range units {
 		s, ts := udpStats(u.svc)
-		drops := []struct {
+		type drop struct {
 			reason string
 			n      int64
-		}{
+		}
+		drops := []drop{
 			{"queue", s.DroppedQueue.Load()},
 			{"oversize", s.DroppedLarge.Load() + s.Association.TooLarge.Load()},
 			{"memory", s.DroppedMemory.Load()},
@@ -375,18 +377,9 @@ func writeUDP(p *promWriter, units []liveUnit) {
 		}
 		if ts != nil {
 			drops = append(drops,
-				struct {
-					reason string
-					n      int64
-				}{"no_destination", ts.DroppedNoDest.Load()},
-				struct {
-					reason string
-					n      int64
-				}{"not_redirected", ts.DroppedNotRedirected.Load()},
-				struct {
-					reason string
-					n      int64
-				}{"reply", ts.DroppedReply.Load()})
+				drop{"no_destination", ts.DroppedNoDest.Load()},
+				drop{"not_redirected", ts.DroppedNotRedirected.Load()},
+				drop{"reply", ts.DroppedReply.Load()})
 		}
 		for _, d := range drops {
 			p.sample("socksfwd_udp_dropped_total", float64(d.n), lab(u, "reason", d.reason)...)

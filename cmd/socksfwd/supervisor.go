@@ -300,50 +300,51 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 	if err != nil {
 		return nil, err
 	}
+	svc, err := s.build(l, socks)
+	if err != nil {
+		socks.close()
+		return nil, err
+	}
+	// Services without sessions to admit take their allow list here; TCP
+	// ones got it with MaxSessions.
+	if a, ok := svc.(allowSetter); ok {
+		a.SetAllow(s.plan.allowFor(l))
+	}
+	return svc, nil
+}
+
+// allowSetter is a service whose client sources --allow bounds apart from
+// session admission.
+type allowSetter interface{ SetAllow(*allowlist.List) }
+
+// build makes l's service on the sockets open gave it.
+func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 	cfg := s.plan.cfg
 	switch l.kind {
 	case kindAdmin:
-		a := newAdminServer(socks.ln, s, cfg.AdminPprof)
-		a.SetAllow(s.plan.allowFor(l))
-		return a, nil
+		return newAdminServer(socks.ln, s, cfg.AdminPprof), nil
 	case kindUDP:
-		f := tunnel.NewUDPForward(tunnel.UDPForwardConfig{
+		return tunnel.NewUDPForward(tunnel.UDPForwardConfig{
 			Name:        socks.pc.LocalAddr().String(),
 			Target:      l.target,
 			Upstreams:   s.ups,
 			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
 			MaxSessions: cfg.UDPMaxSessions,
 			Logger:      s.log,
-		}, socks.pc)
-		f.SetAllow(s.plan.allowFor(l))
-		return f, nil
-	case kindTransparent:
-		ln := socks.ln
-		return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
-			Name:        ln.Addr().String(),
-			TargetOf:    s.notToUpstream(tunnel.TransparentTarget(ln.Addr().(*net.TCPAddr).AddrPort())),
-			Upstreams:   s.ups,
-			IdleTimeout: time.Duration(cfg.IdleTimeout),
-			CopyMode:    s.plan.copyMode,
-			MaxSessions: cfg.MaxSessions,
-			Allow:       s.plan.allowFor(l),
-			Logger:      s.log,
-		}, ln), nil
+		}, socks.pc), nil
 	case kindTransparentUDP:
 		var control sockmark.ControlFunc
 		if cfg.Mark != 0 { // reply sockets must not be captured again either
 			control = sockmark.Control(int(cfg.Mark))
 		}
-		t := tunnel.NewTransparentUDP(tunnel.TransparentUDPConfig{
+		return tunnel.NewTransparentUDP(tunnel.TransparentUDPConfig{
 			Name:        socks.pc.LocalAddr().String(),
 			Upstreams:   s.ups,
 			IdleTimeout: time.Duration(cfg.UDPIdleTimeout),
 			MaxSessions: cfg.UDPMaxSessions,
 			Control:     control,
 			Logger:      s.log,
-		}, socks.pc)
-		t.SetAllow(s.plan.allowFor(l))
-		return t, nil
+		}, socks.pc), nil
 	case kindHTTP:
 		return tunnel.NewHTTPProxy(tunnel.HTTPProxyConfig{
 			Name:        socks.ln.Addr().String(),
@@ -360,14 +361,13 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 	case kindDNS:
 		fwd, err := s.newForwarder(l.dns, nil)
 		if err != nil {
-			socks.close()
 			return nil, err
 		}
-		srv := dnsforward.NewServer(fwd, socks.pc, socks.ln)
-		srv.SetAllow(s.plan.allowFor(l))
-		return srv, nil
+		return dnsforward.NewServer(fwd, socks.pc, socks.ln), nil
 	}
-	return tunnel.NewTCPForward(tunnel.TCPForwardConfig{
+	// -L and --transparent: a transparent listener's sessions each go to
+	// their original destination.
+	fc := tunnel.TCPForwardConfig{
 		Name:        socks.ln.Addr().String(),
 		Target:      l.target,
 		Upstreams:   s.ups,
@@ -376,7 +376,11 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 		MaxSessions: cfg.MaxSessions,
 		Allow:       s.plan.allowFor(l),
 		Logger:      s.log,
-	}, socks.ln), nil
+	}
+	if l.kind == kindTransparent {
+		fc.TargetOf = s.notToUpstream(tunnel.TransparentTarget(socks.ln.Addr().(*net.TCPAddr).AddrPort()))
+	}
+	return tunnel.NewTCPForward(fc, socks.ln), nil
 }
 
 // directDialer dials the targets --no-proxy lists, with the mark the
@@ -562,7 +566,7 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 	if allow, was := p.allowFor(l), old.allowFor(l); allow.String() != was.String() {
 		changes = append(changes, fmt.Sprintf("%s allow %s", key, allow))
 	}
-	if a, ok := u.svc.(interface{ SetAllow(*allowlist.List) }); ok {
+	if a, ok := u.svc.(allowSetter); ok {
 		a.SetAllow(p.allowFor(l))
 	}
 	// TCP sessions: -L, --transparent and --http.
@@ -578,6 +582,12 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 			svc.SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
 			changes = append(changes, fmt.Sprintf("%s idle-timeout %s → %s", key, time.Duration(old.cfg.IdleTimeout), time.Duration(p.cfg.IdleTimeout)))
 		}
+	}
+	// UDP sessions: /udp forwards and transparent UDP.
+	if svc, ok := u.svc.(interface{ SetLimits(time.Duration, int) }); ok &&
+		(old.cfg.UDPIdleTimeout != p.cfg.UDPIdleTimeout || old.cfg.UDPMaxSessions != p.cfg.UDPMaxSessions) {
+		svc.SetLimits(time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions)
+		changes = append(changes, fmt.Sprintf("%s udp-idle-timeout %s, udp-max-sessions %d", key, time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions))
 	}
 	switch svc := u.svc.(type) {
 	case *tunnel.TCPForward:
@@ -601,15 +611,6 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 		if l.target != u.lp.target {
 			svc.SetTarget(l.target)
 			changes = append(changes, fmt.Sprintf("%s target %s → %s", key, u.lp.target, l.target))
-		}
-		if old.cfg.UDPIdleTimeout != p.cfg.UDPIdleTimeout || old.cfg.UDPMaxSessions != p.cfg.UDPMaxSessions {
-			svc.SetLimits(time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions)
-			changes = append(changes, fmt.Sprintf("%s udp-idle-timeout %s, udp-max-sessions %d", key, time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions))
-		}
-	case *tunnel.TransparentUDP:
-		if old.cfg.UDPIdleTimeout != p.cfg.UDPIdleTimeout || old.cfg.UDPMaxSessions != p.cfg.UDPMaxSessions {
-			svc.SetLimits(time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions)
-			changes = append(changes, fmt.Sprintf("%s udp-idle-timeout %s, udp-max-sessions %d", key, time.Duration(p.cfg.UDPIdleTimeout), p.cfg.UDPMaxSessions))
 		}
 	case *tunnel.Reverse:
 		if l.target != u.lp.target {
