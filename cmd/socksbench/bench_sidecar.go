@@ -4,7 +4,6 @@ package main
 
 import (
 	"fmt"
-	"io"
 	"net"
 	"os/exec"
 	"strconv"
@@ -90,7 +89,7 @@ func benchSidecar(h *harness, cfg benchConfig, cpus cpuSplit, connrate string) {
 		defer d.Proc.Stop()
 		var echo string
 		if err := peertest.InNetns(ns, func() error {
-			ln, err := testnet.ServeOn(h, net.JoinHostPort(sidecarRemote, "0"), echoConn)
+			ln, err := testnet.ServeOn(h, net.JoinHostPort(sidecarRemote, "0"), testnet.EchoConn)
 			if err == nil {
 				echo = ln.Addr().String()
 			}
@@ -124,10 +123,4 @@ func sidecarNetns(h *harness) string {
 	}
 	h.Cleanup(func() { exec.Command("ip", "link", "del", "sc0").Run() })
 	return ns
-}
-
-// echoConn echoes a connection until EOF, then half-closes.
-func echoConn(c net.Conn) {
-	io.Copy(c, c)
-	c.(*net.TCPConn).CloseWrite()
 }

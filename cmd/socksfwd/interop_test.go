@@ -281,10 +281,7 @@ func cmdBlackhole(ts *testscript.TestScript, neg bool, args []string) {
 // echoserver6 VAR: an echo server on [::1] (half-close as echoserver),
 // address in $VAR.
 func cmdEchoServer6(ts *testscript.TestScript, neg bool, args []string) {
-	ln := serveLoopback(ts, "[::1]:0", func(c net.Conn) {
-		io.Copy(c, c)
-		c.(*net.TCPConn).CloseWrite()
-	})
+	ln := serveLoopback(ts, "[::1]:0", testnet.EchoConn)
 	ts.Setenv(args[0], ln.Addr().String())
 }
 

@@ -90,10 +90,14 @@ func ServeOn(t TB, addr string, handle func(net.Conn)) (net.Listener, error) {
 // Echo starts an echo server: it copies everything back, and when the client
 // half-closes it half-closes too, so a client can test half-close.
 func Echo(t TB) net.Listener {
-	return Serve(t, func(c net.Conn) {
-		io.Copy(c, c)
-		c.(*net.TCPConn).CloseWrite()
-	})
+	return Serve(t, EchoConn)
+}
+
+// EchoConn is Echo's handler, for servers started elsewhere (ServeOn, a
+// namespace): it copies c back to itself until EOF, then half-closes.
+func EchoConn(c net.Conn) {
+	io.Copy(c, c)
+	c.(*net.TCPConn).CloseWrite()
 }
 
 // ClosedPort returns a loopback address nothing listens on.
