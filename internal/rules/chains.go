@@ -117,3 +117,14 @@ func (p *plan) port(proto string) int {
 	}
 	return p.TCPPort
 }
+
+// redirected names what the redirect chain takes, for its comment.
+func (p *plan) redirected() string {
+	switch {
+	case p.Mode == ModeTProxy || p.TCPPort == 0:
+		return "DNS"
+	case p.DNSPort != 0:
+		return "DNS and new TCP connections"
+	}
+	return "new TCP connections"
+}

@@ -124,13 +124,7 @@ func (p *plan) iptChains(f family, k chainKind) []*iptChain {
 		}
 	case redirect:
 		c.table, c.name = "nat", "SOCKSFWD_REDIRECT"
-		what := "new TCP connections"
-		if p.Mode == ModeTProxy || p.TCPPort == 0 {
-			what = "DNS"
-		} else if p.DNSPort != 0 {
-			what = "DNS and new TCP connections"
-		}
-		c.comment("REDIRECT %s to the listeners.", what)
+		c.comment("REDIRECT %s to the listeners.", p.redirected())
 	}
 	if p.filtersInterfaces(k) {
 		for _, name := range p.Interfaces {

@@ -144,13 +144,7 @@ func (p *plan) nftChain(t *text, k chainKind) {
 		t.line("\tchain prerouting_tproxy {")
 		r("type filter hook prerouting priority mangle; policy accept;")
 	case redirect:
-		what := "new TCP connections"
-		if p.Mode == ModeTProxy || p.TCPPort == 0 {
-			what = "DNS"
-		} else if p.DNSPort != 0 {
-			what = "DNS and new TCP connections"
-		}
-		t.line("\t# REDIRECT %s to the listeners.", what)
+		t.line("\t# REDIRECT %s to the listeners.", p.redirected())
 		t.line("\tchain %s_redirect {", hook)
 		if hook == "output" {
 			// nft 1.0 knows the dstnat keyword for prerouting only.
