@@ -134,7 +134,9 @@ func addrLen(atyp, next byte) (int, error) {
 		}
 		return 1 + 1 + int(next) + 2, nil
 	}
-	return 0, protoErr("address", fmt.Sprintf("unknown address type 0x%02x", atyp))
+	err := protoErr("address", fmt.Sprintf("unknown address type 0x%02x", atyp))
+	err.unknownAddrType = true
+	return 0, err
 }
 
 // parseAddr decodes ATYP+ADDR+PORT at the start of b.

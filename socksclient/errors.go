@@ -44,7 +44,8 @@ type ProtocolError struct {
 	Frame string // which frame was being decoded, e.g. "reply"
 	Msg   string
 
-	truncated bool
+	truncated       bool
+	unknownAddrType bool // a server answers it with REP 8
 }
 
 func (e *ProtocolError) Error() string {

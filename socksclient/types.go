@@ -1,6 +1,7 @@
 // Package socksclient owns the SOCKS5 protocol (RFC 1928, RFC 1929): the frame
-// codec, used by both the client in this package and the test server in
-// sockstest, and the client sessions built on it (CONNECT, BIND).
+// codec, the client sessions built on it (CONNECT, BIND, UDP ASSOCIATE), and
+// the server side of the handshake (Handshake), which the -D door and the
+// test server in sockstest both run.
 //
 // It knows nothing of listeners, flags or logs: callers pass typed options and
 // receive typed errors.

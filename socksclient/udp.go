@@ -271,6 +271,55 @@ func (u *UDPConn) unwrap(d []byte) (hlen int, from Addr, ok bool) {
 	return hlen, h.Addr, true
 }
 
+// WriteDatagram sends d, a datagram that already carries its SOCKS header
+// (what a SOCKS server's own client sent to it), to the proxy's relay as it
+// is: a server chaining UDP ASSOCIATE to this one passes datagrams on
+// without unwrapping them.
+func (u *UDPConn) WriteDatagram(d []byte) error {
+	_, err := u.pc.Write(d)
+	return u.fail(err)
+}
+
+// ReadDatagram reads the next datagram from the relay into buf, header
+// and all, and returns its length; fragments and malformed headers are
+// dropped and counted as ReadPacket does. It allocates nothing.
+func (u *UDPConn) ReadDatagram(buf []byte) (int, error) {
+	for {
+		n, err := u.pc.Read(buf)
+		if err != nil {
+			return 0, u.fail(err)
+		}
+		if _, err := CheckUDPHeader(buf[:n]); err == nil {
+			return n, nil
+		} else if errors.Is(err, ErrFragmented) {
+			u.stats.add(fragmented)
+		} else {
+			u.stats.add(malformed)
+		}
+	}
+}
+
+// CheckUDPHeader reports the length of the SOCKS header that starts d, or
+// why d cannot be relayed: ErrFragmented for FRAG != 0, a *ProtocolError
+// for a malformed header. Unlike ParseUDPHeader it allocates nothing,
+// which a relay that only passes datagrams on needs.
+func CheckUDPHeader(d []byte) (int, error) {
+	if len(d) < 5 {
+		return 0, errTruncated("udp header")
+	}
+	alen, err := addrLen(d[3], d[4])
+	if err != nil {
+		return 0, relabel(err, "udp header")
+	}
+	if len(d) < 3+alen {
+		return 0, errTruncated("udp header")
+	}
+	if d[2] != 0 {
+		return 0, ErrFragmented
+	}
+	return 3 + alen, nil
+}
+
 // UDPReadBatch reads datagrams from the relay, as many per system call as
 // are waiting (recvmmsg), into slots given once; datagrams that ReadPacket
 // would drop are dropped and counted the same way. It belongs to one

@@ -8,8 +8,9 @@ import (
 	"strings"
 )
 
-// ProxyCredentials are the user name and password that clients of an
-// HTTP proxy door must send (Proxy-Authorization: Basic, RFC 9110 §11.7.2).
+// ProxyCredentials are the user name and password that clients of a door
+// must send: Proxy-Authorization: Basic to --http (RFC 9110 §11.7.2), RFC
+// 1929 to -D.
 // Only digests are kept, so a comparison takes the same time whatever the
 // lengths of what was sent.
 type ProxyCredentials struct {
@@ -45,9 +46,12 @@ func (c *ProxyCredentials) allows(r *http.Request) bool {
 	}
 	probe := http.Request{Header: http.Header{"Authorization": header}}
 	user, password, ok := probe.BasicAuth()
-	if !ok {
-		return false
-	}
+	return ok && c.Match(user, password)
+}
+
+// Match reports whether user and password are these credentials (the -D
+// door asks it of each RFC 1929 request).
+func (c *ProxyCredentials) Match(user, password string) bool {
 	u, p := sha256.Sum256([]byte(user)), sha256.Sum256([]byte(password))
 	// Both compared every time: which one was wrong takes no other time.
 	return subtle.ConstantTimeCompare(u[:], c.user[:])&subtle.ConstantTimeCompare(p[:], c.password[:]) == 1

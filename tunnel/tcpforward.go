@@ -76,6 +76,7 @@ type TCPForward struct {
 	accepts  sync.WaitGroup
 
 	stats TCPStats
+	door  *SOCKSDoor // set for a -D listener, which serves its own sessions
 }
 
 // TCPStats counts a forward's sessions and bytes.
@@ -249,6 +250,10 @@ func (f *TCPForward) untrack(c net.Conn) {
 // runs on goroutines of its own: this goroutine, whose stack the dial grew,
 // ends, so an idle session keeps only the relay's two small stacks.
 func (f *TCPForward) serveSession(client net.Conn) {
+	if f.door != nil {
+		f.door.serve(client)
+		return
+	}
 	start := time.Now()
 	idle := time.Duration(f.idle.Load())
 	target, err := f.targetOf(client)
@@ -267,20 +272,31 @@ func (f *TCPForward) serveSession(client net.Conn) {
 
 	up, d, err := f.cfg.Upstreams.DialAddr(f.ctx, target)
 	if err != nil {
-		f.stats.Failed.Add(1)
-		ev := f.sessionEvent(f.cfg.Logger.Info(), client, target)
-		if d != nil {
-			ev = ev.Str("upstream", d.ProxyAddr)
-		}
-		var re *socksclient.ReplyError
-		if errors.As(err, &re) {
-			ev = ev.Str("rep", re.Code.String())
-		}
-		ev.Err(err).Dur("dur", time.Since(start)).Msg("session failed")
+		f.dialFailed(client, target, d, err, start)
 		abort(client)
 		f.endSession(client, nil)
 		return
 	}
+	f.relay(client, up, target, d.ProxyAddr, idle, start)
+}
+
+// dialFailed counts and logs a session whose upstream dial failed.
+func (f *TCPForward) dialFailed(client net.Conn, target socksclient.Addr, d *socksclient.Dialer, err error, start time.Time) {
+	f.stats.Failed.Add(1)
+	ev := f.sessionEvent(f.cfg.Logger.Info(), client, target)
+	if d != nil {
+		ev = ev.Str("upstream", d.ProxyAddr)
+	}
+	var re *socksclient.ReplyError
+	if errors.As(err, &re) {
+		ev = ev.Str("rep", re.Code.String())
+	}
+	ev.Err(err).Dur("dur", time.Since(start)).Msg("session failed")
+}
+
+// relay hands a session whose upstream is up to a relay that runs on
+// goroutines of its own, and ends the session when the relay does.
+func (f *TCPForward) relay(client, up net.Conn, target socksclient.Addr, upstream string, idle time.Duration, start time.Time) {
 	if !f.track(up, false) { // Close came during the dial: cut
 		abort(up)
 		abort(client)
@@ -293,7 +309,7 @@ func (f *TCPForward) serveSession(client net.Conn) {
 		// Ended before the line says so: whoever reads "session ended"
 		// finds the session gone from --max-sessions' count.
 		f.endSession(client, up)
-		f.logEnd(client, target, d.ProxyAddr, res, start)
+		f.logEnd(client, target, upstream, res, start)
 	})
 }
 

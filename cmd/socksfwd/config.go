@@ -34,6 +34,9 @@ type Config struct {
 	HTTPAuth           string   `toml:"http-auth,omitempty" usage:"user:password that --http clients must send (Proxy-Authorization: Basic); without it none is asked"`
 	HTTPAuthFile       string   `toml:"http-auth-file,omitempty" usage:"file holding user:password for --http (one trailing newline stripped), which keeps it out of ps"`
 	NoProxy            string   `toml:"no-proxy,omitempty" usage:"targets --http reaches directly, not through the upstreams, in NO_PROXY syntax: example.com,.internal,10.0.0.0/8,[::1]:8080 (a name matches itself and names below it; * matches all)"`
+	Dynamic            string   `toml:"dynamic,omitempty" short:"D" usage:"SOCKS5 server [bind:]port for local programs (CONNECT, BIND, UDP ASSOCIATE), each request chained to the upstreams with names left for the proxy to resolve (bind defaults to 127.0.0.1)"`
+	SOCKSAuth          string   `toml:"socks-auth,omitempty" usage:"user:password that -D clients must send (RFC 1929); without it none is asked"`
+	SOCKSAuthFile      string   `toml:"socks-auth-file,omitempty" usage:"file holding user:password for -D (one trailing newline stripped), which keeps it out of ps"`
 	DNS                string   `toml:"dns,omitempty" usage:"DNS listener [bind:]port, UDP and TCP (bind defaults to 127.0.0.1)"`
 	DNSUpstream        []string `toml:"dns-upstream,omitempty" usage:"resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"`
 	DNSTransport       string   `toml:"dns-transport" def:"tcp" usage:"tcp (DNS over TCP through CONNECT, works everywhere) | udp (one UDP ASSOCIATE)"`

@@ -190,7 +190,7 @@ func (s *supervisor) writeMetrics(w io.Writer) {
 		switch u.svc.(type) {
 		case *tunnel.Reverse:
 			reverse = append(reverse, u)
-		case *tunnel.TCPForward, *tunnel.HTTPProxy:
+		case *tunnel.TCPForward, *tunnel.HTTPProxy, *tunnel.SOCKSDoor:
 			tcp = append(tcp, u)
 		case *tunnel.UDPForward, *tunnel.TransparentUDP:
 			udp = append(udp, u)
@@ -215,6 +215,7 @@ func (s *supervisor) writeMetrics(w io.Writer) {
 
 	writeTCP(p, tcp)
 	writeHTTP(p, tcp)
+	writeSOCKS(p, tcp)
 	writeUDP(p, udp)
 	writeDNS(p, dnsUnits)
 	s.writeReverse(p, reverse)
@@ -277,8 +278,11 @@ func writeTCP(p *promWriter, units []liveUnit) {
 
 // tcpStats returns a TCP listener's session counters.
 func tcpStats(svc service) *tunnel.TCPStats {
-	if h, ok := svc.(*tunnel.HTTPProxy); ok {
-		return &h.Stats().TCPStats
+	switch v := svc.(type) {
+	case *tunnel.HTTPProxy:
+		return &v.Stats().TCPStats
+	case *tunnel.SOCKSDoor:
+		return v.Stats()
 	}
 	return svc.(*tunnel.TCPForward).Stats()
 }
@@ -300,6 +304,66 @@ func writeHTTP(p *promWriter, units []liveUnit) {
 			for class := 1; class <= 5; class++ {
 				p.sample("socksfwd_http_requests_total", float64(h.Stats().Responses[kind][class].Load()),
 					"listener", u.name, "kind", name, "code", strconv.Itoa(class)+"xx")
+			}
+		}
+	}
+}
+
+// writeSOCKS writes what only the SOCKS5 doors of units count: requests
+// by command, failed handshakes by reason, and UDP ASSOCIATE's datagrams.
+func writeSOCKS(p *promWriter, units []liveUnit) {
+	var doors []liveUnit
+	for _, u := range units {
+		if _, ok := u.svc.(*tunnel.SOCKSDoor); ok {
+			doors = append(doors, u)
+		}
+	}
+	if len(doors) == 0 {
+		return
+	}
+	type st = *tunnel.SOCKSDoorStats
+	type labelled struct {
+		label string
+		v     func(st) *atomic.Int64
+	}
+	fams := []struct {
+		name, help, label string
+		values            []labelled
+	}{
+		{"socksfwd_socks_requests_total", "Requests the SOCKS5 door read, by command (other: answered REP 7).", "command", []labelled{
+			{"connect", func(s st) *atomic.Int64 { return &s.Requests[1] }},
+			{"bind", func(s st) *atomic.Int64 { return &s.Requests[2] }},
+			{"udp_associate", func(s st) *atomic.Int64 { return &s.Requests[3] }},
+			{"other", func(s st) *atomic.Int64 { return &s.Requests[0] }},
+		}},
+		{"socksfwd_socks_handshake_failures_total", "SOCKS5 door handshakes that ended without a request, by reason.", "reason", []labelled{
+			{"malformed", func(s st) *atomic.Int64 { return &s.Malformed }},
+			{"wrong_credentials", func(s st) *atomic.Int64 { return &s.WrongCredentials }},
+			{"no_common_method", func(s st) *atomic.Int64 { return &s.NoCommonMethod }},
+			{"timeout", func(s st) *atomic.Int64 { return &s.HandshakeTimeout }},
+			{"client_gone", func(s st) *atomic.Int64 { return &s.ClientGone }},
+		}},
+		{"socksfwd_socks_udp_datagrams_total", "Datagrams the SOCKS5 door's UDP ASSOCIATE relayed, by direction (up: client to target).", "direction", []labelled{
+			{"up", func(s st) *atomic.Int64 { return &s.DatagramsUp }},
+			{"down", func(s st) *atomic.Int64 { return &s.DatagramsDown }},
+		}},
+		{"socksfwd_socks_udp_bytes_total", "Bytes (SOCKS header included) the SOCKS5 door's UDP ASSOCIATE relayed, by direction.", "direction", []labelled{
+			{"up", func(s st) *atomic.Int64 { return &s.UDPBytesUp }},
+			{"down", func(s st) *atomic.Int64 { return &s.UDPBytesDown }},
+		}},
+		{"socksfwd_socks_udp_dropped_total", "Datagrams the SOCKS5 door dropped, by reason: stranger (not from the client), fragment (FRAG != 0), malformed header, send_failed.", "reason", []labelled{
+			{"stranger", func(s st) *atomic.Int64 { return &s.DroppedStranger }},
+			{"fragment", func(s st) *atomic.Int64 { return &s.DroppedFragment }},
+			{"malformed", func(s st) *atomic.Int64 { return &s.DroppedMalformed }},
+			{"send_failed", func(s st) *atomic.Int64 { return &s.DroppedSendFailed }},
+		}},
+	}
+	for _, f := range fams {
+		p.family(f.name, "counter", f.help)
+		for _, u := range doors {
+			s := u.svc.(*tunnel.SOCKSDoor).DoorStats()
+			for _, l := range f.values {
+				p.sample(f.name, float64(l.v(s).Load()), "listener", u.name, f.label, l.label)
 			}
 		}
 	}

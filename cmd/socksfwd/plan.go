@@ -67,6 +67,9 @@ const (
 	// kindHTTP is an HTTP proxy (--http) whose requests go through the
 	// upstreams.
 	kindHTTP listenKind = "http"
+	// kindSOCKS is a SOCKS5 server (-D) whose requests go through the
+	// upstreams.
+	kindSOCKS listenKind = "socks"
 	// kindReverse is a -R forward: the upstream listens (BIND), nothing
 	// here does. Its addr is what BIND asks for, its target local.
 	kindReverse listenKind = "reverse"
@@ -83,6 +86,7 @@ type listenPlan struct {
 	target   socksclient.Addr // tcp and udp forwards; reverse: the local target
 	dns      *dnsPlan         // kindDNS
 	http     *httpPlan        // kindHTTP
+	socks    *socksPlan       // kindSOCKS
 }
 
 // key identifies a listener across reloads: a listener whose key is in
@@ -113,6 +117,11 @@ type httpPlan struct {
 	noProxy *noproxy.List
 }
 
+// socksPlan is the SOCKS5 door's configuration.
+type socksPlan struct {
+	creds *tunnel.ProxyCredentials // nil: no authentication
+}
+
 func (d *dnsPlan) equal(o *dnsPlan) bool {
 	return slices.Equal(d.resolvers, o.resolvers) && d.transport == o.transport && d.timeout == o.timeout &&
 		d.cacheSize == o.cacheSize && d.maxInFlight == o.maxInFlight
@@ -124,8 +133,8 @@ func buildPlan(cfg Config) (*plan, error) {
 	if len(cfg.Server) == 0 {
 		return nil, usagef("no upstream server: give -S host:port (or server in the config file, or %s)", envName("server"))
 	}
-	if len(cfg.Local) == 0 && len(cfg.Remote) == 0 && cfg.DNS == "" && len(cfg.Transparent) == 0 && cfg.HTTP == "" {
-		return nil, usagef("nothing to forward: give -L [bind:]port:host:hostport, -R [bind_address:]port:host:hostport, --http [bind:]port, --dns [bind:]port or --transparent [bind:]port")
+	if len(cfg.Local) == 0 && len(cfg.Remote) == 0 && cfg.DNS == "" && len(cfg.Transparent) == 0 && cfg.HTTP == "" && cfg.Dynamic == "" {
+		return nil, usagef("nothing to forward: give -L [bind:]port:host:hostport, -R [bind_address:]port:host:hostport, -D [bind:]port, --http [bind:]port, --dns [bind:]port or --transparent [bind:]port")
 	}
 	if cfg.RemoteAddrFile != "" && len(cfg.Remote) == 0 {
 		return nil, usagef("--remote-addr-file needs -R")
@@ -216,6 +225,15 @@ func buildPlan(cfg Config) (*plan, error) {
 	} else if cfg.HTTPAuth != "" || cfg.HTTPAuthFile != "" || cfg.NoProxy != "" {
 		return nil, usagef("--http-auth, --http-auth-file and --no-proxy are for --http, which is not set")
 	}
+	if cfg.Dynamic != "" {
+		ls, err := buildSOCKS(&cfg)
+		if err != nil {
+			return nil, err
+		}
+		p.listens = append(p.listens, ls...)
+	} else if cfg.SOCKSAuth != "" || cfg.SOCKSAuthFile != "" {
+		return nil, usagef("--socks-auth and --socks-auth-file are for -D, which is not set")
+	}
 	if cfg.DNS != "" {
 		ls, err := buildDNS(&cfg)
 		if err != nil {
@@ -241,22 +259,8 @@ func buildHTTP(cfg *Config) ([]listenPlan, error) {
 		return nil, err
 	}
 	h := &httpPlan{}
-	auth := cfg.HTTPAuth
-	switch {
-	case auth != "" && cfg.HTTPAuthFile != "":
-		return nil, usagef("give --http-auth or --http-auth-file, not both")
-	case cfg.HTTPAuthFile != "":
-		b, err := readLimited(cfg.HTTPAuthFile, 64<<10)
-		if err != nil {
-			return nil, usagef("--http-auth-file: %w", err)
-		}
-		auth = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
-	}
-	if auth != "" {
-		// The error never quotes the value: it holds a password.
-		if h.creds, err = tunnel.ParseProxyCredentials(auth); err != nil {
-			return nil, usagef("--http-auth: %v", err)
-		}
+	if h.creds, err = doorCredentials("--http-auth", cfg.HTTPAuth, cfg.HTTPAuthFile); err != nil {
+		return nil, err
 	}
 	if h.noProxy, err = noproxy.Parse(cfg.NoProxy); err != nil {
 		return nil, usagef("--no-proxy: %v", err)
@@ -264,6 +268,48 @@ func buildHTTP(cfg *Config) ([]listenPlan, error) {
 	var ls []listenPlan
 	for _, addr := range addrs {
 		ls = append(ls, listenPlan{kind: kindHTTP, addr: addr, spec: "--http " + cfg.HTTP, http: h, optional: optional[addr]})
+	}
+	return ls, nil
+}
+
+// doorCredentials reads a door's user:password from the option named flag
+// or from its -file twin; nil when neither is given.
+func doorCredentials(flag, value, file string) (*tunnel.ProxyCredentials, error) {
+	switch {
+	case value != "" && file != "":
+		return nil, usagef("give %s or %s-file, not both", flag, flag)
+	case file != "":
+		b, err := readLimited(file, 64<<10)
+		if err != nil {
+			return nil, usagef("%s-file: %w", flag, err)
+		}
+		value = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	}
+	if value == "" {
+		return nil, nil
+	}
+	// The error never quotes the value: it holds a password.
+	creds, err := tunnel.ParseProxyCredentials(value)
+	if err != nil {
+		return nil, usagef("%s: %v", flag, err)
+	}
+	return creds, nil
+}
+
+// buildSOCKS plans the SOCKS5 door's listeners: one per address -D
+// binds, each with the same settings.
+func buildSOCKS(cfg *Config) ([]listenPlan, error) {
+	addrs, optional, err := listenAddrs("-D", cfg.Dynamic)
+	if err != nil {
+		return nil, err
+	}
+	sp := &socksPlan{}
+	if sp.creds, err = doorCredentials("--socks-auth", cfg.SOCKSAuth, cfg.SOCKSAuthFile); err != nil {
+		return nil, err
+	}
+	var ls []listenPlan
+	for _, addr := range addrs {
+		ls = append(ls, listenPlan{kind: kindSOCKS, addr: addr, spec: "-D " + cfg.Dynamic, socks: sp, optional: optional[addr]})
 	}
 	return ls, nil
 }

@@ -38,7 +38,7 @@ func (s *supervisor) open(l listenPlan) (sockets, error) {
 	var control socketControl
 	var bind func() (sockets, error)
 	switch l.kind {
-	case kindTCP, kindAdmin, kindHTTP:
+	case kindTCP, kindAdmin, kindHTTP, kindSOCKS:
 		// No keep-alive probes on accepted connections, as ssh -L does; a
 		// loopback listener's connections get small buffers (sockbuf).
 		control = sockbuf.CapLoopbackTCP

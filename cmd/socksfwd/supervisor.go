@@ -262,6 +262,11 @@ func (s *supervisor) logListening(u *unit) {
 			Msgf("HTTP proxy on http://%s (CONNECT and absolute-form) via %s", name, s.via())
 		return
 	}
+	if u.lp.kind == kindSOCKS {
+		ev.Bool("auth", u.lp.socks.creds != nil).
+			Msgf("SOCKS5 server on %s (CONNECT, BIND, UDP ASSOCIATE) via %s", name, s.via())
+		return
+	}
 	if u.lp.kind == kindReverse {
 		ev.Str("reverse", reverseName(u.lp)).Str("target", u.lp.target.String()).
 			Msgf("reverse: asking %s to listen %s → %s", s.via(), reverseAsk(u.lp.addr), u.lp.target)
@@ -365,8 +370,8 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 		}
 		return dnsforward.NewServer(fwd, socks.pc, socks.ln), nil
 	}
-	// -L and --transparent: a transparent listener's sessions each go to
-	// their original destination.
+	// -L, --transparent and -D: a transparent listener's sessions each go
+	// to their original destination, the door's where their requests say.
 	fc := tunnel.TCPForwardConfig{
 		Name:        socks.ln.Addr().String(),
 		Target:      l.target,
@@ -376,6 +381,9 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 		MaxSessions: cfg.MaxSessions,
 		Allow:       s.plan.allowFor(l),
 		Logger:      s.log,
+	}
+	if l.kind == kindSOCKS {
+		return tunnel.NewSOCKSDoor(tunnel.SOCKSDoorConfig{Forward: fc, Credentials: l.socks.creds}, socks.ln), nil
 	}
 	if l.kind == kindTransparent {
 		fc.TargetOf = s.notToUpstream(tunnel.TransparentTarget(socks.ln.Addr().(*net.TCPAddr).AddrPort()))
@@ -606,6 +614,11 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 		} else if !slices.Equal(old.cfg.Server, p.cfg.Server) {
 			// Kept-alive connections to targets went through the old ones.
 			svc.CloseIdleConnections()
+		}
+	case *tunnel.SOCKSDoor:
+		if !l.socks.creds.Equal(u.lp.socks.creds) {
+			svc.SetCredentials(l.socks.creds)
+			changes = append(changes, key+" socks-auth")
 		}
 	case *tunnel.UDPForward:
 		if l.target != u.lp.target {

@@ -241,6 +241,8 @@ func fdName(l listenPlan) string {
 		option = "admin"
 	case kindHTTP:
 		option = "http"
+	case kindSOCKS:
+		option = "dynamic"
 	}
 	return option + "-" + port
 }
@@ -270,7 +272,7 @@ func wants(kind listenKind, stream bool) bool {
 	if kind == kindDNS {
 		return true
 	}
-	return stream == (kind == kindTCP || kind == kindTransparent || kind == kindAdmin || kind == kindHTTP)
+	return stream == (kind == kindTCP || kind == kindTransparent || kind == kindAdmin || kind == kindHTTP || kind == kindSOCKS)
 }
 
 // matchPassed gives each passed socket to one listener of the right kind,
@@ -304,7 +306,7 @@ func matchPassed(passed []*passedSocket, listens []listenPlan) error {
 			if p.stream {
 				kind = "tcp"
 			}
-			return fmt.Errorf("socket %s (%s %s) passed by systemd matches no listener: give it the address of a -L, --http, --dns or --transparent listener, or FileDescriptorName=local-PORT, http-PORT, dns-PORT or transparent-PORT", p.name, kind, p.addr)
+			return fmt.Errorf("socket %s (%s %s) passed by systemd matches no listener: give it the address of a -L, -D, --http, --dns or --transparent listener, or FileDescriptorName=local-PORT, dynamic-PORT, http-PORT, dns-PORT or transparent-PORT", p.name, kind, p.addr)
 		}
 	}
 	return nil

@@ -184,18 +184,11 @@ func (s *Server) acceptLoop() {
 	}
 }
 
-// write sends one frame, a byte per write under FaultDrip.
+// write sends raw bytes as one frame would go: a byte per write under
+// FaultDrip (the conn is wrapped in faultConn, which does that).
 func (s *Server) write(c net.Conn, b []byte) error {
-	if s.cfg.Fault != FaultDrip {
-		_, err := c.Write(b)
-		return err
-	}
-	for i := range b {
-		if _, err := c.Write(b[i : i+1]); err != nil {
-			return err
-		}
-	}
-	return nil
+	_, err := c.Write(b)
+	return err
 }
 
 func (s *Server) writeFrame(c net.Conn, f interface{ AppendTo([]byte) ([]byte, error) }) error {
@@ -206,59 +199,19 @@ func (s *Server) writeFrame(c net.Conn, f interface{ AppendTo([]byte) ([]byte, e
 	return s.write(c, b)
 }
 
-func (s *Server) serveConn(c net.Conn) {
-	g, err := socksclient.ReadGreeting(c)
-	if err != nil {
-		return
-	}
-	s.handshakes.Add(1)
-	if s.cfg.Greeted != nil {
-		select {
-		case s.cfg.Greeted <- struct{}{}:
-		default:
-		}
-	}
-	switch s.cfg.Fault {
-	case FaultHangAfterGreeting:
-		io.Copy(io.Discard, c) // until the client or Close hangs up
-		return
-	case FaultCloseMidFrame:
-		c.Write([]byte{socksclient.Version})
-		return
-	case FaultWrongVersion:
-		c.Write([]byte{0x04, 0x00})
-		return
-	case FaultNoAcceptable:
-		s.writeFrame(c, socksclient.MethodSelection{Method: socksclient.MethodNoAcceptable})
-		return
-	}
-	want := socksclient.MethodNoAuth
+// serveConn runs the server side of the handshake from socksclient, the
+// one the -D door runs, on a conn that plays the configured fault, and
+// serves the request.
+func (s *Server) serveConn(raw net.Conn) {
+	c := &faultConn{Conn: raw, s: s}
+	var cfg socksclient.ServerConfig
 	if s.cfg.Users != nil {
-		want = socksclient.MethodUserPass
-	}
-	if !offers(g, want) {
-		s.writeFrame(c, socksclient.MethodSelection{Method: socksclient.MethodNoAcceptable})
-		return
-	}
-	if err := s.writeFrame(c, socksclient.MethodSelection{Method: want}); err != nil {
-		return
-	}
-	if want == socksclient.MethodUserPass {
-		up, err := socksclient.ReadUserPassRequest(c)
-		if err != nil {
-			return
-		}
-		pw, ok := s.cfg.Users[up.Username]
-		if !ok || pw != up.Password {
-			s.writeFrame(c, socksclient.UserPassStatus{Status: 1})
-			return
-		}
-		if err := s.writeFrame(c, socksclient.UserPassStatus{}); err != nil {
-			return
+		cfg.Authenticate = func(user, password string) bool {
+			pw, ok := s.cfg.Users[user]
+			return ok && pw == password
 		}
 	}
-
-	req, err := socksclient.ReadRequest(c)
+	req, err := socksclient.Handshake(c, cfg)
 	if err != nil {
 		return
 	}
@@ -274,7 +227,7 @@ func (s *Server) serveConn(c net.Conn) {
 		return
 	}
 	if s.cfg.Reply != socksclient.RepSucceeded {
-		s.writeFrame(c, socksclient.Reply{Code: s.cfg.Reply, Addr: zeroAddr})
+		req.Reply(s.cfg.Reply, socksclient.Addr{})
 		return
 	}
 	switch req.Cmd {
@@ -285,20 +238,67 @@ func (s *Server) serveConn(c net.Conn) {
 	case socksclient.CmdUDPAssociate:
 		s.serveAssociate(c)
 	default:
-		s.writeFrame(c, socksclient.Reply{Code: socksclient.RepCommandNotSupported, Addr: zeroAddr})
+		req.Reply(socksclient.RepCommandNotSupported, socksclient.Addr{})
 	}
+}
+
+// faultConn plays the handshake's faults. The handshake's first write is
+// the method selection, right after the greeting was read: that is where
+// the greeting is counted and the greeting-time faults replace the answer.
+type faultConn struct {
+	net.Conn
+	s       *Server
+	greeted bool
+}
+
+// errFault ends a handshake the fault has answered (or left hanging).
+var errFault = errors.New("sockstest: fault played")
+
+func (c *faultConn) Write(b []byte) (int, error) {
+	if !c.greeted {
+		c.greeted = true
+		c.s.handshakes.Add(1)
+		if c.s.cfg.Greeted != nil {
+			select {
+			case c.s.cfg.Greeted <- struct{}{}:
+			default:
+			}
+		}
+		switch c.s.cfg.Fault {
+		case FaultHangAfterGreeting:
+			io.Copy(io.Discard, c.Conn) // until the client or Close hangs up
+			return 0, errFault
+		case FaultCloseMidFrame:
+			c.Conn.Write([]byte{socksclient.Version})
+			return 0, errFault
+		case FaultWrongVersion:
+			c.Conn.Write([]byte{0x04, 0x00})
+			return 0, errFault
+		case FaultNoAcceptable:
+			c.Conn.Write([]byte{socksclient.Version, byte(socksclient.MethodNoAcceptable)})
+			return 0, errFault
+		}
+	}
+	if c.s.cfg.Fault != FaultDrip {
+		return c.Conn.Write(b)
+	}
+	for i := range b {
+		if _, err := c.Conn.Write(b[i : i+1]); err != nil {
+			return i, err
+		}
+	}
+	return len(b), nil
+}
+
+// CloseWrite reaches the socket, for the relay's half-close.
+func (c *faultConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
 }
 
 var zeroAddr = socksclient.Addr{IP: netip.IPv4Unspecified()}
-
-func offers(g socksclient.Greeting, m socksclient.AuthMethod) bool {
-	for _, o := range g.Methods {
-		if o == m {
-			return true
-		}
-	}
-	return false
-}
 
 func (s *Server) serveConnect(c net.Conn, target socksclient.Addr) {
 	d := net.Dialer{Timeout: 5 * time.Second}

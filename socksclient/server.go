@@ -1,0 +1,135 @@
+package socksclient
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+)
+
+// The server side of the protocol, on the same codec as the client: the
+// handshake a SOCKS5 server runs with each client (greeting, method
+// selection, RFC 1929 when configured, the request). What to do with the
+// request is the caller's: the -D door chains it to the upstreams, the test
+// server serves it itself or misbehaves.
+
+// ServerConfig is what a SOCKS5 server asks of its clients.
+type ServerConfig struct {
+	// Authenticate, when set, makes the server require RFC 1929
+	// username/password and decides each pair; nil serves clients that
+	// offer "no authentication required".
+	Authenticate func(username, password string) bool
+	// HandshakeTimeout bounds greeting, authentication and request
+	// together, so a client that connects and says nothing does not hold
+	// a session; 0 means no bound.
+	HandshakeTimeout time.Duration
+}
+
+var (
+	// ErrNoCommonMethod: the client offered none of the methods the server
+	// accepts; it was answered method 0xFF.
+	ErrNoCommonMethod = errors.New("socks server: the client offered no authentication method this server accepts")
+	// ErrWrongCredentials: the client's username and password were
+	// refused; it was answered RFC 1929 status 1.
+	ErrWrongCredentials = errors.New("socks server: wrong username or password")
+)
+
+// ServerRequest is a client's request, read by Handshake and waiting for
+// its reply. Conn is the client's connection, for the session after the
+// reply.
+type ServerRequest struct {
+	Request
+	// User is the RFC 1929 username, "" without authentication.
+	User string
+	Conn net.Conn
+}
+
+// Reply answers the request with code and the bound address (for a
+// failure, the address is all zeros as RFC 1928 §6 leaves it unused).
+func (r *ServerRequest) Reply(code ReplyCode, bound Addr) error {
+	if code != RepSucceeded && !bound.IP.IsValid() && bound.Name == "" {
+		bound = unspecifiedAddr
+	}
+	var buf [maxAddrFrame]byte
+	b, err := Reply{Code: code, Addr: bound}.AppendTo(buf[:0])
+	if err != nil {
+		return err
+	}
+	_, err = r.Conn.Write(b)
+	return err
+}
+
+var unspecifiedAddr = Addr{IP: netip.IPv4Unspecified()}
+
+// Handshake runs the server side of the handshake on c and returns the
+// client's request, which the caller answers with Reply. When the client
+// fails it, Handshake has already answered as the RFCs say (method 0xFF,
+// RFC 1929 status 1, REP 8 for an unknown address type) and returns the
+// cause: ErrNoCommonMethod, ErrWrongCredentials, a *ProtocolError, or the
+// connection's error. It never closes c.
+func Handshake(c net.Conn, cfg ServerConfig) (*ServerRequest, error) {
+	if cfg.HandshakeTimeout > 0 {
+		c.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
+		defer c.SetDeadline(time.Time{})
+	}
+	g, err := ReadGreeting(c)
+	if err != nil {
+		return nil, fmt.Errorf("reading greeting: %w", err)
+	}
+	want := MethodNoAuth
+	if cfg.Authenticate != nil {
+		want = MethodUserPass
+	}
+	if !g.offers(want) {
+		writeFrame(c, MethodSelection{Method: MethodNoAcceptable})
+		return nil, ErrNoCommonMethod
+	}
+	if err := writeFrame(c, MethodSelection{Method: want}); err != nil {
+		return nil, err
+	}
+	var user string
+	if want == MethodUserPass {
+		up, err := ReadUserPassRequest(c)
+		if err != nil {
+			return nil, fmt.Errorf("reading username/password: %w", err)
+		}
+		if !cfg.Authenticate(up.Username, up.Password) {
+			writeFrame(c, UserPassStatus{Status: 1})
+			return nil, fmt.Errorf("%w (user %q)", ErrWrongCredentials, up.Username)
+		}
+		if err := writeFrame(c, UserPassStatus{}); err != nil {
+			return nil, err
+		}
+		user = up.Username
+	}
+	req, err := ReadRequest(c)
+	if err != nil {
+		var pe *ProtocolError
+		if errors.As(err, &pe) && pe.unknownAddrType {
+			writeFrame(c, Reply{Code: RepAddrTypeNotSupported, Addr: unspecifiedAddr})
+		}
+		return nil, fmt.Errorf("reading request: %w", err)
+	}
+	return &ServerRequest{Request: req, User: user, Conn: c}, nil
+}
+
+func (g Greeting) offers(m AuthMethod) bool {
+	for _, o := range g.Methods {
+		if o == m {
+			return true
+		}
+	}
+	return false
+}
+
+// writeFrame sends one frame in one write.
+func writeFrame(c net.Conn, f interface{ AppendTo([]byte) ([]byte, error) }) error {
+	var buf [maxAddrFrame]byte
+	b, err := f.AppendTo(buf[:0])
+	if err != nil {
+		return err
+	}
+	_, err = c.Write(b)
+	return err
+}
