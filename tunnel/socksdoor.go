@@ -146,6 +146,12 @@ func (d *SOCKSDoor) handshakeFailed(client net.Conn, err error) {
 		d.stats.ClientGone.Add(1)
 	}
 	f := d.TCPForward
+	if errors.Is(err, io.EOF) {
+		// Connected and hung up without a byte: a port probe or a health
+		// check, not a client in trouble.
+		f.cfg.Logger.Debug().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).Msg("closed before greeting")
+		return
+	}
 	if ok, suppressed := f.refusals.Allow(cause); ok {
 		f.cfg.Logger.Info().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).
 			Int64("refused_since_last_line", suppressed).Str("cause", cause).Err(err).Msg("socks handshake failed")
@@ -226,8 +232,17 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 	peer, err := b.Accept(ctx)
 	req.Conn.SetReadDeadline(aLongTimeAgo)
 	<-watched
+	clientGone := ctx.Err() != nil && f.ctx.Err() == nil
 	cancel()
 	req.Conn.SetReadDeadline(time.Time{})
+	if err != nil && clientGone {
+		// Not a failure: the client stopped waiting for its peer.
+		f.sessionEvent(f.cfg.Logger.Debug(), req.Conn, req.Addr).Str("cmd", "bind").Str("upstream", dialer.ProxyAddr).
+			Dur("dur", time.Since(start)).Msg("session ended: the client hung up before a peer connected")
+		req.Conn.Close()
+		f.endSession(req.Conn, nil)
+		return
+	}
 	if err != nil {
 		d.refuse(req, dialer, err, start)
 		return

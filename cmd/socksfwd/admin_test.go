@@ -263,7 +263,7 @@ func TestAdminMetricsAfterRealTraffic(t *testing.T) {
 func (d *daemon) listener(proto string) string {
 	d.t.Helper()
 	addr := ""
-	for _, l := range d.linesWith("forwarding", "DNS on", "admin on", "transparent", "HTTP proxy on") {
+	for _, l := range d.linesWith("forwarding", "DNS on", "admin on", "transparent", "HTTP proxy on", "SOCKS5 server on") {
 		if l["proto"] == proto {
 			addr, _ = l["listener"].(string)
 		}

@@ -72,6 +72,7 @@ func TestInterop(t *testing.T) {
 			"servegit":     cmdServeGit,
 			"remoteaddr":   cmdRemoteAddr,
 			"callback":     cmdCallback,
+			"xproxyget":    cmdXProxyGet,
 		}),
 	})
 }

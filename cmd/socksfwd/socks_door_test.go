@@ -1,0 +1,117 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// doorSession opens CONNECT echo through the -D door at door with
+// user:pass, checks one exchange and returns the session, still open.
+func doorSession(t *testing.T, door, user, pass, echo string) (*heldSession, error) {
+	t.Helper()
+	d := &socksclient.Dialer{ProxyAddr: door, Username: user, Password: pass}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", echo)
+	if err != nil {
+		return nil, err
+	}
+	raw := c.(*socksclient.Conn).NetConn()
+	t.Cleanup(func() { raw.Close() })
+	raw.SetDeadline(time.Now().Add(60 * time.Second))
+	io.WriteString(raw, "ping")
+	if _, err := io.ReadFull(raw, make([]byte, 4)); err != nil {
+		t.Fatalf("session through the door: %v", err)
+	}
+	return &heldSession{c: raw}, nil
+}
+
+// TestSOCKSDoorSupervised: -D as a supervised listener: a session with
+// --socks-auth, a reload that changes the credentials for new clients
+// while a session stays open, the door's counters in /metrics, and a
+// drain that lets a session finish.
+func TestSOCKSDoorSupervised(t *testing.T) {
+	verifyNoLeaks(t)
+	socks := newSocks(t)
+	echo := testnet.Echo(t).Addr().String()
+	conf := filepath.Join(t.TempDir(), "socksfwd.toml")
+	config := func(pw string) string {
+		return fmt.Sprintf("server = [%q]\ndynamic = \"127.0.0.1:0\"\nsocks-auth = \"alice:%s\"\n", socks.Addr(), pw)
+	}
+	if err := os.WriteFile(conf, []byte(config("one")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", conf, "--admin", "0", "--log-level", "debug")
+	d.waitFor("admin on", 1)
+	start := d.waitFor("SOCKS5 server on", 1)
+	if start["auth"] != true || start["proto"] != "socks" {
+		t.Errorf("start line: %v", start)
+	}
+	door, admin := d.listener("socks"), d.listener("admin")
+
+	held, err := doorSession(t, door, "alice", "one", echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	line := d.reload(conf, config("two"), 1)
+	if msg, _ := line["message"].(string); !strings.Contains(msg, "socks-auth") {
+		t.Fatalf("reload line: %v", line)
+	}
+	if _, err := doorSession(t, door, "alice", "one", echo); !errors.Is(err, socksclient.ErrAuthFailed) {
+		t.Errorf("old credentials after the reload: %v, want %v", err, socksclient.ErrAuthFailed)
+	}
+	next, err := doorSession(t, door, "alice", "two", echo)
+	if err != nil {
+		t.Fatalf("new credentials after the reload: %v", err)
+	}
+	if err := next.finish(); err != nil {
+		t.Error(err)
+	}
+	if err := held.finish(); err != nil {
+		t.Errorf("session held across the reload: %v", err)
+	}
+	d.waitFor("session ended", 2)
+
+	m := scrape(t, admin)
+	for series, want := range map[string]float64{
+		`socksfwd_socks_requests_total{listener="` + door + `",command="connect"}`:                    2,
+		`socksfwd_socks_handshake_failures_total{listener="` + door + `",reason="wrong_credentials"}`: 1,
+		`socksfwd_sessions_active{listener="` + door + `",proto="socks"}`:                             0,
+		`socksfwd_bytes_total{listener="` + door + `",proto="socks",direction="up"}`:                  16,
+	} {
+		if got, ok := m[series]; !ok || got != want {
+			t.Errorf("%s = %v (present %v), want %v", series, got, ok, want)
+		}
+	}
+
+	// A session open at SIGTERM finishes; then socksfwd exits 0.
+	last, err := doorSession(t, door, "alice", "two", echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.sigs <- syscall.SIGTERM
+	d.waitFor("draining sessions", 1)
+	if err := last.finish(); err != nil {
+		t.Errorf("session during the drain: %v", err)
+	}
+	select {
+	case code := <-d.exit:
+		d.exit <- code // for the cleanup
+		if code != 0 {
+			t.Errorf("exit %d after the drain", code)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("socksfwd did not stop once the session ended")
+	}
+}
