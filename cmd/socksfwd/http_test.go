@@ -147,18 +147,25 @@ func TestHTTPDoor(t *testing.T) {
 
 	// A tunnel open at SIGTERM finishes; then socksfwd exits 0.
 	last := connectThrough(t, proxy, "alice:two", echo)
+	d.drainWith(last)
+}
+
+// drainWith sends SIGTERM while the session last is open, finishes it
+// during the drain, and expects socksfwd to exit 0 once it has ended.
+func (d *daemon) drainWith(last *heldSession) {
+	d.t.Helper()
 	d.sigs <- syscall.SIGTERM
 	d.waitFor("draining sessions", 1)
 	if err := last.finish(); err != nil {
-		t.Errorf("tunnel during the drain: %v", err)
+		d.t.Errorf("session during the drain: %v", err)
 	}
 	select {
 	case code := <-d.exit:
 		d.exit <- code // for the cleanup
 		if code != 0 {
-			t.Errorf("exit %d after the drain", code)
+			d.t.Errorf("exit %d after the drain", code)
 		}
 	case <-time.After(20 * time.Second):
-		t.Fatal("socksfwd did not stop once the tunnel ended")
+		d.t.Fatal("socksfwd did not stop once the session ended")
 	}
 }

@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -100,18 +99,5 @@ func TestSOCKSDoorSupervised(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.sigs <- syscall.SIGTERM
-	d.waitFor("draining sessions", 1)
-	if err := last.finish(); err != nil {
-		t.Errorf("session during the drain: %v", err)
-	}
-	select {
-	case code := <-d.exit:
-		d.exit <- code // for the cleanup
-		if code != 0 {
-			t.Errorf("exit %d after the drain", code)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("socksfwd did not stop once the session ended")
-	}
+	d.drainWith(last)
 }
