@@ -156,7 +156,7 @@ func NewHTTPProxy(cfg HTTPProxyConfig, ln net.Listener) *HTTPProxy {
 	p.forwarder = &httputil.ReverseProxy{
 		Rewrite:        p.rewrite,
 		Transport:      p.transport,
-		ModifyResponse: recordStatus,
+		ModifyResponse: p.modifyResponse,
 		ErrorHandler:   p.forwardFailed,
 		ErrorLog:       log.New(io.Discard, "", 0),
 	}
@@ -558,7 +558,9 @@ type forwardInfo struct {
 	upstream atomic.Pointer[string]
 	status   atomic.Int32 // the target's answer (101 too, which hijacks)
 	failed   atomic.Bool  // forwardFailed answered and logged
-	up       atomic.Int64 // request body bytes
+	up       atomic.Int64 // request body bytes, and after a 101 what the client sent
+	down     atomic.Int64 // after a 101, what the target sent
+	conn     atomic.Pointer[viaConn]
 }
 
 type forwardInfoKey struct{}
@@ -602,7 +604,7 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 		if up := info.upstream.Load(); up != nil {
 			ev = ev.Str("upstream", *up)
 		}
-		ev.Str("method", r.Method).Int("status", code).Int64("bytes_up", info.up.Load()).Int64("bytes_down", w.n).
+		ev.Str("method", r.Method).Int("status", code).Int64("bytes_up", info.up.Load()).Int64("bytes_down", w.n+info.down.Load()).
 			Dur("dur", time.Since(start)).Msg("request ended")
 	}()
 	p.forwarder.ServeHTTP(w, r)
@@ -633,6 +635,7 @@ func (p *HTTPProxy) rewrite(pr *httputil.ProxyRequest) {
 	trace := &httptrace.ClientTrace{GotConn: func(ci httptrace.GotConnInfo) {
 		if v, ok := ci.Conn.(*viaConn); ok {
 			info.upstream.Store(&v.upstream)
+			info.conn.Store(v)
 		}
 	}}
 	pr.Out = pr.Out.WithContext(httptrace.WithClientTrace(pr.Out.Context(), trace))
@@ -682,6 +685,58 @@ func recordStatus(res *http.Response) error {
 		info.status.Store(int32(res.StatusCode))
 	}
 	return nil
+}
+
+// modifyResponse notes the target's status and, when it switches
+// protocols (101: a WebSocket, say), has the stream that follows counted
+// and subject to the idle timeout as a CONNECT tunnel is: ReverseProxy
+// copies it itself, through the body it is given here.
+func (p *HTTPProxy) modifyResponse(res *http.Response) error {
+	if err := recordStatus(res); err != nil {
+		return err
+	}
+	info := infoOf(res.Request)
+	rwc, ok := res.Body.(io.ReadWriteCloser)
+	if res.StatusCode != http.StatusSwitchingProtocols || info == nil || !ok {
+		return nil
+	}
+	res.Body = &upgradedStream{ReadWriteCloser: rwc, conn: info.conn.Load(), idle: time.Duration(p.idle.Load()),
+		up: &p.stats.BytesUp, down: &p.stats.BytesDown, info: info}
+	return nil
+}
+
+// upgradedStream is the target's side of a stream after a 101: what it
+// reads is the target's (down), what it writes the client's (up). With an
+// idle timeout, each read or write moves the connection's deadline on, so
+// the stream ends once neither side has sent anything for that long.
+type upgradedStream struct {
+	io.ReadWriteCloser
+	conn     *viaConn
+	idle     time.Duration
+	up, down *atomic.Int64
+	info     *forwardInfo
+}
+
+func (s *upgradedStream) touch() {
+	if s.idle > 0 && s.conn != nil {
+		s.conn.SetDeadline(time.Now().Add(s.idle))
+	}
+}
+
+func (s *upgradedStream) Read(b []byte) (int, error) {
+	s.touch()
+	n, err := s.ReadWriteCloser.Read(b)
+	s.down.Add(int64(n))
+	s.info.down.Add(int64(n))
+	return n, err
+}
+
+func (s *upgradedStream) Write(b []byte) (int, error) {
+	s.touch()
+	n, err := s.ReadWriteCloser.Write(b)
+	s.up.Add(int64(n))
+	s.info.up.Add(int64(n))
+	return n, err
 }
 
 // forwardFailed answers a forwarded request that got no response.

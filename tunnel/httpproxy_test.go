@@ -676,3 +676,41 @@ func TestHTTPProxyStatusBelow100(t *testing.T) {
 		t.Errorf("status 099 from the target: got %d %q, want 502", resp.StatusCode, text)
 	}
 }
+
+// TestHTTPProxyUpgrade: a forwarded request the target answers with 101
+// becomes a stream both ways; its bytes are counted as a tunnel's, and
+// the idle timeout ends it once neither side sends.
+func TestHTTPProxyUpgrade(t *testing.T) {
+	socks := newSocks(t, sockstest.Config{})
+	tgt, err := testnet.ServeOn(t, "127.0.0.1:0", func(c net.Conn) {
+		br := bufio.NewReader(c)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		io.Copy(c, br)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, u, logs := startHTTPProxy(t, HTTPProxyConfig{IdleTimeout: 300 * time.Millisecond}, socks.Addr())
+	addr := tgt.Addr().String()
+	resp, br, c := proxyExchange(t, u.Host, "GET http://"+addr+"/ws HTTP/1.1\r\nHost: "+addr+"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("status %d, want 101", resp.StatusCode)
+	}
+	io.WriteString(c, "ping-pong")
+	got := make([]byte, len("ping-pong"))
+	if _, err := io.ReadFull(br, got); err != nil || string(got) != "ping-pong" {
+		t.Fatalf("echo over the upgraded stream: %q, %v", got, err)
+	}
+	// Nobody sends now: the idle timeout ends the stream (the deadline of
+	// 20 s on c bounds the wait).
+	if _, err := br.ReadByte(); !errors.Is(err, io.EOF) {
+		t.Fatalf("after the idle timeout: %v, want EOF", err)
+	}
+	if up, down := p.Stats().BytesUp.Load(), p.Stats().BytesDown.Load(); up < 9 || down < 9 {
+		t.Errorf("bytes up %d, down %d: the stream's 9 each way are not counted", up, down)
+	}
+	logs.waitFor(t, `"status":101,"bytes_up":9,"bytes_down":9`)
+}
