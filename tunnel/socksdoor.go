@@ -48,6 +48,8 @@ type SOCKSDoorStats struct {
 	// Datagrams dropped: from another source than the client, with FRAG
 	// != 0, with a malformed header, or refused by the upstream's relay.
 	DroppedStranger, DroppedFragment, DroppedMalformed, DroppedSendFailed atomic.Int64
+	// Upstream totals what the upstream associations dropped.
+	Upstream socksclient.UDPStats
 }
 
 // SOCKSDoor is a -D listener. It is a TCPForward (accepting, admission,
@@ -58,8 +60,6 @@ type SOCKSDoor struct {
 	cfg   SOCKSDoorConfig
 	creds atomic.Pointer[ProxyCredentials]
 	stats SOCKSDoorStats
-	// upstreamUDP totals the drops of every upstream association.
-	upstreamUDP socksclient.UDPStats
 }
 
 // NewSOCKSDoor returns a door that will serve on listeners, which the
@@ -82,9 +82,6 @@ func (d *SOCKSDoor) SetCredentials(c *ProxyCredentials) { d.creds.Store(c) }
 
 // DoorStats returns the door's own counters.
 func (d *SOCKSDoor) DoorStats() *SOCKSDoorStats { return &d.stats }
-
-// UpstreamUDPStats totals what the upstream associations dropped.
-func (d *SOCKSDoor) UpstreamUDPStats() *socksclient.UDPStats { return &d.upstreamUDP }
 
 // serve runs one client's session on the forward's session goroutine.
 func (d *SOCKSDoor) serve(client net.Conn) {
@@ -283,7 +280,7 @@ func (d *SOCKSDoor) associate(req *socksclient.ServerRequest, start time.Time) {
 		d.refuse(req, dialer, err, start)
 		return
 	}
-	up.CountInto(&d.upstreamUDP)
+	up.CountInto(&d.stats.Upstream)
 	local := client.LocalAddr().(*net.TCPAddr)
 	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: local.IP, Zone: local.Zone})
 	if err != nil {

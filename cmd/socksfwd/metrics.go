@@ -351,11 +351,13 @@ func writeSOCKS(p *promWriter, units []liveUnit) {
 			{"up", func(s st) *atomic.Int64 { return &s.UDPBytesUp }},
 			{"down", func(s st) *atomic.Int64 { return &s.UDPBytesDown }},
 		}},
-		{"socksfwd_socks_udp_dropped_total", "Datagrams the SOCKS5 door dropped, by reason: stranger (not from the client), fragment (FRAG != 0), malformed header, send_failed.", "reason", []labelled{
+		{"socksfwd_socks_udp_dropped_total", "Datagrams the SOCKS5 door dropped, by reason: stranger (not from the client), fragment (FRAG != 0), malformed header, send_failed; upstream_fragment and upstream_malformed came from the upstream's relay.", "reason", []labelled{
 			{"stranger", func(s st) *atomic.Int64 { return &s.DroppedStranger }},
 			{"fragment", func(s st) *atomic.Int64 { return &s.DroppedFragment }},
 			{"malformed", func(s st) *atomic.Int64 { return &s.DroppedMalformed }},
 			{"send_failed", func(s st) *atomic.Int64 { return &s.DroppedSendFailed }},
+			{"upstream_fragment", func(s st) *atomic.Int64 { return &s.Upstream.Fragmented }},
+			{"upstream_malformed", func(s st) *atomic.Int64 { return &s.Upstream.Malformed }},
 		}},
 	}
 	for _, f := range fams {
