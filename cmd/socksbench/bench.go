@@ -69,7 +69,7 @@ func ratios(rows []result, baseline string, bar float64) string {
 		}
 	}
 	if base == nil {
-		return ""
+		return versusGost(rows)
 	}
 	paired := func(r result) (float64, []string) { return pairedRatio(r, *base) }
 	var out string
@@ -78,6 +78,10 @@ func ratios(rows []result, baseline string, bar float64) string {
 			continue
 		}
 		ratio, each := paired(r)
+		if bar == 0 { // for the reader: no bar
+			out = fmt.Sprintf(" | socksfwd/%s = %.3f (rounds %s)", baseline, ratio, strings.Join(each, " "))
+			continue
+		}
 		verdict := "ok"
 		if ratio < bar {
 			verdict = "BELOW BAR"
@@ -90,7 +94,26 @@ func ratios(rows []result, baseline string, bar float64) string {
 			out += fmt.Sprintf(", %s/%s = %.2f", r.way, baseline, ratio)
 		}
 	}
-	return out
+	return out + versusGost(rows)
+}
+
+// versusGost is socksfwd's ratio to gost's forward, the like-for-like
+// peer, when both ran: the median of per-round ratios, and each round's.
+func versusGost(rows []result) string {
+	var fwd, gost *result
+	for i := range rows {
+		switch rows[i].way {
+		case "socksfwd":
+			fwd = &rows[i]
+		case wayGostForward:
+			gost = &rows[i]
+		}
+	}
+	if fwd == nil || gost == nil {
+		return ""
+	}
+	ratio, each := pairedRatio(*fwd, *gost)
+	return fmt.Sprintf(" | socksfwd/%s = %.3f (rounds %s)", wayGostForward, ratio, strings.Join(each, " "))
 }
 
 // pairedRatio is the median of r's per-round ratios to base, and each
@@ -226,22 +249,15 @@ func bench(h *harness, cfg benchConfig) {
 	iperf := peertest.Require(h, "iperf3")
 	pc := peertest.Require(h, "proxychains4")
 	cc := peertest.Require(h, "cc")
-	gost, _ := exec.LookPath("gost") // an optional extra row
 	redsocks := peertest.Require(h, "redsocks")
 	nft := peertest.Require(h, "nft")
 
-	// proxychains4 → a given Dante, through a generated config.
-	proxychains := func(dante peertest.Peer) []string {
-		_, port, _ := net.SplitHostPort(dante.Addr)
-		conf := filepath.Join(h.TempDir(), "proxychains.conf")
-		os.WriteFile(conf, []byte("strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 "+port+"\n"), 0o644)
-		return []string{pc, "-q", "-f", conf}
-	}
-	ways := []string{"direct", "socksfwd", "proxychains4", "redsocks", "transparent"}
-	if gost != "" {
-		ways = append(ways, "gost")
-	}
 	fmt.Printf("socksbench: median of %d interleaved rounds, %d s per run, proxies → %s\n", rounds, cfg.seconds, peertest.Versions()[0])
+	ways := []string{"direct", "socksfwd", "proxychains4", "redsocks", "transparent"}
+	gost := lookGost() // an optional extra way
+	if gost != "" {
+		ways = append(ways, wayGostForward)
+	}
 
 	// Dante gets a CPU of its own and everything else the others, as a
 	// proxy on another host would, and as the UDP rows have it. Left to the
@@ -259,12 +275,23 @@ func bench(h *harness, cfg benchConfig) {
 	addrs := map[string]string{"direct": iperfAddr, "proxychains4": iperfAddr, "redsocks": iperfAddr}
 	addrs["socksfwd"], _ = h.socksfwd(cfg.socksfwd, iperfAddr, dante.Addr)
 	if gost != "" {
-		addrs["gost"] = h.gost(gost, iperfAddr, dante.Addr)
+		addrs[wayGostForward], _ = h.gostForward(gost, iperfAddr, dante.Addr)
 	}
-	pcDante := proxychains(dante)
+	pcDante := h.proxychains(pc, dante.Addr)
 	rsPort, _ := h.redsocks(redsocks, dante.Addr)
 	tpPort, _ := h.socksfwdTransparent(cfg.socksfwd, dante.Addr)
-	for _, streams := range []int{1, 4} {
+	// Four streams both ways: with -R the target sends, so the bytes
+	// cross each forwarder and Dante the other way round.
+	for _, run := range []struct {
+		streams int
+		reverse bool
+	}{{1, false}, {4, false}, {4, true}} {
+		var extra []string
+		name := fmt.Sprintf("tcp-throughput-%dstream", run.streams)
+		if run.reverse {
+			extra = []string{"-R"}
+			name += "-reverse"
+		}
 		rows := measure(ways, func(way string, m *meter) float64 {
 			var prefix []string
 			switch way {
@@ -281,9 +308,8 @@ func bench(h *harness, cfg benchConfig) {
 			if way == "transparent" {
 				addr = iperfAddr
 			}
-			return m.timed(func() float64 { return iperfGbps(h, prefix, iperf, addr, streams, cfg.seconds) })
+			return m.timed(func() float64 { return iperfGbps(h, prefix, iperf, addr, run.streams, cfg.seconds, extra...) })
 		})
-		name := fmt.Sprintf("tcp-throughput-%dstream", streams)
 		report(name, "Gbit/s", rows, "proxychains4", 0.9)
 		reportTransparent(name, rows, 0.95, 1.15)
 	}
@@ -310,9 +336,11 @@ func bench(h *harness, cfg benchConfig) {
 		defer d.Proc.Stop()
 		switch way {
 		case "proxychains4":
-			return rate(proxychains(d), echo)
-		case "gost":
-			return rate(nil, h.gost(gost, echo, d.Addr))
+			return rate(h.proxychains(pc, d.Addr), echo)
+		case wayGostForward:
+			fwd, p := h.gostForward(gost, echo, d.Addr)
+			defer p.Stop()
+			return rate(nil, fwd)
 		case "redsocks":
 			port, p := h.redsocks(redsocks, d.Addr)
 			defer p.Stop()
@@ -341,6 +369,7 @@ func bench(h *harness, cfg benchConfig) {
 	name := fmt.Sprintf("tcp-new-conns-%dthreads", connThreads)
 	report(name, "conn/s", rows, "proxychains4", 0.8)
 	reportTransparent(name, rows, 0.95, 1.0)
+	benchMicrosocks(h, cfg, cpus, iperfAddr, connrate, gost)
 	benchSidecar(h, cfg, cpus, connrate)
 
 	benchRelayCPU(h, iperf, iperfAddr, cfg.socksfwd, dante.Addr)
@@ -430,10 +459,11 @@ func (h *harness) iperfServer(iperf string) string {
 }
 
 // iperfGbps runs an iperf3 client (under prefix, e.g. proxychains4) and
-// returns the received throughput.
-func iperfGbps(h *harness, prefix []string, iperf, addr string, streams, secs int) float64 {
+// returns the received throughput; extra are more client flags (-R).
+func iperfGbps(h *harness, prefix []string, iperf, addr string, streams, secs int, extra ...string) float64 {
 	host, port, _ := net.SplitHostPort(addr)
-	got := runIperf(h, append(append([]string{}, prefix...), iperf, "-c", host, "-p", port, "-P", strconv.Itoa(streams), "-t", strconv.Itoa(secs), "-J"))
+	argv := append(append([]string{}, prefix...), iperf, "-c", host, "-p", port, "-P", strconv.Itoa(streams), "-t", strconv.Itoa(secs), "-J")
+	got := runIperf(h, append(argv, extra...))
 	return got.BitsPerSecond / 1e9
 }
 
@@ -595,10 +625,11 @@ func (h *harness) socksfwdTransparent(bin, proxy string) (int, *peertest.Proc) {
 	return port, p
 }
 
-// gost starts `gost` forwarding a free port to target through proxy.
-func (h *harness) gost(bin, target, proxy string) string {
-	local := freeAddr(h)
-	p := peertest.Start(h, "gost", bin, "-L", "tcp://"+local+"/"+target, "-F", "socks5://"+proxy)
-	peertest.WaitTCP(h, p, local)
-	return local
+// proxychains is the argv prefix that runs a client under proxychains4
+// (pc) through the SOCKS5 proxy on loopback, by a generated config.
+func (h *harness) proxychains(pc, proxy string) []string {
+	_, port, _ := net.SplitHostPort(proxy)
+	conf := filepath.Join(h.TempDir(), "proxychains.conf")
+	os.WriteFile(conf, []byte("strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 "+port+"\n"), 0o644)
+	return []string{pc, "-q", "-f", conf}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 
@@ -42,12 +41,12 @@ func benchHTTP(h *harness, cfg benchConfig) {
 	socat := peertest.Require(h, "socat")
 	privoxy := peertest.Require(h, "privoxy")
 	connrate := buildConnrate(h, peertest.Require(h, "cc"))
-	gost, _ := exec.LookPath("gost") // an optional extra way
+	fmt.Printf("socksbench: --http door, median of %d interleaved rounds, %d s per run, proxies → %s\n", rounds, cfg.seconds, peertest.Versions()[0])
 	ways := []string{wayForward, wayHTTP, wayPrivoxy}
+	gost := lookGost() // an optional extra way
 	if gost != "" {
 		ways = append(ways, wayGost)
 	}
-	fmt.Printf("socksbench: --http door, median of %d interleaved rounds, %d s per run, proxies → %s\n", rounds, cfg.seconds, peertest.Versions()[0])
 
 	// Dante on a CPU of its own, as in the TCP rows.
 	cpus := newCPUSplit(h)
@@ -130,6 +129,9 @@ func reportHTTP(name, unit string, rows []result, bars []httpBar) {
 // free port, forwarding through the SOCKS5 proxy dante, and returns its
 // address.
 func (h *harness) httpProxy(way, socksfwd, privoxy, gost, dante string) (string, *peertest.Proc) {
+	if way == wayGost {
+		return h.gostProxy(gost, "http", dante)
+	}
 	addr := freeAddr(h)
 	var p *peertest.Proc
 	switch way {
@@ -139,8 +141,6 @@ func (h *harness) httpProxy(way, socksfwd, privoxy, gost, dante string) (string,
 		return addr, p
 	case wayPrivoxy:
 		p = h.privoxy(privoxy, addr, dante)
-	case wayGost:
-		p = peertest.Start(h, "gost", gost, "-L", "http://"+addr, "-F", "socks5://"+dante)
 	default:
 		h.Fatalf("no HTTP proxy for way %q", way)
 	}

@@ -6,7 +6,7 @@
 //	socksbench bench   measure socksfwd beside direct and proxychains4, same run
 //	                   (bench-tcp, bench-udp, bench-echo, bench-dns, bench-mem,
 //	                   bench-failover, bench-http, bench-reverse,
-//	                   bench-sidecar, bench-admin:
+//	                   bench-sidecar, bench-admin, bench-microsocks:
 //	                   one part alone)
 //
 // It starts its peers with internal/peertest and stops them on the way out.
@@ -69,6 +69,8 @@ func main() {
 			cpus.all()
 		case "bench-admin":
 			benchAdminOnly(h, cfg)
+		case "bench-microsocks":
+			benchMicrosocksOnly(h, cfg)
 		case "bench-udp":
 			benchUDP(h, cfg)
 		case "bench-echo":
