@@ -88,17 +88,22 @@ func benchHTTP(h *harness, cfg benchConfig) {
 		[]httpBar{{wayPrivoxy, httpConnsPrivoxyBar}, {wayGost, httpConnsGostBar}, {wayForward, 0}})
 }
 
-// httpBar is a way socksfwd --http is compared with, and the ratio it
-// must reach (0: shown without a bar).
+// httpBar is a way socksfwd --http (or -D) is compared with, and the
+// ratio it must reach (0: shown without a bar).
 type httpBar struct {
 	way string
 	bar float64
 }
 
-// reportHTTP prints each way's median, then socksfwd --http's ratio to
-// each way of bars, the median of per-round ratios, with its bar. A way
-// that did not run (gost without a binary) is left out.
+// reportHTTP prints the --http rows: socksfwd --http against bars.
 func reportHTTP(name, unit string, rows []result, bars []httpBar) {
+	reportAgainst(name, unit, rows, wayHTTP, bars)
+}
+
+// reportAgainst prints each way's median, then subject's ratio to each
+// way of bars, the median of per-round ratios, with its bar. A way that
+// did not run (gost without a binary) is left out.
+func reportAgainst(name, unit string, rows []result, subject string, bars []httpBar) {
 	byWay := map[string]result{}
 	parts := make([]string, 0, len(rows))
 	for _, r := range rows {
@@ -111,8 +116,8 @@ func reportHTTP(name, unit string, rows []result, bars []httpBar) {
 		if !ok {
 			continue
 		}
-		ratio, each := pairedRatio(byWay[wayHTTP], base)
-		line += fmt.Sprintf(" | %s/%s = %.3f (rounds %s)", wayHTTP, b.way, ratio, strings.Join(each, " "))
+		ratio, each := pairedRatio(byWay[subject], base)
+		line += fmt.Sprintf(" | %s/%s = %.3f (rounds %s)", subject, b.way, ratio, strings.Join(each, " "))
 		if b.bar > 0 {
 			line += barText(ratio >= b.bar, fmt.Sprintf("≥ %.2f", b.bar))
 		}

@@ -5,7 +5,7 @@
 //	socksbench demo    forward a real request through socksfwd and microsocks
 //	socksbench bench   measure socksfwd beside direct and proxychains4, same run
 //	                   (bench-tcp, bench-udp, bench-echo, bench-dns, bench-mem,
-//	                   bench-failover, bench-http, bench-reverse,
+//	                   bench-failover, bench-http, bench-socks, bench-reverse,
 //	                   bench-sidecar, bench-admin, bench-microsocks:
 //	                   one part alone)
 //
@@ -59,6 +59,7 @@ func main() {
 			benchDNS(h, cfg)
 			benchFailover(h, cfg)
 			benchHTTP(h, cfg)
+			benchSOCKSDoor(h, cfg)
 			benchReverse(h, cfg)
 		case "bench-tcp":
 			bench(h, cfg)
@@ -86,6 +87,8 @@ func main() {
 			benchHTTP(h, cfg)
 		case "bench-reverse":
 			benchReverse(h, cfg)
+		case "bench-socks":
+			benchSOCKSDoor(h, cfg)
 		default:
 			fs.Usage()
 			h.Fatalf("unknown command %q", fs.Arg(0))
