@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -23,36 +25,11 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // that only has to fire, with nothing before it, can be shorter.
 const exchangeIdle = time.Second
 
-// tcpPair returns the two ends of a loopback TCP connection.
-func tcpPair(t testing.TB) (*net.TCPConn, *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	acc := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		acc <- c
-	}()
-	a, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := <-acc
-	if b == nil {
-		t.Fatal("accept failed")
-	}
-	t.Cleanup(func() { a.Close(); b.Close() })
-	return a.(*net.TCPConn), b.(*net.TCPConn)
-}
-
 // relayed sets up app ⇄ [relay] ⇄ target and returns the app's end, the
 // target's end and the relay's result channel.
 func relayed(t testing.TB, idle time.Duration, mode CopyMode) (app, target *net.TCPConn, done <-chan RelayResult) {
-	app, relayClient := tcpPair(t)
-	relayUp, target := tcpPair(t)
+	app, relayClient := testnet.TCPPair(t)
+	relayUp, target := testnet.TCPPair(t)
 	ch := make(chan RelayResult, 1)
 	ended := make(chan struct{})
 	go func() {

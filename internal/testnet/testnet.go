@@ -112,6 +112,34 @@ func ClosedPort(t TB) string {
 	return addr
 }
 
+// TCPPair returns the two ends of a loopback TCP connection, the dialer's
+// first, both closed at cleanup. The kernel buffers what one end writes, so
+// a test can write a whole script before the other end reads any of it.
+func TCPPair(t TB) (dialed, accepted *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	acc := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		acc <- c
+	}()
+	a, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := <-acc
+	if b == nil {
+		a.Close()
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a.(*net.TCPConn), b.(*net.TCPConn)
+}
+
 // SkipTB is TB for helpers that skip a test the machine cannot run.
 type SkipTB interface {
 	TB
