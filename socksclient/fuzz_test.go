@@ -2,8 +2,12 @@ package socksclient
 
 import (
 	"bytes"
+	"errors"
+	"fmt"
+	"io"
 	"reflect"
 	"testing"
+	"testing/iotest"
 )
 
 // fuzzRoundTrip checks a decoder: no panic on any input, n within the input,
@@ -56,3 +60,210 @@ func FuzzParseUserPassStatus(f *testing.F)  { fuzzRoundTrip(f, ParseUserPassStat
 func FuzzParseRequest(f *testing.F)         { fuzzRoundTrip(f, ParseRequest, 2) }
 func FuzzParseReply(f *testing.F)           { fuzzRoundTrip(f, ParseReply, 2) }
 func FuzzParseUDPHeader(f *testing.F)       { fuzzRoundTrip(f, ParseUDPHeader, 0, 1) }
+
+// fuzzReader checks a server-side stream reader against its Parse
+// function: whatever the bytes and however the stream splits them, the
+// reader never panics, returns what Parse returns, reads exactly the
+// frame when there is one (the bytes after it are the relay's), and
+// fails, with an EOF when the bytes run out, when Parse finds none.
+func fuzzReader[T any](f *testing.F, parse func([]byte) (T, int, error), read func(io.Reader) (T, error)) {
+	for _, tc := range goldenCases() {
+		golden := unhex(f, tc.golden)
+		if _, _, err := parse(golden); err == nil {
+			f.Add(golden)
+			f.Add(append(golden, 0xAB)) // pipelined payload
+		}
+	}
+	streams := []struct {
+		name string
+		wrap func(io.Reader) io.Reader
+	}{
+		{"whole", func(r io.Reader) io.Reader { return r }},
+		{"one byte a read", iotest.OneByteReader},
+		{"EOF with the last data", iotest.DataErrReader},
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		want, n, perr := parse(b)
+		var pe *ProtocolError
+		parseTruncated := errors.As(perr, &pe) && pe.Truncated()
+		for _, s := range streams {
+			r := &countingReader{r: s.wrap(bytes.NewReader(b))}
+			got, err := read(r)
+			used := r.n
+			switch {
+			case perr == nil:
+				if err != nil {
+					t.Fatalf("%s: read failed (%v) where parse found %#v in % x", s.name, err, want, b)
+				}
+				if !reflect.DeepEqual(got, want) {
+					t.Fatalf("%s: read %#v, parse %#v from % x", s.name, got, want, b)
+				}
+				if used != n {
+					t.Fatalf("%s: read used %d bytes of % x, the frame is %d", s.name, used, b, n)
+				}
+			case err == nil:
+				t.Fatalf("%s: read %#v where parse failed (%v) on % x", s.name, got, perr, b)
+			case parseTruncated:
+				if err != io.EOF && err != io.ErrUnexpectedEOF {
+					t.Fatalf("%s: read of truncated % x: %v, want an EOF", s.name, b, err)
+				}
+				if err == io.EOF && used != 0 {
+					t.Fatalf("%s: io.EOF after %d bytes of a frame, want io.ErrUnexpectedEOF", s.name, used)
+				}
+			case errors.As(err, &pe):
+				// The reader checks what it can as soon as it has it, so it
+				// may also stop at an EOF first; when it does name the
+				// fault, it names Parse's.
+				if err.Error() != perr.Error() {
+					t.Fatalf("%s: read says %q, parse %q of % x", s.name, err, perr, b)
+				}
+			}
+		}
+	})
+}
+
+// countingReader counts the bytes its reader has handed on, which a
+// stream wrapper that reads ahead (DataErrReader) would hide from the
+// bytes.Reader below it.
+type countingReader struct {
+	r io.Reader
+	n int
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += n
+	return n, err
+}
+
+func FuzzReadGreeting(f *testing.F)        { fuzzReader(f, ParseGreeting, ReadGreeting) }
+func FuzzReadUserPassRequest(f *testing.F) { fuzzReader(f, ParseUserPassRequest, ReadUserPassRequest) }
+func FuzzReadRequest(f *testing.F)         { fuzzReader(f, ParseRequest, ReadRequest) }
+
+// FuzzHandshake plays arbitrary client bytes against the server side of
+// the handshake, without and with RFC 1929: it never panics, never closes
+// or reads past the request, and what it writes back is a sequence of
+// well-formed frames in the order RFC 1928 and RFC 1929 allow, one that
+// agrees with the outcome: method 0xFF alone for ErrNoCommonMethod, status
+// 1 last for ErrWrongCredentials, REP 8 with a zero address only after the
+// method was agreed, and for a request, nothing after the method and status.
+func FuzzHandshake(f *testing.F) {
+	for _, seed := range []string{
+		"05 01 00" + goldenConnectV4 + "16030100",
+		"05 02 00 02" + goldenUserPassBob + goldenConnectName,
+		"05 01 02 01 03 626f62 01 78" + goldenConnectV4,
+		"05 01 00 05 01 00 09 01020304 0050",
+		"05 01 02" + goldenUserPassBob + "05 01 00 02 00 00",
+		"05 01 02 01 00 01 62",
+		"05 02 01 02",
+		"04 01 00",
+	} {
+		f.Add(unhex(f, seed))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		for _, auth := range []func(string, string) bool{nil, bobAuth} {
+			c := &recordConn{r: bytes.NewReader(b)}
+			req, err := Handshake(c, ServerConfig{Authenticate: auth})
+			checkHandshakeWrites(t, b, auth != nil, c, req, err)
+		}
+	})
+}
+
+// checkHandshakeWrites checks what Handshake wrote to c, given the bytes b
+// the client sent and the outcome.
+func checkHandshakeWrites(t *testing.T, b []byte, auth bool, c *recordConn, req *ServerRequest, err error) {
+	t.Helper()
+	if (req == nil) == (err == nil) {
+		t.Fatalf("Handshake returned %v and %v", req, err)
+	}
+	out := c.w.Bytes()
+	fail := func(why string) {
+		t.Helper()
+		t.Fatalf("auth=%v, client % x: server wrote % x (err %v): %s", auth, b, out, err, why)
+	}
+	if len(out) == 0 {
+		if err == nil || errors.Is(err, ErrNoCommonMethod) || errors.Is(err, ErrWrongCredentials) {
+			fail("a refusal or a request without the method selection")
+		}
+		return
+	}
+	sel, n, perr := ParseMethodSelection(out)
+	if perr != nil {
+		fail("no method selection first: " + perr.Error())
+	}
+	out = out[n:]
+	want := MethodNoAuth
+	if auth {
+		want = MethodUserPass
+	}
+	switch sel.Method {
+	case MethodNoAcceptable:
+		if len(out) != 0 || !errors.Is(err, ErrNoCommonMethod) {
+			fail("method 0xFF must be all, and ErrNoCommonMethod")
+		}
+		return
+	case want:
+	default:
+		fail("a method the server does not accept")
+	}
+	if errors.Is(err, ErrNoCommonMethod) {
+		fail("ErrNoCommonMethod after a method was selected")
+	}
+	if auth {
+		if len(out) == 0 {
+			if err == nil || errors.Is(err, ErrWrongCredentials) {
+				fail("no status after a username/password")
+			}
+			return
+		}
+		st, n, perr := ParseUserPassStatus(out)
+		if perr != nil || st.Status > 1 {
+			fail(fmt.Sprintf("no username/password status 0 or 1 after the selection: %v", perr))
+		}
+		out = out[n:]
+		if !st.Success() {
+			if len(out) != 0 || !errors.Is(err, ErrWrongCredentials) {
+				fail("status 1 must be last, and ErrWrongCredentials")
+			}
+			return
+		}
+	}
+	if errors.Is(err, ErrWrongCredentials) {
+		fail("ErrWrongCredentials without status 1")
+	}
+	if req != nil {
+		if len(out) != 0 {
+			fail("bytes after the handshake's answers for a request to reply to")
+		}
+		// The request is the frame right after the greeting and the
+		// credentials, and nothing after it was read.
+		_, gn, _ := ParseGreeting(b)
+		rest := b[gn:]
+		if auth {
+			up, un, _ := ParseUserPassRequest(rest)
+			if req.User != up.Username {
+				fail("User is not the username sent")
+			}
+			rest = rest[un:]
+		}
+		q, qn, perr := ParseRequest(rest)
+		if perr != nil || !reflect.DeepEqual(q, req.Request) {
+			fail(fmt.Sprintf("request %v is not the one sent (%v, %v)", req.Request, q, perr))
+		}
+		if unread := c.r.(*bytes.Reader).Len(); unread != len(rest)-qn {
+			fail(fmt.Sprintf("%d bytes left unread, want the %d after the request", unread, len(rest)-qn))
+		}
+		return
+	}
+	if len(out) == 0 {
+		return
+	}
+	rep, n, perr := ParseReply(out)
+	if perr != nil || n != len(out) {
+		fail(fmt.Sprintf("not one reply after the method: %v", perr))
+	}
+	var pe *ProtocolError
+	if rep.Code != RepAddrTypeNotSupported || rep.Addr != unspecifiedAddr || !errors.As(err, &pe) {
+		fail("the only reply Handshake sends is REP 8 with a zero address, for a malformed request")
+	}
+}
