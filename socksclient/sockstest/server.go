@@ -89,6 +89,10 @@ type Config struct {
 	// Greeted, if not nil, receives a value (without blocking) each time the
 	// server has read a greeting: a readiness signal for tests.
 	Greeted chan<- struct{}
+	// Requested, if not nil, receives each request the server has read
+	// (without blocking: give it room), so that a test sees what a client
+	// in front of it asked for, names and all.
+	Requested chan<- socksclient.Request
 	// TrailingPayload is what FaultTrailingPayload sends after the reply.
 	TrailingPayload []byte
 }
@@ -216,6 +220,12 @@ func (s *Server) serveConn(raw net.Conn) {
 		return
 	}
 	s.requests.Add(1)
+	if s.cfg.Requested != nil {
+		select {
+		case s.cfg.Requested <- req.Request:
+		default:
+		}
+	}
 	switch s.cfg.Fault {
 	case FaultCloseAfterRequest:
 		return
