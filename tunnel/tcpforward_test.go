@@ -264,14 +264,20 @@ func (l *closeNotifyListener) Close() error {
 	return l.Listener.Close()
 }
 
-func TestTCPForwardShutdownDrains(t *testing.T) {
-	echo := testnet.Echo(t).Addr().String()
-	proxy := newSocks(t, sockstest.Config{})
+// newCloseNotifyListener listens on 127.0.0.1 at a free port.
+func newCloseNotifyListener(t *testing.T) *closeNotifyListener {
+	t.Helper()
 	inner, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln := &closeNotifyListener{Listener: inner, closed: make(chan struct{})}
+	return &closeNotifyListener{Listener: inner, closed: make(chan struct{})}
+}
+
+func TestTCPForwardShutdownDrains(t *testing.T) {
+	echo := testnet.Echo(t).Addr().String()
+	proxy := newSocks(t, sockstest.Config{})
+	ln := newCloseNotifyListener(t)
 	f, addr, _ := startForwardOn(t, ln, echo, proxy.Addr())
 	c := dialExchange(t, addr)
 	shut := make(chan error, 1)
@@ -303,9 +309,9 @@ func TestTCPForwardShutdownDrains(t *testing.T) {
 	}
 }
 
-// dialExchange opens a session through the forward at addr to an echo
-// target and completes one exchange.
-func dialExchange(t *testing.T, addr string) net.Conn {
+// dialFor dials addr for the test: the conn closes at cleanup, and every
+// read and write on it gives up after 10 s.
+func dialFor(t *testing.T, addr string) net.Conn {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
@@ -313,6 +319,14 @@ func dialExchange(t *testing.T, addr string) net.Conn {
 	}
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(10 * time.Second))
+	return c
+}
+
+// dialExchange opens a session through the forward at addr to an echo
+// target and completes one exchange.
+func dialExchange(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c := dialFor(t, addr)
 	c.Write([]byte("a"))
 	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
 		t.Fatal(err)

@@ -1,0 +1,763 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"go.uber.org/goleak"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
+)
+
+// The -D door, driven by our own SOCKS5 client (socksclient.Dialer) in
+// front and sockstest upstreams behind; curl, proxychains and x/net
+// against the real binary are cmd/socksfwd's interop tests.
+
+// noLeaks fails the test if a goroutine it started outlives its cleanup.
+// Call it first, so that its check runs after every other cleanup.
+func noLeaks(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, ignore) })
+}
+
+// startDoor serves a door on ln (a fresh 127.0.0.1 listener when nil) in
+// front of the upstream proxies, until cleanup.
+func startDoor(t *testing.T, cfg SOCKSDoorConfig, ln net.Listener, proxies ...string) (*SOCKSDoor, *logBuf) {
+	t.Helper()
+	if ln == nil {
+		var err error
+		if ln, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var dialers []*socksclient.Dialer
+	for _, p := range proxies {
+		dialers = append(dialers, &socksclient.Dialer{ProxyAddr: p, HandshakeTimeout: 5 * time.Second})
+	}
+	logs := &logBuf{}
+	cfg.Forward = TCPForwardConfig{
+		Name: ln.Addr().String(), Upstreams: socksclient.NewUpstreams(dialers...),
+		Logger: zerolog.New(logs).Level(zerolog.DebugLevel),
+	}
+	d := NewSOCKSDoor(cfg, ln)
+	serveForTest(t, d)
+	return d, logs
+}
+
+// client is a SOCKS5 client of the door.
+func client(d *SOCKSDoor) *socksclient.Dialer {
+	return &socksclient.Dialer{ProxyAddr: d.Addr().String(), HandshakeTimeout: 5 * time.Second}
+}
+
+// echoTCP sends msg on c and reads it back.
+func echoTCP(t *testing.T, c net.Conn, msg string) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	defer c.SetDeadline(time.Time{})
+	if _, err := io.WriteString(c, msg); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != msg {
+		t.Fatalf("echo: %q, %v; want %q", got, err, msg)
+	}
+}
+
+// echoUDP sends msg to to through the association and reads the answer,
+// which must come from from.
+func echoUDP(t *testing.T, u *socksclient.UDPConn, to, from socksclient.Addr, msg string) {
+	t.Helper()
+	if _, err := u.WriteTo([]byte(msg), to); err != nil {
+		t.Fatal(err)
+	}
+	u.SetReadDeadline(time.Now().Add(10 * time.Second))
+	defer u.SetReadDeadline(time.Time{})
+	buf := make([]byte, socksclient.MaxUDPHeaderLen+len(msg)+1)
+	n, src, err := u.ReadFrom(buf)
+	if err != nil || string(buf[:n]) != msg {
+		t.Fatalf("udp echo: %q, %v; want %q", buf[:n], err, msg)
+	}
+	if src != from {
+		t.Fatalf("udp answer from %v, want %v", src, from)
+	}
+}
+
+func udpEchoAddr(t *testing.T) socksclient.Addr {
+	return socksclient.AddrFromAddrPort(testnet.UDPEcho(t).LocalAddr().(*net.UDPAddr).AddrPort())
+}
+
+// waitUntil waits, at most 10 s, until done reports true, and says
+// whether it did. Only for what nothing signals, such as a datagram the
+// door dropped.
+func waitUntil(done func() bool) bool {
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+		if done() {
+			return true
+		}
+		testnet.Nap(time.Millisecond) // bounded: another goroutine's state
+	}
+	return done()
+}
+
+// waitCounter waits until c reaches want, and fails if it does not or
+// goes past.
+func waitCounter(t *testing.T, name string, c *atomic.Int64, want int64) {
+	t.Helper()
+	waitUntil(func() bool { return c.Load() >= want })
+	if got := c.Load(); got != want {
+		t.Fatalf("%s = %d, want %d", name, got, want)
+	}
+}
+
+// rawRequest greets the door at addr without authentication and sends
+// req, written by hand so that it can be what socksclient never sends,
+// and returns the conn and the door's reply.
+func rawRequest(t *testing.T, addr string, req []byte) (net.Conn, socksclient.Reply) {
+	t.Helper()
+	c := dialFor(t, addr)
+	c.Write([]byte{socksclient.Version, 1, byte(socksclient.MethodNoAuth)})
+	if sel, err := socksclient.ReadMethodSelection(c); err != nil || sel.Method != socksclient.MethodNoAuth {
+		t.Fatalf("method selection %v, %v", sel, err)
+	}
+	c.Write(req)
+	rep, err := socksclient.ReadReply(c)
+	if err != nil {
+		t.Fatalf("reply: %v", err)
+	}
+	return c, rep
+}
+
+// TestDoorConnect: CONNECT through the door relays both ways with
+// half-close, and the target reaches the upstream as the client sent it:
+// an IPv4 address, a name (ATYP 3, for the upstream to resolve), an IPv6
+// address.
+func TestDoorConnect(t *testing.T) {
+	noLeaks(t)
+	echo4 := testnet.Echo(t).Addr().(*net.TCPAddr)
+	requested := make(chan socksclient.Request, 8)
+	up := newSocks(t, sockstest.Config{Requested: requested})
+	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
+	targets := []socksclient.Addr{
+		socksclient.AddrFromAddrPort(echo4.AddrPort()),
+		{Name: "localhost", Port: uint16(echo4.Port)},
+	}
+	if ln6, err := testnet.ServeOn(t, "[::1]:0", testnet.EchoConn); err == nil {
+		targets = append(targets, socksclient.AddrFromAddrPort(ln6.Addr().(*net.TCPAddr).AddrPort()))
+	} else {
+		t.Logf("no IPv6 loopback, IPv6 target left out: %v", err)
+	}
+	for i, target := range targets {
+		c, err := client(door).DialAddr(context.Background(), target)
+		if err != nil {
+			t.Fatalf("%v: %v", target, err)
+		}
+		select {
+		case got := <-requested:
+			if want := (socksclient.Request{Cmd: socksclient.CmdConnect, Addr: target}); got != want {
+				t.Fatalf("the upstream was asked %v, want %v", got, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the upstream saw no request")
+		}
+		if bnd := c.BoundAddr(); !bnd.IP.IsLoopback() || bnd.Port == 0 {
+			t.Errorf("bound address %v, want the upstream's loopback one", bnd)
+		}
+		echoTCP(t, c, "ping")
+		// Half-close: the client's FIN reaches the target, which answers
+		// and then closes its side, which reaches the client.
+		io.WriteString(c, "last words")
+		c.CloseWrite()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if rest, err := io.ReadAll(c); err != nil || string(rest) != "last words" {
+			t.Fatalf("after half-close: %q, %v", rest, err)
+		}
+		c.Close()
+		if n := door.DoorStats().Requests[socksclient.CmdConnect].Load(); n != int64(i+1) {
+			t.Fatalf("CONNECT requests = %d, want %d", n, i+1)
+		}
+	}
+}
+
+// TestDoorAuth: with Credentials the door runs RFC 1929: the right pair
+// is served, a wrong one gets status 1 (ErrAuthFailed to the client), a
+// client without credentials gets method 0xFF; each refusal is counted.
+func TestDoorAuth(t *testing.T) {
+	noLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	up := newSocks(t, sockstest.Config{})
+	creds, err := ParseProxyCredentials("alice:s3cr:t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	door, logs := startDoor(t, SOCKSDoorConfig{Credentials: creds}, nil, up.Addr())
+	right := client(door)
+	right.Username, right.Password = "alice", "s3cr:t"
+	c, err := right.DialContext(context.Background(), "tcp", echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoTCP(t, c, "in")
+	c.Close()
+
+	wrong := client(door)
+	wrong.Username, wrong.Password = "alice", "s3cr:T"
+	if _, err := wrong.DialContext(context.Background(), "tcp", echo); !errors.Is(err, socksclient.ErrAuthFailed) {
+		t.Fatalf("wrong password: %v, want ErrAuthFailed", err)
+	}
+	logs.waitFor(t, `"cause":"wrong credentials"`) // written once counted
+	if n := door.DoorStats().WrongCredentials.Load(); n != 1 {
+		t.Fatalf("WrongCredentials = %d, want 1", n)
+	}
+
+	if _, err := client(door).DialContext(context.Background(), "tcp", echo); !errors.Is(err, socksclient.ErrNoAcceptableMethods) {
+		t.Fatalf("no credentials: %v, want ErrNoAcceptableMethods", err)
+	}
+	logs.waitFor(t, `"cause":"no common authentication method"`)
+	if n := door.DoorStats().NoCommonMethod.Load(); n != 1 {
+		t.Fatalf("NoCommonMethod = %d, want 1", n)
+	}
+	if n := up.Requests(); n != 1 {
+		t.Fatalf("the upstream saw %d requests, want only the authenticated one", n)
+	}
+
+	// Credentials changed, say by a reload, apply to the next client.
+	door.SetCredentials(nil)
+	c, err = client(door).DialContext(context.Background(), "tcp", echo)
+	if err != nil {
+		t.Fatalf("without credentials after SetCredentials(nil): %v", err)
+	}
+	echoTCP(t, c, "open")
+	c.Close()
+}
+
+// TestDoorPipelinedPayload: a client that sends its greeting, request and
+// first bytes at once, without waiting for the answers, has those bytes
+// relayed after the reply, none lost or taken for the handshake.
+func TestDoorPipelinedPayload(t *testing.T) {
+	noLeaks(t)
+	echo := testnet.Echo(t).Addr().(*net.TCPAddr)
+	up := newSocks(t, sockstest.Config{})
+	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
+	c := dialFor(t, door.Addr().String())
+	script := []byte{socksclient.Version, 1, byte(socksclient.MethodNoAuth)}
+	script, _ = socksclient.Request{Cmd: socksclient.CmdConnect, Addr: socksclient.AddrFromAddrPort(echo.AddrPort())}.AppendTo(script)
+	script = append(script, "early bytes"...)
+	c.Write(script)
+	c.(*net.TCPConn).CloseWrite()
+	if sel, err := socksclient.ReadMethodSelection(c); err != nil || sel.Method != socksclient.MethodNoAuth {
+		t.Fatalf("method selection %v, %v", sel, err)
+	}
+	if rep, err := socksclient.ReadReply(c); err != nil || rep.Code != socksclient.RepSucceeded {
+		t.Fatalf("reply %v, %v", rep, err)
+	}
+	if got, err := io.ReadAll(c); err != nil || string(got) != "early bytes" {
+		t.Fatalf("after the reply: %q, %v; want the pipelined bytes echoed", got, err)
+	}
+}
+
+// TestDoorUpstreamRefusals: what the upstreams could not do reaches the
+// client as a REP: the upstream's own code as it is, "general failure"
+// when no upstream answers, "command not supported" from an upstream that
+// hangs up on the command (as ssh -D does on UDP ASSOCIATE); each one
+// counted and logged as a failed session.
+func TestDoorUpstreamRefusals(t *testing.T) {
+	noLeaks(t)
+	refusing := newSocks(t, sockstest.Config{Reply: socksclient.RepConnectionRefused})
+	hangsUp := newSocks(t, sockstest.Config{Fault: sockstest.FaultCloseAfterRequest})
+	refusingPeer := newSocks(t, sockstest.Config{BindSecondReply: socksclient.RepNotAllowed})
+	tests := []struct {
+		name     string
+		upstream string
+		do       func(d *socksclient.Dialer) error
+		want     socksclient.ReplyCode
+	}{
+		{"connect refused", refusing.Addr(), func(d *socksclient.Dialer) error {
+			_, err := d.DialContext(context.Background(), "tcp", "192.0.2.1:80")
+			return err
+		}, socksclient.RepConnectionRefused},
+		{"no upstream", testnet.ClosedPort(t), func(d *socksclient.Dialer) error {
+			_, err := d.DialContext(context.Background(), "tcp", "192.0.2.1:80")
+			return err
+		}, socksclient.RepGeneralFailure},
+		{"udp associate unsupported", hangsUp.Addr(), func(d *socksclient.Dialer) error {
+			_, err := d.Associate(context.Background())
+			return err
+		}, socksclient.RepCommandNotSupported},
+		{"bind peer refused", refusingPeer.Addr(), func(d *socksclient.Dialer) error {
+			b, err := d.Bind(context.Background(), socksclient.Addr{})
+			if err != nil {
+				return err
+			}
+			defer b.Close()
+			peer, err := net.Dial("tcp", b.Addr().String())
+			if err != nil {
+				return err
+			}
+			defer peer.Close()
+			_, err = b.Accept(context.Background())
+			return err
+		}, socksclient.RepNotAllowed},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			door, logs := startDoor(t, SOCKSDoorConfig{}, nil, tc.upstream)
+			err := tc.do(client(door))
+			var re *socksclient.ReplyError
+			if !errors.As(err, &re) || re.Code != tc.want {
+				t.Fatalf("err = %v, want REP %d (%v) from the door", err, tc.want, tc.want)
+			}
+			logs.waitFor(t, `"message":"session failed"`) // written once counted
+			if n := door.Stats().Failed.Load(); n != 1 {
+				t.Fatalf("Failed = %d, want 1", n)
+			}
+		})
+	}
+}
+
+// TestDoorFailover: a dead first upstream is skipped.
+func TestDoorFailover(t *testing.T) {
+	noLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	up := newSocks(t, sockstest.Config{})
+	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, testnet.ClosedPort(t), up.Addr())
+	for range 2 {
+		c, err := client(door).DialContext(context.Background(), "tcp", echo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		echoTCP(t, c, "around")
+		c.Close()
+	}
+	if n := up.Requests(); n != 2 {
+		t.Fatalf("the live upstream saw %d requests, want 2", n)
+	}
+}
+
+// TestDoorUDPAssociate: datagrams go through the door and one upstream
+// association and back, names staying names for the upstream to resolve;
+// fragments the upstream sends are the door's to drop, not its client's.
+func TestDoorUDPAssociate(t *testing.T) {
+	noLeaks(t)
+	echo := udpEchoAddr(t)
+	up := newSocks(t, sockstest.Config{UDPFragmentCopies: true})
+	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
+	u, err := client(door).Associate(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if relay := u.Relay(); !relay.Addr().IsLoopback() {
+		t.Fatalf("relay %v, want the door's loopback address", relay)
+	}
+	echoUDP(t, u, echo, echo, "one")
+	echoUDP(t, u, socksclient.Addr{Name: "localhost", Port: echo.Port}, echo, "by name")
+	big := string(bytes.Repeat([]byte("u"), 60000))
+	echoUDP(t, u, echo, echo, big)
+	st := door.DoorStats()
+	waitCounter(t, "DatagramsUp", &st.DatagramsUp, 3)
+	waitCounter(t, "DatagramsDown", &st.DatagramsDown, 3)
+	waitCounter(t, "upstream fragments dropped", &door.DoorStats().Upstream.Fragmented, 3)
+	if n := u.Stats().Fragmented.Load(); n != 0 {
+		t.Fatalf("the client saw %d fragments: the door passed them on", n)
+	}
+	if n := st.Requests[socksclient.CmdUDPAssociate].Load(); n != 1 {
+		t.Fatalf("UDP ASSOCIATE requests = %d, want 1", n)
+	}
+}
+
+// TestDoorUDPDrops: the door relays only whole datagrams from its client:
+// from another socket, with FRAG != 0, or malformed, they are dropped and
+// counted, and the association goes on.
+func TestDoorUDPDrops(t *testing.T) {
+	noLeaks(t)
+	echo := udpEchoAddr(t)
+	up := newSocks(t, sockstest.Config{})
+	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
+	st := door.DoorStats()
+
+	t.Run("source learnt from the first datagram", func(t *testing.T) {
+		u, err := client(door).Associate(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer u.Close()
+		echoUDP(t, u, echo, echo, "first")
+		stranger := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+		hdr, _ := socksclient.UDPHeader{Addr: echo}.AppendTo(nil)
+		stranger.WriteToUDPAddrPort(append(hdr, "stranger"...), u.Relay())
+		waitCounter(t, "DroppedStranger", &st.DroppedStranger, 1)
+		echoUDP(t, u, echo, echo, "still mine")
+	})
+
+	t.Run("source named in the request", func(t *testing.T) {
+		// The client says where it will send from (RFC 1928 §7), so even
+		// the first datagram from elsewhere is a stranger's.
+		c := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+		from := socksclient.AddrFromAddrPort(c.LocalAddr().(*net.UDPAddr).AddrPort())
+		req, _ := socksclient.Request{Cmd: socksclient.CmdUDPAssociate, Addr: from}.AppendTo(nil)
+		_, rep := rawRequest(t, door.Addr().String(), req)
+		relay, ok := rep.Addr.AddrPort()
+		if rep.Code != socksclient.RepSucceeded || !ok {
+			t.Fatalf("reply %v", rep)
+		}
+		datagram := func(frag byte, payload string) []byte {
+			b, _ := socksclient.UDPHeader{Frag: frag, Addr: echo}.AppendTo(nil)
+			return append(b, payload...)
+		}
+		stranger := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+		stranger.WriteToUDPAddrPort(datagram(0, "stranger"), relay)
+		waitCounter(t, "DroppedStranger", &st.DroppedStranger, 2)
+		c.WriteToUDPAddrPort(datagram(1, "fragment"), relay)
+		waitCounter(t, "DroppedFragment", &st.DroppedFragment, 1)
+		c.WriteToUDPAddrPort([]byte{0, 0, 0, 9, 1, 2, 3, 4, 0, 53}, relay)
+		waitCounter(t, "DroppedMalformed", &st.DroppedMalformed, 1)
+		// None of them went on: the first answer is the whole one's.
+		c.WriteToUDPAddrPort(datagram(0, "whole"), relay)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		buf := make([]byte, 512)
+		n, src, err := c.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, hlen, err := socksclient.ParseUDPHeader(buf[:n])
+		if err != nil || src != relay || h.Addr != echo || h.Frag != 0 || string(buf[hlen:n]) != "whole" {
+			t.Fatalf("answer from %v: %v % x, %v; want the echo of \"whole\" from the relay", src, h, buf[:n], err)
+		}
+	})
+}
+
+// TestDoorUDPEnds: an association through the door lives as long as both
+// control connections: the client's closing it ends the door's session,
+// and the upstream's closing its own ends the client's association.
+func TestDoorUDPEnds(t *testing.T) {
+	noLeaks(t)
+	echo := udpEchoAddr(t)
+	t.Run("client closes", func(t *testing.T) {
+		up := newSocks(t, sockstest.Config{})
+		door, logs := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
+		u, err := client(door).Associate(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		echoUDP(t, u, echo, echo, "bye")
+		relay := u.Relay()
+		u.Close()
+		logs.waitFor(t, `"cmd":"udp associate"`) // the session's end line
+		if n := door.Stats().Active.Load(); n != 0 {
+			t.Fatalf("%d sessions active after the client left", n)
+		}
+		// The door's relay socket is gone: a datagram to it is refused.
+		probe, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(relay))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer probe.Close()
+		probe.Write([]byte{0, 0, 0, 1, 127, 0, 0, 1, 0, 9})
+		probe.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := probe.Read(make([]byte, 16)); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("datagram to the door's old relay: %v, want connection refused", err)
+		}
+	})
+	t.Run("upstream closes", func(t *testing.T) {
+		up := newSocks(t, sockstest.Config{UDPCloseControlAfter: 1})
+		door, logs := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
+		u, err := client(door).Associate(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer u.Close()
+		u.WriteTo([]byte("last"), echo)
+		u.SetReadDeadline(time.Now().Add(10 * time.Second))
+		buf := make([]byte, 64)
+		for range 2 { // the echo may still come back before the end
+			if _, _, err = u.ReadFrom(buf); err != nil {
+				break
+			}
+		}
+		if !errors.Is(err, socksclient.ErrAssociationClosed) {
+			t.Fatalf("read after the upstream ended its association: %v, want ErrAssociationClosed", err)
+		}
+		logs.waitFor(t, `"cmd":"udp associate"`)
+		if n := door.Stats().Active.Load(); n != 0 {
+			t.Fatalf("%d sessions active after the upstream left", n)
+		}
+	})
+}
+
+// TestDoorBind: BIND through the door listens at the upstream; the first
+// reply names where, the second the peer that came, and the session is
+// relayed both ways with half-close.
+func TestDoorBind(t *testing.T) {
+	noLeaks(t)
+	up := newSocks(t, sockstest.Config{})
+	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
+	b, err := client(door).Bind(context.Background(), socksclient.Addr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	peer, err := net.Dial("tcp", b.Addr().String())
+	if err != nil {
+		t.Fatalf("dialing the first reply's %v: %v", b.Addr(), err)
+	}
+	defer peer.Close()
+	c, err := b.Accept(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.BoundAddr().String(); got != peer.LocalAddr().String() {
+		t.Errorf("second reply names %s, want the peer %s", got, peer.LocalAddr())
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	peer.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(peer, "from peer")
+	peer.(*net.TCPConn).CloseWrite()
+	if got, err := io.ReadAll(c); err != nil || string(got) != "from peer" {
+		t.Fatalf("client read %q, %v", got, err)
+	}
+	io.WriteString(c, "from client")
+	c.CloseWrite()
+	if got, err := io.ReadAll(peer); err != nil || string(got) != "from client" {
+		t.Fatalf("peer read %q, %v", got, err)
+	}
+	if n := door.DoorStats().Requests[socksclient.CmdBind].Load(); n != 1 {
+		t.Fatalf("BIND requests = %d, want 1", n)
+	}
+}
+
+// TestDoorRefusesBadRequests: an unknown command gets REP 7 and an unknown
+// address type REP 8, without reaching an upstream; a malformed greeting,
+// and a client that says nothing until HandshakeTimeout, are cut and
+// counted; the door serves on.
+func TestDoorRefusesBadRequests(t *testing.T) {
+	noLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	up := newSocks(t, sockstest.Config{})
+	door, logs := startDoor(t, SOCKSDoorConfig{HandshakeTimeout: 100 * time.Millisecond}, nil, up.Addr())
+	st := door.DoorStats()
+	works := func() {
+		t.Helper()
+		c, err := client(door).DialContext(context.Background(), "tcp", echo)
+		if err != nil {
+			t.Fatalf("the door stopped serving: %v", err)
+		}
+		echoTCP(t, c, "still")
+		c.Close()
+	}
+
+	c, rep := rawRequest(t, door.Addr().String(), []byte{5, 9, 0, 1, 127, 0, 0, 1, 0, 80})
+	if rep.Code != socksclient.RepCommandNotSupported {
+		t.Fatalf("unknown command answered %v, want REP 7", rep)
+	}
+	expectClosed(t, c)
+	if n := st.Requests[0].Load(); n != 1 {
+		t.Fatalf("unknown-command requests = %d, want 1", n)
+	}
+
+	c, rep = rawRequest(t, door.Addr().String(), []byte{5, 1, 0, 9, 127, 0, 0, 1, 0, 80})
+	if rep.Code != socksclient.RepAddrTypeNotSupported {
+		t.Fatalf("unknown address type answered %v, want REP 8", rep)
+	}
+	expectClosed(t, c)
+	logs.waitFor(t, `"cause":"malformed handshake"`)
+	if n := st.Malformed.Load(); n != 1 {
+		t.Fatalf("Malformed = %d, want 1", n)
+	}
+	works()
+
+	c = dialFor(t, door.Addr().String())
+	c.Write([]byte{4, 1, 0, 80, 127, 0, 0, 1, 0}) // SOCKS4
+	expectClosed(t, c)
+	// The log says a cause once a period: only the counter tells.
+	waitCounter(t, "Malformed", &st.Malformed, 2)
+	works()
+
+	expectClosed(t, dialFor(t, door.Addr().String())) // says nothing
+	logs.waitFor(t, `"cause":"handshake timeout"`)
+	if n := st.HandshakeTimeout.Load(); n != 1 {
+		t.Fatalf("HandshakeTimeout = %d, want 1", n)
+	}
+	works()
+	if n := up.Requests(); n != 3 {
+		t.Fatalf("the upstream saw %d requests, want the 3 good ones", n)
+	}
+	// A refused session ends just after its client sees the door hang
+	// up, with nothing to say so.
+	if !waitUntil(func() bool { return door.Stats().Active.Load() == 0 }) {
+		t.Fatalf("%d sessions active, want 0", door.Stats().Active.Load())
+	}
+}
+
+// expectClosed reads c until the door ends it, at most 10 s.
+func expectClosed(t *testing.T, c net.Conn) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err := io.Copy(io.Discard, c)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the door left the connection open")
+	}
+}
+
+// live is one session of each kind through a door, each past its first
+// exchange.
+type live struct {
+	connect  net.Conn
+	udp      *socksclient.UDPConn
+	udpEcho  socksclient.Addr
+	bind     net.Conn // the client's end of an accepted BIND
+	bindPeer net.Conn
+	waiting  *socksclient.Binding // a BIND still waiting for its peer
+}
+
+func openLive(t *testing.T, door *SOCKSDoor, echo string) *live {
+	t.Helper()
+	l := &live{udpEcho: udpEchoAddr(t)}
+	var err error
+	if l.connect, err = client(door).DialContext(context.Background(), "tcp", echo); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.connect.Close() })
+	if l.udp, err = client(door).Associate(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.udp.Close() })
+	b, err := client(door).Bind(context.Background(), socksclient.Addr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.bindPeer, err = net.Dial("tcp", b.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.bindPeer.Close() })
+	if l.bind, err = b.Accept(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.bind.Close() })
+	if l.waiting, err = client(door).Bind(context.Background(), socksclient.Addr{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.waiting.Close() })
+	l.exchange(t, "1")
+	return l
+}
+
+// exchange passes msg through every established session.
+func (l *live) exchange(t *testing.T, msg string) {
+	t.Helper()
+	echoTCP(t, l.connect, msg)
+	echoUDP(t, l.udp, l.udpEcho, l.udpEcho, msg)
+	l.bindPeer.SetDeadline(time.Now().Add(10 * time.Second))
+	defer l.bindPeer.SetDeadline(time.Time{})
+	io.WriteString(l.bind, msg)
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(l.bindPeer, got); err != nil || string(got) != msg {
+		t.Fatalf("bind session: %q, %v", got, err)
+	}
+}
+
+// TestDoorShutdownDrains: Shutdown stops accepting, lets CONNECT, UDP and
+// BIND sessions go on, and returns when the last has ended.
+func TestDoorShutdownDrains(t *testing.T) {
+	noLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	up := newSocks(t, sockstest.Config{})
+	ln := newCloseNotifyListener(t)
+	door, _ := startDoor(t, SOCKSDoorConfig{}, ln, up.Addr())
+	l := openLive(t, door, echo)
+	shut := make(chan error, 1)
+	go func() { shut <- door.Shutdown(context.Background()) }()
+	<-ln.closed
+	l.exchange(t, "2")
+	select {
+	case err := <-shut:
+		t.Fatalf("Shutdown returned (%v) with sessions live", err)
+	default:
+	}
+	l.connect.(interface{ CloseWrite() error }).CloseWrite()
+	io.Copy(io.Discard, l.connect)
+	l.udp.Close()
+	l.bindPeer.Close()
+	l.bind.Close()
+	l.waiting.Close()
+	select {
+	case err := <-shut:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("Shutdown still waiting after every session ended (%d active)", door.Stats().Active.Load())
+	}
+}
+
+// TestDoorCloseCuts: Close cuts every live session, a BIND still waiting
+// for its peer included, and returns with nothing of theirs left running.
+func TestDoorCloseCuts(t *testing.T) {
+	noLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	up := newSocks(t, sockstest.Config{})
+	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
+	l := openLive(t, door, echo)
+	door.Close()
+	if n := door.Stats().Active.Load(); n != 0 {
+		t.Fatalf("%d sessions active after Close", n)
+	}
+	expectClosed(t, l.connect)
+	expectClosed(t, l.bind)
+	expectClosed(t, l.bindPeer)
+	l.udp.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, _, err := l.udp.ReadFrom(make([]byte, 64)); !errors.Is(err, socksclient.ErrAssociationClosed) {
+		t.Fatalf("association after Close: %v, want ErrAssociationClosed", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := l.waiting.Accept(ctx); err == nil || errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("waiting BIND after Close: %v, want the door's hang-up", err)
+	}
+}
+
+// TestDoorDualStack: a door on [::] serves clients that reach it over
+// IPv4 and over IPv6, each with a UDP relay on the address it reached:
+// a plain IPv4 address for the first, not an IPv4-mapped one.
+func TestDoorDualStack(t *testing.T) {
+	noLeaks(t)
+	ln, err := net.Listen("tcp", "[::]:0")
+	if err != nil {
+		t.Skipf("no IPv6 here: %v", err)
+	}
+	echo := testnet.Echo(t).Addr().String()
+	udpEcho := udpEchoAddr(t)
+	up := newSocks(t, sockstest.Config{})
+	door, _ := startDoor(t, SOCKSDoorConfig{}, ln, up.Addr())
+	port := uint16(door.Addr().(*net.TCPAddr).Port)
+	for _, ip := range []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.IPv6Loopback()} {
+		d := client(door)
+		d.ProxyAddr = netip.AddrPortFrom(ip, port).String()
+		c, err := d.DialContext(context.Background(), "tcp", echo)
+		if err != nil {
+			t.Fatalf("through %s: %v", d.ProxyAddr, err)
+		}
+		echoTCP(t, c, "dual")
+		c.Close()
+		u, err := d.Associate(context.Background())
+		if err != nil {
+			t.Fatalf("through %s: %v", d.ProxyAddr, err)
+		}
+		if u.Relay().Addr() != ip {
+			t.Errorf("through %s: relay %v, want on %v", d.ProxyAddr, u.Relay(), ip)
+		}
+		echoUDP(t, u, udpEcho, udpEcho, "dual")
+		u.Close()
+	}
+}
