@@ -702,17 +702,33 @@ func TestDoorShutdownDrains(t *testing.T) {
 }
 
 // TestDoorCloseCuts: Close cuts every live session, a BIND still waiting
-// for its peer included, and returns with nothing of theirs left running.
+// for its peer and a client halfway through its handshake included, and
+// returns with nothing of theirs left running.
 func TestDoorCloseCuts(t *testing.T) {
 	noLeaks(t)
 	echo := testnet.Echo(t).Addr().String()
 	up := newSocks(t, sockstest.Config{})
 	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
 	l := openLive(t, door, echo)
-	door.Close()
+	greeted := dialFor(t, door.Addr().String())
+	greeted.Write([]byte{socksclient.Version, 1, byte(socksclient.MethodNoAuth)})
+	if _, err := socksclient.ReadMethodSelection(greeted); err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		door.Close()
+	}()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second): // far below the handshake's own bound
+		t.Fatal("Close waits for a handshake to time out")
+	}
 	if n := door.Stats().Active.Load(); n != 0 {
 		t.Fatalf("%d sessions active after Close", n)
 	}
+	expectClosed(t, greeted)
 	expectClosed(t, l.connect)
 	expectClosed(t, l.bind)
 	expectClosed(t, l.bindPeer)
