@@ -236,7 +236,8 @@ func checkHandshakeWrites(t *testing.T, b []byte, auth bool, c *recordConn, req 
 			fail("bytes after the handshake's answers for a request to reply to")
 		}
 		// The request is the frame right after the greeting and the
-		// credentials, and nothing after it was read.
+		// credentials, and what follows it is in Early or still unread,
+		// in order.
 		_, gn, _ := ParseGreeting(b)
 		rest := b[gn:]
 		if auth {
@@ -250,8 +251,12 @@ func checkHandshakeWrites(t *testing.T, b []byte, auth bool, c *recordConn, req 
 		if perr != nil || !reflect.DeepEqual(q, req.Request) {
 			fail(fmt.Sprintf("request %v is not the one sent (%v, %v)", req.Request, q, perr))
 		}
-		if unread := c.r.(*bytes.Reader).Len(); unread != len(rest)-qn {
-			fail(fmt.Sprintf("%d bytes left unread, want the %d after the request", unread, len(rest)-qn))
+		after := rest[qn:]
+		if !bytes.HasPrefix(after, req.Early) || (req.Early != nil && len(req.Early) == 0) {
+			fail(fmt.Sprintf("Early % x is not what followed the request", req.Early))
+		}
+		if unread := c.r.(*bytes.Reader).Len(); unread != len(after)-len(req.Early) {
+			fail(fmt.Sprintf("%d bytes left unread and %d in Early, want the %d after the request", unread, len(req.Early), len(after)))
 		}
 		return
 	}

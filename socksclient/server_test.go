@@ -125,7 +125,8 @@ func TestHandshake(t *testing.T) {
 }
 
 // TestHandshakeLeavesPayload: bytes the client pipelines after its request
-// (the first bytes of a TLS hello, say) stay in the stream for the relay.
+// (the first bytes of a TLS hello, say) are handed over in Early, or stay
+// in the stream, in order: nothing is lost for the relay.
 func TestHandshakeLeavesPayload(t *testing.T) {
 	for _, auth := range []func(string, string) bool{nil, bobAuth} {
 		client, server := testnet.TCPPair(t)
@@ -143,8 +144,8 @@ func TestHandshakeLeavesPayload(t *testing.T) {
 			t.Fatalf("request %v", req.Request)
 		}
 		rest, err := io.ReadAll(server)
-		if err != nil || !bytes.Equal(rest, unhex(t, "16030100")) {
-			t.Fatalf("after the handshake the stream holds % x, %v; want the pipelined 16 03 01 00", rest, err)
+		if got := append(req.Early, rest...); err != nil || !bytes.Equal(got, unhex(t, "16030100")) {
+			t.Fatalf("after the handshake Early holds % x and the stream % x, %v; want the pipelined 16 03 01 00", req.Early, rest, err)
 		}
 	}
 }

@@ -193,6 +193,10 @@ func (d *SOCKSDoor) connect(req *socksclient.ServerRequest, idle time.Duration, 
 		d.cut(req.Conn, up)
 		return
 	}
+	if err := d.sendEarly(req, up); err != nil {
+		d.cut(req.Conn, up)
+		return
+	}
 	f.relay(req.Conn, up, req.Addr, dialer.ProxyAddr, idle, start)
 }
 
@@ -248,6 +252,10 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 		d.cut(req.Conn, peer)
 		return
 	}
+	if err := d.sendEarly(req, peer); err != nil {
+		d.cut(req.Conn, peer)
+		return
+	}
 	f.relay(req.Conn, peer, req.Addr, dialer.ProxyAddr, idle, start)
 }
 
@@ -263,6 +271,17 @@ func (d *SOCKSDoor) cut(client net.Conn, opened ...io.Closer) {
 	}
 	abort(client)
 	d.TCPForward.endSession(client, nil)
+}
+
+// sendEarly passes on what the client sent right behind its request,
+// before the relay takes over, counted as the relay counts.
+func (d *SOCKSDoor) sendEarly(req *socksclient.ServerRequest, up net.Conn) error {
+	if len(req.Early) == 0 {
+		return nil
+	}
+	n, err := up.Write(req.Early)
+	d.TCPForward.stats.BytesUp.Add(int64(n))
+	return err
 }
 
 // aLongTimeAgo is a deadline that makes a blocked read return at once.

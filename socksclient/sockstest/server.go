@@ -242,7 +242,7 @@ func (s *Server) serveConn(raw net.Conn) {
 	}
 	switch req.Cmd {
 	case socksclient.CmdConnect:
-		s.serveConnect(c, req.Addr)
+		s.serveConnect(c, req.Addr, req.Early)
 	case socksclient.CmdBind:
 		s.serveBind(c, req.Addr)
 	case socksclient.CmdUDPAssociate:
@@ -310,7 +310,7 @@ func (c *faultConn) CloseWrite() error {
 
 var zeroAddr = socksclient.Addr{IP: netip.IPv4Unspecified()}
 
-func (s *Server) serveConnect(c net.Conn, target socksclient.Addr) {
+func (s *Server) serveConnect(c net.Conn, target socksclient.Addr, early []byte) {
 	d := net.Dialer{Timeout: 5 * time.Second}
 	up, err := d.Dial("tcp", target.String())
 	if err != nil {
@@ -330,6 +330,9 @@ func (s *Server) serveConnect(c net.Conn, target socksclient.Addr) {
 		b = append(b, s.cfg.TrailingPayload...)
 	}
 	if err := s.write(c, b); err != nil {
+		return
+	}
+	if _, err := up.Write(early); err != nil { // what the client sent behind its request
 		return
 	}
 	pipe(c, up)
