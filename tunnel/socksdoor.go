@@ -114,7 +114,10 @@ func (d *SOCKSDoor) serve(client net.Conn) {
 		d.associate(req, start)
 	default:
 		req.Reply(socksclient.RepCommandNotSupported, socksclient.Addr{})
-		f.sessionEvent(f.cfg.Logger.Info(), client, req.Addr).Str("cmd", req.Cmd.String()).Msg("request refused: command not supported")
+		if ok, suppressed := f.refusals.Allow("command not supported"); ok {
+			f.sessionEvent(f.cfg.Logger.Info(), client, req.Addr).Str("cmd", req.Cmd.String()).
+				Int64("refused_since_last_line", suppressed).Msg("request refused: command not supported")
+		}
 		client.Close()
 		f.endSession(client, nil)
 	}
@@ -144,9 +147,9 @@ func (d *SOCKSDoor) handshakeFailed(client net.Conn, err error) {
 	}
 	f := d.TCPForward
 	if errors.Is(err, io.EOF) {
-		// Connected and hung up without a byte: a port probe or a health
-		// check, not a client in trouble.
-		f.cfg.Logger.Debug().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).Msg("closed before greeting")
+		// Hung up between frames, most often before a byte: a port probe
+		// or a health check, not a client in trouble.
+		f.cfg.Logger.Debug().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).Err(err).Msg("client closed during the handshake")
 		return
 	}
 	if ok, suppressed := f.refusals.Allow(cause); ok {
