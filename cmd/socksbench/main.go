@@ -6,6 +6,7 @@
 //	socksbench bench   measure socksfwd beside direct and proxychains4, same run
 //	                   (bench-tcp, bench-udp, bench-echo, bench-dns, bench-mem,
 //	                   bench-failover, bench-http, bench-socks, bench-reverse,
+//	                   bench-kernel-relay,
 //	                   bench-sidecar, bench-admin, bench-microsocks:
 //	                   one part alone)
 //
@@ -89,6 +90,8 @@ func main() {
 			benchReverse(h, cfg)
 		case "bench-socks":
 			benchSOCKSDoor(h, cfg)
+		case "bench-kernel-relay":
+			benchKernelRelay(h, cfg)
 		default:
 			fs.Usage()
 			h.Fatalf("unknown command %q", fs.Arg(0))
