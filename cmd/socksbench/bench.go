@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"os/exec"
@@ -31,12 +32,16 @@ type benchConfig struct {
 
 // result is one way to reach the target: the median of its rounds, the
 // busiest processes of the run that median came from, and every round's
-// value in round order.
+// value in round order, with the CPU milliseconds its forwarder (or
+// client: see wayCPU) spent in that round (NaN where unknown) and the
+// seconds of each timed run.
 type result struct {
 	way    string
 	value  float64
 	busy   string
 	rounds []float64
+	cpu    []float64
+	secs   float64
 }
 
 // report prints a workload's results and socksfwd's ratio to the baseline,
@@ -54,7 +59,7 @@ func report(name, unit string, rows []result, baseline string, bar float64) {
 			line += fmt.Sprintf("\n%-26s   busiest via %s: %s", "", r.way, r.busy)
 		}
 	}
-	fmt.Println(line)
+	fmt.Println(line + cpuLine(unit, rows))
 }
 
 // ratios is report's verdict: socksfwd against the bar, then the others.
@@ -200,13 +205,21 @@ const rounds = 5
 const connThreads = 8
 
 // meter names the busiest processes while a timed client runs (servers
-// that a run starts and stops itself included).
-type meter struct{ busy string }
+// that a run starts and stops itself included), and keeps what the run
+// cost in CPU and how long the client was told to run.
+type meter struct {
+	busy  string
+	spent cpuSpent
+	secs  int
+}
 
-func (m *meter) timed(client func() float64) float64 {
+// timed runs a client that measures a rate over secs seconds.
+func (m *meter) timed(secs int, client func() float64) float64 {
 	snap := startCPU()
 	v := client()
+	m.spent = snap.spent()
 	m.busy = snap.busiest()
+	m.secs = secs
 	return v
 }
 
@@ -228,19 +241,26 @@ func measure(ways []string, run func(way string, m *meter) float64) []result {
 			w := ways[k]
 			var m meter
 			v := run(w, &m)
-			samples[w] = append(samples[w], result{way: w, value: v, busy: m.busy})
+			cpu := math.NaN()
+			if m.spent.byComm != nil {
+				if ms, ok := m.spent.wayCPU(w); ok {
+					cpu = ms
+				}
+			}
+			samples[w] = append(samples[w], result{way: w, value: v, busy: m.busy, cpu: []float64{cpu}, secs: float64(m.secs)})
 		}
 	}
 	out := make([]result, len(ways))
 	for i, w := range ways {
 		s := samples[w]
 		inOrder := make([]float64, len(s))
+		cpu := make([]float64, len(s))
 		for j, r := range s {
-			inOrder[j] = r.value
+			inOrder[j], cpu[j] = r.value, r.cpu[0]
 		}
 		sort.Slice(s, func(a, b int) bool { return s[a].value < s[b].value })
 		out[i] = s[len(s)/2]
-		out[i].rounds = inOrder
+		out[i].rounds, out[i].cpu = inOrder, cpu
 	}
 	return out
 }
@@ -308,7 +328,7 @@ func bench(h *harness, cfg benchConfig) {
 			if way == "transparent" {
 				addr = iperfAddr
 			}
-			return m.timed(func() float64 { return iperfGbps(h, prefix, iperf, addr, run.streams, cfg.seconds, extra...) })
+			return m.timed(cfg.seconds, func() float64 { return iperfGbps(h, prefix, iperf, addr, run.streams, cfg.seconds, extra...) })
 		})
 		report(name, "Gbit/s", rows, "proxychains4", 0.9)
 		reportTransparent(name, rows, 0.95, 1.15)
@@ -327,7 +347,7 @@ func bench(h *harness, cfg benchConfig) {
 	rows := measure(connWays, func(way string, m *meter) float64 {
 		echo := testnet.Echo(h).Addr().String()
 		rate := func(prefix []string, addr string) float64 {
-			return m.timed(func() float64 { return connRate(h, prefix, connrate, addr, cfg.seconds) })
+			return m.timed(cfg.seconds, func() float64 { return connRate(h, prefix, connrate, addr, cfg.seconds) })
 		}
 		if way == "direct" {
 			return rate(nil, echo)

@@ -62,14 +62,16 @@ func benchDNS(h *harness, cfg benchConfig) {
 		}
 		cpu := startCPU()
 		out := dnsperfOutput(h, dnsperf, r.addr, r.file, cfg.seconds)
+		spent := cpu.spent()
 		qps, lost, lat := dnsperfResult(out)
+		completed, _ := strconv.ParseFloat(dnsperfField(h, out, reCompleted), 64)
 		verdict := ""
 		if r.bar > 0 {
 			verdict = barText(qps >= r.bar && (r.name != "dns-unique-names" || r.way != "socksfwd-tcp" || lost == 0),
 				fmt.Sprintf("≥ %.0f q/s", r.bar))
 		}
-		fmt.Printf("%-26s %-12s %8.0f q/s  avg latency %6.2f ms  lost %d  busiest: %s%s\n",
-			r.name, r.way, qps, lat*1000, lost, cpu.busiest(), verdict)
+		fmt.Printf("%-26s %-12s %8.0f q/s  avg latency %6.2f ms  lost %d  busiest: %s%s%s\n",
+			r.name, r.way, qps, lat*1000, lost, cpu.busiest(), perItem(spent, r.way, "query", completed), verdict)
 		if r.addr == viaTCP {
 			q1, r1 := dnsCounts(h, admin, viaTCP)
 			reportDNSMetrics(h, r.name, out, q0, q1, r0, r1)
@@ -86,7 +88,9 @@ func benchDNS(h *harness, cfg benchConfig) {
 // over UDP: the SERVFAILs the resolver itself gives.
 func benchDNSClosing(h *harness, dnsperf, direct, viaTCP, names string, secs int) {
 	for _, r := range []struct{ way, addr string }{{"direct", direct}, {"socksfwd-tcp", viaTCP}} {
+		cpu := startCPU()
 		out := dnsperfOutput(h, dnsperf, r.addr, names, secs)
+		spent := cpu.spent()
 		qps, _ := strconv.ParseFloat(dnsperfField(h, out, reQPS), 64)
 		lost, _ := strconv.Atoi(dnsperfField(h, out, reLost))
 		completed, _ := strconv.Atoi(dnsperfField(h, out, reCompleted))
@@ -98,8 +102,8 @@ func benchDNSClosing(h *harness, dnsperf, direct, viaTCP, names string, secs int
 		if r.way != "direct" {
 			verdict = barText(servfail == 0, "0 SERVFAIL")
 		}
-		fmt.Printf("%-26s %-12s %8.0f q/s  SERVFAIL %d of %d answered  lost %d%s\n",
-			"dns-closing-resolver-200", r.way, qps, servfail, completed, lost, verdict)
+		fmt.Printf("%-26s %-12s %8.0f q/s  SERVFAIL %d of %d answered  lost %d%s%s\n",
+			"dns-closing-resolver-200", r.way, qps, servfail, completed, lost, perItem(spent, r.way, "query", float64(completed)), verdict)
 	}
 }
 

@@ -54,7 +54,7 @@ func benchMicrosocks(h *harness, cfg benchConfig, cpus cpuSplit, iperfAddr, conn
 			defer stop(p)
 		}
 		return measure(ways, func(way string, m *meter) float64 {
-			return m.timed(func() float64 { return iperfGbps(h, prefixes[way], iperf, addrs[way], 1, cfg.seconds) })
+			return m.timed(cfg.seconds, func() float64 { return iperfGbps(h, prefixes[way], iperf, addrs[way], 1, cfg.seconds) })
 		})
 	}
 	report("tcp-throughput-1stream-microsocks", "Gbit/s", throughput(), "proxychains4", 0)
@@ -66,7 +66,7 @@ func benchMicrosocks(h *harness, cfg benchConfig, cpus cpuSplit, iperfAddr, conn
 		defer ms.Proc.Stop()
 		prefix, addr, p := start(way, echo, ms.Addr)
 		defer stop(p)
-		return m.timed(func() float64 { return connRate(h, prefix, connrate, addr, cfg.seconds) })
+		return m.timed(cfg.seconds, func() float64 { return connRate(h, prefix, connrate, addr, cfg.seconds) })
 	})
 	report(fmt.Sprintf("tcp-new-conns-%dthreads-microsocks", connThreads), "conn/s", rows, "proxychains4", 0)
 }

@@ -90,6 +90,7 @@ func benchUDP(h *harness, cfg benchConfig) {
 			cpu := startCPU()
 			drops, perSocket := udpRcvbufErrors(), udpDrops()
 			lost, mbps := iperfUDPVia(h, prefix, iperf, addr, rate, cfg.seconds)
+			spent := cpu.spent() // before done stops the tproxy way's process
 			done()
 			busiest := cpu.busiest()
 			drops = udpRcvbufErrors() - drops
@@ -112,8 +113,10 @@ func benchUDP(h *harness, cfg benchConfig) {
 					verdict = barText(mbps >= 0.9*forwardMbps, fmt.Sprintf("≥ 0.9 × the /udp forward's %.1f Mbit/s", forwardMbps))
 				}
 			}
-			fmt.Printf("%-26s %-10s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  socket-buffer drops %d (%s)  busiest: %s%s\n",
-				"udp-iperf3-1200B"+r.suffix, way, rate, mbps, lost, drops, where, busiest, verdict)
+			// Per datagram delivered: what a datagram that made it cost.
+			datagrams := mbps * 1e6 / 8 / 1200 * float64(cfg.seconds)
+			fmt.Printf("%-26s %-10s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  socket-buffer drops %d (%s)  busiest: %s%s%s\n",
+				"udp-iperf3-1200B"+r.suffix, way, rate, mbps, lost, drops, where, busiest, perItem(spent, way, "datagram", datagrams), verdict)
 		}
 	}
 
@@ -268,9 +271,10 @@ func percentiles(rtts []time.Duration) (p50, p99 time.Duration) {
 // cpuSnapshot holds CPU ticks per process at a moment, to name the busiest
 // process of a run.
 type cpuSnapshot struct {
-	at    time.Time
-	ticks map[int]procTicks
-	cpus  []cpuTimes
+	at       time.Time
+	ticks    map[int]procTicks
+	cpus     []cpuTimes
+	children time.Duration // childrenCPU at the snapshot
 }
 
 // cpuTimes is one CPU's line of /proc/stat: busy and total ticks.
@@ -306,7 +310,7 @@ type procTicks struct {
 }
 
 func startCPU() *cpuSnapshot {
-	return &cpuSnapshot{at: time.Now(), ticks: readTicks(), cpus: readCPUTimes()}
+	return &cpuSnapshot{at: time.Now(), ticks: readTicks(), cpus: readCPUTimes(), children: childrenCPU()}
 }
 
 func readTicks() map[int]procTicks {
