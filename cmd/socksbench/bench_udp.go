@@ -477,11 +477,31 @@ func waitUDPBound(h *harness, addr string) {
 }
 
 // cpuSplit gives Dante the last CPU this process may use and everything
-// else the others, as a proxy on another host would have it. With one CPU
-// it pins nothing.
+// else the others, as a proxy on another host would have it. With one CPU,
+// or shared, it pins nothing.
 type cpuSplit struct {
 	h    *harness
 	cpus []int
+	// shared: every process on every CPU, as a sidecar shares its host's
+	// CPUs with everything else; the rows it runs are named with a suffix.
+	shared bool
+}
+
+// sharedCPUs is the arrangement with nothing pinned. It first undoes any
+// pinning an earlier part left on this process.
+func sharedCPUs(h *harness) cpuSplit {
+	c := newCPUSplit(h)
+	c.all()
+	c.shared = true
+	return c
+}
+
+// suffix is what the rows of the arrangement add to their names.
+func (c cpuSplit) suffix() string {
+	if c.shared {
+		return "-shared"
+	}
+	return ""
 }
 
 func newCPUSplit(h *harness) cpuSplit {
@@ -511,7 +531,7 @@ func (c cpuSplit) rest() { c.pin(c.cpus[:len(c.cpus)-1]) }
 func (c cpuSplit) all()  { c.pin(c.cpus) }
 
 func (c cpuSplit) pin(cpus []int) {
-	if len(c.cpus) >= 2 {
+	if len(c.cpus) >= 2 && !c.shared {
 		pinSelf(c.h, cpus...)
 	}
 }
