@@ -7,10 +7,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -31,12 +33,16 @@ type benchConfig struct {
 
 // result is one way to reach the target: the median of its rounds, the
 // busiest processes of the run that median came from, and every round's
-// value in round order.
+// value in round order, with the CPU milliseconds its forwarder (or
+// client: see wayCPU) spent in that round (NaN where unknown) and the
+// seconds of each timed run.
 type result struct {
 	way    string
 	value  float64
 	busy   string
 	rounds []float64
+	cpu    []float64
+	secs   float64
 }
 
 // report prints a workload's results and socksfwd's ratio to the baseline,
@@ -54,7 +60,7 @@ func report(name, unit string, rows []result, baseline string, bar float64) {
 			line += fmt.Sprintf("\n%-26s   busiest via %s: %s", "", r.way, r.busy)
 		}
 	}
-	fmt.Println(line)
+	fmt.Println(line + cpuLine(unit, rows))
 }
 
 // ratios is report's verdict: socksfwd against the bar, then the others.
@@ -200,13 +206,21 @@ const rounds = 5
 const connThreads = 8
 
 // meter names the busiest processes while a timed client runs (servers
-// that a run starts and stops itself included).
-type meter struct{ busy string }
+// that a run starts and stops itself included), and keeps what the run
+// cost in CPU and how long the client was told to run.
+type meter struct {
+	busy  string
+	spent cpuSpent
+	secs  int
+}
 
-func (m *meter) timed(client func() float64) float64 {
+// timed runs a client that measures a rate over secs seconds.
+func (m *meter) timed(secs int, client func() float64) float64 {
 	snap := startCPU()
 	v := client()
+	m.spent = snap.spent()
 	m.busy = snap.busiest()
+	m.secs = secs
 	return v
 }
 
@@ -228,34 +242,39 @@ func measure(ways []string, run func(way string, m *meter) float64) []result {
 			w := ways[k]
 			var m meter
 			v := run(w, &m)
-			samples[w] = append(samples[w], result{way: w, value: v, busy: m.busy})
+			cpu := math.NaN()
+			if m.spent.byComm != nil {
+				if ms, ok := m.spent.wayCPU(w); ok {
+					cpu = ms
+				}
+			}
+			samples[w] = append(samples[w], result{way: w, value: v, busy: m.busy, cpu: []float64{cpu}, secs: float64(m.secs)})
 		}
 	}
 	out := make([]result, len(ways))
 	for i, w := range ways {
 		s := samples[w]
 		inOrder := make([]float64, len(s))
+		cpu := make([]float64, len(s))
 		for j, r := range s {
-			inOrder[j] = r.value
+			inOrder[j], cpu[j] = r.value, r.cpu[0]
 		}
 		sort.Slice(s, func(a, b int) bool { return s[a].value < s[b].value })
 		out[i] = s[len(s)/2]
-		out[i].rounds = inOrder
+		out[i].rounds, out[i].cpu = inOrder, cpu
 	}
 	return out
 }
 
+// bench is the TCP part in the pinned arrangement (Dante on a CPU of its
+// own), with every way, then the rows that share its servers.
 func bench(h *harness, cfg benchConfig) {
-	iperf := peertest.Require(h, "iperf3")
-	pc := peertest.Require(h, "proxychains4")
-	cc := peertest.Require(h, "cc")
-	redsocks := peertest.Require(h, "redsocks")
-	nft := peertest.Require(h, "nft")
-
 	fmt.Printf("socksbench: median of %d interleaved rounds, %d s per run, proxies → %s\n", rounds, cfg.seconds, peertest.Versions()[0])
+	t := newTCPBench(h, cfg)
+	t.redsocks = peertest.Require(h, "redsocks")
+	t.nft = peertest.Require(h, "nft")
 	ways := []string{"direct", "socksfwd", "proxychains4", "redsocks", "transparent"}
-	gost := lookGost() // an optional extra way
-	if gost != "" {
+	if t.gost != "" {
 		ways = append(ways, wayGostForward)
 	}
 
@@ -265,21 +284,94 @@ func bench(h *harness, cfg benchConfig) {
 	// shares and changes CPUs more often the more threads run beside it,
 	// which taxed each forwarder for its threads rather than its work: the
 	// 4-stream runs went from 0.78 of proxychains4 to parity when pinned.
+	// benchShared has the other arrangement.
 	cpus := newCPUSplit(h)
 	cpus.rest() // clients, forwarders, targets and this process
 	defer cpus.all()
 
+	// One more way for connections: the -L path while a NAT table is
+	// loaded, as it is for the redirected ways, so that the cost of
+	// connection tracking on every leg shows apart from socksfwd's own.
+	// And the transparent listener taking connections by TPROXY, which
+	// needs no NAT and so no connection tracking.
+	connWays := append(append([]string{}, ways...), "socksfwd-conntrack", "transparent-tproxy")
+	dante, iperfAddr := t.rows(cpus, ways, connWays)
+	benchMicrosocks(h, cfg, cpus, iperfAddr, t.connrate, t.gost)
+	benchSidecar(h, cfg, cpus, t.connrate)
+
+	benchRelayCPU(h, t.iperf, iperfAddr, cfg.socksfwd, dante.Addr)
+	benchAdmin(h, cfg, t.iperf, iperfAddr, dante.Addr, cpus, t.connrate)
+	benchMemory(h, cfg, dante.Addr)
+}
+
+// benchShared is the main TCP rows again with nothing pinned: every
+// process on every CPU, as a sidecar shares its host's CPUs with the
+// application and, here, with the proxy. Fewer ways than the pinned rows
+// (socksfwd, proxychains4 and gost), to keep `make bench` short; each row
+// its own ratios, with the bars that hold in this arrangement.
+func benchShared(h *harness, cfg benchConfig) {
+	fmt.Printf("socksbench: shared CPUs (nothing pinned), median of %d interleaved rounds, %d s per run, proxies → %s\n", rounds, cfg.seconds, peertest.Versions()[0])
+	t := newTCPBench(h, cfg)
+	ways := []string{"socksfwd", "proxychains4"}
+	if t.gost != "" {
+		ways = append(ways, wayGostForward)
+	}
+	cpus := sharedCPUs(h)
+	_, iperfAddr := t.rows(cpus, ways, ways)
+	benchMicrosocks(h, cfg, cpus, iperfAddr, t.connrate, t.gost)
+}
+
+// The bars of the shared arrangement, through Dante and through
+// microsocks alike: socksfwd against proxychains4, which makes no hop, and
+// against gost's forward, the like-for-like peer.
+var (
+	sharedThroughputBars = []httpBar{{"proxychains4", 0.95}, {wayGostForward, 1.1}}
+	sharedConnBars       = []httpBar{{"proxychains4", 0.85}, {wayGostForward, 1.3}}
+)
+
+// tcpBench is what the TCP rows of either arrangement run with: the
+// clients, the peers found, and the connection-rate client built once.
+// redsocks and nft are "" unless the redirected ways run.
+type tcpBench struct {
+	h                   *harness
+	cfg                 benchConfig
+	iperf, pc, connrate string
+	gost                string // "" when not on PATH
+	redsocks, nft       string
+}
+
+func newTCPBench(h *harness, cfg benchConfig) tcpBench {
+	return tcpBench{
+		h: h, cfg: cfg,
+		iperf:    peertest.Require(h, "iperf3"),
+		pc:       peertest.Require(h, "proxychains4"),
+		connrate: buildConnrate(h, peertest.Require(h, "cc")),
+		gost:     lookGost(), // an optional extra way
+	}
+}
+
+// rows runs the throughput rows (1 stream, 4 streams, 4 streams reverse)
+// through ways and the connection-rate row through connWays, all through
+// Dante placed by cpus, and reports them with the arrangement's bars. It
+// returns the throughput rows' Dante and iperf3 server, which stay up.
+func (t tcpBench) rows(cpus cpuSplit, ways, connWays []string) (peertest.Peer, string) {
+	h, cfg, suffix := t.h, t.cfg, cpus.suffix()
 	// TCP throughput with iperf3 (a libc client, so proxychains4 can carry it).
 	dante := cpus.dante(peertest.DanteOptions{})
-	iperfAddr := h.iperfServer(iperf)
+	iperfAddr := h.iperfServer(t.iperf)
 	addrs := map[string]string{"direct": iperfAddr, "proxychains4": iperfAddr, "redsocks": iperfAddr}
 	addrs["socksfwd"], _ = h.socksfwd(cfg.socksfwd, iperfAddr, dante.Addr)
-	if gost != "" {
-		addrs[wayGostForward], _ = h.gostForward(gost, iperfAddr, dante.Addr)
+	if slices.Contains(ways, wayGostForward) {
+		addrs[wayGostForward], _ = h.gostForward(t.gost, iperfAddr, dante.Addr)
 	}
-	pcDante := h.proxychains(pc, dante.Addr)
-	rsPort, _ := h.redsocks(redsocks, dante.Addr)
-	tpPort, _ := h.socksfwdTransparent(cfg.socksfwd, dante.Addr)
+	pcDante := h.proxychains(t.pc, dante.Addr)
+	var rsPort, tpPort int
+	if slices.Contains(ways, "redsocks") {
+		rsPort, _ = h.redsocks(t.redsocks, dante.Addr)
+	}
+	if slices.Contains(ways, "transparent") {
+		tpPort, _ = h.socksfwdTransparent(cfg.socksfwd, dante.Addr)
+	}
 	// Four streams both ways: with -R the target sends, so the bytes
 	// cross each forwarder and Dante the other way round.
 	for _, run := range []struct {
@@ -298,18 +390,22 @@ func bench(h *harness, cfg benchConfig) {
 			case "proxychains4":
 				prefix = pcDante
 			case "redsocks":
-				defer redirect(h, nft, iperfAddr, rsPort)()
+				defer redirect(h, t.nft, iperfAddr, rsPort)()
 				prefix = redirectedClient
 			case "transparent":
-				defer redirect(h, nft, iperfAddr, tpPort)()
+				defer redirect(h, t.nft, iperfAddr, tpPort)()
 				prefix = redirectedClient
 			}
 			addr := addrs[way]
 			if way == "transparent" {
 				addr = iperfAddr
 			}
-			return m.timed(func() float64 { return iperfGbps(h, prefix, iperf, addr, run.streams, cfg.seconds, extra...) })
+			return m.timed(cfg.seconds, func() float64 { return iperfGbps(h, prefix, t.iperf, addr, run.streams, cfg.seconds, extra...) })
 		})
+		if cpus.shared {
+			reportAgainst(name+suffix, "Gbit/s", rows, "socksfwd", sharedThroughputBars)
+			continue
+		}
 		report(name, "Gbit/s", rows, "proxychains4", 0.9)
 		reportTransparent(name, rows, 0.95, 1.15)
 	}
@@ -317,17 +413,10 @@ func bench(h *harness, cfg benchConfig) {
 	// New connections per second, one 1-byte exchange each. Every run gets
 	// fresh servers on fresh ports: tens of thousands of loopback
 	// connections leave TIME_WAIT entries that would starve the next run.
-	connrate := buildConnrate(h, cc)
-	// One more way for connections: the -L path while a NAT table is
-	// loaded, as it is for the redirected ways, so that the cost of
-	// connection tracking on every leg shows apart from socksfwd's own.
-	// And the transparent listener taking connections by TPROXY, which
-	// needs no NAT and so no connection tracking.
-	connWays := append(append([]string{}, ways...), "socksfwd-conntrack", "transparent-tproxy")
 	rows := measure(connWays, func(way string, m *meter) float64 {
 		echo := testnet.Echo(h).Addr().String()
 		rate := func(prefix []string, addr string) float64 {
-			return m.timed(func() float64 { return connRate(h, prefix, connrate, addr, cfg.seconds) })
+			return m.timed(cfg.seconds, func() float64 { return connRate(h, prefix, t.connrate, addr, cfg.seconds) })
 		}
 		if way == "direct" {
 			return rate(nil, echo)
@@ -336,20 +425,20 @@ func bench(h *harness, cfg benchConfig) {
 		defer d.Proc.Stop()
 		switch way {
 		case "proxychains4":
-			return rate(h.proxychains(pc, d.Addr), echo)
+			return rate(h.proxychains(t.pc, d.Addr), echo)
 		case wayGostForward:
-			fwd, p := h.gostForward(gost, echo, d.Addr)
+			fwd, p := h.gostForward(t.gost, echo, d.Addr)
 			defer p.Stop()
 			return rate(nil, fwd)
 		case "redsocks":
-			port, p := h.redsocks(redsocks, d.Addr)
+			port, p := h.redsocks(t.redsocks, d.Addr)
 			defer p.Stop()
-			defer redirect(h, nft, echo, port)()
+			defer redirect(h, t.nft, echo, port)()
 			return rate(redirectedClient, echo)
 		case "transparent":
 			port, p := h.socksfwdTransparent(cfg.socksfwd, d.Addr)
 			defer p.Stop()
-			defer redirect(h, nft, echo, port)()
+			defer redirect(h, t.nft, echo, port)()
 			return rate(redirectedClient, echo)
 		case "transparent-tproxy":
 			port, p := h.socksfwdTransparent(cfg.socksfwd, d.Addr)
@@ -360,21 +449,20 @@ func bench(h *harness, cfg benchConfig) {
 			defer tproxyUDPOff()
 			return rate(redirectedClient, echo)
 		case "socksfwd-conntrack":
-			defer redirect(h, nft, "192.0.2.1:9", 9)() // matches nothing; its NAT hook tracks every connection
+			defer redirect(h, t.nft, "192.0.2.1:9", 9)() // matches nothing; its NAT hook tracks every connection
 		}
 		fwd, p := h.socksfwd(cfg.socksfwd, echo, d.Addr)
 		defer p.Stop()
 		return rate(nil, fwd)
 	})
 	name := fmt.Sprintf("tcp-new-conns-%dthreads", connThreads)
-	report(name, "conn/s", rows, "proxychains4", 0.8)
-	reportTransparent(name, rows, 0.95, 1.0)
-	benchMicrosocks(h, cfg, cpus, iperfAddr, connrate, gost)
-	benchSidecar(h, cfg, cpus, connrate)
-
-	benchRelayCPU(h, iperf, iperfAddr, cfg.socksfwd, dante.Addr)
-	benchAdmin(h, cfg, iperf, iperfAddr, dante.Addr, cpus, connrate)
-	benchMemory(h, cfg, dante.Addr)
+	if cpus.shared {
+		reportAgainst(name+suffix, "conn/s", rows, "socksfwd", sharedConnBars)
+	} else {
+		report(name, "conn/s", rows, "proxychains4", 0.8)
+		reportTransparent(name, rows, 0.95, 1.0)
+	}
+	return dante, iperfAddr
 }
 
 // relayModes are socksfwd's copy modes (its hidden --relay-copy flag):

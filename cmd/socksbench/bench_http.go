@@ -64,7 +64,7 @@ func benchHTTP(h *harness, cfg benchConfig) {
 	}
 	for _, streams := range []int{1, 4} {
 		rows := measure(ways, func(way string, m *meter) float64 {
-			return m.timed(func() float64 { return iperfGbps(h, nil, iperf, fronts[way], streams, cfg.seconds) })
+			return m.timed(cfg.seconds, func() float64 { return iperfGbps(h, nil, iperf, fronts[way], streams, cfg.seconds) })
 		})
 		reportHTTP(fmt.Sprintf("http-connect-throughput-%dstream", streams), "Gbit/s", rows,
 			[]httpBar{{wayForward, httpThroughputBar}, {wayPrivoxy, 0}, {wayGost, 0}})
@@ -78,11 +78,11 @@ func benchHTTP(h *harness, cfg benchConfig) {
 		if way == wayForward {
 			fwd, p := h.socksfwd(cfg.socksfwd, echo, d.Addr)
 			defer p.Stop()
-			return m.timed(func() float64 { return connRate(h, nil, connrate, fwd, cfg.seconds) })
+			return m.timed(cfg.seconds, func() float64 { return connRate(h, nil, connrate, fwd, cfg.seconds) })
 		}
 		proxy, p := h.httpProxy(way, cfg.socksfwd, privoxy, gost, d.Addr)
 		defer p.Stop()
-		return m.timed(func() float64 { return connRate(h, nil, connrate, proxy, cfg.seconds, echo) })
+		return m.timed(cfg.seconds, func() float64 { return connRate(h, nil, connrate, proxy, cfg.seconds, echo) })
 	})
 	reportHTTP(fmt.Sprintf("http-new-conns-%dthreads", connThreads), "conn/s", rows,
 		[]httpBar{{wayPrivoxy, httpConnsPrivoxyBar}, {wayGost, httpConnsGostBar}, {wayForward, 0}})
@@ -127,7 +127,7 @@ func reportAgainst(name, unit string, rows []result, subject string, bars []http
 			line += fmt.Sprintf("\n%-26s   busiest via %s: %s", "", r.way, r.busy)
 		}
 	}
-	fmt.Println(line)
+	fmt.Println(line + cpuLine(unit, rows))
 }
 
 // httpProxy starts the HTTP proxy of way (one of the CONNECT ways) on a

@@ -56,7 +56,7 @@ func benchKernelRelay(h *harness, cfg benchConfig) {
 		var cost sync.Map
 		rows := measure(ways, func(way string, m *meter) float64 {
 			busy := machineBusy()
-			v := m.timed(func() float64 { return iperfGbps(h, nil, iperf, relays[way], streams, cfg.seconds) })
+			v := m.timed(cfg.seconds, func() float64 { return iperfGbps(h, nil, iperf, relays[way], streams, cfg.seconds) })
 			// Machine CPU: the kernel relay's work runs in softirq and
 			// kworker context, which no process is charged for.
 			gb := v * float64(cfg.seconds) / 8
@@ -76,7 +76,7 @@ func benchKernelRelay(h *harness, cfg benchConfig) {
 			join = km.join
 		}
 		addr := startRelay(h, echo, join)
-		return m.timed(func() float64 { return connRate(h, nil, connrate, addr, cfg.seconds) })
+		return m.timed(cfg.seconds, func() float64 { return connRate(h, nil, connrate, addr, cfg.seconds) })
 	})
 	report(fmt.Sprintf("kernel-relay-new-conns-%dthreads", connThreads), "conn/s", rows, waySpliceRelay, 0)
 	fmt.Printf("%-26s   sockmap: %d bytes were relayed in user space (sent before a session joined the sockmap)\n", "", km.userBytes.Load())

@@ -54,10 +54,15 @@ func benchMicrosocks(h *harness, cfg benchConfig, cpus cpuSplit, iperfAddr, conn
 			defer stop(p)
 		}
 		return measure(ways, func(way string, m *meter) float64 {
-			return m.timed(func() float64 { return iperfGbps(h, prefixes[way], iperf, addrs[way], 1, cfg.seconds) })
+			return m.timed(cfg.seconds, func() float64 { return iperfGbps(h, prefixes[way], iperf, addrs[way], 1, cfg.seconds) })
 		})
 	}
-	report("tcp-throughput-1stream-microsocks", "Gbit/s", throughput(), "proxychains4", 0)
+	name := "tcp-throughput-1stream-microsocks"
+	if cpus.shared {
+		reportAgainst(name+cpus.suffix(), "Gbit/s", throughput(), "socksfwd", sharedThroughputBars)
+	} else {
+		report(name, "Gbit/s", throughput(), "proxychains4", 0)
+	}
 
 	// Fresh servers for every run, as in the connection-rate row.
 	rows := measure(ways, func(way string, m *meter) float64 {
@@ -66,9 +71,14 @@ func benchMicrosocks(h *harness, cfg benchConfig, cpus cpuSplit, iperfAddr, conn
 		defer ms.Proc.Stop()
 		prefix, addr, p := start(way, echo, ms.Addr)
 		defer stop(p)
-		return m.timed(func() float64 { return connRate(h, prefix, connrate, addr, cfg.seconds) })
+		return m.timed(cfg.seconds, func() float64 { return connRate(h, prefix, connrate, addr, cfg.seconds) })
 	})
-	report(fmt.Sprintf("tcp-new-conns-%dthreads-microsocks", connThreads), "conn/s", rows, "proxychains4", 0)
+	name = fmt.Sprintf("tcp-new-conns-%dthreads-microsocks", connThreads)
+	if cpus.shared {
+		reportAgainst(name+cpus.suffix(), "conn/s", rows, "socksfwd", sharedConnBars)
+	} else {
+		report(name, "conn/s", rows, "proxychains4", 0)
+	}
 }
 
 // benchMicrosocksOnly runs benchMicrosocks alone, with what bench would
@@ -83,7 +93,8 @@ func benchMicrosocksOnly(h *harness, cfg benchConfig) {
 	benchMicrosocks(h, cfg, cpus, iperfAddr, buildConnrate(h, peertest.Require(h, "cc")), gost)
 }
 
-// microsocks starts microsocks where Dante would run, on a CPU of its own.
+// microsocks starts microsocks where Dante would run, on a CPU of its own
+// unless the arrangement is shared.
 func (c cpuSplit) microsocks() peertest.Peer {
 	c.pin(c.cpus[len(c.cpus)-1:]) // its threads inherit it
 	defer c.rest()

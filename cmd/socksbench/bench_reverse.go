@@ -72,7 +72,7 @@ func benchReverseRate(h *harness, cfg benchConfig, dante string) {
 			return 0
 		}
 		var run reverseRun
-		m.timed(func() float64 {
+		m.timed(cfg.seconds, func() float64 {
 			run = reverseClosedLoop(h, ups, echo, way == "fixed-port", cfg.seconds)
 			return 0
 		})
@@ -258,7 +258,7 @@ func benchReverseThroughput(h *harness, cfg benchConfig, dante string) {
 	d := &socksclient.Dialer{ProxyAddr: dante, Control: sockbuf.CapLoopbackTCP}
 	ways := []string{"-L", "-R", "dante-connect", "dante-bind"}
 	rows := measure(ways, func(way string, m *meter) float64 {
-		return m.timed(func() float64 {
+		return m.timed(cfg.seconds, func() float64 {
 			switch way {
 			case "-L":
 				return sink.rate(h, pump(h, dialRetry(h, local), cfg.seconds))
@@ -307,6 +307,9 @@ func benchReverseThroughput(h *harness, cfg benchConfig, dante string) {
 		"reverse-tcp-dante-alone", rows[2].value, rows[3].value, dan, joinFloats(danRounds))
 	for _, r := range rows {
 		fmt.Printf("%-26s   busiest via %s: %s\n", "", r.way, r.busy)
+	}
+	if line := cpuLine("Gbit/s", rows); line != "" {
+		fmt.Println(line[1:]) // socksfwd's, for -L and -R; the Dante ways' client is this process
 	}
 }
 

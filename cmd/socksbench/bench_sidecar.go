@@ -78,7 +78,7 @@ func benchSidecar(h *harness, cfg benchConfig, cpus cpuSplit, connrate string) {
 	rows := measure(ways, func(way string, m *meter) float64 {
 		addr, prefix, stop := run(way, iperfAddr, d.Addr)
 		defer stop()
-		return m.timed(func() float64 { return iperfGbps(h, prefix, iperf, addr, 1, cfg.seconds) })
+		return m.timed(cfg.seconds, func() float64 { return iperfGbps(h, prefix, iperf, addr, 1, cfg.seconds) })
 	})
 	d.Proc.Stop()
 	report("sidecar-throughput-1stream", "Gbit/s", rows, "", 0)
@@ -99,7 +99,7 @@ func benchSidecar(h *harness, cfg benchConfig, cpus cpuSplit, connrate string) {
 		}
 		addr, prefix, stop := run(way, echo, d.Addr)
 		defer stop()
-		return m.timed(func() float64 { return connRate(h, prefix, connrate, addr, cfg.seconds) })
+		return m.timed(cfg.seconds, func() float64 { return connRate(h, prefix, connrate, addr, cfg.seconds) })
 	})
 	name := fmt.Sprintf("sidecar-new-conns-%dthreads", connThreads)
 	report(name, "conn/s", rows, "", 0)

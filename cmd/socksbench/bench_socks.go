@@ -66,7 +66,7 @@ func benchSOCKSDoor(h *harness, cfg benchConfig) {
 	}
 	for _, streams := range []int{1, 4} {
 		rows := measure(ways, func(way string, m *meter) float64 {
-			return m.timed(func() float64 { return iperfGbps(h, prefixes[way], iperf, iperfAddr, streams, cfg.seconds) })
+			return m.timed(cfg.seconds, func() float64 { return iperfGbps(h, prefixes[way], iperf, iperfAddr, streams, cfg.seconds) })
 		})
 		reportSOCKS(fmt.Sprintf("socks-door-throughput-%dstream", streams), "Gbit/s", rows, 0)
 	}
@@ -78,7 +78,7 @@ func benchSOCKSDoor(h *harness, cfg benchConfig) {
 		defer d.Proc.Stop()
 		addr, stop := server(way, d.Addr)
 		defer stop()
-		return m.timed(func() float64 { return connRate(h, h.proxychains(pc, addr), connrate, echo, cfg.seconds) })
+		return m.timed(cfg.seconds, func() float64 { return connRate(h, h.proxychains(pc, addr), connrate, echo, cfg.seconds) })
 	})
 	reportSOCKS(fmt.Sprintf("socks-door-new-conns-%dthreads", connThreads), "conn/s", rows, socksConnsGostBar)
 }

@@ -90,6 +90,7 @@ func benchUDP(h *harness, cfg benchConfig) {
 			cpu := startCPU()
 			drops, perSocket := udpRcvbufErrors(), udpDrops()
 			lost, mbps := iperfUDPVia(h, prefix, iperf, addr, rate, cfg.seconds)
+			spent := cpu.spent() // before done stops the tproxy way's process
 			done()
 			busiest := cpu.busiest()
 			drops = udpRcvbufErrors() - drops
@@ -112,8 +113,10 @@ func benchUDP(h *harness, cfg benchConfig) {
 					verdict = barText(mbps >= 0.9*forwardMbps, fmt.Sprintf("≥ 0.9 × the /udp forward's %.1f Mbit/s", forwardMbps))
 				}
 			}
-			fmt.Printf("%-26s %-10s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  socket-buffer drops %d (%s)  busiest: %s%s\n",
-				"udp-iperf3-1200B"+r.suffix, way, rate, mbps, lost, drops, where, busiest, verdict)
+			// Per datagram delivered: what a datagram that made it cost.
+			datagrams := mbps * 1e6 / 8 / 1200 * float64(cfg.seconds)
+			fmt.Printf("%-26s %-10s offered %-4s delivered %7.1f Mbit/s  loss %6.2f %%  socket-buffer drops %d (%s)  busiest: %s%s%s\n",
+				"udp-iperf3-1200B"+r.suffix, way, rate, mbps, lost, drops, where, busiest, perItem(spent, way, "datagram", datagrams), verdict)
 		}
 	}
 
@@ -268,9 +271,10 @@ func percentiles(rtts []time.Duration) (p50, p99 time.Duration) {
 // cpuSnapshot holds CPU ticks per process at a moment, to name the busiest
 // process of a run.
 type cpuSnapshot struct {
-	at    time.Time
-	ticks map[int]procTicks
-	cpus  []cpuTimes
+	at       time.Time
+	ticks    map[int]procTicks
+	cpus     []cpuTimes
+	children time.Duration // childrenCPU at the snapshot
 }
 
 // cpuTimes is one CPU's line of /proc/stat: busy and total ticks.
@@ -306,7 +310,7 @@ type procTicks struct {
 }
 
 func startCPU() *cpuSnapshot {
-	return &cpuSnapshot{at: time.Now(), ticks: readTicks(), cpus: readCPUTimes()}
+	return &cpuSnapshot{at: time.Now(), ticks: readTicks(), cpus: readCPUTimes(), children: childrenCPU()}
 }
 
 func readTicks() map[int]procTicks {
@@ -473,11 +477,31 @@ func waitUDPBound(h *harness, addr string) {
 }
 
 // cpuSplit gives Dante the last CPU this process may use and everything
-// else the others, as a proxy on another host would have it. With one CPU
-// it pins nothing.
+// else the others, as a proxy on another host would have it. With one CPU,
+// or shared, it pins nothing.
 type cpuSplit struct {
 	h    *harness
 	cpus []int
+	// shared: every process on every CPU, as a sidecar shares its host's
+	// CPUs with everything else; the rows it runs are named with a suffix.
+	shared bool
+}
+
+// sharedCPUs is the arrangement with nothing pinned. It first undoes any
+// pinning an earlier part left on this process.
+func sharedCPUs(h *harness) cpuSplit {
+	c := newCPUSplit(h)
+	c.all()
+	c.shared = true
+	return c
+}
+
+// suffix is what the rows of the arrangement add to their names.
+func (c cpuSplit) suffix() string {
+	if c.shared {
+		return "-shared"
+	}
+	return ""
 }
 
 func newCPUSplit(h *harness) cpuSplit {
@@ -507,7 +531,7 @@ func (c cpuSplit) rest() { c.pin(c.cpus[:len(c.cpus)-1]) }
 func (c cpuSplit) all()  { c.pin(c.cpus) }
 
 func (c cpuSplit) pin(cpus []int) {
-	if len(c.cpus) >= 2 {
+	if len(c.cpus) >= 2 && !c.shared {
 		pinSelf(c.h, cpus...)
 	}
 }

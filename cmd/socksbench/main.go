@@ -6,9 +6,8 @@
 //	socksbench bench   measure socksfwd beside direct and proxychains4, same run
 //	                   (bench-tcp, bench-udp, bench-echo, bench-dns, bench-mem,
 //	                   bench-failover, bench-http, bench-socks, bench-reverse,
-//	                   bench-kernel-relay,
-//	                   bench-sidecar, bench-admin, bench-microsocks:
-//	                   one part alone)
+//	                   bench-kernel-relay, bench-sidecar, bench-admin,
+//	                   bench-microsocks, bench-shared: one part alone)
 //
 // It starts its peers with internal/peertest and stops them on the way out.
 package main
@@ -56,6 +55,7 @@ func main() {
 			demo(h, abs)
 		case "bench":
 			bench(h, cfg)
+			benchShared(h, cfg)
 			benchUDP(h, cfg)
 			benchDNS(h, cfg)
 			benchFailover(h, cfg)
@@ -64,6 +64,8 @@ func main() {
 			benchReverse(h, cfg)
 		case "bench-tcp":
 			bench(h, cfg)
+		case "bench-shared":
+			benchShared(h, cfg)
 		case "bench-sidecar":
 			cpus := newCPUSplit(h)
 			cpus.rest()
