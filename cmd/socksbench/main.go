@@ -62,6 +62,7 @@ func main() {
 			benchHTTP(h, cfg)
 			benchSOCKSDoor(h, cfg)
 			benchReverse(h, cfg)
+			benchKernelRelay(h, cfg)
 		case "bench-tcp":
 			bench(h, cfg)
 		case "bench-shared":
