@@ -347,8 +347,12 @@ func (f *Forwarder) attempt(ctx context.Context, i int, pool *tcpPool, q *dns.Ms
 // concurrent misses into one upstream query. Beyond MaxConcurrent
 // queries waiting on the resolvers it fails at once with ErrOverloaded.
 func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
-	k, cacheable := keyOf(q)
-	cacheable = cacheable && f.cache != nil
+	var k questionKey
+	return f.resolve(ctx, q, &k, f.cache != nil && keyOf(q, &k))
+}
+
+// resolve is Resolve with q's cache key worked out (k, when cacheable).
+func (f *Forwarder) resolve(ctx context.Context, q *dns.Msg, k *questionKey, cacheable bool) (*dns.Msg, error) {
 	if cacheable {
 		if m, ok := f.cache.get(k); ok {
 			f.stats.CacheHits.Add(1)
@@ -366,7 +370,7 @@ func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	}
 	// Do, not DoChan: no goroutine per miss. The shared query is bounded by
 	// the forwarder's timeout, not by the first caller's context.
-	v, err, shared := f.flight.Do(fmt.Sprintf("%s|%d|%d|%t", k.name, k.qtype, k.qclass, k.do), func() (any, error) {
+	v, err, shared := f.flight.Do(string(k.bytes()), func() (any, error) {
 		resp, err := f.Exchange(context.Background(), q)
 		if err == nil && f.cache.put(k, resp) {
 			f.stats.CacheEvictions.Add(1)
@@ -390,6 +394,37 @@ func answerFor(q, m *dns.Msg) *dns.Msg {
 	return m
 }
 
+// replyBufs holds buffers for packed replies from the cache; most answers
+// fit the size they start with.
+var replyBufs = sync.Pool{New: func() any { b := make([]byte, 0, 1232); return &b }}
+
+// clientUDPSize is the most a UDP client takes: its EDNS buffer size (at
+// least 512), or 512 without EDNS.
+func clientUDPSize(r *dns.Msg) int {
+	if opt := r.IsEdns0(); opt != nil {
+		return max(int(opt.UDPSize()), dns.MinMsgSize)
+	}
+	return dns.MinMsgSize
+}
+
+// writeCached answers r from the cache with the packed answer as it is,
+// when there is one and it fits the client; false leaves r to the
+// general path (which truncates an answer too large for a UDP client).
+func (f *Forwarder) writeCached(w dns.ResponseWriter, r *dns.Msg, k *questionKey, udp bool) bool {
+	bp := replyBufs.Get().(*[]byte)
+	defer replyBufs.Put(bp)
+	out, rcode, ok := f.cache.appendAnswer((*bp)[:0], k, r.Id)
+	*bp = out[:0]
+	if !ok || udp && len(out) > clientUDPSize(r) {
+		return false
+	}
+	f.stats.CacheHits.Add(1)
+	f.stats.Answered.Add(1)
+	f.countResponse(rcode)
+	w.Write(out)
+	return true
+}
+
 // ServeDNS implements dns.Handler: forward, or answer SERVFAIL (every
 // resolver failed) or REFUSED (too many queries in flight). Never a silent
 // drop. Failures are logged one line per cause per period, with the count
@@ -402,7 +437,12 @@ func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	} else {
 		f.stats.QueriesTCP.Add(1)
 	}
-	resp, err := f.Resolve(context.Background(), r)
+	var k questionKey
+	cacheable := f.cache != nil && keyOf(r, &k)
+	if cacheable && f.writeCached(w, r, &k, udp) {
+		return
+	}
+	resp, err := f.resolve(context.Background(), r, &k, cacheable)
 	if err != nil {
 		rcode := dns.RcodeServerFailure
 		if errors.Is(err, ErrOverloaded) {
@@ -423,11 +463,7 @@ func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	if udp {
 		// A UDP client gets what fits its buffer, with TC=1 if cut, and
 		// retries over TCP for the whole answer (RFC 7766 §5).
-		size := dns.MinMsgSize
-		if opt := r.IsEdns0(); opt != nil {
-			size = int(opt.UDPSize())
-		}
-		resp.Truncate(size)
+		resp.Truncate(clientUDPSize(r))
 	}
 	w.WriteMsg(resp)
 }
