@@ -52,8 +52,7 @@ func serveLoop(b *testing.B, f *Forwarder, w dns.ResponseWriter, q *dns.Msg) {
 // from the unpacked query (what the miekg/dns server hands over) to the
 // bytes written.
 func BenchmarkServeCacheHit(b *testing.B) {
-	res := newResolver(b, 0)
-	f := newCachingForwarder(b, socks(b).Addr(), 5*time.Second, 100, nil, res.addr)
+	_, f := newCachingPair(b)
 	q := query("a.example", dns.TypeA, 7)
 	q.SetEdns0(1232, false)
 	w := udpClientWriter()
@@ -80,8 +79,7 @@ func BenchmarkServeCacheMiss(b *testing.B) {
 // UDP socket on loopback, one query at a time (includes the client's
 // system calls).
 func BenchmarkServerCacheHitUDP(b *testing.B) {
-	res := newResolver(b, 0)
-	f := newCachingForwarder(b, socks(b).Addr(), 5*time.Second, 100, nil, res.addr)
+	_, f := newCachingPair(b)
 	_, addr := startServerFor(b, f)
 	c, err := net.Dial("udp", addr)
 	if err != nil {

@@ -425,6 +425,32 @@ func (f *Forwarder) writeCached(w dns.ResponseWriter, r *dns.Msg, k *questionKey
 	return true
 }
 
+// answerWire answers a UDP client's query in wire form from the cache:
+// the reply appended to dst, counted as ServeDNS counts a hit. false, with
+// nothing counted, when the query is not plain (see parseQuery), not
+// cached, or its answer exceeds what the client takes; ServeDNS handles
+// those.
+func (f *Forwarder) answerWire(dst, query []byte) ([]byte, bool) {
+	if f.cache == nil {
+		return dst, false
+	}
+	var k questionKey
+	wq, ok := parseQuery(query, &k)
+	if !ok {
+		return dst, false
+	}
+	out, rcode, ok := f.cache.appendAnswer(dst, &k, wq.id)
+	if !ok || len(out)-len(dst) > wq.udpSize {
+		return dst, false
+	}
+	f.stats.Queries.Add(1)
+	f.stats.QueriesUDP.Add(1)
+	f.stats.CacheHits.Add(1)
+	f.stats.Answered.Add(1)
+	f.countResponse(rcode)
+	return out, true
+}
+
 // ServeDNS implements dns.Handler: forward, or answer SERVFAIL (every
 // resolver failed) or REFUSED (too many queries in flight). Never a silent
 // drop. Failures are logged one line per cause per period, with the count

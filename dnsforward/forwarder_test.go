@@ -125,6 +125,13 @@ func newCachingForwarder(t testing.TB, proxy string, timeout time.Duration, cach
 	return newForwarderConfig(t, proxy, Config{Timeout: timeout, CacheSize: cacheSize}, logs, resolvers...)
 }
 
+// newCachingPair returns a resolver and a forwarder to it with a cache of
+// 100 answers, through a fresh SOCKS5 server.
+func newCachingPair(t testing.TB) (*resolver, *Forwarder) {
+	res := newResolver(t, 0)
+	return res, newCachingForwarder(t, socks(t).Addr(), 5*time.Second, 100, nil, res.addr)
+}
+
 func newForwarderConfig(t testing.TB, proxy string, cfg Config, logs io.Writer, resolvers ...string) *Forwarder {
 	t.Helper()
 	var addrs []socksclient.Addr

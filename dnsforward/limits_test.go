@@ -61,14 +61,18 @@ func newGateResolver(t *testing.T) *gateResolver {
 func (g *gateResolver) open() { g.openOnce.Do(func() { close(g.release) }) }
 
 // recorder is a dns.ResponseWriter that keeps what is written; its client
-// is on TCP, so answers are not truncated.
+// is on TCP, so answers are not truncated, unless remote says otherwise.
 type recorder struct {
-	mu   sync.Mutex
-	msgs []*dns.Msg
+	mu     sync.Mutex
+	msgs   []*dns.Msg
+	remote net.Addr
 }
 
 func (w *recorder) LocalAddr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 53} }
 func (w *recorder) RemoteAddr() net.Addr {
+	if w.remote != nil {
+		return w.remote
+	}
 	return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 40000}
 }
 func (w *recorder) WriteMsg(m *dns.Msg) error {

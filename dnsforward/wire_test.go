@@ -199,8 +199,7 @@ func TestPackedHitAllocatesNothing(t *testing.T) {
 // at most 512 bytes for a UDP client without EDNS, the whole answer over
 // TCP, and NXDOMAIN with its SOA counted down.
 func TestCachedAnswersThroughServer(t *testing.T) {
-	res := newResolver(t, 0)
-	f := newCachingForwarder(t, socks(t).Addr(), 5*time.Second, 100, nil, res.addr)
+	res, f := newCachingPair(t)
 	var clock atomic.Int64 // seconds; the server's goroutines read it
 	clock.Store(1_000_000)
 	f.cache.now = func() time.Time { return time.Unix(clock.Load(), 0) }

@@ -1,0 +1,139 @@
+package dnsforward
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"github.com/socksfwd/socksfwd/internal/allowlist"
+)
+
+// TestUDPFastPathBurst: a burst of datagrams read in batches gets one
+// reply per query: hits from the cache (ID and name as asked), misses
+// forwarded, and what the miekg/dns server would reject answered as it
+// would (NOTIMP for UPDATE, FORMERR for two questions or a body cut
+// short); responses and runts get nothing.
+func TestUDPFastPathBurst(t *testing.T) {
+	res, f := newCachingPair(t)
+	s, addr := startServerFor(t, f)
+	if s.fast == nil {
+		t.Fatal("a server on 127.0.0.1 does not use the UDP fast path")
+	}
+	exchange(t, "udp", addr, query("hit.example", dns.TypeA, 1))
+
+	c, err := net.Dial("udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	want := map[uint16]string{} // ID: what the reply must say
+	send := func(m *dns.Msg, expect string) {
+		t.Helper()
+		if _, err := c.Write(pack(t, m)); err != nil {
+			t.Fatal(err)
+		}
+		if expect != "" {
+			want[m.Id] = expect
+		}
+	}
+	for i := range 20 {
+		name := "hit.example"
+		if i%2 == 1 {
+			name = "HIT.Example"
+		}
+		send(query(name, dns.TypeA, uint16(100+i)), "NOERROR "+dns.Fqdn(name))
+	}
+	for i := range 5 {
+		send(query(fmt.Sprintf("miss%d.example", i), dns.TypeA, uint16(200+i)), fmt.Sprintf("NOERROR miss%d.example.", i))
+	}
+	resp := query("hit.example", dns.TypeA, 300)
+	resp.Response = true
+	send(resp, "")
+	update := query("hit.example", dns.TypeSOA, 301)
+	update.Opcode = dns.OpcodeUpdate
+	send(update, "NOTIMP")
+	two := query("hit.example", dns.TypeA, 302)
+	two.Question = append(two.Question, two.Question[0])
+	send(two, "FORMERR")
+	cut := pack(t, query("hit.example", dns.TypeA, 303))
+	if _, err := c.Write(cut[:len(cut)-3]); err != nil {
+		t.Fatal(err)
+	}
+	want[303] = "FORMERR"
+	if _, err := c.Write([]byte{1, 2, 3, 4, 5}); err != nil {
+		t.Fatal(err)
+	}
+
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 1500)
+	for len(want) > 0 {
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatalf("waiting for %d replies: %v", len(want), err)
+		}
+		m := new(dns.Msg)
+		if err := m.Unpack(buf[:n]); err != nil {
+			t.Fatal(err)
+		}
+		expect, ok := want[m.Id]
+		if !ok {
+			t.Fatalf("unexpected or second reply: %v", m)
+		}
+		delete(want, m.Id)
+		got := dns.RcodeToString[m.Rcode]
+		if len(m.Question) > 0 && m.Rcode == dns.RcodeSuccess {
+			got += " " + m.Question[0].Name
+			if len(m.Answer) != 1 {
+				got += " without an answer"
+			}
+		}
+		if got != expect {
+			t.Errorf("reply %d: %q, want %q", m.Id, got, expect)
+		}
+	}
+	if n := res.queries.Load(); n != 6 {
+		t.Errorf("resolver asked %d times, want 6 (1 + 5 misses)", n)
+	}
+	if n := f.Stats().CacheHits.Load(); n != 20 {
+		t.Errorf("CacheHits = %d, want 20", n)
+	}
+	if q, u := f.Stats().Queries.Load(), f.Stats().QueriesUDP.Load(); q != 26 || u != 26 {
+		t.Errorf("Queries = %d, QueriesUDP = %d, want 26 (the rejected ones never reach the forwarder)", q, u)
+	}
+}
+
+// TestUDPFastPathLeavesDisallowedSources: a source outside the allow
+// list is not answered from the cache by the fast path; ServeDNS refuses
+// it (loopback, which the list always allows, cannot show this on the
+// wire).
+func TestUDPFastPathLeavesDisallowedSources(t *testing.T) {
+	_, f := newCachingPair(t)
+	s, addr := startServerFor(t, f)
+	exchange(t, "udp", addr, query("a.example", dns.TypeA, 1))
+	q := pack(t, query("a.example", dns.TypeA, 2))
+	outsider := netip.MustParseAddrPort("192.0.2.7:5353")
+	if _, ok := s.answerFromCache(nil, q, outsider); !ok {
+		t.Fatal("no allow list: the cached answer was not served")
+	}
+	l, err := allowlist.Parse([]string{"198.51.100.0/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.SetAllow(l)
+	if _, ok := s.answerFromCache(nil, q, outsider); ok {
+		t.Fatal("a source outside the allow list was answered from the cache")
+	}
+	if _, ok := s.answerFromCache(nil, q, netip.MustParseAddrPort("198.51.100.9:5353")); !ok {
+		t.Fatal("an allowed source was not answered from the cache")
+	}
+	w := &recorder{}
+	w.remote = &net.UDPAddr{IP: outsider.Addr().AsSlice(), Port: int(outsider.Port())}
+	s.ServeDNS(w, query("a.example", dns.TypeA, 3))
+	if len(w.msgs) != 1 || w.msgs[0].Rcode != dns.RcodeRefused {
+		t.Fatalf("the outsider got %v, want REFUSED", w.msgs)
+	}
+}
