@@ -15,8 +15,23 @@ import (
 	"github.com/miekg/dns"
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
+
+// readTCPMessage reads one length-prefixed message and unpacks it; a
+// message that does not parse is reported as (nil, nil).
+func readTCPMessage(r io.Reader, lenBuf *[2]byte) (*dns.Msg, error) {
+	wire, err := readTCPFrame(r, lenBuf)
+	if err != nil {
+		return nil, err
+	}
+	m := new(dns.Msg)
+	if m.Unpack(wire) != nil {
+		return nil, nil
+	}
+	return m, nil
+}
 
 func netipAddrPort(t *testing.T, s string) netip.AddrPort {
 	t.Helper()
@@ -282,4 +297,27 @@ func TestTCPBackoffWaiterWakesOnAnswer(t *testing.T) {
 			t.Errorf("query B answered at the end of the backoff, want once the resolver answered")
 		}
 	})
+}
+
+// TestMalformedAnswerFailsAttempt: an answer that carries the query's ID
+// but does not parse fails that attempt at once (the next resolver, or
+// SERVFAIL), rather than leaving the query to time out.
+func TestMalformedAnswerFailsAttempt(t *testing.T) {
+	ln := testnet.Serve(t, func(c net.Conn) {
+		var lenBuf [2]byte
+		for {
+			q, err := readTCPFrame(c, &lenBuf)
+			if err != nil || len(q) < headerLen {
+				return
+			}
+			// The query's ID, QR set, a question whose name runs past the end.
+			bad := []byte{q[0], q[1], 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0, 5, 'a'}
+			c.Write(append(binary.BigEndian.AppendUint16(nil, uint16(len(bad))), bad...))
+		}
+	})
+	f := newForwarder(t, socks(t).Addr(), time.Minute, nil, ln.Addr().String())
+	_, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, 1))
+	if !errors.Is(err, errMalformedAnswer) {
+		t.Fatalf("Exchange: %v, want a malformed answer", err)
+	}
 }
