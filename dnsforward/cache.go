@@ -118,23 +118,30 @@ func (c *cache) get(k *questionKey) (*dns.Msg, bool) {
 // whether that pushed another answer out. resp must not be shared yet:
 // packing may write its extended RCODE into its OPT record.
 func (c *cache) put(k *questionKey, resp *dns.Msg) (evicted bool) {
-	ttl, ok := cacheTTL(resp)
-	if !ok || ttl <= 0 {
-		return false
-	}
 	packed := *resp // Pack reads the records only
 	packed.Compress = true
 	wire, err := packed.Pack()
 	if err != nil {
 		return false
 	}
-	qnameEnd, ttls, err := answerLayout(wire)
-	if err != nil || !answers(wire, qnameEnd, k) {
+	return c.putWire(k, wire)
+}
+
+// putWire stores the packed answer wire for k (and keeps wire: the caller
+// hands it over) for as long as its records allow, and reports whether
+// that pushed another answer out.
+func (c *cache) putWire(k *questionKey, wire []byte) (evicted bool) {
+	l, err := answerLayout(wire, nil)
+	if err != nil || !answers(wire, l.qnameEnd, k) {
+		return false
+	}
+	ttl, ok := l.cacheTTL()
+	if !ok || ttl <= 0 {
 		return false
 	}
 	now := c.now()
-	return c.lru.Add(c.hash(k), &cacheEntry{key: string(k.bytes()), wire: wire, qnameEnd: qnameEnd, ttls: ttls,
-		rcode: resp.Rcode, stored: now, expires: now.Add(ttl)})
+	return c.lru.Add(c.hash(k), &cacheEntry{key: string(k.bytes()), wire: wire, qnameEnd: l.qnameEnd, ttls: l.ttls,
+		rcode: l.rcode, stored: now, expires: now.Add(ttl)})
 }
 
 // answers reports whether the packed answer's question is k's (name in
@@ -145,35 +152,4 @@ func answers(wire []byte, qnameEnd int, k *questionKey) bool {
 		return false
 	}
 	return bytes.Equal(wire[qnameEnd:qnameEnd+4], k.key[k.nlen:k.nlen+4])
-}
-
-// cacheTTL is how long resp may be cached.
-func cacheTTL(resp *dns.Msg) (time.Duration, bool) {
-	if resp.Truncated {
-		return 0, false
-	}
-	switch resp.Rcode {
-	case dns.RcodeServerFailure:
-		return servFailTTL, true
-	case dns.RcodeSuccess, dns.RcodeNameError:
-	default:
-		return 0, false
-	}
-	if resp.Rcode == dns.RcodeSuccess && len(resp.Answer) > 0 {
-		ttl := uint32(maxTTL / time.Second)
-		for _, sec := range [][]dns.RR{resp.Answer, resp.Ns} {
-			for _, rr := range sec {
-				ttl = min(ttl, rr.Header().Ttl)
-			}
-		}
-		return time.Duration(ttl) * time.Second, true
-	}
-	// NXDOMAIN or NODATA: the SOA in the authority section says how long
-	// (RFC 2308 §5); without one, do not cache.
-	for _, rr := range resp.Ns {
-		if soa, ok := rr.(*dns.SOA); ok {
-			return time.Duration(min(soa.Hdr.Ttl, soa.Minttl)) * time.Second, true
-		}
-	}
-	return 0, false
 }

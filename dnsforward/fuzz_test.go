@@ -78,8 +78,9 @@ func FuzzParseQuery(f *testing.F) {
 
 // FuzzAnswerLayout: the walk that finds the TTL fields of answers.
 // Property: no panic; the offsets lie inside the message; where miekg/dns
-// reads every record of the message, the offsets hold the TTLs of its
-// records other than OPT, in order.
+// reads every record of the message, the RCODE and TC bit are the ones it
+// reads and the offsets hold the TTLs of its records other than OPT, in
+// order.
 func FuzzAnswerLayout(f *testing.F) {
 	fuzzQuerySeeds(f)
 	answer := answerA("a.example.")
@@ -90,12 +91,13 @@ func FuzzAnswerLayout(f *testing.F) {
 	wire, _ := answer.Pack()
 	f.Add(wire)
 	f.Fuzz(func(t *testing.T, b []byte) {
-		qnameEnd, ttls, err := answerLayout(b)
+		l, err := answerLayout(b, nil)
 		if err != nil {
 			return
 		}
-		if qnameEnd > len(b) {
-			t.Fatalf("question ends at %d of %d", qnameEnd, len(b))
+		ttls := l.ttls
+		if l.qnameEnd > len(b) {
+			t.Fatalf("question ends at %d of %d", l.qnameEnd, len(b))
 		}
 		for _, off := range ttls {
 			if int(off)+4 > len(b) {
@@ -105,6 +107,9 @@ func FuzzAnswerLayout(f *testing.F) {
 		m := new(dns.Msg)
 		if m.Unpack(b) != nil || len(m.Answer)+len(m.Ns)+len(m.Extra) != int(binary.BigEndian.Uint16(b[6:]))+int(binary.BigEndian.Uint16(b[8:]))+int(binary.BigEndian.Uint16(b[10:])) {
 			return
+		}
+		if l.rcode != m.Rcode || l.truncated != m.Truncated {
+			t.Fatalf("% x: rcode %d truncated %v, miekg/dns reads %d %v", b, l.rcode, l.truncated, m.Rcode, m.Truncated)
 		}
 		var want []uint32
 		for _, sec := range [][]dns.RR{m.Answer, m.Ns, m.Extra} {

@@ -3,6 +3,7 @@ package dnsforward
 import (
 	"encoding/binary"
 	"errors"
+	"time"
 
 	"github.com/miekg/dns"
 	"golang.org/x/net/dns/dnsmessage"
@@ -163,38 +164,99 @@ func skipName(msg []byte, off int) (int, error) {
 	return 0, errMalformed
 }
 
-// answerLayout walks a packed answer with one question: where its
-// question's name ends, and the offsets of the TTL field of every record
-// but OPT (whose TTL field holds flags). The cache records these once, so
-// that a hit patches TTLs in place.
-func answerLayout(msg []byte) (qnameEnd int, ttls []uint16, err error) {
+// layout is what the cache and the forwarder need of a packed answer.
+type layout struct {
+	qnameEnd int      // where the question's name ends
+	ttls     []uint16 // offsets of the TTL field of every record but OPT
+	rcode    int      // with OPT's extended bits
+	answers  int      // records in the answer section
+	// minTTL is the least TTL in the answer and authority sections.
+	minTTL uint32
+	// soa: the first SOA record of the authority section, its TTL and
+	// MINIMUM (RFC 2308 §5).
+	soa            bool
+	soaTTL, soaMin uint32
+	truncated      bool
+}
+
+// answerLayout walks a packed answer with one question and records the
+// layout of its records, their TTL fields appended to ttls. The cache
+// records the offsets once, so that a hit patches TTLs in place.
+func answerLayout(msg []byte, ttls []uint16) (layout, error) {
+	l := layout{ttls: ttls, minTTL: ^uint32(0)}
 	if len(msg) < headerLen || len(msg) > maxMsgLen {
-		return 0, nil, errMalformed
+		return l, errMalformed
 	}
 	if binary.BigEndian.Uint16(msg[4:]) != 1 {
-		return 0, nil, errMalformed
+		return l, errMalformed
 	}
-	qnameEnd, ok := plainNameEnd(msg, headerLen)
-	if !ok || qnameEnd+4 > len(msg) {
-		return 0, nil, errMalformed
+	var ok bool
+	if l.qnameEnd, ok = plainNameEnd(msg, headerLen); !ok || l.qnameEnd+4 > len(msg) {
+		return l, errMalformed
 	}
-	records := int(binary.BigEndian.Uint16(msg[6:])) + int(binary.BigEndian.Uint16(msg[8:])) + int(binary.BigEndian.Uint16(msg[10:]))
-	off := qnameEnd + 4
-	for range records {
+	flags := binary.BigEndian.Uint16(msg[2:])
+	l.rcode = int(flags & 0xF)
+	l.truncated = flags&(1<<9) != 0
+	an, ns := int(binary.BigEndian.Uint16(msg[6:])), int(binary.BigEndian.Uint16(msg[8:]))
+	records := an + ns + int(binary.BigEndian.Uint16(msg[10:]))
+	l.answers = an
+	off := l.qnameEnd + 4
+	ext := 0 // the extended RCODE's upper 8 bits
+	var err error
+	for i := range records {
 		if off, err = skipName(msg, off); err != nil {
-			return 0, nil, err
+			return l, err
 		}
 		if off+10 > len(msg) {
-			return 0, nil, errMalformed
+			return l, errMalformed
 		}
 		rrtype := binary.BigEndian.Uint16(msg[off:])
-		if rrtype != dns.TypeOPT {
-			ttls = append(ttls, uint16(off+4))
-		}
-		off += 10 + int(binary.BigEndian.Uint16(msg[off+8:]))
+		ttl := binary.BigEndian.Uint32(msg[off+4:])
+		rdata := off + 10
+		off = rdata + int(binary.BigEndian.Uint16(msg[off+8:]))
 		if off > len(msg) {
-			return 0, nil, errMalformed
+			return l, errMalformed
+		}
+		if rrtype == dns.TypeOPT {
+			if i >= an+ns {
+				ext = int(ttl >> 24) // the last OPT's, as miekg/dns reads it
+			}
+			continue
+		}
+		l.ttls = append(l.ttls, uint16(rdata-6))
+		if i < an+ns {
+			l.minTTL = min(l.minTTL, ttl)
+		}
+		// SOA RDATA ends with MINIMUM, after two names and four other
+		// 32-bit fields.
+		if i >= an && i < an+ns && rrtype == dns.TypeSOA && !l.soa && off-rdata >= 22 {
+			l.soa, l.soaTTL, l.soaMin = true, ttl, binary.BigEndian.Uint32(msg[off-4:])
 		}
 	}
-	return qnameEnd, ttls, nil
+	l.rcode |= ext << 4
+	return l, nil
+}
+
+// cacheTTL is how long an answer may be cached: as long as its records
+// allow (capped at maxTTL), a negative answer as long as its SOA says
+// (RFC 2308), a SERVFAIL briefly; never a truncated answer, another RCODE
+// or a negative answer without an SOA.
+func (l *layout) cacheTTL() (time.Duration, bool) {
+	if l.truncated {
+		return 0, false
+	}
+	switch l.rcode {
+	case dns.RcodeServerFailure:
+		return servFailTTL, true
+	case dns.RcodeSuccess, dns.RcodeNameError:
+	default:
+		return 0, false
+	}
+	if l.rcode == dns.RcodeSuccess && l.answers > 0 {
+		return time.Duration(min(l.minTTL, uint32(maxTTL/time.Second))) * time.Second, true
+	}
+	if l.soa {
+		return time.Duration(min(l.soaTTL, l.soaMin)) * time.Second, true
+	}
+	return 0, false
 }
