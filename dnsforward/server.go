@@ -181,6 +181,19 @@ func (s *Server) answerFromCache(dst, query []byte, from netip.AddrPort) ([]byte
 	return h.fwd.answerWire(dst, query)
 }
 
+// serveWire answers a UDP query in wire form that the cache did not
+// answer through the current forwarder's wire path (see
+// Forwarder.serveWire); false leaves it to ServeDNS, which also answers
+// sources outside the allow list.
+func (s *Server) serveWire(w dns.ResponseWriter, query []byte, from netip.AddrPort) bool {
+	if !s.allow.Load().Allows(from.Addr()) {
+		return false
+	}
+	h := s.enter()
+	defer h.leave()
+	return h.fwd.serveWire(w, query)
+}
+
 // Addr is the listening address.
 func (s *Server) Addr() net.Addr { return s.pc.LocalAddr() }
 

@@ -129,8 +129,9 @@ func (u *udpFastPath) wait(ctx context.Context) error {
 	}
 }
 
-// serveQuery handles a query the cache did not answer as the miekg/dns
-// server does: its accept function first (responses ignored, other
+// serveQuery handles a query the cache did not answer: a plain one by the
+// forwarder's wire path, anything else as the miekg/dns server does: its
+// accept function first (responses ignored, other
 // opcodes NOTIMP, odd section counts FORMERR), then the handler with the
 // unpacked message, FORMERR if it does not unpack.
 func (u *udpFastPath) serveQuery(q []byte, from netip.AddrPort) {
@@ -138,6 +139,9 @@ func (u *udpFastPath) serveQuery(q []byte, from netip.AddrPort) {
 		return // too short to answer
 	}
 	w := &udpResponse{pc: u.pc, to: from}
+	if u.s.serveWire(w, q, from) {
+		return
+	}
 	dh := dns.Header{Id: binary.BigEndian.Uint16(q), Bits: binary.BigEndian.Uint16(q[2:]),
 		Qdcount: binary.BigEndian.Uint16(q[4:]), Ancount: binary.BigEndian.Uint16(q[6:]),
 		Nscount: binary.BigEndian.Uint16(q[8:]), Arcount: binary.BigEndian.Uint16(q[10:])}

@@ -137,3 +137,32 @@ func TestUDPFastPathLeavesDisallowedSources(t *testing.T) {
 		t.Fatalf("the outsider got %v, want REFUSED", w.msgs)
 	}
 }
+
+// TestUDPWirePathRefusesBeyondMaxConcurrent: the wire path of UDP misses
+// keeps the limit on queries waiting on the resolvers: beyond it, REFUSED
+// at once, counted; the query held answers once the resolver does.
+func TestUDPWirePathRefusesBeyondMaxConcurrent(t *testing.T) {
+	gate := newGateResolver(t)
+	f := newForwarderConfig(t, socks(t).Addr(), Config{Timeout: time.Minute, MaxConcurrent: 1}, nil, gate.addr)
+	_, addr := startServerFor(t, f)
+	held := make(chan *dns.Msg, 1)
+	go func() {
+		c := &dns.Client{Net: "udp", Timeout: 10 * time.Second}
+		r, _, err := c.Exchange(query("held.example", dns.TypeA, 1), addr)
+		if err != nil {
+			t.Errorf("held query: %v", err)
+		}
+		held <- r
+	}()
+	<-gate.got
+	if r := exchange(t, "udp", addr, query("second.example", dns.TypeA, 2)); r.Rcode != dns.RcodeRefused || r.Id != 2 {
+		t.Errorf("second query: %s id %d, want REFUSED id 2", dns.RcodeToString[r.Rcode], r.Id)
+	}
+	if n := f.Stats().Refused.Load(); n != 1 {
+		t.Errorf("Refused = %d, want 1", n)
+	}
+	gate.open()
+	if r := <-held; r != nil && (r.Rcode != dns.RcodeSuccess || r.Id != 1 || len(r.Answer) != 1) {
+		t.Errorf("held query: %v", r)
+	}
+}
