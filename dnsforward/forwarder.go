@@ -346,7 +346,7 @@ func wellFormed(answer []byte) bool {
 func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Context, i int, pool *tcpPool) error) error {
 	ctx, cancel := context.WithTimeout(ctx, f.cfg.Timeout)
 	defer cancel()
-	rerr := &ResolveError{}
+	var attempts []AttemptError // made only when an attempt fails
 	for i, pool := range f.pools {
 		deadline, _ := ctx.Deadline()
 		share := time.Until(deadline) / time.Duration(len(f.pools)-i)
@@ -362,7 +362,7 @@ func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Conte
 		if errors.Is(err, context.DeadlineExceeded) && actx.Err() != nil {
 			err = fmt.Errorf("%w (within %s)", errNoAnswer, share.Round(time.Millisecond))
 		}
-		rerr.Attempts = append(rerr.Attempts, AttemptError{Resolver: f.cfg.Resolvers[i].String(), Err: err})
+		attempts = append(attempts, AttemptError{Resolver: f.cfg.Resolvers[i].String(), Err: err})
 		var noUDP errNoUDPAssociate
 		if ctx.Err() != nil || errors.Is(err, errForwarderClosed) || errors.As(err, &noUDP) {
 			break
@@ -371,7 +371,7 @@ func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Conte
 			f.stats.Failovers.Add(1)
 		}
 	}
-	return rerr
+	return &ResolveError{Attempts: attempts}
 }
 
 // attempt asks resolver i over the configured transport. On the udp
