@@ -14,9 +14,10 @@ import (
 	"github.com/socksfwd/socksfwd/internal/udpbatch"
 )
 
-// UDP fast path sizes. A slot holds one query: the miekg/dns server reads
+// UDP fast path sizes. A slot holds one query: the miekg/dns server read
 // at most 512 bytes of one, so 1232 (the EDNS size that avoids
-// fragmentation) is ample; a longer datagram is dropped as garbage.
+// fragmentation) is ample; a longer datagram is handled cut, as the
+// miekg/dns server handled one over 512 (FORMERR, mostly).
 const (
 	udpBatchLen = 32
 	udpSlotLen  = 1232
@@ -81,17 +82,16 @@ func (u *udpFastPath) serve() error {
 		}
 		queued := 0
 		for i := range n {
-			if r.Truncated(i) {
-				continue
-			}
-			query, from := r.Slot(i), r.Addr(i)
-			if reply, ok := u.s.answerFromCache(u.replies[queued][:0], query, from); ok {
-				u.replies[queued], u.to[queued] = reply, from
-				queued++
-				continue
+			query, from, whole := r.Slot(i), r.Addr(i), !r.Truncated(i)
+			if whole {
+				if reply, ok := u.s.answerFromCache(u.replies[queued][:0], query, from); ok {
+					u.replies[queued], u.to[queued] = reply, from
+					queued++
+					continue
+				}
 			}
 			q := bytes.Clone(query)
-			u.handlers.Go(func() { u.serveQuery(q, from) })
+			u.handlers.Go(func() { u.serveQuery(q, from, whole) })
 		}
 		u.send(w, queued)
 	}
@@ -129,17 +129,17 @@ func (u *udpFastPath) wait(ctx context.Context) error {
 	}
 }
 
-// serveQuery handles a query the cache did not answer: a plain one by the
-// forwarder's wire path, anything else as the miekg/dns server does: its
-// accept function first (responses ignored, other
+// serveQuery handles a query the cache did not answer: a plain one, read
+// whole, by the forwarder's wire path, anything else as the miekg/dns
+// server does: its accept function first (responses ignored, other
 // opcodes NOTIMP, odd section counts FORMERR), then the handler with the
 // unpacked message, FORMERR if it does not unpack.
-func (u *udpFastPath) serveQuery(q []byte, from netip.AddrPort) {
+func (u *udpFastPath) serveQuery(q []byte, from netip.AddrPort, whole bool) {
 	if len(q) < headerLen {
 		return // too short to answer
 	}
 	w := &udpResponse{pc: u.pc, to: from}
-	if u.s.serveWire(w, q, from) {
+	if whole && u.s.serveWire(w, q, from) {
 		return
 	}
 	dh := dns.Header{Id: binary.BigEndian.Uint16(q), Bits: binary.BigEndian.Uint16(q[2:]),

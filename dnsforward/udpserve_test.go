@@ -166,3 +166,17 @@ func TestUDPWirePathRefusesBeyondMaxConcurrent(t *testing.T) {
 		t.Errorf("held query: %v", r)
 	}
 }
+
+// TestUDPFastPathLongQuery: a query longer than a read slot is handled
+// cut, as the miekg/dns server handled one longer than its buffer: it
+// does not unpack, so FORMERR, never silence.
+func TestUDPFastPathLongQuery(t *testing.T) {
+	_, f := newCachingPair(t)
+	_, addr := startServerFor(t, f)
+	q := query("a.example", dns.TypeTXT, 77)
+	q.SetEdns0(4096, false)
+	q.IsEdns0().Option = append(q.IsEdns0().Option, &dns.EDNS0_PADDING{Padding: make([]byte, udpSlotLen)})
+	if r := exchange(t, "udp", addr, q); r.Rcode != dns.RcodeFormatError || r.Id != 77 {
+		t.Fatalf("a query of %d bytes: %s id %d, want FORMERR id 77", q.Len(), dns.RcodeToString[r.Rcode], r.Id)
+	}
+}
