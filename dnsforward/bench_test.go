@@ -127,3 +127,36 @@ func benchUDP(b *testing.B, f *Forwarder) {
 	}
 	b.StopTimer()
 }
+
+// BenchmarkServerCacheMissUDPParallel: BenchmarkServerCacheMissUDP with
+// many clients at once (each its own socket, one query at a time), so
+// that answers come back in bursts.
+func BenchmarkServerCacheMissUDPParallel(b *testing.B) {
+	res := newResolver(b, 0)
+	f := newForwarder(b, socks(b).Addr(), 5*time.Second, nil, res.addr)
+	_, addr := startServerFor(b, f)
+	wire, _ := query("a.example", dns.TypeA, 7).Pack()
+	b.SetParallelism(8)
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		c, err := net.Dial("udp", addr)
+		if err != nil {
+			b.Error(err)
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(time.Minute))
+		buf := make([]byte, 1500)
+		for pb.Next() {
+			if _, err := c.Write(wire); err != nil {
+				b.Error(err)
+				return
+			}
+			if _, err := c.Read(buf); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
