@@ -1,7 +1,9 @@
 package dnsforward
 
 import (
-	"strings"
+	"bytes"
+	"encoding/binary"
+	"hash/maphash"
 	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
@@ -17,118 +19,137 @@ const (
 	maxTTL = 24 * time.Hour
 )
 
-// cacheKey is a question: name (lower case), type, class and the DNSSEC OK
-// bit, which changes what an answer holds.
-type cacheKey struct {
-	name   string
-	qtype  uint16
-	qclass uint16
-	do     bool
-}
-
+// cacheEntry is an answer kept packed, with the offsets of its TTL fields
+// recorded once, so that a hit is a copy and a few patches: no unpacking,
+// packing or allocation.
 type cacheEntry struct {
-	msg     *dns.Msg
-	stored  time.Time
-	expires time.Time
+	key      string // the question it answers (questionKey.bytes)
+	wire     []byte // the answer, compressed, with the TTLs it arrived with
+	qnameEnd int    // where the question's name ends in wire
+	ttls     []uint16
+	rcode    int
+	stored   time.Time
+	expires  time.Time
 }
 
 // cache is a bounded LRU of answers that honours TTLs, including negative
 // answers (RFC 2308: the SOA's TTL capped by its MINIMUM), and counts them
-// down in what it serves.
+// down in what it serves. It is keyed by a hash of the question; the
+// entry's own key settles the rare collision (a miss).
 type cache struct {
-	lru *lru.Cache[cacheKey, *cacheEntry]
-	now func() time.Time
+	lru  *lru.Cache[uint64, *cacheEntry]
+	seed maphash.Seed
+	now  func() time.Time
 }
 
 func newCache(size int) *cache {
-	l, err := lru.New[cacheKey, *cacheEntry](size)
+	l, err := lru.New[uint64, *cacheEntry](size)
 	if err != nil {
 		return nil // size <= 0: no cache
 	}
-	return &cache{lru: l, now: time.Now}
+	return &cache{lru: l, seed: maphash.MakeSeed(), now: time.Now}
 }
 
-// keyOf returns the cache key of a query, and false for queries that are
-// not cacheable (not exactly one question, not a standard query).
-func keyOf(q *dns.Msg) (cacheKey, bool) {
+// keyOf fills k with the cache key of a query, and reports false for
+// queries that are not cacheable (not exactly one question, not a
+// standard query).
+func keyOf(q *dns.Msg, k *questionKey) bool {
 	if len(q.Question) != 1 || q.Opcode != dns.OpcodeQuery {
-		return cacheKey{}, false
+		return false
 	}
 	qu := q.Question[0]
-	k := cacheKey{name: strings.ToLower(qu.Name), qtype: qu.Qtype, qclass: qu.Qclass}
-	if opt := q.IsEdns0(); opt != nil {
-		k.do = opt.Do()
+	var name [maxNameLen + 1]byte
+	n, err := dns.PackDomainName(dns.Fqdn(qu.Name), name[:], 0, nil, false)
+	if err != nil {
+		return false
 	}
-	return k, true
+	do := false
+	if opt := q.IsEdns0(); opt != nil {
+		do = opt.Do()
+	}
+	return k.set(name[:n], qu.Qtype, qu.Qclass, do)
 }
 
-// get returns a copy of the cached answer for k with TTLs counted down.
-func (c *cache) get(k cacheKey) (*dns.Msg, bool) {
-	e, ok := c.lru.Get(k)
-	if !ok {
-		return nil, false
+func (c *cache) hash(k *questionKey) uint64 { return maphash.Bytes(c.seed, k.bytes()) }
+
+// appendAnswer appends the cached answer to k to dst, made the query's
+// own: its ID, the question's name as the client wrote it (case and all),
+// and the TTLs counted down. It returns the answer's RCODE.
+func (c *cache) appendAnswer(dst []byte, k *questionKey, id uint16) ([]byte, int, bool) {
+	h := c.hash(k)
+	e, ok := c.lru.Get(h)
+	if !ok || e.key != string(k.bytes()) {
+		return dst, 0, false
 	}
 	now := c.now()
 	if !now.Before(e.expires) {
-		c.lru.Remove(k)
+		c.lru.Remove(h)
+		return dst, 0, false
+	}
+	base := len(dst)
+	dst = append(dst, e.wire...)
+	out := dst[base:]
+	binary.BigEndian.PutUint16(out, id)
+	copy(out[headerLen:e.qnameEnd], k.asked()) // the same length: the keys matched
+	if elapsed := uint32(now.Sub(e.stored) / time.Second); elapsed > 0 {
+		for _, off := range e.ttls {
+			ttl := binary.BigEndian.Uint32(e.wire[off:])
+			binary.BigEndian.PutUint32(out[off:], ttl-min(ttl, elapsed))
+		}
+	}
+	return dst, e.rcode, true
+}
+
+// get returns the cached answer for k, unpacked, with TTLs counted down
+// (the ID and question are for the caller to set).
+func (c *cache) get(k *questionKey) (*dns.Msg, bool) {
+	wire, _, ok := c.appendAnswer(nil, k, 0)
+	if !ok {
 		return nil, false
 	}
-	m := e.msg.Copy()
-	elapsed := uint32(now.Sub(e.stored) / time.Second)
-	for _, sec := range [][]dns.RR{m.Answer, m.Ns, m.Extra} {
-		for _, rr := range sec {
-			h := rr.Header()
-			if h.Rrtype == dns.TypeOPT {
-				continue
-			}
-			if h.Ttl > elapsed {
-				h.Ttl -= elapsed
-			} else {
-				h.Ttl = 0
-			}
-		}
+	m := new(dns.Msg)
+	if m.Unpack(wire) != nil {
+		return nil, false
 	}
 	return m, true
 }
 
 // put stores resp for k for as long as its records allow, and reports
-// whether that pushed another answer out.
-func (c *cache) put(k cacheKey, resp *dns.Msg) (evicted bool) {
-	ttl, ok := cacheTTL(resp)
+// whether that pushed another answer out. resp must not be shared yet:
+// packing may write its extended RCODE into its OPT record.
+func (c *cache) put(k *questionKey, resp *dns.Msg) (evicted bool) {
+	packed := *resp // Pack reads the records only
+	packed.Compress = true
+	wire, err := packed.Pack()
+	if err != nil {
+		return false
+	}
+	return c.putWire(k, wire)
+}
+
+// putWire stores the packed answer wire for k (and keeps wire: the caller
+// hands it over) for as long as its records allow, and reports whether
+// that pushed another answer out.
+func (c *cache) putWire(k *questionKey, wire []byte) (evicted bool) {
+	l, err := answerLayout(wire, nil)
+	if err != nil || !answers(wire, l.qnameEnd, k) {
+		return false
+	}
+	ttl, ok := l.cacheTTL()
 	if !ok || ttl <= 0 {
 		return false
 	}
 	now := c.now()
-	return c.lru.Add(k, &cacheEntry{msg: resp.Copy(), stored: now, expires: now.Add(ttl)})
+	return c.lru.Add(c.hash(k), &cacheEntry{key: string(k.bytes()), wire: wire, qnameEnd: l.qnameEnd, ttls: l.ttls,
+		rcode: l.rcode, stored: now, expires: now.Add(ttl)})
 }
 
-// cacheTTL is how long resp may be cached.
-func cacheTTL(resp *dns.Msg) (time.Duration, bool) {
-	if resp.Truncated {
-		return 0, false
+// answers reports whether the packed answer's question is k's (name in
+// any case, type, class): a hit writes the asked name over the answer's.
+func answers(wire []byte, qnameEnd int, k *questionKey) bool {
+	name := wire[headerLen:qnameEnd]
+	if len(name) != k.nlen || !bytes.EqualFold(name, k.name[:k.nlen]) {
+		return false
 	}
-	switch resp.Rcode {
-	case dns.RcodeServerFailure:
-		return servFailTTL, true
-	case dns.RcodeSuccess, dns.RcodeNameError:
-	default:
-		return 0, false
-	}
-	if resp.Rcode == dns.RcodeSuccess && len(resp.Answer) > 0 {
-		ttl := uint32(maxTTL / time.Second)
-		for _, sec := range [][]dns.RR{resp.Answer, resp.Ns} {
-			for _, rr := range sec {
-				ttl = min(ttl, rr.Header().Ttl)
-			}
-		}
-		return time.Duration(ttl) * time.Second, true
-	}
-	// NXDOMAIN or NODATA: the SOA in the authority section says how long
-	// (RFC 2308 §5); without one, do not cache.
-	for _, rr := range resp.Ns {
-		if soa, ok := rr.(*dns.SOA); ok {
-			return time.Duration(min(soa.Hdr.Ttl, soa.Minttl)) * time.Second, true
-		}
-	}
-	return 0, false
+	return bytes.Equal(wire[qnameEnd:qnameEnd+4], k.key[k.nlen:k.nlen+4])
 }

@@ -6,7 +6,9 @@
 package dnsforward
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -296,12 +298,55 @@ func causeOf(err error) string {
 }
 
 // Exchange forwards q to the resolvers in order within the whole-query
-// timeout. Each attempt gets an equal share of what is left, so a
-// blackholed first resolver still leaves time for the next.
+// timeout (see tryResolvers).
 func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
+	var resp *dns.Msg
+	err := f.tryResolvers(ctx, func(ctx context.Context, i int, pool *tcpPool) (err error) {
+		resp, err = f.attempt(ctx, i, pool, q)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+// exchangeWire is Exchange for a query in wire form on the tcp
+// transport: the answer comes back in wire form, unparsed but for a check
+// that it is well formed, with the query's ID.
+func (f *Forwarder) exchangeWire(ctx context.Context, query []byte) ([]byte, error) {
+	var answer []byte
+	err := f.tryResolvers(ctx, func(ctx context.Context, i int, pool *tcpPool) (err error) {
+		answer, err = pool.exchangeWire(ctx, query, i+1 < len(f.pools))
+		if err == nil && !wellFormed(answer) {
+			err = errMalformedAnswer
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return answer, nil
+}
+
+// wellFormed reports whether an answer parses: as the cache reads
+// answers, or else as miekg/dns does (an answer without a question, say).
+func wellFormed(answer []byte) bool {
+	var ttls [32]uint16
+	if _, err := answerLayout(answer, ttls[:0]); err == nil {
+		return true
+	}
+	return new(dns.Msg).Unpack(answer) == nil
+}
+
+// tryResolvers calls try for each resolver in order within the
+// whole-query timeout, until one succeeds. Each attempt gets an equal
+// share of what is left, so a blackholed first resolver still leaves time
+// for the next. The error is a *ResolveError.
+func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Context, i int, pool *tcpPool) error) error {
 	ctx, cancel := context.WithTimeout(ctx, f.cfg.Timeout)
 	defer cancel()
-	rerr := &ResolveError{}
+	var attempts []AttemptError // made only when an attempt fails
 	for i, pool := range f.pools {
 		deadline, _ := ctx.Deadline()
 		share := time.Until(deadline) / time.Duration(len(f.pools)-i)
@@ -309,15 +354,15 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 		if i+1 < len(f.pools) { // the last attempt has the whole rest anyway
 			actx, acancel = context.WithTimeout(ctx, share)
 		}
-		resp, err := f.attempt(actx, i, pool, q)
+		err := try(actx, i, pool)
 		acancel()
 		if err == nil {
-			return resp, nil
+			return nil
 		}
 		if errors.Is(err, context.DeadlineExceeded) && actx.Err() != nil {
 			err = fmt.Errorf("%w (within %s)", errNoAnswer, share.Round(time.Millisecond))
 		}
-		rerr.Attempts = append(rerr.Attempts, AttemptError{Resolver: f.cfg.Resolvers[i].String(), Err: err})
+		attempts = append(attempts, AttemptError{Resolver: f.cfg.Resolvers[i].String(), Err: err})
 		var noUDP errNoUDPAssociate
 		if ctx.Err() != nil || errors.Is(err, errForwarderClosed) || errors.As(err, &noUDP) {
 			break
@@ -326,7 +371,7 @@ func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 			f.stats.Failovers.Add(1)
 		}
 	}
-	return nil, rerr
+	return &ResolveError{Attempts: attempts}
 }
 
 // attempt asks resolver i over the configured transport. On the udp
@@ -347,8 +392,12 @@ func (f *Forwarder) attempt(ctx context.Context, i int, pool *tcpPool, q *dns.Ms
 // concurrent misses into one upstream query. Beyond MaxConcurrent
 // queries waiting on the resolvers it fails at once with ErrOverloaded.
 func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
-	k, cacheable := keyOf(q)
-	cacheable = cacheable && f.cache != nil
+	var k questionKey
+	return f.resolve(ctx, q, &k, f.cache != nil && keyOf(q, &k))
+}
+
+// resolve is Resolve with q's cache key worked out (k, when cacheable).
+func (f *Forwarder) resolve(ctx context.Context, q *dns.Msg, k *questionKey, cacheable bool) (*dns.Msg, error) {
 	if cacheable {
 		if m, ok := f.cache.get(k); ok {
 			f.stats.CacheHits.Add(1)
@@ -366,7 +415,7 @@ func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	}
 	// Do, not DoChan: no goroutine per miss. The shared query is bounded by
 	// the forwarder's timeout, not by the first caller's context.
-	v, err, shared := f.flight.Do(fmt.Sprintf("%s|%d|%d|%t", k.name, k.qtype, k.qclass, k.do), func() (any, error) {
+	v, err, shared := f.flight.Do(string(k.bytes()), func() (any, error) {
 		resp, err := f.Exchange(context.Background(), q)
 		if err == nil && f.cache.put(k, resp) {
 			f.stats.CacheEvictions.Add(1)
@@ -376,11 +425,69 @@ func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := v.(*dns.Msg)
-	if shared {
-		m = m.Copy() // other callers hold the same message
+	var m *dns.Msg
+	switch v := v.(type) {
+	case *dns.Msg:
+		m = v
+		if shared {
+			m = m.Copy() // other callers hold the same message
+		}
+	case []byte: // a query in wire form asked first (resolveWire)
+		m = new(dns.Msg)
+		if err := m.Unpack(v); err != nil {
+			return nil, fmt.Errorf("%w: %v", errMalformedAnswer, err)
+		}
 	}
 	return answerFor(q, m), nil
+}
+
+// resolveWire is resolve for a plain query in wire form (see parseQuery)
+// with its key k, on the tcp transport: the answer in wire form, made the
+// query's own (its ID, the name as asked), never unpacked or packed.
+func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, error) {
+	id := binary.BigEndian.Uint16(query)
+	if f.cache != nil {
+		if out, _, ok := f.cache.appendAnswer(nil, k, id); ok {
+			f.stats.CacheHits.Add(1)
+			return out, nil
+		}
+		f.stats.CacheMisses.Add(1)
+	}
+	if f.inFlight.Add(1) > int64(f.cfg.MaxConcurrent) {
+		f.inFlight.Add(-1)
+		return nil, ErrOverloaded
+	}
+	defer f.inFlight.Add(-1)
+	if f.cache == nil {
+		return f.exchangeWire(context.Background(), query)
+	}
+	v, err, shared := f.flight.Do(string(k.bytes()), func() (any, error) {
+		answer, err := f.exchangeWire(context.Background(), query)
+		if err == nil && f.cache.putWire(k, bytes.Clone(answer)) {
+			f.stats.CacheEvictions.Add(1)
+		}
+		return answer, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	var answer []byte
+	switch v := v.(type) {
+	case []byte:
+		answer = v
+		if shared {
+			answer = bytes.Clone(v) // other callers hold the same bytes
+		}
+	case *dns.Msg: // a query of the message path asked first (resolve)
+		if answer, err = v.Copy().Pack(); err != nil {
+			return nil, err
+		}
+	}
+	binary.BigEndian.PutUint16(answer, id)
+	if end, ok := plainNameEnd(answer, headerLen); ok && binary.BigEndian.Uint16(answer[4:]) == 1 && bytes.EqualFold(answer[headerLen:end], k.asked()) {
+		copy(answer[headerLen:], k.asked()) // the leader's answer may have another case
+	}
+	return answer, nil
 }
 
 // answerFor makes a shared or cached answer q's own: its ID and question.
@@ -388,6 +495,63 @@ func answerFor(q, m *dns.Msg) *dns.Msg {
 	m.Id = q.Id
 	m.Question = append(m.Question[:0], q.Question...)
 	return m
+}
+
+// replyBufs holds buffers for packed replies from the cache; most answers
+// fit the size they start with.
+var replyBufs = sync.Pool{New: func() any { b := make([]byte, 0, 1232); return &b }}
+
+// clientUDPSize is the most a UDP client takes: its EDNS buffer size (at
+// least 512), or 512 without EDNS.
+func clientUDPSize(r *dns.Msg) int {
+	if opt := r.IsEdns0(); opt != nil {
+		return max(int(opt.UDPSize()), dns.MinMsgSize)
+	}
+	return dns.MinMsgSize
+}
+
+// writeCached answers r from the cache with the packed answer as it is,
+// when there is one and it fits the client; false leaves r to the
+// general path (which truncates an answer too large for a UDP client).
+func (f *Forwarder) writeCached(w dns.ResponseWriter, r *dns.Msg, k *questionKey, udp bool) bool {
+	bp := replyBufs.Get().(*[]byte)
+	defer replyBufs.Put(bp)
+	out, rcode, ok := f.cache.appendAnswer((*bp)[:0], k, r.Id)
+	*bp = out[:0]
+	if !ok || udp && len(out) > clientUDPSize(r) {
+		return false
+	}
+	f.stats.CacheHits.Add(1)
+	f.stats.Answered.Add(1)
+	f.countResponse(rcode)
+	w.Write(out)
+	return true
+}
+
+// answerWire answers a UDP client's query in wire form from the cache:
+// the reply appended to dst, counted as ServeDNS counts a hit. false, with
+// nothing counted, when the query is not plain (see parseQuery), not
+// cached, or its answer exceeds what the client takes; ServeDNS handles
+// those.
+func (f *Forwarder) answerWire(dst, query []byte) ([]byte, bool) {
+	if f.cache == nil {
+		return dst, false
+	}
+	var k questionKey
+	wq, ok := parseQuery(query, &k)
+	if !ok {
+		return dst, false
+	}
+	out, rcode, ok := f.cache.appendAnswer(dst, &k, wq.id)
+	if !ok || len(out)-len(dst) > wq.udpSize {
+		return dst, false
+	}
+	f.stats.Queries.Add(1)
+	f.stats.QueriesUDP.Add(1)
+	f.stats.CacheHits.Add(1)
+	f.stats.Answered.Add(1)
+	f.countResponse(rcode)
+	return out, true
 }
 
 // ServeDNS implements dns.Handler: forward, or answer SERVFAIL (every
@@ -402,20 +566,14 @@ func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	} else {
 		f.stats.QueriesTCP.Add(1)
 	}
-	resp, err := f.Resolve(context.Background(), r)
+	var k questionKey
+	cacheable := f.cache != nil && keyOf(r, &k)
+	if cacheable && f.writeCached(w, r, &k, udp) {
+		return
+	}
+	resp, err := f.resolve(context.Background(), r, &k, cacheable)
 	if err != nil {
-		rcode := dns.RcodeServerFailure
-		if errors.Is(err, ErrOverloaded) {
-			rcode = dns.RcodeRefused
-			f.stats.Refused.Add(1)
-		} else {
-			f.stats.ServFail.Add(1)
-		}
-		f.logFailure(err, rcode, w, r)
-		m := new(dns.Msg)
-		m.SetRcode(r, rcode)
-		f.countResponse(rcode)
-		w.WriteMsg(m)
+		f.answerFailure(w, r, err)
 		return
 	}
 	f.stats.Answered.Add(1)
@@ -423,13 +581,71 @@ func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	if udp {
 		// A UDP client gets what fits its buffer, with TC=1 if cut, and
 		// retries over TCP for the whole answer (RFC 7766 §5).
-		size := dns.MinMsgSize
-		if opt := r.IsEdns0(); opt != nil {
-			size = int(opt.UDPSize())
-		}
-		resp.Truncate(size)
+		resp.Truncate(clientUDPSize(r))
 	}
 	w.WriteMsg(resp)
+}
+
+// answerFailure answers r SERVFAIL (every resolver failed) or REFUSED
+// (too many queries in flight), counted and logged.
+func (f *Forwarder) answerFailure(w dns.ResponseWriter, r *dns.Msg, err error) {
+	rcode := dns.RcodeServerFailure
+	if errors.Is(err, ErrOverloaded) {
+		rcode = dns.RcodeRefused
+		f.stats.Refused.Add(1)
+	} else {
+		f.stats.ServFail.Add(1)
+	}
+	f.logFailure(err, rcode, w, r)
+	m := new(dns.Msg)
+	m.SetRcode(r, rcode)
+	f.countResponse(rcode)
+	w.WriteMsg(m)
+}
+
+// serveWire answers a plain UDP query in wire form (see parseQuery) on
+// the tcp transport as ServeDNS would, moving the query's and the
+// answer's bytes without unpacking or packing them (but to truncate an
+// answer too large for the client, or to answer a failure). false, with
+// nothing counted or written, leaves the query to ServeDNS.
+func (f *Forwarder) serveWire(w dns.ResponseWriter, query []byte) bool {
+	if f.udp != nil {
+		return false // the udp transport matches answers by unpacked question
+	}
+	var k questionKey
+	wq, ok := parseQuery(query, &k)
+	if !ok {
+		return false
+	}
+	f.stats.Queries.Add(1)
+	f.stats.QueriesUDP.Add(1)
+	answer, err := f.resolveWire(query, &k)
+	if err != nil {
+		r := new(dns.Msg)
+		if r.Unpack(query) != nil {
+			r = &dns.Msg{MsgHdr: dns.MsgHdr{Id: wq.id}}
+		}
+		f.answerFailure(w, r, err)
+		return true
+	}
+	f.stats.Answered.Add(1)
+	var ttls [32]uint16
+	if l, err := answerLayout(answer, ttls[:0]); err == nil {
+		f.countResponse(l.rcode)
+	} else {
+		f.countResponse(int(answer[3] & 0xF))
+	}
+	if len(answer) > wq.udpSize {
+		// Rare: cut as ServeDNS does, TC=1 when records had to go.
+		m := new(dns.Msg)
+		if m.Unpack(answer) == nil {
+			m.Truncate(wq.udpSize)
+			w.WriteMsg(m)
+			return true
+		}
+	}
+	w.Write(answer)
+	return true
 }
 
 // logFailure logs the first query failed by a cause in each period, with

@@ -39,7 +39,7 @@ type resolver struct {
 	txtSize     int
 }
 
-func newResolver(t *testing.T, closeAfter int) *resolver {
+func newResolver(t testing.TB, closeAfter int) *resolver {
 	r := &resolver{closeAfter: closeAfter, txtSize: 3000, closed: make(chan struct{}, 1000)}
 	ln := testnet.Serve(t, r.serveConn)
 	r.addr = ln.Addr().String()
@@ -117,15 +117,22 @@ func (r *resolver) serveConn(c net.Conn) {
 	}
 }
 
-func newForwarder(t *testing.T, proxy string, timeout time.Duration, logs io.Writer, resolvers ...string) *Forwarder {
+func newForwarder(t testing.TB, proxy string, timeout time.Duration, logs io.Writer, resolvers ...string) *Forwarder {
 	return newCachingForwarder(t, proxy, timeout, 0, logs, resolvers...)
 }
 
-func newCachingForwarder(t *testing.T, proxy string, timeout time.Duration, cacheSize int, logs io.Writer, resolvers ...string) *Forwarder {
+func newCachingForwarder(t testing.TB, proxy string, timeout time.Duration, cacheSize int, logs io.Writer, resolvers ...string) *Forwarder {
 	return newForwarderConfig(t, proxy, Config{Timeout: timeout, CacheSize: cacheSize}, logs, resolvers...)
 }
 
-func newForwarderConfig(t *testing.T, proxy string, cfg Config, logs io.Writer, resolvers ...string) *Forwarder {
+// newCachingPair returns a resolver and a forwarder to it with a cache of
+// 100 answers, through a fresh SOCKS5 server.
+func newCachingPair(t testing.TB) (*resolver, *Forwarder) {
+	res := newResolver(t, 0)
+	return res, newCachingForwarder(t, socks(t).Addr(), 5*time.Second, 100, nil, res.addr)
+}
+
+func newForwarderConfig(t testing.TB, proxy string, cfg Config, logs io.Writer, resolvers ...string) *Forwarder {
 	t.Helper()
 	var addrs []socksclient.Addr
 	for _, r := range resolvers {
@@ -152,7 +159,7 @@ func newForwarderConfig(t *testing.T, proxy string, cfg Config, logs io.Writer, 
 	return f
 }
 
-func socks(t *testing.T) *sockstest.Server {
+func socks(t testing.TB) *sockstest.Server {
 	s, err := sockstest.NewServer(sockstest.Config{})
 	if err != nil {
 		t.Fatal(err)

@@ -8,11 +8,10 @@ import (
 	"github.com/miekg/dns"
 )
 
-// FuzzReadTCPMessage: the length-prefixed framing is the only part of the
-// network bytes we parse ourselves (the message is miekg/dns's). Property:
-// no panic; a frame either yields a message, is skipped whole (nil, nil),
-// or fails; and a frame followed by a good one never eats the good one.
-func FuzzReadTCPMessage(f *testing.F) {
+// FuzzReadTCPFrame: the length-prefixed framing of answers from the
+// resolvers. Property: no panic; a frame is read whole or the stream
+// fails; and a frame followed by a good one never eats the good one.
+func FuzzReadTCPFrame(f *testing.F) {
 	good := new(dns.Msg)
 	good.SetQuestion("example.", dns.TypeA)
 	wire, _ := good.Pack()
@@ -26,17 +25,106 @@ func FuzzReadTCPMessage(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var lenBuf [2]byte
 		r := bytes.NewReader(append(append([]byte{}, b...), frame...))
-		m, err := readTCPMessage(r, &lenBuf)
+		first, err := readTCPFrame(r, &lenBuf)
 		if err != nil {
 			return // the fuzzed bytes cut the stream
 		}
-		_ = m
-		// Whatever the first frame was, if it was read whole, the good
-		// frame after it must still be intact when the stream lines up.
 		if len(b) >= 2 && int(binary.BigEndian.Uint16(b))+2 == len(b) {
-			next, err := readTCPMessage(r, &lenBuf)
-			if err != nil || next == nil || next.Question[0].Name != "example." {
-				t.Fatalf("the frame after % x was not read intact: %v %v", b, next, err)
+			if !bytes.Equal(first, b[2:]) {
+				t.Fatalf("frame % x read as % x", b, first)
+			}
+			next, err := readTCPFrame(r, &lenBuf)
+			if err != nil || !bytes.Equal(next, wire) {
+				t.Fatalf("the frame after % x was not read intact: % x %v", b, next, err)
+			}
+		}
+	})
+}
+
+// fuzzQuerySeeds are plain queries, with and without EDNS and the DO bit.
+func fuzzQuerySeeds(f *testing.F) {
+	plain := new(dns.Msg)
+	plain.SetQuestion("Www.Example.", dns.TypeA)
+	edns := new(dns.Msg)
+	edns.SetQuestion("example.", dns.TypeAAAA)
+	edns.SetEdns0(1232, true)
+	for _, m := range []*dns.Msg{plain, edns} {
+		wire, _ := m.Pack()
+		f.Add(wire)
+	}
+}
+
+// FuzzParseQuery: the fast path's reading of queries from the network.
+// Property: no panic; a query it takes is one miekg/dns reads too, with
+// the same ID and the same cache key, so both paths share the cache.
+func FuzzParseQuery(f *testing.F) {
+	fuzzQuerySeeds(f)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var k questionKey
+		wq, ok := parseQuery(b, &k)
+		if !ok {
+			return
+		}
+		m := new(dns.Msg)
+		if m.Unpack(b) != nil {
+			return // e.g. EDNS options miekg/dns rejects; the key is still sound
+		}
+		var mk questionKey
+		if !keyOf(m, &mk) || !bytes.Equal(k.bytes(), mk.bytes()) || wq.id != m.Id {
+			t.Fatalf("% x: key % x id %d, miekg/dns: key % x id %d", b, k.bytes(), wq.id, mk.bytes(), m.Id)
+		}
+	})
+}
+
+// FuzzAnswerLayout: the walk that finds the TTL fields of answers.
+// Property: no panic; the offsets lie inside the message; where miekg/dns
+// reads every record of the message, the RCODE and TC bit are the ones it
+// reads and the offsets hold the TTLs of its records other than OPT, in
+// order.
+func FuzzAnswerLayout(f *testing.F) {
+	fuzzQuerySeeds(f)
+	answer := answerA("a.example.")
+	answer.Ns = append(answer.Ns, &dns.SOA{Hdr: dns.RR_Header{Name: "example.", Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: 300},
+		Ns: "ns.example.", Mbox: "admin.example.", Minttl: 30})
+	answer.SetEdns0(1232, true)
+	answer.Compress = true
+	wire, _ := answer.Pack()
+	f.Add(wire)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		l, err := answerLayout(b, nil)
+		if err != nil {
+			return
+		}
+		ttls := l.ttls
+		if l.qnameEnd > len(b) {
+			t.Fatalf("question ends at %d of %d", l.qnameEnd, len(b))
+		}
+		for _, off := range ttls {
+			if int(off)+4 > len(b) {
+				t.Fatalf("TTL at %d of %d", off, len(b))
+			}
+		}
+		m := new(dns.Msg)
+		if m.Unpack(b) != nil || len(m.Answer)+len(m.Ns)+len(m.Extra) != int(binary.BigEndian.Uint16(b[6:]))+int(binary.BigEndian.Uint16(b[8:]))+int(binary.BigEndian.Uint16(b[10:])) {
+			return
+		}
+		if l.rcode != m.Rcode || l.truncated != m.Truncated {
+			t.Fatalf("% x: rcode %d truncated %v, miekg/dns reads %d %v", b, l.rcode, l.truncated, m.Rcode, m.Truncated)
+		}
+		var want []uint32
+		for _, sec := range [][]dns.RR{m.Answer, m.Ns, m.Extra} {
+			for _, rr := range sec {
+				if rr.Header().Rrtype != dns.TypeOPT {
+					want = append(want, rr.Header().Ttl)
+				}
+			}
+		}
+		if len(want) != len(ttls) {
+			t.Fatalf("% x: %d TTL fields, miekg/dns reads %d records", b, len(ttls), len(want))
+		}
+		for i, off := range ttls {
+			if got := binary.BigEndian.Uint32(b[off:]); got != want[i] {
+				t.Fatalf("% x: TTL %d at %d, miekg/dns reads %d", b, got, off, want[i])
 			}
 		}
 	})

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"net"
 	"strings"
@@ -62,14 +61,18 @@ func newGateResolver(t *testing.T) *gateResolver {
 func (g *gateResolver) open() { g.openOnce.Do(func() { close(g.release) }) }
 
 // recorder is a dns.ResponseWriter that keeps what is written; its client
-// is on TCP, so answers are not truncated.
+// is on TCP, so answers are not truncated, unless remote says otherwise.
 type recorder struct {
-	mu   sync.Mutex
-	msgs []*dns.Msg
+	mu     sync.Mutex
+	msgs   []*dns.Msg
+	remote net.Addr
 }
 
 func (w *recorder) LocalAddr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 53} }
 func (w *recorder) RemoteAddr() net.Addr {
+	if w.remote != nil {
+		return w.remote
+	}
 	return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 40000}
 }
 func (w *recorder) WriteMsg(m *dns.Msg) error {
@@ -78,8 +81,12 @@ func (w *recorder) WriteMsg(m *dns.Msg) error {
 	w.msgs = append(w.msgs, m)
 	return nil
 }
-func (w *recorder) Write([]byte) (int, error) {
-	return 0, errors.New("recorder: raw writes not supported")
+func (w *recorder) Write(b []byte) (int, error) {
+	m := new(dns.Msg)
+	if err := m.Unpack(b); err != nil {
+		return 0, err
+	}
+	return len(b), w.WriteMsg(m)
 }
 func (w *recorder) Close() error        { return nil }
 func (w *recorder) TsigStatus() error   { return nil }
@@ -104,7 +111,11 @@ func TestMaxConcurrentRefused(t *testing.T) {
 	gate := newGateResolver(t)
 	f := newForwarderConfig(t, socks(t).Addr(), Config{Timeout: time.Minute, MaxConcurrent: 2, CacheSize: 100}, nil, gate.addr)
 	// A cached answer: a hit must not count against the limit.
-	f.cache.put(cacheKey{name: "cached.example.", qtype: dns.TypeA, qclass: dns.ClassINET}, answerA("cached.example."))
+	var k questionKey
+	keyOf(query("cached.example", dns.TypeA, 1), &k)
+	if f.cache.put(&k, answerA("cached.example.")); f.CacheLen() != 1 {
+		t.Fatal("the answer was not cached")
+	}
 
 	var wg sync.WaitGroup
 	rcodes := make(chan int, 2)

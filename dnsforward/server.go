@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 
@@ -21,7 +22,9 @@ import (
 type Server struct {
 	cur   atomic.Pointer[serving]
 	allow atomic.Pointer[allowlist.List] // nil: every source
-	udp   *dns.Server
+	pc    net.PacketConn
+	udp   *dns.Server  // nil when fast serves the socket
+	fast  *udpFastPath // nil on a wildcard address
 	tcp   *dns.Server
 
 	mu       sync.Mutex
@@ -29,6 +32,7 @@ type Server struct {
 	stopping chan struct{} // closed by Shutdown: retired forwarders close now
 	retiring sync.WaitGroup
 
+	started   atomic.Bool // Serve was called
 	closeOnce sync.Once
 }
 
@@ -96,9 +100,11 @@ func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
 	if u, ok := pc.(*net.UDPConn); ok {
 		sockbuf.Grow(u) // bursts of queries should queue, not drop
 	}
-	s := &Server{stopping: make(chan struct{})}
+	s := &Server{pc: pc, stopping: make(chan struct{})}
 	s.cur.Store(newServing(fwd))
-	s.udp = &dns.Server{PacketConn: pc, Handler: s}
+	if s.fast = newUDPFastPath(s, pc); s.fast == nil {
+		s.udp = &dns.Server{PacketConn: pc, Handler: s}
+	}
 	s.tcp = &dns.Server{Listener: ln, Handler: s}
 	return s
 }
@@ -143,33 +149,67 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 		w.WriteMsg(m)
 		return
 	}
-	var h *serving
-	for {
-		h = s.cur.Load()
-		h.active.Add(1)
-		// Counted before the check: a forwarder replaced meanwhile either
-		// sees this query active or the query sees the replacement.
-		if s.cur.Load() == h {
-			break
-		}
-		h.leave()
-	}
+	h := s.enter()
 	defer h.leave()
 	h.fwd.ServeDNS(w, r)
 }
 
+// enter returns the current forwarder with the query counted as active on
+// it; the caller leaves when done.
+func (s *Server) enter() *serving {
+	for {
+		h := s.cur.Load()
+		h.active.Add(1)
+		// Counted before the check: a forwarder replaced meanwhile either
+		// sees this query active or the query sees the replacement.
+		if s.cur.Load() == h {
+			return h
+		}
+		h.leave()
+	}
+}
+
+// answerFromCache answers a UDP query in wire form from the current
+// forwarder's cache (see Forwarder.answerWire); false leaves it to
+// ServeDNS, which also answers sources outside the allow list.
+func (s *Server) answerFromCache(dst, query []byte, from netip.AddrPort) ([]byte, bool) {
+	if !s.allow.Load().Allows(from.Addr()) {
+		return dst, false
+	}
+	h := s.enter()
+	defer h.leave()
+	return h.fwd.answerWire(dst, query)
+}
+
+// serveWire answers a UDP query in wire form that the cache did not
+// answer through the current forwarder's wire path (see
+// Forwarder.serveWire); false leaves it to ServeDNS, which also answers
+// sources outside the allow list.
+func (s *Server) serveWire(w dns.ResponseWriter, query []byte, from netip.AddrPort) bool {
+	if !s.allow.Load().Allows(from.Addr()) {
+		return false
+	}
+	h := s.enter()
+	defer h.leave()
+	return h.fwd.serveWire(w, query)
+}
+
 // Addr is the listening address.
-func (s *Server) Addr() net.Addr { return s.udp.PacketConn.LocalAddr() }
+func (s *Server) Addr() net.Addr { return s.pc.LocalAddr() }
 
 // Serve answers queries until Shutdown or Close, or until ctx is done.
 func (s *Server) Serve(ctx context.Context) error {
+	s.started.Store(true)
 	stop := context.AfterFunc(ctx, func() { s.Close() })
 	defer stop()
 	errc := make(chan error, 2)
 	var wg sync.WaitGroup
-	for _, srv := range []*dns.Server{s.udp, s.tcp} {
-		wg.Go(func() { errc <- srv.ActivateAndServe() })
+	if s.fast != nil {
+		wg.Go(func() { errc <- s.fast.serve() })
+	} else {
+		wg.Go(func() { errc <- s.udp.ActivateAndServe() })
 	}
+	wg.Go(func() { errc <- s.tcp.ActivateAndServe() })
 	wg.Wait()
 	close(errc)
 	for err := range errc {
@@ -186,11 +226,17 @@ func (s *Server) Serve(ctx context.Context) error {
 func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	s.closeOnce.Do(func() {
-		err = errors.Join(s.udp.ShutdownContext(ctx), s.tcp.ShutdownContext(ctx))
+		if s.udp != nil {
+			err = s.udp.ShutdownContext(ctx)
+		}
+		err = errors.Join(err, s.tcp.ShutdownContext(ctx))
 		// Also close the sockets ourselves: a server not started yet
 		// ignores ShutdownContext and would otherwise start later.
-		s.udp.PacketConn.Close()
+		s.pc.Close()
 		s.tcp.Listener.Close()
+		if s.fast != nil && s.started.Load() {
+			err = errors.Join(err, s.fast.wait(ctx)) // the queries it handed on
+		}
 		s.mu.Lock()
 		s.stopped = true
 		close(s.stopping)

@@ -11,7 +11,7 @@ import (
 
 // startServerFor serves f on UDP and TCP at one loopback address until
 // cleanup.
-func startServerFor(t *testing.T, f *Forwarder) (*Server, string) {
+func startServerFor(t testing.TB, f *Forwarder) (*Server, string) {
 	t.Helper()
 	pc, ln, err := Listen("127.0.0.1:0")
 	if err != nil {

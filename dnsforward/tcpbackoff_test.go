@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -15,8 +16,23 @@ import (
 	"github.com/miekg/dns"
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
+
+// readTCPMessage reads one length-prefixed message and unpacks it; a
+// message that does not parse is reported as (nil, nil).
+func readTCPMessage(r io.Reader, lenBuf *[2]byte) (*dns.Msg, error) {
+	wire, err := readTCPFrame(r, lenBuf)
+	if err != nil {
+		return nil, err
+	}
+	m := new(dns.Msg)
+	if m.Unpack(wire) != nil {
+		return nil, nil
+	}
+	return m, nil
+}
 
 func netipAddrPort(t *testing.T, s string) netip.AddrPort {
 	t.Helper()
@@ -28,8 +44,12 @@ func netipAddrPort(t *testing.T, s string) netip.AddrPort {
 }
 
 // pipeResolver answers DNS over TCP on in-memory connections until the
-// client closes them.
-type pipeResolver struct{ wg sync.WaitGroup }
+// client closes them; with hold set, each answer waits until it closes.
+type pipeResolver struct {
+	wg      sync.WaitGroup
+	queries atomic.Int64
+	hold    chan struct{}
+}
 
 func (r *pipeResolver) dial(ctx context.Context) (net.Conn, error) {
 	client, server := net.Pipe()
@@ -46,6 +66,10 @@ func (r *pipeResolver) serve(server net.Conn) {
 			q, err := readTCPMessage(server, &lenBuf)
 			if err != nil || q == nil {
 				return
+			}
+			r.queries.Add(1)
+			if r.hold != nil {
+				<-r.hold
 			}
 			if writeAnswer(server, q) != nil {
 				return
@@ -282,4 +306,95 @@ func TestTCPBackoffWaiterWakesOnAnswer(t *testing.T) {
 			t.Errorf("query B answered at the end of the backoff, want once the resolver answered")
 		}
 	})
+}
+
+// TestMalformedAnswerFailsAttempt: an answer that carries the query's ID
+// but does not parse fails that attempt at once (the next resolver, or
+// SERVFAIL), rather than leaving the query to time out.
+func TestMalformedAnswerFailsAttempt(t *testing.T) {
+	ln := testnet.Serve(t, func(c net.Conn) {
+		var lenBuf [2]byte
+		for {
+			q, err := readTCPFrame(c, &lenBuf)
+			if err != nil || len(q) < headerLen {
+				return
+			}
+			// The query's ID, QR set, a question whose name runs past the end.
+			bad := []byte{q[0], q[1], 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0, 5, 'a'}
+			c.Write(append(binary.BigEndian.AppendUint16(nil, uint16(len(bad))), bad...))
+		}
+	})
+	f := newForwarder(t, socks(t).Addr(), time.Minute, nil, ln.Addr().String())
+	_, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, 1))
+	if !errors.Is(err, errMalformedAnswer) {
+		t.Fatalf("Exchange: %v, want a malformed answer", err)
+	}
+}
+
+// TestWireAndMessagePathsShareMisses: a query in wire form (the UDP fast
+// path) and an unpacked one (ServeDNS) for the same question while it is
+// being asked make one upstream query, whichever came first, and each
+// gets the answer with its own ID and name as asked.
+func TestWireAndMessagePathsShareMisses(t *testing.T) {
+	for _, wireFirst := range []bool{true, false} {
+		synctest.Test(t, func(t *testing.T) {
+			f, err := New(Config{
+				Resolvers: documentationResolvers(t, 1),
+				Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "192.0.2.1:1080"}),
+				CacheSize: 10,
+				Logger:    zerolog.New(io.Discard),
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			res := &pipeResolver{hold: make(chan struct{})}
+			f.pools[0].dial = res.dial
+			defer res.wg.Wait()
+			defer f.Close()
+
+			var wireAnswer []byte
+			var msgAnswer *dns.Msg
+			var wireErr, msgErr error
+			var asking sync.WaitGroup
+			askWire := func() {
+				asking.Go(func() {
+					var k questionKey
+					q := pack(t, query("Shared.Example", dns.TypeA, 0x1111))
+					parseQuery(q, &k)
+					wireAnswer, wireErr = f.resolveWire(q, &k)
+				})
+			}
+			askMsg := func() {
+				asking.Go(func() {
+					msgAnswer, msgErr = f.Resolve(context.Background(), query("shared.example", dns.TypeA, 0x2222))
+				})
+			}
+			if wireFirst {
+				askWire()
+				synctest.Wait() // the resolver holds the first query
+				askMsg()
+			} else {
+				askMsg()
+				synctest.Wait()
+				askWire()
+			}
+			synctest.Wait() // the second waits for the first's answer
+			close(res.hold)
+			asking.Wait()
+
+			if wireErr != nil || msgErr != nil {
+				t.Fatalf("wire: %v, message: %v", wireErr, msgErr)
+			}
+			if n := res.queries.Load(); n != 1 {
+				t.Errorf("wire first %v: %d upstream queries, want 1", wireFirst, n)
+			}
+			m := new(dns.Msg)
+			if err := m.Unpack(wireAnswer); err != nil || m.Id != 0x1111 || m.Question[0].Name != "Shared.Example." || len(m.Answer) != 1 {
+				t.Errorf("wire first %v: wire answer %v %v", wireFirst, m, err)
+			}
+			if msgAnswer.Id != 0x2222 || msgAnswer.Question[0].Name != "shared.example." || len(msgAnswer.Answer) != 1 {
+				t.Errorf("wire first %v: message answer %v", wireFirst, msgAnswer)
+			}
+		})
+	}
 }

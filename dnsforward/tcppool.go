@@ -95,6 +95,30 @@ func newTCPPool(dial func(ctx context.Context) (net.Conn, error), size, pipeline
 // once (that resolver is failing: the next one answers sooner), while a
 // send again, to a resolver that was answering, waits out the backoff.
 func (p *tcpPool) exchange(ctx context.Context, q *dns.Msg, failover bool) (*dns.Msg, error) {
+	wire, err := q.Pack()
+	if err != nil {
+		return nil, fmt.Errorf("packing query: %w", err)
+	}
+	answer, err := p.exchangeWire(ctx, wire, failover)
+	if err != nil {
+		return nil, err
+	}
+	m := new(dns.Msg)
+	if err := m.Unpack(answer); err != nil {
+		return nil, fmt.Errorf("%w: %v", errMalformedAnswer, err)
+	}
+	return m, nil
+}
+
+// errMalformedAnswer: the resolver's answer to a query did not parse.
+var errMalformedAnswer = errors.New("dns over tcp: malformed answer")
+
+// exchangeWire is exchange for a query in wire form, which it leaves as
+// it is: the answer comes back in wire form, with the query's ID.
+func (p *tcpPool) exchangeWire(ctx context.Context, wire []byte, failover bool) ([]byte, error) {
+	if len(wire) < headerLen {
+		return nil, errors.New("dns over tcp: query shorter than a header")
+	}
 	select {
 	case p.slots <- struct{}{}:
 	default:
@@ -110,7 +134,7 @@ func (p *tcpPool) exchange(ctx context.Context, q *dns.Msg, failover bool) (*dns
 		if err != nil {
 			return nil, err
 		}
-		resp, err := pc.exchange(ctx, q)
+		resp, err := pc.exchange(ctx, wire)
 		pc.load.Add(-1)
 		if !errors.Is(err, errConnDead) || ctx.Err() != nil || sends >= maxTCPSends {
 			return resp, err
@@ -250,7 +274,7 @@ func (p *tcpPool) dialNew(ctx context.Context) (*pipeConn, error) {
 		conn.Close()
 		return nil, errForwarderClosed
 	}
-	pc := &pipeConn{conn: conn, pool: p, pending: make(map[uint16]chan *dns.Msg), nextID: uint16(time.Now().UnixNano())}
+	pc := &pipeConn{conn: conn, pool: p, pending: make(map[uint16]chan []byte), nextID: uint16(time.Now().UnixNano())}
 	p.conns = append(p.conns, pc)
 	p.wg.Go(func() { pc.readAnswers(p.idleTimeout) })
 	return p.take(pc), nil
@@ -329,15 +353,19 @@ type pipeConn struct {
 	flushing bool
 
 	mu      sync.Mutex
-	pending map[uint16]chan *dns.Msg
+	pending map[uint16]chan []byte
 	nextID  uint16
 	err     error // why it died
 }
 
-// exchange writes q under a connection-unique ID and waits for the answer,
-// which gets the client's ID back.
-func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
-	ch := make(chan *dns.Msg, 1)
+// exchange writes the query in wire under a connection-unique ID (wire
+// itself is left as it is) and waits for the answer, which gets the
+// query's ID back.
+func (c *pipeConn) exchange(ctx context.Context, wire []byte) ([]byte, error) {
+	if len(wire) > 0xFFFF {
+		return nil, errors.New("dns over tcp: query larger than 65535 bytes")
+	}
+	ch := make(chan []byte, 1)
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
@@ -359,14 +387,7 @@ func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 		c.mu.Unlock()
 	}()
 
-	wire, err := packWithID(q, id, nil)
-	if err != nil {
-		return nil, fmt.Errorf("packing query: %w", err)
-	}
-	if len(wire) > 0xFFFF {
-		return nil, errors.New("dns over tcp: query larger than 65535 bytes")
-	}
-	if err := c.send(wire); err != nil {
+	if err := c.send(wire, id); err != nil {
 		c.fail(err)
 		return nil, errConnDead
 	}
@@ -375,7 +396,7 @@ func (c *pipeConn) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 		if !ok {
 			return nil, errConnDead
 		}
-		resp.Id = q.Id
+		copy(resp, wire[:2]) // the query's ID
 		return resp, nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
@@ -398,12 +419,14 @@ func packWithID(q *dns.Msg, id uint16, buf []byte) ([]byte, error) {
 // fails the connection instead of stalling every query on it.
 const writeTimeout = 5 * time.Second
 
-// send queues one framed query and flushes the queue unless another
-// sender is already flushing (it will write this frame too).
-func (c *pipeConn) send(wire []byte) error {
+// send queues one framed query under id and flushes the queue unless
+// another sender is already flushing (it will write this frame too).
+func (c *pipeConn) send(wire []byte, id uint16) error {
 	c.wmu.Lock()
 	c.wbuf = binary.BigEndian.AppendUint16(c.wbuf, uint16(len(wire)))
+	start := len(c.wbuf)
 	c.wbuf = append(c.wbuf, wire...)
+	binary.BigEndian.PutUint16(c.wbuf[start:], id)
 	if c.flushing {
 		c.wmu.Unlock()
 		return nil
@@ -442,7 +465,7 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 		if idle > 0 {
 			c.conn.SetReadDeadline(time.Now().Add(idle))
 		}
-		resp, err := readTCPMessage(r, &lenBuf)
+		resp, err := readTCPFrame(r, &lenBuf)
 		if err != nil {
 			if isTimeout(err) {
 				if c.load.Load() > 0 {
@@ -454,13 +477,14 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 			c.pool.ended(answered, c.cause())
 			return
 		}
-		if resp == nil {
+		if len(resp) < headerLen {
 			continue // a malformed answer cannot be matched; its query times out
 		}
+		id := binary.BigEndian.Uint16(resp)
 		c.mu.Lock()
-		ch, ok := c.pending[resp.Id]
+		ch, ok := c.pending[id]
 		if ok {
-			delete(c.pending, resp.Id)
+			delete(c.pending, id)
 		}
 		c.mu.Unlock()
 		if ok {
@@ -472,10 +496,10 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 	}
 }
 
-// readTCPMessage reads one length-prefixed DNS message (RFC 1035 §4.2.2).
-// A message that does not parse is consumed and reported as (nil, nil):
-// the stream stays in step. An error means the stream itself failed.
-func readTCPMessage(r io.Reader, lenBuf *[2]byte) (*dns.Msg, error) {
+// readTCPFrame reads one length-prefixed DNS message (RFC 1035 §4.2.2)
+// whole, in a new slice, without parsing it. An error means the stream
+// itself failed.
+func readTCPFrame(r io.Reader, lenBuf *[2]byte) ([]byte, error) {
 	if n, err := io.ReadFull(r, lenBuf[:]); err != nil {
 		if n > 0 {
 			return nil, cut(err)
@@ -486,11 +510,7 @@ func readTCPMessage(r io.Reader, lenBuf *[2]byte) (*dns.Msg, error) {
 	if _, err := io.ReadFull(r, buf); err != nil {
 		return nil, cut(err)
 	}
-	m := new(dns.Msg)
-	if m.Unpack(buf) != nil {
-		return nil, nil
-	}
-	return m, nil
+	return buf, nil
 }
 
 // cut reports a stream that failed inside a message. It deliberately does

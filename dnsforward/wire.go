@@ -1,0 +1,262 @@
+package dnsforward
+
+import (
+	"encoding/binary"
+	"errors"
+	"time"
+
+	"github.com/miekg/dns"
+	"golang.org/x/net/dns/dnsmessage"
+)
+
+// Wire-format limits (RFC 1035 §3.1, §4.1.1).
+const (
+	headerLen  = 12
+	maxNameLen = 255
+	// keyLen: a lower-cased name, type, class and the DO bit.
+	keyLen = maxNameLen + 5
+	// maxMsgLen: offsets into a message fit in a uint16.
+	maxMsgLen = 0xFFFF
+)
+
+// questionKey is a query's question in wire form: the name as asked (case
+// kept, for the reply) and the cache key (name in lower case, type,
+// class, DNSSEC OK bit). Built on the stack, so a lookup allocates nothing.
+type questionKey struct {
+	name [maxNameLen]byte
+	nlen int
+	key  [keyLen]byte
+	klen int
+}
+
+// set fills k from a wire-form name; false if the name is too long.
+func (k *questionKey) set(name []byte, qtype, qclass uint16, do bool) bool {
+	if len(name) > maxNameLen {
+		return false
+	}
+	k.nlen = copy(k.name[:], name)
+	for i, c := range name {
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		k.key[i] = c
+	}
+	n := len(name)
+	binary.BigEndian.PutUint16(k.key[n:], qtype)
+	binary.BigEndian.PutUint16(k.key[n+2:], qclass)
+	k.key[n+4] = 0
+	if do {
+		k.key[n+4] = 1
+	}
+	k.klen = n + 5
+	return true
+}
+
+// bytes is the cache key.
+func (k *questionKey) bytes() []byte { return k.key[:k.klen] }
+
+// asked is the question's name as the client wrote it, in wire form.
+func (k *questionKey) asked() []byte { return k.name[:k.nlen] }
+
+// wireQuery is what the cache needs of a query read from the network.
+type wireQuery struct {
+	id uint16
+	// udpSize is the most a UDP client takes: its EDNS buffer size, at
+	// least 512 (RFC 6891 §6.2.5), or 512 without EDNS.
+	udpSize int
+}
+
+// parseQuery reads a query as far as the cache key needs, allocating
+// nothing. It accepts only the plain case: a standard query with one
+// question of a known class, no answer or authority records and at most
+// an EDNS(0) OPT record. Anything else reports false and goes to the
+// miekg/dns path, which handles it as before.
+func parseQuery(msg []byte, k *questionKey) (wireQuery, bool) {
+	var p dnsmessage.Parser
+	h, err := p.Start(msg)
+	if err != nil || h.Response || h.OpCode != 0 {
+		return wireQuery{}, false
+	}
+	// Start read the header, so msg holds at least headerLen bytes.
+	qd, an, ns, ar := binary.BigEndian.Uint16(msg[4:]), binary.BigEndian.Uint16(msg[6:]),
+		binary.BigEndian.Uint16(msg[8:]), binary.BigEndian.Uint16(msg[10:])
+	if qd != 1 || an != 0 || ns != 0 || ar > 1 {
+		return wireQuery{}, false
+	}
+	q, err := p.Question()
+	if err != nil || !knownClass(q.Class) {
+		return wireQuery{}, false
+	}
+	nameEnd, ok := plainNameEnd(msg, headerLen)
+	if !ok {
+		return wireQuery{}, false
+	}
+	wq := wireQuery{id: h.ID, udpSize: dns.MinMsgSize}
+	do := false
+	if ar == 1 {
+		if p.SkipAllQuestions() != nil || p.SkipAllAnswers() != nil || p.SkipAllAuthorities() != nil {
+			return wireQuery{}, false
+		}
+		rh, err := p.AdditionalHeader()
+		// Only EDNS version 0: others are the resolver's to answer BADVERS.
+		if err != nil || rh.Type != dnsmessage.TypeOPT || rh.Name.Length != 1 || rh.TTL>>16&0xFF != 0 {
+			return wireQuery{}, false
+		}
+		if p.SkipAdditional() != nil {
+			return wireQuery{}, false
+		}
+		do = rh.TTL&0x8000 != 0
+		wq.udpSize = max(int(rh.Class), dns.MinMsgSize)
+	}
+	if !k.set(msg[headerLen:nameEnd], uint16(q.Type), uint16(q.Class), do) {
+		return wireQuery{}, false
+	}
+	return wq, true
+}
+
+// knownClass: the classes a cacheable question may ask for.
+func knownClass(c dnsmessage.Class) bool {
+	switch c {
+	case dnsmessage.ClassINET, dnsmessage.ClassCHAOS, dnsmessage.ClassHESIOD:
+		return true
+	}
+	return false
+}
+
+// plainNameEnd returns where the name at off ends, if it is written out
+// in labels with no compression pointer (as a question's name is).
+func plainNameEnd(msg []byte, off int) (int, bool) {
+	start := off
+	for off < len(msg) && off-start < maxNameLen {
+		c := int(msg[off])
+		switch {
+		case c == 0:
+			return off + 1, true
+		case c > 63:
+			return 0, false // a pointer or a reserved label type
+		}
+		off += 1 + c
+	}
+	return 0, false
+}
+
+var errMalformed = errors.New("dns message malformed")
+
+// skipName returns the offset after the (possibly compressed) name at off.
+func skipName(msg []byte, off int) (int, error) {
+	for off < len(msg) {
+		c := int(msg[off])
+		switch c & 0xC0 {
+		case 0x00:
+			if c == 0 {
+				return off + 1, nil
+			}
+			off += 1 + c
+		case 0xC0:
+			if off+2 > len(msg) {
+				return 0, errMalformed
+			}
+			return off + 2, nil
+		default:
+			return 0, errMalformed
+		}
+	}
+	return 0, errMalformed
+}
+
+// layout is what the cache and the forwarder need of a packed answer.
+type layout struct {
+	qnameEnd int      // where the question's name ends
+	ttls     []uint16 // offsets of the TTL field of every record but OPT
+	rcode    int      // with OPT's extended bits
+	answers  int      // records in the answer section
+	// minTTL is the least TTL in the answer and authority sections.
+	minTTL uint32
+	// soa: the first SOA record of the authority section, its TTL and
+	// MINIMUM (RFC 2308 §5).
+	soa            bool
+	soaTTL, soaMin uint32
+	truncated      bool
+}
+
+// answerLayout walks a packed answer with one question and records the
+// layout of its records, their TTL fields appended to ttls. The cache
+// records the offsets once, so that a hit patches TTLs in place.
+func answerLayout(msg []byte, ttls []uint16) (layout, error) {
+	l := layout{ttls: ttls, minTTL: ^uint32(0)}
+	if len(msg) < headerLen || len(msg) > maxMsgLen {
+		return l, errMalformed
+	}
+	if binary.BigEndian.Uint16(msg[4:]) != 1 {
+		return l, errMalformed
+	}
+	var ok bool
+	if l.qnameEnd, ok = plainNameEnd(msg, headerLen); !ok || l.qnameEnd+4 > len(msg) {
+		return l, errMalformed
+	}
+	flags := binary.BigEndian.Uint16(msg[2:])
+	l.rcode = int(flags & 0xF)
+	l.truncated = flags&(1<<9) != 0
+	an, ns := int(binary.BigEndian.Uint16(msg[6:])), int(binary.BigEndian.Uint16(msg[8:]))
+	records := an + ns + int(binary.BigEndian.Uint16(msg[10:]))
+	l.answers = an
+	off := l.qnameEnd + 4
+	ext := 0 // the extended RCODE's upper 8 bits
+	var err error
+	for i := range records {
+		if off, err = skipName(msg, off); err != nil {
+			return l, err
+		}
+		if off+10 > len(msg) {
+			return l, errMalformed
+		}
+		rrtype := binary.BigEndian.Uint16(msg[off:])
+		ttl := binary.BigEndian.Uint32(msg[off+4:])
+		rdata := off + 10
+		off = rdata + int(binary.BigEndian.Uint16(msg[off+8:]))
+		if off > len(msg) {
+			return l, errMalformed
+		}
+		if rrtype == dns.TypeOPT {
+			if i >= an+ns {
+				ext = int(ttl >> 24) // the last OPT's, as miekg/dns reads it
+			}
+			continue
+		}
+		l.ttls = append(l.ttls, uint16(rdata-6))
+		if i < an+ns {
+			l.minTTL = min(l.minTTL, ttl)
+		}
+		// SOA RDATA ends with MINIMUM, after two names and four other
+		// 32-bit fields.
+		if i >= an && i < an+ns && rrtype == dns.TypeSOA && !l.soa && off-rdata >= 22 {
+			l.soa, l.soaTTL, l.soaMin = true, ttl, binary.BigEndian.Uint32(msg[off-4:])
+		}
+	}
+	l.rcode |= ext << 4
+	return l, nil
+}
+
+// cacheTTL is how long an answer may be cached: as long as its records
+// allow (capped at maxTTL), a negative answer as long as its SOA says
+// (RFC 2308), a SERVFAIL briefly; never a truncated answer, another RCODE
+// or a negative answer without an SOA.
+func (l *layout) cacheTTL() (time.Duration, bool) {
+	if l.truncated {
+		return 0, false
+	}
+	switch l.rcode {
+	case dns.RcodeServerFailure:
+		return servFailTTL, true
+	case dns.RcodeSuccess, dns.RcodeNameError:
+	default:
+		return 0, false
+	}
+	if l.rcode == dns.RcodeSuccess && l.answers > 0 {
+		return time.Duration(min(l.minTTL, uint32(maxTTL/time.Second))) * time.Second, true
+	}
+	if l.soa {
+		return time.Duration(min(l.soaTTL, l.soaMin)) * time.Second, true
+	}
+	return 0, false
+}
