@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 
 	"github.com/miekg/dns"
 
@@ -75,7 +76,7 @@ func (u *udpFastPath) serve() error {
 	for {
 		n, err := r.Read()
 		if err != nil {
-			if ne, ok := errors.AsType[net.Error](err); ok && ne.Temporary() {
+			if transientReadError(err) {
 				continue // as the miekg/dns server does
 			}
 			return closedIsDone(err)
@@ -110,6 +111,18 @@ func (u *udpFastPath) send(w *udpbatch.Writer, n int) {
 			next++ // the reply at next failed
 		}
 	}
+}
+
+// transientReadError reports whether a failed read leaves the socket
+// usable: an ICMP error from an earlier reply (connection refused), an
+// interrupted call, or a moment without memory or buffers.
+func transientReadError(err error) bool {
+	for _, e := range []syscall.Errno{syscall.ECONNREFUSED, syscall.EINTR, syscall.ENOBUFS, syscall.ENOMEM, syscall.EAGAIN} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 func closedIsDone(err error) error {
