@@ -18,7 +18,7 @@ DIST     := dist
 
 # command → Debian package, for everything the tests start or drive.
 PEERS := danted:dante-server microsocks:microsocks sshd:openssh-server ssh:openssh-client \
-	ss-server:shadowsocks-libev dnsmasq:dnsmasq-base dig:dnsutils kdig:knot-dnsutils dnsperf:dnsperf \
+	ss-server:shadowsocks-libev dnsmasq:dnsmasq-base unbound:unbound dig:dnsutils kdig:knot-dnsutils dnsperf:dnsperf \
 	psql:postgresql-client ip:iproute2 iperf3:iperf3 proxychains4:proxychains4 socat:socat \
 	redsocks:redsocks nft:nftables iptables-restore:iptables setpriv:util-linux curl:curl \
 	zsh:zsh fish:fish groff:groff systemd-socket-activate:systemd systemd-analyze:systemd privoxy:privoxy \
@@ -40,7 +40,7 @@ deps:
 	  echo "installing:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  systemctl disable --now danted ssh postgresql redsocks privoxy >/dev/null 2>&1 || true; \
+	  systemctl disable --now danted ssh postgresql redsocks privoxy unbound >/dev/null 2>&1 || true; \
 	fi
 
 peer-versions:
@@ -53,6 +53,7 @@ peer-versions:
 	@echo "  proxychains4 $$(dpkg-query -W -f='$${Version}' proxychains4 2>/dev/null)"
 	@echo "  $$(ss-server -h 2>&1 | grep -m1 shadowsocks)"
 	@echo "  $$(dnsmasq --version | head -1)"
+	@echo "  $$(unbound -V 2>&1 | head -1)"
 	@echo "  $$(systemd-socket-activate --version | head -1)"
 	@echo "  $$(privoxy --version 2>&1 | head -1)"
 

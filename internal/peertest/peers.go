@@ -316,6 +316,43 @@ func Dnsmasq(t TB, a map[string]string, txt map[string]string) Peer {
 	return Peer{Addr: addr, Proc: p}
 }
 
+// UnboundWildcard starts unbound, one thread, answering every name under
+// domain with ip from its local data (TTL 300), with no upstream and no
+// logging: a resolver whose every answer costs what one from its cache
+// does, and which serves many TCP connections without forking.
+func UnboundWildcard(t TB, domain, ip string) Peer {
+	t.Helper()
+	bin := Require(t, "unbound")
+	dir := t.TempDir()
+	p, addr := StartListening(t, "unbound", func(port int) []string {
+		conf := filepath.Join(dir, "unbound-"+strconv.Itoa(port)+".conf")
+		text := fmt.Sprintf(`server:
+	interface: 127.0.0.1
+	port: %d
+	num-threads: 1
+	do-daemonize: no
+	use-syslog: no
+	logfile: ""
+	verbosity: 0
+	chroot: ""
+	username: ""
+	pidfile: ""
+	directory: %q
+	do-ip6: no
+	access-control: 127.0.0.0/8 allow
+	incoming-num-tcp: 64
+	so-reuseport: no
+	local-zone: "%s." redirect
+	local-data: "%s. 300 IN A %s"
+`, port, dir, domain, domain, ip)
+		if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
+			t.Fatalf("unbound config: %v", err)
+		}
+		return []string{bin, "-d", "-c", conf}
+	})
+	return Peer{Addr: addr, Proc: p}
+}
+
 // DnsmasqWildcard starts dnsmasq answering every name under domain with ip
 // (for load tests with unique names), with no upstream and no logging.
 func DnsmasqWildcard(t TB, domain, ip string) Peer {
