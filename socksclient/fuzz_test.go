@@ -272,3 +272,31 @@ func checkHandshakeWrites(t *testing.T, b []byte, auth bool, c *recordConn, req 
 		fail("the only reply Handshake sends is REP 8 with a zero address, for a malformed request")
 	}
 }
+
+// FuzzCheckUDPHeader: the allocation-free check a relay runs on every
+// datagram agrees with ParseUDPHeader: the same header length for a whole
+// header, ErrFragmented for FRAG != 0, an error for whatever does not parse.
+func FuzzCheckUDPHeader(f *testing.F) {
+	for _, tc := range goldenCases() {
+		golden := unhex(f, tc.golden)
+		if _, _, err := ParseUDPHeader(golden); err == nil {
+			f.Add(append(golden, "payload"...))
+		}
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		n, err := CheckUDPHeader(b)
+		h, pn, perr := ParseUDPHeader(b)
+		switch {
+		case perr != nil:
+			if err == nil {
+				t.Fatalf("% x: CheckUDPHeader took %d bytes of what ParseUDPHeader refuses (%v)", b, n, perr)
+			}
+		case h.Frag != 0:
+			if !errors.Is(err, ErrFragmented) {
+				t.Fatalf("% x: FRAG %d gave %v, want ErrFragmented", b, h.Frag, err)
+			}
+		case err != nil || n != pn:
+			t.Fatalf("% x: CheckUDPHeader %d, %v; ParseUDPHeader %d", b, n, err, pn)
+		}
+	})
+}
