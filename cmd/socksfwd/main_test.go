@@ -17,6 +17,7 @@ import (
 	"github.com/rogpeppe/go-internal/testscript"
 	"go.uber.org/goleak"
 
+	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
 )
@@ -171,11 +172,7 @@ func cmdSocksServer(ts *testscript.TestScript, neg bool, args []string) {
 
 // freeport VAR: a loopback port nothing listens on, in $VAR.
 func cmdFreePort(ts *testscript.TestScript, neg bool, args []string) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	ts.Check(err)
-	_, port, _ := net.SplitHostPort(ln.Addr().String())
-	ln.Close()
-	ts.Setenv(args[0], port)
+	ts.Setenv(args[0], strconv.Itoa(peertest.FreePort(peerTB{ts})))
 }
 
 // waitport ADDR: wait up to 10 s for a background socksfwd to listen.

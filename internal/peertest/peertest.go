@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -67,8 +68,23 @@ func RequireRoot(t TB) {
 }
 
 // FreePort returns a loopback port that was free a moment ago.
+//
+// Ports are handed out from below the kernel's ephemeral range, one after
+// the other: a port the kernel picked for a listener and that was closed
+// again is the next ephemeral port an outgoing connection of a parallel
+// test may take before the caller binds it, which made tests fail with
+// "address already in use". Below the range no outgoing connection takes
+// it, and no two callers in this process get the same one.
 func FreePort(t TB) int {
 	t.Helper()
+	if lo, hi, ok := belowEphemeral(); ok {
+		for range 200 {
+			port := lo + int(nextPort.Add(1))%(hi-lo)
+			if freeOnBoth(port) {
+				return port
+			}
+		}
+	}
 	// Free on UDP too: peers such as dnsmasq bind both, and an ephemeral
 	// UDP socket of another test may hold a number TCP has free.
 	for range 20 {
@@ -86,6 +102,49 @@ func FreePort(t TB) int {
 	}
 	t.Fatalf("free port: no port free on both TCP and UDP in 20 tries")
 	return 0
+}
+
+// nextPort counts the ports FreePort has tried; it starts at a number of
+// this process's own, so that test binaries run one after the other do
+// not walk the same ports while the last one's are in TIME_WAIT.
+var nextPort = func() *atomic.Int32 {
+	var n atomic.Int32
+	n.Store(int32(os.Getpid() % 4096 * 3))
+	return &n
+}()
+
+// belowEphemeral is the range of ports FreePort hands out: from 20000 up
+// to the start of the ephemeral range (Linux's ip_local_port_range,
+// 32768 by default), when there is room; ok is false elsewhere.
+func belowEphemeral() (lo, hi int, ok bool) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0, 0, false
+	}
+	fields := strings.Fields(string(b))
+	if len(fields) != 2 {
+		return 0, 0, false
+	}
+	start, err := strconv.Atoi(fields[0])
+	if err != nil || start < 21000 {
+		return 0, 0, false
+	}
+	return 20000, start, true
+}
+
+// freeOnBoth reports whether port is free on loopback for TCP and UDP.
+func freeOnBoth(port int) bool {
+	ln, err := net.Listen("tcp", hostPort(port))
+	if err != nil {
+		return false
+	}
+	defer ln.Close()
+	pc, err := net.ListenPacket("udp", hostPort(port))
+	if err != nil {
+		return false
+	}
+	pc.Close()
+	return true
 }
 
 // StartListening starts a peer whose command line argv(port) makes it
