@@ -5,6 +5,7 @@ package main
 import (
 	"fmt"
 	"math"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -58,6 +59,20 @@ func (s cpuSpent) wayCPU(way string) (ms float64, ok bool) {
 	return 0, false
 }
 
+// socksfwdComm is the command name the kernel shows for the socksfwd
+// binary the bench drives (-socksfwd): its file name, cut to the 15
+// bytes /proc keeps, so that a binary under another name is still found.
+var socksfwdComm = "socksfwd"
+
+// commOf is the command name the kernel keeps for a program at path.
+func commOf(path string) string {
+	name := filepath.Base(path)
+	if len(name) > 15 {
+		name = name[:15]
+	}
+	return name
+}
+
 // wayProcess is the command name of a way's forwarder, or client when the
 // way's cost is the client's own (proxychains4's hop, or no hop).
 func wayProcess(way string) (comm string, client bool) {
@@ -66,7 +81,7 @@ func wayProcess(way string) (comm string, client bool) {
 		return "", true
 	case strings.HasPrefix(way, "socksfwd"), way == "transparent", way == "transparent-tproxy",
 		way == "tproxy", way == "-L", way == "-R":
-		return "socksfwd", false
+		return socksfwdComm, false
 	case strings.HasPrefix(way, "gost"):
 		return "gost", false
 	case way == "redsocks", way == "privoxy":

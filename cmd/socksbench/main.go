@@ -48,6 +48,7 @@ func main() {
 		}
 	}
 	cfg := benchConfig{socksfwd: abs, seconds: *secs, idleConns: *conns}
+	socksfwdComm = commOf(abs)
 	h := newHarness()
 	code := h.run(func() {
 		switch fs.Arg(0) {
