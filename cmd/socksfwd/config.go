@@ -257,8 +257,10 @@ func (c Config) printable() (string, error) {
 	for i, s := range c.Server {
 		red.Server[i] = redactURL(s)
 	}
-	if user, _, ok := strings.Cut(c.HTTPAuth, ":"); ok {
-		red.HTTPAuth = user + ":xxxxx"
+	for _, secret := range []*string{&red.HTTPAuth, &red.SOCKSAuth} {
+		if user, _, ok := strings.Cut(*secret, ":"); ok {
+			*secret = user + ":xxxxx"
+		}
 	}
 	var buf bytes.Buffer
 	enc := toml.NewEncoder(&buf)
