@@ -26,7 +26,6 @@ type questionKey struct {
 	name [maxNameLen]byte
 	nlen int
 	key  [keyLen]byte
-	klen int
 }
 
 // set fills k from a wire-form name; false if the name is too long.
@@ -48,12 +47,11 @@ func (k *questionKey) set(name []byte, qtype, qclass uint16, do bool) bool {
 	if do {
 		k.key[n+4] = 1
 	}
-	k.klen = n + 5
 	return true
 }
 
 // bytes is the cache key.
-func (k *questionKey) bytes() []byte { return k.key[:k.klen] }
+func (k *questionKey) bytes() []byte { return k.key[:k.nlen+5] }
 
 // asked is the question's name as the client wrote it, in wire form.
 func (k *questionKey) asked() []byte { return k.name[:k.nlen] }

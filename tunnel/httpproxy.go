@@ -250,17 +250,11 @@ func (p *HTTPProxy) Close() error {
 	p.mu.Lock()
 	p.closed = true
 	p.cancel()
-	tunnels := 0
-	for c, client := range p.tunnels {
-		if client {
-			tunnels++
-		}
-		abort(c)
-	}
-	if tunnels > 0 {
+	if tunnels := sessionsIn(p.tunnels); tunnels > 0 {
 		p.cut.Store(true)
 		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Int("sessions", tunnels).Msg("cutting sessions still open")
 	}
+	abortAll(p.tunnels)
 	p.mu.Unlock()
 	p.srv.Close()
 	p.ln.Close() // in case Serve never ran
@@ -653,7 +647,7 @@ var viaToken = func() string {
 // it round the loop once more.
 func looped(h http.Header) bool {
 	for _, v := range h["Via"] {
-		for _, e := range strings.Split(v, ",") {
+		for e := range strings.SplitSeq(v, ",") {
 			if strings.TrimSpace(e) == viaToken {
 				return true
 			}
@@ -666,7 +660,7 @@ func looped(h http.Header) bool {
 // such a header is hop-by-hop (RFC 9110 §7.6.1) whatever it is.
 func namedInConnection(h http.Header, name string) bool {
 	for _, v := range h["Connection"] {
-		for _, t := range strings.Split(v, ",") {
+		for t := range strings.SplitSeq(v, ",") {
 			if strings.EqualFold(strings.TrimSpace(t), name) {
 				return true
 			}

@@ -586,7 +586,10 @@ func (r *Reverse) logEnd(peer *socksclient.Conn, target, upstream string, res Re
 		ev = r.cfg.Logger.Info().Err(res.Err).Str("cause", "idle timeout")
 	case errors.As(res.Err, &re) && !errors.Is(res.Err, net.ErrClosed):
 		// The relay's client is the caller, its upstream the local target.
-		side := map[Side]string{SideClient: "caller", SideUpstream: "target"}[re.Side]
+		side := "caller"
+		if re.Side == SideUpstream {
+			side = "target"
+		}
 		ev = r.cfg.Logger.Info().Err(res.Err).Str("side", side).Str("cause", re.Cause())
 	default:
 		ev = ev.Err(res.Err)

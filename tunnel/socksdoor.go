@@ -192,6 +192,13 @@ func (d *SOCKSDoor) connect(req *socksclient.ServerRequest, idle time.Duration, 
 		return
 	}
 	// BND is the upstream's: the address its proxy connects from.
+	d.answerAndRelay(req, up, dialer, idle, start)
+}
+
+// answerAndRelay sends the client the reply that opens its session, with
+// the upstream's BND (for BIND's second reply, the peer), passes on what
+// the client sent behind its request, and relays the session.
+func (d *SOCKSDoor) answerAndRelay(req *socksclient.ServerRequest, up *socksclient.Conn, dialer *socksclient.Dialer, idle time.Duration, start time.Time) {
 	if err := req.Reply(socksclient.RepSucceeded, up.BoundAddr()); err != nil {
 		d.cut(req.Conn, up)
 		return
@@ -200,7 +207,7 @@ func (d *SOCKSDoor) connect(req *socksclient.ServerRequest, idle time.Duration, 
 		d.cut(req.Conn, up)
 		return
 	}
-	f.relay(req.Conn, up, req.Addr, dialer.ProxyAddr, idle, start)
+	d.TCPForward.relay(req.Conn, up, req.Addr, dialer.ProxyAddr, idle, start)
 }
 
 // bind chains a BIND: the first reply gives the address the upstream
@@ -251,15 +258,7 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 		d.refuse(req, dialer, err, start)
 		return
 	}
-	if err := req.Reply(socksclient.RepSucceeded, peer.BoundAddr()); err != nil {
-		d.cut(req.Conn, peer)
-		return
-	}
-	if err := d.sendEarly(req, peer); err != nil {
-		d.cut(req.Conn, peer)
-		return
-	}
-	f.relay(req.Conn, peer, req.Addr, dialer.ProxyAddr, idle, start)
+	d.answerAndRelay(req, peer, dialer, idle, start)
 }
 
 // cut ends a session whose client could not be answered: the client gets

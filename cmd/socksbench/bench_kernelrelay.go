@@ -96,32 +96,17 @@ func machineBusy() float64 {
 // startRelay relays every connection to a free loopback port on to
 // target, the bytes carried by join, and returns the port's address.
 func startRelay(h *harness, target string, join func(client, upstream *net.TCPConn)) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := testnet.ServeOn(h, "127.0.0.1:0", func(c net.Conn) {
+		up, err := net.Dial("tcp", target)
+		if err != nil {
+			return
+		}
+		defer up.Close()
+		join(c.(*net.TCPConn), up.(*net.TCPConn))
+	})
 	if err != nil {
 		h.Fatalf("%v", err)
 	}
-	var wg sync.WaitGroup
-	h.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-	})
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				up, err := net.Dial("tcp", target)
-				if err != nil {
-					return
-				}
-				defer up.Close()
-				join(c.(*net.TCPConn), up.(*net.TCPConn))
-			})
-		}
-	})
 	return ln.Addr().String()
 }
 

@@ -127,6 +127,11 @@ func (r *remoteAddrs) set(key string, a socksclient.Addr) {
 	if r.addrs == nil {
 		r.addrs = make(map[string]socksclient.Addr)
 	}
+	// A fixed port is armed again for every caller: same address, and the
+	// file already says so.
+	if old, ok := r.addrs[key]; !r.failed && ok == (a.Port != 0) && (!ok || old == a) {
+		return
+	}
 	if a.Port == 0 {
 		delete(r.addrs, key)
 	} else {
