@@ -178,15 +178,7 @@ func benchAdmin(h *harness, cfg benchConfig, iperf, target, proxy string, cpus c
 		}
 	}
 	line := func(name, unit string, v [2][]float64, higherIsBetter bool) {
-		var rs []float64
-		var each []string
-		for i := range v[1] {
-			if v[0][i] > 0 {
-				rs = append(rs, v[1][i]/v[0][i])
-				each = append(each, fmt.Sprintf("%.2f", v[1][i]/v[0][i]))
-			}
-		}
-		ratio := median(rs)
+		ratio, each := pairedRatio(result{rounds: v[1]}, result{rounds: v[0]})
 		ok, bar := ratio >= adminBar, fmt.Sprintf("≥ %.2f", adminBar)
 		if !higherIsBetter {
 			ok, bar = ratio <= adminCPUBar, fmt.Sprintf("≤ %.2f", adminCPUBar)

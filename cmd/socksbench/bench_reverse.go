@@ -290,21 +290,12 @@ func benchReverseThroughput(h *harness, cfg benchConfig, dante string) {
 			return bound.rate(h, pump(h, dialRetry(h, b.Addr().String()), cfg.seconds))
 		})
 	})
-	ratio := func(a, b result) (float64, []float64) {
-		var rs []float64
-		for i := range a.rounds {
-			if i < len(b.rounds) && b.rounds[i] > 0 {
-				rs = append(rs, a.rounds[i]/b.rounds[i])
-			}
-		}
-		return median(rs), rs
-	}
-	fwd, fwdRounds := ratio(rows[1], rows[0])
-	dan, danRounds := ratio(rows[3], rows[2])
+	fwd, fwdRounds := pairedRatio(rows[1], rows[0])
+	dan, danRounds := pairedRatio(rows[3], rows[2])
 	fmt.Printf("%-26s -L %.2f Gbit/s | -R %.2f Gbit/s | -R/-L = %.3f (rounds %s)%s\n", "reverse-tcp-throughput",
-		rows[0].value, rows[1].value, fwd, joinFloats(fwdRounds), barText(fwd >= reverseTCPBar, fmt.Sprintf("≥ %.2f", reverseTCPBar)))
+		rows[0].value, rows[1].value, fwd, strings.Join(fwdRounds, " "), barText(fwd >= reverseTCPBar, fmt.Sprintf("≥ %.2f", reverseTCPBar)))
 	fmt.Printf("%-26s Dante alone, socksclient directly: CONNECT %.2f Gbit/s | BIND %.2f Gbit/s | BIND/CONNECT = %.3f (rounds %s)\n",
-		"reverse-tcp-dante-alone", rows[2].value, rows[3].value, dan, joinFloats(danRounds))
+		"reverse-tcp-dante-alone", rows[2].value, rows[3].value, dan, strings.Join(danRounds, " "))
 	for _, r := range rows {
 		fmt.Printf("%-26s   busiest via %s: %s\n", "", r.way, r.busy)
 	}

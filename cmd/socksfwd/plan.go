@@ -279,11 +279,10 @@ func doorCredentials(flag, value, file string) (*tunnel.ProxyCredentials, error)
 	case value != "" && file != "":
 		return nil, usagef("give %s or %s-file, not both", flag, flag)
 	case file != "":
-		b, err := readLimited(file, 64<<10)
-		if err != nil {
-			return nil, usagef("%s-file: %w", flag, err)
+		var err error
+		if value, err = readSecret(flag+"-file", file); err != nil {
+			return nil, err
 		}
-		value = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
 	}
 	if value == "" {
 		return nil, nil
@@ -294,6 +293,16 @@ func doorCredentials(flag, value, file string) (*tunnel.ProxyCredentials, error)
 		return nil, usagef("%s: %v", flag, err)
 	}
 	return creds, nil
+}
+
+// readSecret reads the secret in the file an option (flag) names, with
+// one trailing newline stripped.
+func readSecret(flag, file string) (string, error) {
+	b, err := readLimited(file, 64<<10)
+	if err != nil {
+		return "", usagef("%s: %w", flag, err)
+	}
+	return strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r"), nil
 }
 
 // buildSOCKS plans the SOCKS5 door's listeners: one per address -D
@@ -360,11 +369,10 @@ func buildDNS(cfg *Config) ([]listenPlan, error) {
 func buildDialers(cfg *Config) ([]*socksclient.Dialer, error) {
 	password := ""
 	if cfg.ServerPasswordFile != "" {
-		b, err := readLimited(cfg.ServerPasswordFile, 64<<10)
-		if err != nil {
-			return nil, usagef("--server-password-file: %w", err)
+		var err error
+		if password, err = readSecret("--server-password-file", cfg.ServerPasswordFile); err != nil {
+			return nil, err
 		}
-		password = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
 	}
 	if password != "" && cfg.ServerUser == "" {
 		return nil, usagef("--server-password-file needs --server-user")

@@ -325,7 +325,6 @@ func UnboundWildcard(t TB, domain, ip string) Peer {
 	bin := Require(t, "unbound")
 	dir := t.TempDir()
 	p, addr := StartListening(t, "unbound", func(port int) []string {
-		conf := filepath.Join(dir, "unbound-"+strconv.Itoa(port)+".conf")
 		text := fmt.Sprintf(`server:
 	interface: 127.0.0.1
 	port: %d
@@ -345,10 +344,7 @@ func UnboundWildcard(t TB, domain, ip string) Peer {
 	local-zone: "%s." redirect
 	local-data: "%s. 300 IN A %s"
 `, port, dir, domain, domain, ip)
-		if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
-			t.Fatalf("unbound config: %v", err)
-		}
-		return []string{bin, "-d", "-c", conf}
+		return []string{bin, "-d", "-c", writeFile(t, dir, "unbound-"+strconv.Itoa(port)+".conf", text)}
 	})
 	return Peer{Addr: addr, Proc: p}
 }
