@@ -443,23 +443,28 @@ func (f *Forwarder) resolve(ctx context.Context, q *dns.Msg, k *questionKey, cac
 
 // resolveWire is resolve for a plain query in wire form (see parseQuery)
 // with its key k, on the tcp transport: the answer in wire form, made the
-// query's own (its ID, the name as asked), never unpacked or packed.
-func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, error) {
+// query's own (its ID, the name as asked), never unpacked or packed, and
+// its RCODE (a cache hit knows it without reading the answer again).
+func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, int, error) {
 	id := binary.BigEndian.Uint16(query)
 	if f.cache != nil {
-		if out, _, ok := f.cache.appendAnswer(nil, k, id); ok {
+		if out, rcode, ok := f.cache.appendAnswer(nil, k, id); ok {
 			f.stats.CacheHits.Add(1)
-			return out, nil
+			return out, rcode, nil
 		}
 		f.stats.CacheMisses.Add(1)
 	}
 	if f.inFlight.Add(1) > int64(f.cfg.MaxConcurrent) {
 		f.inFlight.Add(-1)
-		return nil, ErrOverloaded
+		return nil, 0, ErrOverloaded
 	}
 	defer f.inFlight.Add(-1)
 	if f.cache == nil {
-		return f.exchangeWire(context.Background(), query)
+		answer, err := f.exchangeWire(context.Background(), query)
+		if err != nil {
+			return nil, 0, err
+		}
+		return answer, rcodeOf(answer), nil
 	}
 	v, err, shared := f.flight.Do(string(k.bytes()), func() (any, error) {
 		answer, err := f.exchangeWire(context.Background(), query)
@@ -469,7 +474,7 @@ func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, error) {
 		return answer, err
 	})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	var answer []byte
 	switch v := v.(type) {
@@ -480,14 +485,24 @@ func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, error) {
 		}
 	case *dns.Msg: // a query of the message path asked first (resolve)
 		if answer, err = v.Copy().Pack(); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 	}
 	binary.BigEndian.PutUint16(answer, id)
 	if end, ok := plainNameEnd(answer, headerLen); ok && binary.BigEndian.Uint16(answer[4:]) == 1 && bytes.EqualFold(answer[headerLen:end], k.asked()) {
 		copy(answer[headerLen:], k.asked()) // the leader's answer may have another case
 	}
-	return answer, nil
+	return answer, rcodeOf(answer), nil
+}
+
+// rcodeOf is an answer's RCODE, with OPT's extended bits when the answer
+// reads as the cache reads answers, else the header's four bits.
+func rcodeOf(answer []byte) int {
+	var ttls [32]uint16
+	if l, err := answerLayout(answer, ttls[:0]); err == nil {
+		return l.rcode
+	}
+	return int(answer[3] & 0xF)
 }
 
 // answerFor makes a shared or cached answer q's own: its ID and question.
@@ -619,7 +634,7 @@ func (f *Forwarder) serveWire(w dns.ResponseWriter, query []byte) bool {
 	}
 	f.stats.Queries.Add(1)
 	f.stats.QueriesUDP.Add(1)
-	answer, err := f.resolveWire(query, &k)
+	answer, rcode, err := f.resolveWire(query, &k)
 	if err != nil {
 		r := new(dns.Msg)
 		if r.Unpack(query) != nil {
@@ -629,12 +644,7 @@ func (f *Forwarder) serveWire(w dns.ResponseWriter, query []byte) bool {
 		return true
 	}
 	f.stats.Answered.Add(1)
-	var ttls [32]uint16
-	if l, err := answerLayout(answer, ttls[:0]); err == nil {
-		f.countResponse(l.rcode)
-	} else {
-		f.countResponse(int(answer[3] & 0xF))
-	}
+	f.countResponse(rcode)
 	if len(answer) > wq.udpSize {
 		// Rare: cut as ServeDNS does, TC=1 when records had to go.
 		m := new(dns.Msg)

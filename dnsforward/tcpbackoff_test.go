@@ -361,7 +361,7 @@ func TestWireAndMessagePathsShareMisses(t *testing.T) {
 					var k questionKey
 					q := pack(t, query("Shared.Example", dns.TypeA, 0x1111))
 					parseQuery(q, &k)
-					wireAnswer, wireErr = f.resolveWire(q, &k)
+					wireAnswer, _, wireErr = f.resolveWire(q, &k)
 				})
 			}
 			askMsg := func() {
