@@ -129,13 +129,16 @@ func (d *Dialer) dialRelay(ctx context.Context, relay netip.AddrPort) (*net.UDPC
 
 // watchControl waits for the control connection to end. The proxy sends
 // nothing on it after the reply, so any read result means it is gone; the
-// UDP socket is then closed so that readers fail with ErrAssociationClosed.
+// UDP socket is then closed so that readers fail with ErrAssociationClosed,
+// and the control connection last, so that a proxy (or test) seeing it
+// close knows the association is already marked ended.
 func (u *UDPConn) watchControl() {
 	defer close(u.watchDone)
 	var b [1]byte
 	u.ctrl.Read(b[:])
 	u.ended.CompareAndSwap(assocOpen, assocEndedByProxy)
 	u.pc.Close()
+	u.ctrl.Close()
 }
 
 // Relay is the proxy's UDP relay address.

@@ -230,8 +230,9 @@ func cmdCut(ts *testscript.TestScript, neg bool, args []string) {
 }
 
 // udpcutstream ADDR CUTVAR: from one client socket (one session), echo
-// datagrams through ADDR, cut the cutter's connections mid-stream, and
-// expect the datagrams after the cut to get through too.
+// datagrams through ADDR, cut the cutter's connections mid-stream (proxy
+// side first, then wait for socksfwd to close its side), and expect the
+// datagrams after the cut to get through too.
 func cmdUDPCutStream(ts *testscript.TestScript, neg bool, args []string) {
 	c, err := net.ListenUDP("udp", nil)
 	ts.Check(err)
@@ -254,7 +255,16 @@ func cmdUDPCutStream(ts *testscript.TestScript, neg bool, args []string) {
 	for i := range 3 {
 		echo(i)
 	}
-	cmdCut(ts, false, args[1:])
+	// The proxy's end of the control connection goes first; socksfwd
+	// closing its end says it has seen the association end, so the next
+	// datagram must build a new one.
+	cut, ok := cutters.Load(ts.Getenv(args[1]))
+	if !ok {
+		ts.Fatalf("no cutter at $%s", args[1])
+	}
+	if n, err := cut.(*testnet.Cutter).CutUpstream(10 * time.Second); n == 0 || err != nil {
+		ts.Fatalf("cut %d control connections: %v", n, err)
+	}
 	for i := 3; i < 6; i++ {
 		echo(i)
 	}

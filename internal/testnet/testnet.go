@@ -4,11 +4,13 @@
 package testnet
 
 import (
+	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
@@ -239,36 +241,47 @@ func UDPEchoOn(t TB, addr *net.UDPAddr) (*net.UDPConn, error) {
 type Cutter struct {
 	ln    net.Listener
 	mu    sync.Mutex
-	conns map[net.Conn]struct{}
+	pairs map[*cutPair]struct{}
+}
+
+// cutPair is one relayed connection: the client's side and the target's.
+type cutPair struct {
+	client, up net.Conn
+	// upstreamCut: CutUpstream owns closing client.
+	upstreamCut atomic.Bool
+	// clientDone is closed when the client's side has ended (the client
+	// closed it, or the relay broke).
+	clientDone chan struct{}
 }
 
 // NewCutter relays 127.0.0.1:<free port> to target until cleanup.
 func NewCutter(t TB, target string) *Cutter {
-	c := &Cutter{conns: map[net.Conn]struct{}{}}
+	c := &Cutter{pairs: map[*cutPair]struct{}{}}
 	c.ln = Serve(t, func(client net.Conn) {
 		up, err := net.Dial("tcp", target)
 		if err != nil {
 			return
 		}
+		p := &cutPair{client: client, up: up, clientDone: make(chan struct{})}
 		c.mu.Lock()
-		c.conns[client], c.conns[up] = struct{}{}, struct{}{}
+		c.pairs[p] = struct{}{}
 		c.mu.Unlock()
 		defer func() {
 			c.mu.Lock()
-			delete(c.conns, client)
-			delete(c.conns, up)
+			delete(c.pairs, p)
 			c.mu.Unlock()
 			up.Close()
 		}()
-		done := make(chan struct{})
 		go func() {
 			io.Copy(up, client)
 			up.Close()
-			close(done)
+			close(p.clientDone)
 		}()
 		io.Copy(client, up)
-		client.Close()
-		<-done
+		if !p.upstreamCut.Load() {
+			client.Close()
+		}
+		<-p.clientDone
 	})
 	return c
 }
@@ -280,8 +293,50 @@ func (c *Cutter) Addr() string { return c.ln.Addr().String() }
 func (c *Cutter) Cut() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for conn := range c.conns {
-		conn.Close()
+	for p := range c.pairs {
+		p.client.Close()
+		p.up.Close()
 	}
-	return len(c.conns) / 2
+	return len(c.pairs)
 }
+
+// CutUpstream plays the target dropping every relayed connection: it
+// closes the target's side and sends the client an end of stream, then
+// waits up to timeout for each client to close its side, the sign that
+// it has seen the end. It reports how many connections it cut, or
+// ErrClientKeptOpen when a client did not close in time.
+func (c *Cutter) CutUpstream(timeout time.Duration) (int, error) {
+	c.mu.Lock()
+	pairs := make([]*cutPair, 0, len(c.pairs))
+	for p := range c.pairs {
+		p.upstreamCut.Store(true)
+		pairs = append(pairs, p)
+	}
+	c.mu.Unlock()
+	for _, p := range pairs {
+		if cw, ok := p.client.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		}
+		p.up.Close()
+	}
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	var err error
+	for _, p := range pairs {
+		select {
+		case <-p.clientDone:
+		case <-deadline.C:
+			err = ErrClientKeptOpen
+		}
+		if err != nil {
+			break
+		}
+	}
+	for _, p := range pairs {
+		p.client.Close()
+	}
+	return len(pairs), err
+}
+
+// ErrClientKeptOpen: after CutUpstream, a client did not close its side.
+var ErrClientKeptOpen = errors.New("testnet: the client kept the cut connection open")
