@@ -36,6 +36,25 @@ func scrape(t *testing.T, admin string) map[string]float64 {
 	return series
 }
 
+// scrapeUntil scrapes until series reads want, for up to 10 s, and
+// returns the last scrape. It is for a gauge that settles after the event
+// a test can see: net/http lets a client connection go when it reads the
+// client's close, or half a second after a Connection: close answer (it
+// half-closes, then waits), and the active gauge counts it until then.
+func scrapeUntil(t *testing.T, admin, series string, want float64) map[string]float64 {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		m := scrape(t, admin)
+		if got, ok := m[series]; (ok && got == want) || time.Now().After(deadline) {
+			return m
+		}
+		<-tick.C
+	}
+}
+
 func get(t *testing.T, admin, path string) (string, int) {
 	t.Helper()
 	c := &http.Client{Timeout: 10 * time.Second}

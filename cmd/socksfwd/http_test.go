@@ -127,7 +127,7 @@ func TestHTTPDoor(t *testing.T) {
 	}
 	d.waitFor("session ended", 1)
 
-	m := scrape(t, admin)
+	m := scrapeUntil(t, admin, `socksfwd_sessions_active{listener="`+proxy+`",proto="http"}`, 0)
 	for series, want := range map[string]float64{
 		`socksfwd_http_requests_total{listener="` + proxy + `",kind="forward",code="2xx"}`: 2,
 		`socksfwd_http_requests_total{listener="` + proxy + `",kind="forward",code="4xx"}`: 2,

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -69,12 +70,15 @@ func TestAdoptPassedSockets(t *testing.T) {
 		t.Fatal(err)
 	}
 	tcpAddr := tcpLn.Addr().String()
-	dnsPC, err := net.ListenPacket("udp", "127.0.0.1:0")
+	// The DNS listener binds TCP at its UDP socket's port, and the
+	// transparent pair shares one port: ports below the ephemeral range,
+	// which no outgoing connection of a parallel test can hold.
+	dnsPC, err := net.ListenPacket("udp", net.JoinHostPort("127.0.0.1", strconv.Itoa(peertest.FreePort(t))))
 	if err != nil {
 		t.Fatal(err)
 	}
 	dnsAddr := dnsPC.LocalAddr().String()
-	tpLn, err := net.Listen("tcp", "127.0.0.1:0")
+	tpLn, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(peertest.FreePort(t))))
 	if err != nil {
 		t.Fatal(err)
 	}
