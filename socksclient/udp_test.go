@@ -143,6 +143,33 @@ func TestAssociateControlClosed(t *testing.T) {
 	}
 }
 
+// When the proxy drops the control connection, the association is marked
+// ended before its own end of the connection closes: whoever sees that
+// close (a proxy, a test) finds it no longer alive.
+func TestAssociateClosesControlWhenProxyEnds(t *testing.T) {
+	srv, err := sockstest.NewServer(sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	cutter := testnet.NewCutter(t, srv.Addr())
+	d := socksclient.Dialer{ProxyAddr: cutter.Addr(), HandshakeTimeout: 5 * time.Second}
+	u, err := d.Associate(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if !u.Alive() {
+		t.Fatal("not alive before the cut")
+	}
+	if n, err := cutter.CutUpstream(10 * time.Second); n != 1 || err != nil {
+		t.Fatalf("cut %d control connections: %v", n, err)
+	}
+	if u.Alive() {
+		t.Fatal("still alive after closing its control connection")
+	}
+}
+
 // A batch wraps each datagram in place and sends them all; the relay sees
 // separate datagrams with their own headers, equal-sized runs included.
 func TestUDPBatch(t *testing.T) {
