@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -249,10 +250,23 @@ func (d *Dialer) dialProxy(ctx context.Context) (net.Conn, error) {
 	return nd.DialContext(ctx, "tcp", d.ProxyAddr)
 }
 
+// handshakeBuf is a handshake's scratch space: the greeting, credentials
+// and request go out of it and the answers come into it. Frames pass
+// through net.Conn's methods, so an array on the stack would escape to
+// the heap on every dial; these are pooled instead.
+type handshakeBuf [8 + 2*256 + maxAddrFrame]byte
+
+var handshakeBufs = sync.Pool{New: func() any { return new(handshakeBuf) }}
+
 // handshake runs method negotiation, authentication and the request,
 // marking progress (if not nil) greeted once the proxy's part is done.
 func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr, progress *handshakeProgress) (Reply, error) {
-	var buf [8 + 2*256 + maxAddrFrame]byte
+	hb := handshakeBufs.Get().(*handshakeBuf)
+	defer func() {
+		clear(hb[:]) // it held the password, if one was sent
+		handshakeBufs.Put(hb)
+	}()
+	buf := hb[:]
 	if _, _, err := d.greet(conn, buf[:0]); err != nil {
 		return Reply{}, err
 	}
@@ -267,7 +281,7 @@ func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr, progress *ha
 	if _, err := conn.Write(b); err != nil {
 		return Reply{}, err
 	}
-	reply, err := ReadReply(conn)
+	reply, err := readReply(conn, (*[maxAddrFrame]byte)(buf))
 	if err == io.EOF {
 		if cmd == CmdConnect {
 			return Reply{}, errors.New("server closed the connection without replying to the request")
@@ -310,7 +324,7 @@ func (d *Dialer) greet(conn net.Conn, buf []byte) (chosen AuthMethod, answered b
 	if _, err := conn.Write(b); err != nil {
 		return 0, false, err
 	}
-	sel, err := ReadMethodSelection(conn)
+	sel, err := readMethodSelection(conn, buf[:2])
 	if err != nil {
 		return 0, false, closedEarly(err, "method selection")
 	}
@@ -327,7 +341,7 @@ func (d *Dialer) greet(conn net.Conn, buf []byte) (chosen AuthMethod, answered b
 		if _, err := conn.Write(b); err != nil {
 			return sel.Method, true, err
 		}
-		st, err := ReadUserPassStatus(conn)
+		st, err := readUserPassStatus(conn, buf[:2])
 		if err != nil {
 			if err == io.EOF {
 				// Some servers close instead of sending a failure status.

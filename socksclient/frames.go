@@ -107,10 +107,17 @@ func ParseMethodSelection(b []byte) (MethodSelection, int, error) {
 
 func ReadMethodSelection(r io.Reader) (MethodSelection, error) {
 	var buf [2]byte
-	if err := readFrame(r, buf[:]); err != nil {
+	return readMethodSelection(r, buf[:])
+}
+
+// readMethodSelection is ReadMethodSelection reading into the caller's
+// scratch space (len 2), which can be reused where a local array would
+// escape to the heap.
+func readMethodSelection(r io.Reader, buf []byte) (MethodSelection, error) {
+	if err := readFrame(r, buf[:2]); err != nil {
 		return MethodSelection{}, err
 	}
-	m, _, err := ParseMethodSelection(buf[:])
+	m, _, err := ParseMethodSelection(buf[:2])
 	return m, err
 }
 
@@ -228,10 +235,16 @@ func ParseUserPassStatus(b []byte) (UserPassStatus, int, error) {
 
 func ReadUserPassStatus(r io.Reader) (UserPassStatus, error) {
 	var buf [2]byte
-	if err := readFrame(r, buf[:]); err != nil {
+	return readUserPassStatus(r, buf[:])
+}
+
+// readUserPassStatus is ReadUserPassStatus reading into the caller's
+// scratch space (len 2).
+func readUserPassStatus(r io.Reader, buf []byte) (UserPassStatus, error) {
+	if err := readFrame(r, buf[:2]); err != nil {
 		return UserPassStatus{}, err
 	}
-	s, _, err := ParseUserPassStatus(buf[:])
+	s, _, err := ParseUserPassStatus(buf[:2])
 	return s, err
 }
 
@@ -295,7 +308,12 @@ func ParseReply(b []byte) (Reply, int, error) {
 
 func ReadReply(r io.Reader) (Reply, error) {
 	var buf [maxAddrFrame]byte
-	n, err := readAddrFrame(r, "reply", &buf)
+	return readReply(r, &buf)
+}
+
+// readReply is ReadReply reading into the caller's scratch space.
+func readReply(r io.Reader, buf *[maxAddrFrame]byte) (Reply, error) {
+	n, err := readAddrFrame(r, "reply", buf)
 	if err != nil {
 		return Reply{}, err
 	}

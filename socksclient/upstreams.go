@@ -465,9 +465,15 @@ func (h *hedgedDial[T]) startNext() <-chan time.Time {
 	up := h.order[i]
 	h.attempts = append(h.attempts, attempt{up: up, started: time.Now()})
 	h.running++
-	go h.runAttempt(i, up.d, &h.attempts[i].progress)
-
 	left := len(h.order) - len(h.attempts)
+	if left == 0 && h.running == 1 {
+		// Nothing to race it against (one upstream, or the last one after
+		// the others failed): run it on the caller's goroutine, which
+		// then finds its result waiting, instead of handing it over.
+		h.runAttempt(i, up.d, &h.attempts[i].progress)
+		return nil
+	}
+	go h.runAttempt(i, up.d, &h.attempts[i].progress)
 	if left == 0 {
 		return nil
 	}
