@@ -61,7 +61,7 @@ func FuzzParseRequest(f *testing.F)         { fuzzRoundTrip(f, ParseRequest, 2) 
 func FuzzParseReply(f *testing.F)           { fuzzRoundTrip(f, ParseReply, 2) }
 func FuzzParseUDPHeader(f *testing.F)       { fuzzRoundTrip(f, ParseUDPHeader, 0, 1) }
 
-// fuzzReader checks a server-side stream reader against its Parse
+// fuzzReader checks a stream reader against its Parse
 // function: whatever the bytes and however the stream splits them, the
 // reader never panics, returns what Parse returns, reads exactly the
 // frame when there is one (the bytes after it are the relay's), and
@@ -139,6 +139,11 @@ func (c *countingReader) Read(p []byte) (int, error) {
 func FuzzReadGreeting(f *testing.F)        { fuzzReader(f, ParseGreeting, ReadGreeting) }
 func FuzzReadUserPassRequest(f *testing.F) { fuzzReader(f, ParseUserPassRequest, ReadUserPassRequest) }
 func FuzzReadRequest(f *testing.F)         { fuzzReader(f, ParseRequest, ReadRequest) }
+
+// The client's readers of a server's answers, on the same terms.
+func FuzzReadMethodSelection(f *testing.F) { fuzzReader(f, ParseMethodSelection, ReadMethodSelection) }
+func FuzzReadUserPassStatus(f *testing.F)  { fuzzReader(f, ParseUserPassStatus, ReadUserPassStatus) }
+func FuzzReadReply(f *testing.F)           { fuzzReader(f, ParseReply, ReadReply) }
 
 // FuzzHandshake plays arbitrary client bytes against the server side of
 // the handshake, without and with RFC 1929: it never panics, never closes
