@@ -445,7 +445,7 @@ func (t tcpBench) rows(cpus cpuSplit, ways, connWays []string) (peertest.Peer, s
 			defer p.Stop()
 			_, echoPort, _ := net.SplitHostPort(echo)
 			ep, _ := strconv.Atoi(echoPort)
-			tproxyRule(h, "tcp", ep, port)
+			tproxyRule(h, "tcp", byClientGID, ep, port)
 			defer tproxyUDPOff()
 			return rate(redirectedClient, echo)
 		case "socksfwd-conntrack":

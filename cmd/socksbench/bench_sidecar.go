@@ -71,7 +71,10 @@ func benchSidecar(h *harness, cfg benchConfig, cpus cpuSplit, connrate string) {
 		}
 		_, tport, _ := net.SplitHostPort(target)
 		tp, _ := strconv.Atoi(tport)
-		tproxyRule(h, "tcp", tp, port)
+		// By destination, not by the client's group: the target is on
+		// the remote host, where the last ACK of each connection (sent
+		// from TIME-WAIT, with no owner) would otherwise go.
+		tproxyRule(h, "tcp", "ip daddr "+sidecarRemote, tp, port)
 		return target, redirectedClient, func() { tproxyUDPOff(); p.Stop() }
 	}
 

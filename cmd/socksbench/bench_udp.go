@@ -206,23 +206,34 @@ func (h *harness) socksfwdTProxyUDP(bin, proxy string) (int, *peertest.Proc) {
 // back in through lo by policy routing, taken by TPROXY in prerouting.
 // The bench runs in a network namespace of its own, so the routing rule
 // touches nothing else. tproxyUDPOff undoes it.
-func tproxyUDP(h *harness, iperfPort, port int) { tproxyRule(h, "udp", iperfPort, port) }
+func tproxyUDP(h *harness, iperfPort, port int) { tproxyRule(h, "udp", byClientGID, iperfPort, port) }
 
-// tproxyRule is tproxyUDP for protocol proto (tcp or udp).
-func tproxyRule(h *harness, proto string, dport, port int) {
+// byClientGID is tproxyRule's output match for the client's packets on a
+// single host, where Dante's own connections to the same port must not be
+// taken. It misses what a socket sends after its program closed it (the
+// last ACK, from TIME-WAIT, has no owner): harmless when the target's
+// address is this host's, where that ACK still reaches socksfwd's socket;
+// with a remote target it would go out to the real host instead, and
+// socksfwd's side of every connection would stay in LAST-ACK, resending
+// its FIN (the sidecar rows match by destination for that reason).
+const byClientGID = "meta skgid " + redirectGID
+
+// tproxyRule is tproxyUDP for protocol proto (tcp or udp), taking the
+// output packets that match the nft expression match.
+func tproxyRule(h *harness, proto, match string, dport, port int) {
 	nft := peertest.Require(h, "nft")
 	ip := peertest.Require(h, "ip")
 	script := fmt.Sprintf(`table ip socksbench_tproxy {
 	chain out {
 		type route hook output priority mangle; policy accept;
-		meta skgid %s %s dport %d meta mark set 0x1
+		%s %s dport %d meta mark set 0x1
 	}
 	chain pre {
 		type filter hook prerouting priority mangle; policy accept;
 		meta mark 0x1 %s dport %d tproxy to 127.0.0.1:%d meta mark set 0x1 accept
 	}
 }
-`, redirectGID, proto, dport, proto, dport, port)
+`, match, proto, dport, proto, dport, port)
 	cmd := exec.Command(nft, "-f", "-")
 	cmd.Stdin = strings.NewReader(script)
 	if out, err := cmd.CombinedOutput(); err != nil {
