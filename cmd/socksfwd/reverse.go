@@ -127,9 +127,12 @@ func (r *remoteAddrs) set(key string, a socksclient.Addr) {
 	if r.addrs == nil {
 		r.addrs = make(map[string]socksclient.Addr)
 	}
+	if a.Port == 0 {
+		a = socksclient.Addr{} // nowhere, as an absent key reads
+	}
 	// A fixed port is armed again for every caller: same address, and the
 	// file already says so.
-	if old, ok := r.addrs[key]; !r.failed && ok == (a.Port != 0) && (!ok || old == a) {
+	if !r.failed && r.addrs[key] == a {
 		return
 	}
 	if a.Port == 0 {
