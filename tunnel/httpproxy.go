@@ -525,10 +525,7 @@ func (p *HTTPProxy) startTunnel(client net.Conn, buffered *bufio.Reader, up net.
 	var early int64
 	if n := buffered.Buffered(); err == nil && n > 0 {
 		b, _ := buffered.Peek(n)
-		var wn int
-		wn, err = up.Write(b)
-		early = int64(wn)
-		p.stats.BytesUp.Add(early)
+		early, err = sendEarly(up, b, &p.stats.BytesUp)
 	}
 	if err != nil {
 		abort(up)

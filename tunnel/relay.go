@@ -188,6 +188,18 @@ func StartRelayCounting(client, upstream net.Conn, idle time.Duration, mode Copy
 	go r.down.copyDownstream()
 }
 
+// sendEarly writes to up what a client sent ahead of its session (behind
+// its request, before the answer that opens it), adding it to live as the
+// relay adds what it moves; it returns how much went.
+func sendEarly(up net.Conn, early []byte, live *atomic.Int64) (int64, error) {
+	if len(early) == 0 {
+		return 0, nil
+	}
+	n, err := up.Write(early)
+	live.Add(int64(n))
+	return int64(n), err
+}
+
 func newRelay(client, upstream net.Conn, idle time.Duration, mode CopyMode, done func(RelayResult)) *relay {
 	r := &relay{idle: idle, mode: mode, client: client, upstream: upstream, done: done}
 	r.up = copier{r: r, dst: upstream, src: client, srcSide: SideClient, dstSide: SideUpstream}

@@ -203,11 +203,12 @@ func (d *SOCKSDoor) answerAndRelay(req *socksclient.ServerRequest, up *socksclie
 		d.cut(req.Conn, up)
 		return
 	}
-	if err := d.sendEarly(req, up); err != nil {
+	early, err := sendEarly(up, req.Early, &d.TCPForward.stats.BytesUp)
+	if err != nil {
 		d.cut(req.Conn, up)
 		return
 	}
-	d.TCPForward.relay(req.Conn, up, req.Addr, dialer.ProxyAddr, idle, start)
+	d.TCPForward.relay(req.Conn, up, req.Addr, dialer.ProxyAddr, idle, start, early)
 }
 
 // bind chains a BIND: the first reply gives the address the upstream
@@ -273,17 +274,6 @@ func (d *SOCKSDoor) cut(client net.Conn, opened ...io.Closer) {
 	}
 	abort(client)
 	d.TCPForward.endSession(client, nil)
-}
-
-// sendEarly passes on what the client sent right behind its request,
-// before the relay takes over, counted as the relay counts.
-func (d *SOCKSDoor) sendEarly(req *socksclient.ServerRequest, up net.Conn) error {
-	if len(req.Early) == 0 {
-		return nil
-	}
-	n, err := up.Write(req.Early)
-	d.TCPForward.stats.BytesUp.Add(int64(n))
-	return err
 }
 
 // aLongTimeAgo is a deadline that makes a blocked read return at once.

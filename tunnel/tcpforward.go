@@ -277,7 +277,7 @@ func (f *TCPForward) serveSession(client net.Conn) {
 		f.endSession(client, nil)
 		return
 	}
-	f.relay(client, up, target, d.ProxyAddr, idle, start)
+	f.relay(client, up, target, d.ProxyAddr, idle, start, 0)
 }
 
 // dialFailed counts and logs a session whose upstream dial failed.
@@ -295,8 +295,9 @@ func (f *TCPForward) dialFailed(client net.Conn, target socksclient.Addr, d *soc
 }
 
 // relay hands a session whose upstream is up to a relay that runs on
-// goroutines of its own, and ends the session when the relay does.
-func (f *TCPForward) relay(client, up net.Conn, target socksclient.Addr, upstream string, idle time.Duration, start time.Time) {
+// goroutines of its own, and ends the session when the relay does. early
+// is what already went up before it (sendEarly), for the end line.
+func (f *TCPForward) relay(client, up net.Conn, target socksclient.Addr, upstream string, idle time.Duration, start time.Time, early int64) {
 	if !f.track(up, false) { // Close came during the dial: cut
 		abort(up)
 		abort(client)
@@ -309,6 +310,7 @@ func (f *TCPForward) relay(client, up net.Conn, target socksclient.Addr, upstrea
 		// Ended before the line says so: whoever reads "session ended"
 		// finds the session gone from --max-sessions' count.
 		f.endSession(client, up)
+		res.Up += early
 		f.logEnd(client, target, upstream, res, start)
 	})
 }
