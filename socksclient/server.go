@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync"
 	"time"
 )
 
@@ -82,7 +83,12 @@ func Handshake(c net.Conn, cfg ServerConfig) (*ServerRequest, error) {
 	// sends them together, rather than a header then the rest: two reads
 	// fewer per connection for the common client that sends a frame and
 	// waits. What comes after the request is handed over as Early.
-	r := &frameReader{c: c}
+	r := frameReaders.Get().(*frameReader)
+	r.c = c
+	defer func() {
+		*r = frameReader{} // it held the password, if one was sent
+		frameReaders.Put(r)
+	}()
 	g, err := readWith(r, ParseGreeting)
 	if err != nil {
 		return nil, fmt.Errorf("reading greeting: %w", err)
@@ -136,6 +142,10 @@ type frameReader struct {
 	buf  [2048]byte
 	r, w int
 }
+
+// frameReaders are pooled: the buffer goes to the connection's Read, so
+// one made per handshake would be a 2 KiB heap allocation per client.
+var frameReaders = sync.Pool{New: func() any { return new(frameReader) }}
 
 func (f *frameReader) buffered() []byte { return f.buf[f.r:f.w] }
 
