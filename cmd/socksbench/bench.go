@@ -345,7 +345,7 @@ func newTCPBench(h *harness, cfg benchConfig) tcpBench {
 		h: h, cfg: cfg,
 		iperf:    peertest.Require(h, "iperf3"),
 		pc:       peertest.Require(h, "proxychains4"),
-		connrate: buildConnrate(h, peertest.Require(h, "cc")),
+		connrate: h.connrate(),
 		gost:     lookGost(), // an optional extra way
 	}
 }
@@ -355,7 +355,7 @@ func newTCPBench(h *harness, cfg benchConfig) tcpBench {
 // Dante placed by cpus, and reports them with the arrangement's bars. It
 // returns the throughput rows' Dante and iperf3 server, which stay up.
 func (t tcpBench) rows(cpus cpuSplit, ways, connWays []string) (peertest.Peer, string) {
-	h, cfg, suffix := t.h, t.cfg, cpus.suffix()
+	h, cfg := t.h, t.cfg
 	// TCP throughput with iperf3 (a libc client, so proxychains4 can carry it).
 	dante := cpus.dante(peertest.DanteOptions{})
 	iperfAddr := h.iperfServer(t.iperf)
@@ -402,12 +402,10 @@ func (t tcpBench) rows(cpus cpuSplit, ways, connWays []string) (peertest.Peer, s
 			}
 			return m.timed(cfg.seconds, func() float64 { return iperfGbps(h, prefix, t.iperf, addr, run.streams, cfg.seconds, extra...) })
 		})
-		if cpus.shared {
-			reportAgainst(name+suffix, "Gbit/s", rows, "socksfwd", sharedThroughputBars)
-			continue
+		cpus.report(name, "Gbit/s", rows, 0.9, sharedThroughputBars)
+		if !cpus.shared {
+			reportTransparent(name, rows, 0.95, 1.15)
 		}
-		report(name, "Gbit/s", rows, "proxychains4", 0.9)
-		reportTransparent(name, rows, 0.95, 1.15)
 	}
 
 	// New connections per second, one 1-byte exchange each. Every run gets
@@ -456,10 +454,8 @@ func (t tcpBench) rows(cpus cpuSplit, ways, connWays []string) (peertest.Peer, s
 		return rate(nil, fwd)
 	})
 	name := fmt.Sprintf("tcp-new-conns-%dthreads", connThreads)
-	if cpus.shared {
-		reportAgainst(name+suffix, "conn/s", rows, "socksfwd", sharedConnBars)
-	} else {
-		report(name, "conn/s", rows, "proxychains4", 0.8)
+	cpus.report(name, "conn/s", rows, 0.8, sharedConnBars)
+	if !cpus.shared {
 		reportTransparent(name, rows, 0.95, 1.0)
 	}
 	return dante, iperfAddr
@@ -577,14 +573,20 @@ func runIperf(h *harness, argv []string) iperfReceived {
 	return res.End.SumReceived
 }
 
-// buildConnrate compiles the connection-rate client with cc.
-func buildConnrate(h *harness, cc string) string {
+// connrate is the connection-rate client, compiled with cc on first use
+// and shared by every part of the run.
+func (h *harness) connrate() string {
+	if h.connrateBin != "" {
+		return h.connrateBin
+	}
+	cc := peertest.Require(h, "cc")
 	connrate := filepath.Join(h.TempDir(), "connrate")
 	src := connrate + ".c"
 	os.WriteFile(src, []byte(connrateSource), 0o644)
 	if out, err := exec.Command(cc, "-O2", "-pthread", "-o", connrate, src).CombinedOutput(); err != nil {
 		h.Fatalf("building connrate: %v\n%s", err, out)
 	}
+	h.connrateBin = connrate
 	return connrate
 }
 

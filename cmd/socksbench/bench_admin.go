@@ -196,7 +196,7 @@ func benchAdmin(h *harness, cfg benchConfig, iperf, target, proxy string, cpus c
 // servers bench would have started for it.
 func benchAdminOnly(h *harness, cfg benchConfig) {
 	iperf := peertest.Require(h, "iperf3")
-	connrate := buildConnrate(h, peertest.Require(h, "cc"))
+	connrate := h.connrate()
 	cpus := newCPUSplit(h)
 	cpus.rest()
 	defer cpus.all()

@@ -40,7 +40,7 @@ func benchHTTP(h *harness, cfg benchConfig) {
 	iperf := peertest.Require(h, "iperf3")
 	socat := peertest.Require(h, "socat")
 	privoxy := peertest.Require(h, "privoxy")
-	connrate := buildConnrate(h, peertest.Require(h, "cc"))
+	connrate := h.connrate()
 	fmt.Printf("socksbench: --http door, median of %d interleaved rounds, %d s per run, proxies → %s\n", rounds, cfg.seconds, peertest.Versions()[0])
 	ways := []string{wayForward, wayHTTP, wayPrivoxy}
 	gost := lookGost() // an optional extra way

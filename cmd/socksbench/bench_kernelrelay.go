@@ -38,7 +38,7 @@ const (
 
 func benchKernelRelay(h *harness, cfg benchConfig) {
 	iperf := peertest.Require(h, "iperf3")
-	connrate := buildConnrate(h, peertest.Require(h, "cc"))
+	connrate := h.connrate()
 	km, err := newSockmapRelay()
 	if err != nil {
 		fmt.Printf("kernel relay: not available here (%v): needs Linux with sockmap and CAP_BPF\n", err)
@@ -96,18 +96,14 @@ func machineBusy() float64 {
 // startRelay relays every connection to a free loopback port on to
 // target, the bytes carried by join, and returns the port's address.
 func startRelay(h *harness, target string, join func(client, upstream *net.TCPConn)) string {
-	ln, err := testnet.ServeOn(h, "127.0.0.1:0", func(c net.Conn) {
+	return testnet.Serve(h, func(c net.Conn) {
 		up, err := net.Dial("tcp", target)
 		if err != nil {
 			return
 		}
 		defer up.Close()
 		join(c.(*net.TCPConn), up.(*net.TCPConn))
-	})
-	if err != nil {
-		h.Fatalf("%v", err)
-	}
-	return ln.Addr().String()
+	}).Addr().String()
 }
 
 // spliceJoin relays both ways with io.Copy, which splices between TCP

@@ -58,11 +58,7 @@ func benchMicrosocks(h *harness, cfg benchConfig, cpus cpuSplit, iperfAddr, conn
 		})
 	}
 	name := "tcp-throughput-1stream-microsocks"
-	if cpus.shared {
-		reportAgainst(name+cpus.suffix(), "Gbit/s", throughput(), "socksfwd", sharedThroughputBars)
-	} else {
-		report(name, "Gbit/s", throughput(), "proxychains4", 0)
-	}
+	cpus.report(name, "Gbit/s", throughput(), 0, sharedThroughputBars)
 
 	// Fresh servers for every run, as in the connection-rate row.
 	rows := measure(ways, func(way string, m *meter) float64 {
@@ -74,11 +70,7 @@ func benchMicrosocks(h *harness, cfg benchConfig, cpus cpuSplit, iperfAddr, conn
 		return m.timed(cfg.seconds, func() float64 { return connRate(h, prefix, connrate, addr, cfg.seconds) })
 	})
 	name = fmt.Sprintf("tcp-new-conns-%dthreads-microsocks", connThreads)
-	if cpus.shared {
-		reportAgainst(name+cpus.suffix(), "conn/s", rows, "socksfwd", sharedConnBars)
-	} else {
-		report(name, "conn/s", rows, "proxychains4", 0)
-	}
+	cpus.report(name, "conn/s", rows, 0, sharedConnBars)
 }
 
 // benchMicrosocksOnly runs benchMicrosocks alone, with what bench would
@@ -90,7 +82,7 @@ func benchMicrosocksOnly(h *harness, cfg benchConfig) {
 	cpus.rest()
 	defer cpus.all()
 	iperfAddr := h.iperfServer(peertest.Require(h, "iperf3"))
-	benchMicrosocks(h, cfg, cpus, iperfAddr, buildConnrate(h, peertest.Require(h, "cc")), gost)
+	benchMicrosocks(h, cfg, cpus, iperfAddr, h.connrate(), gost)
 }
 
 // microsocks starts microsocks where Dante would run, on a CPU of its own

@@ -28,7 +28,7 @@ const (
 func benchSOCKSDoor(h *harness, cfg benchConfig) {
 	iperf := peertest.Require(h, "iperf3")
 	pc := peertest.Require(h, "proxychains4")
-	connrate := buildConnrate(h, peertest.Require(h, "cc"))
+	connrate := h.connrate()
 	ways := []string{wayDoor, wayStraight}
 	gost := lookGost()
 	if gost != "" {

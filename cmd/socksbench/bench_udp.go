@@ -507,12 +507,15 @@ func sharedCPUs(h *harness) cpuSplit {
 	return c
 }
 
-// suffix is what the rows of the arrangement add to their names.
-func (c cpuSplit) suffix() string {
+// report prints a TCP row in the arrangement: pinned, against
+// proxychains4 and the pinned bar (0: none); shared, named with -shared,
+// socksfwd against the shared bars.
+func (c cpuSplit) report(name, unit string, rows []result, pinnedBar float64, sharedBars []httpBar) {
 	if c.shared {
-		return "-shared"
+		reportAgainst(name+"-shared", unit, rows, "socksfwd", sharedBars)
+		return
 	}
-	return ""
+	report(name, unit, rows, "proxychains4", pinnedBar)
 }
 
 func newCPUSplit(h *harness) cpuSplit {

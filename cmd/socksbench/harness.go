@@ -15,8 +15,9 @@ import (
 // harness gives peertest and testnet what a testing.T would: cleanups,
 // temporary directories, and a fatal error that unwinds to run.
 type harness struct {
-	dir      string
-	cleanups []func()
+	dir         string
+	cleanups    []func()
+	connrateBin string // built by connrate
 }
 
 type fatal string

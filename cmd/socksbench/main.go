@@ -71,7 +71,7 @@ func main() {
 		case "bench-sidecar":
 			cpus := newCPUSplit(h)
 			cpus.rest()
-			benchSidecar(h, cfg, cpus, buildConnrate(h, peertest.Require(h, "cc")))
+			benchSidecar(h, cfg, cpus, h.connrate())
 			cpus.all()
 		case "bench-admin":
 			benchAdminOnly(h, cfg)
