@@ -219,7 +219,7 @@ func (m *meter) timed(secs int, client func() float64) float64 {
 	snap := startCPU()
 	v := client()
 	m.spent = snap.spent()
-	m.busy = snap.busiest()
+	m.busy = snap.busiestIn(m.spent)
 	m.secs = secs
 	return v
 }

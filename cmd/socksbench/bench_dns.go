@@ -90,7 +90,7 @@ func benchDNS(h *harness, cfg benchConfig) {
 			}
 		}
 		fmt.Printf("%-26s %-12s %8.0f q/s  avg latency %6.2f ms  lost %d  busiest: %s%s%s\n",
-			r.name, r.way, qps, lat*1000, lost, cpu.busiest(), dnsPerQuery(spent, r.way, completed, lost), ratio)
+			r.name, r.way, qps, lat*1000, lost, cpu.busiestIn(spent), dnsPerQuery(spent, r.way, completed, lost), ratio)
 		if r.addr == viaTCP {
 			q1, r1 := dnsCounts(h, admin, viaTCP)
 			reportDNSMetrics(h, r.name, out, q0, q1, r0, r1)

@@ -92,7 +92,7 @@ func benchUDP(h *harness, cfg benchConfig) {
 			lost, mbps := iperfUDPVia(h, prefix, iperf, addr, rate, cfg.seconds)
 			spent := cpu.spent() // before done stops the tproxy way's process
 			done()
-			busiest := cpu.busiest()
+			busiest := cpu.busiestIn(spent)
 			drops = udpRcvbufErrors() - drops
 			where := dropsSince(perSocket)
 			verdict := ""
@@ -103,7 +103,7 @@ func benchUDP(h *harness, cfg benchConfig) {
 				case "100M":
 					verdict = barText(lost <= 0.1, "loss ≤ 0.1 %")
 				case "1G":
-					verdict = barText(mbps >= 250 || cpu.percent("danted") >= 95, "≥ 250 Mbit/s unless Dante ≥ 95 % CPU")
+					verdict = barText(mbps >= 250 || spent.percent("danted") >= 95, "≥ 250 Mbit/s unless Dante ≥ 95 % CPU")
 				}
 			case "tproxy":
 				switch rate {
@@ -339,31 +339,18 @@ func readTicks() map[int]procTicks {
 	return out
 }
 
-// usage is CPU percent of one core per command name since the snapshot. A
-// process born since then counts whole: Dante forks children under load.
-// One that has already exited is missed.
-func (c *cpuSnapshot) usage() map[string]float64 {
-	now := readTicks()
-	secs := time.Since(c.at).Seconds()
-	u := map[string]float64{}
-	for pid, t := range now {
-		u[t.comm] += float64(t.ticks-c.ticks[pid].ticks) / 100 / secs * 100
-	}
-	return u
-}
-
-func (c *cpuSnapshot) percent(comm string) float64 { return c.usage()[comm] }
-
 // busiest names the processes using most CPU, e.g. "danted 97 %, socksfwd 41 %".
-func (c *cpuSnapshot) busiest() string {
-	u := c.usage()
+func (c *cpuSnapshot) busiest() string { return c.busiestIn(c.spent()) }
+
+// busiestIn is busiest from s, what spent read since this snapshot.
+func (c *cpuSnapshot) busiestIn(s cpuSpent) string {
 	type kv struct {
 		k string
 		v float64
 	}
 	var all []kv
-	for k, v := range u {
-		all = append(all, kv{k, v})
+	for comm := range s.byComm {
+		all = append(all, kv{comm, s.percent(comm)})
 	}
 	sort.Slice(all, func(i, j int) bool { return all[i].v > all[j].v })
 	var parts []string

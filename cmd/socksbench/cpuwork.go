@@ -21,6 +21,7 @@ import (
 type cpuSpent struct {
 	byComm map[string]float64
 	client float64
+	secs   float64 // since the snapshot, wall clock
 }
 
 // childrenCPU is the user plus system CPU time of every child this process
@@ -33,16 +34,20 @@ func childrenCPU() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// spent is the CPU used since the snapshot; see cpuSpent. Like usage, a
-// process that exited without being this process's child is missed, so a
-// forwarder must be read before it is stopped.
+// spent is the CPU used since the snapshot; see cpuSpent. A process born
+// since then counts whole (Dante forks children under load); one that
+// exited without being this process's child is missed, so a forwarder
+// must be read before it is stopped.
 func (c *cpuSnapshot) spent() cpuSpent {
-	s := cpuSpent{byComm: map[string]float64{}, client: float64(childrenCPU()-c.children) / 1e6}
+	s := cpuSpent{byComm: map[string]float64{}, client: float64(childrenCPU()-c.children) / 1e6, secs: time.Since(c.at).Seconds()}
 	for pid, t := range readTicks() {
 		s.byComm[t.comm] += float64(t.ticks-c.ticks[pid].ticks) * 10 // USER_HZ 100
 	}
 	return s
 }
+
+// percent is comm's CPU in s, in percent of one core.
+func (s cpuSpent) percent(comm string) float64 { return s.byComm[comm] / 10 / s.secs }
 
 // wayCPU is the CPU of the process doing a way's forwarding: the
 // forwarder's own process, or, for a way whose hop runs inside the client
