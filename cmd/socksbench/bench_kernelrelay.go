@@ -5,7 +5,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"sync"
@@ -106,18 +105,9 @@ func startRelay(h *harness, target string, join func(client, upstream *net.TCPCo
 	}).Addr().String()
 }
 
-// spliceJoin relays both ways with io.Copy, which splices between TCP
-// sockets, and passes each half-close on: socksfwd's relay in short.
-func spliceJoin(client, upstream *net.TCPConn) {
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		io.Copy(client, upstream)
-		client.CloseWrite()
-	})
-	io.Copy(upstream, client)
-	upstream.CloseWrite()
-	wg.Wait()
-}
+// spliceJoin is socksfwd's relay in short: both ways with io.Copy, which
+// splices between TCP sockets, each half-close passed on.
+func spliceJoin(client, upstream *net.TCPConn) { testnet.Join(client, upstream) }
 
 // sockmapRelay holds the sockmap, the map from a socket's cookie to its
 // peer's slot, and the verdict program attached to the sockmap.

@@ -236,6 +236,25 @@ func UDPEchoOn(t TB, addr *net.UDPAddr) (*net.UDPConn, error) {
 	return pc, nil
 }
 
+// Join copies between a and b both ways until both directions end,
+// passing each half-close on (a plain Close where the conn has no
+// CloseWrite). Between TCP sockets io.Copy splices.
+func Join(a, b net.Conn) {
+	var wg sync.WaitGroup
+	wg.Go(func() { copyHalf(a, b) })
+	copyHalf(b, a)
+	wg.Wait()
+}
+
+func copyHalf(dst, src net.Conn) {
+	io.Copy(dst, src)
+	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	} else {
+		dst.Close()
+	}
+}
+
 // Cutter is a TCP relay whose connections a test can cut at once, to play
 // a proxy or network that drops a connection mid-stream.
 type Cutter struct {

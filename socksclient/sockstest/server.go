@@ -335,7 +335,7 @@ func (s *Server) serveConnect(c net.Conn, target socksclient.Addr, early []byte)
 	if _, err := up.Write(early); err != nil { // what the client sent behind its request
 		return
 	}
-	pipe(c, up)
+	testnet.Join(c, up)
 }
 
 // serveBind listens for one peer. As Dante does, it binds the port the
@@ -406,7 +406,7 @@ func (s *Server) serveBind(c net.Conn, expected socksclient.Addr) {
 	if err := s.writeFrame(c, socksclient.Reply{Addr: from}); err != nil {
 		return
 	}
-	pipe(c, peer)
+	testnet.Join(c, peer)
 }
 
 var (
@@ -429,23 +429,6 @@ func replyFor(err error) socksclient.ReplyCode {
 		return socksclient.RepHostUnreachable
 	}
 	return socksclient.RepGeneralFailure
-}
-
-// pipe copies both ways with half-close until both directions end.
-func pipe(a, b net.Conn) {
-	var wg sync.WaitGroup
-	wg.Go(func() { copyHalf(a, b) })
-	copyHalf(b, a)
-	wg.Wait()
-}
-
-func copyHalf(dst, src net.Conn) {
-	io.Copy(dst, src)
-	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-	} else {
-		dst.Close()
-	}
 }
 
 // serveAssociate runs a UDP relay for as long as the control connection
