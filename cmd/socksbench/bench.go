@@ -228,7 +228,13 @@ func (m *meter) timed(secs int, client func() float64) float64 {
 // the medians in the ways' order, each with the busiest processes of the
 // run it came from and all its rounds.
 func measure(ways []string, run func(way string, m *meter) float64) []result {
-	samples := make(map[string][]result)
+	// A sample is one run: its result, and the way's CPU (NaN when not
+	// measured) until the rounds are gathered into result.cpu.
+	type sample struct {
+		result
+		cpuMs float64
+	}
+	samples := make(map[string][]sample)
 	for round := range rounds {
 		// Each round starts one way further along, and every other round
 		// runs backwards, so that a way neither keeps its place nor always
@@ -243,12 +249,10 @@ func measure(ways []string, run func(way string, m *meter) float64) []result {
 			var m meter
 			v := run(w, &m)
 			cpu := math.NaN()
-			if m.spent.byComm != nil {
-				if ms, ok := m.spent.wayCPU(w); ok {
-					cpu = ms
-				}
+			if ms, ok := m.spent.wayCPU(w); ok {
+				cpu = ms
 			}
-			samples[w] = append(samples[w], result{way: w, value: v, busy: m.busy, cpu: []float64{cpu}, secs: float64(m.secs)})
+			samples[w] = append(samples[w], sample{result{way: w, value: v, busy: m.busy, secs: float64(m.secs)}, cpu})
 		}
 	}
 	out := make([]result, len(ways))
@@ -257,10 +261,10 @@ func measure(ways []string, run func(way string, m *meter) float64) []result {
 		inOrder := make([]float64, len(s))
 		cpu := make([]float64, len(s))
 		for j, r := range s {
-			inOrder[j], cpu[j] = r.value, r.cpu[0]
+			inOrder[j], cpu[j] = r.value, r.cpuMs
 		}
 		sort.Slice(s, func(a, b int) bool { return s[a].value < s[b].value })
-		out[i] = s[len(s)/2]
+		out[i] = s[len(s)/2].result
 		out[i].rounds, out[i].cpu = inOrder, cpu
 	}
 	return out

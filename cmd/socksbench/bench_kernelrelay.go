@@ -52,20 +52,19 @@ func benchKernelRelay(h *harness, cfg benchConfig) {
 		wayKernelRelay: startRelay(h, iperfAddr, km.join),
 	}
 	for _, streams := range []int{1, 4} {
-		var cost sync.Map
+		cost := map[string]float64{} // measure runs one way at a time
 		rows := measure(ways, func(way string, m *meter) float64 {
 			busy := machineBusy()
 			v := m.timed(cfg.seconds, func() float64 { return iperfGbps(h, nil, iperf, relays[way], streams, cfg.seconds) })
 			// Machine CPU: the kernel relay's work runs in softirq and
 			// kworker context, which no process is charged for.
 			gb := v * float64(cfg.seconds) / 8
-			cost.Store(way, (machineBusy()-busy)*1000/gb)
+			cost[way] = (machineBusy() - busy) * 1000 / gb
 			return v
 		})
 		report(fmt.Sprintf("kernel-relay-throughput-%dstream", streams), "Gbit/s", rows, waySpliceRelay, 0)
 		for _, w := range ways {
-			c, _ := cost.Load(w)
-			fmt.Printf("%-26s   %s: machine CPU %.0f ms per GB (last round)\n", "", w, c)
+			fmt.Printf("%-26s   %s: machine CPU %.0f ms per GB (last round)\n", "", w, cost[w])
 		}
 	}
 	rows := measure(ways, func(way string, m *meter) float64 {

@@ -52,10 +52,13 @@ func (s cpuSpent) percent(comm string) float64 { return s.byComm[comm] / 10 / s.
 // wayCPU is the CPU of the process doing a way's forwarding: the
 // forwarder's own process, or, for a way whose hop runs inside the client
 // (proxychains4) or that has none (direct), the client's. ok is false for
-// ways whose forwarding runs in this process or nowhere measurable.
+// ways whose forwarding runs in this process or nowhere measurable, and
+// when nothing was measured (a run that did not call meter.timed).
 func (s cpuSpent) wayCPU(way string) (ms float64, ok bool) {
 	who, client := wayProcess(way)
 	switch {
+	case s.byComm == nil:
+		return 0, false
 	case client:
 		return s.client, true
 	case who != "":
