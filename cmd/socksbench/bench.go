@@ -83,11 +83,11 @@ func ratios(rows []result, baseline string, bar float64) string {
 		if r.way != "socksfwd" {
 			continue
 		}
-		ratio, each := paired(r)
 		if bar == 0 { // for the reader: no bar
-			out = fmt.Sprintf(" | socksfwd/%s = %.3f (rounds %s)", baseline, ratio, strings.Join(each, " "))
+			out, _ = pairedText("socksfwd", r, baseline, *base)
 			continue
 		}
+		ratio, each := paired(r)
 		verdict := "ok"
 		if ratio < bar {
 			verdict = "BELOW BAR"
@@ -118,8 +118,15 @@ func versusGost(rows []result) string {
 	if fwd == nil || gost == nil {
 		return ""
 	}
-	ratio, each := pairedRatio(*fwd, *gost)
-	return fmt.Sprintf(" | socksfwd/%s = %.3f (rounds %s)", wayGostForward, ratio, strings.Join(each, " "))
+	text, _ := pairedText("socksfwd", *fwd, wayGostForward, *gost)
+	return text
+}
+
+// pairedText is " | subject/base = ratio (rounds …)", r's paired ratio to
+// base as the rows print it, and the ratio.
+func pairedText(subject string, r result, baseName string, base result) (string, float64) {
+	ratio, each := pairedRatio(r, base)
+	return fmt.Sprintf(" | %s/%s = %.3f (rounds %s)", subject, baseName, ratio, strings.Join(each, " ")), ratio
 }
 
 // pairedRatio is the median of r's per-round ratios to base, and each

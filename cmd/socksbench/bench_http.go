@@ -116,8 +116,8 @@ func reportAgainst(name, unit string, rows []result, subject string, bars []http
 		if !ok {
 			continue
 		}
-		ratio, each := pairedRatio(byWay[subject], base)
-		line += fmt.Sprintf(" | %s/%s = %.3f (rounds %s)", subject, b.way, ratio, strings.Join(each, " "))
+		text, ratio := pairedText(subject, byWay[subject], b.way, base)
+		line += text
 		if b.bar > 0 {
 			line += barText(ratio >= b.bar, fmt.Sprintf("≥ %.2f", b.bar))
 		}
