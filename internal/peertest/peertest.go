@@ -77,7 +77,8 @@ func RequireRoot(t TB) {
 // it, and no two callers in this process get the same one.
 func FreePort(t TB) int {
 	t.Helper()
-	if lo, hi, ok := belowEphemeral(); ok {
+	if hi := ephemeralStart(); hi >= belowEphemeralLow+1000 {
+		lo := belowEphemeralLow
 		for range 200 {
 			port := lo + int(nextPort.Add(1))%(hi-lo)
 			if freeOnBoth(port) {
@@ -93,10 +94,8 @@ func FreePort(t TB) int {
 			t.Fatalf("free port: %v", err)
 		}
 		port := ln.Addr().(*net.TCPAddr).Port
-		pc, err := net.ListenPacket("udp", hostPort(port))
 		ln.Close()
-		if err == nil {
-			pc.Close()
+		if freeOnBoth(port) {
 			return port
 		}
 	}
@@ -113,24 +112,25 @@ var nextPort = func() *atomic.Int32 {
 	return &n
 }()
 
-// belowEphemeral is the range of ports FreePort hands out: from 20000 up
-// to the start of the ephemeral range (Linux's ip_local_port_range,
-// 32768 by default), when there is room; ok is false elsewhere.
-func belowEphemeral() (lo, hi int, ok bool) {
+// FreePort hands out ports from belowEphemeralLow up to ephemeralStart,
+// the start of the kernel's ephemeral range (Linux's
+// ip_local_port_range, 32768 by default), when there is room.
+const belowEphemeralLow = 20000
+
+// ephemeralStart is the first ephemeral port, 0 where it cannot be read;
+// read once.
+var ephemeralStart = sync.OnceValue(func() int {
 	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
 	if err != nil {
-		return 0, 0, false
+		return 0
 	}
 	fields := strings.Fields(string(b))
 	if len(fields) != 2 {
-		return 0, 0, false
+		return 0
 	}
-	start, err := strconv.Atoi(fields[0])
-	if err != nil || start < 21000 {
-		return 0, 0, false
-	}
-	return 20000, start, true
-}
+	start, _ := strconv.Atoi(fields[0])
+	return start
+})
 
 // freeOnBoth reports whether port is free on loopback for TCP and UDP.
 func freeOnBoth(port int) bool {
