@@ -38,8 +38,11 @@ type HTTPProxyConfig struct {
 	// NoProxy lists the targets reached directly, through Direct, not
 	// through the upstreams. SetNoProxy changes it.
 	NoProxy *noproxy.List
-	// Direct dials the targets NoProxy lists (default: a net.Dialer).
-	Direct func(ctx context.Context, network, address string) (net.Conn, error)
+	// Direct dials the targets NoProxy lists (default: a net.Dialer),
+	// within DirectTimeout (default DefaultDirectTimeout), which
+	// SetDirectTimeout changes.
+	Direct        func(ctx context.Context, network, address string) (net.Conn, error)
+	DirectTimeout time.Duration
 	// Credentials, when set, must come with every request, else the
 	// answer is 407. SetCredentials changes them.
 	Credentials *ProxyCredentials
@@ -61,6 +64,10 @@ type HTTPProxyConfig struct {
 	KeepAlive time.Duration
 	Logger    zerolog.Logger
 }
+
+// DefaultDirectTimeout bounds a direct connect to a target NoProxy lists,
+// as the handshake timeout bounds a dial through an upstream.
+const DefaultDirectTimeout = 10 * time.Second
 
 const (
 	defaultReadHeaderTimeout = 10 * time.Second
@@ -104,9 +111,16 @@ type HTTPProxy struct {
 	cfg       HTTPProxyConfig
 	ln        net.Listener
 	srv       *http.Server
-	transport *http.Transport
 	forwarder *httputil.ReverseProxy
 	direct    func(ctx context.Context, network, address string) (net.Conn, error)
+
+	// transport keeps connections to targets alive for forwarded
+	// requests. Redial replaces it, so that no request goes over a
+	// connection dialed the old way; retired ones keep only the
+	// connections still busy with a request, each closed when it ends.
+	transport atomic.Pointer[targetTransport]
+	retired   []*targetTransport // under mu
+	directTO  atomic.Int64
 
 	ctx    context.Context // cancelled by Close: aborts dials and requests
 	cancel context.CancelFunc
@@ -141,21 +155,13 @@ func NewHTTPProxy(cfg HTTPProxyConfig, ln net.Listener) *HTTPProxy {
 	if p.direct == nil {
 		p.direct = (&net.Dialer{}).DialContext
 	}
-	p.transport = &http.Transport{
-		DialContext: p.dialForward,
-		// The client asked for its own encoding; the bytes pass as they are.
-		DisableCompression:     true,
-		MaxIdleConns:           100,
-		MaxIdleConnsPerHost:    8,
-		IdleConnTimeout:        time.Minute,
-		ExpectContinueTimeout:  time.Second,
-		MaxResponseHeaderBytes: maxResponseHead,
-		// HTTP/1.1 only, as the client speaks it to us.
-		TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{},
-	}
+	p.SetDirectTimeout(cfg.DirectTimeout)
+	p.transport.Store(p.newTransport())
 	p.forwarder = &httputil.ReverseProxy{
-		Rewrite:        p.rewrite,
-		Transport:      p.transport,
+		Rewrite: p.rewrite,
+		Transport: roundTripper(func(r *http.Request) (*http.Response, error) {
+			return p.transport.Load().RoundTrip(r)
+		}),
 		ModifyResponse: p.modifyResponse,
 		ErrorHandler:   p.forwardFailed,
 		ErrorLog:       log.New(io.Discard, "", 0),
@@ -193,17 +199,38 @@ func (p *HTTPProxy) SetIdleTimeout(d time.Duration) { p.idle.Store(int64(d)) }
 // SetCredentials sets what requests from now on must carry (nil: none).
 func (p *HTTPProxy) SetCredentials(c *ProxyCredentials) { p.creds.Store(c) }
 
-// SetNoProxy sets the targets that requests from now on reach directly;
-// kept-alive connections to targets are dropped, as they went the old way.
-func (p *HTTPProxy) SetNoProxy(l *noproxy.List) {
-	p.noProxy.Store(l)
-	p.transport.CloseIdleConnections()
+// SetDirectTimeout bounds direct connects from now on (0: the default).
+func (p *HTTPProxy) SetDirectTimeout(d time.Duration) {
+	if d <= 0 {
+		d = DefaultDirectTimeout
+	}
+	p.directTO.Store(int64(d))
 }
 
-// CloseIdleConnections closes the kept-alive connections to targets, so
-// that the next forwarded requests dial again (through new upstreams,
-// after a reload changed them).
-func (p *HTTPProxy) CloseIdleConnections() { p.transport.CloseIdleConnections() }
+// SetNoProxy sets the targets that requests from now on reach directly;
+// connections kept alive to targets are not used again (Redial), as they
+// went the old way.
+func (p *HTTPProxy) SetNoProxy(l *noproxy.List) {
+	p.noProxy.Store(l)
+	p.Redial()
+}
+
+// Redial makes every forwarded request from now on dial its target anew
+// (through new upstreams, after a reload changed them): idle kept-alive
+// connections close now, busy ones when their request ends.
+func (p *HTTPProxy) Redial() {
+	old := p.transport.Swap(p.newTransport())
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.retired = slices.DeleteFunc(append(p.retired, old), func(t *targetTransport) bool {
+		// Once closed, its idle pool refuses connections that come back
+		// from a request: they close instead. It gets no new requests
+		// (unless one loaded it just before the swap: closing again
+		// covers those).
+		t.CloseIdleConnections()
+		return t.live.Load() == 0
+	})
+}
 
 // Stats returns the live counters.
 func (p *HTTPProxy) Stats() *HTTPStats { return &p.stats }
@@ -259,9 +286,52 @@ func (p *HTTPProxy) Close() error {
 	p.srv.Close()
 	p.ln.Close() // in case Serve never ran
 	<-p.whenIdle()
-	p.transport.CloseIdleConnections()
+	p.transport.Load().CloseIdleConnections()
+	p.mu.Lock()
+	for _, t := range p.retired {
+		t.CloseIdleConnections()
+	}
+	p.retired = nil
+	p.mu.Unlock()
 	return nil
 }
+
+// targetTransport is the Transport of forwarded requests, with a count of
+// the connections to targets it holds.
+type targetTransport struct {
+	*http.Transport
+	live atomic.Int64
+}
+
+func (p *HTTPProxy) newTransport() *targetTransport {
+	t := &targetTransport{}
+	t.Transport = &http.Transport{
+		DialContext: func(ctx context.Context, network, address string) (net.Conn, error) {
+			c, err := p.dialForward(ctx, network, address)
+			if err != nil {
+				return nil, err
+			}
+			t.live.Add(1)
+			c.live = &t.live
+			return c, nil
+		},
+		// The client asked for its own encoding; the bytes pass as they are.
+		DisableCompression:     true,
+		MaxIdleConns:           100,
+		MaxIdleConnsPerHost:    8,
+		IdleConnTimeout:        time.Minute,
+		ExpectContinueTimeout:  time.Second,
+		MaxResponseHeaderBytes: maxResponseHead,
+		// HTTP/1.1 only, as the client speaks it to us.
+		TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{},
+	}
+	return t
+}
+
+// roundTripper lets the forwarder use whichever Transport is current.
+type roundTripper func(*http.Request) (*http.Response, error)
+
+func (f roundTripper) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
 func (p *HTTPProxy) isClosed() bool {
 	p.mu.Lock()
@@ -444,6 +514,8 @@ func (p *HTTPProxy) dial(ctx context.Context, target socksclient.Addr) (c net.Co
 	stop := context.AfterFunc(p.ctx, cancel)
 	defer stop()
 	if p.noProxy.Load().Match(target.Host(), target.Port) {
+		ctx, cancel := context.WithTimeout(ctx, time.Duration(p.directTO.Load()))
+		defer cancel()
 		c, err := p.direct(ctx, "tcp", target.String())
 		return c, "direct", err
 	}
@@ -490,12 +562,18 @@ func (p *HTTPProxy) dialFailed(w http.ResponseWriter, r *http.Request, target so
 // half-close, as -L relays.
 func (p *HTTPProxy) connect(w *statusWriter, r *http.Request) {
 	start := time.Now()
+	// A refusal ends the connection: what the client sent behind the
+	// request (a TLS ClientHello) is no next request.
+	w.Header().Set("Connection", "close")
 	target, err := requestTarget(r.URL.Host, "")
 	if err != nil {
 		answer(w, http.StatusBadRequest, "CONNECT wants host:port: "+err.Error())
 		return
 	}
-	up, upstream, err := p.dial(r.Context(), target)
+	// Not r's context: the server cancels that when the client
+	// half-closes (it reads EOF), and a tunnel carries a half-close, also
+	// one sent right behind the request. Close still aborts the dial.
+	up, upstream, err := p.dial(context.WithoutCancel(r.Context()), target)
 	if err != nil {
 		p.dialFailed(w, r, target, upstream, err, start)
 		return
@@ -546,6 +624,7 @@ func (p *HTTPProxy) startTunnel(client net.Conn, buffered *bufio.Reader, up net.
 // log line: the context carries it through the ReverseProxy.
 type forwardInfo struct {
 	target   socksclient.Addr
+	start    time.Time
 	upstream atomic.Pointer[string]
 	status   atomic.Int32 // the target's answer (101 too, which hijacks)
 	failed   atomic.Bool  // forwardFailed answered and logged
@@ -578,7 +657,7 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 		answer(w, http.StatusLoopDetected, "the request came back to this proxy (its Via holds "+viaToken+"): the target is the proxy itself")
 		return
 	}
-	info := &forwardInfo{target: target}
+	info := &forwardInfo{target: target, start: start}
 	r = r.WithContext(context.WithValue(r.Context(), forwardInfoKey{}, info))
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = &countingBody{ReadCloser: r.Body, total: &p.stats.BytesUp, n: &info.up}
@@ -587,10 +666,10 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 		if info.failed.Load() {
 			return
 		}
-		code := w.code
 		if s := int(info.status.Load()); s == http.StatusSwitchingProtocols {
-			code = s
+			w.code = s // counted as 1xx: the stream bypassed w
 		}
+		code := w.code
 		ev := p.cfg.Logger.Debug().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", target.String())
 		if up := info.upstream.Load(); up != nil {
 			ev = ev.Str("upstream", *up)
@@ -611,14 +690,22 @@ var forwardingHeaders = []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Ho
 // Proxy-Authorization included), with a trace that learns which upstream
 // carried it.
 func (p *HTTPProxy) rewrite(pr *httputil.ProxyRequest) {
+	// ReverseProxy drops the query's unparsable parts; a proxy passes the
+	// target exactly as the client wrote it.
+	pr.Out.URL.RawQuery = pr.In.URL.RawQuery
 	for _, h := range forwardingHeaders {
 		if v, ok := pr.In.Header[h]; ok && !namedInConnection(pr.In.Header, h) {
 			pr.Out.Header[h] = v
 		}
 	}
 	// Via, as RFC 9110 §7.6.3 asks of a proxy: with this process's own
-	// token, which is how a request that comes back here is told.
-	pr.Out.Header["Via"] = append(slices.Clone(pr.In.Header["Via"]), viaToken)
+	// token, which is how a request that comes back here is told. The
+	// client's entries go on unless Connection named Via (a hop's own).
+	var via []string
+	if !namedInConnection(pr.In.Header, "Via") {
+		via = slices.Clone(pr.In.Header["Via"])
+	}
+	pr.Out.Header["Via"] = append(via, viaToken)
 	info := infoOf(pr.In)
 	if info == nil {
 		return
@@ -740,7 +827,7 @@ func (p *HTTPProxy) forwardFailed(w http.ResponseWriter, r *http.Request, err er
 	info.failed.Store(true)
 	var de *dialError
 	if errors.As(err, &de) {
-		p.dialFailed(w, r, info.target, de.upstream, de.err, time.Now())
+		p.dialFailed(w, r, info.target, de.upstream, de.err, info.start)
 		return
 	}
 	code := http.StatusBadGateway
@@ -757,7 +844,7 @@ func (p *HTTPProxy) forwardFailed(w http.ResponseWriter, r *http.Request, err er
 
 // dialForward is the Transport's dialer: every connection to a target
 // goes through dial, and says which way it went.
-func (p *HTTPProxy) dialForward(ctx context.Context, _, address string) (net.Conn, error) {
+func (p *HTTPProxy) dialForward(ctx context.Context, _, address string) (*viaConn, error) {
 	target, err := socksclient.ParseAddr(address)
 	if err != nil {
 		return nil, err
@@ -779,10 +866,22 @@ type dialError struct {
 func (e *dialError) Error() string { return e.err.Error() }
 func (e *dialError) Unwrap() error { return e.err }
 
-// viaConn is a connection to a target, with the way it went.
+// viaConn is a connection to a target, with the way it went, counted in
+// its Transport's live connections until it is closed.
 type viaConn struct {
 	net.Conn
 	upstream string
+	live     *atomic.Int64
+	once     sync.Once
+}
+
+func (c *viaConn) Close() error {
+	c.once.Do(func() {
+		if c.live != nil {
+			c.live.Add(-1)
+		}
+	})
+	return c.Conn.Close()
 }
 
 // statusWriter notes the status and counts the body bytes of a response.

@@ -57,9 +57,10 @@ func startHTTPProxy(t *testing.T, cfg HTTPProxyConfig, proxies ...string) (*HTTP
 // headers of the last request it got. Its response carries a hop-by-hop
 // header (named in Connection) that no client may see.
 type target struct {
-	srv  *httptest.Server
-	mu   sync.Mutex
-	last http.Header
+	srv     *httptest.Server
+	mu      sync.Mutex
+	last    http.Header
+	lastURI string
 }
 
 func newTarget(t *testing.T, tls bool) *target {
@@ -67,6 +68,7 @@ func newTarget(t *testing.T, tls bool) *target {
 	tg.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tg.mu.Lock()
 		tg.last = r.Header.Clone()
+		tg.lastURI = r.RequestURI
 		tg.mu.Unlock()
 		if r.Body != nil {
 			io.Copy(io.Discard, r.Body)
@@ -349,10 +351,14 @@ func TestHTTPProxyRefusedTarget(t *testing.T) {
 		"CONNECT " + closed + " HTTP/1.1\r\nHost: " + closed + "\r\n\r\n",
 		"GET http://" + closed + "/x HTTP/1.1\r\nHost: " + closed + "\r\n\r\n",
 	} {
-		resp, _, _ := proxyExchange(t, proxy.Host, req)
+		resp, br, _ := proxyExchange(t, proxy.Host, req)
 		b := body(t, resp)
 		if resp.StatusCode != http.StatusBadGateway || !strings.Contains(b, "REP 0x05") || strings.Count(b, "\n") != 1 {
 			t.Errorf("%s: %s %q; want 502 naming REP 0x05 in one line", strings.Fields(req)[0], resp.Status, b)
+		}
+		// What a client sends behind a CONNECT is no next request.
+		if _, err := br.Peek(1); strings.HasPrefix(req, "CONNECT") && err != io.EOF {
+			t.Errorf("the connection of a refused CONNECT stays open (%v)", err)
 		}
 	}
 	logs.waitForCount(t, `"message":"request failed"`, 2)
@@ -432,6 +438,117 @@ func TestHTTPProxyNoProxy(t *testing.T) {
 	resp, _, _ = proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+"/direct HTTP/1.1\r\nHost: x\r\n\r\n")
 	if resp.StatusCode != http.StatusBadGateway {
 		t.Errorf("after SetNoProxy(nil): %s, want 502", resp.Status)
+	}
+}
+
+// TestHTTPProxyHalfCloseDuringDial: a client that half-closes right
+// behind its CONNECT and early bytes, before the 200, still gets its
+// tunnel (net/http cancels a request's context when the client's side
+// reads EOF; the dial must not be tied to it).
+func TestHTTPProxyHalfCloseDuringDial(t *testing.T) {
+	echo := testnet.Echo(t).Addr().String()
+	list, err := noproxy.Parse("127.0.0.0/8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The dial lasts long enough for the server to read the client's EOF;
+	// a cancelled context ends it at once.
+	slowDirect := func(ctx context.Context, network, address string) (net.Conn, error) {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(300 * time.Millisecond):
+		}
+		return (&net.Dialer{}).DialContext(ctx, network, address)
+	}
+	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{NoProxy: list, Direct: slowDirect})
+	c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	io.WriteString(c, "CONNECT "+echo+" HTTP/1.1\r\nHost: "+echo+"\r\n\r\nping")
+	c.(*net.TCPConn).CloseWrite()
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("CONNECT half-closed before the answer: %s %q", resp.Status, body(t, resp))
+	}
+	if got, err := io.ReadAll(br); string(got) != "ping" {
+		t.Errorf("tunnel echoed %q, %v; want the early bytes", got, err)
+	}
+}
+
+// TestHTTPProxyDirectTimeout: a direct connect that hangs is cut after
+// DirectTimeout and answered 504.
+func TestHTTPProxyDirectTimeout(t *testing.T) {
+	list, err := noproxy.Parse("192.0.2.0/24")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hang := func(ctx context.Context, network, address string) (net.Conn, error) {
+		<-ctx.Done() // a black-holed target: only the timeout ends it
+		return nil, ctx.Err()
+	}
+	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{NoProxy: list, Direct: hang, DirectTimeout: 100 * time.Millisecond})
+	resp, _, _ := proxyExchange(t, proxy.Host, "CONNECT 192.0.2.1:443 HTTP/1.1\r\n\r\n")
+	if b := body(t, resp); resp.StatusCode != http.StatusGatewayTimeout {
+		t.Errorf("hung direct connect: %s %q, want 504", resp.Status, b)
+	}
+}
+
+// TestHTTPProxyRedialBusyConnection: a connection to a target that was
+// busy with a request when the way to the target changed is not used
+// again once the request ends.
+func TestHTTPProxyRedialBusyConnection(t *testing.T) {
+	arrived, release := make(chan struct{}), make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			close(arrived)
+			<-release
+		}
+		io.WriteString(w, "ok "+r.URL.Path)
+	}))
+	defer srv.Close()
+	list, err := noproxy.Parse("127.0.0.0/8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Direct while listed; through a dead upstream once not.
+	p, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{NoProxy: list}, testnet.ClosedPort(t))
+	c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	io.WriteString(c, "GET "+srv.URL+"/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+	// SetNoProxy comes while the request's connection is busy.
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request never reached the target")
+	}
+	p.SetNoProxy(nil)
+	resp, _, _ := proxyExchange(t, proxy.Host, "GET "+srv.URL+"/other HTTP/1.1\r\nHost: x\r\n\r\n")
+	if b := body(t, resp); resp.StatusCode != http.StatusBadGateway {
+		t.Fatalf("a request after SetNoProxy(nil): %s %q, want 502 from the dead upstream", resp.Status, b)
+	}
+	close(release)
+	resp, err = http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := body(t, resp); b != "ok /slow" {
+		t.Fatalf("the busy request: %s %q", resp.Status, b)
+	}
+	resp, _, _ = proxyExchange(t, proxy.Host, "GET "+srv.URL+"/again HTTP/1.1\r\nHost: x\r\n\r\n")
+	if b := body(t, resp); resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("the connection dialed directly before SetNoProxy(nil) was used again: %s %q", resp.Status, b)
 	}
 }
 
@@ -638,6 +755,34 @@ func TestHTTPProxyViaAndLoop(t *testing.T) {
 	text := body(t, resp)
 	if resp.StatusCode != http.StatusLoopDetected || !strings.Contains(text, "came back") {
 		t.Errorf("a request carrying this proxy's Via: %d %q, want 508", resp.StatusCode, text)
+	}
+}
+
+// TestHTTPProxyKeepsQuery: the target gets the request target as the
+// client wrote it, query parts net/url cannot parse included (RFC 9110:
+// a proxy does not rewrite it).
+func TestHTTPProxyKeepsQuery(t *testing.T) {
+	tg := newTarget(t, false)
+	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	const uri = "/q?z=1&a=1;b=2&c=%zz&flag"
+	resp, _, _ := proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+uri+" HTTP/1.1\r\nHost: x\r\n\r\n")
+	body(t, resp)
+	tg.mu.Lock()
+	defer tg.mu.Unlock()
+	if tg.lastURI != uri {
+		t.Errorf("the target got %q, want %q", tg.lastURI, uri)
+	}
+}
+
+// TestHTTPProxyConnectionNamesVia: Via named in Connection is the
+// previous hop's own; only this proxy's entry goes on.
+func TestHTTPProxyConnectionNamesVia(t *testing.T) {
+	tg := newTarget(t, false)
+	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	resp, _, _ := proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+"/v HTTP/1.1\r\nHost: x\r\nConnection: Via\r\nVia: 1.0 internal-hop\r\n\r\n")
+	body(t, resp)
+	if via := tg.header().Values("Via"); len(via) != 1 || via[0] != viaToken {
+		t.Errorf("the target got Via %q, want only %q", via, viaToken)
 	}
 }
 

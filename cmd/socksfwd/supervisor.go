@@ -352,16 +352,18 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 		}, socks.pc), nil
 	case kindHTTP:
 		return tunnel.NewHTTPProxy(tunnel.HTTPProxyConfig{
-			Name:        socks.ln.Addr().String(),
-			Upstreams:   s.ups,
-			NoProxy:     l.http.noProxy,
-			Direct:      directDialer(cfg.Mark),
-			Credentials: l.http.creds,
-			IdleTimeout: time.Duration(cfg.IdleTimeout),
-			CopyMode:    s.plan.copyMode,
-			MaxSessions: cfg.MaxSessions,
-			Allow:       s.plan.allowFor(l),
-			Logger:      s.log,
+			Name:      socks.ln.Addr().String(),
+			Upstreams: s.ups,
+			NoProxy:   l.http.noProxy,
+			Direct:    directDialer(cfg.Mark),
+			// A direct connect gets the time a dial through an upstream gets.
+			DirectTimeout: time.Duration(cfg.HandshakeTimeout),
+			Credentials:   l.http.creds,
+			IdleTimeout:   time.Duration(cfg.IdleTimeout),
+			CopyMode:      s.plan.copyMode,
+			MaxSessions:   cfg.MaxSessions,
+			Allow:         s.plan.allowFor(l),
+			Logger:        s.log,
 		}, socks.ln), nil
 	case kindDNS:
 		fwd, err := s.newForwarder(l.dns, nil)
@@ -604,6 +606,7 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 			changes = append(changes, fmt.Sprintf("%s target %s → %s", key, u.lp.target, l.target))
 		}
 	case *tunnel.HTTPProxy:
+		svc.SetDirectTimeout(time.Duration(p.cfg.HandshakeTimeout))
 		if !l.http.creds.Equal(u.lp.http.creds) {
 			svc.SetCredentials(l.http.creds)
 			changes = append(changes, key+" http-auth")
@@ -613,7 +616,7 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 			changes = append(changes, fmt.Sprintf("%s no-proxy %q", key, l.http.noProxy))
 		} else if !slices.Equal(old.cfg.Server, p.cfg.Server) {
 			// Kept-alive connections to targets went through the old ones.
-			svc.CloseIdleConnections()
+			svc.Redial()
 		}
 	case *tunnel.SOCKSDoor:
 		if !l.socks.creds.Equal(u.lp.socks.creds) {
