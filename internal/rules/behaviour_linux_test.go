@@ -48,8 +48,10 @@ const (
 )
 
 var (
-	target4   = netip.MustParseAddr("10.20.0.7")     // captured
-	target6   = netip.MustParseAddr("fd00:20::7")    // captured
+	target4   = netip.MustParseAddr("10.20.0.7")  // captured
+	target6   = netip.MustParseAddr("fd00:20::7") // captured
+	cone4     = netip.MustParseAddr("10.20.0.10") // full cone: reaches the app first
+	cone6     = netip.MustParseAddr("fd00:20::10")
 	excluded4 = netip.MustParseAddr("10.20.0.8")     // --exclude
 	excluded6 = netip.MustParseAddr("fd00:20::8")    // --exclude
 	proxy4    = netip.MustParseAddr("10.20.0.9")     // an upstream proxy
@@ -96,10 +98,10 @@ func testCapture(t *testing.T, format, mode, scope string) {
 	addr(host, "h0", "fd00::2/64")
 	addr(world, "w0", "10.0.0.1/24")
 	addr(world, "w0", "fd00::1/64")
-	for _, a := range []netip.Addr{target4, excluded4, proxy4} {
+	for _, a := range []netip.Addr{target4, excluded4, proxy4, cone4} {
 		addr(world, "lo", netip.PrefixFrom(a, 32).String())
 	}
-	for _, a := range []netip.Addr{target6, excluded6} {
+	for _, a := range []netip.Addr{target6, excluded6, cone6} {
 		addr(world, "lo", netip.PrefixFrom(a, 128).String())
 	}
 	inNetns(t, host, "", "ip", "route", "add", "default", "via", "10.0.0.1")
@@ -143,6 +145,7 @@ func testCapture(t *testing.T, format, mode, scope string) {
 	serveTCP(t, world, "tcp", "[::]:80", func(c net.Conn) string { return "world" })
 	// Bound to the one address asked, so the answer comes from it.
 	serveUDP(t, world, "udp4", netip.AddrPortFrom(excluded4, 9999).String(), "world")
+	serveUDP(t, world, "udp", "[::]:7777", "world")
 	serveTCP(t, app, "tcp", "[::]:8080", func(c net.Conn) string { return "app" })
 	serveUDP(t, app, "udp", "[::]:8080", "app")
 
@@ -217,6 +220,23 @@ func testCapture(t *testing.T, format, mode, scope string) {
 		checkUDP(app, ap(target6, 9999), "captured "+ap(target6, 9999).String())
 	}
 	checkUDP(app, ap(excluded4, 9999), "world")
+	if mode == ModeTProxy {
+		// A remote the app never sent to reaches it first, through a reply
+		// socket as socksfwd's: the app's answer is captured all the same.
+		appAddr4, appAddr6 := "10.0.0.2", "fd00::2"
+		if scope == ScopeGateway {
+			appAddr4, appAddr6 = "10.1.0.2", "fd01::2"
+		}
+		for _, tc := range []struct{ remote, app netip.AddrPort }{
+			{ap(cone4, 7777), netip.MustParseAddrPort(appAddr4 + ":7000")},
+			{ap(cone6, 7777), netip.MustParseAddrPort("[" + appAddr6 + "]:7000")},
+		} {
+			got, err := coneAnswer(host, app, tc.remote, tc.app)
+			if want := "captured " + tc.remote.String(); err != nil || got != want {
+				t.Errorf("the app's answer to %s, which spoke first: got %q, %v; want %q", tc.remote, got, err, want)
+			}
+		}
+	}
 	// DNS goes to --dns, and the answer comes back from the server asked.
 	checkUDP(app, ap(resolver4, 53), "dns")
 	checkTCP(app, ap(resolver4, 53), 0, "dns")
@@ -460,6 +480,54 @@ func askTCP(ns string, to netip.AddrPort, mark int) (string, error) {
 		return err
 	})
 	return line, err
+}
+
+// coneAnswer: a transparent socket in host, bound to remote, sends to the
+// app's socket at appAddr first (as socksfwd's reply socket does for a
+// remote the app never sent to); the app answers it and returns what
+// comes back from remote.
+func coneAnswer(host, app string, remote, appAddr netip.AddrPort) (string, error) {
+	network := "udp4"
+	if remote.Addr().Is6() {
+		network = "udp6"
+	}
+	var appConn *net.UDPConn
+	if err := inNS(app, func() (err error) {
+		appConn, err = net.ListenUDP(network, net.UDPAddrFromAddrPort(appAddr))
+		return err
+	}); err != nil {
+		return "", err
+	}
+	defer appConn.Close()
+	appConn.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := inNS(host, func() error {
+		lc := net.ListenConfig{Control: transparent}
+		rc, err := lc.ListenPacket(context.Background(), network, remote.String())
+		if err != nil {
+			return err
+		}
+		defer rc.Close()
+		_, err = rc.WriteTo([]byte("first"), net.UDPAddrFromAddrPort(appAddr))
+		return err
+	}); err != nil {
+		return "", fmt.Errorf("the remote's first datagram: %w", err)
+	}
+	buf := make([]byte, 1500)
+	n, from, err := appConn.ReadFromUDPAddrPort(buf)
+	if err != nil || string(buf[:n]) != "first" || from.Addr().Unmap() != remote.Addr() {
+		return "", fmt.Errorf("the app got %q from %s, %v; want %q from %s", buf[:n], from, err, "first", remote)
+	}
+	if _, err := appConn.WriteToUDPAddrPort([]byte("hello"), remote); err != nil {
+		return "", err
+	}
+	n, from, err = appConn.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		return "", err
+	}
+	if from.Addr().Unmap() != remote.Addr() {
+		return "", fmt.Errorf("the answer %q came from %s, not %s", buf[:n], from, remote)
+	}
+	return string(buf[:n]), nil
 }
 
 // askUDP sends one datagram from ns to to and returns the answer and

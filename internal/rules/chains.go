@@ -14,6 +14,10 @@ const (
 	// redirect (NAT, OUTPUT or PREROUTING by scope): REDIRECT new TCP
 	// connections and DNS to the listeners.
 	redirect
+	// tagOutput (scope gateway, TPROXY UDP): tag the flows socksfwd's
+	// reply sockets start (see tagsOwnFlows); in scope local markOutput
+	// does it.
+	tagOutput
 )
 
 // chains lists the chains p needs, in the order they are written.
@@ -22,6 +26,8 @@ func (p *plan) chains() []chainKind {
 	if p.tproxy() {
 		if p.Scope == ScopeLocal {
 			cs = append(cs, markOutput)
+		} else if p.fullCone() {
+			cs = append(cs, tagOutput)
 		}
 		cs = append(cs, tproxyPrerouting)
 	}
@@ -35,7 +41,24 @@ func (p *plan) chains() []chainKind {
 
 // hookIsOutput reports whether k sits in OUTPUT (else PREROUTING).
 func (p *plan) hookIsOutput(k chainKind) bool {
-	return k == markOutput || (k == redirect && p.Scope == ScopeLocal)
+	return k == markOutput || k == tagOutput || (k == redirect && p.Scope == ScopeLocal)
+}
+
+// fullCone: TPROXY UDP answers the app from any remote through the
+// association, also from one the app never sent to, or after conntrack
+// forgot the app's flow. socksfwd's reply socket, bound to the remote's
+// address, then sends the flow's first packet, conntrack makes the
+// remote its originator, and the app's answer counts as a reply.
+func (p *plan) fullCone() bool {
+	return p.Mode == ModeTProxy && p.UDPPort != 0
+}
+
+// tagsOwnFlows: with fullCone, OUTPUT tags (ct mark |= RouteMark) every
+// flow this host starts from an address not its own, which only a
+// transparent socket (socksfwd's reply sockets) can do; first thing, as
+// --mark and this host's destinations would end the chain before it.
+func (p *plan) tagsOwnFlows(k chainKind) bool {
+	return p.fullCone() && (k == markOutput || k == tagOutput)
 }
 
 // filtersInterfaces: gateway chains may look at the input interface only.
@@ -69,6 +92,10 @@ func (p *plan) skipsReplies(k chainKind) bool {
 	return k == markOutput || (k == tproxyPrerouting && p.Scope == ScopeGateway)
 }
 
+// repliesToOwnFlows: the replies skipsReplies lets pass exclude those of
+// flows tagsOwnFlows tagged: the app's answers to a remote, to proxy.
+func (p *plan) repliesToOwnFlows() bool { return p.fullCone() }
+
 // filtersDestinations: the proxies, multicast, broadcast and --exclude.
 func (p *plan) filtersDestinations(k chainKind) bool {
 	return !p.onlyMarked(k)
@@ -87,8 +114,11 @@ func (p *plan) passesDNS(k chainKind) bool {
 // proxiesTraffic: the chain goes on past DNS to TCP and UDP traffic
 // (loopback, this host's addresses, --include, then the action).
 func (p *plan) proxiesTraffic(k chainKind) bool {
-	if k == redirect {
+	switch k {
+	case redirect:
 		return p.Mode == ModeRedirect && p.TCPPort != 0
+	case tagOutput:
+		return false
 	}
 	return true
 }

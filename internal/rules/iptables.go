@@ -125,6 +125,9 @@ func (p *plan) iptChains(f family, k chainKind) []*iptChain {
 	case redirect:
 		c.table, c.name = "nat", "SOCKSFWD_REDIRECT"
 		c.comment("REDIRECT %s to the listeners.", p.redirected())
+	case tagOutput:
+		c.name = "SOCKSFWD_TAG"
+		c.comment("This host's own packets: only the tag below (this host's programs are not captured).")
 	}
 	if p.filtersInterfaces(k) {
 		for _, name := range p.Interfaces {
@@ -134,6 +137,15 @@ func (p *plan) iptChains(f family, k chainKind) []*iptChain {
 		c.hooks = []string{fmt.Sprintf("-A %s -j %s", builtin, c.name)}
 	}
 
+	if p.tagsOwnFlows(k) {
+		c.comment("socksfwd answers captured UDP from the remote's address, also first (full cone); the app's")
+		c.comment("answer is then a reply to conntrack. Tag flows started from an address not this host's")
+		c.comment("(socksfwd's reply sockets): their replies are proxied.")
+		c.rule("-m conntrack --ctstate NEW -m addrtype ! --src-type LOCAL -j CONNMARK --or-mark %#x", p.RouteMark)
+	}
+	if k == tagOutput {
+		return []*iptChain{c}
+	}
 	if p.onlyMarked(k) {
 		c.comment("Only what SOCKSFWD_MARK marked.")
 		c.rule("-m mark ! --mark %#x -j RETURN", p.RouteMark)
@@ -149,8 +161,14 @@ func (p *plan) iptChains(f family, k chainKind) []*iptChain {
 		c.comment("-A %s -m owner --uid-owner socksfwd -j RETURN", c.name)
 	}
 	if p.skipsReplies(k) {
-		c.comment("Replies (of connections made to this host, or forwarded uncaptured) are not new traffic.")
-		c.rule("-m conntrack --ctdir REPLY -j RETURN")
+		if p.repliesToOwnFlows() {
+			c.comment("Replies (of connections made to this host, or forwarded uncaptured) are not new traffic;")
+			c.comment("those to flows socksfwd started (tagged above) are.")
+			c.rule("-m conntrack --ctdir REPLY -m connmark --mark 0/%#x -j RETURN", p.RouteMark)
+		} else {
+			c.comment("Replies (of connections made to this host, or forwarded uncaptured) are not new traffic.")
+			c.rule("-m conntrack --ctdir REPLY -j RETURN")
+		}
 	}
 	if p.filtersDestinations(k) {
 		c.comment("Never: the proxies, multicast, broadcast, --exclude.")

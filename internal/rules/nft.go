@@ -152,6 +152,20 @@ func (p *plan) nftChain(t *text, k chainKind) {
 		} else {
 			r("type nat hook prerouting priority dstnat; policy accept;")
 		}
+	case tagOutput:
+		t.line("\t# This host's own packets: only the tag below (this host's programs are not captured).")
+		t.line("\tchain output_tag {")
+		r("type filter hook output priority mangle; policy accept;")
+	}
+	if p.tagsOwnFlows(k) {
+		c("socksfwd answers captured UDP from the remote's address, also first (full cone); the app's")
+		c("answer is then a reply to conntrack. Tag flows started from an address not this host's")
+		c("(socksfwd's reply sockets): their replies are proxied.")
+		r("ct state new fib saddr type != local ct mark set ct mark | %#x", p.RouteMark)
+	}
+	if k == tagOutput {
+		t.line("\t}")
+		return
 	}
 
 	if !p.IPv6 {
@@ -177,8 +191,14 @@ func (p *plan) nftChain(t *text, k chainKind) {
 		c(`meta skuid "socksfwd" return`)
 	}
 	if p.skipsReplies(k) {
-		c("Replies (of connections made to this host, or forwarded uncaptured) are not new traffic.")
-		r("ct direction reply return")
+		if p.repliesToOwnFlows() {
+			c("Replies (of connections made to this host, or forwarded uncaptured) are not new traffic;")
+			c("those to flows socksfwd started (tagged above) are.")
+			r("ct direction reply ct mark & %#x == 0 return", p.RouteMark)
+		} else {
+			c("Replies (of connections made to this host, or forwarded uncaptured) are not new traffic.")
+			r("ct direction reply return")
+		}
 	}
 	if p.filtersDestinations(k) {
 		c("Never: the proxies, multicast, broadcast, --exclude.")
