@@ -21,12 +21,13 @@ import (
 func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 	flags := append(optionFlags(),
 		&cli.StringFlag{Name: "format", Value: "nft", Usage: "nft (an nft -f script) | iptables (iptables-restore --noflush input) | ip6tables (ip6tables-restore --noflush input) | routes (the ip rule/route commands TPROXY needs)"},
-		&cli.StringFlag{Name: "mode", Value: rules.ModeRedirect, Usage: "redirect (TCP, NAT) | tproxy (TCP, keeps the packets' addresses)"},
+		&cli.StringFlag{Name: "mode", Value: rules.ModeRedirect, Usage: "redirect (TCP, NAT) | tproxy (TCP and UDP, keeps the packets' addresses)"},
 		&cli.StringFlag{Name: "scope", Value: rules.ScopeLocal, Usage: "local (this host's or pod's own programs, OUTPUT) | gateway (traffic from other hosts or containers, PREROUTING)"},
 		&cli.StringSliceFlag{Name: "exclude", Usage: "destination CIDR never to capture, repeatable"},
 		&cli.StringSliceFlag{Name: "include", Usage: "capture only these destination CIDRs, repeatable"},
 		&cli.StringSliceFlag{Name: "interface", Usage: "gateway scope: capture only what arrives on this interface, repeatable"},
 		&cli.BoolFlag{Name: "ipv6", Usage: "IPv6 rules too"},
+		&cli.StringSliceFlag{Name: "proxy-user", Usage: "scope local: never capture this user's programs (a proxy on this host, such as Tor), repeatable"},
 		&cli.IntFlag{Name: "route-mark", Value: rules.DefaultRouteMark, Usage: "tproxy: the fwmark policy routing uses"},
 		&cli.IntFlag{Name: "route-table", Value: rules.DefaultRouteTable, Usage: "tproxy: the routing table that makes every address local"},
 	)
@@ -47,6 +48,9 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 			if err != nil {
 				return err
 			}
+			if w := dnsCaptureWarning(rc, cfg.plan); w != "" {
+				fmt.Fprintln(c.App.ErrWriter, w)
+			}
 			out, err := printRules(c.String("format"), rc)
 			if errors.Is(err, rules.ErrConfig) {
 				return usageError{err}
@@ -65,6 +69,7 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 	rc := rules.Config{
 		Mode: c.String("mode"), Scope: c.String("scope"), Mark: int(p.cfg.Mark), IPv6: c.Bool("ipv6"),
 		RouteMark: c.Int("route-mark"), RouteTable: c.Int("route-table"), Interfaces: c.StringSlice("interface"),
+		ProxyUsers: c.StringSlice("proxy-user"),
 	}
 	for _, l := range p.listens {
 		ap, err := netip.ParseAddrPort(l.addr)
@@ -105,29 +110,28 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 				}
 			}
 		case kindDNS:
-			rc.DNSPort = int(ap.Port())
-		}
-	}
-	// With --ipv6 the rules send IPv6 to ::1 (or the listener's address):
-	// something must listen there, or IPv6 is dropped or refused.
-	if rc.IPv6 {
-		v6 := false
-		for _, l := range p.listens {
-			if a, err := netip.ParseAddrPort(l.addr); err != nil || a.Addr().Is6() {
-				v6 = true // an empty bind (dual-stack) or an IPv6 one takes IPv6
+			if rc.DNSPort != 0 && rc.DNSPort != int(ap.Port()) {
+				return rc, usagef("rules: the --dns listeners use ports %d and %d; rules send DNS to one port", rc.DNSPort, ap.Port())
 			}
-		}
-		if !v6 {
-			return rc, usagef("rules --ipv6: no listener takes IPv6; bind them with localhost: (127.0.0.1 and ::1), [::1]: or *:")
+			rc.DNSPort = int(ap.Port())
 		}
 	}
 	if rc.TCPPort == 0 && rc.UDPPort == 0 && rc.DNSPort == 0 {
 		return rc, usagef("rules: nothing to capture: give --transparent [bind:]port[/udp] (and --dns to capture DNS)")
 	}
+	if err := checkListenersTake(rc, p.listens); err != nil {
+		return rc, err
+	}
 	for _, d := range p.dialers {
 		addrs, err := proxyAddrs(d.ProxyAddr)
 		if err != nil {
 			return rc, err
+		}
+		// A proxy on this host makes connections of its own, which scope
+		// local would take and send back to it, round and round.
+		if a := onThisHost(addrs); a.IsValid() && rc.Scope == rules.ScopeLocal && len(rc.ProxyUsers) == 0 {
+			return rc, usagef("rules: the proxy %s is on this host (%s): scope local would capture its own connections and send them back to it. "+
+				"Run it as a user of its own and name that user with --proxy-user (or run it in another network namespace)", d.ProxyAddr, a)
 		}
 		rc.Proxies = append(rc.Proxies, addrs...)
 	}
@@ -139,6 +143,133 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 		return rc, err
 	}
 	return rc, nil
+}
+
+// checkListenersTake refuses rules that send a family's TCP, UDP or DNS
+// where no listener of that kind is: the rules would drop it (TPROXY) or
+// have it refused (REDIRECT), with nothing to say why.
+func checkListenersTake(rc rules.Config, listens []listenPlan) error {
+	type capture struct {
+		what, option string
+		kind         listenKind
+		port         int
+		tproxy       bool
+	}
+	var captures []capture
+	if rc.TCPPort != 0 {
+		captures = append(captures, capture{"TCP", "--transparent", kindTransparent, rc.TCPPort, rc.Mode == rules.ModeTProxy})
+	}
+	if rc.UDPPort != 0 {
+		captures = append(captures, capture{"UDP", "--transparent", kindTransparentUDP, rc.UDPPort, true})
+	}
+	if rc.DNSPort != 0 {
+		captures = append(captures, capture{"DNS", "--dns", kindDNS, rc.DNSPort, false})
+	}
+	families := []bool{false}
+	if rc.IPv6 {
+		families = append(families, true)
+	}
+	for _, c := range captures {
+		for _, v6 := range families {
+			// Where the rules send it; invalid: the address of the
+			// interface it came in on (REDIRECT on a gateway).
+			dst, how := netip.AddrFrom4([4]byte{127, 0, 0, 1}), "REDIRECT in scope local"
+			if v6 {
+				dst = netip.IPv6Loopback()
+			}
+			switch {
+			case c.tproxy:
+				how = "TPROXY"
+				if a := map[bool]netip.Addr{false: rc.TProxyAddr4, true: rc.TProxyAddr6}[v6]; a.IsValid() {
+					dst = a
+				}
+			case rc.Scope == rules.ScopeGateway:
+				dst, how = netip.Addr{}, "REDIRECT on a gateway"
+			}
+			var at []string
+			taken := false
+			for _, l := range listens {
+				if l.kind == c.kind {
+					at = append(at, l.addr)
+					taken = taken || listenerTakes(l.addr, v6, dst)
+				}
+			}
+			if taken {
+				continue
+			}
+			family, to := "IPv4", "the address of the interface it comes in on"
+			if v6 {
+				family = "IPv6"
+			}
+			if dst.IsValid() {
+				to = netip.AddrPortFrom(dst, uint16(c.port)).String()
+			}
+			return usagef("rules: %s sends %s %s to %s, and no %s listener is there (%s); bind one to that address or to *:%d",
+				how, family, c.what, to, c.option, strings.Join(at, ", "), c.port)
+		}
+	}
+	return nil
+}
+
+// listenerTakes reports whether a listener bound at addr gets what the
+// rules send to dst (invalid: any address of the family but loopback).
+func listenerTakes(addr string, v6 bool, dst netip.Addr) bool {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return true // an empty bind: every address, both families
+	}
+	a := ap.Addr().Unmap()
+	if a.IsUnspecified() {
+		return a.Is6() || !v6 // [::] is dual-stack; 0.0.0.0 IPv4 only
+	}
+	if a.Is6() != v6 {
+		return false
+	}
+	if !dst.IsValid() {
+		return !a.IsLoopback()
+	}
+	return a == dst
+}
+
+// onThisHost returns the first of addrs that is this host's (loopback or
+// an interface's), or an invalid address.
+func onThisHost(addrs []netip.Addr) netip.Addr {
+	var local []net.Addr
+	for _, a := range addrs {
+		if a.IsLoopback() {
+			return a
+		}
+		if local == nil {
+			local, _ = net.InterfaceAddrs()
+		}
+		for _, l := range local {
+			if n, ok := l.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == a {
+					return a
+				}
+			}
+		}
+	}
+	return netip.Addr{}
+}
+
+// dnsCaptureWarning: with DNS captured in scope local, a proxy given by
+// name is looked up through this host's resolver, whose own queries the
+// rules send to --dns, which needs the proxy: nothing resolves. An empty
+// string when that cannot happen.
+func dnsCaptureWarning(rc rules.Config, p *plan) string {
+	if rc.DNSPort == 0 || rc.Scope != rules.ScopeLocal {
+		return ""
+	}
+	for _, d := range p.dialers {
+		host, _, _ := net.SplitHostPort(d.ProxyAddr)
+		if _, err := netip.ParseAddr(host); err != nil {
+			return fmt.Sprintf("socksfwd rules: warning: DNS is captured into --dns and the proxy %s is a name: socksfwd looks it up "+
+				"through this host's resolver, and a local stub resolver's own queries (127.0.0.53) would be captured too, "+
+				"needing the proxy to resolve the proxy. Give the proxy by address, or --exclude the stub's upstream resolvers.", host)
+		}
+	}
+	return ""
 }
 
 // proxyAddrs is a proxy's addresses: the rules must leave socksfwd's own

@@ -77,6 +77,12 @@ func (p *plan) skipsOwnMark(k chainKind) bool {
 	return p.Mark != 0 && !p.onlyMarked(k)
 }
 
+// skipsProxyUsers: the programs of ProxyUsers, in the chains that see
+// this host's own traffic.
+func (p *plan) skipsProxyUsers(k chainKind) bool {
+	return len(p.ProxyUsers) > 0 && p.hookIsOutput(k) && k != tagOutput
+}
+
 // explainsNoMark: without --mark, the chains that see socksfwd's own
 // packets (OUTPUT) say how else to keep them out.
 func (p *plan) explainsNoMark(k chainKind) bool {

@@ -154,6 +154,12 @@ func (p *plan) iptChains(f family, k chainKind) []*iptChain {
 		c.comment("socksfwd's own sockets (--mark).")
 		c.rule("-m mark --mark %#x -j RETURN", p.Mark)
 	}
+	if p.skipsProxyUsers(k) {
+		c.comment("The proxies that run on this host (--proxy-user): their own connections.")
+		for _, u := range p.ProxyUsers {
+			c.rule("-m owner --uid-owner %s -j RETURN", u)
+		}
+	}
 	if p.explainsNoMark(k) {
 		c.comment("No --mark: socksfwd's own connections are left out only by the proxies' addresses below,")
 		c.comment("so a proxy name that comes to resolve elsewhere would loop. Run socksfwd with --mark N (and")

@@ -184,6 +184,12 @@ func (p *plan) nftChain(t *text, k chainKind) {
 		c("socksfwd's own sockets (--mark).")
 		r("meta mark %#x return", p.Mark)
 	}
+	if p.skipsProxyUsers(k) {
+		c("The proxies that run on this host (--proxy-user): their own connections.")
+		for _, u := range p.ProxyUsers {
+			r("meta skuid %s return", nftUser(u))
+		}
+	}
 	if p.explainsNoMark(k) {
 		c("No --mark: socksfwd's own connections are left out only by the proxies' addresses below,")
 		c("so a proxy name that comes to resolve elsewhere would loop. Run socksfwd with --mark N (and")
@@ -266,6 +272,14 @@ func (p *plan) nftChain(t *text, k chainKind) {
 		r("meta l4proto tcp redirect to :%d", p.TCPPort)
 	}
 	t.line("\t}")
+}
+
+// nftUser is a user for meta skuid: a number as it is, a name quoted.
+func nftUser(u string) string {
+	if strings.Trim(u, "0123456789") == "" {
+		return u
+	}
+	return `"` + u + `"`
 }
 
 // nftStrings quotes names as one nft value or an anonymous set.

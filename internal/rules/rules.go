@@ -70,6 +70,10 @@ type Config struct {
 	Mark int
 	// Proxies are the upstream proxies' addresses, always left out.
 	Proxies []netip.Addr
+	// ProxyUsers are the users (names or numeric IDs) whose programs are
+	// never captured in scope local: a proxy that runs on this host (Tor,
+	// ssh -D) makes connections of its own that must not come back to it.
+	ProxyUsers []string
 	// Exclude lists destinations never captured, not even their DNS.
 	Exclude []netip.Prefix
 	// Include, when not empty, limits proxied traffic to these
@@ -182,6 +186,11 @@ func newPlan(cfg Config) (*plan, error) {
 	}
 	if p.Mode == ModeTProxy && p.Mark != 0 && p.Mark == p.RouteMark {
 		return nil, configError("mark %#x is also the TPROXY route mark: socksfwd's own packets would be captured; pick another", p.Mark)
+	}
+	for _, u := range p.ProxyUsers {
+		if u == "" || len(u) > 32 || strings.Trim(u, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") != "" {
+			return nil, configError("proxy user %q is not a plain user name or ID", u)
+		}
 	}
 	if p.Scope == ScopeLocal && len(p.Interfaces) > 0 {
 		return nil, configError("input interfaces apply to scope %q only", ScopeGateway)

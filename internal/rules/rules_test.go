@@ -43,7 +43,7 @@ var goldenCases = []struct {
 }{
 	{"redirect-local", Config{
 		Mode: ModeRedirect, Scope: ScopeLocal, TCPPort: 12345, Mark: 0x438,
-		Proxies: addrs("192.0.2.10"),
+		Proxies: addrs("192.0.2.10"), ProxyUsers: []string{"nobody", "0"},
 	}},
 	{"redirect-local-ipv6-dns-include", Config{
 		Mode: ModeRedirect, Scope: ScopeLocal, TCPPort: 12345, DNSPort: 5353, Mark: 0x438,
@@ -65,7 +65,7 @@ var goldenCases = []struct {
 	}},
 	{"tproxy-local-nomark-include", Config{
 		Mode: ModeTProxy, Scope: ScopeLocal, TCPPort: 12345, UDPPort: 12346,
-		Proxies: addrs("192.0.2.10", "192.0.2.11"),
+		Proxies: addrs("192.0.2.10", "192.0.2.11"), ProxyUsers: []string{"nobody"},
 		Include: prefixes("10.20.0.0/16"),
 		IPv6:    true, RouteMark: 0x2, RouteTable: 200,
 	}},
