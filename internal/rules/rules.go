@@ -404,6 +404,10 @@ func (p *plan) header(t *text, title string, fams []family) {
 		for _, r := range p.routes(fams) {
 			t.line("#   %s", r)
 		}
+		t.line("# and to remove it (a second add would stack a second rule):")
+		for _, r := range p.routes(fams) {
+			t.line("#   %s", strings.Replace(r, " add ", " del ", 1))
+		}
 	}
 }
 
