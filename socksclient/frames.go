@@ -128,6 +128,10 @@ func readMethodSelection(r io.Reader, buf []byte) (MethodSelection, error) {
 //	+----+------+----------+------+----------+
 //	| 1  |  1   | 1 to 255 |  1   | 1 to 255 |
 //	+----+------+----------+------+----------+
+//
+// AppendTo keeps to the RFC's 1 to 255 bytes. The decoder also takes a
+// field of 0 bytes, which real clients send for an empty password (curl
+// -U user:, x/net): a server answers it status 1 instead of hanging up.
 type UserPassRequest struct {
 	Username string
 	Password string
@@ -160,16 +164,10 @@ func ParseUserPassRequest(b []byte) (UserPassRequest, int, error) {
 		return UserPassRequest{}, 0, err
 	}
 	ulen := int(b[1])
-	if ulen == 0 {
-		return UserPassRequest{}, 0, protoErr(frame, "empty username")
-	}
 	if len(b) < 2+ulen+1 {
 		return UserPassRequest{}, 0, errTruncated(frame)
 	}
 	plen := int(b[2+ulen])
-	if plen == 0 {
-		return UserPassRequest{}, 0, protoErr(frame, "empty password")
-	}
 	n := 2 + ulen + 1 + plen
 	if len(b) < n {
 		return UserPassRequest{}, 0, errTruncated(frame)

@@ -32,6 +32,9 @@ func fuzzRoundTrip[T appender](f *testing.F, parse func([]byte) (T, int, error),
 		}
 		enc, err := v.AppendTo(nil)
 		if err != nil {
+			if decodesWider(v) {
+				return
+			}
 			t.Fatalf("parsed %#v does not encode: %v", v, err)
 		}
 		v2, n2, err := parse(enc)
@@ -43,6 +46,14 @@ func fuzzRoundTrip[T appender](f *testing.F, parse func([]byte) (T, int, error),
 			t.Fatalf("re-encoded % x differs from input % x", enc, b[:n])
 		}
 	})
+}
+
+// decodesWider reports a value a decoder takes on purpose and its encoder
+// refuses: RFC 1929 fields of 0 bytes, which clients send and a server
+// answers with status 1.
+func decodesWider(v any) bool {
+	u, ok := v.(UserPassRequest)
+	return ok && (u.Username == "" || u.Password == "")
 }
 
 func maskReserved(b []byte, reserved []int) []byte {
@@ -160,6 +171,7 @@ func FuzzHandshake(f *testing.F) {
 		"05 01 00 05 01 00 09 01020304 0050",
 		"05 01 02" + goldenUserPassBob + "05 01 00 02 00 00",
 		"05 01 02 01 00 01 62",
+		"05 01 02 01 03 626f62 00" + goldenConnectV4,
 		"05 02 01 02",
 		"04 01 00",
 	} {

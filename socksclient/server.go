@@ -20,7 +20,9 @@ import (
 type ServerConfig struct {
 	// Authenticate, when set, makes the server require RFC 1929
 	// username/password and decides each pair; nil serves clients that
-	// offer "no authentication required".
+	// offer "no authentication required". Either may be empty (clients
+	// send an empty password, though the RFC has none): to refuse, return
+	// false, and the client is answered status 1.
 	Authenticate func(username, password string) bool
 	// HandshakeTimeout bounds greeting, authentication and request
 	// together, so a client that connects and says nothing does not hold
@@ -112,7 +114,9 @@ func Handshake(c net.Conn, cfg ServerConfig) (*ServerRequest, error) {
 		}
 		if !cfg.Authenticate(up.Username, up.Password) {
 			writeFrame(c, UserPassStatus{Status: 1})
-			return nil, fmt.Errorf("%w (user %q)", ErrWrongCredentials, up.Username)
+			// Not even the username: a password typed into the user
+			// field would reach the log.
+			return nil, ErrWrongCredentials
 		}
 		if err := writeFrame(c, UserPassStatus{}); err != nil {
 			return nil, err

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
+	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -67,7 +68,14 @@ func TestHandshake(t *testing.T) {
 		{name: "greeting version 4", in: "04 01 00", out: "", wantProto: true},
 		{name: "greeting no methods", in: "05 00", out: "", wantProto: true},
 		{name: "userpass version 5", auth: bobAuth, in: "05 01 02 05 01 61 01 62", out: "05 02", wantProto: true},
-		{name: "userpass empty username", auth: bobAuth, in: "05 01 02 01 00 01 62", out: "05 02", wantProto: true},
+		// Fields of 0 bytes (curl -U user: sends PLEN 0) are read and
+		// refused as credentials, not as bytes.
+		{name: "userpass empty username", auth: bobAuth, in: "05 01 02 01 00 01 62" + goldenConnectV4, out: "05 02 01 01",
+			wantErr: ErrWrongCredentials},
+		{name: "userpass empty password", auth: bobAuth, in: "05 01 02 01 03 626f62 00" + goldenConnectV4, out: "05 02 01 01",
+			wantErr: ErrWrongCredentials},
+		{name: "userpass both empty", auth: bobAuth, in: "05 01 02 01 00 00", out: "05 02 01 01",
+			wantErr: ErrWrongCredentials},
 		{name: "silent client", in: "", eof: true, out: "", wantErr: io.EOF},
 		{name: "truncated greeting", in: "05 02 00", eof: true, out: "", wantErr: io.ErrUnexpectedEOF},
 		{name: "truncated userpass", auth: bobAuth, in: "05 01 02 01 03 626f", eof: true, out: "05 02", wantErr: io.ErrUnexpectedEOF},
@@ -113,6 +121,11 @@ func TestHandshake(t *testing.T) {
 			case tc.wantErr != nil:
 				if !errors.Is(err, tc.wantErr) || req != nil {
 					t.Fatalf("Handshake = %v, %v; want %v", req, err, tc.wantErr)
+				}
+				// The error is logged: no credential in it, the username
+				// included (a password typed there would leak).
+				if strings.Contains(err.Error(), "bob") {
+					t.Fatalf("Handshake error %q shows the username sent", err)
 				}
 			case tc.wantProto:
 				var pe *ProtocolError

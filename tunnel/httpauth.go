@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 )
@@ -24,6 +25,25 @@ func ParseProxyCredentials(s string) (*ProxyCredentials, error) {
 		return nil, errors.New("want user:password, both not empty")
 	}
 	return &ProxyCredentials{user: sha256.Sum256([]byte(user)), password: sha256.Sum256([]byte(password))}, nil
+}
+
+// maxSOCKSCredential is the longest user name or password RFC 1929 can
+// carry: ULEN and PLEN are one byte each.
+const maxSOCKSCredential = 255
+
+// ParseSOCKSCredentials is ParseProxyCredentials for the -D door, whose
+// clients send them by RFC 1929: a longer user name or password than the
+// frame carries could never be sent, and no client could log in.
+func ParseSOCKSCredentials(s string) (*ProxyCredentials, error) {
+	c, err := ParseProxyCredentials(s)
+	if err != nil {
+		return nil, err
+	}
+	// The error never gives the lengths: they say something of a password.
+	if user, password, _ := strings.Cut(s, ":"); len(user) > maxSOCKSCredential || len(password) > maxSOCKSCredential {
+		return nil, fmt.Errorf("user name and password must be at most %d bytes each (RFC 1929)", maxSOCKSCredential)
+	}
+	return c, nil
 }
 
 // Equal reports whether c and o hold the same credentials (a reload

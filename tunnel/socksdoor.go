@@ -9,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/socksfwd/socksfwd/socksclient"
@@ -41,6 +42,9 @@ type SOCKSDoorStats struct {
 	// Requests by command: index 1 CONNECT, 2 BIND, 3 UDP ASSOCIATE, 0
 	// any other (answered REP 7).
 	Requests [4]atomic.Int64
+	// UDP ASSOCIATE requests refused REP 2: the source their DST.ADDR
+	// names is not in --allow.
+	SourceNotAllowed atomic.Int64
 	// Handshakes that ended without a request, by cause.
 	Malformed, WrongCredentials, NoCommonMethod, HandshakeTimeout, ClientGone atomic.Int64
 	// UDP ASSOCIATE: datagrams and payload-and-header bytes each way.
@@ -48,6 +52,10 @@ type SOCKSDoorStats struct {
 	// Datagrams dropped: from another source than the client, with FRAG
 	// != 0, with a malformed header, or refused by the upstream's relay.
 	DroppedStranger, DroppedFragment, DroppedMalformed, DroppedSendFailed atomic.Int64
+	// RelayRefused counts ICMP port unreachables from the upstream's relay
+	// (ECONNREFUSED on a read): each says a datagram sent up was not
+	// taken, and the association goes on.
+	RelayRefused atomic.Int64
 	// Upstream totals what the upstream associations dropped.
 	Upstream socksclient.UDPStats
 }
@@ -255,6 +263,15 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 		f.endSession(req.Conn, nil)
 		return
 	}
+	if err != nil && f.ctx.Err() != nil {
+		// Nor is Close cutting the wait: logged as it logs the relayed
+		// sessions it cuts.
+		f.sessionEvent(f.cfg.Logger.Debug(), req.Conn, req.Addr).Str("cmd", "bind").Str("upstream", dialer.ProxyAddr).
+			Err(err).Str("cause", "cut at shutdown").Dur("dur", time.Since(start)).Msg("session ended")
+		abort(req.Conn)
+		f.endSession(req.Conn, nil)
+		return
+	}
 	if err != nil {
 		d.refuse(req, dialer, err, start)
 		return
@@ -286,6 +303,21 @@ var aLongTimeAgo = time.Unix(1, 0)
 func (d *SOCKSDoor) associate(req *socksclient.ServerRequest, start time.Time) {
 	f := d.TCPForward
 	client := req.Conn
+	from := clientSource(client, req.Addr)
+	// The source the request names becomes the one the relay serves: it
+	// must pass --allow as the control connection did, or any admitted
+	// client could open the relay to an address the list refuses.
+	if !f.admit.Load().allow.Allows(from.Addr()) {
+		d.stats.SourceNotAllowed.Add(1)
+		req.Reply(socksclient.RepNotAllowed, socksclient.Addr{})
+		if ok, suppressed := f.refusals.Allow("udp source not allowed"); ok {
+			f.sessionEvent(f.cfg.Logger.Info(), client, req.Addr).Str("cmd", "udp associate").
+				Int64("refused_since_last_line", suppressed).Err(ErrNotAllowed).Msg("request refused: the UDP source it names is not allowed")
+		}
+		client.Close() // not a reset: the refusal just written must arrive
+		f.endSession(client, nil)
+		return
+	}
 	up, dialer, err := f.cfg.Upstreams.Associate(f.ctx)
 	if err != nil {
 		d.refuse(req, dialer, err, start)
@@ -299,7 +331,7 @@ func (d *SOCKSDoor) associate(req *socksclient.ServerRequest, start time.Time) {
 		d.refuse(req, dialer, err, start)
 		return
 	}
-	a := &association{door: d, client: client, pc: pc, up: up, from: clientSource(client, req.Addr)}
+	a := &association{door: d, client: client, pc: pc, up: up, from: from}
 	bound := socksclient.AddrFromAddrPort(pc.LocalAddr().(*net.UDPAddr).AddrPort())
 	if err := req.Reply(socksclient.RepSucceeded, bound); err != nil {
 		d.cut(client, pc, up)
@@ -320,6 +352,8 @@ func (d *SOCKSDoor) associate(req *socksclient.ServerRequest, start time.Time) {
 // its control connection, and the port its request names if it names one
 // (RFC 1928 §7: DST is the address the client will send from, zeros when
 // it does not know). An unknown port is learnt from the first datagram.
+// associate holds the address to --allow, as admission held the control
+// connection's.
 func clientSource(ctrl net.Conn, dst socksclient.Addr) netip.AddrPort {
 	ip := ctrl.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
 	if dst.Name == "" && dst.IP.IsValid() && !dst.IP.IsUnspecified() {
@@ -408,6 +442,13 @@ func (a *association) upstreamToClient() error {
 	buf := make([]byte, 65536)
 	for {
 		n, err := a.up.ReadDatagram(buf)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			// Reported once per ICMP on this connected socket, and the
+			// relay may take the next datagram: not the end of the
+			// association (dnsforward's reader reads on too).
+			st.RelayRefused.Add(1)
+			continue
+		}
 		if err != nil {
 			return err
 		}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -16,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 	"go.uber.org/goleak"
 
+	"github.com/socksfwd/socksfwd/internal/allowlist"
 	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
@@ -211,12 +213,17 @@ func TestDoorAuth(t *testing.T) {
 	echoTCP(t, c, "in")
 	c.Close()
 
+	// The fields swapped: the password went into the user field, and the
+	// refusal's log line must not show it.
 	wrong := client(door)
-	wrong.Username, wrong.Password = "alice", "s3cr:T"
+	wrong.Username, wrong.Password = "s3cr:t", "alice"
 	if _, err := wrong.DialContext(context.Background(), "tcp", echo); !errors.Is(err, socksclient.ErrAuthFailed) {
-		t.Fatalf("wrong password: %v, want ErrAuthFailed", err)
+		t.Fatalf("wrong credentials: %v, want ErrAuthFailed", err)
 	}
 	logs.waitFor(t, `"cause":"wrong credentials"`) // written once counted
+	if strings.Contains(logs.String(), wrong.Username) {
+		t.Fatalf("the log shows the username sent:\n%s", logs)
+	}
 	if n := door.DoorStats().WrongCredentials.Load(); n != 1 {
 		t.Fatalf("WrongCredentials = %d, want 1", n)
 	}
@@ -240,6 +247,41 @@ func TestDoorAuth(t *testing.T) {
 	}
 	echoTCP(t, c, "open")
 	c.Close()
+}
+
+// TestDoorAuthEmptyField: a client that sends an empty password or
+// username (PLEN or ULEN 0: curl -U alice:, x/net with no password) is
+// answered RFC 1929 status 1 and counted as wrong credentials, like any
+// other pair that does not match, not cut as malformed.
+func TestDoorAuthEmptyField(t *testing.T) {
+	noLeaks(t)
+	up := newSocks(t, sockstest.Config{})
+	creds, err := ParseProxyCredentials("alice:pw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	door, _ := startDoor(t, SOCKSDoorConfig{Credentials: creds}, nil, up.Addr())
+	st := door.DoorStats()
+	for i, userpass := range [][]byte{
+		{1, 5, 'a', 'l', 'i', 'c', 'e', 0},
+		{1, 0, 2, 'p', 'w'},
+	} {
+		c := dialFor(t, door.Addr().String())
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write([]byte{socksclient.Version, 1, byte(socksclient.MethodUserPass)})
+		if sel, err := socksclient.ReadMethodSelection(c); err != nil || sel.Method != socksclient.MethodUserPass {
+			t.Fatalf("method selection %v, %v", sel, err)
+		}
+		c.Write(userpass)
+		if status, err := socksclient.ReadUserPassStatus(c); err != nil || status.Success() {
+			t.Fatalf("% x: status %v, %v; want status 1", userpass, status, err)
+		}
+		expectClosed(t, c)
+		waitCounter(t, "WrongCredentials", &st.WrongCredentials, int64(i+1))
+	}
+	if n := st.Malformed.Load(); n != 0 {
+		t.Fatalf("Malformed = %d, want 0", n)
+	}
 }
 
 // TestDoorPipelinedPayload: a client that sends its greeting, request and
@@ -438,6 +480,51 @@ func TestDoorUDPDrops(t *testing.T) {
 	})
 }
 
+// TestDoorUDPAllow: the source a UDP ASSOCIATE names (RFC 1928 §7) is
+// the one the relay will serve, so it must pass --allow like the client's
+// own connection: one the list refuses gets REP 2, without an upstream
+// association, and is counted and logged; one it admits, zeros, or any
+// source without a list, are served.
+func TestDoorUDPAllow(t *testing.T) {
+	noLeaks(t)
+	up := newSocks(t, sockstest.Config{})
+	door, logs := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
+	allow, err := allowlist.Parse([]string{"10.0.0.0/8"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	associate := func(hint string) socksclient.ReplyCode {
+		t.Helper()
+		req, _ := socksclient.Request{Cmd: socksclient.CmdUDPAssociate, Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort(hint))}.AppendTo(nil)
+		c, rep := rawRequest(t, door.Addr().String(), req)
+		c.Close()
+		return rep.Code
+	}
+	door.SetAdmission(0, allow) // the client, on loopback, is admitted
+	if got := associate("192.0.2.7:5000"); got != socksclient.RepNotAllowed {
+		t.Fatalf("a source outside --allow answered %v, want REP 2", got)
+	}
+	logs.waitFor(t, `"message":"request refused: the UDP source it names is not allowed"`)
+	if n := door.DoorStats().SourceNotAllowed.Load(); n != 1 {
+		t.Fatalf("SourceNotAllowed = %d, want 1", n)
+	}
+	if n := up.Requests(); n != 0 {
+		t.Fatalf("the upstream saw %d requests for a refused one", n)
+	}
+	for _, hint := range []string{"10.1.2.3:5000", "0.0.0.0:0", "0.0.0.0:5000", "127.0.0.1:5000"} {
+		if got := associate(hint); got != socksclient.RepSucceeded {
+			t.Fatalf("source %s answered %v, want success", hint, got)
+		}
+	}
+	door.SetAdmission(0, nil)
+	if got := associate("192.0.2.7:5000"); got != socksclient.RepSucceeded {
+		t.Fatalf("without --allow: answered %v, want success", got)
+	}
+	if n := door.DoorStats().SourceNotAllowed.Load(); n != 1 {
+		t.Fatalf("SourceNotAllowed = %d, want 1", n)
+	}
+}
+
 // TestDoorUDPEnds: an association through the door lives as long as both
 // control connections: the client's closing it ends the door's session,
 // and the upstream's closing its own ends the client's association.
@@ -494,6 +581,41 @@ func TestDoorUDPEnds(t *testing.T) {
 			t.Fatalf("%d sessions active after the upstream left", n)
 		}
 	})
+}
+
+// TestDoorUDPRelayRefused: an ICMP port unreachable from the upstream's
+// relay, which the door reads as ECONNREFUSED, is counted and the
+// association goes on: the next datagram still goes through.
+func TestDoorUDPRelayRefused(t *testing.T) {
+	noLeaks(t)
+	// A relay port with nothing on it yet: the first datagram is refused.
+	probe := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	relay := probe.LocalAddr().(*net.UDPAddr)
+	probe.Close()
+	up := testnet.Serve(t, func(c net.Conn) {
+		req, err := socksclient.Handshake(c, socksclient.ServerConfig{HandshakeTimeout: 10 * time.Second})
+		if err != nil {
+			return
+		}
+		req.Reply(socksclient.RepSucceeded, socksclient.AddrFromAddrPort(relay.AddrPort()))
+		io.Copy(io.Discard, c) // the association lasts until the door hangs up
+	})
+	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr().String())
+	u, err := client(door).Associate(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	// The relay below is an echo: the answer carries the header sent.
+	to := socksclient.Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 53}
+	if _, err := u.WriteTo([]byte("refused"), to); err != nil {
+		t.Fatal(err)
+	}
+	waitCounter(t, "RelayRefused", &door.DoorStats().RelayRefused, 1)
+	if _, err := testnet.UDPEchoOn(t, relay); err != nil {
+		t.Skipf("the relay port was taken meanwhile: %v", err)
+	}
+	echoUDP(t, u, to, to, "after")
 }
 
 // TestDoorBind: BIND through the door listens at the upstream; the first
@@ -703,12 +825,13 @@ func TestDoorShutdownDrains(t *testing.T) {
 
 // TestDoorCloseCuts: Close cuts every live session, a BIND still waiting
 // for its peer and a client halfway through its handshake included, and
-// returns with nothing of theirs left running.
+// returns with nothing of theirs left running; none of them counts or is
+// logged as a failed session.
 func TestDoorCloseCuts(t *testing.T) {
 	noLeaks(t)
 	echo := testnet.Echo(t).Addr().String()
 	up := newSocks(t, sockstest.Config{})
-	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
+	door, logs := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr())
 	l := openLive(t, door, echo)
 	greeted := dialFor(t, door.Addr().String())
 	greeted.Write([]byte{socksclient.Version, 1, byte(socksclient.MethodNoAuth)})
@@ -727,6 +850,10 @@ func TestDoorCloseCuts(t *testing.T) {
 	}
 	if n := door.Stats().Active.Load(); n != 0 {
 		t.Fatalf("%d sessions active after Close", n)
+	}
+	// Close returns after every session's end was counted and logged.
+	if n := door.Stats().Failed.Load(); n != 0 || strings.Contains(logs.String(), `"session failed"`) {
+		t.Fatalf("Failed = %d after Close, want 0; log:\n%s", n, logs)
 	}
 	expectClosed(t, greeted)
 	expectClosed(t, l.connect)

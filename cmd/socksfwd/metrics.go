@@ -336,6 +336,9 @@ func writeSOCKS(p *promWriter, units []liveUnit) {
 			{"udp_associate", func(s st) *atomic.Int64 { return &s.Requests[3] }},
 			{"other", func(s st) *atomic.Int64 { return &s.Requests[0] }},
 		}},
+		{"socksfwd_socks_requests_refused_total", "Requests the SOCKS5 door refused itself, by reason (udp_source_not_allowed: a UDP ASSOCIATE naming a source --allow refuses, answered REP 2).", "reason", []labelled{
+			{"udp_source_not_allowed", func(s st) *atomic.Int64 { return &s.SourceNotAllowed }},
+		}},
 		{"socksfwd_socks_handshake_failures_total", "SOCKS5 door handshakes that ended without a request, by reason.", "reason", []labelled{
 			{"malformed", func(s st) *atomic.Int64 { return &s.Malformed }},
 			{"wrong_credentials", func(s st) *atomic.Int64 { return &s.WrongCredentials }},
@@ -351,13 +354,14 @@ func writeSOCKS(p *promWriter, units []liveUnit) {
 			{"up", func(s st) *atomic.Int64 { return &s.UDPBytesUp }},
 			{"down", func(s st) *atomic.Int64 { return &s.UDPBytesDown }},
 		}},
-		{"socksfwd_socks_udp_dropped_total", "Datagrams the SOCKS5 door dropped, by reason: stranger (not from the client), fragment (FRAG != 0), malformed header, send_failed; upstream_fragment and upstream_malformed came from the upstream's relay.", "reason", []labelled{
+		{"socksfwd_socks_udp_dropped_total", "Datagrams the SOCKS5 door dropped, by reason: stranger (not from the client), fragment (FRAG != 0), malformed header, send_failed; upstream_fragment and upstream_malformed came from the upstream's relay, upstream_refused is one it refused (ICMP port unreachable).", "reason", []labelled{
 			{"stranger", func(s st) *atomic.Int64 { return &s.DroppedStranger }},
 			{"fragment", func(s st) *atomic.Int64 { return &s.DroppedFragment }},
 			{"malformed", func(s st) *atomic.Int64 { return &s.DroppedMalformed }},
 			{"send_failed", func(s st) *atomic.Int64 { return &s.DroppedSendFailed }},
 			{"upstream_fragment", func(s st) *atomic.Int64 { return &s.Upstream.Fragmented }},
 			{"upstream_malformed", func(s st) *atomic.Int64 { return &s.Upstream.Malformed }},
+			{"upstream_refused", func(s st) *atomic.Int64 { return &s.RelayRefused }},
 		}},
 	}
 	for _, f := range fams {

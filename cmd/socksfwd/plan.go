@@ -259,7 +259,7 @@ func buildHTTP(cfg *Config) ([]listenPlan, error) {
 		return nil, err
 	}
 	h := &httpPlan{}
-	if h.creds, err = doorCredentials("--http-auth", cfg.HTTPAuth, cfg.HTTPAuthFile); err != nil {
+	if h.creds, err = doorCredentials("--http-auth", cfg.HTTPAuth, cfg.HTTPAuthFile, tunnel.ParseProxyCredentials); err != nil {
 		return nil, err
 	}
 	if h.noProxy, err = noproxy.Parse(cfg.NoProxy); err != nil {
@@ -273,8 +273,9 @@ func buildHTTP(cfg *Config) ([]listenPlan, error) {
 }
 
 // doorCredentials reads a door's user:password from the option named flag
-// or from its -file twin; nil when neither is given.
-func doorCredentials(flag, value, file string) (*tunnel.ProxyCredentials, error) {
+// or from its -file twin, with parse (each door has its own limits); nil
+// when neither is given.
+func doorCredentials(flag, value, file string, parse func(string) (*tunnel.ProxyCredentials, error)) (*tunnel.ProxyCredentials, error) {
 	switch {
 	case value != "" && file != "":
 		return nil, usagef("give %s or %s-file, not both", flag, flag)
@@ -288,7 +289,7 @@ func doorCredentials(flag, value, file string) (*tunnel.ProxyCredentials, error)
 		return nil, nil
 	}
 	// The error never quotes the value: it holds a password.
-	creds, err := tunnel.ParseProxyCredentials(value)
+	creds, err := parse(value)
 	if err != nil {
 		return nil, usagef("%s: %v", flag, err)
 	}
@@ -313,7 +314,7 @@ func buildSOCKS(cfg *Config) ([]listenPlan, error) {
 		return nil, err
 	}
 	sp := &socksPlan{}
-	if sp.creds, err = doorCredentials("--socks-auth", cfg.SOCKSAuth, cfg.SOCKSAuthFile); err != nil {
+	if sp.creds, err = doorCredentials("--socks-auth", cfg.SOCKSAuth, cfg.SOCKSAuthFile, tunnel.ParseSOCKSCredentials); err != nil {
 		return nil, err
 	}
 	var ls []listenPlan

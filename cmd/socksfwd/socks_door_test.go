@@ -84,10 +84,12 @@ func TestSOCKSDoorSupervised(t *testing.T) {
 
 	m := scrape(t, admin)
 	for series, want := range map[string]float64{
-		`socksfwd_socks_requests_total{listener="` + door + `",command="connect"}`:                    2,
-		`socksfwd_socks_handshake_failures_total{listener="` + door + `",reason="wrong_credentials"}`: 1,
-		`socksfwd_sessions_active{listener="` + door + `",proto="socks"}`:                             0,
-		`socksfwd_bytes_total{listener="` + door + `",proto="socks",direction="up"}`:                  16,
+		`socksfwd_socks_requests_total{listener="` + door + `",command="connect"}`:                       2,
+		`socksfwd_socks_handshake_failures_total{listener="` + door + `",reason="wrong_credentials"}`:    1,
+		`socksfwd_socks_requests_refused_total{listener="` + door + `",reason="udp_source_not_allowed"}`: 0,
+		`socksfwd_socks_udp_dropped_total{listener="` + door + `",reason="upstream_refused"}`:            0,
+		`socksfwd_sessions_active{listener="` + door + `",proto="socks"}`:                                0,
+		`socksfwd_bytes_total{listener="` + door + `",proto="socks",direction="up"}`:                     16,
 	} {
 		if got, ok := m[series]; !ok || got != want {
 			t.Errorf("%s = %v (present %v), want %v", series, got, ok, want)
@@ -100,4 +102,40 @@ func TestSOCKSDoorSupervised(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.drainWith(last)
+}
+
+// TestSOCKSAuthTooLong: RFC 1929 carries a user name or password of at
+// most 255 bytes, so -D credentials longer than that are a usage error at
+// start (no client could ever log in), from the flag and from the file,
+// and the error does not quote them; --http's Basic credentials have no
+// such limit.
+func TestSOCKSAuthTooLong(t *testing.T) {
+	verifyNoLeaks(t)
+	noEnv := func(string) string { return "" }
+	long := strings.Repeat("x", 256)
+	file := filepath.Join(t.TempDir(), "auth")
+	if err := os.WriteFile(file, []byte(long+":pw\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		args []string
+		want int
+	}{
+		{[]string{"-D", "1080", "--socks-auth", "alice:" + long}, exitUsage},
+		{[]string{"-D", "1080", "--socks-auth", long + ":pw"}, exitUsage},
+		{[]string{"-D", "1080", "--socks-auth-file", file}, exitUsage},
+		{[]string{"-D", "1080", "--socks-auth", strings.Repeat("u", 255) + ":" + strings.Repeat("p", 255)}, exitOK},
+		{[]string{"--http", "3128", "--http-auth", "alice:" + long}, exitOK},
+		{[]string{"--http", "3128", "--http-auth-file", file}, exitOK},
+	}
+	for _, tc := range tests {
+		var out, errOut strings.Builder
+		args := append([]string{"socksfwd", "-S", "p:1", "--print-config"}, tc.args...)
+		if got := run(args, &out, &errOut, noEnv); got != tc.want {
+			t.Errorf("socksfwd %.60q… = %d, want %d; stderr: %s", tc.args, got, tc.want, errOut.String())
+		}
+		if tc.want == exitUsage && (!strings.Contains(errOut.String(), "at most 255 bytes") || strings.Contains(errOut.String(), long)) {
+			t.Errorf("socksfwd %.60q…: stderr %q, want the limit named and no credential quoted", tc.args, errOut.String())
+		}
+	}
 }
