@@ -70,6 +70,43 @@ func (r *ServerRequest) Reply(code ReplyCode, bound Addr) error {
 
 var unspecifiedAddr = Addr{IP: netip.IPv4Unspecified()}
 
+// A Handler carries out the requests that passed the handshake, one
+// method per RFC 1928 command. Each owns req.Conn from then on: it
+// answers with req.Reply, serves the session and closes what it opened.
+type Handler interface {
+	Connect(req *ServerRequest)
+	Bind(req *ServerRequest)
+	Associate(req *ServerRequest)
+}
+
+// ErrUnknownCommand is ServeConn's answer to a request whose command RFC
+// 1928 does not define: the client got REP 7.
+var ErrUnknownCommand = errors.New("socks: unknown command (answered REP 7)")
+
+// ServeConn is the server loop for one client, the one every SOCKS5
+// server here runs (the -D door, sockstest): the handshake, then the
+// request handed to h by its command. It returns the request (nil when
+// the handshake failed) and Handshake's error, or ErrUnknownCommand. It
+// never closes c.
+func ServeConn(c net.Conn, cfg ServerConfig, h Handler) (*ServerRequest, error) {
+	req, err := Handshake(c, cfg)
+	if err != nil {
+		return nil, err
+	}
+	switch req.Cmd {
+	case CmdConnect:
+		h.Connect(req)
+	case CmdBind:
+		h.Bind(req)
+	case CmdUDPAssociate:
+		h.Associate(req)
+	default:
+		req.Reply(RepCommandNotSupported, Addr{})
+		return req, ErrUnknownCommand
+	}
+	return req, nil
+}
+
 // Handshake runs the server side of the handshake on c and returns the
 // client's request, which the caller answers with Reply. When the client
 // fails it, Handshake has already answered as the RFCs say (method 0xFF,

@@ -326,3 +326,42 @@ func TestServerReply(t *testing.T) {
 		t.Fatalf("Reply(succeeded, no address) = %v, wrote % x; want an error and nothing", err, c.w.Bytes())
 	}
 }
+
+// commandRecorder is a Handler that notes which method got the request.
+type commandRecorder struct{ got []string }
+
+func (h *commandRecorder) Connect(*ServerRequest)   { h.got = append(h.got, "connect") }
+func (h *commandRecorder) Bind(*ServerRequest)      { h.got = append(h.got, "bind") }
+func (h *commandRecorder) Associate(*ServerRequest) { h.got = append(h.got, "associate") }
+
+// TestServeConn: the server loop hands each RFC 1928 command to its
+// Handler method, answers any other command REP 7 itself, and passes a
+// failed handshake's error on without calling the Handler.
+func TestServeConn(t *testing.T) {
+	for _, tc := range []struct {
+		name, in, out string
+		want          []string
+		wantErr       error
+	}{
+		{"connect", "05 01 00  05 01 00 01 c0000201 0050", "05 00", []string{"connect"}, nil},
+		{"bind", "05 01 00  05 02 00 01 c0000201 0050", "05 00", []string{"bind"}, nil},
+		{"udp associate", "05 01 00  05 03 00 01 00000000 0000", "05 00", []string{"associate"}, nil},
+		{"unknown command", "05 01 00  05 09 00 01 c0000201 0050", "05 00  05 07 00 01 00000000 0000", nil, ErrUnknownCommand},
+		{"no common method", "05 01 02", "05 ff", nil, ErrNoCommonMethod},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &recordConn{r: bytes.NewReader(unhex(t, tc.in))}
+			h := &commandRecorder{}
+			_, err := ServeConn(c, ServerConfig{}, h)
+			if !errors.Is(err, tc.wantErr) || (tc.wantErr == nil) != (err == nil) {
+				t.Fatalf("ServeConn: %v, want %v", err, tc.wantErr)
+			}
+			if !reflect.DeepEqual(h.got, tc.want) {
+				t.Errorf("the Handler got %q, want %q", h.got, tc.want)
+			}
+			if want := unhex(t, tc.out); !bytes.Equal(c.w.Bytes(), want) {
+				t.Errorf("the server wrote % x, want % x", c.w.Bytes(), want)
+			}
+		})
+	}
+}

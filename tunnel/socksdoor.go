@@ -99,36 +99,44 @@ func (d *SOCKSDoor) serve(client net.Conn) {
 	if creds := d.creds.Load(); creds != nil {
 		cfg.Authenticate = creds.Match
 	}
-	req, err := socksclient.Handshake(client, cfg)
-	if err != nil {
-		d.handshakeFailed(client, err)
-		client.Close() // not a reset: the refusal just written must arrive
-		f.endSession(client, nil)
-		return
-	}
-	switch req.Cmd {
-	case socksclient.CmdConnect, socksclient.CmdBind, socksclient.CmdUDPAssociate:
-		d.stats.Requests[req.Cmd].Add(1)
-	default:
+	req, err := socksclient.ServeConn(client, cfg, &doorSession{d: d, idle: time.Duration(f.idle.Load()), start: start})
+	switch {
+	case errors.Is(err, socksclient.ErrUnknownCommand):
 		d.stats.Requests[0].Add(1)
-	}
-	idle := time.Duration(f.idle.Load())
-	switch req.Cmd {
-	case socksclient.CmdConnect:
-		d.connect(req, idle, start)
-	case socksclient.CmdBind:
-		d.bind(req, idle, start)
-	case socksclient.CmdUDPAssociate:
-		d.associate(req, start)
-	default:
-		req.Reply(socksclient.RepCommandNotSupported, socksclient.Addr{})
 		if ok, suppressed := f.refusals.Allow("command not supported"); ok {
 			f.sessionEvent(f.cfg.Logger.Info(), client, req.Addr).Str("cmd", req.Cmd.String()).
 				Int64("refused_since_last_line", suppressed).Msg("request refused: command not supported")
 		}
 		client.Close()
 		f.endSession(client, nil)
+	case err != nil:
+		d.handshakeFailed(client, err)
+		client.Close() // not a reset: the refusal just written must arrive
+		f.endSession(client, nil)
 	}
+}
+
+// doorSession is the Handler a client's request goes to: each command is
+// counted, then chained through the upstreams.
+type doorSession struct {
+	d     *SOCKSDoor
+	idle  time.Duration
+	start time.Time
+}
+
+func (s *doorSession) Connect(req *socksclient.ServerRequest) {
+	s.d.stats.Requests[socksclient.CmdConnect].Add(1)
+	s.d.connect(req, s.idle, s.start)
+}
+
+func (s *doorSession) Bind(req *socksclient.ServerRequest) {
+	s.d.stats.Requests[socksclient.CmdBind].Add(1)
+	s.d.bind(req, s.idle, s.start)
+}
+
+func (s *doorSession) Associate(req *socksclient.ServerRequest) {
+	s.d.stats.Requests[socksclient.CmdUDPAssociate].Add(1)
+	s.d.associate(req, s.start)
 }
 
 // handshakeFailed counts a handshake that ended without a request and logs

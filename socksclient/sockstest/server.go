@@ -1,5 +1,7 @@
-// Package sockstest is an in-process SOCKS5 server for tests, built on the
-// socksclient codec. It serves CONNECT and BIND for real and can be told to
+// Package sockstest is an in-process SOCKS5 server for tests, a
+// fault-injecting wrapper over socksclient's server loop (ServeConn, the
+// one the -D door runs) and codec. It serves CONNECT, BIND and UDP
+// ASSOCIATE for real, straight to the targets, and can be told to
 // misbehave in the ways real servers will not on demand: every REP code,
 // authentication failure, malformed or truncated frames, slow drip, hangs,
 // connections closed mid-frame, and BIND second replies withheld, malformed
@@ -7,6 +9,7 @@
 package sockstest
 
 import (
+	"crypto/subtle"
 	"errors"
 	"io"
 	"net"
@@ -203,22 +206,47 @@ func (s *Server) writeFrame(c net.Conn, f interface{ AppendTo([]byte) ([]byte, e
 	return s.write(c, b)
 }
 
-// serveConn runs the server side of the handshake from socksclient, the
-// one the -D door runs, on a conn that plays the configured fault, and
-// serves the request.
+// serveConn runs socksclient's server loop, the one the -D door runs, on
+// a conn that plays the configured fault.
 func (s *Server) serveConn(raw net.Conn) {
-	c := &faultConn{Conn: raw, s: s}
 	var cfg socksclient.ServerConfig
 	if s.cfg.Users != nil {
 		cfg.Authenticate = func(user, password string) bool {
 			pw, ok := s.cfg.Users[user]
-			return ok && pw == password
+			return ok && subtle.ConstantTimeCompare([]byte(pw), []byte(password)) == 1
 		}
 	}
-	req, err := socksclient.Handshake(c, cfg)
-	if err != nil {
+	socksclient.ServeConn(&faultConn{Conn: raw, s: s}, cfg, handler{s})
+}
+
+// handler serves each request for real, unless a fault or a configured
+// REP answers it instead.
+type handler struct{ s *Server }
+
+func (h handler) Connect(req *socksclient.ServerRequest) {
+	if h.s.answered(req) {
 		return
 	}
+	h.s.serveConnect(req.Conn, req.Addr, req.Early)
+}
+
+func (h handler) Bind(req *socksclient.ServerRequest) {
+	if h.s.answered(req) {
+		return
+	}
+	h.s.serveBind(req.Conn, req.Addr)
+}
+
+func (h handler) Associate(req *socksclient.ServerRequest) {
+	if h.s.answered(req) {
+		return
+	}
+	h.s.serveAssociate(req.Conn)
+}
+
+// answered counts and reports the request, then plays the request-time
+// faults and Config.Reply: true when that was the answer.
+func (s *Server) answered(req *socksclient.ServerRequest) bool {
 	s.requests.Add(1)
 	if s.cfg.Requested != nil {
 		select {
@@ -226,30 +254,22 @@ func (s *Server) serveConn(raw net.Conn) {
 		default:
 		}
 	}
+	c := req.Conn
 	switch s.cfg.Fault {
 	case FaultCloseAfterRequest:
-		return
+		return true
 	case FaultUnknownATYP:
 		c.Write([]byte{socksclient.Version, 0, 0, 0x09, 1, 2, 3, 4, 0, 80})
-		return
+		return true
 	case FaultTruncatedReply:
 		c.Write([]byte{socksclient.Version, 0, 0, byte(socksclient.AddrIPv4), 127, 0})
-		return
+		return true
 	}
 	if s.cfg.Reply != socksclient.RepSucceeded {
 		req.Reply(s.cfg.Reply, socksclient.Addr{})
-		return
+		return true
 	}
-	switch req.Cmd {
-	case socksclient.CmdConnect:
-		s.serveConnect(c, req.Addr, req.Early)
-	case socksclient.CmdBind:
-		s.serveBind(c, req.Addr)
-	case socksclient.CmdUDPAssociate:
-		s.serveAssociate(c)
-	default:
-		req.Reply(socksclient.RepCommandNotSupported, socksclient.Addr{})
-	}
+	return false
 }
 
 // faultConn plays the handshake's faults. The handshake's first write is
