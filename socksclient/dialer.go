@@ -45,7 +45,8 @@ type Dialer struct {
 	// keep-alive probes: like ssh -L, sessions are not probed, which also
 	// saves four setsockopt calls per connection). A caller who sets it
 	// applies its own control (a socket mark, say) to the TCP connection:
-	// Control is not used for it then.
+	// Control is not used for it then, nor does Upstreams.IsProxyAddr
+	// learn where it went.
 	ProxyDial func(ctx context.Context, network, addr string) (net.Conn, error)
 	// Control, if not nil, is applied to every socket the dialer opens: the
 	// TCP connection to the proxy when ProxyDial is nil, and the UDP socket
@@ -54,6 +55,58 @@ type Dialer struct {
 	// transparent proxy marks its upstream traffic (SO_MARK) so that the
 	// rules capturing traffic into it let that traffic pass.
 	Control func(network, address string, c syscall.RawConn) error
+
+	// dialed is where the last connections to the proxy went; made on
+	// first need, guarded by dialedMu.
+	dialed *dialedAddrs
+}
+
+// dialedKeep is how many addresses of its proxy a Dialer remembers: a
+// name with more, dialed in turn, is matched on the most recent ones.
+const dialedKeep = 8
+
+// dialedMu guards every Dialer's dialed record: a lock inside Dialer
+// would make it a value that cannot be copied, and tables of Dialers are.
+var dialedMu sync.Mutex
+
+// dialedAddrs is a small ring of the addresses connections to the proxy
+// went to, its name resolved; Upstreams.IsProxyAddr asks it.
+type dialedAddrs struct {
+	ring [dialedKeep]netip.AddrPort
+	next int
+}
+
+// noteDialed records ap, unless held already (redials to one address
+// change nothing), over the oldest.
+func (d *Dialer) noteDialed(ap netip.AddrPort) {
+	dialedMu.Lock()
+	defer dialedMu.Unlock()
+	if d.dialed == nil {
+		d.dialed = new(dialedAddrs)
+	}
+	a := d.dialed
+	for _, x := range a.ring {
+		if x == ap {
+			return
+		}
+	}
+	a.ring[a.next] = ap
+	a.next = (a.next + 1) % len(a.ring)
+}
+
+// wasDialed reports whether ap is among the addresses noteDialed holds.
+func (d *Dialer) wasDialed(ap netip.AddrPort) bool {
+	dialedMu.Lock()
+	defer dialedMu.Unlock()
+	if d.dialed == nil {
+		return false
+	}
+	for _, x := range d.dialed.ring {
+		if x == ap {
+			return true
+		}
+	}
+	return false
 }
 
 // Conn is a CONNECT session (or an accepted BIND): a net.Conn to the target,
@@ -229,25 +282,41 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 }
 
 // dialProxy opens the TCP connection to the proxy: through ProxyDial when
-// set, else through the default dialer with Control on the socket.
+// set, else through the default dialer with controlProxy on the socket.
 func (d *Dialer) dialProxy(ctx context.Context) (net.Conn, error) {
 	if d.ProxyDial != nil {
 		return d.ProxyDial(ctx, "tcp", d.ProxyAddr)
 	}
-	if d.Control == nil {
-		return defaultProxyDialer.DialContext(ctx, "tcp", d.ProxyAddr)
-	}
 	nd := *defaultProxyDialer
-	nd.Control = d.Control
-	// The proxy's name is looked up through sockets with Control too: a
-	// transparent proxy marks them, and its own capture rules must not
-	// take that lookup (sent to its own DNS listener, which needs this
-	// very proxy, it would never be answered).
-	nd.Resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
-		rd := net.Dialer{Control: d.Control}
-		return rd.DialContext(ctx, network, address)
-	}}
+	nd.Control = d.controlProxy
+	if d.Control != nil {
+		// The proxy's name is looked up through sockets with Control too:
+		// a transparent proxy marks them, and its own capture rules must
+		// not take that lookup (sent to its own DNS listener, which needs
+		// this very proxy, it would never be answered). Their addresses
+		// are a resolver's, not the proxy's: not noted.
+		nd.Resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
+			rd := net.Dialer{Control: d.Control}
+			return rd.DialContext(ctx, network, address)
+		}}
+	}
 	return nd.DialContext(ctx, "tcp", d.ProxyAddr)
+}
+
+// controlProxy runs on each socket about to connect to the proxy: Control,
+// then the address is noted. It runs before connect, so a transparent
+// listener whose capture rules take this very connection knows it for
+// the proxy's (see Upstreams.IsProxyAddr) by the time it accepts it.
+func (d *Dialer) controlProxy(network, address string, c syscall.RawConn) error {
+	if d.Control != nil {
+		if err := d.Control(network, address, c); err != nil {
+			return err
+		}
+	}
+	if ap, err := netip.ParseAddrPort(address); err == nil {
+		d.noteDialed(netip.AddrPortFrom(ap.Addr().Unmap().WithZone(""), ap.Port()))
+	}
+	return nil
 }
 
 // handshakeBuf is a handshake's scratch space: the greeting, credentials

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -213,6 +214,28 @@ func (u *Upstreams) Dialers() []*Dialer {
 		ds[i] = up.d
 	}
 	return ds
+}
+
+// IsProxyAddr reports whether ap is where one of the current upstreams is
+// reached: a proxy given as an IP address, or an address one of the last
+// connections to a proxy went to (a name, resolved; not seen for a
+// Dialer with ProxyDial). A transparent listener asks, so that capture
+// rules taking socksfwd's own connection to its proxy are refused rather
+// than relayed, which would loop until descriptors run out.
+func (u *Upstreams) IsProxyAddr(ap netip.AddrPort) bool {
+	if !ap.IsValid() {
+		return false
+	}
+	ap = netip.AddrPortFrom(ap.Addr().Unmap().WithZone(""), ap.Port())
+	for _, up := range u.current() {
+		if pa, err := netip.ParseAddrPort(up.d.ProxyAddr); err == nil && pa.Addr().Unmap().WithZone("") == ap.Addr() && pa.Port() == ap.Port() {
+			return true
+		}
+		if up.d.wasDialed(ap) {
+			return true
+		}
+	}
+	return false
 }
 
 // Status returns the current upstreams' health, in order.

@@ -790,3 +790,63 @@ func TestDialProgress(t *testing.T) {
 		}
 	})
 }
+
+// TestUpstreamsIsProxyAddr: an upstream is recognised by its address when
+// given as one (IPv4-mapped or not), and by the addresses its name
+// resolved to once a connection to it was made, noted before connect; the
+// record keeps the last few addresses only.
+func TestUpstreamsIsProxyAddr(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close() // the handshake fails; the connection was made
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).AddrPort().Port()
+	byName := &Dialer{ProxyAddr: net.JoinHostPort("localhost", fmt.Sprint(port)), HandshakeTimeout: 5 * time.Second}
+	u := NewUpstreams(&Dialer{ProxyAddr: "10.200.0.2:1080"}, byName)
+	ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
+	if u.IsProxyAddr(ap) {
+		t.Fatalf("%s known before any dial", ap)
+	}
+	byName.DialContext(context.Background(), "tcp", "198.51.100.7:80")
+	for _, tc := range []struct {
+		addr string
+		want bool
+	}{
+		{"10.200.0.2:1080", true},
+		{"[::ffff:10.200.0.2]:1080", true},
+		{ap.String(), true},
+		{fmt.Sprintf("[::ffff:127.0.0.1]:%d", port), true},
+		{fmt.Sprintf("127.0.0.1:%d", port+1), false},
+		{"10.200.0.2:80", false},
+	} {
+		if got := u.IsProxyAddr(netip.MustParseAddrPort(tc.addr)); got != tc.want {
+			t.Errorf("IsProxyAddr(%s) = %v, want %v", tc.addr, got, tc.want)
+		}
+	}
+
+	d := &Dialer{ProxyAddr: "proxy.test:1080"}
+	at := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}), 1080)
+	}
+	for i := range dialedKeep {
+		d.noteDialed(at(i))
+	}
+	d.noteDialed(at(3)) // held: nothing is pushed out
+	if !d.wasDialed(at(0)) {
+		t.Errorf("a redial to a held address pushed out the oldest")
+	}
+	d.noteDialed(at(dialedKeep))
+	if d.wasDialed(at(0)) || !d.wasDialed(at(1)) || !d.wasDialed(at(dialedKeep)) {
+		t.Errorf("after %d addresses: first %v, second %v, last %v; want only the first forgotten", dialedKeep+1, d.wasDialed(at(0)), d.wasDialed(at(1)), d.wasDialed(at(dialedKeep)))
+	}
+}

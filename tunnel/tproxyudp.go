@@ -61,12 +61,15 @@ type TransparentUDPStats struct {
 	// itself; relaying it would loop.
 	DroppedNotRedirected atomic.Int64
 	// DroppedReply: a reply that could not be delivered to its client
-	// (its source is a name, or both ways of sending it failed).
+	// (its source is a name, of the other family than the client's, or
+	// no remote's: a wildcard, port 0, multicast or broadcast address;
+	// or both ways of sending it failed).
 	DroppedReply atomic.Int64
 	// ReplySockets is the number of open reply sockets.
 	ReplySockets atomic.Int64
 	// ReplyBindFailures counts remotes whose reply socket could not bind
-	// (a local service holds that address and port).
+	// (a local service holds that address and port, or descriptors ran
+	// out), once per remote until a retry binds it or it idles out.
 	ReplyBindFailures atomic.Int64
 	// RawReplies counts replies sent through a raw IP socket instead.
 	RawReplies atomic.Int64

@@ -24,12 +24,26 @@ import (
 // once, and again at most this often (its socket is remade after idling).
 const replyBindLogEvery = time.Hour
 
+// A reply socket that could not bind, and a raw socket that could not be
+// made, are tried again after replyRetryMin, doubling up to replyRetryMax:
+// a passing failure (EMFILE, ENOBUFS) must not last as long as the flow,
+// and one that stays (a local service holds the port) costs a few system
+// calls a minute.
+const (
+	replyRetryMin = time.Second
+	replyRetryMax = 30 * time.Second
+)
+
 // replySocket carries replies from one remote address to any client: a
 // UDP socket bound (transparently) to the remote's address and port. When
-// that bind failed, pc is nil and replies go through the raw socket.
+// that bind failed, pc is nil and replies go through the raw socket until
+// retryAt, when get binds again. An entry is not changed once in the pool
+// (a retry replaces it), so senders read pc without the lock.
 type replySocket struct {
 	pc      *net.UDPConn
-	lastUse atomic.Int64 // unix nanos
+	lastUse atomic.Int64  // unix nanos
+	retryAt int64         // unix nanos; with pc nil only
+	backoff time.Duration // the wait before retryAt
 }
 
 // replyPool holds the reply sockets, one per remote address, shared by
@@ -43,10 +57,13 @@ type replyPool struct {
 	logger  zerolog.Logger
 	name    string
 
-	mu     sync.Mutex
-	lru    *simplelru.LRU[netip.AddrPort, *replySocket]
-	raw    [2]*rawUDPSender // IPv4, IPv6; made on first need
-	rawErr [2]error
+	mu  sync.Mutex
+	lru *simplelru.LRU[netip.AddrPort, *replySocket]
+	raw [2]*rawUDPSender // IPv4, IPv6; made on first need
+	// rawRetry is when a raw socket that could not be made is tried
+	// again, rawBackoff the wait before it (0 once made).
+	rawRetry   [2]time.Time
+	rawBackoff [2]time.Duration
 	// rawUse is when each raw socket last sent: one unused for idle is
 	// closed, since the kernel hands a raw UDP socket (filtered, but
 	// copied first) every UDP packet the host receives.
@@ -72,8 +89,13 @@ func (p *replyPool) evicted(_ netip.AddrPort, s *replySocket) {
 }
 
 // send delivers payload to client with remote as its source. A socket
-// evicted between lookup and write is made again, once.
+// evicted between lookup and write is made again, once. A remote no
+// reply socket may bind is refused (false), logged once per remote.
 func (p *replyPool) send(payload []byte, remote, client netip.AddrPort) bool {
+	if !isRemoteSource(remote) {
+		p.refuse(remote)
+		return false
+	}
 	for range 2 {
 		s := p.get(remote)
 		if s == nil {
@@ -93,7 +115,28 @@ func (p *replyPool) send(payload []byte, remote, client netip.AddrPort) bool {
 	return false
 }
 
-// get returns remote's reply socket, made if needed; nil once closed.
+// isRemoteSource reports whether a reply may carry remote as its source.
+// Its reply socket is bound to it: a wildcard address or port 0 would
+// bind this host's own port (0.0.0.0:53 takes a local resolver's), a
+// multicast or broadcast address is no host's. Only a buggy or hostile
+// proxy names one.
+func isRemoteSource(remote netip.AddrPort) bool {
+	a := remote.Addr()
+	return remote.Port() != 0 && a.IsValid() && !a.IsUnspecified() && !a.IsMulticast() &&
+		a != netip.AddrFrom4([4]byte{255, 255, 255, 255})
+}
+
+// refuse logs, once a period per remote, a reply whose source the proxy
+// named is no remote's (see isRemoteSource).
+func (p *replyPool) refuse(remote netip.AddrPort) {
+	if ok, suppressed := p.logs.Allow(remote.String()); ok {
+		p.logger.Warn().Str("listener", p.name).Str("remote", remote.String()).Int64("repeats", suppressed).
+			Msg("UDP reply dropped: the proxy named a wildcard, port 0, multicast or broadcast source, which no reply socket may bind")
+	}
+}
+
+// get returns remote's reply socket, made if needed; nil once closed. A
+// remote whose bind failed is bound again once its back-off is over.
 func (p *replyPool) get(remote netip.AddrPort) *replySocket {
 	now := time.Now().UnixNano()
 	p.mu.Lock()
@@ -101,24 +144,34 @@ func (p *replyPool) get(remote netip.AddrPort) *replySocket {
 	if p.closed {
 		return nil
 	}
-	if s, ok := p.lru.Get(remote); ok {
-		s.lastUse.Store(now)
-		return s
+	prev, ok := p.lru.Get(remote)
+	if ok && (prev.pc != nil || now < prev.retryAt) {
+		prev.lastUse.Store(now)
+		return prev
 	}
 	s := &replySocket{}
 	s.lastUse.Store(now)
 	pc, err := p.bind(remote)
 	if err != nil {
-		p.stats.ReplyBindFailures.Add(1)
-		if ok, suppressed := p.logs.Allow(remote.String()); ok {
-			p.logger.Warn().Err(err).Str("listener", p.name).Str("remote", remote.String()).Int64("repeats", suppressed).
-				Msg("UDP reply socket cannot bind the remote's address (a local service holds it?); replies from it go through a raw socket")
+		s.backoff = replyRetryMin
+		if ok {
+			s.backoff = min(2*prev.backoff, replyRetryMax)
+		} else {
+			p.stats.ReplyBindFailures.Add(1) // a remote once per failing streak
+		}
+		s.retryAt = now + int64(s.backoff)
+		if logNow, suppressed := p.logs.Allow(remote.String()); logNow {
+			msg := "UDP reply socket cannot bind the remote's address; replies from it go through a raw socket until a retry binds it"
+			if errors.Is(err, unix.EADDRINUSE) {
+				msg = "UDP reply socket cannot bind the remote's address: a local service holds that address and port; replies from it go through a raw socket"
+			}
+			p.logger.Warn().Err(err).Str("listener", p.name).Str("remote", remote.String()).Int64("repeats", suppressed).Msg(msg)
 		}
 	} else {
 		s.pc = pc
 		p.stats.ReplySockets.Add(1)
 	}
-	p.lru.Add(remote, s)
+	p.lru.Add(remote, s) // replaces a failed entry, which holds no socket
 	return s
 }
 
@@ -157,21 +210,34 @@ func (p *replyPool) bind(remote netip.AddrPort) (*net.UDPConn, error) {
 	return pc.(*net.UDPConn), nil
 }
 
-// sendRaw sends through the family's raw socket, made on first need.
+// rawLogKeys are the throttle's keys for a raw socket that cannot be
+// made, per family: no remote's address looks like them.
+var rawLogKeys = [2]string{"raw socket IPv4", "raw socket IPv6"}
+
+// sendRaw sends through the family's raw socket, made on first need; one
+// that could not be made is tried again after a back-off.
 func (p *replyPool) sendRaw(payload []byte, remote, client netip.AddrPort) bool {
 	fam := 0
 	if remote.Addr().Is6() {
 		fam = 1
 	}
+	now := time.Now()
 	p.mu.Lock()
-	p.rawUse[fam] = time.Now()
+	p.rawUse[fam] = now
 	r := p.raw[fam]
-	if r == nil && p.rawErr[fam] == nil && !p.closed {
-		r, p.rawErr[fam] = newRawUDPSender(fam == 1, p.control)
+	if r == nil && !p.closed && !now.Before(p.rawRetry[fam]) {
+		var err error
+		r, err = newRawUDPSender(fam == 1, p.control)
 		p.raw[fam] = r
-		if p.rawErr[fam] != nil {
-			p.logger.Warn().Err(p.rawErr[fam]).Str("listener", p.name).
-				Msg("no raw socket for UDP replies whose reply socket cannot bind; they are dropped and counted")
+		if err != nil {
+			p.rawBackoff[fam] = min(max(2*p.rawBackoff[fam], replyRetryMin), replyRetryMax)
+			p.rawRetry[fam] = now.Add(p.rawBackoff[fam])
+			if ok, suppressed := p.logs.Allow(rawLogKeys[fam]); ok {
+				p.logger.Warn().Err(err).Str("listener", p.name).Int64("repeats", suppressed).
+					Msg("no raw socket for UDP replies whose reply socket cannot bind; they are dropped and counted until a retry makes one")
+			}
+		} else {
+			p.rawBackoff[fam] = 0
 		}
 	}
 	p.mu.Unlock()
@@ -254,18 +320,12 @@ func newRawUDPSender(v6 bool, control func(network, address string, c syscall.Ra
 	}
 	fd, err := unix.Socket(family, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_UDP)
 	if err != nil {
-		return nil, fmt.Errorf("raw socket for UDP replies (needs CAP_NET_RAW): %w", err)
+		if errors.Is(err, unix.EPERM) {
+			return nil, fmt.Errorf("raw socket for UDP replies (needs CAP_NET_RAW): %w", err)
+		}
+		return nil, fmt.Errorf("raw socket for UDP replies: %w", err)
 	}
-	drop := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: 0}}
-	tv := unix.NsecToTimeval(rawSendTimeout.Nanoseconds())
-	switch {
-	case unix.SetsockoptInt(fd, level, opt, 1) != nil:
-		err = errors.New("set IP_TRANSPARENT on the raw socket")
-	case unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: 1, Filter: &drop[0]}) != nil:
-		err = errors.New("attach a drop-all filter to the raw socket")
-	case unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv) != nil:
-		err = errors.New("set SO_SNDTIMEO on the raw socket")
-	}
+	err = setRawOptions(fd, level, opt)
 	if err == nil && control != nil {
 		err = control(network, "", fdRawConn(fd))
 	}
@@ -288,6 +348,23 @@ func newRawUDPSender(v6 bool, control func(network, address string, c syscall.Ra
 		h.SetLen(unix.CmsgLen(unix.SizeofInet4Pktinfo))
 	}
 	return r, nil
+}
+
+// setRawOptions sets a raw sender's options on fd: IP_TRANSPARENT (opt at
+// level), a filter that drops everything received, and the send timeout.
+func setRawOptions(fd, level, opt int) error {
+	if err := unix.SetsockoptInt(fd, level, opt, 1); err != nil {
+		return fmt.Errorf("set IP_TRANSPARENT on the raw socket: %w", err)
+	}
+	drop := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: 0}}
+	if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: 1, Filter: &drop[0]}); err != nil {
+		return fmt.Errorf("attach a drop-all filter to the raw socket: %w", err)
+	}
+	tv := unix.NsecToTimeval(rawSendTimeout.Nanoseconds())
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
+		return fmt.Errorf("set SO_SNDTIMEO on the raw socket: %w", err)
+	}
+	return nil
 }
 
 // send sends payload from src to dst (one family: the sender's).

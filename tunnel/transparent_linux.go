@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -167,20 +168,82 @@ func netPort(p *uint16) uint16 {
 }
 
 // isLocalAddr reports whether ip is an address of this host, in this
-// network namespace: only then can a socket bind it (without
-// IP_FREEBIND). When it cannot tell, it says yes, which refuses a session
-// rather than risk relaying socksfwd to itself.
+// network namespace: the loopback range, or one the kernel routes as
+// local (RTN_LOCAL: an interface's address, or an AnyIP local route).
+// It asks the routing table, not a test bind: with ip_nonlocal_bind set
+// (keepalived and HAProxy hosts) a bind succeeds for any address, and a
+// TPROXY'd remote on the listener's own port would be refused. When it
+// cannot tell, it says yes, which refuses a session rather than risk
+// relaying socksfwd to itself.
 func isLocalAddr(ip netip.Addr) bool {
-	ip = ip.Unmap()
-	family := unix.AF_INET6
-	var sa unix.Sockaddr = &unix.SockaddrInet6{Addr: ip.As16()}
-	if ip.Is4() {
-		family, sa = unix.AF_INET, &unix.SockaddrInet4{Addr: ip.As4()}
-	}
-	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
+	ip = ip.Unmap().WithZone("")
+	if ip.IsLoopback() {
 		return true
 	}
+	local, err := routesLocal(ip)
+	return local || err != nil
+}
+
+// routeQuery is an RTM_GETROUTE request for one destination: the route
+// lookup of `ip route get`, without a mark, so TPROXY's policy routes
+// (local 0.0.0.0/0 in a table of their own) do not answer.
+type routeQuery struct {
+	nh  unix.NlMsghdr
+	rt  unix.RtMsg
+	rta unix.RtAttr
+	dst [16]byte // RTA_DST: 4 bytes used for IPv4
+}
+
+// routesLocal asks the kernel, over rtnetlink, whether it delivers ip
+// locally. An answer that is an error (no route) means no; err is for a
+// question that could not be asked.
+func routesLocal(ip netip.Addr) (bool, error) {
+	family, addrLen := unix.AF_INET6, 16
+	if ip.Is4() {
+		family, addrLen = unix.AF_INET, 4
+	}
+	var q routeQuery
+	q.nh = unix.NlMsghdr{
+		Len:  uint32(unix.SizeofNlMsghdr + unix.SizeofRtMsg + unix.SizeofRtAttr + addrLen),
+		Type: unix.RTM_GETROUTE, Flags: unix.NLM_F_REQUEST, Seq: 1,
+	}
+	q.rt = unix.RtMsg{Family: uint8(family), Dst_len: uint8(addrLen * 8)}
+	q.rta = unix.RtAttr{Len: uint16(unix.SizeofRtAttr + addrLen), Type: unix.RTA_DST}
+	if ip.Is4() {
+		a := ip.As4()
+		copy(q.dst[:], a[:])
+	} else {
+		q.dst = ip.As16()
+	}
+	// Non-blocking: the kernel queues its answer before the write
+	// returns, and a read that finds none must not hang a thread.
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
+	if err != nil {
+		return false, fmt.Errorf("route lookup: %w", err)
+	}
 	defer unix.Close(fd)
-	return !errors.Is(unix.Bind(fd, sa), unix.EADDRNOTAVAIL)
+	if _, err := unix.Write(fd, unsafe.Slice((*byte)(unsafe.Pointer(&q)), q.nh.Len)); err != nil {
+		return false, fmt.Errorf("route lookup: %w", err)
+	}
+	var buf [1024]byte // a route is a few hundred bytes; only its head is read
+	n, err := unix.Read(fd, buf[:])
+	if err != nil {
+		return false, fmt.Errorf("route lookup: %w", err)
+	}
+	return parseRouteAnswer(buf[:n])
+}
+
+// parseRouteAnswer reads the kernel's answer to a routeQuery: a route,
+// local or not, or an error (no route: not local).
+func parseRouteAnswer(b []byte) (bool, error) {
+	if len(b) < unix.SizeofNlMsghdr+unix.SizeofRtMsg {
+		return false, errors.New("route lookup: short answer")
+	}
+	switch binary.NativeEndian.Uint16(b[4:]) { // nlmsghdr.nlmsg_type
+	case unix.NLMSG_ERROR:
+		return false, nil
+	case unix.RTM_NEWROUTE:
+		return b[unix.SizeofNlMsghdr+7] == unix.RTN_LOCAL, nil // rtmsg.rtm_type
+	}
+	return false, errors.New("route lookup: unexpected answer")
 }

@@ -255,6 +255,15 @@ func TestTransparentIsLocalAddr(t *testing.T) {
 			t.Errorf("isLocalAddr(%s) = %v, want %v", ip, got, want)
 		}
 	}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil && !isLocalAddr(p.Addr()) {
+			t.Errorf("isLocalAddr(%s) = false for an interface's address", p.Addr())
+		}
+	}
 }
 
 // TestOriginalDestinationRedirect: after a real nft REDIRECT, the original
@@ -316,33 +325,8 @@ func TestOriginalDestinationTPROXY(t *testing.T) {
 	if !inFreshNetns(t) {
 		return
 	}
-	routeTestNetsToLo(t)
-	run(t, "", "ip", "rule", "add", "fwmark", "1", "lookup", "100")
-	run(t, "", "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
-	run(t, "", "ip", "-6", "rule", "add", "fwmark", "1", "lookup", "100")
-	run(t, "", "ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100")
-	ln := listenTransparent(t, "[::]:0")
-	if !IsTransparent(ln) {
-		t.Fatal("IsTransparent = false as root")
-	}
+	ln := tproxyTCPNetns(t)
 	port := portOf(ln)
-	// Locally generated packets are marked on output, so that the mark's
-	// routing table delivers them on lo, where prerouting's tproxy takes
-	// them to the listener.
-	run(t, fmt.Sprintf(`
-table inet tunneltest {
-	chain out {
-		type route hook output priority mangle; policy accept;
-		ip daddr 198.51.100.0/24 tcp dport { 80, %[1]d } meta mark set 1
-		ip6 daddr 2001:db8::/64 tcp dport { 80, %[1]d } meta mark set 1
-	}
-	chain pre {
-		type filter hook prerouting priority mangle; policy accept;
-		meta mark 1 ip daddr 198.51.100.0/24 meta l4proto tcp tproxy ip to :%[1]d
-		meta mark 1 ip6 daddr 2001:db8::/64 meta l4proto tcp tproxy ip6 to :%[1]d
-	}
-}`, port), "nft", "-f", "-")
-
 	listen := ln.Addr().(*net.TCPAddr).AddrPort()
 	for _, dst := range []string{
 		"198.51.100.7:80", "[2001:db8::7]:80",
@@ -359,6 +343,75 @@ table inet tunneltest {
 	c := wantOriginal(t, ln, fmt.Sprintf("127.0.0.1:%d", port))
 	if _, err := TransparentTarget(listen)(c); !errors.Is(err, ErrNotRedirected) {
 		t.Errorf("straight to the listener: err = %v, want ErrNotRedirected", err)
+	}
+}
+
+// tproxyTCPNetns routes the test nets through lo and opens a transparent
+// listener on [::]:0 that nft TPROXYs this host's connections to
+// 198.51.100.0/24 and 2001:db8::/64, on port 80 and on the listener's own
+// port, to.
+func tproxyTCPNetns(t *testing.T) net.Listener {
+	t.Helper()
+	routeTestNetsToLo(t)
+	run(t, "", "ip", "rule", "add", "fwmark", "1", "lookup", "100")
+	run(t, "", "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+	run(t, "", "ip", "-6", "rule", "add", "fwmark", "1", "lookup", "100")
+	run(t, "", "ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100")
+	ln := listenTransparent(t, "[::]:0")
+	if !IsTransparent(ln) {
+		t.Fatal("IsTransparent = false as root")
+	}
+	// Locally generated packets are marked on output, so that the mark's
+	// routing table delivers them on lo, where prerouting's tproxy takes
+	// them to the listener.
+	run(t, fmt.Sprintf(`
+table inet tunneltest {
+	chain out {
+		type route hook output priority mangle; policy accept;
+		ip daddr 198.51.100.0/24 tcp dport { 80, %[1]d } meta mark set 1
+		ip6 daddr 2001:db8::/64 tcp dport { 80, %[1]d } meta mark set 1
+	}
+	chain pre {
+		type filter hook prerouting priority mangle; policy accept;
+		meta mark 1 ip daddr 198.51.100.0/24 meta l4proto tcp tproxy ip to :%[1]d
+		meta mark 1 ip6 daddr 2001:db8::/64 meta l4proto tcp tproxy ip6 to :%[1]d
+	}
+}`, portOf(ln)), "nft", "-f", "-")
+	return ln
+}
+
+// TestTransparentTPROXYNonlocalBind: with ip_nonlocal_bind set (as on
+// keepalived and HAProxy hosts), where a bind succeeds for any address, a
+// TPROXY'd connection to a remote on the listener's own port is still
+// relayed to it, not refused as a connection to the listener; one made
+// straight to the listener still is.
+func TestTransparentTPROXYNonlocalBind(t *testing.T) {
+	if !inFreshNetns(t) {
+		return
+	}
+	run(t, "", "sysctl", "-q", "-w", "net.ipv4.ip_nonlocal_bind=1", "net.ipv6.ip_nonlocal_bind=1")
+	ln := tproxyTCPNetns(t)
+	port := portOf(ln)
+	proxy, requests := recordingUpstream(t)
+	f, logs := startTargetOfForward(t, ln, TransparentTarget(ln.Addr().(*net.TCPAddr).AddrPort()), proxy)
+	for _, tc := range []struct {
+		dst  string
+		want []byte
+	}{
+		{fmt.Sprintf("198.51.100.7:%d", port), []byte{1, 198, 51, 100, 7, byte(port >> 8), byte(port)}},
+		{fmt.Sprintf("[2001:db8::7]:%d", port), []byte{4, 0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, byte(port >> 8), byte(port)}},
+	} {
+		if err := roundTrip(t, tc.dst, "tproxied"); err != nil {
+			t.Fatalf("%s: %v\n%s", tc.dst, err, logs)
+		}
+		if got := <-requests; string(got) != string(tc.want) {
+			t.Errorf("%s: the proxy got ATYP, address, port % x, want % x", tc.dst, got, tc.want)
+		}
+	}
+	expectReset(t, fmt.Sprintf("127.0.0.1:%d", port))
+	logs.waitFor(t, "session refused")
+	if got := f.Stats().Failed.Load(); got != 1 || !strings.Contains(logs.String(), ErrNotRedirected.Error()) {
+		t.Errorf("straight to the listener: %d failed, want 1 not redirected:\n%s", got, logs)
 	}
 }
 

@@ -470,7 +470,7 @@ func writeUDP(p *promWriter, units []liveUnit) {
 		v               func(tst) int64
 	}{
 		{"socksfwd_udp_reply_sockets", "gauge", "Transparent reply sockets open now (one per remote address).", func(s tst) int64 { return s.ReplySockets.Load() }},
-		{"socksfwd_udp_reply_bind_failures_total", "counter", "Remotes whose reply socket could not bind (a local service holds the port).", func(s tst) int64 { return s.ReplyBindFailures.Load() }},
+		{"socksfwd_udp_reply_bind_failures_total", "counter", "Remotes whose reply socket could not bind (a local service holds the port, or descriptors ran out); counted once until a retry binds it.", func(s tst) int64 { return s.ReplyBindFailures.Load() }},
 		{"socksfwd_udp_raw_replies_total", "counter", "Replies sent through the raw IP socket instead.", func(s tst) int64 { return s.RawReplies.Load() }},
 	} {
 		p.family(f.name, f.typ, f.help)

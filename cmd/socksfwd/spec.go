@@ -177,7 +177,7 @@ func unbracket(s string) string {
 func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, error) {
 	var markControl sockmark.ControlFunc
 	if mark != 0 {
-		markControl = sockmark.Control(int(mark))
+		markControl = sockmark.Control(uint32(mark))
 	}
 	d := &socksclient.Dialer{Username: user, Password: password, Control: sockmark.Chain(sockbuf.CapLoopbackTCP, markControl)}
 	hostport := raw

@@ -340,7 +340,7 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 	case kindTransparentUDP:
 		var control sockmark.ControlFunc
 		if cfg.Mark != 0 { // reply sockets must not be captured again either
-			control = sockmark.Control(int(cfg.Mark))
+			control = sockmark.Control(uint32(cfg.Mark))
 		}
 		return tunnel.NewTransparentUDP(tunnel.TransparentUDPConfig{
 			Name:        socks.pc.LocalAddr().String(),
@@ -398,7 +398,7 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 func directDialer(mark Mark) func(ctx context.Context, network, address string) (net.Conn, error) {
 	d := &net.Dialer{}
 	if mark != 0 {
-		d.Control = sockmark.Control(int(mark))
+		d.Control = sockmark.Control(uint32(mark))
 	}
 	return d.DialContext
 }
@@ -409,17 +409,17 @@ func directDialer(mark Mark) func(ctx context.Context, network, address string) 
 var errCaptureLoop = errors.New("the capture rules took socksfwd's own connection to its proxy; run with --mark N and print the rules with the same mark (or leave the proxy's address out)")
 
 // notToUpstream wraps a transparent listener's target so that a
-// connection to one of the upstream proxies is refused instead of relayed.
+// connection to one of the upstream proxies is refused instead of relayed:
+// a proxy given as an address, or one socksfwd dialed lately (a name, as
+// -S proxy.corp:1080, matches the addresses it resolved to).
 func (s *supervisor) notToUpstream(targetOf func(net.Conn) (socksclient.Addr, error)) func(net.Conn) (socksclient.Addr, error) {
 	return func(c net.Conn) (socksclient.Addr, error) {
 		a, err := targetOf(c)
 		if err != nil || !a.IP.IsValid() {
 			return a, err
 		}
-		for _, d := range s.ups.Dialers() {
-			if ap, perr := netip.ParseAddrPort(d.ProxyAddr); perr == nil && ap.Addr().Unmap() == a.IP.Unmap() && ap.Port() == a.Port {
-				return a, fmt.Errorf("original destination %s: %w", a, errCaptureLoop)
-			}
+		if s.ups.IsProxyAddr(netip.AddrPortFrom(a.IP, a.Port)) {
+			return a, fmt.Errorf("original destination %s: %w", a, errCaptureLoop)
 		}
 		return a, nil
 	}
@@ -550,7 +550,7 @@ func checkMark(p *plan) error {
 	if p.cfg.Mark == 0 {
 		return nil
 	}
-	return sockmark.Check(int(p.cfg.Mark))
+	return sockmark.Check(uint32(p.cfg.Mark))
 }
 
 // checkFixed refuses changes a running process cannot make.

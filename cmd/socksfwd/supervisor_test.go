@@ -1,13 +1,18 @@
 package main
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 
+	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
@@ -30,6 +35,32 @@ func TestNotToUpstream(t *testing.T) {
 		dst := socksclient.AddrFromAddrPort(netip.MustParseAddrPort(tc.dst))
 		target := s.notToUpstream(func(net.Conn) (socksclient.Addr, error) { return dst, nil })
 		_, err := target(nil)
+		if got := errors.Is(err, errCaptureLoop); got != tc.loop {
+			t.Errorf("%s: refused = %v (%v), want %v", tc.dst, got, err, tc.loop)
+		}
+	}
+}
+
+// TestNotToUpstreamByName: an upstream given by name (-S proxy.corp:1080)
+// is matched on the address socksfwd connected to, so a capture rule that
+// misses the proxy's current address is refused too, not relayed.
+func TestNotToUpstreamByName(t *testing.T) {
+	proxy := testnet.Serve(t, func(c net.Conn) {}) // hangs up: the dial was made
+	port := proxy.Addr().(*net.TCPAddr).AddrPort().Port()
+	s := newSupervisor(zerolog.Nop(), nil)
+	d := &socksclient.Dialer{ProxyAddr: net.JoinHostPort("localhost", strconv.Itoa(int(port))), HandshakeTimeout: 5 * time.Second}
+	s.ups = socksclient.NewUpstreams(d)
+	s.ups.DialAddr(context.Background(), socksclient.AddrFromAddrPort(netip.MustParseAddrPort("198.51.100.7:80")))
+	for _, tc := range []struct {
+		dst  string
+		loop bool
+	}{
+		{fmt.Sprintf("127.0.0.1:%d", port), true},
+		{fmt.Sprintf("127.0.0.1:%d", port+1), false},
+		{fmt.Sprintf("198.51.100.7:%d", port), false},
+	} {
+		dst := socksclient.AddrFromAddrPort(netip.MustParseAddrPort(tc.dst))
+		_, err := s.notToUpstream(func(net.Conn) (socksclient.Addr, error) { return dst, nil })(nil)
 		if got := errors.Is(err, errCaptureLoop); got != tc.loop {
 			t.Errorf("%s: refused = %v (%v), want %v", tc.dst, got, err, tc.loop)
 		}

@@ -1,13 +1,14 @@
 // Package sockmark puts a firewall mark (SO_MARK) on the sockets socksfwd
 // opens toward its upstreams, so that netfilter rules capturing traffic
 // into socksfwd can recognise socksfwd's own traffic and let it pass
-// instead of capturing it again (a loop). Marks are a Linux feature;
-// elsewhere every function reports ErrUnsupported.
+// instead of capturing it again (a loop). A mark is a uint32, as the
+// kernel keeps it, from the flag to the socket: an int would turn marks
+// of 0x80000000 and up negative where int is 32 bits. Marks are a Linux
+// feature; elsewhere every function reports ErrUnsupported.
 package sockmark
 
 import (
 	"errors"
-	"fmt"
 	"syscall"
 )
 
@@ -18,18 +19,6 @@ type ControlFunc = func(network, address string, c syscall.RawConn) error
 // ErrUnsupported is what every function returns on systems without socket
 // marks.
 var ErrUnsupported = errors.New("socket marks need Linux")
-
-// maxMark is the largest mark: the kernel keeps it in 32 bits.
-const maxMark = 1<<32 - 1
-
-// checkRange rejects a mark the kernel cannot hold. The comparison is in
-// int64 so it compiles where int is 32 bits.
-func checkRange(mark int) error {
-	if mark < 0 || int64(mark) > maxMark {
-		return fmt.Errorf("socket mark %d is out of range (0 to %#x)", mark, uint32(maxMark))
-	}
-	return nil
-}
 
 // Chain returns a control that runs each of fs in order on the same
 // socket and stops at the first error. Nil entries are skipped; with none

@@ -14,11 +14,8 @@ import (
 // sees. Its error, when the process may not set marks, is the one Check
 // returns; a dial or listen using it then fails rather than sending
 // unmarked traffic that the rules would capture again.
-func Control(mark int) ControlFunc {
+func Control(mark uint32) ControlFunc {
 	return func(network, address string, c syscall.RawConn) error {
-		if err := checkRange(mark); err != nil {
-			return err
-		}
 		var serr error
 		if err := c.Control(func(fd uintptr) { serr = setMark(int(fd), mark) }); err != nil {
 			return err
@@ -30,10 +27,7 @@ func Control(mark int) ControlFunc {
 // Check sets mark on a throwaway socket, so that a process that may not
 // (it lacks CAP_NET_ADMIN) learns so at start-up, not at its first
 // upstream connection. That error matches errors.Is(err, fs.ErrPermission).
-func Check(mark int) error {
-	if err := checkRange(mark); err != nil {
-		return err
-	}
+func Check(mark uint32) error {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		// A kernel without IPv4 still has IPv6.
@@ -46,10 +40,10 @@ func Check(mark int) error {
 	return setMark(fd, mark)
 }
 
-func setMark(fd, mark int) error {
-	// SetsockoptInt passes the low 32 bits, so marks above 1<<31 arrive
-	// intact.
-	err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, mark)
+func setMark(fd int, mark uint32) error {
+	// SetsockoptInt passes 32 bits; through int32 the marks from 1<<31 up
+	// keep their bits where int is 32 bits too.
+	err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(int32(mark)))
 	switch {
 	case err == nil:
 		return nil

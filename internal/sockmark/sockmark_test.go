@@ -64,15 +64,3 @@ func TestChainOfNothingIsNoControl(t *testing.T) {
 		t.Fatal("a chain of nil controls must be nil, so net.Dialer skips the hook")
 	}
 }
-
-func TestMarkOutOfRange(t *testing.T) {
-	for _, mark := range []int{-1, -0x438} {
-		err := Check(mark)
-		if err == nil || !strings.Contains(err.Error(), "out of range") {
-			t.Errorf("Check(%d) = %v, want out of range", mark, err)
-		}
-		if err := Control(mark)("udp", "192.0.2.1:53", nil); err == nil {
-			t.Errorf("Control(%d) accepted the mark", mark)
-		}
-	}
-}

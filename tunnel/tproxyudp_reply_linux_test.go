@@ -1,0 +1,179 @@
+package tunnel
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+
+	"github.com/socksfwd/socksfwd/internal/peertest"
+)
+
+// failingControl is a reply pool's control that fails its first n calls
+// with errno and counts every call.
+func failingControl(n int, errno error, calls *int) func(network, address string, c syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		*calls++
+		if *calls <= n {
+			return errno
+		}
+		return nil
+	}
+}
+
+// logLines returns the log lines that name remote.
+func logLines(logs *logBuf, remote string) []string {
+	var lines []string
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, `"remote":"`+remote+`"`) {
+			lines = append(lines, l)
+		}
+	}
+	return lines
+}
+
+// TestReplyPoolRefusesNonRemoteSource: a reply whose source the proxy
+// named as a wildcard address, port 0, a multicast or the broadcast
+// address is dropped before any socket is bound to it (0.0.0.0:53 would
+// take a local resolver's port), and logged once per remote.
+func TestReplyPoolRefusesNonRemoteSource(t *testing.T) {
+	logs := &logBuf{}
+	var stats TransparentUDPStats
+	calls := 0
+	// Every socket the pool makes fails in control, so nothing is bound
+	// or sent even when the check is missing.
+	control := failingControl(1<<30, errors.New("no socket in this test"), &calls)
+	p := newReplyPool(8, time.Minute, &TransparentUDPConfig{Name: "tproxy-udp", Control: control, Logger: zerolog.New(logs)}, &stats)
+	defer p.close()
+	client := netip.MustParseAddrPort("127.0.0.2:40000")
+	refused := []string{"0.0.0.0:53", "[::]:53", "198.51.100.7:0", "[2001:db8::7]:0", "224.0.0.251:5353", "[ff02::fb]:5353", "255.255.255.255:67"}
+	for _, r := range refused {
+		for range 3 {
+			if p.send([]byte("x"), netip.MustParseAddrPort(r), client) {
+				t.Errorf("a reply from %s was sent", r)
+			}
+		}
+		if n := len(logLines(logs, r)); n != 1 {
+			t.Errorf("%d log lines name %s, want 1:\n%s", n, r, logs)
+		}
+	}
+	if calls != 0 || p.Len() != 0 || stats.ReplyBindFailures.Load() != 0 || stats.ReplySockets.Load() != 0 {
+		t.Errorf("%d sockets tried, %d remotes held, %d bind failures, %d reply sockets; want none",
+			calls, p.Len(), stats.ReplyBindFailures.Load(), stats.ReplySockets.Load())
+	}
+	if strings.Contains(logs.String(), "cannot bind") {
+		t.Errorf("a bind was tried:\n%s", logs)
+	}
+	// A remote's address is still tried.
+	p.send([]byte("x"), netip.MustParseAddrPort("198.51.100.7:53"), client)
+	if stats.ReplyBindFailures.Load() != 1 || p.Len() != 1 {
+		t.Errorf("198.51.100.7:53: %d bind failures, %d remotes held; want 1, 1", stats.ReplyBindFailures.Load(), p.Len())
+	}
+}
+
+// TestReplyPoolRetriesBind: a reply socket whose bind failed (descriptors
+// ran out, say) is bound again after a back-off of a second, doubling
+// while it keeps failing, instead of leaving the remote on the raw path
+// for as long as its flow lives. The failure is counted once, and the log
+// names the error; only EADDRINUSE is blamed on a local service.
+func TestReplyPoolRetriesBind(t *testing.T) {
+	if !inFreshNetns(t) { // binding a remote's address needs IP_TRANSPARENT
+		return
+	}
+	synctest.Test(t, func(t *testing.T) {
+		logs := &logBuf{}
+		var stats TransparentUDPStats
+		calls := 0
+		p := newReplyPool(8, time.Minute, &TransparentUDPConfig{Name: "tproxy-udp", Control: failingControl(2, unix.EMFILE, &calls), Logger: zerolog.New(logs)}, &stats)
+		defer p.close()
+		remote := netip.MustParseAddrPort("198.51.100.7:7")
+		bound := func() bool { s := p.get(remote); return s != nil && s.pc != nil }
+		var elapsed time.Duration
+		for _, step := range []struct {
+			after time.Duration
+			bound bool
+			calls int
+		}{
+			{0, false, 1},
+			{time.Second - time.Millisecond, false, 1}, // within the back-off: no try
+			{time.Millisecond, false, 2},               // a second on: tried, failed again
+			{time.Second, false, 2},                    // the back-off doubled
+			{time.Second, true, 3},
+			{time.Minute / 2, true, 3}, // bound stays bound
+		} {
+			time.Sleep(step.after)
+			elapsed += step.after
+			if got := bound(); got != step.bound || calls != step.calls {
+				t.Fatalf("at %v: bound %v after %d binds, want %v after %d\n%s", elapsed, got, calls, step.bound, step.calls, logs)
+			}
+		}
+		if n, s := stats.ReplyBindFailures.Load(), stats.ReplySockets.Load(); n != 1 || s != 1 {
+			t.Errorf("%d bind failures, %d reply sockets; want 1, 1", n, s)
+		}
+		lines := logLines(logs, remote.String())
+		if len(lines) != 1 || !strings.Contains(lines[0], "too many open files") || strings.Contains(lines[0], "local service") {
+			t.Errorf("want one line naming EMFILE, no local service:\n%s", logs)
+		}
+
+		inUse := netip.MustParseAddrPort("198.51.100.8:7")
+		calls = 0
+		p.control = failingControl(1, unix.EADDRINUSE, &calls)
+		p.get(inUse)
+		if lines := logLines(logs, inUse.String()); len(lines) != 1 || !strings.Contains(lines[0], "a local service holds that address and port") {
+			t.Errorf("EADDRINUSE: want one line blaming a local service:\n%s", logs)
+		}
+	})
+}
+
+// TestReplyPoolRetriesRawSocket: a raw socket that could not be made (an
+// EMFILE) is tried again after a back-off instead of dropping every reply
+// that needs it for the listener's whole life; the log names the error.
+func TestReplyPoolRetriesRawSocket(t *testing.T) {
+	peertest.RequireRoot(t) // CAP_NET_RAW
+	client, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	to := client.LocalAddr().(*net.UDPAddr).AddrPort()
+	from := netip.MustParseAddrPort("127.0.0.1:9")
+	logs := &logBuf{}
+	synctest.Test(t, func(t *testing.T) {
+		var stats TransparentUDPStats
+		calls := 0
+		p := newReplyPool(4, time.Minute, &TransparentUDPConfig{Control: failingControl(1, unix.EMFILE, &calls), Logger: zerolog.New(logs)}, &stats)
+		defer p.close()
+		if p.sendRaw([]byte("lost"), from, to) || p.sendRaw([]byte("lost"), from, to) || calls != 1 {
+			t.Fatalf("the raw socket's control failed: want two drops and one try, got %d tries", calls)
+		}
+		time.Sleep(time.Second)
+		if !p.sendRaw([]byte("again"), from, to) {
+			t.Fatalf("no raw socket a second after a failure (%d tries)\n%s", calls, logs)
+		}
+	})
+	if n := strings.Count(logs.String(), "\n"); n != 1 || !strings.Contains(logs.String(), "too many open files") {
+		t.Errorf("want one line naming EMFILE:\n%s", logs)
+	}
+	buf := make([]byte, 16)
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, src, err := client.ReadFromUDPAddrPort(buf)
+	if err != nil || string(buf[:n]) != "again" || src != from {
+		t.Fatalf("got %q from %v (%v), want %q from %v", buf[:n], src, err, "again", from)
+	}
+}
+
+// TestRawOptionsKeepErrno: a raw socket option that cannot be set fails
+// with the system's error, not only the option's name.
+func TestRawOptionsKeepErrno(t *testing.T) {
+	err := setRawOptions(-1, unix.SOL_IP, unix.IP_TRANSPARENT)
+	if !errors.Is(err, unix.EBADF) || !strings.Contains(err.Error(), "IP_TRANSPARENT") {
+		t.Errorf("err = %v, want EBADF naming IP_TRANSPARENT", err)
+	}
+}
