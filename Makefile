@@ -11,9 +11,9 @@ BIN      := bin
 FUZZTIME ?= 200000x
 
 # Systems every package (tests included) must build and vet for.
-CROSS    := linux/arm64 darwin/arm64 windows/amd64 freebsd/amd64
+CROSS    := linux/arm64 linux/arm darwin/arm64 windows/amd64 freebsd/amd64
 # Systems `make release` builds socksfwd for.
-RELEASE  := linux/amd64 linux/arm64 darwin/arm64 windows/amd64 freebsd/amd64
+RELEASE  := linux/amd64 linux/arm64 linux/arm darwin/arm64 windows/amd64 freebsd/amd64
 DIST     := dist
 
 # command → Debian package, for everything the tests start or drive.

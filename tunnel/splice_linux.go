@@ -188,7 +188,7 @@ func (s *splicer) fill(fd uintptr) bool {
 	s.buffered = false
 	for {
 		var n int64
-		n, s.inErr = unix.Splice(int(fd), nil, s.p.w, nil, pipeSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		n, s.inErr = rawSplice(int(fd), s.p.w, pipeSize)
 		s.in = int(n)
 		if s.inErr != unix.EINTR {
 			break
@@ -207,7 +207,7 @@ func (s *splicer) fill(fd uintptr) bool {
 // is empty, or wait for room.
 func (s *splicer) drain(fd uintptr) bool {
 	for s.p.buffered > 0 {
-		n, err := unix.Splice(s.p.r, nil, int(fd), nil, s.p.buffered, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		n, err := rawSplice(s.p.r, int(fd), s.p.buffered)
 		switch {
 		case err == unix.EINTR:
 			continue
@@ -224,6 +224,19 @@ func (s *splicer) drain(fd uintptr) bool {
 		s.moved += n
 	}
 	return true
+}
+
+// rawSplice moves up to n bytes from rfd to wfd, one of them a pipe, as a
+// raw system call: both ends are non-blocking, so it cannot block, and
+// the runtime need not hand the P to another thread meanwhile (a splice
+// on loopback runs the receiver's TCP too, often longer than the monitor
+// thread's 20 µs tick, which then retakes the P: a thread switch each).
+func rawSplice(rfd, wfd, n int) (int64, error) {
+	r, _, errno := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(rfd), 0, uintptr(wfd), 0, uintptr(n), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int64(r), nil
 }
 
 // copySplice moves bytes socket → pipe → socket without copying them to
