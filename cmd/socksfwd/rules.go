@@ -28,8 +28,8 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 		&cli.StringSliceFlag{Name: "interface", Usage: "gateway scope: capture only what arrives on this interface, repeatable"},
 		&cli.BoolFlag{Name: "ipv6", Usage: "IPv6 rules too"},
 		&cli.StringSliceFlag{Name: "proxy-user", Usage: "scope local: never capture this user's programs (a proxy on this host, such as Tor), repeatable"},
-		&cli.IntFlag{Name: "route-mark", Value: rules.DefaultRouteMark, Usage: "tproxy: the fwmark policy routing uses"},
-		&cli.IntFlag{Name: "route-table", Value: rules.DefaultRouteTable, Usage: "tproxy: the routing table that makes every address local"},
+		&cli.Uint64Flag{Name: "route-mark", Value: rules.DefaultRouteMark, Usage: "tproxy: the fwmark policy routing uses"},
+		&cli.Uint64Flag{Name: "route-table", Value: rules.DefaultRouteTable, Usage: "tproxy: the routing table that makes every address local"},
 	)
 	return &cli.Command{
 		Name:      "rules",
@@ -67,9 +67,18 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 // rulesConfig gathers what the rules need from the plan and the flags.
 func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 	rc := rules.Config{
-		Mode: c.String("mode"), Scope: c.String("scope"), Mark: int(p.cfg.Mark), IPv6: c.Bool("ipv6"),
-		RouteMark: c.Int("route-mark"), RouteTable: c.Int("route-table"), Interfaces: c.StringSlice("interface"),
-		ProxyUsers: c.StringSlice("proxy-user"),
+		Mode: c.String("mode"), Scope: c.String("scope"), Mark: uint32(p.cfg.Mark), IPv6: c.Bool("ipv6"),
+		Interfaces: c.StringSlice("interface"), ProxyUsers: c.StringSlice("proxy-user"),
+	}
+	for _, f := range []struct {
+		name string
+		to   *uint32
+	}{{"route-mark", &rc.RouteMark}, {"route-table", &rc.RouteTable}} {
+		v := c.Uint64(f.name)
+		if v > 0xffffffff {
+			return rc, usagef("rules --%s %#x: out of range 0-0xffffffff", f.name, v)
+		}
+		*f.to = uint32(v)
 	}
 	for _, l := range p.listens {
 		ap, err := netip.ParseAddrPort(l.addr)

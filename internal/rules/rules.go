@@ -67,7 +67,7 @@ type Config struct {
 
 	// Mark is socksfwd's own SO_MARK (--mark): packets carrying it are never
 	// captured, which breaks any loop through socksfwd. 0: none.
-	Mark int
+	Mark uint32
 	// Proxies are the upstream proxies' addresses, always left out.
 	Proxies []netip.Addr
 	// ProxyUsers are the users (names or numeric IDs) whose programs are
@@ -85,10 +85,10 @@ type Config struct {
 
 	// RouteMark is the fwmark that sends captured packets to RouteTable
 	// (default DefaultRouteMark); TPROXY only.
-	RouteMark int
+	RouteMark uint32
 	// RouteTable is the routing table that delivers every address locally
 	// (default DefaultRouteTable); TPROXY only.
-	RouteTable int
+	RouteTable uint32
 
 	// Interfaces limits gateway capture to packets coming in on these
 	// interfaces (exact names); empty: every interface.
@@ -168,20 +168,14 @@ func newPlan(cfg Config) (*plan, error) {
 	if p.UDPPort != 0 && p.Mode != ModeTProxy {
 		return nil, configError("UDP capture needs mode %q: REDIRECT is TCP only", ModeTProxy)
 	}
-	if p.Mark < 0 || int64(p.Mark) > 0xffffffff {
-		return nil, configError("mark %d out of range 0-0xffffffff", p.Mark)
-	}
 	if p.RouteMark == 0 {
 		p.RouteMark = DefaultRouteMark
-	}
-	if p.RouteMark < 0 || int64(p.RouteMark) > 0xffffffff {
-		return nil, configError("route mark %d out of range 1-0xffffffff", p.RouteMark)
 	}
 	if p.RouteTable == 0 {
 		p.RouteTable = DefaultRouteTable
 	}
 	// 253-255 are the kernel's default, main and local tables.
-	if p.RouteTable < 0 || int64(p.RouteTable) > 0xffffffff || (p.RouteTable >= 253 && p.RouteTable <= 255) {
+	if p.RouteTable >= 253 && p.RouteTable <= 255 {
 		return nil, configError("route table %d: want 1-252 or 256-0xffffffff (253-255 are the kernel's own)", p.RouteTable)
 	}
 	if p.Mode == ModeTProxy && p.Mark != 0 && p.Mark == p.RouteMark {

@@ -180,7 +180,6 @@ func TestConfigErrors(t *testing.T) {
 		{"udp with redirect", with(func(c *Config) { c.Mode = ModeRedirect; c.UDPPort = 12346 }), "REDIRECT is TCP only"},
 		{"mark is route mark", with(func(c *Config) { c.Mark = 0x1 }), "mark 0x1 is also the TPROXY route mark"},
 		{"mark is set route mark", with(func(c *Config) { c.Mark = 0x7; c.RouteMark = 0x7 }), "mark 0x7 is also"},
-		{"mark range", with(func(c *Config) { c.Mark = -1 }), "mark -1 out of range"},
 		{"route table main", with(func(c *Config) { c.RouteTable = 254 }), "route table 254"},
 		{"interfaces local", with(func(c *Config) { c.Interfaces = []string{"eth0"} }), "apply to scope \"gateway\" only"},
 		{"wildcard interface", with(func(c *Config) { c.Scope = ScopeGateway; c.Interfaces = []string{"veth+"} }), `"veth+"`},
