@@ -27,12 +27,18 @@ type plan struct {
 	allow    *allowlist.List // --allow; nil: every source
 }
 
-// allowFor is the allow list of listener l: --allow for one bound beyond
-// loopback, none for a loopback one (only this host reaches it), except a
-// transparent one: TPROXY delivers other hosts' traffic to a listener on
-// 127.0.0.1 too. A loopback source is always allowed.
-func (p *plan) allowFor(l listenPlan) *allowlist.List {
-	if l.kind == kindReverse || isLoopbackBind(l.addr) && l.kind != kindTransparent && l.kind != kindTransparentUDP {
+// allowFor is the allow list of listener l, bound at bound (nil: not yet,
+// or -R): --allow for one bound beyond loopback, none for a loopback one
+// (only this host reaches it), except a transparent one: TPROXY delivers
+// other hosts' traffic to a listener on 127.0.0.1 too. A loopback source
+// is always allowed. The socket's own address decides when there is one:
+// a socket systemd passed by name may be bound elsewhere than l says.
+func (p *plan) allowFor(l listenPlan, bound net.Addr) *allowlist.List {
+	addr := l.addr
+	if bound != nil {
+		addr = bound.String()
+	}
+	if l.kind == kindReverse || isLoopbackBind(addr) && l.kind != kindTransparent && l.kind != kindTransparentUDP {
 		return nil
 	}
 	return p.allow

@@ -18,6 +18,17 @@ type sockets struct {
 	pc *net.UDPConn
 }
 
+// addr is where the sockets are bound.
+func (ss sockets) addr() net.Addr {
+	if ss.ln != nil {
+		return ss.ln.Addr()
+	}
+	if ss.pc != nil {
+		return ss.pc.LocalAddr()
+	}
+	return nil
+}
+
 func (ss sockets) close() {
 	if ss.ln != nil {
 		ss.ln.Close()

@@ -39,6 +39,14 @@ type unit struct {
 	svc service
 }
 
+// boundAddr is where u's socket is bound; nil for -R, which has none here.
+func (u *unit) boundAddr() net.Addr {
+	if u.lp.kind == kindReverse {
+		return nil
+	}
+	return u.svc.Addr()
+}
+
 // supervisor runs a plan's services: it binds them all before serving
 // (nothing half-starts), reloads by diff on SIGHUP, and on SIGINT or
 // SIGTERM stops every listener at once and drains them in parallel under
@@ -202,7 +210,7 @@ func (s *supervisor) warnExposed(bound []*unit) {
 	}
 	var open []string
 	for _, u := range bound {
-		if u.lp.kind != kindReverse && !isLoopbackBind(u.lp.addr) {
+		if u.lp.kind != kindReverse && !isLoopbackBind(u.svc.Addr().String()) {
 			open = append(open, u.svc.Addr().String())
 		}
 	}
@@ -313,7 +321,7 @@ func (s *supervisor) listen(l listenPlan) (service, error) {
 	// Services without sessions to admit take their allow list here; TCP
 	// ones got it with MaxSessions.
 	if a, ok := svc.(allowSetter); ok {
-		a.SetAllow(s.plan.allowFor(l))
+		a.SetAllow(s.plan.allowFor(l, socks.addr()))
 	}
 	return svc, nil
 }
@@ -362,7 +370,7 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 			IdleTimeout:   time.Duration(cfg.IdleTimeout),
 			CopyMode:      s.plan.copyMode,
 			MaxSessions:   cfg.MaxSessions,
-			Allow:         s.plan.allowFor(l),
+			Allow:         s.plan.allowFor(l, socks.addr()),
 			Logger:        s.log,
 		}, socks.ln), nil
 	case kindDNS:
@@ -381,7 +389,7 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 		IdleTimeout: time.Duration(cfg.IdleTimeout),
 		CopyMode:    s.plan.copyMode,
 		MaxSessions: cfg.MaxSessions,
-		Allow:       s.plan.allowFor(l),
+		Allow:       s.plan.allowFor(l, socks.addr()),
 		Logger:      s.log,
 	}
 	if l.kind == kindSOCKS {
@@ -573,18 +581,19 @@ func (s *supervisor) checkFixed(p *plan) error {
 func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 	var changes []string
 	key := l.key()
-	if allow, was := p.allowFor(l), old.allowFor(l); allow.String() != was.String() {
+	bound := u.boundAddr()
+	if allow, was := p.allowFor(l, bound), old.allowFor(l, bound); allow.String() != was.String() {
 		changes = append(changes, fmt.Sprintf("%s allow %s", key, allow))
 	}
 	if a, ok := u.svc.(allowSetter); ok {
-		a.SetAllow(p.allowFor(l))
+		a.SetAllow(p.allowFor(l, bound))
 	}
 	// TCP sessions: -L, --transparent and --http.
 	if svc, ok := u.svc.(interface {
 		SetAdmission(int, *allowlist.List)
 		SetIdleTimeout(time.Duration)
 	}); ok {
-		svc.SetAdmission(p.cfg.MaxSessions, p.allowFor(l))
+		svc.SetAdmission(p.cfg.MaxSessions, p.allowFor(l, bound))
 		if old.cfg.MaxSessions != p.cfg.MaxSessions {
 			changes = append(changes, fmt.Sprintf("%s max-sessions %d → %d", key, old.cfg.MaxSessions, p.cfg.MaxSessions))
 		}

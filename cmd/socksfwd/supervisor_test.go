@@ -125,8 +125,17 @@ func TestAllowFor(t *testing.T) {
 		{kindTransparent, "127.0.0.1:12345", true},
 		{kindTransparentUDP, "127.0.0.1:12345", true},
 	} {
-		if got := p.allowFor(listenPlan{kind: c.kind, addr: c.addr}) != nil; got != c.scope {
+		if got := p.allowFor(listenPlan{kind: c.kind, addr: c.addr}, nil) != nil; got != c.scope {
 			t.Errorf("%s %s: allow list applied %t, want %t", c.kind, c.addr, got, c.scope)
 		}
+	}
+	// A socket systemd passed by name is bound where it is, whatever the
+	// plan says: its own address decides.
+	wild := &net.TCPAddr{IP: net.IPv4zero, Port: 1}
+	if p.allowFor(listenPlan{kind: kindTCP, addr: "127.0.0.1:1"}, wild) == nil {
+		t.Error("a loopback listener given a socket on 0.0.0.0 takes no allow list")
+	}
+	if p.allowFor(listenPlan{kind: kindTCP, addr: ":1"}, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}) != nil {
+		t.Error("a wildcard listener given a loopback socket takes the allow list")
 	}
 }
