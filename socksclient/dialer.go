@@ -200,6 +200,9 @@ func (b *Binding) Accept(ctx context.Context) (*Conn, error) {
 	if err == nil && reply.Code != RepSucceeded {
 		err = &ReplyError{Cmd: CmdBind, Code: reply.Code}
 	}
+	if err == nil && !b.allows(reply.Addr) {
+		err = fmt.Errorf("%w: %s", ErrUnexpectedPeer, reply.Addr)
+	}
 	if err != nil {
 		b.conn.Close()
 		if err == io.EOF {
@@ -208,6 +211,17 @@ func (b *Binding) Accept(ctx context.Context) (*Conn, error) {
 		return nil, b.d.opError(CmdBind, "tcp", b.target, err)
 	}
 	return &Conn{Conn: b.conn, bound: reply.Addr}, nil
+}
+
+// allows reports whether peer may be the BIND's caller: any peer when the
+// request named none (0.0.0.0) or a name, else one from that address (any
+// port, as RFC 1928 leaves the port to the server's judgement).
+func (b *Binding) allows(peer Addr) bool {
+	want := b.target.IP.Unmap()
+	if b.target.Name != "" || !want.IsValid() || want.IsUnspecified() || peer.Name != "" {
+		return true
+	}
+	return peer.IP.Unmap() == want
 }
 
 // Close abandons the binding.

@@ -15,6 +15,10 @@ var (
 	// either by REP 7 or by closing the connection right after the request
 	// (what OpenSSH's ssh -D does for BIND and UDP ASSOCIATE).
 	ErrCommandNotSupported = errors.New("socks: command not supported by the server")
+	// ErrUnexpectedPeer: BIND's second reply names a peer other than the
+	// address the request asked for (a server that does not hold its
+	// callers to DST.ADDR): that connection is closed, not accepted.
+	ErrUnexpectedPeer = errors.New("socks: the peer that connected is not the one asked for")
 	// ErrFragmented: a UDP datagram with FRAG != 0, which we do not reassemble
 	// (RFC 1928 §7 allows dropping them).
 	ErrFragmented = errors.New("socks: fragmented UDP datagram")

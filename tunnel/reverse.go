@@ -115,6 +115,11 @@ const (
 	reverseMaxBackoff = 30 * time.Second
 )
 
+// reverseUnsupportedRetry: after a server said it has no BIND, it is asked
+// again this much later (restarted, or replaced by one that has BIND, at
+// the same address); a reload asks at once.
+var reverseUnsupportedRetry = 5 * time.Minute
+
 // portReleaseGrace: for this long after a session on the asked port
 // ended, the server listening elsewhere is taken for the proxy still
 // closing that session's connection (which holds the port), and BIND is
@@ -211,8 +216,8 @@ func (r *Reverse) SetTarget(target string) { r.target.Store(&target) }
 // never). A reload calls it.
 func (r *Reverse) SetIdleTimeout(d time.Duration) { r.idle.Store(int64(d)) }
 
-// Retry ends a backoff, or the stop after a server without BIND, at once:
-// a reload calls it when the upstreams changed.
+// Retry ends a backoff, or the wait after a server without BIND, at once:
+// every reload calls it.
 func (r *Reverse) Retry() {
 	select {
 	case r.wake <- struct{}{}:
@@ -257,7 +262,7 @@ func (r *Reverse) loop() {
 			r.fail(cause, err, d)
 			if cause == CauseUnsupported {
 				backoff = 0
-				if !r.pause(-1) { // until a reload brings other upstreams
+				if !r.pause(reverseUnsupportedRetry) {
 					return
 				}
 				continue
@@ -318,6 +323,12 @@ func (r *Reverse) loop() {
 				return
 			}
 			r.setRemote(nil)
+			if errors.Is(err, socksclient.ErrUnexpectedPeer) {
+				// Someone else reached the port first: the proxy is fine,
+				// listen again at once for the caller -R names.
+				r.fail(CauseSecondReply, err, d)
+				continue
+			}
 			cause := CauseControlLost
 			var re *socksclient.ReplyError
 			var pe *socksclient.ProtocolError

@@ -290,6 +290,25 @@ func TestReverseUnsupported(t *testing.T) {
 	}
 }
 
+// TestReverseUnsupportedAsksAgain: a server that said it has no BIND is
+// asked again after reverseUnsupportedRetry, without a reload: a proxy
+// restarted with BIND at the same address is found.
+func TestReverseUnsupportedAsksAgain(t *testing.T) {
+	was := reverseUnsupportedRetry
+	reverseUnsupportedRetry = 20 * time.Millisecond
+	t.Cleanup(func() { reverseUnsupportedRetry = was })
+	asked := make(chan socksclient.Request, 4)
+	proxy := newSocks(t, sockstest.Config{Reply: socksclient.RepCommandNotSupported, Requested: asked})
+	startReverse(t, anyPeer, "127.0.0.1:1", proxy.Addr())
+	for i := range 2 {
+		select {
+		case <-asked:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("BIND asked %d times; want it asked again after the refusal", i)
+		}
+	}
+}
+
 // TestReverseRefusedHint: REP 2 to the BIND names Dante's bind and
 // bindreply rules.
 func TestReverseRefusedHint(t *testing.T) {
@@ -334,6 +353,28 @@ func TestReverseNoSecondReply(t *testing.T) {
 	defer cancel()
 	if err := run.r.Shutdown(ctx); err != nil {
 		t.Fatalf("Shutdown: %v", err)
+	}
+	if n := run.r.Stats().Sessions.Load(); n != 0 {
+		t.Errorf("%d sessions, want none", n)
+	}
+}
+
+// TestReverseUnexpectedPeer: with a bind_address, a caller from another
+// address (which this server lets through) is closed, not relayed,
+// counted, and the forward listens again at once.
+func TestReverseUnexpectedPeer(t *testing.T) {
+	proxy := newSocks(t, sockstest.Config{})
+	run := startReverse(t, socksclient.Addr{IP: netip.MustParseAddr("192.0.2.1")}, testnet.Echo(t).Addr().String(), proxy.Addr())
+	addr := run.next(t)
+	c := dialCaller(t, addr) // from 127.0.0.1
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write([]byte("hello"))
+	if n, err := c.Read(make([]byte, 5)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a caller from the wrong address read %d bytes, %v; want the connection closed", n, err)
+	}
+	run.next(t)
+	if n := run.r.Stats().Failures[CauseSecondReply].Load(); n != 1 {
+		t.Errorf("second_reply failures %d, want 1", n)
 	}
 	if n := run.r.Stats().Sessions.Load(); n != 0 {
 		t.Errorf("%d sessions, want none", n)

@@ -645,9 +645,9 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 		if old.cfg.IdleTimeout != p.cfg.IdleTimeout {
 			svc.SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
 		}
-		if !slices.Equal(old.cfg.Server, p.cfg.Server) {
-			svc.Retry() // another upstream may have BIND
-		}
+		// A reload is how a user says "try again": other upstreams, or the
+		// same ones restarted, fixed or given new credentials.
+		svc.Retry()
 	case *adminServer:
 		if old.cfg.AdminPprof != p.cfg.AdminPprof {
 			svc.SetPprof(p.cfg.AdminPprof)
