@@ -167,6 +167,36 @@ func (d *daemon) reload(path, config string, n int) map[string]any {
 	return d.waitFor("reload", n)
 }
 
+// TestStopDeadlineCoversRemovedListeners: SIGTERM's --shutdown-timeout
+// also ends the drain of a listener an earlier reload removed under a
+// longer timeout.
+func TestStopDeadlineCoversRemovedListeners(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	a := newSocks(t)
+	p1, p2 := freePort(t), freePort(t)
+	conf := func(timeout string, ports ...string) string {
+		locals := make([]string, len(ports))
+		for i, p := range ports {
+			locals[i] = fmt.Sprintf("%q", "127.0.0.1:"+p+":"+echo)
+		}
+		return fmt.Sprintf("server = [%q]\nlocal = [%s]\nshutdown-timeout = %q\n", a.Addr(), strings.Join(locals, ", "), timeout)
+	}
+	path := filepath.Join(t.TempDir(), "socksfwd.toml")
+	if err := os.WriteFile(path, []byte(conf("1h", p1, p2)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", path)
+	d.waitFor("forwarding", 2)
+	hold(t, "127.0.0.1:"+p2) // keeps the removed listener draining
+	d.reload(path, conf("200ms", p1), 1)
+	start := time.Now()
+	d.stop()
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("SIGTERM took %s with a 200ms --shutdown-timeout", took)
+	}
+}
+
 func freePort(t *testing.T) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -687,6 +687,14 @@ func (s *supervisor) drainAll(sigs <-chan os.Signal) error {
 	s.tel.draining.Store(true)
 	ctx, cancel := context.WithTimeout(s.cutCtx, time.Duration(s.plan.cfg.ShutdownTimeout))
 	defer cancel()
+	// Listeners an earlier reload removed may still drain under that
+	// reload's (longer) timeout: this one's deadline ends them too.
+	stop := context.AfterFunc(ctx, func() {
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			s.cut()
+		}
+	})
+	defer stop()
 	var wg sync.WaitGroup
 	var timedOut sync.Once
 	var admins []*unit
