@@ -74,3 +74,17 @@ func (e unsupportedError) Error() string {
 }
 
 func (e unsupportedError) Is(target error) bool { return target == ErrCommandNotSupported }
+
+// unsupportedCommand returns the command err says the server does not
+// support (REP 7, or a close instead of a reply), if it says so.
+func unsupportedCommand(err error) (Command, bool) {
+	var re *ReplyError
+	if errors.As(err, &re) && re.Code == RepCommandNotSupported {
+		return re.Cmd, true
+	}
+	var ue unsupportedError
+	if errors.As(err, &ue) {
+		return ue.cmd, true
+	}
+	return 0, false
+}

@@ -579,6 +579,11 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		// lost race, the caller's deadline or the handshake timeout alike).
 		return nil
 	case !waited:
+		if cmd, ok := unsupportedCommand(err); ok && cmd != CmdConnect {
+			// A proxy without BIND or UDP ASSOCIATE (ssh -D) still serves
+			// CONNECT: the next one is tried, and this one stays up.
+			return nil
+		}
 		if IsUpstreamFailure(err) {
 			return err
 		}

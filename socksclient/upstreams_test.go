@@ -336,6 +336,23 @@ func TestHedgeTargetAnswer(t *testing.T) {
 			t.Fatalf("state changes %q", log.String())
 		}
 	})
+	// REP 7 to BIND: the next proxy is tried, and one without BIND (as
+	// ssh -D) stays up for the CONNECTs it serves.
+	synctest.Test(t, func(t *testing.T) {
+		noBind := &fakeProxy{name: "nobind:1080", rep: RepCommandNotSupported}
+		ok := &fakeProxy{name: "ok:1080"}
+		var log stateLog
+		u := group(&log, noBind, ok)
+		b, d, err := u.Bind(context.Background(), testTarget)
+		if err != nil || d == nil || d.ProxyAddr != "ok:1080" {
+			t.Fatalf("Bind: %v through %v; want ok:1080", err, d)
+		}
+		b.Close()
+		synctest.Wait()
+		if log.String() != "" {
+			t.Fatalf("state changes %q; want none", log.String())
+		}
+	})
 }
 
 // TestHedgeBothAnswer: when the hedge and the primary both complete, one
