@@ -197,6 +197,37 @@ func TestStopDeadlineCoversRemovedListeners(t *testing.T) {
 	}
 }
 
+// TestReloadNamesNewCredentials: a new password in --server-password-file
+// is taken by a reload, and the reload line says so without showing it.
+func TestReloadNamesNewCredentials(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	dir := t.TempDir()
+	pw := filepath.Join(dir, "pw")
+	if err := os.WriteFile(pw, []byte("old-secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	conf := fmt.Sprintf("server = [%q]\nserver-user = \"u\"\nserver-password-file = %q\nlocal = [%q]\n",
+		newSocks(t).Addr(), pw, "127.0.0.1:"+freePort(t)+":"+echo)
+	path := filepath.Join(dir, "socksfwd.toml")
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", path)
+	d.waitFor("forwarding", 1)
+	if err := os.WriteFile(pw, []byte("new-secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	line := d.reload(path, conf, 1)
+	if changes := fmt.Sprint(line["changes"]); !strings.Contains(changes, "upstream credentials") {
+		t.Errorf("changes = %v, want the upstream credentials named", changes)
+	}
+	if strings.Contains(d.dump(), "secret") {
+		t.Errorf("a password reached the log:%s", d.dump())
+	}
+	d.stop()
+}
+
 func freePort(t *testing.T) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

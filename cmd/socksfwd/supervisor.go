@@ -493,6 +493,9 @@ func (s *supervisor) reloadNow() error {
 	s.observeUpstreams(p)
 	if !slices.Equal(old.cfg.Server, p.cfg.Server) {
 		changes = append(changes, fmt.Sprintf("upstreams [%s] → [%s]", redactedServers(old.cfg.Server), redactedServers(p.cfg.Server)))
+	} else if !sameCredentials(old.dialers, p.dialers) {
+		// --server-user, or a password file read afresh: named, never shown.
+		changes = append(changes, "upstream credentials")
 	}
 	if old.cfg.HandshakeTimeout != p.cfg.HandshakeTimeout {
 		changes = append(changes, fmt.Sprintf("handshake-timeout %s → %s", time.Duration(old.cfg.HandshakeTimeout), time.Duration(p.cfg.HandshakeTimeout)))
@@ -736,6 +739,14 @@ func (s *supervisor) drainAll(sigs <-chan os.Signal) error {
 			return errSecondSignal
 		}
 	}
+}
+
+// sameCredentials reports whether two lists of the same upstreams carry
+// the same user names and passwords.
+func sameCredentials(a, b []*socksclient.Dialer) bool {
+	return slices.EqualFunc(a, b, func(x, y *socksclient.Dialer) bool {
+		return x.Username == y.Username && x.Password == y.Password
+	})
 }
 
 func redactedServers(servers []string) string {
