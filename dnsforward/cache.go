@@ -52,7 +52,8 @@ func newCache(size int) *cache {
 
 // keyOf fills k with the cache key of a query, and reports false for
 // queries that are not cacheable (not exactly one question, not a
-// standard query).
+// standard query, an EDNS version other than 0: the resolver answers
+// those BADVERS, which no other query may share).
 func keyOf(q *dns.Msg, k *questionKey) bool {
 	if len(q.Question) != 1 || q.Opcode != dns.OpcodeQuery {
 		return false
@@ -63,18 +64,28 @@ func keyOf(q *dns.Msg, k *questionKey) bool {
 	if err != nil {
 		return false
 	}
-	do := false
-	if opt := q.IsEdns0(); opt != nil {
-		do = opt.Do()
+	var flags byte
+	if q.CheckingDisabled {
+		flags |= keyCD
 	}
-	return k.set(name[:n], qu.Qtype, qu.Qclass, do)
+	if opt := q.IsEdns0(); opt != nil {
+		if opt.Version() != 0 {
+			return false
+		}
+		flags |= keyEDNS
+		if opt.Do() {
+			flags |= keyDO
+		}
+	}
+	return k.set(name[:n], qu.Qtype, qu.Qclass, flags, q.RecursionDesired)
 }
 
 func (c *cache) hash(k *questionKey) uint64 { return maphash.Bytes(c.seed, k.bytes()) }
 
 // appendAnswer appends the cached answer to k to dst, made the query's
-// own: its ID, the question's name as the client wrote it (case and all),
-// and the TTLs counted down. It returns the answer's RCODE.
+// own: its ID, RD and CD bits, the question's name as the client wrote it
+// (case and all), and the TTLs counted down. It returns the answer's
+// RCODE.
 func (c *cache) appendAnswer(dst []byte, k *questionKey, id uint16) ([]byte, int, bool) {
 	h := c.hash(k)
 	e, ok := c.lru.Get(h)
@@ -90,6 +101,7 @@ func (c *cache) appendAnswer(dst []byte, k *questionKey, id uint16) ([]byte, int
 	dst = append(dst, e.wire...)
 	out := dst[base:]
 	binary.BigEndian.PutUint16(out, id)
+	k.setFlags(out)
 	copy(out[headerLen:e.qnameEnd], k.asked()) // the same length: the keys matched
 	if elapsed := uint32(now.Sub(e.stored) / time.Second); elapsed > 0 {
 		for _, off := range e.ttls {
@@ -132,7 +144,9 @@ func (c *cache) put(k *questionKey, resp *dns.Msg) (evicted bool) {
 // that pushed another answer out.
 func (c *cache) putWire(k *questionKey, wire []byte) (evicted bool) {
 	l, err := answerLayout(wire, nil)
-	if err != nil || !answers(wire, l.qnameEnd, k) {
+	// An OPT record only for a query with one (RFC 6891 §7): a resolver
+	// that adds one anyway is not replayed.
+	if err != nil || !answers(wire, l.qnameEnd, k) || l.opt && !k.edns() {
 		return false
 	}
 	ttl, ok := l.cacheTTL()
@@ -148,7 +162,7 @@ func (c *cache) putWire(k *questionKey, wire []byte) (evicted bool) {
 // any case, type, class): a hit writes the asked name over the answer's.
 func answers(wire []byte, qnameEnd int, k *questionKey) bool {
 	name := wire[headerLen:qnameEnd]
-	if len(name) != k.nlen || !bytes.EqualFold(name, k.name[:k.nlen]) {
+	if !equalFoldASCII(name, k.asked()) {
 		return false
 	}
 	return bytes.Equal(wire[qnameEnd:qnameEnd+4], k.key[k.nlen:k.nlen+4])

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -99,6 +100,10 @@ type Stats struct {
 	// udp: read errors that did not end the association (an ICMP port
 	// unreachable from the relay reads as ECONNREFUSED).
 	UDPReadErrors atomic.Int64
+	// Mismatched: answers dropped as not their query's: on tcp, under its
+	// ID but to another question (a late answer to an earlier query that
+	// had the ID); on udp, from another source than the resolver asked.
+	Mismatched atomic.Int64
 
 	// Queries by the client's transport; they add up to Queries.
 	QueriesUDP, QueriesTCP atomic.Int64
@@ -297,9 +302,10 @@ func causeOf(err error) string {
 	return msg
 }
 
-// Exchange forwards q to the resolvers in order within the whole-query
-// timeout (see tryResolvers).
+// Exchange forwards q, without EDNS options (see upstreamQuery), to the
+// resolvers in order within the whole-query timeout (see tryResolvers).
 func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
+	q = upstreamQuery(q)
 	var resp *dns.Msg
 	err := f.tryResolvers(ctx, func(ctx context.Context, i int, pool *tcpPool) (err error) {
 		resp, err = f.attempt(ctx, i, pool, q)
@@ -327,6 +333,34 @@ func (f *Forwarder) exchangeWire(ctx context.Context, query []byte) ([]byte, err
 		return nil, err
 	}
 	return answer, nil
+}
+
+// upstreamQuery is q as the forwarder sends it: its OPT record, if any,
+// without options, q itself when there are none. The forwarder is the
+// resolver's client, not the app's stand-in, and answers are shared
+// through the cache and merged misses: a COOKIE is between a client and
+// its server (RFC 7873), a CLIENT-SUBNET makes the answer one client's
+// (RFC 7871), and no other option is part of the cache key either.
+func upstreamQuery(q *dns.Msg) *dns.Msg {
+	i := slices.IndexFunc(q.Extra, hasEDNSOptions)
+	if i < 0 {
+		return q
+	}
+	c := *q // q is the caller's: a shallow copy with new OPT records
+	c.Extra = slices.Clone(q.Extra)
+	for j, rr := range c.Extra[i:] {
+		if hasEDNSOptions(rr) {
+			opt := *rr.(*dns.OPT)
+			opt.Option = nil
+			c.Extra[i+j] = &opt
+		}
+	}
+	return &c
+}
+
+func hasEDNSOptions(rr dns.RR) bool {
+	opt, ok := rr.(*dns.OPT)
+	return ok && len(opt.Option) > 0
 }
 
 // wellFormed reports whether an answer parses: as the cache reads
@@ -459,15 +493,16 @@ func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, int, erro
 		return nil, 0, ErrOverloaded
 	}
 	defer f.inFlight.Add(-1)
+	upstream := upstreamWire(query, k)
 	if f.cache == nil {
-		answer, err := f.exchangeWire(context.Background(), query)
+		answer, err := f.exchangeWire(context.Background(), upstream)
 		if err != nil {
 			return nil, 0, err
 		}
 		return answer, rcodeOf(answer), nil
 	}
 	v, err, shared := f.flight.Do(string(k.bytes()), func() (any, error) {
-		answer, err := f.exchangeWire(context.Background(), query)
+		answer, err := f.exchangeWire(context.Background(), upstream)
 		if err == nil && f.cache.putWire(k, bytes.Clone(answer)) {
 			f.stats.CacheEvictions.Add(1)
 		}
@@ -484,12 +519,15 @@ func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, int, erro
 			answer = bytes.Clone(v) // other callers hold the same bytes
 		}
 	case *dns.Msg: // a query of the message path asked first (resolve)
-		if answer, err = v.Copy().Pack(); err != nil {
-			return nil, 0, err
+		m := v.Copy()
+		m.Compress = true // unpacked, it may exceed 64 KiB written out in full
+		if answer, err = m.Pack(); err != nil {
+			return nil, 0, fmt.Errorf("packing the shared answer: %w", err)
 		}
 	}
 	binary.BigEndian.PutUint16(answer, id)
-	if end, ok := plainNameEnd(answer, headerLen); ok && binary.BigEndian.Uint16(answer[4:]) == 1 && bytes.EqualFold(answer[headerLen:end], k.asked()) {
+	k.setFlags(answer)
+	if end, ok := plainNameEnd(answer, headerLen); ok && binary.BigEndian.Uint16(answer[4:]) == 1 && equalFoldASCII(answer[headerLen:end], k.asked()) {
 		copy(answer[headerLen:], k.asked()) // the leader's answer may have another case
 	}
 	return answer, rcodeOf(answer), nil
@@ -505,9 +543,12 @@ func rcodeOf(answer []byte) int {
 	return int(answer[3] & 0xF)
 }
 
-// answerFor makes a shared or cached answer q's own: its ID and question.
+// answerFor makes a shared or cached answer q's own: its ID, RD and CD
+// bits, and question.
 func answerFor(q, m *dns.Msg) *dns.Msg {
 	m.Id = q.Id
+	m.RecursionDesired = q.RecursionDesired
+	m.CheckingDisabled = q.CheckingDisabled
 	m.Question = append(m.Question[:0], q.Question...)
 	return m
 }
@@ -595,8 +636,13 @@ func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	f.countResponse(resp.Rcode)
 	if udp {
 		// A UDP client gets what fits its buffer, with TC=1 if cut, and
-		// retries over TCP for the whole answer (RFC 7766 §5).
+		// retries over TCP for the whole answer (RFC 7766 §5). Truncate
+		// compresses an answer that does not fit uncompressed.
 		resp.Truncate(clientUDPSize(r))
+	} else {
+		// Answers arrive compressed and are unpacked: written out in full,
+		// one may exceed the 65535 bytes a TCP message can hold.
+		resp.Compress = true
 	}
 	w.WriteMsg(resp)
 }
@@ -653,6 +699,9 @@ func (f *Forwarder) serveWire(w dns.ResponseWriter, query []byte) bool {
 			w.WriteMsg(m)
 			return true
 		}
+		// Records miekg/dns cannot read cannot be cut one by one: the
+		// header and question only; the client asks again over TCP.
+		answer = truncatedWire(answer, &k)
 	}
 	w.Write(answer)
 	return true

@@ -2,6 +2,7 @@ package dnsforward
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -274,7 +275,7 @@ func (p *tcpPool) dialNew(ctx context.Context) (*pipeConn, error) {
 		conn.Close()
 		return nil, errForwarderClosed
 	}
-	pc := &pipeConn{conn: conn, pool: p, pending: make(map[uint16]chan []byte), nextID: uint16(time.Now().UnixNano())}
+	pc := &pipeConn{conn: conn, pool: p, pending: make(map[uint16]pendingQuery), nextID: uint16(time.Now().UnixNano())}
 	p.conns = append(p.conns, pc)
 	p.wg.Go(func() { pc.readAnswers(p.idleTimeout) })
 	return p.take(pc), nil
@@ -353,9 +354,18 @@ type pipeConn struct {
 	flushing bool
 
 	mu      sync.Mutex
-	pending map[uint16]chan []byte
+	pending map[uint16]pendingQuery
 	nextID  uint16
 	err     error // why it died
+}
+
+// pendingQuery is a query on a connection waiting for its answer.
+type pendingQuery struct {
+	ch chan []byte
+	// question is the query's question section in wire form (nil when it
+	// has no plain one): an answer under the query's ID to another
+	// question is a late answer to an earlier query that had the ID.
+	question []byte
 }
 
 // exchange writes the query in wire under a connection-unique ID (wire
@@ -379,7 +389,7 @@ func (c *pipeConn) exchange(ctx context.Context, wire []byte) ([]byte, error) {
 		}
 	}
 	c.nextID = id
-	c.pending[id] = ch
+	c.pending[id] = pendingQuery{ch: ch, question: questionOf(wire)}
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
@@ -401,6 +411,37 @@ func (c *pipeConn) exchange(ctx context.Context, wire []byte) ([]byte, error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// questionOf is the question section (name, type, class) of a query in
+// wire form, nil unless it has exactly one question with a plain name.
+func questionOf(query []byte) []byte {
+	if len(query) < headerLen || binary.BigEndian.Uint16(query[4:]) != 1 {
+		return nil
+	}
+	end, ok := plainNameEnd(query, headerLen)
+	if !ok || end+4 > len(query) {
+		return nil
+	}
+	return query[headerLen : end+4]
+}
+
+// answersQuestion reports whether answer may be to the question section
+// question (see questionOf): false only when it has one question, readable,
+// and that is another name (in any case), type or class. An answer without
+// a question (FORMERR and the like) has nothing to compare, nor has a
+// query without a plain question (nil); an answer whose question does not
+// read is delivered to fail its query as malformed.
+func answersQuestion(answer, question []byte) bool {
+	if question == nil || binary.BigEndian.Uint16(answer[4:]) != 1 {
+		return true
+	}
+	end, ok := plainNameEnd(answer, headerLen)
+	if !ok || end+4 > len(answer) {
+		return true
+	}
+	n := len(question) - 4
+	return equalFoldASCII(answer[headerLen:end], question[:n]) && bytes.Equal(answer[end:end+4], question[n:])
 }
 
 // packWithID packs q under another ID without copying it: the ID is
@@ -482,13 +523,19 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 		}
 		id := binary.BigEndian.Uint16(resp)
 		c.mu.Lock()
-		ch, ok := c.pending[id]
+		pq, ok := c.pending[id]
+		if ok && !answersQuestion(resp, pq.question) {
+			// The ID came round again (or the resolver erred): dropped,
+			// and the query waits on for its own answer.
+			ok = false
+			c.pool.stats.Mismatched.Add(1)
+		}
 		if ok {
 			delete(c.pending, id)
 		}
 		c.mu.Unlock()
 		if ok {
-			ch <- resp
+			pq.ch <- resp
 			if answered++; answered == 1 {
 				c.pool.answered()
 			}
@@ -531,8 +578,8 @@ func (c *pipeConn) fail(err error) {
 	c.err = err
 	c.dead.Store(true)
 	c.conn.Close()
-	for id, ch := range c.pending {
-		close(ch)
+	for id, pq := range c.pending {
+		close(pq.ch)
 		delete(c.pending, id)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -47,15 +48,20 @@ type fakeRelay struct {
 	// writeErrors: the first writes fail with ECONNREFUSED (the datagram
 	// does not leave), as after an ICMP error for an earlier one.
 	writeErrors atomic.Int64
+	// forge: a forged answer from another address comes before each
+	// real one.
+	forge bool
+	ids   chan uint16 // the ID of each query answered
 }
 
 type fakeRead struct {
-	msg []byte
-	err error
+	msg  []byte
+	from socksclient.Addr // the sender, as the relay names it
+	err  error
 }
 
 func newFakeRelay() *fakeRelay {
-	return &fakeRelay{reads: make(chan fakeRead, 64), failing: make(chan struct{}), closed: make(chan struct{})}
+	return &fakeRelay{reads: make(chan fakeRead, 64), failing: make(chan struct{}), closed: make(chan struct{}), ids: make(chan uint16, 64)}
 }
 
 func (r *fakeRelay) WritePacket(buf []byte, off int, dst socksclient.Addr) error {
@@ -84,7 +90,22 @@ func (r *fakeRelay) WritePacket(buf []byte, off int, dst socksclient.Addr) error
 	for range r.errorsFirst {
 		r.reads <- fakeRead{err: refused}
 	}
-	r.reads <- fakeRead{msg: out}
+	if r.forge {
+		// An off-path sender that guessed the ID: another address, same
+		// ID and question, another address record.
+		forged := m.Copy()
+		forged.Answer[0].(*dns.A).A = net.IPv4(203, 0, 113, 66)
+		fout, err := forged.Pack()
+		if err != nil {
+			return err
+		}
+		r.reads <- fakeRead{msg: fout, from: socksclient.Addr{IP: netip.MustParseAddr("203.0.113.66"), Port: dst.Port}}
+	}
+	r.reads <- fakeRead{msg: out, from: dst}
+	select {
+	case r.ids <- q.Id:
+	default: // a test that does not read them
+	}
 	return nil
 }
 
@@ -100,7 +121,7 @@ func (r *fakeRelay) ReadPacket(buf []byte) (int, int, socksclient.Addr, error) {
 		if d.err != nil {
 			return 0, 0, socksclient.Addr{}, d.err
 		}
-		return 0, copy(buf, d.msg), socksclient.Addr{}, nil
+		return 0, copy(buf, d.msg), d.from, nil
 	case <-r.failing:
 		return 0, 0, socksclient.Addr{}, refused
 	case <-r.closed:
@@ -386,6 +407,58 @@ func TestExchangeFailsOverOnConnectionClosed(t *testing.T) {
 		rerr, ok := errors.AsType[*ResolveError](err)
 		if !ok || len(rerr.Attempts) != 1 || !errors.Is(err, errForwarderClosed) || rerr.cause() != "192.0.2.53:53: shutting down" {
 			t.Fatalf("after Close: %v, want one attempt that says the forwarder is closed", err)
+		}
+	})
+}
+
+// TestUDPAnswerFromAnotherSourceDropped: an answer with the query's ID
+// and question from another address than the resolver's (an off-path
+// forgery) is dropped and counted; the query gets the resolver's answer.
+// Before, the forgery was taken.
+func TestUDPAnswerFromAnotherSourceDropped(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		relays := &fakeRelays{setup: func(int) *fakeRelay {
+			r := newFakeRelay()
+			r.forge = true
+			return r
+		}}
+		f := newFakeUDPForwarder(t, relays, 1)
+		defer f.Close()
+		resp, err := f.Exchange(context.Background(), query("forged.example", dns.TypeA, 8))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ip := resp.Answer[0].(*dns.A).A; !ip.Equal(net.IPv4(192, 0, 2, 9)) {
+			t.Errorf("answer %v, want the resolver's 192.0.2.9", ip)
+		}
+		if n := f.Stats().Mismatched.Load(); n != 1 {
+			t.Errorf("Mismatched = %d, want 1", n)
+		}
+	})
+}
+
+// TestUDPQueryIDsRandom: the IDs the udp transport sends are not a
+// sequence an off-path sender could follow.
+func TestUDPQueryIDsRandom(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		relays := &fakeRelays{}
+		f := newFakeUDPForwarder(t, relays, 1)
+		defer f.Close()
+		var ids []uint16
+		for i := range 32 {
+			if _, err := f.Exchange(context.Background(), query(fmt.Sprintf("q%d.example", i), dns.TypeA, 1)); err != nil {
+				t.Fatal(err)
+			}
+			ids = append(ids, <-relays.made[0].ids)
+		}
+		steps := 0
+		for i := 1; i < len(ids); i++ {
+			if ids[i] == ids[i-1]+1 {
+				steps++
+			}
+		}
+		if steps > 3 {
+			t.Errorf("IDs %v: %d of %d follow the one before", ids, steps, len(ids)-1)
 		}
 	})
 }

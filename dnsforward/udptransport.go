@@ -2,9 +2,12 @@ package dnsforward
 
 import (
 	"context"
+	crand "crypto/rand"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"syscall"
@@ -21,9 +24,11 @@ const maxUDPSends = 8
 
 // udpTransport sends queries as datagrams through one long-lived UDP
 // ASSOCIATE shared by every query and resolver; answers are matched by ID
-// and question. A query unanswered after the retransmission timeout is
-// sent again, and a query whose association ends is sent again at once on
-// a new one, both within its deadline.
+// and question, and by source when the resolver is an IP address. IDs are
+// random (RFC 5452 §9.2), so an off-path sender has to guess one. A query
+// unanswered after the retransmission timeout is sent again, and a query
+// whose association ends is sent again at once on a new one, both within
+// its deadline.
 type udpTransport struct {
 	associate func(ctx context.Context) (relayConn, error)
 	rtts      []rttEstimator // per resolver, by index
@@ -35,8 +40,8 @@ type udpTransport struct {
 	mu      sync.Mutex
 	cur     *association   // the newest association, possibly ended
 	round   *associateCall // the handshake in progress, if any
-	pending map[udpKey]chan *dns.Msg
-	nextID  uint16
+	pending map[udpKey]udpPending
+	ids     *rand.ChaCha8 // query IDs; seeded from crypto/rand
 	closed  bool
 	wg      sync.WaitGroup
 }
@@ -96,14 +101,29 @@ type udpKey struct {
 	qtype uint16
 }
 
+// udpPending is a query waiting for its answer.
+type udpPending struct {
+	ch chan *dns.Msg
+	// from is where the answer must come from: the resolver's address when
+	// it is configured as one (else not valid, and not checked).
+	from netip.AddrPort
+}
+
 func newUDPTransport(associate func(ctx context.Context) (relayConn, error), resolvers int, stats *Stats) *udpTransport {
 	return &udpTransport{
 		associate: associate,
 		rtts:      make([]rttEstimator, resolvers),
 		stats:     stats,
-		pending:   make(map[udpKey]chan *dns.Msg),
-		nextID:    uint16(time.Now().UnixNano()),
+		pending:   make(map[udpKey]udpPending),
+		ids:       newIDSource(),
 	}
+}
+
+// newIDSource returns a generator of unpredictable query IDs.
+func newIDSource() *rand.ChaCha8 {
+	var seed [32]byte
+	crand.Read(seed[:]) // never fails (Go 1.24+)
+	return rand.NewChaCha8(seed)
 }
 
 // errNoUDPAssociate wraps a proxy without UDP ASSOCIATE with the advice to
@@ -195,16 +215,16 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 		return nil, err
 	}
 	ch := make(chan *dns.Msg, 1)
+	from, _ := resolver.AddrPort() // a name: the source is not known
 	t.mu.Lock()
 	var key udpKey
 	for {
-		t.nextID++
-		key = keyFor(t.nextID, q.Question[0])
+		key = keyFor(uint16(t.ids.Uint64()), q.Question[0])
 		if _, used := t.pending[key]; !used {
 			break
 		}
 	}
-	t.pending[key] = ch
+	t.pending[key] = udpPending{ch: ch, from: from}
 	t.mu.Unlock()
 	defer func() {
 		t.mu.Lock()
@@ -334,7 +354,7 @@ func (t *udpTransport) readAnswers(a *association) {
 		}
 	}()
 	for {
-		off, n, _, err := a.conn.ReadPacket(buf)
+		off, n, from, err := a.conn.ReadPacket(buf)
 		if err != nil {
 			if !a.conn.Alive() || errors.Is(err, net.ErrClosed) || errors.Is(err, socksclient.ErrAssociationClosed) {
 				return // closed or ended by the proxy: queries on it send again
@@ -365,15 +385,27 @@ func (t *udpTransport) readAnswers(a *association) {
 		}
 		key := keyFor(resp.Id, resp.Question[0])
 		t.mu.Lock()
-		ch, ok := t.pending[key]
+		p, ok := t.pending[key]
+		if ok && p.from.IsValid() && !sameAddrPort(from, p.from) {
+			// Not from the resolver asked: a forgery, dropped; the
+			// query waits on for the real answer.
+			ok = false
+			t.stats.Mismatched.Add(1)
+		}
 		if ok {
 			delete(t.pending, key)
 		}
 		t.mu.Unlock()
 		if ok {
-			ch <- resp
+			p.ch <- resp
 		}
 	}
+}
+
+// sameAddrPort reports whether the relay's sender address a is want.
+func sameAddrPort(a socksclient.Addr, want netip.AddrPort) bool {
+	ap, ok := a.AddrPort()
+	return ok && ap.Addr().Unmap() == want.Addr().Unmap() && ap.Port() == want.Port()
 }
 
 func (t *udpTransport) close() {

@@ -1,6 +1,7 @@
 package dnsforward
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"time"
@@ -13,23 +14,39 @@ import (
 const (
 	headerLen  = 12
 	maxNameLen = 255
-	// keyLen: a lower-cased name, type, class and the DO bit.
+	// keyLen: a lower-cased name, type, class and the key's flag byte.
 	keyLen = maxNameLen + 5
 	// maxMsgLen: offsets into a message fit in a uint16.
 	maxMsgLen = 0xFFFF
 )
 
+// The query's bits that select another answer: the key's last byte.
+const (
+	keyDO   = 1 << iota // DNSSEC OK: signatures in the answer (RFC 3225)
+	keyCD               // checking disabled: data the resolver did not validate (RFC 4035 §3.2.2)
+	keyEDNS             // an OPT record: the answer has one only then (RFC 6891 §7)
+)
+
+// Header flag bits the answer copies from the query (RFC 1035 §4.1.1,
+// RFC 4035 §3.1.6, RFC 6840 §5.9): RD in the third byte, CD in the fourth.
+const (
+	flagRD = 0x01
+	flagCD = 0x10
+)
+
 // questionKey is a query's question in wire form: the name as asked (case
-// kept, for the reply) and the cache key (name in lower case, type,
-// class, DNSSEC OK bit). Built on the stack, so a lookup allocates nothing.
+// kept, for the reply), the cache key (name in lower case, type, class,
+// keyDO|keyCD|keyEDNS) and the RD bit the answer echoes. Built on the
+// stack, so a lookup allocates nothing.
 type questionKey struct {
 	name [maxNameLen]byte
 	nlen int
 	key  [keyLen]byte
+	rd   bool
 }
 
 // set fills k from a wire-form name; false if the name is too long.
-func (k *questionKey) set(name []byte, qtype, qclass uint16, do bool) bool {
+func (k *questionKey) set(name []byte, qtype, qclass uint16, flags byte, rd bool) bool {
 	if len(name) > maxNameLen {
 		return false
 	}
@@ -43,10 +60,8 @@ func (k *questionKey) set(name []byte, qtype, qclass uint16, do bool) bool {
 	n := len(name)
 	binary.BigEndian.PutUint16(k.key[n:], qtype)
 	binary.BigEndian.PutUint16(k.key[n+2:], qclass)
-	k.key[n+4] = 0
-	if do {
-		k.key[n+4] = 1
-	}
+	k.key[n+4] = flags
+	k.rd = rd
 	return true
 }
 
@@ -55,6 +70,25 @@ func (k *questionKey) bytes() []byte { return k.key[:k.nlen+5] }
 
 // asked is the question's name as the client wrote it, in wire form.
 func (k *questionKey) asked() []byte { return k.name[:k.nlen] }
+
+// edns reports whether the query has an OPT record.
+func (k *questionKey) edns() bool { return k.key[k.nlen+4]&keyEDNS != 0 }
+
+// setFlags makes a packed answer's RD and CD bits the query's: a cached or
+// shared answer carries the first asker's.
+func (k *questionKey) setFlags(answer []byte) {
+	if len(answer) < headerLen {
+		return
+	}
+	answer[2] &^= flagRD
+	if k.rd {
+		answer[2] |= flagRD
+	}
+	answer[3] &^= flagCD
+	if k.key[k.nlen+4]&keyCD != 0 {
+		answer[3] |= flagCD
+	}
+}
 
 // wireQuery is what the cache needs of a query read from the network.
 type wireQuery struct {
@@ -90,7 +124,10 @@ func parseQuery(msg []byte, k *questionKey) (wireQuery, bool) {
 		return wireQuery{}, false
 	}
 	wq := wireQuery{id: h.ID, udpSize: dns.MinMsgSize}
-	do := false
+	var flags byte
+	if h.CheckingDisabled {
+		flags |= keyCD
+	}
 	if ar == 1 {
 		if p.SkipAllQuestions() != nil || p.SkipAllAnswers() != nil || p.SkipAllAuthorities() != nil {
 			return wireQuery{}, false
@@ -103,13 +140,48 @@ func parseQuery(msg []byte, k *questionKey) (wireQuery, bool) {
 		if p.SkipAdditional() != nil {
 			return wireQuery{}, false
 		}
-		do = rh.TTL&0x8000 != 0
+		flags |= keyEDNS
+		if rh.TTL&0x8000 != 0 {
+			flags |= keyDO
+		}
 		wq.udpSize = max(int(rh.Class), dns.MinMsgSize)
 	}
-	if !k.set(msg[headerLen:nameEnd], uint16(q.Type), uint16(q.Class), do) {
+	if !k.set(msg[headerLen:nameEnd], uint16(q.Type), uint16(q.Class), flags, h.RecursionDesired) {
 		return wireQuery{}, false
 	}
 	return wq, true
+}
+
+// upstreamWire is a plain query (see parseQuery, which filled k) as the
+// forwarder sends it: its OPT record without options (see
+// upstreamQuery). A new slice only when there were options to drop.
+func upstreamWire(query []byte, k *questionKey) []byte {
+	if !k.edns() {
+		return query
+	}
+	// parseQuery saw the OPT record right after the question: a root
+	// name, then type, class, TTL and RDLENGTH.
+	opt := headerLen + k.nlen + 4
+	if opt+11 > len(query) || binary.BigEndian.Uint16(query[opt+9:]) == 0 {
+		return query
+	}
+	out := bytes.Clone(query[:opt+11])
+	binary.BigEndian.PutUint16(out[opt+9:], 0)
+	return out
+}
+
+// truncatedWire is an answer cut to its header and the question of the
+// plain query (see parseQuery, which filled k), with TC=1: what a UDP
+// client gets of an answer too large for it that cannot be cut record by
+// record (RFC 2181 §9).
+func truncatedWire(answer []byte, k *questionKey) []byte {
+	out := make([]byte, headerLen, headerLen+k.nlen+4)
+	copy(out, answer[:headerLen])
+	out[2] |= 0x02 // TC
+	binary.BigEndian.PutUint16(out[4:], 1)
+	clear(out[6:headerLen])
+	out = append(out, k.asked()...)
+	return append(out, k.key[k.nlen:k.nlen+4]...)
 }
 
 // knownClass: the classes a cacheable question may ask for.
@@ -139,6 +211,28 @@ func plainNameEnd(msg []byte, off int) (int, bool) {
 }
 
 var errMalformed = errors.New("dns message malformed")
+
+// equalFoldASCII compares wire-form names as DNS does: ASCII letters in
+// any case (RFC 4343), every other byte as it is. (bytes.EqualFold folds
+// Unicode too: "\u212as" and "kſ" would be one name.)
+func equalFoldASCII(a, b []byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i, c := range a {
+		d := b[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if 'A' <= d && d <= 'Z' {
+			d += 'a' - 'A'
+		}
+		if c != d {
+			return false
+		}
+	}
+	return true
+}
 
 // skipName returns the offset after the (possibly compressed) name at off.
 func skipName(msg []byte, off int) (int, error) {
@@ -175,6 +269,10 @@ type layout struct {
 	soa            bool
 	soaTTL, soaMin uint32
 	truncated      bool
+	// typed: the answer section has a record of the question's type (not
+	// only a CNAME chain towards it).
+	typed bool
+	opt   bool // an OPT record
 }
 
 // answerLayout walks a packed answer with one question and records the
@@ -198,6 +296,7 @@ func answerLayout(msg []byte, ttls []uint16) (layout, error) {
 	an, ns := int(binary.BigEndian.Uint16(msg[6:])), int(binary.BigEndian.Uint16(msg[8:]))
 	records := an + ns + int(binary.BigEndian.Uint16(msg[10:]))
 	l.answers = an
+	qtype := binary.BigEndian.Uint16(msg[l.qnameEnd:])
 	off := l.qnameEnd + 4
 	ext := 0 // the extended RCODE's upper 8 bits
 	var err error
@@ -216,6 +315,7 @@ func answerLayout(msg []byte, ttls []uint16) (layout, error) {
 			return l, errMalformed
 		}
 		if rrtype == dns.TypeOPT {
+			l.opt = true
 			if i >= an+ns {
 				ext = int(ttl >> 24) // the last OPT's, as miekg/dns reads it
 			}
@@ -224,6 +324,9 @@ func answerLayout(msg []byte, ttls []uint16) (layout, error) {
 		l.ttls = append(l.ttls, uint16(rdata-6))
 		if i < an+ns {
 			l.minTTL = min(l.minTTL, ttl)
+		}
+		if i < an && (rrtype == qtype || qtype == dns.TypeANY) {
+			l.typed = true
 		}
 		// SOA RDATA ends with MINIMUM, after two names and four other
 		// 32-bit fields.
@@ -236,9 +339,11 @@ func answerLayout(msg []byte, ttls []uint16) (layout, error) {
 }
 
 // cacheTTL is how long an answer may be cached: as long as its records
-// allow (capped at maxTTL), a negative answer as long as its SOA says
-// (RFC 2308), a SERVFAIL briefly; never a truncated answer, another RCODE
-// or a negative answer without an SOA.
+// allow, a negative answer (NXDOMAIN, or NODATA: no record of the type
+// asked, perhaps after a CNAME chain) as long as its SOA and its records
+// allow (RFC 2308 §3, §5: the least of the SOA's TTL, its MINIMUM and the
+// chain's TTLs), both capped at maxTTL; a SERVFAIL briefly; never a
+// truncated answer, another RCODE or a negative answer without an SOA.
 func (l *layout) cacheTTL() (time.Duration, bool) {
 	if l.truncated {
 		return 0, false
@@ -250,11 +355,15 @@ func (l *layout) cacheTTL() (time.Duration, bool) {
 	default:
 		return 0, false
 	}
-	if l.rcode == dns.RcodeSuccess && l.answers > 0 {
-		return time.Duration(min(l.minTTL, uint32(maxTTL/time.Second))) * time.Second, true
+	ttl := l.minTTL
+	// A NOERROR answer with records but none of the type asked and an SOA
+	// is NODATA at the end of a CNAME chain; without the SOA it is kept as
+	// a positive answer, as before.
+	if l.rcode == dns.RcodeNameError || l.answers == 0 || !l.typed && l.soa {
+		if !l.soa {
+			return 0, false
+		}
+		ttl = min(ttl, l.soaTTL, l.soaMin)
 	}
-	if l.soa {
-		return time.Duration(min(l.soaTTL, l.soaMin)) * time.Second, true
-	}
-	return 0, false
+	return time.Duration(min(ttl, uint32(maxTTL/time.Second))) * time.Second, true
 }

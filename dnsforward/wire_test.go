@@ -21,20 +21,24 @@ func pack(t testing.TB, m *dns.Msg) []byte {
 
 // TestParseQueryKeyMatchesMiekg: the key read from the bytes is the key
 // of the unpacked query, so that both paths share cache entries; case is
-// kept for the reply and folded in the key; the DO bit and the type are
-// part of the key; the EDNS size is read, at least 512.
+// kept for the reply and folded in the key; the type, EDNS presence, the
+// DO and CD bits are part of the key; the EDNS size is read, at least 512.
 func TestParseQueryKeyMatchesMiekg(t *testing.T) {
 	plain := query("Www.Example.ORG", dns.TypeA, 0x1234)
 	do := query("www.example.org", dns.TypeA, 1)
 	do.SetEdns0(1232, true)
 	small := query("www.example.org", dns.TypeA, 1)
 	small.SetEdns0(100, false)
+	large := query("WWW.example.org", dns.TypeA, 1)
+	large.SetEdns0(4096, false)
 	aaaa := query("www.example.org", dns.TypeAAAA, 1)
+	cd := query("www.example.org", dns.TypeA, 1)
+	cd.CheckingDisabled = true
 	keys := map[string]string{}
 	for _, tc := range []struct {
 		q    *dns.Msg
 		size int
-	}{{plain, 512}, {do, 1232}, {small, 512}, {aaaa, 512}} {
+	}{{plain, 512}, {do, 1232}, {small, 512}, {large, 4096}, {aaaa, 512}, {cd, 512}} {
 		var fromWire, fromMsg questionKey
 		wq, ok := parseQuery(pack(t, tc.q), &fromWire)
 		if !ok {
@@ -46,16 +50,16 @@ func TestParseQueryKeyMatchesMiekg(t *testing.T) {
 		if wq.id != tc.q.Id || wq.udpSize != tc.size {
 			t.Errorf("%v: id %d size %d, want %d %d", tc.q.Question, wq.id, wq.udpSize, tc.q.Id, tc.size)
 		}
-		keys[string(fromWire.bytes())] = tc.q.Question[0].String()
+		keys[string(fromWire.bytes())] = tc.q.String()
 	}
 	var k questionKey
 	parseQuery(pack(t, plain), &k)
 	if !bytes.Equal(k.asked(), []byte("\x03Www\x07Example\x03ORG\x00")) {
 		t.Errorf("asked name % x: case not kept", k.asked())
 	}
-	// plain and small differ only in case and EDNS size: one key.
-	if len(keys) != 3 {
-		t.Errorf("%d distinct keys, want 3 (type and DO bit count, case and EDNS size do not): %v", len(keys), keys)
+	// small and large differ only in case and EDNS size: one key.
+	if len(keys) != 5 {
+		t.Errorf("%d distinct keys, want 5 (type, EDNS, DO and CD bits count, case and EDNS size do not): %v", len(keys), keys)
 	}
 }
 

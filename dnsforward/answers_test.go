@@ -1,0 +1,417 @@
+package dnsforward
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// scriptResolver answers DNS over TCP on in-memory connections with the
+// frames reply returns for each query (echoReply's when reply is nil);
+// with hold set, every answer waits until hold is closed. It keeps the
+// queries it read.
+type scriptResolver struct {
+	reply func(q *dns.Msg) [][]byte
+	hold  chan struct{}
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	seen  []*dns.Msg
+}
+
+func (r *scriptResolver) dial(ctx context.Context) (net.Conn, error) {
+	client, server := net.Pipe()
+	r.wg.Go(func() {
+		defer server.Close()
+		var (
+			lenBuf  [2]byte
+			wmu     sync.Mutex
+			answers sync.WaitGroup
+		)
+		defer answers.Wait()
+		for {
+			q, err := readTCPMessage(server, &lenBuf)
+			if err != nil || q == nil {
+				return
+			}
+			r.mu.Lock()
+			r.seen = append(r.seen, q)
+			r.mu.Unlock()
+			answers.Go(func() { // each on its own: a held answer holds up no read
+				if r.hold != nil {
+					<-r.hold
+				}
+				frames := [][]byte{packed(echoReply(q))}
+				if r.reply != nil {
+					frames = r.reply(q)
+				}
+				wmu.Lock()
+				defer wmu.Unlock()
+				for _, b := range frames {
+					if _, err := server.Write(append(binary.BigEndian.AppendUint16(nil, uint16(len(b))), b...)); err != nil {
+						return
+					}
+				}
+			})
+		}
+	})
+	return client, nil
+}
+
+func (r *scriptResolver) queries() []*dns.Msg {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]*dns.Msg(nil), r.seen...)
+}
+
+func packed(m *dns.Msg) []byte {
+	m.Compress = true
+	b, err := m.Pack()
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// echoReply answers A 192.0.2.7 as a resolver does: RD and CD copied, and
+// to a query with EDNS an OPT record that echoes the query's options (a
+// COOKIE server echoes the client cookie, a CLIENT-SUBNET one the
+// subnet), or BADVERS to an EDNS version other than 0.
+func echoReply(q *dns.Msg) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetReply(q)
+	m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(192, 0, 2, 7)})
+	if opt := q.IsEdns0(); opt != nil {
+		m.SetEdns0(opt.UDPSize(), opt.Do())
+		m.IsEdns0().Option = opt.Option
+		if opt.Version() != 0 {
+			m.Answer = nil
+			m.Rcode = dns.RcodeBadVers
+		}
+	}
+	return m
+}
+
+// newScriptForwarder is a tcp-transport forwarder to one scriptResolver
+// (with reply and hold as given), with a cache of cacheSize answers.
+func newScriptForwarder(t *testing.T, cacheSize int, reply func(q *dns.Msg) [][]byte, hold chan struct{}) (*Forwarder, *scriptResolver) {
+	t.Helper()
+	f, err := New(Config{
+		Resolvers: documentationResolvers(t, 1),
+		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "192.0.2.1:1080"}),
+		Timeout:   10 * time.Second,
+		CacheSize: cacheSize,
+		Logger:    zerolog.New(io.Discard),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := &scriptResolver{reply: reply, hold: hold}
+	f.pools[0].dial = res.dial
+	t.Cleanup(func() {
+		f.Close()
+		res.wg.Wait()
+	})
+	return f, res
+}
+
+// askWire resolves q by the wire path (the UDP fast path's) and unpacks
+// the answer.
+func askWire(t *testing.T, f *Forwarder, q *dns.Msg) *dns.Msg {
+	t.Helper()
+	b := pack(t, q)
+	var k questionKey
+	if _, ok := parseQuery(b, &k); !ok {
+		t.Fatalf("%v: not a plain query", q.Question)
+	}
+	answer, _, err := f.resolveWire(b, &k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := new(dns.Msg)
+	if err := m.Unpack(answer); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func askMsg(t *testing.T, f *Forwarder, q *dns.Msg) *dns.Msg {
+	t.Helper()
+	m, err := f.Resolve(context.Background(), q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func flagged(name string, id uint16, rd, cd bool) *dns.Msg {
+	q := query(name, dns.TypeA, id)
+	q.RecursionDesired, q.CheckingDisabled = rd, cd
+	return q
+}
+
+// TestCacheKeyHasCDAndAnswersMirrorRDCD: an answer to a CD=1 query
+// (data the resolver did not validate) is neither cached for nor merged
+// with CD=0 queries; and an answer from the cache or shared with a
+// concurrent miss carries the asking query's RD and CD bits, not the
+// first asker's. Before, a CD=1 query fed CD=0 clients unvalidated data.
+func TestCacheKeyHasCDAndAnswersMirrorRDCD(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, res := newScriptForwarder(t, 10, nil, nil)
+		if m := askWire(t, f, flagged("a.example", 1, true, true)); !m.CheckingDisabled {
+			t.Fatal("CD=1 query answered CD=0")
+		}
+		if m := askMsg(t, f, flagged("a.example", 2, true, false)); len(res.queries()) != 2 || m.CheckingDisabled {
+			t.Fatalf("CD=0 query after a CD=1 one: %d upstream queries, answer CD=%v; want its own query and CD=0", len(res.queries()), m.CheckingDisabled)
+		}
+		for _, rd := range []bool{false, true} {
+			for _, cd := range []bool{false, true} {
+				for path, ask := range map[string]func(*testing.T, *Forwarder, *dns.Msg) *dns.Msg{"wire": askWire, "message": askMsg} {
+					m := ask(t, f, flagged("a.example", 3, rd, cd))
+					if m.RecursionDesired != rd || m.CheckingDisabled != cd {
+						t.Errorf("%s hit for RD=%v CD=%v: answer RD=%v CD=%v", path, rd, cd, m.RecursionDesired, m.CheckingDisabled)
+					}
+				}
+			}
+		}
+		if n := len(res.queries()); n != 2 {
+			t.Errorf("%d upstream queries, want the rest from the cache", n)
+		}
+	})
+	// Concurrent misses: the leader asks RD=1; followers get their own RD,
+	// and a CD=1 follower is not merged.
+	synctest.Test(t, func(t *testing.T) {
+		hold := make(chan struct{})
+		f, res := newScriptForwarder(t, 10, nil, hold)
+		var asking sync.WaitGroup
+		var leader, wireRD0, msgRD0, msgCD *dns.Msg
+		asking.Go(func() { leader = askWire(t, f, flagged("b.example", 1, true, false)) })
+		synctest.Wait() // the resolver holds the leader's query
+		asking.Go(func() { wireRD0 = askWire(t, f, flagged("b.example", 2, false, false)) })
+		asking.Go(func() { msgRD0 = askMsg(t, f, flagged("b.example", 3, false, false)) })
+		asking.Go(func() { msgCD = askMsg(t, f, flagged("b.example", 4, true, true)) })
+		synctest.Wait()
+		close(hold)
+		asking.Wait()
+		if n := len(res.queries()); n != 2 {
+			t.Errorf("%d upstream queries, want 2 (CD=0 merged, CD=1 apart)", n)
+		}
+		if !leader.RecursionDesired || wireRD0.RecursionDesired || msgRD0.RecursionDesired {
+			t.Errorf("RD: leader %v, followers %v %v; want true, false, false", leader.RecursionDesired, wireRD0.RecursionDesired, msgRD0.RecursionDesired)
+		}
+		if !msgCD.CheckingDisabled || leader.CheckingDisabled {
+			t.Errorf("CD: CD=1 query answered CD=%v, leader CD=%v", msgCD.CheckingDisabled, leader.CheckingDisabled)
+		}
+	})
+}
+
+// withOptions is q with EDNS (size 1232, DO=0) and a COOKIE and a
+// CLIENT-SUBNET option.
+func withOptions(q *dns.Msg) *dns.Msg {
+	q.SetEdns0(1232, false)
+	q.IsEdns0().Option = []dns.EDNS0{
+		&dns.EDNS0_COOKIE{Code: dns.EDNS0COOKIE, Cookie: "0102030405060708"},
+		&dns.EDNS0_SUBNET{Code: dns.EDNS0SUBNET, Family: 1, SourceNetmask: 24, Address: net.IPv4(198, 51, 100, 0).To4()},
+	}
+	return q
+}
+
+// TestEDNSNotShared: the forwarder asks the resolver without the client's
+// EDNS options (COOKIE, CLIENT-SUBNET), so what is cached or shared holds
+// nothing of one client's; EDNS presence is part of the key, so a client
+// without EDNS gets no OPT record (RFC 6891 §7); an EDNS version 1 query
+// (BADVERS) is not merged with a version 0 one. Before, B got A's cookie
+// back, C an OPT record, and a version-0 follower BADVERS.
+func TestEDNSNotShared(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, res := newScriptForwarder(t, 10, nil, nil)
+		askMsg(t, f, withOptions(query("a.example", dns.TypeA, 1)))
+		askWire(t, f, withOptions(query("w.example", dns.TypeA, 2)))
+		for _, q := range res.queries() {
+			if opt := q.IsEdns0(); opt == nil || len(opt.Option) != 0 {
+				t.Errorf("%s asked upstream with OPT %v, want EDNS without options", q.Question[0].Name, opt)
+			}
+		}
+		for _, name := range []string{"a.example", "w.example"} {
+			b := query(name, dns.TypeA, 3)
+			b.SetEdns0(1232, false)
+			for path, ask := range map[string]func(*testing.T, *Forwarder, *dns.Msg) *dns.Msg{"wire": askWire, "message": askMsg} {
+				if opt := ask(t, f, b.Copy()).IsEdns0(); opt == nil || len(opt.Option) != 0 {
+					t.Errorf("%s %s: client without options got OPT %v", path, name, opt)
+				}
+				if opt := ask(t, f, query(name, dns.TypeA, 4)).IsEdns0(); opt != nil {
+					t.Errorf("%s %s: client without EDNS got OPT %v", path, name, opt)
+				}
+			}
+		}
+		if n := len(res.queries()); n != 4 {
+			t.Errorf("%d upstream queries, want 4 (two names, with and without EDNS)", n)
+		}
+	})
+	synctest.Test(t, func(t *testing.T) {
+		hold := make(chan struct{})
+		f, res := newScriptForwarder(t, 10, nil, hold)
+		var asking sync.WaitGroup
+		var v1, v0 *dns.Msg
+		asking.Go(func() {
+			q := query("v.example", dns.TypeA, 1)
+			q.SetEdns0(1232, false)
+			q.IsEdns0().SetVersion(1)
+			v1 = askMsg(t, f, q)
+		})
+		synctest.Wait()
+		asking.Go(func() {
+			q := query("v.example", dns.TypeA, 2)
+			q.SetEdns0(1232, false)
+			v0 = askMsg(t, f, q)
+		})
+		synctest.Wait()
+		close(hold)
+		asking.Wait()
+		if v1.Rcode != dns.RcodeBadVers || v0.Rcode != dns.RcodeSuccess || len(res.queries()) != 2 {
+			t.Errorf("version 1: %s, version 0: %s, %d upstream queries; want BADVERS, NOERROR, 2",
+				dns.RcodeToString[v1.Rcode], dns.RcodeToString[v0.Rcode], len(res.queries()))
+		}
+	})
+}
+
+// TestTCPClientGetsAnswerLargerUncompressed: an answer of 400 A records
+// for a long name is 6 KB compressed, as the resolver sends it, but over
+// 100 KB written out in full: a TCP client gets it (on a cache miss),
+// compressed. Before, the client got nothing (the write failed) while the
+// query counted as answered.
+func TestTCPClientGetsAnswerLargerUncompressed(t *testing.T) {
+	name := strings.Repeat("a", 63) + "." + strings.Repeat("b", 63) + "." + strings.Repeat("c", 63) + ".example."
+	many := func(q *dns.Msg) [][]byte {
+		m := new(dns.Msg)
+		m.SetReply(q)
+		for i := range 400 {
+			m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60},
+				A: net.IPv4(10, 0, byte(i>>8), byte(i))})
+		}
+		return [][]byte{packed(m)}
+	}
+	for _, cacheSize := range []int{0, 10} {
+		f, _ := newScriptForwarder(t, cacheSize, many, nil)
+		addr := startServer(t, f)
+		c := &dns.Client{Net: "tcp", Timeout: 3 * time.Second}
+		resp, _, err := c.Exchange(query(name, dns.TypeA, 7), addr)
+		if err != nil {
+			t.Fatalf("cache size %d: %v", cacheSize, err)
+		}
+		if len(resp.Answer) != 400 || resp.Truncated {
+			t.Errorf("cache size %d: %d records, truncated %v; want all 400", cacheSize, len(resp.Answer), resp.Truncated)
+		}
+	}
+}
+
+// TestTCPAnswerToAnotherQuestionDropped: an answer under a query's ID but
+// to another question (a late answer to an earlier query that had the ID,
+// once the counter came round) is dropped and counted; the query gets its
+// own answer, whose name may differ in case. Before, the query took the
+// other question's answer.
+func TestTCPAnswerToAnotherQuestionDropped(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, _ := newScriptForwarder(t, 0, func(q *dns.Msg) [][]byte {
+			late := echoReply(q)
+			late.Question[0].Name = "other.example."
+			late.Answer[0] = &dns.A{Hdr: dns.RR_Header{Name: "other.example.", Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(203, 0, 113, 66)}
+			own := echoReply(q)
+			own.Question[0].Name = strings.ToUpper(q.Question[0].Name)
+			return [][]byte{packed(late), packed(own)}
+		}, nil)
+		resp, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, 5))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ip := resp.Answer[0].(*dns.A).A; !ip.Equal(net.IPv4(192, 0, 2, 7)) {
+			t.Errorf("answer %v, want 192.0.2.7 (not the other question's)", ip)
+		}
+		if n := f.Stats().Mismatched.Load(); n != 1 {
+			t.Errorf("Mismatched = %d, want 1", n)
+		}
+	})
+}
+
+// TestNegativeCacheTTL: a negative answer is cached for the least of the
+// SOA's TTL, its MINIMUM and the TTLs of a CNAME chain before it (RFC 2308
+// §5), NODATA after a CNAME chain included, and no longer than maxTTL.
+func TestNegativeCacheTTL(t *testing.T) {
+	soa := func(ttl, minimum uint32) dns.RR {
+		return &dns.SOA{Hdr: dns.RR_Header{Name: "example.", Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: ttl},
+			Ns: "ns.example.", Mbox: "admin.example.", Serial: 1, Minttl: minimum}
+	}
+	cname := func(ttl uint32) dns.RR {
+		return &dns.CNAME{Hdr: dns.RR_Header{Name: "a.example.", Rrtype: dns.TypeCNAME, Class: dns.ClassINET, Ttl: ttl}, Target: "b.example."}
+	}
+	a := func(ttl uint32) dns.RR {
+		return &dns.A{Hdr: dns.RR_Header{Name: "b.example.", Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: ttl}, A: net.IPv4(192, 0, 2, 1)}
+	}
+	const huge = 1<<31 - 1
+	for _, tc := range []struct {
+		name   string
+		rcode  int
+		answer []dns.RR
+		ns     []dns.RR
+		want   time.Duration
+	}{
+		{"NXDOMAIN", dns.RcodeNameError, nil, []dns.RR{soa(300, 30)}, 30 * time.Second},
+		{"NXDOMAIN after a CNAME", dns.RcodeNameError, []dns.RR{cname(10)}, []dns.RR{soa(300, 60)}, 10 * time.Second},
+		{"NODATA", dns.RcodeSuccess, nil, []dns.RR{soa(300, 30)}, 30 * time.Second},
+		{"NODATA after a CNAME", dns.RcodeSuccess, []dns.RR{cname(600)}, []dns.RR{soa(300, 30)}, 30 * time.Second},
+		{"NXDOMAIN capped", dns.RcodeNameError, nil, []dns.RR{soa(huge, huge)}, maxTTL},
+		{"positive after a CNAME", dns.RcodeSuccess, []dns.RR{cname(600), a(40)}, nil, 40 * time.Second},
+		{"positive capped", dns.RcodeSuccess, []dns.RR{a(huge)}, nil, maxTTL},
+	} {
+		m := new(dns.Msg)
+		m.SetReply(query("a.example", dns.TypeA, 1))
+		m.Rcode, m.Answer, m.Ns = tc.rcode, tc.answer, tc.ns
+		l, err := answerLayout(packed(m), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, ok := l.cacheTTL(); !ok || got != tc.want {
+			t.Errorf("%s: cached for %v (%v), want %v", tc.name, got, ok, tc.want)
+		}
+	}
+}
+
+// TestUDPUnreadableLargeAnswerTruncated: an answer larger than the UDP
+// client takes that passes the forwarder's own reading but not miekg/dns's
+// (so it cannot be cut record by record) reaches the client as header and
+// question with TC=1, within its size. Before, it went out whole.
+func TestUDPUnreadableLargeAnswerTruncated(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, _ := newScriptForwarder(t, 0, func(q *dns.Msg) [][]byte {
+			m := new(dns.Msg)
+			m.SetReply(q)
+			for i := range 60 {
+				m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(10, 0, 0, byte(i))})
+			}
+			b := packed(m)
+			// The last record's RDLENGTH 5: one byte more than an address.
+			binary.BigEndian.PutUint16(b[len(b)-6:], 5)
+			return [][]byte{append(b, 0)}
+		}, nil)
+		w := udpClientWriter()
+		if !f.serveWire(w, pack(t, query("A.Example", dns.TypeA, 0x4321))) {
+			t.Fatal("not taken by the wire path")
+		}
+		out := w.buf[:w.n]
+		m := new(dns.Msg)
+		if err := m.Unpack(out); err != nil || len(out) > dns.MinMsgSize || !m.Truncated || m.Id != 0x4321 ||
+			len(m.Question) != 1 || m.Question[0].Name != "A.Example." || len(m.Answer) != 0 {
+			t.Fatalf("%d bytes (%v): %v", len(out), err, m)
+		}
+	})
+}
