@@ -2,6 +2,7 @@ package socksclient
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -41,6 +42,10 @@ type UDPStats struct {
 	TooLarge    atomic.Int64 // payload plus header over MaxUDPDatagram
 	RelayWaits  atomic.Int64 // batches held until the relay had room
 	RelayStalls atomic.Int64 // waits given up: the relay made no room in time
+	// WrongPeer: the header named another sender than the peer a read
+	// batch was told to expect (UDPReadBatch.OnlyFrom). Relays pass on
+	// what anyone sends to their outside port.
+	WrongPeer atomic.Int64
 
 	// parent, when set, is added to as well: a listener's totals, current
 	// while its associations live rather than when they end.
@@ -61,6 +66,7 @@ func malformed(s *UDPStats) *atomic.Int64   { return &s.Malformed }
 func tooLarge(s *UDPStats) *atomic.Int64    { return &s.TooLarge }
 func relayWaits(s *UDPStats) *atomic.Int64  { return &s.RelayWaits }
 func relayStalls(s *UDPStats) *atomic.Int64 { return &s.RelayStalls }
+func wrongPeer(s *UDPStats) *atomic.Int64   { return &s.WrongPeer }
 
 // UDPConn is a UDP ASSOCIATE session: a local UDP socket that talks to the
 // proxy's relay, alive while the TCP control connection is. It implements
@@ -331,6 +337,8 @@ type UDPReadBatch struct {
 	u        *UDPConn
 	r        *udpbatch.Reader
 	payloads [][]byte
+	peer     Addr // with only: the sender Read lets through
+	only     bool
 }
 
 // NewReadBatch returns a reader into slots, each of which should be
@@ -343,10 +351,23 @@ func (u *UDPConn) NewReadBatch(slots [][]byte) (*UDPReadBatch, error) {
 	return &UDPReadBatch{u: u, r: r, payloads: make([][]byte, 0, len(slots))}, nil
 }
 
+// OnlyFrom has Read drop, and count as WrongPeer, datagrams whose header
+// names another sender than peer: another IP address or port, or only
+// another port when peer is a name (the proxy resolved it, so its address
+// is not known here). A relay passes on replies from whoever reaches its
+// outside port, so an association used for one target needs this to keep
+// off-path senders out. Call it before the first Read.
+func (b *UDPReadBatch) OnlyFrom(peer Addr) {
+	peer.IP = peer.IP.Unmap()
+	b.peer, b.only = peer, true
+}
+
 // Read waits for datagrams and returns how many of those it read carry a
 // payload (possibly none, when every one was dropped). Payload(i) is the
 // i-th, valid until the next Read. The error is ErrAssociationClosed once
-// the control connection is gone.
+// the control connection is gone; one the socket reported while the
+// association is alive (ECONNREFUSED, an ICMP error for a datagram sent
+// earlier) is passed on as it is, and the next Read may well succeed.
 func (b *UDPReadBatch) Read() (int, error) {
 	n, err := b.r.Read()
 	if err != nil {
@@ -355,11 +376,40 @@ func (b *UDPReadBatch) Read() (int, error) {
 	b.payloads = b.payloads[:0]
 	for i := range n {
 		d := b.r.Slot(i)
-		if hlen, _, ok := b.u.unwrap(d); ok {
+		// The header is only checked, not parsed into an Addr: a name in
+		// it would cost an allocation, and the sender is compared in place.
+		hlen, err := CheckUDPHeader(d)
+		switch {
+		case errors.Is(err, ErrFragmented):
+			b.u.stats.add(fragmented)
+		case err != nil:
+			b.u.stats.add(malformed)
+		case b.only && !headerFrom(d[:hlen], b.peer):
+			b.u.stats.add(wrongPeer)
+		default:
 			b.payloads = append(b.payloads, d[hlen:])
 		}
 	}
 	return len(b.payloads), nil
+}
+
+// headerFrom reports whether hdr, a checked UDP request header, names
+// peer (an IP address unmapped, or a name): its address and port, or its
+// port alone when peer is a name.
+func headerFrom(hdr []byte, peer Addr) bool {
+	if binary.BigEndian.Uint16(hdr[len(hdr)-2:]) != peer.Port {
+		return false
+	}
+	if peer.Name != "" {
+		return true
+	}
+	switch AddrType(hdr[3]) {
+	case AddrIPv4:
+		return netip.AddrFrom4([4]byte(hdr[4:8])) == peer.IP
+	case AddrIPv6:
+		return netip.AddrFrom16([16]byte(hdr[4:20])).Unmap() == peer.IP
+	}
+	return false // a name: the relay would have resolved it to reach peer
 }
 
 // Payload is the i-th datagram's payload from the last Read.

@@ -440,3 +440,62 @@ func TestAssociateControlErrorFails(t *testing.T) {
 		t.Fatalf("err = %v, want the control's error", err)
 	}
 }
+
+// TestReadBatchOnlyFrom: with OnlyFrom, a read batch drops and counts what
+// the relay passes on from another sender than the peer (the sockstest
+// relay, as real ones, passes on what anyone sends to its port), and
+// still yields the peer's replies: by address and port, or by port when
+// the peer is a name the proxy resolved.
+func TestReadBatchOnlyFrom(t *testing.T) {
+	echo := echoAddr(t)
+	for _, peer := range []socksclient.Addr{echo, {Name: "localhost", Port: echo.Port}} {
+		u, err := associate(t, sockstest.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := u.NewReadBatch([][]byte{make([]byte, socksclient.MaxUDPDatagram)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.OnlyFrom(peer)
+		u.SetReadDeadline(time.Now().Add(10 * time.Second))
+		// read returns the next payload that got through.
+		read := func() string {
+			t.Helper()
+			for {
+				n, err := r.Read()
+				if err != nil {
+					t.Fatalf("%v: %v", peer, err)
+				}
+				if n > 0 {
+					return string(r.Payload(0))
+				}
+			}
+		}
+		send := func(msg string) {
+			t.Helper()
+			buf := append(make([]byte, socksclient.MaxUDPHeaderLen), msg...)
+			if err := u.WritePacket(buf, socksclient.MaxUDPHeaderLen, peer); err != nil {
+				t.Fatal(err)
+			}
+		}
+		send("first") // the relay learns the client's address
+		if got := read(); got != "first" {
+			t.Fatalf("%v: read %q, want the echo", peer, got)
+		}
+		stranger := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+		if _, err := stranger.WriteToUDPAddrPort([]byte("injected"), u.Relay()); err != nil {
+			t.Fatal(err)
+		}
+		send("second")
+		if got := read(); got != "second" {
+			t.Fatalf("%v: read %q, want the echo", peer, got)
+		}
+		// The injection was sent first; the relay passes datagrams on in
+		// order, so it was read and dropped before the echo.
+		if n := u.Stats().WrongPeer.Load(); n != 1 {
+			t.Fatalf("%v: WrongPeer = %d, want 1", peer, n)
+		}
+		u.Close()
+	}
+}

@@ -70,10 +70,9 @@ func (c *copier) writePooled(p *pooledRead, dst net.Conn) (eof bool, err error) 
 		return true, nil
 	}
 	c.r.touch()
-	if _, err := dst.Write((*buf)[:n]); err != nil {
-		return false, c.writeErr(err)
+	if err := c.write(dst, (*buf)[:n]); err != nil {
+		return false, err
 	}
-	c.moved(int64(n))
 	switch {
 	case n == smallBufSize && p.pool == &smallPool:
 		p.pool = &largePool // the flow fills buffers: go bulk

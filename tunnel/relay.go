@@ -324,10 +324,9 @@ func (c *copier) copyBuffered(src, dst net.Conn) error {
 		n, err := src.Read(buf)
 		if n > 0 {
 			c.r.touch()
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return c.writeErr(werr)
+			if werr := c.write(dst, buf[:n]); werr != nil {
+				return werr
 			}
-			c.moved(int64(n))
 		}
 		if err == nil {
 			continue
@@ -340,6 +339,40 @@ func (c *copier) copyBuffered(src, dst net.Conn) error {
 		}
 		return c.waitErr(err)
 	}
+}
+
+// idleWriteChunk is the most a write moves between two notes of progress
+// when an idle timeout is set. A write to a slow reader can block far
+// longer than the timeout (a large buffer's worth into small socket
+// buffers), while the other direction, silent in a one-way download,
+// checks for idleness at each of its read deadlines.
+const idleWriteChunk = 16 << 10
+
+// write writes b to dst and counts what went, also when the write fails
+// part way: a cut session reports the bytes its peer may have. With an
+// idle timeout, it writes in chunks and notes progress after each; without
+// one it is a single write.
+func (c *copier) write(dst net.Conn, b []byte) error {
+	if c.r.idle <= 0 {
+		n, err := dst.Write(b)
+		c.moved(int64(n))
+		if err != nil {
+			return c.writeErr(err)
+		}
+		return nil
+	}
+	for len(b) > 0 {
+		n, err := dst.Write(b[:min(len(b), idleWriteChunk)])
+		if n > 0 {
+			c.r.touch()
+			c.moved(int64(n))
+		}
+		if err != nil {
+			return c.writeErr(err)
+		}
+		b = b[n:]
+	}
+	return nil
 }
 
 // armIdle sets the read deadline that the idle timeout is checked at.

@@ -263,3 +263,99 @@ func benchmarkRelay(b *testing.B, mode CopyMode) {
 func BenchmarkRelayPooled(b *testing.B) { benchmarkRelay(b, CopyPooled) }
 func BenchmarkRelaySplice(b *testing.B) { benchmarkRelay(b, CopySplice) }
 func BenchmarkRelayIOCopy(b *testing.B) { benchmarkRelay(b, CopyIOCopy) }
+
+// TestRelayIdleNotWhileSlowReader: a one-way download to an app that
+// reads slowly is not idle, although each write to it blocks for longer
+// than the idle timeout (a large buffer's or a pipe's worth into small
+// socket buffers) and the silent direction's waits time out meanwhile.
+func TestRelayIdleNotWhileSlowReader(t *testing.T) {
+	for _, mode := range []CopyMode{CopySplice, CopyPooled} {
+		t.Run(mode.String(), func(t *testing.T) {
+			t.Parallel()
+			testIdleNotWhileSlowReader(t, mode)
+		})
+	}
+}
+
+func testIdleNotWhileSlowReader(t *testing.T, mode CopyMode) {
+	const (
+		idle  = 300 * time.Millisecond
+		total = 1 << 20
+		chunk = 4 << 10
+		pause = 10 * time.Millisecond // 400 KiB/s: a 256 KiB write takes 640 ms
+	)
+	app, relayClient := testnet.TCPPair(t)
+	relayUp, target := testnet.TCPPair(t)
+	// Small buffers toward the app (the kernel doubles the size), so that
+	// the relay's writes wait on the app's pace.
+	if err := relayClient.SetWriteBuffer(16 << 10); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan RelayResult, 1)
+	go func() { done <- Relay(relayClient, relayUp, idle, mode) }()
+	go func() {
+		target.Write(make([]byte, total))
+		target.CloseWrite()
+	}()
+	buf := make([]byte, chunk)
+	got := 0
+	var err error
+	// Bounded: twice the reads the download needs. The last quarter is
+	// read at full speed: the relay's last write leaves up to the socket
+	// buffers' worth (under a quarter) for the app to read, and at the
+	// slow pace that alone could outlast the idle timeout with no byte
+	// moving through the relay.
+	for i := 0; i < 2*total/chunk && got < total && err == nil; i++ {
+		var n int
+		n, err = app.Read(buf)
+		got += n
+		if got < total-total/4 {
+			time.Sleep(pause) // the slow reader under test, not a wait for an event
+		}
+	}
+	if got != total {
+		t.Fatalf("the app got %d bytes of %d (last read: %v): the relay ended the download", got, total, err)
+	}
+	app.CloseWrite()
+	res := <-done
+	if res.Err != nil || res.Down != total {
+		t.Fatalf("result %+v, want %d bytes down and no error", res, total)
+	}
+}
+
+// shortWriter is a conn whose writes move half their bytes, then fail.
+type shortWriter struct{ net.Conn }
+
+var errShortWrite = errors.New("test: write failed part way")
+
+func (w shortWriter) Write(b []byte) (int, error) {
+	n, _ := w.Conn.Write(b[:len(b)/2])
+	return n, errShortWrite
+}
+
+// TestRelayCountsPartialWrite: the bytes a failed write moved before it
+// failed are counted, with and without an idle timeout: a cut session
+// reports what its peer may have received.
+func TestRelayCountsPartialWrite(t *testing.T) {
+	for _, idle := range []time.Duration{0, time.Minute} {
+		app, relayClient := net.Pipe()
+		relayUp, target := net.Pipe()
+		done := make(chan RelayResult, 1)
+		go func() { done <- Relay(shortWriter{relayClient}, relayUp, idle, CopyPooled) }()
+		received := make(chan int, 1)
+		go func() {
+			n, _ := io.Copy(io.Discard, app)
+			received <- int(n)
+		}()
+		target.Write(make([]byte, 1000))
+		res := <-done
+		var re *RelayError
+		if !errors.As(res.Err, &re) || re.Side != SideClient || re.Op != "write" {
+			t.Fatalf("idle %v: err = %v, want the client's write error", idle, res.Err)
+		}
+		if n := <-received; res.Down != int64(n) || n == 0 {
+			t.Fatalf("idle %v: %d bytes counted down, the app received %d", idle, res.Down, n)
+		}
+		target.Close()
+	}
+}

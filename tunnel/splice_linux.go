@@ -257,6 +257,20 @@ func (c *copier) copySplice(src, dst *net.TCPConn) error {
 		}
 	}()
 	fill, drain := s.fill, s.drain
+	if c.r.idle > 0 {
+		// A drain into a slow reader can take far longer than the idle
+		// timeout (a pipe holds up to pipeSize): each wake-up that moved
+		// bytes is progress, or the silent other direction would end a
+		// one-way download as idle.
+		drain = func(fd uintptr) bool {
+			before := s.moved
+			done := s.drain(fd)
+			if s.moved != before {
+				c.r.touch()
+			}
+			return done
+		}
+	}
 	for {
 		c.armIdle(src)
 		if err := rc.Read(fill); err != nil {

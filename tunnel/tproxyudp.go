@@ -53,6 +53,10 @@ type TransparentUDPConfig struct {
 // every datagram read is either sent or counted under one Dropped reason
 // (here or there).
 type TransparentUDPStats struct {
+	// UDPStats.DroppedReply counts, here, replies whose source is a name,
+	// of the other family than the client's, or no remote's (a wildcard,
+	// port 0, multicast or broadcast address), and those that both ways
+	// of sending failed.
 	UDPStats
 	// DroppedNoDest: the datagram came without its original destination
 	// (no TPROXY rule sent it, or the control message was cut).
@@ -60,11 +64,6 @@ type TransparentUDPStats struct {
 	// DroppedNotRedirected: its original destination is the listener
 	// itself; relaying it would loop.
 	DroppedNotRedirected atomic.Int64
-	// DroppedReply: a reply that could not be delivered to its client
-	// (its source is a name, of the other family than the client's, or
-	// no remote's: a wildcard, port 0, multicast or broadcast address;
-	// or both ways of sending it failed).
-	DroppedReply atomic.Int64
 	// ReplySockets is the number of open reply sockets.
 	ReplySockets atomic.Int64
 	// ReplyBindFailures counts remotes whose reply socket could not bind

@@ -160,6 +160,10 @@ func (t *TransparentUDP) copyDown(s *udpSession, a *socksclient.UDPConn) {
 	for {
 		off, n, from, err := a.ReadPacket(*bp)
 		if err != nil {
+			if relayRefused(err) {
+				t.stats.RelayRefused.Add(1)
+				continue
+			}
 			return
 		}
 		s.touch()

@@ -2,11 +2,12 @@ package tunnel
 
 import (
 	"context"
-
+	"errors"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -84,15 +85,23 @@ type UDPStats struct {
 	DroppedMemory atomic.Int64 // the forward's queued bytes were at QueueBytes
 	DroppedEnded  atomic.Int64 // queued for a session evicted or closed before it sent them
 	DroppedSend   atomic.Int64 // the send failed (e.g. an ICMP error on the association)
+	// DroppedReply: a reply that could not be delivered to its client (the
+	// send to it failed; for a transparent listener, see
+	// TransparentUDPStats). Replies are not among the datagrams Received.
+	DroppedReply atomic.Int64
+	// RelayRefused counts ICMP errors from the proxy's relay (ECONNREFUSED
+	// on an association's read): each says a datagram sent up was not
+	// taken, and the association goes on.
+	RelayRefused atomic.Int64
 	// DroppedNotAllowed: the client's source is not in the allow list.
 	DroppedNotAllowed atomic.Int64
 	// AssociateFailures counts UDP ASSOCIATE attempts that failed.
 	AssociateFailures atomic.Int64
 	// ReadErrors counts failed reads of the listening socket.
 	ReadErrors atomic.Int64
-	// Association adds up what every association counted (fragments,
-	// malformed headers and strangers from the relay, relay waits and
-	// stalls), live.
+	// Association adds up what every association counted (fragments and
+	// malformed headers from the relay, a forward's replies from another
+	// peer than its target, relay waits and stalls), live.
 	Association socksclient.UDPStats
 }
 
@@ -243,7 +252,9 @@ func (f *UDPForward) Close() error {
 }
 
 // copyDown relays the association's datagrams back to s's client, from
-// the listening socket.
+// the listening socket. Only replies from the session's target pass: a
+// relay forwards to us whatever anyone sends to its outside port, and the
+// client takes every reply for the target's.
 func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 	bp := getUDPBuf(len(udpBufClasses) - 1)
 	defer putUDPBuf(bp)
@@ -255,6 +266,7 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 	if err != nil {
 		return
 	}
+	r.OnlyFrom(s.target)
 	w, err := udpbatch.NewWriter(f.pc, len(slots)) // room for a whole read
 	if err != nil {
 		return
@@ -262,13 +274,22 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 	for {
 		n, err := r.Read()
 		if err != nil {
+			if relayRefused(err) {
+				f.stats.RelayRefused.Add(1)
+				continue
+			}
 			return
 		}
 		s.touch()
 		for i := range n {
 			w.Add(r.Payload(i), s.client)
 		}
-		if sent, _ := w.Flush(); sent > 0 {
+		sent, err := w.Flush()
+		if err != nil {
+			// The failed one and those after it are gone (see Flush).
+			f.stats.DroppedReply.Add(int64(n - sent))
+		}
+		if sent > 0 {
 			bytes := 0
 			for i := range sent {
 				bytes += len(r.Payload(i))
@@ -279,3 +300,11 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 		}
 	}
 }
+
+// relayRefused reports whether err, from an association's read, is an
+// ICMP port or admin unreachable from the relay (ECONNREFUSED on the
+// connected socket): reported once per ICMP, for a datagram sent earlier,
+// while the relay goes on taking others (dnsforward's reader reads on
+// too). Ending the reader on it would leave the session sending up and
+// never again delivering a reply.
+func relayRefused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }

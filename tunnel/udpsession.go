@@ -342,10 +342,16 @@ func (t *udpTable) dispatch(d *udpDispatch, src netip.AddrPort, slot []byte, idx
 		}
 		s.touch() // once per run: the batch arrived at one moment
 	}
-	if s.queueFast(slot, idx, dst) {
+	switch s.queueFast(slot, idx, dst) {
+	case fastQueued:
 		if len(s.fastSlots) == 1 {
 			d.pending = append(d.pending, s)
 		}
+		return
+	case fastTooLarge:
+		// Counted here, as the association counted it in Add: the session
+		// path would count it in the association a second time.
+		t.stats.DroppedLarge.Add(1)
 		return
 	}
 	d.s = t.deliverTo(s, src, slot, dst)
@@ -411,6 +417,12 @@ type udpSession struct {
 	upstream  string
 	lastErr   error
 	failUntil time.Time
+	// assocStart is when assoc was built, assocEnd when its reader
+	// stopped (written by the reader before readDone closes), and
+	// youngBackoff the pause after the last association the proxy ended
+	// young (see noteAssocEnd).
+	assocStart, assocEnd time.Time
+	youngBackoff         time.Duration
 	// Batches held back for a relay on this host, over the session's
 	// associations so far, and waits given up (socksclient.UDPStats).
 	relayWaits, relayStalls int64
@@ -426,17 +438,24 @@ func (s *udpSession) to(dst socksclient.Addr) socksclient.Addr {
 	return dst
 }
 
+// What queueFast did with a datagram.
+const (
+	fastNone     = iota // no live association: the session path takes it
+	fastQueued          // queued for the live association
+	fastTooLarge        // too large for a SOCKS header (counted by the association): drop it
+)
+
 // queueFast queues a client datagram (slot: headroom, then payload) for
-// the live association; false when there is none. Serve only.
-func (s *udpSession) queueFast(slot []byte, idx int, dst socksclient.Addr) bool {
+// the live association. Serve only.
+func (s *udpSession) queueFast(slot []byte, idx int, dst socksclient.Addr) int {
 	a := s.live.Load()
 	if a == nil || !a.Alive() || s.ending.Load() {
-		return false
+		return fastNone
 	}
 	if s.fast == nil || s.fast.Conn() != a {
 		b, err := a.NewBatch(udpReadBatch)
 		if err != nil {
-			return false
+			return fastNone
 		}
 		s.fast = b
 		if s.fastSlots == nil {
@@ -445,10 +464,13 @@ func (s *udpSession) queueFast(slot []byte, idx int, dst socksclient.Addr) bool 
 	}
 	dst = s.to(dst)
 	if err := s.fast.Add(slot, socksclient.MaxUDPHeaderLen, dst); err != nil {
-		return false // too large: the session path counts and drops it
+		if errors.Is(err, socksclient.ErrDatagramTooLarge) {
+			return fastTooLarge
+		}
+		return fastNone // an address no header can carry: the session path counts it
 	}
 	s.fastSlots = append(s.fastSlots, fastSlot{idx, dst})
-	return true
+	return fastQueued
 }
 
 // fastBatch is what Serve's fast path sends through: a
@@ -600,6 +622,7 @@ func (s *udpSession) send(p udpPacket) {
 		if s.assoc != nil && !s.assoc.Alive() {
 			s.closeAssoc()
 			t.logger.Debug().Str("listener", t.name).Str("client", s.client.String()).
+				Dur("pause", max(time.Until(s.failUntil), 0).Round(time.Millisecond)).
 				Msg("UDP association ended by the proxy; re-associating")
 		}
 		if s.assoc == nil && !s.associate() {
@@ -657,25 +680,55 @@ func (s *udpSession) associate() bool {
 	s.lastErr = nil
 	a.CountInto(&t.stats.Association)
 	s.assoc = a
+	s.assocStart = time.Now()
 	done := make(chan struct{})
 	s.readDone = done
 	go func() {
 		defer close(done)
 		t.copyDown(s, a)
+		s.assocEnd = time.Now() // the reader stops when the proxy ends it
 	}()
 	s.live.Store(a)
 	return true
 }
 
+// closeAssoc closes the association, if any, and waits for its reader.
 func (s *udpSession) closeAssoc() {
 	if s.assoc != nil {
+		byProxy := !s.assoc.Alive()
 		s.live.Store(nil)
 		s.assoc.Close()
 		<-s.readDone
 		s.relayWaits += s.assoc.Stats().RelayWaits.Load()
 		s.relayStalls += s.assoc.Stats().RelayStalls.Load()
 		s.assoc = nil
+		if byProxy {
+			s.noteAssocEnd(s.assocEnd.Sub(s.assocStart))
+		}
 	}
+}
+
+// An association the proxy ends within assocYoung makes the session wait
+// before the next, from assocBackoffMin doubling up to assocBackoffMax
+// while they keep dying young: a proxy that accepts UDP ASSOCIATE and
+// drops the control connection at once would otherwise cost a handshake
+// per client datagram. Datagrams meanwhile are dropped and counted, as
+// while an association cannot be had.
+const (
+	assocYoung      = time.Second
+	assocBackoffMin = 100 * time.Millisecond
+	assocBackoffMax = 5 * time.Second
+)
+
+// noteAssocEnd sets the pause before the next association after one the
+// proxy ended when it had lived for lived.
+func (s *udpSession) noteAssocEnd(lived time.Duration) {
+	if lived >= assocYoung {
+		s.youngBackoff = 0
+		return
+	}
+	s.youngBackoff = min(max(2*s.youngBackoff, assocBackoffMin), assocBackoffMax)
+	s.failUntil = time.Now().Add(s.youngBackoff)
 }
 
 // dropQueued counts and releases the datagrams still queued when the

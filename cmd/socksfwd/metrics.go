@@ -427,7 +427,7 @@ func writeUDP(p *promWriter, units []liveUnit) {
 		p.sample("socksfwd_udp_bytes_total", float64(s.BytesUp.Load()), lab(u, "direction", "up")...)
 		p.sample("socksfwd_udp_bytes_total", float64(s.BytesDown.Load()), lab(u, "direction", "down")...)
 	}
-	p.family("socksfwd_udp_dropped_total", "counter", "Datagrams dropped, by reason.")
+	p.family("socksfwd_udp_dropped_total", "counter", "Datagrams dropped, by reason; reply and wrong_peer (from another sender than a forward's target) are replies toward clients, upstream_refused counts ICMP errors from the proxy's relay for datagrams sent up.")
 	for _, u := range units {
 		s, ts := udpStats(u.svc)
 		type drop struct {
@@ -436,7 +436,9 @@ func writeUDP(p *promWriter, units []liveUnit) {
 		}
 		drops := []drop{
 			{"queue", s.DroppedQueue.Load()},
-			{"oversize", s.DroppedLarge.Load() + s.Association.TooLarge.Load()},
+			// Every oversize drop is in DroppedLarge; the association's
+			// TooLarge counts the same datagrams where it refused them.
+			{"oversize", s.DroppedLarge.Load()},
 			{"memory", s.DroppedMemory.Load()},
 			{"session_ended", s.DroppedEnded.Load()},
 			{"send", s.DroppedSend.Load()},
@@ -444,12 +446,14 @@ func writeUDP(p *promWriter, units []liveUnit) {
 			{"malformed", s.Association.Malformed.Load()},
 			{"relay_stall", s.Association.RelayStalls.Load()},
 			{"not_allowed", s.DroppedNotAllowed.Load()},
+			{"reply", s.DroppedReply.Load()},
+			{"wrong_peer", s.Association.WrongPeer.Load()},
+			{"upstream_refused", s.RelayRefused.Load()},
 		}
 		if ts != nil {
 			drops = append(drops,
 				drop{"no_destination", ts.DroppedNoDest.Load()},
-				drop{"not_redirected", ts.DroppedNotRedirected.Load()},
-				drop{"reply", ts.DroppedReply.Load()})
+				drop{"not_redirected", ts.DroppedNotRedirected.Load()})
 		}
 		for _, d := range drops {
 			p.sample("socksfwd_udp_dropped_total", float64(d.n), lab(u, "reason", d.reason)...)

@@ -1,0 +1,208 @@
+package tunnel
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
+)
+
+// refusingUpstream is a SOCKS server whose UDP ASSOCIATE names a relay
+// port nothing listens on yet, so that the first datagram sent there is
+// refused (an ICMP port unreachable). It returns the server's address and
+// the relay's, where the test may start a relay later.
+func refusingUpstream(t *testing.T) (string, *net.UDPAddr) {
+	t.Helper()
+	probe := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	relay := probe.LocalAddr().(*net.UDPAddr)
+	probe.Close()
+	up := testnet.Serve(t, func(c net.Conn) {
+		req, err := socksclient.Handshake(c, socksclient.ServerConfig{HandshakeTimeout: 10 * time.Second})
+		if err != nil {
+			return
+		}
+		req.Reply(socksclient.RepSucceeded, socksclient.AddrFromAddrPort(relay.AddrPort()))
+		io.Copy(io.Discard, c) // the association lasts until the client hangs up
+	})
+	return up.Addr().String(), relay
+}
+
+// forwardVia serves a UDPForward to target through the SOCKS server at
+// proxy until cleanup.
+func forwardVia(t *testing.T, proxy string, target socksclient.Addr) (*UDPForward, *net.UDPAddr) {
+	t.Helper()
+	pc := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	f := NewUDPForward(UDPForwardConfig{
+		Name: pc.LocalAddr().String(), Target: target,
+		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy, HandshakeTimeout: 5 * time.Second}),
+		Logger:    zerolog.Nop(),
+	}, pc)
+	serveForTest(t, f)
+	return f, pc.LocalAddr().(*net.UDPAddr)
+}
+
+// TestUDPForwardRelayRefused: an ICMP error from the proxy's relay (a
+// datagram it refused) is counted and the session's replies still come
+// back; it used to stop the association's reader for good.
+func TestUDPForwardRelayRefused(t *testing.T) {
+	proxy, relay := refusingUpstream(t)
+	// The relay below is an echo: the reply carries the header sent, the
+	// target's address.
+	target := socksclient.Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 53}
+	f, fwd := forwardVia(t, proxy, target)
+	c := udpClient(t, "udp4")
+	if _, err := c.WriteToUDP([]byte("refused"), fwd); err != nil {
+		t.Fatal(err)
+	}
+	waitCounter(t, "RelayRefused", &f.Stats().RelayRefused, 1)
+	if _, err := testnet.UDPEchoOn(t, relay); err != nil {
+		t.Skipf("the relay port was taken meanwhile: %v", err)
+	}
+	if err := udpRoundTrip(c, fwd, []byte("after"), 2*time.Second); err != nil {
+		t.Fatalf("after the refusal: %v", err)
+	}
+}
+
+// liveRelay is the relay address of the live association of the session
+// of client c.
+func liveRelay(t *testing.T, f *UDPForward, c *net.UDPConn) netip.AddrPort {
+	t.Helper()
+	src := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(c.LocalAddr().(*net.UDPAddr).Port))
+	f.mu.Lock()
+	s := f.sessions[src]
+	f.mu.Unlock()
+	if s == nil {
+		t.Fatal("the client has no session")
+	}
+	a := s.live.Load()
+	if a == nil {
+		t.Fatal("the session has no live association")
+	}
+	return a.Relay()
+}
+
+// TestUDPForwardDropsRepliesFromOthers: a relay passes on what anyone
+// sends to its outside port. A reply whose header names another sender
+// than the target (its address and port; its port alone when the target
+// is a name the proxy resolved) is dropped and counted, never delivered
+// as the target's.
+func TestUDPForwardDropsRepliesFromOthers(t *testing.T) {
+	for _, byName := range []bool{false, true} {
+		f, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{})
+		if byName {
+			// sockstest resolves it to 127.0.0.1, where the echo is.
+			f.SetTarget(socksclient.Addr{Name: "localhost", Port: f.cfg.Target.Port})
+		}
+		c := udpClient(t, "udp4")
+		if err := udpRoundTrip(c, fwd, []byte("first"), 5*time.Second); err != nil {
+			t.Fatalf("by name %v: %v", byName, err)
+		}
+		stranger := udpClient(t, "udp4")
+		if _, err := stranger.WriteToUDPAddrPort([]byte("injected by another host"), liveRelay(t, f, c)); err != nil {
+			t.Fatal(err)
+		}
+		waitCounter(t, "Association.WrongPeer", &f.Stats().Association.WrongPeer, 1)
+		// The next datagram the client reads is the echo, not the injection.
+		if err := udpRoundTrip(c, fwd, []byte("second"), 5*time.Second); err != nil {
+			t.Fatalf("by name %v: %v", byName, err)
+		}
+		if n := f.Stats().DatagramsDown.Load(); n != 2 {
+			t.Fatalf("by name %v: %d datagrams down, want the 2 echoes", byName, n)
+		}
+	}
+}
+
+// TestUDPForwardReassociationBacksOff: a proxy that ends every association
+// at once (here after its first datagram) costs a handful of handshakes,
+// not one per client datagram: associations that die young make the
+// session wait, longer each time, before the next; the datagrams
+// meanwhile are dropped and counted.
+func TestUDPForwardReassociationBacksOff(t *testing.T) {
+	requested := make(chan socksclient.Request, 64)
+	f, fwd, logs := startUDPForward(t, sockstest.Config{UDPCloseControlAfter: 1, Requested: requested}, udpFwdOpts{})
+	c := udpClient(t, "udp4")
+	buf := make([]byte, 64)
+	for i := range 20 {
+		if _, err := c.WriteToUDP([]byte{byte(i)}, fwd); err != nil {
+			t.Fatal(err)
+		}
+		// An echo or none: the association ends right after the datagram.
+		c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		c.ReadFromUDP(buf)
+	}
+	// 20 round trips take from 0 to 1 s or so: associations at 0, 0.1,
+	// 0.3, 0.7, 1.5 s. Without the backoff there is one per datagram.
+	if n := len(requested); n < 1 || n > 6 {
+		t.Fatalf("%d UDP ASSOCIATE requests for 20 datagrams, want 1 to 6\n%s", n, logs)
+	}
+	f.Close()
+	if f.Stats().DroppedQueue.Load() == 0 {
+		t.Error("no datagram was counted as dropped while the session waited")
+	}
+	checkAccounted(t, &f.udpTable, f.Stats().Received.Load())
+}
+
+// TestUDPForwardOversizeCountedOnce: a datagram too large for a SOCKS
+// header, on a session with a live association (the fast path), is
+// counted once by the association and once among the forward's drops; the
+// session path used to count it in the association a second time.
+func TestUDPForwardOversizeCountedOnce(t *testing.T) {
+	f, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{})
+	c := udpClient(t, "udp4")
+	if err := udpRoundTrip(c, fwd, []byte("live"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// It fits IPv4, but not with a 10-byte SOCKS header.
+	if _, err := c.WriteToUDP(make([]byte, socksclient.MaxUDPDatagram-5), fwd); err != nil {
+		t.Fatal(err)
+	}
+	st := f.Stats()
+	waitCounter(t, "DroppedLarge", &st.DroppedLarge, 1)
+	if err := udpRoundTrip(c, fwd, []byte("after"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if n := st.Association.TooLarge.Load(); n != 1 {
+		t.Fatalf("Association.TooLarge = %d, want 1", n)
+	}
+	f.Close()
+	checkAccounted(t, &f.udpTable, st.Received.Load())
+}
+
+// TestUDPForwardReplySendFailureCounted: a reply the listening socket
+// fails to send to the client is counted as dropped.
+func TestUDPForwardReplySendFailureCounted(t *testing.T) {
+	echo := socksclient.AddrFromAddrPort(testnet.UDPEcho(t).LocalAddr().(*net.UDPAddr).AddrPort())
+	proxy := newSocks(t, sockstest.Config{})
+	f, _ := forwardVia(t, proxy.Addr(), echo)
+	a, err := (&socksclient.Dialer{ProxyAddr: proxy.Addr(), HandshakeTimeout: 5 * time.Second}).Associate(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A client nothing can be sent to (port 0: EINVAL), with the reader
+	// the session would start.
+	s := &udpSession{t: &f.udpTable, client: netip.MustParseAddrPort("127.0.0.1:0"), target: echo}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f.copyDown(s, a)
+	}()
+	defer func() {
+		a.Close()
+		<-done
+	}()
+	if err := a.WritePacket(make([]byte, socksclient.MaxUDPHeaderLen+5), socksclient.MaxUDPHeaderLen, echo); err != nil {
+		t.Fatal(err)
+	}
+	waitCounter(t, "DroppedReply", &f.Stats().DroppedReply, 1)
+	if n := f.Stats().DatagramsDown.Load(); n != 0 {
+		t.Fatalf("DatagramsDown = %d, want 0", n)
+	}
+}
