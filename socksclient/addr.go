@@ -110,6 +110,11 @@ func appendAddr(b []byte, a Addr) ([]byte, error) {
 		b = append(b, byte(AddrIPv4))
 		b = append(b, ip[:]...)
 	case a.IP.Is6():
+		if a.IP.Zone() != "" {
+			// The proxy has no such interface: sent without the zone, it
+			// would reach another address than the one asked for.
+			return b, fmt.Errorf("socks: %s has a zone, which cannot be sent to a proxy", a.IP)
+		}
 		ip := a.IP.As16()
 		b = append(b, byte(AddrIPv6))
 		b = append(b, ip[:]...)

@@ -364,7 +364,7 @@ func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr, progress *ha
 	if _, err := conn.Write(b); err != nil {
 		return Reply{}, err
 	}
-	reply, err := readReply(conn, (*[maxAddrFrame]byte)(buf))
+	reply, err := readReplyOrRefusal(conn, (*[maxAddrFrame]byte)(buf))
 	if err == io.EOF {
 		if cmd == CmdConnect {
 			return Reply{}, errors.New("server closed the connection without replying to the request")
@@ -424,7 +424,13 @@ func (d *Dialer) greet(conn net.Conn, buf []byte) (chosen AuthMethod, answered b
 		if _, err := conn.Write(b); err != nil {
 			return sel.Method, true, err
 		}
-		st, err := readUserPassStatus(conn, buf[:2])
+		raw := buf[:2]
+		st, err := readUserPassStatus(conn, raw)
+		if pe := (*ProtocolError)(nil); errors.As(err, &pe) && !pe.Truncated() {
+			// A status with VER 5 instead of 1 (some servers; curl reads
+			// only the status byte): the status decides.
+			st, err = UserPassStatus{Status: raw[1]}, nil
+		}
 		if err != nil {
 			if err == io.EOF {
 				// Some servers close instead of sending a failure status.

@@ -456,3 +456,60 @@ func TestDialControlErrorFails(t *testing.T) {
 		t.Fatalf("err = %v, want the control's error", err)
 	}
 }
+
+// TestShortRefusal: a server that answers with VER and REP only and
+// closes (ss-local answers BIND with 05 07 00 01) still refused with that
+// REP: the client reports the command as unsupported, not a cut frame.
+func TestShortRefusal(t *testing.T) {
+	ln := testnet.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, 3)); err != nil {
+			return
+		}
+		c.Write([]byte{5, 0})
+		if _, err := socksclient.ReadRequest(c); err != nil {
+			return
+		}
+		c.Write([]byte{5, 7, 0, 1})
+	})
+	d := socksclient.Dialer{ProxyAddr: ln.Addr().String()}
+	_, err := d.Bind(context.Background(), socksclient.Addr{})
+	var re *socksclient.ReplyError
+	if !errors.Is(err, socksclient.ErrCommandNotSupported) || !errors.As(err, &re) || re.Code != socksclient.RepCommandNotSupported {
+		t.Fatalf("Bind: %v; want REP 7", err)
+	}
+}
+
+// TestUserPassStatusVersion5: a server that answers RFC 1929 with VER 5
+// instead of 1 is read by its status byte, as curl reads it.
+func TestUserPassStatusVersion5(t *testing.T) {
+	for _, tc := range []struct {
+		status string
+		ok     bool
+	}{{"05 01", false}, {"05 00", true}} {
+		steps := []step{
+			{expect: "05 02 00 02", send: "05 02"},
+			{expect: "01 03 'bob' 02 'pw'", send: tc.status},
+		}
+		if tc.ok {
+			steps = append(steps, step{expect: "05 01 00 01 c0000201 0050", send: "05 00 00 01 00000000 0000"})
+		}
+		addr, errc := transcriptServer(t, steps)
+		d := socksclient.Dialer{ProxyAddr: addr, Username: "bob", Password: "pw"}
+		conn, err := d.DialContext(context.Background(), "tcp", "192.0.2.1:80")
+		if tc.ok {
+			if err != nil {
+				t.Fatalf("status %s: %v", tc.status, err)
+			}
+			conn.Close()
+			if err := <-errc; err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		if !errors.Is(err, socksclient.ErrAuthFailed) {
+			t.Errorf("status %s: %v; want ErrAuthFailed", tc.status, err)
+		}
+	}
+}

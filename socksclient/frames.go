@@ -387,21 +387,44 @@ func parseAddrFrame(frame string, b []byte) (code byte, a Addr, n int, err error
 // It reads the fixed head and the first two address bytes, which tell the
 // rest's length, then exactly the rest.
 func readAddrFrame(r io.Reader, frame string, buf *[maxAddrFrame]byte) (int, error) {
-	if _, err := io.ReadFull(r, buf[:5]); err != nil {
-		return 0, err
+	n, _, err := readAddrFrameGot(r, frame, buf)
+	return n, err
+}
+
+// readAddrFrameGot is readAddrFrame that also says how many bytes it got,
+// when it failed too.
+func readAddrFrameGot(r io.Reader, frame string, buf *[maxAddrFrame]byte) (n, got int, err error) {
+	if got, err = io.ReadFull(r, buf[:5]); err != nil {
+		return 0, got, err
 	}
 	if err := checkVersion(frame, buf[0], Version); err != nil {
-		return 0, err
+		return 0, got, err
 	}
 	alen, err := addrLen(buf[3], buf[4])
 	if err != nil {
-		return 0, relabel(err, frame)
+		return 0, got, relabel(err, frame)
 	}
-	n := 3 + alen
-	if _, err := io.ReadFull(r, buf[5:n]); err != nil {
-		return 0, unexpectedEOF(err)
+	n = 3 + alen
+	m, err := io.ReadFull(r, buf[5:n])
+	if err != nil {
+		return 0, got + m, unexpectedEOF(err)
 	}
-	return n, nil
+	return n, n, nil
+}
+
+// readReplyOrRefusal is readReply for a client waiting on its proxy: a
+// refusal cut short after VER and REP is the refusal it says (ss-local
+// answers BIND with 05 07 00 01 and closes). ReadReply stays strict.
+func readReplyOrRefusal(r io.Reader, buf *[maxAddrFrame]byte) (Reply, error) {
+	n, got, err := readAddrFrameGot(r, "reply", buf)
+	if err != nil {
+		if got >= 2 && buf[0] == Version && buf[1] != byte(RepSucceeded) && (err == io.EOF || err == io.ErrUnexpectedEOF) {
+			return Reply{Code: ReplyCode(buf[1]), Addr: unspecifiedAddr}, nil
+		}
+		return Reply{}, err
+	}
+	p, _, err := ParseReply(buf[:n])
+	return p, err
 }
 
 func readFrame(r io.Reader, buf []byte) error {

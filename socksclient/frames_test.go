@@ -289,3 +289,12 @@ func TestStrings(t *testing.T) {
 		t.Error("REP 7 is not ErrCommandNotSupported")
 	}
 }
+
+// TestZonedAddressRefused: an address with a zone cannot be encoded: the
+// proxy would get another address than the one asked for.
+func TestZonedAddressRefused(t *testing.T) {
+	a := AddrFromAddrPort(netip.MustParseAddrPort("[fe80::1%eth0]:80"))
+	if _, err := (Request{Cmd: CmdConnect, Addr: a}).AppendTo(nil); err == nil {
+		t.Error("a zoned address was encoded")
+	}
+}

@@ -2,12 +2,16 @@ package socksclient
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/netip"
 	"reflect"
 	"testing"
 	"testing/iotest"
+	"time"
 )
 
 // fuzzRoundTrip checks a decoder: no panic on any input, n within the input,
@@ -316,4 +320,69 @@ func FuzzCheckUDPHeader(f *testing.F) {
 			t.Fatalf("% x: CheckUDPHeader %d, %v; ParseUDPHeader %d", b, n, err, pn)
 		}
 	})
+}
+
+// FuzzDialHandshake plays arbitrary proxy bytes against the client's side
+// of the handshake, with and without credentials, for each command: it
+// never panics, and a success is a reply that parses and succeeded.
+func FuzzDialHandshake(f *testing.F) {
+	for _, seed := range []string{
+		"05 00  05 00 00 01 c0000201 0050",
+		"05 02 01 00  05 00 00 03 05 'proxy' 0438",
+		"05 02 05 01",
+		"05 02 05 00  05 00 00 04 20010db8000000000000000000000005 0050",
+		"05 00  05 07 00 01",
+		"05 ff",
+		"05 02 01",
+	} {
+		f.Add(unhexQuoted(f, seed))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		target := Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 80}
+		for _, creds := range [][2]string{{"", ""}, {"bob", "pw"}} {
+			for _, cmd := range []Command{CmdConnect, CmdBind, CmdUDPAssociate} {
+				d := &Dialer{ProxyAddr: "fuzz:1080", Username: creds[0], Password: creds[1], HandshakeTimeout: time.Second,
+					ProxyDial: func(context.Context, string, string) (net.Conn, error) {
+						return &scriptConn{r: bytes.NewReader(b)}, nil
+					}}
+				conn, reply, err := d.request(context.Background(), cmd, target)
+				if err != nil {
+					continue
+				}
+				conn.Close()
+				if reply.Code != RepSucceeded {
+					t.Fatalf("%s: a failed reply %v came back without an error from % x", cmd, reply, b)
+				}
+			}
+		}
+	})
+}
+
+// scriptConn is a proxy connection that sends a script and takes
+// whatever the client writes.
+type scriptConn struct{ r io.Reader }
+
+func (c *scriptConn) Read(b []byte) (int, error)  { return c.r.Read(b) }
+func (c *scriptConn) Write(b []byte) (int, error) { return len(b), nil }
+func (c *scriptConn) Close() error                { return nil }
+func (c *scriptConn) LocalAddr() net.Addr         { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1} }
+func (c *scriptConn) RemoteAddr() net.Addr {
+	return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1080}
+}
+func (c *scriptConn) SetDeadline(time.Time) error      { return nil }
+func (c *scriptConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *scriptConn) SetWriteDeadline(time.Time) error { return nil }
+
+// unhexQuoted decodes hex fields and 'quoted text', as the dialer's
+// transcripts are written.
+func unhexQuoted(t testing.TB, s string) []byte {
+	var out []byte
+	for _, field := range bytes.Fields([]byte(s)) {
+		if field[0] == '\'' {
+			out = append(out, bytes.Trim(field, "'")...)
+			continue
+		}
+		out = append(out, unhex(t, string(field))...)
+	}
+	return out
 }

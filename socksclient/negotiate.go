@@ -51,6 +51,7 @@ func (d *Dialer) Negotiate(ctx context.Context) (Negotiation, error) {
 	start = time.Now()
 	stop := context.AfterFunc(hctx, func() { conn.SetDeadline(aLongTimeAgo) })
 	var buf [8 + 2*256]byte
+	defer clear(buf[:]) // it held the password
 	n.Method, n.Answered, err = d.greet(conn, buf[:0])
 	n.HandshakeTime = time.Since(start)
 	if !stop() {

@@ -579,6 +579,12 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		// lost race, the caller's deadline or the handshake timeout alike).
 		return nil
 	case !waited:
+		if re := (*ReplyError)(nil); errors.As(err, &re) && re.Code == RepAddrTypeNotSupported {
+			// It cannot carry this target's address (IPv6, or a name); it
+			// still carries the others: the next one is tried, this one
+			// stays up.
+			return nil
+		}
 		if cmd, ok := unsupportedCommand(err); ok && cmd != CmdConnect {
 			// A proxy without BIND or UDP ASSOCIATE (ssh -D) still serves
 			// CONNECT: the next one is tried, and this one stays up.

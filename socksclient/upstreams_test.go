@@ -336,6 +336,19 @@ func TestHedgeTargetAnswer(t *testing.T) {
 			t.Fatalf("state changes %q", log.String())
 		}
 	})
+	// REP 8: a proxy that cannot carry this address (IPv6, a name) is
+	// passed over for it, and stays up for the targets it can reach.
+	synctest.Test(t, func(t *testing.T) {
+		noV6 := &fakeProxy{name: "nov6:1080", rep: RepAddrTypeNotSupported}
+		ok := &fakeProxy{name: "ok:1080"}
+		var log stateLog
+		u := group(&log, noV6, ok)
+		dialOK(t, context.Background(), u, ok)
+		synctest.Wait()
+		if log.String() != "" {
+			t.Fatalf("state changes %q; want none", log.String())
+		}
+	})
 	// REP 7 to BIND: the next proxy is tried, and one without BIND (as
 	// ssh -D) stays up for the CONNECTs it serves.
 	synctest.Test(t, func(t *testing.T) {
