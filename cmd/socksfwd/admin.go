@@ -42,6 +42,9 @@ type adminServer struct {
 	probeErr error
 }
 
+// adminReadTimeout bounds reading a whole admin request, body included.
+var adminReadTimeout = 10 * time.Second
+
 func newAdminServer(ln net.Listener, sup *supervisor, withPprof bool) *adminServer {
 	a := &adminServer{ln: ln, sup: sup}
 	a.pprof.Store(withPprof)
@@ -55,7 +58,10 @@ func newAdminServer(ln net.Listener, sup *supervisor, withPprof bool) *adminServ
 	mux.Handle("/debug/pprof/symbol", a.onlyWithPprof(http.HandlerFunc(pprof.Symbol)))
 	mux.Handle("/debug/pprof/trace", a.onlyWithPprof(http.HandlerFunc(pprof.Trace)))
 	// No write timeout: a CPU profile streams for as long as it was asked.
-	a.srv = &http.Server{Handler: a.onlyAllowed(mux), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: time.Minute, ErrorLog: nil}
+	// A read timeout bounds a request's body too: one that declares a
+	// body and never sends it would hold a connection forever.
+	a.srv = &http.Server{Handler: a.onlyAllowed(mux), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: adminReadTimeout,
+		IdleTimeout: time.Minute, ErrorLog: nil}
 	return a
 }
 
@@ -137,7 +143,9 @@ func (a *adminServer) ready(ctx context.Context) (string, bool) {
 		return "every upstream is in backoff: " + strings.Join(backoff, ", "), false
 	}
 	for _, st := range status {
-		if last := t.upstream(st.Dialer.ProxyAddr).lastOK.Load(); last != 0 && now.Sub(time.Unix(0, last)) < readyWindow {
+		// A recent handshake counts only for an upstream not since marked
+		// down: its backoff may have lapsed with no new try yet.
+		if last := t.upstream(st.Dialer.ProxyAddr).lastOK.Load(); st.Up && last != 0 && now.Sub(time.Unix(0, last)) < readyWindow {
 			return "", true
 		}
 	}

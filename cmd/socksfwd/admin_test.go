@@ -310,6 +310,28 @@ func (d *daemon) linesWith(msgs ...string) []map[string]any {
 	return out
 }
 
+// TestAdminSlowBody: a request that declares a body and never sends it
+// is answered once the read timeout passes, not held forever.
+func TestAdminSlowBody(t *testing.T) {
+	verifyNoLeaks(t)
+	was := adminReadTimeout
+	adminReadTimeout = 300 * time.Millisecond
+	t.Cleanup(func() { adminReadTimeout = was })
+	d := startDaemon(t, "-S", "127.0.0.1:1", "-L", "0:h:1", "--admin", "0")
+	d.waitFor("admin on", 1)
+	c, err := net.DialTimeout("tcp", d.listener("admin"), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+	if n, err := c.Read(make([]byte, 1)); n == 0 {
+		t.Fatalf("no answer to a request whose body never came: %v", err)
+	}
+	d.stop()
+}
+
 // TestAdminReadiness: /readyz says 503 with the reason when every upstream
 // is in backoff and while draining, and reloads are counted.
 func TestAdminReadiness(t *testing.T) {

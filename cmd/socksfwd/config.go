@@ -219,6 +219,30 @@ func loadFile(path string, cfg *Config) error {
 		}
 		return usagef("%s: %s", path, cut(err.Error()))
 	}
+	return checkDurationsQuoted(path, data)
+}
+
+// checkDurationsQuoted refuses a duration written as a bare number: go-toml
+// stores a TOML integer straight into a Duration (an int64), so
+// `shutdown-timeout = 30` would mean 30 ns, where the flag refuses "30".
+func checkDurationsQuoted(path string, data []byte) error {
+	var raw map[string]any
+	if err := toml.Unmarshal(data, &raw); err != nil {
+		return nil // Decode above read it; nothing more to say
+	}
+	t := reflect.TypeFor[Config]()
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if f.Type != reflect.TypeFor[Duration]() {
+			continue
+		}
+		key, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+		if v, ok := raw[key]; ok {
+			if _, isString := v.(string); !isString {
+				return usagef("%s: %s = %v: want a duration in quotes, such as \"30s\" or \"1m30s\"", path, key, v)
+			}
+		}
+	}
 	return nil
 }
 

@@ -254,7 +254,38 @@ func buildPlan(cfg Config) (*plan, error) {
 		}
 		seen[l.key()] = l.spec
 	}
+	// Listeners of different kinds may not share a socket either (-L 8080
+	// and --http 8080): said here, rather than "address in use" at bind.
+	sockets := make(map[string]string, len(p.listens))
+	for _, l := range p.listens {
+		for _, s := range l.sockets() {
+			if other, dup := sockets[s]; dup && other != l.spec {
+				return nil, usagef("%s and %s both listen on %s", other, l.spec, s)
+			}
+			sockets[s] = l.spec
+		}
+	}
 	return p, nil
+}
+
+// sockets names the sockets l binds, as "tcp *:8080" with every wildcard
+// written "*"; none for port 0 (the kernel picks) and for -R.
+func (l listenPlan) sockets() []string {
+	host, port, err := net.SplitHostPort(l.addr)
+	if err != nil || port == "0" || l.kind == kindReverse {
+		return nil
+	}
+	if ip, err := netip.ParseAddr(host); host == "" || err == nil && ip.IsUnspecified() {
+		host = "*"
+	}
+	at := net.JoinHostPort(host, port)
+	switch l.kind {
+	case kindDNS:
+		return []string{"tcp " + at, "udp " + at}
+	case kindUDP, kindTransparentUDP:
+		return []string{"udp " + at}
+	}
+	return []string{"tcp " + at}
 }
 
 // buildHTTP plans the HTTP proxy listeners: one per address --http

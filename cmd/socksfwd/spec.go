@@ -181,6 +181,9 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 	}
 	d := &socksclient.Dialer{Username: user, Password: password, Control: sockmark.Chain(sockbuf.CapLoopbackTCP, markControl)}
 	hostport := raw
+	if !strings.Contains(raw, "://") && strings.Contains(raw, "@") {
+		raw = "socks5h://" + raw // user:pass@proxy, as the usage has it
+	}
 	if strings.Contains(raw, "://") {
 		u, err := url.Parse(raw)
 		if err != nil {
@@ -194,8 +197,10 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 		default:
 			return nil, usagef("-S %s: unsupported scheme %s (want socks5h:// or socks5://)", cut(u.Redacted()), quote(u.Scheme))
 		}
-		if u.Path != "" && u.Path != "/" || u.RawQuery != "" {
-			return nil, usagef("-S %s: a proxy URL has no path or query", cut(u.Redacted()))
+		if u.Path != "" && u.Path != "/" || u.RawQuery != "" || u.Fragment != "" {
+			// Not the path itself: a '/', '?' or '#' in a password that is
+			// not percent-encoded ends it, and the rest lands there.
+			return nil, usagef("-S %s://%s…: a proxy URL has no path, query or fragment (percent-encode / ? # in a password)", u.Scheme, u.Host)
 		}
 		if u.User != nil {
 			d.Username = u.User.Username()
@@ -213,7 +218,9 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 		return nil, usagef("-S %s: want host[:port]", cut(redactURL(raw)))
 	}
 	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
-		return nil, usagef("-S %s: invalid port %s", cut(redactURL(raw)), quote(port))
+		// Not quoted: in "socks5h://alice:pa,ss@p" split at the comma of a
+		// list, the port is a piece of the password.
+		return nil, usagef("-S %s: invalid port after host %s (want 1-65535; in a list, percent-encode , in a password)", cut(redactURL(raw)), quote(host))
 	}
 	if len(d.Username) > 255 || len(d.Password) > 255 {
 		return nil, usagef("-S %s: username and password must be at most 255 bytes", cut(redactURL(raw)))
@@ -225,16 +232,25 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 	return d, nil
 }
 
-// redactURL hides a password in a proxy URL.
+// redactURL hides a password in a proxy URL, with or without a scheme,
+// and a port that may be a piece of one (see parseServer).
 func redactURL(raw string) string {
 	if !strings.Contains(raw, "://") {
+		if i := strings.LastIndex(raw, "@"); i >= 0 {
+			return "xxxxx@" + raw[i+1:]
+		}
 		return raw
 	}
 	u, err := url.Parse(raw)
 	if err != nil {
-		if i := strings.LastIndex(raw, "@"); i >= 0 {
-			scheme, _, _ := strings.Cut(raw, "://")
-			return scheme + "://xxxxx@" + raw[i+1:]
+		scheme, rest, _ := strings.Cut(raw, "://")
+		if i := strings.LastIndex(rest, "@"); i >= 0 {
+			return scheme + "://xxxxx@" + rest[i+1:]
+		}
+		// "socks5h://alice:pa", a list split at a comma in the password:
+		// what follows the colon may be a piece of it.
+		if host, _, ok := strings.Cut(rest, ":"); ok {
+			return scheme + "://" + host + ":xxxxx"
 		}
 		return raw
 	}

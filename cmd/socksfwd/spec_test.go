@@ -105,12 +105,22 @@ func TestParseServer(t *testing.T) {
 		{raw: "socks5h://proxy/path", err: "no path"},
 		{raw: "socks5h://bob@proxy", err: "has no password"},
 		{raw: "socks5h://:1080", err: "want host[:port]"},
+		{raw: "alice:s3cret@proxy", addr: "proxy:1080", wantU: "alice", wantP: "s3cret"},
+		{raw: "alice:s3cret@proxy:1081", addr: "proxy:1081", wantU: "alice", wantP: "s3cret"},
+		{raw: "socks5h://alice:/s3cret@p", err: "no path"},
+		{raw: "socks5h://alice:pw9", err: "not a valid URL"},
+		{raw: "socks5h://alice:pw9?ss@p", err: "not a valid URL"},
 	}
 	for _, tc := range tests {
 		d, err := parseServer(tc.raw, tc.user, tc.pass, 0)
 		if tc.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.err) {
 				t.Errorf("parseServer(%q) err = %v, want %q", tc.raw, err, tc.err)
+			}
+			for _, secret := range []string{"s3cret", "pw9"} {
+				if err != nil && strings.Contains(tc.raw, secret) && strings.Contains(err.Error(), secret) {
+					t.Errorf("parseServer(%q) err = %v shows the password", tc.raw, err)
+				}
 			}
 			continue
 		}

@@ -677,8 +677,11 @@ func (s *supervisor) drainRemoved(u *unit, timeout time.Duration) {
 	s.drains.Go(func() {
 		ctx, cancel := context.WithTimeout(s.cutCtx, timeout)
 		defer cancel()
-		if err := u.svc.Shutdown(ctx); errors.Is(err, context.DeadlineExceeded) {
-			s.log.Warn().Str("listener", u.lp.key()).Msg("removed listener: shutdown timeout reached; cutting remaining sessions")
+		if err := u.svc.Shutdown(ctx); err != nil {
+			if errors.Is(err, context.DeadlineExceeded) {
+				s.log.Warn().Str("listener", u.lp.key()).Msg("removed listener: shutdown timeout reached; cutting remaining sessions")
+			}
+			u.svc.Close() // the admin server's Shutdown leaves what it could not drain open
 		}
 		s.log.Info().Str("listener", u.lp.key()).Msg("removed listener drained")
 	})
