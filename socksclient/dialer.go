@@ -426,7 +426,7 @@ func (d *Dialer) greet(conn net.Conn, buf []byte) (chosen AuthMethod, answered b
 		}
 		raw := buf[:2]
 		st, err := readUserPassStatus(conn, raw)
-		if pe := (*ProtocolError)(nil); errors.As(err, &pe) && !pe.Truncated() {
+		if pe := (*ProtocolError)(nil); errors.As(err, &pe) && !pe.Truncated() && raw[0] == Version {
 			// A status with VER 5 instead of 1 (some servers; curl reads
 			// only the status byte): the status decides.
 			st, err = UserPassStatus{Status: raw[1]}, nil

@@ -224,9 +224,10 @@ func (p *HTTPProxy) Redial() {
 	defer p.mu.Unlock()
 	p.retired = slices.DeleteFunc(append(p.retired, old), func(t *targetTransport) bool {
 		// Once closed, its idle pool refuses connections that come back
-		// from a request: they close instead. It gets no new requests
-		// (unless one loaded it just before the swap: closing again
-		// covers those).
+		// from a request: they close instead. It gets no new requests;
+		// one that loaded it just before the swap reopens its pool, whose
+		// connections then close after IdleConnTimeout, or at the next
+		// Redial or Close, and carry nothing new meanwhile.
 		t.CloseIdleConnections()
 		return t.live.Load() == 0
 	})

@@ -346,7 +346,7 @@ func (c *copier) copyBuffered(src, dst net.Conn) error {
 // longer than the timeout (a large buffer's worth into small socket
 // buffers), while the other direction, silent in a one-way download,
 // checks for idleness at each of its read deadlines.
-const idleWriteChunk = 16 << 10
+const idleWriteChunk = 32 << 10
 
 // write writes b to dst and counts what went, also when the write fails
 // part way: a cut session reports the bytes its peer may have. With an

@@ -279,10 +279,12 @@ func TestRelayIdleNotWhileSlowReader(t *testing.T) {
 
 func testIdleNotWhileSlowReader(t *testing.T, mode CopyMode) {
 	const (
-		idle  = 300 * time.Millisecond
+		idle  = 600 * time.Millisecond
 		total = 1 << 20
 		chunk = 4 << 10
-		pause = 10 * time.Millisecond // 400 KiB/s: a 256 KiB write takes 640 ms
+		// 200 KiB/s: a 256 KiB write takes 1.3 s, twice the idle timeout,
+		// and one of the relay's 32 KiB steps 160 ms, a quarter of it.
+		pause = 20 * time.Millisecond
 	)
 	app, relayClient := testnet.TCPPair(t)
 	relayUp, target := testnet.TCPPair(t)

@@ -234,14 +234,21 @@ func routesLocal(ip netip.Addr) (bool, error) {
 }
 
 // parseRouteAnswer reads the kernel's answer to a routeQuery: a route,
-// local or not, or an error (no route: not local).
+// local or not, or an error: "no route" means not local, any other
+// error is a question that could not be answered.
 func parseRouteAnswer(b []byte) (bool, error) {
 	if len(b) < unix.SizeofNlMsghdr+unix.SizeofRtMsg {
 		return false, errors.New("route lookup: short answer")
 	}
 	switch binary.NativeEndian.Uint16(b[4:]) { // nlmsghdr.nlmsg_type
 	case unix.NLMSG_ERROR:
-		return false, nil
+		// nlmsgerr.error, a negative errno, follows the header.
+		switch errno := unix.Errno(-int32(binary.NativeEndian.Uint32(b[unix.SizeofNlMsghdr:]))); errno {
+		case unix.ENETUNREACH, unix.EHOSTUNREACH, unix.ESRCH:
+			return false, nil
+		default:
+			return false, fmt.Errorf("route lookup: %w", errno)
+		}
 	case unix.RTM_NEWROUTE:
 		return b[unix.SizeofNlMsghdr+7] == unix.RTN_LOCAL, nil // rtmsg.rtm_type
 	}

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -496,5 +497,25 @@ func TestOriginalDestinationNotTCP(t *testing.T) {
 	defer b.Close()
 	if _, err := OriginalDestination(a); err == nil {
 		t.Error("no error for a pipe")
+	}
+}
+
+// TestParseRouteAnswerErrors: the kernel's "no route" is "not local"; any
+// other error is no answer, which isLocalAddr takes for yes.
+func TestParseRouteAnswerErrors(t *testing.T) {
+	answer := func(errno unix.Errno) []byte {
+		b := make([]byte, unix.SizeofNlMsghdr+4+unix.SizeofNlMsghdr)
+		binary.NativeEndian.PutUint16(b[4:], unix.NLMSG_ERROR)
+		binary.NativeEndian.PutUint32(b[unix.SizeofNlMsghdr:], uint32(-int32(errno)))
+		return b
+	}
+	if local, err := parseRouteAnswer(answer(unix.ENETUNREACH)); local || err != nil {
+		t.Errorf("ENETUNREACH: %v, %v; want not local", local, err)
+	}
+	if _, err := parseRouteAnswer(answer(unix.EINVAL)); !errors.Is(err, unix.EINVAL) {
+		t.Errorf("EINVAL: %v; want the error", err)
+	}
+	if isLocalAddr(netip.MustParseAddr("127.0.0.2")) != true {
+		t.Error("127.0.0.2 is not local")
 	}
 }

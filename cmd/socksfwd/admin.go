@@ -42,9 +42,6 @@ type adminServer struct {
 	probeErr error
 }
 
-// adminReadTimeout bounds reading a whole admin request, body included.
-var adminReadTimeout = 10 * time.Second
-
 func newAdminServer(ln net.Listener, sup *supervisor, withPprof bool) *adminServer {
 	a := &adminServer{ln: ln, sup: sup}
 	a.pprof.Store(withPprof)
@@ -57,11 +54,11 @@ func newAdminServer(ln net.Listener, sup *supervisor, withPprof bool) *adminServ
 	mux.Handle("/debug/pprof/profile", a.onlyWithPprof(http.HandlerFunc(pprof.Profile)))
 	mux.Handle("/debug/pprof/symbol", a.onlyWithPprof(http.HandlerFunc(pprof.Symbol)))
 	mux.Handle("/debug/pprof/trace", a.onlyWithPprof(http.HandlerFunc(pprof.Trace)))
-	// No write timeout: a CPU profile streams for as long as it was asked.
-	// A read timeout bounds a request's body too: one that declares a
-	// body and never sends it would hold a connection forever.
-	a.srv = &http.Server{Handler: a.onlyAllowed(mux), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: adminReadTimeout,
-		IdleTimeout: time.Minute, ErrorLog: nil}
+	// No write or read timeout: a CPU profile streams for as long as it
+	// was asked, and net/http cancels a request when its read deadline
+	// passes. A body, which none of these endpoints takes, is refused
+	// unread instead (see onlyAllowed).
+	a.srv = &http.Server{Handler: a.onlyAllowed(mux), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: time.Minute, ErrorLog: nil}
 	return a
 }
 
@@ -78,6 +75,16 @@ func (a *adminServer) onlyWithPprof(h http.Handler) http.Handler {
 // onlyAllowed answers 403 to clients outside --allow.
 func (a *adminServer) onlyAllowed(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength != 0 {
+			// Answered and closed without reading the body: net/http
+			// would otherwise wait for it, before answering and again
+			// before closing, as long as a client cares to hold the
+			// connection. A past read deadline ends that wait at once.
+			http.NewResponseController(w).SetReadDeadline(time.Unix(1, 0))
+			w.Header().Set("Connection", "close")
+			http.Error(w, "the admin endpoints take no request body", http.StatusBadRequest)
+			return
+		}
 		if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil && !a.allow.Load().Allows(ap.Addr()) {
 			http.Error(w, "client source not in --allow", http.StatusForbidden)
 			return

@@ -226,7 +226,9 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 		return nil, usagef("-S %s: username and password must be at most 255 bytes", cut(redactURL(raw)))
 	}
 	if d.Username != "" && d.Password == "" {
-		return nil, usagef("-S %s: username %s has no password (use user:pass@ or --server-password-file)", cut(redactURL(raw)), quote(d.Username))
+		// The username is not shown: in a list split at a comma in a
+		// password, it is a piece of that password.
+		return nil, usagef("-S %s: the username has no password (use user:pass@ or --server-password-file)", cut(redactURL(raw)))
 	}
 	d.ProxyAddr = hostport
 	return d, nil
@@ -238,6 +240,10 @@ func redactURL(raw string) string {
 	if !strings.Contains(raw, "://") {
 		if i := strings.LastIndex(raw, "@"); i >= 0 {
 			return "xxxxx@" + raw[i+1:]
+		}
+		// "alice:pa", a list split at a comma in a password.
+		if host, _, ok := strings.Cut(raw, ":"); ok && !strings.HasPrefix(raw, "[") {
+			return host + ":xxxxx"
 		}
 		return raw
 	}
