@@ -241,8 +241,9 @@ func redactURL(raw string) string {
 		if i := strings.LastIndex(raw, "@"); i >= 0 {
 			return "xxxxx@" + raw[i+1:]
 		}
-		// "alice:pa", a list split at a comma in a password.
-		if host, _, ok := strings.Cut(raw, ":"); ok && !strings.HasPrefix(raw, "[") {
+		// "alice:pa", a list split at a comma in a password: what follows
+		// the colon is no port, and may be a piece of the password.
+		if host, port, ok := strings.Cut(raw, ":"); ok && !strings.HasPrefix(raw, "[") && strings.Trim(port, "0123456789") != "" {
 			return host + ":xxxxx"
 		}
 		return raw
