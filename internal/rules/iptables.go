@@ -162,9 +162,13 @@ func (p *plan) iptChains(f family, k chainKind) []*iptChain {
 	}
 	if p.explainsNoMark(k) {
 		c.comment("No --mark: socksfwd's own connections are left out only by the proxies' addresses below,")
-		c.comment("so a proxy name that comes to resolve elsewhere would loop. Run socksfwd with --mark N (and")
-		c.comment("these rules with the same mark), or run it as a user of its own and uncomment:")
+		c.comment("so a proxy name that comes to resolve elsewhere would loop, and a proxy's UDP relay on another")
+		c.comment("address or a --no-proxy connection is taken. Run socksfwd with --mark N (and these rules with")
+		c.comment("the same mark), or run it as a user of its own and uncomment:")
 		c.comment("-A %s -m owner --uid-owner socksfwd -j RETURN", c.name)
+		if k == markOutput {
+			c.comment("(an owner match misses packets sent with no owner, such as a closing connection's last ACK)")
+		}
 	}
 	if p.skipsReplies(k) {
 		if p.repliesToOwnFlows() {

@@ -192,9 +192,13 @@ func (p *plan) nftChain(t *text, k chainKind) {
 	}
 	if p.explainsNoMark(k) {
 		c("No --mark: socksfwd's own connections are left out only by the proxies' addresses below,")
-		c("so a proxy name that comes to resolve elsewhere would loop. Run socksfwd with --mark N (and")
-		c("these rules with the same mark), or run it as a user of its own and uncomment:")
+		c("so a proxy name that comes to resolve elsewhere would loop, and a proxy's UDP relay on another")
+		c("address or a --no-proxy connection is taken. Run socksfwd with --mark N (and these rules with")
+		c("the same mark), or run it as a user of its own and uncomment:")
 		c(`meta skuid "socksfwd" return`)
+		if k == markOutput {
+			c("(an owner match misses packets sent with no owner, such as a closing connection's last ACK)")
+		}
 	}
 	if p.skipsReplies(k) {
 		if p.repliesToOwnFlows() {

@@ -389,6 +389,10 @@ func (p *plan) header(t *text, title string, fams []family) {
 		t.line("#   UDP: %s", p.target(p.UDPPort))
 		t.line("#        socksfwd %s", p.listenFlags("--transparent", p.UDPPort, "/udp", true))
 	}
+	if p.Mode == ModeRedirect && p.TCPPort != 0 {
+		t.line("#   UDP other than DNS (QUIC, say) is not captured: REDIRECT cannot say where a datagram")
+		t.line("#        was going. --mode tproxy proxies it; or reject it here, and most apps fall back to TCP.")
+	}
 	if p.DNSPort != 0 {
 		t.line("#   DNS (UDP and TCP port 53): REDIRECT %s", p.redirectTarget(p.DNSPort))
 		t.line("#        socksfwd %s", p.listenFlags("--dns", p.DNSPort, "", false))
