@@ -310,6 +310,22 @@ func (d *daemon) linesWith(msgs ...string) []map[string]any {
 	return out
 }
 
+// TestAdminTwoUpstreamsAtOneAddress: two -S at one address (two
+// accounts on one proxy) write no series twice.
+func TestAdminTwoUpstreamsAtOneAddress(t *testing.T) {
+	verifyNoLeaks(t)
+	proxy := newSocks(t).Addr()
+	d := startDaemon(t, "-S", "a:pw@"+proxy, "-S", "b:pw@"+proxy, "-L", "0:h:1", "--admin", "0")
+	d.waitFor("admin on", 1)
+	m := scrape(t, d.listener("admin")) // lints: no series twice
+	for _, name := range []string{proxy, proxy + "#2"} {
+		if _, ok := m[fmt.Sprintf("socksfwd_upstream_up{upstream=%q}", name)]; !ok {
+			t.Errorf("no socksfwd_upstream_up for %s", name)
+		}
+	}
+	d.stop()
+}
+
 // TestAdminSlowBody: a request that declares a body and never sends it
 // is answered at once, not held until the body comes.
 func TestAdminSlowBody(t *testing.T) {

@@ -592,6 +592,24 @@ func (s *supervisor) writeReverse(p *promWriter, units []liveUnit) {
 }
 
 // rcodeName is an RCODE's mnemonic, lower case, or its number.
+// upstreamLabels names each upstream for its series: its address, and
+// for a second upstream at the same address (two accounts on one proxy)
+// the address with its place among them, "proxy:1080#2", so that no
+// series is written twice.
+func upstreamLabels(status []socksclient.UpstreamStatus) []string {
+	names := make([]string, len(status))
+	seen := make(map[string]int, len(status))
+	for i, st := range status {
+		addr := st.Dialer.ProxyAddr
+		seen[addr]++
+		names[i] = addr
+		if n := seen[addr]; n > 1 {
+			names[i] = addr + "#" + strconv.Itoa(n)
+		}
+	}
+	return names
+}
+
 func rcodeName(rc int) string {
 	if n, ok := dns.RcodeToString[rc]; ok {
 		return strings.ToLower(n)
@@ -601,18 +619,23 @@ func rcodeName(rc int) string {
 
 func (s *supervisor) writeUpstreams(p *promWriter) {
 	status := s.ups.Status()
+	names := upstreamLabels(status)
 	p.family("socksfwd_upstream_up", "gauge", "1 while the upstream works, 0 from a failure until the next success.")
-	for _, st := range status {
-		p.sample("socksfwd_upstream_up", b2f(st.Up), "upstream", st.Dialer.ProxyAddr)
+	for i, st := range status {
+		p.sample("socksfwd_upstream_up", b2f(st.Up), "upstream", names[i])
 	}
 	p.family("socksfwd_upstream_backoff_seconds", "gauge", "The upstream's current backoff (0 while up): tried after the others until it ends.")
-	for _, st := range status {
-		p.sample("socksfwd_upstream_backoff_seconds", st.Backoff.Seconds(), "upstream", st.Dialer.ProxyAddr)
+	for i, st := range status {
+		p.sample("socksfwd_upstream_backoff_seconds", st.Backoff.Seconds(), "upstream", names[i])
 	}
+	// Tries are recorded by the proxy's address: two upstreams at one
+	// address share them, written once.
 	proxies := make([]string, len(status))
 	for i, st := range status {
 		proxies[i] = st.Dialer.ProxyAddr
 	}
+	slices.Sort(proxies)
+	proxies = slices.Compact(proxies)
 	p.family("socksfwd_upstream_handshake_failures_total", "counter", "Tries of an upstream that failed, by cause (reply: the proxy's REP code, in code).")
 	for _, proxy := range proxies {
 		u := s.tel.upstream(proxy)
