@@ -383,6 +383,11 @@ func TestAdminReadiness(t *testing.T) {
 	// A reload to a working upstream: counted, and /readyz probes it.
 	d.reload(path, conf(socks.Addr()), 1)
 	m = scrape(t, admin)
+	for series := range m {
+		if strings.Contains(series, dead) {
+			t.Errorf("the upstream the reload removed is still in /metrics: %s", series)
+		}
+	}
 	if m[`socksfwd_reloads_total{result="ok"}`] != 1 || m["socksfwd_last_reload_success"] != 1 {
 		t.Errorf("reloads: ok %v, last success %v; want 1, 1", m[`socksfwd_reloads_total{result="ok"}`], m["socksfwd_last_reload_success"])
 	}

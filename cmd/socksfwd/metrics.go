@@ -70,6 +70,18 @@ func (t *telemetry) upstream(proxy string) *upstreamTelemetry {
 	return u.(*upstreamTelemetry)
 }
 
+// keepUpstreams forgets the records of upstreams not in addrs, which a
+// reload removed: their series leave /metrics.
+func (t *telemetry) keepUpstreams(addrs []string) {
+	t.upstreams.Range(func(k, _ any) bool {
+		if proxy := k.(string); !slices.Contains(addrs, proxy) {
+			t.handshakes.UnregisterMetric("socksfwd_upstream_handshake_seconds{upstream=" + labelValue(proxy) + "}")
+			t.upstreams.Delete(proxy)
+		}
+		return true
+	})
+}
+
 // observe records one try of one upstream (socksclient.Upstreams'
 // OnAttempt): its latency when it worked, its cause when it failed. A try
 // cut short because another upstream won says nothing of either.

@@ -152,6 +152,11 @@ func (s *supervisor) observeUpstreams(p *plan) {
 		return
 	}
 	s.ups.OnAttempt(s.tel.observe)
+	addrs := make([]string, len(p.dialers))
+	for i, d := range p.dialers {
+		addrs[i] = d.ProxyAddr
+	}
+	s.tel.keepUpstreams(addrs)
 }
 
 // publish makes the current units what the admin endpoint reads, in the
