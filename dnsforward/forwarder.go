@@ -527,7 +527,7 @@ func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, int, erro
 	}
 	binary.BigEndian.PutUint16(answer, id)
 	k.setFlags(answer)
-	if end, ok := plainNameEnd(answer, headerLen); ok && binary.BigEndian.Uint16(answer[4:]) == 1 && equalFoldASCII(answer[headerLen:end], k.asked()) {
+	if end, ok := soleQuestion(answer); ok && equalFoldASCII(answer[headerLen:end], k.asked()) {
 		copy(answer[headerLen:], k.asked()) // the leader's answer may have another case
 	}
 	return answer, rcodeOf(answer), nil

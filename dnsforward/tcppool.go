@@ -416,14 +416,10 @@ func (c *pipeConn) exchange(ctx context.Context, wire []byte) ([]byte, error) {
 // questionOf is the question section (name, type, class) of a query in
 // wire form, nil unless it has exactly one question with a plain name.
 func questionOf(query []byte) []byte {
-	if len(query) < headerLen || binary.BigEndian.Uint16(query[4:]) != 1 {
-		return nil
+	if end, ok := soleQuestion(query); ok {
+		return query[headerLen : end+4]
 	}
-	end, ok := plainNameEnd(query, headerLen)
-	if !ok || end+4 > len(query) {
-		return nil
-	}
-	return query[headerLen : end+4]
+	return nil
 }
 
 // answersQuestion reports whether answer may be to the question section
@@ -433,11 +429,8 @@ func questionOf(query []byte) []byte {
 // query without a plain question (nil); an answer whose question does not
 // read is delivered to fail its query as malformed.
 func answersQuestion(answer, question []byte) bool {
-	if question == nil || binary.BigEndian.Uint16(answer[4:]) != 1 {
-		return true
-	}
-	end, ok := plainNameEnd(answer, headerLen)
-	if !ok || end+4 > len(answer) {
+	end, ok := soleQuestion(answer)
+	if question == nil || !ok {
 		return true
 	}
 	n := len(question) - 4

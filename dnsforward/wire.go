@@ -212,6 +212,17 @@ func plainNameEnd(msg []byte, off int) (int, bool) {
 
 var errMalformed = errors.New("dns message malformed")
 
+// soleQuestion returns where the name of msg's question ends, when msg
+// has exactly one question, its name plain (see plainNameEnd) and its
+// type and class there.
+func soleQuestion(msg []byte) (nameEnd int, ok bool) {
+	if len(msg) < headerLen || binary.BigEndian.Uint16(msg[4:]) != 1 {
+		return 0, false
+	}
+	nameEnd, ok = plainNameEnd(msg, headerLen)
+	return nameEnd, ok && nameEnd+4 <= len(msg)
+}
+
 // equalFoldASCII compares wire-form names as DNS does: ASCII letters in
 // any case (RFC 4343), every other byte as it is. (bytes.EqualFold folds
 // Unicode too: "\u212as" and "kſ" would be one name.)

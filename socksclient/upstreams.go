@@ -579,18 +579,7 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		// lost race, the caller's deadline or the handshake timeout alike).
 		return nil
 	case !waited:
-		if re := (*ReplyError)(nil); errors.As(err, &re) && re.Code == RepAddrTypeNotSupported {
-			// It cannot carry this target's address (IPv6, or a name); it
-			// still carries the others: the next one is tried, this one
-			// stays up.
-			return nil
-		}
-		if cmd, ok := unsupportedCommand(err); ok && cmd != CmdConnect {
-			// A proxy without BIND or UDP ASSOCIATE (ssh -D) still serves
-			// CONNECT: the next one is tried, and this one stays up.
-			return nil
-		}
-		if IsUpstreamFailure(err) {
+		if IsUpstreamFailure(err) && !lacksOnly(err) {
 			return err
 		}
 		return nil
@@ -614,6 +603,18 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		return fmt.Errorf("no reply to the handshake within %s, the caller's deadline: %w", ran.Round(time.Millisecond), err)
 	}
 	return err // its own handshake timeout, before the proxy answered
+}
+
+// lacksOnly reports whether err is a working proxy's refusal of what it
+// lacks, not of everything: an address type (REP 8: IPv6, or names), or
+// BIND or UDP ASSOCIATE (REP 7, or ssh -D closing at the request) while it
+// serves CONNECT. The next upstream is tried, and this one stays up.
+func lacksOnly(err error) bool {
+	if re := (*ReplyError)(nil); errors.As(err, &re) && re.Code == RepAddrTypeNotSupported {
+		return true
+	}
+	cmd, ok := unsupportedCommand(err)
+	return ok && cmd != CmdConnect
 }
 
 // upstreamsError is the failure of every upstream tried, on one line, each

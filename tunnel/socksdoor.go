@@ -9,7 +9,6 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/socksfwd/socksfwd/socksclient"
@@ -263,20 +262,18 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 	clientGone := ctx.Err() != nil && f.ctx.Err() == nil
 	cancel()
 	req.Conn.SetReadDeadline(time.Time{})
-	if err != nil && clientGone {
-		// Not a failure: the client stopped waiting for its peer.
-		f.sessionEvent(f.cfg.Logger.Debug(), req.Conn, req.Addr).Str("cmd", "bind").Str("upstream", dialer.ProxyAddr).
-			Dur("dur", time.Since(start)).Msg("session ended: the client hung up before a peer connected")
-		req.Conn.Close()
-		f.endSession(req.Conn, nil)
-		return
-	}
-	if err != nil && f.ctx.Err() != nil {
-		// Nor is Close cutting the wait: logged as it logs the relayed
-		// sessions it cuts.
-		f.sessionEvent(f.cfg.Logger.Debug(), req.Conn, req.Addr).Str("cmd", "bind").Str("upstream", dialer.ProxyAddr).
-			Err(err).Str("cause", "cut at shutdown").Dur("dur", time.Since(start)).Msg("session ended")
-		abort(req.Conn)
+	if err != nil && (clientGone || f.ctx.Err() != nil) {
+		// Not a failure: the client stopped waiting for its peer, or Close
+		// cut the wait (logged, and reset, as the relayed sessions it cuts).
+		ev := f.sessionEvent(f.cfg.Logger.Debug(), req.Conn, req.Addr).Str("cmd", "bind").Str("upstream", dialer.ProxyAddr).
+			Dur("dur", time.Since(start))
+		if clientGone {
+			ev.Msg("session ended: the client hung up before a peer connected")
+			req.Conn.Close()
+		} else {
+			ev.Err(err).Str("cause", "cut at shutdown").Msg("session ended")
+			abort(req.Conn)
+		}
 		f.endSession(req.Conn, nil)
 		return
 	}
@@ -450,7 +447,7 @@ func (a *association) upstreamToClient() error {
 	buf := make([]byte, 65536)
 	for {
 		n, err := a.up.ReadDatagram(buf)
-		if errors.Is(err, syscall.ECONNREFUSED) {
+		if relayRefused(err) {
 			// Reported once per ICMP on this connected socket, and the
 			// relay may take the next datagram: not the end of the
 			// association (dnsforward's reader reads on too).

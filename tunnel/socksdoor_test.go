@@ -588,19 +588,8 @@ func TestDoorUDPEnds(t *testing.T) {
 // association goes on: the next datagram still goes through.
 func TestDoorUDPRelayRefused(t *testing.T) {
 	noLeaks(t)
-	// A relay port with nothing on it yet: the first datagram is refused.
-	probe := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
-	relay := probe.LocalAddr().(*net.UDPAddr)
-	probe.Close()
-	up := testnet.Serve(t, func(c net.Conn) {
-		req, err := socksclient.Handshake(c, socksclient.ServerConfig{HandshakeTimeout: 10 * time.Second})
-		if err != nil {
-			return
-		}
-		req.Reply(socksclient.RepSucceeded, socksclient.AddrFromAddrPort(relay.AddrPort()))
-		io.Copy(io.Discard, c) // the association lasts until the door hangs up
-	})
-	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up.Addr().String())
+	up, relay := refusingUpstream(t)
+	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up)
 	u, err := client(door).Associate(context.Background())
 	if err != nil {
 		t.Fatal(err)

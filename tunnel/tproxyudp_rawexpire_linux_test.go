@@ -10,6 +10,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
+	"github.com/socksfwd/socksfwd/internal/testnet"
 )
 
 // TestReplyPoolRawSocketExpires: the raw socket made for replies whose
@@ -18,11 +19,7 @@ import (
 // socket, filtered or not), and made again when needed.
 func TestReplyPoolRawSocketExpires(t *testing.T) {
 	peertest.RequireRoot(t) // CAP_NET_RAW
-	client, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
+	client := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 	to := client.LocalAddr().(*net.UDPAddr).AddrPort()
 	from := netip.MustParseAddrPort("127.0.0.1:9")
 	synctest.Test(t, func(t *testing.T) {

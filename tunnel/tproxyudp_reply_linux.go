@@ -153,12 +153,12 @@ func (p *replyPool) get(remote netip.AddrPort) *replySocket {
 	s.lastUse.Store(now)
 	pc, err := p.bind(remote)
 	if err != nil {
-		s.backoff = replyRetryMin
 		if ok {
-			s.backoff = min(2*prev.backoff, replyRetryMax)
+			s.backoff = prev.backoff
 		} else {
 			p.stats.ReplyBindFailures.Add(1) // a remote once per failing streak
 		}
+		s.backoff = nextRetry(s.backoff)
 		s.retryAt = now + int64(s.backoff)
 		if logNow, suppressed := p.logs.Allow(remote.String()); logNow {
 			msg := "UDP reply socket cannot bind the remote's address; replies from it go through a raw socket until a retry binds it"
@@ -173,6 +173,12 @@ func (p *replyPool) get(remote netip.AddrPort) *replySocket {
 	}
 	p.lru.Add(remote, s) // replaces a failed entry, which holds no socket
 	return s
+}
+
+// nextRetry is the wait after a failure that came after waiting prev (0:
+// the first failure): replyRetryMin, doubling up to replyRetryMax.
+func nextRetry(prev time.Duration) time.Duration {
+	return min(max(2*prev, replyRetryMin), replyRetryMax)
 }
 
 // bind opens a UDP socket bound to remote's address and port, which is
@@ -230,7 +236,7 @@ func (p *replyPool) sendRaw(payload []byte, remote, client netip.AddrPort) bool 
 		r, err = newRawUDPSender(fam == 1, p.control)
 		p.raw[fam] = r
 		if err != nil {
-			p.rawBackoff[fam] = min(max(2*p.rawBackoff[fam], replyRetryMin), replyRetryMax)
+			p.rawBackoff[fam] = nextRetry(p.rawBackoff[fam])
 			p.rawRetry[fam] = now.Add(p.rawBackoff[fam])
 			if ok, suppressed := p.logs.Allow(rawLogKeys[fam]); ok {
 				p.logger.Warn().Err(err).Str("listener", p.name).Int64("repeats", suppressed).

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
+	"github.com/socksfwd/socksfwd/internal/testnet"
 )
 
 // failingControl is a reply pool's control that fails its first n calls
@@ -137,11 +138,7 @@ func TestReplyPoolRetriesBind(t *testing.T) {
 // that needs it for the listener's whole life; the log names the error.
 func TestReplyPoolRetriesRawSocket(t *testing.T) {
 	peertest.RequireRoot(t) // CAP_NET_RAW
-	client, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
+	client := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
 	to := client.LocalAddr().(*net.UDPAddr).AddrPort()
 	from := netip.MustParseAddrPort("127.0.0.1:9")
 	logs := &logBuf{}

@@ -189,7 +189,11 @@ func checkListenersTake(rc rules.Config, listens []listenPlan) error {
 			switch {
 			case c.tproxy:
 				how = "TPROXY"
-				if a := map[bool]netip.Addr{false: rc.TProxyAddr4, true: rc.TProxyAddr6}[v6]; a.IsValid() {
+				a := rc.TProxyAddr4
+				if v6 {
+					a = rc.TProxyAddr6
+				}
+				if a.IsValid() {
 					dst = a
 				}
 			case rc.Scope == rules.ScopeGateway:

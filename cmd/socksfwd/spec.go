@@ -237,31 +237,24 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 // redactURL hides a password in a proxy URL, with or without a scheme,
 // and a port that may be a piece of one (see parseServer).
 func redactURL(raw string) string {
-	if !strings.Contains(raw, "://") {
-		if i := strings.LastIndex(raw, "@"); i >= 0 {
-			return "xxxxx@" + raw[i+1:]
+	prefix, rest := "", raw
+	if scheme, r, ok := strings.Cut(raw, "://"); ok {
+		if u, err := url.Parse(raw); err == nil {
+			return u.Redacted()
 		}
-		// "alice:pa", a list split at a comma in a password: what follows
-		// the colon is no port, and may be a piece of the password.
-		if host, port, ok := strings.Cut(raw, ":"); ok && !strings.HasPrefix(raw, "[") && strings.Trim(port, "0123456789") != "" {
-			return host + ":xxxxx"
-		}
-		return raw
+		prefix, rest = scheme+"://", r
 	}
-	u, err := url.Parse(raw)
-	if err != nil {
-		scheme, rest, _ := strings.Cut(raw, "://")
-		if i := strings.LastIndex(rest, "@"); i >= 0 {
-			return scheme + "://xxxxx@" + rest[i+1:]
-		}
-		// "socks5h://alice:pa", a list split at a comma in the password:
-		// what follows the colon may be a piece of it.
-		if host, _, ok := strings.Cut(rest, ":"); ok {
-			return scheme + "://" + host + ":xxxxx"
-		}
-		return raw
+	if i := strings.LastIndex(rest, "@"); i >= 0 {
+		return prefix + "xxxxx@" + rest[i+1:]
 	}
-	return u.Redacted()
+	// "alice:pa" or "socks5h://alice:pa", a list split at a comma in a
+	// password: what follows the colon may be a piece of it. Without a
+	// scheme, a port (or an IPv6 address in brackets) is shown.
+	host, port, ok := strings.Cut(rest, ":")
+	if ok && (prefix != "" || !strings.HasPrefix(rest, "[") && strings.Trim(port, "0123456789") != "") {
+		return prefix + host + ":xxxxx"
+	}
+	return raw
 }
 
 // listenAddrs parses a listener's [bind:]port for option: the bind
