@@ -249,8 +249,11 @@ func redactURL(raw string) string {
 	}
 	// "alice:pa" or "socks5h://alice:pa", a list split at a comma in a
 	// password: what follows the colon may be a piece of it. Without a
-	// scheme, a port (or an IPv6 address in brackets) is shown.
+	// scheme, a port or an IPv6 address (bare or in brackets) is shown.
 	host, port, ok := strings.Cut(rest, ":")
+	if _, err := netip.ParseAddr(rest); err == nil && prefix == "" {
+		return raw
+	}
 	if ok && (prefix != "" || !strings.HasPrefix(rest, "[") && strings.Trim(port, "0123456789") != "") {
 		return prefix + host + ":xxxxx"
 	}

@@ -132,6 +132,10 @@ func TestParseServer(t *testing.T) {
 			t.Errorf("parseServer(%q) = %s %q %q local=%v", tc.raw, d.ProxyAddr, d.Username, d.Password, d.ResolveLocally)
 		}
 	}
+	// A bare IPv6 proxy is an address, not a password piece after a colon.
+	if got := redactURL("2001:db8::a"); got != "2001:db8::a" {
+		t.Errorf("redactURL(2001:db8::a) = %s", got)
+	}
 	if got := redactURL("socks5h://u:secret@proxy"); strings.Contains(got, "secret") {
 		t.Errorf("redactURL = %s", got)
 	}
