@@ -18,16 +18,21 @@ import (
 )
 
 // gateResolver is a DNS-over-TCP resolver that reports each query it reads
-// on got and answers it (A 198.51.100.1) only once open is called.
+// on got and answers it (A 198.51.100.1) only once open is called; with
+// holds set, only queries for that name wait, the others are answered at
+// once.
 type gateResolver struct {
+	holds    string
 	addr     string
 	got      chan string
 	release  chan struct{}
 	openOnce sync.Once
 }
 
-func newGateResolver(t *testing.T) *gateResolver {
-	g := &gateResolver{got: make(chan string, 1000), release: make(chan struct{})}
+func newGateResolver(t *testing.T) *gateResolver { return newGateResolverHolding(t, "") }
+
+func newGateResolverHolding(t *testing.T, holds string) *gateResolver {
+	g := &gateResolver{holds: holds, got: make(chan string, 1000), release: make(chan struct{})}
 	ln := testnet.Serve(t, func(c net.Conn) {
 		var (
 			wg  sync.WaitGroup
@@ -42,7 +47,9 @@ func newGateResolver(t *testing.T) *gateResolver {
 			}
 			g.got <- q.Question[0].Name
 			wg.Go(func() {
-				<-g.release
+				if g.holds == "" || q.Question[0].Name == g.holds {
+					<-g.release
+				}
 				m := new(dns.Msg)
 				m.SetReply(q)
 				m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(198, 51, 100, 1)})

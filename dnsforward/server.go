@@ -2,6 +2,7 @@ package dnsforward
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
@@ -25,7 +26,7 @@ type Server struct {
 	pc    net.PacketConn
 	udp   *dns.Server  // nil when fast serves the socket
 	fast  *udpFastPath // nil on a wildcard address
-	tcp   *dns.Server
+	tcp   *tcpServer
 
 	mu       sync.Mutex
 	stopped  bool
@@ -105,7 +106,7 @@ func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
 	if s.fast = newUDPFastPath(s, pc); s.fast == nil {
 		s.udp = &dns.Server{PacketConn: pc, Handler: s}
 	}
-	s.tcp = &dns.Server{Listener: ln, Handler: s}
+	s.tcp = newTCPServer(ln, s.serveMessage)
 	return s
 }
 
@@ -194,6 +195,40 @@ func (s *Server) serveWire(w dns.ResponseWriter, query []byte, from netip.AddrPo
 	return h.fwd.serveWire(w, query)
 }
 
+// serveMessage answers one query's bytes as the miekg/dns server does:
+// its accept function first (responses ignored, other opcodes NOTIMP,
+// odd section counts FORMERR), then ServeDNS with the unpacked message,
+// FORMERR if it does not unpack. Too short for a header: no answer.
+func (s *Server) serveMessage(w dns.ResponseWriter, q []byte) {
+	if len(q) < headerLen {
+		return
+	}
+	dh := dns.Header{Id: binary.BigEndian.Uint16(q), Bits: binary.BigEndian.Uint16(q[2:]),
+		Qdcount: binary.BigEndian.Uint16(q[4:]), Ancount: binary.BigEndian.Uint16(q[6:]),
+		Nscount: binary.BigEndian.Uint16(q[8:]), Arcount: binary.BigEndian.Uint16(q[10:])}
+	action := dns.DefaultMsgAcceptFunc(dh)
+	if action == dns.MsgAccept {
+		req := new(dns.Msg)
+		if req.Unpack(q) == nil {
+			s.ServeDNS(w, req)
+			return
+		}
+		action = dns.MsgReject
+	}
+	if action == dns.MsgIgnore {
+		return
+	}
+	req := &dns.Msg{MsgHdr: dns.MsgHdr{Id: dh.Id, Opcode: int(dh.Bits>>11) & 0xF,
+		RecursionDesired: dh.Bits&(1<<8) != 0, CheckingDisabled: dh.Bits&(1<<4) != 0}}
+	m := new(dns.Msg)
+	m.SetRcodeFormatError(req)
+	if action == dns.MsgRejectNotImplemented {
+		m.Opcode = req.Opcode
+		m.Rcode = dns.RcodeNotImplemented
+	}
+	w.WriteMsg(m)
+}
+
 // Addr is the listening address.
 func (s *Server) Addr() net.Addr { return s.pc.LocalAddr() }
 
@@ -209,7 +244,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	} else {
 		wg.Go(func() { errc <- s.udp.ActivateAndServe() })
 	}
-	wg.Go(func() { errc <- s.tcp.ActivateAndServe() })
+	wg.Go(func() { errc <- s.tcp.run() })
 	wg.Wait()
 	close(errc)
 	for err := range errc {
@@ -229,11 +264,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		if s.udp != nil {
 			err = s.udp.ShutdownContext(ctx)
 		}
-		err = errors.Join(err, s.tcp.ShutdownContext(ctx))
-		// Also close the sockets ourselves: a server not started yet
-		// ignores ShutdownContext and would otherwise start later.
+		err = errors.Join(err, s.tcp.shutdown(ctx))
+		// Also close the UDP socket ourselves: a miekg/dns server not
+		// started yet ignores ShutdownContext and would otherwise start
+		// later.
 		s.pc.Close()
-		s.tcp.Listener.Close()
 		if s.fast != nil && s.started.Load() {
 			err = errors.Join(err, s.fast.wait(ctx)) // the queries it handed on
 		}

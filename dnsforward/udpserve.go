@@ -3,7 +3,6 @@ package dnsforward
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
@@ -143,42 +142,13 @@ func (u *udpFastPath) wait(ctx context.Context) error {
 }
 
 // serveQuery handles a query the cache did not answer: a plain one, read
-// whole, by the forwarder's wire path, anything else as the miekg/dns
-// server does: its accept function first (responses ignored, other
-// opcodes NOTIMP, odd section counts FORMERR), then the handler with the
-// unpacked message, FORMERR if it does not unpack.
+// whole, by the forwarder's wire path, anything else by serveMessage.
 func (u *udpFastPath) serveQuery(q []byte, from netip.AddrPort, whole bool) {
-	if len(q) < headerLen {
-		return // too short to answer
-	}
 	w := &udpResponse{pc: u.pc, to: from}
-	if whole && u.s.serveWire(w, q, from) {
+	if whole && len(q) >= headerLen && u.s.serveWire(w, q, from) {
 		return
 	}
-	dh := dns.Header{Id: binary.BigEndian.Uint16(q), Bits: binary.BigEndian.Uint16(q[2:]),
-		Qdcount: binary.BigEndian.Uint16(q[4:]), Ancount: binary.BigEndian.Uint16(q[6:]),
-		Nscount: binary.BigEndian.Uint16(q[8:]), Arcount: binary.BigEndian.Uint16(q[10:])}
-	action := dns.DefaultMsgAcceptFunc(dh)
-	if action == dns.MsgAccept {
-		req := new(dns.Msg)
-		if req.Unpack(q) == nil {
-			u.s.ServeDNS(w, req)
-			return
-		}
-		action = dns.MsgReject
-	}
-	if action == dns.MsgIgnore {
-		return
-	}
-	req := &dns.Msg{MsgHdr: dns.MsgHdr{Id: dh.Id, Opcode: int(dh.Bits>>11) & 0xF,
-		RecursionDesired: dh.Bits&(1<<8) != 0, CheckingDisabled: dh.Bits&(1<<4) != 0}}
-	m := new(dns.Msg)
-	m.SetRcodeFormatError(req)
-	if action == dns.MsgRejectNotImplemented {
-		m.Opcode = req.Opcode
-		m.Rcode = dns.RcodeNotImplemented
-	}
-	w.WriteMsg(m)
+	u.s.serveMessage(w, q)
 }
 
 // udpResponse is the dns.ResponseWriter of a query that came by the fast

@@ -1,0 +1,173 @@
+package dnsforward
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"syscall"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// writeQueries sends queries on c in one write, each with its length.
+func writeQueries(t *testing.T, c net.Conn, qs ...*dns.Msg) {
+	t.Helper()
+	var b []byte
+	for _, q := range qs {
+		wire, err := q.Pack()
+		if err != nil {
+			t.Fatal(err)
+		}
+		b = binary.BigEndian.AppendUint16(b, uint16(len(wire)))
+		b = append(b, wire...)
+	}
+	if _, err := c.Write(b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func readAnswer(t *testing.T, c net.Conn) *dns.Msg {
+	t.Helper()
+	var lenBuf [2]byte
+	m, err := readTCPMessage(c, &lenBuf)
+	if err != nil || m == nil {
+		t.Fatalf("reading an answer: %v", err)
+	}
+	return m
+}
+
+// TestTCPPipelining: queries a client sends on one connection without
+// waiting are answered as each is ready, so a slow name does not hold up
+// the names after it (RFC 7766 §6.2.1.1). Before, the second query was not
+// even read until the first was answered.
+func TestTCPPipelining(t *testing.T) {
+	gate := newGateResolverHolding(t, "held.example.")
+	_, addr := startServerFor(t, newForwarder(t, socks(t).Addr(), 10*time.Second, nil, gate.addr))
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second)) // the failure this test catches is a hang
+
+	writeQueries(t, c, query("held.example", dns.TypeA, 1), query("free.example", dns.TypeA, 2))
+	if first := readAnswer(t, c); first.Id != 2 {
+		t.Fatalf("first answer is for query %d, want the unheld query 2", first.Id)
+	}
+	gate.open()
+	if second := readAnswer(t, c); second.Id != 1 || !answerIP(t, second).Equal(net.IPv4(198, 51, 100, 1)) {
+		t.Fatalf("second answer: %v", second)
+	}
+}
+
+// TestTCPHalfClosedClientGetsAnswers: a client that sends its queries and
+// then shuts its side still gets every answer before the server closes.
+func TestTCPHalfClosedClientGetsAnswers(t *testing.T) {
+	gate := newGateResolver(t)
+	_, addr := startServerFor(t, newForwarder(t, socks(t).Addr(), time.Minute, nil, gate.addr))
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	writeQueries(t, c, query("a.example", dns.TypeA, 1), query("b.example", dns.TypeA, 2))
+	c.(*net.TCPConn).CloseWrite()
+	<-gate.got
+	<-gate.got // both read, and held, after the client's FIN
+	gate.open()
+	ids := map[uint16]bool{readAnswer(t, c).Id: true, readAnswer(t, c).Id: true}
+	if !ids[1] || !ids[2] {
+		t.Fatalf("answers for %v, want 1 and 2", ids)
+	}
+	if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("after the answers: %v, want the server's close", err)
+	}
+}
+
+// TestTCPShutdownAnswersQueriesRead: Shutdown stops reading queries but
+// answers those already read before it closes the connection.
+func TestTCPShutdownAnswersQueriesRead(t *testing.T) {
+	gate := newGateResolver(t)
+	pc, ln, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(newForwarder(t, socks(t).Addr(), time.Minute, nil, gate.addr), pc, ln)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(context.Background()) }()
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	writeQueries(t, c, query("held.example", dns.TypeA, 1))
+	<-gate.got
+	stopped := make(chan error, 1)
+	go func() { stopped <- srv.Shutdown(context.Background()) }()
+	select {
+	case <-srv.tcp.stopping:
+	case err := <-stopped:
+		t.Fatalf("Shutdown returned %v with a query in flight", err)
+	}
+	writeQueries(t, c, query("late.example", dns.TypeA, 2)) // not read any more
+	gate.open()
+	if m := readAnswer(t, c); m.Id != 1 {
+		t.Fatalf("answer for %d, want 1", m.Id)
+	}
+	// Closed with the late query unread: a reset rather than a FIN.
+	if _, err := c.Read(make([]byte, 1)); err != io.EOF && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("after the answer: %v, want the server's close", err)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if err := <-served; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+}
+
+// TestTCPIdleTimeout: a connection is closed once it has been idle for
+// the idle timeout, but not while an answer is due, however long that
+// takes.
+func TestTCPIdleTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		server, client := net.Pipe()
+		release := make(chan struct{})
+		serve := func(w dns.ResponseWriter, q []byte) {
+			<-release
+			w.Write(q) // the query as its own answer will do
+		}
+		arm := func(c net.Conn, d time.Duration) bool { c.SetReadDeadline(time.Now().Add(d)); return true }
+		done := make(chan struct{})
+		go func() { newTCPClient(server, serve).run(arm); close(done) }()
+
+		writeQueries(t, client, query("slow.example", dns.TypeA, 7))
+		time.Sleep(10 * tcpIdleTimeout) // the fake clock: an answer 80 s late
+		synctest.Wait()
+		select {
+		case <-done:
+			t.Fatal("closed while an answer was due")
+		default:
+		}
+		close(release)
+		if m := readAnswer(t, client); m.Id != 7 {
+			t.Fatalf("answer for %d, want 7", m.Id)
+		}
+		start := time.Now()
+		<-done
+		if idle := time.Since(start); idle != tcpIdleTimeout {
+			t.Fatalf("closed after %v idle, want %v", idle, tcpIdleTimeout)
+		}
+		if _, err := client.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+			t.Fatalf("client read %v, want EOF", err)
+		}
+	})
+}
