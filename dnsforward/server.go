@@ -278,6 +278,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.mu.Unlock()
 		s.retiring.Wait()
 		s.cur.Load().fwd.Close()
+		// TCP answers still due past ctx fail now that the forwarders
+		// are closed; their goroutines end here.
+		s.tcp.wait()
 	})
 	if errors.Is(err, context.DeadlineExceeded) {
 		return err

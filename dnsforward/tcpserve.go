@@ -71,10 +71,11 @@ func (t *tcpServer) run() error {
 			c.Close()
 			return nil
 		}
-		t.clients.Go(func() {
+		go func() {
+			defer t.clients.Done()
 			defer t.untrack(c)
-			newTCPClient(c, t.serve).run(t.armRead)
-		})
+			newTCPClient(c, t.serve, t.armRead).run()
+		}()
 	}
 }
 
@@ -84,6 +85,8 @@ func (t *tcpServer) isStopped() bool {
 	return t.stopped
 }
 
+// track registers a client, counted in clients under the same lock
+// shutdown takes, so that shutdown either sees it or refuses it.
 func (t *tcpServer) track(c net.Conn) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -91,19 +94,24 @@ func (t *tcpServer) track(c net.Conn) bool {
 		return false
 	}
 	t.conns[c] = struct{}{}
+	t.clients.Add(1)
 	return true
 }
 
-// armRead gives c's next read until d from now, unless the server is
-// stopping: its past deadline must not be overwritten, or the reader
-// would hold Shutdown until the client spoke.
+// armRead gives c's next read until d from now (no deadline for 0),
+// unless the server is stopping: its past deadline must not be
+// overwritten, or the reader would hold Shutdown until the client spoke.
 func (t *tcpServer) armRead(c net.Conn, d time.Duration) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.stopped {
 		return false
 	}
-	c.SetReadDeadline(time.Now().Add(d))
+	var deadline time.Time
+	if d > 0 {
+		deadline = time.Now().Add(d)
+	}
+	c.SetReadDeadline(deadline)
 	return true
 }
 
@@ -114,7 +122,9 @@ func (t *tcpServer) untrack(c net.Conn) {
 }
 
 // shutdown stops accepting and reading: the queries already read are
-// answered until ctx is done, then every connection is closed.
+// answered until ctx is done; then every connection is closed and
+// shutdown returns without waiting for the answers still due, which wait
+// on the forwarder: the caller closes it, then calls wait.
 func (t *tcpServer) shutdown(ctx context.Context) error {
 	t.mu.Lock()
 	if !t.stopped {
@@ -138,9 +148,11 @@ func (t *tcpServer) shutdown(ctx context.Context) error {
 		c.Close()
 	}
 	t.mu.Unlock()
-	<-done // the writes fail at once now
 	return ctx.Err()
 }
+
+// wait waits until every client's goroutines have ended.
+func (t *tcpServer) wait() { t.clients.Wait() }
 
 // aLongTimeAgo is a deadline in the past: a read waiting on it returns.
 var aLongTimeAgo = time.Unix(1, 0)
@@ -149,22 +161,31 @@ var aLongTimeAgo = time.Unix(1, 0)
 type tcpClient struct {
 	conn    net.Conn
 	serve   func(dns.ResponseWriter, []byte)
+	arm     func(net.Conn, time.Duration) bool
 	slots   chan struct{} // a token per query being answered
 	answers sync.WaitGroup
+
+	// mu orders the read deadline's changes with pending: a client with
+	// answers due has no deadline; the last answer starts the idle time.
+	mu      sync.Mutex
+	pending int
 
 	wmu  sync.Mutex
 	wbuf []byte // the length and the answer, written in one call
 }
 
-func newTCPClient(c net.Conn, serve func(dns.ResponseWriter, []byte)) *tcpClient {
-	return &tcpClient{conn: c, serve: serve, slots: make(chan struct{}, tcpPipeline)}
+// newTCPClient serves c; arm sets its read deadline, or refuses once the
+// server is stopping (tcpServer.armRead).
+func newTCPClient(c net.Conn, serve func(dns.ResponseWriter, []byte), arm func(net.Conn, time.Duration) bool) *tcpClient {
+	return &tcpClient{conn: c, serve: serve, arm: arm, slots: make(chan struct{}, tcpPipeline)}
 }
 
 // run reads queries until the client closes or stays idle too long,
 // answers each on a goroutine of its own, and closes the connection once
 // every answer is written. Idle means nothing asked and nothing being
-// answered: a client waiting for an answer is not timed out.
-func (cl *tcpClient) run(arm func(net.Conn, time.Duration) bool) {
+// answered: a client waiting for an answer is not timed out, and may
+// send more queries meanwhile.
+func (cl *tcpClient) run() {
 	defer cl.conn.Close()
 	defer cl.answers.Wait()
 	// Buffered: pipelined queries arrive several to a segment.
@@ -172,35 +193,60 @@ func (cl *tcpClient) run(arm func(net.Conn, time.Duration) bool) {
 	var lenBuf [2]byte
 	timeout := tcpFirstReadTimeout
 	for {
-		if !arm(cl.conn, timeout) {
+		if !cl.armIdle(timeout) {
 			return // shutting down
 		}
-		if _, err := r.Peek(1); err != nil {
-			if isTimeout(err) && cl.busy() {
-				cl.answers.Wait()
-				continue
-			}
-			return
-		}
-		// A query has begun: the rest of it is due within the idle time.
-		if !arm(cl.conn, tcpIdleTimeout) {
-			return
-		}
+		// The whole query is due before the deadline: a client has 2 s
+		// for its first, as with the miekg/dns server.
 		q, err := readTCPFrame(r, &lenBuf)
 		if err != nil {
+			if isTimeout(err) && cl.busy() {
+				continue // nothing read; answers are due, so not idle
+			}
 			return
 		}
 		timeout = tcpIdleTimeout
 		cl.slots <- struct{}{}
+		cl.start()
 		cl.answers.Go(func() {
 			defer func() { <-cl.slots }()
+			defer cl.done()
 			cl.serve(&tcpResponse{cl: cl}, q)
 		})
 	}
 }
 
-// busy reports whether an answer is due.
-func (cl *tcpClient) busy() bool { return len(cl.slots) > 0 }
+// armIdle gives the next read d when no answer is due, and no deadline
+// while one is (the last answer arms it then). false: shutting down.
+func (cl *tcpClient) armIdle(d time.Duration) bool {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	if cl.pending > 0 {
+		d = 0
+	}
+	return cl.arm(cl.conn, d)
+}
+
+func (cl *tcpClient) start() {
+	cl.mu.Lock()
+	cl.pending++
+	cl.mu.Unlock()
+}
+
+// done ends one answer; the last one due starts the idle time.
+func (cl *tcpClient) done() {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	if cl.pending--; cl.pending == 0 {
+		cl.arm(cl.conn, tcpIdleTimeout)
+	}
+}
+
+func (cl *tcpClient) busy() bool {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.pending > 0
+}
 
 // write sends one message, its length first, in one write. A failed or
 // timed-out write closes the connection: the client has gone or does not
@@ -214,7 +260,11 @@ func (cl *tcpClient) write(b []byte) (int, error) {
 	cl.wbuf = binary.BigEndian.AppendUint16(cl.wbuf[:0], uint16(len(b)))
 	cl.wbuf = append(cl.wbuf, b...)
 	cl.conn.SetWriteDeadline(time.Now().Add(tcpWriteTimeout))
-	if _, err := cl.conn.Write(cl.wbuf); err != nil {
+	_, err := cl.conn.Write(cl.wbuf)
+	if cap(cl.wbuf) > 4096 {
+		cl.wbuf = nil // one large answer should not stay with the connection
+	}
+	if err != nil {
 		cl.conn.Close()
 		return 0, err
 	}

@@ -31,6 +31,26 @@ func writeQueries(t *testing.T, c net.Conn, qs ...*dns.Msg) {
 	}
 }
 
+// gotQuery waits until the gate resolver has read a query.
+func gotQuery(t *testing.T, g *gateResolver) {
+	t.Helper()
+	select {
+	case <-g.got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the resolver never got the query")
+	}
+}
+
+// pipeArm is tcpServer.armRead for a client served alone.
+func pipeArm(c net.Conn, d time.Duration) bool {
+	var deadline time.Time
+	if d > 0 {
+		deadline = time.Now().Add(d)
+	}
+	c.SetReadDeadline(deadline)
+	return true
+}
+
 func readAnswer(t *testing.T, c net.Conn) *dns.Msg {
 	t.Helper()
 	var lenBuf [2]byte
@@ -78,8 +98,8 @@ func TestTCPHalfClosedClientGetsAnswers(t *testing.T) {
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	writeQueries(t, c, query("a.example", dns.TypeA, 1), query("b.example", dns.TypeA, 2))
 	c.(*net.TCPConn).CloseWrite()
-	<-gate.got
-	<-gate.got // both read, and held, after the client's FIN
+	gotQuery(t, gate)
+	gotQuery(t, gate) // both read, and held, after the client's FIN
 	gate.open()
 	ids := map[uint16]bool{readAnswer(t, c).Id: true, readAnswer(t, c).Id: true}
 	if !ids[1] || !ids[2] {
@@ -109,7 +129,7 @@ func TestTCPShutdownAnswersQueriesRead(t *testing.T) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	writeQueries(t, c, query("held.example", dns.TypeA, 1))
-	<-gate.got
+	gotQuery(t, gate)
 	stopped := make(chan error, 1)
 	go func() { stopped <- srv.Shutdown(context.Background()) }()
 	select {
@@ -145,9 +165,8 @@ func TestTCPIdleTimeout(t *testing.T) {
 			<-release
 			w.Write(q) // the query as its own answer will do
 		}
-		arm := func(c net.Conn, d time.Duration) bool { c.SetReadDeadline(time.Now().Add(d)); return true }
 		done := make(chan struct{})
-		go func() { newTCPClient(server, serve).run(arm); close(done) }()
+		go func() { newTCPClient(server, serve, pipeArm).run(); close(done) }()
 
 		writeQueries(t, client, query("slow.example", dns.TypeA, 7))
 		time.Sleep(10 * tcpIdleTimeout) // the fake clock: an answer 80 s late
@@ -169,5 +188,79 @@ func TestTCPIdleTimeout(t *testing.T) {
 		if _, err := client.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
 			t.Fatalf("client read %v, want EOF", err)
 		}
+	})
+}
+
+// TestTCPCloseWithQueryHeld: Close stops at once even with a TCP query
+// waiting on the resolver; before, it waited out the forwarder's timeout.
+// Shutdown with a deadline likewise returns at the deadline.
+func TestTCPCloseWithQueryHeld(t *testing.T) {
+	for _, how := range []string{"Close", "Shutdown past its deadline"} {
+		t.Run(how, func(t *testing.T) {
+			gate := newGateResolver(t)
+			pc, ln, err := Listen("127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := NewServer(newForwarder(t, socks(t).Addr(), time.Minute, nil, gate.addr), pc, ln)
+			served := make(chan error, 1)
+			go func() { served <- srv.Serve(context.Background()) }()
+			c, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			writeQueries(t, c, query("held.example", dns.TypeA, 1))
+			gotQuery(t, gate)
+
+			stopped := make(chan error, 1)
+			go func() {
+				if how == "Close" {
+					stopped <- srv.Close()
+					return
+				}
+				ctx, cancel := context.WithCancel(context.Background())
+				cancel()
+				stopped <- srv.Shutdown(ctx)
+			}()
+			select {
+			case <-stopped:
+			case <-time.After(10 * time.Second): // the forwarder would wait a minute
+				t.Fatalf("%s waits for the query held upstream", how)
+			}
+			if err := <-served; err != nil {
+				t.Errorf("Serve: %v", err)
+			}
+		})
+	}
+}
+
+// TestTCPReadsWhileAnswerIsLate: a query sent long after another whose
+// answer is still due is read and answered at once; before, the reader
+// stopped at the idle deadline until every answer due was written.
+func TestTCPReadsWhileAnswerIsLate(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		server, client := net.Pipe()
+		release := make(chan struct{})
+		serve := func(w dns.ResponseWriter, q []byte) {
+			if binary.BigEndian.Uint16(q) == 1 {
+				<-release
+			}
+			w.Write(q)
+		}
+		done := make(chan struct{})
+		go func() { newTCPClient(server, serve, pipeArm).run(); close(done) }()
+		writeQueries(t, client, query("slow.example", dns.TypeA, 1))
+		time.Sleep(tcpIdleTimeout + time.Second) // a resolver slower than the idle time
+		writeQueries(t, client, query("fast.example", dns.TypeA, 2)) // blocks until read
+		if m := readAnswer(t, client); m.Id != 2 {
+			t.Fatalf("answer for %d, want the late query 2 first", m.Id)
+		}
+		close(release)
+		if m := readAnswer(t, client); m.Id != 1 {
+			t.Fatalf("answer for %d, want 1", m.Id)
+		}
+		client.Close()
+		<-done
 	})
 }
