@@ -49,7 +49,7 @@ type Config struct {
 	UDPIdleTimeout     Duration `toml:"udp-idle-timeout" def:"60s" usage:"end a UDP session idle this long"`
 	UDPMaxSessions     int      `toml:"udp-max-sessions" def:"1024" usage:"UDP sessions (client addresses) per listener; when full, the one idle longest makes room"`
 	MaxSessions        int      `toml:"max-sessions" def:"0" usage:"TCP sessions per listener; connections beyond it are closed at once and counted (0 = no limit)"`
-	Allow              []string `toml:"allow,omitempty" usage:"client sources (CIDR) allowed on listeners bound beyond loopback, repeatable; others are closed at once and counted"`
+	Allow              []string `toml:"allow,omitempty" usage:"client sources (CIDR) allowed on listeners bound beyond loopback and on transparent ones, repeatable; others are refused (TCP reset, UDP dropped, DNS REFUSED, admin 403) and counted"`
 	LogLevel           string   `toml:"log-level" def:"info" usage:"debug | info | warn | error"`
 	LogFormat          string   `toml:"log-format" def:"auto" usage:"auto | json | console (auto: console on a terminal)"`
 	ShutdownTimeout    Duration `toml:"shutdown-timeout" def:"30s" usage:"drain time on SIGINT/SIGTERM"`

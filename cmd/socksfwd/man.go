@@ -31,9 +31,11 @@ func manCommand(stdout io.Writer, fresh func() *cli.App) *cli.Command {
 // manDescription opens the page; the options and commands follow from
 // the flag definitions.
 const manDescription = `socksfwd lets programs that do not speak SOCKS use a SOCKS5 proxy. Local
-listeners turn plain TCP (**-L**), UDP (**-L** ...**/udp**), DNS (**--dns**) and traffic that
-netfilter redirects (**--transparent**) into SOCKS5 (RFC 1928) sessions toward the upstream servers
-named with **-S**, tried in order for failover.
+listeners turn plain TCP (**-L**), UDP (**-L** ...**/udp**), DNS (**--dns**), traffic that
+netfilter redirects (**--transparent**), HTTP proxy requests (**--http**) and SOCKS5 clients
+(**-D**) into SOCKS5 (RFC 1928) sessions toward the upstream servers named with **-S**, tried in
+order for failover; **-R** asks the proxy to listen (BIND) and carries its callers to a local
+target.
 
 Target names go to the proxy (**socks5h://** or a bare host:port), so nothing leaks to the local
 resolver; **socks5://** resolves them locally.`
@@ -42,7 +44,8 @@ resolver; **socks5://** resolves them locally.`
 const manSections = `
 # ENVIRONMENT
 
-Every option can be set in the environment as ` + "`SOCKSFWD_`" + ` and its long name in upper case,
+Every option but **-c** and **--print-config** (and those of **rules** and **check**) can be set in
+the environment as ` + "`SOCKSFWD_`" + ` and its long name in upper case,
 dashes as underscores (**--dns-upstream** is ` + "`SOCKSFWD_DNS_UPSTREAM`" + `); a repeatable option takes a
 comma-separated list there. ` + "`ALL_PROXY`" + ` (or ` + "`all_proxy`" + `) names the server when no other source
 does, if it is a socks5:// or socks5h:// URL. Precedence: flag, environment, the **-c** file,
@@ -95,6 +98,8 @@ func manPage(app *cli.App) (string, error) {
 		return "", err
 	}
 	md = manFlagLines(md)
+	// urfave/cli leaves its own two flags out of the page.
+	md = strings.Replace(md, "\n# COMMANDS", "\n**--help, -h**: show the usage\n\n**--version, -V**: print the version\n\n# COMMANDS", 1)
 	roff := string(md2man.Render([]byte(fmt.Sprintf("%% %s 1\n\n%s\n%s", app.Name, md, manSections))))
 	// No hyphenation: it would split flag and variable names. md2man's .nh
 	// is undone by .TH and every paragraph; the man macros read HY instead.

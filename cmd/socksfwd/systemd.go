@@ -306,7 +306,7 @@ func matchPassed(passed []*passedSocket, listens []listenPlan) error {
 			if p.stream {
 				kind = "tcp"
 			}
-			return fmt.Errorf("socket %s (%s %s) passed by systemd matches no listener: give it the address of a -L, -D, --http, --dns or --transparent listener, or FileDescriptorName=local-PORT, dynamic-PORT, http-PORT, dns-PORT or transparent-PORT", p.name, kind, p.addr)
+			return fmt.Errorf("socket %s (%s %s) passed by systemd matches no listener: give it the address of a -L, -D, --http, --dns, --transparent or --admin listener, or FileDescriptorName=local-PORT, dynamic-PORT, http-PORT, dns-PORT, transparent-PORT or admin-PORT", p.name, kind, p.addr)
 		}
 	}
 	return nil
