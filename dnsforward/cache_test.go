@@ -4,6 +4,7 @@ import (
 	"context"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/miekg/dns"
@@ -72,22 +73,29 @@ func TestCacheTTLs(t *testing.T) {
 	}
 }
 
+// TestCacheMergesConcurrentMisses: 20 identical misses while the first
+// is still unanswered make one upstream query, and each asker gets the
+// answer under its own ID.
 func TestCacheMergesConcurrentMisses(t *testing.T) {
-	res := newResolver(t, 0)
-	f := newCachingForwarder(t, socks(t).Addr(), 5*time.Second, 100, nil, res.addr)
-	var wg sync.WaitGroup
-	for i := range 20 {
-		wg.Go(func() {
-			resp, err := f.Resolve(context.Background(), query("slow.example", dns.TypeA, uint16(i)))
-			if err != nil || resp.Id != uint16(i) {
-				t.Errorf("query %d: %v %v", i, resp, err)
-			}
-		})
-	}
-	wg.Wait()
-	if n := res.queries.Load(); n != 1 {
-		t.Fatalf("20 identical concurrent misses made %d upstream queries, want 1", n)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		hold := make(chan struct{})
+		f, res := newScriptForwarder(t, 100, nil, hold)
+		var wg sync.WaitGroup
+		for i := range 20 {
+			wg.Go(func() {
+				resp, err := f.Resolve(context.Background(), query("slow.example", dns.TypeA, uint16(i)))
+				if err != nil || resp.Id != uint16(i) {
+					t.Errorf("query %d: %v %v", i, resp, err)
+				}
+			})
+		}
+		synctest.Wait() // every asker waits: the resolver holds its answer
+		close(hold)
+		wg.Wait()
+		if n := len(res.queries()); n != 1 {
+			t.Fatalf("20 identical concurrent misses made %d upstream queries, want 1", n)
+		}
+	})
 }
 
 func TestCacheDisabled(t *testing.T) {

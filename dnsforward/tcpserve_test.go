@@ -251,7 +251,7 @@ func TestTCPReadsWhileAnswerIsLate(t *testing.T) {
 		done := make(chan struct{})
 		go func() { newTCPClient(server, serve, pipeArm).run(); close(done) }()
 		writeQueries(t, client, query("slow.example", dns.TypeA, 1))
-		time.Sleep(tcpIdleTimeout + time.Second) // a resolver slower than the idle time
+		time.Sleep(tcpIdleTimeout + time.Second)                     // a resolver slower than the idle time
 		writeQueries(t, client, query("fast.example", dns.TypeA, 2)) // blocks until read
 		if m := readAnswer(t, client); m.Id != 2 {
 			t.Fatalf("answer for %d, want the late query 2 first", m.Id)
