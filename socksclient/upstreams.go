@@ -303,20 +303,21 @@ func (u *Upstreams) order(list []*upstream) []*upstream {
 	return out
 }
 
-// markDown counts a failure of an attempt that began at started. A failure
-// of an attempt that began before the upstream was last counted down is
-// already accounted for: concurrent dials hitting one dead proxy back it
-// off once, not once each. One that began before the upstream last came
-// back up is older than the news that it works (an attempt caught in the
-// outage, failing on its handshake timeout after a later one succeeded):
-// counting it would report a second "down" and back off an upstream that
-// works.
-func (u *Upstreams) markDown(up *upstream, started time.Time, cause error) {
+// markDown counts a failure of an attempt that began at started, in a
+// dial that chose its order at decided. A failure in a dial that chose its
+// order before the upstream was last counted down is already accounted
+// for: concurrent dials hitting one dead proxy back it off once, not once
+// each, even when a dial's hedge starts the upstream after another dial
+// counted it. One that began before the upstream last came back up is
+// older than the news that it works (an attempt caught in the outage,
+// failing on its handshake timeout after a later one succeeded): counting
+// it would report a second "down" and back off an upstream that works.
+func (u *Upstreams) markDown(up *upstream, decided, started time.Time, cause error) {
 	u.notifyMu.Lock()
 	defer u.notifyMu.Unlock()
 	u.mu.Lock()
 	h := up.h
-	if started.Before(h.upSince) || (h.down && started.Before(h.since)) {
+	if started.Before(h.upSince) || (h.down && decided.Before(h.since)) {
 		u.mu.Unlock()
 		return
 	}
@@ -397,6 +398,7 @@ type hedgedDial[T io.Closer] struct {
 	u        *Upstreams
 	ctx      context.Context // the caller's
 	order    []*upstream
+	decided  time.Time // when order was chosen, from the upstreams' state then
 	op       func(context.Context, *Dialer) (T, error)
 	hedge    time.Duration   // the hedge delay, negative for none
 	actx     context.Context // the attempts'
@@ -413,7 +415,7 @@ func try[T io.Closer](u *Upstreams, ctx context.Context, op func(context.Context
 	if len(list) == 0 {
 		return zero, nil, errNoUpstreams
 	}
-	h := &hedgedDial[T]{u: u, ctx: ctx, order: u.order(list), op: op, hedge: u.hedgeDelay()}
+	h := &hedgedDial[T]{u: u, ctx: ctx, decided: time.Now(), order: u.order(list), op: op, hedge: u.hedgeDelay()}
 	h.actx, h.cancel = context.WithCancel(ctx)
 	defer h.cancel()
 	h.results = make(chan attemptResult[T], len(h.order))
@@ -450,7 +452,7 @@ func (h *hedgedDial[T]) run() (T, *Dialer, error) {
 			case h.ctx.Err() != nil && errors.Is(r.err, h.ctx.Err()):
 				// The caller gave up.
 				if cause := h.fault(r.i, r.err, -1); cause != nil {
-					h.u.markDown(a.up, a.started, cause)
+					h.u.markDown(a.up, h.decided, a.started, cause)
 				}
 				errs = append(errs, r.err)
 				hedge = nil
@@ -463,7 +465,7 @@ func (h *hedgedDial[T]) run() (T, *Dialer, error) {
 				// The next upstream is tried even when this one was not at
 				// fault: it may reach the target another way.
 				if cause := h.fault(r.i, r.err, -1); cause != nil {
-					h.u.markDown(a.up, a.started, cause)
+					h.u.markDown(a.up, h.decided, a.started, cause)
 				}
 				errs = append(errs, r.err)
 				if h.ctx.Err() == nil {
@@ -557,7 +559,7 @@ func (h *hedgedDial[T]) settle(w int) {
 		case errors.Is(r.err, context.Canceled) || IsUpstreamFailure(r.err):
 			// Cut short by the win, or failed on its own meanwhile.
 			if cause := h.fault(r.i, r.err, w); cause != nil {
-				h.u.markDown(a.up, a.started, cause)
+				h.u.markDown(a.up, h.decided, a.started, cause)
 			}
 		}
 	}

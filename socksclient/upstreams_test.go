@@ -433,14 +433,14 @@ func TestUpstreamsBackoff(t *testing.T) {
 		}
 
 		for range 10 {
-			u.markDown(u.current()[0], time.Now(), errors.New("x"))
+			u.markDown(u.current()[0], time.Now(), time.Now(), errors.New("x"))
 		}
 		if b := u.Status()[0].Backoff; b != maxBackoff {
 			t.Fatalf("backoff = %v, want capped at %v", b, maxBackoff)
 		}
 		// A failure of an attempt begun before the last counted one does
 		// not back off again (concurrent dials to one dead proxy).
-		u.markDown(u.current()[0], time.Now().Add(-time.Second), errors.New("x"))
+		u.markDown(u.current()[0], time.Now().Add(-time.Second), time.Now().Add(-time.Second), errors.New("x"))
 		if st := u.Status()[0]; !st.DownUntil.Equal(time.Now().Add(maxBackoff)) {
 			t.Fatalf("stale failure moved the backoff: %+v", st)
 		}
@@ -879,4 +879,36 @@ func TestUpstreamsIsProxyAddr(t *testing.T) {
 	if d.wasDialed(at(0)) || !d.wasDialed(at(1)) || !d.wasDialed(at(dialedKeep)) {
 		t.Errorf("after %d addresses: first %v, second %v, last %v; want only the first forgotten", dialedKeep+1, d.wasDialed(at(0)), d.wasDialed(at(1)), d.wasDialed(at(dialedKeep)))
 	}
+}
+
+// TestUpstreamsConcurrentDialsBackOffOnce: two dials that chose their order
+// while an upstream was up both fail on it, the second after the first
+// already counted it down (its hedge started the upstream later). One
+// outage backs it off once: 1 s, not 2 s. Before, the second failure
+// counted as new because its attempt began after the first was counted.
+func TestUpstreamsConcurrentDialsBackOffOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		primary := &fakeProxy{name: "primary:1080", mode: proxyBlackHole}
+		secondary := &fakeProxy{name: "secondary:1080", mode: proxyRefused}
+		var log stateLog
+		u := group(&log, primary, secondary)
+		var wg sync.WaitGroup
+		for _, at := range []time.Duration{0, 100 * time.Millisecond} {
+			wg.Go(func() {
+				time.Sleep(at) // the second dial starts while the secondary is still up
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				defer cancel()
+				if _, _, err := u.DialAddr(ctx, testTarget); err == nil {
+					t.Error("a dial succeeded through a black hole and a refusing proxy")
+				}
+			})
+		}
+		wg.Wait()
+		if n := secondary.dials.Load(); n != 2 {
+			t.Fatalf("secondary dialed %d times, want once per dial", n)
+		}
+		if st := u.Status()[1]; st.Up || st.Backoff != time.Second {
+			t.Fatalf("secondary %+v, want down with the first backoff, 1s", st)
+		}
+	})
 }
