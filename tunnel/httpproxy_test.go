@@ -40,6 +40,12 @@ func startHTTPProxy(t *testing.T, cfg HTTPProxyConfig, proxies ...string) (*HTTP
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startHTTPProxyOn(t, cfg, ln, proxies...)
+}
+
+// startHTTPProxyOn is startHTTPProxy on ln.
+func startHTTPProxyOn(t *testing.T, cfg HTTPProxyConfig, ln net.Listener, proxies ...string) (*HTTPProxy, *url.URL, *logBuf) {
+	t.Helper()
 	var dialers []*socksclient.Dialer
 	for _, p := range proxies {
 		dialers = append(dialers, &socksclient.Dialer{ProxyAddr: p, HandshakeTimeout: 5 * time.Second})
@@ -644,28 +650,47 @@ func TestHTTPProxyAdmission(t *testing.T) {
 	held.Close()
 }
 
+// listenerClosed is a TCP listener that tells when its socket has been
+// closed. It keeps the *net.TCPListener's methods (SyscallConn, which
+// Shutdown's look at the accept queue uses).
+type listenerClosed struct {
+	*net.TCPListener
+	once   sync.Once
+	closed chan struct{}
+}
+
+func (l *listenerClosed) Close() error {
+	err := l.TCPListener.Close()
+	l.once.Do(func() { close(l.closed) })
+	return err
+}
+
 // TestHTTPProxyShutdownDrains: Shutdown stops accepting at once and lets
 // an open tunnel finish; Close cuts one with a reset.
 func TestHTTPProxyShutdownDrains(t *testing.T) {
 	echo := testnet.Echo(t).Addr().String()
-	p, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	inner, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := &listenerClosed{TCPListener: inner, closed: make(chan struct{})}
+	p, proxy, _ := startHTTPProxyOn(t, HTTPProxyConfig{}, ln, newSocks(t, sockstest.Config{}).Addr())
 	resp, br, c := proxyExchange(t, proxy.Host, "CONNECT "+echo+" HTTP/1.1\r\n\r\n")
 	if resp.StatusCode != http.StatusOK {
 		t.Fatal(resp.Status)
 	}
 	done := make(chan error, 1)
 	go func() { done <- p.Shutdown(context.Background()) }()
-	deadline := time.Now().Add(10 * time.Second)
-	for { // bounded: the listener closes at once
-		probe, err := net.Dial("tcp", proxy.Host)
-		if err != nil {
-			break
-		}
+	select {
+	case <-ln.closed:
+	case err := <-done:
+		t.Fatalf("Shutdown returned (%v) before closing its listener, with a tunnel open", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("still accepting 10 s after Shutdown")
+	}
+	if probe, err := net.Dial("tcp", proxy.Host); err == nil {
 		probe.Close()
-		if time.Now().After(deadline) {
-			t.Fatal("still accepting after Shutdown")
-		}
-		testnet.Nap(time.Millisecond)
+		t.Fatal("a connection was accepted after Shutdown closed the listener")
 	}
 	io.WriteString(c, "still here")
 	c.(*net.TCPConn).CloseWrite()

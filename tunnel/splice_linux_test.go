@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/socksfwd/socksfwd/internal/peertest"
 )
 
 // openPipes counts this process's pipe descriptors: what a spliced
@@ -21,7 +23,7 @@ func openPipes(t *testing.T) int {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
-		t.Skipf("no /proc/self/fd: %v", err)
+		peertest.Missing(t, "no /proc/self/fd: %v", err) // fails under CI=true
 	}
 	n := 0
 	for _, e := range ents {

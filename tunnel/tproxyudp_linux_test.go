@@ -191,14 +191,14 @@ table inet tproxyudptest {
 }
 
 // startTransparentUDP serves a TransparentUDP on [::]:0 through the
-// proxy until the test's end.
-func startTransparentUDP(t *testing.T, proxy string) (*TransparentUDP, *logBuf) {
+// proxy until the test's end, or until stop (see serveForTest).
+func startTransparentUDP(t *testing.T, proxy string) (tu *TransparentUDP, logs *logBuf, stop func()) {
 	t.Helper()
 	return startTransparentUDPWith(t, proxy, TransparentUDPConfig{})
 }
 
 // startTransparentUDPWith is startTransparentUDP with cfg's limits.
-func startTransparentUDPWith(t *testing.T, proxy string, cfg TransparentUDPConfig) (*TransparentUDP, *logBuf) {
+func startTransparentUDPWith(t *testing.T, proxy string, cfg TransparentUDPConfig) (*TransparentUDP, *logBuf, func()) {
 	t.Helper()
 	pc, err := ListenTransparentUDP("[::]:0")
 	if err != nil {
@@ -209,8 +209,7 @@ func startTransparentUDPWith(t *testing.T, proxy string, cfg TransparentUDPConfi
 	cfg.Upstreams = socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy, HandshakeTimeout: 5 * time.Second})
 	cfg.Logger = zerolog.New(logs)
 	tu := NewTransparentUDP(cfg, pc)
-	serveForTest(t, tu)
-	return tu, logs
+	return tu, logs, serveForTest(t, tu)
 }
 
 // appClient is an application socket on addr.
@@ -287,7 +286,7 @@ func TestTransparentUDPIPv4(t *testing.T) {
 	}
 	echo := startEchoes(t)
 	proxy := newSocks(t, sockstest.Config{})
-	tu, logs := startTransparentUDP(t, proxy.Addr())
+	tu, logs, stop := startTransparentUDP(t, proxy.Addr())
 	tproxyUDPNetns(t, tu.Addr().(*net.UDPAddr).AddrPort().Port(), echo)
 
 	a := appClient(t, "127.0.0.2:0")
@@ -309,7 +308,10 @@ func TestTransparentUDPIPv4(t *testing.T) {
 	if got := st.ReplySockets.Load(); got != 2 {
 		t.Errorf("reply sockets = %d, want 2 (one per remote, shared)", got)
 	}
-	countersSettle(func() bool { return st.DatagramsUp.Load() >= 4 && st.DatagramsDown.Load() >= 4 })
+	// A reply can reach its client before the goroutine that sent it has
+	// counted it: once the listener has stopped (Serve returned, Close
+	// waited for every session and reader), the counters are final.
+	stop()
 	if st.DatagramsUp.Load() != 4 || st.DatagramsDown.Load() != 4 || st.Received.Load() != 4 {
 		t.Errorf("received %d, up %d, down %d; want 4 each", st.Received.Load(), st.DatagramsUp.Load(), st.DatagramsDown.Load())
 	}
@@ -324,7 +326,7 @@ func TestTransparentUDPIPv4(t *testing.T) {
 func TestTransparentUDPNotRedirected(t *testing.T) {
 	peertest.RequireRoot(t) // IP_TRANSPARENT
 	proxy := newSocks(t, sockstest.Config{})
-	tu, logs := startTransparentUDP(t, proxy.Addr())
+	tu, logs, _ := startTransparentUDP(t, proxy.Addr())
 	c := appClient(t, "127.0.0.1:0")
 	port := tu.Addr().(*net.UDPAddr).AddrPort().Port()
 	for range 3 {
@@ -384,7 +386,7 @@ func TestTransparentUDPIPv6(t *testing.T) {
 	}
 	echo := startEchoes(t)
 	dante := tproxyDante(t)
-	tu, logs := startTransparentUDP(t, dante)
+	tu, logs, _ := startTransparentUDP(t, dante)
 	tproxyUDPNetns(t, tu.Addr().(*net.UDPAddr).AddrPort().Port(), echo)
 
 	c := appClient(t, "[fd00:5::2]:0")
@@ -425,7 +427,7 @@ func TestTransparentUDPBindCollision(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			service := appClient(t, tc.service) // a resolver on 0.0.0.0:53, say
 			_ = service
-			tu, logs := startTransparentUDP(t, tc.proxy())
+			tu, logs, stop := startTransparentUDP(t, tc.proxy())
 			tproxyUDPNetns(t, tu.Addr().(*net.UDPAddr).AddrPort().Port(), echo)
 			t.Cleanup(func() { run(t, "", "nft", "flush", "ruleset") })
 
@@ -434,9 +436,12 @@ func TestTransparentUDPBindCollision(t *testing.T) {
 			exchange(t, c, tc.free, "free")
 			exchange(t, c, tc.held, "held 2")
 			st := tu.Stats()
-			countersSettle(func() bool { return st.RawReplies.Load() >= 2 && st.DatagramsDown.Load() >= 3 })
-			if st.ReplyBindFailures.Load() != 1 || st.RawReplies.Load() != 2 || st.ReplySockets.Load() != 1 {
-				t.Errorf("bind failures %d, raw replies %d, reply sockets %d; want 1, 2, 1", st.ReplyBindFailures.Load(), st.RawReplies.Load(), st.ReplySockets.Load())
+			// Open reply sockets are counted before a reply goes through
+			// one, and closed by the stop.
+			replySockets := st.ReplySockets.Load()
+			stop() // the counters are final (see TestTransparentUDPIPv4)
+			if st.ReplyBindFailures.Load() != 1 || st.RawReplies.Load() != 2 || replySockets != 1 {
+				t.Errorf("bind failures %d, raw replies %d, reply sockets %d; want 1, 2, 1", st.ReplyBindFailures.Load(), st.RawReplies.Load(), replySockets)
 			}
 			if st.DatagramsDown.Load() != 3 || st.DroppedReply.Load() != 0 {
 				t.Errorf("down %d, dropped replies %d; want 3, 0", st.DatagramsDown.Load(), st.DroppedReply.Load())
@@ -543,7 +548,7 @@ func TestTransparentUDPReplySocketsLRU(t *testing.T) {
 	}
 	echo := startEchoes(t)
 	proxy := newSocks(t, sockstest.Config{})
-	tu, logs := startTransparentUDPWith(t, proxy.Addr(), TransparentUDPConfig{MaxReplySockets: 2})
+	tu, logs, stop := startTransparentUDPWith(t, proxy.Addr(), TransparentUDPConfig{MaxReplySockets: 2})
 	tproxyUDPNetns(t, tu.Addr().(*net.UDPAddr).AddrPort().Port(), echo)
 	held := func(remote string) bool {
 		tu.replies.mu.Lock()
@@ -567,7 +572,7 @@ func TestTransparentUDPReplySocketsLRU(t *testing.T) {
 	if n, l := st.ReplySockets.Load(), tu.replies.Len(); n != 2 || l != 2 {
 		t.Errorf("%d reply sockets open, %d held; want 2", n, l)
 	}
-	countersSettle(func() bool { return st.DatagramsDown.Load() >= 5 })
+	stop() // the counters are final (see TestTransparentUDPIPv4)
 	if st.DatagramsDown.Load() != 5 || st.DroppedReply.Load() != 0 || st.RawReplies.Load() != 0 {
 		t.Errorf("down %d, dropped replies %d, raw %d; want 5, 0, 0\n%s", st.DatagramsDown.Load(), st.DroppedReply.Load(), st.RawReplies.Load(), logs)
 	}
@@ -605,13 +610,4 @@ func TestTransparentUDPReplySocketsExpire(t *testing.T) {
 			t.Fatalf("%d reply sockets open, %d held; want none", n, l)
 		}
 	})
-}
-
-// countersSettle waits, at most 5 s, until done reports true: a datagram
-// can reach its receiver before the goroutine that sent it has counted
-// it, so counters settle just after an exchange.
-func countersSettle(done func() bool) {
-	for deadline := time.Now().Add(5 * time.Second); !done() && time.Now().Before(deadline); {
-		time.Sleep(time.Millisecond) // bounded: another goroutine's counter
-	}
 }

@@ -17,20 +17,18 @@ import (
 )
 
 // refusingUpstream is a SOCKS server whose UDP ASSOCIATE names a relay
-// port nothing listens on yet, so that the first datagram sent there is
-// refused (an ICMP port unreachable). It returns the server's address and
-// the relay's, where the test may start a relay later.
-func refusingUpstream(t *testing.T) (string, *net.UDPAddr) {
+// port where nothing is taken yet, so that the first datagram sent there
+// is refused (an ICMP port unreachable). It returns the server's address
+// and the relay, which the test may answer later (refusingRelay.answer).
+func refusingUpstream(t *testing.T) (string, *refusingRelay) {
 	t.Helper()
-	probe := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
-	relay := probe.LocalAddr().(*net.UDPAddr)
-	probe.Close()
+	relay := newRefusingRelay(t)
 	up := testnet.Serve(t, func(c net.Conn) {
 		req, err := socksclient.Handshake(c, socksclient.ServerConfig{HandshakeTimeout: 10 * time.Second})
 		if err != nil {
 			return
 		}
-		req.Reply(socksclient.RepSucceeded, socksclient.AddrFromAddrPort(relay.AddrPort()))
+		req.Reply(socksclient.RepSucceeded, socksclient.AddrFromAddrPort(relay.addr.AddrPort()))
 		io.Copy(io.Discard, c) // the association lasts until the client hangs up
 	})
 	return up.Addr().String(), relay
@@ -64,9 +62,7 @@ func TestUDPForwardRelayRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitCounter(t, "RelayRefused", &f.Stats().RelayRefused, 1)
-	if _, err := testnet.UDPEchoOn(t, relay); err != nil {
-		t.Skipf("the relay port was taken meanwhile: %v", err)
-	}
+	relay.answer(t)
 	if err := udpRoundTrip(c, fwd, []byte("after"), 2*time.Second); err != nil {
 		t.Fatalf("after the refusal: %v", err)
 	}
@@ -110,10 +106,18 @@ func TestUDPForwardDropsRepliesFromOthers(t *testing.T) {
 		if _, err := stranger.WriteToUDPAddrPort([]byte("injected by another host"), liveRelay(t, f, c)); err != nil {
 			t.Fatal(err)
 		}
-		waitCounter(t, "Association.WrongPeer", &f.Stats().Association.WrongPeer, 1)
 		// The next datagram the client reads is the echo, not the injection.
 		if err := udpRoundTrip(c, fwd, []byte("second"), 5*time.Second); err != nil {
 			t.Fatalf("by name %v: %v", byName, err)
+		}
+		// The relay passed the injection on before it read "second", sent
+		// after it, and the association's one reader dropped it before it
+		// read the echo. An echo can reach the client before the forward
+		// has counted it: once Close has waited for the sessions and their
+		// readers, the counters are final.
+		f.Close()
+		if n := f.Stats().Association.WrongPeer.Load(); n != 1 {
+			t.Fatalf("by name %v: Association.WrongPeer = %d, want 1", byName, n)
 		}
 		if n := f.Stats().DatagramsDown.Load(); n != 2 {
 			t.Fatalf("by name %v: %d datagrams down, want the 2 echoes", byName, n)
@@ -147,7 +151,7 @@ func TestUDPForwardReassociationBacksOff(t *testing.T) {
 	if n := len(requested); n < 1 || n > allowed {
 		t.Fatalf("%d UDP ASSOCIATE requests for 20 datagrams in %s, want 1 to %d\n%s", n, time.Since(start), allowed, logs)
 	}
-	f.Close()
+	stopServing(t, f) // Serve counts what it sends on the fast path: it must have returned
 	if f.Stats().DroppedQueue.Load() == 0 {
 		t.Error("no datagram was counted as dropped while the session waited")
 	}
@@ -169,14 +173,20 @@ func TestUDPForwardOversizeCountedOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := f.Stats()
-	waitCounter(t, "DroppedLarge", &st.DroppedLarge, 1)
 	if err := udpRoundTrip(c, fwd, []byte("after"), 5*time.Second); err != nil {
 		t.Fatal(err)
+	}
+	// Serve counted the oversized datagram, sent first, before it read
+	// this one.
+	if n := st.DroppedLarge.Load(); n != 1 {
+		t.Fatalf("DroppedLarge = %d, want 1", n)
 	}
 	if n := st.Association.TooLarge.Load(); n != 1 {
 		t.Fatalf("Association.TooLarge = %d, want 1", n)
 	}
-	f.Close()
+	// Serve counts a fast-path datagram after sending it, and its echo
+	// can come first: Serve must have returned, not only Close.
+	stopServing(t, f)
 	checkAccounted(t, &f.udpTable, st.Received.Load())
 }
 

@@ -223,6 +223,13 @@ func UDPEchoOn(t TB, addr *net.UDPAddr) (*net.UDPConn, error) {
 		return nil, err
 	}
 	sockbuf.Grow(pc)
+	EchoUDPOn(t, pc)
+	return pc, nil
+}
+
+// EchoUDPOn echoes every datagram pc reads to its sender until cleanup,
+// which closes pc.
+func EchoUDPOn(t TB, pc *net.UDPConn) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -239,7 +246,6 @@ func UDPEchoOn(t TB, addr *net.UDPAddr) (*net.UDPConn, error) {
 		pc.Close()
 		<-done
 	})
-	return pc, nil
 }
 
 // Join copies between a and b both ways until both directions end,
