@@ -126,8 +126,11 @@ func cmdUDPEcho(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Setenv(args[0], testnet.UDPEcho(tb{ts: ts}).LocalAddr().String())
 }
 
-// udproundtrip ADDR SIZE: send a SIZE-byte datagram to ADDR and expect it
-// back; resent a few times while the forward starts.
+// udproundtrip ADDR SIZE: send one SIZE-byte datagram to ADDR and expect
+// it back within 10 s; a forward queues it while it builds its
+// association. Nothing resends it: wait for the listener first (waitudp),
+// and a datagram lost on loopback fails the script. With !, expect no
+// answer within 2 s.
 func cmdUDPRoundTrip(ts *testscript.TestScript, neg bool, args []string) {
 	size, err := strconv.Atoi(args[1])
 	ts.Check(err)
@@ -137,25 +140,40 @@ func cmdUDPRoundTrip(ts *testscript.TestScript, neg bool, args []string) {
 	to, err := net.ResolveUDPAddr("udp", args[0])
 	ts.Check(err)
 	msg := bytes.Repeat([]byte{'u'}, size)
-	buf := make([]byte, 65536)
-	tries := 20
+	wait := udpAnswerTimeout
 	if neg {
-		tries = 3
+		wait = udpSilenceTimeout
 	}
-	for range tries {
-		c.WriteToUDP(msg, to)
-		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
-		n, _, err := c.ReadFromUDP(buf)
-		if err == nil && bytes.Equal(buf[:n], msg) {
-			if neg {
-				ts.Fatalf("unexpected echo of a %d-byte datagram from %s", size, args[0])
-			}
-			return
-		}
+	if _, err := c.WriteToUDP(msg, to); err != nil {
+		ts.Fatalf("send a %d-byte datagram to %s: %v", size, args[0], err)
 	}
-	if !neg {
-		ts.Fatalf("no echo of a %d-byte datagram from %s", size, args[0])
+	c.SetReadDeadline(time.Now().Add(wait))
+	buf := make([]byte, 65536)
+	n, _, err := c.ReadFromUDP(buf)
+	switch {
+	case neg && err == nil:
+		ts.Fatalf("unexpected answer (%d bytes) to a %d-byte datagram from %s", n, size, args[0])
+	case neg && !isTimeout(err):
+		ts.Fatalf("no answer from %s, but not for want of one: %v", args[0], err)
+	case neg:
+	case err != nil:
+		ts.Fatalf("no echo of a %d-byte datagram from %s within %s: %v", size, args[0], wait, err)
+	case !bytes.Equal(buf[:n], msg):
+		ts.Fatalf("the answer from %s is %d bytes, not the %d-byte datagram sent", args[0], n, size)
 	}
+}
+
+// How long a script command waits for one datagram's answer, and how long
+// it listens for silence (the answer that must not come).
+const (
+	udpAnswerTimeout  = 10 * time.Second
+	udpSilenceTimeout = 2 * time.Second
+)
+
+// isTimeout reports whether err is a read deadline passing.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // socksserver VAR [user pass]: start a sockstest server, its address in $VAR.
@@ -198,8 +216,10 @@ func dialRetry(addr string) error {
 }
 
 // roundtrip ADDR MSG: connect (waiting for the listener to come up), send
-// MSG, half-close, and expect MSG back. With !, expect the connection to be
-// closed without an echo.
+// MSG, half-close, and expect MSG back, then EOF, within 10 s. With !,
+// expect the connection to be closed (EOF or a reset) without an echo
+// within those 10 s: a read that times out fails, since a failed session
+// must close its client at once rather than leave it hanging.
 func cmdRoundTrip(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Check(dialRetry(args[0]))
 	c, err := net.Dial("tcp", args[0])
@@ -211,9 +231,17 @@ func cmdRoundTrip(ts *testscript.TestScript, neg bool, args []string) {
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	c.Write([]byte(args[1]))
 	c.(*net.TCPConn).CloseWrite()
-	got, _ := io.ReadAll(bufio.NewReader(c))
-	if ok := string(got) == args[1]; ok == neg {
-		ts.Fatalf("roundtrip got %q (want echo: %v)", got, !neg)
+	got, err := io.ReadAll(bufio.NewReader(c))
+	switch {
+	case neg && string(got) == args[1]:
+		ts.Fatalf("roundtrip got the echo %q; want the connection closed without one", got)
+	case neg && isTimeout(err):
+		ts.Fatalf("roundtrip: the connection was left open (%d bytes, then %v); want it closed at once", len(got), err)
+	case neg && err != nil && !errors.Is(err, syscall.ECONNRESET):
+		ts.Fatalf("roundtrip got %q, then %v; want EOF or a reset", got, err)
+	case neg:
+	case err != nil || string(got) != args[1]:
+		ts.Fatalf("roundtrip got %q, then %v; want the echo %q, then EOF", got, err, args[1])
 	}
 }
 
