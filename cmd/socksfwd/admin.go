@@ -110,7 +110,14 @@ func (a *adminServer) Serve(context.Context) error {
 
 func (a *adminServer) Shutdown(ctx context.Context) error { return a.srv.Shutdown(ctx) }
 
-func (a *adminServer) Close() error { return a.srv.Close() }
+// Close closes the listener too: http.Server.Close closes only the
+// listeners Serve took, and a reload that failed after binding the admin
+// socket closes it before Serve ever ran.
+func (a *adminServer) Close() error {
+	err := a.srv.Close()
+	a.ln.Close()
+	return err
+}
 
 func (a *adminServer) metrics(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")

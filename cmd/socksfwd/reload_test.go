@@ -711,3 +711,35 @@ func TestPortZeroListeners(t *testing.T) {
 		t.Errorf("exit %d, want 0", code)
 	}
 }
+
+// TestFailedReloadReleasesAdminSocket: a reload that adds --admin and
+// fails on another listener's bind leaves --admin's port free, so that a
+// later reload can add it. Before, the admin socket stayed bound (its
+// server had never served) and every such reload failed until a restart.
+func TestFailedReloadReleasesAdminSocket(t *testing.T) {
+	echo := testnet.Echo(t).Addr().String()
+	socks := newSocks(t)
+	p1, adminPort := freePort(t), freePort(t)
+	path := filepath.Join(t.TempDir(), "socksfwd.toml")
+	good := fmt.Sprintf("server = [%q]\nlocal = [%q]\n", socks.Addr(), "127.0.0.1:"+p1+":"+echo)
+	if err := os.WriteFile(path, []byte(good), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", path)
+	d.waitFor("forwarding", 1)
+
+	busy := testnet.Echo(t).Addr().String() // --http on a port in use
+	line := d.reload(path, good+fmt.Sprintf("admin = %q\nhttp = %q\n", "127.0.0.1:"+adminPort, busy), 1)
+	if msg, _ := line["message"].(string); strings.HasPrefix(msg, "reloaded") {
+		t.Fatalf("a reload with --http on a busy port: %v", msg)
+	}
+	if ln, err := net.Listen("tcp", "127.0.0.1:"+adminPort); err != nil {
+		t.Errorf("the failed reload left --admin's port bound: %v", err)
+	} else {
+		ln.Close()
+	}
+	line = d.reload(path, good+fmt.Sprintf("admin = %q\n", "127.0.0.1:"+adminPort), 2)
+	if msg, _ := line["message"].(string); !strings.HasPrefix(msg, "reloaded") {
+		t.Errorf("adding --admin afterwards: %v %v", msg, line["error"])
+	}
+}
