@@ -743,3 +743,41 @@ func TestFailedReloadReleasesAdminSocket(t *testing.T) {
 		t.Errorf("adding --admin afterwards: %v %v", msg, line["error"])
 	}
 }
+
+// TestReloadDNSFollowsNewUpstreams: after -S changes (the DNS settings do
+// not), DNS queries go through the new upstream, as new -L, -D and --http
+// sessions do. Before, the forwarder's pooled tunnels through the removed
+// upstream stayed in use.
+func TestReloadDNSFollowsNewUpstreams(t *testing.T) {
+	oldProxy, newProxy := newSocks(t), newSocks(t)
+	resolver := fakeResolver(t, "192.0.2.1")
+	port := freePort(t)
+	conf := func(server string) string {
+		return fmt.Sprintf("server = [%q]\ndns = %q\ndns-upstream = [%q]\ndns-cache-size = 0\n", server, "127.0.0.1:"+port, resolver)
+	}
+	path := filepath.Join(t.TempDir(), "socksfwd.toml")
+	if err := os.WriteFile(path, []byte(conf(oldProxy.Addr())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", path)
+	d.waitFor("DNS on", 1)
+	ask := func() {
+		t.Helper()
+		c := &dns.Client{Net: "tcp", Timeout: 10 * time.Second}
+		q := new(dns.Msg)
+		q.SetQuestion("app.internal.", dns.TypeA)
+		if _, _, err := c.Exchange(q, "127.0.0.1:"+port); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ask()
+	d.reload(path, conf(newProxy.Addr()), 1)
+	before := oldProxy.Requests()
+	for range 5 {
+		ask()
+	}
+	if newProxy.Requests() == 0 || oldProxy.Requests() != before {
+		t.Errorf("after the reload to -S %s: old proxy requests %d → %d, new proxy %d; want every query through the new one",
+			newProxy.Addr(), before, oldProxy.Requests(), newProxy.Requests())
+	}
+}

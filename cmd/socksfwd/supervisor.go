@@ -631,7 +631,7 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 		if l.http.noProxy.String() != u.lp.http.noProxy.String() {
 			svc.SetNoProxy(l.http.noProxy)
 			changes = append(changes, fmt.Sprintf("%s no-proxy %q", key, l.http.noProxy))
-		} else if !slices.Equal(old.cfg.Server, p.cfg.Server) {
+		} else if upstreamsChanged(old, p) {
 			// Kept-alive connections to targets went through the old ones.
 			svc.Redial()
 		}
@@ -662,7 +662,11 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 			changes = append(changes, fmt.Sprintf("admin-pprof %t", p.cfg.AdminPprof))
 		}
 	case *dnsforward.Server:
-		if !l.dns.equal(u.lp.dns) {
+		// Other upstreams: the forwarder's pooled tunnels (or its UDP
+		// association) still lead through the old ones, and a busy pool
+		// never idles out, so a new forwarder takes over.
+		redial := upstreamsChanged(old, p)
+		if !l.dns.equal(u.lp.dns) || redial {
 			fwd, err := s.newForwarder(l.dns, svc.Forwarder().Stats())
 			if err != nil {
 				// New only fails on what buildPlan checked; keep the old one.
@@ -670,7 +674,11 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 				return changes
 			}
 			svc.SetForwarder(fwd)
-			changes = append(changes, key+" resolvers, transport, timeout or cache")
+			if l.dns.equal(u.lp.dns) {
+				changes = append(changes, key+" reconnects through the new upstreams")
+			} else {
+				changes = append(changes, key+" resolvers, transport, timeout or cache")
+			}
 		}
 	}
 	u.lp = l
@@ -747,6 +755,12 @@ func (s *supervisor) drainAll(sigs <-chan os.Signal) error {
 			return errSecondSignal
 		}
 	}
+}
+
+// upstreamsChanged reports whether a reload from old to p changed the
+// upstream servers or their credentials.
+func upstreamsChanged(old, p *plan) bool {
+	return !slices.Equal(old.cfg.Server, p.cfg.Server) || !sameCredentials(old.dialers, p.dialers)
 }
 
 // sameCredentials reports whether two lists of the same upstreams carry
