@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/miekg/dns"
@@ -319,11 +318,12 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 //   - net.ErrClosed: another query replaced the association (its reader
 //     had stopped) and closed it between our getConn and this write; only
 //     the forwarder's own close, which getConn reports, ends the query;
-//   - ECONNREFUSED: an ICMP port unreachable for an earlier datagram,
-//     reported on this send, which therefore did not leave.
+//   - an ICMP error for an earlier datagram (the relay's port unreachable,
+//     a firewall's "prohibited"; socksclient.IsICMPError), reported on
+//     this send, which therefore did not leave.
 func resendAfterWriteError(err error) bool {
 	return errors.Is(err, socksclient.ErrAssociationClosed) || errors.Is(err, net.ErrClosed) ||
-		errors.Is(err, syscall.ECONNREFUSED)
+		socksclient.IsICMPError(err)
 }
 
 // Read errors that do not end the association: an ICMP port unreachable

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
@@ -542,3 +543,24 @@ func (c *UDPTargetConn) Write(p []byte) (int, error) { return c.WriteTo(p, c.tar
 func (c *UDPTargetConn) RemoteAddr() net.Addr { return c.target }
 
 var _ net.Conn = (*UDPTargetConn)(nil)
+
+// IsICMPError reports whether err, from a read or a send on an
+// association's socket (connected to the relay), is an ICMP error the
+// kernel queued for an earlier datagram: the relay's port unreachable
+// (ECONNREFUSED), a host or network unreachable or a firewall's
+// "administratively prohibited" on the way (EHOSTUNREACH, ENETUNREACH,
+// EHOSTDOWN; EACCES for IPv6), a protocol unreachable (ENOPROTOOPT) or a
+// parameter problem (EPROTO). Each is reported once, and the relay may go
+// on taking other datagrams: it ends neither the socket nor the
+// association.
+func IsICMPError(err error) bool {
+	for _, e := range icmpErrnos {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+var icmpErrnos = [...]syscall.Errno{syscall.ECONNREFUSED, syscall.EHOSTUNREACH, syscall.ENETUNREACH,
+	syscall.EHOSTDOWN, syscall.EACCES, syscall.ENOPROTOOPT, syscall.EPROTO}

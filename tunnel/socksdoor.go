@@ -51,8 +51,9 @@ type SOCKSDoorStats struct {
 	// Datagrams dropped: from another source than the client, with FRAG
 	// != 0, with a malformed header, or refused by the upstream's relay.
 	DroppedStranger, DroppedFragment, DroppedMalformed, DroppedSendFailed atomic.Int64
-	// RelayRefused counts ICMP port unreachables from the upstream's relay
-	// (ECONNREFUSED on a read): each says a datagram sent up was not
+	// RelayRefused counts ICMP errors about datagrams sent to the
+	// upstream's relay (its port unreachable, a firewall's "prohibited"
+	// on the way; socksclient.IsICMPError): each says a datagram was not
 	// taken, and the association goes on.
 	RelayRefused atomic.Int64
 	// Upstream totals what the upstream associations dropped.

@@ -166,7 +166,6 @@ func (t *TransparentUDP) copyDown(s *udpSession, a *socksclient.UDPConn) {
 			}
 			return
 		}
-		s.touch()
 		remote, ok := from.AddrPort()
 		remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
 		// The proxy picks the reply's source: one of the other family than
@@ -179,6 +178,8 @@ func (t *TransparentUDP) copyDown(s *udpSession, a *socksclient.UDPConn) {
 			t.stats.DroppedReply.Add(1)
 			continue
 		}
+		// Only a reply delivered keeps the session from idling out.
+		s.touch()
 		s.down.Add(1)
 		t.stats.DatagramsDown.Add(1)
 		t.stats.BytesDown.Add(int64(n - off))

@@ -2,12 +2,10 @@ package tunnel
 
 import (
 	"context"
-	"errors"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -89,8 +87,9 @@ type UDPStats struct {
 	// send to it failed; for a transparent listener, see
 	// TransparentUDPStats). Replies are not among the datagrams Received.
 	DroppedReply atomic.Int64
-	// RelayRefused counts ICMP errors from the proxy's relay (ECONNREFUSED
-	// on an association's read): each says a datagram sent up was not
+	// RelayRefused counts ICMP errors about datagrams sent to the proxy's
+	// relay (its port unreachable, a firewall's "prohibited" on the way;
+	// socksclient.IsICMPError): each says a datagram sent up was not
 	// taken, and the association goes on.
 	RelayRefused atomic.Int64
 	// DroppedNotAllowed: the client's source is not in the allow list.
@@ -280,6 +279,9 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 			}
 			return
 		}
+		if n == 0 {
+			continue // all dropped (a stranger's, say): no sign of life
+		}
 		s.touch()
 		for i := range n {
 			w.Add(r.Payload(i), s.client)
@@ -302,9 +304,9 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 }
 
 // relayRefused reports whether err, from an association's read, is an
-// ICMP port or admin unreachable from the relay (ECONNREFUSED on the
-// connected socket): reported once per ICMP, for a datagram sent earlier,
-// while the relay goes on taking others (dnsforward's reader reads on
-// too). Ending the reader on it would leave the session sending up and
-// never again delivering a reply.
-func relayRefused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }
+// ICMP error about an earlier datagram (the relay's port unreachable, a
+// firewall's "prohibited" on the way; see socksclient.IsICMPError):
+// reported once per ICMP, while the relay goes on taking others
+// (dnsforward's reader reads on too). Ending the reader on it would leave
+// the session sending up and never again delivering a reply.
+func relayRefused(err error) bool { return socksclient.IsICMPError(err) }

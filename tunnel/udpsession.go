@@ -401,6 +401,13 @@ type udpSession struct {
 	mu     sync.Mutex
 	ending atomic.Bool
 
+	// backlog counts the datagrams handed to serve and not yet sent: while
+	// there are any, Serve's fast path hands new ones over too, so that
+	// none overtakes them (a session's first datagrams queue while it
+	// associates, and the fast path opens as soon as the association is
+	// live).
+	backlog atomic.Int64
+
 	lastIO atomic.Int64 // unix nanos of the last datagram either way
 	up     atomic.Int64 // datagrams sent, by serve or Serve's fast path
 	down   atomic.Int64
@@ -449,7 +456,7 @@ const (
 // the live association. Serve only.
 func (s *udpSession) queueFast(slot []byte, idx int, dst socksclient.Addr) int {
 	a := s.live.Load()
-	if a == nil || !a.Alive() || s.ending.Load() {
+	if a == nil || !a.Alive() || s.ending.Load() || s.backlog.Load() > 0 {
 		return fastNone
 	}
 	if s.fast == nil || s.fast.Conn() != a {
@@ -558,6 +565,7 @@ func (s *udpSession) handOff(slot []byte, dst socksclient.Addr) bool {
 	}
 	bp := getUDPBuf(class)
 	n := copy((*bp)[socksclient.MaxUDPHeaderLen:], payload)
+	s.backlog.Add(1)
 	s.in <- udpPacket{bp, n, s.to(dst)} // room checked above; only handOff sends, under mu
 	return true
 }
@@ -609,6 +617,7 @@ func (s *udpSession) serve() {
 			s.touch()
 			s.send(p)
 			t.release(p)
+			s.backlog.Add(-1)
 		}
 	}
 }
@@ -739,6 +748,7 @@ func (s *udpSession) dropQueued() {
 		case p := <-s.in:
 			s.t.stats.DroppedEnded.Add(1)
 			s.t.release(p)
+			s.backlog.Add(-1)
 		default:
 			return
 		}
