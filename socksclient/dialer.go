@@ -94,6 +94,21 @@ func (d *Dialer) noteDialed(ap netip.AddrPort) {
 	a.next = (a.next + 1) % len(a.ring)
 }
 
+// inheritDialed shares from's record with d, which reaches the same proxy
+// (a reload kept it): a connection from before the reload, still being
+// made, is still known for the proxy's.
+func (d *Dialer) inheritDialed(from *Dialer) {
+	if d == from {
+		return
+	}
+	dialedMu.Lock()
+	defer dialedMu.Unlock()
+	if from.dialed == nil {
+		from.dialed = new(dialedAddrs)
+	}
+	d.dialed = from.dialed
+}
+
 // wasDialed reports whether ap is among the addresses noteDialed holds.
 func (d *Dialer) wasDialed(ap netip.AddrPort) bool {
 	dialedMu.Lock()

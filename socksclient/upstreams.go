@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -175,6 +176,7 @@ func (u *Upstreams) SetDialers(dialers ...*Dialer) {
 			if !kept[j] && sameUpstream(o.d, d) {
 				kept[j] = true
 				next[i].h = o.h
+				d.inheritDialed(o.d)
 				break
 			}
 		}
@@ -182,6 +184,10 @@ func (u *Upstreams) SetDialers(dialers ...*Dialer) {
 			next[i].h = &health{}
 		}
 	}
+	// Under notifyMu too: a report or an attempt's callback decided before
+	// the retirement is delivered before SetDialers returns, and none
+	// after it.
+	u.notifyMu.Lock()
 	u.mu.Lock()
 	for j, o := range old {
 		if !kept[j] {
@@ -190,6 +196,7 @@ func (u *Upstreams) SetDialers(dialers ...*Dialer) {
 	}
 	u.mu.Unlock()
 	u.list.Store(&next)
+	u.notifyMu.Unlock()
 }
 
 // sameUpstream reports whether b reaches the same proxy as a the same way,
@@ -304,20 +311,21 @@ func (u *Upstreams) order(list []*upstream) []*upstream {
 }
 
 // markDown counts a failure of an attempt that began at started, in a
-// dial that chose its order at decided. A failure in a dial that chose its
-// order before the upstream was last counted down is already accounted
-// for: concurrent dials hitting one dead proxy back it off once, not once
-// each, even when a dial's hedge starts the upstream after another dial
-// counted it. One that began before the upstream last came back up is
-// older than the news that it works (an attempt caught in the outage,
-// failing on its handshake timeout after a later one succeeded): counting
-// it would report a second "down" and back off an upstream that works.
+// dial that chose its order at decided. The back-off grows only when a
+// proxy fails again once its back-off is over: a failure in a dial that
+// chose its order while the proxy was up or still backed off (concurrent
+// dials hitting one dead proxy, or trying it last while it is backed off)
+// is the same outage, already counted. One that began before the upstream
+// last came back up is older than the news that it works (an attempt
+// caught in the outage, failing on its handshake timeout after a later
+// one succeeded): counting it would report a second "down" and back off an
+// upstream that works.
 func (u *Upstreams) markDown(up *upstream, decided, started time.Time, cause error) {
 	u.notifyMu.Lock()
 	defer u.notifyMu.Unlock()
 	u.mu.Lock()
 	h := up.h
-	if started.Before(h.upSince) || (h.down && decided.Before(h.since)) {
+	if started.Before(h.upSince) || (h.down && decided.Before(h.downUntil)) {
 		u.mu.Unlock()
 		return
 	}
@@ -532,9 +540,23 @@ func (h *hedgedDial[T]) runAttempt(i int, d *Dialer, progress *handshakeProgress
 	start := time.Now()
 	v, err := h.op(withProgress(h.actx, progress), d)
 	if f := h.u.onTry.Load(); f != nil {
-		(*f)(Attempt{Proxy: d.ProxyAddr, Took: time.Since(start), Err: err})
+		h.u.reportAttempt(*f, h.attempts[i].up, Attempt{Proxy: d.ProxyAddr, Took: time.Since(start), Err: err})
 	}
 	h.results <- attemptResult[T]{i: i, v: v, err: err}
+}
+
+// reportAttempt hands a to OnAttempt's f unless a reload has removed its
+// upstream: the series kept for it were dropped then (notifyMu orders
+// this against SetDialers).
+func (u *Upstreams) reportAttempt(f func(Attempt), up *upstream, a Attempt) {
+	u.notifyMu.Lock()
+	defer u.notifyMu.Unlock()
+	u.mu.Lock()
+	retired := up.h.retired
+	u.mu.Unlock()
+	if !retired {
+		f(a)
+	}
 }
 
 // settle ends the race that attempt w decided: it cancels the others and
@@ -581,7 +603,7 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		// lost race, the caller's deadline or the handshake timeout alike).
 		return nil
 	case !waited:
-		if IsUpstreamFailure(err) && !lacksOnly(err) {
+		if IsUpstreamFailure(err) && !lacksOnly(err) && !localShortage(err) {
 			return err
 		}
 		return nil
@@ -605,6 +627,18 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		return fmt.Errorf("no reply to the handshake within %s, the caller's deadline: %w", ran.Round(time.Millisecond), err)
 	}
 	return err // its own handshake timeout, before the proxy answered
+}
+
+// localShortage reports whether err is this host running out of something
+// (descriptors, memory, buffers, local ports) rather than anything the
+// proxy did: every proxy would fail alike, and none is to blame.
+func localShortage(err error) bool {
+	for _, e := range [...]syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.EADDRNOTAVAIL} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 // lacksOnly reports whether err is a working proxy's refusal of what it

@@ -7,7 +7,9 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -397,17 +399,26 @@ func TestUpstreamsBackoff(t *testing.T) {
 		var log stateLog
 		u := group(&log, primary, secondary)
 
-		for range 2 {
+		dialFails := func() {
+			t.Helper()
 			_, _, err := u.DialAddr(context.Background(), testTarget)
 			if err == nil || !errors.Is(err, syscall.ECONNREFUSED) {
 				t.Fatalf("err = %v", err)
 			}
 		}
+		dialFails()
+		dialFails()
 		// Both in backoff are still tried, in order, so a returning server
-		// is found; the second failure doubled the backoff.
+		// is found; a failure within the backoff is the same outage.
 		if primary.dials.Load() != 2 || secondary.dials.Load() != 2 {
 			t.Fatalf("dials %d, %d", primary.dials.Load(), secondary.dials.Load())
 		}
+		if st := u.Status(); st[0].Backoff != time.Second || st[1].Backoff != time.Second || st[0].Up {
+			t.Fatalf("status %+v, want both down for 1s", st)
+		}
+		// Failing again once the backoff is over doubles it.
+		time.Sleep(1100 * time.Millisecond)
+		dialFails()
 		if st := u.Status(); st[0].Backoff != 2*time.Second || st[1].Backoff != 2*time.Second || st[0].Up {
 			t.Fatalf("status %+v, want both down for 2s", st)
 		}
@@ -415,11 +426,12 @@ func TestUpstreamsBackoff(t *testing.T) {
 			t.Fatalf("state changes %q, want one down each", log.String())
 		}
 
-		// The secondary comes back; once its backoff ends it goes first.
+		// The secondary comes back; once it has worked it goes first, while
+		// the primary's backoff (to 3.1 s) lasts.
 		time.Sleep(1500 * time.Millisecond)
 		secondary.mode = proxyWorks
 		dialOK(t, context.Background(), u, secondary) // both in backoff: primary first, fails
-		time.Sleep(time.Second)
+		time.Sleep(400 * time.Millisecond)
 		before := primary.dials.Load()
 		dialOK(t, context.Background(), u, secondary)
 		if primary.dials.Load() != before {
@@ -432,17 +444,19 @@ func TestUpstreamsBackoff(t *testing.T) {
 			t.Fatalf("state changes %q", log.String())
 		}
 
-		for range 10 {
-			u.markDown(u.current()[0], time.Now(), time.Now(), errors.New("x"))
+		for range 10 { // each once its backoff is over
+			over := u.Status()[0].DownUntil
+			u.markDown(u.current()[0], over, over, errors.New("x"))
 		}
 		if b := u.Status()[0].Backoff; b != maxBackoff {
 			t.Fatalf("backoff = %v, want capped at %v", b, maxBackoff)
 		}
-		// A failure of an attempt begun before the last counted one does
-		// not back off again (concurrent dials to one dead proxy).
-		u.markDown(u.current()[0], time.Now().Add(-time.Second), time.Now().Add(-time.Second), errors.New("x"))
-		if st := u.Status()[0]; !st.DownUntil.Equal(time.Now().Add(maxBackoff)) {
-			t.Fatalf("stale failure moved the backoff: %+v", st)
+		// A failure within the backoff does not back off again
+		// (concurrent dials to one dead proxy).
+		st := u.Status()[0]
+		u.markDown(u.current()[0], time.Now(), time.Now(), errors.New("x"))
+		if now := u.Status()[0]; !now.DownUntil.Equal(st.DownUntil) {
+			t.Fatalf("a failure within the backoff moved it: %+v, was %+v", now, st)
 		}
 	})
 	if !IsUpstreamFailure(errors.New("unreachable")) || IsUpstreamFailure(&ReplyError{Cmd: CmdConnect, Code: RepConnectionRefused}) ||
@@ -911,4 +925,86 @@ func TestUpstreamsConcurrentDialsBackOffOnce(t *testing.T) {
 			t.Fatalf("secondary %+v, want down with the first backoff, 1s", st)
 		}
 	})
+}
+
+// TestUpstreamsBackoffGrowsOncePerRetry: dials that keep failing on a proxy
+// within its backoff (a lone upstream, tried last) do not grow it; only a
+// failure once it is over does. Before, six dials in a few milliseconds
+// took a lone upstream to 30 s.
+func TestUpstreamsBackoffGrowsOncePerRetry(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := &fakeProxy{name: "p:1080", mode: proxyRefused}
+		var log stateLog
+		u := group(&log, p)
+		for range 6 {
+			u.DialAddr(context.Background(), testTarget)
+			time.Sleep(time.Millisecond)
+		}
+		if n := p.dials.Load(); n != 6 {
+			t.Fatalf("%d dials reached the proxy, want every one (it is the only one)", n)
+		}
+		if b := u.Status()[0].Backoff; b != minBackoff {
+			t.Fatalf("after one outage of 6 ms the backoff is %v, want %v", b, minBackoff)
+		}
+		time.Sleep(minBackoff)
+		u.DialAddr(context.Background(), testTarget)
+		if b := u.Status()[0].Backoff; b != 2*minBackoff {
+			t.Fatalf("after a retry once the backoff was over: %v, want %v", b, 2*minBackoff)
+		}
+		if log.String() != "p:1080 down" {
+			t.Fatalf("state changes %q, want one down", log.String())
+		}
+	})
+}
+
+// TestUpstreamsLocalShortageBlamesNoProxy: running out of descriptors here
+// fails the dial but marks no proxy down.
+func TestUpstreamsLocalShortageBlamesNoProxy(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		emfile := func(context.Context, string, string) (net.Conn, error) {
+			return nil, &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("socket", syscall.EMFILE)}
+		}
+		var log stateLog
+		u := NewUpstreams(&Dialer{ProxyAddr: "a:1080", ProxyDial: emfile}, &Dialer{ProxyAddr: "b:1080", ProxyDial: emfile})
+		u.OnStateChange(log.hook)
+		if _, _, err := u.DialAddr(context.Background(), testTarget); !errors.Is(err, syscall.EMFILE) {
+			t.Fatalf("err = %v, want EMFILE", err)
+		}
+		if log.String() != "" || !u.Status()[0].Up || !u.Status()[1].Up {
+			t.Fatalf("EMFILE here reported as %q; status %+v", log.String(), u.Status())
+		}
+	})
+}
+
+// TestIsProxyAddrKeptOverReload: a proxy given by name, kept by a reload
+// (new Dialers, same proxy), is still known at the addresses it was dialed
+// at: a connection from before the reload, still being made, is refused
+// rather than relayed if capture rules take it.
+func TestIsProxyAddrKeptOverReload(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan struct{})
+	go func() {
+		defer close(accepted)
+		if c, err := ln.Accept(); err == nil {
+			c.Close()
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).AddrPort().Port()
+	name := net.JoinHostPort("localhost", strconv.Itoa(int(port)))
+	d := &Dialer{ProxyAddr: name, HandshakeTimeout: 5 * time.Second}
+	u := NewUpstreams(d)
+	d.DialContext(context.Background(), "tcp", "198.51.100.7:80") // fails after the connect: the proxy closes
+	<-accepted
+	ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
+	if !u.IsProxyAddr(ap) {
+		t.Fatal("the dialed address is not known before the reload")
+	}
+	u.SetDialers(&Dialer{ProxyAddr: name, HandshakeTimeout: 5 * time.Second})
+	if !u.IsProxyAddr(ap) {
+		t.Fatalf("%s forgotten after a reload that kept the proxy", ap)
+	}
 }
