@@ -142,6 +142,7 @@ var controlKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 30 * time.Second,
 // allows.
 type Reverse struct {
 	cfg    ReverseConfig
+	name   atomic.Pointer[string] // cfg.Name, until Rename
 	target atomic.Pointer[string]
 	idle   atomic.Int64 // the idle timeout new sessions get
 
@@ -183,6 +184,7 @@ func NewReverse(cfg ReverseConfig) *Reverse {
 	r := &Reverse{cfg: cfg, wake: make(chan struct{}, 1), loopDone: make(chan struct{}), conns: make(map[net.Conn]bool)}
 	r.loopCtx, r.stopLoop = context.WithCancel(context.Background())
 	r.sessCtx, r.cutAll = context.WithCancel(context.Background())
+	r.name.Store(&cfg.Name)
 	r.target.Store(&cfg.Target)
 	r.idle.Store(int64(cfg.IdleTimeout))
 	r.targetFails = logthrottle.New(refusalLogEvery)
@@ -211,6 +213,11 @@ func (r *Reverse) Target() string { return *r.target.Load() }
 // SetTarget changes where callers from now on are relayed; the binding
 // stays. A reload calls it.
 func (r *Reverse) SetTarget(target string) { r.target.Store(&target) }
+
+// Name is what logs call this forward; Rename changes it (a reload that
+// changed its target renames it, where its name says the target).
+func (r *Reverse) Name() string       { return *r.name.Load() }
+func (r *Reverse) Rename(name string) { r.name.Store(&name) }
 
 // SetIdleTimeout sets the idle timeout of sessions from now on (0 =
 // never). A reload calls it.
@@ -286,7 +293,7 @@ func (r *Reverse) loop() {
 				// meanwhile nothing listens there.
 				r.setRemote(nil)
 				if !r.rearmAfterSession.Swap(true) {
-					r.cfg.Logger.Info().Str("reverse", r.cfg.Name).Str("upstream", d.ProxyAddr).
+					r.cfg.Logger.Info().Str("reverse", r.Name()).Str("upstream", d.ProxyAddr).
 						Msgf("reverse: %s cannot listen on port %d again while a session uses it: it serves one caller at a time, the next one once the session ends", d.ProxyAddr, want)
 				}
 				if !r.waitSession(s, &held) {
@@ -311,11 +318,13 @@ func (r *Reverse) loop() {
 			continue
 		}
 		backoff, quick = 0, 0
-		r.armed(addr, d)
+		// Told before the log line and the counters say it listens again,
+		// so that whoever waits on those finds the re-arm recorded.
 		if !secondAt.IsZero() && r.cfg.OnRearm != nil {
 			r.cfg.OnRearm(Rearm{Gap: time.Since(secondAt), Held: held})
 		}
 		secondAt, held = time.Time{}, 0
+		r.armed(addr, d)
 
 		conn, err := b.Accept(r.loopCtx)
 		if err != nil {
@@ -433,7 +442,7 @@ func (r *Reverse) armed(addr socksclient.Addr, d *socksclient.Dialer) {
 		return
 	}
 	r.logged = addr
-	ev := r.cfg.Logger.Info().Str("reverse", r.cfg.Name).Str("remote_listen", addr.String()).
+	ev := r.cfg.Logger.Info().Str("reverse", r.Name()).Str("remote_listen", addr.String()).
 		Str("upstream", d.ProxyAddr).Str("target", r.Target())
 	if recovered {
 		ev = ev.Int64("failed_tries", tries)
@@ -468,7 +477,7 @@ func (r *Reverse) fail(cause ReverseCause, err error, d *socksclient.Dialer) {
 	if cause == CauseUnsupported {
 		ev = r.cfg.Logger.Error()
 	}
-	ev = ev.Str("reverse", r.cfg.Name).Str("cause", cause.String()).Err(err)
+	ev = ev.Str("reverse", r.Name()).Str("cause", cause.String()).Err(err)
 	if d != nil {
 		ev = ev.Str("upstream", d.ProxyAddr)
 	}
@@ -487,7 +496,7 @@ func (r *Reverse) failureText(cause ReverseCause, err error, d *socksclient.Dial
 		}
 		server = strings.Join(names, ", ")
 	}
-	name := "reverse " + r.cfg.Name + ": "
+	name := "reverse " + r.Name() + ": "
 	var re *socksclient.ReplyError
 	switch cause {
 	case CauseUnsupported:
@@ -545,7 +554,7 @@ func (r *Reverse) serveSession(s *reverseSession, peer *socksclient.Conn, upstre
 		abort(peer)
 		// Any caller can make it happen: one line per period, with a count.
 		if ok, suppressed := r.targetFails.Allow(target); ok {
-			r.cfg.Logger.Info().Str("reverse", r.cfg.Name).Str("client", peer.BoundAddr().String()).Str("target", target).
+			r.cfg.Logger.Info().Str("reverse", r.Name()).Str("client", peer.BoundAddr().String()).Str("target", target).
 				Str("upstream", upstream).Int64("failed_since_last_line", suppressed).Err(err).
 				Dur("dur", time.Since(start)).Msg("reverse session failed: local target unreachable; caller closed")
 		}
@@ -605,7 +614,7 @@ func (r *Reverse) logEnd(peer *socksclient.Conn, target, upstream string, res Re
 	default:
 		ev = ev.Err(res.Err)
 	}
-	ev.Str("reverse", r.cfg.Name).Str("client", peer.BoundAddr().String()).Str("target", target).Str("upstream", upstream).
+	ev.Str("reverse", r.Name()).Str("client", peer.BoundAddr().String()).Str("target", target).Str("upstream", upstream).
 		Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).Dur("dur", time.Since(start)).Msg("session ended")
 }
 
@@ -661,7 +670,7 @@ func (r *Reverse) Close() error {
 		r.cut = true
 		r.cutAll()
 		if n := sessionsIn(r.conns); n > 0 {
-			r.cfg.Logger.Info().Str("reverse", r.cfg.Name).Int("sessions", n).Msg("cutting reverse sessions still open")
+			r.cfg.Logger.Info().Str("reverse", r.Name()).Int("sessions", n).Msg("cutting reverse sessions still open")
 		}
 		abortAll(r.conns)
 	}

@@ -781,3 +781,59 @@ func TestReloadDNSFollowsNewUpstreams(t *testing.T) {
 			newProxy.Addr(), before, oldProxy.Requests(), newProxy.Requests())
 	}
 }
+
+// TestReloadRenamesReverseSeries: a -R on a fixed port whose target a
+// reload changes keeps its BIND and takes its new spec as its name: its
+// re-arm series move to the new name, and go when a reload removes it.
+// Before, the histogram stayed under the old name (still updated), and
+// stayed in /metrics after the -R was removed.
+func TestReloadRenamesReverseSeries(t *testing.T) {
+	socks := newSocks(t)
+	echo, echo2 := testnet.Echo(t).Addr().String(), testnet.Echo(t).Addr().String()
+	fixed, admin, p1 := freePort(t), "127.0.0.1:"+freePort(t), freePort(t)
+	path := filepath.Join(t.TempDir(), "socksfwd.toml")
+	config := func(remote string) string {
+		c := fmt.Sprintf("server = [%q]\nadmin = %q\nlocal = [%q]\n", socks.Addr(), admin, "127.0.0.1:"+p1+":"+echo)
+		if remote != "" {
+			c += fmt.Sprintf("remote = [%q]\n", remote)
+		}
+		return c
+	}
+	if err := os.WriteFile(path, []byte(config(fixed+":"+echo)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", path)
+	listens := "reverse " + socks.Addr() + " listens on"
+	d.waitFor(listens, 1)
+	series := func(spec string) string {
+		return `socksfwd_reverse_rearm_seconds_count{reverse="` + spec + `"}`
+	}
+	if err := echoOnce("127.0.0.1:"+fixed, "first"); err != nil {
+		t.Fatal(err)
+	}
+	// Armed again once the re-arm is recorded (a fixed port's re-arm is
+	// not logged).
+	if n := scrapeUntil(t, admin, series(fixed+":"+echo), 1)[series(fixed+":"+echo)]; n != 1 {
+		t.Fatalf("re-arms under the first name: %v, want 1", n)
+	}
+
+	d.reload(path, config(fixed+":"+echo2), 1)
+	if err := echoOnce("127.0.0.1:"+fixed, "second"); err != nil {
+		t.Fatal(err)
+	}
+	m := scrapeUntil(t, admin, series(fixed+":"+echo2), 1)
+	if _, ok := m[series(fixed+":"+echo)]; ok {
+		t.Errorf("the old name's re-arm series is still in /metrics after the rename")
+	}
+	if n := m[series(fixed+":"+echo2)]; n != 1 {
+		t.Errorf("re-arms under the new name: %v, want 1", n)
+	}
+
+	d.reload(path, config(""), 2)
+	d.waitFor("removed listener drained", 1)
+	for k := range scrape(t, admin) {
+		if strings.Contains(k, "rearm_seconds") && strings.Contains(k, fixed) {
+			t.Errorf("the -R is gone, /metrics still has %s", k)
+		}
+	}
+}

@@ -43,8 +43,10 @@ func (s *supervisor) newReverse(l listenPlan) (*tunnel.Reverse, error) {
 		return nil, err
 	}
 	name, key := reverseName(l), l.key()
-	rearms := s.tel.rearmHistogram(name)
-	return tunnel.NewReverse(tunnel.ReverseConfig{
+	// The re-arm series is made on the first re-arm, under the name then
+	// (a reload may rename the forward): a reload that fails leaves none.
+	var rev *tunnel.Reverse
+	rev = tunnel.NewReverse(tunnel.ReverseConfig{
 		Name:        name,
 		Remote:      remote,
 		Target:      l.target.String(),
@@ -54,9 +56,10 @@ func (s *supervisor) newReverse(l listenPlan) (*tunnel.Reverse, error) {
 		// As a -L listener's connections: small buffers toward this host.
 		TargetControl: sockbuf.CapLoopbackTCP,
 		OnListen:      func(a socksclient.Addr) { s.remotes.set(key, a) },
-		OnRearm:       func(re tunnel.Rearm) { rearms.Update(re.Gap.Seconds()) },
+		OnRearm:       func(re tunnel.Rearm) { s.tel.rearmHistogram(rev.Name()).Update(re.Gap.Seconds()) },
 		Logger:        s.log,
-	}), nil
+	})
+	return rev, nil
 }
 
 // rearmBuckets are the re-arm histogram's upper bounds, in seconds: a BIND

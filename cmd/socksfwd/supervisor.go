@@ -525,8 +525,8 @@ func (s *supervisor) reloadNow() error {
 		u := s.units[k]
 		l, keep := want[k]
 		if !keep {
-			if u.lp.kind == kindReverse {
-				s.tel.rearms.UnregisterMetric(rearmSeries(reverseName(u.lp)))
+			if rev, ok := u.svc.(*tunnel.Reverse); ok {
+				s.tel.rearms.UnregisterMetric(rearmSeries(rev.Name()))
 			}
 			delete(s.units, k)
 			s.drainRemoved(u, time.Duration(old.cfg.ShutdownTimeout))
@@ -537,6 +537,9 @@ func (s *supervisor) reloadNow() error {
 	}
 	for _, u := range bound {
 		changes = append(changes, "+"+u.lp.key())
+	}
+	if old.cfg.RemoteAddrFile != p.cfg.RemoteAddrFile {
+		changes = append(changes, fmt.Sprintf("remote-addr-file %q → %q", old.cfg.RemoteAddrFile, p.cfg.RemoteAddrFile))
 	}
 	s.remotes.configure(p)
 	s.start(bound)
@@ -650,8 +653,15 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 			svc.SetTarget(l.target.String())
 			changes = append(changes, fmt.Sprintf("%s target %s → %s", key, u.lp.target, l.target))
 		}
+		if name := reverseName(l); name != svc.Name() {
+			// Its metrics and log lines are labelled by the spec, which
+			// names the target: the old series go.
+			s.tel.rearms.UnregisterMetric(rearmSeries(svc.Name()))
+			svc.Rename(name)
+		}
 		if old.cfg.IdleTimeout != p.cfg.IdleTimeout {
 			svc.SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
+			changes = append(changes, fmt.Sprintf("%s idle-timeout %s → %s", key, time.Duration(old.cfg.IdleTimeout), time.Duration(p.cfg.IdleTimeout)))
 		}
 		// A reload is how a user says "try again": other upstreams, or the
 		// same ones restarted, fixed or given new credentials.
