@@ -107,7 +107,7 @@ func (t *TransparentUDP) Serve(ctx context.Context) error {
 	return t.serveBatches(r.Read, func(n int) {
 		for i := range n {
 			if r.Truncated(i) {
-				t.stats.DroppedLarge.Add(1)
+				t.dropped(&t.stats.DroppedLarge, causeOversize)
 				continue
 			}
 			dst, ok := r.OrigDst(i)

@@ -45,6 +45,14 @@ const (
 	causeTableFull  = "table full"
 	causeRead       = "read"
 	causeNotAllowed = "not-allowed"
+	// Datagrams dropped on the way up, each logged once a period with a
+	// count (udpTable.dropped).
+	causeQueueFull = "the session's queue is full"
+	causeMemory    = "the listener's queued bytes are at their bound"
+	causeNoAssoc   = "no association (the upstreams fail, or the proxy ends associations at once and socksfwd waits before the next)"
+	causeOversize  = "too large for a SOCKS UDP header"
+	causeEnded     = "its session ended before sending it"
+	causeSend      = "the send to the proxy's relay failed"
 )
 
 // UDPForwardConfig describes one -L …/udp forward.
@@ -222,7 +230,7 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 			if r.Truncated(i) {
 				// Over 65 507 bytes, possible on IPv6 only: it could not
 				// carry a SOCKS header anyway. Never forward a cut one.
-				f.stats.DroppedLarge.Add(1)
+				f.dropped(&f.stats.DroppedLarge, causeOversize)
 				continue
 			}
 			// The session sends to its own target: no destination here.

@@ -176,7 +176,7 @@ func TestUDPForwardIPv6(t *testing.T) {
 // A datagram longer than any SOCKS relay could take (IPv6 allows 65 527
 // bytes) is dropped whole and counted, never forwarded cut short.
 func TestUDPForwardDropsOversized(t *testing.T) {
-	f, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{listen: "[::1]:0"})
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{listen: "[::1]:0"})
 	c := udpClient(t, "udp6")
 	if _, err := c.WriteToUDP(make([]byte, 65520), fwd); err != nil {
 		t.Skipf("cannot send 65 520 bytes over IPv6 loopback here: %v", err)
@@ -186,6 +186,10 @@ func TestUDPForwardDropsOversized(t *testing.T) {
 	}
 	if f.Stats().DroppedLarge.Load() != 1 {
 		t.Fatalf("DroppedLarge = %d, want 1", f.Stats().DroppedLarge.Load())
+	}
+	// One log line names the cause (counted drops used to be silent).
+	if !strings.Contains(logs.String(), "UDP datagram dropped: too large for a SOCKS UDP header") {
+		t.Fatalf("no log line for the drop:\n%s", logs.String())
 	}
 }
 

@@ -295,8 +295,17 @@ func (t *udpTable) deliverTo(s *udpSession, src netip.AddrPort, slot []byte, dst
 	if s = t.session(src); s != nil && s.handOff(slot, dst) {
 		return s
 	}
-	t.stats.DroppedEnded.Add(1)
+	t.dropped(&t.stats.DroppedEnded, causeEnded)
 	return nil
+}
+
+// dropped counts a client datagram dropped on its way up in counter and
+// logs the cause once a period, with how many more it dropped since.
+func (t *udpTable) dropped(counter *atomic.Int64, cause string) {
+	counter.Add(1)
+	if ok, suppressed := t.logs.Allow(cause); ok {
+		t.logger.Warn().Str("listener", t.name).Int64("repeats", suppressed).Msg("UDP datagram dropped: " + cause)
+	}
 }
 
 // release gives a queued datagram's buffer back, and its bytes to the
@@ -337,7 +346,7 @@ func (t *udpTable) dispatch(d *udpDispatch, src netip.AddrPort, slot []byte, idx
 		d.lastSrc, s = src, t.session(src)
 		d.s = s
 		if s == nil { // the service is closing
-			t.stats.DroppedEnded.Add(1)
+			t.dropped(&t.stats.DroppedEnded, causeEnded)
 			return
 		}
 		s.touch() // once per run: the batch arrived at one moment
@@ -351,7 +360,7 @@ func (t *udpTable) dispatch(d *udpDispatch, src netip.AddrPort, slot []byte, idx
 	case fastTooLarge:
 		// Counted here, as the association counted it in Add: the session
 		// path would count it in the association a second time.
-		t.stats.DroppedLarge.Add(1)
+		t.dropped(&t.stats.DroppedLarge, causeOversize)
 		return
 	}
 	d.s = t.deliverTo(s, src, slot, dst)
@@ -527,7 +536,7 @@ func (s *udpSession) flushBatch(b fastBatch, r datagramReader) {
 			}
 			return
 		}
-		t.stats.DroppedSend.Add(1)
+		t.dropped(&t.stats.DroppedSend, causeSend)
 		next := rest[1:]
 		slots = next[:0]
 		for _, q := range next {
@@ -555,12 +564,12 @@ func (s *udpSession) handOff(slot []byte, dst socksclient.Addr) bool {
 		return false
 	}
 	if len(s.in) == cap(s.in) {
-		t.stats.DroppedQueue.Add(1)
+		t.dropped(&t.stats.DroppedQueue, causeQueueFull)
 		return true
 	}
 	if t.queued.Add(size) > t.queueLimit {
 		t.queued.Add(-size)
-		t.stats.DroppedMemory.Add(1)
+		t.dropped(&t.stats.DroppedMemory, causeMemory)
 		return true
 	}
 	bp := getUDPBuf(class)
@@ -635,7 +644,7 @@ func (s *udpSession) send(p udpPacket) {
 				Msg("UDP association ended by the proxy; re-associating")
 		}
 		if s.assoc == nil && !s.associate() {
-			t.stats.DroppedQueue.Add(1)
+			t.dropped(&t.stats.DroppedQueue, causeNoAssoc)
 			return
 		}
 		err := s.assoc.WritePacket((*p.buf)[:socksclient.MaxUDPHeaderLen+p.n], socksclient.MaxUDPHeaderLen, p.dst)
@@ -646,15 +655,15 @@ func (s *udpSession) send(p udpPacket) {
 			t.stats.BytesUp.Add(int64(p.n))
 			return
 		case errors.Is(err, socksclient.ErrDatagramTooLarge):
-			t.stats.DroppedLarge.Add(1)
+			t.dropped(&t.stats.DroppedLarge, causeOversize)
 			return
 		case !errors.Is(err, socksclient.ErrAssociationClosed):
-			t.stats.DroppedSend.Add(1)
+			t.dropped(&t.stats.DroppedSend, causeSend)
 			return
 		}
 		s.closeAssoc()
 	}
-	t.stats.DroppedSend.Add(1) // the new association ended at once too
+	t.dropped(&t.stats.DroppedSend, causeSend) // the new association ended at once too
 }
 
 // associate builds the association; false (datagram dropped) while the
@@ -746,7 +755,7 @@ func (s *udpSession) dropQueued() {
 	for {
 		select {
 		case p := <-s.in:
-			s.t.stats.DroppedEnded.Add(1)
+			s.t.dropped(&s.t.stats.DroppedEnded, causeEnded)
 			s.t.release(p)
 			s.backlog.Add(-1)
 		default:
