@@ -120,6 +120,8 @@ loop:
 			s.log.Error().Err(err).Msg("a listener failed; stopping")
 			runErr = err
 			break loop
+		case <-s.sd.watchdogDue():
+			s.sd.pingWatchdog()
 		}
 	}
 	s.sd.stopping()
@@ -755,6 +757,8 @@ func (s *supervisor) drainAll(sigs <-chan os.Signal) error {
 		select {
 		case <-done:
 			return nil
+		case <-s.sd.watchdogDue():
+			s.sd.pingWatchdog()
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
 				continue // no reload while stopping

@@ -8,7 +8,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -29,8 +28,7 @@ type systemd struct {
 	// watchdogEvery is half of WATCHDOG_USEC, as sd_watchdog_enabled(3)
 	// advises; 0: no watchdog.
 	watchdogEvery time.Duration
-	watchdogStop  chan struct{}
-	watchdog      sync.WaitGroup
+	watchdogTick  *time.Ticker // from the first ready on
 
 	// passed are the sockets systemd passed, each matched at start to the
 	// listener it serves. A listener serves a duplicate and the original
@@ -97,14 +95,27 @@ func watchdogInterval(getenv func(string) string, pid int) (time.Duration, error
 }
 
 // ready says every listener is bound (status is a one-line summary) and
-// starts the watchdog on the first call.
+// starts the watchdog's ticker on the first call.
 func (sd *systemd) ready(status string) {
 	sd.notify(sdnotify.SdNotifyReady, "STATUS="+status)
-	if sd.watchdogEvery > 0 && sd.watchdogStop == nil {
-		sd.watchdogStop = make(chan struct{})
-		sd.watchdog.Go(sd.pingWatchdog)
+	if sd.watchdogEvery > 0 && sd.watchdogTick == nil {
+		sd.watchdogTick = time.NewTicker(sd.watchdogEvery)
 	}
 }
+
+// watchdogDue ticks when the watchdog is to be pinged (never without
+// one). The supervisor's own loop pings, so that a supervisor stuck in a
+// reload or a drain stops the pings and systemd restarts it, as the
+// watchdog is for; a goroutine of its own would ping on regardless.
+func (sd *systemd) watchdogDue() <-chan time.Time {
+	if sd.watchdogTick == nil {
+		return nil
+	}
+	return sd.watchdogTick.C
+}
+
+// pingWatchdog tells systemd the process is alive.
+func (sd *systemd) pingWatchdog() { sd.notify(sdnotify.SdNotifyWatchdog) }
 
 // reloading says a reload begins. Type=notify-reload needs the monotonic
 // time with it, to tell this reload from an older one.
@@ -126,19 +137,6 @@ func (sd *systemd) reloaded(err error, status string) {
 // stopping says the drain began.
 func (sd *systemd) stopping() {
 	sd.notify(sdnotify.SdNotifyStopping, "STATUS=stopping: draining sessions")
-}
-
-func (sd *systemd) pingWatchdog() {
-	tick := time.NewTicker(sd.watchdogEvery)
-	defer tick.Stop()
-	for {
-		select {
-		case <-sd.watchdogStop:
-			return
-		case <-tick.C:
-			sd.notify(sdnotify.SdNotifyWatchdog)
-		}
-	}
 }
 
 // notify sends one datagram of newline-separated assignments (empty ones
@@ -180,12 +178,11 @@ func (sd *systemd) notify(fields ...string) {
 // notifyTimeout bounds one notification's send.
 const notifyTimeout = time.Second
 
-// close stops the watchdog and closes the passed sockets' originals.
+// close stops the watchdog's ticker and closes the passed sockets' originals.
 func (sd *systemd) close() {
-	if sd.watchdogStop != nil {
-		close(sd.watchdogStop)
-		sd.watchdog.Wait()
-		sd.watchdogStop = nil
+	if sd.watchdogTick != nil {
+		sd.watchdogTick.Stop()
+		sd.watchdogTick = nil
 	}
 	for _, p := range sd.passed {
 		p.file.Close()

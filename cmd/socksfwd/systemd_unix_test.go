@@ -225,3 +225,53 @@ func TestNotifyWatchdog(t *testing.T) {
 		t.Error("no STOPPING=1")
 	}
 }
+
+// TestNotifyWatchdogStopsWhileStuck: the supervisor's own loop pings the
+// watchdog, so a supervisor stuck in a reload (here on a password file that
+// is a FIFO nobody writes) sends no WATCHDOG=1 until it is free again, and
+// systemd would restart it. Before, a goroutine of its own pinged on.
+func TestNotifyWatchdogStopsWhileStuck(t *testing.T) {
+	echo := testnet.Echo(t).Addr().String()
+	socks := newSocks(t)
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "password")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "socksfwd.toml")
+	conf := fmt.Sprintf("server = [%q]\nlocal = [%q]\n", socks.Addr(), "127.0.0.1:0:"+echo)
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ns := newNotifySocket(t)
+	env := map[string]string{"NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": "20000"} // a ping every 10 ms
+	d := startDaemonEnv(t, mapEnv(env), "-c", path)
+	ns.expect("READY=1\nSTATUS=1 listener via " + socks.Addr())
+	ns.expect("WATCHDOG=1")
+
+	stuck := conf + fmt.Sprintf("server-user = \"u\"\nserver-password-file = %q\n", fifo)
+	if err := os.WriteFile(path, []byte(stuck), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d.sigs <- syscall.SIGHUP
+	for m := ns.next(); !strings.HasPrefix(m, "RELOADING=1\n"); m = ns.next() {
+		if m != "WATCHDOG=1" {
+			t.Fatalf("notification %q before RELOADING", m)
+		}
+	}
+	// Time passing is what is tested: twenty ping intervals of a stuck
+	// reload.
+	time.Sleep(200 * time.Millisecond)
+	w, err := os.OpenFile(fifo, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.WriteString("secret\n")
+	w.Close()
+	if m := ns.next(); !strings.HasPrefix(m, "READY=1\n") {
+		t.Fatalf("notification %q while the reload was stuck, want none until its READY=1", m)
+	}
+	if code := d.stop(); code != exitOK {
+		t.Fatalf("exit %d", code)
+	}
+}
