@@ -453,6 +453,11 @@ func (a *association) upstreamToClient() error {
 			// relay may take the next datagram: not the end of the
 			// association (dnsforward's reader reads on too).
 			st.RelayRefused.Add(1)
+			f := a.door.TCPForward
+			if ok, suppressed := f.refusals.Allow(causeRelayICMP); ok {
+				f.cfg.Logger.Warn().Str("listener", f.cfg.Name).Int64("repeats", suppressed).Err(err).
+					Msg("an ICMP error came back for a datagram sent to the upstream's UDP relay; the association goes on")
+			}
 			continue
 		}
 		if err != nil {

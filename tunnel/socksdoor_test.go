@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"os"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -98,29 +97,6 @@ func echoUDP(t *testing.T, u *socksclient.UDPConn, to, from socksclient.Addr, ms
 
 func udpEchoAddr(t *testing.T) socksclient.Addr {
 	return socksclient.AddrFromAddrPort(testnet.UDPEcho(t).LocalAddr().(*net.UDPAddr).AddrPort())
-}
-
-// waitUntil waits, at most 10 s, until done reports true, and says
-// whether it did. Only for what nothing signals, such as a datagram the
-// door dropped.
-func waitUntil(done func() bool) bool {
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
-		if done() {
-			return true
-		}
-		testnet.Nap(time.Millisecond) // bounded: another goroutine's state
-	}
-	return done()
-}
-
-// waitCounter waits until c reaches want, and fails if it does not or
-// goes past.
-func waitCounter(t *testing.T, name string, c *atomic.Int64, want int64) {
-	t.Helper()
-	waitUntil(func() bool { return c.Load() >= want })
-	if got := c.Load(); got != want {
-		t.Fatalf("%s = %d, want %d", name, got, want)
-	}
 }
 
 // rawRequest greets the door at addr without authentication and sends
@@ -610,7 +586,7 @@ func TestDoorUDPEnds(t *testing.T) {
 func TestDoorUDPRelayRefused(t *testing.T) {
 	noLeaks(t)
 	up, relay := refusingUpstream(t)
-	door, _ := startDoor(t, SOCKSDoorConfig{}, nil, up)
+	door, logs := startDoor(t, SOCKSDoorConfig{}, nil, up)
 	u, err := client(door).Associate(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -621,7 +597,10 @@ func TestDoorUDPRelayRefused(t *testing.T) {
 	if _, err := u.WriteTo([]byte("refused"), to); err != nil {
 		t.Fatal(err)
 	}
-	waitCounter(t, "RelayRefused", &door.DoorStats().RelayRefused, 1)
+	logs.waitFor(t, "an ICMP error came back") // logged once counted
+	if n := door.DoorStats().RelayRefused.Load(); n != 1 {
+		t.Fatalf("RelayRefused = %d, want 1", n)
+	}
 	relay.answer(t)
 	echoUDP(t, u, to, to, "after")
 }

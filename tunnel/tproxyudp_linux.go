@@ -161,7 +161,7 @@ func (t *TransparentUDP) copyDown(s *udpSession, a *socksclient.UDPConn) {
 		off, n, from, err := a.ReadPacket(*bp)
 		if err != nil {
 			if relayRefused(err) {
-				t.stats.RelayRefused.Add(1)
+				t.relayICMP(err)
 				continue
 			}
 			return
@@ -175,7 +175,7 @@ func (t *TransparentUDP) copyDown(s *udpSession, a *socksclient.UDPConn) {
 			ok = false
 		}
 		if !ok || !t.replies.send((*bp)[off:n], remote, s.client) {
-			t.stats.DroppedReply.Add(1)
+			t.dropped(&t.stats.DroppedReply, causeReply)
 			continue
 		}
 		// Only a reply delivered keeps the session from idling out.

@@ -18,7 +18,7 @@ func TestTransparentUDPRelayRefused(t *testing.T) {
 		var d net.Dialer
 		return d.DialContext(ctx, network, proxy)
 	}
-	tu, _ := quietTransparent(t, dial, TransparentUDPConfig{})
+	tu, logs := quietTransparent(t, dial, TransparentUDPConfig{})
 	a, _, err := tu.upstreams.Associate(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -47,8 +47,15 @@ func TestTransparentUDPRelayRefused(t *testing.T) {
 	}
 	send()
 	st := tu.Stats()
-	waitCounter(t, "RelayRefused", &st.RelayRefused, 1)
+	logs.waitFor(t, "an ICMP error came back") // logged once counted
+	if n := st.RelayRefused.Load(); n != 1 {
+		t.Fatalf("RelayRefused = %d, want 1", n)
+	}
 	relay.answer(t)
 	send()
-	waitCounter(t, "DroppedReply (the reply read after the refusal)", &st.DroppedReply, 1)
+	// The reply read after the refusal: the reader went on.
+	logs.waitFor(t, "UDP datagram dropped: a reply could not be delivered")
+	if n := st.DroppedReply.Load(); n != 1 {
+		t.Fatalf("DroppedReply = %d, want 1", n)
+	}
 }

@@ -53,6 +53,9 @@ const (
 	causeOversize  = "too large for a SOCKS UDP header"
 	causeEnded     = "its session ended before sending it"
 	causeSend      = "the send to the proxy's relay failed"
+	// And on the way down.
+	causeReply     = "a reply could not be delivered to its client"
+	causeRelayICMP = "relay-icmp"
 )
 
 // UDPForwardConfig describes one -L …/udp forward.
@@ -282,7 +285,7 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 		n, err := r.Read()
 		if err != nil {
 			if relayRefused(err) {
-				f.stats.RelayRefused.Add(1)
+				f.relayICMP(err)
 				continue
 			}
 			return
@@ -297,7 +300,7 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 		sent, err := w.Flush()
 		if err != nil {
 			// The failed one and those after it are gone (see Flush).
-			f.stats.DroppedReply.Add(int64(n - sent))
+			f.drop(&f.stats.DroppedReply, int64(n-sent), causeReply)
 		}
 		if sent > 0 {
 			bytes := 0

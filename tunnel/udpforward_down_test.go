@@ -36,16 +36,17 @@ func refusingUpstream(t *testing.T) (string, *refusingRelay) {
 
 // forwardVia serves a UDPForward to target through the SOCKS server at
 // proxy until cleanup.
-func forwardVia(t *testing.T, proxy string, target socksclient.Addr) (*UDPForward, *net.UDPAddr) {
+func forwardVia(t *testing.T, proxy string, target socksclient.Addr) (*UDPForward, *net.UDPAddr, *logBuf) {
 	t.Helper()
 	pc := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	logs := &logBuf{}
 	f := NewUDPForward(UDPForwardConfig{
 		Name: pc.LocalAddr().String(), Target: target,
 		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy, HandshakeTimeout: 5 * time.Second}),
-		Logger:    zerolog.Nop(),
+		Logger:    zerolog.New(logs),
 	}, pc)
 	serveForTest(t, f)
-	return f, pc.LocalAddr().(*net.UDPAddr)
+	return f, pc.LocalAddr().(*net.UDPAddr), logs
 }
 
 // TestUDPForwardRelayRefused: an ICMP error from the proxy's relay (a
@@ -56,12 +57,15 @@ func TestUDPForwardRelayRefused(t *testing.T) {
 	// The relay below is an echo: the reply carries the header sent, the
 	// target's address.
 	target := socksclient.Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 53}
-	f, fwd := forwardVia(t, proxy, target)
+	f, fwd, logs := forwardVia(t, proxy, target)
 	c := udpClient(t, "udp4")
 	if _, err := c.WriteToUDP([]byte("refused"), fwd); err != nil {
 		t.Fatal(err)
 	}
-	waitCounter(t, "RelayRefused", &f.Stats().RelayRefused, 1)
+	logs.waitFor(t, "an ICMP error came back") // logged once counted
+	if n := f.Stats().RelayRefused.Load(); n != 1 {
+		t.Fatalf("RelayRefused = %d, want 1", n)
+	}
 	relay.answer(t)
 	if err := udpRoundTrip(c, fwd, []byte("after"), 2*time.Second); err != nil {
 		t.Fatalf("after the refusal: %v", err)
@@ -195,7 +199,7 @@ func TestUDPForwardOversizeCountedOnce(t *testing.T) {
 func TestUDPForwardReplySendFailureCounted(t *testing.T) {
 	echo := socksclient.AddrFromAddrPort(testnet.UDPEcho(t).LocalAddr().(*net.UDPAddr).AddrPort())
 	proxy := newSocks(t, sockstest.Config{})
-	f, _ := forwardVia(t, proxy.Addr(), echo)
+	f, _, logs := forwardVia(t, proxy.Addr(), echo)
 	a, err := (&socksclient.Dialer{ProxyAddr: proxy.Addr(), HandshakeTimeout: 5 * time.Second}).Associate(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -215,7 +219,10 @@ func TestUDPForwardReplySendFailureCounted(t *testing.T) {
 	if err := a.WritePacket(make([]byte, socksclient.MaxUDPHeaderLen+5), socksclient.MaxUDPHeaderLen, echo); err != nil {
 		t.Fatal(err)
 	}
-	waitCounter(t, "DroppedReply", &f.Stats().DroppedReply, 1)
+	logs.waitFor(t, "UDP datagram dropped: a reply could not be delivered") // logged once counted
+	if n := f.Stats().DroppedReply.Load(); n != 1 {
+		t.Fatalf("DroppedReply = %d, want 1", n)
+	}
 	if n := f.Stats().DatagramsDown.Load(); n != 0 {
 		t.Fatalf("DatagramsDown = %d, want 0", n)
 	}

@@ -27,7 +27,7 @@ func TestUDPForwardICMPErrorsKeepReader(t *testing.T) {
 		code byte
 	}{{"port unreachable", 3}, {"administratively prohibited", 13}, {"host administratively prohibited", 10}} {
 		t.Run(tc.name, func(t *testing.T) {
-			f, fwd, _ := startUDPForward(t, sockstest.Config{}, udpFwdOpts{})
+			f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{})
 			c := udpClient(t, "udp4")
 			if err := udpRoundTrip(c, fwd, []byte("before"), 5*time.Second); err != nil {
 				t.Fatal(err)
@@ -37,7 +37,10 @@ func TestUDPForwardICMPErrorsKeepReader(t *testing.T) {
 			a := f.sessions[src].live.Load()
 			f.mu.Unlock()
 			injectICMPUnreachable(t, tc.code, a.LocalAddr().(*net.UDPAddr).AddrPort(), a.Relay())
-			waitCounter(t, "RelayRefused", &f.Stats().RelayRefused, 1)
+			logs.waitFor(t, "an ICMP error came back") // logged once counted
+			if n := f.Stats().RelayRefused.Load(); n != 1 {
+				t.Fatalf("RelayRefused = %d, want 1", n)
+			}
 			if err := udpRoundTrip(c, fwd, []byte("after"), 5*time.Second); err != nil {
 				t.Fatalf("after the ICMP error: %v (association alive %v)", err, a.Alive())
 			}

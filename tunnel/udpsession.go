@@ -299,12 +299,26 @@ func (t *udpTable) deliverTo(s *udpSession, src netip.AddrPort, slot []byte, dst
 	return nil
 }
 
-// dropped counts a client datagram dropped on its way up in counter and
-// logs the cause once a period, with how many more it dropped since.
-func (t *udpTable) dropped(counter *atomic.Int64, cause string) {
-	counter.Add(1)
+// dropped counts a datagram dropped in counter and logs the cause once a
+// period, with how many more it dropped since.
+func (t *udpTable) dropped(counter *atomic.Int64, cause string) { t.drop(counter, 1, cause) }
+
+// drop is dropped for n datagrams at once.
+func (t *udpTable) drop(counter *atomic.Int64, n int64, cause string) {
+	counter.Add(n)
 	if ok, suppressed := t.logs.Allow(cause); ok {
 		t.logger.Warn().Str("listener", t.name).Int64("repeats", suppressed).Msg("UDP datagram dropped: " + cause)
+	}
+}
+
+// relayICMP counts an ICMP error the proxy's relay (or a router or
+// firewall on the way to it) sent about a datagram sent up, and logs it
+// once a period: the association goes on.
+func (t *udpTable) relayICMP(err error) {
+	t.stats.RelayRefused.Add(1)
+	if ok, suppressed := t.logs.Allow(causeRelayICMP); ok {
+		t.logger.Warn().Err(err).Str("listener", t.name).Int64("repeats", suppressed).
+			Msg("an ICMP error came back for a datagram sent to the proxy's UDP relay; the association goes on")
 	}
 }
 
