@@ -44,7 +44,7 @@ type tcpServer struct {
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{}
 	stopped  bool
-	stopping chan struct{} // closed when shutdown begins
+	stopping chan struct{} // closed when shutdown has stopped the readers
 	clients  sync.WaitGroup
 }
 
@@ -127,12 +127,12 @@ func (t *tcpServer) untrack(c net.Conn) {
 // on the forwarder: the caller closes it, then calls wait.
 func (t *tcpServer) shutdown(ctx context.Context) error {
 	t.mu.Lock()
-	if !t.stopped {
-		t.stopped = true
-		close(t.stopping)
-	}
 	for c := range t.conns {
 		c.SetReadDeadline(aLongTimeAgo) // the reader stops; answers still go out
+	}
+	if !t.stopped {
+		t.stopped = true
+		close(t.stopping) // once no reader takes another query
 	}
 	t.mu.Unlock()
 	t.ln.Close()
@@ -191,23 +191,30 @@ func (cl *tcpClient) run() {
 	// Buffered: pipelined queries arrive several to a segment.
 	r := bufio.NewReaderSize(cl.conn, 4096)
 	var lenBuf [2]byte
-	timeout := tcpFirstReadTimeout
+	// The whole first query is due within tcpFirstReadTimeout, as with the
+	// miekg/dns server; after each query, the deadline is set again.
+	if !cl.armIdle(tcpFirstReadTimeout) {
+		return // shutting down
+	}
 	for {
-		if !cl.armIdle(timeout) {
-			return // shutting down
-		}
-		// The whole query is due before the deadline: a client has 2 s
-		// for its first, as with the miekg/dns server.
 		q, err := readTCPFrame(r, &lenBuf)
 		if err != nil {
-			if isTimeout(err) && cl.busy() {
-				continue // nothing read; answers are due, so not idle
+			// Nothing read, and answers are due: not idle.
+			if isTimeout(err) && cl.busy() && cl.armIdle(tcpIdleTimeout) {
+				continue
 			}
 			return
 		}
-		timeout = tcpIdleTimeout
 		cl.slots <- struct{}{}
 		cl.start()
+		// The deadline is armed after each query rather than before the
+		// next read, so that a query read as Shutdown stopped the readers
+		// is seen, and not taken.
+		if !cl.armIdle(tcpIdleTimeout) {
+			cl.done()
+			<-cl.slots
+			return
+		}
 		cl.answers.Go(func() {
 			defer func() { <-cl.slots }()
 			defer cl.done()
