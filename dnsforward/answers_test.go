@@ -330,16 +330,7 @@ func TestTCPAnswerToAnotherQuestionDropped(t *testing.T) {
 			own.Question[0].Name = strings.ToUpper(q.Question[0].Name)
 			return [][]byte{packed(late), packed(own)}
 		}, nil)
-		resp, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, 5))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if ip := resp.Answer[0].(*dns.A).A; !ip.Equal(net.IPv4(192, 0, 2, 7)) {
-			t.Errorf("answer %v, want 192.0.2.7 (not the other question's)", ip)
-		}
-		if n := f.Stats().Mismatched.Load(); n != 1 {
-			t.Errorf("Mismatched = %d, want 1", n)
-		}
+		wantOwnAnswer(t, f, query("a.example", dns.TypeA, 5), net.IPv4(192, 0, 2, 7))
 	})
 }
 
@@ -414,4 +405,20 @@ func TestUDPUnreadableLargeAnswerTruncated(t *testing.T) {
 			t.Fatalf("%d bytes (%v): %v", len(out), err, m)
 		}
 	})
+}
+
+// wantOwnAnswer exchanges q through f and wants the answer carrying ip,
+// with one other answer dropped as not q's (Stats.Mismatched).
+func wantOwnAnswer(t *testing.T, f *Forwarder, q *dns.Msg, ip net.IP) {
+	t.Helper()
+	resp, err := f.Exchange(context.Background(), q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := resp.Answer[0].(*dns.A).A; !got.Equal(ip) {
+		t.Errorf("answer %v, want %v (not the other one's)", got, ip)
+	}
+	if n := f.Stats().Mismatched.Load(); n != 1 {
+		t.Errorf("Mismatched = %d, want 1", n)
+	}
 }

@@ -51,6 +51,40 @@ func pipeArm(c net.Conn, d time.Duration) bool {
 	return true
 }
 
+// servePipe serves the server end of an in-memory connection as one DNS
+// client, answering with serve, and returns the client end and a channel
+// closed when the server end is done.
+func servePipe(serve func(dns.ResponseWriter, []byte)) (net.Conn, <-chan struct{}) {
+	server, client := net.Pipe()
+	done := make(chan struct{})
+	go func() { newTCPClient(server, serve, pipeArm).run(); close(done) }()
+	return client, done
+}
+
+// serveHeldQuery starts a server whose resolver holds every answer until
+// gate.open, and sends it one query (ID 1) over TCP, which the resolver has
+// read by the time it returns. served has Serve's result.
+func serveHeldQuery(t *testing.T) (srv *Server, served <-chan error, c net.Conn, gate *gateResolver) {
+	t.Helper()
+	gate = newGateResolver(t)
+	pc, ln, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv = NewServer(newForwarder(t, socks(t).Addr(), time.Minute, nil, gate.addr), pc, ln)
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(context.Background()) }()
+	c, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	writeQueries(t, c, query("held.example", dns.TypeA, 1))
+	gotQuery(t, gate)
+	return srv, done, c, gate
+}
+
 func readAnswer(t *testing.T, c net.Conn) *dns.Msg {
 	t.Helper()
 	var lenBuf [2]byte
@@ -113,23 +147,7 @@ func TestTCPHalfClosedClientGetsAnswers(t *testing.T) {
 // TestTCPShutdownAnswersQueriesRead: Shutdown stops reading queries but
 // answers those already read before it closes the connection.
 func TestTCPShutdownAnswersQueriesRead(t *testing.T) {
-	gate := newGateResolver(t)
-	pc, ln, err := Listen("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := NewServer(newForwarder(t, socks(t).Addr(), time.Minute, nil, gate.addr), pc, ln)
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(context.Background()) }()
-
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	writeQueries(t, c, query("held.example", dns.TypeA, 1))
-	gotQuery(t, gate)
+	srv, served, c, gate := serveHeldQuery(t)
 	stopped := make(chan error, 1)
 	go func() { stopped <- srv.Shutdown(context.Background()) }()
 	select {
@@ -159,14 +177,12 @@ func TestTCPShutdownAnswersQueriesRead(t *testing.T) {
 // takes.
 func TestTCPIdleTimeout(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		server, client := net.Pipe()
 		release := make(chan struct{})
 		serve := func(w dns.ResponseWriter, q []byte) {
 			<-release
 			w.Write(q) // the query as its own answer will do
 		}
-		done := make(chan struct{})
-		go func() { newTCPClient(server, serve, pipeArm).run(); close(done) }()
+		client, done := servePipe(serve)
 
 		writeQueries(t, client, query("slow.example", dns.TypeA, 7))
 		time.Sleep(10 * tcpIdleTimeout) // the fake clock: an answer 80 s late
@@ -197,22 +213,7 @@ func TestTCPIdleTimeout(t *testing.T) {
 func TestTCPCloseWithQueryHeld(t *testing.T) {
 	for _, how := range []string{"Close", "Shutdown past its deadline"} {
 		t.Run(how, func(t *testing.T) {
-			gate := newGateResolver(t)
-			pc, ln, err := Listen("127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			srv := NewServer(newForwarder(t, socks(t).Addr(), time.Minute, nil, gate.addr), pc, ln)
-			served := make(chan error, 1)
-			go func() { served <- srv.Serve(context.Background()) }()
-			c, err := net.Dial("tcp", ln.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			writeQueries(t, c, query("held.example", dns.TypeA, 1))
-			gotQuery(t, gate)
-
+			srv, served, _, _ := serveHeldQuery(t)
 			stopped := make(chan error, 1)
 			go func() {
 				if how == "Close" {
@@ -240,7 +241,6 @@ func TestTCPCloseWithQueryHeld(t *testing.T) {
 // stopped at the idle deadline until every answer due was written.
 func TestTCPReadsWhileAnswerIsLate(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		server, client := net.Pipe()
 		release := make(chan struct{})
 		serve := func(w dns.ResponseWriter, q []byte) {
 			if binary.BigEndian.Uint16(q) == 1 {
@@ -248,8 +248,7 @@ func TestTCPReadsWhileAnswerIsLate(t *testing.T) {
 			}
 			w.Write(q)
 		}
-		done := make(chan struct{})
-		go func() { newTCPClient(server, serve, pipeArm).run(); close(done) }()
+		client, done := servePipe(serve)
 		writeQueries(t, client, query("slow.example", dns.TypeA, 1))
 		time.Sleep(tcpIdleTimeout + time.Second)                     // a resolver slower than the idle time
 		writeQueries(t, client, query("fast.example", dns.TypeA, 2)) // blocks until read

@@ -14,6 +14,21 @@ import (
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
 )
 
+// associateReader is associate that must succeed, with a batch reader
+// of one datagram on the association.
+func associateReader(t *testing.T, cfg sockstest.Config) (*socksclient.UDPConn, *socksclient.UDPReadBatch) {
+	t.Helper()
+	u, err := associate(t, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := u.NewReadBatch([][]byte{make([]byte, socksclient.MaxUDPDatagram)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u, r
+}
+
 func associate(t *testing.T, cfg sockstest.Config) (*socksclient.UDPConn, error) {
 	t.Helper()
 	srv, err := sockstest.NewServer(cfg)
@@ -318,17 +333,11 @@ func TestReadBatch(t *testing.T) {
 		}
 	}
 
-	u, err := associate(t, sockstest.Config{UDPCloseControlAfter: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := u.NewReadBatch([][]byte{make([]byte, socksclient.MaxUDPDatagram)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	u, r := associateReader(t, sockstest.Config{UDPCloseControlAfter: 1})
 	buf := make([]byte, socksclient.MaxUDPHeaderLen+1)
 	u.WritePacket(buf, socksclient.MaxUDPHeaderLen, echo)
 	u.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var err error
 	for range 10 {
 		if _, err = r.Read(); err != nil {
 			break
@@ -343,14 +352,7 @@ func TestReadBatch(t *testing.T) {
 // net.ErrClosed, not that the proxy ended the association.
 func TestUDPConnOwnClose(t *testing.T) {
 	echo := echoAddr(t)
-	u, err := associate(t, sockstest.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := u.NewReadBatch([][]byte{make([]byte, socksclient.MaxUDPDatagram)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	u, r := associateReader(t, sockstest.Config{})
 	b, err := u.NewBatch(4)
 	if err != nil {
 		t.Fatal(err)
@@ -449,14 +451,7 @@ func TestAssociateControlErrorFails(t *testing.T) {
 func TestReadBatchOnlyFrom(t *testing.T) {
 	echo := echoAddr(t)
 	for _, peer := range []socksclient.Addr{echo, {Name: "localhost", Port: echo.Port}} {
-		u, err := associate(t, sockstest.Config{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		r, err := u.NewReadBatch([][]byte{make([]byte, socksclient.MaxUDPDatagram)})
-		if err != nil {
-			t.Fatal(err)
-		}
+		u, r := associateReader(t, sockstest.Config{})
 		r.OnlyFrom(peer)
 		u.SetReadDeadline(time.Now().Add(10 * time.Second))
 		// read returns the next payload that got through.

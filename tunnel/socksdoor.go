@@ -448,7 +448,7 @@ func (a *association) upstreamToClient() error {
 	buf := make([]byte, 65536)
 	for {
 		n, err := a.up.ReadDatagram(buf)
-		if relayRefused(err) {
+		if socksclient.IsICMPError(err) {
 			// Reported once per ICMP on this connected socket, and the
 			// relay may take the next datagram: not the end of the
 			// association (dnsforward's reader reads on too).

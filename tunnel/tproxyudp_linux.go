@@ -160,7 +160,7 @@ func (t *TransparentUDP) copyDown(s *udpSession, a *socksclient.UDPConn) {
 	for {
 		off, n, from, err := a.ReadPacket(*bp)
 		if err != nil {
-			if relayRefused(err) {
+			if socksclient.IsICMPError(err) {
 				t.relayICMP(err)
 				continue
 			}

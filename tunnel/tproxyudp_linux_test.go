@@ -110,18 +110,23 @@ func checksumOK(seg []byte, src, dst netip.Addr) bool {
 		pseudo = binary.BigEndian.AppendUint32(pseudo, uint32(len(seg)))
 		pseudo = append(pseudo, 0, 0, 0, unix.IPPROTO_UDP)
 	}
-	all := append(pseudo, seg...)
-	if len(all)%2 == 1 {
-		all = append(all, 0)
+	// Summed with its own checksum in place, a segment sums to all ones.
+	return inetChecksum(append(pseudo, seg...)) == 0
+}
+
+// inetChecksum is the Internet checksum (RFC 1071) of b.
+func inetChecksum(b []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(binary.BigEndian.Uint16(b[i:]))
 	}
-	var sum uint32
-	for i := 0; i < len(all); i += 2 {
-		sum += uint32(all[i])<<8 | uint32(all[i+1])
+	if len(b)%2 == 1 {
+		s += uint32(b[len(b)-1]) << 8
 	}
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
+	for s>>16 != 0 {
+		s = s&0xffff + s>>16
 	}
-	return sum == 0xffff
+	return ^uint16(s)
 }
 
 func TestTProxyUDPChecksum(t *testing.T) {

@@ -284,7 +284,10 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 	for {
 		n, err := r.Read()
 		if err != nil {
-			if relayRefused(err) {
+			// Reported once per ICMP, for a datagram sent earlier, while
+			// the relay goes on taking others: ending the reader would leave
+			// the session sending up and never again delivering a reply.
+			if socksclient.IsICMPError(err) {
 				f.relayICMP(err)
 				continue
 			}
@@ -300,7 +303,7 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 		sent, err := w.Flush()
 		if err != nil {
 			// The failed one and those after it are gone (see Flush).
-			f.drop(&f.stats.DroppedReply, int64(n-sent), causeReply)
+			f.droppedN(&f.stats.DroppedReply, int64(n-sent), causeReply)
 		}
 		if sent > 0 {
 			bytes := 0
@@ -313,11 +316,3 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 		}
 	}
 }
-
-// relayRefused reports whether err, from an association's read, is an
-// ICMP error about an earlier datagram (the relay's port unreachable, a
-// firewall's "prohibited" on the way; see socksclient.IsICMPError):
-// reported once per ICMP, while the relay goes on taking others
-// (dnsforward's reader reads on too). Ending the reader on it would leave
-// the session sending up and never again delivering a reply.
-func relayRefused(err error) bool { return socksclient.IsICMPError(err) }

@@ -301,10 +301,10 @@ func (t *udpTable) deliverTo(s *udpSession, src netip.AddrPort, slot []byte, dst
 
 // dropped counts a datagram dropped in counter and logs the cause once a
 // period, with how many more it dropped since.
-func (t *udpTable) dropped(counter *atomic.Int64, cause string) { t.drop(counter, 1, cause) }
+func (t *udpTable) dropped(counter *atomic.Int64, cause string) { t.droppedN(counter, 1, cause) }
 
-// drop is dropped for n datagrams at once.
-func (t *udpTable) drop(counter *atomic.Int64, n int64, cause string) {
+// droppedN is dropped for n datagrams at once.
+func (t *udpTable) droppedN(counter *atomic.Int64, n int64, cause string) {
 	counter.Add(n)
 	if ok, suppressed := t.logs.Allow(cause); ok {
 		t.logger.Warn().Str("listener", t.name).Int64("repeats", suppressed).Msg("UDP datagram dropped: " + cause)

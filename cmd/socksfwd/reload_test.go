@@ -182,10 +182,7 @@ func TestStopDeadlineCoversRemovedListeners(t *testing.T) {
 		}
 		return fmt.Sprintf("server = [%q]\nlocal = [%s]\nshutdown-timeout = %q\n", a.Addr(), strings.Join(locals, ", "), timeout)
 	}
-	path := filepath.Join(t.TempDir(), "socksfwd.toml")
-	if err := os.WriteFile(path, []byte(conf("1h", p1, p2)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfig(t, conf("1h", p1, p2))
 	d := startDaemon(t, "-c", path)
 	d.waitFor("forwarding", 2)
 	hold(t, "127.0.0.1:"+p2) // keeps the removed listener draining
@@ -273,6 +270,17 @@ func echoOnce(addr, msg string) error {
 		return fmt.Errorf("echo %q, want %q", got, msg)
 	}
 	return nil
+}
+
+// writeConfig writes text to a socksfwd.toml of the test's and returns its
+// path.
+func writeConfig(t *testing.T, text string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "socksfwd.toml")
+	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
 
 // heldSession is a connection through a forward, opened and checked with
@@ -405,10 +413,7 @@ func TestReloadUnderLoad(t *testing.T) {
 		}
 		return fmt.Sprintf("server = [%s]\nlocal = [%s]\nshutdown-timeout = \"20s\"\n", strings.Join(addrs, ", "), strings.Join(locals, ", "))
 	}
-	path := filepath.Join(t.TempDir(), "socksfwd.toml")
-	if err := os.WriteFile(path, []byte(conf([]*sockstest.Server{a}, p1, p2)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfig(t, conf([]*sockstest.Server{a}, p1, p2))
 	d := startDaemon(t, "-c", path)
 	d.waitFor("forwarding", 2)
 
@@ -498,11 +503,8 @@ func TestReloadFailureKeepsRunning(t *testing.T) {
 	echo := testnet.Echo(t).Addr().String()
 	socks := newSocks(t)
 	p1, p2 := freePort(t), freePort(t)
-	path := filepath.Join(t.TempDir(), "socksfwd.toml")
 	good := fmt.Sprintf("server = [%q]\nlocal = [%q]\n", socks.Addr(), "127.0.0.1:"+p1+":"+echo)
-	if err := os.WriteFile(path, []byte(good), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfig(t, good)
 	d := startDaemon(t, "-c", path)
 	d.waitFor("forwarding", 1)
 	held := hold(t, "127.0.0.1:"+p1)
@@ -659,10 +661,7 @@ func TestReloadDNS(t *testing.T) {
 	conf := func(resolver string) string {
 		return fmt.Sprintf("server = [%q]\ndns = %q\ndns-upstream = [%q]\ndns-cache-size = 0\n", socks.Addr(), "127.0.0.1:"+port, resolver)
 	}
-	path := filepath.Join(t.TempDir(), "socksfwd.toml")
-	if err := os.WriteFile(path, []byte(conf(r1)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfig(t, conf(r1))
 	d := startDaemon(t, "-c", path)
 	d.waitFor("DNS on", 1)
 	ask := func() string {
@@ -720,11 +719,8 @@ func TestFailedReloadReleasesAdminSocket(t *testing.T) {
 	echo := testnet.Echo(t).Addr().String()
 	socks := newSocks(t)
 	p1, adminPort := freePort(t), freePort(t)
-	path := filepath.Join(t.TempDir(), "socksfwd.toml")
 	good := fmt.Sprintf("server = [%q]\nlocal = [%q]\n", socks.Addr(), "127.0.0.1:"+p1+":"+echo)
-	if err := os.WriteFile(path, []byte(good), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfig(t, good)
 	d := startDaemon(t, "-c", path)
 	d.waitFor("forwarding", 1)
 
@@ -755,10 +751,7 @@ func TestReloadDNSFollowsNewUpstreams(t *testing.T) {
 	conf := func(server string) string {
 		return fmt.Sprintf("server = [%q]\ndns = %q\ndns-upstream = [%q]\ndns-cache-size = 0\n", server, "127.0.0.1:"+port, resolver)
 	}
-	path := filepath.Join(t.TempDir(), "socksfwd.toml")
-	if err := os.WriteFile(path, []byte(conf(oldProxy.Addr())), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfig(t, conf(oldProxy.Addr()))
 	d := startDaemon(t, "-c", path)
 	d.waitFor("DNS on", 1)
 	ask := func() {
@@ -791,7 +784,6 @@ func TestReloadRenamesReverseSeries(t *testing.T) {
 	socks := newSocks(t)
 	echo, echo2 := testnet.Echo(t).Addr().String(), testnet.Echo(t).Addr().String()
 	fixed, admin, p1 := freePort(t), "127.0.0.1:"+freePort(t), freePort(t)
-	path := filepath.Join(t.TempDir(), "socksfwd.toml")
 	config := func(remote string) string {
 		c := fmt.Sprintf("server = [%q]\nadmin = %q\nlocal = [%q]\n", socks.Addr(), admin, "127.0.0.1:"+p1+":"+echo)
 		if remote != "" {
@@ -799,9 +791,7 @@ func TestReloadRenamesReverseSeries(t *testing.T) {
 		}
 		return c
 	}
-	if err := os.WriteFile(path, []byte(config(fixed+":"+echo)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfig(t, config(fixed+":"+echo))
 	d := startDaemon(t, "-c", path)
 	listens := "reverse " + socks.Addr() + " listens on"
 	d.waitFor(listens, 1)
