@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -466,6 +467,13 @@ func (c *pipeConn) send(wire []byte, id uint16) error {
 		return nil
 	}
 	c.flushing = true
+	c.wmu.Unlock()
+	// Let the goroutines that are ready to run queue their queries first,
+	// so that one write carries them all: queries come in bursts (a batch
+	// of datagrams read at once), and a write to a loopback peer costs
+	// several times what the yield does.
+	runtime.Gosched()
+	c.wmu.Lock()
 	for len(c.wbuf) > 0 {
 		buf := c.wbuf
 		c.wbuf = c.spare[:0]

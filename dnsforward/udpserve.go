@@ -6,8 +6,11 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/miekg/dns"
 
@@ -27,8 +30,11 @@ const (
 // reads queries in batches (recvmmsg on Linux), answers the ones the cache
 // holds at once from the reading goroutine (parsing only the question,
 // copying the packed answer, writing the replies in batches), and hands
-// every other query to Server.ServeDNS in a goroutine of its own, as the
-// miekg/dns server would. It serves only a socket bound to one address:
+// every other query to a worker goroutine, which waits for its answer as
+// the miekg/dns server's goroutine per query would. Workers serve one
+// query after another and end when idle: a new goroutine per query would
+// grow its stack, copying it, on every query (about a sixth of the CPU of
+// a forwarded query). It serves only a socket bound to one address:
 // replies then leave from the address the queries came to, which on a
 // wildcard socket takes per-datagram control messages (the miekg/dns
 // server keeps that case).
@@ -39,7 +45,26 @@ type udpFastPath struct {
 	handlers sync.WaitGroup
 	replies  [udpBatchLen][]byte // per slot, grown as answers need
 	to       [udpBatchLen]netip.AddrPort
+
+	// work hands a query to a waiting worker; unbuffered, so a send
+	// succeeds only when one waits, else serve starts another.
+	work    chan handedQuery
+	quit    chan struct{}     // closed when serve stops reading: workers end
+	handle  func(handedQuery) // serveQuery; tests watch the workers with another
+	workers atomic.Int32      // live
+	out     *replyQueue       // the workers' replies
 }
+
+// handedQuery is a query the cache did not answer, handed to a worker.
+type handedQuery struct {
+	q     []byte
+	from  netip.AddrPort
+	whole bool
+}
+
+// workerIdle ends a worker that has served nothing for this long (at
+// least; at most twice as long): the workers shrink back after a burst.
+const workerIdle = 2 * time.Second
 
 // newUDPFastPath returns the fast path for pc, or nil when pc is bound to
 // a wildcard address.
@@ -52,7 +77,10 @@ func newUDPFastPath(s *Server, pc net.PacketConn) *udpFastPath {
 	if !ok || local.IP.IsUnspecified() {
 		return nil
 	}
-	return &udpFastPath{s: s, pc: u, done: make(chan struct{})}
+	f := &udpFastPath{s: s, pc: u, done: make(chan struct{}),
+		work: make(chan handedQuery), quit: make(chan struct{})}
+	f.handle = f.serveQuery
+	return f
 }
 
 // serve answers queries until the socket is closed, then waits for the
@@ -60,6 +88,7 @@ func newUDPFastPath(s *Server, pc net.PacketConn) *udpFastPath {
 func (u *udpFastPath) serve() error {
 	defer close(u.done)
 	defer u.handlers.Wait()
+	defer close(u.quit)
 	slots := make([][]byte, udpBatchLen)
 	for i := range slots {
 		slots[i] = make([]byte, udpSlotLen)
@@ -72,6 +101,11 @@ func (u *udpFastPath) serve() error {
 	if err != nil {
 		return closedIsDone(err)
 	}
+	workersW, err := udpbatch.NewWriter(u.pc, udpBatchLen)
+	if err != nil {
+		return closedIsDone(err)
+	}
+	u.out = &replyQueue{w: workersW}
 	for {
 		n, err := r.Read()
 		if err != nil {
@@ -90,19 +124,18 @@ func (u *udpFastPath) serve() error {
 					continue
 				}
 			}
-			q := bytes.Clone(query)
-			u.handlers.Go(func() { u.serveQuery(q, from, whole) })
+			u.hand(handedQuery{q: bytes.Clone(query), from: from, whole: whole})
 		}
-		u.send(w, queued)
+		sendAll(w, u.replies[:queued], u.to[:queued])
 	}
 }
 
-// send writes the first n replies; one that fails (a destination the
-// kernel refuses) is skipped, the rest still go.
-func (u *udpFastPath) send(w *udpbatch.Writer, n int) {
-	for next := 0; next < n; {
-		for i := next; i < n; i++ {
-			w.Add(u.replies[i], u.to[i])
+// sendAll writes replies[i] to to[i], in batches of w's size; one that
+// fails (a destination the kernel refuses) is skipped, the rest still go.
+func sendAll(w *udpbatch.Writer, replies [][]byte, to []netip.AddrPort) {
+	for next := 0; next < len(replies); {
+		for i := next; i < len(replies) && !w.Full(); i++ {
+			w.Add(replies[i], to[i])
 		}
 		sent, err := w.Flush()
 		next += sent
@@ -110,6 +143,65 @@ func (u *udpFastPath) send(w *udpbatch.Writer, n int) {
 			next++ // the reply at next failed
 		}
 	}
+}
+
+// replyQueue combines the workers' replies into batched writes, as the
+// tcp transport combines queries: a reply is queued, and the worker that
+// finds no flush in progress yields once, so that the workers ready to
+// run queue theirs, then writes everything queued. Answers come in
+// bursts (one read from the resolver brings many), and a system call per
+// reply cost a quarter of the CPU of a forwarded query.
+type replyQueue struct {
+	w *udpbatch.Writer // used by the flushing worker only
+
+	mu       sync.Mutex
+	flushing bool
+	queued   replyBatch
+	spare    replyBatch
+}
+
+// replyBatch is queued replies: their bytes one after another in data,
+// each one's end in ends.
+type replyBatch struct {
+	data []byte
+	ends []int
+	to   []netip.AddrPort
+
+	replies [][]byte // slices of data, built to write
+}
+
+// write queues a copy of b for to and, unless another worker is flushing
+// (which then writes it), flushes the queue.
+func (q *replyQueue) write(b []byte, to netip.AddrPort) {
+	q.mu.Lock()
+	q.queued.data = append(q.queued.data, b...)
+	q.queued.ends = append(q.queued.ends, len(q.queued.data))
+	q.queued.to = append(q.queued.to, to)
+	if q.flushing {
+		q.mu.Unlock()
+		return
+	}
+	q.flushing = true
+	q.mu.Unlock()
+	runtime.Gosched()
+	q.mu.Lock()
+	for len(q.queued.ends) > 0 {
+		batch := q.queued
+		q.queued = q.spare
+		q.mu.Unlock()
+		batch.replies = batch.replies[:0]
+		start := 0
+		for _, end := range batch.ends {
+			batch.replies = append(batch.replies, batch.data[start:end:end])
+			start = end
+		}
+		sendAll(q.w, batch.replies, batch.to)
+		clear(batch.replies) // no hold on data through the spare
+		q.mu.Lock()
+		q.spare = replyBatch{data: batch.data[:0], ends: batch.ends[:0], to: batch.to[:0], replies: batch.replies[:0]}
+	}
+	q.flushing = false
+	q.mu.Unlock()
 }
 
 // transientReadError reports whether a failed read leaves the socket
@@ -141,21 +233,60 @@ func (u *udpFastPath) wait(ctx context.Context) error {
 	}
 }
 
+// hand gives hq to a waiting worker, or to a new one when none waits.
+func (u *udpFastPath) hand(hq handedQuery) {
+	select {
+	case u.work <- hq:
+	default:
+		u.workers.Add(1)
+		u.handlers.Go(func() { u.worker(hq) })
+	}
+}
+
+// worker serves hq, then the queries handed to it, until it has been idle
+// for workerIdle (checked every workerIdle, so no timer is reset per
+// query) or serve stops reading.
+func (u *udpFastPath) worker(hq handedQuery) {
+	defer u.workers.Add(-1)
+	u.handle(hq)
+	idle := time.NewTimer(workerIdle)
+	defer idle.Stop()
+	served := false // since the timer last fired
+	for {
+		select {
+		case hq := <-u.work:
+			u.handle(hq)
+			served = true
+		case <-idle.C:
+			if !served {
+				return
+			}
+			served = false
+			idle.Reset(workerIdle)
+		case <-u.quit:
+			return
+		}
+	}
+}
+
 // serveQuery handles a query the cache did not answer: a plain one, read
 // whole, by the forwarder's wire path, anything else by serveMessage.
-func (u *udpFastPath) serveQuery(q []byte, from netip.AddrPort, whole bool) {
-	w := &udpResponse{pc: u.pc, to: from}
-	if whole && len(q) >= headerLen && u.s.serveWire(w, q, from) {
+func (u *udpFastPath) serveQuery(hq handedQuery) {
+	w := &udpResponse{pc: u.pc, to: hq.from, out: u.out}
+	if hq.whole && len(hq.q) >= headerLen && u.s.serveWire(w, hq.q, hq.from) {
 		return
 	}
-	u.s.serveMessage(w, q)
+	u.s.serveMessage(w, hq.q)
 }
 
 // udpResponse is the dns.ResponseWriter of a query that came by the fast
-// path's socket.
+// path's socket. Its replies go through the fast path's replyQueue, so a
+// write reports no error: a reply the kernel refuses is dropped, as a
+// datagram lost on the way would be.
 type udpResponse struct {
-	pc *net.UDPConn
-	to netip.AddrPort
+	pc  *net.UDPConn
+	to  netip.AddrPort
+	out *replyQueue
 }
 
 func (w *udpResponse) LocalAddr() net.Addr  { return w.pc.LocalAddr() }
@@ -168,8 +299,11 @@ func (w *udpResponse) WriteMsg(m *dns.Msg) error {
 	_, err = w.Write(b)
 	return err
 }
-func (w *udpResponse) Write(b []byte) (int, error) { return w.pc.WriteToUDPAddrPort(b, w.to) }
-func (w *udpResponse) Close() error                { return nil }
-func (w *udpResponse) TsigStatus() error           { return nil }
-func (w *udpResponse) TsigTimersOnly(bool)         {}
-func (w *udpResponse) Hijack()                     {}
+func (w *udpResponse) Write(b []byte) (int, error) {
+	w.out.write(b, w.to)
+	return len(b), nil
+}
+func (w *udpResponse) Close() error        { return nil }
+func (w *udpResponse) TsigStatus() error   { return nil }
+func (w *udpResponse) TsigTimersOnly(bool) {}
+func (w *udpResponse) Hijack()             {}

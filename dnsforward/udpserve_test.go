@@ -4,12 +4,15 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/miekg/dns"
 
 	"github.com/socksfwd/socksfwd/internal/allowlist"
+	"github.com/socksfwd/socksfwd/internal/udpbatch"
 )
 
 // TestUDPFastPathBurst: a burst of datagrams read in batches gets one
@@ -182,5 +185,123 @@ func TestUDPFastPathLongQuery(t *testing.T) {
 	q.IsEdns0().Option = append(q.IsEdns0().Option, &dns.EDNS0_PADDING{Padding: make([]byte, udpSlotLen)})
 	if r := exchange(t, "udp", addr, q); r.Rcode != dns.RcodeFormatError || r.Id != 77 {
 		t.Fatalf("a query of %d bytes: %s id %d, want FORMERR id 77", q.Len(), dns.RcodeToString[r.Rcode], r.Id)
+	}
+}
+
+// TestUDPFastPathWorkers: a query the cache cannot answer goes to a
+// waiting worker, and to a new one only when every worker is busy; a
+// worker ends once it has been idle for workerIdle (checked every
+// workerIdle, so within twice that), and at once when serve stops.
+func TestUDPFastPathWorkers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		u := &udpFastPath{work: make(chan handedQuery), quit: make(chan struct{})}
+		hold := make(chan struct{})
+		var served atomic.Int32
+		u.handle = func(hq handedQuery) {
+			if hq.from.Port() == 1 {
+				<-hold // waiting on the resolver
+			}
+			served.Add(1)
+		}
+		at := func(port uint16) handedQuery {
+			return handedQuery{from: netip.AddrPortFrom(netip.IPv6Loopback(), port)}
+		}
+		live := func(want int32, when string) {
+			t.Helper()
+			synctest.Wait()
+			if n := u.workers.Load(); n != want {
+				t.Fatalf("%s: %d workers, want %d", when, n, want)
+			}
+		}
+		u.hand(at(1))
+		live(1, "one query held")
+		u.hand(at(1))
+		live(2, "a second query while the first worker is busy")
+		close(hold)
+		synctest.Wait()
+		for i := range 10 {
+			u.hand(at(uint16(100 + i)))
+			synctest.Wait()
+		}
+		live(2, "ten queries one after another")
+		if n := served.Load(); n != 12 {
+			t.Fatalf("served %d queries, want 12", n)
+		}
+		time.Sleep(workerIdle)
+		live(2, "a period after the last query")
+		time.Sleep(workerIdle + time.Millisecond)
+		live(0, "two idle periods after the last query")
+
+		u.hand(at(100))
+		live(1, "a query after the workers ended")
+		close(u.quit)
+		live(0, "serve stopped")
+		u.handlers.Wait()
+	})
+}
+
+// TestReplyQueue: replies queued while another worker flushes go out in
+// the flush, in batches of the writer's size, each to its own client and
+// as it was when queued (the caller may reuse its buffer at once); a
+// reply the kernel refuses (to port 0) is dropped and the ones after it
+// still go.
+func TestReplyQueue(t *testing.T) {
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	w, err := udpbatch.NewWriter(pc, udpBatchLen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := &replyQueue{w: w}
+	clients := make([]*net.UDPConn, 3)
+	for i := range clients {
+		if clients[i], err = net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
+			t.Fatal(err)
+		}
+		defer clients[i].Close()
+	}
+	addrOf := func(c *net.UDPConn) netip.AddrPort { return c.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+	const perClient = 3 * udpBatchLen // more than one writer's batch
+	buf := make([]byte, 0, 64)
+	q.flushing = true // another worker is flushing: these only queue
+	for i := range perClient {
+		for c, cl := range clients {
+			buf = fmt.Appendf(buf[:0], "reply %d to %d", i, c)
+			q.write(buf, addrOf(cl))
+			clear(buf[:cap(buf)])
+		}
+		if i == udpBatchLen/2 {
+			q.write([]byte("refused"), netip.MustParseAddrPort("127.0.0.1:0"))
+		}
+	}
+	q.mu.Lock()
+	q.flushing = false
+	q.mu.Unlock()
+	q.write([]byte("last"), addrOf(clients[0])) // flushes everything queued
+
+	for c, cl := range clients {
+		want := perClient
+		if c == 0 {
+			want++
+		}
+		cl.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b := make([]byte, 100)
+		for i := range want {
+			n, err := cl.Read(b)
+			if err != nil {
+				t.Fatalf("client %d, reply %d: %v", c, i, err)
+			}
+			expect := fmt.Sprintf("reply %d to %d", i, c)
+			if i == perClient {
+				expect = "last"
+			}
+			if got := string(b[:n]); got != expect {
+				t.Fatalf("client %d got %q, want %q", c, got, expect)
+			}
+		}
 	}
 }
