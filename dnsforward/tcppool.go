@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -276,7 +275,8 @@ func (p *tcpPool) dialNew(ctx context.Context) (*pipeConn, error) {
 		conn.Close()
 		return nil, errForwarderClosed
 	}
-	pc := &pipeConn{conn: conn, pool: p, pending: make(map[uint16]pendingQuery), nextID: uint16(time.Now().UnixNano())}
+	pc := &pipeConn{conn: conn, pool: p, w: &streamWriter{conn: conn, timeout: writeTimeout},
+		pending: make(map[uint16]pendingQuery), nextID: uint16(time.Now().UnixNano())}
 	p.conns = append(p.conns, pc)
 	p.wg.Go(func() { pc.readAnswers(p.idleTimeout) })
 	return p.take(pc), nil
@@ -345,14 +345,7 @@ type pipeConn struct {
 	pool *tcpPool
 	load atomic.Int32 // slots taken: queries on it or about to be
 	dead atomic.Bool
-
-	// Writes are combined: a query appends its frame to wbuf, and whoever
-	// finds no flush in progress writes everything queued, so under load
-	// one write carries many queries.
-	wmu      sync.Mutex
-	wbuf     []byte
-	spare    []byte
-	flushing bool
+	w    *streamWriter // combines the queries' writes
 
 	mu      sync.Mutex
 	pending map[uint16]pendingQuery
@@ -398,7 +391,7 @@ func (c *pipeConn) exchange(ctx context.Context, wire []byte) ([]byte, error) {
 		c.mu.Unlock()
 	}()
 
-	if err := c.send(wire, id); err != nil {
+	if err := c.w.write(wire, id, true); err != nil {
 		c.fail(err)
 		return nil, errConnDead
 	}
@@ -453,46 +446,6 @@ func packWithID(q *dns.Msg, id uint16, buf []byte) ([]byte, error) {
 // writeTimeout bounds one combined write; a resolver that stops reading
 // fails the connection instead of stalling every query on it.
 const writeTimeout = 5 * time.Second
-
-// send queues one framed query under id and flushes the queue unless
-// another sender is already flushing (it will write this frame too).
-func (c *pipeConn) send(wire []byte, id uint16) error {
-	c.wmu.Lock()
-	c.wbuf = binary.BigEndian.AppendUint16(c.wbuf, uint16(len(wire)))
-	start := len(c.wbuf)
-	c.wbuf = append(c.wbuf, wire...)
-	binary.BigEndian.PutUint16(c.wbuf[start:], id)
-	if c.flushing {
-		c.wmu.Unlock()
-		return nil
-	}
-	c.flushing = true
-	c.wmu.Unlock()
-	// Let the goroutines that are ready to run queue their queries first,
-	// so that one write carries them all: queries come in bursts (a batch
-	// of datagrams read at once), and a write to a loopback peer costs
-	// several times what the yield does.
-	runtime.Gosched()
-	c.wmu.Lock()
-	for len(c.wbuf) > 0 {
-		buf := c.wbuf
-		c.wbuf = c.spare[:0]
-		c.wmu.Unlock()
-		c.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-		_, err := c.conn.Write(buf)
-		c.wmu.Lock()
-		c.spare = buf[:0]
-		if err != nil {
-			c.flushing = false
-			c.wbuf = c.wbuf[:0]
-			c.wmu.Unlock()
-			return err
-		}
-	}
-	c.flushing = false
-	c.wmu.Unlock()
-	return nil
-}
 
 // readAnswers dispatches answers by ID until the connection fails or has
 // been idle (nothing in flight) for idle, then tells the pool.

@@ -3,7 +3,6 @@ package dnsforward
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"errors"
 	"net"
 	"sync"
@@ -38,8 +37,9 @@ const (
 // as soon as it is ready: answers may leave in another order than their
 // queries came, which RFC 7766 allows and clients match by ID.
 type tcpServer struct {
-	ln    net.Listener
-	serve func(w dns.ResponseWriter, q []byte) // answers one query's bytes
+	ln      net.Listener
+	serve   func(w dns.ResponseWriter, q []byte) // answers one query's bytes
+	workers *workers                             // answer every client's queries
 
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{}
@@ -49,7 +49,7 @@ type tcpServer struct {
 }
 
 func newTCPServer(ln net.Listener, serve func(dns.ResponseWriter, []byte)) *tcpServer {
-	return &tcpServer{ln: ln, serve: serve, conns: make(map[net.Conn]struct{}), stopping: make(chan struct{})}
+	return &tcpServer{ln: ln, serve: serve, workers: newWorkers(), conns: make(map[net.Conn]struct{}), stopping: make(chan struct{})}
 }
 
 // run accepts clients until the listener is closed.
@@ -74,7 +74,7 @@ func (t *tcpServer) run() error {
 		go func() {
 			defer t.clients.Done()
 			defer t.untrack(c)
-			newTCPClient(c, t.serve, t.armRead).run()
+			newTCPClient(c, t.serve, t.workers.run, t.armRead).run()
 		}()
 	}
 }
@@ -151,8 +151,11 @@ func (t *tcpServer) shutdown(ctx context.Context) error {
 	return ctx.Err()
 }
 
-// wait waits until every client's goroutines have ended.
-func (t *tcpServer) wait() { t.clients.Wait() }
+// wait waits until every client's goroutines have ended, and the workers.
+func (t *tcpServer) wait() {
+	t.clients.Wait()
+	t.workers.stop()
+}
 
 // aLongTimeAgo is a deadline in the past: a read waiting on it returns.
 var aLongTimeAgo = time.Unix(1, 0)
@@ -161,6 +164,7 @@ var aLongTimeAgo = time.Unix(1, 0)
 type tcpClient struct {
 	conn    net.Conn
 	serve   func(dns.ResponseWriter, []byte)
+	runTask func(func()) // on a worker
 	arm     func(net.Conn, time.Duration) bool
 	slots   chan struct{} // a token per query being answered
 	answers sync.WaitGroup
@@ -170,18 +174,19 @@ type tcpClient struct {
 	mu      sync.Mutex
 	pending int
 
-	wmu  sync.Mutex
-	wbuf []byte // the length and the answer, written in one call
+	w *streamWriter // combines the answers' writes
 }
 
-// newTCPClient serves c; arm sets its read deadline, or refuses once the
-// server is stopping (tcpServer.armRead).
-func newTCPClient(c net.Conn, serve func(dns.ResponseWriter, []byte), arm func(net.Conn, time.Duration) bool) *tcpClient {
-	return &tcpClient{conn: c, serve: serve, arm: arm, slots: make(chan struct{}, tcpPipeline)}
+// newTCPClient serves c, answering each query by serve on a task given
+// to runTask; arm sets its read deadline, or refuses once the server is
+// stopping (tcpServer.armRead).
+func newTCPClient(c net.Conn, serve func(dns.ResponseWriter, []byte), runTask func(func()), arm func(net.Conn, time.Duration) bool) *tcpClient {
+	return &tcpClient{conn: c, serve: serve, runTask: runTask, arm: arm, slots: make(chan struct{}, tcpPipeline),
+		w: &streamWriter{conn: c, timeout: tcpWriteTimeout}}
 }
 
 // run reads queries until the client closes or stays idle too long,
-// answers each on a goroutine of its own, and closes the connection once
+// answers each on a worker, and closes the connection once
 // every answer is written. Idle means nothing asked and nothing being
 // answered: a client waiting for an answer is not timed out, and may
 // send more queries meanwhile.
@@ -215,7 +220,9 @@ func (cl *tcpClient) run() {
 			<-cl.slots
 			return
 		}
-		cl.answers.Go(func() {
+		cl.answers.Add(1)
+		cl.runTask(func() {
+			defer cl.answers.Done()
 			defer func() { <-cl.slots }()
 			defer cl.done()
 			cl.serve(&tcpResponse{cl: cl}, q)
@@ -255,23 +262,15 @@ func (cl *tcpClient) busy() bool {
 	return cl.pending > 0
 }
 
-// write sends one message, its length first, in one write. A failed or
-// timed-out write closes the connection: the client has gone or does not
-// read, and the reader must not take more queries from it.
+// write sends one message, its length first, combined with the answers
+// written meanwhile (see streamWriter). A failed or timed-out write
+// closes the connection: the client has gone or does not read, and the
+// reader must not take more queries from it.
 func (cl *tcpClient) write(b []byte) (int, error) {
 	if len(b) > dns.MaxMsgSize {
 		return 0, dns.ErrBuf
 	}
-	cl.wmu.Lock()
-	defer cl.wmu.Unlock()
-	cl.wbuf = binary.BigEndian.AppendUint16(cl.wbuf[:0], uint16(len(b)))
-	cl.wbuf = append(cl.wbuf, b...)
-	cl.conn.SetWriteDeadline(time.Now().Add(tcpWriteTimeout))
-	_, err := cl.conn.Write(cl.wbuf)
-	if cap(cl.wbuf) > 4096 {
-		cl.wbuf = nil // one large answer should not stay with the connection
-	}
-	if err != nil {
+	if err := cl.w.write(b, 0, false); err != nil {
 		cl.conn.Close()
 		return 0, err
 	}

@@ -57,7 +57,12 @@ func pipeArm(c net.Conn, d time.Duration) bool {
 func servePipe(serve func(dns.ResponseWriter, []byte)) (net.Conn, <-chan struct{}) {
 	server, client := net.Pipe()
 	done := make(chan struct{})
-	go func() { newTCPClient(server, serve, pipeArm).run(); close(done) }()
+	go func() {
+		w := newWorkers()
+		newTCPClient(server, serve, w.run, pipeArm).run()
+		w.stop()
+		close(done)
+	}()
 	return client, done
 }
 

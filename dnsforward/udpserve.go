@@ -8,9 +8,7 @@ import (
 	"net/netip"
 	"runtime"
 	"sync"
-	"sync/atomic"
 	"syscall"
-	"time"
 
 	"github.com/miekg/dns"
 
@@ -30,41 +28,20 @@ const (
 // reads queries in batches (recvmmsg on Linux), answers the ones the cache
 // holds at once from the reading goroutine (parsing only the question,
 // copying the packed answer, writing the replies in batches), and hands
-// every other query to a worker goroutine, which waits for its answer as
-// the miekg/dns server's goroutine per query would. Workers serve one
-// query after another and end when idle: a new goroutine per query would
-// grow its stack, copying it, on every query (about a sixth of the CPU of
-// a forwarded query). It serves only a socket bound to one address:
-// replies then leave from the address the queries came to, which on a
+// every other query to a worker goroutine (see workers), which waits for
+// its answer as the miekg/dns server's goroutine per query would. It
+// serves only a socket bound to one address: replies then leave from the address the queries came to, which on a
 // wildcard socket takes per-datagram control messages (the miekg/dns
 // server keeps that case).
 type udpFastPath struct {
-	s        *Server
-	pc       *net.UDPConn
-	done     chan struct{} // closed when serve has returned
-	handlers sync.WaitGroup
-	replies  [udpBatchLen][]byte // per slot, grown as answers need
-	to       [udpBatchLen]netip.AddrPort
-
-	// work hands a query to a waiting worker; unbuffered, so a send
-	// succeeds only when one waits, else serve starts another.
-	work    chan handedQuery
-	quit    chan struct{}     // closed when serve stops reading: workers end
-	handle  func(handedQuery) // serveQuery; tests watch the workers with another
-	workers atomic.Int32      // live
-	out     *replyQueue       // the workers' replies
+	s       *Server
+	pc      *net.UDPConn
+	done    chan struct{}       // closed when serve has returned
+	replies [udpBatchLen][]byte // per slot, grown as answers need
+	to      [udpBatchLen]netip.AddrPort
+	workers *workers    // serve the queries the cache cannot answer
+	out     *replyQueue // the workers' replies
 }
-
-// handedQuery is a query the cache did not answer, handed to a worker.
-type handedQuery struct {
-	q     []byte
-	from  netip.AddrPort
-	whole bool
-}
-
-// workerIdle ends a worker that has served nothing for this long (at
-// least; at most twice as long): the workers shrink back after a burst.
-const workerIdle = 2 * time.Second
 
 // newUDPFastPath returns the fast path for pc, or nil when pc is bound to
 // a wildcard address.
@@ -77,18 +54,14 @@ func newUDPFastPath(s *Server, pc net.PacketConn) *udpFastPath {
 	if !ok || local.IP.IsUnspecified() {
 		return nil
 	}
-	f := &udpFastPath{s: s, pc: u, done: make(chan struct{}),
-		work: make(chan handedQuery), quit: make(chan struct{})}
-	f.handle = f.serveQuery
-	return f
+	return &udpFastPath{s: s, pc: u, done: make(chan struct{}), workers: newWorkers()}
 }
 
 // serve answers queries until the socket is closed, then waits for the
 // queries handed on.
 func (u *udpFastPath) serve() error {
 	defer close(u.done)
-	defer u.handlers.Wait()
-	defer close(u.quit)
+	defer u.workers.stop()
 	slots := make([][]byte, udpBatchLen)
 	for i := range slots {
 		slots[i] = make([]byte, udpSlotLen)
@@ -124,7 +97,8 @@ func (u *udpFastPath) serve() error {
 					continue
 				}
 			}
-			u.hand(handedQuery{q: bytes.Clone(query), from: from, whole: whole})
+			q := bytes.Clone(query)
+			u.workers.run(func() { u.serveQuery(q, from, whole) })
 		}
 		sendAll(w, u.replies[:queued], u.to[:queued])
 	}
@@ -233,50 +207,14 @@ func (u *udpFastPath) wait(ctx context.Context) error {
 	}
 }
 
-// hand gives hq to a waiting worker, or to a new one when none waits.
-func (u *udpFastPath) hand(hq handedQuery) {
-	select {
-	case u.work <- hq:
-	default:
-		u.workers.Add(1)
-		u.handlers.Go(func() { u.worker(hq) })
-	}
-}
-
-// worker serves hq, then the queries handed to it, until it has been idle
-// for workerIdle (checked every workerIdle, so no timer is reset per
-// query) or serve stops reading.
-func (u *udpFastPath) worker(hq handedQuery) {
-	defer u.workers.Add(-1)
-	u.handle(hq)
-	idle := time.NewTimer(workerIdle)
-	defer idle.Stop()
-	served := false // since the timer last fired
-	for {
-		select {
-		case hq := <-u.work:
-			u.handle(hq)
-			served = true
-		case <-idle.C:
-			if !served {
-				return
-			}
-			served = false
-			idle.Reset(workerIdle)
-		case <-u.quit:
-			return
-		}
-	}
-}
-
 // serveQuery handles a query the cache did not answer: a plain one, read
 // whole, by the forwarder's wire path, anything else by serveMessage.
-func (u *udpFastPath) serveQuery(hq handedQuery) {
-	w := &udpResponse{pc: u.pc, to: hq.from, out: u.out}
-	if hq.whole && len(hq.q) >= headerLen && u.s.serveWire(w, hq.q, hq.from) {
+func (u *udpFastPath) serveQuery(q []byte, from netip.AddrPort, whole bool) {
+	w := &udpResponse{pc: u.pc, to: from, out: u.out}
+	if whole && len(q) >= headerLen && u.s.serveWire(w, q, from) {
 		return
 	}
-	u.s.serveMessage(w, hq.q)
+	u.s.serveMessage(w, q)
 }
 
 // udpResponse is the dns.ResponseWriter of a query that came by the fast

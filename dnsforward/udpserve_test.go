@@ -4,9 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"sync/atomic"
 	"testing"
-	"testing/synctest"
 	"time"
 
 	"github.com/miekg/dns"
@@ -186,58 +184,6 @@ func TestUDPFastPathLongQuery(t *testing.T) {
 	if r := exchange(t, "udp", addr, q); r.Rcode != dns.RcodeFormatError || r.Id != 77 {
 		t.Fatalf("a query of %d bytes: %s id %d, want FORMERR id 77", q.Len(), dns.RcodeToString[r.Rcode], r.Id)
 	}
-}
-
-// TestUDPFastPathWorkers: a query the cache cannot answer goes to a
-// waiting worker, and to a new one only when every worker is busy; a
-// worker ends once it has been idle for workerIdle (checked every
-// workerIdle, so within twice that), and at once when serve stops.
-func TestUDPFastPathWorkers(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		u := &udpFastPath{work: make(chan handedQuery), quit: make(chan struct{})}
-		hold := make(chan struct{})
-		var served atomic.Int32
-		u.handle = func(hq handedQuery) {
-			if hq.from.Port() == 1 {
-				<-hold // waiting on the resolver
-			}
-			served.Add(1)
-		}
-		at := func(port uint16) handedQuery {
-			return handedQuery{from: netip.AddrPortFrom(netip.IPv6Loopback(), port)}
-		}
-		live := func(want int32, when string) {
-			t.Helper()
-			synctest.Wait()
-			if n := u.workers.Load(); n != want {
-				t.Fatalf("%s: %d workers, want %d", when, n, want)
-			}
-		}
-		u.hand(at(1))
-		live(1, "one query held")
-		u.hand(at(1))
-		live(2, "a second query while the first worker is busy")
-		close(hold)
-		synctest.Wait()
-		for i := range 10 {
-			u.hand(at(uint16(100 + i)))
-			synctest.Wait()
-		}
-		live(2, "ten queries one after another")
-		if n := served.Load(); n != 12 {
-			t.Fatalf("served %d queries, want 12", n)
-		}
-		time.Sleep(workerIdle)
-		live(2, "a period after the last query")
-		time.Sleep(workerIdle + time.Millisecond)
-		live(0, "two idle periods after the last query")
-
-		u.hand(at(100))
-		live(1, "a query after the workers ended")
-		close(u.quit)
-		live(0, "serve stopped")
-		u.handlers.Wait()
-	})
 }
 
 // TestReplyQueue: replies queued while another worker flushes go out in
