@@ -102,11 +102,10 @@ func (d *Dialer) Associate(ctx context.Context) (*UDPConn, error) {
 	if err != nil {
 		return nil, d.opError(CmdUDPAssociate, "udp", nil, err)
 	}
-	relayAddr := substituteUnspecified(reply.Addr, conn)
-	relay, ok := relayAddr.AddrPort()
-	if !ok {
+	relay, err := d.relayAddrPort(ctx, substituteUnspecified(reply.Addr, conn), conn)
+	if err != nil {
 		conn.Close()
-		return nil, d.opError(CmdUDPAssociate, "udp", nil, protoErr("reply", "relay address is a name: "+relayAddr.Name))
+		return nil, d.opError(CmdUDPAssociate, "udp", nil, err)
 	}
 	// A socket connected to the relay: the kernel drops datagrams from
 	// anyone else, and sends skip the per-datagram route lookup. Opened
@@ -121,6 +120,36 @@ func (d *Dialer) Associate(ctx context.Context) (*UDPConn, error) {
 	u := &UDPConn{ctrl: conn, pc: pc, relay: relay, watchDone: make(chan struct{})}
 	go u.watchControl()
 	return u, nil
+}
+
+// relayAddrPort is the relay's address from the reply: as given, or, for
+// a name (RFC 1928 allows one in BND.ADDR), resolved here, preferring the
+// family of the control connection, by which the proxy is reachable.
+func (d *Dialer) relayAddrPort(ctx context.Context, relay Addr, conn net.Conn) (netip.AddrPort, error) {
+	if ap, ok := relay.AddrPort(); ok {
+		return ap, nil
+	}
+	r := d.Resolver
+	if r == nil {
+		r = net.DefaultResolver
+	}
+	ips, err := r.LookupNetIP(ctx, "ip", relay.Name)
+	if err == nil && len(ips) == 0 {
+		err = errors.New("no addresses")
+	}
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("resolving the UDP relay's name %q from the proxy's reply: %w", relay.Name, err)
+	}
+	ip := ips[0].Unmap()
+	if proxy, err := netip.ParseAddrPort(conn.RemoteAddr().String()); err == nil {
+		for _, cand := range ips {
+			if cand.Unmap().Is4() == proxy.Addr().Unmap().Is4() {
+				ip = cand.Unmap()
+				break
+			}
+		}
+	}
+	return netip.AddrPortFrom(ip, relay.Port), nil
 }
 
 // dialRelay opens the association's UDP socket, connected to relay, with

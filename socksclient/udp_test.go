@@ -97,6 +97,7 @@ func TestAssociateFaults(t *testing.T) {
 		count func(*socksclient.UDPStats) int64
 	}{
 		{"BND.ADDR 0.0.0.0 means the server's address", sockstest.Config{UDPBindUnspecified: true}, nil},
+		{"BND.ADDR a name, resolved here", sockstest.Config{UDPBindName: "localhost"}, nil},
 		{"FRAG != 0 dropped", sockstest.Config{UDPFragmentCopies: true}, func(s *socksclient.UDPStats) int64 { return s.Fragmented.Load() }},
 		{"strangers ignored", sockstest.Config{UDPStrangerCopies: true}, nil},
 	}
@@ -116,6 +117,27 @@ func TestAssociateFaults(t *testing.T) {
 				t.Fatal("drop not counted")
 			}
 		})
+	}
+}
+
+// TestAssociateRelayNameUnresolvable: a relay name that does not resolve
+// fails the association with an error that names it.
+func TestAssociateRelayNameUnresolvable(t *testing.T) {
+	srv, err := sockstest.NewServer(sockstest.Config{UDPBindName: "relay.invalid"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	noDNS := &net.Resolver{PreferGo: true, Dial: func(context.Context, string, string) (net.Conn, error) {
+		return nil, errors.New("no DNS server in this test")
+	}}
+	d := socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: 5 * time.Second, Resolver: noDNS}
+	u, err := d.Associate(context.Background())
+	if err == nil {
+		u.Close()
+	}
+	if err == nil || !strings.Contains(err.Error(), `UDP relay's name "relay.invalid"`) {
+		t.Fatalf("err = %v, want one naming the relay's name", err)
 	}
 }
 

@@ -75,6 +75,9 @@ type Config struct {
 	BindSecondReply socksclient.ReplyCode
 	// UDPBindUnspecified makes UDP ASSOCIATE's reply carry BND.ADDR 0.0.0.0.
 	UDPBindUnspecified bool
+	// UDPBindName, when set, makes UDP ASSOCIATE's reply carry this name
+	// as BND.ADDR (with the relay's port), which RFC 1928 allows.
+	UDPBindName string
 	// UDPFragmentCopies sends, before each relayed reply, a copy with
 	// FRAG = 1 that a client must drop.
 	UDPFragmentCopies bool
@@ -470,6 +473,9 @@ func (s *Server) serveAssociate(c net.Conn) {
 	bound := socksclient.AddrFromAddrPort(pc.LocalAddr().(*net.UDPAddr).AddrPort())
 	if s.cfg.UDPBindUnspecified {
 		bound.IP = netip.IPv4Unspecified()
+	}
+	if s.cfg.UDPBindName != "" {
+		bound = socksclient.Addr{Name: s.cfg.UDPBindName, Port: bound.Port}
 	}
 	if err := s.writeFrame(c, socksclient.Reply{Addr: bound}); err != nil {
 		return
