@@ -8,8 +8,9 @@ import (
 	"time"
 )
 
-// keptWriteBuffer is the largest write buffer a stream keeps for reuse:
-// one large message should not stay with the connection.
+// keptWriteBuffer is the largest write buffer kept for reuse (by a
+// streamWriter, or the UDP replies' queue): one large message, or one
+// burst, should not stay with the connection.
 const keptWriteBuffer = 64 << 10
 
 // streamWriter writes DNS messages, each behind its length (RFC 1035

@@ -30,9 +30,9 @@ const (
 // copying the packed answer, writing the replies in batches), and hands
 // every other query to a worker goroutine (see workers), which waits for
 // its answer as the miekg/dns server's goroutine per query would. It
-// serves only a socket bound to one address: replies then leave from the address the queries came to, which on a
-// wildcard socket takes per-datagram control messages (the miekg/dns
-// server keeps that case).
+// serves only a socket bound to one address: replies then leave from the
+// address the queries came to, which on a wildcard socket takes
+// per-datagram control messages (the miekg/dns server keeps that case).
 type udpFastPath struct {
 	s       *Server
 	pc      *net.UDPConn
@@ -104,17 +104,46 @@ func (u *udpFastPath) serve() error {
 	}
 }
 
-// sendAll writes replies[i] to to[i], in batches of w's size; one that
-// fails (a destination the kernel refuses) is skipped, the rest still go.
+// sendAll writes replies[i] to to[i] through w (made for udpBatchLen
+// datagrams), a batch of udpBatchLen at a time; one that fails (a
+// destination the kernel refuses) is skipped, the rest still go. Each
+// batch is first put in order of client, and by size for each client,
+// largest first: a run of equal sizes to one client is then one
+// segmented send (UDP GSO), which on loopback costs the kernel little
+// more than one datagram. UDP promises no order, and clients match
+// replies by ID.
 func sendAll(w *udpbatch.Writer, replies [][]byte, to []netip.AddrPort) {
-	for next := 0; next < len(replies); {
-		for i := next; i < len(replies) && !w.Full(); i++ {
-			w.Add(replies[i], to[i])
+	for len(replies) > 0 {
+		n := min(len(replies), udpBatchLen)
+		groupByClient(replies[:n], to[:n])
+		for next := 0; next < n; {
+			for i := next; i < n; i++ {
+				w.Add(replies[i], to[i])
+			}
+			sent, err := w.Flush()
+			next += sent
+			if err != nil {
+				next++ // the reply at next failed
+			}
 		}
-		sent, err := w.Flush()
-		next += sent
-		if err != nil {
-			next++ // the reply at next failed
+		replies, to = replies[n:], to[n:]
+	}
+}
+
+// groupByClient sorts replies (and to alike) by client, and by size,
+// largest first, for each client; stable, and in place (a batch is at
+// most udpBatchLen replies: insertion sort).
+func groupByClient(replies [][]byte, to []netip.AddrPort) {
+	before := func(i, j int) bool {
+		if c := to[i].Compare(to[j]); c != 0 {
+			return c < 0
+		}
+		return len(replies[i]) > len(replies[j])
+	}
+	for i := 1; i < len(replies); i++ {
+		for j := i; j > 0 && before(j, j-1); j-- {
+			replies[j], replies[j-1] = replies[j-1], replies[j]
+			to[j], to[j-1] = to[j-1], to[j]
 		}
 	}
 }
@@ -170,9 +199,11 @@ func (q *replyQueue) write(b []byte, to netip.AddrPort) {
 			start = end
 		}
 		sendAll(q.w, batch.replies, batch.to)
-		clear(batch.replies) // no hold on data through the spare
 		q.mu.Lock()
-		q.spare = replyBatch{data: batch.data[:0], ends: batch.ends[:0], to: batch.to[:0], replies: batch.replies[:0]}
+		q.spare = replyBatch{}
+		if cap(batch.data) <= keptWriteBuffer { // a burst's buffers do not stay
+			q.spare = replyBatch{data: batch.data[:0], ends: batch.ends[:0], to: batch.to[:0], replies: batch.replies[:0]}
+		}
 	}
 	q.flushing = false
 	q.mu.Unlock()

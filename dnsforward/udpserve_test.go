@@ -187,10 +187,10 @@ func TestUDPFastPathLongQuery(t *testing.T) {
 }
 
 // TestReplyQueue: replies queued while another worker flushes go out in
-// the flush, in batches of the writer's size, each to its own client and
-// as it was when queued (the caller may reuse its buffer at once); a
-// reply the kernel refuses (to port 0) is dropped and the ones after it
-// still go.
+// the flush, in batches of the writer's size, each once, to its own
+// client and as it was when queued (the caller may reuse its buffer at
+// once); a reply the kernel refuses (to port 0) is dropped and the ones
+// after it still go.
 func TestReplyQueue(t *testing.T) {
 	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
@@ -230,24 +230,45 @@ func TestReplyQueue(t *testing.T) {
 	q.write([]byte("last"), addrOf(clients[0])) // flushes everything queued
 
 	for c, cl := range clients {
-		want := perClient
+		want := map[string]bool{} // each reply once, in any order
+		for i := range perClient {
+			want[fmt.Sprintf("reply %d to %d", i, c)] = true
+		}
 		if c == 0 {
-			want++
+			want["last"] = true
 		}
 		cl.SetReadDeadline(time.Now().Add(10 * time.Second))
 		b := make([]byte, 100)
-		for i := range want {
+		for len(want) > 0 {
 			n, err := cl.Read(b)
 			if err != nil {
-				t.Fatalf("client %d, reply %d: %v", c, i, err)
+				t.Fatalf("client %d, %d replies missing: %v", c, len(want), err)
 			}
-			expect := fmt.Sprintf("reply %d to %d", i, c)
-			if i == perClient {
-				expect = "last"
+			if got := string(b[:n]); !want[got] {
+				t.Fatalf("client %d got %q: not its reply, or twice", c, got)
 			}
-			if got := string(b[:n]); got != expect {
-				t.Fatalf("client %d got %q, want %q", c, got, expect)
-			}
+			delete(want, string(b[:n]))
+		}
+	}
+}
+
+// TestGroupByClient: replies are put in order of client, and by size,
+// largest first, for each client, keeping their order otherwise, with
+// their destinations alongside.
+func TestGroupByClient(t *testing.T) {
+	a := netip.MustParseAddrPort("127.0.0.1:1000")
+	b := netip.MustParseAddrPort("127.0.0.1:2000")
+	replies := [][]byte{[]byte("b-2"), []byte("a-22"), []byte("a-1"), []byte("b-33"), []byte("a-33"), []byte("b-4")}
+	to := []netip.AddrPort{b, a, a, b, a, b}
+	groupByClient(replies, to)
+	want := []string{"a-22", "a-33", "a-1", "b-33", "b-2", "b-4"}
+	for i, r := range replies {
+		wantTo := a
+		if want[i][0] == 'b' {
+			wantTo = b
+		}
+		if string(r) != want[i] || to[i] != wantTo {
+			t.Fatalf("reply %d: %q to %v, want %q to %v (all: %q)", i, r, to[i], want[i], wantTo, replies)
 		}
 	}
 }
