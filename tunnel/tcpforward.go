@@ -68,12 +68,13 @@ type TCPForward struct {
 	target   atomic.Pointer[socksclient.Addr] // where new sessions go
 	admit    atomic.Pointer[admission]
 
-	mu       sync.Mutex
-	conns    map[net.Conn]bool // true for a session's client conn
-	stopping bool
-	cut      atomic.Bool // Close cut live sessions
-	sessions sync.WaitGroup
-	accepts  sync.WaitGroup
+	mu          sync.Mutex
+	conns       map[net.Conn]bool // true for a session's client conn
+	stopping    bool
+	stopAccepts sync.Once
+	cut         atomic.Bool // Close cut live sessions
+	sessions    sync.WaitGroup
+	accepts     sync.WaitGroup
 
 	stats TCPStats
 	door  *SOCKSDoor // set for a -D listener, which serves its own sessions
@@ -374,15 +375,25 @@ func sessionFields(ev *zerolog.Event, listener, client string, target socksclien
 	return ev.Str("listener", listener).Str("client", client).Str("target", target.String())
 }
 
+// StopAccepting closes the listeners, each once the accept loop has taken
+// the connections the kernel had queued for it; live sessions go on.
+// Shutdown begins with it; a caller that stops several listeners calls it
+// first, so that all of them have stopped when it says they are draining.
+func (f *TCPForward) StopAccepting() {
+	f.stopAccepts.Do(func() {
+		f.mu.Lock()
+		f.stopping = true
+		f.mu.Unlock()
+		for _, ln := range f.listeners {
+			f.closeDrained(ln)
+		}
+	})
+}
+
 // Shutdown stops accepting and waits for live sessions to end until ctx is
 // done; then it cuts the rest (Close), with a reset.
 func (f *TCPForward) Shutdown(ctx context.Context) error {
-	f.mu.Lock()
-	f.stopping = true
-	f.mu.Unlock()
-	for _, ln := range f.listeners {
-		f.closeDrained(ln)
-	}
+	f.StopAccepting()
 	return drain(ctx, func() {
 		f.accepts.Wait()
 		f.sessions.Wait()

@@ -33,6 +33,14 @@ type service interface {
 	Close() error
 }
 
+// acceptStopper is a service that can stop accepting ahead of its
+// Shutdown: the supervisor stops every such listener before it logs that
+// it is draining (or that a reload removed one), so that the line is true
+// when it is read.
+type acceptStopper interface {
+	StopAccepting()
+}
+
 // unit is one running listener.
 type unit struct {
 	lp  listenPlan
@@ -104,6 +112,7 @@ func (s *supervisor) run(p *plan, sigs <-chan os.Signal) error {
 	s.sd.ready(s.status())
 
 	var runErr error
+	var stopSig os.Signal
 loop:
 	for {
 		select {
@@ -114,7 +123,7 @@ loop:
 				s.sd.reloaded(err, s.status())
 				continue
 			}
-			s.log.Info().Str("signal", sig.String()).Dur("timeout", time.Duration(s.plan.cfg.ShutdownTimeout)).Msg("draining sessions")
+			stopSig = sig
 			break loop
 		case err := <-s.failed:
 			s.log.Error().Err(err).Msg("a listener failed; stopping")
@@ -125,6 +134,10 @@ loop:
 		}
 	}
 	s.sd.stopping()
+	s.stopAccepting()
+	if stopSig != nil {
+		s.log.Info().Str("signal", stopSig.String()).Dur("timeout", time.Duration(s.plan.cfg.ShutdownTimeout)).Msg("draining sessions")
+	}
 	if err := s.drainAll(sigs); err != nil && runErr == nil {
 		runErr = err
 	}
@@ -697,8 +710,12 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 	return changes
 }
 
-// drainRemoved drains a listener a reload removed, in the background.
+// drainRemoved drains a listener a reload removed, in the background,
+// once it has stopped accepting.
 func (s *supervisor) drainRemoved(u *unit, timeout time.Duration) {
+	if st, ok := u.svc.(acceptStopper); ok {
+		st.StopAccepting()
+	}
 	s.drains.Go(func() {
 		ctx, cancel := context.WithTimeout(s.cutCtx, timeout)
 		defer cancel()
@@ -710,6 +727,18 @@ func (s *supervisor) drainRemoved(u *unit, timeout time.Duration) {
 		}
 		s.log.Info().Str("listener", u.lp.key()).Msg("removed listener drained")
 	})
+}
+
+// stopAccepting stops every listener that can stop accepting ahead of
+// its drain, all at once, and returns when they have.
+func (s *supervisor) stopAccepting() {
+	var wg sync.WaitGroup
+	for _, u := range s.units {
+		if st, ok := u.svc.(acceptStopper); ok {
+			wg.Go(st.StopAccepting)
+		}
+	}
+	wg.Wait()
 }
 
 // drainAll stops accepting on every listener at once and drains them in
