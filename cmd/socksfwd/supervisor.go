@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -134,7 +136,8 @@ loop:
 		}
 	}
 	s.sd.stopping()
-	s.stopAccepting()
+	s.tel.draining.Store(true) // /readyz says so before the listeners refuse
+	stopAccepting(maps.Values(s.units))
 	if stopSig != nil {
 		s.log.Info().Str("signal", stopSig.String()).Dur("timeout", time.Duration(s.plan.cfg.ShutdownTimeout)).Msg("draining sessions")
 	}
@@ -536,6 +539,7 @@ func (s *supervisor) reloadNow() error {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
+	var removed []*unit
 	for _, k := range keys {
 		u := s.units[k]
 		l, keep := want[k]
@@ -544,11 +548,15 @@ func (s *supervisor) reloadNow() error {
 				s.tel.rearms.UnregisterMetric(rearmSeries(rev.Name()))
 			}
 			delete(s.units, k)
-			s.drainRemoved(u, time.Duration(old.cfg.ShutdownTimeout))
+			removed = append(removed, u)
 			changes = append(changes, "-"+k)
 			continue
 		}
 		changes = append(changes, s.update(u, l, old, p)...)
+	}
+	stopAccepting(slices.Values(removed))
+	for _, u := range removed {
+		s.drainRemoved(u, time.Duration(old.cfg.ShutdownTimeout))
 	}
 	for _, u := range bound {
 		changes = append(changes, "+"+u.lp.key())
@@ -710,12 +718,8 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 	return changes
 }
 
-// drainRemoved drains a listener a reload removed, in the background,
-// once it has stopped accepting.
+// drainRemoved drains a listener a reload removed, in the background.
 func (s *supervisor) drainRemoved(u *unit, timeout time.Duration) {
-	if st, ok := u.svc.(acceptStopper); ok {
-		st.StopAccepting()
-	}
 	s.drains.Go(func() {
 		ctx, cancel := context.WithTimeout(s.cutCtx, timeout)
 		defer cancel()
@@ -729,11 +733,12 @@ func (s *supervisor) drainRemoved(u *unit, timeout time.Duration) {
 	})
 }
 
-// stopAccepting stops every listener that can stop accepting ahead of
-// its drain, all at once, and returns when they have.
-func (s *supervisor) stopAccepting() {
+// stopAccepting stops those of units that can stop accepting ahead of
+// their drain, all at once, and returns when they have (each within
+// about 100 ms: the connections the kernel had queued are taken first).
+func stopAccepting(units iter.Seq[*unit]) {
 	var wg sync.WaitGroup
-	for _, u := range s.units {
+	for u := range units {
 		if st, ok := u.svc.(acceptStopper); ok {
 			wg.Go(st.StopAccepting)
 		}
