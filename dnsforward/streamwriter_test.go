@@ -5,77 +5,141 @@ import (
 	"errors"
 	"net"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
-// recordingConn records each Write; it fails every write with err when
-// set.
-type recordingConn struct {
+// gatedConn records each Write and holds it until the test lets it
+// through (a peer that reads when the test says so); then it fails with
+// err, when set.
+type gatedConn struct {
 	net.Conn // nil: only the methods below are used
 	writes   [][]byte
+	pass     chan struct{}
 	err      error
 }
 
-func (c *recordingConn) Write(b []byte) (int, error) {
+func (c *gatedConn) Write(b []byte) (int, error) {
 	c.writes = append(c.writes, bytes.Clone(b))
+	<-c.pass
 	if c.err != nil {
 		return 0, c.err
 	}
 	return len(b), nil
 }
 
-func (c *recordingConn) SetWriteDeadline(time.Time) error { return nil }
+func (c *gatedConn) SetWriteDeadline(time.Time) error { return nil }
 
-// TestStreamWriterCombines: messages queued while a flush is under way go
-// out in the flush's next write, one call, each behind its length and
-// under the ID asked for (the caller's message left as it was).
-func TestStreamWriterCombines(t *testing.T) {
-	c := &recordingConn{}
-	w := &streamWriter{conn: c, timeout: time.Second}
-	msg := []byte{0xAA, 0xBB, 1, 2, 3}
-	w.flushing = true // another sender is writing: these only queue
-	for id := range uint16(3) {
-		if err := w.write(msg, id, true); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if len(c.writes) != 0 {
-		t.Fatalf("%d writes while another sender flushes, want none", len(c.writes))
-	}
-	w.mu.Lock()
-	w.flushing = false
-	w.mu.Unlock()
-	if err := w.write(msg, 0, false); err != nil {
-		t.Fatal(err)
-	}
-	want := []byte{
-		0, 5, 0, 0, 1, 2, 3,
-		0, 5, 0, 1, 1, 2, 3,
-		0, 5, 0, 2, 1, 2, 3,
-		0, 5, 0xAA, 0xBB, 1, 2, 3,
-	}
-	if len(c.writes) != 1 || !bytes.Equal(c.writes[0], want) {
-		t.Fatalf("writes %x, want one: %x", c.writes, want)
-	}
-	if !bytes.Equal(msg, []byte{0xAA, 0xBB, 1, 2, 3}) {
-		t.Fatalf("the caller's message changed: %x", msg)
-	}
+// frame is msg behind its length, under id.
+func frame(id byte, payload ...byte) []byte {
+	return append([]byte{0, byte(2 + len(payload)), 0, id}, payload...)
 }
 
-// TestStreamWriterFailureSticks: a failed write fails its sender, drops
-// what was queued, and every later write fails at once with the same
-// error, writing nothing.
+// TestStreamWriterCombines: messages queued while a write is under way
+// wait, and go out together in the next write, each behind its length and
+// under the ID asked for (the caller's message left as it was); every
+// sender returns only once its message is written.
+func TestStreamWriterCombines(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := &gatedConn{pass: make(chan struct{})}
+		w := &streamWriter{conn: c, timeout: time.Second, waits: true}
+		msg := []byte{0xAA, 0xBB, 7}
+		returned := make(chan uint16, 4)
+		send := func(id uint16) {
+			go func() {
+				if err := w.write(msg, id, true); err != nil {
+					t.Errorf("write %d: %v", id, err)
+				}
+				returned <- id
+			}()
+			synctest.Wait()
+		}
+		send(0) // writes alone, held by the peer
+		for id := range uint16(3) {
+			send(id + 1) // queued behind it
+		}
+		if len(c.writes) != 1 || len(returned) != 0 {
+			t.Fatalf("%d writes and %d senders returned while the first write is held, want 1 and 0", len(c.writes), len(returned))
+		}
+		c.pass <- struct{}{}
+		synctest.Wait()
+		if len(returned) != 1 || <-returned != 0 {
+			t.Fatal("the first sender did not return alone when its write ended")
+		}
+		want := append(append(frame(1, 7), frame(2, 7)...), frame(3, 7)...)
+		if len(c.writes) != 2 || !bytes.Equal(c.writes[1], want) {
+			t.Fatalf("second write %x, want the three queued messages in one: %x", c.writes[1:], want)
+		}
+		if len(returned) != 0 {
+			t.Fatal("a queued sender returned before its write ended")
+		}
+		c.pass <- struct{}{}
+		synctest.Wait()
+		if len(returned) != 3 || len(c.writes) != 2 {
+			t.Fatalf("%d senders returned after %d writes, want 3 after 2", len(returned), len(c.writes))
+		}
+		if !bytes.Equal(msg, []byte{0xAA, 0xBB, 7}) {
+			t.Fatalf("the caller's message changed: %x", msg)
+		}
+	})
+}
+
+// TestStreamWriterFailureSticks: a failed write fails its sender and the
+// senders queued behind it, and every later write fails at once with the
+// same error, writing nothing.
 func TestStreamWriterFailureSticks(t *testing.T) {
-	broken := errors.New("broken pipe")
-	c := &recordingConn{err: broken}
-	w := &streamWriter{conn: c, timeout: time.Second}
-	if err := w.write([]byte{0, 1, 2}, 0, false); !errors.Is(err, broken) {
-		t.Fatalf("write on a failing stream: %v, want %v", err, broken)
-	}
-	if err := w.write([]byte{0, 1, 2}, 0, false); !errors.Is(err, broken) {
-		t.Fatalf("write after the failure: %v, want %v", err, broken)
-	}
-	if len(c.writes) != 1 {
-		t.Fatalf("%d writes, want 1 (none after the failure)", len(c.writes))
-	}
+	synctest.Test(t, func(t *testing.T) {
+		broken := errors.New("broken pipe")
+		c := &gatedConn{pass: make(chan struct{}), err: broken}
+		w := &streamWriter{conn: c, timeout: time.Second, waits: true}
+		errs := make(chan error, 3)
+		for range 3 {
+			go func() { errs <- w.write([]byte{0, 1, 2}, 0, false) }()
+			synctest.Wait()
+		}
+		close(c.pass) // the held write fails
+		synctest.Wait()
+		for range 3 {
+			if err := <-errs; !errors.Is(err, broken) {
+				t.Fatalf("a sender got %v, want %v", err, broken)
+			}
+		}
+		if err := w.write([]byte{0, 1, 2}, 0, false); !errors.Is(err, broken) {
+			t.Fatalf("write after the failure: %v, want %v", err, broken)
+		}
+		if len(c.writes) != 1 {
+			t.Fatalf("%d writes, want 1 (none after the failure)", len(c.writes))
+		}
+	})
+}
+
+// TestStreamWriterWithoutWaits: without waits, a sender that finds a
+// write under way returns at once, and the writer writes what was queued
+// meanwhile before it returns.
+func TestStreamWriterWithoutWaits(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := &gatedConn{pass: make(chan struct{})}
+		w := &streamWriter{conn: c, timeout: time.Second}
+		first := make(chan error, 1)
+		go func() { first <- w.write([]byte{0, 0, 7}, 0, false) }()
+		synctest.Wait() // its write is held
+		for id := range byte(2) {
+			if err := w.write([]byte{0, id + 1, 7}, 0, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if len(c.writes) != 1 {
+			t.Fatalf("%d writes while the first is held, want 1", len(c.writes))
+		}
+		c.pass <- struct{}{}
+		synctest.Wait()
+		want := append(frame(1, 7), frame(2, 7)...)
+		if len(c.writes) != 2 || !bytes.Equal(c.writes[1], want) || len(first) != 0 {
+			t.Fatalf("writes %x, want the two queued in a second write by the first sender, still writing", c.writes)
+		}
+		c.pass <- struct{}{}
+		if err := <-first; err != nil {
+			t.Fatal(err)
+		}
+	})
 }

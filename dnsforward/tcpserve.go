@@ -27,15 +27,17 @@ const (
 	// stops reading cannot hold the answers of others.
 	tcpWriteTimeout = 2 * time.Second
 	// tcpPipeline is how many of one connection's queries are answered at
-	// once; the next is read when one is done, so a client that sends more
-	// is slowed by TCP rather than by queries waiting in memory.
+	// once; the next is read when one is done, its answer written, so a
+	// client that sends more, or reads slowly, is slowed by TCP rather
+	// than by queries or answers waiting in memory.
 	tcpPipeline = 32
 )
 
 // tcpServer accepts DNS-over-TCP clients and answers each connection's
-// queries concurrently, each answer written (length first, in one write)
-// as soon as it is ready: answers may leave in another order than their
-// queries came, which RFC 7766 allows and clients match by ID.
+// queries concurrently, each answer written (length first) as soon as it
+// is ready, in one write with the others ready then (streamWriter):
+// answers may leave in another order than their queries came, which RFC
+// 7766 allows and clients match by ID.
 type tcpServer struct {
 	ln      net.Listener
 	serve   func(w dns.ResponseWriter, q []byte) // answers one query's bytes
@@ -182,7 +184,7 @@ type tcpClient struct {
 // stopping (tcpServer.armRead).
 func newTCPClient(c net.Conn, serve func(dns.ResponseWriter, []byte), runTask func(func()), arm func(net.Conn, time.Duration) bool) *tcpClient {
 	return &tcpClient{conn: c, serve: serve, runTask: runTask, arm: arm, slots: make(chan struct{}, tcpPipeline),
-		w: &streamWriter{conn: c, timeout: tcpWriteTimeout}}
+		w: &streamWriter{conn: c, timeout: tcpWriteTimeout, waits: true}}
 }
 
 // run reads queries until the client closes or stays idle too long,

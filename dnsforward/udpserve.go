@@ -78,7 +78,15 @@ func (u *udpFastPath) serve() error {
 	if err != nil {
 		return closedIsDone(err)
 	}
-	u.out = &replyQueue{w: workersW}
+	u.out = newReplyQueue(workersW)
+	stopReplies := make(chan struct{})
+	var flusher sync.WaitGroup
+	flusher.Go(func() { u.out.run(stopReplies) })
+	defer func() {
+		u.workers.stop() // no more replies
+		close(stopReplies)
+		flusher.Wait()
+	}()
 	for {
 		n, err := r.Read()
 		if err != nil {
@@ -149,18 +157,20 @@ func groupByClient(replies [][]byte, to []netip.AddrPort) {
 }
 
 // replyQueue combines the workers' replies into batched writes, as the
-// tcp transport combines queries: a reply is queued, and the worker that
-// finds no flush in progress yields once, so that the workers ready to
-// run queue theirs, then writes everything queued. Answers come in
-// bursts (one read from the resolver brings many), and a system call per
-// reply cost a quarter of the CPU of a forwarded query.
+// tcp transport combines queries: a worker queues a copy of its reply and
+// goes on; the queue's own goroutine, woken by the first reply of a
+// burst, yields once, so that the workers ready to run queue theirs, then
+// writes everything queued. Answers come in bursts (one read from the
+// resolver brings many), and a system call per reply cost a quarter of
+// the CPU of a forwarded query. A worker never waits on a write, and
+// none is held writing the others' replies.
 type replyQueue struct {
-	w *udpbatch.Writer // used by the flushing worker only
+	w    *udpbatch.Writer // run's
+	kick chan struct{}    // a reply was queued
 
-	mu       sync.Mutex
-	flushing bool
-	queued   replyBatch
-	spare    replyBatch
+	mu     sync.Mutex
+	queued replyBatch
+	spare  replyBatch
 }
 
 // replyBatch is queued replies: their bytes one after another in data,
@@ -173,21 +183,42 @@ type replyBatch struct {
 	replies [][]byte // slices of data, built to write
 }
 
-// write queues a copy of b for to and, unless another worker is flushing
-// (which then writes it), flushes the queue.
+func newReplyQueue(w *udpbatch.Writer) *replyQueue {
+	return &replyQueue{w: w, kick: make(chan struct{}, 1)}
+}
+
+// write queues a copy of b for to.
 func (q *replyQueue) write(b []byte, to netip.AddrPort) {
 	q.mu.Lock()
 	q.queued.data = append(q.queued.data, b...)
 	q.queued.ends = append(q.queued.ends, len(q.queued.data))
 	q.queued.to = append(q.queued.to, to)
-	if q.flushing {
-		q.mu.Unlock()
-		return
-	}
-	q.flushing = true
 	q.mu.Unlock()
-	runtime.Gosched()
+	select {
+	case q.kick <- struct{}{}:
+	default: // already woken
+	}
+}
+
+// run writes the replies queued until stop is closed, then those still
+// queued, and returns.
+func (q *replyQueue) run(stop <-chan struct{}) {
+	for {
+		select {
+		case <-q.kick:
+			runtime.Gosched()
+			q.flush()
+		case <-stop:
+			q.flush()
+			return
+		}
+	}
+}
+
+// flush writes everything queued, including what is queued meanwhile.
+func (q *replyQueue) flush() {
 	q.mu.Lock()
+	defer q.mu.Unlock()
 	for len(q.queued.ends) > 0 {
 		batch := q.queued
 		q.queued = q.spare
@@ -205,8 +236,6 @@ func (q *replyQueue) write(b []byte, to netip.AddrPort) {
 			q.spare = replyBatch{data: batch.data[:0], ends: batch.ends[:0], to: batch.to[:0], replies: batch.replies[:0]}
 		}
 	}
-	q.flushing = false
-	q.mu.Unlock()
 }
 
 // transientReadError reports whether a failed read leaves the socket

@@ -186,11 +186,11 @@ func TestUDPFastPathLongQuery(t *testing.T) {
 	}
 }
 
-// TestReplyQueue: replies queued while another worker flushes go out in
-// the flush, in batches of the writer's size, each once, to its own
-// client and as it was when queued (the caller may reuse its buffer at
-// once); a reply the kernel refuses (to port 0) is dropped and the ones
-// after it still go.
+// TestReplyQueue: queued replies go out, in batches of the writer's size,
+// each once, to its own client and as it was when queued (the caller may
+// reuse its buffer at once), also those queued while the queue writes and
+// those left when it stops; a reply the kernel refuses (to port 0) is
+// dropped and the ones after it still go.
 func TestReplyQueue(t *testing.T) {
 	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
@@ -201,7 +201,7 @@ func TestReplyQueue(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	q := &replyQueue{w: w}
+	q := newReplyQueue(w)
 	clients := make([]*net.UDPConn, 3)
 	for i := range clients {
 		if clients[i], err = net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
@@ -213,7 +213,7 @@ func TestReplyQueue(t *testing.T) {
 
 	const perClient = 3 * udpBatchLen // more than one writer's batch
 	buf := make([]byte, 0, 64)
-	q.flushing = true // another worker is flushing: these only queue
+	// Queued before the queue's goroutine runs: one flush writes them all.
 	for i := range perClient {
 		for c, cl := range clients {
 			buf = fmt.Appendf(buf[:0], "reply %d to %d", i, c)
@@ -224,10 +224,12 @@ func TestReplyQueue(t *testing.T) {
 			q.write([]byte("refused"), netip.MustParseAddrPort("127.0.0.1:0"))
 		}
 	}
-	q.mu.Lock()
-	q.flushing = false
-	q.mu.Unlock()
-	q.write([]byte("last"), addrOf(clients[0])) // flushes everything queued
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { q.run(stop); close(done) }()
+	q.write([]byte("last"), addrOf(clients[0])) // queued while it may be writing
+	close(stop)
+	<-done // what was queued before stop is written by then
 
 	for c, cl := range clients {
 		want := map[string]bool{} // each reply once, in any order
