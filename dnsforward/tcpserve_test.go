@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"testing/synctest"
@@ -263,6 +264,38 @@ func TestTCPReadsWhileAnswerIsLate(t *testing.T) {
 		close(release)
 		if m := readAnswer(t, client); m.Id != 1 {
 			t.Fatalf("answer for %d, want 1", m.Id)
+		}
+		client.Close()
+		<-done
+	})
+}
+
+// TestTCPClientThatDoesNotReadIsHeld: a client that sends queries and
+// reads no answers gets at most tcpPipeline of them answered (each
+// answer's write waits for the client); the rest wait in TCP, not as
+// answers queued in memory.
+func TestTCPClientThatDoesNotReadIsHeld(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var served atomic.Int32
+		serve := func(w dns.ResponseWriter, q []byte) {
+			served.Add(1)
+			w.Write(q) // the query as its own answer will do
+		}
+		client, done := servePipe(serve)
+		go func() {
+			for i := range 3 * tcpPipeline {
+				wire, _ := query("a.example", dns.TypeA, uint16(i)).Pack()
+				if _, err := client.Write(binary.BigEndian.AppendUint16(nil, uint16(len(wire)))); err != nil {
+					return // closed at the end of the test
+				}
+				if _, err := client.Write(wire); err != nil {
+					return
+				}
+			}
+		}()
+		synctest.Wait()
+		if n := served.Load(); n != tcpPipeline {
+			t.Fatalf("%d queries answered while the client reads nothing, want %d", n, tcpPipeline)
 		}
 		client.Close()
 		<-done
