@@ -282,7 +282,9 @@ func (w *Writer) refusedGSO(err error, size int) bool {
 // segmentation cannot produce them.
 func (w *Writer) run(i int) int {
 	size := w.iovs[i].Len
-	if size == 0 || int(size) > w.gsoMax {
+	if size == 0 || int(size) > w.gsoMax || w.dests[i].IsValid() && w.dests[i].Port() == 0 {
+		// Port 0 (a peer that sent from it, spoofed or odd) fails with
+		// EINVAL, which must not read as the kernel refusing segmentation.
 		return i + 1
 	}
 	total := size

@@ -53,6 +53,33 @@ func TestBatchesPerSystemCall(t *testing.T) {
 	}
 }
 
+// Datagrams to port 0 (which the kernel refuses with EINVAL) never go as
+// a segmented send: that EINVAL would read as the kernel refusing
+// segmentation and turn it off for the Writer, for everyone.
+func TestPortZeroKeepsSegmentation(t *testing.T) {
+	dst := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	src := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	w, err := NewWriter(src, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 4 {
+		w.Add(make([]byte, 100), netip.MustParseAddrPort("127.0.0.1:0"))
+	}
+	if sent, err := w.Flush(); sent != 0 || !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("Flush to port 0 = %d, %v; want 0 sent and EINVAL", sent, err)
+	}
+	for range 4 {
+		w.Add(make([]byte, 100), udpAddr(dst))
+	}
+	if sent, err := w.Flush(); sent != 4 || err != nil {
+		t.Fatalf("Flush = %d, %v", sent, err)
+	}
+	if w.segmented != 1 {
+		t.Errorf("four equal datagrams to one peer after a send to port 0 went in %d segmented sends, want 1", w.segmented)
+	}
+}
+
 // A refused send (the ICMP port unreachable of an earlier datagram,
 // pending on a connected socket) stops Flush at the datagram it surfaced
 // on, whether that one was to go in a segmented send or alone; the error
