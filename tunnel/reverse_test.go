@@ -188,8 +188,12 @@ func TestReverseDante(t *testing.T) {
 					t.Errorf("%d failures of cause %s:\n%s", n, c, run.logs)
 				}
 			}
-			if tc.remote.Port == 0 && len(seen) != 20 {
-				t.Errorf("port 0: %d distinct addresses for 20 BINDs, want 20", len(seen))
+			// Each BIND asks for any port, and the proxy's kernel picks
+			// one at random, now and then one an earlier session gave
+			// back; a forward that asked for the same port again would
+			// see one address throughout.
+			if tc.remote.Port == 0 && len(seen) < 15 {
+				t.Errorf("port 0: %d distinct addresses for 20 BINDs, want most of them distinct", len(seen))
 			}
 			run.mu.Lock()
 			if len(run.rearms) < 19 {
