@@ -465,14 +465,7 @@ func (d *Dialer) greet(conn net.Conn, buf []byte) (chosen AuthMethod, answered b
 }
 
 func (d *Dialer) resolve(ctx context.Context, target Addr) (Addr, error) {
-	r := d.Resolver
-	if r == nil {
-		r = net.DefaultResolver
-	}
-	ips, err := r.LookupNetIP(ctx, "ip", target.Name)
-	if err == nil && len(ips) == 0 {
-		err = errors.New("no addresses")
-	}
+	ips, err := d.lookup(ctx, target.Name)
 	if err != nil {
 		return Addr{}, fmt.Errorf("resolving %s locally failed (socks5:// resolves names here; use socks5h:// to let the proxy resolve them): %w", target.Name, err)
 	}
@@ -484,6 +477,20 @@ func (d *Dialer) resolve(ctx context.Context, target Addr) (Addr, error) {
 		}
 	}
 	return Addr{IP: ip.Unmap(), Port: target.Port}, nil
+}
+
+// lookup resolves name through Resolver (net.DefaultResolver if nil);
+// no address at all is an error too.
+func (d *Dialer) lookup(ctx context.Context, name string) ([]netip.Addr, error) {
+	r := d.Resolver
+	if r == nil {
+		r = net.DefaultResolver
+	}
+	ips, err := r.LookupNetIP(ctx, "ip", name)
+	if err == nil && len(ips) == 0 {
+		err = errors.New("no addresses")
+	}
+	return ips, err
 }
 
 // opError puts the dial boundary's names around err.

@@ -129,14 +129,7 @@ func (d *Dialer) relayAddrPort(ctx context.Context, relay Addr, conn net.Conn) (
 	if ap, ok := relay.AddrPort(); ok {
 		return ap, nil
 	}
-	r := d.Resolver
-	if r == nil {
-		r = net.DefaultResolver
-	}
-	ips, err := r.LookupNetIP(ctx, "ip", relay.Name)
-	if err == nil && len(ips) == 0 {
-		err = errors.New("no addresses")
-	}
+	ips, err := d.lookup(ctx, relay.Name)
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("resolving the UDP relay's name %q from the proxy's reply: %w", relay.Name, err)
 	}
