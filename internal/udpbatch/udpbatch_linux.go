@@ -143,8 +143,15 @@ type Writer struct {
 	names []unix.RawSockaddrInet6
 	// dests are the queued datagrams' destinations (zero: connected).
 	dests []netip.AddrPort
-	cmsg  []byte
 	n     int
+
+	// A flush sends one message per run of datagrams (see run): a lone
+	// datagram, or a run as one segmented message with a control message
+	// of its own; all of them in one sendmmsg.
+	out       []unix.Mmsghdr
+	outFirst  []int  // the first datagram of each message
+	cmsgs     []byte // a UDP_SEGMENT control message per message
+	cmsgSpace int
 
 	// gso is off after the kernel refused segmented sends outright;
 	// gsoMax is the largest segment it took or has not refused yet (a
@@ -152,12 +159,13 @@ type Writer struct {
 	gso    bool
 	gsoMax int
 	// Per-call state for writeFn.
-	from, upto int
-	sent       int
-	err        error
-	writeFn    func(fd uintptr) bool
+	batch   []unix.Mmsghdr
+	sent    int
+	err     error
+	writeFn func(fd uintptr) bool
 
-	segmented int // segmented sends made, for tests
+	segmented int // segmented messages sent, for tests
+	calls     int // sendmmsg calls made, for tests
 }
 
 // maxSegments is the kernel's UDP_MAX_SEGMENTS (64 in Linux ≤ 6.8).
@@ -174,19 +182,24 @@ func NewWriter(c *net.UDPConn, size int) (*Writer, error) {
 		return nil, err
 	}
 	w := &Writer{
-		rc:     rc,
-		msgs:   make([]unix.Mmsghdr, size),
-		iovs:   make([]unix.Iovec, size),
-		names:  make([]unix.RawSockaddrInet6, size),
-		dests:  make([]netip.AddrPort, size),
-		cmsg:   make([]byte, unix.CmsgSpace(2)),
-		gso:    true,
-		gsoMax: 1 << 16,
+		rc:        rc,
+		msgs:      make([]unix.Mmsghdr, size),
+		iovs:      make([]unix.Iovec, size),
+		names:     make([]unix.RawSockaddrInet6, size),
+		dests:     make([]netip.AddrPort, size),
+		out:       make([]unix.Mmsghdr, size),
+		outFirst:  make([]int, size+1),
+		cmsgSpace: unix.CmsgSpace(2),
+		gso:       true,
+		gsoMax:    1 << 16,
 	}
-	h := (*unix.Cmsghdr)(unsafe.Pointer(&w.cmsg[0]))
-	h.Level = unix.SOL_UDP
-	h.Type = unix.UDP_SEGMENT
-	h.SetLen(unix.CmsgLen(2))
+	w.cmsgs = make([]byte, size*w.cmsgSpace)
+	for k := range size {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&w.cmsgs[k*w.cmsgSpace]))
+		h.Level = unix.SOL_UDP
+		h.Type = unix.UDP_SEGMENT
+		h.SetLen(unix.CmsgLen(2))
+	}
 	w.writeFn = w.write
 	return w, nil
 }
@@ -226,38 +239,75 @@ func (w *Writer) Add(b []byte, to netip.AddrPort) {
 func (w *Writer) Flush() (sent int, err error) {
 	defer func() { w.n = 0 }()
 	for i := 0; i < w.n; {
-		j := i + 1
-		if w.gso {
-			j = w.run(i)
-		}
-		var n int
-		var e error
-		if j-i > 1 {
-			// A segmented send goes whole or not at all.
-			n, e = w.sendSegmented(i, j)
-			if e != nil && w.refusedGSO(e, int(w.iovs[i].Len)) {
-				// The kernel refused segmentation, not the datagrams:
-				// send them one by one.
-				n, e = w.sendmmsg(i, j)
+		m := w.messages(i)
+		done, e := w.sendMessages(m)
+		for k := range done {
+			if w.outFirst[k+1]-w.outFirst[k] > 1 {
+				w.segmented++
 			}
-		} else {
-			// A lone datagram, or no GSO: sendmmsg up to the next run.
-			if w.gso {
-				for j < w.n && w.run(j) == j+1 {
-					j++
-				}
-			} else {
-				j = w.n
-			}
-			n, e = w.sendmmsg(i, j)
 		}
+		sent += w.outFirst[done] - i
+		if e == nil {
+			return sent, nil
+		}
+		// Message done failed, and those after it were not tried.
+		first, end := w.outFirst[done], w.outFirst[done+1]
+		if end-first == 1 || !w.refusedGSO(e, int(w.iovs[first].Len)) {
+			return sent, e
+		}
+		// The kernel refused segmentation, not the datagrams: send
+		// them one by one, then the rest as before.
+		n, e := w.sendmmsg(first, end)
 		sent += n
 		if e != nil {
 			return sent, e
 		}
-		i = j
+		i = end
 	}
 	return sent, nil
+}
+
+// messages builds the messages for the datagrams from i on into out, one
+// per run, and returns how many; outFirst[k] is the first datagram of
+// message k, outFirst[m] the end.
+func (w *Writer) messages(i int) int {
+	m := 0
+	for i < w.n {
+		j := i + 1
+		if w.gso {
+			j = w.run(i)
+		}
+		w.out[m] = w.msgs[i]
+		if j-i > 1 {
+			c := w.cmsgs[m*w.cmsgSpace : (m+1)*w.cmsgSpace]
+			binary.NativeEndian.PutUint16(c[unix.CmsgLen(0):], uint16(w.iovs[i].Len))
+			h := &w.out[m].Hdr
+			h.SetIovlen(j - i)
+			h.Control = &c[0]
+			h.SetControllen(len(c))
+		}
+		w.outFirst[m] = i
+		m++
+		i = j
+	}
+	w.outFirst[m] = w.n
+	return m
+}
+
+// sendMessages sends out[:m] in order, stopping at the first the kernel
+// refuses; it returns how many went (all before that one) and the error.
+func (w *Writer) sendMessages(m int) (done int, err error) {
+	for done < m {
+		w.batch = w.out[done:m]
+		if err := w.do(); err != nil {
+			return done, err
+		}
+		if w.sent <= 0 {
+			return done, errNothingSent
+		}
+		done += w.sent
+	}
+	return done, nil
 }
 
 // refusedGSO reports whether err is the kernel refusing a segmented send
@@ -302,30 +352,11 @@ func (w *Writer) run(i int) int {
 	return j
 }
 
-func (w *Writer) sendSegmented(i, j int) (int, error) {
-	binary.NativeEndian.PutUint16(w.cmsg[unix.CmsgLen(0):], uint16(w.iovs[i].Len))
-	m := &w.msgs[i].Hdr
-	m.Iov = &w.iovs[i]
-	m.SetIovlen(j - i)
-	m.Control = &w.cmsg[0]
-	m.SetControllen(len(w.cmsg))
-	w.from, w.upto = i, i+1
-	err := w.do()
-	m.SetIovlen(1)
-	m.Control = nil
-	m.SetControllen(0)
-	if err != nil {
-		return 0, err
-	}
-	w.segmented++
-	return j - i, nil
-}
-
 // sendmmsg sends msgs[i:j] in order, stopping at the first the kernel
 // refuses; it returns how many went (all before that one) and the error.
 func (w *Writer) sendmmsg(i, j int) (sent int, err error) {
 	for i < j {
-		w.from, w.upto = i, j
+		w.batch = w.msgs[i:j]
 		if err := w.do(); err != nil {
 			// sendmmsg reports an error only when its first datagram
 			// failed; after a later failure it returns the count before
@@ -344,7 +375,7 @@ func (w *Writer) sendmmsg(i, j int) (sent int, err error) {
 // errNothingSent: sendmmsg reported success without sending a datagram.
 var errNothingSent = errors.New("udpbatch: sendmmsg sent nothing and reported no error")
 
-// do runs one sendmmsg of msgs[from:upto] through the poller.
+// do runs one sendmmsg of batch through the poller.
 func (w *Writer) do() error {
 	w.sent, w.err = 0, nil
 	if err := w.rc.Write(w.writeFn); err != nil {
@@ -354,7 +385,7 @@ func (w *Writer) do() error {
 }
 
 func (w *Writer) write(fd uintptr) bool {
-	n, e := mmsg(unix.SYS_SENDMMSG, fd, w.msgs[w.from:w.upto])
+	n, e := mmsg(unix.SYS_SENDMMSG, fd, w.batch)
 	switch e {
 	case unix.EAGAIN:
 		return false
@@ -363,6 +394,7 @@ func (w *Writer) write(fd uintptr) bool {
 	default:
 		w.err = e
 	}
+	w.calls++
 	return true
 }
 

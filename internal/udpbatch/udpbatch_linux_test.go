@@ -53,6 +53,44 @@ func TestBatchesPerSystemCall(t *testing.T) {
 	}
 }
 
+// A flush of runs and lone datagrams to several peers is one system call:
+// each run one segmented message, each lone datagram one message.
+func TestOneCallForRunsAndLoneDatagrams(t *testing.T) {
+	peers := make([]*net.UDPConn, 3)
+	for i := range peers {
+		peers[i] = testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	}
+	src := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	w, err := NewWriter(src, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	counts := []int{2, 1, 3} // datagrams of 100 bytes to each peer, in a row
+	for i, n := range counts {
+		for range n {
+			w.Add(make([]byte, 100), udpAddr(peers[i]))
+		}
+	}
+	w.Add(make([]byte, 50), udpAddr(peers[0])) // lone again
+	if sent, err := w.Flush(); sent != 7 || err != nil {
+		t.Fatalf("Flush = %d, %v", sent, err)
+	}
+	if w.calls != 1 || w.segmented != 2 {
+		t.Errorf("%d system calls and %d segmented messages, want 1 and 2", w.calls, w.segmented)
+	}
+	counts[0]++
+	for i, n := range counts {
+		r, err := NewReader(peers[i], slots(8, 2048), 0, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// On loopback the datagrams are queued before Flush returns.
+		if got, err := r.Read(); err != nil || got != n {
+			t.Errorf("peer %d: Read = %d, %v; want %d datagrams", i, got, err, n)
+		}
+	}
+}
+
 // Datagrams to port 0 (which the kernel refuses with EINVAL) never go as
 // a segmented send: that EINVAL would read as the kernel refusing
 // segmentation and turn it off for the Writer, for everyone.
