@@ -314,9 +314,11 @@ func (w *Writer) sendMessages(m int) (done int, err error) {
 // (rather than the datagrams' fate), and learns not to try it again.
 func (w *Writer) refusedGSO(err error, size int) bool {
 	switch {
-	case errors.Is(err, unix.EINVAL):
-		// Segments larger than the route's MTU, or more than the kernel's
-		// limit: smaller ones may still go.
+	case errors.Is(err, unix.EINVAL), errors.Is(err, unix.EMSGSIZE):
+		// Segments larger than the route's MTU (EMSGSIZE from recent
+		// kernels, EINVAL from older ones), or more than the kernel's
+		// limit: smaller ones may still go. (A run never holds more than
+		// maxGSOBytes, so EMSGSIZE is not the run's total.)
 		w.gsoMax = size - 1
 		return true
 	case errors.Is(err, unix.EIO), errors.Is(err, unix.ENOPROTOOPT), errors.Is(err, unix.EOPNOTSUPP):

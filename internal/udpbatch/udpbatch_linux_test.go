@@ -2,13 +2,16 @@ package udpbatch
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
+	"os/exec"
 	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/testnet"
 )
 
@@ -88,6 +91,54 @@ func TestOneCallForRunsAndLoneDatagrams(t *testing.T) {
 		if got, err := r.Read(); err != nil || got != n {
 			t.Errorf("peer %d: Read = %d, %v; want %d datagrams", i, got, err, n)
 		}
+	}
+}
+
+// A run whose segments are larger than the route's MTU is refused as a
+// segmented send (EMSGSIZE, or EINVAL from older kernels): its datagrams
+// go one by one instead (the kernel fragments them), and the Writer
+// segments no larger ones again.
+// In a namespace of its own, with a loopback MTU of 1300.
+func TestRefusedSegmentationSendsOneByOne(t *testing.T) {
+	ns := peertest.NewNetns(t, "gso")
+	if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "mtu", "1300").CombinedOutput(); err != nil {
+		t.Fatalf("ip link set lo mtu: %v %s", err, out)
+	}
+	err := peertest.InNetns(ns, func() error {
+		dst, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			return err
+		}
+		defer dst.Close()
+		src, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			return err
+		}
+		defer src.Close()
+		w, err := NewWriter(src, 4)
+		if err != nil {
+			return err
+		}
+		for range 4 {
+			w.Add(make([]byte, 1400), udpAddr(dst))
+		}
+		if sent, err := w.Flush(); sent != 4 || err != nil {
+			return fmt.Errorf("Flush = %d, %v; want 4 sent", sent, err)
+		}
+		if w.segmented != 0 || w.gsoMax != 1399 {
+			return fmt.Errorf("%d segmented messages, largest segment now %d; want 0 and 1399", w.segmented, w.gsoMax)
+		}
+		r, err := NewReader(dst, slots(8, 2048), 0, true)
+		if err != nil {
+			return err
+		}
+		if n, err := r.Read(); err != nil || n != 4 || r.Len(0) != 1400 {
+			return fmt.Errorf("Read = %d, %v; want the 4 datagrams of 1400 bytes", n, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 
