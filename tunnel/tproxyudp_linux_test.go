@@ -111,22 +111,7 @@ func checksumOK(seg []byte, src, dst netip.Addr) bool {
 		pseudo = append(pseudo, 0, 0, 0, unix.IPPROTO_UDP)
 	}
 	// Summed with its own checksum in place, a segment sums to all ones.
-	return inetChecksum(append(pseudo, seg...)) == 0
-}
-
-// inetChecksum is the Internet checksum (RFC 1071) of b.
-func inetChecksum(b []byte) uint16 {
-	var s uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		s += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		s += uint32(b[len(b)-1]) << 8
-	}
-	for s>>16 != 0 {
-		s = s&0xffff + s>>16
-	}
-	return ^uint16(s)
+	return testnet.InetChecksum(append(pseudo, seg...)) == 0
 }
 
 func TestTProxyUDPChecksum(t *testing.T) {

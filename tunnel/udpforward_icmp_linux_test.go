@@ -7,9 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/socksfwd/socksfwd/internal/peertest"
+	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
 )
 
@@ -127,24 +126,7 @@ func TestUDPForwardSessionStartKeepsOrder(t *testing.T) {
 // the way to the relay would.
 func injectICMPUnreachable(t *testing.T, code byte, from, to netip.AddrPort) {
 	t.Helper()
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_ICMP)
-	if err != nil {
+	if err := testnet.InjectICMPUnreachable(code, 0, from, to); err != nil {
 		peertest.Missing(t, "a raw ICMP socket: %v", err)
-	}
-	defer unix.Close(fd)
-	inner := make([]byte, 28) // the quoted IPv4 header and UDP header
-	inner[0], inner[8], inner[9] = 0x45, 64, unix.IPPROTO_UDP
-	binary.BigEndian.PutUint16(inner[2:], 28+5)
-	f4, t4 := from.Addr().As4(), to.Addr().As4()
-	copy(inner[12:], f4[:])
-	copy(inner[16:], t4[:])
-	binary.BigEndian.PutUint16(inner[10:], inetChecksum(inner[:20]))
-	binary.BigEndian.PutUint16(inner[20:], from.Port())
-	binary.BigEndian.PutUint16(inner[22:], to.Port())
-	binary.BigEndian.PutUint16(inner[24:], 8+5)
-	msg := append([]byte{3, code, 0, 0, 0, 0, 0, 0}, inner...)
-	binary.BigEndian.PutUint16(msg[2:], inetChecksum(msg))
-	if err := unix.Sendto(fd, msg, 0, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
 	}
 }

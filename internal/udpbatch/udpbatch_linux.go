@@ -252,6 +252,22 @@ func (w *Writer) Flush() (sent int, err error) {
 		}
 		// Message done failed, and those after it were not tried.
 		first, end := w.outFirst[done], w.outFirst[done+1]
+		if end-first > 1 && errors.Is(e, unix.EMSGSIZE) {
+			// An earlier datagram's error may be pending on the socket (an
+			// ICMP "fragmentation needed" on a connected one), reported by
+			// this send and so consumed: sending the run once more tells
+			// that from the kernel refusing its segments.
+			w.batch = w.out[done : done+1]
+			if e = w.do(); e == nil && w.sent == 1 {
+				w.segmented++
+				sent += end - first
+				i = end
+				continue
+			}
+			if e == nil {
+				e = errNothingSent
+			}
+		}
 		if end-first == 1 || !w.refusedGSO(e, int(w.iovs[first].Len)) {
 			return sent, e
 		}

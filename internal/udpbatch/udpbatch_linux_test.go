@@ -142,6 +142,57 @@ func TestRefusedSegmentationSendsOneByOne(t *testing.T) {
 	}
 }
 
+// An EMSGSIZE that was pending on a connected socket (an ICMP
+// "fragmentation needed" for an earlier datagram) and surfaces on a run
+// is not the kernel refusing segmentation: the run goes segmented, and
+// the Writer keeps segmenting. In a namespace of its own (the ICMP
+// lowers the path MTU to 1000 there).
+func TestPendingMessageTooLongIsNotARefusal(t *testing.T) {
+	ns := peertest.NewNetns(t, "emsgsize")
+	err := peertest.InNetns(ns, func() error {
+		dst, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			return err
+		}
+		defer dst.Close()
+		src, err := net.DialUDP("udp4", nil, dst.LocalAddr().(*net.UDPAddr))
+		if err != nil {
+			return err
+		}
+		defer src.Close()
+		// On loopback the ICMP error is handled before the call returns.
+		if err := testnet.InjectICMPUnreachable(4, 1000, udpAddr(src), udpAddr(dst)); err != nil {
+			return fmt.Errorf("a raw ICMP socket: %w", err)
+		}
+		w, err := NewWriter(src, 4)
+		if err != nil {
+			return err
+		}
+		for _, size := range []int{200, 900} {
+			for range 4 {
+				w.Add(make([]byte, size), netip.AddrPort{})
+			}
+			if sent, err := w.Flush(); sent != 4 || err != nil {
+				return fmt.Errorf("%d bytes: Flush = %d, %v; want 4 sent", size, sent, err)
+			}
+		}
+		if w.segmented != 2 || w.gsoMax != 1<<16 {
+			return fmt.Errorf("%d segmented messages, largest segment %d; want 2 and unchanged", w.segmented, w.gsoMax)
+		}
+		r, err := NewReader(dst, slots(16, 2048), 0, true)
+		if err != nil {
+			return err
+		}
+		if n, err := r.Read(); err != nil || n != 8 {
+			return fmt.Errorf("Read = %d, %v; want the 8 datagrams", n, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
 // Datagrams to port 0 (which the kernel refuses with EINVAL) never go as
 // a segmented send: that EINVAL would read as the kernel refusing
 // segmentation and turn it off for the Writer, for everyone.
