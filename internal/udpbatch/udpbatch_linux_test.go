@@ -68,8 +68,7 @@ func TestOneCallForRunsAndLoneDatagrams(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	counts := []int{2, 1, 3} // datagrams of 100 bytes to each peer, in a row
-	for i, n := range counts {
+	for i, n := range []int{2, 1, 3} { // datagrams of 100 bytes to each peer, in a row
 		for range n {
 			w.Add(make([]byte, 100), udpAddr(peers[i]))
 		}
@@ -81,15 +80,28 @@ func TestOneCallForRunsAndLoneDatagrams(t *testing.T) {
 	if w.calls != 1 || w.segmented != 2 {
 		t.Errorf("%d system calls and %d segmented messages, want 1 and 2", w.calls, w.segmented)
 	}
-	counts[0]++
-	for i, n := range counts {
+	// Again, with lone datagrams where runs were: nothing of a run's
+	// message (its length, its control message) is left on them.
+	w.Add(make([]byte, 30), udpAddr(peers[1]))
+	w.Add(make([]byte, 40), udpAddr(peers[2]))
+	if sent, err := w.Flush(); sent != 2 || err != nil {
+		t.Fatalf("second Flush = %d, %v", sent, err)
+	}
+	want := [][]int{{100, 100, 50}, {100, 30}, {100, 100, 100, 40}} // each peer's, in order
+	for i, sizes := range want {
 		r, err := NewReader(peers[i], slots(8, 2048), 0, true)
 		if err != nil {
 			t.Fatal(err)
 		}
 		// On loopback the datagrams are queued before Flush returns.
-		if got, err := r.Read(); err != nil || got != n {
-			t.Errorf("peer %d: Read = %d, %v; want %d datagrams", i, got, err, n)
+		n, err := r.Read()
+		if err != nil || n != len(sizes) {
+			t.Fatalf("peer %d: Read = %d, %v; want %d datagrams", i, n, err, len(sizes))
+		}
+		for k, size := range sizes {
+			if r.Len(k) != size {
+				t.Errorf("peer %d, datagram %d: %d bytes, want %d", i, k, r.Len(k), size)
+			}
 		}
 	}
 }
