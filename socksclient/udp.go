@@ -575,14 +575,17 @@ var _ net.Conn = (*UDPTargetConn)(nil)
 // parameter problem (EPROTO). Each is reported once, and the relay may go
 // on taking other datagrams: it ends neither the socket nor the
 // association.
-func IsICMPError(err error) bool {
-	for _, e := range icmpErrnos {
+func IsICMPError(err error) bool { return isErrno(err, icmpErrnos[:]) }
+
+var icmpErrnos = [...]syscall.Errno{syscall.ECONNREFUSED, syscall.EHOSTUNREACH, syscall.ENETUNREACH,
+	syscall.EHOSTDOWN, syscall.EACCES, syscall.ENOPROTOOPT, syscall.EPROTO}
+
+// isErrno reports whether err is one of errnos.
+func isErrno(err error, errnos []syscall.Errno) bool {
+	for _, e := range errnos {
 		if errors.Is(err, e) {
 			return true
 		}
 	}
 	return false
 }
-
-var icmpErrnos = [...]syscall.Errno{syscall.ECONNREFUSED, syscall.EHOSTUNREACH, syscall.ENETUNREACH,
-	syscall.EHOSTDOWN, syscall.EACCES, syscall.ENOPROTOOPT, syscall.EPROTO}

@@ -632,14 +632,9 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 // localShortage reports whether err is this host running out of something
 // (descriptors, memory, buffers, local ports) rather than anything the
 // proxy did: every proxy would fail alike, and none is to blame.
-func localShortage(err error) bool {
-	for _, e := range [...]syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.EADDRNOTAVAIL} {
-		if errors.Is(err, e) {
-			return true
-		}
-	}
-	return false
-}
+func localShortage(err error) bool { return isErrno(err, shortageErrnos[:]) }
+
+var shortageErrnos = [...]syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.EADDRNOTAVAIL}
 
 // lacksOnly reports whether err is a working proxy's refusal of what it
 // lacks, not of everything: an address type (REP 8: IPv6, or names), or

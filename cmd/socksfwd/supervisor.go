@@ -136,12 +136,7 @@ loop:
 		}
 	}
 	s.sd.stopping()
-	s.tel.draining.Store(true) // /readyz says so before the listeners refuse
-	stopAccepting(maps.Values(s.units))
-	if stopSig != nil {
-		s.log.Info().Str("signal", stopSig.String()).Dur("timeout", time.Duration(s.plan.cfg.ShutdownTimeout)).Msg("draining sessions")
-	}
-	if err := s.drainAll(sigs); err != nil && runErr == nil {
+	if err := s.drainAll(sigs, stopSig); err != nil && runErr == nil {
 		runErr = err
 	}
 	s.remotes.remove()
@@ -747,9 +742,16 @@ func stopAccepting(units iter.Seq[*unit]) {
 }
 
 // drainAll stops accepting on every listener at once and drains them in
-// parallel under one deadline; a second signal cuts what is left.
-func (s *supervisor) drainAll(sigs <-chan os.Signal) error {
+// parallel under one deadline; a second signal cuts what is left. The
+// "draining sessions" line, for a stop by stopSig (nil: a listener
+// failed), comes once the listeners that can stop ahead have stopped;
+// /readyz says draining before they refuse.
+func (s *supervisor) drainAll(sigs <-chan os.Signal, stopSig os.Signal) error {
 	s.tel.draining.Store(true)
+	stopAccepting(maps.Values(s.units))
+	if stopSig != nil {
+		s.log.Info().Str("signal", stopSig.String()).Dur("timeout", time.Duration(s.plan.cfg.ShutdownTimeout)).Msg("draining sessions")
+	}
 	ctx, cancel := context.WithTimeout(s.cutCtx, time.Duration(s.plan.cfg.ShutdownTimeout))
 	defer cancel()
 	// Listeners an earlier reload removed may still drain under that

@@ -240,7 +240,7 @@ func (w *Writer) Flush() (sent int, err error) {
 	defer func() { w.n = 0 }()
 	for i := 0; i < w.n; {
 		m := w.messages(i)
-		done, e := w.sendMessages(m)
+		done, e := w.sendBatch(w.out[:m])
 		for k := range done {
 			if w.outFirst[k+1]-w.outFirst[k] > 1 {
 				w.segmented++
@@ -257,15 +257,12 @@ func (w *Writer) Flush() (sent int, err error) {
 			// ICMP "fragmentation needed" on a connected one), reported by
 			// this send and so consumed: sending the run once more tells
 			// that from the kernel refusing its segments.
-			w.batch = w.out[done : done+1]
-			if e = w.do(); e == nil && w.sent == 1 {
+			var again int
+			if again, e = w.sendBatch(w.out[done : done+1]); again == 1 {
 				w.segmented++
 				sent += end - first
 				i = end
 				continue
-			}
-			if e == nil {
-				e = errNothingSent
 			}
 		}
 		if end-first == 1 || !w.refusedGSO(e, int(w.iovs[first].Len)) {
@@ -273,7 +270,7 @@ func (w *Writer) Flush() (sent int, err error) {
 		}
 		// The kernel refused segmentation, not the datagrams: send
 		// them one by one, then the rest as before.
-		n, e := w.sendmmsg(first, end)
+		n, e := w.sendBatch(w.msgs[first:end])
 		sent += n
 		if e != nil {
 			return sent, e
@@ -308,22 +305,6 @@ func (w *Writer) messages(i int) int {
 	}
 	w.outFirst[m] = w.n
 	return m
-}
-
-// sendMessages sends out[:m] in order, stopping at the first the kernel
-// refuses; it returns how many went (all before that one) and the error.
-func (w *Writer) sendMessages(m int) (done int, err error) {
-	for done < m {
-		w.batch = w.out[done:m]
-		if err := w.do(); err != nil {
-			return done, err
-		}
-		if w.sent <= 0 {
-			return done, errNothingSent
-		}
-		done += w.sent
-	}
-	return done, nil
 }
 
 // refusedGSO reports whether err is the kernel refusing a segmented send
@@ -370,22 +351,21 @@ func (w *Writer) run(i int) int {
 	return j
 }
 
-// sendmmsg sends msgs[i:j] in order, stopping at the first the kernel
+// sendBatch sends msgs in order, stopping at the first the kernel
 // refuses; it returns how many went (all before that one) and the error.
-func (w *Writer) sendmmsg(i, j int) (sent int, err error) {
-	for i < j {
-		w.batch = w.msgs[i:j]
+func (w *Writer) sendBatch(msgs []unix.Mmsghdr) (sent int, err error) {
+	for sent < len(msgs) {
+		w.batch = msgs[sent:]
 		if err := w.do(); err != nil {
-			// sendmmsg reports an error only when its first datagram
+			// sendmmsg reports an error only when its first message
 			// failed; after a later failure it returns the count before
 			// it, and the next call starts at the failed one.
 			return sent, err
 		}
-		if w.sent <= 0 { // not for a call with datagrams to send; never spin on it
+		if w.sent <= 0 { // not for a call with messages to send; never spin on it
 			return sent, errNothingSent
 		}
 		sent += w.sent
-		i += w.sent
 	}
 	return sent, nil
 }
