@@ -42,7 +42,7 @@ func TestInterop(t *testing.T) {
 			env.Setenv("TESTPASS_URL", urlEscape(peertest.TestPassword))
 			// dnsmasq takes one TXT string per comma-separated value.
 			env.Setenv("BIGTXT", strings.TrimSuffix(strings.Repeat(strings.Repeat("x", 200)+",", 9), ","))
-			return nil
+			return listenReadiness(env)
 		},
 		Cmds: scriptCmds(map[string]scriptCmd{
 			"dante":        cmdDante,

@@ -39,7 +39,10 @@ func TestScripts(t *testing.T) {
 			env.Setenv("HUGE", strings.Repeat("x", 100000))
 			root, err := filepath.Abs("../..")
 			env.Setenv("REPO", root)
-			return err
+			if err != nil {
+				return err
+			}
+			return listenReadiness(env)
 		},
 		Cmds: scriptCmds(nil),
 	})
@@ -54,6 +57,7 @@ func scriptCmds(extra map[string]scriptCmd) map[string]scriptCmd {
 		"socksserver":  cmdSocksServer,
 		"freeport":     cmdFreePort,
 		"roundtrip":    cmdRoundTrip,
+		"waitready":    cmdWaitReady,
 		"waitport":     cmdWaitPort,
 		"udpecho":      cmdUDPEcho,
 		"waitudp":      cmdWaitUDP,
@@ -103,7 +107,8 @@ func cmdSleep(ts *testscript.TestScript, neg bool, args []string) {
 
 // waitudp ADDR: wait up to 10 s until something listens on UDP ADDR: a
 // probe datagram no longer draws "connection refused" (ICMP port
-// unreachable).
+// unreachable). As waitport, for processes that do not say when they are
+// ready; the probe is a datagram the listener receives.
 func cmdWaitUDP(ts *testscript.TestScript, neg bool, args []string) {
 	c, err := net.Dial("udp", args[0])
 	ts.Check(err)
@@ -193,7 +198,82 @@ func cmdFreePort(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Setenv(args[0], strconv.Itoa(peertest.FreePort(peerTB{ts})))
 }
 
-// waitport ADDR: wait up to 10 s for a background socksfwd to listen.
+// readiness receives what the script's socksfwd processes tell systemd:
+// READY=1 once every listener is bound (and again after a reload). The
+// script's NOTIFY_SOCKET is its unixgram socket, and a goroutine keeps
+// reading it, as systemd does, so that no sender waits for room.
+type readiness struct {
+	ready chan struct{} // a READY=1 arrived
+}
+
+type readinessKey struct{}
+
+// listenReadiness opens the script's notify socket and points
+// NOTIFY_SOCKET at it; the socket closes when the script ends.
+func listenReadiness(env *testscript.Env) error {
+	path := filepath.Join(env.WorkDir, "notify")
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		return err
+	}
+	r := &readiness{ready: make(chan struct{}, 64)}
+	done := readNotifications(c, func(msg string) {
+		for line := range strings.Lines(msg) {
+			if strings.TrimSpace(line) == "READY=1" {
+				select {
+				case r.ready <- struct{}{}:
+				default: // nobody waits for that many; waitready fails on its own
+				}
+			}
+		}
+	})
+	env.Defer(func() { c.Close(); <-done })
+	env.Values[readinessKey{}] = r
+	env.Setenv("NOTIFY_SOCKET", path)
+	return nil
+}
+
+// readNotifications hands each datagram c receives to deliver until c is
+// closed, then closes the channel it returns.
+func readNotifications(c *net.UnixConn, deliver func(msg string)) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 4096)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				return
+			}
+			deliver(string(buf[:n]))
+		}
+	}()
+	return done
+}
+
+// waitready: wait up to 20 s for the next READY=1 from a socksfwd the
+// script started (in the order they say it): the readiness signal it
+// gives systemd, sent once every listener is bound. A script starts one
+// socksfwd at a time and waits for it; one that never gets ready fails.
+func cmdWaitReady(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 0 {
+		ts.Fatalf("usage: waitready")
+	}
+	r, _ := ts.Value(readinessKey{}).(*readiness)
+	if r == nil {
+		ts.Fatalf("waitready: no notify socket (listenReadiness in Setup)")
+	}
+	select {
+	case <-r.ready:
+	case <-time.After(20 * time.Second):
+		ts.Fatalf("no socksfwd said READY=1 within 20 s")
+	}
+}
+
+// waitport ADDR: wait up to 10 s for something to listen on TCP ADDR:
+// for processes with no readiness signal of their own
+// (systemd-socket-activate's sockets), or as a probe a listener must
+// answer. A socksfwd the script starts says when it is ready (waitready).
 func cmdWaitPort(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Check(dialRetry(args[0]))
 }
@@ -215,13 +295,12 @@ func dialRetry(addr string) error {
 	}
 }
 
-// roundtrip ADDR MSG: connect (waiting for the listener to come up), send
+// roundtrip ADDR MSG: connect (once: wait for the listener first), send
 // MSG, half-close, and expect MSG back, then EOF, within 10 s. With !,
 // expect the connection to be closed (EOF or a reset) without an echo
 // within those 10 s: a read that times out fails, since a failed session
 // must close its client at once rather than leave it hanging.
 func cmdRoundTrip(ts *testscript.TestScript, neg bool, args []string) {
-	ts.Check(dialRetry(args[0]))
 	c, err := net.Dial("tcp", args[0])
 	if neg && errors.Is(err, syscall.ECONNRESET) {
 		return // the reset beat connect's completion: closed without an echo

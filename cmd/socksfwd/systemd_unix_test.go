@@ -40,23 +40,13 @@ func newNotifySocket(t *testing.T) *notifySocket {
 		t.Fatal(err)
 	}
 	n := &notifySocket{t: t, path: path, msgs: make(chan string, 10000)}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 4096)
-		for {
-			k, err := c.Read(buf)
-			if err != nil {
-				return
-			}
-			select {
-			case n.msgs <- string(buf[:k]):
-			default:
-				t.Errorf("more than %d notifications", cap(n.msgs))
-				return
-			}
+	done := readNotifications(c, func(msg string) {
+		select {
+		case n.msgs <- msg:
+		default:
+			t.Errorf("more than %d notifications", cap(n.msgs))
 		}
-	}()
+	})
 	t.Cleanup(func() { c.Close(); <-done })
 	return n
 }
