@@ -23,6 +23,23 @@ var aLongTimeAgo = time.Unix(1, 0)
 
 var defaultProxyDialer = &net.Dialer{KeepAlive: -1}
 
+// ControlKeepAlive is the keep-alive of a control connection that carries
+// nothing for long stretches (BIND waiting for its peer, which may take
+// hours; UDP ASSOCIATE, for as long as the association lives). Without
+// probes, a proxy that vanished, or a NAT or firewall that dropped the
+// connection silently, would leave it waiting on a dead socket for good;
+// with them it ends within about a minute of silence. Sessions that carry
+// bytes get none, as ssh -L's do not.
+var ControlKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 3}
+
+// keepIdleControlAlive turns ControlKeepAlive on for conn, when it is a
+// TCP connection (ProxyDial may return another kind).
+func keepIdleControlAlive(conn net.Conn) {
+	if tc, ok := conn.(*net.TCPConn); ok {
+		tc.SetKeepAliveConfig(ControlKeepAlive)
+	}
+}
+
 // Dialer opens SOCKS5 sessions through one proxy. The zero value of each
 // optional field is a sensible default. A Dialer is safe for concurrent use.
 type Dialer struct {
@@ -197,6 +214,7 @@ func (d *Dialer) Bind(ctx context.Context, expected Addr) (*Binding, error) {
 	if err != nil {
 		return nil, d.opError(CmdBind, "tcp", expected, err)
 	}
+	keepIdleControlAlive(conn)
 	return &Binding{d: d, conn: conn, addr: substituteUnspecified(reply.Addr, conn), target: expected}, nil
 }
 

@@ -117,6 +117,7 @@ func (d *Dialer) Associate(ctx context.Context) (*UDPConn, error) {
 		return nil, d.opError(CmdUDPAssociate, "udp", nil, err)
 	}
 	sockbuf.Grow(pc)
+	keepIdleControlAlive(conn)
 	u := &UDPConn{ctrl: conn, pc: pc, relay: relay, watchDone: make(chan struct{})}
 	go u.watchControl()
 	return u, nil
@@ -127,7 +128,7 @@ func (d *Dialer) Associate(ctx context.Context) (*UDPConn, error) {
 // family of the control connection, by which the proxy is reachable.
 func (d *Dialer) relayAddrPort(ctx context.Context, relay Addr, conn net.Conn) (netip.AddrPort, error) {
 	if ap, ok := relay.AddrPort(); ok {
-		return ap, nil
+		return withProxyZone(ap, conn), nil
 	}
 	ips, err := d.lookup(ctx, relay.Name)
 	if err != nil {
@@ -143,6 +144,20 @@ func (d *Dialer) relayAddrPort(ctx context.Context, relay Addr, conn net.Conn) (
 		}
 	}
 	return netip.AddrPortFrom(ip, relay.Port), nil
+}
+
+// withProxyZone gives a link-local IPv6 relay address the zone (the
+// interface) by which the control connection reached the proxy: a SOCKS
+// address carries no zone, and a link-local one means nothing without it.
+func withProxyZone(ap netip.AddrPort, conn net.Conn) netip.AddrPort {
+	a := ap.Addr()
+	if !a.Is6() || !a.IsLinkLocalUnicast() || a.Zone() != "" {
+		return ap
+	}
+	if proxy, ok := conn.RemoteAddr().(*net.TCPAddr); ok && proxy.Zone != "" {
+		return netip.AddrPortFrom(a.WithZone(proxy.Zone), ap.Port())
+	}
+	return ap
 }
 
 // dialRelay opens the association's UDP socket, connected to relay, with

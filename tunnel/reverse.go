@@ -129,12 +129,6 @@ const portReleaseGrace = time.Second
 // targetDialTimeout bounds the dial of the local target for one caller.
 const targetDialTimeout = 10 * time.Second
 
-// Keep-alive probes on the control connection while it waits for a
-// caller, which may take hours: a NAT or firewall that dropped the
-// connection silently would otherwise leave the forward waiting on a dead
-// socket, with the port gone on the proxy's side.
-var controlKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 3}
-
 // Reverse is a remote forward over RFC 1928 BIND: the upstream listens for
 // one caller per BIND; each caller is relayed to the local target, and the
 // next BIND is issued as soon as the second reply arrives, before the
@@ -278,9 +272,6 @@ func (r *Reverse) loop() {
 				return
 			}
 			continue
-		}
-		if tc, ok := unwrapTCP(b.NetConn()); ok {
-			tc.SetKeepAliveConfig(controlKeepAlive)
 		}
 		addr := b.Addr()
 		if want := r.cfg.Remote.Port; want != 0 && addr.Port != want {

@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -175,15 +176,21 @@ func (d *SOCKSDoor) handshakeFailed(client net.Conn, err error) {
 }
 
 // replyCode is what the door answers a client whose request the upstreams
-// could not carry out: the upstream's own REP when it gave one, "general
-// failure" when no upstream could be reached.
+// could not carry out: the upstream's own REP when it gave one, "TTL
+// expired" when the handshake timed out (most often an upstream waiting
+// on a target that does not answer; Dante answers its own connect
+// timeouts so, and --http answers 504), "general failure" when no
+// upstream could be reached.
 func replyCode(err error) socksclient.ReplyCode {
 	var re *socksclient.ReplyError
+	var ne net.Error
 	switch {
 	case errors.As(err, &re):
 		return re.Code
 	case errors.Is(err, socksclient.ErrCommandNotSupported):
 		return socksclient.RepCommandNotSupported
+	case errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
+		return socksclient.RepTTLExpired
 	}
 	return socksclient.RepGeneralFailure
 }
@@ -216,11 +223,13 @@ func (d *SOCKSDoor) connect(req *socksclient.ServerRequest, idle time.Duration, 
 // the client sent behind its request, and relays the session.
 func (d *SOCKSDoor) answerAndRelay(req *socksclient.ServerRequest, up *socksclient.Conn, dialer *socksclient.Dialer, idle time.Duration, start time.Time) {
 	if err := req.Reply(socksclient.RepSucceeded, up.BoundAddr()); err != nil {
+		d.clientGone(req, dialer, err, start)
 		d.cut(req.Conn, up)
 		return
 	}
 	early, err := sendEarly(up, req.Early, &d.TCPForward.stats.BytesUp)
 	if err != nil {
+		d.TCPForward.dialFailed(req.Conn, req.Addr, dialer, fmt.Errorf("sending what the client sent behind its request: %w", err), start)
 		d.cut(req.Conn, up)
 		return
 	}
@@ -237,23 +246,31 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 		d.refuse(req, dialer, err, start)
 		return
 	}
-	if !f.track(b.NetConn(), false) {
+	if !f.track(b.NetConn(), false) { // Close came during the dial
 		d.cut(req.Conn, b)
 		return
 	}
 	defer f.untrack(b.NetConn())
 	if err := req.Reply(socksclient.RepSucceeded, b.Addr()); err != nil {
+		d.clientGone(req, dialer, err, start)
 		d.cut(req.Conn, b)
 		return
 	}
+	// The wait for a peer may last hours with nothing sent either way:
+	// probes find a client that vanished (the upstream's control
+	// connection has its own).
+	keepControlAlive(req.Conn)
 	// The client sends nothing until the second reply; any read result
 	// (its hang-up, or bytes it had no right to send) ends the wait.
 	ctx, cancel := context.WithCancel(f.ctx)
 	watched := make(chan struct{})
+	var early [1]byte
+	var sentEarly bool
 	go func() {
 		defer close(watched)
-		var one [1]byte
-		if _, err := req.Conn.Read(one[:]); !errors.Is(err, os.ErrDeadlineExceeded) {
+		n, err := req.Conn.Read(early[:])
+		sentEarly = n > 0
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
 			cancel()
 		}
 	}()
@@ -263,15 +280,24 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 	clientGone := ctx.Err() != nil && f.ctx.Err() == nil
 	cancel()
 	req.Conn.SetReadDeadline(time.Time{})
+	if err == nil && sentEarly {
+		// The peer came as the client's byte did: it goes to the peer
+		// rather than being lost.
+		req.Early = append(req.Early, early[0])
+	}
 	if err != nil && (clientGone || f.ctx.Err() != nil) {
 		// Not a failure: the client stopped waiting for its peer, or Close
 		// cut the wait (logged, and reset, as the relayed sessions it cuts).
 		ev := f.sessionEvent(f.cfg.Logger.Debug(), req.Conn, req.Addr).Str("cmd", "bind").Str("upstream", dialer.ProxyAddr).
 			Dur("dur", time.Since(start))
-		if clientGone {
+		switch {
+		case clientGone && sentEarly:
+			ev.Msg("session ended: the client sent data before a peer connected")
+			req.Conn.Close()
+		case clientGone:
 			ev.Msg("session ended: the client hung up before a peer connected")
 			req.Conn.Close()
-		} else {
+		default:
 			ev.Err(err).Str("cause", "cut at shutdown").Msg("session ended")
 			abort(req.Conn)
 		}
@@ -283,6 +309,29 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 		return
 	}
 	d.answerAndRelay(req, peer, dialer, idle, start)
+}
+
+// clientGone counts and logs a client that hung up before its success
+// reply could reach it (a program that gave up during a slow dial).
+func (d *SOCKSDoor) clientGone(req *socksclient.ServerRequest, dialer *socksclient.Dialer, err error, start time.Time) {
+	d.stats.ClientGone.Add(1)
+	f := d.TCPForward
+	if ok, suppressed := f.refusals.Allow("client gone before its reply"); ok {
+		f.sessionEvent(f.cfg.Logger.Info(), req.Conn, req.Addr).Str("cmd", req.Cmd.String()).Str("upstream", dialer.ProxyAddr).
+			Int64("refused_since_last_line", suppressed).Err(err).Dur("dur", time.Since(start)).
+			Msg("session ended: the client hung up before its reply")
+	}
+}
+
+// keepControlAlive turns on keep-alive probes on a client's control
+// connection that carries nothing while it lasts (UDP ASSOCIATE, a BIND
+// waiting for its peer), so that a client that vanished without a word
+// (powered off, moved to another network) is noticed and its session
+// freed, rather than held until a restart.
+func keepControlAlive(c net.Conn) {
+	if tc, ok := unwrapTCP(c); ok {
+		tc.SetKeepAliveConfig(socksclient.ControlKeepAlive)
+	}
 }
 
 // cut ends a session whose client could not be answered: the client gets
@@ -338,11 +387,15 @@ func (d *SOCKSDoor) associate(req *socksclient.ServerRequest, start time.Time) {
 		return
 	}
 	a := &association{door: d, client: client, pc: pc, up: up, from: from}
-	bound := socksclient.AddrFromAddrPort(pc.LocalAddr().(*net.UDPAddr).AddrPort())
+	// A zone (a link-local listener's) has no place in a SOCKS address.
+	relay := pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	bound := socksclient.AddrFromAddrPort(netip.AddrPortFrom(relay.Addr().WithZone(""), relay.Port()))
 	if err := req.Reply(socksclient.RepSucceeded, bound); err != nil {
+		d.clientGone(req, dialer, err, start)
 		d.cut(client, pc, up)
 		return
 	}
+	keepControlAlive(client)
 	a.run()
 	f.endSession(client, nil)
 	ev := f.cfg.Logger.Debug()

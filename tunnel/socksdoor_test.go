@@ -37,15 +37,21 @@ func noLeaks(t *testing.T) {
 // front of the upstream proxies, until cleanup.
 func startDoor(t *testing.T, cfg SOCKSDoorConfig, ln net.Listener, proxies ...string) (*SOCKSDoor, *logBuf) {
 	t.Helper()
+	var dialers []*socksclient.Dialer
+	for _, p := range proxies {
+		dialers = append(dialers, &socksclient.Dialer{ProxyAddr: p, HandshakeTimeout: 5 * time.Second})
+	}
+	return startDoorDialers(t, cfg, ln, dialers...)
+}
+
+// startDoorDialers is startDoor with upstream dialers of the test's own.
+func startDoorDialers(t *testing.T, cfg SOCKSDoorConfig, ln net.Listener, dialers ...*socksclient.Dialer) (*SOCKSDoor, *logBuf) {
+	t.Helper()
 	if ln == nil {
 		var err error
 		if ln, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
 			t.Fatal(err)
 		}
-	}
-	var dialers []*socksclient.Dialer
-	for _, p := range proxies {
-		dialers = append(dialers, &socksclient.Dialer{ProxyAddr: p, HandshakeTimeout: 5 * time.Second})
 	}
 	logs := &logBuf{}
 	cfg.Forward = TCPForwardConfig{
@@ -346,6 +352,95 @@ func TestDoorUpstreamRefusals(t *testing.T) {
 				t.Fatalf("Failed = %d, want 1", n)
 			}
 		})
+	}
+}
+
+// TestDoorUpstreamTimeout: an upstream that takes the request and never
+// answers (waiting on a target that does not answer) gets the client REP
+// 6, TTL expired, as Dante answers its own connect timeouts, not a
+// general failure; the session failed, counted and logged.
+func TestDoorUpstreamTimeout(t *testing.T) {
+	noLeaks(t)
+	hangs := newSocks(t, sockstest.Config{Fault: sockstest.FaultHangAfterGreeting})
+	door, logs := startDoorDialers(t, SOCKSDoorConfig{}, nil, &socksclient.Dialer{ProxyAddr: hangs.Addr(), HandshakeTimeout: 200 * time.Millisecond})
+	_, err := client(door).DialContext(context.Background(), "tcp", "192.0.2.1:80")
+	var re *socksclient.ReplyError
+	if !errors.As(err, &re) || re.Code != socksclient.RepTTLExpired {
+		t.Fatalf("err = %v, want REP 6 (TTL expired) from the door", err)
+	}
+	logs.waitFor(t, `"message":"session failed"`) // written once counted
+	if n := door.Stats().Failed.Load(); n != 1 {
+		t.Fatalf("Failed = %d, want 1", n)
+	}
+}
+
+// TestDoorClientGoneBeforeReply: a client that hangs up while its
+// upstream is being dialed is counted (client gone) and logged once; its
+// upstream connection is closed, and nothing counts as a failure.
+func TestDoorClientGoneBeforeReply(t *testing.T) {
+	noLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	up := newSocks(t, sockstest.Config{})
+	gone := make(chan struct{})
+	held := &socksclient.Dialer{ProxyAddr: up.Addr(), HandshakeTimeout: 5 * time.Second,
+		ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			select { // the dial waits until the client has gone
+			case <-gone:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		}}
+	door, logs := startDoorDialers(t, SOCKSDoorConfig{}, nil, held)
+	c := dialFor(t, door.Addr().String())
+	c.Write([]byte{socksclient.Version, 1, byte(socksclient.MethodNoAuth)})
+	if _, err := socksclient.ReadMethodSelection(c); err != nil {
+		t.Fatal(err)
+	}
+	target, err := socksclient.ParseAddr(echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, err := socksclient.Request{Cmd: socksclient.CmdConnect, Addr: target}.AppendTo(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write(req)
+	c.(*net.TCPConn).SetLinger(0) // a reset: the door's reply cannot be written
+	c.Close()
+	close(gone)
+	logs.waitFor(t, "the client hung up before its reply")
+	if n := door.DoorStats().ClientGone.Load(); n != 1 {
+		t.Errorf("ClientGone = %d, want 1", n)
+	}
+	if n := door.Stats().Failed.Load(); n != 0 {
+		t.Errorf("Failed = %d, want 0", n)
+	}
+}
+
+// TestDoorCloseDuringDial: Close while a request's upstream dial waits for
+// the upstream's reply ends the session as one cut at shutdown (a debug
+// line), not as a failed session.
+func TestDoorCloseDuringDial(t *testing.T) {
+	noLeaks(t)
+	greeted := make(chan struct{}, 1)
+	hangs := newSocks(t, sockstest.Config{Fault: sockstest.FaultHangAfterGreeting, Greeted: greeted})
+	door, logs := startDoor(t, SOCKSDoorConfig{}, nil, hangs.Addr())
+	failed := make(chan error, 1)
+	go func() {
+		_, err := client(door).DialContext(context.Background(), "tcp", "192.0.2.1:80")
+		failed <- err
+	}()
+	<-greeted // the door's dial now waits for the upstream's reply
+	door.Close()
+	if err := <-failed; err == nil {
+		t.Fatal("the client's CONNECT succeeded after Close")
+	}
+	if n := door.Stats().Failed.Load(); n != 0 || strings.Contains(logs.String(), `"session failed"`) {
+		t.Fatalf("Failed = %d after a Close during the dial, want 0; log:\n%s", n, logs)
+	}
+	if !strings.Contains(logs.String(), `"cause":"cut at shutdown"`) {
+		t.Fatalf("no line says the dial was cut at shutdown:\n%s", logs)
 	}
 }
 

@@ -283,6 +283,16 @@ func (f *TCPForward) serveSession(client net.Conn) {
 
 // dialFailed counts and logs a session whose upstream dial failed.
 func (f *TCPForward) dialFailed(client net.Conn, target socksclient.Addr, d *socksclient.Dialer, err error, start time.Time) {
+	if f.ctx.Err() != nil {
+		// Close cut the dial: no failure of an upstream or a target, and
+		// logged as the relayed sessions it cuts are.
+		ev := f.sessionEvent(f.cfg.Logger.Debug(), client, target)
+		if d != nil {
+			ev = ev.Str("upstream", d.ProxyAddr)
+		}
+		ev.Err(err).Str("cause", "cut at shutdown").Dur("dur", time.Since(start)).Msg("session ended")
+		return
+	}
 	f.stats.Failed.Add(1)
 	ev := f.sessionEvent(f.cfg.Logger.Info(), client, target)
 	if d != nil {
