@@ -6,11 +6,15 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync"
+	"time"
 )
 
 // List is the prefixes a listener serves clients from. A nil *List
-// allows every source; the host itself (a loopback source) is always
-// allowed.
+// allows every source; the host itself is always allowed: a loopback
+// source, or one of the host's own addresses (a program on the host whose
+// connection a transparent rule captured keeps its own source address,
+// and one may reach a listener by the host's LAN address).
 type List struct {
 	prefixes []netip.Prefix
 }
@@ -50,7 +54,52 @@ func (l *List) Allows(ip netip.Addr) bool {
 			return true
 		}
 	}
-	return false
+	return thisHost.has(ip)
+}
+
+// hostAddrs is this host's addresses as its interfaces hold them;
+// tests replace it.
+var hostAddrs = net.InterfaceAddrs
+
+// hostRefresh is how often, at most, the host's addresses are read again:
+// only a source the prefixes refuse asks, so a client the list refuses
+// cannot make the listener read them more often than this.
+const hostRefresh = time.Second
+
+// thisHost caches the host's own addresses.
+var thisHost hostSet
+
+type hostSet struct {
+	mu    sync.Mutex
+	addrs map[netip.Addr]bool
+	read  time.Time
+}
+
+// has reports whether ip is one of the host's addresses, reading them
+// again when the copy is older than hostRefresh (an address added since).
+func (h *hostSet) has(ip netip.Addr) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.addrs[ip] {
+		return true
+	}
+	if time.Since(h.read) < hostRefresh {
+		return false
+	}
+	h.read = time.Now()
+	addrs, err := hostAddrs()
+	if err != nil {
+		return false
+	}
+	h.addrs = make(map[netip.Addr]bool, len(addrs))
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok {
+				h.addrs[ip.Unmap()] = true
+			}
+		}
+	}
+	return h.addrs[ip]
 }
 
 // AllowsAddr is Allows for a connection's or a datagram's remote address;

@@ -34,4 +34,43 @@ func TestAllows(t *testing.T) {
 	}
 }
 
+// TestAllowsHostAddresses: a source that is one of the host's own
+// addresses is the host itself, served whatever the list says (a program
+// on the host whose connection a transparent rule captured keeps its
+// source address); a neighbour on the same subnet is not. A refused source
+// reads the host's addresses at most once per hostRefresh.
+func TestAllowsHostAddresses(t *testing.T) {
+	reads := 0
+	addrs := []net.Addr{
+		&net.IPNet{IP: net.ParseIP("203.0.113.5").To4(), Mask: net.CIDRMask(24, 32)},
+		&net.IPNet{IP: net.ParseIP("2001:db8::5"), Mask: net.CIDRMask(64, 128)},
+	}
+	hostAddrs = func() ([]net.Addr, error) { reads++; return addrs, nil }
+	thisHost = hostSet{}
+	t.Cleanup(func() { hostAddrs, thisHost = net.InterfaceAddrs, hostSet{} })
+
+	l, err := Parse([]string{"10.0.0.0/8"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for ip, want := range map[string]bool{
+		"203.0.113.5": true, "::ffff:203.0.113.5": true, "2001:db8::5": true,
+		"203.0.113.6": false, "2001:db8::6": false, "10.0.0.1": true,
+	} {
+		if got := l.Allows(netip.MustParseAddr(ip)); got != want {
+			t.Errorf("Allows(%s) = %t, want %t", ip, got, want)
+		}
+	}
+	if reads != 1 {
+		t.Errorf("the host's addresses were read %d times for two refused sources, want once", reads)
+	}
+	// An address added later is seen once the copy is older than
+	// hostRefresh.
+	addrs = append(addrs, &net.IPNet{IP: net.ParseIP("198.51.100.9").To4(), Mask: net.CIDRMask(32, 32)})
+	thisHost.read = thisHost.read.Add(-hostRefresh)
+	if !l.Allows(netip.MustParseAddr("198.51.100.9")) {
+		t.Error("an address the host took after the last read is refused")
+	}
+}
+
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
