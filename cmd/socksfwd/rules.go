@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -48,8 +49,8 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 			if err != nil {
 				return err
 			}
-			if w := dnsCaptureWarning(rc, cfg.plan); w != "" {
-				fmt.Fprintln(c.App.ErrWriter, w)
+			for _, w := range rulesWarnings(rc, cfg.plan) {
+				fmt.Fprintln(c.App.ErrWriter, "socksfwd rules: warning: "+w)
 			}
 			out, err := printRules(c.String("format"), rc)
 			if errors.Is(err, rules.ErrConfig) {
@@ -80,7 +81,11 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 		}
 		*f.to = uint32(v)
 	}
-	for _, l := range p.listens {
+	listens, err := resolveListens(p.listens)
+	if err != nil {
+		return rc, err
+	}
+	for _, l := range listens {
 		ap, err := netip.ParseAddrPort(l.addr)
 		if err != nil { // an empty bind: every interface
 			_, port, _ := net.SplitHostPort(l.addr)
@@ -128,7 +133,7 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 	if rc.TCPPort == 0 && rc.UDPPort == 0 && rc.DNSPort == 0 {
 		return rc, usagef("rules: nothing to capture: give --transparent [bind:]port[/udp] (and --dns to capture DNS)")
 	}
-	if err := checkListenersTake(rc, p.listens); err != nil {
+	if err := checkListenersTake(rc, listens); err != nil {
 		return rc, err
 	}
 	for _, d := range p.dialers {
@@ -144,7 +149,6 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 		}
 		rc.Proxies = append(rc.Proxies, addrs...)
 	}
-	var err error
 	if rc.Exclude, err = prefixes("--exclude", c.StringSlice("exclude")); err != nil {
 		return rc, err
 	}
@@ -152,6 +156,35 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 		return rc, err
 	}
 	return rc, nil
+}
+
+// resolveListens returns listens with each bind given as a host name
+// replaced by the address socksfwd binds for it (net.Listen takes the
+// name's first IPv4 address, else its first): the rules must send to the
+// address the listener is on, and check that address, not the name.
+func resolveListens(listens []listenPlan) ([]listenPlan, error) {
+	return resolveListensWith(net.ResolveTCPAddr, listens)
+}
+
+// resolveListensWith is resolveListens with resolveBind resolving names.
+func resolveListensWith(resolveBind func(network, addr string) (*net.TCPAddr, error), listens []listenPlan) ([]listenPlan, error) {
+	out := slices.Clone(listens)
+	for i, l := range out {
+		host, _, err := net.SplitHostPort(l.addr)
+		if err != nil || host == "" {
+			continue
+		}
+		if _, err := netip.ParseAddr(host); err == nil {
+			continue
+		}
+		a, err := resolveBind("tcp", l.addr) // UDP's choice is the same
+		if err != nil {
+			return nil, fmt.Errorf("rules: %s binds %s, whose name does not resolve here: %w", l.spec, host, err)
+		}
+		ap := a.AddrPort()
+		out[i].addr = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String()
+	}
+	return out, nil
 }
 
 // checkListenersTake refuses rules that send a family's TCP, UDP or DNS
@@ -266,20 +299,54 @@ func onThisHost(addrs []netip.Addr) netip.Addr {
 	return netip.Addr{}
 }
 
-// dnsCaptureWarning: with DNS captured in scope local, a proxy given by
-// name is looked up through this host's resolver, whose own queries the
-// rules send to --dns, which needs the proxy: nothing resolves. An empty
+// rulesWarnings are what the rules will do that the user may not expect,
+// though it can be right.
+func rulesWarnings(rc rules.Config, p *plan) []string {
+	var warnings []string
+	if w := resolverCaptureWarning(rc, p); w != "" {
+		warnings = append(warnings, w)
+	}
+	if rc.Scope == rules.ScopeGateway {
+		// REDIRECT on a gateway sends to the primary address of the
+		// interface traffic came in on (for IPv6 often its link-local
+		// one), which a listener on one address may not be.
+		for _, l := range p.listens {
+			redirected := l.kind == kindDNS || l.kind == kindTransparent && rc.Mode == rules.ModeRedirect
+			if ap, err := netip.ParseAddrPort(l.addr); err == nil && redirected && !ap.Addr().IsUnspecified() {
+				warnings = append(warnings, fmt.Sprintf("%s listens on %s only, and REDIRECT on a gateway sends to the primary address "+
+					"of the interface traffic comes in on (for IPv6 often its link-local one): unless that is %s, bind *:%d",
+					l.spec, ap.Addr(), ap.Addr(), ap.Port()))
+			}
+		}
+	}
+	return warnings
+}
+
+// resolverCaptureWarning: in scope local, a proxy given by name is looked
+// up through this host's resolver, and the rules capture that resolver's
+// own queries to its upstream servers (a stub such as 127.0.0.53 sends
+// them unmarked), which then need the proxy: nothing resolves. An empty
 // string when that cannot happen.
-func dnsCaptureWarning(rc rules.Config, p *plan) string {
-	if rc.DNSPort == 0 || rc.Scope != rules.ScopeLocal {
+func resolverCaptureWarning(rc rules.Config, p *plan) string {
+	if rc.Scope != rules.ScopeLocal {
 		return ""
+	}
+	var captured []string
+	if rc.DNSPort != 0 {
+		captured = append(captured, "DNS into --dns")
+	}
+	if rc.UDPPort != 0 {
+		captured = append(captured, "UDP (port 53 too) into the transparent UDP listener")
+	}
+	if rc.TCPPort != 0 {
+		captured = append(captured, "TCP (DNS over TCP and TLS too) into the transparent listener")
 	}
 	for _, d := range p.dialers {
 		host, _, _ := net.SplitHostPort(d.ProxyAddr)
-		if _, err := netip.ParseAddr(host); err != nil {
-			return fmt.Sprintf("socksfwd rules: warning: DNS is captured into --dns and the proxy %s is a name: socksfwd looks it up "+
-				"through this host's resolver, and a local stub resolver's own queries (127.0.0.53) would be captured too, "+
-				"needing the proxy to resolve the proxy. Give the proxy by address, or --exclude the stub's upstream resolvers.", host)
+		if _, err := netip.ParseAddr(host); err != nil && len(captured) > 0 {
+			return fmt.Sprintf("the proxy %s is a name: socksfwd looks it up through this host's resolver, and the rules capture %s, "+
+				"so a local stub resolver's own queries (127.0.0.53's) would need the proxy to resolve the proxy. "+
+				"Give the proxy by address, or --exclude the stub's upstream resolvers.", host, strings.Join(captured, " and "))
 		}
 	}
 	return ""

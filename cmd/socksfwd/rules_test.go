@@ -1,0 +1,48 @@
+package main
+
+import (
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/socksfwd/socksfwd/internal/rules"
+)
+
+// TestResolveListens: a listener bound by host name is checked, and sent
+// to, at the address socksfwd binds for that name. Before, rules took a
+// name for "every address": TPROXY rules sent to 127.0.0.1 while the
+// listener was on the name's 10.1.0.1, and every captured connection was
+// dropped without a word.
+func TestResolveListens(t *testing.T) {
+	lanbox := func(network, addr string) (*net.TCPAddr, error) {
+		if addr != "lanbox:12345" {
+			t.Fatalf("resolved %q, want only the named bind", addr)
+		}
+		return &net.TCPAddr{IP: net.ParseIP("10.1.0.1"), Port: 12345}, nil // 16 bytes, as the resolver gives
+	}
+	listens := []listenPlan{
+		{kind: kindTransparent, addr: "lanbox:12345", spec: "--transparent lanbox:12345"},
+		{kind: kindDNS, addr: ":5353", spec: "--dns *:5353"},
+		{kind: kindTransparentUDP, addr: "127.0.0.1:12346", spec: "--transparent 127.0.0.1:12346/udp"},
+	}
+	got, err := resolveListensWith(lanbox, listens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got[0].addr != "10.1.0.1:12345" || got[1].addr != ":5353" || got[2].addr != "127.0.0.1:12346" {
+		t.Fatalf("resolved binds %q, %q, %q", got[0].addr, got[1].addr, got[2].addr)
+	}
+	if listens[0].addr != "lanbox:12345" {
+		t.Error("the plan's own listeners were changed")
+	}
+	// TPROXY to 10.1.0.1 finds the listener; to 127.0.0.1 it does not.
+	at := netip.MustParseAddr("10.1.0.1")
+	if err := checkListenersTake(rules.Config{Mode: rules.ModeTProxy, Scope: rules.ScopeGateway, TCPPort: 12345, TProxyAddr4: at}, got[:1]); err != nil {
+		t.Errorf("TPROXY to the listener's address: %v", err)
+	}
+	err = checkListenersTake(rules.Config{Mode: rules.ModeTProxy, Scope: rules.ScopeGateway, TCPPort: 12345}, got[:1])
+	if err == nil || !strings.Contains(err.Error(), "no --transparent listener is there (10.1.0.1:12345)") {
+		t.Errorf("TPROXY to 127.0.0.1 with the listener on lanbox's 10.1.0.1: %v", err)
+	}
+}
