@@ -182,7 +182,13 @@ func NewHTTPProxy(cfg HTTPProxyConfig, ln net.Listener) *HTTPProxy {
 		MaxHeaderBytes:    maxRequestHead,
 		Protocols:         &protocols,
 		BaseContext:       func(net.Listener) context.Context { return p.ctx },
-		ErrorLog:          log.New(serverLog{p}, "", 0),
+		// A forwarded request's stream after a 101 takes the client's
+		// connection over: Close must be able to cut it, and the idle
+		// timeout to end it.
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, clientConnKey{}, c)
+		},
+		ErrorLog: log.New(serverLog{p}, "", 0),
 	}
 	return p
 }
@@ -193,8 +199,28 @@ func (p *HTTPProxy) SetAdmission(maxSessions int, allow *allowlist.List) {
 	p.admit.Store(&admission{maxSessions: maxSessions, allow: allow})
 }
 
-// SetIdleTimeout sets the idle timeout of tunnels opened from now on.
-func (p *HTTPProxy) SetIdleTimeout(d time.Duration) { p.idle.Store(int64(d)) }
+// SetIdleTimeout sets the idle timeout of tunnels opened from now on, and
+// of forwarded requests (for those, 0 means DefaultForwardIdle).
+func (p *HTTPProxy) SetIdleTimeout(d time.Duration) {
+	changed := p.idle.Swap(int64(d)) != int64(d)
+	if changed && p.transport.Load() != nil {
+		p.Redial() // the Transport's ResponseHeaderTimeout follows it
+	}
+}
+
+// DefaultForwardIdle is how long a forwarded request may wait without
+// progress (its body from the client, the target's response head) when
+// no idle timeout is set: squid's read_timeout. Tunnels and streams after
+// a 101 have none unless one is set, as -L's sessions.
+const DefaultForwardIdle = 15 * time.Minute
+
+// forwardIdle is the wait a forwarded request is allowed without progress.
+func (p *HTTPProxy) forwardIdle() time.Duration {
+	if d := time.Duration(p.idle.Load()); d > 0 {
+		return d
+	}
+	return DefaultForwardIdle
+}
 
 // SetCredentials sets what requests from now on must carry (nil: none).
 func (p *HTTPProxy) SetCredentials(c *ProxyCredentials) { p.creds.Store(c) }
@@ -317,11 +343,14 @@ func (p *HTTPProxy) newTransport() *targetTransport {
 			return c, nil
 		},
 		// The client asked for its own encoding; the bytes pass as they are.
-		DisableCompression:     true,
-		MaxIdleConns:           100,
-		MaxIdleConnsPerHost:    8,
-		IdleConnTimeout:        time.Minute,
-		ExpectContinueTimeout:  time.Second,
+		DisableCompression:    true,
+		MaxIdleConns:          100,
+		MaxIdleConnsPerHost:   8,
+		IdleConnTimeout:       time.Minute,
+		ExpectContinueTimeout: time.Second,
+		// A target that takes a request and never answers is let go, as
+		// a quiet tunnel is.
+		ResponseHeaderTimeout:  p.forwardIdle(),
 		MaxResponseHeaderBytes: maxResponseHead,
 		// HTTP/1.1 only, as the client speaks it to us.
 		TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{},
@@ -475,6 +504,11 @@ func (p *HTTPProxy) authFailed(w http.ResponseWriter, r *http.Request) {
 	if ok, suppressed := p.refusals.Allow(cause); ok {
 		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).
 			Int64("refused_since_last_line", suppressed).Msg(cause)
+	}
+	if r.Method == http.MethodConnect {
+		// What the client sent behind its CONNECT (a TLS ClientHello) is
+		// no next request.
+		w.Header().Set("Connection", "close")
 	}
 	w.Header().Set("Proxy-Authenticate", `Basic realm="socksfwd", charset="UTF-8"`)
 	answer(w, http.StatusProxyAuthRequired, cause+": send Proxy-Authorization (Basic) with the user and password of --http-auth")
@@ -632,9 +666,14 @@ type forwardInfo struct {
 	up       atomic.Int64 // request body bytes, and after a 101 what the client sent
 	down     atomic.Int64 // after a 101, what the target sent
 	conn     atomic.Pointer[viaConn]
+	client   net.Conn              // the client's connection, for a stream after a 101
+	bodyErr  atomic.Pointer[error] // why reading the request body from the client failed
 }
 
 type forwardInfoKey struct{}
+
+// clientConnKey carries a request's client connection in its context.
+type clientConnKey struct{}
 
 func infoOf(r *http.Request) *forwardInfo {
 	info, _ := r.Context().Value(forwardInfoKey{}).(*forwardInfo)
@@ -658,11 +697,29 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 		answer(w, http.StatusLoopDetected, "the request came back to this proxy (its Via holds "+viaToken+"): the target is the proxy itself")
 		return
 	}
-	info := &forwardInfo{target: target, start: start}
+	client, _ := r.Context().Value(clientConnKey{}).(net.Conn)
+	info := &forwardInfo{target: target, start: start, client: client}
 	r = r.WithContext(context.WithValue(r.Context(), forwardInfoKey{}, info))
+	idle := p.forwardIdle()
 	if r.Body != nil && r.Body != http.NoBody {
-		r.Body = &countingBody{ReadCloser: r.Body, total: &p.stats.BytesUp, n: &info.up}
+		// A client that stops sending its body is let go after idle, as
+		// a quiet tunnel is; the server sets its own deadlines again for
+		// the next request.
+		rc := http.NewResponseController(w)
+		r.Body = &countingBody{ReadCloser: r.Body, total: &p.stats.BytesUp, n: &info.up, failed: &info.bodyErr,
+			progress: func(ended bool) {
+				// Cleared at the body's end: the server's own read, which
+				// watches for the client's hang-up, must not time out
+				// while the response streams. After a failed read it
+				// stays, so that the server gives up on the connection.
+				deadline := time.Now().Add(idle)
+				if ended {
+					deadline = time.Time{}
+				}
+				rc.SetReadDeadline(deadline)
+			}}
 	}
+	defer p.untrackStream(info)
 	defer func() {
 		if info.failed.Load() {
 			return
@@ -767,9 +824,9 @@ func recordStatus(res *http.Response) error {
 }
 
 // modifyResponse notes the target's status and, when it switches
-// protocols (101: a WebSocket, say), has the stream that follows counted
-// and subject to the idle timeout as a CONNECT tunnel is: ReverseProxy
-// copies it itself, through the body it is given here.
+// protocols (101: a WebSocket, say), has the stream that follows counted,
+// cut by Close and subject to the idle timeout as a CONNECT tunnel is:
+// ReverseProxy copies it itself, through the body it is given here.
 func (p *HTTPProxy) modifyResponse(res *http.Response) error {
 	if err := recordStatus(res); err != nil {
 		return err
@@ -779,27 +836,81 @@ func (p *HTTPProxy) modifyResponse(res *http.Response) error {
 	if res.StatusCode != http.StatusSwitchingProtocols || info == nil || !ok {
 		return nil
 	}
-	res.Body = &upgradedStream{ReadWriteCloser: rwc, conn: info.conn.Load(), idle: time.Duration(p.idle.Load()),
+	stream := &upgradedStream{ReadWriteCloser: rwc, target: info.conn.Load(), idle: time.Duration(p.idle.Load()),
 		up: &p.stats.BytesUp, down: &p.stats.BytesDown, info: info}
+	if info.client != nil {
+		stream.conns = append(stream.conns, info.client)
+	}
+	if stream.target != nil {
+		stream.conns = append(stream.conns, stream.target)
+	}
+	if !p.trackStream(stream.conns) {
+		return errors.New("socksfwd is stopping")
+	}
+	res.Body = stream
 	return nil
+}
+
+// trackStream registers a stream's connections (the client's first) for
+// Close to cut, as a tunnel's are; false once the proxy is closed.
+func (p *HTTPProxy) trackStream(conns []net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	for i, c := range conns {
+		p.tunnels[c] = i == 0
+	}
+	return true
+}
+
+// untrackStream forgets what trackStream registered for a request.
+func (p *HTTPProxy) untrackStream(info *forwardInfo) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if info.client != nil {
+		delete(p.tunnels, info.client)
+	}
+	if target := info.conn.Load(); target != nil {
+		delete(p.tunnels, target)
+	}
 }
 
 // upgradedStream is the target's side of a stream after a 101: what it
 // reads is the target's (down), what it writes the client's (up). With an
-// idle timeout, each read or write moves the connection's deadline on, so
-// the stream ends once neither side has sent anything for that long.
+// idle timeout, each read or write moves both connections' deadlines on,
+// so the stream ends once neither side has sent anything for that long.
 type upgradedStream struct {
 	io.ReadWriteCloser
-	conn     *viaConn
+	target   *viaConn   // nil if the trace did not see it
+	conns    []net.Conn // the client's and the target's, as known
 	idle     time.Duration
 	up, down *atomic.Int64
 	info     *forwardInfo
 }
 
 func (s *upgradedStream) touch() {
-	if s.idle > 0 && s.conn != nil {
-		s.conn.SetDeadline(time.Now().Add(s.idle))
+	if s.idle <= 0 {
+		return
 	}
+	deadline := time.Now().Add(s.idle)
+	for _, c := range s.conns {
+		c.SetDeadline(deadline)
+	}
+}
+
+// CloseWrite passes the client's half-close on to the target, as a
+// tunnel does (a protocol that ends its input with a FIN, Docker's
+// attach): without it ReverseProxy would close both ways at once and
+// lose what the target still had to send.
+func (s *upgradedStream) CloseWrite() error {
+	if s.target != nil {
+		if cw, ok := s.target.Conn.(closeWriter); ok {
+			return cw.CloseWrite()
+		}
+	}
+	return s.ReadWriteCloser.Close()
 }
 
 func (s *upgradedStream) Read(b []byte) (int, error) {
@@ -831,7 +942,15 @@ func (p *HTTPProxy) forwardFailed(w http.ResponseWriter, r *http.Request, err er
 		p.dialFailed(w, r, info.target, de.upstream, de.err, info.start)
 		return
 	}
-	code := http.StatusBadGateway
+	code := dialStatus(err) // 504 for a target that took too long to answer
+	if be := info.bodyErr.Load(); be != nil {
+		// The client stopped sending its body (or broke off): that, not
+		// the cancel it caused, is the cause.
+		err, code = fmt.Errorf("reading the request body from the client: %w", *be), http.StatusBadRequest
+		if dialStatus(*be) == http.StatusGatewayTimeout {
+			code = http.StatusRequestTimeout
+		}
+	}
 	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
 		// The client left (or Close cut it): nobody reads the answer.
 		p.cfg.Logger.Debug().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String()).
@@ -929,10 +1048,21 @@ func (w *statusWriter) class() int {
 type countingBody struct {
 	io.ReadCloser
 	total, n *atomic.Int64
+	progress func(ended bool) // before each read (false) and at the body's end (true)
+	failed   *atomic.Pointer[error]
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
+	if b.progress != nil {
+		b.progress(false)
+	}
 	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF && b.progress != nil {
+		b.progress(true)
+	}
+	if err != nil && err != io.EOF && b.failed != nil {
+		b.failed.CompareAndSwap(nil, &err)
+	}
 	b.total.Add(int64(n))
 	b.n.Add(int64(n))
 	return n, err

@@ -884,3 +884,131 @@ func TestHTTPProxyUpgrade(t *testing.T) {
 	}
 	logs.waitFor(t, `"status":101,"bytes_up":9,"bytes_down":9`)
 }
+
+// upgradeTarget answers a request with 101, then runs stream on the
+// connection (its buffered reader and the conn).
+func upgradeTarget(t *testing.T, stream func(br *bufio.Reader, c net.Conn)) string {
+	t.Helper()
+	tgt, err := testnet.ServeOn(t, "127.0.0.1:0", func(c net.Conn) {
+		br := bufio.NewReader(c)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+		stream(br, c)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tgt.Addr().String()
+}
+
+// upgrade sends an upgrading request for addr through the proxy at proxy
+// and wants 101.
+func upgrade(t *testing.T, proxy, addr string) (*bufio.Reader, net.Conn) {
+	t.Helper()
+	resp, br, c := proxyExchange(t, proxy, "GET http://"+addr+"/attach HTTP/1.1\r\nHost: "+addr+"\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("status %d, want 101", resp.StatusCode)
+	}
+	return br, c
+}
+
+// TestHTTPProxyUpgradeHalfClose: a client's half-close over a stream after
+// a 101 reaches the target, which still answers (Docker's attach ends its
+// input so): before, the proxy closed both ways at once and the answer
+// was lost.
+func TestHTTPProxyUpgradeHalfClose(t *testing.T) {
+	socks := newSocks(t, sockstest.Config{})
+	addr := upgradeTarget(t, func(br *bufio.Reader, c net.Conn) {
+		io.Copy(c, br) // until the client's EOF
+		io.WriteString(c, "bye")
+		c.Close()
+	})
+	_, u, _ := startHTTPProxy(t, HTTPProxyConfig{}, socks.Addr())
+	br, c := upgrade(t, u.Host, addr)
+	io.WriteString(c, "stdin")
+	c.(*net.TCPConn).CloseWrite()
+	if got, err := io.ReadAll(br); string(got) != "stdinbye" || err != nil {
+		t.Fatalf("after the half-close: %q, %v; want the echo, then bye, then EOF", got, err)
+	}
+}
+
+// TestHTTPProxyUpgradeClientSideEnds: once the target has closed a stream
+// after a 101, a client that stays silent is let go by the idle timeout,
+// and Close cuts it without one: before, the proxy read from the client
+// with no deadline, out of Close's reach, and a drain waited for ever.
+func TestHTTPProxyUpgradeClientSideEnds(t *testing.T) {
+	socks := newSocks(t, sockstest.Config{})
+	addr := upgradeTarget(t, func(br *bufio.Reader, c net.Conn) {
+		io.WriteString(c, "hi")
+		c.Close()
+	})
+	for _, idle := range []time.Duration{300 * time.Millisecond, 0} {
+		t.Run(fmt.Sprint("idle=", idle), func(t *testing.T) {
+			p, u, logs := startHTTPProxy(t, HTTPProxyConfig{IdleTimeout: idle}, socks.Addr())
+			br, _ := upgrade(t, u.Host, addr)
+			if got, err := io.ReadAll(br); string(got) != "hi" || err != nil {
+				t.Fatalf("the target's bytes: %q, %v", got, err)
+			}
+			if idle > 0 {
+				logs.waitFor(t, `"status":101`) // the stream's end line; the client sent nothing
+				return
+			}
+			returnsWithin(t, 10*time.Second, "Close still waits for a stream whose client stays silent", func() { p.Close() })
+		})
+	}
+}
+
+// TestHTTPProxyForwardStalls: a forwarded request that stops making
+// progress (a client that stops sending its body, a target that never
+// answers) ends after the idle timeout with one line, rather than holding
+// a session and a connection to the target for ever.
+func TestHTTPProxyForwardStalls(t *testing.T) {
+	socks := newSocks(t, sockstest.Config{})
+	silent, err := testnet.ServeOn(t, "127.0.0.1:0", func(c net.Conn) {
+		io.Copy(io.Discard, c) // reads the request, never answers
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg := newTarget(t, false)
+	_, u, logs := startHTTPProxy(t, HTTPProxyConfig{IdleTimeout: 300 * time.Millisecond}, socks.Addr())
+
+	resp, _, _ := proxyExchange(t, u.Host, "GET http://"+silent.Addr().String()+"/ HTTP/1.1\r\nHost: x\r\n\r\n")
+	if resp.StatusCode != http.StatusGatewayTimeout {
+		t.Errorf("a target that never answers: %s, want 504", resp.Status)
+	}
+
+	c, err := net.DialTimeout("tcp", u.Host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	io.WriteString(c, "POST "+tg.srv.URL+"/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nx")
+	// The answer, if any, and then the end: not a connection held open.
+	if _, err := io.ReadAll(c); err != nil {
+		t.Fatalf("a client that stopped sending its body: %v, want the connection ended\n%s", err, logs)
+	}
+	logs.waitForCount(t, `"message":"request failed"`, 2) // one line each
+}
+
+// TestHTTPProxyConnectAuthRefusalCloses: a CONNECT refused 407 ends the
+// connection: what the client sent behind it (a TLS ClientHello) is no
+// next request.
+func TestHTTPProxyConnectAuthRefusalCloses(t *testing.T) {
+	creds, err := ParseProxyCredentials("alice:pw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, u, _ := startHTTPProxy(t, HTTPProxyConfig{Credentials: creds}, newSocks(t, sockstest.Config{}).Addr())
+	resp, br, _ := proxyExchange(t, u.Host, "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03\x01\x00\x05hello")
+	if resp.StatusCode != http.StatusProxyAuthRequired {
+		t.Fatalf("status %d, want 407", resp.StatusCode)
+	}
+	body(t, resp)
+	if rest, err := io.ReadAll(br); len(rest) != 0 || err != nil {
+		t.Fatalf("after the 407: %q, %v; want the connection closed", rest, err)
+	}
+}

@@ -78,6 +78,21 @@ func (l *logBuf) Write(p []byte) (int, error) {
 	return l.b.Write(p)
 }
 
+// returnsWithin fails the test with what unless f returns within d.
+func returnsWithin(t *testing.T, d time.Duration, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatal(what)
+	}
+}
+
 // waitForCount waits until the log holds s n times, at most 5 s.
 func (l *logBuf) waitForCount(t *testing.T, s string, n int) {
 	t.Helper()
