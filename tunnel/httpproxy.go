@@ -831,6 +831,8 @@ func (p *HTTPProxy) modifyResponse(res *http.Response) error {
 	if err := recordStatus(res); err != nil {
 		return err
 	}
+	// Via on the way back too (RFC 9110 §7.6.3: every forwarded message).
+	res.Header["Via"] = append(res.Header["Via"], viaToken)
 	info := infoOf(res.Request)
 	rwc, ok := res.Body.(io.ReadWriteCloser)
 	if res.StatusCode != http.StatusSwitchingProtocols || info == nil || !ok {

@@ -773,6 +773,9 @@ func TestHTTPProxyViaAndLoop(t *testing.T) {
 	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
 	resp, _, _ := proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+"/v HTTP/1.1\r\nHost: "+tg.srv.Listener.Addr().String()+"\r\nVia: 1.0 elsewhere\r\n\r\n")
 	body(t, resp)
+	if via := resp.Header.Values("Via"); len(via) != 1 || via[0] != viaToken {
+		t.Errorf("the client got Via %q, want %q", via, viaToken)
+	}
 	if via := tg.header().Values("Via"); len(via) != 2 || via[0] != "1.0 elsewhere" || via[1] != viaToken {
 		t.Errorf("the target got Via %q, want the client's then %q", via, viaToken)
 	}
