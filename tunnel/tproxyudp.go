@@ -64,6 +64,10 @@ type TransparentUDPStats struct {
 	// DroppedNotRedirected: its original destination is the listener
 	// itself; relaying it would loop.
 	DroppedNotRedirected atomic.Int64
+	// DroppedOwnRelay: its original destination is the UDP relay of one
+	// of the listener's own associations, so it is socksfwd's own
+	// datagram, captured again by rules that do not leave it out.
+	DroppedOwnRelay atomic.Int64
 	// ReplySockets is the number of open reply sockets.
 	ReplySockets atomic.Int64
 	// ReplyBindFailures counts remotes whose reply socket could not bind

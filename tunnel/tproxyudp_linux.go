@@ -15,6 +15,7 @@ import (
 const (
 	causeNoDest        = "no original destination"
 	causeNotRedirected = "not redirected"
+	causeOwnRelay      = "addressed to one of this listener's own UDP relays: the capture rules brought socksfwd's own datagrams back (leave its traffic out with --mark, or the relay's address with --exclude)"
 )
 
 // TransparentUDP relays datagrams that TPROXY rules sent to its socket:
@@ -28,6 +29,7 @@ type TransparentUDP struct {
 	pc       *net.UDPConn
 	listen   netip.AddrPort
 	replies  *replyPool
+	relays   relaySet // of the live associations: datagrams to them are our own, come back
 	stats    TransparentUDPStats
 }
 
@@ -50,6 +52,7 @@ func NewTransparentUDP(cfg TransparentUDPConfig, pc *net.UDPConn) *TransparentUD
 		name: cfg.Name, logger: cfg.Logger, upstreams: cfg.Upstreams, stats: &t.stats.UDPStats,
 		endMsg: "transparent UDP session ended", copyDown: t.copyDown,
 		idleTimeout: cfg.IdleTimeout, maxSessions: cfg.MaxSessions, queueBytes: cfg.QueueBytes,
+		relays: &t.relays,
 	})
 	t.replies = newReplyPool(cfg.MaxReplySockets, cfg.IdleTimeout, &t.cfg, &t.stats)
 	return t
@@ -119,6 +122,12 @@ func (t *TransparentUDP) Serve(ctx context.Context) error {
 				t.dropUnrouted(causeNotRedirected, &t.stats.DroppedNotRedirected, r.Addr(i), dst)
 				continue
 			}
+			if t.relays.has(dst) {
+				// Relayed, it would come back again, each time through a
+				// new association: a loop that grows.
+				t.dropUnrouted(causeOwnRelay, &t.stats.DroppedOwnRelay, r.Addr(i), dst)
+				continue
+			}
 			t.dispatch(d, r.Addr(i), r.Slot(i), i, socksclient.AddrFromAddrPort(dst))
 		}
 		d.flush(r)
@@ -134,7 +143,11 @@ func (t *TransparentUDP) dropUnrouted(cause string, counter *atomic.Int64, src, 
 		if dst.IsValid() {
 			ev = ev.Str("destination", dst.String())
 		}
-		ev.Msg("UDP datagram dropped: " + cause + " (only datagrams a TPROXY rule sent are relayed)")
+		msg := "UDP datagram dropped: " + cause
+		if cause != causeOwnRelay {
+			msg += " (only datagrams a TPROXY rule sent are relayed)"
+		}
+		ev.Msg(msg)
 	}
 }
 

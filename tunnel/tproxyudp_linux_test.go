@@ -343,6 +343,50 @@ func TestTransparentUDPNotRedirected(t *testing.T) {
 	}
 }
 
+// TestTransparentUDPOwnRelay: a datagram whose original destination is
+// the UDP relay of one of the listener's own associations is socksfwd's
+// own, brought back by rules that do not leave it out (no --mark, a relay
+// on another address than the proxy's): dropped, counted and logged, not
+// relayed again through a new association, which would loop and grow.
+func TestTransparentUDPOwnRelay(t *testing.T) {
+	if !inFreshNetns(t) {
+		return
+	}
+	echo := startEchoes(t)
+	proxy := newSocks(t, sockstest.Config{})
+	tu, logs, _ := startTransparentUDP(t, proxy.Addr())
+	port := tu.Addr().(*net.UDPAddr).AddrPort().Port()
+	tproxyUDPNetns(t, port, echo)
+	exchange(t, appClient(t, "127.0.0.2:0"), "198.51.100.7:7", "first")
+	var relay netip.AddrPort
+	for r := range *tu.relays.now.Load() {
+		relay = r
+	}
+	if !relay.IsValid() {
+		t.Fatal("no relay recorded for the live association")
+	}
+	// What rules without socksfwd's mark would do with its own datagram
+	// to that relay.
+	run(t, fmt.Sprintf(`
+table ip owntest {
+	chain pre {
+		type filter hook prerouting priority mangle - 1; policy accept;
+		ip daddr %s udp dport %d tproxy to :%d accept
+	}
+}`, relay.Addr(), relay.Port(), port), "nft", "-f", "-")
+	c := appClient(t, "127.0.0.3:0")
+	if _, err := c.WriteToUDPAddrPort([]byte("again"), relay); err != nil {
+		t.Fatal(err)
+	}
+	logs.waitFor(t, "own UDP relays")
+	if n := tu.Stats().DroppedOwnRelay.Load(); n != 1 {
+		t.Errorf("DroppedOwnRelay = %d, want 1", n)
+	}
+	if n := tu.Sessions(); n != 1 {
+		t.Errorf("%d sessions, want the first client's only", n)
+	}
+}
+
 // TestListenTransparentUDPWithoutPermission: without CAP_NET_ADMIN the
 // listener is refused with an error that says what is missing.
 func TestListenTransparentUDPWithoutPermission(t *testing.T) {

@@ -39,6 +39,8 @@ type udpTable struct {
 	// copyDown relays the association's datagrams back to s's client
 	// until the association is closed.
 	copyDown func(s *udpSession, a *socksclient.UDPConn)
+	// relays, if not nil, holds the UDP relays of the live associations.
+	relays *relaySet
 
 	// queued is what the buffers of queued datagrams take, charged when a
 	// datagram is queued and given back when it is sent or dropped.
@@ -71,6 +73,7 @@ type udpTableConfig struct {
 	idleTimeout time.Duration
 	maxSessions int
 	queueBytes  int
+	relays      *relaySet // kept up to date when not nil
 }
 
 // configure sets the table up; zero limits take the defaults.
@@ -85,7 +88,7 @@ func (t *udpTable) configure(c udpTableConfig) {
 		c.queueBytes = DefaultUDPQueueBytes
 	}
 	t.name, t.logger, t.upstreams, t.stats = c.name, c.logger, c.upstreams, c.stats
-	t.endMsg, t.fixedTarget, t.target, t.copyDown = c.endMsg, c.fixedTarget, c.target, c.copyDown
+	t.endMsg, t.fixedTarget, t.target, t.copyDown, t.relays = c.endMsg, c.fixedTarget, c.target, c.copyDown, c.relays
 	t.logs = logthrottle.New(udpLogEvery)
 	t.done = make(chan struct{})
 	t.queueLimit = int64(c.queueBytes)
@@ -711,6 +714,7 @@ func (s *udpSession) associate() bool {
 	}
 	s.lastErr = nil
 	a.CountInto(&t.stats.Association)
+	t.relays.add(a.Relay())
 	s.assoc = a
 	s.assocStart = time.Now()
 	done := make(chan struct{})
@@ -730,6 +734,7 @@ func (s *udpSession) closeAssoc() {
 		byProxy := !s.assoc.Alive()
 		s.live.Store(nil)
 		s.assoc.Close()
+		s.t.relays.remove(s.assoc.Relay())
 		<-s.readDone
 		s.relayWaits += s.assoc.Stats().RelayWaits.Load()
 		s.relayStalls += s.assoc.Stats().RelayStalls.Load()

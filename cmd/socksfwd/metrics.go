@@ -465,7 +465,8 @@ func writeUDP(p *promWriter, units []liveUnit) {
 		if ts != nil {
 			drops = append(drops,
 				drop{"no_destination", ts.DroppedNoDest.Load()},
-				drop{"not_redirected", ts.DroppedNotRedirected.Load()})
+				drop{"not_redirected", ts.DroppedNotRedirected.Load()},
+				drop{"own_relay", ts.DroppedOwnRelay.Load()})
 		}
 		for _, d := range drops {
 			p.sample("socksfwd_udp_dropped_total", float64(d.n), lab(u, "reason", d.reason)...)
