@@ -113,6 +113,9 @@ type ReverseStats struct {
 const (
 	reverseMinBackoff = time.Second
 	reverseMaxBackoff = 30 * time.Second
+	// reverseStable is how long a BIND must wait for its caller before
+	// its failure counts as a new one rather than one more in a row.
+	reverseStable = 10 * time.Second
 )
 
 // reverseUnsupportedRetry: after a server said it has no BIND, it is asked
@@ -145,6 +148,8 @@ type Reverse struct {
 	sessCtx  context.Context // cancelled by Close: aborts target dials
 	cutAll   context.CancelFunc
 	wake     chan struct{} // Retry: end a backoff, or the wait after "unsupported"
+	// rebind ends the current wait for a caller (Rebind); nil while none.
+	rebind   atomic.Pointer[context.CancelFunc]
 	loopDone chan struct{}
 	served   atomic.Bool
 
@@ -226,6 +231,20 @@ func (r *Reverse) Retry() {
 	}
 }
 
+// Rebind gives up the BIND that waits for a caller, if one does, and
+// binds again through the upstreams as they are now: a reload that
+// changed them calls it, so that the forward leaves an upstream taken out
+// of service at once rather than when its next caller comes. A waiting
+// BIND carries no session, so nothing live is cut. Otherwise it is Retry.
+func (r *Reverse) Rebind() {
+	// Learned from the old server; the new one may bind the port twice.
+	r.rearmAfterSession.Store(false)
+	if cancel := r.rebind.Load(); cancel != nil {
+		(*cancel)()
+	}
+	r.Retry()
+}
+
 // Serve issues BINDs until Shutdown or Close, or until ctx is done (which
 // then closes the forward). Failures are logged and retried, never
 // returned: a server without BIND must not stop the other forwards.
@@ -253,6 +272,7 @@ func (r *Reverse) loop() {
 		backoff = min(max(2*backoff, reverseMinBackoff), reverseMaxBackoff)
 		return r.pause(backoff)
 	}
+	var armedAt time.Time // the last first reply
 	for r.loopCtx.Err() == nil {
 		b, d, err := r.cfg.Upstreams.Bind(r.loopCtx, r.cfg.Remote)
 		if err != nil {
@@ -308,7 +328,8 @@ func (r *Reverse) loop() {
 			}
 			continue
 		}
-		backoff, quick = 0, 0
+		quick = 0
+		armedAt = time.Now()
 		// Told before the log line and the counters say it listens again,
 		// so that whoever waits on those finds the re-arm recorded.
 		if !secondAt.IsZero() && r.cfg.OnRearm != nil {
@@ -317,12 +338,29 @@ func (r *Reverse) loop() {
 		secondAt, held = time.Time{}, 0
 		r.armed(addr, d)
 
-		conn, err := b.Accept(r.loopCtx)
+		waitCtx, cancelWait := context.WithCancel(r.loopCtx)
+		r.rebind.Store(&cancelWait)
+		conn, err := b.Accept(waitCtx)
+		r.rebind.Store(nil)
+		rebound := waitCtx.Err() != nil
+		cancelWait()
+		if err == nil || time.Since(armedAt) >= reverseStable {
+			// A caller came, or the BIND held for a while: the proxy
+			// works, and a failure from now on starts the backoff anew.
+			// One that fails as soon as it is accepted waits longer each
+			// time, rather than a BIND and two log lines a second.
+			backoff = 0
+		}
 		if err != nil {
 			if r.loopCtx.Err() != nil {
 				return
 			}
 			r.setRemote(nil)
+			if rebound {
+				r.cfg.Logger.Info().Str("reverse", r.Name()).Str("upstream", d.ProxyAddr).
+					Msg("reverse: the upstreams changed: binding again through them")
+				continue
+			}
 			if errors.Is(err, socksclient.ErrUnexpectedPeer) {
 				// Someone else reached the port first: the proxy is fine,
 				// listen again at once for the caller -R names.

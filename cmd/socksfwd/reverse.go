@@ -114,6 +114,14 @@ func (r *remoteAddrs) configure(p *plan) {
 		os.Remove(r.path)
 		r.wrote = false
 	}
+	if p.cfg.RemoteAddrFile != "" && p.cfg.RemoteAddrFile != r.path {
+		// A file already there is an earlier run's, one that could not
+		// remove it (killed): its addresses are not this process's, and
+		// may now be anyone's.
+		if err := os.Remove(p.cfg.RemoteAddrFile); err == nil {
+			r.log.Info().Str("file", p.cfg.RemoteAddrFile).Msg("removed a --remote-addr-file an earlier run left")
+		}
+	}
 	r.path, r.order = p.cfg.RemoteAddrFile, nil
 	for _, l := range p.listens {
 		if l.kind == kindReverse {

@@ -97,6 +97,44 @@ func TestReverseReload(t *testing.T) {
 	}
 }
 
+// TestReverseReloadMovesUpstream: a reload that changes the upstreams
+// gives up a BIND waiting at the old one and binds through the new one
+// (before, it stayed at the old one until its next caller), and a
+// --remote-addr-file an earlier run left behind is gone at start, not
+// presented as this run's.
+func TestReverseReloadMovesUpstream(t *testing.T) {
+	verifyNoLeaks(t)
+	oldUp, newUp := newSocks(t), newSocks(t)
+	echo := testnet.Echo(t).Addr().String()
+	dir := t.TempDir()
+	file := filepath.Join(dir, "remote")
+	if err := os.WriteFile(file, []byte("127.0.0.1:4444\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(dir, "socksfwd.toml")
+	config := func(up string) string {
+		return fmt.Sprintf("server = [%q]\nremote = [%q]\nremote-addr-file = %q\n", up, "0:"+echo, file)
+	}
+	if err := os.WriteFile(conf, []byte(config(oldUp.Addr())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", conf)
+	d.waitFor("removed a --remote-addr-file an earlier run left", 1)
+	d.waitFor("reverse "+oldUp.Addr()+" listens on", 1)
+	if lines := remoteLinesOf(t, file); len(lines) != 1 || lines[0] == "127.0.0.1:4444" {
+		t.Fatalf("--remote-addr-file holds %q; want this run's address", lines)
+	}
+	d.reload(conf, config(newUp.Addr()), 1)
+	d.waitFor("reverse "+newUp.Addr()+" listens on", 1)
+	lines := remoteLinesOf(t, file)
+	if err := echoOnce(lines[0], "through the new upstream"); err != nil {
+		t.Fatal(err)
+	}
+	if n := oldUp.Requests(); n != 1 {
+		t.Errorf("the old upstream got %d requests, want its one BIND only", n)
+	}
+}
+
 // TestReverseServerWithoutBind: through microsocks (REP 7) and ssh -D
 // (which closes the connection), -R is one error line naming the server
 // and the fix, and a -L beside it keeps working.

@@ -682,8 +682,14 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 			changes = append(changes, fmt.Sprintf("%s idle-timeout %s → %s", key, time.Duration(old.cfg.IdleTimeout), time.Duration(p.cfg.IdleTimeout)))
 		}
 		// A reload is how a user says "try again": other upstreams, or the
-		// same ones restarted, fixed or given new credentials.
-		svc.Retry()
+		// same ones restarted, fixed or given new credentials. With other
+		// upstreams, a BIND waiting at an old one is given up for one
+		// through the new ones.
+		if upstreamsChanged(old, p) {
+			svc.Rebind()
+		} else {
+			svc.Retry()
+		}
 	case *adminServer:
 		if old.cfg.AdminPprof != p.cfg.AdminPprof {
 			svc.SetPprof(p.cfg.AdminPprof)

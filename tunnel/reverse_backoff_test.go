@@ -1,0 +1,73 @@
+package tunnel
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// TestReverseBackoffGrowsWhenBindsDie: a proxy that accepts BIND (its
+// first reply) and drops the control connection at once is asked again
+// after a pause that doubles, up to its bound, rather than every second
+// for ever with two log lines each time. On the fake clock of a synctest
+// bubble, with the proxy on the other end of a pipe.
+func TestReverseBackoffGrowsWhenBindsDie(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var mu sync.Mutex
+		var binds []time.Time
+		dying := &socksclient.Dialer{ProxyAddr: "192.0.2.1:1080", HandshakeTimeout: 5 * time.Second,
+			ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				c, proxy := net.Pipe()
+				go func() {
+					defer proxy.Close() // right after the first reply
+					if _, err := socksclient.ReadGreeting(proxy); err != nil {
+						return
+					}
+					b, _ := socksclient.MethodSelection{Method: socksclient.MethodNoAuth}.AppendTo(nil)
+					proxy.Write(b)
+					if req, err := socksclient.ReadRequest(proxy); err != nil || req.Cmd != socksclient.CmdBind {
+						return
+					}
+					mu.Lock()
+					binds = append(binds, time.Now())
+					mu.Unlock()
+					b, _ = socksclient.Reply{Code: socksclient.RepSucceeded,
+						Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort("192.0.2.1:4000"))}.AppendTo(nil)
+					proxy.Write(b)
+				}()
+				return c, nil
+			}}
+		r := NewReverse(ReverseConfig{
+			Name: "test", Remote: socksclient.Addr{IP: netip.IPv4Unspecified()}, Target: "127.0.0.1:1",
+			Upstreams: socksclient.NewUpstreams(dying), Logger: zerolog.Nop(),
+		})
+		served := make(chan error, 1)
+		go func() { served <- r.Serve(context.Background()) }()
+		time.Sleep(2 * time.Minute)
+		r.Close()
+		<-served
+
+		mu.Lock()
+		defer mu.Unlock()
+		if len(binds) < 5 {
+			t.Fatalf("%d BINDs in 2 minutes, want at least 5", len(binds))
+		}
+		want := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second}
+		for i, w := range want {
+			if gap := binds[i+1].Sub(binds[i]); gap < w {
+				t.Errorf("BIND %d came %s after the one before, want %s or more", i+2, gap, w)
+			}
+		}
+		if n := len(binds); n > 12 {
+			t.Errorf("%d BINDs in 2 minutes: the pause does not grow", n)
+		}
+	})
+}
