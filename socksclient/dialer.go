@@ -28,8 +28,9 @@ var defaultProxyDialer = &net.Dialer{KeepAlive: -1}
 // hours; UDP ASSOCIATE, for as long as the association lives). Without
 // probes, a proxy that vanished, or a NAT or firewall that dropped the
 // connection silently, would leave it waiting on a dead socket for good;
-// with them it ends within about a minute of silence. Sessions that carry
-// bytes get none, as ssh -L's do not.
+// with them it ends within about a minute of silence. CONNECT's carry
+// the session and get none, as ssh -L's do not (a BIND's keeps them once
+// its peer came: harmless).
 var ControlKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 3}
 
 // keepIdleControlAlive turns ControlKeepAlive on for conn, when it is a

@@ -149,9 +149,12 @@ type Reverse struct {
 	cutAll   context.CancelFunc
 	wake     chan struct{} // Retry: end a backoff, or the wait after "unsupported"
 	// rebind ends the current wait for a caller (Rebind); nil while none.
-	rebind   atomic.Pointer[context.CancelFunc]
-	loopDone chan struct{}
-	served   atomic.Bool
+	// rebindAsked is a Rebind since the current BIND was asked for, which
+	// the wait that follows must not miss.
+	rebind      atomic.Pointer[context.CancelFunc]
+	rebindAsked atomic.Bool
+	loopDone    chan struct{}
+	served      atomic.Bool
 
 	remote atomic.Pointer[socksclient.Addr] // where the server listens now; nil: nowhere
 	// rearmAfterSession is learned: the server bound another port than
@@ -239,6 +242,7 @@ func (r *Reverse) Retry() {
 func (r *Reverse) Rebind() {
 	// Learned from the old server; the new one may bind the port twice.
 	r.rearmAfterSession.Store(false)
+	r.rebindAsked.Store(true)
 	if cancel := r.rebind.Load(); cancel != nil {
 		(*cancel)()
 	}
@@ -274,6 +278,7 @@ func (r *Reverse) loop() {
 	}
 	var armedAt time.Time // the last first reply
 	for r.loopCtx.Err() == nil {
+		r.rebindAsked.Store(false) // this BIND goes through the upstreams as they are now
 		b, d, err := r.cfg.Upstreams.Bind(r.loopCtx, r.cfg.Remote)
 		if err != nil {
 			if r.loopCtx.Err() != nil {
@@ -330,6 +335,12 @@ func (r *Reverse) loop() {
 		}
 		quick = 0
 		armedAt = time.Now()
+		// Ready for Rebind before anyone can see the forward armed.
+		waitCtx, cancelWait := context.WithCancel(r.loopCtx)
+		r.rebind.Store(&cancelWait)
+		if r.rebindAsked.Load() {
+			cancelWait() // asked while this BIND went through the old upstreams
+		}
 		// Told before the log line and the counters say it listens again,
 		// so that whoever waits on those finds the re-arm recorded.
 		if !secondAt.IsZero() && r.cfg.OnRearm != nil {
@@ -338,8 +349,6 @@ func (r *Reverse) loop() {
 		secondAt, held = time.Time{}, 0
 		r.armed(addr, d)
 
-		waitCtx, cancelWait := context.WithCancel(r.loopCtx)
-		r.rebind.Store(&cancelWait)
 		conn, err := b.Accept(waitCtx)
 		r.rebind.Store(nil)
 		rebound := waitCtx.Err() != nil

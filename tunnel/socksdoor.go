@@ -251,15 +251,15 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 		return
 	}
 	defer f.untrack(b.NetConn())
+	// The wait for a peer may last hours with nothing sent either way:
+	// probes find a client that vanished (the upstream's control
+	// connection has its own). On before the reply, which starts the wait.
+	keepControlAlive(req.Conn)
 	if err := req.Reply(socksclient.RepSucceeded, b.Addr()); err != nil {
 		d.clientGone(req, dialer, err, start)
 		d.cut(req.Conn, b)
 		return
 	}
-	// The wait for a peer may last hours with nothing sent either way:
-	// probes find a client that vanished (the upstream's control
-	// connection has its own).
-	keepControlAlive(req.Conn)
 	// The client sends nothing until the second reply; any read result
 	// (its hang-up, or bytes it had no right to send) ends the wait.
 	ctx, cancel := context.WithCancel(f.ctx)
@@ -390,12 +390,12 @@ func (d *SOCKSDoor) associate(req *socksclient.ServerRequest, start time.Time) {
 	// A zone (a link-local listener's) has no place in a SOCKS address.
 	relay := pc.LocalAddr().(*net.UDPAddr).AddrPort()
 	bound := socksclient.AddrFromAddrPort(netip.AddrPortFrom(relay.Addr().WithZone(""), relay.Port()))
+	keepControlAlive(client) // before the reply, which starts the association
 	if err := req.Reply(socksclient.RepSucceeded, bound); err != nil {
 		d.clientGone(req, dialer, err, start)
 		d.cut(client, pc, up)
 		return
 	}
-	keepControlAlive(client)
 	a.run()
 	f.endSession(client, nil)
 	ev := f.cfg.Logger.Debug()

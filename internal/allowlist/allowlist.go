@@ -12,9 +12,9 @@ import (
 
 // List is the prefixes a listener serves clients from. A nil *List
 // allows every source; the host itself is always allowed: a loopback
-// source, or one of the host's own addresses (a program on the host whose
-// connection a transparent rule captured keeps its own source address,
-// and one may reach a listener by the host's LAN address).
+// source, and a TCP connection from one of the host's own addresses (a
+// program on the host whose connection a transparent rule captured keeps
+// its own source address).
 type List struct {
 	prefixes []netip.Prefix
 }
@@ -40,7 +40,8 @@ func Parse(cidrs []string) (*List, error) {
 	return l, nil
 }
 
-// Allows reports whether a client at ip may use the listener.
+// Allows reports whether a client at ip may use the listener: a loopback
+// source, or one the prefixes hold.
 func (l *List) Allows(ip netip.Addr) bool {
 	if l == nil {
 		return true
@@ -54,12 +55,69 @@ func (l *List) Allows(ip netip.Addr) bool {
 			return true
 		}
 	}
-	return thisHost.has(ip)
+	return false
 }
 
-// hostAddrs is this host's addresses as its interfaces hold them;
-// tests replace it.
-var hostAddrs = net.InterfaceAddrs
+// AllowsAddr is Allows for a connection's or a datagram's remote address;
+// one that is not IP is allowed (a Unix socket is local). A TCP
+// connection from one of the host's own addresses is the host itself: a
+// handshake cannot be completed from a forged source, except from a
+// link-local address on another link, so a link-local source must have
+// come in on the interface that holds it. A datagram's source proves
+// nothing (IPv6 has no martian-source check), so UDP gets no such rule.
+func (l *List) AllowsAddr(a net.Addr) bool {
+	if l == nil {
+		return true
+	}
+	switch v := a.(type) {
+	case *net.TCPAddr:
+		ip, _ := netip.AddrFromSlice(v.IP)
+		if l.Allows(ip) {
+			return true
+		}
+		ip = ip.Unmap().WithZone("")
+		if ip.IsLinkLocalUnicast() {
+			ip = ip.WithZone(v.Zone)
+		}
+		return thisHost.has(ip)
+	case *net.UDPAddr:
+		ip, _ := netip.AddrFromSlice(v.IP)
+		return l.Allows(ip)
+	}
+	return true
+}
+
+// hostAddrs is this host's addresses as its interfaces hold them, a
+// link-local one with its interface as its zone; tests replace it.
+var hostAddrs = defaultHostAddrs
+
+func defaultHostAddrs() ([]netip.Addr, error) {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Addr
+	for _, ifc := range ifs {
+		addrs, err := ifc.Addrs()
+		if err != nil {
+			continue
+		}
+		for _, a := range addrs {
+			n, ok := a.(*net.IPNet)
+			if !ok {
+				continue
+			}
+			if ip, ok := netip.AddrFromSlice(n.IP); ok {
+				ip = ip.Unmap()
+				if ip.IsLinkLocalUnicast() {
+					ip = ip.WithZone(ifc.Name)
+				}
+				out = append(out, ip)
+			}
+		}
+	}
+	return out, nil
+}
 
 // hostRefresh is how often, at most, the host's addresses are read again:
 // only a source the prefixes refuse asks, so a client the list refuses
@@ -75,49 +133,23 @@ type hostSet struct {
 	read  time.Time
 }
 
-// has reports whether ip is one of the host's addresses, reading them
-// again when the copy is older than hostRefresh (an address added since).
+// has reports whether ip (zoned when link-local) is one of the host's
+// addresses, from a copy at most hostRefresh old: an address the host
+// took or gave up since is seen within that.
 func (h *hostSet) has(ip netip.Addr) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.addrs[ip] {
-		return true
-	}
-	if time.Since(h.read) < hostRefresh {
-		return false
-	}
-	h.read = time.Now()
-	addrs, err := hostAddrs()
-	if err != nil {
-		return false
-	}
-	h.addrs = make(map[netip.Addr]bool, len(addrs))
-	for _, a := range addrs {
-		if n, ok := a.(*net.IPNet); ok {
-			if ip, ok := netip.AddrFromSlice(n.IP); ok {
-				h.addrs[ip.Unmap()] = true
+	if time.Since(h.read) >= hostRefresh {
+		h.read = time.Now()
+		addrs, err := hostAddrs()
+		h.addrs = make(map[netip.Addr]bool, len(addrs))
+		if err == nil {
+			for _, a := range addrs {
+				h.addrs[a] = true
 			}
 		}
 	}
 	return h.addrs[ip]
-}
-
-// AllowsAddr is Allows for a connection's or a datagram's remote address;
-// one that is not IP is allowed (a Unix socket is local).
-func (l *List) AllowsAddr(a net.Addr) bool {
-	if l == nil {
-		return true
-	}
-	var ip netip.Addr
-	switch v := a.(type) {
-	case *net.TCPAddr:
-		ip, _ = netip.AddrFromSlice(v.IP)
-	case *net.UDPAddr:
-		ip, _ = netip.AddrFromSlice(v.IP)
-	default:
-		return true
-	}
-	return l.Allows(ip)
 }
 
 // String lists the prefixes, for log lines.

@@ -34,42 +34,55 @@ func TestAllows(t *testing.T) {
 	}
 }
 
-// TestAllowsHostAddresses: a source that is one of the host's own
+// TestAllowsHostAddresses: a TCP connection from one of the host's own
 // addresses is the host itself, served whatever the list says (a program
 // on the host whose connection a transparent rule captured keeps its
-// source address); a neighbour on the same subnet is not. A refused source
-// reads the host's addresses at most once per hostRefresh.
+// source address); a neighbour on the same subnet is not, a datagram with
+// a host address as its source is not (it may be forged: IPv6 has no
+// martian-source check), and a link-local source is the host's only on
+// the interface that holds it (another link may use the same address).
+// The host's addresses are read at most once per hostRefresh, and an
+// address it gave up is refused once they are read again.
 func TestAllowsHostAddresses(t *testing.T) {
 	reads := 0
-	addrs := []net.Addr{
-		&net.IPNet{IP: net.ParseIP("203.0.113.5").To4(), Mask: net.CIDRMask(24, 32)},
-		&net.IPNet{IP: net.ParseIP("2001:db8::5"), Mask: net.CIDRMask(64, 128)},
+	addrs := []netip.Addr{
+		netip.MustParseAddr("203.0.113.5"), netip.MustParseAddr("2001:db8::5"),
+		netip.MustParseAddr("fe80::5").WithZone("eth0"),
 	}
-	hostAddrs = func() ([]net.Addr, error) { reads++; return addrs, nil }
+	hostAddrs = func() ([]netip.Addr, error) { reads++; return addrs, nil }
 	thisHost = hostSet{}
-	t.Cleanup(func() { hostAddrs, thisHost = net.InterfaceAddrs, hostSet{} })
+	t.Cleanup(func() { hostAddrs, thisHost = defaultHostAddrs, hostSet{} })
 
 	l, err := Parse([]string{"10.0.0.0/8"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for ip, want := range map[string]bool{
-		"203.0.113.5": true, "::ffff:203.0.113.5": true, "2001:db8::5": true,
-		"203.0.113.6": false, "2001:db8::6": false, "10.0.0.1": true,
+	tcp := func(ip, zone string) net.Addr { return &net.TCPAddr{IP: net.ParseIP(ip), Port: 40000, Zone: zone} }
+	for _, c := range []struct {
+		a    net.Addr
+		want bool
+	}{
+		{tcp("203.0.113.5", ""), true}, {tcp("::ffff:203.0.113.5", ""), true}, {tcp("2001:db8::5", ""), true},
+		{tcp("203.0.113.6", ""), false}, {tcp("2001:db8::6", ""), false}, {tcp("10.0.0.1", ""), true},
+		{tcp("fe80::5", "eth0"), true}, {tcp("fe80::5", "eth1"), false},
+		{&net.UDPAddr{IP: net.ParseIP("2001:db8::5"), Port: 53}, false},
+		{&net.UDPAddr{IP: net.ParseIP("203.0.113.5"), Port: 53}, false},
 	} {
-		if got := l.Allows(netip.MustParseAddr(ip)); got != want {
-			t.Errorf("Allows(%s) = %t, want %t", ip, got, want)
+		if got := l.AllowsAddr(c.a); got != c.want {
+			t.Errorf("AllowsAddr(%s %v) = %t, want %t", c.a.Network(), c.a, got, c.want)
 		}
 	}
-	if reads != 1 {
-		t.Errorf("the host's addresses were read %d times for two refused sources, want once", reads)
+	if l.Allows(netip.MustParseAddr("203.0.113.5")) {
+		t.Error("Allows (a source with no proof it is the host's) took a host address")
 	}
-	// An address added later is seen once the copy is older than
-	// hostRefresh.
-	addrs = append(addrs, &net.IPNet{IP: net.ParseIP("198.51.100.9").To4(), Mask: net.CIDRMask(32, 32)})
+	if reads != 1 {
+		t.Errorf("the host's addresses were read %d times within hostRefresh, want once", reads)
+	}
+	// Given up, and read again once the copy is old.
+	addrs = addrs[1:]
 	thisHost.read = thisHost.read.Add(-hostRefresh)
-	if !l.Allows(netip.MustParseAddr("198.51.100.9")) {
-		t.Error("an address the host took after the last read is refused")
+	if l.AllowsAddr(tcp("203.0.113.5", "")) {
+		t.Error("an address the host gave up is still taken for the host's")
 	}
 }
 
