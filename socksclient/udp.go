@@ -586,14 +586,15 @@ var _ net.Conn = (*UDPTargetConn)(nil)
 // kernel queued for an earlier datagram: the relay's port unreachable
 // (ECONNREFUSED), a host or network unreachable or a firewall's
 // "administratively prohibited" on the way (EHOSTUNREACH, ENETUNREACH,
-// EHOSTDOWN; EACCES for IPv6), a protocol unreachable (ENOPROTOOPT) or a
-// parameter problem (EPROTO). Each is reported once, and the relay may go
-// on taking other datagrams: it ends neither the socket nor the
-// association.
+// EHOSTDOWN; EACCES for IPv6), a protocol unreachable
+// (ENOPROTOOPT), a parameter problem (EPROTO), or "fragmentation needed"
+// (IPv4) and "packet too big" (IPv6) from a router with a smaller MTU on
+// the way (EMSGSIZE). Each is reported once, and the relay may go on
+// taking other datagrams: it ends neither the socket nor the association.
 func IsICMPError(err error) bool { return isErrno(err, icmpErrnos[:]) }
 
 var icmpErrnos = [...]syscall.Errno{syscall.ECONNREFUSED, syscall.EHOSTUNREACH, syscall.ENETUNREACH,
-	syscall.EHOSTDOWN, syscall.EACCES, syscall.ENOPROTOOPT, syscall.EPROTO}
+	syscall.EHOSTDOWN, syscall.EACCES, syscall.ENOPROTOOPT, syscall.EPROTO, syscall.EMSGSIZE}
 
 // isErrno reports whether err is one of errnos.
 func isErrno(err error, errnos []syscall.Errno) bool {

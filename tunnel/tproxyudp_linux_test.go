@@ -647,3 +647,30 @@ func TestTransparentUDPReplySocketsExpire(t *testing.T) {
 		}
 	})
 }
+
+// noReplyCapsEnv marks a test binary re-run without CAP_NET_BIND_SERVICE
+// and CAP_NET_RAW.
+const noReplyCapsEnv = "SOCKSFWD_TEST_NO_REPLY_CAPS"
+
+// TestTransparentUDPReplyLimits: without CAP_NET_BIND_SERVICE (replies
+// from remote ports below 1024 cannot bind there) and CAP_NET_RAW (the
+// raw-socket fallback), the process says so, one sentence each, for a line
+// at start; with them (root), nothing.
+func TestTransparentUDPReplyLimits(t *testing.T) {
+	peertest.RequireRoot(t)
+	if os.Getenv(noReplyCapsEnv) == "" {
+		if limits := TransparentUDPReplyLimits(); len(limits) != 0 {
+			t.Errorf("as root: %q, want nothing", limits)
+		}
+		peertest.Require(t, "setpriv")
+		rerun(t, noReplyCapsEnv+"=1", "setpriv", "--bounding-set", "-net_bind_service,-net_raw", "--")
+		return
+	}
+	limits := strings.Join(TransparentUDPReplyLimits(), "\n")
+	if unprivilegedPortStart() > 1 && !strings.Contains(limits, "CAP_NET_BIND_SERVICE") {
+		t.Errorf("without CAP_NET_BIND_SERVICE: %q", limits)
+	}
+	if !strings.Contains(limits, "CAP_NET_RAW") {
+		t.Errorf("without CAP_NET_RAW: %q", limits)
+	}
+}

@@ -66,3 +66,6 @@ func (t *TransparentUDP) SetLimits(idleTimeout time.Duration, maxSessions int) {
 
 // SetAllow does nothing: there are no clients without Linux.
 func (t *TransparentUDP) SetAllow(l *allowlist.List) {}
+
+// TransparentUDPReplyLimits: nothing to say where transparent UDP cannot run.
+func TransparentUDPReplyLimits() []string { return nil }

@@ -76,6 +76,12 @@ func TestUDPForwardRelayRefused(t *testing.T) {
 // of client c.
 func liveRelay(t *testing.T, f *UDPForward, c *net.UDPConn) netip.AddrPort {
 	t.Helper()
+	return liveAssoc(t, f, c).Relay()
+}
+
+// liveAssoc is the live association of c's session (c on 127.0.0.1).
+func liveAssoc(t *testing.T, f *UDPForward, c *net.UDPConn) *socksclient.UDPConn {
+	t.Helper()
 	src := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(c.LocalAddr().(*net.UDPAddr).Port))
 	f.mu.Lock()
 	s := f.sessions[src]
@@ -87,7 +93,7 @@ func liveRelay(t *testing.T, f *UDPForward, c *net.UDPConn) netip.AddrPort {
 	if a == nil {
 		t.Fatal("the session has no live association")
 	}
-	return a.Relay()
+	return a
 }
 
 // TestUDPForwardDropsRepliesFromOthers: a relay passes on what anyone

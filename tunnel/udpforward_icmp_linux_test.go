@@ -31,10 +31,7 @@ func TestUDPForwardICMPErrorsKeepReader(t *testing.T) {
 			if err := udpRoundTrip(c, fwd, []byte("before"), 5*time.Second); err != nil {
 				t.Fatal(err)
 			}
-			src := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(c.LocalAddr().(*net.UDPAddr).Port))
-			f.mu.Lock()
-			a := f.sessions[src].live.Load()
-			f.mu.Unlock()
+			a := liveAssoc(t, f, c)
 			injectICMPUnreachable(t, tc.code, a.LocalAddr().(*net.UDPAddr).AddrPort(), a.Relay())
 			logs.waitFor(t, "an ICMP error came back") // logged once counted
 			if n := f.Stats().RelayRefused.Load(); n != 1 {
@@ -44,6 +41,35 @@ func TestUDPForwardICMPErrorsKeepReader(t *testing.T) {
 				t.Fatalf("after the ICMP error: %v (association alive %v)", err, a.Alive())
 			}
 		})
+	}
+}
+
+// TestUDPForwardFragNeededKeepsReader: an ICMP "fragmentation needed"
+// about a datagram sent to the relay (a router on the way with a smaller
+// MTU: PPPoE, a VPN) reads as EMSGSIZE on the association's socket; it is
+// counted, and the replies keep coming. Before, it stopped the reply
+// reader for good, the association still alive and every later reply
+// lost uncounted. In a namespace of its own: the MTU the ICMP carries
+// stays in the kernel's route cache.
+func TestUDPForwardFragNeededKeepsReader(t *testing.T) {
+	if !inFreshNetns(t) {
+		return
+	}
+	run(t, "", "ip", "link", "set", "lo", "up")
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{})
+	c := udpClient(t, "udp4")
+	if err := udpRoundTrip(c, fwd, []byte("before"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	a := liveAssoc(t, f, c)
+	if err := testnet.InjectICMPUnreachable(4, 1280, a.LocalAddr().(*net.UDPAddr).AddrPort(), a.Relay()); err != nil {
+		peertest.Missing(t, "a raw ICMP socket: %v", err)
+	}
+	logs.waitFor(t, "an ICMP error came back")
+	for i := range 3 {
+		if err := udpRoundTrip(c, fwd, []byte("after"), 5*time.Second); err != nil {
+			t.Fatalf("round trip %d after the ICMP error: %v (association alive %v)", i, err, a.Alive())
+		}
 	}
 }
 

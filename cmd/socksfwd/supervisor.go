@@ -300,6 +300,9 @@ func (s *supervisor) logListening(u *unit) {
 	}
 	if u.lp.kind == kindTransparentUDP {
 		ev.Msgf("transparent %s/udp (TPROXY) → original destinations via %s", name, s.via())
+		for _, limit := range tunnel.TransparentUDPReplyLimits() {
+			s.log.Warn().Str("listener", name).Msg("transparent UDP: " + limit)
+		}
 		return
 	}
 	if u.lp.kind == kindTransparent {
