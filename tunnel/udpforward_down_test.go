@@ -233,3 +233,39 @@ func TestUDPForwardReplySendFailureCounted(t *testing.T) {
 		t.Fatalf("DatagramsDown = %d, want 0", n)
 	}
 }
+
+// TestQueueFastKeepsBatchOfReplacedAssociation: when a session's live
+// association changes within one read (the proxy ended the first, the
+// session built a second), a datagram for the new one does not replace
+// the batch that still holds datagrams for the old one: it takes the
+// session path, and the old batch keeps what it holds for the flush.
+// Before, the batch was replaced and those datagrams were neither sent
+// nor counted.
+func TestQueueFastKeepsBatchOfReplacedAssociation(t *testing.T) {
+	proxy := newSocks(t, sockstest.Config{})
+	d := &socksclient.Dialer{ProxyAddr: proxy.Addr(), HandshakeTimeout: 5 * time.Second}
+	var assocs [2]*socksclient.UDPConn
+	for i := range assocs {
+		a, err := d.Associate(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.Close()
+		assocs[i] = a
+	}
+	target := socksclient.AddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:9"))
+	s := &udpSession{fixed: true, target: target}
+	slot := func() []byte { return make([]byte, socksclient.MaxUDPHeaderLen+4) }
+	s.live.Store(assocs[0])
+	if got := s.queueFast(slot(), 0, target); got != fastQueued {
+		t.Fatalf("first datagram: %d, want queued", got)
+	}
+	held := s.fast
+	s.live.Store(assocs[1])
+	if got := s.queueFast(slot(), 1, target); got != fastNone {
+		t.Fatalf("a datagram for the new association: %d, want it left to the session path", got)
+	}
+	if s.fast != held || len(s.fastSlots) != 1 {
+		t.Fatalf("the batch holding the first datagram was replaced (slots %d)", len(s.fastSlots))
+	}
+}

@@ -486,6 +486,13 @@ func (s *udpSession) queueFast(slot []byte, idx int, dst socksclient.Addr) int {
 		return fastNone
 	}
 	if s.fast == nil || s.fast.Conn() != a {
+		if len(s.fastSlots) > 0 {
+			// Datagrams of this read wait in the batch of an association
+			// the session has since replaced: replacing the batch would
+			// lose them. They go at the flush (to the session, their
+			// association being gone), and this one through the session.
+			return fastNone
+		}
 		b, err := a.NewBatch(udpReadBatch)
 		if err != nil {
 			return fastNone

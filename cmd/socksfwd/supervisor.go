@@ -318,6 +318,14 @@ func (s *supervisor) logListening(u *unit) {
 		suffix = "/udp"
 	}
 	ev.Str("target", u.lp.target.String()).Msgf("forwarding %s → %s via %s", name+suffix, u.lp.target, s.via())
+	if a, ok := u.svc.Addr().(*net.UDPAddr); ok && a.IP.IsUnspecified() {
+		// Replies leave by the wildcard socket, from the address the
+		// route back to the client picks, which a client that sent to
+		// another of the host's addresses (and connected its socket, as
+		// resolvers do) does not take.
+		s.log.Warn().Str("listener", name).Msg("a /udp forward on a wildcard address answers from the address of the route back to each client: " +
+			"on a host with several addresses, a client that sent to another one may drop the answer; bind the address clients use")
+	}
 }
 
 // listen opens one listener's sockets (binds them, or takes those systemd
