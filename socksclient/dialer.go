@@ -225,11 +225,21 @@ func (b *Binding) Addr() Addr { return b.addr }
 // Accept waits for the second reply, sent when the peer has connected, and
 // returns the session with that peer. A Binding accepts once.
 func (b *Binding) Accept(ctx context.Context) (*Conn, error) {
-	stop := context.AfterFunc(ctx, func() { b.conn.SetReadDeadline(aLongTimeAgo) })
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		b.conn.SetReadDeadline(aLongTimeAgo)
+		close(fired)
+	})
 	reply, err := ReadReply(b.conn)
 	if !stop() {
-		b.conn.Close()
-		return nil, b.d.opError(CmdBind, "tcp", b.target, ctx.Err())
+		<-fired // its deadline is set: clearing it below must come after
+		if err != nil {
+			b.conn.Close()
+			return nil, b.d.opError(CmdBind, "tcp", b.target, ctx.Err())
+		}
+		// The reply came as ctx ended: its caller has connected, and is
+		// served rather than cut.
+		b.conn.SetReadDeadline(time.Time{})
 	}
 	if err == nil && reply.Code != RepSucceeded {
 		err = &ReplyError{Cmd: CmdBind, Code: reply.Code}

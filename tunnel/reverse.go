@@ -153,6 +153,7 @@ type Reverse struct {
 	// the wait that follows must not miss.
 	rebind      atomic.Pointer[context.CancelFunc]
 	rebindAsked atomic.Bool
+	rebindWake  chan struct{} // Rebind: end a wait for a session to end
 	loopDone    chan struct{}
 	served      atomic.Bool
 
@@ -183,7 +184,7 @@ type reverseSession struct{ done chan struct{} }
 
 // NewReverse returns a reverse forward; Serve runs it.
 func NewReverse(cfg ReverseConfig) *Reverse {
-	r := &Reverse{cfg: cfg, wake: make(chan struct{}, 1), loopDone: make(chan struct{}), conns: make(map[net.Conn]bool)}
+	r := &Reverse{cfg: cfg, wake: make(chan struct{}, 1), rebindWake: make(chan struct{}, 1), loopDone: make(chan struct{}), conns: make(map[net.Conn]bool)}
 	r.loopCtx, r.stopLoop = context.WithCancel(context.Background())
 	r.sessCtx, r.cutAll = context.WithCancel(context.Background())
 	r.name.Store(&cfg.Name)
@@ -246,6 +247,10 @@ func (r *Reverse) Rebind() {
 	if cancel := r.rebind.Load(); cancel != nil {
 		(*cancel)()
 	}
+	select { // a fixed port held by a session: the new upstream may bind it
+	case r.rebindWake <- struct{}{}:
+	default:
+	}
 	r.Retry()
 }
 
@@ -279,6 +284,10 @@ func (r *Reverse) loop() {
 	var armedAt time.Time // the last first reply
 	for r.loopCtx.Err() == nil {
 		r.rebindAsked.Store(false) // this BIND goes through the upstreams as they are now
+		select {
+		case <-r.rebindWake:
+		default:
+		}
 		b, d, err := r.cfg.Upstreams.Bind(r.loopCtx, r.cfg.Remote)
 		if err != nil {
 			if r.loopCtx.Err() != nil {
@@ -339,7 +348,14 @@ func (r *Reverse) loop() {
 		waitCtx, cancelWait := context.WithCancel(r.loopCtx)
 		r.rebind.Store(&cancelWait)
 		if r.rebindAsked.Load() {
-			cancelWait() // asked while this BIND went through the old upstreams
+			// Asked while this BIND went through the old upstreams: not
+			// announced, and asked again through the new ones.
+			r.rebind.Store(nil)
+			cancelWait()
+			b.Close()
+			r.cfg.Logger.Info().Str("reverse", r.Name()).Str("upstream", d.ProxyAddr).
+				Msg("reverse: the upstreams changed: binding again through them")
+			continue
 		}
 		// Told before the log line and the counters say it listens again,
 		// so that whoever waits on those finds the re-arm recorded.
@@ -460,6 +476,10 @@ func (r *Reverse) waitSession(s *reverseSession, held *time.Duration) bool {
 	select {
 	case <-s.done:
 		*held += time.Since(start)
+		return true
+	case <-r.rebindWake:
+		// Other upstreams: one of them may listen on the port while the
+		// old one's session goes on.
 		return true
 	case <-r.loopCtx.Done():
 		return false

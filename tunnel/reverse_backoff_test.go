@@ -71,3 +71,31 @@ func TestReverseBackoffGrowsWhenBindsDie(t *testing.T) {
 		}
 	})
 }
+
+// TestReverseRebindEndsSessionWait: a fixed-port forward whose server
+// cannot bind the port twice waits for the session that holds it; a
+// Rebind (other upstreams, which may bind it) ends that wait, a Retry
+// does not.
+func TestReverseRebindEndsSessionWait(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := NewReverse(ReverseConfig{Name: "test", Upstreams: socksclient.NewUpstreams(), Logger: zerolog.Nop()})
+		defer r.Close()
+		held := &reverseSession{done: make(chan struct{})}
+		waited := make(chan bool, 1)
+		go func() {
+			var d time.Duration
+			waited <- r.waitSession(held, &d)
+		}()
+		r.Retry()
+		synctest.Wait()
+		select {
+		case <-waited:
+			t.Fatal("a Retry ended the wait for the session")
+		default:
+		}
+		r.Rebind()
+		if !<-waited {
+			t.Fatal("the wait ended as a stop")
+		}
+	})
+}

@@ -85,7 +85,7 @@ func (a *adminServer) onlyAllowed(h http.Handler) http.Handler {
 			http.Error(w, "the admin endpoints take no request body", http.StatusBadRequest)
 			return
 		}
-		if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil && !a.allow.Load().Allows(ap.Addr()) {
+		if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil && !a.allow.Load().AllowsAddr(net.TCPAddrFromAddrPort(ap)) {
 			http.Error(w, "client source not in --allow", http.StatusForbidden)
 			return
 		}

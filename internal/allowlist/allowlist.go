@@ -61,10 +61,11 @@ func (l *List) Allows(ip netip.Addr) bool {
 // AllowsAddr is Allows for a connection's or a datagram's remote address;
 // one that is not IP is allowed (a Unix socket is local). A TCP
 // connection from one of the host's own addresses is the host itself: a
-// handshake cannot be completed from a forged source, except from a
-// link-local address on another link, so a link-local source must have
-// come in on the interface that holds it. A datagram's source proves
-// nothing (IPv6 has no martian-source check), so UDP gets no such rule.
+// handshake cannot be completed from a forged source. Link-local sources
+// are left out of that (another link may use the host's address, and a
+// program's connection that rules capture does not come from one), and a
+// datagram's source proves nothing (IPv6 has no martian-source check), so
+// UDP gets no such rule.
 func (l *List) AllowsAddr(a net.Addr) bool {
 	if l == nil {
 		return true
@@ -76,10 +77,7 @@ func (l *List) AllowsAddr(a net.Addr) bool {
 			return true
 		}
 		ip = ip.Unmap().WithZone("")
-		if ip.IsLinkLocalUnicast() {
-			ip = ip.WithZone(v.Zone)
-		}
-		return thisHost.has(ip)
+		return !ip.IsLinkLocalUnicast() && thisHost.has(ip)
 	case *net.UDPAddr:
 		ip, _ := netip.AddrFromSlice(v.IP)
 		return l.Allows(ip)
@@ -87,32 +85,20 @@ func (l *List) AllowsAddr(a net.Addr) bool {
 	return true
 }
 
-// hostAddrs is this host's addresses as its interfaces hold them, a
-// link-local one with its interface as its zone; tests replace it.
+// hostAddrs is this host's addresses as its interfaces hold them (one
+// netlink dump); tests replace it.
 var hostAddrs = defaultHostAddrs
 
 func defaultHostAddrs() ([]netip.Addr, error) {
-	ifs, err := net.Interfaces()
+	addrs, err := net.InterfaceAddrs()
 	if err != nil {
 		return nil, err
 	}
-	var out []netip.Addr
-	for _, ifc := range ifs {
-		addrs, err := ifc.Addrs()
-		if err != nil {
-			continue
-		}
-		for _, a := range addrs {
-			n, ok := a.(*net.IPNet)
-			if !ok {
-				continue
-			}
+	out := make([]netip.Addr, 0, len(addrs))
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
 			if ip, ok := netip.AddrFromSlice(n.IP); ok {
-				ip = ip.Unmap()
-				if ip.IsLinkLocalUnicast() {
-					ip = ip.WithZone(ifc.Name)
-				}
-				out = append(out, ip)
+				out = append(out, ip.Unmap())
 			}
 		}
 	}
@@ -120,35 +106,44 @@ func defaultHostAddrs() ([]netip.Addr, error) {
 }
 
 // hostRefresh is how often, at most, the host's addresses are read again:
-// only a source the prefixes refuse asks, so a client the list refuses
-// cannot make the listener read them more often than this.
+// only a TCP source the prefixes refuse asks, so a client the list
+// refuses cannot make the listener read them more often than this.
 const hostRefresh = time.Second
 
 // thisHost caches the host's own addresses.
 var thisHost hostSet
 
 type hostSet struct {
-	mu    sync.Mutex
-	addrs map[netip.Addr]bool
-	read  time.Time
+	mu      sync.Mutex
+	addrs   map[netip.Addr]bool
+	read    time.Time
+	reading bool // one caller reads them again, outside mu; the others use the copy
 }
 
-// has reports whether ip (zoned when link-local) is one of the host's
-// addresses, from a copy at most hostRefresh old: an address the host
-// took or gave up since is seen within that.
+// has reports whether ip is one of the host's addresses, from a copy at
+// most about hostRefresh old: an address the host took or gave up since
+// is seen within that. The read happens outside the lock, so that a slow
+// one (a host with hundreds of interfaces) holds up no other accept.
 func (h *hostSet) has(ip netip.Addr) bool {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if time.Since(h.read) >= hostRefresh {
-		h.read = time.Now()
-		addrs, err := hostAddrs()
-		h.addrs = make(map[netip.Addr]bool, len(addrs))
-		if err == nil {
-			for _, a := range addrs {
-				h.addrs[a] = true
-			}
+	if h.reading || time.Since(h.read) < hostRefresh {
+		found := h.addrs[ip]
+		h.mu.Unlock()
+		return found
+	}
+	h.reading = true
+	h.mu.Unlock()
+
+	addrs, err := hostAddrs()
+	fresh := make(map[netip.Addr]bool, len(addrs))
+	if err == nil {
+		for _, a := range addrs {
+			fresh[a] = true
 		}
 	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.addrs, h.read, h.reading = fresh, time.Now(), false
 	return h.addrs[ip]
 }
 
