@@ -124,7 +124,16 @@ type datagramReader interface {
 	Addr(i int) netip.AddrPort
 }
 
+// newBatchReader reads a forward's datagrams; on a wildcard address with
+// the local address each was sent to (newWildcardReader).
 func newBatchReader(pc *net.UDPConn, slots [][]byte) (datagramReader, error) {
+	if a, ok := pc.LocalAddr().(*net.UDPAddr); ok && a.IP.IsUnspecified() {
+		return newWildcardReader(pc, slots)
+	}
+	return newPlainReader(pc, slots)
+}
+
+func newPlainReader(pc *net.UDPConn, slots [][]byte) (datagramReader, error) {
 	r, err := udpbatch.NewReader(pc, slots, socksclient.MaxUDPHeaderLen, true)
 	if err != nil {
 		return nil, err
@@ -228,6 +237,7 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 		return err
 	}
 	d := newUDPDispatch()
+	local, _ := r.(interface{ LocalDst(i int) netip.Addr })
 	return f.serveBatches(r.Read, func(n int) {
 		for i := range n {
 			if r.Truncated(i) {
@@ -238,6 +248,9 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 			}
 			// The session sends to its own target: no destination here.
 			f.dispatch(d, r.Addr(i), r.Slot(i), i, socksclient.Addr{})
+			if local != nil && d.s != nil {
+				d.s.setLocal(local.LocalDst(i))
+			}
 		}
 		d.flush(r)
 	})
@@ -281,6 +294,7 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 	if err != nil {
 		return
 	}
+	var from netip.Addr // where replies leave from; invalid: where the route says
 	for {
 		n, err := r.Read()
 		if err != nil {
@@ -297,6 +311,10 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 			continue // all dropped (a stranger's, say): no sign of life
 		}
 		s.touch()
+		if l := s.local.Load(); l != nil && *l != from {
+			from = *l
+			w.SetSource(from)
+		}
 		for i := range n {
 			w.Add(r.Payload(i), s.client)
 		}

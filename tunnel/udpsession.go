@@ -439,6 +439,9 @@ type udpSession struct {
 	down   atomic.Int64
 	// live is the association once built, for Serve's fast path.
 	live atomic.Pointer[socksclient.UDPConn]
+	// local is the address the client sent to, for a forward on a
+	// wildcard address to answer from; nil: the route's choice.
+	local atomic.Pointer[netip.Addr]
 
 	// Owned by Serve: the batch for live, and which read slots it holds.
 	fast      *socksclient.UDPBatch
@@ -462,6 +465,19 @@ type udpSession struct {
 }
 
 func (s *udpSession) touch() { s.lastIO.Store(time.Now().UnixNano()) }
+
+// setLocal records the address the client sent to, once: the first one
+// stays, so that every reply leaves from one address. Not a multicast or
+// broadcast address, which no reply can come from, nor an IPv6
+// link-local one, which would need its interface too: for those the
+// route chooses, as before.
+func (s *udpSession) setLocal(a netip.Addr) {
+	if !a.IsValid() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}) ||
+		a.Is6() && a.IsLinkLocalUnicast() || s.local.Load() != nil {
+		return
+	}
+	s.local.Store(&a)
+}
 
 // to is where a datagram Serve found bound for dst goes.
 func (s *udpSession) to(dst socksclient.Addr) socksclient.Addr {

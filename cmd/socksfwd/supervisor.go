@@ -318,7 +318,7 @@ func (s *supervisor) logListening(u *unit) {
 		suffix = "/udp"
 	}
 	ev.Str("target", u.lp.target.String()).Msgf("forwarding %s → %s via %s", name+suffix, u.lp.target, s.via())
-	if a, ok := u.svc.Addr().(*net.UDPAddr); ok && a.IP.IsUnspecified() {
+	if a, ok := u.svc.Addr().(*net.UDPAddr); ok && a.IP.IsUnspecified() && !tunnel.UDPRepliesFromDestination {
 		// Replies leave by the wildcard socket, from the address the
 		// route back to the client picks, which a client that sent to
 		// another of the host's addresses (and connected its socket, as

@@ -84,6 +84,10 @@ func newPortableWriter(c *net.UDPConn, size int) (*portableWriter, error) {
 	return &portableWriter{c: c, bufs: make([][]byte, size), dests: make([]netip.AddrPort, size)}, nil
 }
 
+// SetSource asks for datagrams to leave from src; the portable writer
+// cannot say so, and leaves it to the route.
+func (w *portableWriter) SetSource(netip.Addr) {}
+
 // Len is the number of queued datagrams.
 func (w *portableWriter) Len() int { return w.n }
 

@@ -153,6 +153,13 @@ type Writer struct {
 	cmsgs     []byte // a UDP_SEGMENT control message per message
 	cmsgSpace int
 
+	// With a source (SetSource), every message also carries pkt, an
+	// IP_PKTINFO or IPV6_PKTINFO control message naming it: lone ones
+	// pkt alone, runs pkt then their UDP_SEGMENT, in runCmsgs.
+	v6       bool // the socket is AF_INET6 (a dual-stack wildcard one too)
+	pkt      []byte
+	runCmsgs []byte
+
 	// gso is off after the kernel refused segmented sends outright;
 	// gsoMax is the largest segment it took or has not refused yet (a
 	// route's MTU bounds it).
@@ -201,7 +208,54 @@ func NewWriter(c *net.UDPConn, size int) (*Writer, error) {
 		h.SetLen(unix.CmsgLen(2))
 	}
 	w.writeFn = w.write
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		var domain int
+		domain, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DOMAIN)
+		w.v6 = domain == unix.AF_INET6
+	}); err != nil {
+		return nil, err
+	}
+	if serr != nil {
+		return nil, serr
+	}
 	return w, nil
+}
+
+// SetSource makes the datagrams queued from now on leave from src (an
+// address of this host), whatever address the route would pick: a socket
+// bound to a wildcard address answers a peer from the address the peer
+// sent to. The invalid Addr turns it off.
+func (w *Writer) SetSource(src netip.Addr) {
+	if !src.IsValid() {
+		w.pkt, w.runCmsgs = nil, nil
+		return
+	}
+	level, typ, n := unix.SOL_IP, unix.IP_PKTINFO, unix.SizeofInet4Pktinfo
+	if w.v6 {
+		level, typ, n = unix.SOL_IPV6, unix.IPV6_PKTINFO, unix.SizeofInet6Pktinfo
+	}
+	pkt := make([]byte, unix.CmsgSpace(n))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&pkt[0]))
+	h.Level, h.Type = int32(level), int32(typ)
+	h.SetLen(unix.CmsgLen(n))
+	if w.v6 {
+		// IPv4 sources IPv4-mapped: the kernel takes those for IPv4
+		// peers of a dual-stack socket.
+		pi := (*unix.Inet6Pktinfo)(unsafe.Pointer(&pkt[unix.CmsgLen(0)]))
+		pi.Addr = src.As16()
+	} else {
+		pi := (*unix.Inet4Pktinfo)(unsafe.Pointer(&pkt[unix.CmsgLen(0)]))
+		pi.Spec_dst = src.Unmap().As4()
+	}
+	w.pkt = pkt
+	slot := len(pkt) + w.cmsgSpace
+	w.runCmsgs = make([]byte, len(w.msgs)*slot)
+	for k := range len(w.msgs) {
+		c := w.runCmsgs[k*slot : (k+1)*slot]
+		copy(c, pkt)
+		copy(c[len(pkt):], w.cmsgs[:w.cmsgSpace]) // the UDP_SEGMENT header
+	}
 }
 
 // Len is the number of queued datagrams.
@@ -227,6 +281,10 @@ func (w *Writer) Add(b []byte, to netip.AddrPort) {
 	if to.IsValid() {
 		m.Name = (*byte)(unsafe.Pointer(&w.names[i]))
 		m.Namelen = encodeSockaddr(&w.names[i], to)
+	}
+	if w.pkt != nil { // read-only for the kernel: one copy serves every datagram
+		m.Control = &w.pkt[0]
+		m.SetControllen(len(w.pkt))
 	}
 }
 
@@ -293,7 +351,13 @@ func (w *Writer) messages(i int) int {
 		w.out[m] = w.msgs[i]
 		if j-i > 1 {
 			c := w.cmsgs[m*w.cmsgSpace : (m+1)*w.cmsgSpace]
-			binary.NativeEndian.PutUint16(c[unix.CmsgLen(0):], uint16(w.iovs[i].Len))
+			seg := c
+			if w.pkt != nil {
+				slot := len(w.pkt) + w.cmsgSpace
+				c = w.runCmsgs[m*slot : (m+1)*slot]
+				seg = c[len(w.pkt):]
+			}
+			binary.NativeEndian.PutUint16(seg[unix.CmsgLen(0):], uint16(w.iovs[i].Len))
 			h := &w.out[m].Hdr
 			h.SetIovlen(j - i)
 			h.Control = &c[0]

@@ -106,6 +106,51 @@ func TestOneCallForRunsAndLoneDatagrams(t *testing.T) {
 	}
 }
 
+// A Writer on a wildcard socket with a source set sends every datagram,
+// lone and in runs, from that address, not the one the route picks
+// (127.0.0.1 on loopback): what a forward on a wildcard address needs to
+// answer a client that sent to another of the host's addresses. On an
+// IPv4 socket and on a dual-stack one, to an IPv4 peer.
+func TestSetSource(t *testing.T) {
+	for _, network := range []string{"udp4", "udp"} {
+		t.Run(network, func(t *testing.T) {
+			peer := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+			bind := "0.0.0.0:0"
+			if network == "udp" {
+				bind = "[::]:0"
+			}
+			src := testnet.ListenUDP(t, network, bind)
+			w, err := NewWriter(src, 8)
+			if err != nil {
+				t.Fatal(err)
+			}
+			w.SetSource(netip.MustParseAddr("127.0.0.2"))
+			for _, size := range []int{100, 100, 100, 60} { // a run, then a lone one
+				w.Add(make([]byte, size), udpAddr(peer))
+			}
+			if sent, err := w.Flush(); sent != 4 || err != nil {
+				t.Fatalf("Flush = %d, %v", sent, err)
+			}
+			if w.segmented != 1 {
+				t.Errorf("%d segmented messages, want 1", w.segmented)
+			}
+			r, err := NewReader(peer, slots(8, 2048), 0, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n, err := r.Read()
+			if err != nil || n != 4 {
+				t.Fatalf("Read = %d, %v; want 4 datagrams", n, err)
+			}
+			for i := range n {
+				if from := r.Addr(i).Addr().Unmap(); from != netip.MustParseAddr("127.0.0.2") {
+					t.Errorf("datagram %d came from %s, want 127.0.0.2", i, from)
+				}
+			}
+		})
+	}
+}
+
 // A run whose segments are larger than the route's MTU is refused as a
 // segmented send (EMSGSIZE, or EINVAL from older kernels): its datagrams
 // go one by one instead (the kernel fragments them), and the Writer
