@@ -2,10 +2,12 @@ package tunnel
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -122,6 +124,12 @@ type datagramReader interface {
 	Slot(i int) []byte // headroom, then the payload
 	Truncated(i int) bool
 	Addr(i int) netip.AddrPort
+}
+
+// sourceRefused reports whether err is the kernel refusing a datagram's
+// source address (IP_PKTINFO).
+func sourceRefused(err error) bool {
+	return errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.ENETUNREACH) || errors.Is(err, syscall.EADDRNOTAVAIL)
 }
 
 // newBatchReader reads a forward's datagrams; on a wildcard address with
@@ -319,6 +327,22 @@ func (f *UDPForward) copyDown(s *udpSession, a *socksclient.UDPConn) {
 			w.Add(r.Payload(i), s.client)
 		}
 		sent, err := w.Flush()
+		if err != nil && from.IsValid() && sourceRefused(err) {
+			// The kernel will not send from that address (a directed
+			// broadcast, one the host gave up, an IPv6 address it only
+			// routes locally): the route chooses from now on, for this
+			// session, and what did not go is sent again.
+			from = netip.Addr{}
+			none := from
+			s.local.Store(&none) // kept: setLocal sets a session's source once
+			w.SetSource(from)
+			for i := sent; i < n; i++ {
+				w.Add(r.Payload(i), s.client)
+			}
+			var more int
+			more, err = w.Flush()
+			sent += more
+		}
 		if err != nil {
 			// The failed one and those after it are gone (see Flush).
 			f.droppedN(&f.stats.DroppedReply, int64(n-sent), causeReply)

@@ -117,7 +117,7 @@ type hostSet struct {
 	mu      sync.Mutex
 	addrs   map[netip.Addr]bool
 	read    time.Time
-	reading bool // one caller reads them again, outside mu; the others use the copy
+	reading chan struct{} // closed when the read under way ends; nil: none is
 }
 
 // has reports whether ip is one of the host's addresses, from a copy at
@@ -126,12 +126,19 @@ type hostSet struct {
 // one (a host with hundreds of interfaces) holds up no other accept.
 func (h *hostSet) has(ip netip.Addr) bool {
 	h.mu.Lock()
-	if h.reading || time.Since(h.read) < hostRefresh {
+	if reading := h.reading; reading != nil && h.addrs == nil {
+		// The first read is under way: there is no copy to answer from.
+		h.mu.Unlock()
+		<-reading
+		h.mu.Lock()
+	}
+	if h.reading != nil || time.Since(h.read) < hostRefresh {
 		found := h.addrs[ip]
 		h.mu.Unlock()
 		return found
 	}
-	h.reading = true
+	reading := make(chan struct{})
+	h.reading = reading
 	h.mu.Unlock()
 
 	addrs, err := hostAddrs()
@@ -143,7 +150,8 @@ func (h *hostSet) has(ip netip.Addr) bool {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.addrs, h.read, h.reading = fresh, time.Now(), false
+	h.addrs, h.read, h.reading = fresh, time.Now(), nil
+	close(reading)
 	return h.addrs[ip]
 }
 

@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+	"testing/synctest"
 
 	"go.uber.org/goleak"
 )
@@ -83,6 +84,39 @@ func TestAllowsHostAddresses(t *testing.T) {
 	if l.AllowsAddr(tcp("203.0.113.5", "")) {
 		t.Error("an address the host gave up is still taken for the host's")
 	}
+}
+
+// TestAllowsHostAddressesWhileFirstRead: connections that come while the
+// host's addresses are read for the first time wait for that read rather
+// than find no copy and be refused.
+func TestAllowsHostAddressesWhileFirstRead(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		hostAddrs = func() ([]netip.Addr, error) {
+			<-release
+			return []netip.Addr{netip.MustParseAddr("203.0.113.5")}, nil
+		}
+		thisHost = hostSet{}
+		t.Cleanup(func() { hostAddrs, thisHost = defaultHostAddrs, hostSet{} })
+		l, err := Parse([]string{"10.0.0.0/8"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		from := &net.TCPAddr{IP: net.ParseIP("203.0.113.5"), Port: 40000}
+		results := make(chan bool, 4)
+		go func() { results <- l.AllowsAddr(from) }()
+		synctest.Wait() // the first caller reads
+		for range 3 {
+			go func() { results <- l.AllowsAddr(from) }()
+		}
+		synctest.Wait() // the others have come while it does
+		close(release)
+		for range 4 {
+			if !<-results {
+				t.Fatal("a connection from a host address was refused while the first read ran")
+			}
+		}
+	})
 }
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }

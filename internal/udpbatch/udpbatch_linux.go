@@ -225,7 +225,10 @@ func NewWriter(c *net.UDPConn, size int) (*Writer, error) {
 // SetSource makes the datagrams queued from now on leave from src (an
 // address of this host), whatever address the route would pick: a socket
 // bound to a wildcard address answers a peer from the address the peer
-// sent to. The invalid Addr turns it off.
+// sent to. The invalid Addr turns it off. Call it with nothing queued: a
+// run takes its source at Flush, a lone datagram at Add. A source the
+// kernel refuses fails the send (EINVAL, ENETUNREACH, EADDRNOTAVAIL), a
+// run's as if its segments were refused; the caller turns it off then.
 func (w *Writer) SetSource(src netip.Addr) {
 	if !src.IsValid() {
 		w.pkt, w.runCmsgs = nil, nil
