@@ -603,7 +603,7 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		// lost race, the caller's deadline or the handshake timeout alike).
 		return nil
 	case !waited:
-		if IsUpstreamFailure(err) && !lacksOnly(err) && !localShortage(err) {
+		if IsUpstreamFailure(err) && !lacksOnly(err) && !generalFailure(err) && !localShortage(err) {
 			return err
 		}
 		return nil
@@ -648,6 +648,17 @@ func lacksOnly(err error) bool {
 	return ok && cmd != CmdConnect
 }
 
+// generalFailure reports whether err is REP 1, "general SOCKS server
+// failure": the server's own trouble by RFC 1928 (Tor's internal
+// failures; a -D door, socksfwd's own, whose upstreams are all down), so
+// the next upstream is tried; but servers also send it for a target
+// failure they have no better code for (microsocks, for an errno it does
+// not map), so it does not mark the server down.
+func generalFailure(err error) bool {
+	re := (*ReplyError)(nil)
+	return errors.As(err, &re) && re.Code == RepGeneralFailure
+}
+
 // upstreamsError is the failure of every upstream tried, on one line, each
 // cause once; errors.Is and errors.As see each cause.
 type upstreamsError struct {
@@ -674,12 +685,12 @@ func (e *upstreamsError) Error() string {
 func (e *upstreamsError) Unwrap() []error { return e.errs }
 
 // IsUpstreamFailure reports whether err is the proxy's fault (unreachable,
-// broken handshake, rejected credentials, unsupported command) rather than
-// the server's answer about the target.
+// broken handshake, rejected credentials, unsupported command, REP 1's
+// general failure) rather than the server's answer about the target.
 func IsUpstreamFailure(err error) bool {
 	var re *ReplyError
 	if errors.As(err, &re) {
-		return re.Code == RepCommandNotSupported || re.Code == RepAddrTypeNotSupported
+		return re.Code == RepCommandNotSupported || re.Code == RepAddrTypeNotSupported || re.Code == RepGeneralFailure
 	}
 	return !errors.Is(err, context.Canceled)
 }

@@ -328,29 +328,31 @@ func TestHedgeTargetAnswer(t *testing.T) {
 			t.Fatalf("state changes %q, %d connections open; want none", log.String(), hole.open.Load())
 		}
 	})
-	synctest.Test(t, func(t *testing.T) {
-		noCmd := &fakeProxy{name: "nocmd:1080", rep: RepCommandNotSupported}
-		ok := &fakeProxy{name: "ok:1080"}
-		var log stateLog
-		u := group(&log, noCmd, ok)
-		dialOK(t, context.Background(), u, ok)
-		if log.String() != "nocmd:1080 down" || !errors.Is(log.cause(0), ErrCommandNotSupported) {
-			t.Fatalf("state changes %q", log.String())
-		}
-	})
-	// REP 8: a proxy that cannot carry this address (IPv6, a name) is
-	// passed over for it, and stays up for the targets it can reach.
-	synctest.Test(t, func(t *testing.T) {
-		noV6 := &fakeProxy{name: "nov6:1080", rep: RepAddrTypeNotSupported}
-		ok := &fakeProxy{name: "ok:1080"}
-		var log stateLog
-		u := group(&log, noV6, ok)
-		dialOK(t, context.Background(), u, ok)
-		synctest.Wait()
-		if log.String() != "" {
-			t.Fatalf("state changes %q; want none", log.String())
-		}
-	})
+	// The next proxy is tried after REP 7 to CONNECT (the proxy's failing:
+	// it goes down), and after REP 8 (it cannot carry this address, IPv6 or
+	// a name, and stays up for the targets it can reach) and REP 1, general
+	// failure (the server's own trouble by RFC 1928: Tor's, or a -D door
+	// whose upstreams are all down; servers also send it for a target they
+	// have no better code for, so it stays up).
+	for _, tc := range []struct {
+		rep     ReplyCode
+		changes string
+	}{{RepCommandNotSupported, "refusing:1080 down"}, {RepAddrTypeNotSupported, ""}, {RepGeneralFailure, ""}} {
+		synctest.Test(t, func(t *testing.T) {
+			refusing := &fakeProxy{name: "refusing:1080", rep: tc.rep}
+			ok := &fakeProxy{name: "ok:1080"}
+			var log stateLog
+			u := group(&log, refusing, ok)
+			dialOK(t, context.Background(), u, ok)
+			synctest.Wait()
+			if log.String() != tc.changes {
+				t.Fatalf("REP %d: state changes %q; want %q", tc.rep, log.String(), tc.changes)
+			}
+			if tc.changes != "" && !errors.Is(log.cause(0), ErrCommandNotSupported) {
+				t.Fatalf("REP %d: down for %v", tc.rep, log.cause(0))
+			}
+		})
+	}
 	// REP 7 to BIND: the next proxy is tried, and one without BIND (as
 	// ssh -D) stays up for the CONNECTs it serves.
 	synctest.Test(t, func(t *testing.T) {
@@ -461,6 +463,7 @@ func TestUpstreamsBackoff(t *testing.T) {
 	})
 	if !IsUpstreamFailure(errors.New("unreachable")) || IsUpstreamFailure(&ReplyError{Cmd: CmdConnect, Code: RepConnectionRefused}) ||
 		!IsUpstreamFailure(&ReplyError{Cmd: CmdUDPAssociate, Code: RepCommandNotSupported}) ||
+		!IsUpstreamFailure(&ReplyError{Cmd: CmdConnect, Code: RepGeneralFailure}) ||
 		IsUpstreamFailure(fmt.Errorf("x: %w", context.Canceled)) {
 		t.Fatal("IsUpstreamFailure misclassifies")
 	}

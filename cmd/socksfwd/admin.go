@@ -169,33 +169,56 @@ func (a *adminServer) ready(ctx context.Context) (string, bool) {
 	return "", true
 }
 
-// probe negotiates with each upstream in order (no request: nothing is
-// asked of the targets) until one works, and remembers the verdict for
-// probeReuse.
+// probe negotiates with the upstreams not in backoff, all at once and
+// each within probeTimeout (no request: nothing is asked of the
+// targets), until one works, and remembers the verdict for probeReuse.
+// One after another under one budget, a black-holed first upstream spent
+// it all and made an idle, working instance unready. Not under the
+// caller's context: a client that gives up first (a probe with a 1 s
+// timeout) must not keep the verdict from being kept, or each of its
+// calls would start a new probe.
 func (a *adminServer) probe(ctx context.Context, status []socksclient.UpstreamStatus) error {
 	a.probeMu.Lock()
 	defer a.probeMu.Unlock()
 	if !a.probeAt.IsZero() && time.Since(a.probeAt) < probeReuse {
 		return a.probeErr
 	}
-	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), probeTimeout)
 	defer cancel()
-	var errs []error
-	for _, st := range status {
-		_, err := st.Dialer.Negotiate(ctx)
-		if err == nil {
-			errs = nil
-			break
+	type result struct {
+		i   int
+		err error
+	}
+	results := make(chan result, len(status))
+	now, started := time.Now(), 0
+	for i, st := range status {
+		if !st.Up && now.Before(st.DownUntil) {
+			continue // traffic found it down; ready said so if all are
 		}
-		errs = append(errs, err)
+		started++
+		go func() {
+			_, err := st.Dialer.Negotiate(ctx)
+			results <- result{i, err}
+		}()
 	}
-	err := errors.Join(errs...)
-	if err != nil {
-		err = errors.New(strings.ReplaceAll(err.Error(), "\n", "; "))
+	errs := make([]error, len(status))
+	worked := false
+	for range started {
+		r := <-results
+		errs[r.i] = r.err
+		if r.err == nil && !worked {
+			worked = true
+			cancel() // the others are not needed
+		}
 	}
-	if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		// A verdict, not a caller that went away.
-		a.probeAt, a.probeErr = time.Now(), err
+	var err error
+	if !worked {
+		if err = errors.Join(errs...); err != nil {
+			err = errors.New(strings.ReplaceAll(err.Error(), "\n", "; "))
+		} else {
+			err = errors.New("no upstream to probe")
+		}
 	}
+	a.probeAt, a.probeErr = time.Now(), err
 	return err
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
 )
 
 // scrape fetches /metrics, checks the whole text with lintMetrics and
@@ -343,6 +344,32 @@ func TestAdminSlowBody(t *testing.T) {
 		t.Fatalf("no answer to a request whose body never came: %v", err)
 	}
 	d.stop()
+}
+
+// TestReadyzProbesUpstreamsAtOnce: with no traffic yet, a first upstream
+// that takes the greeting and never answers (black-holed) does not make
+// /readyz wait out its budget and say 503 while the second works: the
+// upstreams are probed at once. Before, one after the other under one
+// 5 s budget, the first spent it all.
+func TestReadyzProbesUpstreamsAtOnce(t *testing.T) {
+	verifyNoLeaks(t)
+	hole, err := sockstest.NewServer(sockstest.Config{Fault: sockstest.FaultHangAfterGreeting})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hole.Close() })
+	socks := newSocks(t)
+	echo := testnet.Echo(t).Addr().String()
+	path := filepath.Join(t.TempDir(), "socksfwd.toml")
+	conf := fmt.Sprintf("server = [%q, %q]\nlocal = [%q]\nadmin = \"0\"\n", hole.Addr(), socks.Addr(), "0:"+echo)
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", path)
+	d.waitFor("admin on", 1)
+	if body, code := get(t, d.listener("admin"), "/readyz"); code != http.StatusOK {
+		t.Fatalf("/readyz: %d %q, want 200 from the working second upstream", code, body)
+	}
 }
 
 // TestAdminReadiness: /readyz says 503 with the reason when every upstream
