@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"reflect"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -222,7 +223,8 @@ func planFrom(c *cli.Context, getenv func(string) string) (mergedConfig, error) 
 func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, error) {
 	m := mergedConfig{Config: defaultConfig()}
 	cfg := &m.Config
-	if path := c.String("config"); path != "" {
+	if fc := setIn(c, "config"); fc != nil && fc.String("config") != "" {
+		path := fc.String("config")
 		if err := loadFile(path, cfg); err != nil {
 			return m, err
 		}
@@ -230,13 +232,14 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 	for _, o := range options {
 		var vals []string
 		source := "--" + o.name
+		fc := setIn(c, o.name)
 		switch {
-		case c.IsSet(o.name) && o.isBool:
-			vals = []string{strconv.FormatBool(c.Bool(o.name))}
-		case c.IsSet(o.name) && o.repeatable:
-			vals = c.StringSlice(o.name)
-		case c.IsSet(o.name):
-			vals = []string{c.String(o.name)}
+		case fc != nil && o.isBool:
+			vals = []string{strconv.FormatBool(fc.Bool(o.name))}
+		case fc != nil && o.repeatable:
+			vals = fc.StringSlice(o.name)
+		case fc != nil:
+			vals = []string{fc.String(o.name)}
 		case getenv(envName(o.name)) != "":
 			env := getenv(envName(o.name))
 			source = envName(o.name)
@@ -277,6 +280,20 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 		}
 	}
 	return m, nil
+}
+
+// setIn returns the context that sets option name on the command line:
+// the subcommand's, or the program's for an option given before `check`
+// or `rules` (socksfwd -c prod.toml check), which the subcommand's own
+// context does not see, as it defines every option again. Nil when none
+// does; the subcommand's wins.
+func setIn(c *cli.Context, name string) *cli.Context {
+	for _, ctx := range c.Lineage() {
+		if slices.Contains(ctx.LocalFlagNames(), name) {
+			return ctx
+		}
+	}
+	return nil
 }
 
 // newLogger builds the process's logger. Its level is zerolog's global
