@@ -213,6 +213,11 @@ func planFrom(c *cli.Context, getenv func(string) string) (mergedConfig, error) 
 		return cfg, err
 	}
 	cfg.plan, err = buildPlan(cfg.Config)
+	if err != nil && len(cfg.warnings) > 0 {
+		// Logged only once a plan is built: an ignored ALL_PROXY is
+		// most often why there is no server.
+		err = fmt.Errorf("%w (%s)", err, strings.Join(cfg.warnings, "; "))
+	}
 	return cfg, err
 }
 
@@ -266,17 +271,17 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 		}
 	}
 	if len(cfg.Server) == 0 {
-		for _, name := range []string{"ALL_PROXY", "all_proxy"} {
+		// The lowercase one first, as curl reads them; a scheme in any case.
+		for _, name := range []string{"all_proxy", "ALL_PROXY"} {
 			v := getenv(name)
 			if v == "" {
 				continue
 			}
-			if strings.HasPrefix(v, "socks5://") || strings.HasPrefix(v, "socks5h://") {
+			if l := strings.ToLower(v); strings.HasPrefix(l, "socks5://") || strings.HasPrefix(l, "socks5h://") {
 				cfg.Server = []string{v}
-			} else {
-				m.warnings = append(m.warnings, fmt.Sprintf("ignoring %s=%s: only socks5:// and socks5h:// proxies are used", name, redactURL(v)))
+				break
 			}
-			break
+			m.warnings = append(m.warnings, fmt.Sprintf("ignoring %s=%s: only socks5:// and socks5h:// proxies are used", name, redactURL(v)))
 		}
 	}
 	return m, nil

@@ -412,17 +412,19 @@ func buildDialers(cfg *Config) ([]*socksclient.Dialer, error) {
 			return nil, err
 		}
 	}
-	if password != "" && cfg.ServerUser == "" {
-		return nil, usagef("--server-password-file needs --server-user")
-	}
 	var dialers []*socksclient.Dialer
+	used := false // the password file's password went to a server
 	for _, raw := range cfg.Server {
 		d, err := parseServer(raw, cfg.ServerUser, password, cfg.Mark)
 		if err != nil {
 			return nil, err
 		}
 		d.HandshakeTimeout = time.Duration(cfg.HandshakeTimeout)
+		used = used || password != "" && d.Password == password && d.Username != ""
 		dialers = append(dialers, d)
+	}
+	if password != "" && !used && cfg.ServerUser == "" {
+		return nil, usagef("--server-password-file needs a user: --server-user, or one in the -S URL (socks5h://user@proxy)")
 	}
 	return dialers, nil
 }

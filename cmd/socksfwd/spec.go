@@ -200,11 +200,19 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 		if u.Path != "" && u.Path != "/" || u.RawQuery != "" || u.Fragment != "" {
 			// Not the path itself: a '/', '?' or '#' in a password that is
 			// not percent-encoded ends it, and the rest lands there.
-			return nil, usagef("-S %s://%s…: a proxy URL has no path, query or fragment (percent-encode / ? # in a password)", u.Scheme, u.Host)
+			// Nor the host: what came before such a character was taken
+			// for it, and may be the password's first part.
+			return nil, usagef("-S %s://…: a proxy URL has no path, query or fragment (percent-encode / ? # in a password)", u.Scheme)
 		}
 		if u.User != nil {
 			d.Username = u.User.Username()
-			d.Password, _ = u.User.Password()
+			if p, ok := u.User.Password(); ok {
+				d.Password = p
+			} else if user != "" && d.Username != user {
+				d.Password = "" // --server-user's password is another user's
+			}
+			// Otherwise a username without a password takes
+			// --server-password-file's: the password stays out of ps.
 		}
 		hostport = u.Host
 	}
@@ -225,10 +233,13 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 	if len(d.Username) > 255 || len(d.Password) > 255 {
 		return nil, usagef("-S %s: username and password must be at most 255 bytes", cut(redactURL(raw)))
 	}
+	if d.Username == "" {
+		d.Password = "" // a password file for the others' user
+	}
 	if d.Username != "" && d.Password == "" {
-		// The username is not shown: in a list split at a comma in a
-		// password, it is a piece of that password.
-		return nil, usagef("-S %s: the username has no password (use user:pass@ or --server-password-file)", cut(redactURL(raw)))
+		// Only the host is shown: in a list split at a comma in a
+		// password, the username is a piece of that password.
+		return nil, usagef("-S …@%s: the username has no password (use user:pass@, or the user and --server-password-file)", cut(hostport))
 	}
 	d.ProxyAddr = hostport
 	return d, nil

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -110,6 +112,16 @@ func TestParseServer(t *testing.T) {
 		{raw: "socks5h://alice:/s3cret@p", err: "no path"},
 		{raw: "socks5h://alice:pw9", err: "not a valid URL"},
 		{raw: "socks5h://alice:pw9?ss@p", err: "not a valid URL"},
+		// A username in the URL takes --server-password-file's password
+		// (pass here, with no --server-user); another user's stays away.
+		{raw: "socks5h://bob@proxy", pass: "pw", addr: "proxy:1080", wantU: "bob", wantP: "pw"},
+		{raw: "socks5h://bob@proxy", user: "alice", pass: "pw", err: "has no password"},
+		{raw: "socks5h://proxy", pass: "pw", addr: "proxy:1080"},
+		// What a '?' or ',' cut from a password is never shown: the part
+		// before the '?' parses as the host, the part after a list's ','
+		// as the username.
+		{raw: "socks5h://bob:2024?Summer@proxy", err: "no path"},
+		{raw: "socks5h://pw9@proxy", err: "has no password"},
 	}
 	for _, tc := range tests {
 		d, err := parseServer(tc.raw, tc.user, tc.pass, 0)
@@ -117,7 +129,7 @@ func TestParseServer(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tc.err) {
 				t.Errorf("parseServer(%q) err = %v, want %q", tc.raw, err, tc.err)
 			}
-			for _, secret := range []string{"s3cret", "pw9"} {
+			for _, secret := range []string{"s3cret", "pw9", "2024"} {
 				if err != nil && strings.Contains(tc.raw, secret) && strings.Contains(err.Error(), secret) {
 					t.Errorf("parseServer(%q) err = %v shows the password", tc.raw, err)
 				}
@@ -138,5 +150,22 @@ func TestParseServer(t *testing.T) {
 	}
 	if got := redactURL("socks5h://u:secret@proxy"); strings.Contains(got, "secret") {
 		t.Errorf("redactURL = %s", got)
+	}
+}
+
+// TestPasswordFileWithURLUser: --server-password-file gives its password
+// to a -S URL that names only its user (the password kept out of ps, as
+// curl's -U); with no user anywhere, it is refused.
+func TestPasswordFileWithURLUser(t *testing.T) {
+	pw := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(pw, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ds, err := buildDialers(&Config{Server: []string{"socks5h://bob@proxy:1080"}, ServerPasswordFile: pw})
+	if err != nil || len(ds) != 1 || ds[0].Username != "bob" || ds[0].Password != "s3cret" {
+		t.Fatalf("buildDialers = %v, %v; want bob with the file's password", ds, err)
+	}
+	if _, err := buildDialers(&Config{Server: []string{"proxy:1080"}, ServerPasswordFile: pw}); err == nil || !strings.Contains(err.Error(), "needs a user") {
+		t.Fatalf("a password file and no user anywhere: %v", err)
 	}
 }
