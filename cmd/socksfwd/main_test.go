@@ -343,6 +343,11 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"-S", "p:1", "-L", "nonsense"}, exitUsage},
 		{[]string{"-S", "p:1", "-L", "1:h:2", "extra-arg"}, exitUsage},
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--idle-timeout", "soon"}, exitUsage},
+		// zerolog's other levels would hide failures; a zero handshake
+		// timeout was taken for the default while --print-config said 0s.
+		{[]string{"-S", "p:1", "-L", "1:h:2", "--log-level", "disabled", "--print-config"}, exitUsage},
+		{[]string{"-S", "p:1", "-L", "1:h:2", "--log-level", "7", "--print-config"}, exitUsage},
+		{[]string{"-S", "p:1", "-L", "1:h:2", "--handshake-timeout", "0s", "--print-config"}, exitUsage},
 		{[]string{"-S", "127.0.0.1:1", "-L", busy.Addr().String() + ":h:2"}, exitRuntime},
 		{[]string{"-S", "127.0.0.1:1", "--http", busy.Addr().String()}, exitRuntime},
 		{[]string{"-S", "p:1", "--http", "3128", "--http-auth", "no-colon"}, exitUsage},

@@ -146,7 +146,12 @@ func buildPlan(cfg Config) (*plan, error) {
 		return nil, usagef("--remote-addr-file needs -R")
 	}
 	var err error
-	if p.logLevel, err = zerolog.ParseLevel(cfg.LogLevel); err != nil || cfg.LogLevel == "" {
+	switch cfg.LogLevel {
+	case "debug", "info", "warn", "error":
+		// zerolog takes more (trace, panic, disabled, numbers), which
+		// would hide failures: not offered.
+		p.logLevel, _ = zerolog.ParseLevel(cfg.LogLevel)
+	default:
 		return nil, usagef("--log-level %s: want debug, info, warn or error", quote(cfg.LogLevel))
 	}
 	switch cfg.LogFormat {
@@ -168,6 +173,10 @@ func buildPlan(cfg Config) (*plan, error) {
 	}
 	if cfg.ShutdownTimeout <= 0 {
 		return nil, usagef("--shutdown-timeout must be positive")
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		// Taken for the 10 s default before, while --print-config said 0s.
+		return nil, usagef("--handshake-timeout must be positive")
 	}
 	if cfg.MaxSessions < 0 {
 		return nil, usagef("--max-sessions %d: want 0 (no limit) or more", cfg.MaxSessions)
@@ -328,6 +337,9 @@ func doorCredentials(flag, value, file string, parse func(string) (*tunnel.Proxy
 	// The error never quotes the value: it holds a password.
 	creds, err := parse(value)
 	if err != nil {
+		if file != "" {
+			flag += "-file" // the value came from the file, which is what to fix
+		}
 		return nil, usagef("%s: %v", flag, err)
 	}
 	return creds, nil

@@ -107,7 +107,7 @@ func TestListenAddrs(t *testing.T) {
 // listener on 127.0.0.1).
 func TestAllowFor(t *testing.T) {
 	p, err := buildPlan(Config{Server: []string{"proxy:1080"}, Local: []string{"1:h:1"}, Allow: []string{"10.0.0.0/8"},
-		LogLevel: "info", LogFormat: "json", UDPMaxSessions: 1, UDPIdleTimeout: 1, ShutdownTimeout: 1})
+		LogLevel: "info", LogFormat: "json", UDPMaxSessions: 1, UDPIdleTimeout: 1, ShutdownTimeout: 1, HandshakeTimeout: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
