@@ -348,6 +348,9 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--log-level", "disabled", "--print-config"}, exitUsage},
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--log-level", "7", "--print-config"}, exitUsage},
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--handshake-timeout", "0s", "--print-config"}, exitUsage},
+		// The same port twice, written two ways: a configuration error,
+		// not a bind failure at start.
+		{[]string{"-S", "p:1", "-L", "5432:h:1", "-L", "05432:h:2", "--print-config"}, exitUsage},
 		{[]string{"-S", "127.0.0.1:1", "-L", busy.Addr().String() + ":h:2"}, exitRuntime},
 		{[]string{"-S", "127.0.0.1:1", "--http", busy.Addr().String()}, exitRuntime},
 		{[]string{"-S", "p:1", "--http", "3128", "--http-auth", "no-colon"}, exitUsage},

@@ -86,9 +86,11 @@ func splitForward(option, spec, s, want, portName string) (forwardFields, error)
 	default:
 		return f, usagef("%s %s: want %s", option, quote(spec), want)
 	}
-	if _, err := strconv.ParseUint(f.port, 10, 16); err != nil {
+	n, err := strconv.ParseUint(f.port, 10, 16)
+	if err != nil {
 		return f, usagef("%s %s: invalid %s %s", option, quote(spec), portName, quote(f.port))
 	}
+	f.port = strconv.FormatUint(n, 10) // 05432 is 5432: duplicates are found by the number
 	if n, err := strconv.ParseUint(hostport, 10, 16); err != nil || n == 0 {
 		return f, usagef("%s %s: invalid target port %s", option, quote(spec), quote(hostport))
 	}
@@ -284,9 +286,11 @@ func listenAddrs(option, spec string) (addrs []string, optional map[string]bool,
 	if len(fields) == 2 {
 		bind = unbracket(fields[0])
 	}
-	if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && port != "0") {
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || (n == 0 && port != "0") {
 		return nil, nil, usagef("%s %s: invalid port %s", option, quote(spec), quote(port))
 	}
+	port = strconv.FormatUint(n, 10) // 05432 is 5432: duplicates are found by the number
 	switch bind {
 	case "localhost":
 		v6 := net.JoinHostPort("::1", port)
