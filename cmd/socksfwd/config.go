@@ -215,11 +215,43 @@ func loadFile(path string, cfg *Config) error {
 		var de *toml.DecodeError
 		if errors.As(err, &de) {
 			row, col := de.Position()
-			return usagef("%s:%d:%d: %s", path, row, col, cut(de.Error()))
+			msg := de.Error()
+			if key := keyAt(data, row); key != "" {
+				// go-toml names the Go field, or no key at all.
+				msg = fmt.Sprintf("%s: %s", key, strings.TrimPrefix(msg, "toml: "))
+				if f, ok := reflect.TypeFor[Config]().FieldByNameFunc(func(n string) bool { return tomlKey(n) == key }); ok && f.Type.Kind() == reflect.Slice &&
+					strings.Contains(msg, "cannot decode TOML string") {
+					msg = fmt.Sprintf("%s: want an array, such as %s = [\"…\"]", key, key)
+				}
+			}
+			return usagef("%s:%d:%d: %s", path, row, col, cut(msg))
 		}
 		return usagef("%s: %s", path, cut(err.Error()))
 	}
 	return checkDurationsQuoted(path, data)
+}
+
+// keyAt is the key a TOML line (1-based row) sets, or "".
+func keyAt(data []byte, row int) string {
+	lines := strings.Split(string(data), "\n")
+	if row < 1 || row > len(lines) {
+		return ""
+	}
+	key, _, ok := strings.Cut(lines[row-1], "=")
+	if !ok {
+		return ""
+	}
+	return strings.Trim(strings.TrimSpace(key), `"'`)
+}
+
+// tomlKey is the TOML key of Config's field name.
+func tomlKey(field string) string {
+	f, ok := reflect.TypeFor[Config]().FieldByName(field)
+	if !ok {
+		return ""
+	}
+	key, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+	return key
 }
 
 // checkDurationsQuoted refuses a duration written as a bare number: go-toml
