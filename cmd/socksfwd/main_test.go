@@ -351,6 +351,9 @@ func TestExitCodes(t *testing.T) {
 		// The same port twice, written two ways: a configuration error,
 		// not a bind failure at start.
 		{[]string{"-S", "p:1", "-L", "5432:h:1", "-L", "05432:h:2", "--print-config"}, exitUsage},
+		// A --dns-* value is checked without --dns too: a reload that adds
+		// --dns must not be the first to hear of it.
+		{[]string{"-S", "p:1", "-L", "1:h:2", "--dns-transport", "quic", "--print-config"}, exitUsage},
 		{[]string{"-S", "127.0.0.1:1", "-L", busy.Addr().String() + ":h:2"}, exitRuntime},
 		{[]string{"-S", "127.0.0.1:1", "--http", busy.Addr().String()}, exitRuntime},
 		{[]string{"-S", "p:1", "--http", "3128", "--http-auth", "no-colon"}, exitUsage},

@@ -255,6 +255,10 @@ func buildPlan(cfg Config) (*plan, error) {
 			return nil, err
 		}
 		p.listens = append(p.listens, ls...)
+	} else if _, err := dnsOptions(&cfg); err != nil {
+		// Unused now, but checked: a reload that adds --dns must not be
+		// the first to hear of a bad value, and --print-config shows them.
+		return nil, err
 	}
 	seen := make(map[string]string, len(p.listens))
 	for _, l := range p.listens {
@@ -383,6 +387,19 @@ func buildDNS(cfg *Config) ([]listenPlan, error) {
 	if len(cfg.DNSUpstream) == 0 {
 		return nil, usagef("--dns needs at least one --dns-upstream (the resolver behind the proxy, e.g. 10.0.0.53)")
 	}
+	d, err := dnsOptions(cfg)
+	if err != nil {
+		return nil, err
+	}
+	var ls []listenPlan
+	for _, addr := range addrs {
+		ls = append(ls, listenPlan{kind: kindDNS, addr: addr, spec: "--dns " + cfg.DNS, dns: d, optional: optional[addr]})
+	}
+	return ls, nil
+}
+
+// dnsOptions reads and checks the --dns-* options.
+func dnsOptions(cfg *Config) (*dnsPlan, error) {
 	d := &dnsPlan{
 		transport:   cfg.DNSTransport,
 		timeout:     time.Duration(cfg.DNSTimeout),
@@ -408,11 +425,7 @@ func buildDNS(cfg *Config) ([]listenPlan, error) {
 	if d.maxInFlight < 1 {
 		return nil, usagef("--dns-max-inflight %d: want at least 1", d.maxInFlight)
 	}
-	var ls []listenPlan
-	for _, addr := range addrs {
-		ls = append(ls, listenPlan{kind: kindDNS, addr: addr, spec: "--dns " + cfg.DNS, dns: d, optional: optional[addr]})
-	}
-	return ls, nil
+	return d, nil
 }
 
 // buildDialers turns the -S list into dialers, in failover order.

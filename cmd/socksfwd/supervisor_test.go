@@ -106,8 +106,9 @@ func TestListenAddrs(t *testing.T) {
 // transparent ones wherever bound (TPROXY brings other hosts' traffic to a
 // listener on 127.0.0.1).
 func TestAllowFor(t *testing.T) {
-	p, err := buildPlan(Config{Server: []string{"proxy:1080"}, Local: []string{"1:h:1"}, Allow: []string{"10.0.0.0/8"},
-		LogLevel: "info", LogFormat: "json", UDPMaxSessions: 1, UDPIdleTimeout: 1, ShutdownTimeout: 1, HandshakeTimeout: 1})
+	cfg := defaultConfig()
+	cfg.Server, cfg.Local, cfg.Allow = []string{"proxy:1080"}, []string{"1:h:1"}, []string{"10.0.0.0/8"}
+	p, err := buildPlan(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
