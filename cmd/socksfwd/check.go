@@ -32,7 +32,7 @@ func checkCommand(stdout, stderr io.Writer, getenv func(string) string) *cli.Com
 	flags := append(optionFlags(),
 		&cli.StringFlag{Name: "target", Usage: "host:port to CONNECT to through each upstream (a name goes to the proxy, unless -S is socks5://)"},
 		&cli.StringFlag{Name: "check-name", Value: ".", Usage: `the name the DNS checks ask each --dns-upstream for: NS for ".", A for any other`},
-		&cli.StringSliceFlag{Name: "skip", Usage: "a check not to run: connect, bind, udp (UDP ASSOCIATE and DNS over it), dns-udp or dns-tcp; repeatable"},
+		&cli.StringSliceFlag{Name: "skip", Usage: "connect | bind | udp (UDP ASSOCIATE and DNS over it) | dns-udp | dns-tcp (a check not to run; repeatable)"},
 		&cli.BoolFlag{Name: "json", Usage: "print the result as JSON"},
 	)
 	return &cli.Command{

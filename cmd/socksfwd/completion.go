@@ -127,7 +127,7 @@ func completedFlags(flags []cli.Flag) []completedFlag {
 
 // choiceRe is one alternative of a usage that lists them, "tcp (DNS over
 // TCP …)": a plain word, then perhaps a parenthesised remark.
-var choiceRe = regexp.MustCompile(`^([a-z0-9]+)(?: \(.*\))?$`)
+var choiceRe = regexp.MustCompile(`^([a-z0-9-]+)(?: \(.*\))?$`)
 
 // choicesOf reads the values a flag takes from a usage written as
 // "debug | info | warn | error" or "tcp (…) | udp (…)". A usage that

@@ -253,6 +253,7 @@ func TestChoicesOf(t *testing.T) {
 		{"debug | info | warn | error (env SOCKSFWD_LOG_LEVEL)", []string{"debug", "info", "warn", "error"}},
 		{"tcp (DNS over TCP through CONNECT, works everywhere) | udp (one UDP ASSOCIATE)", []string{"tcp", "udp"}},
 		{"bash|zsh|fish", []string{"bash", "zsh", "fish"}},
+		{"connect | bind | udp (UDP ASSOCIATE and DNS over it) | dns-udp | dns-tcp (a check not to run; repeatable)", []string{"connect", "bind", "udp", "dns-udp", "dns-tcp"}},
 		{"upstream SOCKS5 server, repeat for failover: host:port | socks5h://[user[:pass]@]host[:port] | socks5://…", nil},
 		{"cached DNS answers (0 disables the cache)", nil},
 		{"", nil},
