@@ -282,9 +282,8 @@ func (b *Binding) NetConn() net.Conn { return b.conn }
 // (connecting to it, or whatever BIND and UDP ASSOCIATE wait on), and a
 // slow or black-holed target says nothing about the proxy.
 type handshakeProgress struct {
-	proxyAt     time.Time // when connecting to the proxy began; zero if it never did (local resolution failed)
-	connectedAt time.Time // when the TCP connection to the proxy was up; zero if it never was
-	greeted     bool      // the proxy answered the method selection and, if used, authentication
+	proxyAt time.Time // when connecting to the proxy began; zero if it never did (local resolution failed)
+	greeted bool      // the proxy answered the method selection and, if used, authentication
 }
 
 // progressKey carries a *handshakeProgress in a request's context, as
@@ -325,9 +324,6 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 	conn, err := d.dialProxy(hctx)
 	if err != nil {
 		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, err)
-	}
-	if progress != nil {
-		progress.connectedAt = time.Now()
 	}
 
 	stop := context.AfterFunc(hctx, func() { conn.SetDeadline(aLongTimeAgo) })

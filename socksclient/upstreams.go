@@ -86,11 +86,7 @@ type health struct {
 	upSince   time.Time     // when it last came back up; zero if it never went down
 	downUntil time.Time     // tried last until then
 	backoff   time.Duration // the last backoff; 0 while up
-	// slowUntil: it lost a race while still within its own round trips
-	// of answering (far, not dead), so it is tried after the others
-	// until then, with nothing reported: it is up.
-	slowUntil time.Time
-	retired   bool // no longer in the list: changes go unreported
+	retired   bool          // no longer in the list: changes go unreported
 }
 
 // UpstreamStatus is one upstream's health as Status reports it.
@@ -276,12 +272,6 @@ func (u *Upstreams) hedgeDelay() time.Duration {
 	}
 }
 
-// greetingRoundTrips is how many of its round trips, the time its TCP
-// connect took, a connected proxy gets for its greeting (one) and
-// authentication (one more), with one to spare, before a lost race
-// counts against it.
-const greetingRoundTrips = 3
-
 // patience is how long a proxy must have gone without answering the
 // greeting before a lost race or the caller's deadline counts against it:
 // the hedge delay, or DefaultHedgeDelay when there is none. A shorter wait
@@ -307,29 +297,17 @@ func (u *Upstreams) order(list []*upstream) []*upstream {
 	defer u.mu.Unlock()
 	now := time.Now()
 	out := make([]*upstream, 0, len(list))
-	for _, pass := range []func(h *health) bool{
-		func(h *health) bool { return !now.Before(h.downUntil) && !now.Before(h.slowUntil) },
-		func(h *health) bool { return !now.Before(h.downUntil) && now.Before(h.slowUntil) },
-		func(h *health) bool { return now.Before(h.downUntil) },
-	} {
-		for _, up := range list {
-			if pass(up.h) {
-				out = append(out, up)
-			}
+	for _, up := range list {
+		if !now.Before(up.h.downUntil) {
+			out = append(out, up)
+		}
+	}
+	for _, up := range list {
+		if now.Before(up.h.downUntil) {
+			out = append(out, up)
 		}
 	}
 	return out
-}
-
-// slowFor is how long an upstream that lost a race while still within its
-// own round trips of answering is tried after the others.
-const slowFor = 30 * time.Second
-
-// demote has up tried after the others for slowFor, unreported.
-func (u *Upstreams) demote(up *upstream) {
-	u.mu.Lock()
-	up.h.slowUntil = time.Now().Add(slowFor)
-	u.mu.Unlock()
 }
 
 // markDown counts a failure of an attempt that began at started, in a
@@ -635,15 +613,6 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		// Cut short by the win. Started after the winner, or too recently,
 		// it had no fair chance: nothing learned.
 		if won < 0 || i > won || ran < patience(h.hedge) {
-			return nil
-		}
-		if c := p.connectedAt; !c.IsZero() && time.Since(c) < greetingRoundTrips*c.Sub(p.proxyAt) {
-			// Connected, and still within a few of its own round trips
-			// (the TCP connect took one) of that: a far proxy slower than
-			// the winner, not a dead one. It goes after the others for a
-			// while, and stays up. One that takes the connection and never
-			// answers is found out: its round trip is short.
-			h.u.demote(h.attempts[i].up)
 			return nil
 		}
 		return fmt.Errorf("no reply to the handshake within %s, while %s, started after it, completed one",

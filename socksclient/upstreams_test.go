@@ -39,7 +39,6 @@ type fakeProxy struct {
 	name       string
 	mode       proxyMode
 	script     []proxyMode   // the mode of the n-th dial, mode past its end
-	connect    time.Duration // before the connection is up: a far proxy's round trip
 	delay      time.Duration // before the method selection
 	replyDelay time.Duration // before the reply: the time it takes to reach the target
 	rep        ReplyCode
@@ -59,13 +58,6 @@ func (p *fakeProxy) dial(ctx context.Context, network, addr string) (net.Conn, e
 	}
 	if mode == proxyRefused {
 		return nil, &net.OpError{Op: "dial", Net: network, Err: syscall.ECONNREFUSED}
-	}
-	if p.connect > 0 {
-		select {
-		case <-time.After(p.connect):
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
 	}
 	c, srv := net.Pipe()
 	p.open.Add(1)
@@ -215,36 +207,6 @@ func TestHedgeBlackHoledPrimary(t *testing.T) {
 		}
 		if log.String() != "hole:1080 down" {
 			t.Fatalf("state changes %q, want only the first down", log.String())
-		}
-	})
-}
-
-// TestHedgeFarPrimary: a working primary on another continent (a 110 ms
-// round trip: connected at 110 ms, its greeting at 330 ms) loses the race
-// to a near backup but is not reported down, nor backed off: it is tried
-// after the backup for a while, then first again. Before, each lost race
-// marked it down and doubled its backoff, alerting on a working proxy.
-func TestHedgeFarPrimary(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		far := &fakeProxy{name: "far:1080", connect: 110 * time.Millisecond, delay: 220 * time.Millisecond}
-		ok := &fakeProxy{name: "ok:1080"}
-		var log stateLog
-		u := group(&log, far, ok)
-		dialOK(t, context.Background(), u, ok) // the race: ok wins at the hedge delay
-		synctest.Wait()
-		if log.String() != "" || !u.Status()[0].Up {
-			t.Fatalf("state changes %q, status %+v; want none, far up", log.String(), u.Status()[0])
-		}
-		dials, start := far.dials.Load(), time.Now()
-		dialOK(t, context.Background(), u, ok)
-		if time.Since(start) != 0 || far.dials.Load() != dials {
-			t.Fatalf("the far primary was dialed first again at once (%d dials, %v)", far.dials.Load()-dials, time.Since(start))
-		}
-		time.Sleep(slowFor)
-		dialOK(t, context.Background(), u, ok)
-		time.Sleep(time.Second) // the far proxy's answer to the cut attempt comes, and finds it gone
-		if far.dials.Load() != dials+1 || log.String() != "" {
-			t.Fatalf("after %v: %d dials of the far primary, state changes %q; want it tried first again, nothing reported", slowFor, far.dials.Load()-dials, log.String())
 		}
 	})
 }
