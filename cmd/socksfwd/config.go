@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"reflect"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -231,18 +232,23 @@ func loadFile(path string, cfg *Config) error {
 	return checkDurationsQuoted(path, data)
 }
 
-// keyAt is the key a TOML line (1-based row) sets, or "".
+// keyAt is the key a TOML line (1-based row) sets, or "" when it sets
+// none: a line inside a multi-line array is an element, which may hold a
+// password (one ending in '=', as base64 does), never shown.
 func keyAt(data []byte, row int) string {
 	lines := strings.Split(string(data), "\n")
 	if row < 1 || row > len(lines) {
 		return ""
 	}
-	key, _, ok := strings.Cut(lines[row-1], "=")
-	if !ok {
+	m := keyLineRe.FindStringSubmatch(lines[row-1])
+	if m == nil {
 		return ""
 	}
-	return strings.Trim(strings.TrimSpace(key), `"'`)
+	return m[1]
 }
+
+// keyLineRe is a line that sets one of socksfwd's keys (bare, lowercase).
+var keyLineRe = regexp.MustCompile(`^\s*([a-z][a-z0-9-]*)\s*=`)
 
 // tomlKey is the TOML key of Config's field name.
 func tomlKey(field string) string {

@@ -347,6 +347,8 @@ func TestExitCodes(t *testing.T) {
 		// timeout was taken for the default while --print-config said 0s.
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--log-level", "disabled", "--print-config"}, exitUsage},
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--log-level", "7", "--print-config"}, exitUsage},
+		{[]string{"-S", "p:1", "-L", "1:h:2", "--log-level", "INFO", "--print-config"}, exitOK},
+		{[]string{"-S", "p:1", "-L", "1:h:2", "--log-level", "trace", "--print-config"}, exitOK},
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--handshake-timeout", "0s", "--print-config"}, exitUsage},
 		// The same port twice, written two ways: a configuration error,
 		// not a bind failure at start.

@@ -146,11 +146,12 @@ func buildPlan(cfg Config) (*plan, error) {
 		return nil, usagef("--remote-addr-file needs -R")
 	}
 	var err error
-	switch cfg.LogLevel {
-	case "debug", "info", "warn", "error":
-		// zerolog takes more (trace, panic, disabled, numbers), which
-		// would hide failures: not offered.
-		p.logLevel, _ = zerolog.ParseLevel(cfg.LogLevel)
+	switch level := strings.ToLower(cfg.LogLevel); level {
+	case "trace", "debug", "info", "warn", "error":
+		// zerolog takes more (panic, disabled, numbers), which would
+		// hide failures: not offered. Any case, and trace (more than
+		// debug), as before.
+		p.logLevel, _ = zerolog.ParseLevel(level)
 	default:
 		return nil, usagef("--log-level %s: want debug, info, warn or error", quote(cfg.LogLevel))
 	}
