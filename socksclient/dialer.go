@@ -33,9 +33,10 @@ var defaultProxyDialer = &net.Dialer{KeepAlive: -1}
 // its peer came: harmless).
 var ControlKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 3}
 
-// keepIdleControlAlive turns ControlKeepAlive on for conn, when it is a
-// TCP connection (ProxyDial may return another kind).
-func keepIdleControlAlive(conn net.Conn) {
+// KeepControlAlive turns ControlKeepAlive on for conn, when it is a TCP
+// connection (ProxyDial may return another kind). The -D door uses it for
+// its clients' control connections too.
+func KeepControlAlive(conn net.Conn) {
 	if tc, ok := conn.(*net.TCPConn); ok {
 		tc.SetKeepAliveConfig(ControlKeepAlive)
 	}
@@ -215,7 +216,7 @@ func (d *Dialer) Bind(ctx context.Context, expected Addr) (*Binding, error) {
 	if err != nil {
 		return nil, d.opError(CmdBind, "tcp", expected, err)
 	}
-	keepIdleControlAlive(conn)
+	KeepControlAlive(conn)
 	return &Binding{d: d, conn: conn, addr: substituteUnspecified(reply.Addr, conn), target: expected}, nil
 }
 

@@ -117,7 +117,7 @@ func (d *Dialer) Associate(ctx context.Context) (*UDPConn, error) {
 		return nil, d.opError(CmdUDPAssociate, "udp", nil, err)
 	}
 	sockbuf.Grow(pc)
-	keepIdleControlAlive(conn)
+	KeepControlAlive(conn)
 	u := &UDPConn{ctrl: conn, pc: pc, relay: relay, watchDone: make(chan struct{})}
 	go u.watchControl()
 	return u, nil

@@ -379,10 +379,16 @@ func (p *HTTPProxy) enter(track ...net.Conn) bool {
 		return false
 	}
 	p.busy++
-	for i, c := range track {
+	p.trackLocked(track)
+	return true
+}
+
+// trackLocked registers conns (the client's first) for Close to cut; the
+// caller holds mu.
+func (p *HTTPProxy) trackLocked(conns []net.Conn) {
+	for i, c := range conns {
 		p.tunnels[c] = i == 0
 	}
-	return true
 }
 
 // leave ends what enter counted.
@@ -667,6 +673,7 @@ type forwardInfo struct {
 	down     atomic.Int64 // after a 101, what the target sent
 	conn     atomic.Pointer[viaConn]
 	client   net.Conn              // the client's connection, for a stream after a 101
+	streamed []net.Conn            // what a stream after a 101 registered for Close to cut
 	bodyErr  atomic.Pointer[error] // why reading the request body from the client failed
 }
 
@@ -849,6 +856,7 @@ func (p *HTTPProxy) modifyResponse(res *http.Response) error {
 	if !p.trackStream(stream.conns) {
 		return errors.New("socksfwd is stopping")
 	}
+	info.streamed = stream.conns
 	res.Body = stream
 	return nil
 }
@@ -861,21 +869,21 @@ func (p *HTTPProxy) trackStream(conns []net.Conn) bool {
 	if p.closed {
 		return false
 	}
-	for i, c := range conns {
-		p.tunnels[c] = i == 0
-	}
+	p.trackLocked(conns)
 	return true
 }
 
-// untrackStream forgets what trackStream registered for a request.
+// untrackStream forgets what trackStream registered for a request, and
+// nothing else: the target connection of a request without a 101 went back
+// to the pool, and may be another request's stream by now.
 func (p *HTTPProxy) untrackStream(info *forwardInfo) {
+	if len(info.streamed) == 0 {
+		return
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if info.client != nil {
-		delete(p.tunnels, info.client)
-	}
-	if target := info.conn.Load(); target != nil {
-		delete(p.tunnels, target)
+	for _, c := range info.streamed {
+		delete(p.tunnels, c)
 	}
 }
 

@@ -30,7 +30,8 @@ func (r *relaySet) add(ap netip.AddrPort) {
 	if r.refs == nil {
 		r.refs = make(map[netip.AddrPort]int)
 	}
-	if r.refs[relayKey(ap)]++; r.refs[relayKey(ap)] == 1 {
+	k := relayKey(ap)
+	if r.refs[k]++; r.refs[k] == 1 {
 		r.publish()
 	}
 }

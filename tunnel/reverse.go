@@ -353,8 +353,7 @@ func (r *Reverse) loop() {
 			r.rebind.Store(nil)
 			cancelWait()
 			b.Close()
-			r.cfg.Logger.Info().Str("reverse", r.Name()).Str("upstream", d.ProxyAddr).
-				Msg("reverse: the upstreams changed: binding again through them")
+			r.logRebind(d)
 			continue
 		}
 		// Told before the log line and the counters say it listens again,
@@ -382,8 +381,7 @@ func (r *Reverse) loop() {
 			}
 			r.setRemote(nil)
 			if rebound {
-				r.cfg.Logger.Info().Str("reverse", r.Name()).Str("upstream", d.ProxyAddr).
-					Msg("reverse: the upstreams changed: binding again through them")
+				r.logRebind(d)
 				continue
 			}
 			if errors.Is(err, socksclient.ErrUnexpectedPeer) {
@@ -414,6 +412,13 @@ func (r *Reverse) loop() {
 			}
 		}
 	}
+}
+
+// logRebind says a BIND through the old upstreams (d's) was given up for
+// one through the new ones.
+func (r *Reverse) logRebind(d *socksclient.Dialer) {
+	r.cfg.Logger.Info().Str("reverse", r.Name()).Str("upstream", d.ProxyAddr).
+		Msg("reverse: the upstreams changed: binding again through them")
 }
 
 // bindCause classifies a failed BIND.

@@ -252,9 +252,10 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 	}
 	defer f.untrack(b.NetConn())
 	// The wait for a peer may last hours with nothing sent either way:
-	// probes find a client that vanished (the upstream's control
-	// connection has its own). On before the reply, which starts the wait.
-	keepControlAlive(req.Conn)
+	// probes find a client that vanished without a word (powered off,
+	// moved to another network), which the upstream's control connection
+	// has too. On before the reply, which starts the wait.
+	keepClientAlive(req.Conn)
 	if err := req.Reply(socksclient.RepSucceeded, b.Addr()); err != nil {
 		d.clientGone(req, dialer, err, start)
 		d.cut(req.Conn, b)
@@ -323,14 +324,11 @@ func (d *SOCKSDoor) clientGone(req *socksclient.ServerRequest, dialer *socksclie
 	}
 }
 
-// keepControlAlive turns on keep-alive probes on a client's control
-// connection that carries nothing while it lasts (UDP ASSOCIATE, a BIND
-// waiting for its peer), so that a client that vanished without a word
-// (powered off, moved to another network) is noticed and its session
-// freed, rather than held until a restart.
-func keepControlAlive(c net.Conn) {
+// keepClientAlive gives a client's control connection the keep-alive of
+// the upstreams' (socksclient.KeepControlAlive) through its wrappers.
+func keepClientAlive(c net.Conn) {
 	if tc, ok := unwrapTCP(c); ok {
-		tc.SetKeepAliveConfig(socksclient.ControlKeepAlive)
+		socksclient.KeepControlAlive(tc)
 	}
 }
 
@@ -390,7 +388,7 @@ func (d *SOCKSDoor) associate(req *socksclient.ServerRequest, start time.Time) {
 	// A zone (a link-local listener's) has no place in a SOCKS address.
 	relay := pc.LocalAddr().(*net.UDPAddr).AddrPort()
 	bound := socksclient.AddrFromAddrPort(netip.AddrPortFrom(relay.Addr().WithZone(""), relay.Port()))
-	keepControlAlive(client) // before the reply, which starts the association
+	keepClientAlive(client) // as BIND's wait; before the reply, which starts the association
 	if err := req.Reply(socksclient.RepSucceeded, bound); err != nil {
 		d.clientGone(req, dialer, err, start)
 		d.cut(client, pc, up)

@@ -13,8 +13,9 @@ import (
 
 // Log causes of a transparent UDP listener, besides the UDP forward's.
 const (
-	causeNoDest        = "no original destination"
-	causeNotRedirected = "not redirected"
+	causeNoDest        = "no original destination" + onlyRedirected
+	causeNotRedirected = "not redirected" + onlyRedirected
+	onlyRedirected     = " (only datagrams a TPROXY rule sent are relayed)"
 	causeOwnRelay      = "addressed to one of this listener's own UDP relays: the capture rules brought socksfwd's own datagrams back (leave its traffic out with --mark, or the relay's address with --exclude)"
 )
 
@@ -143,11 +144,7 @@ func (t *TransparentUDP) dropUnrouted(cause string, counter *atomic.Int64, src, 
 		if dst.IsValid() {
 			ev = ev.Str("destination", dst.String())
 		}
-		msg := "UDP datagram dropped: " + cause
-		if cause != causeOwnRelay {
-			msg += " (only datagrams a TPROXY rule sent are relayed)"
-		}
-		ev.Msg(msg)
+		ev.Msg("UDP datagram dropped: " + cause)
 	}
 }
 

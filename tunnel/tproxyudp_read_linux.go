@@ -52,20 +52,28 @@ func setTransparentUDP(fd int, v6 bool) error {
 		}
 		return fmt.Errorf("set IP_TRANSPARENT: %w", err)
 	}
+	if v6 {
+		if err := setOnce(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT); err != nil {
+			if errors.Is(err, unix.EPERM) {
+				return fmt.Errorf("%w: %w", ErrTransparentUDPNeedsNetAdmin, err)
+			}
+			return fmt.Errorf("set IPV6_TRANSPARENT: %w", err)
+		}
+	}
+	return setRecvOrigDst(fd, v6)
+}
+
+// setRecvOrigDst has each datagram say where it was going
+// (IP_RECVORIGDSTADDR; on an IPv6 socket, which a dual-stack one is,
+// IPV6_RECVORIGDSTADDR too).
+func setRecvOrigDst(fd int, v6 bool) error {
 	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_RECVORIGDSTADDR, 1); err != nil {
 		return fmt.Errorf("set IP_RECVORIGDSTADDR: %w", err)
 	}
-	if !v6 {
-		return nil
-	}
-	if err := setOnce(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT); err != nil {
-		if errors.Is(err, unix.EPERM) {
-			return fmt.Errorf("%w: %w", ErrTransparentUDPNeedsNetAdmin, err)
+	if v6 {
+		if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_RECVORIGDSTADDR, 1); err != nil {
+			return fmt.Errorf("set IPV6_RECVORIGDSTADDR: %w", err)
 		}
-		return fmt.Errorf("set IPV6_TRANSPARENT: %w", err)
-	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_RECVORIGDSTADDR, 1); err != nil {
-		return fmt.Errorf("set IPV6_RECVORIGDSTADDR: %w", err)
 	}
 	return nil
 }

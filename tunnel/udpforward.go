@@ -256,8 +256,8 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 			}
 			// The session sends to its own target: no destination here.
 			f.dispatch(d, r.Addr(i), r.Slot(i), i, socksclient.Addr{})
-			if local != nil && d.s != nil {
-				d.s.setLocal(local.LocalDst(i))
+			if local != nil && d.s != nil && d.s.local.Load() == nil {
+				d.s.setLocal(local.LocalDst(i)) // the first datagram's; later ones need no parse
 			}
 		}
 		d.flush(r)

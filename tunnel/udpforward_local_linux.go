@@ -26,12 +26,8 @@ func newWildcardReader(pc *net.UDPConn, slots [][]byte) (datagramReader, error) 
 	}
 	var serr error
 	if err := rc.Control(func(fd uintptr) {
-		if serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_RECVORIGDSTADDR, 1); serr != nil {
-			return
-		}
-		if domain, _ := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DOMAIN); domain == unix.AF_INET6 {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_RECVORIGDSTADDR, 1)
-		}
+		domain, _ := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DOMAIN)
+		serr = setRecvOrigDst(int(fd), domain == unix.AF_INET6)
 	}); err != nil {
 		return nil, err
 	}

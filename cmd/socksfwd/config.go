@@ -9,6 +9,7 @@ import (
 	"os"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -220,7 +221,7 @@ func loadFile(path string, cfg *Config) error {
 			if key := keyAt(data, row); key != "" {
 				// go-toml names the Go field, or no key at all.
 				msg = fmt.Sprintf("%s: %s", key, strings.TrimPrefix(msg, "toml: "))
-				if f, ok := reflect.TypeFor[Config]().FieldByNameFunc(func(n string) bool { return tomlKey(n) == key }); ok && f.Type.Kind() == reflect.Slice &&
+				if i := slices.IndexFunc(options, func(o option) bool { return o.name == key }); i >= 0 && options[i].repeatable &&
 					strings.Contains(msg, "cannot decode TOML string") {
 					msg = fmt.Sprintf("%s: want an array, such as %s = [\"…\"]", key, key)
 				}
@@ -249,16 +250,6 @@ func keyAt(data []byte, row int) string {
 
 // keyLineRe is a line that sets one of socksfwd's keys (bare, lowercase).
 var keyLineRe = regexp.MustCompile(`^\s*([a-z][a-z0-9-]*)\s*=`)
-
-// tomlKey is the TOML key of Config's field name.
-func tomlKey(field string) string {
-	f, ok := reflect.TypeFor[Config]().FieldByName(field)
-	if !ok {
-		return ""
-	}
-	key, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
-	return key
-}
 
 // checkDurationsQuoted refuses a duration written as a bare number: go-toml
 // stores a TOML integer straight into a Duration (an int64), so

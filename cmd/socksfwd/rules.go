@@ -94,8 +94,7 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 		}
 		// REDIRECT on a gateway hands a connection to the address of the
 		// interface it arrived on: a loopback listener never sees it.
-		redirected := l.kind == kindDNS || l.kind == kindTransparent && rc.Mode == rules.ModeRedirect
-		if rc.Scope == rules.ScopeGateway && redirected && ap.Addr().IsLoopback() {
+		if rc.Scope == rules.ScopeGateway && redirected(l, rc) && ap.Addr().IsLoopback() {
 			return rc, usagef("rules --scope gateway: %s listens on %s, but REDIRECT on a gateway sends to the address of the interface traffic arrives on; bind it to 0.0.0.0:%d (or that interface's address)", l.spec, ap, ap.Port())
 		}
 		switch l.kind {
@@ -311,8 +310,7 @@ func rulesWarnings(rc rules.Config, p *plan) []string {
 		// interface traffic came in on (for IPv6 often its link-local
 		// one), which a listener on one address may not be.
 		for _, l := range p.listens {
-			redirected := l.kind == kindDNS || l.kind == kindTransparent && rc.Mode == rules.ModeRedirect
-			if ap, err := netip.ParseAddrPort(l.addr); err == nil && redirected && !ap.Addr().IsUnspecified() {
+			if ap, err := netip.ParseAddrPort(l.addr); err == nil && redirected(l, rc) && !ap.Addr().IsUnspecified() {
 				warnings = append(warnings, fmt.Sprintf("%s listens on %s only, and REDIRECT on a gateway sends to the primary address "+
 					"of the interface traffic comes in on (for IPv6 often its link-local one): unless that is %s, bind *:%d",
 					l.spec, ap.Addr(), ap.Addr(), ap.Port()))
@@ -320,6 +318,12 @@ func rulesWarnings(rc rules.Config, p *plan) []string {
 		}
 	}
 	return warnings
+}
+
+// redirected reports whether the rules send l's traffic by REDIRECT:
+// DNS always, transparent TCP in redirect mode.
+func redirected(l listenPlan, rc rules.Config) bool {
+	return l.kind == kindDNS || l.kind == kindTransparent && rc.Mode == rules.ModeRedirect
 }
 
 // resolverCaptureWarning: in scope local, a proxy given by name is looked

@@ -148,17 +148,17 @@ type Writer struct {
 	// A flush sends one message per run of datagrams (see run): a lone
 	// datagram, or a run as one segmented message with a control message
 	// of its own; all of them in one sendmmsg.
-	out       []unix.Mmsghdr
-	outFirst  []int  // the first datagram of each message
-	cmsgs     []byte // a UDP_SEGMENT control message per message
+	out      []unix.Mmsghdr
+	outFirst []int // the first datagram of each message
+	// cmsgs holds a run's control messages, cmsgSpace bytes per message:
+	// pkt, then UDP_SEGMENT at segOff. With a source (SetSource), pkt is
+	// an IP_PKTINFO or IPV6_PKTINFO control message naming it, which a
+	// lone datagram carries alone; without, it is empty.
+	cmsgs     []byte
 	cmsgSpace int
-
-	// With a source (SetSource), every message also carries pkt, an
-	// IP_PKTINFO or IPV6_PKTINFO control message naming it: lone ones
-	// pkt alone, runs pkt then their UDP_SEGMENT, in runCmsgs.
-	v6       bool // the socket is AF_INET6 (a dual-stack wildcard one too)
-	pkt      []byte
-	runCmsgs []byte
+	segOff    int
+	pkt       []byte
+	v6        bool // the socket is AF_INET6 (a dual-stack wildcard one too)
 
 	// gso is off after the kernel refused segmented sends outright;
 	// gsoMax is the largest segment it took or has not refused yet (a
@@ -189,24 +189,17 @@ func NewWriter(c *net.UDPConn, size int) (*Writer, error) {
 		return nil, err
 	}
 	w := &Writer{
-		rc:        rc,
-		msgs:      make([]unix.Mmsghdr, size),
-		iovs:      make([]unix.Iovec, size),
-		names:     make([]unix.RawSockaddrInet6, size),
-		dests:     make([]netip.AddrPort, size),
-		out:       make([]unix.Mmsghdr, size),
-		outFirst:  make([]int, size+1),
-		cmsgSpace: unix.CmsgSpace(2),
-		gso:       true,
-		gsoMax:    1 << 16,
+		rc:       rc,
+		msgs:     make([]unix.Mmsghdr, size),
+		iovs:     make([]unix.Iovec, size),
+		names:    make([]unix.RawSockaddrInet6, size),
+		dests:    make([]netip.AddrPort, size),
+		out:      make([]unix.Mmsghdr, size),
+		outFirst: make([]int, size+1),
+		gso:      true,
+		gsoMax:   1 << 16,
 	}
-	w.cmsgs = make([]byte, size*w.cmsgSpace)
-	for k := range size {
-		h := (*unix.Cmsghdr)(unsafe.Pointer(&w.cmsgs[k*w.cmsgSpace]))
-		h.Level = unix.SOL_UDP
-		h.Type = unix.UDP_SEGMENT
-		h.SetLen(unix.CmsgLen(2))
-	}
+	w.layoutCmsgs(nil)
 	w.writeFn = w.write
 	var serr error
 	if err := rc.Control(func(fd uintptr) {
@@ -231,7 +224,7 @@ func NewWriter(c *net.UDPConn, size int) (*Writer, error) {
 // run's as if its segments were refused; the caller turns it off then.
 func (w *Writer) SetSource(src netip.Addr) {
 	if !src.IsValid() {
-		w.pkt, w.runCmsgs = nil, nil
+		w.layoutCmsgs(nil)
 		return
 	}
 	level, typ, n := unix.SOL_IP, unix.IP_PKTINFO, unix.SizeofInet4Pktinfo
@@ -251,13 +244,23 @@ func (w *Writer) SetSource(src netip.Addr) {
 		pi := (*unix.Inet4Pktinfo)(unsafe.Pointer(&pkt[unix.CmsgLen(0)]))
 		pi.Spec_dst = src.Unmap().As4()
 	}
+	w.layoutCmsgs(pkt)
+}
+
+// layoutCmsgs lays out each message's control messages: pkt (nil: none),
+// then a UDP_SEGMENT whose segment size messages fills in for a run.
+func (w *Writer) layoutCmsgs(pkt []byte) {
 	w.pkt = pkt
-	slot := len(pkt) + w.cmsgSpace
-	w.runCmsgs = make([]byte, len(w.msgs)*slot)
+	w.segOff = len(pkt)
+	w.cmsgSpace = len(pkt) + unix.CmsgSpace(2)
+	w.cmsgs = make([]byte, len(w.msgs)*w.cmsgSpace)
 	for k := range len(w.msgs) {
-		c := w.runCmsgs[k*slot : (k+1)*slot]
+		c := w.cmsgs[k*w.cmsgSpace:]
 		copy(c, pkt)
-		copy(c[len(pkt):], w.cmsgs[:w.cmsgSpace]) // the UDP_SEGMENT header
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&c[w.segOff]))
+		h.Level = unix.SOL_UDP
+		h.Type = unix.UDP_SEGMENT
+		h.SetLen(unix.CmsgLen(2))
 	}
 }
 
@@ -354,13 +357,7 @@ func (w *Writer) messages(i int) int {
 		w.out[m] = w.msgs[i]
 		if j-i > 1 {
 			c := w.cmsgs[m*w.cmsgSpace : (m+1)*w.cmsgSpace]
-			seg := c
-			if w.pkt != nil {
-				slot := len(w.pkt) + w.cmsgSpace
-				c = w.runCmsgs[m*slot : (m+1)*slot]
-				seg = c[len(w.pkt):]
-			}
-			binary.NativeEndian.PutUint16(seg[unix.CmsgLen(0):], uint16(w.iovs[i].Len))
+			binary.NativeEndian.PutUint16(c[w.segOff+unix.CmsgLen(0):], uint16(w.iovs[i].Len))
 			h := &w.out[m].Hdr
 			h.SetIovlen(j - i)
 			h.Control = &c[0]
