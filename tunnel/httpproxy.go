@@ -15,6 +15,7 @@ import (
 	"net/http/httptrace"
 	"net/http/httputil"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -704,6 +705,10 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 		answer(w, http.StatusLoopDetected, "the request came back to this proxy (its Via holds "+viaToken+"): the target is the proxy itself")
 		return
 	}
+	if hops, ok := maxForwards(r); ok && hops == 0 {
+		answerAsRecipient(w, r)
+		return
+	}
 	client, _ := r.Context().Value(clientConnKey{}).(net.Conn)
 	info := &forwardInfo{target: target, start: start, client: client}
 	r = r.WithContext(context.WithValue(r.Context(), forwardInfoKey{}, info))
@@ -771,6 +776,9 @@ func (p *HTTPProxy) rewrite(pr *httputil.ProxyRequest) {
 		via = slices.Clone(pr.In.Header["Via"])
 	}
 	pr.Out.Header["Via"] = append(via, viaToken)
+	if hops, ok := maxForwards(pr.In); ok {
+		pr.Out.Header.Set("Max-Forwards", strconv.FormatUint(hops-1, 10))
+	}
 	info := infoOf(pr.In)
 	if info == nil {
 		return
@@ -782,6 +790,49 @@ func (p *HTTPProxy) rewrite(pr *httputil.ProxyRequest) {
 		}
 	}}
 	pr.Out = pr.Out.WithContext(httptrace.WithClientTrace(pr.Out.Context(), trace))
+}
+
+// maxForwards reads the hops an OPTIONS or TRACE request may still make
+// (RFC 9110 §7.6.2); other methods, and a value that is no number, have
+// none to count, and go on unchanged.
+func maxForwards(r *http.Request) (uint64, bool) {
+	if r.Method != http.MethodOptions && r.Method != http.MethodTrace {
+		return 0, false
+	}
+	v := r.Header.Values("Max-Forwards")
+	if len(v) == 0 {
+		return 0, false
+	}
+	hops, err := strconv.ParseUint(strings.TrimSpace(v[0]), 10, 63)
+	return hops, err == nil
+}
+
+// sensitiveInTrace are the fields a TRACE answer leaves out (RFC 9110
+// §9.3.8): credentials, which a page could otherwise read back.
+var sensitiveInTrace = []string{"Authorization", "Proxy-Authorization", "Cookie"}
+
+// answerAsRecipient answers an OPTIONS or TRACE whose Max-Forwards
+// reached 0 here, as its final recipient: OPTIONS with what this proxy
+// serves, TRACE with the request it received (message/http).
+func answerAsRecipient(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodOptions {
+		w.Header().Set("Allow", "CONNECT, DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT, TRACE")
+		w.Header().Set("Content-Length", "0")
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	h := r.Header.Clone()
+	for _, k := range sensitiveInTrace {
+		h.Del(k)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s %s %s\r\nHost: %s\r\n", r.Method, r.RequestURI, r.Proto, r.Host)
+	h.Write(&b)
+	b.WriteString("\r\n")
+	w.Header().Set("Content-Type", "message/http")
+	w.Header().Set("Content-Length", strconv.Itoa(b.Len()))
+	w.WriteHeader(http.StatusOK)
+	io.WriteString(w, b.String())
 }
 
 // viaToken is the Via entry this process adds, unique to it.

@@ -1015,3 +1015,38 @@ func TestHTTPProxyConnectAuthRefusalCloses(t *testing.T) {
 		t.Fatalf("after the 407: %q, %v; want the connection closed", rest, err)
 	}
 }
+
+// TestHTTPProxyMaxForwards: an OPTIONS or TRACE whose Max-Forwards is 0
+// is answered here and reaches no target; a higher one goes on one less;
+// other methods pass it unchanged (RFC 9110 §7.6.2).
+func TestHTTPProxyMaxForwards(t *testing.T) {
+	tg := newTarget(t, false)
+	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	host := tg.srv.Listener.Addr().String()
+
+	resp, _, _ := proxyExchange(t, proxy.Host, "OPTIONS "+tg.srv.URL+"/o HTTP/1.1\r\nHost: "+host+"\r\nMax-Forwards: 0\r\n\r\n")
+	body(t, resp)
+	if resp.StatusCode != http.StatusOK || !strings.Contains(resp.Header.Get("Allow"), "CONNECT") || tg.header() != nil {
+		t.Errorf("OPTIONS with Max-Forwards 0: %s, Allow %q, target saw %v; want 200 from the proxy", resp.Status, resp.Header.Get("Allow"), tg.header())
+	}
+
+	resp, _, _ = proxyExchange(t, proxy.Host, "TRACE "+tg.srv.URL+"/t HTTP/1.1\r\nHost: "+host+
+		"\r\nMax-Forwards: 0\r\nX-Mine: 7\r\nCookie: secret=1\r\nAuthorization: Basic c2VjcmV0\r\n\r\n")
+	text := body(t, resp)
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "message/http" ||
+		!strings.HasPrefix(text, "TRACE "+tg.srv.URL+"/t HTTP/1.1\r\nHost: "+host+"\r\n") || !strings.Contains(text, "X-Mine: 7\r\n") ||
+		strings.Contains(text, "secret") || strings.Contains(text, "c2VjcmV0") || tg.header() != nil {
+		t.Errorf("TRACE with Max-Forwards 0: %s %q, target saw %v; want the request echoed without credentials", resp.Status, text, tg.header())
+	}
+
+	resp, _, _ = proxyExchange(t, proxy.Host, "OPTIONS "+tg.srv.URL+"/o HTTP/1.1\r\nHost: "+host+"\r\nMax-Forwards: 3\r\n\r\n")
+	body(t, resp)
+	if got := tg.header().Get("Max-Forwards"); resp.StatusCode != http.StatusOK || got != "2" {
+		t.Errorf("OPTIONS with Max-Forwards 3: %s, the target got Max-Forwards %q, want 2", resp.Status, got)
+	}
+	resp, _, _ = proxyExchange(t, proxy.Host, "GET "+tg.srv.URL+"/g HTTP/1.1\r\nHost: "+host+"\r\nMax-Forwards: 0\r\n\r\n")
+	body(t, resp)
+	if got := tg.header().Get("Max-Forwards"); got != "0" {
+		t.Errorf("GET with Max-Forwards 0: the target got %q, want it unchanged (0)", got)
+	}
+}
