@@ -81,12 +81,14 @@ const (
 )
 
 // HTTPRequestKind tells CONNECT requests from forwarded ones in the
-// counters.
+// counters, and both from those the HTTP parser refused.
 type HTTPRequestKind int
 
 const (
-	HTTPConnect HTTPRequestKind = iota // CONNECT host:port
-	HTTPForward                        // absolute-form: GET http://host/path
+	HTTPConnect   HTTPRequestKind = iota // CONNECT host:port
+	HTTPForward                          // absolute-form: GET http://host/path
+	HTTPMalformed                        // answered by net/http itself: 400, 431, 501, 417
+	httpKinds
 )
 
 // HTTPStats counts an HTTP proxy's connections, requests and bytes.
@@ -99,7 +101,7 @@ type HTTPStats struct {
 	TCPStats
 	// Responses counts answered requests by kind and status class:
 	// Responses[HTTPConnect][2] is CONNECTs answered 2xx.
-	Responses [2][6]atomic.Int64
+	Responses [httpKinds][6]atomic.Int64
 }
 
 // HTTPProxy is an HTTP/1.1 forward proxy whose every request goes through
@@ -189,7 +191,8 @@ func NewHTTPProxy(cfg HTTPProxyConfig, ln net.Listener) *HTTPProxy {
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, clientConnKey{}, c)
 		},
-		ErrorLog: log.New(serverLog{p}, "", 0),
+		ConnState: trackConnState,
+		ErrorLog:  log.New(serverLog{p}, "", 0),
 	}
 	return p
 }
@@ -442,7 +445,7 @@ func (l admittingListener) Accept() (net.Conn, error) {
 		// MaxSessions.
 		p.stats.Sessions.Add(1)
 		p.stats.Active.Add(1)
-		return &clientConn{Conn: c, active: &p.stats.Active}, nil
+		return &clientConn{Conn: c, p: p}, nil
 	}
 }
 
@@ -450,13 +453,26 @@ func (l admittingListener) Accept() (net.Conn, error) {
 // closed: by the server, or by the relay once CONNECT took it over.
 type clientConn struct {
 	net.Conn
-	once   sync.Once
-	active *atomic.Int64
+	p    *HTTPProxy
+	once sync.Once
+	// handled: the request being read or answered reached ServeHTTP.
+	// What is written while it is false is net/http's own refusal of a
+	// request it could not parse, which no handler sees.
+	handled atomic.Bool
 }
 
 func (c *clientConn) Close() error {
-	c.once.Do(func() { c.active.Add(-1) })
+	c.once.Do(func() { c.p.stats.Active.Add(-1) })
 	return c.Conn.Close()
+}
+
+// Write counts and logs net/http's own refusals ("HTTP/1.1 400 Bad
+// Request" and the like, written in one piece before it closes).
+func (c *clientConn) Write(b []byte) (int, error) {
+	if !c.handled.Load() {
+		c.p.refusedByParser(c, b)
+	}
+	return c.Conn.Write(b)
 }
 
 // CloseWrite passes a tunnel's half-close on to the socket.
@@ -470,6 +486,35 @@ func (c *clientConn) CloseWrite() error {
 // NetConn is the socket, which the relay splices from.
 func (c *clientConn) NetConn() net.Conn { return c.Conn }
 
+// trackConnState clears handled when a new request starts arriving on a
+// connection (net/http reports it active after its first bytes).
+func trackConnState(c net.Conn, state http.ConnState) {
+	if cc, ok := c.(*clientConn); ok && state == http.StateActive {
+		cc.handled.Store(false)
+	}
+}
+
+// refusedByParser counts an answer net/http wrote itself, by its status
+// class, and logs its status line (throttled, as other refusals).
+func (p *HTTPProxy) refusedByParser(c *clientConn, answer []byte) {
+	const prefix = "HTTP/1.1 "
+	if len(answer) < len(prefix)+3 || string(answer[:len(prefix)]) != prefix {
+		return
+	}
+	class := int(answer[len(prefix)] - '0')
+	if class < 1 || class > 5 {
+		return
+	}
+	c.handled.Store(true) // one refusal per request
+	p.stats.Responses[HTTPMalformed][class].Add(1)
+	status, _, _ := strings.Cut(string(answer[len(prefix):min(len(answer), len(prefix)+80)]), "\r")
+	cause := "request refused by the HTTP parser: " + status
+	if ok, suppressed := p.refusals.Allow(cause); ok {
+		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", c.RemoteAddr().String()).
+			Int64("refused_since_last_line", suppressed).Msg(cause)
+	}
+}
+
 // ServeHTTP answers one request: CONNECT, or an absolute-form request to
 // forward.
 func (p *HTTPProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -479,6 +524,9 @@ func (p *HTTPProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer p.leave()
+	if c, ok := r.Context().Value(clientConnKey{}).(*clientConn); ok {
+		c.handled.Store(true)
+	}
 	kind := HTTPForward
 	if r.Method == http.MethodConnect {
 		kind = HTTPConnect

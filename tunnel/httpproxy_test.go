@@ -586,25 +586,41 @@ func TestHTTPProxyMalformed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := NewHTTPProxy(HTTPProxyConfig{Name: "t", Upstreams: socksclient.NewUpstreams(), ReadHeaderTimeout: 300 * time.Millisecond, Logger: zerolog.Nop()}, ln)
+	logs := &logBuf{}
+	p := NewHTTPProxy(HTTPProxyConfig{Name: "t", Upstreams: socksclient.NewUpstreams(), ReadHeaderTimeout: 300 * time.Millisecond, Logger: zerolog.New(logs)}, ln)
 	serveForTest(t, p)
 	addr := ln.Addr().String()
 	for _, tc := range []struct {
-		req  string
-		code int
+		req    string
+		code   int
+		parser bool // refused by net/http before ServeHTTP
 	}{
-		{"\x16\x03\x01garbage\r\n\r\n", http.StatusBadRequest},
-		{"GET / HTTP/1.1\r\nHost: x\r\n\r\n", http.StatusBadRequest},
-		{"GET https://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n", http.StatusBadRequest},
-		{"CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n", http.StatusBadRequest},
-		{"CONNECT example.com:0 HTTP/1.1\r\n\r\n", http.StatusBadRequest},
-		{"GET http://x/ HTTP/1.1\r\nHost: x\r\nX-Big: " + strings.Repeat("a", 2*maxRequestHead) + "\r\n\r\n", http.StatusRequestHeaderFieldsTooLarge},
-		{"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n", http.StatusBadRequest},
+		{"\x16\x03\x01garbage\r\n\r\n", http.StatusBadRequest, true},
+		{"GET / HTTP/1.1\r\nHost: x\r\n\r\n", http.StatusBadRequest, false},
+		{"GET https://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n", http.StatusBadRequest, false},
+		{"CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n", http.StatusBadRequest, false},
+		{"CONNECT example.com:0 HTTP/1.1\r\n\r\n", http.StatusBadRequest, false},
+		{"GET http://x/ HTTP/1.1\r\nHost: x\r\nX-Big: " + strings.Repeat("a", 2*maxRequestHead) + "\r\n\r\n", http.StatusRequestHeaderFieldsTooLarge, true},
+		{"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n", http.StatusBadRequest, true},
 	} {
+		before := p.Stats().Responses[HTTPMalformed][4].Load()
 		resp, _, _ := proxyExchange(t, addr, tc.req)
 		resp.Body.Close()
 		if resp.StatusCode != tc.code {
 			t.Errorf("%.40q: %s, want %d", tc.req, resp.Status, tc.code)
+		}
+		// The parser's answer is counted as it is written, before the
+		// client can read it.
+		if counted := p.Stats().Responses[HTTPMalformed][4].Load() - before; counted != map[bool]int64{true: 1}[tc.parser] {
+			t.Errorf("%.40q: counted %d as malformed, want %v", tc.req, counted, tc.parser)
+		}
+	}
+	if ours := p.Stats().Responses[HTTPForward][4].Load() + p.Stats().Responses[HTTPConnect][4].Load(); ours != 4 {
+		t.Errorf("the proxy's own 4xx answers counted %d, want 4", ours)
+	}
+	for _, want := range []string{"request refused by the HTTP parser: 400 Bad Request", "request refused by the HTTP parser: 431 Request Header Fields Too Large"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("no log line %q in:\n%s", want, logs.String())
 		}
 	}
 

@@ -309,10 +309,10 @@ func writeHTTP(p *promWriter, units []liveUnit) {
 			continue
 		}
 		if !family {
-			p.family("socksfwd_http_requests_total", "counter", "Requests the HTTP proxy answered, by kind (connect or forward: absolute-form) and status class.")
+			p.family("socksfwd_http_requests_total", "counter", "Requests the HTTP proxy answered, by kind (connect, forward: absolute-form, or malformed: refused by the HTTP parser) and status class.")
 			family = true
 		}
-		for kind, name := range []string{tunnel.HTTPConnect: "connect", tunnel.HTTPForward: "forward"} {
+		for kind, name := range []string{tunnel.HTTPConnect: "connect", tunnel.HTTPForward: "forward", tunnel.HTTPMalformed: "malformed"} {
 			for class := 1; class <= 5; class++ {
 				p.sample("socksfwd_http_requests_total", float64(h.Stats().Responses[kind][class].Load()),
 					"listener", u.name, "kind", name, "code", strconv.Itoa(class)+"xx")
