@@ -412,7 +412,7 @@ func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr, progress *ha
 	reply, err := readReplyOrRefusal(conn, (*[maxAddrFrame]byte)(buf))
 	if err == io.EOF {
 		if cmd == CmdConnect {
-			return Reply{}, errors.New("server closed the connection without replying to the request")
+			return Reply{}, ErrNoReply
 		}
 		return Reply{}, unsupportedError{cmd}
 	}

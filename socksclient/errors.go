@@ -25,6 +25,10 @@ var (
 	// ErrCredentialsRequired: the server chose username/password but the
 	// dialer has none.
 	ErrCredentialsRequired = errors.New("socks: server requires username/password but none is configured")
+	// ErrNoReply: the server took a CONNECT request and closed the
+	// connection without a reply. OpenSSH's ssh -D does so whenever it
+	// cannot reach the target, so it is not taken for a broken server.
+	ErrNoReply = errors.New("socks: server closed the connection without replying to the request (ssh -D does so when it cannot reach the target)")
 )
 
 // ReplyError is a server's refusal: a reply whose REP is not 0.

@@ -3,13 +3,16 @@ package socksclient_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
+	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
@@ -68,5 +71,39 @@ func TestBindSSHUnsupported(t *testing.T) {
 	_, err := d.Bind(context.Background(), socksclient.Addr{})
 	if !errors.Is(err, socksclient.ErrCommandNotSupported) || !strings.Contains(err.Error(), "the server does not support bind") {
 		t.Fatalf("err = %v, want the server does not support bind", err)
+	}
+}
+
+// TestSSHTargetFailureKeepsUpstreamUp: ssh -D answers a CONNECT whose
+// target fails (a closed port, a name that does not resolve) by closing
+// without a reply. That is ErrNoReply, and the proxy, which works, is
+// not reported down for it.
+func TestSSHTargetFailureKeepsUpstreamUp(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts sshd")
+	}
+	ssh := peertest.SSHDynamic(t, nil)
+	closed, err := socksclient.ParseAddr(testnet.ClosedPort(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: ssh.Addr, HandshakeTimeout: 10 * time.Second})
+	var mu sync.Mutex
+	var changes []string
+	u.OnStateChange(func(proxy string, up bool, cause error) {
+		mu.Lock()
+		defer mu.Unlock()
+		changes = append(changes, fmt.Sprintf("%s up=%v: %v", proxy, up, cause))
+	})
+	for _, target := range []socksclient.Addr{closed, {Name: "no-such-host.invalid", Port: 80}} {
+		_, _, err := u.DialAddr(context.Background(), target)
+		if !errors.Is(err, socksclient.ErrNoReply) {
+			t.Errorf("dial %v through ssh -D: %v, want ErrNoReply", target, err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(changes) != 0 || !u.Status()[0].Up {
+		t.Errorf("ssh -D reported down for its targets' failures: %q", changes)
 	}
 }

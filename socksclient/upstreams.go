@@ -653,10 +653,12 @@ func lacksOnly(err error) bool {
 // failures; a -D door, socksfwd's own, whose upstreams are all down), so
 // the next upstream is tried; but servers also send it for a target
 // failure they have no better code for (microsocks, for an errno it does
-// not map), so it does not mark the server down.
+// not map), so it does not mark the server down. A CONNECT closed
+// without a reply is the same: ssh -D's answer for an unreachable
+// target, and for a server that forbids forwarding.
 func generalFailure(err error) bool {
 	re := (*ReplyError)(nil)
-	return errors.As(err, &re) && re.Code == RepGeneralFailure
+	return errors.As(err, &re) && re.Code == RepGeneralFailure || errors.Is(err, ErrNoReply)
 }
 
 // upstreamsError is the failure of every upstream tried, on one line, each

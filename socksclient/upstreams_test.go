@@ -31,6 +31,7 @@ const (
 	proxyBlackHole                   // accepts and reads, never answers
 	proxyRefused                     // the dial fails
 	proxyTargetHole                  // answers the greeting, never the request (a black-holed target)
+	proxyNoReply                     // closes at the request: ssh -D's way to say the target failed
 )
 
 // fakeProxy plays one upstream over net.Pipe, so that a synctest bubble
@@ -82,6 +83,10 @@ func (p *fakeProxy) serve(srv net.Conn, mode proxyMode) {
 		return
 	}
 	if _, err := ReadRequest(srv); err != nil || mode == proxyTargetHole {
+		return
+	}
+	if mode == proxyNoReply {
+		srv.Close()
 		return
 	}
 	if p.replyDelay > 0 {
@@ -333,13 +338,15 @@ func TestHedgeTargetAnswer(t *testing.T) {
 	// a name, and stays up for the targets it can reach) and REP 1, general
 	// failure (the server's own trouble by RFC 1928: Tor's, or a -D door
 	// whose upstreams are all down; servers also send it for a target they
-	// have no better code for, so it stays up).
+	// have no better code for, so it stays up), and after a CONNECT closed
+	// without a reply (ssh -D's answer when the target fails: it stays up).
 	for _, tc := range []struct {
 		rep     ReplyCode
+		mode    proxyMode
 		changes string
-	}{{RepCommandNotSupported, "refusing:1080 down"}, {RepAddrTypeNotSupported, ""}, {RepGeneralFailure, ""}} {
+	}{{RepCommandNotSupported, proxyWorks, "refusing:1080 down"}, {RepAddrTypeNotSupported, proxyWorks, ""}, {RepGeneralFailure, proxyWorks, ""}, {0, proxyNoReply, ""}} {
 		synctest.Test(t, func(t *testing.T) {
-			refusing := &fakeProxy{name: "refusing:1080", rep: tc.rep}
+			refusing := &fakeProxy{name: "refusing:1080", rep: tc.rep, mode: tc.mode}
 			ok := &fakeProxy{name: "ok:1080"}
 			var log stateLog
 			u := group(&log, refusing, ok)
