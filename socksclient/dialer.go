@@ -304,10 +304,7 @@ func withProgress(ctx context.Context, p *handshakeProgress) context.Context {
 // its reply. On success the conn is positioned at the first payload byte.
 func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Conn, Reply, error) {
 	progress, _ := ctx.Value(progressKey{}).(*handshakeProgress)
-	timeout := d.HandshakeTimeout
-	if timeout <= 0 {
-		timeout = DefaultHandshakeTimeout
-	}
+	timeout := d.handshakeTimeout()
 	hctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 
@@ -340,6 +337,14 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 	return conn, reply, nil
 }
 
+// handshakeTimeout is HandshakeTimeout or its default.
+func (d *Dialer) handshakeTimeout() time.Duration {
+	if d.HandshakeTimeout > 0 {
+		return d.HandshakeTimeout
+	}
+	return DefaultHandshakeTimeout
+}
+
 // dialProxy opens the TCP connection to the proxy: through ProxyDial when
 // set, else through the default dialer with controlProxy on the socket.
 func (d *Dialer) dialProxy(ctx context.Context) (net.Conn, error) {
@@ -348,18 +353,24 @@ func (d *Dialer) dialProxy(ctx context.Context) (net.Conn, error) {
 	}
 	nd := *defaultProxyDialer
 	nd.Control = d.controlProxy
-	if d.Control != nil {
-		// The proxy's name is looked up through sockets with Control too:
-		// a transparent proxy marks them, and its own capture rules must
-		// not take that lookup (sent to its own DNS listener, which needs
-		// this very proxy, it would never be answered). Their addresses
-		// are a resolver's, not the proxy's: not noted.
-		nd.Resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
-			rd := net.Dialer{Control: d.Control}
-			return rd.DialContext(ctx, network, address)
-		}}
-	}
+	nd.Resolver = d.markedResolver()
 	return nd.DialContext(ctx, "tcp", d.ProxyAddr)
+}
+
+// markedResolver is nil (the default resolver) without Control. With it,
+// names are looked up through sockets with Control too: a transparent
+// proxy marks them, and its own capture rules must not take the lookup
+// (sent to its own DNS listener, which needs this very proxy, it would
+// never be answered). Their addresses are a resolver's, not the proxy's:
+// not noted.
+func (d *Dialer) markedResolver() *net.Resolver {
+	if d.Control == nil {
+		return nil
+	}
+	return &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
+		rd := net.Dialer{Control: d.Control}
+		return rd.DialContext(ctx, network, address)
+	}}
 }
 
 // controlProxy runs on each socket about to connect to the proxy: Control,
@@ -509,10 +520,13 @@ func (d *Dialer) resolve(ctx context.Context, target Addr) (Addr, error) {
 	return Addr{IP: ip.Unmap(), Port: target.Port}, nil
 }
 
-// lookup resolves name through Resolver (net.DefaultResolver if nil);
-// no address at all is an error too.
+// lookup resolves name through Resolver (if nil, through sockets with
+// Control, or net.DefaultResolver); no address at all is an error too.
 func (d *Dialer) lookup(ctx context.Context, name string) ([]netip.Addr, error) {
 	r := d.Resolver
+	if r == nil {
+		r = d.markedResolver()
+	}
 	if r == nil {
 		r = net.DefaultResolver
 	}

@@ -130,6 +130,9 @@ func (d *Dialer) relayAddrPort(ctx context.Context, relay Addr, conn net.Conn) (
 	if ap, ok := relay.AddrPort(); ok {
 		return withProxyZone(ap, conn), nil
 	}
+	// Part of setting up the association: bounded as the handshake is.
+	ctx, cancel := context.WithTimeout(ctx, d.handshakeTimeout())
+	defer cancel()
 	ips, err := d.lookup(ctx, relay.Name)
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("resolving the UDP relay's name %q from the proxy's reply: %w", relay.Name, err)

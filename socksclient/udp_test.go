@@ -5,7 +5,10 @@ import (
 	"context"
 	"errors"
 	"net"
+	"slices"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -138,6 +141,57 @@ func TestAssociateRelayNameUnresolvable(t *testing.T) {
 	}
 	if err == nil || !strings.Contains(err.Error(), `UDP relay's name "relay.invalid"`) {
 		t.Fatalf("err = %v, want one naming the relay's name", err)
+	}
+}
+
+// TestAssociateRelayNameBounded: looking up the relay's name is part of
+// setting up the association, bounded by HandshakeTimeout, not only by
+// the caller's context; and with Control set, it goes through sockets
+// with Control (a transparent proxy's mark keeps its own capture rules
+// off the lookup).
+func TestAssociateRelayNameBounded(t *testing.T) {
+	srv, err := sockstest.NewServer(sockstest.Config{UDPBindName: "relay.example"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	// The resolver's own per-try timeout (5 s from resolv.conf) would end
+	// the lookup too, with DeadlineExceeded: the handshake's bound cancels
+	// it first.
+	ended := make(chan error, 16)
+	silentDNS := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		<-ctx.Done()
+		ended <- ctx.Err()
+		return nil, ctx.Err()
+	}}
+	d := socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: 200 * time.Millisecond, Resolver: silentDNS}
+	if u, err := d.Associate(context.Background()); err == nil {
+		u.Close()
+		t.Fatal("Associate resolved the relay's name with no DNS")
+	}
+	if err := <-ended; !errors.Is(err, context.Canceled) {
+		t.Errorf("the relay's name lookup ended with %v, want cancelled by the handshake timeout", err)
+	}
+
+	var mu sync.Mutex
+	var marked []string
+	d = socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: 5 * time.Second, Control: func(network, address string, _ syscall.RawConn) error {
+		mu.Lock()
+		defer mu.Unlock()
+		marked = append(marked, network+" "+address)
+		if _, port, _ := net.SplitHostPort(address); port == "53" {
+			return errors.New("no DNS in this test")
+		}
+		return nil
+	}}
+	if u, err := d.Associate(context.Background()); err == nil {
+		u.Close()
+		t.Fatal("Associate resolved the relay's name with every DNS socket refused")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.ContainsFunc(marked, func(s string) bool { return strings.HasSuffix(s, ":53") }) {
+		t.Errorf("the relay's name was not looked up through sockets with Control; Control saw %q", marked)
 	}
 }
 
