@@ -481,6 +481,38 @@ func TestShortRefusal(t *testing.T) {
 	}
 }
 
+// TestRefusalWithOddAddress: a refusal's address is unused (RFC 1928), so
+// one that does not parse leaves the refusal what its REP says; a
+// success's must parse.
+func TestRefusalWithOddAddress(t *testing.T) {
+	for _, tc := range []struct {
+		reply string
+		rep   socksclient.ReplyCode // 0: a malformed reply
+	}{
+		{"05 05 00 00 00000000 0000", socksclient.RepConnectionRefused}, // ATYP 0
+		{"05 04 00 03 00 0000", socksclient.RepHostUnreachable},         // an empty name
+		{"05 00 00 00 00000000 0000", 0},
+	} {
+		addr, _ := transcriptServer(t, []step{
+			{expect: "05 01 00", send: "05 00"},
+			{expect: "05 01 00 01 c0000201 0050", send: tc.reply},
+		})
+		d := socksclient.Dialer{ProxyAddr: addr}
+		conn, err := d.DialContext(context.Background(), "tcp", "192.0.2.1:80")
+		if err == nil {
+			conn.Close()
+		}
+		var re *socksclient.ReplyError
+		var pe *socksclient.ProtocolError
+		switch {
+		case tc.rep != 0 && (!errors.As(err, &re) || re.Code != tc.rep):
+			t.Errorf("reply %s: %v; want REP %d", tc.reply, err, tc.rep)
+		case tc.rep == 0 && !errors.As(err, &pe):
+			t.Errorf("reply %s: %v; want a malformed reply", tc.reply, err)
+		}
+	}
+}
+
 // TestUserPassStatusVersion5: a server that answers RFC 1929 with VER 5
 // instead of 1 is read by its status byte, as curl reads it.
 func TestUserPassStatusVersion5(t *testing.T) {

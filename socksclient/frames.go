@@ -1,6 +1,7 @@
 package socksclient
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -413,17 +414,21 @@ func readAddrFrameGot(r io.Reader, frame string, buf *[maxAddrFrame]byte) (n, go
 }
 
 // readReplyOrRefusal is readReply for a client waiting on its proxy: a
-// refusal cut short after VER and REP is the refusal it says (ss-local
-// answers BIND with 05 07 00 01 and closes). ReadReply stays strict.
+// refusal is the refusal it says, whatever follows VER and REP: cut short
+// (ss-local answers BIND with 05 07 00 01 and closes) or with an address
+// that does not parse (RFC 1928 leaves it unused on failure, and clients
+// such as curl read REP first). ReadReply stays strict.
 func readReplyOrRefusal(r io.Reader, buf *[maxAddrFrame]byte) (Reply, error) {
 	n, got, err := readAddrFrameGot(r, "reply", buf)
-	if err != nil {
-		if got >= 2 && buf[0] == Version && buf[1] != byte(RepSucceeded) && (err == io.EOF || err == io.ErrUnexpectedEOF) {
-			return Reply{Code: ReplyCode(buf[1]), Addr: unspecifiedAddr}, nil
-		}
-		return Reply{}, err
+	var p Reply
+	if err == nil {
+		p, _, err = ParseReply(buf[:n])
 	}
-	p, _, err := ParseReply(buf[:n])
+	var perr *ProtocolError
+	if err != nil && got >= 2 && buf[0] == Version && buf[1] != byte(RepSucceeded) &&
+		(err == io.EOF || err == io.ErrUnexpectedEOF || errors.As(err, &perr)) {
+		return Reply{Code: ReplyCode(buf[1]), Addr: unspecifiedAddr}, nil
+	}
 	return p, err
 }
 
