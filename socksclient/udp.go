@@ -567,13 +567,25 @@ func (d *Dialer) DialUDP(ctx context.Context, target string) (*UDPTargetConn, er
 	if err != nil {
 		return nil, err
 	}
+	dst.IP = dst.IP.Unmap()
 	return &UDPTargetConn{UDPConn: u, target: dst}, nil
 }
 
-// Read returns the payload of the next datagram.
+// Read returns the payload of the next datagram from the target. Others
+// are dropped and counted as WrongPeer: a relay passes on what anyone
+// sends to its outside port. The target's port alone is compared when it
+// is a name (the proxy resolved it).
 func (c *UDPTargetConn) Read(p []byte) (int, error) {
-	n, _, err := c.ReadFrom(p)
-	return n, err
+	for {
+		n, from, err := c.ReadFrom(p)
+		if err != nil {
+			return n, err
+		}
+		if a := from.(Addr); a.Port == c.target.Port && (c.target.Name != "" || a.Name == "" && a.IP.Unmap() == c.target.IP) {
+			return n, nil
+		}
+		c.stats.add(wrongPeer)
+	}
 }
 
 // Write sends p to the target.

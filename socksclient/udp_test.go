@@ -337,6 +337,17 @@ func TestDialUDPTarget(t *testing.T) {
 	if err != nil || string(buf[:n]) != "ping" {
 		t.Fatalf("got %q, %v", buf[:n], err)
 	}
+	// The relay passes on what anyone sends to its port: Read returns the
+	// target's datagrams only.
+	stranger := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	if _, err := stranger.WriteToUDPAddrPort([]byte("injected"), c.Relay()); err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("second"))
+	n, err = c.Read(buf)
+	if err != nil || string(buf[:n]) != "second" || c.Stats().WrongPeer.Load() != 1 {
+		t.Fatalf("got %q, %v, %d from another sender; want the target's second datagram, one dropped", buf[:n], err, c.Stats().WrongPeer.Load())
+	}
 }
 
 // TestUDPHotPathAllocs: a relayed datagram (write through the association,
