@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+
+	"golang.org/x/net/idna"
 )
 
 // MaxNameLen is the longest domain name a SOCKS5 address can carry: its
@@ -44,10 +46,38 @@ func ParseAddr(hostport string) (Addr, error) {
 		}
 		return Addr{IP: ip.Unmap(), Port: uint16(port)}, nil
 	}
+	host, err = asciiName(host)
+	if err != nil {
+		return Addr{}, fmt.Errorf("address %q: %w", hostport, err)
+	}
 	if len(host) == 0 || len(host) > MaxNameLen {
 		return Addr{}, fmt.Errorf("address %q: host name must be 1 to %d bytes", hostport, MaxNameLen)
 	}
 	return Addr{Name: host, Port: uint16(port)}, nil
+}
+
+// asciiName is the name as DNS carries it: an internationalized one in
+// its ASCII form (bücher.example → xn--bcher-kva.example), as curl sends
+// it to a proxy, which would otherwise look up the raw UTF-8 bytes and
+// find nothing. Spaces and control bytes are refused: no host has them.
+func asciiName(name string) (string, error) {
+	wide := false
+	for i := 0; i < len(name); i++ {
+		switch c := name[i]; {
+		case c <= ' ' || c == 0x7f:
+			return "", fmt.Errorf("host name %q holds a space or a control character", name)
+		case c >= 0x80:
+			wide = true
+		}
+	}
+	if !wide {
+		return name, nil
+	}
+	ascii, err := idna.Lookup.ToASCII(name)
+	if err != nil {
+		return "", fmt.Errorf("host name %q is not a valid internationalized name: %w", name, err)
+	}
+	return ascii, nil
 }
 
 // Type is the ATYP that the address travels as.

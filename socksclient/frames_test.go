@@ -260,6 +260,13 @@ func TestParseAddr(t *testing.T) {
 		{":80", Addr{}, true},
 		{"[fe80::1%eth0]:80", Addr{}, true},
 		{name255 + "a:80", Addr{}, true},
+		// Internationalized names travel in their ASCII form, as curl
+		// sends them; a space or a control byte is no host's.
+		{"bücher.example:443", Addr{Name: "xn--bcher-kva.example", Port: 443}, false},
+		{"_sip._tcp.example:5060", Addr{Name: "_sip._tcp.example", Port: 5060}, false},
+		{"bad host:80", Addr{}, true},
+		{"bad\x00host:80", Addr{}, true},
+		{"\u00ad:80", Addr{}, true}, // maps to nothing: an empty name
 	}
 	for _, tc := range tests {
 		got, err := ParseAddr(tc.in)
