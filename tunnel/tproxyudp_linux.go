@@ -129,7 +129,7 @@ func (t *TransparentUDP) Serve(ctx context.Context) error {
 				t.dropUnrouted(causeOwnRelay, &t.stats.DroppedOwnRelay, r.Addr(i), dst)
 				continue
 			}
-			t.dispatch(d, r.Addr(i), r.Slot(i), i, socksclient.AddrFromAddrPort(dst))
+			t.dispatch(d, r.Addr(i), r.FromLoopback(i), r.Slot(i), i, socksclient.AddrFromAddrPort(dst))
 		}
 		d.flush(r)
 	})

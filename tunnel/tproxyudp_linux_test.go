@@ -17,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/socksfwd/socksfwd/internal/allowlist"
 	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/rules"
 	"github.com/socksfwd/socksfwd/internal/testnet"
@@ -84,6 +85,43 @@ func TestTProxyUDPParseOrigDst(t *testing.T) {
 	}
 }
 
+// TestTProxyUDPArrivedOnLoopback: the packet info's interface index is
+// read from IP_PKTINFO or IPV6_PKTINFO, after other control messages too.
+func TestTProxyUDPArrivedOnLoopback(t *testing.T) {
+	pktinfo4 := func(ifindex int32) []byte {
+		b := make([]byte, unix.SizeofInet4Pktinfo)
+		binary.NativeEndian.PutUint32(b, uint32(ifindex))
+		return cmsg(unix.SOL_IP, unix.IP_PKTINFO, b)
+	}
+	pktinfo6 := func(ifindex int32) []byte {
+		b := make([]byte, unix.SizeofInet6Pktinfo)
+		binary.NativeEndian.PutUint32(b[16:], uint32(ifindex))
+		return cmsg(unix.SOL_IPV6, unix.IPV6_PKTINFO, b)
+	}
+	dst := cmsg(unix.SOL_IP, unix.IP_ORIGDSTADDR, sockaddr4(netip.MustParseAddrPort("198.51.100.7:53")))
+	for _, tc := range []struct {
+		name string
+		oob  []byte
+		want bool
+	}{
+		{"v4 lo", pktinfo4(1), true},
+		{"v4 eth", pktinfo4(2), false},
+		{"v6 lo", pktinfo6(1), true},
+		{"v6 eth", pktinfo6(3), false},
+		{"after the destination", append(append([]byte{}, dst...), pktinfo4(1)...), true},
+		{"none", dst, false},
+		{"short", cmsg(unix.SOL_IP, unix.IP_PKTINFO, []byte{1, 0}), false},
+	} {
+		if got := arrivedOnLoopback(tc.oob); got != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+	}
+	oob := append(append([]byte{}, dst...), pktinfo6(1)...)
+	if n := testing.AllocsPerRun(100, func() { parseOrigDst(oob); arrivedOnLoopback(oob) }); n != 0 {
+		t.Errorf("reading the control messages allocates %v times", n)
+	}
+}
+
 func FuzzTProxyUDPParseOrigDst(f *testing.F) {
 	f.Add(cmsg(unix.SOL_IP, unix.IP_ORIGDSTADDR, sockaddr4(netip.MustParseAddrPort("198.51.100.7:53"))))
 	f.Add(cmsg(unix.SOL_IPV6, unix.IPV6_ORIGDSTADDR, sockaddr6(netip.MustParseAddrPort("[2001:db8::7]:443"))))
@@ -93,6 +131,7 @@ func FuzzTProxyUDPParseOrigDst(f *testing.F) {
 		if ap, ok := parseOrigDst(oob); ok && (!ap.IsValid() || ap.Addr().Is4In6()) {
 			t.Fatalf("ok with %v", ap)
 		}
+		arrivedOnLoopback(oob)
 	})
 }
 
@@ -310,6 +349,39 @@ func TestTransparentUDPIPv4(t *testing.T) {
 	}
 }
 
+// TestTransparentUDPAllowsHostItself: with an --allow that lists none of
+// the host's addresses, a local program's datagram that TPROXY captured
+// is served although its source is the host's own non-loopback address:
+// it arrived on the loopback interface, which nothing from elsewhere
+// reaches. A datagram from that source on another interface is not
+// (IPv6 has no martian-source check; here the test hands one over as
+// Serve would, marked as not from loopback).
+func TestTransparentUDPAllowsHostItself(t *testing.T) {
+	if !inFreshNetns(t) {
+		return
+	}
+	echo := startEchoes(t)
+	run(t, "", "ip", "addr", "add", "203.0.113.5/32", "dev", "lo")
+	allow, err := allowlist.Parse([]string{"10.0.0.0/8"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := newSocks(t, sockstest.Config{})
+	tu, logs, _ := startTransparentUDP(t, proxy.Addr())
+	tu.SetAllow(allow)
+	tproxyUDPNetns(t, tu.Addr().(*net.UDPAddr).AddrPort().Port(), echo)
+
+	exchange(t, appClient(t, "203.0.113.5:0"), "198.51.100.7:7", "from the host's own address")
+	if n := tu.Stats().DroppedNotAllowed.Load(); n != 0 {
+		t.Errorf("DroppedNotAllowed = %d, want 0\n%s", n, logs)
+	}
+
+	dispatchOne(tu, netip.MustParseAddrPort("203.0.113.5:4000"), "198.51.100.7:7")
+	if n := tu.Stats().DroppedNotAllowed.Load(); n != 1 {
+		t.Errorf("a datagram from the host's address, not on loopback: DroppedNotAllowed = %d, want 1", n)
+	}
+}
+
 // TestTransparentUDPNotRedirected: a datagram sent straight to the
 // listener (no rule sent it) is dropped, counted and logged once, and
 // never reaches the proxy.
@@ -508,7 +580,7 @@ func quietTransparent(t *testing.T, dial func(ctx context.Context, network, addr
 // does with a batch of one.
 func dispatchOne(tu *TransparentUDP, src netip.AddrPort, dst string) {
 	d := newUDPDispatch()
-	tu.dispatch(d, src, slotWith([]byte("x")), 0, socksclient.AddrFromAddrPort(netip.MustParseAddrPort(dst)))
+	tu.dispatch(d, src, false, slotWith([]byte("x")), 0, socksclient.AddrFromAddrPort(netip.MustParseAddrPort(dst)))
 	d.flush(slotReader{})
 }
 

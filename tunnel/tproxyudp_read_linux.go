@@ -60,7 +60,20 @@ func setTransparentUDP(fd int, v6 bool) error {
 			return fmt.Errorf("set IPV6_TRANSPARENT: %w", err)
 		}
 	}
-	return setRecvOrigDst(fd, v6)
+	if err := setRecvOrigDst(fd, v6); err != nil {
+		return err
+	}
+	// The interface each datagram arrived on (IP_PKTINFO): one on
+	// loopback was sent by this host, which --allow always serves.
+	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_PKTINFO, 1); err != nil {
+		return fmt.Errorf("set IP_PKTINFO: %w", err)
+	}
+	if v6 {
+		if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_RECVPKTINFO, 1); err != nil {
+			return fmt.Errorf("set IPV6_RECVPKTINFO: %w", err)
+		}
+	}
+	return nil
 }
 
 // setRecvOrigDst has each datagram say where it was going
@@ -87,8 +100,9 @@ func setOnce(fd, level, opt int) error {
 	return unix.SetsockoptInt(fd, level, opt, 1)
 }
 
-// origDstOOBLen is room for the one control message we ask for (a
-// sockaddr_in6 at most), with a margin.
+// origDstOOBLen is room for the control messages we ask for: the
+// original destination (a sockaddr_in6 at most, 48 bytes with its
+// header) and the packet info (40 at most).
 const origDstOOBLen = 128
 
 // origDstReader reads a batch of datagrams per system call (recvmmsg)
@@ -109,16 +123,64 @@ func newOrigDstReader(c *net.UDPConn, slots [][]byte, headroom int) (*origDstRea
 // original destination.
 func (r *origDstReader) OrigDst(i int) (netip.AddrPort, bool) { return parseOrigDst(r.OOB(i)) }
 
+// FromLoopback reports whether datagram i arrived on the loopback
+// interface (a socket with IP_PKTINFO, see setTransparentUDP).
+func (r *origDstReader) FromLoopback(i int) bool { return arrivedOnLoopback(r.OOB(i)) }
+
 // cmsgAlignTo is the alignment of control messages: the size of a long.
 const cmsgAlignTo = int(unsafe.Sizeof(uintptr(0)))
 
 func cmsgAlign(n int) int { return (n + cmsgAlignTo - 1) &^ (cmsgAlignTo - 1) }
 
 // parseOrigDst finds IP_ORIGDSTADDR or IPV6_ORIGDSTADDR among the control
-// messages in oob and decodes it, IPv4-mapped addresses unmapped. It reads
-// the bytes itself (no allocation, no alignment assumed): a cmsghdr is a
-// native-endian length of a long's size, then level and type as int32.
-func parseOrigDst(oob []byte) (netip.AddrPort, bool) {
+// messages in oob and decodes it, IPv4-mapped addresses unmapped.
+func parseOrigDst(oob []byte) (dst netip.AddrPort, ok bool) {
+	eachCmsg(oob, func(level, typ int32, data []byte) bool {
+		switch {
+		case level == unix.SOL_IP && typ == unix.IP_ORIGDSTADDR && len(data) >= unix.SizeofSockaddrInet4:
+			if binary.NativeEndian.Uint16(data) == unix.AF_INET {
+				dst, ok = netip.AddrPortFrom(netip.AddrFrom4([4]byte(data[4:8])), binary.BigEndian.Uint16(data[2:])), true
+			}
+			return false
+		case level == unix.SOL_IPV6 && typ == unix.IPV6_ORIGDSTADDR && len(data) >= unix.SizeofSockaddrInet6:
+			if binary.NativeEndian.Uint16(data) == unix.AF_INET6 {
+				a := netip.AddrFrom16([16]byte(data[8:24])).Unmap()
+				dst, ok = netip.AddrPortFrom(a, binary.BigEndian.Uint16(data[2:])), true
+			}
+			return false
+		}
+		return true
+	})
+	return dst, ok
+}
+
+// loopbackIfindex is the loopback interface's index in every network
+// namespace (the kernel's LOOPBACK_IFINDEX).
+const loopbackIfindex = 1
+
+// arrivedOnLoopback reports whether the IP_PKTINFO or IPV6_PKTINFO among
+// the control messages in oob names the loopback interface: the datagram
+// was sent by this host, as none from elsewhere arrives there.
+func arrivedOnLoopback(oob []byte) (loopback bool) {
+	eachCmsg(oob, func(level, typ int32, data []byte) bool {
+		switch {
+		case level == unix.SOL_IP && typ == unix.IP_PKTINFO && len(data) >= unix.SizeofInet4Pktinfo:
+			loopback = int32(binary.NativeEndian.Uint32(data)) == loopbackIfindex // ipi_ifindex first
+			return false
+		case level == unix.SOL_IPV6 && typ == unix.IPV6_PKTINFO && len(data) >= unix.SizeofInet6Pktinfo:
+			loopback = int32(binary.NativeEndian.Uint32(data[16:])) == loopbackIfindex // after ipi6_addr
+			return false
+		}
+		return true
+	})
+	return loopback
+}
+
+// eachCmsg calls f with each control message in oob until f returns
+// false or one is malformed. It reads the bytes itself (no allocation, no
+// alignment assumed): a cmsghdr is a native-endian length of a long's
+// size, then level and type as int32.
+func eachCmsg(oob []byte, f func(level, typ int32, data []byte) bool) {
 	hdrLen := cmsgAlign(unix.SizeofCmsghdr)
 	for len(oob) >= unix.SizeofCmsghdr {
 		var l uint64
@@ -130,27 +192,15 @@ func parseOrigDst(oob []byte) (netip.AddrPort, bool) {
 		level := int32(binary.NativeEndian.Uint32(oob[cmsgAlignTo:]))
 		typ := int32(binary.NativeEndian.Uint32(oob[cmsgAlignTo+4:]))
 		if l < uint64(hdrLen) || l > uint64(len(oob)) {
-			return netip.AddrPort{}, false
+			return
 		}
-		data := oob[hdrLen:l]
-		switch {
-		case level == unix.SOL_IP && typ == unix.IP_ORIGDSTADDR && len(data) >= unix.SizeofSockaddrInet4:
-			if binary.NativeEndian.Uint16(data) != unix.AF_INET {
-				return netip.AddrPort{}, false
-			}
-			return netip.AddrPortFrom(netip.AddrFrom4([4]byte(data[4:8])), binary.BigEndian.Uint16(data[2:])), true
-		case level == unix.SOL_IPV6 && typ == unix.IPV6_ORIGDSTADDR && len(data) >= unix.SizeofSockaddrInet6:
-			if binary.NativeEndian.Uint16(data) != unix.AF_INET6 {
-				return netip.AddrPort{}, false
-			}
-			a := netip.AddrFrom16([16]byte(data[8:24])).Unmap()
-			return netip.AddrPortFrom(a, binary.BigEndian.Uint16(data[2:])), true
+		if !f(level, typ, oob[hdrLen:l]) {
+			return
 		}
 		next := cmsgAlign(int(l))
 		if next >= len(oob) {
-			break
+			return
 		}
 		oob = oob[next:]
 	}
-	return netip.AddrPort{}, false
 }

@@ -255,7 +255,7 @@ func (f *UDPForward) Serve(ctx context.Context) error {
 				continue
 			}
 			// The session sends to its own target: no destination here.
-			f.dispatch(d, r.Addr(i), r.Slot(i), i, socksclient.Addr{})
+			f.dispatch(d, r.Addr(i), false, r.Slot(i), i, socksclient.Addr{})
 			if local != nil && d.s != nil && d.s.local.Load() == nil {
 				d.s.setLocal(local.LocalDst(i)) // the first datagram's; later ones need no parse
 			}

@@ -337,6 +337,7 @@ func (t *udpTable) release(p udpPacket) {
 // sessions holding datagrams for the fast path.
 type udpDispatch struct {
 	lastSrc netip.AddrPort
+	lastLo  bool // lastSrc's datagrams arrived on the loopback interface
 	s       *udpSession
 	pending []*udpSession
 }
@@ -347,11 +348,12 @@ func newUDPDispatch() *udpDispatch {
 
 // dispatch hands the read datagram idx (slot: headroom, then payload) of
 // src, bound for dst, to its session: to the fast path when the session
-// has a live association, else copied to the session's queue.
-func (t *udpTable) dispatch(d *udpDispatch, src netip.AddrPort, slot []byte, idx int, dst socksclient.Addr) {
+// has a live association, else copied to the session's queue. onLoopback
+// says it arrived on the loopback interface, so the host itself sent it.
+func (t *udpTable) dispatch(d *udpDispatch, src netip.AddrPort, onLoopback bool, slot []byte, idx int, dst socksclient.Addr) {
 	s := d.s
-	if s == nil || src != d.lastSrc {
-		if !t.allow.Load().Allows(src.Addr()) {
+	if s == nil || src != d.lastSrc || onLoopback != d.lastLo {
+		if !t.allow.Load().AllowsDatagram(src.Addr(), onLoopback) {
 			d.s = nil
 			t.stats.DroppedNotAllowed.Add(1)
 			if ok, suppressed := t.logs.Allow(causeNotAllowed); ok {
@@ -360,7 +362,7 @@ func (t *udpTable) dispatch(d *udpDispatch, src netip.AddrPort, slot []byte, idx
 			}
 			return
 		}
-		d.lastSrc, s = src, t.session(src)
+		d.lastSrc, d.lastLo, s = src, onLoopback, t.session(src)
 		d.s = s
 		if s == nil { // the service is closing
 			t.dropped(&t.stats.DroppedEnded, causeEnded)

@@ -85,6 +85,14 @@ func (l *List) AllowsAddr(a net.Addr) bool {
 	return true
 }
 
+// AllowsDatagram is Allows for a datagram, which the host itself sent
+// when it arrived on the loopback interface (none from elsewhere arrives
+// there), whatever its source: a local program's datagram that a TPROXY
+// rule captured keeps the program's own source address.
+func (l *List) AllowsDatagram(ip netip.Addr, onLoopback bool) bool {
+	return onLoopback || l.Allows(ip)
+}
+
 // hostAddrs is this host's addresses as its interfaces hold them (one
 // netlink dump); tests replace it.
 var hostAddrs = defaultHostAddrs

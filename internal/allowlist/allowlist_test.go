@@ -120,3 +120,16 @@ func TestAllowsHostAddressesWhileFirstRead(t *testing.T) {
 }
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// TestAllowsDatagram: a datagram that arrived on the loopback interface
+// is the host's, whatever its source; another is held to the prefixes.
+func TestAllowsDatagram(t *testing.T) {
+	l, err := Parse([]string{"10.0.0.0/8"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := netip.MustParseAddr("203.0.113.5")
+	if !l.AllowsDatagram(host, true) || l.AllowsDatagram(host, false) || !l.AllowsDatagram(netip.MustParseAddr("10.1.2.3"), false) {
+		t.Error("AllowsDatagram: want the loopback interface's datagram and a listed source served, no other")
+	}
+}
