@@ -157,8 +157,11 @@ var (
 // flowing: a client's shutdown(SHUT_WR) reaches the target as FIN and the
 // reply still comes back. An error in either direction ends both, with a
 // reset (RST) toward both ends so that neither takes the cut for a complete
-// stream; the idle timeout ends both with a plain close. With idle > 0, the
-// relay ends when no byte has moved either way for idle.
+// stream. With idle > 0, the relay ends when no byte has moved either way
+// for idle, reads and writes alike (a peer that stopped reading holds a
+// write as long as it likes): with a plain close when nothing was held
+// back, with a reset when bytes read from one side had not all reached
+// the other.
 func Relay(client, upstream net.Conn, idle time.Duration, mode CopyMode) RelayResult {
 	var res RelayResult
 	r := newRelay(client, upstream, idle, mode, func(rr RelayResult) { res = rr })
@@ -253,6 +256,17 @@ type copier struct {
 	srcSide, dstSide Side
 	n                int64
 	live             *atomic.Int64 // also counts n, as it grows; may be nil
+	// holding: bytes read from src have not all been written to dst
+	// (kept only with an idle timeout, the one end that can cut them).
+	holding atomic.Bool
+}
+
+// other is the relay's other direction.
+func (c *copier) other() *copier {
+	if c == &c.r.up {
+		return &c.r.down
+	}
+	return &c.r.up
 }
 
 // moved counts n bytes copied.
@@ -282,9 +296,10 @@ func (c *copier) run() {
 	}
 	c.r.firstErr.CompareAndSwap(nil, &err)
 	// Unblock the other direction. A session that merely went quiet ends
-	// with FIN; one cut by an error ends with RST both ways, as a clean
-	// end would make a cut-off download look complete.
-	if errors.Is(err, ErrIdleTimeout) {
+	// with FIN; one cut by an error, or by the idle timeout while bytes
+	// were held back, ends with RST both ways, as a clean end would make
+	// a cut-off download look complete.
+	if errors.Is(err, ErrIdleTimeout) && !c.holding.Load() && !c.other().holding.Load() {
 		c.dst.Close()
 		c.src.Close()
 		return
@@ -361,18 +376,37 @@ func (c *copier) write(dst net.Conn, b []byte) error {
 		}
 		return nil
 	}
+	c.holding.Store(true)
 	for len(b) > 0 {
+		c.armWriteIdle(dst)
 		n, err := dst.Write(b[:min(len(b), idleWriteChunk)])
 		if n > 0 {
 			c.r.touch()
 			c.moved(int64(n))
 		}
-		if err != nil {
-			return c.writeErr(err)
-		}
 		b = b[n:]
+		if err != nil && !c.stillActive(err) {
+			return c.writeWaitErr(err)
+		}
 	}
+	c.holding.Store(false)
 	return nil
+}
+
+// armWriteIdle sets the write deadline that a write stuck on a peer that
+// stopped reading is checked at, with an idle timeout: when the other
+// direction has ended too (half-closed), no read is left to notice.
+func (c *copier) armWriteIdle(dst net.Conn) {
+	dst.SetWriteDeadline(time.Now().Add(c.r.idle))
+}
+
+// writeWaitErr is the relay's error for a failed write (or wait to
+// write) to dst: the idle timeout, or the destination side's error.
+func (c *copier) writeWaitErr(err error) error {
+	if c.r.idle > 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+		return ErrIdleTimeout
+	}
+	return c.writeErr(err)
 }
 
 // armIdle sets the read deadline that the idle timeout is checked at.

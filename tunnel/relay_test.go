@@ -361,3 +361,95 @@ func TestRelayCountsPartialWrite(t *testing.T) {
 		target.Close()
 	}
 }
+
+// TestRelayHalfCloseUpstreamFirst: the upstream half-closes first; the
+// client's upload still reaches the target, in every mode.
+func TestRelayHalfCloseUpstreamFirst(t *testing.T) {
+	for _, mode := range allModes {
+		for _, idle := range []time.Duration{0, time.Minute} {
+			app, target, done := relayed(t, idle, mode)
+			resp := bytes.Repeat([]byte("r"), 70_000)
+			go func() {
+				target.Write(resp)
+				target.CloseWrite()
+			}()
+			got, err := io.ReadAll(app)
+			if err != nil || !bytes.Equal(got, resp) {
+				t.Fatalf("%v idle %v: app read %d, %v", mode, idle, len(got), err)
+			}
+			upload := bytes.Repeat([]byte("u"), 3<<20)
+			go func() {
+				app.Write(upload)
+				app.CloseWrite()
+			}()
+			got, err = io.ReadAll(target)
+			if err != nil || !bytes.Equal(got, upload) {
+				t.Fatalf("%v idle %v: target read %d of %d, %v", mode, idle, len(got), len(upload), err)
+			}
+			res := <-done
+			if res.Err != nil || res.Up != int64(len(upload)) || res.Down != int64(len(resp)) {
+				t.Fatalf("%v idle %v: %+v", mode, idle, res)
+			}
+		}
+	}
+}
+
+// TestRelayIdleEndsStuckWriter: after the client's half-close, a client
+// that stops reading leaves the download direction blocked in a write and
+// no read to notice: the idle timeout still ends the session. The bound
+// of 20 idle timeouts only keeps a failure finite.
+func TestRelayIdleEndsStuckWriter(t *testing.T) {
+	for _, mode := range []CopyMode{CopySplice, CopyPooled} {
+		t.Run(mode.String(), func(t *testing.T) {
+			const idle = 200 * time.Millisecond
+			app, target, done := relayed(t, idle, mode)
+			app.SetReadBuffer(4096)
+			app.CloseWrite() // request done
+			go func() {
+				// far more than the socket buffers hold; the app never reads
+				big := make([]byte, 64<<20)
+				target.Write(big)
+			}()
+			select {
+			case res := <-done:
+				if !errors.Is(res.Err, ErrIdleTimeout) {
+					t.Fatalf("ended with %v, want idle timeout", res.Err)
+				}
+			case <-time.After(20 * idle):
+				t.Fatalf("relay still running %v after the last byte moved with a %v idle timeout", 20*idle, idle)
+			}
+		})
+	}
+}
+
+// TestRelayIdleCutResets: a client that pauses reading for longer than
+// the idle timeout while the relay holds download bytes it has not
+// delivered: the session ends with a reset, not a clean EOF after a
+// truncated stream.
+func TestRelayIdleCutResets(t *testing.T) {
+	for _, mode := range []CopyMode{CopySplice, CopyPooled} {
+		t.Run(mode.String(), func(t *testing.T) {
+			const idle = 300 * time.Millisecond
+			app, target, done := relayed(t, idle, mode)
+			const total = 32 << 20
+			go func() {
+				target.Write(make([]byte, total))
+				target.CloseWrite()
+			}()
+			var res RelayResult
+			select {
+			case res = <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("relay did not end")
+			}
+			app.SetReadDeadline(time.Now().Add(10 * time.Second))
+			got, err := io.Copy(io.Discard, app)
+			if !errors.Is(res.Err, ErrIdleTimeout) {
+				t.Fatalf("ended with %v, want idle timeout", res.Err)
+			}
+			if got < total && err == nil {
+				t.Fatalf("the app got %d of %d bytes and a clean EOF: a truncated download looks complete", got, total)
+			}
+		})
+	}
+}

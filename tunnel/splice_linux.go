@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -293,14 +294,42 @@ func (c *copier) copySplice(src, dst *net.TCPConn) error {
 		}
 		c.r.touch()
 		s.p.buffered = s.in
+		err := c.drainPipe(wc, dst, drain, s)
+		if err != nil {
+			return err
+		}
+		if s.outErr != nil {
+			return c.writeErr(s.outErr)
+		}
+	}
+}
+
+// drainPipe splices the pipe's bytes out to dst. With an idle timeout it
+// waits for room under a write deadline, renewed while bytes move either
+// way: a client that stopped reading after it half-closed leaves no read
+// to notice the session went idle.
+func (c *copier) drainPipe(wc syscall.RawConn, dst *net.TCPConn, drain func(uintptr) bool, s *splicer) error {
+	if c.r.idle <= 0 {
 		err := wc.Write(drain)
 		c.moved(s.moved)
 		s.moved = 0
 		if err != nil {
 			return c.writeErr(err)
 		}
-		if s.outErr != nil {
-			return c.writeErr(s.outErr)
+		return nil
+	}
+	c.holding.Store(true)
+	for {
+		c.armWriteIdle(dst)
+		err := wc.Write(drain)
+		c.moved(s.moved)
+		s.moved = 0
+		if err == nil {
+			c.holding.Store(false)
+			return nil
+		}
+		if !c.stillActive(err) {
+			return c.writeWaitErr(err)
 		}
 	}
 }
