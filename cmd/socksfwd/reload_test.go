@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/net/proxy"
 
 	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
@@ -818,5 +819,62 @@ func TestReloadRenamesReverseSeries(t *testing.T) {
 		if strings.Contains(k, "rearm_seconds") && strings.Contains(k, fixed) {
 			t.Errorf("the -R is gone, /metrics still has %s", k)
 		}
+	}
+}
+
+// TestReloadMovesPortToAnotherListener: a reload that turns -L P into
+// -D P (the same address) hands the socket over instead of failing to
+// bind a port the old listener holds until it drains, and the -L's live
+// session runs on; the next one, --http P, takes it from the door. One
+// that widens the address (127.0.0.1:P to 0.0.0.0:P) cannot share a
+// socket: it fails, keeps the running configuration, and says how to get
+// there.
+func TestReloadMovesPortToAnotherListener(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	socks := newSocks(t)
+	p := freePort(t)
+	addr := "127.0.0.1:" + p
+	path := writeConfig(t, fmt.Sprintf("server = [%q]\nlocal = [%q]\n", socks.Addr(), addr+":"+echo))
+	d := startDaemon(t, "-c", path)
+	d.waitFor("forwarding", 1)
+
+	line := d.reload(path, fmt.Sprintf("server = [%q]\nlocal = [%q]\nallow = [\"127.0.0.0/8\"]\n", socks.Addr(), "0.0.0.0:"+p+":"+echo), 1)
+	if msg, _ := line["message"].(string); strings.HasPrefix(msg, "reloaded") || !strings.Contains(fmt.Sprint(line["error"]), "next reload") {
+		t.Errorf("widening the address: %v %v; want a failure that says how", msg, line["error"])
+	}
+	held := hold(t, addr) // through the -L, still running
+
+	line = d.reload(path, fmt.Sprintf("server = [%q]\ndynamic = %q\n", socks.Addr(), addr), 2)
+	if msg, _ := line["message"].(string); !strings.HasPrefix(msg, "reloaded") {
+		t.Fatalf("-L %s becoming -D %s: %v %v", p, addr, msg, line["error"])
+	}
+	dialer, err := proxy.SOCKS5("tcp", addr, nil, &net.Dialer{Timeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := dialer.Dial("tcp", echo)
+	if err != nil {
+		t.Fatalf("through the -D that took the port: %v", err)
+	}
+	c.Close()
+	if err := held.finish(); err != nil {
+		t.Errorf("the -L session across the reload: %v", err)
+	}
+
+	line = d.reload(path, fmt.Sprintf("server = [%q]\nhttp = %q\n", socks.Addr(), addr), 3)
+	if msg, _ := line["message"].(string); !strings.HasPrefix(msg, "reloaded") {
+		t.Fatalf("-D %s becoming --http %s: %v %v", addr, addr, msg, line["error"])
+	}
+	hc, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hc.Close()
+	hc.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(hc, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", echo, echo)
+	status, err := bufio.NewReader(hc).ReadString('\n')
+	if err != nil || !strings.HasPrefix(status, "HTTP/1.1 200") {
+		t.Errorf("CONNECT through the --http that took the port: %q %v", status, err)
 	}
 }

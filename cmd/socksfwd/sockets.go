@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"syscall"
 
 	"github.com/socksfwd/socksfwd/dnsforward"
@@ -94,6 +96,9 @@ func (s *supervisor) open(l listenPlan) (sockets, error) {
 	default:
 		return sockets{}, fmt.Errorf("listener kind %q", l.kind)
 	}
+	if ln, ok := s.handover[l.key()]; ok {
+		return shareListener(ln)
+	}
 	passed := s.sd.passedFor(l.key())
 	if len(passed) == 0 {
 		return bind()
@@ -173,6 +178,77 @@ func (ss *sockets) bindTwin() error {
 		ss.pc = pc.(*net.UDPConn)
 	}
 	return nil
+}
+
+// plainTCP reports whether a listener kind opens a plain TCP socket, all
+// with the same options, so that one may take over another's.
+func plainTCP(k listenKind) bool {
+	return k == kindTCP || k == kindAdmin || k == kindHTTP || k == kindSOCKS
+}
+
+// handOver notes, for each added plain TCP listener, the socket of a
+// listener the reload removes that is bound to the same address (-L P
+// becoming -D P, say): the new listener shares it instead of binding,
+// which the old one, still bound until it drains, would refuse.
+func (s *supervisor) handOver(added []listenPlan, want map[string]listenPlan) {
+	s.handover, s.removing = nil, nil
+	for k, u := range s.units {
+		if _, kept := want[k]; !kept {
+			s.removing = append(s.removing, u)
+		}
+	}
+	for _, l := range added {
+		if !plainTCP(l.kind) || strings.HasSuffix(l.addr, ":0") {
+			continue
+		}
+		for _, u := range s.removing {
+			if u.ln != nil && u.lp.addr == l.addr {
+				if s.handover == nil {
+					s.handover = make(map[string]net.Listener)
+				}
+				s.handover[l.key()] = u.ln
+				break
+			}
+		}
+	}
+}
+
+// heldByRemoved adds how to proceed to l's bind refused because a
+// listener this reload removes holds the port (a socket is shared only
+// with a listener on the very same address).
+func (s *supervisor) heldByRemoved(l listenPlan, err error) error {
+	if !errors.Is(err, syscall.EADDRINUSE) {
+		return err
+	}
+	_, port, _ := net.SplitHostPort(l.addr)
+	for _, u := range s.removing {
+		if a := u.boundAddr(); a != nil && strings.HasSuffix(a.String(), ":"+port) {
+			return fmt.Errorf("%w (the listener on %s, which this reload removes, holds that port until it drains: remove it in one reload and add the new one in the next reload, or restart)", err, a)
+		}
+	}
+	return err
+}
+
+// shareListener opens a second descriptor of ln's socket: both accept
+// until the old listener closes its own as it drains.
+func shareListener(ln net.Listener) (sockets, error) {
+	tl, ok := ln.(*net.TCPListener)
+	if k, isKA := ln.(keepAliveOff); isKA {
+		tl, ok = k.TCPListener, true
+	}
+	if !ok {
+		return sockets{}, fmt.Errorf("cannot share the listener on %s", ln.Addr())
+	}
+	f, err := tl.File()
+	if err != nil {
+		return sockets{}, fmt.Errorf("sharing the listener on %s: %w", ln.Addr(), err)
+	}
+	defer f.Close()
+	shared, err := net.FileListener(f)
+	if err != nil {
+		return sockets{}, fmt.Errorf("sharing the listener on %s: %w", ln.Addr(), err)
+	}
+	return sockets{ln: keepAliveOff{shared.(*net.TCPListener)}}, nil
 }
 
 // keepAliveOff accepts as a listener bound with KeepAlive: -1 does: Go

@@ -47,6 +47,10 @@ type acceptStopper interface {
 type unit struct {
 	lp  listenPlan
 	svc service
+	// ln is the listening socket of a plain TCP listener (-L, -D, --http,
+	// --admin), which a reload may hand to another such listener on the
+	// same address.
+	ln net.Listener
 }
 
 // boundAddr is where u's socket is bound; nil for -R, which has none here.
@@ -65,10 +69,14 @@ type supervisor struct {
 	log    zerolog.Logger
 	reload func() (*plan, error)
 
-	plan  *plan
-	ups   *socksclient.Upstreams
-	units map[string]*unit
-	sd    *systemd // notifications and passed sockets; its zero value does nothing
+	plan *plan
+	ups  *socksclient.Upstreams
+	// handover, during a reload's bind, maps an added listener's key to
+	// a removed listener's socket on the same address (see handOver).
+	handover map[string]net.Listener
+	removing []*unit // the listeners the reload removes, meanwhile
+	units    map[string]*unit
+	sd       *systemd // notifications and passed sockets; its zero value does nothing
 	// live is units as the admin endpoint reads them, published after
 	// each change.
 	live atomic.Pointer[[]liveUnit]
@@ -204,7 +212,7 @@ func (s *supervisor) liveUnits() []liveUnit {
 func (s *supervisor) bind(ls []listenPlan) ([]*unit, error) {
 	bound := make([]*unit, 0, len(ls))
 	for _, l := range ls {
-		svc, err := s.listen(l)
+		svc, ln, err := s.listen(l)
 		if err != nil {
 			if l.optional {
 				s.log.Warn().Err(err).Str("listener", l.addr).Msg("skipping optional bind")
@@ -213,9 +221,9 @@ func (s *supervisor) bind(ls []listenPlan) ([]*unit, error) {
 			for _, u := range bound {
 				u.svc.Close()
 			}
-			return nil, fmt.Errorf("%s: cannot listen: %w", l.spec, err)
+			return nil, fmt.Errorf("%s: cannot listen: %w", l.spec, s.heldByRemoved(l, err))
 		}
-		bound = append(bound, &unit{lp: l, svc: svc})
+		bound = append(bound, &unit{lp: l, svc: svc, ln: ln})
 	}
 	return bound, nil
 }
@@ -330,29 +338,33 @@ func (s *supervisor) logListening(u *unit) {
 
 // listen opens one listener's sockets (binds them, or takes those systemd
 // passed) and makes its service.
-func (s *supervisor) listen(l listenPlan) (service, error) {
+func (s *supervisor) listen(l listenPlan) (service, net.Listener, error) {
 	if l.kind == kindReverse { // the upstream listens: nothing to open here
 		r, err := s.newReverse(l)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		return r, nil
+		return r, nil, nil
 	}
 	socks, err := s.open(l)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	svc, err := s.build(l, socks)
 	if err != nil {
 		socks.close()
-		return nil, err
+		return nil, nil, err
 	}
 	// Services without sessions to admit take their allow list here; TCP
 	// ones got it with MaxSessions.
 	if a, ok := svc.(allowSetter); ok {
 		a.SetAllow(s.plan.allowFor(l, socks.addr()))
 	}
-	return svc, nil
+	var ln net.Listener
+	if plainTCP(l.kind) {
+		ln = socks.ln
+	}
+	return svc, ln, nil
 }
 
 // allowSetter is a service whose client sources --allow bounds apart from
@@ -505,7 +517,9 @@ func (s *supervisor) reloadNow() error {
 	}
 	old := s.plan
 	s.plan = p // new listeners are made with the new settings
+	s.handOver(added, want)
 	bound, err := s.bind(added)
+	s.handover, s.removing = nil, nil
 	if err != nil {
 		s.plan = old
 		s.reloaded(false)
