@@ -72,7 +72,8 @@ type TCPForward struct {
 	conns       map[net.Conn]bool // true for a session's client conn
 	stopping    bool
 	stopAccepts sync.Once
-	cut         atomic.Bool // Close cut live sessions
+	acceptsStop chan struct{} // closed by StopAccepting: ends a backoff
+	cut         atomic.Bool   // Close cut live sessions
 	sessions    sync.WaitGroup
 	accepts     sync.WaitGroup
 
@@ -96,7 +97,7 @@ type TCPStats struct {
 // caller has bound (so a bind failure surfaces before anything starts).
 func NewTCPForward(cfg TCPForwardConfig, listeners ...net.Listener) *TCPForward {
 	ctx, cancel := context.WithCancel(context.Background())
-	f := &TCPForward{cfg: cfg, listeners: listeners, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]bool)}
+	f := &TCPForward{cfg: cfg, listeners: listeners, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]bool), acceptsStop: make(chan struct{})}
 	f.refusals = logthrottle.New(refusalLogEvery)
 	f.idle.Store(int64(cfg.IdleTimeout))
 	f.target.Store(&cfg.Target)
@@ -176,12 +177,17 @@ func (f *TCPForward) acceptLoop(ln net.Listener) error {
 			if f.isStopping() || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			// Out of descriptors and the like: back off, keep serving.
+			// Out of descriptors and the like: back off, keep serving, and
+			// log the cause once a period, not once a retry.
 			tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
-			f.cfg.Logger.Warn().Err(err).Str("listener", f.cfg.Name).Msg("accept failed; retrying")
+			if ok, suppressed := f.refusals.Allow("accept failed"); ok {
+				f.cfg.Logger.Warn().Err(err).Str("listener", f.cfg.Name).Int64("repeats", suppressed).Msg("accept failed; retrying")
+			}
 			select {
 			case <-time.After(tempDelay):
 				continue
+			case <-f.acceptsStop:
+				return nil
 			case <-f.ctx.Done():
 				return nil
 			}
@@ -394,6 +400,7 @@ func (f *TCPForward) StopAccepting() {
 		f.mu.Lock()
 		f.stopping = true
 		f.mu.Unlock()
+		close(f.acceptsStop)
 		for _, ln := range f.listeners {
 			f.closeDrained(ln)
 		}

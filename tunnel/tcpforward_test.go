@@ -10,6 +10,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -561,4 +562,51 @@ func TestTCPForwardCountsBytesLive(t *testing.T) {
 	if up, down := st.BytesUp.Load(), st.BytesDown.Load(); up != 2 || down != 2 {
 		t.Fatalf("bytes up %d, down %d after the session; want 2, 2", up, down)
 	}
+}
+
+// failingListener fails every Accept as a process out of descriptors
+// does, until it is closed.
+type failingListener struct {
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (l *failingListener) Accept() (net.Conn, error) {
+	select {
+	case <-l.closed:
+		return nil, net.ErrClosed
+	default:
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: syscall.EMFILE}
+	}
+}
+
+func (l *failingListener) Close() error   { l.once.Do(func() { close(l.closed) }); return nil }
+func (l *failingListener) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1} }
+
+// TestTCPForwardAcceptBackoff: accepts failing for want of descriptors
+// are retried with a growing pause, logged once a period with the count
+// of repeats, and StopAccepting ends a pause at once (a drain does not
+// wait it out).
+func TestTCPForwardAcceptBackoff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		logs := &logBuf{}
+		f := NewTCPForward(TCPForwardConfig{Name: "t", Upstreams: socksclient.NewUpstreams(), Logger: zerolog.New(logs)}, &failingListener{closed: make(chan struct{})})
+		served := make(chan error, 1)
+		go func() { served <- f.Serve(context.Background()) }()
+		time.Sleep(15 * time.Second) // the bubble's clock: dozens of retries, pauses at their 1 s ceiling
+		if n := strings.Count(logs.String(), "accept failed"); n != 2 || !strings.Contains(logs.String(), "too many open files") {
+			t.Errorf("%d lines in 15 s of failed accepts, want 2 (one per 10 s) naming the cause:\n%s", n, logs)
+		}
+		start := time.Now()
+		f.StopAccepting()
+		synctest.Wait()
+		select {
+		case err := <-served:
+			if err != nil || time.Since(start) != 0 {
+				t.Errorf("Serve: %v after %v; want nil at once", err, time.Since(start))
+			}
+		default:
+			t.Fatal("Serve still backing off after StopAccepting")
+		}
+	})
 }
