@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/socksfwd/socksfwd/internal/allowlist"
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
@@ -32,6 +33,9 @@ type TransparentUDP struct {
 	replies  *replyPool
 	relays   relaySet // of the live associations: datagrams to them are our own, come back
 	stats    TransparentUDPStats
+	// packetInfo: datagrams carry the interface they arrived on (asked
+	// for once an allow list is set).
+	packetInfo atomic.Bool
 }
 
 // NewTransparentUDP returns a listener serving on pc, which
@@ -66,6 +70,20 @@ func NewTransparentUDP(cfg TransparentUDPConfig, pc *net.UDPConn) *TransparentUD
 // timeout the listener started with.
 func (t *TransparentUDP) SetLimits(idleTimeout time.Duration, maxSessions int) {
 	t.udpTable.SetLimits(idleTimeout, maxSessions)
+}
+
+// SetAllow sets the client sources served from now on (nil: every
+// source). With a list, each datagram also says the interface it arrived
+// on, so that the host's own (captured local programs, on loopback) is
+// served whatever its source address; without one that costs nothing.
+func (t *TransparentUDP) SetAllow(l *allowlist.List) {
+	if l != nil && !t.packetInfo.Swap(true) {
+		if err := recvPacketInfo(t.pc); err != nil {
+			t.cfg.Logger.Warn().Err(err).Str("listener", t.cfg.Name).
+				Msg("cannot learn datagrams' interface: the host's own are held to --allow by their source address")
+		}
+	}
+	t.udpTable.SetAllow(l)
 }
 
 // Stats returns the live counters.

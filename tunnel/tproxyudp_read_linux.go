@@ -60,20 +60,35 @@ func setTransparentUDP(fd int, v6 bool) error {
 			return fmt.Errorf("set IPV6_TRANSPARENT: %w", err)
 		}
 	}
-	if err := setRecvOrigDst(fd, v6); err != nil {
+	return setRecvOrigDst(fd, v6)
+}
+
+// recvPacketInfo has each datagram say the interface it arrived on
+// (IP_PKTINFO, and IPV6_RECVPKTINFO on an IPv6 socket): one on loopback
+// was sent by this host, which --allow always serves.
+func recvPacketInfo(c *net.UDPConn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
 		return err
 	}
-	// The interface each datagram arrived on (IP_PKTINFO): one on
-	// loopback was sent by this host, which --allow always serves.
-	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_PKTINFO, 1); err != nil {
-		return fmt.Errorf("set IP_PKTINFO: %w", err)
-	}
-	if v6 {
-		if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_RECVPKTINFO, 1); err != nil {
-			return fmt.Errorf("set IPV6_RECVPKTINFO: %w", err)
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		if serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_PKTINFO, 1); serr != nil {
+			serr = fmt.Errorf("set IP_PKTINFO: %w", serr)
+			return
 		}
+		if sa, err := unix.Getsockname(int(fd)); err == nil {
+			if _, v6 := sa.(*unix.SockaddrInet6); v6 {
+				if serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_RECVPKTINFO, 1); serr != nil {
+					serr = fmt.Errorf("set IPV6_RECVPKTINFO: %w", serr)
+				}
+			}
+		}
+	})
+	if err != nil {
+		return err
 	}
-	return nil
+	return serr
 }
 
 // setRecvOrigDst has each datagram say where it was going
