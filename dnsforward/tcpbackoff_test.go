@@ -398,3 +398,83 @@ func TestWireAndMessagePathsShareMisses(t *testing.T) {
 		})
 	}
 }
+
+// TestTCPStalledConnectionRedialed: a pooled connection on which a query
+// times out with nothing at all read since it was sent (the resolver hangs
+// on it, or the proxy's side of it is gone without a FIN) is failed, and
+// the next query dials again. Before, the connection kept a free slot and
+// every later query took it and timed out, until it stayed idle for the
+// idle timeout.
+func TestTCPStalledConnectionRedialed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, res := newScriptForwarder(t, 0, nil, nil)
+		var dials atomic.Int64
+		var stalled sync.WaitGroup
+		t.Cleanup(func() {
+			f.Close() // ends the stalled connection if it is still pooled
+			stalled.Wait()
+		})
+		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
+			if dials.Add(1) > 1 {
+				return res.dial(ctx)
+			}
+			client, server := net.Pipe()
+			stalled.Go(func() { // reads queries, never answers
+				defer server.Close()
+				var lenBuf [2]byte
+				for {
+					if _, err := readTCPFrame(server, &lenBuf); err != nil {
+						return
+					}
+				}
+			})
+			return client, nil
+		}
+		for i, wantAnswer := range []bool{false, true, true} {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			_, err := f.Exchange(ctx, query("a.example", dns.TypeA, uint16(i)))
+			cancel()
+			if gotAnswer := err == nil; gotAnswer != wantAnswer {
+				t.Errorf("query %d: %v, want answered %v", i, err, wantAnswer)
+			}
+		}
+		if n := dials.Load(); n != 2 {
+			t.Errorf("%d dials, want the stalled connection replaced once", n)
+		}
+	})
+	// A query the resolver drops, on a connection that answers others
+	// meanwhile: the connection works, and stays.
+	synctest.Test(t, func(t *testing.T) {
+		f, res := newScriptForwarder(t, 0, func(q *dns.Msg) [][]byte {
+			if q.Question[0].Name == "dropped.example." {
+				return nil
+			}
+			return [][]byte{packed(echoReply(q))}
+		}, nil)
+		var dials atomic.Int64
+		f.pools[0].size = 1 // every query on the one connection
+		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
+			dials.Add(1)
+			return res.dial(ctx)
+		}
+		dropped := make(chan error, 1)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			_, err := f.Exchange(ctx, query("dropped.example", dns.TypeA, 1))
+			dropped <- err
+		}()
+		synctest.Wait() // sent, and waiting
+		for i := range 2 {
+			if _, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, uint16(2+i))); err != nil {
+				t.Fatalf("query %d: %v", i, err)
+			}
+			if i == 0 && <-dropped == nil {
+				t.Fatal("the dropped query was answered")
+			}
+		}
+		if n := dials.Load(); n != 1 {
+			t.Errorf("%d dials, want the answering connection kept after a dropped query", n)
+		}
+	})
+}

@@ -20,6 +20,10 @@ import (
 // on it; the query may be sent again on another connection.
 var errConnDead = errors.New("dns over tcp: the connection to the resolver closed")
 
+// errStalled ends a connection on which a query timed out with nothing
+// read since it was sent.
+var errStalled = errors.New("dns over tcp: no answer on the connection while a query waited")
+
 // errIdle ends a connection that carried nothing for the idle timeout.
 var errIdle = errors.New("dns over tcp: idle")
 
@@ -59,8 +63,9 @@ func (e *errBackoff) Unwrap() error { return e.last }
 // connection carries at most pipeline queries at once; beyond that the
 // pool grows, up to size connections, and beyond that queries wait for a
 // free slot (within their deadline). Queries on a connection the resolver
-// closed are sent again on another one. Idle connections are closed after
-// idleTimeout.
+// closed are sent again on another one. A connection on which a query
+// times out with nothing read meanwhile is closed. Idle connections are
+// closed after idleTimeout.
 type tcpPool struct {
 	dial        func(ctx context.Context) (net.Conn, error)
 	size        int
@@ -345,7 +350,10 @@ type pipeConn struct {
 	pool *tcpPool
 	load atomic.Int32 // slots taken: queries on it or about to be
 	dead atomic.Bool
-	w    *streamWriter // combines the queries' writes
+	// frames counts the messages read: a query that times out with none
+	// read since it was sent finds the connection stuck (see exchange).
+	frames atomic.Uint64
+	w      *streamWriter // combines the queries' writes
 
 	mu      sync.Mutex
 	pending map[uint16]pendingQuery
@@ -391,6 +399,7 @@ func (c *pipeConn) exchange(ctx context.Context, wire []byte) ([]byte, error) {
 		c.mu.Unlock()
 	}()
 
+	framesBefore := c.frames.Load()
 	if err := c.w.write(wire, id, true); err != nil {
 		c.fail(err)
 		return nil, errConnDead
@@ -403,6 +412,13 @@ func (c *pipeConn) exchange(ctx context.Context, wire []byte) ([]byte, error) {
 		copy(resp, wire[:2]) // the query's ID
 		return resp, nil
 	case <-ctx.Done():
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) && c.frames.Load() == framesBefore {
+			// Nothing at all came back while the query waited: the
+			// resolver hangs on this connection, or the proxy's side of
+			// it is gone without a FIN. Kept, it would be taken by every
+			// later query (it has a free slot) and time them all out.
+			c.fail(errStalled)
+		}
 		return nil, ctx.Err()
 	}
 }
@@ -472,6 +488,7 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 			c.pool.ended(answered, c.cause())
 			return
 		}
+		c.frames.Add(1)
 		if len(resp) < headerLen {
 			continue // a malformed answer cannot be matched; its query times out
 		}
