@@ -136,8 +136,11 @@ type Forwarder struct {
 	inFlight atomic.Int64 // queries admitted past the cache, against MaxConcurrent
 	failLog  *logthrottle.Throttle
 
+	// life is the context every query's derives from: Close cancels it,
+	// so that no query waits on a dial, an associate or an answer after.
+	life      context.Context
+	endLife   context.CancelFunc
 	closeOnce sync.Once
-	closed    chan struct{} // closed by Close
 }
 
 // New returns a Forwarder; Close releases its connections.
@@ -161,7 +164,8 @@ func New(cfg Config) (*Forwarder, error) {
 	if cfg.MaxConcurrent <= 0 {
 		cfg.MaxConcurrent = DefaultMaxConcurrent
 	}
-	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize), stats: cfg.Stats, failLog: logthrottle.New(failureLogPeriod), closed: make(chan struct{})}
+	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize), stats: cfg.Stats, failLog: logthrottle.New(failureLogPeriod)}
+	f.life, f.endLife = context.WithCancel(context.Background())
 	if f.stats == nil {
 		f.stats = new(Stats)
 	}
@@ -303,8 +307,27 @@ func causeOf(err error) string {
 }
 
 // Exchange forwards q, without EDNS options (see upstreamQuery), to the
-// resolvers in order within the whole-query timeout (see tryResolvers).
+// resolvers in order within the whole-query timeout (see tryResolvers),
+// until ctx is done or the forwarder is closed.
 func (f *Forwarder) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
+	ctx, cancel := f.queryContext(ctx)
+	defer cancel()
+	return f.exchange(ctx, q)
+}
+
+// queryContext is ctx, a caller's, ended by Close too. The forwarder's
+// own queries (ServeDNS, merged misses) derive from f.life directly.
+func (f *Forwarder) queryContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(f.life, cancel)
+	return ctx, func() {
+		stop()
+		cancel()
+	}
+}
+
+// exchange is Exchange with ctx derived from f.life.
+func (f *Forwarder) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	q = upstreamQuery(q)
 	var resp *dns.Msg
 	err := f.tryResolvers(ctx, func(ctx context.Context, i int, pool *tcpPool) (err error) {
@@ -393,6 +416,9 @@ func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Conte
 		if err == nil {
 			return nil
 		}
+		if isContextErr(err) && f.life.Err() != nil {
+			err = errForwarderClosed
+		}
 		if errors.Is(err, context.DeadlineExceeded) && actx.Err() != nil {
 			err = fmt.Errorf("%w (within %s)", errNoAnswer, share.Round(time.Millisecond))
 		}
@@ -426,11 +452,14 @@ func (f *Forwarder) attempt(ctx context.Context, i int, pool *tcpPool, q *dns.Ms
 // concurrent misses into one upstream query. Beyond MaxConcurrent
 // queries waiting on the resolvers it fails at once with ErrOverloaded.
 func (f *Forwarder) Resolve(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
+	ctx, cancel := f.queryContext(ctx)
+	defer cancel()
 	var k questionKey
 	return f.resolve(ctx, q, &k, f.cache != nil && keyOf(q, &k))
 }
 
-// resolve is Resolve with q's cache key worked out (k, when cacheable).
+// resolve is Resolve with q's cache key worked out (k, when cacheable)
+// and ctx derived from f.life.
 func (f *Forwarder) resolve(ctx context.Context, q *dns.Msg, k *questionKey, cacheable bool) (*dns.Msg, error) {
 	if cacheable {
 		if m, ok := f.cache.get(k); ok {
@@ -445,12 +474,12 @@ func (f *Forwarder) resolve(ctx context.Context, q *dns.Msg, k *questionKey, cac
 	}
 	defer f.inFlight.Add(-1)
 	if !cacheable {
-		return f.Exchange(ctx, q)
+		return f.exchange(ctx, q)
 	}
 	// Do, not DoChan: no goroutine per miss. The shared query is bounded by
-	// the forwarder's timeout, not by the first caller's context.
+	// the forwarder's timeout and life, not by the first caller's context.
 	v, err, shared := f.flight.Do(string(k.bytes()), func() (any, error) {
-		resp, err := f.Exchange(context.Background(), q)
+		resp, err := f.exchange(f.life, q)
 		if err == nil && f.cache.put(k, resp) {
 			f.stats.CacheEvictions.Add(1)
 		}
@@ -495,14 +524,14 @@ func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, int, erro
 	defer f.inFlight.Add(-1)
 	upstream := upstreamWire(query, k)
 	if f.cache == nil {
-		answer, err := f.exchangeWire(context.Background(), upstream)
+		answer, err := f.exchangeWire(f.life, upstream)
 		if err != nil {
 			return nil, 0, err
 		}
 		return answer, rcodeOf(answer), nil
 	}
 	v, err, shared := f.flight.Do(string(k.bytes()), func() (any, error) {
-		answer, err := f.exchangeWire(context.Background(), upstream)
+		answer, err := f.exchangeWire(f.life, upstream)
 		if err == nil && f.cache.putWire(k, bytes.Clone(answer)) {
 			f.stats.CacheEvictions.Add(1)
 		}
@@ -627,7 +656,7 @@ func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	if cacheable && f.writeCached(w, r, &k, udp) {
 		return
 	}
-	resp, err := f.resolve(context.Background(), r, &k, cacheable)
+	resp, err := f.resolve(f.life, r, &k, cacheable)
 	if err != nil {
 		f.answerFailure(w, r, err)
 		return
@@ -730,16 +759,17 @@ func (f *Forwarder) logFailure(err error, rcode int, w dns.ResponseWriter, r *dn
 }
 
 // Close closes every pooled connection and the UDP association; queries
-// still in flight fail at once. Idempotent.
+// still in flight, waiting on a dial or an associate included, fail at
+// once. Idempotent.
 func (f *Forwarder) Close() error {
 	f.closeOnce.Do(func() {
+		f.endLife()
 		if f.udp != nil {
 			f.udp.close()
 		}
 		for _, p := range f.pools {
 			p.close()
 		}
-		close(f.closed)
 	})
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/miekg/dns"
@@ -330,4 +332,72 @@ func TestIdleConnectionClosed(t *testing.T) {
 	if n := res.conns.Load(); n != 2 {
 		t.Fatalf("%d connections, want a new one after the idle close", n)
 	}
+}
+
+// TestCloseCancelsWaitingQueries: Close ends at once every query waiting
+// on a dial to a resolver (tcp transport: ServeDNS, the wire path and
+// Exchange) or on a UDP ASSOCIATE (udp transport), with the forwarder's
+// closing as their cause. Before, Close closed the connections but left a
+// query in a dial or a handshake to its deadline (the whole --dns-timeout),
+// and Server.Close waited for it.
+func TestCloseCancelsWaitingQueries(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, _ := newScriptForwarder(t, 10, nil, nil)
+		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
+			<-ctx.Done() // a proxy that never answers the handshake
+			return nil, ctx.Err()
+		}
+		served := make(chan *dns.Msg, 2)
+		go func() { served <- serve(t, f, query("message.example", dns.TypeA, 1)) }()
+		go func() {
+			w := udpClientWriter()
+			f.serveWire(w, pack(t, query("wire.example", dns.TypeA, 2)))
+			m := new(dns.Msg)
+			if err := m.Unpack(w.buf[:w.n]); err != nil {
+				t.Errorf("wire path answer: %v", err)
+			}
+			served <- m
+		}()
+		exchanged := make(chan error, 1)
+		go func() {
+			_, err := f.Exchange(context.Background(), query("exchange.example", dns.TypeA, 3))
+			exchanged <- err
+		}()
+		synctest.Wait() // every query is dialing
+		f.Close()
+		synctest.Wait()
+		if len(served) != 2 || len(exchanged) != 1 {
+			// Drained below once their deadline passes on the bubble's clock.
+			t.Errorf("%d of 3 queries ended at Close; the others wait on their dial", len(served)+len(exchanged))
+		}
+		for range 2 {
+			if m := <-served; m.Rcode != dns.RcodeServerFailure {
+				t.Errorf("answered %s, want SERVFAIL", dns.RcodeToString[m.Rcode])
+			}
+		}
+		if err := <-exchanged; !errors.Is(err, errForwarderClosed) {
+			t.Errorf("Exchange: %v, want the forwarder's closing", err)
+		}
+	})
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeUDPForwarder(t, &fakeRelays{}, 1)
+		f.udp.associate = func(ctx context.Context) (relayConn, error) {
+			<-ctx.Done()
+			return nil, ctx.Err()
+		}
+		exchanged := make(chan error, 1)
+		go func() {
+			_, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, 1))
+			exchanged <- err
+		}()
+		synctest.Wait() // associating
+		f.Close()
+		synctest.Wait()
+		if len(exchanged) != 1 {
+			t.Error("a query still waits on its UDP ASSOCIATE after Close")
+		}
+		if err := <-exchanged; !errors.Is(err, errForwarderClosed) {
+			t.Errorf("Exchange: %v, want the forwarder's closing", err)
+		}
+	})
 }

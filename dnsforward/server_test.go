@@ -2,6 +2,7 @@ package dnsforward
 
 import (
 	"context"
+	"encoding/binary"
 	"net"
 	"testing"
 	"time"
@@ -64,7 +65,7 @@ func TestSetForwarder(t *testing.T) {
 		t.Errorf("after the swap answered %v, want the new forwarder's 192.0.2.1", ip)
 	}
 	select {
-	case <-oldFwd.closed:
+	case <-oldFwd.life.Done():
 		t.Fatal("the old forwarder was closed with a query still in flight on it")
 	default:
 	}
@@ -74,12 +75,12 @@ func TestSetForwarder(t *testing.T) {
 		t.Fatalf("the query in flight during the swap: %v", resp)
 	}
 	select {
-	case <-oldFwd.closed:
+	case <-oldFwd.life.Done():
 	case <-time.After(time.Minute):
 		t.Fatal("the old forwarder was never closed")
 	}
 	select {
-	case <-newFwd.closed:
+	case <-newFwd.life.Done():
 		t.Fatal("the new forwarder is closed")
 	default:
 	}
@@ -95,9 +96,73 @@ func TestSetForwarderAfterClose(t *testing.T) {
 	srv.SetForwarder(late)
 	for name, f := range map[string]*Forwarder{"the first": first, "the late": late} {
 		select {
-		case <-f.closed:
+		case <-f.life.Done():
 		default:
 			t.Errorf("%s forwarder is still open after Close", name)
 		}
 	}
+}
+
+// TestServerCloseCancelsHungDial: with a UDP or a TCP client's query
+// waiting on a dial that hangs (a black-holed proxy), Server.Close returns
+// at once and so does Serve, its workers done: nothing waits out the
+// forwarder's timeout. Before, Close (TCP) or Serve (UDP, the query's
+// worker) waited for the dial's deadline, a goroutine outliving Close.
+func TestServerCloseCancelsHungDial(t *testing.T) {
+	for _, network := range []string{"udp", "tcp"} {
+		t.Run(network, func(t *testing.T) {
+			f, _ := newScriptForwarder(t, 0, nil, nil)
+			f.cfg.Timeout = time.Hour
+			dialing := make(chan struct{}, 1)
+			f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
+				dialing <- struct{}{}
+				<-ctx.Done()
+				return nil, ctx.Err()
+			}
+			pc, ln, err := Listen("127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := NewServer(f, pc, ln)
+			served := make(chan error, 1)
+			go func() { served <- s.Serve(context.Background()) }()
+			c, err := net.Dial(network, pc.LocalAddr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			q := pack(t, query("a.example", dns.TypeA, 1))
+			if network == "tcp" {
+				q = append(binary.BigEndian.AppendUint16(nil, uint16(len(q))), q...)
+			}
+			if _, err := c.Write(q); err != nil {
+				t.Fatal(err)
+			}
+			<-dialing
+			closed := make(chan struct{})
+			go func() {
+				s.Close()
+				close(closed)
+			}()
+			// A bound for the test, not a wait: the dial would hang for an hour.
+			bound := time.After(time.Minute)
+			for _, done := range []<-chan struct{}{closed, errDone(served)} {
+				select {
+				case <-done:
+				case <-bound:
+					t.Fatal("Close or Serve still waiting on the hung dial")
+				}
+			}
+		})
+	}
+}
+
+// errDone is closed once an error arrives on errc.
+func errDone(errc <-chan error) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		<-errc
+		close(done)
+	}()
+	return done
 }
