@@ -188,8 +188,9 @@ func TestCacheKeyHasCDAndAnswersMirrorRDCD(t *testing.T) {
 			t.Errorf("%d upstream queries, want the rest from the cache", n)
 		}
 	})
-	// Concurrent misses: the leader asks RD=1; followers get their own RD,
-	// and a CD=1 follower is not merged.
+	// Concurrent misses: the leader asks RD=1; the RD=0 queries merge with
+	// each other, not with it (TestRD0AnswersNotShared), each getting its
+	// own RD; a CD=1 query is not merged.
 	synctest.Test(t, func(t *testing.T) {
 		hold := make(chan struct{})
 		f, res := newScriptForwarder(t, 10, nil, hold)
@@ -203,14 +204,68 @@ func TestCacheKeyHasCDAndAnswersMirrorRDCD(t *testing.T) {
 		synctest.Wait()
 		close(hold)
 		asking.Wait()
-		if n := len(res.queries()); n != 2 {
-			t.Errorf("%d upstream queries, want 2 (CD=0 merged, CD=1 apart)", n)
+		if n := len(res.queries()); n != 3 {
+			t.Errorf("%d upstream queries, want 3 (RD=1, RD=0 merged, CD=1)", n)
 		}
 		if !leader.RecursionDesired || wireRD0.RecursionDesired || msgRD0.RecursionDesired {
 			t.Errorf("RD: leader %v, followers %v %v; want true, false, false", leader.RecursionDesired, wireRD0.RecursionDesired, msgRD0.RecursionDesired)
 		}
 		if !msgCD.CheckingDisabled || leader.CheckingDisabled {
 			t.Errorf("CD: CD=1 query answered CD=%v, leader CD=%v", msgCD.CheckingDisabled, leader.CheckingDisabled)
+		}
+	})
+}
+
+// TestRD0AnswersNotShared: an RD=0 query (dig +norec, cache snooping)
+// is merged only with RD=0 queries and its answer is not cached: a
+// resolver may answer it REFUSED (unbound) or with a referral (BIND), or
+// SERVFAIL, which the cache keeps for a while. Before, an RD=0 query that
+// missed first decided the answer of every RD=1 query merged with it, or
+// asking after it. An RD=0 query still gets an RD=1 query's cached answer,
+// as from a caching resolver.
+func TestRD0AnswersNotShared(t *testing.T) {
+	norecAnswer := func(rcode int) func(q *dns.Msg) [][]byte {
+		return func(q *dns.Msg) [][]byte {
+			if !q.RecursionDesired {
+				m := new(dns.Msg)
+				m.SetRcode(q, rcode)
+				return [][]byte{packed(m)}
+			}
+			return [][]byte{packed(echoReply(q))}
+		}
+	}
+	synctest.Test(t, func(t *testing.T) {
+		hold := make(chan struct{})
+		f, res := newScriptForwarder(t, 10, norecAnswer(dns.RcodeRefused), hold)
+		var asking sync.WaitGroup
+		var norec, rec *dns.Msg
+		asking.Go(func() { norec = askMsg(t, f, flagged("popular.example", 1, false, false)) })
+		synctest.Wait() // the resolver holds the RD=0 query
+		asking.Go(func() { rec = askWire(t, f, flagged("popular.example", 2, true, false)) })
+		synctest.Wait()
+		close(hold)
+		asking.Wait()
+		if norec.Rcode != dns.RcodeRefused || rec.Rcode != dns.RcodeSuccess || len(rec.Answer) != 1 {
+			t.Errorf("RD=0 query: %s; RD=1 query while it was asked: %s with %d records; want REFUSED, and NOERROR with 1",
+				dns.RcodeToString[norec.Rcode], dns.RcodeToString[rec.Rcode], len(rec.Answer))
+		}
+		if n := len(res.queries()); n != 2 {
+			t.Errorf("%d upstream queries, want one for each RD", n)
+		}
+	})
+	synctest.Test(t, func(t *testing.T) {
+		f, res := newScriptForwarder(t, 10, norecAnswer(dns.RcodeServerFailure), nil)
+		if m := askWire(t, f, flagged("a.example", 1, false, false)); m.Rcode != dns.RcodeServerFailure {
+			t.Fatalf("RD=0 query: %s, want the resolver's SERVFAIL", dns.RcodeToString[m.Rcode])
+		}
+		if m := askMsg(t, f, flagged("a.example", 2, true, false)); m.Rcode != dns.RcodeSuccess || len(m.Answer) != 1 {
+			t.Errorf("RD=1 query after an RD=0 one: %s with %d records, want its own answer", dns.RcodeToString[m.Rcode], len(m.Answer))
+		}
+		if m := askWire(t, f, flagged("a.example", 3, false, false)); m.Rcode != dns.RcodeSuccess || m.RecursionDesired {
+			t.Errorf("RD=0 query after an RD=1 one: %s RD=%v, want the cached answer with RD=0", dns.RcodeToString[m.Rcode], m.RecursionDesired)
+		}
+		if n := len(res.queries()); n != 2 {
+			t.Errorf("%d upstream queries, want 2 (the RD=1 answer from the cache for the last)", n)
 		}
 	})
 }

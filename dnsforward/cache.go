@@ -141,8 +141,13 @@ func (c *cache) put(k *questionKey, resp *dns.Msg) (evicted bool) {
 
 // putWire stores the packed answer wire for k (and keeps wire: the caller
 // hands it over) for as long as its records allow, and reports whether
-// that pushed another answer out.
+// that pushed another answer out. An answer to an RD=0 query is not kept:
+// RD=1 queries share the entry, and it may be a refusal or a referral
+// (see flightKey); an RD=0 query may still be answered from the cache.
 func (c *cache) putWire(k *questionKey, wire []byte) (evicted bool) {
+	if !k.rd {
+		return false
+	}
 	l, err := answerLayout(wire, nil)
 	// An OPT record only for a query with one (RFC 6891 §7): a resolver
 	// that adds one anyway is not replayed.

@@ -478,7 +478,7 @@ func (f *Forwarder) resolve(ctx context.Context, q *dns.Msg, k *questionKey, cac
 	}
 	// Do, not DoChan: no goroutine per miss. The shared query is bounded by
 	// the forwarder's timeout and life, not by the first caller's context.
-	v, err, shared := f.flight.Do(string(k.bytes()), func() (any, error) {
+	v, err, shared := f.flight.Do(k.flightKey(), func() (any, error) {
 		resp, err := f.exchange(f.life, q)
 		if err == nil && f.cache.put(k, resp) {
 			f.stats.CacheEvictions.Add(1)
@@ -530,7 +530,7 @@ func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, int, erro
 		}
 		return answer, rcodeOf(answer), nil
 	}
-	v, err, shared := f.flight.Do(string(k.bytes()), func() (any, error) {
+	v, err, shared := f.flight.Do(k.flightKey(), func() (any, error) {
 		answer, err := f.exchangeWire(f.life, upstream)
 		if err == nil && f.cache.putWire(k, bytes.Clone(answer)) {
 			f.stats.CacheEvictions.Add(1)

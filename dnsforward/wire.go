@@ -68,6 +68,20 @@ func (k *questionKey) set(name []byte, qtype, qclass uint16, flags byte, rd bool
 // bytes is the cache key.
 func (k *questionKey) bytes() []byte { return k.key[:k.nlen+5] }
 
+// flightKey is the key concurrent misses merge under: the cache key and
+// the RD bit. A resolver may answer an RD=0 query otherwise (unbound
+// refuses it for data it would have to recurse for, BIND answers with a
+// referral), so it must neither answer RD=1 queries nor take their
+// answer.
+func (k *questionKey) flightKey() string {
+	var b [keyLen + 1]byte
+	n := copy(b[:], k.bytes())
+	if k.rd {
+		b[n] = 1
+	}
+	return string(b[:n+1])
+}
+
 // asked is the question's name as the client wrote it, in wire form.
 func (k *questionKey) asked() []byte { return k.name[:k.nlen] }
 
