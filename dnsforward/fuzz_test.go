@@ -55,15 +55,33 @@ func fuzzQuerySeeds(f *testing.F) {
 }
 
 // FuzzParseQuery: the fast path's reading of queries from the network.
-// Property: no panic; a query it takes is one miekg/dns reads too, with
-// the same ID and the same cache key, so both paths share the cache.
+// Property: no panic; what it sends upstream for a query it takes
+// (upstreamWire) unpacks, with no EDNS option; a query it takes is one
+// miekg/dns reads too, with the same ID and the same cache key, so both
+// paths share the cache.
 func FuzzParseQuery(f *testing.F) {
 	fuzzQuerySeeds(f)
+	withSubnet := new(dns.Msg)
+	withSubnet.SetQuestion("example.", dns.TypeA)
+	withSubnet.SetEdns0(1232, false)
+	withSubnet.IsEdns0().Option = []dns.EDNS0{&dns.EDNS0_SUBNET{Code: dns.EDNS0SUBNET, Family: 1, SourceNetmask: 24, Address: []byte{198, 51, 100, 0}}}
+	if wire, err := withSubnet.Pack(); err == nil {
+		f.Add(wire)
+		f.Add(optOwnerPointer(wire))
+	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var k questionKey
 		wq, ok := parseQuery(b, &k)
 		if !ok {
 			return
+		}
+		up := upstreamWire(b, &k)
+		sent := new(dns.Msg)
+		if err := sent.Unpack(up); err != nil {
+			t.Fatalf("% x: sent upstream as % x, which does not unpack: %v", b, up, err)
+		}
+		if opt := sent.IsEdns0(); opt != nil && len(opt.Option) > 0 {
+			t.Fatalf("% x: sent upstream with options %v", b, opt.Option)
 		}
 		m := new(dns.Msg)
 		if m.Unpack(b) != nil {

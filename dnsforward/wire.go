@@ -148,7 +148,10 @@ func parseQuery(msg []byte, k *questionKey) (wireQuery, bool) {
 		}
 		rh, err := p.AdditionalHeader()
 		// Only EDNS version 0: others are the resolver's to answer BADVERS.
-		if err != nil || rh.Type != dnsmessage.TypeOPT || rh.Name.Length != 1 || rh.TTL>>16&0xFF != 0 {
+		// The owner must be the root written out, one zero byte, as
+		// upstreamWire reads the record at fixed offsets: a compression
+		// pointer to a zero byte reads as the root too, two bytes long.
+		if err != nil || rh.Type != dnsmessage.TypeOPT || msg[nameEnd+4] != 0 || rh.TTL>>16&0xFF != 0 {
 			return wireQuery{}, false
 		}
 		if p.SkipAdditional() != nil {

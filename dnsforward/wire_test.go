@@ -84,6 +84,7 @@ func TestParseQueryFallsBack(t *testing.T) {
 	ednsV1 := query("a.example", dns.TypeA, 1)
 	ednsV1.SetEdns0(1232, false)
 	ednsV1.IsEdns0().SetVersion(1)
+	ednsOptions := withOptions(query("a.example", dns.TypeA, 1))
 	twoOPT := query("a.example", dns.TypeA, 1)
 	twoOPT.SetEdns0(1232, false)
 	twoOPT.Extra = append(twoOPT.Extra, twoOPT.Extra[0])
@@ -98,8 +99,10 @@ func TestParseQueryFallsBack(t *testing.T) {
 		"TSIG":            pack(t, tsig),
 		"EDNS version 1":  pack(t, ednsV1),
 		"two OPT records": pack(t, twoOPT),
-		"cut short":       pack(t, query("a.example", dns.TypeA, 1))[:20],
-		"header only":     pack(t, query("a.example", dns.TypeA, 1))[:headerLen],
+		// upstreamWire would read its RDLENGTH one byte early.
+		"OPT owner a pointer": optOwnerPointer(pack(t, ednsOptions)),
+		"cut short":           pack(t, query("a.example", dns.TypeA, 1))[:20],
+		"header only":         pack(t, query("a.example", dns.TypeA, 1))[:headerLen],
 		// The question's name as a compression pointer to itself.
 		"pointer name": append(pack(t, noQuestion)[:4:4], 0, 1, 0, 0, 0, 0, 0, 0, 0xC0, 12, 0, 1, 0, 1),
 	}
@@ -108,6 +111,59 @@ func TestParseQueryFallsBack(t *testing.T) {
 		if _, ok := parseQuery(wire, &k); ok {
 			t.Errorf("%s: taken by the fast path", name)
 		}
+	}
+}
+
+// optOwnerPointer is a packed query with one question and an OPT record
+// right after it, its OPT owner (one zero byte) written instead as a
+// compression pointer to the question name's last byte: the root too, for
+// miekg/dns and dnsmessage alike.
+func optOwnerPointer(query []byte) []byte {
+	nameEnd, _ := plainNameEnd(query, headerLen)
+	opt := nameEnd + 4
+	ptr := []byte{0xC0 | byte((nameEnd-1)>>8), byte(nameEnd - 1)}
+	return append(append(append([]byte{}, query[:opt]...), ptr...), query[opt+1:]...)
+}
+
+// TestOPTOwnerPointerSendsNoOptions: a query whose OPT owner is a
+// compression pointer, with a CLIENT-SUBNET option, reaches the resolver
+// without the option, and another client's cached answer has none. Before,
+// the fast path took it (the owner read as the root), read its OPT record
+// one byte off, sent the option upstream and cached the answer made for
+// that subnet (echoed back in the OPT record) for every client.
+func TestOPTOwnerPointerSendsNoOptions(t *testing.T) {
+	f, res := newScriptForwarder(t, 10, nil, nil)
+	addr := startServer(t, f)
+	c, err := net.Dial("udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	q := query("a.example", dns.TypeA, 9)
+	q.SetEdns0(1232, false)
+	q.IsEdns0().Option = []dns.EDNS0{&dns.EDNS0_SUBNET{Code: dns.EDNS0SUBNET, Family: 1, SourceNetmask: 24, Address: net.IPv4(198, 51, 100, 0).To4()}}
+	crafted := optOwnerPointer(pack(t, q))
+	var m dns.Msg
+	if err := m.Unpack(crafted); err != nil || m.IsEdns0() == nil || len(m.IsEdns0().Option) != 1 {
+		t.Fatalf("the crafted query does not unpack with its option: %v", err)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second)) // a bound, not a wait
+	if _, err := c.Write(crafted); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1232)
+	if _, err := c.Read(buf); err != nil {
+		t.Fatal(err)
+	}
+	for _, sent := range res.queries() {
+		if opt := sent.IsEdns0(); opt == nil || len(opt.Option) != 0 {
+			t.Errorf("asked upstream with OPT %v, want EDNS without options", opt)
+		}
+	}
+	other := query("a.example", dns.TypeA, 10)
+	other.SetEdns0(1232, false)
+	if opt := exchange(t, "udp", addr, other).IsEdns0(); opt == nil || len(opt.Option) != 0 {
+		t.Errorf("another client got OPT %v, want EDNS without options", opt)
 	}
 }
 
