@@ -432,6 +432,45 @@ func TestNegativeCacheTTL(t *testing.T) {
 	}
 }
 
+// TestTTLWithTopBitIsZero: a TTL field with the most significant bit set
+// counts as zero (RFC 2181 §8), in the answer and authority sections and
+// for a negative answer's SOA (its TTL and MINIMUM): such an answer is not
+// cached. Before, it was cached for maxTTL (24 h).
+func TestTTLWithTopBitIsZero(t *testing.T) {
+	a := &dns.A{Hdr: dns.RR_Header{Name: "a.example.", Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 0x80000000}, A: net.IPv4(192, 0, 2, 1)}
+	soa := func(ttl, minimum uint32) dns.RR {
+		return &dns.SOA{Hdr: dns.RR_Header{Name: "example.", Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: ttl},
+			Ns: "ns.example.", Mbox: "admin.example.", Serial: 1, Minttl: minimum}
+	}
+	for _, tc := range []struct {
+		name   string
+		rcode  int
+		answer []dns.RR
+		ns     []dns.RR
+	}{
+		{"answer TTL 2^31", dns.RcodeSuccess, []dns.RR{a}, nil},
+		{"NXDOMAIN, SOA TTL 2^32-1", dns.RcodeNameError, nil, []dns.RR{soa(0xFFFFFFFF, 300)}},
+		{"NXDOMAIN, SOA MINIMUM 2^31", dns.RcodeNameError, nil, []dns.RR{soa(300, 0x80000000)}},
+	} {
+		m := new(dns.Msg)
+		m.SetReply(query("a.example", dns.TypeA, 1))
+		m.Rcode, m.Answer, m.Ns = tc.rcode, tc.answer, tc.ns
+		l, err := answerLayout(packed(m), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ttl, ok := l.cacheTTL(); ok && ttl > 0 {
+			t.Errorf("%s: cached for %v, want not cached", tc.name, ttl)
+		}
+		c := newCache(10)
+		var k questionKey
+		keyOf(query("a.example", dns.TypeA, 1), &k)
+		if c.put(&k, m); c.lru.Len() != 0 {
+			t.Errorf("%s: the cache kept it", tc.name)
+		}
+	}
+}
+
 // TestUDPUnreadableLargeAnswerTruncated: an answer larger than the UDP
 // client takes that passes the forwarder's own reading but not miekg/dns's
 // (so it cannot be cut record by record) reaches the client as header and

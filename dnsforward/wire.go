@@ -351,7 +351,7 @@ func answerLayout(msg []byte, ttls []uint16) (layout, error) {
 		}
 		l.ttls = append(l.ttls, uint16(rdata-6))
 		if i < an+ns {
-			l.minTTL = min(l.minTTL, ttl)
+			l.minTTL = min(l.minTTL, ttlValue(ttl))
 		}
 		if i < an && (rrtype == qtype || qtype == dns.TypeANY) {
 			l.typed = true
@@ -359,11 +359,21 @@ func answerLayout(msg []byte, ttls []uint16) (layout, error) {
 		// SOA RDATA ends with MINIMUM, after two names and four other
 		// 32-bit fields.
 		if i >= an && i < an+ns && rrtype == dns.TypeSOA && !l.soa && off-rdata >= 22 {
-			l.soa, l.soaTTL, l.soaMin = true, ttl, binary.BigEndian.Uint32(msg[off-4:])
+			l.soa, l.soaTTL, l.soaMin = true, ttlValue(ttl), ttlValue(binary.BigEndian.Uint32(msg[off-4:]))
 		}
 	}
 	l.rcode |= ext << 4
 	return l, nil
+}
+
+// ttlValue is a TTL field as RFC 2181 §8 has it read: a value with the
+// most significant bit set counts as zero. (The SOA's MINIMUM, a TTL for
+// negative answers, is read so too.)
+func ttlValue(field uint32) uint32 {
+	if field >= 1<<31 {
+		return 0
+	}
+	return field
 }
 
 // cacheTTL is how long an answer may be cached: as long as its records
