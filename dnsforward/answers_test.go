@@ -471,6 +471,60 @@ func TestTTLWithTopBitIsZero(t *testing.T) {
 	}
 }
 
+// TestZoneTransfersRefused: AXFR and IXFR are answered REFUSED without
+// reaching the resolver, by either path; and no query with records in
+// its answer or authority section (IXFR's serial), nor one signed (TSIG),
+// is cached or merged. Before, an AXFR got the first message of the
+// transfer, cached as the whole of it for every later AXFR, and an IXFR's
+// answer was cached and served to clients at another serial.
+func TestZoneTransfersRefused(t *testing.T) {
+	soa := func(serial uint32) dns.RR {
+		return &dns.SOA{Hdr: dns.RR_Header{Name: "example.", Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: 300},
+			Ns: "ns.example.", Mbox: "admin.example.", Serial: serial, Minttl: 300}
+	}
+	synctest.Test(t, func(t *testing.T) {
+		f, res := newScriptForwarder(t, 100, func(q *dns.Msg) [][]byte {
+			// A transfer in two messages: SOA, A; then A, SOA.
+			first, last := echoReply(q), echoReply(q)
+			first.Answer = []dns.RR{soa(7), first.Answer[0]}
+			last.Question = nil
+			last.Answer = append(last.Answer, soa(7))
+			return [][]byte{packed(first), packed(last)}
+		}, nil)
+		axfr := query("example", dns.TypeAXFR, 1)
+		ixfr := query("example", dns.TypeIXFR, 2)
+		ixfr.Ns = []dns.RR{soa(5)}
+		for _, q := range []*dns.Msg{axfr, ixfr} {
+			name := dns.TypeToString[q.Question[0].Qtype]
+			if f.serveWire(udpClientWriter(), pack(t, q)) {
+				t.Errorf("%s taken by the wire path", name)
+			}
+			for range 2 {
+				m := serve(t, f, q)
+				if m.Rcode != dns.RcodeRefused || m.Id != q.Id || len(m.Question) != 1 || len(m.Answer) != 0 {
+					t.Errorf("%s: %s id %d with %d records, want REFUSED id %d", name, dns.RcodeToString[m.Rcode], m.Id, len(m.Answer), q.Id)
+				}
+			}
+		}
+		if n := len(res.queries()); n != 0 {
+			t.Errorf("%d transfer queries reached the resolver", n)
+		}
+		if n := f.Stats().Responses[dns.RcodeRefused].Load(); n != 4 {
+			t.Errorf("Responses[REFUSED] = %d, want 4", n)
+		}
+	})
+	withAuthority := query("a.example", dns.TypeA, 1)
+	withAuthority.Ns = []dns.RR{soa(5)}
+	signed := query("a.example", dns.TypeA, 1)
+	signed.Extra = []dns.RR{&dns.TSIG{Hdr: dns.RR_Header{Name: "key.", Rrtype: dns.TypeTSIG, Class: dns.ClassANY}, Algorithm: dns.HmacSHA256, MAC: "00"}}
+	for name, q := range map[string]*dns.Msg{"authority record": withAuthority, "TSIG": signed} {
+		var k questionKey
+		if keyOf(q, &k) {
+			t.Errorf("a query with a %s is cacheable", name)
+		}
+	}
+}
+
 // TestUDPUnreadableLargeAnswerTruncated: an answer larger than the UDP
 // client takes that passes the forwarder's own reading but not miekg/dns's
 // (so it cannot be cut record by record) reaches the client as header and

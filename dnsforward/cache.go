@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"hash/maphash"
+	"slices"
 	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
@@ -51,11 +52,14 @@ func newCache(size int) *cache {
 }
 
 // keyOf fills k with the cache key of a query, and reports false for
-// queries that are not cacheable (not exactly one question, not a
-// standard query, an EDNS version other than 0: the resolver answers
-// those BADVERS, which no other query may share).
+// queries that are not cacheable: not exactly one question, not a
+// standard query, a zone transfer, records in the answer or authority
+// section or other than OPT in the additional one (the answer may depend
+// on them: IXFR's serial, a TSIG signature), an EDNS version other than 0
+// (the resolver answers those BADVERS, which no other query may share).
 func keyOf(q *dns.Msg, k *questionKey) bool {
-	if len(q.Question) != 1 || q.Opcode != dns.OpcodeQuery {
+	if len(q.Question) != 1 || q.Opcode != dns.OpcodeQuery || isZoneTransfer(q) ||
+		len(q.Answer) > 0 || len(q.Ns) > 0 || slices.ContainsFunc(q.Extra, notOPT) {
 		return false
 	}
 	qu := q.Question[0]
@@ -79,6 +83,8 @@ func keyOf(q *dns.Msg, k *questionKey) bool {
 	}
 	return k.set(name[:n], qu.Qtype, qu.Qclass, flags, q.RecursionDesired)
 }
+
+func notOPT(rr dns.RR) bool { return rr.Header().Rrtype != dns.TypeOPT }
 
 func (c *cache) hash(k *questionKey) uint64 { return maphash.Bytes(c.seed, k.bytes()) }
 

@@ -640,8 +640,8 @@ func (f *Forwarder) answerWire(dst, query []byte) ([]byte, bool) {
 }
 
 // ServeDNS implements dns.Handler: forward, or answer SERVFAIL (every
-// resolver failed) or REFUSED (too many queries in flight). Never a silent
-// drop. Failures are logged one line per cause per period, with the count
+// resolver failed) or REFUSED (too many queries in flight, or a zone
+// transfer). Never a silent drop. Failures are logged one line per cause per period, with the count
 // of queries that failed the same way since the last line.
 func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	f.stats.Queries.Add(1)
@@ -650,6 +650,14 @@ func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 		f.stats.QueriesUDP.Add(1)
 	} else {
 		f.stats.QueriesTCP.Add(1)
+	}
+	if isZoneTransfer(r) {
+		// A transfer is a stream of messages (RFC 5936 §2.2) and an IXFR's
+		// answer depends on the client's serial: neither is one answer to
+		// forward, cache or share. REFUSED, as unbound answers transfers:
+		// a policy, not a query type this server cannot parse (NOTIMP).
+		f.answerRcode(w, r, dns.RcodeRefused)
+		return
 	}
 	var k questionKey
 	cacheable := f.cache != nil && keyOf(r, &k)
@@ -687,11 +695,23 @@ func (f *Forwarder) answerFailure(w dns.ResponseWriter, r *dns.Msg, err error) {
 		f.stats.ServFail.Add(1)
 	}
 	f.logFailure(err, rcode, w, r)
+	f.answerRcode(w, r, rcode)
+}
+
+// answerRcode answers r with rcode and nothing else, counted.
+func (f *Forwarder) answerRcode(w dns.ResponseWriter, r *dns.Msg, rcode int) {
 	m := new(dns.Msg)
 	m.SetRcode(r, rcode)
 	f.countResponse(rcode)
 	w.WriteMsg(m)
 }
+
+// isZoneTransfer reports whether q asks for a zone transfer (AXFR, IXFR).
+func isZoneTransfer(q *dns.Msg) bool {
+	return len(q.Question) == 1 && isTransferType(q.Question[0].Qtype)
+}
+
+func isTransferType(qtype uint16) bool { return qtype == dns.TypeAXFR || qtype == dns.TypeIXFR }
 
 // serveWire answers a plain UDP query in wire form (see parseQuery) on
 // the tcp transport as ServeDNS would, moving the query's and the

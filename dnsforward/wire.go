@@ -114,8 +114,8 @@ type wireQuery struct {
 
 // parseQuery reads a query as far as the cache key needs, allocating
 // nothing. It accepts only the plain case: a standard query with one
-// question of a known class, no answer or authority records and at most
-// an EDNS(0) OPT record. Anything else reports false and goes to the
+// question of a known class, not a zone transfer, no answer or authority
+// records and at most an EDNS(0) OPT record. Anything else reports false and goes to the
 // miekg/dns path, which handles it as before.
 func parseQuery(msg []byte, k *questionKey) (wireQuery, bool) {
 	var p dnsmessage.Parser
@@ -130,7 +130,7 @@ func parseQuery(msg []byte, k *questionKey) (wireQuery, bool) {
 		return wireQuery{}, false
 	}
 	q, err := p.Question()
-	if err != nil || !knownClass(q.Class) {
+	if err != nil || !knownClass(q.Class) || isTransferType(uint16(q.Type)) {
 		return wireQuery{}, false
 	}
 	nameEnd, ok := plainNameEnd(msg, headerLen)
