@@ -3,6 +3,7 @@ package dnsforward
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"strings"
@@ -523,6 +524,89 @@ func TestZoneTransfersRefused(t *testing.T) {
 			t.Errorf("a query with a %s is cacheable", name)
 		}
 	}
+}
+
+// wantOPT checks that m, an answer to a query with EDNS and the DO bit
+// do, has an OPT record with that DO bit and the forwarder's UDP size.
+func wantOPT(t *testing.T, what string, m *dns.Msg, do bool) {
+	t.Helper()
+	opt := m.IsEdns0()
+	switch {
+	case opt == nil:
+		t.Errorf("%s (%s): no OPT record in the answer to an EDNS query", what, dns.RcodeToString[m.Rcode])
+	case opt.Do() != do || opt.UDPSize() != ednsUDPSize || opt.Version() != 0:
+		t.Errorf("%s: OPT DO=%v size %d version %d, want DO=%v size %d version 0", what, opt.Do(), opt.UDPSize(), opt.Version(), do, ednsUDPSize)
+	}
+}
+
+// TestOwnAnswersCarryOPT: the answers the forwarder makes itself to a
+// query with EDNS carry an OPT record (RFC 6891 §7) with the query's DO bit
+// (RFC 3225 §3): SERVFAIL, REFUSED, the header-and-question answer of a
+// UDP client's truncated answer, and FORMERR and NOTIMP to a query that
+// reads; without EDNS, none. Before, none of them had one.
+func TestOwnAnswersCarryOPT(t *testing.T) {
+	t.Run("failures", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			f, _ := newScriptForwarder(t, 0, nil, nil)
+			f.pools[0].dial = func(ctx context.Context) (net.Conn, error) { return nil, errors.New("connect: connection refused") }
+			for _, do := range []bool{false, true} {
+				q := query("a.example", dns.TypeA, 3)
+				q.SetEdns0(4096, do)
+				wantOPT(t, "SERVFAIL", serve(t, f, q), do)
+				axfr := query("example", dns.TypeAXFR, 4)
+				axfr.SetEdns0(4096, do)
+				wantOPT(t, "REFUSED", serve(t, f, axfr), do)
+			}
+			if m := serve(t, f, query("a.example", dns.TypeA, 5)); m.IsEdns0() != nil {
+				t.Errorf("SERVFAIL to a query without EDNS has OPT %v", m.IsEdns0())
+			}
+		})
+	})
+	t.Run("truncated", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			// An answer too large for the client that miekg/dns cannot cut
+			// record by record (see TestUDPUnreadableLargeAnswerTruncated),
+			// with an extended RCODE (BADCOOKIE) in its OPT record.
+			f, _ := newScriptForwarder(t, 0, func(q *dns.Msg) [][]byte {
+				m := echoReply(q)
+				for i := range 60 {
+					m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(10, 0, 0, byte(i))})
+				}
+				m.Rcode = dns.RcodeBadCookie
+				b := packed(m)
+				// The OPT record (11 bytes) is last; the last A record's
+				// RDLENGTH is 4 + 2 bytes before it: 5, and one byte more.
+				binary.BigEndian.PutUint16(b[len(b)-17:], 5)
+				return [][]byte{append(b[:len(b)-11:len(b)-11], append([]byte{0}, b[len(b)-11:]...)...)}
+			}, nil)
+			q := query("A.Example", dns.TypeA, 0x4321)
+			q.SetEdns0(512, true)
+			w := udpClientWriter()
+			if !f.serveWire(w, pack(t, q)) {
+				t.Fatal("not taken by the wire path")
+			}
+			m := new(dns.Msg)
+			if err := m.Unpack(w.buf[:w.n]); err != nil || !m.Truncated || len(m.Answer) != 0 {
+				t.Fatalf("%v: %v", err, m)
+			}
+			wantOPT(t, "truncated", m, true)
+			if m.Rcode != dns.RcodeBadCookie {
+				t.Errorf("truncated answer: RCODE %s, want the answer's BADCOOKIE", dns.RcodeToString[m.Rcode])
+			}
+		})
+	})
+	t.Run("rejected", func(t *testing.T) {
+		f, _ := newScriptForwarder(t, 0, nil, nil)
+		addr := startServer(t, f)
+		twoQuestions := query("a.example", dns.TypeA, 6)
+		twoQuestions.Question = append(twoQuestions.Question, twoQuestions.Question[0])
+		twoQuestions.SetEdns0(1232, true)
+		wantOPT(t, "FORMERR", exchange(t, "udp", addr, twoQuestions), true)
+		update := query("a.example", dns.TypeA, 7)
+		update.Opcode = dns.OpcodeUpdate
+		update.SetEdns0(1232, false)
+		wantOPT(t, "NOTIMP", exchange(t, "tcp", addr, update), false)
+	})
 }
 
 // TestUDPUnreadableLargeAnswerTruncated: an answer larger than the UDP

@@ -700,10 +700,24 @@ func (f *Forwarder) answerFailure(w dns.ResponseWriter, r *dns.Msg, err error) {
 
 // answerRcode answers r with rcode and nothing else, counted.
 func (f *Forwarder) answerRcode(w dns.ResponseWriter, r *dns.Msg, rcode int) {
+	f.countResponse(rcode)
+	w.WriteMsg(rcodeReply(r, rcode))
+}
+
+// ednsUDPSize is the UDP payload size stated in the answers the
+// forwarder makes itself: what the UDP fast path reads a query into, the
+// size that avoids fragmentation.
+const ednsUDPSize = udpSlotLen
+
+// rcodeReply is the answer to r with rcode and no records but, when r has
+// one, an OPT record (RFC 6891 §7) with r's DO bit (RFC 3225 §3).
+func rcodeReply(r *dns.Msg, rcode int) *dns.Msg {
 	m := new(dns.Msg)
 	m.SetRcode(r, rcode)
-	f.countResponse(rcode)
-	w.WriteMsg(m)
+	if opt := r.IsEdns0(); opt != nil {
+		m.SetEdns0(ednsUDPSize, opt.Do())
+	}
+	return m
 }
 
 // isZoneTransfer reports whether q asks for a zone transfer (AXFR, IXFR).
@@ -750,7 +764,7 @@ func (f *Forwarder) serveWire(w dns.ResponseWriter, query []byte) bool {
 		}
 		// Records miekg/dns cannot read cannot be cut one by one: the
 		// header and question only; the client asks again over TCP.
-		answer = truncatedWire(answer, &k)
+		answer = truncatedWire(answer, &k, rcode)
 	}
 	w.Write(answer)
 	return true

@@ -145,9 +145,7 @@ func (s *Server) SetAllow(l *allowlist.List) { s.allow.Store(l) }
 func (s *Server) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	if !s.allow.Load().AllowsAddr(w.RemoteAddr()) {
 		s.cur.Load().fwd.stats.NotAllowed.Add(1)
-		m := new(dns.Msg)
-		m.SetRcode(r, dns.RcodeRefused)
-		w.WriteMsg(m)
+		w.WriteMsg(rcodeReply(r, dns.RcodeRefused))
 		return
 	}
 	h := s.enter()
@@ -198,7 +196,8 @@ func (s *Server) serveWire(w dns.ResponseWriter, query []byte, from netip.AddrPo
 // serveMessage answers one query's bytes as the miekg/dns server does:
 // its accept function first (responses ignored, other opcodes NOTIMP,
 // odd section counts FORMERR), then ServeDNS with the unpacked message,
-// FORMERR if it does not unpack. Too short for a header: no answer.
+// FORMERR if it does not unpack. Too short for a header: no answer. A
+// NOTIMP or FORMERR has an OPT record when the query reads and has one.
 func (s *Server) serveMessage(w dns.ResponseWriter, q []byte) {
 	if len(q) < headerLen {
 		return
@@ -207,24 +206,28 @@ func (s *Server) serveMessage(w dns.ResponseWriter, q []byte) {
 		Qdcount: binary.BigEndian.Uint16(q[4:]), Ancount: binary.BigEndian.Uint16(q[6:]),
 		Nscount: binary.BigEndian.Uint16(q[8:]), Arcount: binary.BigEndian.Uint16(q[10:])}
 	action := dns.DefaultMsgAcceptFunc(dh)
-	if action == dns.MsgAccept {
-		req := new(dns.Msg)
-		if req.Unpack(q) == nil {
-			s.ServeDNS(w, req)
-			return
-		}
-		action = dns.MsgReject
-	}
 	if action == dns.MsgIgnore {
 		return
 	}
-	req := &dns.Msg{MsgHdr: dns.MsgHdr{Id: dh.Id, Opcode: int(dh.Bits>>11) & 0xF,
-		RecursionDesired: dh.Bits&(1<<8) != 0, CheckingDisabled: dh.Bits&(1<<4) != 0}}
+	req := new(dns.Msg)
+	if req.Unpack(q) == nil {
+		if action == dns.MsgAccept {
+			s.ServeDNS(w, req)
+			return
+		}
+	} else {
+		action = dns.MsgReject
+		req = &dns.Msg{MsgHdr: dns.MsgHdr{Id: dh.Id, Opcode: int(dh.Bits>>11) & 0xF,
+			RecursionDesired: dh.Bits&(1<<8) != 0, CheckingDisabled: dh.Bits&(1<<4) != 0}}
+	}
 	m := new(dns.Msg)
 	m.SetRcodeFormatError(req)
 	if action == dns.MsgRejectNotImplemented {
 		m.Opcode = req.Opcode
 		m.Rcode = dns.RcodeNotImplemented
+	}
+	if opt := req.IsEdns0(); opt != nil { // a query that reads, with OPT (RFC 6891 §7)
+		m.SetEdns0(ednsUDPSize, opt.Do())
 	}
 	w.WriteMsg(m)
 }

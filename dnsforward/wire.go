@@ -187,19 +187,38 @@ func upstreamWire(query []byte, k *questionKey) []byte {
 	return out
 }
 
-// truncatedWire is an answer cut to its header and the question of the
-// plain query (see parseQuery, which filled k), with TC=1: what a UDP
+// truncatedWire is an answer, whose RCODE is rcode, cut to its header and
+// the question of the plain query (see parseQuery, which filled k), with
+// TC=1, and an OPT record if the query had one (RFC 6891 §7): what a UDP
 // client gets of an answer too large for it that cannot be cut record by
 // record (RFC 2181 §9).
-func truncatedWire(answer []byte, k *questionKey) []byte {
-	out := make([]byte, headerLen, headerLen+k.nlen+4)
+func truncatedWire(answer []byte, k *questionKey, rcode int) []byte {
+	out := make([]byte, headerLen, headerLen+k.nlen+4+optLen)
 	copy(out, answer[:headerLen])
 	out[2] |= 0x02 // TC
 	binary.BigEndian.PutUint16(out[4:], 1)
 	clear(out[6:headerLen])
 	out = append(out, k.asked()...)
-	return append(out, k.key[k.nlen:k.nlen+4]...)
+	out = append(out, k.key[k.nlen:k.nlen+4]...)
+	if !k.edns() {
+		return out
+	}
+	binary.BigEndian.PutUint16(out[10:], 1)
+	// Root owner, type OPT, our UDP size, then the TTL: the RCODE's upper
+	// bits, version 0 and DO (RFC 6891 §6.1.3), and no RDATA.
+	out = append(out, 0)
+	out = binary.BigEndian.AppendUint16(out, dns.TypeOPT)
+	out = binary.BigEndian.AppendUint16(out, ednsUDPSize)
+	ttl := uint32(rcode>>4&0xFF) << 24
+	if k.key[k.nlen+4]&keyDO != 0 {
+		ttl |= 0x8000
+	}
+	out = binary.BigEndian.AppendUint32(out, ttl)
+	return binary.BigEndian.AppendUint16(out, 0)
 }
+
+// optLen is an OPT record without options.
+const optLen = 11
 
 // knownClass: the classes a cacheable question may ask for.
 func knownClass(c dnsmessage.Class) bool {
