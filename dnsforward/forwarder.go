@@ -104,6 +104,14 @@ type Stats struct {
 	// ID but to another question (a late answer to an earlier query that
 	// had the ID); on udp, from another source than the resolver asked.
 	Mismatched atomic.Int64
+	// MalformedAnswers: answers from the resolvers that do not parse; on
+	// udp dropped (their query is sent again or times out), on tcp failing
+	// their query's attempt (dropped when too short to carry an ID).
+	MalformedAnswers atomic.Int64
+	// Ignored: messages from clients answered nothing, as a resolver
+	// does: responses (QR=1) and messages shorter than a header (not in
+	// Queries).
+	Ignored atomic.Int64
 
 	// Queries by the client's transport; they add up to Queries.
 	QueriesUDP, QueriesTCP atomic.Int64
@@ -212,6 +220,16 @@ func (f *Forwarder) CacheLen() int {
 		return 0
 	}
 	return f.cache.lru.Len()
+}
+
+// countQuery counts a query from a client, by the transport it came on.
+func (f *Forwarder) countQuery(udp bool) {
+	f.stats.Queries.Add(1)
+	if udp {
+		f.stats.QueriesUDP.Add(1)
+	} else {
+		f.stats.QueriesTCP.Add(1)
+	}
 }
 
 func (f *Forwarder) countResponse(rcode int) {
@@ -348,6 +366,7 @@ func (f *Forwarder) exchangeWire(ctx context.Context, query []byte) ([]byte, err
 	err := f.tryResolvers(ctx, func(ctx context.Context, i int, pool *tcpPool) (err error) {
 		answer, err = pool.exchangeWire(ctx, query, i+1 < len(f.pools))
 		if err == nil && !wellFormed(answer) {
+			f.stats.MalformedAnswers.Add(1)
 			err = errMalformedAnswer
 		}
 		return err
@@ -631,8 +650,7 @@ func (f *Forwarder) answerWire(dst, query []byte) ([]byte, bool) {
 	if !ok || len(out)-len(dst) > wq.udpSize {
 		return dst, false
 	}
-	f.stats.Queries.Add(1)
-	f.stats.QueriesUDP.Add(1)
+	f.countQuery(true)
 	f.stats.CacheHits.Add(1)
 	f.stats.Answered.Add(1)
 	f.countResponse(rcode)
@@ -644,13 +662,8 @@ func (f *Forwarder) answerWire(dst, query []byte) ([]byte, bool) {
 // transfer). Never a silent drop. Failures are logged one line per cause per period, with the count
 // of queries that failed the same way since the last line.
 func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
-	f.stats.Queries.Add(1)
 	_, udp := w.RemoteAddr().(*net.UDPAddr)
-	if udp {
-		f.stats.QueriesUDP.Add(1)
-	} else {
-		f.stats.QueriesTCP.Add(1)
-	}
+	f.countQuery(udp)
 	if isZoneTransfer(r) {
 		// A transfer is a stream of messages (RFC 5936 §2.2) and an IXFR's
 		// answer depends on the client's serial: neither is one answer to
@@ -741,8 +754,7 @@ func (f *Forwarder) serveWire(w dns.ResponseWriter, query []byte) bool {
 	if !ok {
 		return false
 	}
-	f.stats.Queries.Add(1)
-	f.stats.QueriesUDP.Add(1)
+	f.countQuery(true)
 	answer, rcode, err := f.resolveWire(query, &k)
 	if err != nil {
 		r := new(dns.Msg)

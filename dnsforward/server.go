@@ -104,7 +104,7 @@ func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
 	s := &Server{pc: pc, stopping: make(chan struct{})}
 	s.cur.Store(newServing(fwd))
 	if s.fast = newUDPFastPath(s, pc); s.fast == nil {
-		s.udp = &dns.Server{PacketConn: pc, Handler: s}
+		s.udp = &dns.Server{PacketConn: pc, Handler: s, MsgAcceptFunc: s.acceptUDP, MsgInvalidFunc: s.invalidUDP}
 	}
 	s.tcp = newTCPServer(ln, s.serveMessage)
 	return s
@@ -193,6 +193,39 @@ func (s *Server) serveWire(w dns.ResponseWriter, query []byte, from netip.AddrPo
 	return h.fwd.serveWire(w, query)
 }
 
+// acceptUDP is the miekg/dns server's accept function (the wildcard
+// address's UDP socket), counting what it answers itself (FORMERR,
+// NOTIMP) or ignores, as serveMessage does.
+func (s *Server) acceptUDP(dh dns.Header) dns.MsgAcceptAction {
+	action := dns.DefaultMsgAcceptFunc(dh)
+	switch action {
+	case dns.MsgIgnore:
+		s.cur.Load().fwd.stats.Ignored.Add(1)
+	case dns.MsgReject:
+		s.countRejected(true, dns.RcodeFormatError)
+	case dns.MsgRejectNotImplemented:
+		s.countRejected(true, dns.RcodeNotImplemented)
+	}
+	return action
+}
+
+// invalidUDP counts what the miekg/dns server could not read: too short
+// for a header, ignored; else answered FORMERR.
+func (s *Server) invalidUDP(m []byte, _ error) {
+	if len(m) < headerLen {
+		s.cur.Load().fwd.stats.Ignored.Add(1)
+		return
+	}
+	s.countRejected(true, dns.RcodeFormatError)
+}
+
+// countRejected counts a query the server answered rcode itself.
+func (s *Server) countRejected(udp bool, rcode int) {
+	f := s.cur.Load().fwd
+	f.countQuery(udp)
+	f.countResponse(rcode)
+}
+
 // serveMessage answers one query's bytes as the miekg/dns server does:
 // its accept function first (responses ignored, other opcodes NOTIMP,
 // odd section counts FORMERR), then ServeDNS with the unpacked message,
@@ -200,6 +233,7 @@ func (s *Server) serveWire(w dns.ResponseWriter, query []byte, from netip.AddrPo
 // NOTIMP or FORMERR has an OPT record when the query reads and has one.
 func (s *Server) serveMessage(w dns.ResponseWriter, q []byte) {
 	if len(q) < headerLen {
+		s.cur.Load().fwd.stats.Ignored.Add(1)
 		return
 	}
 	dh := dns.Header{Id: binary.BigEndian.Uint16(q), Bits: binary.BigEndian.Uint16(q[2:]),
@@ -207,6 +241,7 @@ func (s *Server) serveMessage(w dns.ResponseWriter, q []byte) {
 		Nscount: binary.BigEndian.Uint16(q[8:]), Arcount: binary.BigEndian.Uint16(q[10:])}
 	action := dns.DefaultMsgAcceptFunc(dh)
 	if action == dns.MsgIgnore {
+		s.cur.Load().fwd.stats.Ignored.Add(1)
 		return
 	}
 	req := new(dns.Msg)
@@ -229,6 +264,8 @@ func (s *Server) serveMessage(w dns.ResponseWriter, q []byte) {
 	if opt := req.IsEdns0(); opt != nil { // a query that reads, with OPT (RFC 6891 §7)
 		m.SetEdns0(ednsUDPSize, opt.Do())
 	}
+	_, udp := w.RemoteAddr().(*net.UDPAddr)
+	s.countRejected(udp, m.Rcode)
 	w.WriteMsg(m)
 }
 

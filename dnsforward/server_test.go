@@ -166,3 +166,85 @@ func errDone(errc <-chan error) <-chan struct{} {
 	}()
 	return done
 }
+
+// packetConn hides a socket's *net.UDPConn type: the Server serves it with
+// the miekg/dns server, as it does a socket bound to a wildcard address.
+type packetConn struct{ net.PacketConn }
+
+// TestRejectedAndIgnoredCounted: queries the server answers FORMERR or
+// NOTIMP itself are counted in Queries (by transport) and Responses (by
+// RCODE), so that these still add up; responses and runts, answered
+// nothing, are counted as Ignored. On both UDP paths (the fast path, the
+// miekg/dns server of a wildcard socket) and over TCP. Before, none of
+// them was counted.
+func TestRejectedAndIgnoredCounted(t *testing.T) {
+	for _, miekgServer := range []bool{false, true} {
+		t.Run(map[bool]string{false: "fast path", true: "miekg server"}[miekgServer], func(t *testing.T) {
+			f, _ := newScriptForwarder(t, 0, nil, nil)
+			pc, ln, err := Listen("127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var udp net.PacketConn = pc
+			if miekgServer {
+				udp = packetConn{pc}
+			}
+			s := NewServer(f, udp, ln)
+			if (s.fast == nil) != miekgServer {
+				t.Fatalf("fast path %v, want %v", s.fast != nil, !miekgServer)
+			}
+			served := make(chan error, 1)
+			go func() { served <- s.Serve(context.Background()) }()
+			addr := pc.LocalAddr().String()
+
+			twoQuestions := query("a.example", dns.TypeA, 1)
+			twoQuestions.Question = append(twoQuestions.Question, twoQuestions.Question[0])
+			update := query("a.example", dns.TypeA, 2)
+			update.Opcode = dns.OpcodeUpdate
+			response := query("a.example", dns.TypeA, 3)
+			response.Response = true
+			for _, network := range []string{"udp", "tcp"} {
+				exchange(t, network, addr, twoQuestions)
+				exchange(t, network, addr, update)
+				c, err := net.Dial(network, addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				for _, m := range [][]byte{pack(t, response), {1, 2, 3, 4, 5}} {
+					if network == "tcp" {
+						m = append(binary.BigEndian.AppendUint16(nil, uint16(len(m))), m...)
+					}
+					if _, err := c.Write(m); err != nil {
+						t.Fatal(err)
+					}
+				}
+				// Answered on the same socket or connection, after those.
+				c.SetDeadline(time.Now().Add(10 * time.Second)) // a bound, not a wait
+				co := &dns.Conn{Conn: c}
+				if err := co.WriteMsg(query("a.example", dns.TypeA, 4)); err != nil {
+					t.Fatal(err)
+				}
+				if m, err := co.ReadMsg(); err != nil || m.Id != 4 {
+					t.Fatalf("%s: %v %v", network, m, err)
+				}
+			}
+			s.Close()
+			if err := <-served; err != nil {
+				t.Fatal(err)
+			}
+			st := f.Stats()
+			if q, u, tc := st.Queries.Load(), st.QueriesUDP.Load(), st.QueriesTCP.Load(); q != 6 || u != 3 || tc != 3 {
+				t.Errorf("Queries %d (UDP %d, TCP %d), want 6 (3, 3)", q, u, tc)
+			}
+			for rcode, want := range map[int]int64{dns.RcodeFormatError: 2, dns.RcodeNotImplemented: 2, dns.RcodeSuccess: 2} {
+				if n := st.Responses[rcode].Load(); n != want {
+					t.Errorf("Responses[%s] = %d, want %d", dns.RcodeToString[rcode], n, want)
+				}
+			}
+			if n := st.Ignored.Load(); n != 4 {
+				t.Errorf("Ignored = %d, want 4 (a response and a runt on each transport)", n)
+			}
+		})
+	}
+}

@@ -329,6 +329,40 @@ func TestMalformedAnswerFailsAttempt(t *testing.T) {
 	if !errors.Is(err, errMalformedAnswer) {
 		t.Fatalf("Exchange: %v, want a malformed answer", err)
 	}
+	if n := f.Stats().MalformedAnswers.Load(); n != 1 {
+		t.Errorf("MalformedAnswers = %d, want 1", n)
+	}
+}
+
+// TestDroppedAnswersCounted: an answer too short to match (tcp) or that
+// does not parse (udp transport) is dropped and counted, and the query
+// gets the answer behind it. Before, neither was counted.
+func TestDroppedAnswersCounted(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, _ := newScriptForwarder(t, 0, func(q *dns.Msg) [][]byte {
+			return [][]byte{{0xde, 0xad}, packed(echoReply(q))}
+		}, nil)
+		if _, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, 1)); err != nil {
+			t.Fatal(err)
+		}
+		if n := f.Stats().MalformedAnswers.Load(); n != 1 {
+			t.Errorf("tcp: MalformedAnswers = %d, want 1", n)
+		}
+	})
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeUDPForwarder(t, &fakeRelays{setup: func(int) *fakeRelay {
+			r := newFakeRelay()
+			r.garbage = true
+			return r
+		}}, 1)
+		defer f.Close()
+		if _, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, 1)); err != nil {
+			t.Fatal(err)
+		}
+		if n := f.Stats().MalformedAnswers.Load(); n != 1 {
+			t.Errorf("udp: MalformedAnswers = %d, want 1", n)
+		}
+	})
 }
 
 // TestWireAndMessagePathsShareMisses: a query in wire form (the UDP fast

@@ -111,6 +111,7 @@ func (p *tcpPool) exchange(ctx context.Context, q *dns.Msg, failover bool) (*dns
 	}
 	m := new(dns.Msg)
 	if err := m.Unpack(answer); err != nil {
+		p.stats.MalformedAnswers.Add(1)
 		return nil, fmt.Errorf("%w: %v", errMalformedAnswer, err)
 	}
 	return m, nil
@@ -490,6 +491,7 @@ func (c *pipeConn) readAnswers(idle time.Duration) {
 		}
 		c.frames.Add(1)
 		if len(resp) < headerLen {
+			c.pool.stats.MalformedAnswers.Add(1)
 			continue // a malformed answer cannot be matched; its query times out
 		}
 		id := binary.BigEndian.Uint16(resp)

@@ -51,7 +51,9 @@ type fakeRelay struct {
 	// forge: a forged answer from another address comes before each
 	// real one.
 	forge bool
-	ids   chan uint16 // the ID of each query answered
+	// garbage: a datagram that is no DNS message comes before each answer.
+	garbage bool
+	ids     chan uint16 // the ID of each query answered
 }
 
 type fakeRead struct {
@@ -89,6 +91,9 @@ func (r *fakeRelay) WritePacket(buf []byte, off int, dst socksclient.Addr) error
 	}
 	for range r.errorsFirst {
 		r.reads <- fakeRead{err: refused}
+	}
+	if r.garbage {
+		r.reads <- fakeRead{msg: []byte{0xde, 0xad}, from: dst}
 	}
 	if r.forge {
 		// An off-path sender that guessed the ID: another address, same

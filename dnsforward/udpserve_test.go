@@ -1,6 +1,7 @@
 package dnsforward
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -18,7 +19,8 @@ import (
 // forwarded (a query that is not plain, too, by the miekg/dns path), and
 // what the miekg/dns server would reject answered as it
 // would (NOTIMP for UPDATE, FORMERR for two questions or a body cut
-// short); responses and runts get nothing.
+// short); responses and runts get nothing. Every query is counted, by its
+// answer's RCODE, and what gets nothing as ignored.
 func TestUDPFastPathBurst(t *testing.T) {
 	res, f := newCachingPair(t)
 	s, addr := startServerFor(t, f)
@@ -42,6 +44,13 @@ func TestUDPFastPathBurst(t *testing.T) {
 			want[m.Id] = expect
 		}
 	}
+	// First, so that they have been read once later datagrams are answered.
+	resp := query("hit.example", dns.TypeA, 300)
+	resp.Response = true
+	send(resp, "")
+	if _, err := c.Write([]byte{1, 2, 3, 4, 5}); err != nil {
+		t.Fatal(err)
+	}
 	for i := range 20 {
 		name := "hit.example"
 		if i%2 == 1 {
@@ -52,9 +61,6 @@ func TestUDPFastPathBurst(t *testing.T) {
 	for i := range 5 {
 		send(query(fmt.Sprintf("miss%d.example", i), dns.TypeA, uint16(200+i)), fmt.Sprintf("NOERROR miss%d.example.", i))
 	}
-	resp := query("hit.example", dns.TypeA, 300)
-	resp.Response = true
-	send(resp, "")
 	anyClass := query("any.example", dns.TypeA, 304) // not plain: the miekg/dns path
 	anyClass.Question[0].Qclass = dns.ClassANY
 	send(anyClass, "NOERROR any.example.")
@@ -69,9 +75,6 @@ func TestUDPFastPathBurst(t *testing.T) {
 		t.Fatal(err)
 	}
 	want[303] = "FORMERR"
-	if _, err := c.Write([]byte{1, 2, 3, 4, 5}); err != nil {
-		t.Fatal(err)
-	}
 
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	buf := make([]byte, 1500)
@@ -106,8 +109,22 @@ func TestUDPFastPathBurst(t *testing.T) {
 	if n := f.Stats().CacheHits.Load(); n != 20 {
 		t.Errorf("CacheHits = %d, want 20", n)
 	}
-	if q, u := f.Stats().Queries.Load(), f.Stats().QueriesUDP.Load(); q != 27 || u != 27 {
-		t.Errorf("Queries = %d, QueriesUDP = %d, want 27 (the rejected ones never reach the forwarder)", q, u)
+	s.Close()
+	s.fast.wait(context.Background()) // every query's worker is done
+	st := f.Stats()
+	if q, u := st.Queries.Load(), st.QueriesUDP.Load(); q != 30 || u != 30 {
+		t.Errorf("Queries = %d, QueriesUDP = %d, want 30 (the rejected ones too)", q, u)
+	}
+	var responses int64
+	for i := range st.Responses {
+		responses += st.Responses[i].Load()
+	}
+	formerr, notimp := st.Responses[dns.RcodeFormatError].Load(), st.Responses[dns.RcodeNotImplemented].Load()
+	if responses != 30 || formerr != 2 || notimp != 1 {
+		t.Errorf("Responses: %d, FORMERR %d, NOTIMP %d; want 30, 2, 1", responses, formerr, notimp)
+	}
+	if n := st.Ignored.Load(); n != 2 {
+		t.Errorf("Ignored = %d, want 2 (the response and the runt)", n)
 	}
 }
 

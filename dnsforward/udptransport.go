@@ -381,6 +381,7 @@ func (t *udpTransport) readAnswers(a *association) {
 		errorsInRow = 0
 		resp := new(dns.Msg)
 		if resp.Unpack(buf[off:n]) != nil || len(resp.Question) != 1 {
+			t.stats.MalformedAnswers.Add(1)
 			continue // unmatchable; its query is retransmitted or times out
 		}
 		key := keyFor(resp.Id, resp.Question[0])
