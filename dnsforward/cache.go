@@ -5,9 +5,10 @@ import (
 	"encoding/binary"
 	"hash/maphash"
 	"slices"
+	"sync"
 	"time"
 
-	lru "github.com/hashicorp/golang-lru/v2"
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"github.com/miekg/dns"
 )
 
@@ -19,6 +20,14 @@ const (
 	// maxTTL caps what a record may ask for.
 	maxTTL = 24 * time.Hour
 )
+
+// cacheBytesPerEntry sets the cache's byte budget: the answers' bytes
+// may average this much per entry. An entry is the answer as the
+// resolver sent it over TCP, up to 64 KiB whatever the client's UDP size,
+// so the count alone bounds nothing useful (10 000 entries: 640 MiB);
+// most answers are a few hundred bytes, DNSSEC ones with their signatures
+// one or two KiB. The default 10 000 entries hold at most 20 MiB.
+const cacheBytesPerEntry = 2 << 10
 
 // cacheEntry is an answer kept packed, with the offsets of its TTL fields
 // recorded once, so that a hit is a copy and a few patches: no unpacking,
@@ -33,22 +42,40 @@ type cacheEntry struct {
 	expires  time.Time
 }
 
-// cache is a bounded LRU of answers that honours TTLs, including negative
-// answers (RFC 2308: the SOA's TTL capped by its MINIMUM), and counts them
-// down in what it serves. It is keyed by a hash of the question; the
-// entry's own key settles the rare collision (a miss).
+// cache is an LRU of answers bounded in entries and in bytes (see
+// cacheBytesPerEntry) that honours TTLs, including negative answers (RFC
+// 2308: the SOA's TTL capped by its MINIMUM), and counts them down in
+// what it serves. It is keyed by a hash of the question; the entry's own
+// key settles the rare collision (a miss).
 type cache struct {
-	lru  *lru.Cache[uint64, *cacheEntry]
 	seed maphash.Seed
 	now  func() time.Time
+
+	mu     sync.Mutex
+	lru    *simplelru.LRU[uint64, *cacheEntry]
+	bytes  int // the entries' answers, within budget
+	budget int
 }
 
 func newCache(size int) *cache {
-	l, err := lru.New[uint64, *cacheEntry](size)
-	if err != nil {
-		return nil // size <= 0: no cache
+	if size <= 0 {
+		return nil // no cache
 	}
-	return &cache{lru: l, seed: maphash.MakeSeed(), now: time.Now}
+	c := &cache{seed: maphash.MakeSeed(), now: time.Now, budget: size * cacheBytesPerEntry}
+	// Called with c.mu held, as every use of c.lru is.
+	l, err := simplelru.NewLRU(size, func(_ uint64, e *cacheEntry) { c.bytes -= len(e.wire) })
+	if err != nil {
+		return nil
+	}
+	c.lru = l
+	return c
+}
+
+// len is the number of answers cached.
+func (c *cache) len() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lru.Len()
 }
 
 // keyOf fills k with the cache key of a query, and reports false for
@@ -94,13 +121,20 @@ func (c *cache) hash(k *questionKey) uint64 { return maphash.Bytes(c.seed, k.byt
 // RCODE.
 func (c *cache) appendAnswer(dst []byte, k *questionKey, id uint16) ([]byte, int, bool) {
 	h := c.hash(k)
+	c.mu.Lock()
 	e, ok := c.lru.Get(h)
+	c.mu.Unlock()
 	if !ok || e.key != string(k.bytes()) {
 		return dst, 0, false
 	}
+	// An entry is never changed once cached: it is read without the lock.
 	now := c.now()
 	if !now.Before(e.expires) {
-		c.lru.Remove(h)
+		c.mu.Lock()
+		if cur, ok := c.lru.Peek(h); ok && cur == e { // not a newer answer
+			c.lru.Remove(h)
+		}
+		c.mu.Unlock()
 		return dst, 0, false
 	}
 	base := len(dst)
@@ -132,41 +166,56 @@ func (c *cache) get(k *questionKey) (*dns.Msg, bool) {
 	return m, true
 }
 
-// put stores resp for k for as long as its records allow, and reports
-// whether that pushed another answer out. resp must not be shared yet:
-// packing may write its extended RCODE into its OPT record.
-func (c *cache) put(k *questionKey, resp *dns.Msg) (evicted bool) {
+// put stores resp for k for as long as its records allow, and returns
+// how many answers that pushed out. resp must not be shared yet: packing
+// may write its extended RCODE into its OPT record.
+func (c *cache) put(k *questionKey, resp *dns.Msg) (evicted int) {
 	packed := *resp // Pack reads the records only
 	packed.Compress = true
 	wire, err := packed.Pack()
 	if err != nil {
-		return false
+		return 0
 	}
 	return c.putWire(k, wire)
 }
 
 // putWire stores the packed answer wire for k (and keeps wire: the caller
-// hands it over) for as long as its records allow, and reports whether
-// that pushed another answer out. An answer to an RD=0 query is not kept:
+// hands it over) for as long as its records allow, and returns how many
+// answers that pushed out, least recently used first, to stay within the
+// entries and the bytes allowed. An answer to an RD=0 query is not kept:
 // RD=1 queries share the entry, and it may be a refusal or a referral
 // (see flightKey); an RD=0 query may still be answered from the cache.
-func (c *cache) putWire(k *questionKey, wire []byte) (evicted bool) {
-	if !k.rd {
-		return false
+// Nor is an answer larger than the whole byte budget.
+func (c *cache) putWire(k *questionKey, wire []byte) (evicted int) {
+	if !k.rd || len(wire) > c.budget {
+		return 0
 	}
 	l, err := answerLayout(wire, nil)
 	// An OPT record only for a query with one (RFC 6891 §7): a resolver
 	// that adds one anyway is not replayed.
 	if err != nil || !answers(wire, l.qnameEnd, k) || l.opt && !k.edns() {
-		return false
+		return 0
 	}
 	ttl, ok := l.cacheTTL()
 	if !ok || ttl <= 0 {
-		return false
+		return 0
 	}
 	now := c.now()
-	return c.lru.Add(c.hash(k), &cacheEntry{key: string(k.bytes()), wire: wire, qnameEnd: l.qnameEnd, ttls: l.ttls,
-		rcode: l.rcode, stored: now, expires: now.Add(ttl)})
+	e := &cacheEntry{key: string(k.bytes()), wire: wire, qnameEnd: l.qnameEnd, ttls: l.ttls,
+		rcode: l.rcode, stored: now, expires: now.Add(ttl)}
+	h := c.hash(k)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.lru.Remove(h) // an answer replaced is not one pushed out; its bytes go
+	if c.lru.Add(h, e) {
+		evicted++
+	}
+	c.bytes += len(wire)
+	for c.bytes > c.budget { // e alone fits: the older ones go first
+		c.lru.RemoveOldest()
+		evicted++
+	}
+	return evicted
 }
 
 // answers reports whether the packed answer's question is k's (name in

@@ -2,6 +2,8 @@ package dnsforward
 
 import (
 	"context"
+	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -127,5 +129,62 @@ func TestCacheCounts(t *testing.T) {
 	}
 	if n := f.CacheLen(); n != 2 {
 		t.Errorf("CacheLen %d, want 2", n)
+	}
+}
+
+// txtAnswer is an answer to a TXT query for name with size bytes of text.
+func txtAnswer(name string, size int) (*questionKey, *dns.Msg) {
+	q := query(name, dns.TypeTXT, 1)
+	m := new(dns.Msg)
+	m.SetReply(q)
+	var parts []string
+	for rest := size; rest > 0; rest -= 200 {
+		parts = append(parts, strings.Repeat("x", min(rest, 200)))
+	}
+	m.Answer = []dns.RR{&dns.TXT{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeTXT, Class: dns.ClassINET, Ttl: 3600}, Txt: parts}}
+	k := new(questionKey)
+	keyOf(q, k)
+	return k, m
+}
+
+// TestCacheBytesBounded: the cache holds at most cacheBytesPerEntry
+// bytes of answers per entry on average: large answers push out the
+// least recently used ones (counted), an answer larger than the whole
+// budget is not kept, and an answer replaced gives its bytes back.
+// Before, only entries were bounded: 100 entries of 60 KB answers held
+// 6 MB, the default 10 000 would hold 600 MB.
+func TestCacheBytesBounded(t *testing.T) {
+	c := newCache(100) // 200 KiB
+	evicted := 0
+	var last *questionKey
+	for i := range 100 {
+		k, m := txtAnswer(fmt.Sprintf("n%d.big.example", i), 30000)
+		evicted += c.put(k, m)
+		last = k
+	}
+	held := 0
+	for _, h := range c.lru.Keys() {
+		e, _ := c.lru.Peek(h)
+		held += len(e.wire)
+	}
+	if held > c.budget || c.bytes != held {
+		t.Errorf("%d entries hold %d bytes (counted %d), want at most %d", c.lru.Len(), held, c.bytes, c.budget)
+	}
+	if c.lru.Len()+evicted != 100 || evicted == 0 {
+		t.Errorf("%d entries and %d pushed out of 100", c.lru.Len(), evicted)
+	}
+	if _, ok := c.get(last); !ok {
+		t.Error("the newest answer was pushed out")
+	}
+
+	small := newCache(10) // 20 KiB
+	if k, m := txtAnswer("huge.example", 30000); small.put(k, m) != 0 || small.lru.Len() != 0 {
+		t.Errorf("an answer larger than the budget was cached (%d entries)", small.lru.Len())
+	}
+	k, m := txtAnswer("a.example", 1000)
+	small.put(k, m)
+	small.put(k, m)
+	if e, _ := small.lru.Peek(small.hash(k)); small.lru.Len() != 1 || small.bytes != len(e.wire) {
+		t.Errorf("an answer cached twice: %d entries, %d bytes counted, want 1 entry of %d", small.lru.Len(), small.bytes, len(e.wire))
 	}
 }

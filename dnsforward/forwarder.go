@@ -74,7 +74,9 @@ type Config struct {
 	// (cache hits do not count); beyond it queries are answered REFUSED
 	// and counted (default DefaultMaxConcurrent).
 	MaxConcurrent int
-	// CacheSize bounds the answer cache (entries); 0 disables it.
+	// CacheSize bounds the answer cache: at most this many answers, and
+	// at most cacheBytesPerEntry (2 KiB) per answer on average of their
+	// bytes; 0 disables it.
 	CacheSize int
 	// Transport is "tcp" (default: DNS over TCP through CONNECT) or "udp"
 	// (one shared UDP ASSOCIATE; truncated answers are asked again over
@@ -119,7 +121,8 @@ type Stats struct {
 	// above MaxCountedRcode count under it); they add up to Queries.
 	Responses [MaxCountedRcode + 1]atomic.Int64
 	// CacheMisses: cacheable queries the cache could not answer;
-	// CacheEvictions: answers pushed out of a full cache.
+	// CacheEvictions: answers pushed out of a full cache (in entries or
+	// in bytes).
 	CacheMisses, CacheEvictions atomic.Int64
 	// NotAllowed: queries from sources outside the Server's allow list,
 	// answered REFUSED without reaching the forwarder (not in Queries).
@@ -219,7 +222,7 @@ func (f *Forwarder) CacheLen() int {
 	if f.cache == nil {
 		return 0
 	}
-	return f.cache.lru.Len()
+	return f.cache.len()
 }
 
 // countQuery counts a query from a client, by the transport it came on.
@@ -499,8 +502,8 @@ func (f *Forwarder) resolve(ctx context.Context, q *dns.Msg, k *questionKey, cac
 	// the forwarder's timeout and life, not by the first caller's context.
 	v, err, shared := f.flight.Do(k.flightKey(), func() (any, error) {
 		resp, err := f.exchange(f.life, q)
-		if err == nil && f.cache.put(k, resp) {
-			f.stats.CacheEvictions.Add(1)
+		if err == nil {
+			f.stats.CacheEvictions.Add(int64(f.cache.put(k, resp)))
 		}
 		return resp, err
 	})
@@ -551,8 +554,8 @@ func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, int, erro
 	}
 	v, err, shared := f.flight.Do(k.flightKey(), func() (any, error) {
 		answer, err := f.exchangeWire(f.life, upstream)
-		if err == nil && f.cache.putWire(k, bytes.Clone(answer)) {
-			f.stats.CacheEvictions.Add(1)
+		if err == nil {
+			f.stats.CacheEvictions.Add(int64(f.cache.putWire(k, bytes.Clone(answer))))
 		}
 		return answer, err
 	})
