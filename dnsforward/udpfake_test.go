@@ -53,7 +53,9 @@ type fakeRelay struct {
 	forge bool
 	// garbage: a datagram that is no DNS message comes before each answer.
 	garbage bool
-	ids     chan uint16 // the ID of each query answered
+	// drop, if set, says which queries the relay silently drops.
+	drop func(q *dns.Msg) bool
+	ids  chan uint16 // the ID of each query answered
 }
 
 type fakeRead struct {
@@ -81,6 +83,9 @@ func (r *fakeRelay) WritePacket(buf []byte, off int, dst socksclient.Addr) error
 	}
 	if r.writeErrors.Add(-1) >= 0 {
 		return &net.OpError{Op: "write", Net: "udp", Err: os.NewSyscallError("write", syscall.ECONNREFUSED)}
+	}
+	if r.drop != nil && r.drop(q) {
+		return nil
 	}
 	m := new(dns.Msg)
 	m.SetReply(q)
@@ -455,6 +460,77 @@ func TestUDPQueryIDsRandom(t *testing.T) {
 		}
 		if steps > 3 {
 			t.Errorf("IDs %v: %d of %d follow the one before", ids, steps, len(ids)-1)
+		}
+	})
+}
+
+// TestUDPBlackholedAssociationReplaced: an association on which
+// maxSilentQueries queries in a row time out, retransmitted, with not one
+// datagram read (the relay gone behind a NAT or a firewall, its control
+// connection still up) is closed, and the next query associates again.
+// One that drops some queries but answers others in between is kept.
+// Before, a black-holed association was kept for every later query.
+func TestUDPBlackholedAssociationReplaced(t *testing.T) {
+	ask := func(f *Forwarder, name string, id uint16) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		_, err := f.Exchange(ctx, query(name, dns.TypeA, id))
+		return err
+	}
+	synctest.Test(t, func(t *testing.T) {
+		relays := &fakeRelays{setup: func(i int) *fakeRelay {
+			r := newFakeRelay()
+			if i == 0 {
+				r.drop = func(*dns.Msg) bool { return true }
+			}
+			return r
+		}}
+		f := newFakeUDPForwarder(t, relays, 1)
+		defer f.Close()
+		f.udp.firstRTO = 0 // retransmit as the estimator says
+		for i := range maxSilentQueries + 2 {
+			err := ask(f, "a.example", uint16(i))
+			if wantAnswer := i >= maxSilentQueries; (err == nil) != wantAnswer {
+				t.Errorf("query %d: %v, want answered %v", i, err, wantAnswer)
+			}
+		}
+		if n := relays.count(); n != 2 {
+			t.Errorf("%d associations, want the black-holed one replaced once", n)
+		}
+	})
+	synctest.Test(t, func(t *testing.T) {
+		relays := &fakeRelays{setup: func(int) *fakeRelay {
+			r := newFakeRelay()
+			r.drop = func(q *dns.Msg) bool { return q.Question[0].Name == "dropped.example." }
+			return r
+		}}
+		f := newFakeUDPForwarder(t, relays, 1)
+		defer f.Close()
+		f.udp.firstRTO = 0
+		for i := range 2 * maxSilentQueries {
+			if err := ask(f, "dropped.example", uint16(2*i)); err == nil {
+				t.Fatal("a dropped query was answered")
+			}
+			if err := ask(f, "a.example", uint16(2*i+1)); err != nil {
+				t.Fatalf("query %d: %v", 2*i+1, err)
+			}
+		}
+		// Dropped queries timing out together, with an answer read while
+		// they waited.
+		var dropped sync.WaitGroup
+		for i := range maxSilentQueries {
+			dropped.Go(func() { ask(f, "dropped.example", uint16(100+i)) })
+		}
+		synctest.Wait()
+		if err := ask(f, "a.example", 200); err != nil {
+			t.Fatal(err)
+		}
+		dropped.Wait()
+		if err := ask(f, "a.example", 201); err != nil {
+			t.Fatal(err)
+		}
+		if n := relays.count(); n != 1 {
+			t.Errorf("%d associations, want the one answering kept", n)
 		}
 	})
 }

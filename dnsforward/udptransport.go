@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/dns"
@@ -21,13 +22,23 @@ import (
 // retransmissions); the deadline bounds them too.
 const maxUDPSends = 8
 
+// maxSilentQueries is how many queries in a row may time out on an
+// association, each sent at least twice with no datagram at all read
+// meanwhile, before it is taken for black-holed and replaced: a relay
+// that drops everything (gone behind a NAT or a firewall, no ICMP error)
+// while its control connection stays up. Two, not one: a resolver may
+// drop one query (rate limits, a name it will not answer); a false alarm
+// costs one UDP ASSOCIATE.
+const maxSilentQueries = 2
+
 // udpTransport sends queries as datagrams through one long-lived UDP
 // ASSOCIATE shared by every query and resolver; answers are matched by ID
 // and question, and by source when the resolver is an IP address. IDs are
 // random (RFC 5452 §9.2), so an off-path sender has to guess one. A query
 // unanswered after the retransmission timeout is sent again, and a query
 // whose association ends is sent again at once on a new one, both within
-// its deadline.
+// its deadline. An association on which queries keep timing out with
+// nothing read is replaced (see maxSilentQueries).
 type udpTransport struct {
 	associate func(ctx context.Context) (relayConn, error)
 	rtts      []rttEstimator // per resolver, by index
@@ -60,6 +71,23 @@ type association struct {
 	ended     chan struct{} // closed when the reader stops: the association is gone
 	closing   chan struct{} // closed by close: wakes the reader from a backoff
 	closeOnce sync.Once
+	// datagrams counts what the reader read; silent, the queries in a
+	// row that timed out with none read (see maxSilentQueries).
+	datagrams atomic.Uint64
+	silent    atomic.Int32
+}
+
+// timedOutSilently records a query that timed out on a after sending
+// sends datagrams on it with none read since the first (when a had read
+// datagramsBefore), and ends a once maxSilentQueries did in a row: the
+// queries on it then send again on a new one.
+func (a *association) timedOutSilently(sends int, datagramsBefore uint64) {
+	if sends < 2 || a.datagrams.Load() != datagramsBefore {
+		return
+	}
+	if a.silent.Add(1) >= maxSilentQueries {
+		a.close()
+	}
 }
 
 // close ends the association from our side (replaced, or shutting down).
@@ -256,14 +284,23 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 			timer.Stop()
 		}
 	}()
+	var (
+		sendsOnA        int // sends on a, since the query took it
+		datagramsBefore = a.datagrams.Load()
+	)
 	for sends := 0; ; {
 		if sends > 0 {
-			if a, err = t.getConn(ctx); err != nil {
+			cur, err := t.getConn(ctx)
+			if err != nil {
 				return nil, err
+			}
+			if cur != a {
+				a, sendsOnA, datagramsBefore = cur, 0, cur.datagrams.Load()
 			}
 			t.stats.Retransmits.Add(1)
 		}
 		sends++
+		sendsOnA++
 		sentAt := time.Now()
 		if err := a.conn.WritePacket(pkt, hdr, resolver); err != nil {
 			if resendAfterWriteError(err) && sends < maxUDPSends {
@@ -306,6 +343,9 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 			default:
 			}
 		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				a.timedOutSilently(sendsOnA, datagramsBefore)
+			}
 			return nil, ctx.Err()
 		}
 	}
@@ -379,6 +419,8 @@ func (t *udpTransport) readAnswers(a *association) {
 			continue
 		}
 		errorsInRow = 0
+		a.datagrams.Add(1)
+		a.silent.Store(0)
 		resp := new(dns.Msg)
 		if resp.Unpack(buf[off:n]) != nil || len(resp.Question) != 1 {
 			t.stats.MalformedAnswers.Add(1)
