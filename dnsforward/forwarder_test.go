@@ -27,9 +27,10 @@ import (
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // resolver is a DNS-over-TCP server for tests that answers pipelined
-// queries concurrently: names starting with "slow" wait 30 ms, so answers
-// leave in another order than the queries came. It answers A 192.0.2.1
-// and a TXT of txtSize bytes for TXT queries.
+// queries concurrently: names starting with "slow" wait 30 ms, or until
+// slowHold is closed when it is set, so answers leave in another order
+// than the queries came. It answers A 192.0.2.1 and a TXT of txtSize
+// bytes for TXT queries.
 type resolver struct {
 	addr        string
 	conns       atomic.Int64
@@ -39,6 +40,8 @@ type resolver struct {
 	closed      chan struct{} // a value each time a client connection ends
 	closeAfter  int           // close each connection after this many answers (0: never)
 	txtSize     int
+	slowHold    chan struct{}
+	slowRead    chan struct{} // a value for each "slow" query read, when slowHold is set
 }
 
 func newResolver(t testing.TB, closeAfter int) *resolver {
@@ -81,8 +84,15 @@ func (r *resolver) serveConn(c net.Conn) {
 		for old := r.maxInFlight.Load(); n > old && !r.maxInFlight.CompareAndSwap(old, n); old = r.maxInFlight.Load() {
 		}
 		mySeq := seq.Add(1)
+		slow := strings.HasPrefix(q.Question[0].Name, "slow")
+		if slow && r.slowHold != nil {
+			r.slowRead <- struct{}{}
+		}
 		wg.Go(func() {
-			if strings.HasPrefix(q.Question[0].Name, "slow") {
+			switch {
+			case slow && r.slowHold != nil:
+				<-r.slowHold
+			case slow:
 				time.Sleep(30 * time.Millisecond) // the resolver's work, to reorder answers
 			}
 			m := new(dns.Msg)
@@ -180,19 +190,23 @@ func query(name string, qtype uint16, id uint16) *dns.Msg {
 // TestPipelining: 100 concurrent queries, all with the same client ID,
 // cost at most pool-size SOCKS handshakes; connections carry several
 // queries at once; answers come back out of order and each reaches its own
-// query with its own ID.
+// query with its own ID. The resolver holds the slow half's answers until
+// the others are answered, the first slow query read before the rest are
+// asked.
 func TestPipelining(t *testing.T) {
 	proxy := socks(t)
 	res := newResolver(t, 0)
+	res.slowHold, res.slowRead = make(chan struct{}), make(chan struct{}, 100)
 	f := newForwarder(t, proxy.Addr(), 5*time.Second, nil, res.addr)
-	var wg sync.WaitGroup
+	var slow, fast sync.WaitGroup
 	errs := make(chan error, 100)
 	for i := range 100 {
-		wg.Go(func() {
-			name := fmt.Sprintf("q%d.example.", i)
-			if i%2 == 0 {
-				name = "slow" + name
-			}
+		name := fmt.Sprintf("q%d.example.", i)
+		asking := &fast
+		if i%2 == 0 {
+			name, asking = "slow"+name, &slow
+		}
+		asking.Go(func() {
 			resp, err := f.Exchange(context.Background(), query(name, dns.TypeA, 42))
 			if err != nil {
 				errs <- err
@@ -202,8 +216,13 @@ func TestPipelining(t *testing.T) {
 				errs <- fmt.Errorf("query %s got %v", name, resp)
 			}
 		})
+		if i == 0 {
+			<-res.slowRead
+		}
 	}
-	wg.Wait()
+	fast.Wait()
+	close(res.slowHold)
+	slow.Wait()
 	close(errs)
 	for err := range errs {
 		t.Error(err)
