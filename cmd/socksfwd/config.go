@@ -43,7 +43,7 @@ type Config struct {
 	DNSUpstream        []string `toml:"dns-upstream,omitempty" usage:"resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"`
 	DNSTransport       string   `toml:"dns-transport" def:"tcp" usage:"tcp (DNS over TCP through CONNECT, works everywhere) | udp (one UDP ASSOCIATE)"`
 	DNSTimeout         Duration `toml:"dns-timeout" def:"5s" usage:"whole-query deadline across all attempts and resolvers"`
-	DNSCacheSize       int      `toml:"dns-cache-size" def:"10000" usage:"cached DNS answers (0 disables the cache)"`
+	DNSCacheSize       int      `toml:"dns-cache-size" def:"10000" usage:"cached DNS answers, at most 2 KiB each on average (0 disables the cache)"`
 	DNSMaxInFlight     int      `toml:"dns-max-inflight" def:"2000" usage:"DNS queries forwarded at once; beyond it queries get REFUSED"`
 	HandshakeTimeout   Duration `toml:"handshake-timeout" def:"10s" usage:"connect + SOCKS handshake to the upstream"`
 	HedgeDelay         Duration `toml:"hedge-delay" def:"300ms" usage:"when an upstream has not finished its handshake this long, try the next one in parallel (0 = only after it fails)"`

@@ -533,6 +533,8 @@ func writeDNS(p *promWriter, units []liveUnit) {
 		{"socksfwd_dns_retransmits_total", "UDP transport: datagrams sent again.", func(s st) int64 { return s.Retransmits.Load() }},
 		{"socksfwd_dns_udp_read_errors_total", "UDP transport: read errors that did not end the association.", func(s st) int64 { return s.UDPReadErrors.Load() }},
 		{"socksfwd_dns_mismatched_answers_total", "Answers dropped as not their query's (TCP: another question under its ID; UDP: another source than the resolver).", func(s st) int64 { return s.Mismatched.Load() }},
+		{"socksfwd_dns_ignored_total", "DNS messages answered nothing: responses (QR=1) and messages shorter than a header (not in socksfwd_dns_queries_total).", func(s st) int64 { return s.Ignored.Load() }},
+		{"socksfwd_dns_malformed_answers_total", "Answers from the resolvers that do not parse (UDP transport: dropped; TCP: failing their attempt, or dropped when too short to match).", func(s st) int64 { return s.MalformedAnswers.Load() }},
 		{"socksfwd_dns_not_allowed_total", "Queries from sources not in --allow, answered REFUSED (not in socksfwd_dns_queries_total).", func(s st) int64 { return s.NotAllowed.Load() }},
 	} {
 		p.family(f.name, "counter", f.help)
