@@ -312,7 +312,7 @@ func (c Config) printable() (string, error) {
 	}
 	for _, secret := range []*string{&red.HTTPAuth, &red.SOCKSAuth} {
 		if user, _, ok := strings.Cut(*secret, ":"); ok {
-			*secret = user + ":xxxxx"
+			*secret = user + ":" + redactedMark
 		}
 	}
 	var buf bytes.Buffer

@@ -339,6 +339,11 @@ func doorCredentials(flag, value, file string, parse func(string) (*tunnel.Proxy
 	if value == "" {
 		return nil, nil
 	}
+	for _, entry := range strings.Split(value, ",") {
+		if _, pass, _ := strings.Cut(strings.TrimSpace(entry), ":"); pass == redactedMark {
+			return nil, usagef("%s: %s", flag, redactedMarkHint)
+		}
+	}
 	// The error never quotes the value: it holds a password.
 	creds, err := parse(value)
 	if err != nil {

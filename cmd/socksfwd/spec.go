@@ -243,9 +243,19 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 		// password, the username is a piece of that password.
 		return nil, usagef("-S …@%s: the username has no password (use user:pass@, or the user and --server-password-file)", cut(hostport))
 	}
+	if d.Password == redactedMark {
+		return nil, usagef("-S …@%s: %s", cut(hostport), redactedMarkHint)
+	}
 	d.ProxyAddr = hostport
 	return d, nil
 }
+
+// redactedMark is what --print-config shows for a password; taken back
+// as one, it would only fail authentication at the first session.
+const (
+	redactedMark     = "xxxxx"
+	redactedMarkHint = "the password is " + redactedMark + ", what --print-config shows in place of one: give the real password (or keep it in a -file option)"
+)
 
 // redactURL hides a password in a proxy URL, with or without a scheme,
 // and a port that may be a piece of one (see parseServer).
