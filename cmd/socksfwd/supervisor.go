@@ -71,6 +71,9 @@ type supervisor struct {
 
 	plan *plan
 	ups  *socksclient.Upstreams
+	// upstreamCount is the number of upstreams, for the state change
+	// lines, which run on the sessions' goroutines.
+	upstreamCount atomic.Int32
 	// handover, during a reload's bind, maps an added listener's key to
 	// a removed listener's socket on the same address (see handOver).
 	handover map[string]net.Listener
@@ -111,6 +114,7 @@ func (s *supervisor) run(p *plan, sigs <-chan os.Signal) error {
 	}
 	s.plan = p
 	s.ups = socksclient.NewUpstreams(p.dialers...)
+	s.upstreamCount.Store(int32(len(p.dialers)))
 	s.configureUpstreams(p)
 	bound, err := s.bind(p.listens)
 	if err != nil {
@@ -161,7 +165,12 @@ func (s *supervisor) configureUpstreams(p *plan) {
 			s.log.Info().Str("upstream", proxy).Msg("upstream is back")
 			return
 		}
-		s.log.Info().Str("upstream", proxy).Err(cause).Msg("upstream is down; trying the next one")
+		// Warn: at --log-level warn an outage must still leave a trace.
+		msg := "upstream is down"
+		if s.upstreamCount.Load() > 1 {
+			msg += "; the others are tried first"
+		}
+		s.log.Warn().Str("upstream", proxy).Err(cause).Msg(msg)
 	})
 }
 
@@ -533,6 +542,7 @@ func (s *supervisor) reloadNow() error {
 	// health (SetDialers matches them), and credentials read from a
 	// password file are taken afresh.
 	s.ups.SetDialers(p.dialers...)
+	s.upstreamCount.Store(int32(len(p.dialers)))
 	s.observeUpstreams(p)
 	if !slices.Equal(old.cfg.Server, p.cfg.Server) {
 		changes = append(changes, fmt.Sprintf("upstreams [%s] → [%s]", redactedServers(old.cfg.Server), redactedServers(p.cfg.Server)))

@@ -140,3 +140,22 @@ func TestAllowFor(t *testing.T) {
 		t.Error("a wildcard listener given a loopback socket takes the allow list")
 	}
 }
+
+// TestUpstreamDownIsAWarning: an upstream going down is logged at warn,
+// so that --log-level warn still shows an outage, and with one upstream
+// the line promises no other.
+func TestUpstreamDownIsAWarning(t *testing.T) {
+	verifyNoLeaks(t)
+	p := freePort(t)
+	d := startDaemon(t, "-S", testnet.ClosedPort(t), "-L", "127.0.0.1:"+p+":192.0.2.1:80")
+	d.waitFor("forwarding", 1)
+	c, err := net.DialTimeout("tcp", "127.0.0.1:"+p, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	line := d.waitFor("upstream is down", 1)
+	if line["level"] != "warn" || line["message"] != "upstream is down" {
+		t.Errorf("the line: %v; want level warn, and no other upstream to try", line)
+	}
+}
