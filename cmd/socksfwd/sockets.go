@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 	"syscall"
 
@@ -57,7 +58,7 @@ func (s *supervisor) open(l listenPlan) (sockets, error) {
 		control = sockbuf.CapLoopbackTCP
 		bind = func() (sockets, error) {
 			lc := net.ListenConfig{KeepAlive: -1, Control: control}
-			ln, err := lc.Listen(context.Background(), "tcp", l.addr)
+			ln, err := lc.Listen(context.Background(), family("tcp", l.addr), l.addr)
 			return sockets{ln: ln}, err
 		}
 	case kindTransparent:
@@ -73,7 +74,7 @@ func (s *supervisor) open(l listenPlan) (sockets, error) {
 		}
 	case kindUDP:
 		bind = func() (sockets, error) {
-			pc, err := net.ListenPacket("udp", l.addr)
+			pc, err := net.ListenPacket(family("udp", l.addr), l.addr)
 			if err != nil {
 				return sockets{}, err
 			}
@@ -178,6 +179,17 @@ func (ss *sockets) bindTwin() error {
 		ss.pc = pc.(*net.UDPConn)
 	}
 	return nil
+}
+
+// family is network for addr, IPv4 only for an IPv4 address: Go binds
+// 0.0.0.0 as [::], both families, where 0.0.0.0 means IPv4 alone to ssh
+// -L and to every socket API ("*" or an empty bind is both).
+func family(network, addr string) string {
+	host, _, _ := net.SplitHostPort(addr)
+	if ip, err := netip.ParseAddr(host); err == nil && ip.Is4() {
+		return network + "4"
+	}
+	return network
 }
 
 // plainTCP reports whether a listener kind opens a plain TCP socket, all

@@ -159,3 +159,26 @@ func TestUpstreamDownIsAWarning(t *testing.T) {
 		t.Errorf("the line: %v; want level warn, and no other upstream to try", line)
 	}
 }
+
+// TestBindIPv4WildcardIsIPv4Only: -L 0.0.0.0:P binds IPv4 alone, as ssh
+// does (Go's own "tcp" would take [::]:P, both families); * binds both.
+func TestBindIPv4WildcardIsIPv4Only(t *testing.T) {
+	verifyNoLeaks(t)
+	if ln, err := net.Listen("tcp6", "[::1]:0"); err != nil {
+		t.Skip("no IPv6 here")
+	} else {
+		ln.Close()
+	}
+	echo := testnet.Echo(t).Addr().String()
+	p := freePort(t)
+	d := startDaemon(t, "-S", newSocks(t).Addr(), "-L", "0.0.0.0:"+p+":"+echo, "--allow", "127.0.0.0/8")
+	d.waitFor("forwarding", 1)
+	ln, err := net.Listen("tcp6", "[::]:"+p)
+	if err != nil {
+		t.Fatalf("-L 0.0.0.0:%s holds the IPv6 port too: %v", p, err)
+	}
+	ln.Close()
+	if err := hold(t, "127.0.0.1:"+p).finish(); err != nil {
+		t.Errorf("through -L 0.0.0.0:%s over IPv4: %v", p, err)
+	}
+}
