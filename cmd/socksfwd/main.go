@@ -183,8 +183,43 @@ func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string
 // without a plan was answered already (help, version, print-config).
 func loadConfig(args []string, stdout, stderr io.Writer, getenv func(string) string) (mergedConfig, error) {
 	var cfg mergedConfig
+	if err := repeatedListener(args); err != nil {
+		return cfg, err
+	}
 	err := newApp(stdout, stderr, getenv, &cfg).Run(args)
 	return cfg, err
+}
+
+// singleListeners are the listener options that take one address: given
+// twice, the flag package would keep the last in silence, where an ssh
+// user means two listeners (ssh -D 1080 -D 1081).
+var singleListeners = map[string]string{"D": "-D", "dynamic": "-D", "http": "--http", "dns": "--dns", "admin": "--admin"}
+
+// repeatedListener refuses a listener option given twice on the command
+// line.
+func repeatedListener(args []string) error {
+	seen := map[string]bool{}
+	for _, a := range args[min(1, len(args)):] {
+		if a == "--" {
+			break
+		}
+		name, ok := strings.CutPrefix(a, "--")
+		if !ok {
+			if name, ok = strings.CutPrefix(a, "-"); !ok {
+				continue
+			}
+		}
+		name, _, _ = strings.Cut(name, "=")
+		opt, ok := singleListeners[name]
+		if !ok {
+			continue
+		}
+		if seen[opt] {
+			return usagef("%s given twice: it takes one [bind:]port (several listeners of one kind are not supported; -L forwards are repeatable)", opt)
+		}
+		seen[opt] = true
+	}
+	return nil
 }
 
 // isFlagError recognises the flag package's parse errors, which urfave

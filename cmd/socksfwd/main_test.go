@@ -359,6 +359,11 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"-S", "127.0.0.1:1", "-L", busy.Addr().String() + ":h:2"}, exitRuntime},
 		{[]string{"-S", "127.0.0.1:1", "--http", busy.Addr().String()}, exitRuntime},
 		{[]string{"-S", "p:1", "--http", "3128", "--http-auth", "no-colon"}, exitUsage},
+		// A listener option that takes one address, given twice: the
+		// flag package kept the last in silence.
+		{[]string{"-S", "p:1", "-D", "1080", "--dynamic=1081", "--print-config"}, exitUsage},
+		{[]string{"-S", "p:1", "--dns", "5300", "-dns", "5301", "--print-config"}, exitUsage},
+		{[]string{"-S", "p:1", "-D", "1080", "--http", "3128", "--print-config"}, exitOK},
 	}
 	for _, tc := range tests {
 		var out, errOut strings.Builder
