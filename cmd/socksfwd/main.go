@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/signal"
 	"reflect"
@@ -319,7 +320,28 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 			m.warnings = append(m.warnings, fmt.Sprintf("ignoring %s=%s: only socks5:// and socks5h:// proxies are used", name, redactURL(v)))
 		}
 	}
+	for _, s := range cfg.Server {
+		if w := portInBareIPv6(s); w != "" {
+			m.warnings = append(m.warnings, w)
+		}
+	}
 	return m, nil
+}
+
+// portInBareIPv6 warns of a -S value that is an IPv6 address without
+// brackets whose last group reads as a port (2001:db8::1:1080): it is
+// taken whole, as the address, with the default port.
+func portInBareIPv6(server string) string {
+	ip, err := netip.ParseAddr(server)
+	if err != nil || !ip.Is6() {
+		return ""
+	}
+	i := strings.LastIndex(server, ":")
+	last := server[i+1:]
+	if len(last) < 2 || strings.Trim(last, "0123456789") != "" {
+		return ""
+	}
+	return fmt.Sprintf("-S %s is taken as the IPv6 address %s, port %s; if %s is the port, write [%s]:%s", server, ip, defaultProxyPort, last, server[:i], last)
 }
 
 // setIn returns the context that sets option name on the command line:

@@ -224,8 +224,8 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 		hostport = net.JoinHostPort(unbracket(hostport), defaultProxyPort)
 	}
 	host, port, err := net.SplitHostPort(hostport)
-	if err != nil || host == "" {
-		return nil, usagef("-S %s: want host[:port]", cut(redactURL(raw)))
+	if _, ipErr := netip.ParseAddr(host); err != nil || host == "" || strings.Contains(host, ":") && ipErr != nil {
+		return nil, usagef("-S %s: want host[:port] (an IPv6 address in brackets: [2001:db8::1]:1080)", cut(redactURL(raw)))
 	}
 	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
 		// Not quoted: in "socks5h://alice:pa,ss@p" split at the comma of a

@@ -97,6 +97,10 @@ func TestParseServer(t *testing.T) {
 		{raw: "::1", addr: "[::1]:1080"},
 		{raw: "[::1]", addr: "[::1]:1080"},
 		{raw: "[::1]:1081", addr: "[::1]:1081"},
+		// Neither a name nor an address: a name has no colon.
+		{raw: "proxy:1080:extra", err: "an IPv6 address in brackets"},
+		// Whole, an address (portInBareIPv6 warns of it).
+		{raw: "2001:db8::1:1080", addr: "[2001:db8::1:1080]:1080"},
 		{raw: "socks5h://proxy", addr: "proxy:1080"},
 		{raw: "socks5h://u:p%40ss%3Aw%2Frd%25@[2001:db8::1]:1080/", addr: "[2001:db8::1]:1080", wantU: "u", wantP: "p@ss:w/rd%"},
 		{raw: "socks5://proxy:1", addr: "proxy:1", local: true},
@@ -167,5 +171,18 @@ func TestPasswordFileWithURLUser(t *testing.T) {
 	}
 	if _, err := buildDialers(&Config{Server: []string{"proxy:1080"}, ServerPasswordFile: pw}); err == nil || !strings.Contains(err.Error(), "needs a user") {
 		t.Fatalf("a password file and no user anywhere: %v", err)
+	}
+}
+
+// TestPortInBareIPv6: an IPv6 address without brackets whose last group
+// reads as a port is warned of; ::1 and names are not.
+func TestPortInBareIPv6(t *testing.T) {
+	if w := portInBareIPv6("2001:db8::1:1080"); !strings.Contains(w, "write [2001:db8::1]:1080") {
+		t.Errorf("2001:db8::1:1080: %q", w)
+	}
+	for _, s := range []string{"::1", "[::1]:1080", "proxy:1080", "socks5h://[2001:db8::1]:1080", "2001:db8::a"} {
+		if w := portInBareIPv6(s); w != "" {
+			t.Errorf("%s: %q, want no warning", s, w)
+		}
 	}
 }
