@@ -166,7 +166,7 @@ func newPlan(cfg Config) (*plan, error) {
 		return nil, configError("nothing to capture: no transparent TCP or UDP listener and no DNS listener")
 	}
 	if p.UDPPort != 0 && p.Mode != ModeTProxy {
-		return nil, configError("UDP capture needs mode %q: REDIRECT is TCP only", ModeTProxy)
+		return nil, configError("UDP capture needs mode %q (--mode %s): REDIRECT is TCP only", ModeTProxy, ModeTProxy)
 	}
 	if p.RouteMark == 0 {
 		p.RouteMark = DefaultRouteMark
