@@ -643,7 +643,7 @@ func (p *HTTPProxy) dialFailed(w http.ResponseWriter, r *http.Request, target so
 	if errors.As(err, &re) {
 		ev = ev.Str("rep", re.Code.String())
 	}
-	ev.Err(err).Dur("dur", time.Since(start)).Msg("request failed")
+	ev.Err(err).Dur("dur_ms", time.Since(start)).Msg("request failed")
 	answer(w, dialStatus(err), fmt.Sprintf("%s: %v", target, err))
 }
 
@@ -793,7 +793,7 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 			ev = ev.Str("upstream", *up)
 		}
 		ev.Str("method", r.Method).Int("status", code).Int64("bytes_up", info.up.Load()).Int64("bytes_down", w.n+info.down.Load()).
-			Dur("dur", time.Since(start)).Msg("request ended")
+			Dur("dur_ms", time.Since(start)).Msg("request ended")
 	}()
 	p.forwarder.ServeHTTP(w, r)
 }

@@ -619,7 +619,7 @@ func (r *Reverse) serveSession(s *reverseSession, peer *socksclient.Conn, upstre
 		if ok, suppressed := r.targetFails.Allow(target); ok {
 			r.cfg.Logger.Info().Str("reverse", r.Name()).Str("client", peer.BoundAddr().String()).Str("target", target).
 				Str("upstream", upstream).Int64("failed_since_last_line", suppressed).Err(err).
-				Dur("dur", time.Since(start)).Msg("reverse session failed: local target unreachable; caller closed")
+				Dur("dur_ms", time.Since(start)).Msg("reverse session failed: local target unreachable; caller closed")
 		}
 		r.endSession(s, peer, nil)
 		return
@@ -678,7 +678,7 @@ func (r *Reverse) logEnd(peer *socksclient.Conn, target, upstream string, res Re
 		ev = ev.Err(res.Err)
 	}
 	ev.Str("reverse", r.Name()).Str("client", peer.BoundAddr().String()).Str("target", target).Str("upstream", upstream).
-		Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).Dur("dur", time.Since(start)).Msg("session ended")
+		Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).Dur("dur_ms", time.Since(start)).Msg("session ended")
 }
 
 func (r *Reverse) isCut() bool {

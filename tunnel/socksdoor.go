@@ -290,7 +290,7 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 		// Not a failure: the client stopped waiting for its peer, or Close
 		// cut the wait (logged, and reset, as the relayed sessions it cuts).
 		ev := f.sessionEvent(f.cfg.Logger.Debug(), req.Conn, req.Addr).Str("cmd", "bind").Str("upstream", dialer.ProxyAddr).
-			Dur("dur", time.Since(start))
+			Dur("dur_ms", time.Since(start))
 		switch {
 		case clientGone && sentEarly:
 			ev.Msg("session ended: the client sent data before a peer connected")
@@ -319,7 +319,7 @@ func (d *SOCKSDoor) clientGone(req *socksclient.ServerRequest, dialer *socksclie
 	f := d.TCPForward
 	if ok, suppressed := f.refusals.Allow("client gone before its reply"); ok {
 		f.sessionEvent(f.cfg.Logger.Info(), req.Conn, req.Addr).Str("cmd", req.Cmd.String()).Str("upstream", dialer.ProxyAddr).
-			Int64("refused_since_last_line", suppressed).Err(err).Dur("dur", time.Since(start)).
+			Int64("refused_since_last_line", suppressed).Err(err).Dur("dur_ms", time.Since(start)).
 			Msg("session ended: the client hung up before its reply")
 	}
 }
@@ -402,7 +402,7 @@ func (d *SOCKSDoor) associate(req *socksclient.ServerRequest, start time.Time) {
 	}
 	sessionFields(ev, f.cfg.Name, client.RemoteAddr().String(), req.Addr).Str("cmd", "udp associate").
 		Str("upstream", dialer.ProxyAddr).Int64("datagrams_up", a.up64).Int64("datagrams_down", a.down64).
-		Dur("dur", time.Since(start)).Msg("session ended")
+		Dur("dur_ms", time.Since(start)).Msg("session ended")
 }
 
 // clientSource is where the client's datagrams may come from: the IP of

@@ -296,7 +296,7 @@ func (f *TCPForward) dialFailed(client net.Conn, target socksclient.Addr, d *soc
 		if d != nil {
 			ev = ev.Str("upstream", d.ProxyAddr)
 		}
-		ev.Err(err).Str("cause", "cut at shutdown").Dur("dur", time.Since(start)).Msg("session ended")
+		ev.Err(err).Str("cause", "cut at shutdown").Dur("dur_ms", time.Since(start)).Msg("session ended")
 		return
 	}
 	f.stats.Failed.Add(1)
@@ -308,7 +308,7 @@ func (f *TCPForward) dialFailed(client net.Conn, target socksclient.Addr, d *soc
 	if errors.As(err, &re) {
 		ev = ev.Str("rep", re.Code.String())
 	}
-	ev.Err(err).Dur("dur", time.Since(start)).Msg("session failed")
+	ev.Err(err).Dur("dur_ms", time.Since(start)).Msg("session failed")
 }
 
 // relay hands a session whose upstream is up to a relay that runs on
@@ -374,7 +374,7 @@ func logSessionEnd(log zerolog.Logger, name string, cut bool, client string, tar
 		ev = ev.Err(res.Err)
 	}
 	sessionFields(ev, name, client, target).Str("upstream", upstream).Int64("bytes_up", res.Up).Int64("bytes_down", res.Down).
-		Dur("dur", time.Since(start)).Msg("session ended")
+		Dur("dur_ms", time.Since(start)).Msg("session ended")
 }
 
 func (f *TCPForward) sessionEvent(ev *zerolog.Event, client net.Conn, target socksclient.Addr) *zerolog.Event {

@@ -649,7 +649,7 @@ func (s *udpSession) serve() {
 		if s.relayWaits > 0 {
 			ev = ev.Int64("relay_waits", s.relayWaits).Int64("relay_stalls", s.relayStalls)
 		}
-		ev.Dur("dur", time.Since(start)).Msg(t.endMsg)
+		ev.Dur("dur_ms", time.Since(start)).Msg(t.endMsg)
 	}()
 	for {
 		select {
@@ -682,7 +682,7 @@ func (s *udpSession) send(p udpPacket) {
 		if s.assoc != nil && !s.assoc.Alive() {
 			s.closeAssoc()
 			t.logger.Debug().Str("listener", t.name).Str("client", s.client.String()).
-				Dur("pause", max(time.Until(s.failUntil), 0).Round(time.Millisecond)).
+				Dur("pause_ms", max(time.Until(s.failUntil), 0).Round(time.Millisecond)).
 				Msg("UDP association ended by the proxy; re-associating")
 		}
 		if s.assoc == nil && !s.associate() {

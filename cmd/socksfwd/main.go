@@ -362,19 +362,24 @@ func setIn(c *cli.Context, name string) *cli.Context {
 // level, so that a reload can change it for every service at once.
 func newLogger(p *plan, stderr io.Writer) zerolog.Logger {
 	zerolog.SetGlobalLevel(p.logLevel)
-	zerolog.DurationFieldUnit = time.Millisecond
+	zerolog.DurationFieldUnit = time.Millisecond // the fields say so: dur_ms
 	var w io.Writer = stderr
+	terminal := false
+	if f, ok := stderr.(*os.File); ok {
+		st, err := f.Stat()
+		terminal = err == nil && st.Mode()&os.ModeCharDevice != 0
+	}
 	format := p.cfg.LogFormat
 	if format == "auto" {
 		format = "json"
-		if f, ok := stderr.(*os.File); ok {
-			if st, err := f.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
-				format = "console"
-			}
+		if terminal {
+			format = "console"
 		}
 	}
 	if format == "console" {
-		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: time.DateTime}
+		// Colours only for a terminal: in a file or the journal their
+		// escape codes are noise.
+		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: time.DateTime, NoColor: !terminal}
 	}
 	return zerolog.New(w).Level(zerolog.TraceLevel).With().Timestamp().Logger()
 }

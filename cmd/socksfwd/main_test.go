@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
+	"github.com/rs/zerolog"
 	"go.uber.org/goleak"
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
@@ -374,5 +375,18 @@ func TestExitCodes(t *testing.T) {
 		if tc.want != exitOK && strings.Count(strings.TrimSpace(errOut.String()), "\n") > 2 {
 			t.Errorf("socksfwd %v: error is not short: %s", tc.args, errOut.String())
 		}
+	}
+}
+
+// TestConsoleLogWithoutTerminal: --log-format console into a file or a
+// pipe writes no colour escapes; durations name their unit.
+func TestConsoleLogWithoutTerminal(t *testing.T) {
+	var buf strings.Builder
+	p := &plan{logLevel: zerolog.InfoLevel}
+	p.cfg.LogFormat = "console"
+	log := newLogger(p, &buf)
+	log.Info().Dur("dur_ms", 1500*time.Microsecond).Msg("hello")
+	if out := buf.String(); strings.Contains(out, "\x1b[") || !strings.Contains(out, "dur_ms=1.5") {
+		t.Errorf("console log into a buffer: %q; want no escapes and dur_ms=1.5", out)
 	}
 }

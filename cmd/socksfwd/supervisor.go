@@ -791,7 +791,7 @@ func (s *supervisor) drainAll(sigs <-chan os.Signal, stopSig os.Signal) error {
 	s.tel.draining.Store(true)
 	stopAccepting(maps.Values(s.units))
 	if stopSig != nil {
-		s.log.Info().Str("signal", stopSig.String()).Dur("timeout", time.Duration(s.plan.cfg.ShutdownTimeout)).Msg("draining sessions")
+		s.log.Info().Str("signal", stopSig.String()).Dur("timeout_ms", time.Duration(s.plan.cfg.ShutdownTimeout)).Msg("draining sessions")
 	}
 	ctx, cancel := context.WithTimeout(s.cutCtx, time.Duration(s.plan.cfg.ShutdownTimeout))
 	defer cancel()
