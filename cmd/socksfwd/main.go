@@ -264,11 +264,13 @@ func planFrom(c *cli.Context, getenv func(string) string) (mergedConfig, error) 
 func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, error) {
 	m := mergedConfig{Config: defaultConfig()}
 	cfg := &m.Config
+	fileGiven := false
 	if fc := setIn(c, "config"); fc != nil && fc.String("config") != "" {
 		path := fc.String("config")
 		if err := loadFile(path, cfg); err != nil {
 			return m, err
 		}
+		fileGiven = true
 	}
 	for _, o := range options {
 		var vals []string
@@ -297,8 +299,18 @@ func mergeConfig(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 			continue
 		}
 		if o.repeatable {
-			// The command line or environment replaces the file's list.
-			reflect.ValueOf(cfg).Elem().Field(o.index).SetZero()
+			// The command line or environment replaces the file's list,
+			// which a reload then does not read either: said, as an ssh
+			// user expects -L and LocalForward lines to add up.
+			field := reflect.ValueOf(cfg).Elem().Field(o.index)
+			if n := field.Len(); fileGiven && n > 0 {
+				given := source
+				if o.short != "" && given == "--"+o.name {
+					given = "-" + o.short + " (" + given + ")"
+				}
+				m.warnings = append(m.warnings, fmt.Sprintf("%s replaces the %d %q value(s) of the config file (and a reload keeps it so): give them all in one place", given, n, o.name))
+			}
+			field.SetZero()
 		}
 		for _, v := range vals {
 			if err := o.set(cfg, v); err != nil {

@@ -878,3 +878,21 @@ func TestReloadMovesPortToAnotherListener(t *testing.T) {
 		t.Errorf("CONNECT through the --http that took the port: %q %v", status, err)
 	}
 }
+
+// TestFlagListReplacesFileList: -L on the command line replaces the
+// file's local forwards; socksfwd says so, at start and on reload.
+func TestFlagListReplacesFileList(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	socks := newSocks(t)
+	conf := fmt.Sprintf("server = [%q]\nlocal = [%q]\n", socks.Addr(), "127.0.0.1:"+freePort(t)+":"+echo)
+	path := writeConfig(t, conf)
+	d := startDaemon(t, "-c", path, "-L", "127.0.0.1:"+freePort(t)+":"+echo)
+	line := d.waitFor(`-L (--local) replaces the 1 "local" value(s) of the config file`, 1)
+	if line["level"] != "warn" {
+		t.Errorf("the line: %v; want a warning", line)
+	}
+	d.waitFor("forwarding", 1)
+	d.reload(path, conf, 1)
+	d.waitFor(`-L (--local) replaces`, 2)
+}
