@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -570,7 +571,12 @@ func (r *Reverse) failureText(cause ReverseCause, err error, d *socksclient.Dial
 		}
 		return name + server + " refused BIND; retrying with backoff"
 	case CausePortBusy:
-		return name + "the port is taken on " + server + "'s side (another program, or a connection closing there in TIME_WAIT; Dante binds an asked port only for bind_address 0.0.0.0); retrying with backoff"
+		if remote := r.cfg.Remote; remote.Name != "" || remote.IP.IsValid() && !remote.IP.IsUnspecified() {
+			// Dante's case, whatever the port's state: the likelier cause.
+			return name + server + " did not listen on port " + strconv.Itoa(int(remote.Port)) + ": Dante binds an asked port only when bind_address is 0.0.0.0 (bind_address " + remote.Host() +
+				" only says which caller to expect; the proxy picks its own listening address), so give -R " + strconv.Itoa(int(remote.Port)) + ":… without it, or port 0; retrying with backoff"
+		}
+		return name + "the port is taken on " + server + "'s side (another program, or one of its connections closing there in TIME_WAIT for up to a minute after a session; -R 0:… has the proxy pick a free port); retrying with backoff"
 	case CauseControlLost:
 		return name + "the connection to " + server + " closed while waiting for a caller; retrying with backoff"
 	case CauseSecondReply:

@@ -453,3 +453,24 @@ func TestReverseDanteRules(t *testing.T) {
 		})
 	}
 }
+
+// TestReverseFailureTextPortBusy: a fixed port the proxy did not take is
+// blamed on Dante's rule when a bind_address was given, else on the port.
+func TestReverseFailureTextPortBusy(t *testing.T) {
+	for _, tc := range []struct {
+		remote string
+		want   string
+	}{
+		{"10.9.0.2:8081", "Dante binds an asked port only when bind_address is 0.0.0.0"},
+		{"0.0.0.0:8081", "TIME_WAIT for up to a minute"},
+	} {
+		remote, err := socksclient.ParseAddr(tc.remote)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := NewReverse(ReverseConfig{Name: "x", Remote: remote, Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "proxy:1080"})})
+		if got := r.failureText(CausePortBusy, errors.New("x"), nil); !strings.Contains(got, tc.want) {
+			t.Errorf("-R %s: %q, want it to say %q", tc.remote, got, tc.want)
+		}
+	}
+}
