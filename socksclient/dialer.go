@@ -304,6 +304,9 @@ func withProgress(ctx context.Context, p *handshakeProgress) context.Context {
 // its reply. On success the conn is positioned at the first payload byte.
 func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Conn, Reply, error) {
 	progress, _ := ctx.Value(progressKey{}).(*handshakeProgress)
+	if progress == nil {
+		progress = new(handshakeProgress) // for the timeout's message
+	}
 	timeout := d.handshakeTimeout()
 	hctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -321,14 +324,18 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 	}
 	conn, err := d.dialProxy(hctx)
 	if err != nil {
-		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, err)
+		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, err, stageConnect)
 	}
 
 	stop := context.AfterFunc(hctx, func() { conn.SetDeadline(aLongTimeAgo) })
 	reply, err := d.handshake(conn, cmd, target, progress)
 	if !stop() {
 		conn.Close()
-		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, hctx.Err())
+		stage := stageGreeting
+		if progress.greeted {
+			stage = stageRequest
+		}
+		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, hctx.Err(), stage)
 	}
 	if err != nil {
 		conn.Close()
@@ -560,14 +567,22 @@ func closedEarly(err error, frame string) error {
 	return err
 }
 
+// What a handshake timed out waiting for, in its error.
+const (
+	stageConnect  = "no TCP connection to the proxy"
+	stageGreeting = "connected, but no answer to the SOCKS5 greeting: is it a SOCKS5 server? an HTTP proxy waits in silence for more"
+	stageAuth     = "no answer to the authentication"
+	stageRequest  = "no reply to the request: the proxy may be waiting on its target"
+)
+
 // timeoutCause turns the handshake context's expiry into words: which limit
 // hit, or the caller's cancellation.
-func timeoutCause(parent, hctx context.Context, timeout time.Duration, err error) error {
+func timeoutCause(parent, hctx context.Context, timeout time.Duration, err error, stage string) error {
 	if parent.Err() != nil {
 		return parent.Err()
 	}
 	if hctx.Err() != nil {
-		return fmt.Errorf("handshake timed out after %s: %w", timeout, context.DeadlineExceeded)
+		return fmt.Errorf("handshake timed out after %s (%s): %w", timeout, stage, context.DeadlineExceeded)
 	}
 	return err
 }

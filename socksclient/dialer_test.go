@@ -166,7 +166,8 @@ func TestDialFaults(t *testing.T) {
 		{name: "unknown ATYP", cfg: sockstest.Config{Fault: sockstest.FaultUnknownATYP}, want: "malformed reply: address: unknown address type 0x09"},
 		{name: "truncated reply", cfg: sockstest.Config{Fault: sockstest.FaultTruncatedReply}, is: io.ErrUnexpectedEOF, want: "closed the connection during the reply"},
 		{name: "close mid-frame", cfg: sockstest.Config{Fault: sockstest.FaultCloseMidFrame}, is: io.ErrUnexpectedEOF, want: "during the method selection"},
-		{name: "hang after greeting", cfg: sockstest.Config{Fault: sockstest.FaultHangAfterGreeting}, dialer: socksclient.Dialer{HandshakeTimeout: 100 * time.Millisecond}, is: context.DeadlineExceeded, want: "handshake timed out after 100ms"},
+		{name: "hang after greeting", cfg: sockstest.Config{Fault: sockstest.FaultHangAfterGreeting}, dialer: socksclient.Dialer{HandshakeTimeout: 100 * time.Millisecond}, is: context.DeadlineExceeded, want: "handshake timed out after 100ms (connected, but no answer to the SOCKS5 greeting"},
+		{name: "hang after method selection", cfg: sockstest.Config{Fault: sockstest.FaultHangAfterRequest}, dialer: socksclient.Dialer{HandshakeTimeout: 100 * time.Millisecond}, is: context.DeadlineExceeded, want: "(no reply to the request: the proxy may be waiting on its target)"},
 		{name: "close after connect request", cfg: sockstest.Config{Fault: sockstest.FaultCloseAfterRequest}, want: "closed the connection without replying"},
 		{name: "refused target", target: testnet.ClosedPort(t), want: "socks connect: connection refused (REP 0x05)"},
 	}

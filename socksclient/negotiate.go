@@ -33,17 +33,14 @@ type Negotiation struct {
 // on failure too.
 func (d *Dialer) Negotiate(ctx context.Context) (Negotiation, error) {
 	n := Negotiation{Offered: slices.Clone(d.offered())}
-	timeout := d.HandshakeTimeout
-	if timeout <= 0 {
-		timeout = DefaultHandshakeTimeout
-	}
+	timeout := d.handshakeTimeout()
 	hctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 
 	start := time.Now()
 	conn, err := d.dialProxy(hctx)
 	if err != nil {
-		return n, d.negotiateError(timeoutCause(ctx, hctx, timeout, err))
+		return n, d.negotiateError(timeoutCause(ctx, hctx, timeout, err, stageConnect))
 	}
 	defer conn.Close()
 	n.Reached, n.ConnectTime = true, time.Since(start)
@@ -55,7 +52,11 @@ func (d *Dialer) Negotiate(ctx context.Context) (Negotiation, error) {
 	n.Method, n.Answered, err = d.greet(conn, buf[:0])
 	n.HandshakeTime = time.Since(start)
 	if !stop() {
-		err = timeoutCause(ctx, hctx, timeout, hctx.Err())
+		stage := stageGreeting
+		if n.Answered {
+			stage = stageAuth
+		}
+		err = timeoutCause(ctx, hctx, timeout, hctx.Err(), stage)
 	}
 	if err != nil {
 		return n, d.negotiateError(err)

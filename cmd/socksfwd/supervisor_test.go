@@ -149,11 +149,11 @@ func TestUpstreamDownIsAWarning(t *testing.T) {
 	p := freePort(t)
 	d := startDaemon(t, "-S", testnet.ClosedPort(t), "-L", "127.0.0.1:"+p+":192.0.2.1:80")
 	d.waitFor("forwarding", 1)
-	c, err := net.DialTimeout("tcp", "127.0.0.1:"+p, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
+	// The session fails at once, with a reset that may beat the dial's
+	// return: only the line matters.
+	if c, err := net.DialTimeout("tcp", "127.0.0.1:"+p, 5*time.Second); err == nil {
+		defer c.Close()
 	}
-	defer c.Close()
 	line := d.waitFor("upstream is down", 1)
 	if line["level"] != "warn" || line["message"] != "upstream is down" {
 		t.Errorf("the line: %v; want level warn, and no other upstream to try", line)

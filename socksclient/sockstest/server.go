@@ -50,6 +50,9 @@ const (
 	// FaultTrailingPayload sends the reply and the first payload bytes in
 	// one write, to catch clients that read past the reply.
 	FaultTrailingPayload
+	// FaultHangAfterRequest reads the request and never replies, as a
+	// proxy waiting on a target that does not answer.
+	FaultHangAfterRequest
 	// FaultBindNoSecondReply makes BIND accept the peer and never send the
 	// second reply: the client waits until it hangs up or Close.
 	FaultBindNoSecondReply
@@ -260,6 +263,9 @@ func (s *Server) answered(req *socksclient.ServerRequest) bool {
 	c := req.Conn
 	switch s.cfg.Fault {
 	case FaultCloseAfterRequest:
+		return true
+	case FaultHangAfterRequest:
+		io.Copy(io.Discard, c) // until the client or Close hangs up
 		return true
 	case FaultUnknownATYP:
 		c.Write([]byte{socksclient.Version, 0, 0, 0x09, 1, 2, 3, 4, 0, 80})
