@@ -29,7 +29,7 @@ import (
 // BIND, UDP ASSOCIATE (and a DNS query through its relay), and DNS over
 // TCP through CONNECT to each --dns-upstream.
 func checkCommand(stdout, stderr io.Writer, getenv func(string) string) *cli.Command {
-	flags := append(optionFlags(),
+	flags := append(optionFlagsIn(sharedOptions),
 		&cli.StringFlag{Name: "target", Usage: "host:port to CONNECT to through each upstream (a name goes to the proxy, unless -S is socks5://)"},
 		&cli.StringFlag{Name: "check-name", Value: ".", Usage: `the name the DNS checks ask each --dns-upstream for: NS for ".", A for any other`},
 		&cli.StringSliceFlag{Name: "skip", Usage: "connect | bind | udp (UDP ASSOCIATE and DNS over it) | dns-udp | dns-tcp (a check not to run; repeatable)"},

@@ -65,7 +65,7 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 		Usage:   "forward local TCP and UDP ports, and DNS, through a SOCKS5 proxy",
 		Version: version,
 		UsageText: "socksfwd -L [bind:]port:host:hostport -S [socks5h://][user:pass@]proxy[:port] [flags]\n" +
-			"   socksfwd -c config.toml",
+			"socksfwd -c config.toml",
 		Writer:                    stdout,
 		ErrWriter:                 stderr,
 		DisableSliceFlagSeparator: true,
@@ -100,7 +100,14 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 }
 
 // optionFlags is one flag per Config option, and -c.
-func optionFlags() []cli.Flag {
+func optionFlags() []cli.Flag { return optionFlagsIn("") }
+
+// sharedOptions is the help's heading, in rules and check, for the
+// daemon's options they read: listed after their own.
+const sharedOptions = "socksfwd's options (read as the daemon reads them)"
+
+// optionFlagsIn is optionFlags under a help category ("" for none).
+func optionFlagsIn(category string) []cli.Flag {
 	flags := make([]cli.Flag, 0, len(options)+1)
 	for _, o := range options {
 		usage := o.usage + " (env " + envName(o.name)
@@ -116,14 +123,14 @@ func optionFlags() []cli.Flag {
 		// that an error names the option and says what it wants.
 		switch {
 		case o.isBool:
-			flags = append(flags, &cli.BoolFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden})
+			flags = append(flags, &cli.BoolFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Category: category})
 		case o.repeatable:
-			flags = append(flags, &cli.StringSliceFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, TakesFile: o.takesFile()})
+			flags = append(flags, &cli.StringSliceFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, TakesFile: o.takesFile(), Category: category})
 		default:
-			flags = append(flags, &cli.StringFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Value: o.def, TakesFile: o.takesFile()})
+			flags = append(flags, &cli.StringFlag{Name: o.name, Aliases: aliases, Usage: usage, Hidden: o.hidden, Value: o.def, TakesFile: o.takesFile(), Category: category})
 		}
 	}
-	return append(flags, &cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "TOML file (see config.example.toml); re-read on SIGHUP", TakesFile: true})
+	return append(flags, &cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "TOML file (see config.example.toml); re-read on SIGHUP", TakesFile: true, Category: category})
 }
 
 // run is main without os.Exit, for tests.

@@ -60,7 +60,7 @@ again on SIGHUP.
 # SIGNALS
 
 **SIGINT**, **SIGTERM**: stop accepting on every listener and let live sessions finish for
-**--shutdown-timeout**, then cut what is left; a second signal cuts at once.
+**--shutdown-timeout**, then cut what is left; a second signal cuts at once, and socksfwd exits 1.
 
 **SIGHUP**: read flags, environment and file again; when the whole new configuration is valid,
 keep unchanged listeners and their sessions, drain removed ones and start new ones; otherwise log

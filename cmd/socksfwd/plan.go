@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"slices"
@@ -133,6 +134,9 @@ func (d *dnsPlan) equal(o *dnsPlan) bool {
 		d.cacheSize == o.cacheSize && d.maxInFlight == o.maxInFlight
 }
 
+// errNothingToForward: a configuration with no listener.
+var errNothingToForward = errors.New("nothing to forward: give -L [bind:]port:host:hostport, -R [bind_address:]port:host:hostport, -D [bind:]port, --http [bind:]port, --dns [bind:]port or --transparent [bind:]port")
+
 // buildPlan checks cfg and parses everything it names, once.
 func buildPlan(cfg Config) (*plan, error) {
 	p := &plan{cfg: cfg}
@@ -140,7 +144,7 @@ func buildPlan(cfg Config) (*plan, error) {
 		return nil, usagef("no upstream server: give -S host:port (or server in the config file, or %s)", envName("server"))
 	}
 	if len(cfg.Local) == 0 && len(cfg.Remote) == 0 && cfg.DNS == "" && len(cfg.Transparent) == 0 && cfg.HTTP == "" && cfg.Dynamic == "" {
-		return nil, usagef("nothing to forward: give -L [bind:]port:host:hostport, -R [bind_address:]port:host:hostport, -D [bind:]port, --http [bind:]port, --dns [bind:]port or --transparent [bind:]port")
+		return nil, usageError{errNothingToForward}
 	}
 	if cfg.RemoteAddrFile != "" && len(cfg.Remote) == 0 {
 		return nil, usagef("--remote-addr-file needs -R")

@@ -20,7 +20,7 @@ import (
 // and file as the daemon and prints the netfilter rules that send an
 // app's traffic to its transparent listeners (and DNS to --dns).
 func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
-	flags := append(optionFlags(),
+	flags := append(optionFlagsIn(sharedOptions),
 		&cli.StringFlag{Name: "format", Value: "nft", Usage: "nft (an nft -f script) | iptables (iptables-restore --noflush input) | ip6tables (ip6tables-restore --noflush input) | routes (the ip rule/route commands TPROXY needs)"},
 		&cli.StringFlag{Name: "mode", Value: rules.ModeRedirect, Usage: "redirect (TCP, NAT) | tproxy (TCP and UDP, keeps the packets' addresses)"},
 		&cli.StringFlag{Name: "scope", Value: rules.ScopeLocal, Usage: "local (this host's or pod's own programs, OUTPUT) | gateway (traffic from other hosts or containers, PREROUTING)"},
@@ -42,6 +42,9 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 		},
 		Action: func(c *cli.Context) error {
 			cfg, err := planFrom(c, getenv)
+			if errors.Is(err, errNothingToForward) {
+				return usagef("nothing to capture: give --transparent [bind:]port (TCP; port/udp for UDP, with --mode tproxy) or --dns [bind:]port, as socksfwd will run")
+			}
 			if err != nil {
 				return err
 			}
