@@ -624,7 +624,7 @@ func (r *Reverse) serveSession(s *reverseSession, peer *socksclient.Conn, upstre
 		// Any caller can make it happen: one line per period, with a count.
 		if ok, suppressed := r.targetFails.Allow(target); ok {
 			r.cfg.Logger.Info().Str("reverse", r.Name()).Str("client", peer.BoundAddr().String()).Str("target", target).
-				Str("upstream", upstream).Int64("failed_since_last_line", suppressed).Err(err).
+				Str("upstream", upstream).Func(logthrottle.Repeats("failed_since_last_line", suppressed)).Err(err).
 				Dur("dur_ms", time.Since(start)).Msg("reverse session failed: local target unreachable; caller closed")
 		}
 		r.endSession(s, peer, nil)

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/socksfwd/socksfwd/internal/logthrottle"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
 
@@ -506,7 +507,7 @@ func (a *association) upstreamToClient() error {
 			st.RelayRefused.Add(1)
 			f := a.door.TCPForward
 			if ok, suppressed := f.refusals.Allow(causeRelayICMP); ok {
-				f.cfg.Logger.Warn().Str("listener", f.cfg.Name).Int64("repeats", suppressed).Err(err).
+				f.cfg.Logger.Warn().Str("listener", f.cfg.Name).Func(logthrottle.Repeats("repeats", suppressed)).Err(err).
 					Msg("an ICMP error came back for a datagram sent to the upstream's UDP relay; the association goes on")
 			}
 			continue

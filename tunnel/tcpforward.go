@@ -181,7 +181,7 @@ func (f *TCPForward) acceptLoop(ln net.Listener) error {
 			// log the cause once a period, not once a retry.
 			tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
 			if ok, suppressed := f.refusals.Allow("accept failed"); ok {
-				f.cfg.Logger.Warn().Err(err).Str("listener", f.cfg.Name).Int64("repeats", suppressed).Msg("accept failed; retrying")
+				f.cfg.Logger.Warn().Err(err).Str("listener", f.cfg.Name).Func(logthrottle.Repeats("repeats", suppressed)).Msg("accept failed; retrying")
 			}
 			select {
 			case <-time.After(tempDelay):

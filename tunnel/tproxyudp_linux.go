@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/socksfwd/socksfwd/internal/allowlist"
+	"github.com/socksfwd/socksfwd/internal/logthrottle"
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
@@ -158,7 +159,7 @@ func (t *TransparentUDP) Serve(ctx context.Context) error {
 func (t *TransparentUDP) dropUnrouted(cause string, counter *atomic.Int64, src, dst netip.AddrPort) {
 	counter.Add(1)
 	if ok, suppressed := t.logs.Allow(cause); ok {
-		ev := t.cfg.Logger.Warn().Str("listener", t.cfg.Name).Str("client", src.String()).Int64("repeats", suppressed)
+		ev := t.cfg.Logger.Warn().Str("listener", t.cfg.Name).Str("client", src.String()).Func(logthrottle.Repeats("repeats", suppressed))
 		if dst.IsValid() {
 			ev = ev.Str("destination", dst.String())
 		}

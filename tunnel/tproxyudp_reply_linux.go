@@ -130,7 +130,7 @@ func isRemoteSource(remote netip.AddrPort) bool {
 // named is no remote's (see isRemoteSource).
 func (p *replyPool) refuse(remote netip.AddrPort) {
 	if ok, suppressed := p.logs.Allow(remote.String()); ok {
-		p.logger.Warn().Str("listener", p.name).Str("remote", remote.String()).Int64("repeats", suppressed).
+		p.logger.Warn().Str("listener", p.name).Str("remote", remote.String()).Func(logthrottle.Repeats("repeats", suppressed)).
 			Msg("UDP reply dropped: the proxy named a wildcard, port 0, multicast or broadcast source, which no reply socket may bind")
 	}
 }
@@ -165,7 +165,7 @@ func (p *replyPool) get(remote netip.AddrPort) *replySocket {
 			if errors.Is(err, unix.EADDRINUSE) {
 				msg = "UDP reply socket cannot bind the remote's address: a local service holds that address and port; replies from it go through a raw socket"
 			}
-			p.logger.Warn().Err(err).Str("listener", p.name).Str("remote", remote.String()).Int64("repeats", suppressed).Msg(msg)
+			p.logger.Warn().Err(err).Str("listener", p.name).Str("remote", remote.String()).Func(logthrottle.Repeats("repeats", suppressed)).Msg(msg)
 		}
 	} else {
 		s.pc = pc
@@ -239,7 +239,7 @@ func (p *replyPool) sendRaw(payload []byte, remote, client netip.AddrPort) bool 
 			p.rawBackoff[fam] = nextRetry(p.rawBackoff[fam])
 			p.rawRetry[fam] = now.Add(p.rawBackoff[fam])
 			if ok, suppressed := p.logs.Allow(rawLogKeys[fam]); ok {
-				p.logger.Warn().Err(err).Str("listener", p.name).Int64("repeats", suppressed).
+				p.logger.Warn().Err(err).Str("listener", p.name).Func(logthrottle.Repeats("repeats", suppressed)).
 					Msg("no raw socket for UDP replies whose reply socket cannot bind; they are dropped and counted until a retry makes one")
 			}
 		} else {

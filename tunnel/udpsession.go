@@ -189,7 +189,7 @@ func (t *udpTable) serveBatches(read func() (int, error), handle func(n int)) er
 func (t *udpTable) readBackoff(err error, failures int) bool {
 	t.stats.ReadErrors.Add(1)
 	if ok, suppressed := t.logs.Allow(causeRead); ok {
-		t.logger.Warn().Err(err).Str("listener", t.name).Int64("repeats", suppressed).
+		t.logger.Warn().Err(err).Str("listener", t.name).Func(logthrottle.Repeats("repeats", suppressed)).
 			Msg("UDP read failed; retrying with a pause while it keeps failing")
 	}
 	if failures < 2 {
@@ -255,7 +255,7 @@ func (t *udpTable) evictIdlestLocked() {
 	t.stats.Evicted.Add(1)
 	if ok, suppressed := t.logs.Allow(causeTableFull); ok {
 		t.logger.Warn().Str("listener", t.name).Int("max_sessions", t.maxSessions).
-			Str("evicted", victim.client.String()).Int64("evicted_before", suppressed).
+			Str("evicted", victim.client.String()).Func(logthrottle.Repeats("evicted_before", suppressed)).
 			Msg("UDP session table full; evicting the session idle the longest")
 	}
 }
@@ -310,7 +310,7 @@ func (t *udpTable) dropped(counter *atomic.Int64, cause string) { t.droppedN(cou
 func (t *udpTable) droppedN(counter *atomic.Int64, n int64, cause string) {
 	counter.Add(n)
 	if ok, suppressed := t.logs.Allow(cause); ok {
-		t.logger.Warn().Str("listener", t.name).Int64("repeats", suppressed).Msg("UDP datagram dropped: " + cause)
+		t.logger.Warn().Str("listener", t.name).Func(logthrottle.Repeats("repeats", suppressed)).Msg("UDP datagram dropped: " + cause)
 	}
 }
 
@@ -320,7 +320,7 @@ func (t *udpTable) droppedN(counter *atomic.Int64, n int64, cause string) {
 func (t *udpTable) relayICMP(err error) {
 	t.stats.RelayRefused.Add(1)
 	if ok, suppressed := t.logs.Allow(causeRelayICMP); ok {
-		t.logger.Warn().Err(err).Str("listener", t.name).Int64("repeats", suppressed).
+		t.logger.Warn().Err(err).Str("listener", t.name).Func(logthrottle.Repeats("repeats", suppressed)).
 			Msg("an ICMP error came back for a datagram sent to the proxy's UDP relay; the association goes on")
 	}
 }
@@ -357,7 +357,7 @@ func (t *udpTable) dispatch(d *udpDispatch, src netip.AddrPort, onLoopback bool,
 			d.s = nil
 			t.stats.DroppedNotAllowed.Add(1)
 			if ok, suppressed := t.logs.Allow(causeNotAllowed); ok {
-				t.logger.Warn().Str("listener", t.name).Str("client", src.String()).Int64("repeats", suppressed).
+				t.logger.Warn().Str("listener", t.name).Str("client", src.String()).Func(logthrottle.Repeats("repeats", suppressed)).
 					Msg("datagram dropped: client source not in --allow")
 			}
 			return

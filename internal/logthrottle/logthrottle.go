@@ -8,6 +8,8 @@ package logthrottle
 import (
 	"sync"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 // maxKeys bounds the causes remembered at once; past it the oldest period
@@ -83,6 +85,16 @@ func (t *Throttle) forgetExpired(now time.Time) {
 	for k, e := range t.keys {
 		if !now.Before(e.next) {
 			delete(t.keys, k)
+		}
+	}
+}
+
+// Repeats adds key=n to a log line when n, the occurrences suppressed
+// since the last line, is not zero: a first line carries no count.
+func Repeats(key string, n int64) func(*zerolog.Event) {
+	return func(e *zerolog.Event) {
+		if n != 0 {
+			e.Int64(key, n)
 		}
 	}
 }
