@@ -353,12 +353,58 @@ func (f *Forwarder) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 	var resp *dns.Msg
 	err := f.tryResolvers(ctx, func(ctx context.Context, i int, pool *tcpPool) (err error) {
 		resp, err = f.attempt(ctx, i, pool, q)
+		if err == nil && (resp.Rcode == dns.RcodeRefused || questionlessErrorMsg(resp)) {
+			f.logErrorAnswer(i, resp.Rcode, len(resp.Question) == 0, func() (string, uint16) {
+				return q.Question[0].Name, q.Question[0].Qtype
+			})
+		}
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
+	if questionlessErrorMsg(resp) {
+		// The query's answer all the same (see questionlessError), made
+		// whole: the question, and an OPT record if the query had one.
+		resp.Question = slices.Clone(q.Question)
+		if opt := q.IsEdns0(); opt != nil && resp.IsEdns0() == nil {
+			resp.SetEdns0(ednsUDPSize, opt.Do())
+		}
+	}
 	return resp, nil
+}
+
+// questionlessErrorMsg is questionlessError for an unpacked answer.
+func questionlessErrorMsg(m *dns.Msg) bool {
+	return len(m.Question) == 0 && m.Rcode != dns.RcodeSuccess && m.Rcode != dns.RcodeNameError
+}
+
+// logErrorAnswer logs, at most once per period for each resolver and
+// RCODE, that resolver i answered a query REFUSED, or another error RCODE
+// without the question (see questionlessError); question names the query
+// (called only for a line). The client gets that answer: no failover, as
+// for any answer, but the cause is not the forwarder's, and unbound's
+// refusal by access control (REFUSED, header only) is otherwise silent.
+func (f *Forwarder) logErrorAnswer(i, rcode int, questionless bool, question func() (string, uint16)) {
+	resolver := f.cfg.Resolvers[i].String()
+	rc := dns.RcodeToString[rcode]
+	ok, suppressed := f.failLog.Allow("answer " + rc + " from " + resolver)
+	if !ok {
+		return
+	}
+	name, qtype := question()
+	ev := f.cfg.Logger.Warn().Str("resolver", resolver).Str("rcode", rc).Bool("without_question", questionless).
+		Str("name", name).Str("type", dns.TypeToString[qtype])
+	if suppressed > 0 {
+		ev = ev.Int64("more_since_last_line", suppressed)
+	}
+	if rcode == dns.RcodeRefused {
+		ev.Msgf("resolver %s refused the query: check its access control for the proxy's address; "+
+			"the client gets REFUSED (further refusals: one line per %s)", resolver, failureLogPeriod)
+		return
+	}
+	ev.Msgf("resolver %s answered %s without the question; the client gets %s with it (one line per %s)",
+		resolver, rc, rc, failureLogPeriod)
 }
 
 // exchangeWire is Exchange for a query in wire form on the tcp
@@ -371,6 +417,12 @@ func (f *Forwarder) exchangeWire(ctx context.Context, query []byte) ([]byte, err
 		if err == nil && !wellFormed(answer) {
 			f.stats.MalformedAnswers.Add(1)
 			err = errMalformedAnswer
+		}
+		if err == nil && answer[3]&0xF != dns.RcodeSuccess {
+			rcode, questionless := questionlessError(answer)
+			if questionless || rcode == dns.RcodeRefused {
+				f.logErrorAnswer(i, rcode, questionless, func() (string, uint16) { return wireQuestion(query) })
+			}
 		}
 		return err
 	})
@@ -545,43 +597,62 @@ func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, int, erro
 	}
 	defer f.inFlight.Add(-1)
 	upstream := upstreamWire(query, k)
+	var answer []byte
 	if f.cache == nil {
-		answer, err := f.exchangeWire(f.life, upstream)
+		var err error
+		if answer, err = f.exchangeWire(f.life, upstream); err != nil {
+			return nil, 0, err
+		}
+	} else {
+		v, err, shared := f.flight.Do(k.flightKey(), func() (any, error) {
+			answer, err := f.exchangeWire(f.life, upstream)
+			if err == nil {
+				f.stats.CacheEvictions.Add(int64(f.cache.putWire(k, bytes.Clone(answer))))
+			}
+			return answer, err
+		})
 		if err != nil {
 			return nil, 0, err
 		}
-		return answer, rcodeOf(answer), nil
-	}
-	v, err, shared := f.flight.Do(k.flightKey(), func() (any, error) {
-		answer, err := f.exchangeWire(f.life, upstream)
-		if err == nil {
-			f.stats.CacheEvictions.Add(int64(f.cache.putWire(k, bytes.Clone(answer))))
+		switch v := v.(type) {
+		case []byte:
+			answer = v
+			if shared {
+				answer = bytes.Clone(v) // other callers hold the same bytes
+			}
+		case *dns.Msg: // a query of the message path asked first (resolve)
+			m := v.Copy()
+			m.Compress = true // unpacked, it may exceed 64 KiB written out in full
+			if answer, err = m.Pack(); err != nil {
+				return nil, 0, fmt.Errorf("packing the shared answer: %w", err)
+			}
 		}
-		return answer, err
-	})
-	if err != nil {
-		return nil, 0, err
-	}
-	var answer []byte
-	switch v := v.(type) {
-	case []byte:
-		answer = v
-		if shared {
-			answer = bytes.Clone(v) // other callers hold the same bytes
-		}
-	case *dns.Msg: // a query of the message path asked first (resolve)
-		m := v.Copy()
-		m.Compress = true // unpacked, it may exceed 64 KiB written out in full
-		if answer, err = m.Pack(); err != nil {
-			return nil, 0, fmt.Errorf("packing the shared answer: %w", err)
+		binary.BigEndian.PutUint16(answer, id)
+		k.setFlags(answer)
+		if end, ok := soleQuestion(answer); ok && equalFoldASCII(answer[headerLen:end], k.asked()) {
+			copy(answer[headerLen:], k.asked()) // the leader's answer may have another case
 		}
 	}
-	binary.BigEndian.PutUint16(answer, id)
-	k.setFlags(answer)
-	if end, ok := soleQuestion(answer); ok && equalFoldASCII(answer[headerLen:end], k.asked()) {
-		copy(answer[headerLen:], k.asked()) // the leader's answer may have another case
+	if rcode, ok := questionlessError(answer); ok {
+		// The query's answer all the same (never cached: putWire wants
+		// the question), made whole for the client.
+		answer = headerAndQuestion(answer, k, rcode)
 	}
 	return answer, rcodeOf(answer), nil
+}
+
+// wireQuestion is the name and type of a query in wire form's question,
+// for a log line ("", 0 when it does not read).
+func wireQuestion(query []byte) (string, uint16) {
+	end, ok := soleQuestion(query)
+	if !ok {
+		return "", 0
+	}
+	name, _, err := dns.UnpackDomainName(query, headerLen)
+	if err != nil {
+		return "", 0
+	}
+	return name, binary.BigEndian.Uint16(query[end:])
 }
 
 // rcodeOf is an answer's RCODE, with OPT's extended bits when the answer

@@ -55,7 +55,10 @@ type fakeRelay struct {
 	garbage bool
 	// drop, if set, says which queries the relay silently drops.
 	drop func(q *dns.Msg) bool
-	ids  chan uint16 // the ID of each query answered
+	// reply, if set, makes the answer to each query in place of A
+	// 192.0.2.9.
+	reply func(q *dns.Msg) *dns.Msg
+	ids   chan uint16 // the ID of each query answered
 }
 
 type fakeRead struct {
@@ -90,6 +93,9 @@ func (r *fakeRelay) WritePacket(buf []byte, off int, dst socksclient.Addr) error
 	m := new(dns.Msg)
 	m.SetReply(q)
 	m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(192, 0, 2, 9)})
+	if r.reply != nil {
+		m = r.reply(q)
+	}
 	out, err := m.Pack()
 	if err != nil {
 		return err

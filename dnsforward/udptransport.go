@@ -33,7 +33,9 @@ const maxSilentQueries = 2
 
 // udpTransport sends queries as datagrams through one long-lived UDP
 // ASSOCIATE shared by every query and resolver; answers are matched by ID
-// and question, and by source when the resolver is an IP address. IDs are
+// and question (an error answer without a question, such as unbound's
+// refusal by access control, by ID alone: see deliverByID), and by source
+// when the resolver is an IP address. IDs are
 // random (RFC 5452 §9.2), so an off-path sender has to guess one. A query
 // unanswered after the retransmission timeout is sent again, and a query
 // whose association ends is sent again at once on a new one, both within
@@ -422,9 +424,21 @@ func (t *udpTransport) readAnswers(a *association) {
 		a.datagrams.Add(1)
 		a.silent.Store(0)
 		resp := new(dns.Msg)
-		if resp.Unpack(buf[off:n]) != nil || len(resp.Question) != 1 {
+		if resp.Unpack(buf[off:n]) != nil {
 			t.stats.MalformedAnswers.Add(1)
 			continue // unmatchable; its query is retransmitted or times out
+		}
+		if questionlessErrorMsg(resp) {
+			// REFUSED without the question (unbound's access control),
+			// FORMERR and the like: the answer to the query with its ID.
+			if !t.deliverByID(resp, from) {
+				t.stats.MalformedAnswers.Add(1)
+			}
+			continue
+		}
+		if len(resp.Question) != 1 {
+			t.stats.MalformedAnswers.Add(1)
+			continue
 		}
 		key := keyFor(resp.Id, resp.Question[0])
 		t.mu.Lock()
@@ -443,6 +457,35 @@ func (t *udpTransport) readAnswers(a *association) {
 			p.ch <- resp
 		}
 	}
+}
+
+// deliverByID hands an answer without a question (see
+// questionlessErrorMsg) to the query waiting under its ID, when exactly
+// one is (IDs are unique per question only) and from is the resolver it
+// asked, if that is known; false when none or several are. The pending
+// queries are searched: rare answers, and at most a few thousand queries.
+func (t *udpTransport) deliverByID(resp *dns.Msg, from socksclient.Addr) bool {
+	t.mu.Lock()
+	var (
+		found udpKey
+		n     int
+	)
+	for key, p := range t.pending {
+		if key.id == resp.Id && (!p.from.IsValid() || sameAddrPort(from, p.from)) {
+			found = key
+			n++
+		}
+	}
+	p := t.pending[found]
+	if n == 1 {
+		delete(t.pending, found)
+	}
+	t.mu.Unlock()
+	if n != 1 {
+		return false
+	}
+	p.ch <- resp
+	return true
 }
 
 // sameAddrPort reports whether the relay's sender address a is want.

@@ -193,9 +193,35 @@ func upstreamWire(query []byte, k *questionKey) []byte {
 // client gets of an answer too large for it that cannot be cut record by
 // record (RFC 2181 §9).
 func truncatedWire(answer []byte, k *questionKey, rcode int) []byte {
+	out := headerAndQuestion(answer, k, rcode)
+	out[2] |= 0x02 // TC
+	return out
+}
+
+// questionlessError reports whether answer is an error answer without a
+// question (QDCOUNT 0) and its RCODE (the header's four bits): unbound
+// refuses a client its access control does not allow so (REFUSED, header
+// only), and servers answer FORMERR or NOTIMP so to a query they cannot
+// read. Matched by ID alone, it is that query's answer. NOERROR and
+// NXDOMAIN say something of a name, so without the question they answer
+// nothing.
+func questionlessError(answer []byte) (rcode int, ok bool) {
+	if len(answer) < headerLen || binary.BigEndian.Uint16(answer[4:]) != 0 {
+		return 0, false
+	}
+	rcode = int(answer[3] & 0xF)
+	return rcode, rcode != dns.RcodeSuccess && rcode != dns.RcodeNameError
+}
+
+// headerAndQuestion is an answer's header, with RCODE rcode, and the
+// question of the plain query (see parseQuery, which filled k), with an
+// OPT record if the query had one (RFC 6891 §7) and nothing else: what a
+// client gets of a questionless error answer (see questionlessError), whose
+// question stub resolvers check (glibc ignores an answer whose question is
+// not its query's), and the base of truncatedWire.
+func headerAndQuestion(answer []byte, k *questionKey, rcode int) []byte {
 	out := make([]byte, headerLen, headerLen+k.nlen+4+optLen)
 	copy(out, answer[:headerLen])
-	out[2] |= 0x02 // TC
 	binary.BigEndian.PutUint16(out[4:], 1)
 	clear(out[6:headerLen])
 	out = append(out, k.asked()...)

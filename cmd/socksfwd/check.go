@@ -535,19 +535,42 @@ func newQuery(q dns.Question) *dns.Msg {
 	return m
 }
 
-// answers reports whether resp is the response to query.
+// answers reports whether resp is the response to query: its ID and
+// question, or its ID and no question at all with an error RCODE, as
+// unbound refuses a client its access control does not allow (REFUSED,
+// QDCOUNT 0) and servers answer a query they cannot read (FORMERR).
 func answers(resp, query *dns.Msg) bool {
-	return resp.Response && resp.Id == query.Id && len(resp.Question) == 1 &&
+	if !resp.Response || resp.Id != query.Id {
+		return false
+	}
+	if len(resp.Question) == 0 {
+		return resp.Rcode != dns.RcodeSuccess && resp.Rcode != dns.RcodeNameError
+	}
+	return len(resp.Question) == 1 &&
 		strings.EqualFold(resp.Question[0].Name, query.Question[0].Name) && resp.Question[0].Qtype == query.Question[0].Qtype
 }
 
 // answered records a DNS response: any response shows the path works,
-// whatever the resolver made of the question.
+// whatever the resolver made of the question, but for REFUSED: the
+// resolver will not serve the proxy (unbound's default access control
+// allows only localhost; dnsmasq refuses when it has nowhere to forward),
+// so DNS through this proxy would not work either.
 func (s *stepReport) answered(resp *dns.Msg) {
 	n := len(resp.Answer)
 	s.Status, s.Rcode, s.Answers = statusOK, dns.RcodeToString[resp.Rcode], &n
-	s.Detail = fmt.Sprintf("%s answered %s, %d answer record(s)", s.Target, s.Rcode, n)
-	if resp.Rcode != dns.RcodeSuccess && resp.Rcode != dns.RcodeNameError {
+	bare := ""
+	if len(resp.Question) == 0 {
+		bare = " without the question"
+	}
+	s.Detail = fmt.Sprintf("%s answered %s%s, %d answer record(s)", s.Target, s.Rcode, bare, n)
+	switch resp.Rcode {
+	case dns.RcodeSuccess, dns.RcodeNameError:
+	case dns.RcodeRefused:
+		s.Status = statusFailed
+		s.Detail += "; the query went through, but the resolver refuses it: check its access control " +
+			"for the proxy's address (unbound: access-control; dnsmasq: listen-address, interface, local-service), " +
+			"or that it has servers to forward to"
+	default:
 		s.Detail += "; the query went through, the resolver declined it"
 	}
 }

@@ -54,18 +54,24 @@ func stepOf(t *testing.T, r checkReport, i int, step string) stepReport {
 // answering every A question with 192.0.2.10.
 func dnsTestServer(t *testing.T) string {
 	t.Helper()
-	pc, ln, err := dnsforward.Listen("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	handler := dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+	return dnsTestServerWith(t, dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
 		m := new(dns.Msg)
 		m.SetReply(q)
 		if q.Question[0].Qtype == dns.TypeA {
 			m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(192, 0, 2, 10)})
 		}
 		w.WriteMsg(m)
-	})
+	}))
+}
+
+// dnsTestServerWith is a resolver on loopback, UDP and TCP on one port,
+// answering with handler.
+func dnsTestServerWith(t *testing.T, handler dns.Handler) string {
+	t.Helper()
+	pc, ln, err := dnsforward.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
 	servers := []*dns.Server{{PacketConn: pc, Handler: handler}, {Listener: ln, Handler: handler}}
 	var wg sync.WaitGroup
 	for _, s := range servers {
@@ -248,6 +254,46 @@ func TestCheckSilentResolver(t *testing.T) {
 	}
 	if s := stepOf(t, r, 0, "connect"); s.Status != statusSkipped {
 		t.Errorf("connect without --target: %+v", s)
+	}
+}
+
+// TestCheckResolverRefuses: a resolver that refuses the proxy fails both
+// DNS checks at once, the detail naming its access control: unbound's
+// refusal, REFUSED with no question (QDCOUNT 0), and dnsmasq's, with the
+// question. Before, the first failed dns-tcp with "the answer (id N) does
+// not match the query (id N)" and dns-udp after the whole timeout with "no
+// answer through the relay"; the second passed both as ok.
+func TestCheckResolverRefuses(t *testing.T) {
+	verifyNoLeaks(t)
+	for _, tc := range []struct {
+		name     string
+		question bool
+	}{{"bare", false}, {"with the question", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			resolver := dnsTestServerWith(t, dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+				m := new(dns.Msg)
+				m.SetRcode(q, dns.RcodeRefused)
+				if !tc.question {
+					m.Question = nil
+				}
+				w.WriteMsg(m)
+			}))
+			code, r, stderr := runCheck(t, "-S", socksServer(t, sockstest.Config{}), "--dns-upstream", resolver,
+				"--skip", "bind", "--handshake-timeout", "10s")
+			if code != exitRuntime || r.OK {
+				t.Fatalf("exit %d, ok %v; want 1 and not ok (stderr %s)", code, r.OK, stderr)
+			}
+			for _, step := range []string{"dns-udp", "dns-tcp"} {
+				s := stepOf(t, r, 0, step)
+				if s.Status != statusFailed || s.Rcode != "REFUSED" || !strings.Contains(s.Detail, "check its access control for the proxy's address") {
+					t.Errorf("%s: %+v, want failed, REFUSED, naming the access control", step, s)
+				}
+				// Answered, not timed out: well within the 10 s allowed.
+				if s.DurationMS == nil || *s.DurationMS > 5000 {
+					t.Errorf("%s took too long (%+v)", step, s)
+				}
+			}
+		})
 	}
 }
 
