@@ -191,8 +191,10 @@ func (c *cache) putWire(k *questionKey, wire []byte) (evicted int) {
 		return 0
 	}
 	l, err := answerLayout(wire, nil)
-	// An OPT record only for a query with one (RFC 6891 §7): a resolver
-	// that adds one anyway is not replayed.
+	// An OPT record only for a query with one (RFC 6891 §7): the
+	// forwarder strips one a resolver adds anyway (stripOPT) before it
+	// gets here; one left (an answer miekg/dns cannot rewrite) is not
+	// replayed.
 	if err != nil || !answers(wire, l.qnameEnd, k) || l.opt && !k.edns() {
 		return 0
 	}

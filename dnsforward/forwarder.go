@@ -371,7 +371,38 @@ func (f *Forwarder) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 			resp.SetEdns0(ednsUDPSize, opt.Do())
 		}
 	}
+	if q.IsEdns0() == nil {
+		dropOPT(resp) // before it is cached or shared: see stripOPT
+	}
 	return resp, nil
+}
+
+// dropOPT is stripOPT for an unpacked answer.
+func dropOPT(m *dns.Msg) {
+	m.Extra = slices.DeleteFunc(m.Extra, func(rr dns.RR) bool { return rr.Header().Rrtype == dns.TypeOPT })
+	if m.Rcode > 0xF { // an extended RCODE: told only in an OPT record
+		m.Rcode = dns.RcodeServerFailure
+	}
+}
+
+// withoutOPT is the packed answer without its OPT record (see stripOPT),
+// in place when it can be, else rewritten by miekg/dns; as it is when it
+// does not read.
+func withoutOPT(answer []byte) []byte {
+	if out, ok := stripOPT(answer); ok {
+		return out
+	}
+	m := new(dns.Msg)
+	if m.Unpack(answer) != nil {
+		return answer
+	}
+	dropOPT(m)
+	m.Compress = true
+	out, err := m.Pack()
+	if err != nil {
+		return answer
+	}
+	return out
 }
 
 // questionlessErrorMsg is questionlessError for an unpacked answer.
@@ -409,8 +440,9 @@ func (f *Forwarder) logErrorAnswer(i, rcode int, questionless bool, question fun
 
 // exchangeWire is Exchange for a query in wire form on the tcp
 // transport: the answer comes back in wire form, unparsed but for a check
-// that it is well formed, with the query's ID.
-func (f *Forwarder) exchangeWire(ctx context.Context, query []byte) ([]byte, error) {
+// that it is well formed, with the query's ID, and without an OPT record
+// unless edns, which says whether the query has one.
+func (f *Forwarder) exchangeWire(ctx context.Context, query []byte, edns bool) ([]byte, error) {
 	var answer []byte
 	err := f.tryResolvers(ctx, func(ctx context.Context, i int, pool *tcpPool) (err error) {
 		answer, err = pool.exchangeWire(ctx, query, i+1 < len(f.pools))
@@ -428,6 +460,9 @@ func (f *Forwarder) exchangeWire(ctx context.Context, query []byte) ([]byte, err
 	})
 	if err != nil {
 		return nil, err
+	}
+	if !edns {
+		answer = withoutOPT(answer) // before it is cached or shared
 	}
 	return answer, nil
 }
@@ -600,12 +635,12 @@ func (f *Forwarder) resolveWire(query []byte, k *questionKey) ([]byte, int, erro
 	var answer []byte
 	if f.cache == nil {
 		var err error
-		if answer, err = f.exchangeWire(f.life, upstream); err != nil {
+		if answer, err = f.exchangeWire(f.life, upstream, k.edns()); err != nil {
 			return nil, 0, err
 		}
 	} else {
 		v, err, shared := f.flight.Do(k.flightKey(), func() (any, error) {
-			answer, err := f.exchangeWire(f.life, upstream)
+			answer, err := f.exchangeWire(f.life, upstream, k.edns())
 			if err == nil {
 				f.stats.CacheEvictions.Add(int64(f.cache.putWire(k, bytes.Clone(answer))))
 			}

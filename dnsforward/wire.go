@@ -246,6 +246,58 @@ func headerAndQuestion(answer []byte, k *questionKey, rcode int) []byte {
 // optLen is an OPT record without options.
 const optLen = 11
 
+// stripOPT removes the OPT record from a packed answer, in place: for a
+// client whose query had none (RFC 6891 §7), when the resolver added one
+// anyway (dnsmasq does on a TCP connection that has carried an EDNS
+// query). The RCODE's upper bits go with the record: an extended RCODE
+// becomes SERVFAIL, which a client without EDNS can read. It allocates
+// nothing. false, with msg as it was, when msg does not read or its OPT
+// record is not the last record: moving the records after it could break
+// their compression pointers (miekg/dns can rewrite it; see withoutOPT).
+func stripOPT(msg []byte) ([]byte, bool) {
+	if len(msg) < headerLen {
+		return msg, false
+	}
+	ar := int(binary.BigEndian.Uint16(msg[10:]))
+	if ar == 0 {
+		return msg, true // the usual answer to a query without EDNS
+	}
+	qd := int(binary.BigEndian.Uint16(msg[4:]))
+	before := int(binary.BigEndian.Uint16(msg[6:])) + int(binary.BigEndian.Uint16(msg[8:]))
+	off := headerLen
+	var err error
+	for range qd {
+		if off, err = skipName(msg, off); err != nil || off+4 > len(msg) {
+			return msg, false
+		}
+		off += 4
+	}
+	for i := range before + ar {
+		start := off
+		if off, err = skipName(msg, off); err != nil || off+10 > len(msg) {
+			return msg, false
+		}
+		rrtype := binary.BigEndian.Uint16(msg[off:])
+		ext := msg[off+4] // an OPT record's TTL starts with the RCODE's upper bits
+		end := off + 10 + int(binary.BigEndian.Uint16(msg[off+8:]))
+		if end > len(msg) {
+			return msg, false
+		}
+		if rrtype == dns.TypeOPT && i >= before {
+			if i != before+ar-1 {
+				return msg, false
+			}
+			binary.BigEndian.PutUint16(msg[10:], uint16(ar-1))
+			if ext != 0 {
+				msg[3] = msg[3]&^0xF | dns.RcodeServerFailure
+			}
+			return msg[:start], true
+		}
+		off = end
+	}
+	return msg, true
+}
+
 // knownClass: the classes a cacheable question may ask for.
 func knownClass(c dnsmessage.Class) bool {
 	switch c {
