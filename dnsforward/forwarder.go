@@ -146,6 +146,7 @@ type Forwarder struct {
 	stats    *Stats
 	inFlight atomic.Int64 // queries admitted past the cache, against MaxConcurrent
 	failLog  *logthrottle.Throttle
+	health   []resolverHealth // by resolver, as pools
 
 	// life is the context every query's derives from: Close cancels it,
 	// so that no query waits on a dial, an associate or an answer after.
@@ -175,7 +176,8 @@ func New(cfg Config) (*Forwarder, error) {
 	if cfg.MaxConcurrent <= 0 {
 		cfg.MaxConcurrent = DefaultMaxConcurrent
 	}
-	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize), stats: cfg.Stats, failLog: logthrottle.New(failureLogPeriod)}
+	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize), stats: cfg.Stats, failLog: logthrottle.New(failureLogPeriod),
+		health: make([]resolverHealth, len(cfg.Resolvers))}
 	f.life, f.endLife = context.WithCancel(context.Background())
 	if f.stats == nil {
 		f.stats = new(Stats)
@@ -520,9 +522,11 @@ func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Conte
 		if i+1 < len(f.pools) { // the last attempt has the whole rest anyway
 			actx, acancel = context.WithTimeout(ctx, share)
 		}
+		answersBefore := f.health[i].answers.Load()
 		err := try(actx, i, pool)
 		acancel()
 		if err == nil {
+			f.answered(i)
 			return nil
 		}
 		if isContextErr(err) && f.life.Err() != nil {
@@ -530,6 +534,9 @@ func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Conte
 		}
 		if errors.Is(err, context.DeadlineExceeded) && actx.Err() != nil {
 			err = fmt.Errorf("%w (within %s)", errNoAnswer, share.Round(time.Millisecond))
+		}
+		if countsAgainstResolver(err) {
+			f.failed(i, answersBefore, err)
 		}
 		attempts = append(attempts, AttemptError{Resolver: f.cfg.Resolvers[i].String(), Err: err})
 		var noUDP errNoUDPAssociate

@@ -183,7 +183,8 @@ func (s *syncBuffer) lines() []string {
 }
 
 // TestFailureLogOneLinePerCause: 200 queries failing the same way log one
-// line, not 200; a different cause gets its own line.
+// line, not 200; a different cause gets its own line. (The resolver's
+// own line, that it is failing, is TestResolverStateLogged's.)
 func TestFailureLogOneLinePerCause(t *testing.T) {
 	var logs syncBuffer
 	f := newForwarder(t, socks(t).Addr(), time.Second, &logs, testnet.ClosedPort(t))
@@ -192,7 +193,19 @@ func TestFailureLogOneLinePerCause(t *testing.T) {
 			t.Fatalf("query %d: %s, want SERVFAIL", i, dns.RcodeToString[r.Rcode])
 		}
 	}
-	lines := logs.lines()
+	if lines := healthLines(&logs); len(lines) != 1 || !strings.Contains(lines[0], "DNS resolver is failing") {
+		t.Errorf("want one line saying the resolver is failing:\n%s", strings.Join(logs.lines(), "\n"))
+	}
+	queryLines := func() []string {
+		var out []string
+		for _, l := range logs.lines() {
+			if strings.Contains(l, "DNS query failed") {
+				out = append(out, l)
+			}
+		}
+		return out
+	}
+	lines := queryLines()
 	if len(lines) != 1 || !strings.Contains(lines[0], "connection refused") || !strings.Contains(lines[0], "SERVFAIL") {
 		t.Fatalf("%d log lines for 200 failures of one cause, want 1 naming it:\n%s", len(lines), strings.Join(lines, "\n"))
 	}
@@ -204,7 +217,7 @@ func TestFailureLogOneLinePerCause(t *testing.T) {
 	for range 10 {
 		serve(t, f, query("busy.example", dns.TypeA, 1))
 	}
-	lines = logs.lines()
+	lines = queryLines()
 	if len(lines) != 2 || !strings.Contains(lines[1], "REFUSED") {
 		t.Fatalf("want one more line for the REFUSED cause:\n%s", strings.Join(lines, "\n"))
 	}

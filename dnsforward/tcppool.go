@@ -103,7 +103,7 @@ func newTCPPool(dial func(ctx context.Context) (net.Conn, error), size, pipeline
 func (p *tcpPool) exchange(ctx context.Context, q *dns.Msg, failover bool) (*dns.Msg, error) {
 	wire, err := q.Pack()
 	if err != nil {
-		return nil, fmt.Errorf("packing query: %w", err)
+		return nil, unsendableError{fmt.Errorf("packing query: %w", err)}
 	}
 	answer, err := p.exchangeWire(ctx, wire, failover)
 	if err != nil {
@@ -124,7 +124,7 @@ var errMalformedAnswer = errors.New("dns over tcp: malformed answer")
 // it is: the answer comes back in wire form, with the query's ID.
 func (p *tcpPool) exchangeWire(ctx context.Context, wire []byte, failover bool) ([]byte, error) {
 	if len(wire) < headerLen {
-		return nil, errors.New("dns over tcp: query shorter than a header")
+		return nil, unsendableError{errors.New("dns over tcp: query shorter than a header")}
 	}
 	select {
 	case p.slots <- struct{}{}:
@@ -376,7 +376,7 @@ type pendingQuery struct {
 // query's ID back.
 func (c *pipeConn) exchange(ctx context.Context, wire []byte) ([]byte, error) {
 	if len(wire) > 0xFFFF {
-		return nil, errors.New("dns over tcp: query larger than 65535 bytes")
+		return nil, unsendableError{errors.New("dns over tcp: query larger than 65535 bytes")}
 	}
 	ch := make(chan []byte, 1)
 	c.mu.Lock()

@@ -237,7 +237,7 @@ func keyFor(id uint16, q dns.Question) udpKey {
 // association ends, until ctx is done.
 func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient.Addr, q *dns.Msg) (*dns.Msg, error) {
 	if len(q.Question) != 1 {
-		return nil, errors.New("dns over udp: a query needs exactly one question to be matched")
+		return nil, unsendableError{errors.New("dns over udp: a query needs exactly one question to be matched")}
 	}
 	a, err := t.getConn(ctx)
 	if err != nil {
@@ -268,7 +268,7 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 	buf := make([]byte, hdr+udpQueryRoom)
 	wire, err := packWithID(q, key.id, buf[hdr:])
 	if err != nil {
-		return nil, fmt.Errorf("packing query: %w", err)
+		return nil, unsendableError{fmt.Errorf("packing query: %w", err)}
 	}
 	if len(wire) > 0 && &wire[0] != &buf[hdr] {
 		buf = append(make([]byte, hdr, hdr+len(wire)), wire...)

@@ -1,0 +1,165 @@
+package dnsforward
+
+import (
+	"context"
+	"errors"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/rs/zerolog"
+
+	"github.com/socksfwd/socksfwd/socksclient"
+)
+
+// newHealthForwarder is a tcp-transport forwarder to two resolvers
+// (192.0.2.53 and .54) answering on in-memory connections, logging to
+// logs; the first one's dials fail while dead is set.
+func newHealthForwarder(t *testing.T, logs *syncBuffer, dead *atomic.Bool) *Forwarder {
+	t.Helper()
+	f, err := New(Config{
+		Resolvers: documentationResolvers(t, 2),
+		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: "192.0.2.1:1080"}),
+		Timeout:   10 * time.Second,
+		Logger:    zerolog.New(logs),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := &pipeResolver{}
+	f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
+		if dead.Load() {
+			return nil, errors.New("socks connect: connection refused (REP 0x05)")
+		}
+		return res.dial(ctx)
+	}
+	f.pools[1].dial = res.dial
+	t.Cleanup(func() {
+		f.Close()
+		res.wg.Wait()
+	})
+	return f
+}
+
+// healthLines are the log lines about resolver state.
+func healthLines(logs *syncBuffer) []string {
+	var out []string
+	for _, l := range logs.lines() {
+		if strings.Contains(l, `"message":"DNS resolver`) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+func wantAnswered(t *testing.T, f *Forwarder, name string) {
+	t.Helper()
+	if m := serve(t, f, query(name, dns.TypeA, 1)); m.Rcode != dns.RcodeSuccess || len(m.Answer) != 1 {
+		t.Fatalf("%s: %s, want an answer", name, dns.RcodeToString[m.Rcode])
+	}
+}
+
+// TestResolverStateLogged: a dead first resolver is logged once, at its
+// first failure, though every query fails over past it; once it answers
+// again that is logged too; state changes within the period are not
+// logged one by one, and a change the period held back is logged by the
+// first query after it. Before, nothing was logged while the second
+// resolver answered: only "every resolver failed" had a line.
+func TestResolverStateLogged(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var (
+			logs syncBuffer
+			dead atomic.Bool
+		)
+		dead.Store(true)
+		f := newHealthForwarder(t, &logs, &dead)
+		for range 20 {
+			wantAnswered(t, f, "a.example")
+		}
+		lines := healthLines(&logs)
+		if len(lines) != 1 || !strings.Contains(lines[0], "DNS resolver is failing; trying the next one") ||
+			!strings.Contains(lines[0], `"resolver":"192.0.2.53:53"`) || !strings.Contains(lines[0], "connection refused") {
+			t.Fatalf("after 20 queries past a dead first resolver, want one line naming it and why:\n%s", strings.Join(logs.lines(), "\n"))
+		}
+
+		dead.Store(false)
+		time.Sleep(failureLogPeriod) // the redial backoff and the line's period pass
+		wantAnswered(t, f, "b.example")
+		lines = healthLines(&logs)
+		if len(lines) != 2 || !strings.Contains(lines[1], "DNS resolver answers again") || !strings.Contains(lines[1], `"resolver":"192.0.2.53:53"`) {
+			t.Fatalf("want a line saying it answers again:\n%s", strings.Join(logs.lines(), "\n"))
+		}
+
+		// It fails again at once: within the period, no line.
+		dead.Store(true)
+		f.pools[0].mu.Lock()
+		for _, c := range f.pools[0].conns {
+			c.fail(errors.New("test: the resolver went away"))
+		}
+		f.pools[0].mu.Unlock()
+		for range 5 {
+			wantAnswered(t, f, "c.example")
+		}
+		if lines = healthLines(&logs); len(lines) != 2 {
+			t.Fatalf("a change within the period was logged:\n%s", strings.Join(lines, "\n"))
+		}
+		// After it, the first query logs the state it finds.
+		time.Sleep(failureLogPeriod)
+		wantAnswered(t, f, "d.example")
+		if lines = healthLines(&logs); len(lines) != 3 || !strings.Contains(lines[2], "DNS resolver is failing") {
+			t.Fatalf("want the failure held back logged after the period:\n%s", strings.Join(logs.lines(), "\n"))
+		}
+		if strings.Contains(strings.Join(healthLines(&logs), "\n"), "192.0.2.54:53") {
+			t.Error("a line about the resolver that answered every query")
+		}
+	})
+}
+
+// TestSlowNameNotResolverFailure: a query that times out on a resolver
+// that answers other queries meanwhile (a name slow to resolve) fails
+// over without a line saying the resolver is failing.
+func TestSlowNameNotResolverFailure(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var (
+			logs syncBuffer
+			dead atomic.Bool
+		)
+		f := newHealthForwarder(t, &logs, &dead)
+		var wg sync.WaitGroup
+		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
+			client, server := net.Pipe()
+			wg.Go(func() { // answers all but "slow" names, which it reads and ignores
+				defer server.Close()
+				var lenBuf [2]byte
+				for {
+					q, err := readTCPMessage(server, &lenBuf)
+					if err != nil || q == nil {
+						return
+					}
+					if !strings.HasPrefix(q.Question[0].Name, "slow") && writeAnswer(server, q) != nil {
+						return
+					}
+				}
+			})
+			return client, nil
+		}
+		var asking sync.WaitGroup
+		asking.Go(func() { wantAnswered(t, f, "slow.example") })
+		synctest.Wait() // slow.example waits on the first resolver
+		wantAnswered(t, f, "fast.example")
+		asking.Wait() // its share of the timeout passed: the second resolver answered it
+		if n := f.Stats().Failovers.Load(); n != 1 {
+			t.Errorf("Failovers = %d, want 1", n)
+		}
+		if lines := healthLines(&logs); len(lines) != 0 {
+			t.Errorf("a resolver that answered meanwhile logged as failing:\n%s", strings.Join(lines, "\n"))
+		}
+		f.Close() // ends the connections the resolver's goroutines serve
+		wg.Wait()
+	})
+}
