@@ -53,6 +53,18 @@ type unit struct {
 	ln net.Listener
 }
 
+// label is what log lines call u's listener, as its service's own lines
+// do: the bound address, or for -R its name.
+func (u *unit) label() string {
+	if a := u.boundAddr(); a != nil {
+		return a.String()
+	}
+	if r, ok := u.svc.(*tunnel.Reverse); ok {
+		return r.Name()
+	}
+	return u.lp.addr
+}
+
 // boundAddr is where u's socket is bound; nil for -R, which has none here.
 func (u *unit) boundAddr() net.Addr {
 	if u.lp.kind == kindReverse {
@@ -284,7 +296,11 @@ func (s *supervisor) via() string {
 
 func (s *supervisor) logListening(u *unit) {
 	name := u.svc.Addr().String()
-	ev := s.log.Info().Str("listener", name).Str("proto", string(u.lp.kind)).Str("upstream", s.via())
+	ev := s.log.Info()
+	if u.lp.kind != kindReverse { // the proxy listens for -R, nothing here
+		ev.Str("listener", name)
+	}
+	ev.Str("proto", string(u.lp.kind)).Str("upstream", s.via())
 	if len(s.sd.passedFor(u.lp.key())) > 0 {
 		ev.Bool("systemd_socket", true)
 	}
@@ -739,7 +755,7 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 			fwd, err := s.newForwarder(l.dns, svc.Forwarder().Stats())
 			if err != nil {
 				// New only fails on what buildPlan checked; keep the old one.
-				s.log.Error().Err(err).Str("listener", key).Msg("reload: DNS settings not applied")
+				s.log.Error().Err(err).Str("listener", u.label()).Msg("reload: DNS settings not applied")
 				return changes
 			}
 			svc.SetForwarder(fwd)
@@ -761,11 +777,11 @@ func (s *supervisor) drainRemoved(u *unit, timeout time.Duration) {
 		defer cancel()
 		if err := u.svc.Shutdown(ctx); err != nil {
 			if errors.Is(err, context.DeadlineExceeded) {
-				s.log.Warn().Str("listener", u.lp.key()).Msg("removed listener: shutdown timeout reached; cutting remaining sessions")
+				s.log.Warn().Str("listener", u.label()).Msg("removed listener: shutdown timeout reached; cutting remaining sessions")
 			}
 			u.svc.Close() // the admin server's Shutdown leaves what it could not drain open
 		}
-		s.log.Info().Str("listener", u.lp.key()).Msg("removed listener drained")
+		s.log.Info().Str("listener", u.label()).Msg("removed listener drained")
 	})
 }
 
