@@ -486,10 +486,11 @@ func (c *clientConn) CloseWrite() error {
 // NetConn is the socket, which the relay splices from.
 func (c *clientConn) NetConn() net.Conn { return c.Conn }
 
-// trackConnState clears handled when a new request starts arriving on a
-// connection (net/http reports it active after its first bytes).
+// trackConnState clears handled between requests: when one has been
+// answered (idle; the next may already be buffered, and then net/http
+// reports no new activity) and when one starts arriving (active).
 func trackConnState(c net.Conn, state http.ConnState) {
-	if cc, ok := c.(*clientConn); ok && state == http.StateActive {
+	if cc, ok := c.(*clientConn); ok && (state == http.StateIdle || state == http.StateActive) {
 		cc.handled.Store(false)
 	}
 }
@@ -497,9 +498,9 @@ func trackConnState(c net.Conn, state http.ConnState) {
 // refusedByParser counts an answer net/http wrote itself, by its status
 // class, and logs its status line (throttled, as other refusals).
 func (p *HTTPProxy) refusedByParser(c *clientConn, answer []byte) {
-	const prefix = "HTTP/1.1 "
-	if len(answer) < len(prefix)+3 || string(answer[:len(prefix)]) != prefix {
-		return
+	const prefix = "HTTP/1.x "
+	if len(answer) < len(prefix)+3 || string(answer[:len(prefix)-2]) != prefix[:len(prefix)-2] || answer[len(prefix)-1] != ' ' {
+		return // not a status line: HTTP/1.1 or, to an HTTP/1.0 client, HTTP/1.0
 	}
 	class := int(answer[len(prefix)] - '0')
 	if class < 1 || class > 5 {

@@ -1066,3 +1066,73 @@ func TestHTTPProxyMaxForwards(t *testing.T) {
 		t.Errorf("GET with Max-Forwards 0: the target got %q, want it unchanged (0)", got)
 	}
 }
+
+// TestHTTPProxyParserRefusalOnKeepAlive: net/http's own 400 for the second
+// request of a keep-alive connection (sent after the first answer, or
+// pipelined behind it) is counted and logged as the first one is.
+func TestHTTPProxyParserRefusalOnKeepAlive(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &logBuf{}
+	p := NewHTTPProxy(HTTPProxyConfig{Name: "t", Upstreams: socksclient.NewUpstreams(), Logger: zerolog.New(logs)}, ln)
+	serveForTest(t, p)
+	const ours = "GET / HTTP/1.1\r\nHost: x\r\n\r\n"           // the handler's own 400, keep-alive
+	const bad = "GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n" // net/http's 400
+	for _, pipelined := range []bool{false, true} {
+		before := p.Stats().Responses[HTTPMalformed][4].Load()
+		c, err := net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		br := bufio.NewReader(c)
+		if pipelined {
+			io.WriteString(c, ours+bad)
+		} else {
+			io.WriteString(c, ours)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		if !pipelined {
+			io.WriteString(c, bad)
+		}
+		resp, err = http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		c.Close()
+		got := p.Stats().Responses[HTTPMalformed][4].Load() - before
+		if resp.StatusCode != 400 || got != 1 {
+			t.Errorf("pipelined=%v: second answer %s, counted %d as malformed, want 400 counted 1", pipelined, resp.Status, got)
+		}
+	}
+	if !strings.Contains(logs.String(), "refused by the HTTP parser") {
+		t.Errorf("no log line for either refusal:\n%s", logs)
+	}
+}
+
+// TestHTTPProxyParserRefusalHTTP10: net/http's 417 to a request with an
+// Expect it cannot meet is counted, written "HTTP/1.0 417" to an
+// HTTP/1.0 client too.
+func TestHTTPProxyParserRefusalHTTP10(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := NewHTTPProxy(HTTPProxyConfig{Name: "t", Upstreams: socksclient.NewUpstreams(), Logger: zerolog.Nop()}, ln)
+	serveForTest(t, p)
+	for _, proto := range []string{"HTTP/1.1", "HTTP/1.0"} {
+		before := p.Stats().Responses[HTTPMalformed][4].Load()
+		resp, _, _ := proxyExchange(t, ln.Addr().String(), "GET http://x/ "+proto+"\r\nHost: x\r\nExpect: something\r\n\r\n")
+		resp.Body.Close()
+		if got := p.Stats().Responses[HTTPMalformed][4].Load() - before; resp.StatusCode != 417 || got != 1 {
+			t.Errorf("%s: %s, counted %d as malformed; want 417 counted once", proto, resp.Status, got)
+		}
+	}
+}
