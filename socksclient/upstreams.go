@@ -87,7 +87,15 @@ type health struct {
 	downUntil time.Time     // tried last until then
 	backoff   time.Duration // the last backoff; 0 while up
 	retired   bool          // no longer in the list: changes go unreported
+	noReplies int           // requests closed without a reply since the last success
 }
+
+// noReplyLimit is how many requests in a row, with no success between,
+// a proxy may close without a reply before it counts as down: one is ssh
+// -D's answer for a target it cannot reach; a run of them with nothing
+// carried is a proxy that carries nothing (ssh -D whose server forbids
+// forwarding, a broken proxy).
+const noReplyLimit = 10
 
 // UpstreamStatus is one upstream's health as Status reports it.
 type UpstreamStatus struct {
@@ -348,6 +356,7 @@ func (u *Upstreams) markDown(up *upstream, decided, started time.Time, cause err
 func (u *Upstreams) markUp(up *upstream) {
 	u.mu.Lock()
 	down := up.h.down
+	up.h.noReplies = 0
 	u.mu.Unlock()
 	if !down { // the common case: no change, no notification lock
 		return
@@ -602,6 +611,8 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		// The proxy had done its part and was waiting on the target (the
 		// lost race, the caller's deadline or the handshake timeout alike).
 		return nil
+	case !waited && errors.Is(err, ErrNoReply):
+		return h.u.noReply(h.attempts[i].up, err)
 	case !waited:
 		if IsUpstreamFailure(err) && !lacksOnly(err) && !generalFailure(err) && !localShortage(err) {
 			return err
@@ -627,6 +638,19 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		return fmt.Errorf("no reply to the handshake within %s, the caller's deadline: %w", ran.Round(time.Millisecond), err)
 	}
 	return err // its own handshake timeout, before the proxy answered
+}
+
+// noReply counts a request up closed without a reply, and returns why
+// it is down once noReplyLimit came in a row.
+func (u *Upstreams) noReply(up *upstream, err error) error {
+	u.mu.Lock()
+	up.h.noReplies++
+	n := up.h.noReplies
+	u.mu.Unlock()
+	if n < noReplyLimit {
+		return nil
+	}
+	return fmt.Errorf("%d requests in a row closed without a reply, none carried: %w", n, err)
 }
 
 // localShortage reports whether err is this host running out of something

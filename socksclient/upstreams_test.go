@@ -1018,3 +1018,29 @@ func TestIsProxyAddrKeptOverReload(t *testing.T) {
 		t.Fatalf("%s forgotten after a reload that kept the proxy", ap)
 	}
 }
+
+// TestNoReplyEveryTime: a proxy that closes every CONNECT without a reply
+// (ssh -D whose server forbids forwarding, a broken proxy) carries
+// nothing: after noReplyLimit in a row it is down and tried last, where
+// one such close (ssh -D's answer for a target it cannot reach) says
+// nothing (TestHedgeTargetAnswer).
+func TestNoReplyEveryTime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		broken := &fakeProxy{name: "broken:1080", mode: proxyNoReply}
+		ok := &fakeProxy{name: "ok:1080"}
+		var log stateLog
+		u := group(&log, broken, ok)
+		for range noReplyLimit {
+			dialOK(t, context.Background(), u, ok)
+		}
+		synctest.Wait()
+		if log.String() != "broken:1080 down" || !errors.Is(log.cause(0), ErrNoReply) {
+			t.Fatalf("after %d requests closed without a reply: state changes %q (%v), want it down", noReplyLimit, log.String(), log.cause(0))
+		}
+		before := broken.dials.Load()
+		dialOK(t, context.Background(), u, ok) // in its backoff: the other first
+		if broken.dials.Load() != before {
+			t.Error("a proxy down for closing every request was still tried first")
+		}
+	})
+}
