@@ -58,7 +58,10 @@ type Dialer struct {
 	// IP addresses (curl's socks5://). By default names go to the proxy
 	// (ATYP 3, socks5h://), so nothing leaks to the local resolver.
 	ResolveLocally bool
-	// Resolver is used when ResolveLocally is set (default net.DefaultResolver).
+	// Resolver looks up names here: with ResolveLocally, and a UDP relay
+	// named in a reply (default net.DefaultResolver, or one whose sockets
+	// get LookupControl). The proxy's own name is looked up by the
+	// default resolver, or through LookupControl.
 	Resolver *net.Resolver
 	// ProxyDial connects to the proxy (default a net.Dialer without TCP
 	// keep-alive probes: like ssh -L, sessions are not probed, which also
@@ -74,6 +77,12 @@ type Dialer struct {
 	// transparent proxy marks its upstream traffic (SO_MARK) so that the
 	// rules capturing traffic into it let that traffic pass.
 	Control func(network, address string, c syscall.RawConn) error
+	// LookupControl, if not nil, has names looked up by Go's own resolver
+	// through sockets it is applied to, the system's (NSS, split DNS)
+	// being unable to apply it: a transparent proxy's mark keeps its own
+	// capture rules off its lookups, which would otherwise be sent to its
+	// own DNS listener, itself waiting on this proxy.
+	LookupControl func(network, address string, c syscall.RawConn) error
 
 	// dialed is where the last connections to the proxy went; made on
 	// first need, guarded by dialedMu.
@@ -364,18 +373,15 @@ func (d *Dialer) dialProxy(ctx context.Context) (net.Conn, error) {
 	return nd.DialContext(ctx, "tcp", d.ProxyAddr)
 }
 
-// markedResolver is nil (the default resolver) without Control. With it,
-// names are looked up through sockets with Control too: a transparent
-// proxy marks them, and its own capture rules must not take the lookup
-// (sent to its own DNS listener, which needs this very proxy, it would
-// never be answered). Their addresses are a resolver's, not the proxy's:
-// not noted.
+// markedResolver is nil (the default resolver) without LookupControl,
+// else Go's resolver through sockets with it (see LookupControl). Their
+// addresses are a resolver's, not the proxy's: not noted.
 func (d *Dialer) markedResolver() *net.Resolver {
-	if d.Control == nil {
+	if d.LookupControl == nil {
 		return nil
 	}
 	return &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
-		rd := net.Dialer{Control: d.Control}
+		rd := net.Dialer{Control: d.LookupControl}
 		return rd.DialContext(ctx, network, address)
 	}}
 }

@@ -7,15 +7,18 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/miekg/dns"
 	"go.uber.org/goleak"
 	"golang.org/x/net/proxy"
 
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
@@ -545,4 +548,45 @@ func TestUserPassStatusVersion5(t *testing.T) {
 			t.Errorf("status %s: %v; want ErrAuthFailed", tc.status, err)
 		}
 	}
+}
+
+// TestLocalResolutionUsesDefaultResolver: a socks5:// dialer with a
+// Control but no LookupControl (cmd/socksfwd's without --mark) resolves
+// target names through the process's default resolver (here standing
+// for the system's: split DNS, NSS, macOS scoped resolvers).
+func TestLocalResolutionUsesDefaultResolver(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetReply(q)
+		if q.Question[0].Qtype == dns.TypeA {
+			rr, _ := dns.NewRR(q.Question[0].Name + " 60 IN A 127.0.0.1")
+			m.Answer = append(m.Answer, rr)
+		}
+		w.WriteMsg(m)
+	})}
+	go srv.ActivateAndServe()
+	defer srv.Shutdown()
+	saved := net.DefaultResolver
+	net.DefaultResolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "udp", pc.LocalAddr().String())
+	}}
+	defer func() { net.DefaultResolver = saved }()
+
+	echo := testnet.Echo(t).Addr().(*net.TCPAddr)
+	proxy, err := sockstest.NewServer(sockstest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer proxy.Close()
+	d := socksclient.Dialer{ProxyAddr: proxy.Addr(), ResolveLocally: true, Control: sockbuf.CapLoopbackTCP, HandshakeTimeout: 5 * time.Second}
+	c, err := d.DialContext(context.Background(), "tcp", net.JoinHostPort("corp-only.internal", strconv.Itoa(echo.Port)))
+	if err != nil {
+		t.Fatalf("socks5:// target known to the default resolver: %v", err)
+	}
+	c.Close()
 }

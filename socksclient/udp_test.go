@@ -146,9 +146,9 @@ func TestAssociateRelayNameUnresolvable(t *testing.T) {
 
 // TestAssociateRelayNameBounded: looking up the relay's name is part of
 // setting up the association, bounded by HandshakeTimeout, not only by
-// the caller's context; and with Control set, it goes through sockets
-// with Control (a transparent proxy's mark keeps its own capture rules
-// off the lookup).
+// the caller's context; and with LookupControl set, it goes through
+// sockets with it (a transparent proxy's mark keeps its own capture
+// rules off the lookup).
 func TestAssociateRelayNameBounded(t *testing.T) {
 	srv, err := sockstest.NewServer(sockstest.Config{UDPBindName: "relay.example"})
 	if err != nil {
@@ -175,7 +175,7 @@ func TestAssociateRelayNameBounded(t *testing.T) {
 
 	var mu sync.Mutex
 	var marked []string
-	d = socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: 5 * time.Second, Control: func(network, address string, _ syscall.RawConn) error {
+	d = socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: 5 * time.Second, LookupControl: func(network, address string, _ syscall.RawConn) error {
 		mu.Lock()
 		defer mu.Unlock()
 		marked = append(marked, network+" "+address)
@@ -191,7 +191,7 @@ func TestAssociateRelayNameBounded(t *testing.T) {
 	mu.Lock()
 	defer mu.Unlock()
 	if !slices.ContainsFunc(marked, func(s string) bool { return strings.HasSuffix(s, ":53") }) {
-		t.Errorf("the relay's name was not looked up through sockets with Control; Control saw %q", marked)
+		t.Errorf("the relay's name was not looked up through sockets with LookupControl; it saw %q", marked)
 	}
 }
 

@@ -182,6 +182,9 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 		markControl = sockmark.Control(uint32(mark))
 	}
 	d := &socksclient.Dialer{Username: user, Password: password, Control: sockmark.Chain(sockbuf.CapLoopbackTCP, markControl)}
+	if markControl != nil {
+		d.LookupControl = markControl // else the system's resolver, split DNS and all
+	}
 	hostport := raw
 	if !strings.Contains(raw, "://") && strings.Contains(raw, "@") {
 		raw = "socks5h://" + raw // user:pass@proxy, as the usage has it
