@@ -56,6 +56,10 @@ func ParseAddr(hostport string) (Addr, error) {
 	return Addr{Name: host, Port: uint16(port)}, nil
 }
 
+// idnaLookup is IDNA's lookup profile without its host-name rules (STD3),
+// which refuse '_': DNS names hold it (_dmarc.bücher.example).
+var idnaLookup = idna.New(idna.MapForLookup(), idna.BidiRule(), idna.Transitional(false), idna.StrictDomainName(false))
+
 // asciiName is the name as DNS carries it: an internationalized one in
 // its ASCII form (bücher.example → xn--bcher-kva.example), as curl sends
 // it to a proxy, which would otherwise look up the raw UTF-8 bytes and
@@ -73,7 +77,7 @@ func asciiName(name string) (string, error) {
 	if !wide {
 		return name, nil
 	}
-	ascii, err := idna.Lookup.ToASCII(name)
+	ascii, err := idnaLookup.ToASCII(name)
 	if err != nil {
 		return "", fmt.Errorf("host name %q is not a valid internationalized name: %w", name, err)
 	}

@@ -264,6 +264,7 @@ func TestParseAddr(t *testing.T) {
 		// sends them; a space or a control byte is no host's.
 		{"bücher.example:443", Addr{Name: "xn--bcher-kva.example", Port: 443}, false},
 		{"_sip._tcp.example:5060", Addr{Name: "_sip._tcp.example", Port: 5060}, false},
+		{"_dmarc.bücher.example:53", Addr{Name: "_dmarc.xn--bcher-kva.example", Port: 53}, false},
 		{"bad host:80", Addr{}, true},
 		{"bad\x00host:80", Addr{}, true},
 		{"\u00ad:80", Addr{}, true}, // maps to nothing: an empty name
