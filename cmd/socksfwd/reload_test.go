@@ -896,3 +896,25 @@ func TestFlagListReplacesFileList(t *testing.T) {
 	d.reload(path, conf, 1)
 	d.waitFor(`-L (--local) replaces`, 2)
 }
+
+// TestReloadHintBlamesOnlyWhatHoldsThePort: the port of the added
+// listener is held by another program; a removed -L with the same port
+// number on another address is not in its way, and is not blamed.
+func TestReloadHintBlamesOnlyWhatHoldsThePort(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	socks := newSocks(t)
+	p := freePort(t)
+	other, err := net.Listen("tcp", "127.0.0.1:"+p) // another program's
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	path := writeConfig(t, fmt.Sprintf("server = [%q]\nlocal = [%q]\n", socks.Addr(), "127.0.0.2:"+p+":"+echo))
+	d := startDaemon(t, "-c", path)
+	d.waitFor("forwarding", 1)
+	line := d.reload(path, fmt.Sprintf("server = [%q]\nlocal = [%q]\n", socks.Addr(), "127.0.0.1:"+p+":"+echo), 1)
+	if e := fmt.Sprint(line["error"]); strings.Contains(e, "which this reload removes") {
+		t.Errorf("bind refused by an unrelated socket, error blames the removed listener on 127.0.0.2:%s:\n%s", p, e)
+	}
+}

@@ -232,13 +232,33 @@ func (s *supervisor) heldByRemoved(l listenPlan, err error) error {
 	if !errors.Is(err, syscall.EADDRINUSE) {
 		return err
 	}
-	_, port, _ := net.SplitHostPort(l.addr)
+	host, port, _ := net.SplitHostPort(l.addr)
+	want, _ := netip.ParseAddr(host) // "" (every address) stays invalid
 	for _, u := range s.removing {
-		if a := u.boundAddr(); a != nil && strings.HasSuffix(a.String(), ":"+port) {
+		a := u.boundAddr()
+		if a == nil || portOf(a) != port || !sameProtocol(u.lp.kind, l.kind) {
+			continue
+		}
+		// In the way: the same address, or either side every address.
+		held, perr := netip.ParseAddrPort(a.String())
+		if perr != nil || !want.IsValid() || want.IsUnspecified() || held.Addr().IsUnspecified() || held.Addr().Unmap() == want.Unmap() {
 			return fmt.Errorf("%w (the listener on %s, which this reload removes, holds that port until it drains: remove it in one reload and add the new one in the next reload, or restart)", err, a)
 		}
 	}
 	return err
+}
+
+// portOf is the port of a listener's address.
+func portOf(a net.Addr) string {
+	_, port, _ := net.SplitHostPort(a.String())
+	return port
+}
+
+// sameProtocol reports whether listeners of kinds a and b can hold the
+// same port: both TCP or both UDP (DNS binds both).
+func sameProtocol(a, b listenKind) bool {
+	udp := func(k listenKind) bool { return k == kindUDP || k == kindTransparentUDP }
+	return a == kindDNS || b == kindDNS || udp(a) == udp(b)
 }
 
 // shareListener opens a second descriptor of ln's socket: both accept
