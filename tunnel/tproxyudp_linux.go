@@ -128,6 +128,7 @@ func (t *TransparentUDP) Serve(ctx context.Context) error {
 	}
 	d := newUDPDispatch()
 	return t.serveBatches(r.Read, func(n int) {
+		packetInfo := t.packetInfo.Load() // asked for with an allow list only
 		for i := range n {
 			if r.Truncated(i) {
 				t.dropped(&t.stats.DroppedLarge, causeOversize)
@@ -148,7 +149,8 @@ func (t *TransparentUDP) Serve(ctx context.Context) error {
 				t.dropUnrouted(causeOwnRelay, &t.stats.DroppedOwnRelay, r.Addr(i), dst)
 				continue
 			}
-			t.dispatch(d, r.Addr(i), r.FromLoopback(i), r.Slot(i), i, socksclient.AddrFromAddrPort(dst))
+			fromLo := packetInfo && r.FromLoopback(i)
+			t.dispatch(d, r.Addr(i), fromLo, r.Slot(i), i, socksclient.AddrFromAddrPort(dst))
 		}
 		d.flush(r)
 	})

@@ -149,24 +149,27 @@ func cmsgAlign(n int) int { return (n + cmsgAlignTo - 1) &^ (cmsgAlignTo - 1) }
 
 // parseOrigDst finds IP_ORIGDSTADDR or IPV6_ORIGDSTADDR among the control
 // messages in oob and decodes it, IPv4-mapped addresses unmapped.
-func parseOrigDst(oob []byte) (dst netip.AddrPort, ok bool) {
-	eachCmsg(oob, func(level, typ int32, data []byte) bool {
+func parseOrigDst(oob []byte) (netip.AddrPort, bool) {
+	for {
+		level, typ, data, rest, ok := nextCmsg(oob)
+		if !ok {
+			return netip.AddrPort{}, false
+		}
 		switch {
 		case level == unix.SOL_IP && typ == unix.IP_ORIGDSTADDR && len(data) >= unix.SizeofSockaddrInet4:
-			if binary.NativeEndian.Uint16(data) == unix.AF_INET {
-				dst, ok = netip.AddrPortFrom(netip.AddrFrom4([4]byte(data[4:8])), binary.BigEndian.Uint16(data[2:])), true
+			if binary.NativeEndian.Uint16(data) != unix.AF_INET {
+				return netip.AddrPort{}, false
 			}
-			return false
+			return netip.AddrPortFrom(netip.AddrFrom4([4]byte(data[4:8])), binary.BigEndian.Uint16(data[2:])), true
 		case level == unix.SOL_IPV6 && typ == unix.IPV6_ORIGDSTADDR && len(data) >= unix.SizeofSockaddrInet6:
-			if binary.NativeEndian.Uint16(data) == unix.AF_INET6 {
-				a := netip.AddrFrom16([16]byte(data[8:24])).Unmap()
-				dst, ok = netip.AddrPortFrom(a, binary.BigEndian.Uint16(data[2:])), true
+			if binary.NativeEndian.Uint16(data) != unix.AF_INET6 {
+				return netip.AddrPort{}, false
 			}
-			return false
+			a := netip.AddrFrom16([16]byte(data[8:24])).Unmap()
+			return netip.AddrPortFrom(a, binary.BigEndian.Uint16(data[2:])), true
 		}
-		return true
-	})
-	return dst, ok
+		oob = rest
+	}
 }
 
 // loopbackIfindex is the loopback interface's index in every network
@@ -176,46 +179,44 @@ const loopbackIfindex = 1
 // arrivedOnLoopback reports whether the IP_PKTINFO or IPV6_PKTINFO among
 // the control messages in oob names the loopback interface: the datagram
 // was sent by this host, as none from elsewhere arrives there.
-func arrivedOnLoopback(oob []byte) (loopback bool) {
-	eachCmsg(oob, func(level, typ int32, data []byte) bool {
+func arrivedOnLoopback(oob []byte) bool {
+	for {
+		level, typ, data, rest, ok := nextCmsg(oob)
+		if !ok {
+			return false
+		}
 		switch {
 		case level == unix.SOL_IP && typ == unix.IP_PKTINFO && len(data) >= unix.SizeofInet4Pktinfo:
-			loopback = int32(binary.NativeEndian.Uint32(data)) == loopbackIfindex // ipi_ifindex first
-			return false
+			return int32(binary.NativeEndian.Uint32(data)) == loopbackIfindex // ipi_ifindex first
 		case level == unix.SOL_IPV6 && typ == unix.IPV6_PKTINFO && len(data) >= unix.SizeofInet6Pktinfo:
-			loopback = int32(binary.NativeEndian.Uint32(data[16:])) == loopbackIfindex // after ipi6_addr
-			return false
+			return int32(binary.NativeEndian.Uint32(data[16:])) == loopbackIfindex // after ipi6_addr
 		}
-		return true
-	})
-	return loopback
+		oob = rest
+	}
 }
 
-// eachCmsg calls f with each control message in oob until f returns
-// false or one is malformed. It reads the bytes itself (no allocation, no
-// alignment assumed): a cmsghdr is a native-endian length of a long's
-// size, then level and type as int32.
-func eachCmsg(oob []byte, f func(level, typ int32, data []byte) bool) {
+// nextCmsg decodes the first control message in oob and returns the rest;
+// ok is false when there is none or it is malformed. It reads the bytes
+// itself (no allocation, no alignment assumed): a cmsghdr is a
+// native-endian length of a long's size, then level and type as int32.
+func nextCmsg(oob []byte) (level, typ int32, data, rest []byte, ok bool) {
 	hdrLen := cmsgAlign(unix.SizeofCmsghdr)
-	for len(oob) >= unix.SizeofCmsghdr {
-		var l uint64
-		if cmsgAlignTo == 8 {
-			l = binary.NativeEndian.Uint64(oob)
-		} else {
-			l = uint64(binary.NativeEndian.Uint32(oob))
-		}
-		level := int32(binary.NativeEndian.Uint32(oob[cmsgAlignTo:]))
-		typ := int32(binary.NativeEndian.Uint32(oob[cmsgAlignTo+4:]))
-		if l < uint64(hdrLen) || l > uint64(len(oob)) {
-			return
-		}
-		if !f(level, typ, oob[hdrLen:l]) {
-			return
-		}
-		next := cmsgAlign(int(l))
-		if next >= len(oob) {
-			return
-		}
-		oob = oob[next:]
+	if len(oob) < unix.SizeofCmsghdr {
+		return 0, 0, nil, nil, false
 	}
+	var l uint64
+	if cmsgAlignTo == 8 {
+		l = binary.NativeEndian.Uint64(oob)
+	} else {
+		l = uint64(binary.NativeEndian.Uint32(oob))
+	}
+	if l < uint64(hdrLen) || l > uint64(len(oob)) {
+		return 0, 0, nil, nil, false
+	}
+	level = int32(binary.NativeEndian.Uint32(oob[cmsgAlignTo:]))
+	typ = int32(binary.NativeEndian.Uint32(oob[cmsgAlignTo+4:]))
+	if next := cmsgAlign(int(l)); next < len(oob) {
+		rest = oob[next:]
+	}
+	return level, typ, oob[hdrLen:l], rest, true
 }
