@@ -134,7 +134,7 @@ func TestBareErrorAnswerMatchedByIDOnly(t *testing.T) {
 		tr.pending[udpKey{id: 7, name: "a.example.", qtype: dns.TypeA}] = udpPending{ch: one}
 		tr.mu.Unlock()
 		bare := &dns.Msg{MsgHdr: dns.MsgHdr{Id: 7, Response: true, Rcode: dns.RcodeFormatError}}
-		if !tr.deliverByID(bare, documentationResolvers(t, 1)[0]) || len(one) != 1 {
+		if _, ok := tr.deliverByID(bare, documentationResolvers(t, 1)[0]); !ok || len(one) != 1 {
 			t.Fatal("the one query under the ID did not get the answer")
 		}
 		tr.mu.Lock()
@@ -142,7 +142,7 @@ func TestBareErrorAnswerMatchedByIDOnly(t *testing.T) {
 		tr.pending[udpKey{id: 8, name: "b.example.", qtype: dns.TypeA}] = udpPending{ch: two}
 		tr.mu.Unlock()
 		bare.Id = 8
-		if tr.deliverByID(bare, documentationResolvers(t, 1)[0]) || len(two) != 0 {
+		if _, ok := tr.deliverByID(bare, documentationResolvers(t, 1)[0]); ok || len(two) != 0 {
 			t.Error("an answer for two queries under one ID was delivered")
 		}
 	})

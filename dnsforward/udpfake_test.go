@@ -470,12 +470,13 @@ func TestUDPQueryIDsRandom(t *testing.T) {
 	})
 }
 
-// TestUDPBlackholedAssociationReplaced: an association on which
-// maxSilentQueries queries in a row time out, retransmitted, with not one
-// datagram read (the relay gone behind a NAT or a firewall, its control
-// connection still up) is closed, and the next query associates again.
-// One that drops some queries but answers others in between is kept.
-// Before, a black-holed association was kept for every later query.
+// TestUDPBlackholedAssociationReplaced: an association that answered and
+// then goes silent (the relay gone behind a NAT or a firewall, its
+// control connection still up), on which maxSilentQueries queries in a
+// row time out, retransmitted, with not one datagram read, is closed, and
+// the next query associates again. One that drops some queries but
+// answers others in between is kept. Before, a black-holed association
+// was kept for every later query.
 func TestUDPBlackholedAssociationReplaced(t *testing.T) {
 	ask := func(f *Forwarder, name string, id uint16) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
@@ -486,14 +487,17 @@ func TestUDPBlackholedAssociationReplaced(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		relays := &fakeRelays{setup: func(i int) *fakeRelay {
 			r := newFakeRelay()
-			if i == 0 {
-				r.drop = func(*dns.Msg) bool { return true }
+			if i == 0 { // answers the first query, then nothing
+				r.drop = func(q *dns.Msg) bool { return q.Question[0].Name != "first.example." }
 			}
 			return r
 		}}
 		f := newFakeUDPForwarder(t, relays, 1)
 		defer f.Close()
 		f.udp.firstRTO = 0 // retransmit as the estimator says
+		if err := ask(f, "first.example", 100); err != nil {
+			t.Fatal(err)
+		}
 		for i := range maxSilentQueries + 2 {
 			err := ask(f, "a.example", uint16(i))
 			if wantAnswer := i >= maxSilentQueries; (err == nil) != wantAnswer {
@@ -537,6 +541,68 @@ func TestUDPBlackholedAssociationReplaced(t *testing.T) {
 		}
 		if n := relays.count(); n != 1 {
 			t.Errorf("%d associations, want the one answering kept", n)
+		}
+	})
+}
+
+// deadResolverRelay is a fake association behind which one resolver is
+// dead (its datagrams vanish beyond the relay, no ICMP error) while the
+// others answer after a round trip of 20 ms.
+type deadResolverRelay struct {
+	*fakeRelay
+	dead netip.AddrPort
+}
+
+func (r deadResolverRelay) WritePacket(buf []byte, off int, dst socksclient.Addr) error {
+	if ap, ok := dst.AddrPort(); ok && ap == r.dead {
+		return nil
+	}
+	cp := append([]byte(nil), buf...)
+	go func() {
+		time.Sleep(20 * time.Millisecond) // the bubble's clock
+		r.fakeRelay.WritePacket(cp, off, dst)
+	}()
+	return nil
+}
+
+// TestUDPDeadResolverKeepsAssociation: two resolvers, the first dead
+// behind a working relay, the second answering on the same association.
+// Bursts of two queries after idle both time out on the first resolver
+// (their share of the deadline, retransmitted, nothing read meanwhile)
+// and are answered by the second on the same association, which is kept.
+// Before, the two timeouts counted as two silent queries in a row and
+// the healthy association was closed and associated again on every burst
+// (4 associations for 6 answered queries).
+func TestUDPDeadResolverKeepsAssociation(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeUDPForwarder(t, &fakeRelays{}, 2)
+		defer f.Close()
+		f.udp.firstRTO = 0 // retransmit as the estimator says
+		dead, _ := f.cfg.Resolvers[0].AddrPort()
+		var associations atomic.Int64
+		f.udp.associate = func(ctx context.Context) (relayConn, error) {
+			associations.Add(1)
+			return deadResolverRelay{newFakeRelay(), dead}, nil
+		}
+		for burst := range 3 {
+			var wg sync.WaitGroup
+			for i := range 2 {
+				time.Sleep(time.Millisecond) // clients ask a moment apart
+				wg.Go(func() {
+					q := query(fmt.Sprintf("q%d-%d.example", burst, i), dns.TypeA, uint16(i))
+					if _, err := f.Exchange(context.Background(), q); err != nil {
+						t.Errorf("burst %d query %d: %v", burst, i, err)
+					}
+				})
+			}
+			wg.Wait()
+			time.Sleep(time.Minute) // idle between bursts
+		}
+		if n := associations.Load(); n != 1 {
+			t.Errorf("%d UDP ASSOCIATEs for 6 queries answered on the first one, want 1", n)
+		}
+		if n := f.Stats().Failovers.Load(); n != 6 {
+			t.Errorf("Failovers = %d, want each query past the dead resolver", n)
 		}
 	})
 }

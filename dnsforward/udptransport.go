@@ -23,12 +23,17 @@ import (
 const maxUDPSends = 8
 
 // maxSilentQueries is how many queries in a row may time out on an
-// association, each sent at least twice with no datagram at all read
-// meanwhile, before it is taken for black-holed and replaced: a relay
-// that drops everything (gone behind a NAT or a firewall, no ICMP error)
-// while its control connection stays up. Two, not one: a resolver may
-// drop one query (rate limits, a name it will not answer); a false alarm
-// costs one UDP ASSOCIATE.
+// association, each sent at least twice to a resolver that has answered
+// on it, with no datagram at all read meanwhile, before it is taken for
+// black-holed and replaced: a relay that drops everything (gone behind a
+// NAT or a firewall, no ICMP error) while its control connection stays
+// up. Two, not one: a resolver may drop one query (rate limits, a name it
+// will not answer); a false alarm costs one UDP ASSOCIATE. A query to a
+// resolver that has not answered on the association does not count: its
+// silence says nothing of the relay (a dead first resolver, whose share
+// of every query's deadline passes with nothing read while the next one
+// answers on the same association), and replacing the association would
+// not make it answer.
 const maxSilentQueries = 2
 
 // udpTransport sends queries as datagrams through one long-lived UDP
@@ -39,8 +44,9 @@ const maxSilentQueries = 2
 // random (RFC 5452 §9.2), so an off-path sender has to guess one. A query
 // unanswered after the retransmission timeout is sent again, and a query
 // whose association ends is sent again at once on a new one, both within
-// its deadline. An association on which queries keep timing out with
-// nothing read is replaced (see maxSilentQueries).
+// its deadline. An association on which queries to a resolver that
+// answered on it keep timing out with nothing read is replaced (see
+// maxSilentQueries).
 type udpTransport struct {
 	associate func(ctx context.Context) (relayConn, error)
 	rtts      []rttEstimator // per resolver, by index
@@ -77,14 +83,18 @@ type association struct {
 	// row that timed out with none read (see maxSilentQueries).
 	datagrams atomic.Uint64
 	silent    atomic.Int32
+	// answeredBy is set, by resolver index, once that resolver's answer
+	// to a query was read on this association.
+	answeredBy []atomic.Bool
 }
 
-// timedOutSilently records a query that timed out on a after sending
-// sends datagrams on it with none read since the first (when a had read
-// datagramsBefore), and ends a once maxSilentQueries did in a row: the
-// queries on it then send again on a new one.
-func (a *association) timedOutSilently(sends int, datagramsBefore uint64) {
-	if sends < 2 || a.datagrams.Load() != datagramsBefore {
+// timedOutSilently records a query to resolver i that timed out on a
+// after sending sends datagrams on it with none read since the first
+// (when a had read datagramsBefore), and ends a once maxSilentQueries did
+// in a row: the queries on it then send again on a new one. Only a
+// resolver that has answered on a counts (see maxSilentQueries).
+func (a *association) timedOutSilently(i, sends int, datagramsBefore uint64) {
+	if sends < 2 || !a.answeredBy[i].Load() || a.datagrams.Load() != datagramsBefore {
 		return
 	}
 	if a.silent.Add(1) >= maxSilentQueries {
@@ -98,6 +108,13 @@ func (a *association) close() {
 		close(a.closing)
 		a.conn.Close()
 	})
+}
+
+// gotAnswer records that resolver i answered a query on a.
+func (a *association) gotAnswer(i int) {
+	if !a.answeredBy[i].Load() { // a load, not a store, on every answer but the first
+		a.answeredBy[i].Store(true)
+	}
 }
 
 func (a *association) alive() bool {
@@ -136,6 +153,8 @@ type udpPending struct {
 	// from is where the answer must come from: the resolver's address when
 	// it is configured as one (else not valid, and not checked).
 	from netip.AddrPort
+	// resolver is the index of the resolver asked.
+	resolver int
 }
 
 func newUDPTransport(associate func(ctx context.Context) (relayConn, error), resolvers int, stats *Stats) *udpTransport {
@@ -214,7 +233,8 @@ func (t *udpTransport) getConn(ctx context.Context) (*association, error) {
 				// the new one.
 				old.close()
 			}
-			a := &association{conn: c, ended: make(chan struct{}), closing: make(chan struct{})}
+			a := &association{conn: c, ended: make(chan struct{}), closing: make(chan struct{}),
+				answeredBy: make([]atomic.Bool, len(t.rtts))}
 			t.cur, call.a = a, a
 			t.wg.Go(func() { t.readAnswers(a) })
 		}
@@ -253,7 +273,7 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 			break
 		}
 	}
-	t.pending[key] = udpPending{ch: ch, from: from}
+	t.pending[key] = udpPending{ch: ch, from: from, resolver: i}
 	t.mu.Unlock()
 	defer func() {
 		t.mu.Lock()
@@ -346,7 +366,7 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 			}
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				a.timedOutSilently(sendsOnA, datagramsBefore)
+				a.timedOutSilently(i, sendsOnA, datagramsBefore)
 			}
 			return nil, ctx.Err()
 		}
@@ -431,7 +451,9 @@ func (t *udpTransport) readAnswers(a *association) {
 		if questionlessErrorMsg(resp) {
 			// REFUSED without the question (unbound's access control),
 			// FORMERR and the like: the answer to the query with its ID.
-			if !t.deliverByID(resp, from) {
+			if resolver, ok := t.deliverByID(resp, from); ok {
+				a.gotAnswer(resolver)
+			} else {
 				t.stats.MalformedAnswers.Add(1)
 			}
 			continue
@@ -455,6 +477,7 @@ func (t *udpTransport) readAnswers(a *association) {
 		t.mu.Unlock()
 		if ok {
 			p.ch <- resp
+			a.gotAnswer(p.resolver)
 		}
 	}
 }
@@ -462,9 +485,10 @@ func (t *udpTransport) readAnswers(a *association) {
 // deliverByID hands an answer without a question (see
 // questionlessErrorMsg) to the query waiting under its ID, when exactly
 // one is (IDs are unique per question only) and from is the resolver it
-// asked, if that is known; false when none or several are. The pending
-// queries are searched: rare answers, and at most a few thousand queries.
-func (t *udpTransport) deliverByID(resp *dns.Msg, from socksclient.Addr) bool {
+// asked, if that is known; false when none or several are. It returns the
+// index of the resolver that query asked. The pending queries are
+// searched: rare answers, and at most a few thousand queries.
+func (t *udpTransport) deliverByID(resp *dns.Msg, from socksclient.Addr) (resolver int, ok bool) {
 	t.mu.Lock()
 	var (
 		found udpKey
@@ -482,10 +506,10 @@ func (t *udpTransport) deliverByID(resp *dns.Msg, from socksclient.Addr) bool {
 	}
 	t.mu.Unlock()
 	if n != 1 {
-		return false
+		return 0, false
 	}
 	p.ch <- resp
-	return true
+	return p.resolver, true
 }
 
 // sameAddrPort reports whether the relay's sender address a is want.
