@@ -512,3 +512,66 @@ func TestTCPStalledConnectionRedialed(t *testing.T) {
 		}
 	})
 }
+
+// TestTCPStalledConnectionKeepsDueAnswers: a resolver that is slow, not
+// stuck, on a pool of one connection: A (3 s to answer) is asked at 0
+// with a 2 s deadline, B (1.5 s) at 1 s. A times out at 2 s with nothing
+// read since it was sent, so the connection takes no new query: C, asked
+// at 2.1 s, goes on a new connection. B's answer, due at 2.5 s within its
+// deadline, still arrives on the first connection, which then closes.
+// Before, A's timeout closed the connection under B, which was sent again
+// on a new one and timed out there waiting 1.5 s afresh.
+func TestTCPStalledConnectionKeepsDueAnswers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, res := newScriptForwarder(t, 0, func(q *dns.Msg) [][]byte {
+			if q.Question[0].Name == "slow.example." {
+				time.Sleep(3 * time.Second)
+			} else {
+				time.Sleep(1500 * time.Millisecond)
+			}
+			return [][]byte{packed(echoReply(q))}
+		}, nil)
+		f.cfg.Timeout = 2 * time.Second
+		p := f.pools[0]
+		p.size = 1
+		var dials atomic.Int64
+		p.dial = func(ctx context.Context) (net.Conn, error) {
+			dials.Add(1)
+			return res.dial(ctx)
+		}
+		var (
+			wg         sync.WaitGroup
+			errB, errC error
+		)
+		wg.Go(func() {
+			if _, err := f.Exchange(context.Background(), query("slow.example", dns.TypeA, 1)); err == nil {
+				t.Error("A answered past its deadline")
+			}
+		})
+		time.Sleep(time.Second)
+		wg.Go(func() { _, errB = f.Exchange(context.Background(), query("b.example", dns.TypeA, 2)) })
+		time.Sleep(1100 * time.Millisecond) // A timed out at 2 s
+		wg.Go(func() { _, errC = f.Exchange(context.Background(), query("c.example", dns.TypeA, 3)) })
+		wg.Wait()
+		if errB != nil {
+			t.Errorf("B, answered at 2.5 s within its deadline at 3 s: %v", errB)
+		}
+		if errC != nil {
+			t.Errorf("C: %v", errC)
+		}
+		if n := f.Stats().Resent.Load(); n != 0 {
+			t.Errorf("Resent = %d, want none", n)
+		}
+		if n := dials.Load(); n != 2 {
+			t.Errorf("%d dials, want C on a second connection", n)
+		}
+		synctest.Wait()
+		p.mu.Lock()
+		_, usable := p.leastLoaded()
+		conns := len(p.conns)
+		p.mu.Unlock()
+		if conns != 1 || usable != 1 {
+			t.Errorf("%d connections (%d usable), want the stalled one closed once B was answered", conns, usable)
+		}
+	})
+}
