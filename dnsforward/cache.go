@@ -22,7 +22,8 @@ const (
 )
 
 // cacheBytesPerEntry sets the cache's byte budget: the answers' bytes
-// may average this much per entry. An entry is the answer as the
+// (the memory their slices hold: their capacity) may average this much
+// per entry. An entry is the answer as the
 // resolver sent it over TCP, up to 64 KiB whatever the client's UDP size,
 // so the count alone bounds nothing useful (10 000 entries: 640 MiB);
 // most answers are a few hundred bytes, DNSSEC ones with their signatures
@@ -34,7 +35,7 @@ const cacheBytesPerEntry = 2 << 10
 // packing or allocation.
 type cacheEntry struct {
 	key      string // the question it answers (questionKey.bytes)
-	wire     []byte // the answer, compressed, with the TTLs it arrived with
+	wire     []byte // the answer, compressed, with the TTLs it arrived with; its capacity is what the budget counts
 	qnameEnd int    // where the question's name ends in wire
 	ttls     []uint16
 	rcode    int
@@ -53,7 +54,7 @@ type cache struct {
 
 	mu     sync.Mutex
 	lru    *simplelru.LRU[uint64, *cacheEntry]
-	bytes  int // the entries' answers, within budget
+	bytes  int // the entries' answers (cap of wire), within budget
 	budget int
 }
 
@@ -63,7 +64,7 @@ func newCache(size int) *cache {
 	}
 	c := &cache{seed: maphash.MakeSeed(), now: time.Now, budget: size * cacheBytesPerEntry}
 	// Called with c.mu held, as every use of c.lru is.
-	l, err := simplelru.NewLRU(size, func(_ uint64, e *cacheEntry) { c.bytes -= len(e.wire) })
+	l, err := simplelru.NewLRU(size, func(_ uint64, e *cacheEntry) { c.bytes -= cap(e.wire) })
 	if err != nil {
 		return nil
 	}
@@ -166,28 +167,44 @@ func (c *cache) get(k *questionKey) (*dns.Msg, bool) {
 	return m, true
 }
 
+// packBufs holds the buffers put packs answers into: miekg/dns packs into
+// room for the uncompressed message (plus one byte) and compresses in
+// place, so what it returns may hold several times the answer's length.
+var packBufs = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &b }}
+
+// maxPackBuf is the largest pack buffer kept for reuse.
+const maxPackBuf = 64 << 10
+
 // put stores resp for k for as long as its records allow, and returns
 // how many answers that pushed out. resp must not be shared yet: packing
-// may write its extended RCODE into its OPT record.
+// may write its extended RCODE into its OPT record. The entry keeps a
+// right-sized copy of the packed answer, so the byte budget counts what
+// it holds.
 func (c *cache) put(k *questionKey, resp *dns.Msg) (evicted int) {
 	packed := *resp // Pack reads the records only
 	packed.Compress = true
-	wire, err := packed.Pack()
+	bp := packBufs.Get().(*[]byte)
+	defer packBufs.Put(bp)
+	wire, err := packed.PackBuffer((*bp)[:cap(*bp)])
+	if cap(wire) > cap(*bp) && cap(wire) <= maxPackBuf {
+		*bp = wire[:0] // a larger buffer than the pool's: kept for next time
+	}
 	if err != nil {
 		return 0
 	}
-	return c.putWire(k, wire)
+	return c.putWire(k, bytes.Clone(wire))
 }
 
 // putWire stores the packed answer wire for k (and keeps wire: the caller
-// hands it over) for as long as its records allow, and returns how many
+// hands it over, best right-sized: its capacity counts against the
+// budget) for as long as its records allow, and returns how many
 // answers that pushed out, least recently used first, to stay within the
 // entries and the bytes allowed. An answer to an RD=0 query is not kept:
 // RD=1 queries share the entry, and it may be a refusal or a referral
 // (see flightKey); an RD=0 query may still be answered from the cache.
 // Nor is an answer larger than the whole byte budget.
 func (c *cache) putWire(k *questionKey, wire []byte) (evicted int) {
-	if !k.rd || len(wire) > c.budget {
+	if !k.rd || cap(wire) > c.budget {
 		return 0
 	}
 	l, err := answerLayout(wire, nil)
@@ -212,7 +229,7 @@ func (c *cache) putWire(k *questionKey, wire []byte) (evicted int) {
 	if c.lru.Add(h, e) {
 		evicted++
 	}
-	c.bytes += len(wire)
+	c.bytes += cap(wire)
 	for c.bytes > c.budget { // e alone fits: the older ones go first
 		c.lru.RemoveOldest()
 		evicted++

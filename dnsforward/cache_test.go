@@ -3,6 +3,8 @@ package dnsforward
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -162,11 +164,7 @@ func TestCacheBytesBounded(t *testing.T) {
 		evicted += c.put(k, m)
 		last = k
 	}
-	held := 0
-	for _, h := range c.lru.Keys() {
-		e, _ := c.lru.Peek(h)
-		held += len(e.wire)
-	}
+	held := heldBytes(c)
 	if held > c.budget || c.bytes != held {
 		t.Errorf("%d entries hold %d bytes (counted %d), want at most %d", c.lru.Len(), held, c.bytes, c.budget)
 	}
@@ -184,7 +182,72 @@ func TestCacheBytesBounded(t *testing.T) {
 	k, m := txtAnswer("a.example", 1000)
 	small.put(k, m)
 	small.put(k, m)
-	if e, _ := small.lru.Peek(small.hash(k)); small.lru.Len() != 1 || small.bytes != len(e.wire) {
-		t.Errorf("an answer cached twice: %d entries, %d bytes counted, want 1 entry of %d", small.lru.Len(), small.bytes, len(e.wire))
+	if e, _ := small.lru.Peek(small.hash(k)); small.lru.Len() != 1 || small.bytes != cap(e.wire) {
+		t.Errorf("an answer cached twice: %d entries, %d bytes counted, want 1 entry of %d", small.lru.Len(), small.bytes, cap(e.wire))
+	}
+}
+
+// heldBytes is the memory the cache's answers hold: their slices'
+// capacity.
+func heldBytes(c *cache) int {
+	held := 0
+	for _, h := range c.lru.Keys() {
+		e, _ := c.lru.Peek(h)
+		held += cap(e.wire)
+	}
+	return held
+}
+
+// TestCacheBudgetCountsMemoryHeld: the byte budget bounds the memory the
+// answers hold, not their lengths. put (the message path: TCP clients,
+// the udp transport, queries with EDNS options) kept the slice miekg/dns
+// Pack returns, whose capacity is the uncompressed length + 1, while the
+// budget counted the compressed length: 10 answers of 100 A records for
+// a long name held 211 120 bytes counted as 18 110 within a budget of
+// 20 480.
+func TestCacheBudgetCountsMemoryHeld(t *testing.T) {
+	c := newCache(10) // 20 KiB
+	long := strings.Repeat(strings.Repeat("x", 60)+".", 3) + "example."
+	for i := range 10 {
+		q := query(fmt.Sprintf("n%d.%s", i, long), dns.TypeA, 1)
+		m := new(dns.Msg)
+		m.SetReply(q)
+		for j := range 100 {
+			m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 3600},
+				A: net.IPv4(10, 0, byte(i), byte(j))})
+		}
+		var k questionKey
+		if !keyOf(q, &k) {
+			t.Fatal("not cacheable")
+		}
+		c.put(&k, m)
+	}
+	if held := heldBytes(c); held > c.budget || held != c.bytes || c.lru.Len() == 0 {
+		t.Errorf("%d entries hold %d bytes, counted as %d, with a budget of %d", c.lru.Len(), held, c.bytes, c.budget)
+	}
+}
+
+// TestCacheBytesMatchEntries: random puts, replacements, expiries and
+// hits keep the count of bytes equal to what the entries hold, and
+// within the budget.
+func TestCacheBytesMatchEntries(t *testing.T) {
+	now := time.Unix(1e9, 0)
+	c := newCache(20)
+	c.now = func() time.Time { return now }
+	r := rand.New(rand.NewPCG(1, 2))
+	for i := range 20000 {
+		k, m := txtAnswer(fmt.Sprintf("n%d.example", r.IntN(40)), 1+r.IntN(9000))
+		m.Answer[0].Header().Ttl = uint32(1 + r.IntN(5))
+		if r.IntN(3) < 2 {
+			c.put(k, m)
+		} else {
+			c.appendAnswer(nil, k, 1)
+		}
+		if r.IntN(10) == 0 {
+			now = now.Add(time.Second)
+		}
+		if held := heldBytes(c); held != c.bytes || held > c.budget {
+			t.Fatalf("step %d: held %d, counted %d, budget %d", i, held, c.bytes, c.budget)
+		}
 	}
 }
