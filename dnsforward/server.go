@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/miekg/dns"
 
@@ -104,7 +105,8 @@ func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
 	s := &Server{pc: pc, stopping: make(chan struct{})}
 	s.cur.Store(newServing(fwd))
 	if s.fast = newUDPFastPath(s, pc); s.fast == nil {
-		s.udp = &dns.Server{PacketConn: pc, Handler: s, MsgAcceptFunc: s.acceptUDP, MsgInvalidFunc: s.invalidUDP}
+		s.udp = &dns.Server{PacketConn: pc, Handler: s, MsgAcceptFunc: s.acceptUDP, MsgInvalidFunc: s.invalidUDP,
+			DecorateReader: s.refuseOutsiders}
 	}
 	s.tcp = newTCPServer(ln, s.serveMessage)
 	return s
@@ -144,13 +146,19 @@ func (s *Server) SetAllow(l *allowlist.List) { s.allow.Store(l) }
 // ServeDNS implements dns.Handler with the current forwarder.
 func (s *Server) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	if !s.allow.Load().AllowsAddr(w.RemoteAddr()) {
-		s.cur.Load().fwd.stats.NotAllowed.Add(1)
-		w.WriteMsg(rcodeReply(r, dns.RcodeRefused))
+		s.refuse(w, r)
 		return
 	}
 	h := s.enter()
 	defer h.leave()
 	h.fwd.ServeDNS(w, r)
+}
+
+// refuse answers r, from a source outside the allow list, REFUSED,
+// counted in NotAllowed only (not in Queries or Responses).
+func (s *Server) refuse(w dns.ResponseWriter, r *dns.Msg) {
+	s.cur.Load().fwd.stats.NotAllowed.Add(1)
+	w.WriteMsg(rcodeReply(r, dns.RcodeRefused))
 }
 
 // enter returns the current forwarder with the query counted as active on
@@ -195,7 +203,9 @@ func (s *Server) serveWire(w dns.ResponseWriter, query []byte, from netip.AddrPo
 
 // acceptUDP is the miekg/dns server's accept function (the wildcard
 // address's UDP socket), counting what it answers itself (FORMERR,
-// NOTIMP) or ignores, as serveMessage does.
+// NOTIMP) or ignores, as serveMessage does. It is not told the source:
+// messages from sources outside the allow list never reach it (see
+// refuseOutsiders).
 func (s *Server) acceptUDP(dh dns.Header) dns.MsgAcceptAction {
 	action := dns.DefaultMsgAcceptFunc(dh)
 	switch action {
@@ -231,6 +241,8 @@ func (s *Server) countRejected(udp bool, rcode int) {
 // odd section counts FORMERR), then ServeDNS with the unpacked message,
 // FORMERR if it does not unpack. Too short for a header: no answer. A
 // NOTIMP or FORMERR has an OPT record when the query reads and has one.
+// A source outside the allow list gets REFUSED for anything it is
+// answered, counted in NotAllowed, never NOTIMP or FORMERR.
 func (s *Server) serveMessage(w dns.ResponseWriter, q []byte) {
 	if len(q) < headerLen {
 		s.cur.Load().fwd.stats.Ignored.Add(1)
@@ -255,6 +267,10 @@ func (s *Server) serveMessage(w dns.ResponseWriter, q []byte) {
 		req = &dns.Msg{MsgHdr: dns.MsgHdr{Id: dh.Id, Opcode: int(dh.Bits>>11) & 0xF,
 			RecursionDesired: dh.Bits&(1<<8) != 0, CheckingDisabled: dh.Bits&(1<<4) != 0}}
 	}
+	if !s.allow.Load().AllowsAddr(w.RemoteAddr()) {
+		s.refuse(w, req)
+		return
+	}
 	m := new(dns.Msg)
 	m.SetRcodeFormatError(req)
 	if action == dns.MsgRejectNotImplemented {
@@ -268,6 +284,91 @@ func (s *Server) serveMessage(w dns.ResponseWriter, q []byte) {
 	s.countRejected(udp, m.Rcode)
 	w.WriteMsg(m)
 }
+
+// refuseOutsiders is the miekg/dns server's reader decorator (the
+// wildcard address's UDP socket): a message from a source outside the
+// allow list is answered by serveMessage from the reading goroutine
+// (REFUSED, or nothing for a response), never handed to the server,
+// whose accept function would answer FORMERR or NOTIMP without knowing
+// the source.
+func (s *Server) refuseOutsiders(r dns.Reader) dns.Reader {
+	pr, ok := r.(dns.PacketConnReader)
+	if !ok {
+		return r // not miekg/dns's own reader: nothing to decorate safely
+	}
+	return outsiderReader{PacketConnReader: pr, s: s}
+}
+
+// outsiderReader is refuseOutsiders' reader.
+type outsiderReader struct {
+	dns.PacketConnReader
+	s *Server
+}
+
+func (r outsiderReader) ReadUDP(conn *net.UDPConn, timeout time.Duration) ([]byte, *dns.SessionUDP, error) {
+	for {
+		m, session, err := r.PacketConnReader.ReadUDP(conn, timeout)
+		if err != nil || r.s.allow.Load().AllowsAddr(session.RemoteAddr()) {
+			return m, session, err
+		}
+		r.s.serveMessage(&outsiderWriter{udp: conn, session: session}, m)
+	}
+}
+
+func (r outsiderReader) ReadPacketConn(conn net.PacketConn, timeout time.Duration) ([]byte, net.Addr, error) {
+	for {
+		m, from, err := r.PacketConnReader.ReadPacketConn(conn, timeout)
+		if err != nil || r.s.allow.Load().AllowsAddr(from) {
+			return m, from, err
+		}
+		r.s.serveMessage(&outsiderWriter{pc: conn, to: from}, m)
+	}
+}
+
+// outsiderWriter is the dns.ResponseWriter of a message outsiderReader
+// answers: through the session (a *net.UDPConn, so that the reply
+// leaves from the address the message came to), or to the sender.
+type outsiderWriter struct {
+	udp     *net.UDPConn
+	session *dns.SessionUDP
+	pc      net.PacketConn
+	to      net.Addr
+}
+
+func (w *outsiderWriter) LocalAddr() net.Addr {
+	if w.udp != nil {
+		return w.udp.LocalAddr()
+	}
+	return w.pc.LocalAddr()
+}
+
+func (w *outsiderWriter) RemoteAddr() net.Addr {
+	if w.udp != nil {
+		return w.session.RemoteAddr()
+	}
+	return w.to
+}
+
+func (w *outsiderWriter) WriteMsg(m *dns.Msg) error {
+	b, err := m.Pack()
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(b)
+	return err
+}
+
+func (w *outsiderWriter) Write(b []byte) (int, error) {
+	if w.udp != nil {
+		return dns.WriteToSessionUDP(w.udp, b, w.session)
+	}
+	return w.pc.WriteTo(b, w.to)
+}
+
+func (w *outsiderWriter) Close() error        { return nil }
+func (w *outsiderWriter) TsigStatus() error   { return nil }
+func (w *outsiderWriter) TsigTimersOnly(bool) {}
+func (w *outsiderWriter) Hijack()             {}
 
 // Addr is the listening address.
 func (s *Server) Addr() net.Addr { return s.pc.LocalAddr() }

@@ -1,13 +1,18 @@
 package dnsforward
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/socksfwd/socksfwd/internal/allowlist"
 )
 
 // startServerFor serves f on UDP and TCP at one loopback address until
@@ -247,4 +252,151 @@ func TestRejectedAndIgnoredCounted(t *testing.T) {
 			}
 		})
 	}
+}
+
+// outsiderMessages are what a source outside the allow list sends in
+// TestDisallowedSourceOnlyRefused: a query, an UPDATE (NOTIMP for an
+// allowed source), two questions (FORMERR), bytes that do not unpack
+// (FORMERR), and a response (answered nothing). The first four, IDs 1 to
+// 4, are to be refused.
+func outsiderMessages(t *testing.T) [][]byte {
+	update := query("a.example", dns.TypeA, 2)
+	update.Opcode = dns.OpcodeUpdate
+	twoQuestions := query("a.example", dns.TypeA, 3)
+	twoQuestions.Question = append(twoQuestions.Question, twoQuestions.Question[0])
+	garbage := append(pack(t, query("a.example", dns.TypeA, 4))[:headerLen], 0xff, 0xff, 0xff)
+	response := query("a.example", dns.TypeA, 5)
+	response.Response = true
+	return [][]byte{pack(t, query("a.example", dns.TypeA, 1)), pack(t, update), pack(t, twoQuestions), garbage, pack(t, response)}
+}
+
+// wantOnlyRefused checks what an outsider's outsiderMessages got: REFUSED
+// to the four, counted in NotAllowed and nowhere else but the response
+// (Ignored).
+func wantOnlyRefused(t *testing.T, f *Forwarder, answers []*dns.Msg) {
+	t.Helper()
+	ids := map[uint16]bool{}
+	for _, m := range answers {
+		if m.Rcode != dns.RcodeRefused {
+			t.Errorf("id %d answered %s, want REFUSED", m.Id, dns.RcodeToString[m.Rcode])
+		}
+		ids[m.Id] = true
+	}
+	if len(answers) != 4 || !ids[1] || !ids[2] || !ids[3] || !ids[4] {
+		t.Errorf("%d answers (IDs %v), want IDs 1 to 4", len(answers), ids)
+	}
+	st := f.Stats()
+	var responses int64
+	for i := range st.Responses {
+		responses += st.Responses[i].Load()
+	}
+	if q, na, ig := st.Queries.Load(), st.NotAllowed.Load(), st.Ignored.Load(); q != 0 || responses != 0 || na != 4 || ig != 1 {
+		t.Errorf("Queries %d, Responses %d, NotAllowed %d, Ignored %d; want 0, 0, 4, 1", q, responses, na, ig)
+	}
+}
+
+// outsiderConn is a UDP socket on which every datagram comes from
+// 192.0.2.7:5353 (a source that loopback cannot show), served by the
+// miekg/dns server as a wildcard socket is (it is no *net.UDPConn).
+type outsiderConn struct {
+	in     chan []byte
+	out    chan []byte
+	closed chan struct{}
+	once   sync.Once
+}
+
+var outsiderAddr = &net.UDPAddr{IP: net.IPv4(192, 0, 2, 7), Port: 5353}
+
+func (c *outsiderConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	select {
+	case m := <-c.in:
+		return copy(b, m), outsiderAddr, nil
+	case <-c.closed:
+		return 0, nil, net.ErrClosed
+	}
+}
+
+func (c *outsiderConn) WriteTo(b []byte, to net.Addr) (int, error) {
+	if to.String() != outsiderAddr.String() {
+		return 0, errors.New("reply to the wrong address")
+	}
+	c.out <- bytes.Clone(b)
+	return len(b), nil
+}
+
+func (c *outsiderConn) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return nil
+}
+
+func (c *outsiderConn) LocalAddr() net.Addr              { return &net.UDPAddr{IP: net.IPv4zero, Port: 53} }
+func (c *outsiderConn) SetDeadline(time.Time) error      { return nil }
+func (c *outsiderConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *outsiderConn) SetWriteDeadline(time.Time) error { return nil }
+
+// TestDisallowedSourceOnlyRefused: a source outside the allow list gets
+// REFUSED to whatever it sends that is answered, counted in NotAllowed
+// only (documented as not in Queries), on the path shared by the UDP fast
+// path and TCP (serveMessage) and on a wildcard socket's miekg/dns
+// server. Before, a message the server rejects itself (an UPDATE, two
+// questions, bytes that do not unpack) was answered NOTIMP or FORMERR and
+// counted in Queries and Responses as served.
+func TestDisallowedSourceOnlyRefused(t *testing.T) {
+	allow, err := allowlist.Parse([]string{"198.51.100.0/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Run("serveMessage", func(t *testing.T) {
+		f, _ := newScriptForwarder(t, 0, nil, nil)
+		s, _ := startServerFor(t, f)
+		s.SetAllow(allow)
+		w := &recorder{remote: outsiderAddr}
+		for _, m := range outsiderMessages(t) {
+			s.serveMessage(w, m)
+		}
+		wantOnlyRefused(t, f, w.msgs)
+	})
+	t.Run("miekg server", func(t *testing.T) {
+		f, _ := newScriptForwarder(t, 0, nil, nil)
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := &outsiderConn{in: make(chan []byte, 8), out: make(chan []byte, 8), closed: make(chan struct{})}
+		s := NewServer(f, c, ln)
+		if s.fast != nil {
+			t.Fatal("served by the fast path")
+		}
+		s.SetAllow(allow)
+		served := make(chan error, 1)
+		go func() { served <- s.Serve(context.Background()) }()
+		for _, m := range outsiderMessages(t) {
+			c.in <- m
+		}
+		// After the response (answered nothing), a last query: once its
+		// answer is out, every message before it has been handled.
+		c.in <- pack(t, query("last.example", dns.TypeA, 6))
+		var answers []*dns.Msg
+		for len(answers) == 0 || answers[len(answers)-1].Id != 6 {
+			select {
+			case b := <-c.out:
+				m := new(dns.Msg)
+				if err := m.Unpack(b); err != nil {
+					t.Fatal(err)
+				}
+				answers = append(answers, m)
+			case <-time.After(10 * time.Second): // a bound, not a wait
+				t.Fatalf("answers so far: %v", answers)
+			}
+		}
+		s.Close()
+		if err := <-served; err != nil {
+			t.Fatal(err)
+		}
+		if last := answers[len(answers)-1]; last.Rcode != dns.RcodeRefused {
+			t.Errorf("the last query answered %s, want REFUSED", dns.RcodeToString[last.Rcode])
+		}
+		f.Stats().NotAllowed.Add(-1) // the last query's
+		wantOnlyRefused(t, f, answers[:len(answers)-1])
+	})
 }
