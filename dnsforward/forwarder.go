@@ -427,10 +427,7 @@ func (f *Forwarder) logErrorAnswer(i, rcode int, questionless bool, question fun
 	}
 	name, qtype := question()
 	ev := f.cfg.Logger.Warn().Str("resolver", resolver).Str("rcode", rc).Bool("without_question", questionless).
-		Str("name", name).Str("type", dns.TypeToString[qtype])
-	if suppressed > 0 {
-		ev = ev.Int64("more_since_last_line", suppressed)
-	}
+		Str("name", name).Str("type", dns.TypeToString[qtype]).Func(logthrottle.Repeats("more_since_last_line", suppressed))
 	if rcode == dns.RcodeRefused {
 		ev.Msgf("resolver %s refused the query: check its access control for the proxy's address; "+
 			"the client gets REFUSED (further refusals: one line per %s)", resolver, failureLogPeriod)
@@ -913,10 +910,7 @@ func (f *Forwarder) logFailure(err error, rcode int, w dns.ResponseWriter, r *dn
 	if len(r.Question) > 0 {
 		ev = ev.Str("name", r.Question[0].Name).Str("type", dns.TypeToString[r.Question[0].Qtype])
 	}
-	if suppressed > 0 {
-		ev = ev.Int64("more_since_last_line", suppressed)
-	}
-	ev.Msgf("DNS query failed; answering %s (further queries failing the same way: one line per %s)",
+	ev.Func(logthrottle.Repeats("more_since_last_line", suppressed)).Msgf("DNS query failed; answering %s (further queries failing the same way: one line per %s)",
 		dns.RcodeToString[rcode], failureLogPeriod)
 }
 

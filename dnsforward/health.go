@@ -6,6 +6,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/socksfwd/socksfwd/internal/logthrottle"
 )
 
 // resolverHealth is what the log knows of one resolver: one line when it
@@ -104,10 +106,8 @@ func (f *Forwarder) logHealthLocked(i int, h *resolverHealth) {
 	h.unlogged = 0
 	resolver := f.cfg.Resolvers[i].String()
 	if h.failing {
-		ev := f.cfg.Logger.Warn().Str("resolver", resolver).Str("cause", causeOf(h.cause)).Err(h.cause)
-		if more > 0 {
-			ev = ev.Int64("changes_since_last_line", more)
-		}
+		ev := f.cfg.Logger.Warn().Str("resolver", resolver).Str("cause", causeOf(h.cause)).Err(h.cause).
+			Func(logthrottle.Repeats("changes_since_last_line", more))
 		if i+1 < len(f.pools) {
 			ev.Msg("DNS resolver is failing; trying the next one")
 		} else {
@@ -115,9 +115,6 @@ func (f *Forwarder) logHealthLocked(i int, h *resolverHealth) {
 		}
 		return
 	}
-	ev := f.cfg.Logger.Info().Str("resolver", resolver).Dur("failing_for", now.Sub(h.since))
-	if more > 0 {
-		ev = ev.Int64("changes_since_last_line", more)
-	}
-	ev.Msg("DNS resolver answers again")
+	f.cfg.Logger.Info().Str("resolver", resolver).Dur("failing_for", now.Sub(h.since)).
+		Func(logthrottle.Repeats("changes_since_last_line", more)).Msg("DNS resolver answers again")
 }

@@ -209,6 +209,12 @@ func TestFailureLogOneLinePerCause(t *testing.T) {
 	if len(lines) != 1 || !strings.Contains(lines[0], "connection refused") || !strings.Contains(lines[0], "SERVFAIL") {
 		t.Fatalf("%d log lines for 200 failures of one cause, want 1 naming it:\n%s", len(lines), strings.Join(lines, "\n"))
 	}
+	// A first line has no repeats to count (logthrottle.Repeats).
+	for _, l := range logs.lines() {
+		if strings.Contains(l, "_since_last_line") {
+			t.Errorf("a first line with a count: %s", l)
+		}
+	}
 	if n := f.Stats().ServFail.Load(); n != 200 {
 		t.Errorf("ServFail = %d, want every failure counted", n)
 	}
