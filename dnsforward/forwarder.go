@@ -353,8 +353,8 @@ func (f *Forwarder) queryContext(ctx context.Context) (context.Context, context.
 func (f *Forwarder) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	q = upstreamQuery(q)
 	var resp *dns.Msg
-	err := f.tryResolvers(ctx, func(ctx context.Context, i int, pool *tcpPool) (err error) {
-		resp, err = f.attempt(ctx, i, pool, q)
+	err := f.tryResolvers(ctx, func(ctx context.Context, i int, failover bool) (err error) {
+		resp, err = f.attempt(ctx, i, failover, q)
 		if err == nil && (resp.Rcode == dns.RcodeRefused || questionlessErrorMsg(resp)) {
 			f.logErrorAnswer(i, resp.Rcode, len(resp.Question) == 0, func() (string, uint16) {
 				return q.Question[0].Name, q.Question[0].Qtype
@@ -443,8 +443,8 @@ func (f *Forwarder) logErrorAnswer(i, rcode int, questionless bool, question fun
 // unless edns, which says whether the query has one.
 func (f *Forwarder) exchangeWire(ctx context.Context, query []byte, edns bool) ([]byte, error) {
 	var answer []byte
-	err := f.tryResolvers(ctx, func(ctx context.Context, i int, pool *tcpPool) (err error) {
-		answer, err = pool.exchangeWire(ctx, query, i+1 < len(f.pools))
+	err := f.tryResolvers(ctx, func(ctx context.Context, i int, failover bool) (err error) {
+		answer, err = f.pools[i].exchangeWire(ctx, query, failover)
 		if err == nil && !wellFormed(answer) {
 			f.stats.MalformedAnswers.Add(1)
 			err = errMalformedAnswer
@@ -504,23 +504,29 @@ func wellFormed(answer []byte) bool {
 	return new(dns.Msg).Unpack(answer) == nil
 }
 
-// tryResolvers calls try for each resolver in order within the
-// whole-query timeout, until one succeeds. Each attempt gets an equal
-// share of what is left, so a blackholed first resolver still leaves time
-// for the next. The error is a *ResolveError.
-func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Context, i int, pool *tcpPool) error) error {
+// tryResolvers calls try for each resolver i within the whole-query
+// timeout, until one succeeds, in the order resolverOrder gives: the
+// configured order, failing resolvers in backoff last. Each attempt gets
+// an equal share of what is left, so a blackholed first resolver still
+// leaves time for the next; failover says another resolver is left to
+// try after this one. The error is a *ResolveError.
+func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Context, i int, failover bool) error) error {
 	ctx, cancel := context.WithTimeout(ctx, f.cfg.Timeout)
 	defer cancel()
+	decided := time.Now()
+	var buf [8]int
+	order, first := f.resolverOrder(buf[:0], decided)
 	var attempts []AttemptError // made only when an attempt fails
-	for i, pool := range f.pools {
+	for pos, i := range order {
 		deadline, _ := ctx.Deadline()
-		share := time.Until(deadline) / time.Duration(len(f.pools)-i)
+		share := time.Until(deadline) / time.Duration(len(order)-pos)
+		failover := pos+1 < len(order)
 		actx, acancel := ctx, context.CancelFunc(func() {})
-		if i+1 < len(f.pools) { // the last attempt has the whole rest anyway
+		if failover { // the last attempt has the whole rest anyway
 			actx, acancel = context.WithTimeout(ctx, share)
 		}
 		answersBefore := f.health[i].answers.Load()
-		err := try(actx, i, pool)
+		err := try(actx, i, failover)
 		acancel()
 		if err == nil {
 			f.answered(i)
@@ -533,14 +539,14 @@ func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Conte
 			err = fmt.Errorf("%w (within %s)", errNoAnswer, share.Round(time.Millisecond))
 		}
 		if countsAgainstResolver(err) {
-			f.failed(i, answersBefore, err)
+			f.failed(i, answersBefore, decided, pos >= first, err)
 		}
 		attempts = append(attempts, AttemptError{Resolver: f.cfg.Resolvers[i].String(), Err: err})
 		var noUDP errNoUDPAssociate
 		if ctx.Err() != nil || errors.Is(err, errForwarderClosed) || errors.As(err, &noUDP) {
 			break
 		}
-		if i+1 < len(f.pools) {
+		if failover {
 			f.stats.Failovers.Add(1)
 		}
 	}
@@ -548,9 +554,10 @@ func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Conte
 }
 
 // attempt asks resolver i over the configured transport. On the udp
-// transport a truncated answer is asked again over TCP.
-func (f *Forwarder) attempt(ctx context.Context, i int, pool *tcpPool, q *dns.Msg) (*dns.Msg, error) {
-	failover := i+1 < len(f.pools)
+// transport a truncated answer is asked again over TCP. failover says
+// another resolver is left to try (see tcpPool.exchange).
+func (f *Forwarder) attempt(ctx context.Context, i int, failover bool, q *dns.Msg) (*dns.Msg, error) {
+	pool := f.pools[i]
 	if f.udp == nil {
 		return pool.exchange(ctx, q, failover)
 	}

@@ -163,3 +163,134 @@ func TestSlowNameNotResolverFailure(t *testing.T) {
 		wg.Wait()
 	})
 }
+
+// revivableRelay is a fake association behind which the first resolver
+// (192.0.2.53) drops every datagram until alive is set; every query
+// answered is counted by the resolver asked (asked[0], asked[1]).
+type revivableRelay struct {
+	*fakeRelay
+	alive *atomic.Bool
+	asked *[2]atomic.Int64
+}
+
+func (r revivableRelay) WritePacket(buf []byte, off int, dst socksclient.Addr) error {
+	ap, _ := dst.AddrPort()
+	i := int(ap.Addr().As4()[3]) - 53
+	if i == 0 && !r.alive.Load() {
+		return nil
+	}
+	r.asked[i].Add(1)
+	return r.fakeRelay.WritePacket(buf, off, dst)
+}
+
+// TestFailingResolverTriedLast: with a dead first resolver (its datagrams
+// dropped beyond a working relay, the udp transport), the first query
+// waits its share of the timeout (5 s of 10 s) on it and fails over; the
+// queries after it go to the second resolver first and are answered at
+// once, until the backoff (1 s) is over: then one query tries the first
+// resolver again (a probe, waiting its share while the others still go to
+// the second) and, failing, starts a backoff twice as long. Once the
+// resolver answers again, a probe finds it and it is first again. Before,
+// every query waited its share on the dead resolver.
+func TestFailingResolverTriedLast(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeUDPForwarder(t, &fakeRelays{}, 2)
+		defer f.Close()
+		var (
+			alive atomic.Bool
+			asked [2]atomic.Int64
+		)
+		f.udp.associate = func(ctx context.Context) (relayConn, error) {
+			return revivableRelay{newFakeRelay(), &alive, &asked}, nil
+		}
+		// ask resolves a query and returns how long it took.
+		ask := func(name string) time.Duration {
+			t.Helper()
+			start := time.Now()
+			if _, err := f.Exchange(context.Background(), query(name, dns.TypeA, 1)); err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			return time.Since(start)
+		}
+		const share = 5 * time.Second // the first of two resolvers' share of 10 s
+		if d := ask("first.example"); d < share {
+			t.Fatalf("the first query took %v, want its share on the dead resolver first", d)
+		}
+		for i := range 5 {
+			if d := ask("next.example"); d != 0 {
+				t.Fatalf("query %d after the failure took %v, want the second resolver first", i, d)
+			}
+		}
+		time.Sleep(resolverBackoffMin)
+		// The backoff is over: one probe waits on the first resolver
+		// while the others are answered by the second.
+		probe := make(chan time.Duration, 1)
+		go func() { probe <- ask("probe.example") }()
+		synctest.Wait()
+		if d := ask("beside.example"); d != 0 {
+			t.Errorf("a query beside the probe took %v", d)
+		}
+		if d := <-probe; d < share {
+			t.Errorf("the probe took %v, want its share on the first resolver", d)
+		}
+		// The probe failed: 2 s now.
+		time.Sleep(2*resolverBackoffMin - time.Millisecond)
+		if d := ask("still.example"); d != 0 {
+			t.Errorf("within the doubled backoff a query took %v", d)
+		}
+		if n := f.Stats().Failovers.Load(); n != 2 {
+			t.Errorf("Failovers = %d, want the first query and the probe", n)
+		}
+		alive.Store(true)
+		time.Sleep(time.Millisecond)
+		ask("back.example") // the probe, answered
+		before := asked[1].Load()
+		for range 3 {
+			ask("again.example")
+		}
+		if n := asked[1].Load() - before; n != 0 {
+			t.Errorf("the second resolver asked %d times after the first answered again, want 0", n)
+		}
+	})
+}
+
+// TestSilentResolverTriedLastOverTCP: on the tcp transport, a first
+// resolver that accepts connections and never answers costs the first
+// query its share; later ones go to the second resolver first.
+func TestSilentResolverTriedLastOverTCP(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var (
+			logs syncBuffer
+			dead atomic.Bool
+			wg   sync.WaitGroup
+		)
+		f := newHealthForwarder(t, &logs, &dead)
+		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
+			client, server := net.Pipe()
+			wg.Go(func() { // reads queries, never answers
+				defer server.Close()
+				var lenBuf [2]byte
+				for {
+					if _, err := readTCPFrame(server, &lenBuf); err != nil {
+						return
+					}
+				}
+			})
+			return client, nil
+		}
+		start := time.Now()
+		wantAnswered(t, f, "first.example")
+		if d := time.Since(start); d < 5*time.Second {
+			t.Fatalf("the first query took %v, want its share on the silent resolver", d)
+		}
+		start = time.Now()
+		for range 5 {
+			wantAnswered(t, f, "next.example")
+		}
+		if d := time.Since(start); d != 0 {
+			t.Errorf("5 queries after the failure took %v, want the second resolver first", d)
+		}
+		f.Close()
+		wg.Wait()
+	})
+}

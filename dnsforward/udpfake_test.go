@@ -421,7 +421,9 @@ func TestExchangeFailsOverOnConnectionClosed(t *testing.T) {
 		f.Close()
 		_, err = f.Exchange(context.Background(), query("y.example", dns.TypeA, 6))
 		rerr, ok := errors.AsType[*ResolveError](err)
-		if !ok || len(rerr.Attempts) != 1 || !errors.Is(err, errForwarderClosed) || rerr.cause() != "192.0.2.53:53: shutting down" {
+		// The first resolver failed above: it is tried last now, and the
+		// attempt is on the second one.
+		if !ok || len(rerr.Attempts) != 1 || !errors.Is(err, errForwarderClosed) || rerr.cause() != "192.0.2.54:53: shutting down" {
 			t.Fatalf("after Close: %v, want one attempt that says the forwarder is closed", err)
 		}
 	})
@@ -601,8 +603,10 @@ func TestUDPDeadResolverKeepsAssociation(t *testing.T) {
 		if n := associations.Load(); n != 1 {
 			t.Errorf("%d UDP ASSOCIATEs for 6 queries answered on the first one, want 1", n)
 		}
-		if n := f.Stats().Failovers.Load(); n != 6 {
-			t.Errorf("Failovers = %d, want each query past the dead resolver", n)
+		// Both queries of a burst past the dead resolver at least in the
+		// first (later bursts try it once, a probe: see resolverHealth).
+		if n := f.Stats().Failovers.Load(); n < 2 {
+			t.Errorf("Failovers = %d, want the first burst's two queries past the dead resolver", n)
 		}
 	})
 }
