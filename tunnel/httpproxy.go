@@ -512,7 +512,7 @@ func (p *HTTPProxy) refusedByParser(c *clientConn, answer []byte) {
 	cause := "request refused by the HTTP parser: " + status
 	if ok, suppressed := p.refusals.Allow(cause); ok {
 		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", c.RemoteAddr().String()).
-			Int64("refused_since_last_line", suppressed).Msg(cause)
+			Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Msg(cause)
 	}
 }
 
@@ -559,7 +559,7 @@ func (p *HTTPProxy) authFailed(w http.ResponseWriter, r *http.Request) {
 	}
 	if ok, suppressed := p.refusals.Allow(cause); ok {
 		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).
-			Int64("refused_since_last_line", suppressed).Msg(cause)
+			Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Msg(cause)
 	}
 	if r.Method == http.MethodConnect {
 		// What the client sent behind its CONNECT (a TLS ClientHello) is

@@ -107,7 +107,7 @@ func (d *SOCKSDoor) serve(client net.Conn) {
 		d.stats.Requests[0].Add(1)
 		if ok, suppressed := f.refusals.Allow("command not supported"); ok {
 			f.sessionEvent(f.cfg.Logger.Info(), client, req.Addr).Str("cmd", req.Cmd.String()).
-				Int64("refused_since_last_line", suppressed).Msg("request refused: command not supported")
+				Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Msg("request refused: command not supported")
 		}
 		client.Close()
 		f.endSession(client, nil)
@@ -172,7 +172,7 @@ func (d *SOCKSDoor) handshakeFailed(client net.Conn, err error) {
 	}
 	if ok, suppressed := f.refusals.Allow(cause); ok {
 		f.cfg.Logger.Info().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).
-			Int64("refused_since_last_line", suppressed).Str("cause", cause).Err(err).Msg("socks handshake failed")
+			Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Str("cause", cause).Err(err).Msg("socks handshake failed")
 	}
 }
 
@@ -320,7 +320,7 @@ func (d *SOCKSDoor) clientGone(req *socksclient.ServerRequest, dialer *socksclie
 	f := d.TCPForward
 	if ok, suppressed := f.refusals.Allow("client gone before its reply"); ok {
 		f.sessionEvent(f.cfg.Logger.Info(), req.Conn, req.Addr).Str("cmd", req.Cmd.String()).Str("upstream", dialer.ProxyAddr).
-			Int64("refused_since_last_line", suppressed).Err(err).Dur("dur_ms", time.Since(start)).
+			Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Err(err).Dur("dur_ms", time.Since(start)).
 			Msg("session ended: the client hung up before its reply")
 	}
 }
@@ -366,7 +366,7 @@ func (d *SOCKSDoor) associate(req *socksclient.ServerRequest, start time.Time) {
 		req.Reply(socksclient.RepNotAllowed, socksclient.Addr{})
 		if ok, suppressed := f.refusals.Allow("udp source not allowed"); ok {
 			f.sessionEvent(f.cfg.Logger.Info(), client, req.Addr).Str("cmd", "udp associate").
-				Int64("refused_since_last_line", suppressed).Err(ErrNotAllowed).Msg("request refused: the UDP source it names is not allowed")
+				Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Err(ErrNotAllowed).Msg("request refused: the UDP source it names is not allowed")
 		}
 		client.Close() // not a reset: the refusal just written must arrive
 		f.endSession(client, nil)

@@ -225,7 +225,7 @@ func rejectConn(log zerolog.Logger, refusals *logthrottle.Throttle, stats *TCPSt
 	}
 	if ok, suppressed := refusals.Allow(err.Error()); ok {
 		log.Warn().Str("listener", name).Str("client", c.RemoteAddr().String()).
-			Int64("rejected_since_last_line", suppressed).Err(err).Msg("connection rejected")
+			Func(logthrottle.Repeats("rejected_since_last_line", suppressed)).Err(err).Msg("connection rejected")
 	}
 	abort(c)
 }
@@ -270,7 +270,7 @@ func (f *TCPForward) serveSession(client net.Conn) {
 		// per cause and period, with a count, not one per connection.
 		if ok, suppressed := f.refusals.Allow(err.Error()); ok {
 			f.cfg.Logger.Info().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).
-				Int64("refused_since_last_line", suppressed).Err(err).Msg("session refused")
+				Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Err(err).Msg("session refused")
 		}
 		abort(client)
 		f.endSession(client, nil)

@@ -728,14 +728,14 @@ func (s *udpSession) associate() bool {
 			t.stats.AssociateFailures.Add(1)
 			if ok, suppressed := t.logs.Allow(causeAssociate); ok {
 				t.logger.Warn().Err(err).Str("listener", t.name).Str("upstream", s.upstream).
-					Int64("failures_since_last_line", suppressed).Msg("UDP associate failing")
+					Func(logthrottle.Repeats("failures_since_last_line", suppressed)).Msg("UDP associate failing")
 			}
 		}
 		return false
 	}
 	if suppressed, seen := t.logs.Reset(causeAssociate); seen {
 		t.logger.Info().Str("listener", t.name).Str("upstream", s.upstream).
-			Int64("failures_since_last_line", suppressed).Msg("UDP associate works again")
+			Func(logthrottle.Repeats("failures_since_last_line", suppressed)).Msg("UDP associate works again")
 	}
 	s.lastErr = nil
 	a.CountInto(&t.stats.Association)
