@@ -436,7 +436,7 @@ func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr, progress *ha
 	reply, err := readReplyOrRefusal(conn, (*[maxAddrFrame]byte)(buf))
 	if err == io.EOF {
 		if cmd == CmdConnect {
-			return Reply{}, ErrNoReply
+			return Reply{}, &noReplyError{target: target}
 		}
 		return Reply{}, unsupportedError{cmd}
 	}

@@ -31,6 +31,12 @@ var (
 	ErrNoReply = errors.New("socks: server closed the connection without replying to the request (ssh -D does so when it cannot reach the target)")
 )
 
+// noReplyError is ErrNoReply for one target.
+type noReplyError struct{ target Addr }
+
+func (e *noReplyError) Error() string        { return ErrNoReply.Error() }
+func (e *noReplyError) Is(target error) bool { return target == ErrNoReply }
+
 // ReplyError is a server's refusal: a reply whose REP is not 0.
 type ReplyError struct {
 	Cmd  Command

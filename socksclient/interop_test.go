@@ -77,7 +77,7 @@ func TestBindSSHUnsupported(t *testing.T) {
 // TestSSHTargetFailureKeepsUpstreamUp: ssh -D answers a CONNECT whose
 // target fails (a closed port, a name that does not resolve) by closing
 // without a reply. That is ErrNoReply, and the proxy, which works, is
-// not reported down for it.
+// not reported down for it, nor for an app retrying a dead target.
 func TestSSHTargetFailureKeepsUpstreamUp(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts sshd")
@@ -95,7 +95,12 @@ func TestSSHTargetFailureKeepsUpstreamUp(t *testing.T) {
 		defer mu.Unlock()
 		changes = append(changes, fmt.Sprintf("%s up=%v: %v", proxy, up, cause))
 	})
-	for _, target := range []socksclient.Addr{closed, {Name: "no-such-host.invalid", Port: 80}} {
+	// An app retrying a dead target: a dozen closes for one target.
+	targets := []socksclient.Addr{{Name: "no-such-host.invalid", Port: 80}}
+	for range 12 {
+		targets = append(targets, closed)
+	}
+	for _, target := range targets {
 		_, _, err := u.DialAddr(context.Background(), target)
 		if !errors.Is(err, socksclient.ErrNoReply) {
 			t.Errorf("dial %v through ssh -D: %v, want ErrNoReply", target, err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -88,14 +89,22 @@ type health struct {
 	backoff   time.Duration // the last backoff; 0 while up
 	retired   bool          // no longer in the list: changes go unreported
 	noReplies int           // requests closed without a reply since the last success
+	// noReplyTargets: the distinct targets of those, up to
+	// noReplyTargetsLimit.
+	noReplyTargets []Addr
 }
 
-// noReplyLimit is how many requests in a row, with no success between,
-// a proxy may close without a reply before it counts as down: one is ssh
-// -D's answer for a target it cannot reach; a run of them with nothing
-// carried is a proxy that carries nothing (ssh -D whose server forbids
-// forwarding, a broken proxy).
-const noReplyLimit = 10
+// A proxy that closes noReplyLimit requests in a row without a reply,
+// with no success between and for at least noReplyTargetsLimit distinct
+// targets, counts as down: one such close is ssh -D's answer for a target
+// it cannot reach, and a run of them for one target is that target being
+// down (an app retrying a dead database); a run across targets with
+// nothing carried is a proxy that carries nothing (ssh -D whose server
+// forbids forwarding, a broken proxy).
+const (
+	noReplyLimit        = 10
+	noReplyTargetsLimit = 3
+)
 
 // UpstreamStatus is one upstream's health as Status reports it.
 type UpstreamStatus struct {
@@ -356,7 +365,7 @@ func (u *Upstreams) markDown(up *upstream, decided, started time.Time, cause err
 func (u *Upstreams) markUp(up *upstream) {
 	u.mu.Lock()
 	down := up.h.down
-	up.h.noReplies = 0
+	up.h.noReplies, up.h.noReplyTargets = 0, up.h.noReplyTargets[:0]
 	u.mu.Unlock()
 	if !down { // the common case: no change, no notification lock
 		return
@@ -643,14 +652,19 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 // noReply counts a request up closed without a reply, and returns why
 // it is down once noReplyLimit came in a row.
 func (u *Upstreams) noReply(up *upstream, err error) error {
+	var nr *noReplyError
 	u.mu.Lock()
-	up.h.noReplies++
-	n := up.h.noReplies
+	h := up.h
+	h.noReplies++
+	if errors.As(err, &nr) && len(h.noReplyTargets) < noReplyTargetsLimit && !slices.Contains(h.noReplyTargets, nr.target) {
+		h.noReplyTargets = append(h.noReplyTargets, nr.target)
+	}
+	n, targets := h.noReplies, len(h.noReplyTargets)
 	u.mu.Unlock()
-	if n < noReplyLimit {
+	if n < noReplyLimit || targets < noReplyTargetsLimit {
 		return nil
 	}
-	return fmt.Errorf("%d requests in a row closed without a reply, none carried: %w", n, err)
+	return fmt.Errorf("%d requests in a row, to %d or more targets, closed without a reply, none carried: %w", n, targets, err)
 }
 
 // localShortage reports whether err is this host running out of something

@@ -1021,21 +1021,36 @@ func TestIsProxyAddrKeptOverReload(t *testing.T) {
 
 // TestNoReplyEveryTime: a proxy that closes every CONNECT without a reply
 // (ssh -D whose server forbids forwarding, a broken proxy) carries
-// nothing: after noReplyLimit in a row it is down and tried last, where
-// one such close (ssh -D's answer for a target it cannot reach) says
-// nothing (TestHedgeTargetAnswer).
+// nothing: after noReplyLimit in a row, to several targets, it is down
+// and tried last. The same run for one target is that target being down
+// (an app retrying a dead database through ssh -D): the proxy stays up,
+// as after one such close (TestHedgeTargetAnswer).
 func TestNoReplyEveryTime(t *testing.T) {
+	target := func(i int) Addr {
+		return Addr{IP: netip.AddrFrom4([4]byte{192, 0, 2, byte(1 + i%noReplyTargetsLimit)}), Port: 80}
+	}
 	synctest.Test(t, func(t *testing.T) {
 		broken := &fakeProxy{name: "broken:1080", mode: proxyNoReply}
 		ok := &fakeProxy{name: "ok:1080"}
 		var log stateLog
 		u := group(&log, broken, ok)
-		for range noReplyLimit {
-			dialOK(t, context.Background(), u, ok)
+		for range 2 * noReplyLimit {
+			dialOK(t, context.Background(), u, ok) // one target
+		}
+		synctest.Wait()
+		if log.String() != "" {
+			t.Fatalf("after %d requests for one target closed without a reply: state changes %q, want none", 2*noReplyLimit, log.String())
+		}
+		for i := range noReplyLimit {
+			c, d, err := u.DialAddr(context.Background(), target(i))
+			if err != nil || d.ProxyAddr != "ok:1080" {
+				t.Fatalf("dial %d: %v through %v", i, err, d)
+			}
+			c.Close()
 		}
 		synctest.Wait()
 		if log.String() != "broken:1080 down" || !errors.Is(log.cause(0), ErrNoReply) {
-			t.Fatalf("after %d requests closed without a reply: state changes %q (%v), want it down", noReplyLimit, log.String(), log.cause(0))
+			t.Fatalf("after requests to %d targets closed without a reply: state changes %q (%v), want it down", noReplyTargetsLimit, log.String(), log.cause(0))
 		}
 		before := broken.dials.Load()
 		dialOK(t, context.Background(), u, ok) // in its backoff: the other first
