@@ -390,3 +390,23 @@ func TestConsoleLogWithoutTerminal(t *testing.T) {
 		t.Errorf("console log into a buffer: %q; want no escapes and dur_ms=1.5", out)
 	}
 }
+
+// TestRedactionMarkOnlyInline: the redaction mark is refused only where
+// --print-config writes it, a whole inline password; a door password
+// holding it after a comma, or a password file holding it, is a password.
+func TestRedactionMarkOnlyInline(t *testing.T) {
+	pw := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(pw, []byte("xxxxx\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	noEnv := func(string) string { return "" }
+	for _, args := range [][]string{
+		{"-S", "p:1", "--http", "3128", "--http-auth", "alice:pa,bob:xxxxx", "--print-config"},
+		{"-S", "socks5h://bob@p:1", "--server-password-file", pw, "-L", "1:h:1", "--print-config"},
+	} {
+		var out, errOut strings.Builder
+		if code := run(append([]string{"socksfwd"}, args...), &out, &errOut, noEnv); code != exitOK {
+			t.Errorf("%q: exit %d: %s", args, code, errOut.String())
+		}
+	}
+}

@@ -343,10 +343,9 @@ func doorCredentials(flag, value, file string, parse func(string) (*tunnel.Proxy
 	if value == "" {
 		return nil, nil
 	}
-	for _, entry := range strings.Split(value, ",") {
-		if _, pass, _ := strings.Cut(strings.TrimSpace(entry), ":"); pass == redactedMark {
-			return nil, usagef("%s: %s", flag, redactedMarkHint)
-		}
+	if _, pass, _ := strings.Cut(value, ":"); file == "" && pass == redactedMark {
+		// Only a value given inline: --print-config writes no files.
+		return nil, usagef("%s: %s", flag, redactedMarkHint)
 	}
 	// The error never quotes the value: it holds a password.
 	creds, err := parse(value)

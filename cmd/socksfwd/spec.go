@@ -246,11 +246,24 @@ func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, er
 		// password, the username is a piece of that password.
 		return nil, usagef("-S …@%s: the username has no password (use user:pass@, or the user and --server-password-file)", cut(hostport))
 	}
-	if d.Password == redactedMark {
+	if p, ok := urlPassword(raw); ok && p == redactedMark {
+		// Only one in the URL: --print-config writes no password files.
 		return nil, usagef("-S …@%s: %s", cut(hostport), redactedMarkHint)
 	}
 	d.ProxyAddr = hostport
 	return d, nil
+}
+
+// urlPassword is the password a -S value's URL holds, if any.
+func urlPassword(raw string) (string, bool) {
+	if !strings.Contains(raw, "://") {
+		raw = "socks5h://" + raw
+	}
+	u, err := url.Parse(raw)
+	if err != nil || u.User == nil {
+		return "", false
+	}
+	return u.User.Password()
 }
 
 // redactedMark is what --print-config shows for a password; taken back
