@@ -357,10 +357,11 @@ func portInBareIPv6(server string) string {
 	}
 	i := strings.LastIndex(server, ":")
 	last := server[i+1:]
-	if len(last) < 2 || strings.Trim(last, "0123456789") != "" {
+	rest, err := netip.ParseAddr(server[:i]) // what remains must be an address too
+	if len(last) < 2 || strings.Trim(last, "0123456789") != "" || err != nil || !rest.Is6() {
 		return ""
 	}
-	return fmt.Sprintf("-S %s is taken as the IPv6 address %s, port %s; if %s is the port, write [%s]:%s", server, ip, defaultProxyPort, last, server[:i], last)
+	return fmt.Sprintf("-S %s is taken as the IPv6 address %s, port %s; if %s is the port, write [%s]:%s", server, ip, defaultProxyPort, last, rest, last)
 }
 
 // setIn returns the context that sets option name on the command line:

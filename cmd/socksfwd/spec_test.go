@@ -180,7 +180,7 @@ func TestPortInBareIPv6(t *testing.T) {
 	if w := portInBareIPv6("2001:db8::1:1080"); !strings.Contains(w, "write [2001:db8::1]:1080") {
 		t.Errorf("2001:db8::1:1080: %q", w)
 	}
-	for _, s := range []string{"::1", "[::1]:1080", "proxy:1080", "socks5h://[2001:db8::1]:1080", "2001:db8::a"} {
+	for _, s := range []string{"::1", "[::1]:1080", "proxy:1080", "socks5h://[2001:db8::1]:1080", "2001:db8::a", "fd00::10", "2001:db8::53"} {
 		if w := portInBareIPv6(s); w != "" {
 			t.Errorf("%s: %q, want no warning", s, w)
 		}
