@@ -294,6 +294,9 @@ func (b *Binding) NetConn() net.Conn { return b.conn }
 type handshakeProgress struct {
 	proxyAt time.Time // when connecting to the proxy began; zero if it never did (local resolution failed)
 	greeted bool      // the proxy answered the method selection and, if used, authentication
+	// selected: the proxy answered the method selection (its timeout,
+	// until greeted, is the authentication's).
+	selected bool
 }
 
 // progressKey carries a *handshakeProgress in a request's context, as
@@ -341,8 +344,11 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 	if !stop() {
 		conn.Close()
 		stage := stageGreeting
-		if progress.greeted {
+		switch {
+		case progress.greeted:
 			stage = stageRequest
+		case progress.selected:
+			stage = stageAuth
 		}
 		return nil, Reply{}, timeoutCause(ctx, hctx, timeout, hctx.Err(), stage)
 	}
@@ -419,7 +425,11 @@ func (d *Dialer) handshake(conn net.Conn, cmd Command, target Addr, progress *ha
 		handshakeBufs.Put(hb)
 	}()
 	buf := hb[:]
-	if _, _, err := d.greet(conn, buf[:0]); err != nil {
+	_, selected, err := d.greet(conn, buf[:0])
+	if progress != nil {
+		progress.selected = selected
+	}
+	if err != nil {
 		return Reply{}, err
 	}
 	if progress != nil {

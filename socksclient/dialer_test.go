@@ -590,3 +590,35 @@ func TestLocalResolutionUsesDefaultResolver(t *testing.T) {
 	}
 	c.Close()
 }
+
+// TestHandshakeTimeoutInAuthentication: a proxy that picks
+// username/password and never answers it is said to have hung on the
+// authentication, not on the greeting.
+func TestHandshakeTimeoutInAuthentication(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		buf := make([]byte, 4)
+		io.ReadFull(c, buf) // 05 02 00 02
+		c.Write([]byte{5, 2})
+		<-done
+	}()
+	d := socksclient.Dialer{ProxyAddr: ln.Addr().String(), Username: "u", Password: "p", HandshakeTimeout: 300 * time.Millisecond}
+	_, err = d.DialContext(context.Background(), "tcp", "example.com:80")
+	if err == nil {
+		t.Fatal("no error")
+	}
+	if !strings.Contains(err.Error(), "(no answer to the authentication)") {
+		t.Errorf("the proxy answered the greeting and hung on the authentication; error: %v", err)
+	}
+}
