@@ -13,6 +13,7 @@ import (
 	"github.com/miekg/dns"
 
 	"github.com/socksfwd/socksfwd/internal/allowlist"
+	"github.com/socksfwd/socksfwd/internal/bindaddr"
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
 
@@ -81,11 +82,11 @@ func Listen(addr string) (net.PacketConn, net.Listener, error) {
 		tries = 20
 	}
 	for i := 0; ; i++ {
-		pc, err := net.ListenPacket("udp", addr)
+		pc, err := net.ListenPacket(bindaddr.Network("udp", addr), addr)
 		if err != nil {
 			return nil, nil, err
 		}
-		ln, err := net.Listen("tcp", pc.LocalAddr().String())
+		ln, err := net.Listen(bindaddr.Network("tcp", addr), pc.LocalAddr().String())
 		if err == nil {
 			return pc, ln, nil
 		}

@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/socksfwd/socksfwd/internal/bindaddr"
 	"github.com/socksfwd/socksfwd/internal/udpbatch"
 )
 
@@ -23,7 +24,7 @@ import (
 // ErrTransparentUDPNeedsNetAdmin.
 func ListenTransparentUDP(addr string) (*net.UDPConn, error) {
 	lc := net.ListenConfig{Control: ControlTransparentUDP}
-	pc, err := lc.ListenPacket(context.Background(), "udp", addr)
+	pc, err := lc.ListenPacket(context.Background(), bindaddr.Network("udp", addr), addr)
 	if err != nil {
 		return nil, err
 	}

@@ -10,6 +10,7 @@ import (
 	"syscall"
 
 	"github.com/socksfwd/socksfwd/dnsforward"
+	"github.com/socksfwd/socksfwd/internal/bindaddr"
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/tunnel"
 )
@@ -58,7 +59,7 @@ func (s *supervisor) open(l listenPlan) (sockets, error) {
 		control = sockbuf.CapLoopbackTCP
 		bind = func() (sockets, error) {
 			lc := net.ListenConfig{KeepAlive: -1, Control: control}
-			ln, err := lc.Listen(context.Background(), family("tcp", l.addr), l.addr)
+			ln, err := lc.Listen(context.Background(), bindaddr.Network("tcp", l.addr), l.addr)
 			return sockets{ln: ln}, err
 		}
 	case kindTransparent:
@@ -69,12 +70,12 @@ func (s *supervisor) open(l listenPlan) (sockets, error) {
 			return sockbuf.CapLoopbackTCP(network, address, c)
 		}
 		bind = func() (sockets, error) {
-			ln, err := tunnel.ListenTransparent(context.Background(), "tcp", l.addr, sockbuf.CapLoopbackTCP)
+			ln, err := tunnel.ListenTransparent(context.Background(), bindaddr.Network("tcp", l.addr), l.addr, sockbuf.CapLoopbackTCP)
 			return sockets{ln: ln}, err
 		}
 	case kindUDP:
 		bind = func() (sockets, error) {
-			pc, err := net.ListenPacket(family("udp", l.addr), l.addr)
+			pc, err := net.ListenPacket(bindaddr.Network("udp", l.addr), l.addr)
 			if err != nil {
 				return sockets{}, err
 			}
@@ -168,28 +169,17 @@ func (p *passedSocket) adoptInto(socks *sockets, control socketControl) error {
 func (ss *sockets) bindTwin() error {
 	switch {
 	case ss.ln == nil:
-		ln, err := net.Listen("tcp", ss.pc.LocalAddr().String())
+		ln, err := net.Listen(bindaddr.Network("tcp", ss.pc.LocalAddr().String()), ss.pc.LocalAddr().String())
 		ss.ln = ln
 		return err
 	case ss.pc == nil:
-		pc, err := net.ListenPacket("udp", ss.ln.Addr().String())
+		pc, err := net.ListenPacket(bindaddr.Network("udp", ss.ln.Addr().String()), ss.ln.Addr().String())
 		if err != nil {
 			return err
 		}
 		ss.pc = pc.(*net.UDPConn)
 	}
 	return nil
-}
-
-// family is network for addr, IPv4 only for an IPv4 address: Go binds
-// 0.0.0.0 as [::], both families, where 0.0.0.0 means IPv4 alone to ssh
-// -L and to every socket API ("*" or an empty bind is both).
-func family(network, addr string) string {
-	host, _, _ := net.SplitHostPort(addr)
-	if ip, err := netip.ParseAddr(host); err == nil && ip.Is4() {
-		return network + "4"
-	}
-	return network
 }
 
 // plainTCP reports whether a listener kind opens a plain TCP socket, all

@@ -160,8 +160,8 @@ func TestUpstreamDownIsAWarning(t *testing.T) {
 	}
 }
 
-// TestBindIPv4WildcardIsIPv4Only: -L 0.0.0.0:P binds IPv4 alone, as ssh
-// does (Go's own "tcp" would take [::]:P, both families); * binds both.
+// TestBindIPv4WildcardIsIPv4Only: -L and --dns 0.0.0.0:P bind IPv4
+// alone, as ssh does (Go's own "tcp" would take [::]:P, both families).
 func TestBindIPv4WildcardIsIPv4Only(t *testing.T) {
 	verifyNoLeaks(t)
 	if ln, err := net.Listen("tcp6", "[::1]:0"); err != nil {
@@ -170,14 +170,24 @@ func TestBindIPv4WildcardIsIPv4Only(t *testing.T) {
 		ln.Close()
 	}
 	echo := testnet.Echo(t).Addr().String()
-	p := freePort(t)
-	d := startDaemon(t, "-S", newSocks(t).Addr(), "-L", "0.0.0.0:"+p+":"+echo, "--allow", "127.0.0.0/8")
+	p, q := freePort(t), freePort(t)
+	d := startDaemon(t, "-S", newSocks(t).Addr(), "-L", "0.0.0.0:"+p+":"+echo, "--dns", "0.0.0.0:"+q, "--dns-upstream", "192.0.2.53", "--allow", "127.0.0.0/8")
 	d.waitFor("forwarding", 1)
+	d.waitFor("DNS on", 1)
 	ln, err := net.Listen("tcp6", "[::]:"+p)
 	if err != nil {
 		t.Fatalf("-L 0.0.0.0:%s holds the IPv6 port too: %v", p, err)
 	}
 	ln.Close()
+	if ln, err = net.Listen("tcp6", "[::]:"+q); err != nil {
+		t.Fatalf("--dns 0.0.0.0:%s holds the IPv6 TCP port too: %v", q, err)
+	}
+	ln.Close()
+	pc, err := net.ListenPacket("udp6", "[::]:"+q)
+	if err != nil {
+		t.Fatalf("--dns 0.0.0.0:%s holds the IPv6 UDP port too: %v", q, err)
+	}
+	pc.Close()
 	if err := hold(t, "127.0.0.1:"+p).finish(); err != nil {
 		t.Errorf("through -L 0.0.0.0:%s over IPv4: %v", p, err)
 	}

@@ -1,0 +1,19 @@
+// Package bindaddr says which network a listener binds for an address.
+package bindaddr
+
+import (
+	"net"
+	"net/netip"
+)
+
+// Network is network ("tcp" or "udp") for addr, IPv4 only ("tcp4") for
+// an IPv4 address: Go binds 0.0.0.0 as [::], both families, where
+// 0.0.0.0 means IPv4 alone to ssh -L and to every socket API (an empty
+// host, or "*" made empty, is both).
+func Network(network, addr string) string {
+	host, _, _ := net.SplitHostPort(addr)
+	if ip, err := netip.ParseAddr(host); err == nil && ip.Is4() {
+		return network + "4"
+	}
+	return network
+}
