@@ -190,6 +190,6 @@ func (f *Forwarder) logHealthLocked(i int, h *resolverHealth) {
 		}
 		return
 	}
-	f.cfg.Logger.Info().Str("resolver", resolver).Dur("failing_for", now.Sub(h.since)).
+	f.cfg.Logger.Info().Str("resolver", resolver).Dur("failing_for_ms", now.Sub(h.since)).
 		Func(logthrottle.Repeats("changes_since_last_line", more)).Msg("DNS resolver answers again")
 }

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 
 	"golang.org/x/net/idna"
 )
@@ -78,6 +79,17 @@ func asciiName(name string) (string, error) {
 		return name, nil
 	}
 	ascii, err := idnaLookup.ToASCII(name)
+	if err == nil {
+		// Without STD3's rules the mapping may yield what no host name
+		// holds (an ideographic space maps to a space): letters, digits,
+		// '-', '_' and '.' only.
+		for i := 0; i < len(ascii); i++ {
+			if c := ascii[i] | 0x20; !(c >= 'a' && c <= 'z' || ascii[i] >= '0' && ascii[i] <= '9' || strings.IndexByte("-_.", ascii[i]) >= 0) {
+				err = fmt.Errorf("it maps to %q", ascii)
+				break
+			}
+		}
+	}
 	if err != nil {
 		return "", fmt.Errorf("host name %q is not a valid internationalized name: %w", name, err)
 	}

@@ -265,6 +265,8 @@ func TestParseAddr(t *testing.T) {
 		{"bücher.example:443", Addr{Name: "xn--bcher-kva.example", Port: 443}, false},
 		{"_sip._tcp.example:5060", Addr{Name: "_sip._tcp.example", Port: 5060}, false},
 		{"_dmarc.bücher.example:53", Addr{Name: "_dmarc.xn--bcher-kva.example", Port: 53}, false},
+		{"bü\u3000cher.example:80", Addr{}, true}, // an ideographic space maps to a space
+		{"bü/cher.example:80", Addr{}, true},
 		{"bad host:80", Addr{}, true},
 		{"bad\x00host:80", Addr{}, true},
 		{"\u00ad:80", Addr{}, true}, // maps to nothing: an empty name
