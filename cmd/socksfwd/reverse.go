@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
+	"github.com/socksfwd/socksfwd/internal/sockmark"
 	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/tunnel"
 )
@@ -53,8 +54,9 @@ func (s *supervisor) newReverse(l listenPlan) (*tunnel.Reverse, error) {
 		Upstreams:   s.ups,
 		IdleTimeout: time.Duration(s.plan.cfg.IdleTimeout),
 		CopyMode:    s.plan.copyMode,
-		// As a -L listener's connections: small buffers toward this host.
-		TargetControl: sockbuf.CapLoopbackTCP,
+		// As a -L listener's connections: small buffers toward this host;
+		// and the mark, so that capture rules leave the dial alone.
+		TargetControl: sockmark.Chain(sockbuf.CapLoopbackTCP, markControl(s.plan.cfg.Mark)),
 		OnListen:      func(a socksclient.Addr) { s.remotes.set(key, a) },
 		OnRearm:       func(re tunnel.Rearm) { s.tel.rearmHistogram(rev.Name()).Update(re.Gap.Seconds()) },
 		Logger:        s.log,
@@ -201,4 +203,12 @@ func (r *remoteAddrs) remove() {
 		os.Remove(r.path)
 		r.wrote = false
 	}
+}
+
+// markControl sets --mark on a socket, or is nil without one.
+func markControl(mark Mark) sockmark.ControlFunc {
+	if mark == 0 {
+		return nil
+	}
+	return sockmark.Control(uint32(mark))
 }

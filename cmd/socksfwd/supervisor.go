@@ -473,6 +473,11 @@ func directDialer(mark Mark) func(ctx context.Context, network, address string) 
 	d := &net.Dialer{}
 	if mark != 0 {
 		d.Control = sockmark.Control(uint32(mark))
+		// The name's lookup too, as the upstreams' (Dialer.LookupControl).
+		d.Resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
+			rd := net.Dialer{Control: d.Control}
+			return rd.DialContext(ctx, network, address)
+		}}
 	}
 	return d.DialContext
 }
