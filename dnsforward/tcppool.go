@@ -21,8 +21,7 @@ import (
 var errConnDead = errors.New("dns over tcp: the connection to the resolver closed")
 
 // errStalled ends a connection on which a query timed out with nothing
-// read since it was sent, once the queries still on it are done (see
-// pipeConn.stall).
+// read since it was sent.
 var errStalled = errors.New("dns over tcp: no answer on the connection while a query waited")
 
 // errIdle ends a connection that carried nothing for the idle timeout.
@@ -65,9 +64,8 @@ func (e *errBackoff) Unwrap() error { return e.last }
 // pool grows, up to size connections, and beyond that queries wait for a
 // free slot (within their deadline). Queries on a connection the resolver
 // closed are sent again on another one. A connection on which a query
-// times out with nothing read meanwhile takes no new query and is closed
-// once the queries on it are done (see pipeConn.stall); it no longer
-// counts against size. Idle connections are closed after idleTimeout.
+// times out with nothing read meanwhile is closed. Idle connections are
+// closed after idleTimeout.
 type tcpPool struct {
 	dial        func(ctx context.Context) (net.Conn, error)
 	size        int
@@ -144,7 +142,7 @@ func (p *tcpPool) exchangeWire(ctx context.Context, wire []byte, failover bool) 
 			return nil, err
 		}
 		resp, err := pc.exchange(ctx, wire)
-		pc.release()
+		pc.load.Add(-1)
 		if !errors.Is(err, errConnDead) || ctx.Err() != nil || sends >= maxTCPSends {
 			return resp, err
 		}
@@ -175,9 +173,9 @@ func (p *tcpPool) get(ctx context.Context, failFast bool) (*pipeConn, error) {
 			p.mu.Unlock()
 			return nil, errForwarderClosed
 		}
-		best, usable := p.leastLoaded()
+		best := p.leastLoaded()
 		free := best != nil && int(best.load.Load()) < p.pipeline
-		room := usable+p.dialing < p.size
+		room := len(p.conns)+p.dialing < p.size
 		if free && (best.load.Load() == 0 || !room) {
 			return p.take(best), nil
 		}
@@ -235,28 +233,22 @@ func (p *tcpPool) changedLocked() <-chan struct{} {
 }
 
 // leastLoaded drops dead connections and returns the live one with the
-// fewest queries in flight (nil if none) and how many take new queries:
-// a stalled connection (see pipeConn.stall) stays in p.conns, so that
-// close ends it, but is neither chosen nor counted. Called with p.mu
-// held.
-func (p *tcpPool) leastLoaded() (best *pipeConn, usable int) {
+// fewest queries in flight (nil if none). Called with p.mu held.
+func (p *tcpPool) leastLoaded() *pipeConn {
+	var best *pipeConn
 	live := p.conns[:0]
 	for _, c := range p.conns {
 		if c.dead.Load() {
 			continue
 		}
 		live = append(live, c)
-		if c.draining.Load() {
-			continue
-		}
-		usable++
 		if best == nil || c.load.Load() < best.load.Load() {
 			best = c
 		}
 	}
 	clear(p.conns[len(live):])
 	p.conns = live
-	return best, usable
+	return best
 }
 
 // take reserves a slot on c and unlocks p.mu.
@@ -278,7 +270,7 @@ func (p *tcpPool) dialNew(ctx context.Context) (*pipeConn, error) {
 		if ctx.Err() == nil { // our caller giving up is not the resolver's failure
 			p.failedLocked(err)
 		}
-		if best, _ := p.leastLoaded(); best != nil && int(best.load.Load()) < p.pipeline {
+		if best := p.leastLoaded(); best != nil && int(best.load.Load()) < p.pipeline {
 			return p.take(best), nil // a busy connection beats none
 		}
 		p.mu.Unlock()
@@ -359,9 +351,6 @@ type pipeConn struct {
 	pool *tcpPool
 	load atomic.Int32 // slots taken: queries on it or about to be
 	dead atomic.Bool
-	// draining: a query timed out on it with nothing read (see stall); it
-	// takes no new query and is closed when load falls to 0.
-	draining atomic.Bool
 	// frames counts the messages read: a query that times out with none
 	// read since it was sent finds the connection stuck (see exchange).
 	frames atomic.Uint64
@@ -429,34 +418,9 @@ func (c *pipeConn) exchange(ctx context.Context, wire []byte) ([]byte, error) {
 			// resolver hangs on this connection, or the proxy's side of
 			// it is gone without a FIN. Kept, it would be taken by every
 			// later query (it has a free slot) and time them all out.
-			c.stall()
+			c.fail(errStalled)
 		}
 		return nil, ctx.Err()
-	}
-}
-
-// stall takes c out of use after a query timed out on it with nothing
-// read: no new query is given it, and the last query on it to end closes
-// it (release). It is not closed at once: the queries still on it may be
-// within their own deadlines and their answers due (a slow resolver, not
-// a stuck one), and a query sent again on a new connection would wait
-// for its answer afresh. Queries waiting for room in the pool are woken:
-// c no longer counts against its size.
-func (c *pipeConn) stall() {
-	if c.draining.Swap(true) {
-		return
-	}
-	p := c.pool
-	p.mu.Lock()
-	p.notifyLocked()
-	p.mu.Unlock()
-}
-
-// release gives back a slot that get took on c; the last query to leave
-// a stalled connection closes it.
-func (c *pipeConn) release() {
-	if c.load.Add(-1) == 0 && c.draining.Load() {
-		c.fail(errStalled)
 	}
 }
 
