@@ -92,9 +92,12 @@ type association struct {
 // after sending sends datagrams on it with none read since the first
 // (when a had read datagramsBefore), and ends a once maxSilentQueries did
 // in a row: the queries on it then send again on a new one. Only a
-// resolver that has answered on a counts (see maxSilentQueries).
+// resolver that has answered on a counts (a dead one among live ones
+// must not condemn the association), or any while nothing at all has
+// been read on a (one silent from its start).
 func (a *association) timedOutSilently(i, sends int, datagramsBefore uint64) {
-	if sends < 2 || !a.answeredBy[i].Load() || a.datagrams.Load() != datagramsBefore {
+	read := a.datagrams.Load()
+	if sends < 2 || read != datagramsBefore || read != 0 && !a.answeredBy[i].Load() {
 		return
 	}
 	if a.silent.Add(1) >= maxSilentQueries {
