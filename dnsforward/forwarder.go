@@ -139,6 +139,7 @@ const MaxCountedRcode = dns.RcodeBadCookie
 // Forwarder answers DNS queries by forwarding them through the proxy.
 type Forwarder struct {
 	cfg      Config
+	created  time.Time // the monotonic clock's origin for backoffs
 	pools    []*tcpPool
 	udp      *udpTransport // nil for the tcp transport
 	cache    *cache        // nil when disabled
@@ -176,7 +177,7 @@ func New(cfg Config) (*Forwarder, error) {
 	if cfg.MaxConcurrent <= 0 {
 		cfg.MaxConcurrent = DefaultMaxConcurrent
 	}
-	f := &Forwarder{cfg: cfg, cache: newCache(cfg.CacheSize), stats: cfg.Stats, failLog: logthrottle.New(failureLogPeriod),
+	f := &Forwarder{cfg: cfg, created: time.Now(), cache: newCache(cfg.CacheSize), stats: cfg.Stats, failLog: logthrottle.New(failureLogPeriod),
 		health: make([]resolverHealth, len(cfg.Resolvers))}
 	f.life, f.endLife = context.WithCancel(context.Background())
 	if f.stats == nil {

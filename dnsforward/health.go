@@ -47,8 +47,8 @@ type resolverHealth struct {
 	// resolver is failing or the last line said so. Otherwise an answer
 	// costs two atomic operations and no lock.
 	watch atomic.Bool
-	// downUntil: while failing, queries deciding before this time (in
-	// Unix nanoseconds) try it after the others; 0 while it is not.
+	// downUntil: while failing, queries deciding before this time (see
+	// monotonic) try it after the others; 0 while it is not.
 	downUntil atomic.Int64
 
 	mu       sync.Mutex
@@ -119,15 +119,20 @@ func (f *Forwarder) failed(i int, answersBefore uint64, decided time.Time, tried
 	case !h.failing:
 		h.failing, h.since = true, now
 		h.backoff = resolverBackoffMin
-		h.downUntil.Store(now.Add(h.backoff).UnixNano())
+		h.downUntil.Store(f.monotonic(now.Add(h.backoff)))
 		h.unlogged++
 	case !triedLast && !decided.Before(h.since):
 		h.backoff = min(2*h.backoff, resolverBackoffMax)
-		h.downUntil.Store(now.Add(h.backoff).UnixNano())
+		h.downUntil.Store(f.monotonic(now.Add(h.backoff)))
 	}
 	h.cause = err
 	f.logHealthLocked(i, h)
 }
+
+// monotonic is t as nanoseconds on the monotonic clock since f was made
+// (at least 1): a wall clock stepped back (NTP at boot) must not stretch
+// a backoff.
+func (f *Forwarder) monotonic(t time.Time) int64 { return max(int64(t.Sub(f.created)), 1) }
 
 // triedLast reports whether a query deciding at now (Unix nanoseconds)
 // tries the resolver after the others: it is failing and its backoff is
@@ -151,7 +156,7 @@ func (h *resolverHealth) triedLast(now int64, probeFor time.Duration) bool {
 // first of them are tried in their place. No allocation while order has
 // room.
 func (f *Forwarder) resolverOrder(order []int, decided time.Time) (_ []int, first int) {
-	now := decided.UnixNano()
+	now := f.monotonic(decided)
 	var lastBuf [8]int
 	last := lastBuf[:0]
 	for i := range f.health {
