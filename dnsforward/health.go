@@ -59,6 +59,10 @@ type resolverHealth struct {
 	toldDown bool          // the last line said it was failing
 	nextLine time.Time     // no line before this
 	unlogged int64         // changes of state since the last line
+	// timedOut: answers+1 when a query last timed out on it while it
+	// was not failing, 0 when none did: a second timeout with no answer
+	// between makes it failing, where one alone may be a slow name.
+	timedOut uint64
 }
 
 // countsAgainstResolver reports whether an attempt's error says the
@@ -113,6 +117,13 @@ func (f *Forwarder) failed(i int, answersBefore uint64, decided time.Time, tried
 	defer h.mu.Unlock()
 	if h.answers.Load() != answersBefore {
 		return // it answered meanwhile: it works
+	}
+	if !h.failing && errors.Is(err, errNoAnswer) && h.timedOut != answersBefore+1 {
+		// One name the resolver is slow to answer (on a quiet host, with
+		// no other query to show it works) says little: a second
+		// timeout, with no answer between, makes it failing.
+		h.timedOut = answersBefore + 1
+		return
 	}
 	now := time.Now()
 	switch {

@@ -184,9 +184,9 @@ func (r revivableRelay) WritePacket(buf []byte, off int, dst socksclient.Addr) e
 }
 
 // TestFailingResolverTriedLast: with a dead first resolver (its datagrams
-// dropped beyond a working relay, the udp transport), the first query
-// waits its share of the timeout (5 s of 10 s) on it and fails over; the
-// queries after it go to the second resolver first and are answered at
+// dropped beyond a working relay, the udp transport), the first two
+// queries wait their share of the timeout (5 s of 10 s) on it and fail
+// over (one timeout alone may be a slow name); the queries after them go to the second resolver first and are answered at
 // once, until the backoff (1 s) is over: then one query tries the first
 // resolver again (a probe, waiting its share while the others still go to
 // the second) and, failing, starts a backoff twice as long. Once the
@@ -213,8 +213,11 @@ func TestFailingResolverTriedLast(t *testing.T) {
 			return time.Since(start)
 		}
 		const share = 5 * time.Second // the first of two resolvers' share of 10 s
-		if d := ask("first.example"); d < share {
-			t.Fatalf("the first query took %v, want its share on the dead resolver first", d)
+		// Two timeouts with no answer between: one may be a slow name.
+		for _, name := range []string{"first.example", "second.example"} {
+			if d := ask(name); d < share {
+				t.Fatalf("%s took %v, want its share on the dead resolver first", name, d)
+			}
 		}
 		for i := range 5 {
 			if d := ask("next.example"); d != 0 {
@@ -238,8 +241,8 @@ func TestFailingResolverTriedLast(t *testing.T) {
 		if d := ask("still.example"); d != 0 {
 			t.Errorf("within the doubled backoff a query took %v", d)
 		}
-		if n := f.Stats().Failovers.Load(); n != 2 {
-			t.Errorf("Failovers = %d, want the first query and the probe", n)
+		if n := f.Stats().Failovers.Load(); n != 3 {
+			t.Errorf("Failovers = %d, want the first two queries and the probe", n)
 		}
 		alive.Store(true)
 		time.Sleep(time.Millisecond)
@@ -255,8 +258,9 @@ func TestFailingResolverTriedLast(t *testing.T) {
 }
 
 // TestSilentResolverTriedLastOverTCP: on the tcp transport, a first
-// resolver that accepts connections and never answers costs the first
-// query its share; later ones go to the second resolver first.
+// resolver that accepts connections and never answers costs the first two
+// queries their share (one timeout alone may be a slow name); later ones
+// go to the second resolver first.
 func TestSilentResolverTriedLastOverTCP(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var (
@@ -278,17 +282,65 @@ func TestSilentResolverTriedLastOverTCP(t *testing.T) {
 			})
 			return client, nil
 		}
-		start := time.Now()
-		wantAnswered(t, f, "first.example")
-		if d := time.Since(start); d < 5*time.Second {
-			t.Fatalf("the first query took %v, want its share on the silent resolver", d)
+		for _, name := range []string{"first.example", "second.example"} { // two: one may be a slow name
+			start := time.Now()
+			wantAnswered(t, f, name)
+			if d := time.Since(start); d < 5*time.Second {
+				t.Fatalf("%s took %v, want its share on the silent resolver", name, d)
+			}
 		}
-		start = time.Now()
+		start := time.Now()
 		for range 5 {
 			wantAnswered(t, f, "next.example")
 		}
 		if d := time.Since(start); d != 0 {
 			t.Errorf("5 queries after the failure took %v, want the second resolver first", d)
+		}
+		f.Close()
+		wg.Wait()
+	})
+}
+
+// TestSlowNameKeepsResolverFirst: with sparse traffic (one query at a
+// time), a single name resolver 0 is slow to resolve does not mark it
+// failing: the next queries, for names it answers at once, still go to
+// it first, and nothing is logged.
+func TestSlowNameKeepsResolverFirst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var (
+			logs  syncBuffer
+			dead  atomic.Bool
+			wg    sync.WaitGroup
+			asked atomic.Int64 // queries resolver 0 read
+		)
+		f := newHealthForwarder(t, &logs, &dead)
+		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
+			client, server := net.Pipe()
+			wg.Go(func() {
+				defer server.Close()
+				var lenBuf [2]byte
+				for {
+					q, err := readTCPMessage(server, &lenBuf)
+					if err != nil || q == nil {
+						return
+					}
+					asked.Add(1)
+					if !strings.HasPrefix(q.Question[0].Name, "slow") && writeAnswer(server, q) != nil {
+						return
+					}
+				}
+			})
+			return client, nil
+		}
+		wantAnswered(t, f, "warm.example") // resolver 0 answers
+		wantAnswered(t, f, "slow.example") // 5 s on resolver 0, then resolver 1
+		before := asked.Load()
+		wantAnswered(t, f, "fast.example")
+		if asked.Load() == before {
+			t.Errorf("fast.example went to resolver 1: one slow name demoted a resolver that answers every other query")
+		}
+		if lines := healthLines(&logs); len(lines) != 0 {
+			t.Errorf("a healthy resolver logged as failing:\n%s", strings.Join(lines, "\n"))
 		}
 		f.Close()
 		wg.Wait()
