@@ -106,7 +106,9 @@ func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
 	s := &Server{pc: pc, stopping: make(chan struct{})}
 	s.cur.Store(newServing(fwd))
 	if s.fast = newUDPFastPath(s, pc); s.fast == nil {
-		s.udp = &dns.Server{PacketConn: pc, Handler: s, MsgAcceptFunc: s.acceptUDP, MsgInvalidFunc: s.invalidUDP,
+		// UDPSize: miekg/dns reads 512 bytes by default, and would cut a
+		// larger query (EDNS padding, many options) short.
+		s.udp = &dns.Server{PacketConn: pc, Handler: s, MsgAcceptFunc: s.acceptUDP, MsgInvalidFunc: s.invalidUDP, UDPSize: dns.MaxMsgSize,
 			DecorateReader: s.refuseOutsiders}
 	}
 	s.tcp = newTCPServer(ln, s.serveMessage)

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"net"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -399,4 +400,26 @@ func TestDisallowedSourceOnlyRefused(t *testing.T) {
 		f.Stats().NotAllowed.Add(-1) // the last query's
 		wantOnlyRefused(t, f, answers[:len(answers)-1])
 	})
+}
+
+// TestWildcardLargeQuery: a 700-byte query (EDNS padding) over UDP to a
+// server on the wildcard address (miekg/dns's path) is read whole.
+func TestWildcardLargeQuery(t *testing.T) {
+	f, _ := newScriptForwarder(t, 0, nil, nil)
+	pc, ln, err := Listen("0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(f, pc, ln)
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(context.Background()) }()
+	defer func() { s.Close(); <-done }()
+	port := pc.LocalAddr().(*net.UDPAddr).Port
+	q := query("big.example", dns.TypeA, 11)
+	q.SetEdns0(1232, false)
+	q.IsEdns0().Option = append(q.IsEdns0().Option, &dns.EDNS0_PADDING{Padding: make([]byte, 650)})
+	m := exchange(t, "udp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), q)
+	if m.Rcode != dns.RcodeSuccess {
+		t.Errorf("a %d-byte query answered %s", q.Len(), dns.RcodeToString[m.Rcode])
+	}
 }
