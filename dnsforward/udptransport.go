@@ -60,6 +60,10 @@ type udpTransport struct {
 	round   *associateCall // the handshake in progress, if any
 	pending map[udpKey]udpPending
 	ids     *rand.ChaCha8 // query IDs; seeded from crypto/rand
+	// idsUsed marks the IDs of the pending queries: unique across them,
+	// not only per question, so that an answer without a question (a
+	// bare REFUSED) names one query.
+	idsUsed [1 << 16 / 64]uint64
 	closed  bool
 	wg      sync.WaitGroup
 }
@@ -269,20 +273,12 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 	ch := make(chan *dns.Msg, 1)
 	from, _ := resolver.AddrPort() // a name: the source is not known
 	t.mu.Lock()
-	var key udpKey
-	for {
-		key = keyFor(uint16(t.ids.Uint64()), q.Question[0])
-		if _, used := t.pending[key]; !used {
-			break
-		}
-	}
-	t.pending[key] = udpPending{ch: ch, from: from, resolver: i}
+	key, err := t.reserveLocked(q.Question[0], udpPending{ch: ch, from: from, resolver: i})
 	t.mu.Unlock()
-	defer func() {
-		t.mu.Lock()
-		delete(t.pending, key)
-		t.mu.Unlock()
-	}()
+	if err != nil {
+		return nil, err
+	}
+	defer t.release(key)
 
 	// Packed straight after the SOCKS header's room; a query too large for
 	// the usual buffer is copied into a larger one. Every send reuses it
@@ -374,6 +370,33 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// reserveLocked files p under a random ID that no other pending query
+// has (RFC 5452 §9.2), and question. Called with t.mu held.
+func (t *udpTransport) reserveLocked(question dns.Question, p udpPending) (udpKey, error) {
+	if len(t.pending) >= 1<<16 {
+		return udpKey{}, unsendableError{errors.New("dns over udp: every query ID is in use")}
+	}
+	var id uint16
+	for {
+		id = uint16(t.ids.Uint64())
+		if t.idsUsed[id/64]&(1<<(id%64)) == 0 {
+			break
+		}
+	}
+	t.idsUsed[id/64] |= 1 << (id % 64)
+	key := keyFor(id, question)
+	t.pending[key] = p
+	return key, nil
+}
+
+// release forgets a pending query (delivered or not) and frees its ID.
+func (t *udpTransport) release(key udpKey) {
+	t.mu.Lock()
+	delete(t.pending, key)
+	t.idsUsed[key.id/64] &^= 1 << (key.id % 64)
+	t.mu.Unlock()
 }
 
 // resendAfterWriteError reports whether a query whose datagram failed to
@@ -486,9 +509,9 @@ func (t *udpTransport) readAnswers(a *association) {
 }
 
 // deliverByID hands an answer without a question (see
-// questionlessErrorMsg) to the query waiting under its ID, when exactly
-// one is (IDs are unique per question only) and from is the resolver it
-// asked, if that is known; false when none or several are. It returns the
+// questionlessErrorMsg) to the query waiting under its ID (IDs are
+// unique across the pending queries) when from is the resolver it asked,
+// if that is known; false when none is. It returns the
 // index of the resolver that query asked. The pending queries are
 // searched: rare answers, and at most a few thousand queries.
 func (t *udpTransport) deliverByID(resp *dns.Msg, from socksclient.Addr) (resolver int, ok bool) {

@@ -283,3 +283,30 @@ func TestUDPWaitHonoursContext(t *testing.T) {
 		t.Errorf("first query: %v", err)
 	}
 }
+
+// TestUDPQueryIDsUniqueAcrossQuestions: the pending queries' IDs differ
+// whatever their questions, so that an answer without a question (a bare
+// REFUSED) names one query. Random 16-bit IDs for 5000 questions would
+// collide about 190 times.
+func TestUDPQueryIDsUniqueAcrossQuestions(t *testing.T) {
+	tr := &udpTransport{pending: make(map[udpKey]udpPending), ids: newIDSource()}
+	seen := make(map[uint16]bool)
+	var keys []udpKey
+	for i := range 5000 {
+		key, err := tr.reserveLocked(dns.Question{Name: fmt.Sprintf("q%d.example.", i), Qtype: dns.TypeA, Qclass: dns.ClassINET}, udpPending{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen[key.id] {
+			t.Fatalf("query %d got ID %d, which another pending query has", i, key.id)
+		}
+		seen[key.id] = true
+		keys = append(keys, key)
+	}
+	for _, key := range keys {
+		tr.release(key)
+	}
+	if len(tr.pending) != 0 || tr.idsUsed != [len(tr.idsUsed)]uint64{} {
+		t.Error("released queries left IDs reserved")
+	}
+}
