@@ -59,10 +59,13 @@ type resolverHealth struct {
 	toldDown bool          // the last line said it was failing
 	nextLine time.Time     // no line before this
 	unlogged int64         // changes of state since the last line
-	// timedOut: answers+1 when a query last timed out on it while it
-	// was not failing, 0 when none did: a second timeout with no answer
-	// between makes it failing, where one alone may be a slow name.
-	timedOut uint64
+	// timedOut: answers+1 when a query timed out on it, at timedOutAt,
+	// while it was not failing; 0 when none did. A second timeout, of a
+	// query begun after the first and with no answer between, makes it
+	// failing: one alone may be a slow name, and so may the queries
+	// asked with it (A and AAAA for one name).
+	timedOut   uint64
+	timedOutAt time.Time
 }
 
 // countsAgainstResolver reports whether an attempt's error says the
@@ -118,11 +121,12 @@ func (f *Forwarder) failed(i int, answersBefore uint64, decided time.Time, tried
 	if h.answers.Load() != answersBefore {
 		return // it answered meanwhile: it works
 	}
-	if !h.failing && errors.Is(err, errNoAnswer) && h.timedOut != answersBefore+1 {
+	if !h.failing && errors.Is(err, errNoAnswer) && (h.timedOut != answersBefore+1 || decided.Before(h.timedOutAt)) {
 		// One name the resolver is slow to answer (on a quiet host, with
-		// no other query to show it works) says little: a second
-		// timeout, with no answer between, makes it failing.
-		h.timedOut = answersBefore + 1
+		// no other query to show it works) says little: see timedOut.
+		if h.timedOut != answersBefore+1 {
+			h.timedOut, h.timedOutAt = answersBefore+1, time.Now()
+		}
 		return
 	}
 	now := time.Now()

@@ -346,3 +346,53 @@ func TestSlowNameKeepsResolverFirst(t *testing.T) {
 		wg.Wait()
 	})
 }
+
+// TestSlowNameAAndAAAAKeepResolverFirst: a stub resolver asks A and AAAA
+// for one slow name at once; both time out on resolver 0 with no answer
+// between, but the second began before the first timed out: still one
+// slow name, and resolver 0 stays first.
+func TestSlowNameAAndAAAAKeepResolverFirst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var (
+			logs  syncBuffer
+			dead  atomic.Bool
+			wg    sync.WaitGroup
+			asked atomic.Int64
+		)
+		f := newHealthForwarder(t, &logs, &dead)
+		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
+			client, server := net.Pipe()
+			wg.Go(func() {
+				defer server.Close()
+				var lenBuf [2]byte
+				for {
+					q, err := readTCPMessage(server, &lenBuf)
+					if err != nil || q == nil {
+						return
+					}
+					asked.Add(1)
+					if !strings.HasPrefix(q.Question[0].Name, "slow") && writeAnswer(server, q) != nil {
+						return
+					}
+				}
+			})
+			return client, nil
+		}
+		wantAnswered(t, f, "warm.example")
+		var qs sync.WaitGroup
+		for i, qt := range []uint16{dns.TypeA, dns.TypeAAAA} {
+			qs.Go(func() { serve(t, f, query("slow.example", qt, uint16(10+i))) })
+		}
+		qs.Wait()
+		before := asked.Load()
+		wantAnswered(t, f, "fast.example")
+		if asked.Load() == before {
+			t.Errorf("fast.example went to resolver 1: one slow name (A+AAAA) demoted resolver 0")
+		}
+		if lines := healthLines(&logs); len(lines) != 0 {
+			t.Errorf("healthy resolver logged failing:\n%s", strings.Join(lines, "\n"))
+		}
+		f.Close()
+		wg.Wait()
+	})
+}
