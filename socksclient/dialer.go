@@ -323,6 +323,7 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 	hctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 
+	asked := target // for ErrNoReply: a name, not the address it resolved to
 	if d.ResolveLocally && target.Name != "" && cmd == CmdConnect {
 		resolved, err := d.resolve(hctx, target)
 		if err != nil {
@@ -341,6 +342,9 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 
 	stop := context.AfterFunc(hctx, func() { conn.SetDeadline(aLongTimeAgo) })
 	reply, err := d.handshake(conn, cmd, target, progress)
+	if nr := (*noReplyError)(nil); errors.As(err, &nr) {
+		nr.target = asked
+	}
 	if !stop() {
 		conn.Close()
 		stage := stageGreeting

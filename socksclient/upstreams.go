@@ -89,18 +89,19 @@ type health struct {
 	backoff   time.Duration // the last backoff; 0 while up
 	retired   bool          // no longer in the list: changes go unreported
 	noReplies int           // requests closed without a reply since the last success
-	// noReplyTargets: the distinct targets of those, up to
-	// noReplyTargetsLimit.
-	noReplyTargets []Addr
+	// noReplyTargets: the targets of the last noReplyLimit of those.
+	noReplyTargets [noReplyLimit]Addr
 }
 
 // A proxy that closes noReplyLimit requests in a row without a reply,
-// with no success between and for at least noReplyTargetsLimit distinct
-// targets, counts as down: one such close is ssh -D's answer for a target
-// it cannot reach, and a run of them for one target is that target being
-// down (an app retrying a dead database); a run across targets with
-// nothing carried is a proxy that carries nothing (ssh -D whose server
-// forbids forwarding, a broken proxy).
+// with no success between, the last noReplyLimit of them for at least
+// noReplyTargetsLimit distinct targets and none for more than half,
+// counts as down: one such
+// close is ssh -D's answer for a target it cannot reach, and a run of
+// them mostly for one target is that target being down (an app retrying
+// a dead database); a run across targets with nothing carried is a proxy
+// that carries nothing (ssh -D whose server forbids forwarding, a broken
+// proxy).
 const (
 	noReplyLimit        = 10
 	noReplyTargetsLimit = 3
@@ -365,7 +366,7 @@ func (u *Upstreams) markDown(up *upstream, decided, started time.Time, cause err
 func (u *Upstreams) markUp(up *upstream) {
 	u.mu.Lock()
 	down := up.h.down
-	up.h.noReplies, up.h.noReplyTargets = 0, up.h.noReplyTargets[:0]
+	up.h.noReplies = 0
 	u.mu.Unlock()
 	if !down { // the common case: no change, no notification lock
 		return
@@ -653,18 +654,45 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 // it is down once noReplyLimit came in a row.
 func (u *Upstreams) noReply(up *upstream, err error) error {
 	var nr *noReplyError
+	errors.As(err, &nr)
 	u.mu.Lock()
 	h := up.h
-	h.noReplies++
-	if errors.As(err, &nr) && len(h.noReplyTargets) < noReplyTargetsLimit && !slices.Contains(h.noReplyTargets, nr.target) {
-		h.noReplyTargets = append(h.noReplyTargets, nr.target)
+	if nr != nil {
+		h.noReplyTargets[h.noReplies%noReplyLimit] = nr.target
 	}
-	n, targets := h.noReplies, len(h.noReplyTargets)
+	h.noReplies++
+	n := h.noReplies
+	var targets, most int
+	if n >= noReplyLimit {
+		targets, most = spread(h.noReplyTargets[:])
+	}
 	u.mu.Unlock()
-	if n < noReplyLimit || targets < noReplyTargetsLimit {
+	if n < noReplyLimit || targets < noReplyTargetsLimit || most > noReplyLimit/2 {
 		return nil
 	}
 	return fmt.Errorf("%d requests in a row, to %d or more targets, closed without a reply, none carried: %w", n, targets, err)
+}
+
+// spread counts the different addresses in as, and how often the most
+// frequent one is there.
+func spread(as []Addr) (distinct, most int) {
+	for i, a := range as {
+		if slices.Contains(as[:i], a) {
+			continue
+		}
+		distinct++
+		most = max(most, countOf(as[i:], a))
+	}
+	return distinct, most
+}
+
+func countOf(as []Addr, a Addr) (n int) {
+	for _, b := range as {
+		if b == a {
+			n++
+		}
+	}
+	return n
 }
 
 // localShortage reports whether err is this host running out of something
