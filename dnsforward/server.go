@@ -107,8 +107,10 @@ func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
 	s.cur.Store(newServing(fwd))
 	if s.fast = newUDPFastPath(s, pc); s.fast == nil {
 		// UDPSize: miekg/dns reads 512 bytes by default, and would cut a
-		// larger query (EDNS padding, many options) short.
-		s.udp = &dns.Server{PacketConn: pc, Handler: s, MsgAcceptFunc: s.acceptUDP, MsgInvalidFunc: s.invalidUDP, UDPSize: dns.MaxMsgSize,
+		// larger query (EDNS padding, many options) short. 4 KiB holds any
+		// real query, and is what each datagram refused before it reaches
+		// miekg/dns costs (refuseOutsiders cannot give its buffer back).
+		s.udp = &dns.Server{PacketConn: pc, Handler: s, MsgAcceptFunc: s.acceptUDP, MsgInvalidFunc: s.invalidUDP, UDPSize: 4096,
 			DecorateReader: s.refuseOutsiders}
 	}
 	s.tcp = newTCPServer(ln, s.serveMessage)
