@@ -64,6 +64,7 @@ type udpTransport struct {
 	// not only per question, so that an answer without a question (a
 	// bare REFUSED) names one query.
 	idsUsed [1 << 16 / 64]uint64
+	idsHeld int // bits set in idsUsed
 	closed  bool
 	wg      sync.WaitGroup
 }
@@ -375,7 +376,7 @@ func (t *udpTransport) exchange(ctx context.Context, i int, resolver socksclient
 // reserveLocked files p under a random ID that no other pending query
 // has (RFC 5452 §9.2), and question. Called with t.mu held.
 func (t *udpTransport) reserveLocked(question dns.Question, p udpPending) (udpKey, error) {
-	if len(t.pending) >= 1<<16 {
+	if t.idsHeld >= 1<<16 { // an ID stays held past its delivery, until release
 		return udpKey{}, unsendableError{errors.New("dns over udp: every query ID is in use")}
 	}
 	var id uint16
@@ -386,6 +387,7 @@ func (t *udpTransport) reserveLocked(question dns.Question, p udpPending) (udpKe
 		}
 	}
 	t.idsUsed[id/64] |= 1 << (id % 64)
+	t.idsHeld++
 	key := keyFor(id, question)
 	t.pending[key] = p
 	return key, nil
@@ -396,6 +398,7 @@ func (t *udpTransport) release(key udpKey) {
 	t.mu.Lock()
 	delete(t.pending, key)
 	t.idsUsed[key.id/64] &^= 1 << (key.id % 64)
+	t.idsHeld--
 	t.mu.Unlock()
 }
 

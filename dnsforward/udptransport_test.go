@@ -306,7 +306,22 @@ func TestUDPQueryIDsUniqueAcrossQuestions(t *testing.T) {
 	for _, key := range keys {
 		tr.release(key)
 	}
-	if len(tr.pending) != 0 || tr.idsUsed != [len(tr.idsUsed)]uint64{} {
+	if len(tr.pending) != 0 || tr.idsUsed != [len(tr.idsUsed)]uint64{} || tr.idsHeld != 0 {
 		t.Error("released queries left IDs reserved")
+	}
+	// Every ID held, one query's answer delivered (its entry gone, its
+	// ID held until its exchange returns): the next is refused, not an
+	// endless search.
+	keys = keys[:0]
+	for i := range 1 << 16 {
+		key, err := tr.reserveLocked(dns.Question{Name: fmt.Sprintf("f%d.example.", i), Qtype: dns.TypeA, Qclass: dns.ClassINET}, udpPending{})
+		if err != nil {
+			t.Fatalf("query %d: %v", i, err)
+		}
+		keys = append(keys, key)
+	}
+	delete(tr.pending, keys[0])
+	if _, err := tr.reserveLocked(dns.Question{Name: "one.more.", Qtype: dns.TypeA, Qclass: dns.ClassINET}, udpPending{}); err == nil {
+		t.Error("a query got an ID with all 65536 held")
 	}
 }
