@@ -46,6 +46,15 @@ func newHealthForwarder(t *testing.T, logs *syncBuffer, dead *atomic.Bool) *Forw
 	return f
 }
 
+// newSlowNameForwarder is newHealthForwarder whose first resolver answers
+// every name but those starting with "slow", logging to logs.
+func newSlowNameForwarder(t *testing.T, logs *syncBuffer) (*Forwarder, *pipeResolver) {
+	f := newHealthForwarder(t, logs, new(atomic.Bool))
+	slow := &pipeResolver{silent: func(q *dns.Msg) bool { return strings.HasPrefix(q.Question[0].Name, "slow") }}
+	f.pools[0].dial = slow.dial
+	return f, slow
+}
+
 // healthLines are the log lines about resolver state.
 func healthLines(logs *syncBuffer) []string {
 	var out []string
@@ -125,29 +134,8 @@ func TestResolverStateLogged(t *testing.T) {
 // over without a line saying the resolver is failing.
 func TestSlowNameNotResolverFailure(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		var (
-			logs syncBuffer
-			dead atomic.Bool
-		)
-		f := newHealthForwarder(t, &logs, &dead)
-		var wg sync.WaitGroup
-		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
-			client, server := net.Pipe()
-			wg.Go(func() { // answers all but "slow" names, which it reads and ignores
-				defer server.Close()
-				var lenBuf [2]byte
-				for {
-					q, err := readTCPMessage(server, &lenBuf)
-					if err != nil || q == nil {
-						return
-					}
-					if !strings.HasPrefix(q.Question[0].Name, "slow") && writeAnswer(server, q) != nil {
-						return
-					}
-				}
-			})
-			return client, nil
-		}
+		var logs syncBuffer
+		f, slow := newSlowNameForwarder(t, &logs)
 		var asking sync.WaitGroup
 		asking.Go(func() { wantAnswered(t, f, "slow.example") })
 		synctest.Wait() // slow.example waits on the first resolver
@@ -160,7 +148,7 @@ func TestSlowNameNotResolverFailure(t *testing.T) {
 			t.Errorf("a resolver that answered meanwhile logged as failing:\n%s", strings.Join(lines, "\n"))
 		}
 		f.Close() // ends the connections the resolver's goroutines serve
-		wg.Wait()
+		slow.wg.Wait()
 	})
 }
 
@@ -266,22 +254,10 @@ func TestSilentResolverTriedLastOverTCP(t *testing.T) {
 		var (
 			logs syncBuffer
 			dead atomic.Bool
-			wg   sync.WaitGroup
 		)
 		f := newHealthForwarder(t, &logs, &dead)
-		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
-			client, server := net.Pipe()
-			wg.Go(func() { // reads queries, never answers
-				defer server.Close()
-				var lenBuf [2]byte
-				for {
-					if _, err := readTCPFrame(server, &lenBuf); err != nil {
-						return
-					}
-				}
-			})
-			return client, nil
-		}
+		silent := &pipeResolver{silent: neverAnswer}
+		f.pools[0].dial = silent.dial
 		for _, name := range []string{"first.example", "second.example"} { // two: one may be a slow name
 			start := time.Now()
 			wantAnswered(t, f, name)
@@ -297,8 +273,25 @@ func TestSilentResolverTriedLastOverTCP(t *testing.T) {
 			t.Errorf("5 queries after the failure took %v, want the second resolver first", d)
 		}
 		f.Close()
-		wg.Wait()
+		silent.wg.Wait()
 	})
+}
+
+// wantStillFirst checks that, after what demoted stands for, f's next
+// query still goes to slow (resolver 0) first and no line says it failed;
+// then it closes f.
+func wantStillFirst(t *testing.T, f *Forwarder, slow *pipeResolver, logs *syncBuffer, what string) {
+	t.Helper()
+	before := slow.queries.Load()
+	wantAnswered(t, f, "fast.example")
+	if slow.queries.Load() == before {
+		t.Errorf("fast.example went to resolver 1: %s demoted a resolver that answers every other query", what)
+	}
+	if lines := healthLines(logs); len(lines) != 0 {
+		t.Errorf("a healthy resolver logged as failing:\n%s", strings.Join(lines, "\n"))
+	}
+	f.Close()
+	slow.wg.Wait()
 }
 
 // TestSlowNameKeepsResolverFirst: with sparse traffic (one query at a
@@ -307,43 +300,11 @@ func TestSilentResolverTriedLastOverTCP(t *testing.T) {
 // it first, and nothing is logged.
 func TestSlowNameKeepsResolverFirst(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		var (
-			logs  syncBuffer
-			dead  atomic.Bool
-			wg    sync.WaitGroup
-			asked atomic.Int64 // queries resolver 0 read
-		)
-		f := newHealthForwarder(t, &logs, &dead)
-		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
-			client, server := net.Pipe()
-			wg.Go(func() {
-				defer server.Close()
-				var lenBuf [2]byte
-				for {
-					q, err := readTCPMessage(server, &lenBuf)
-					if err != nil || q == nil {
-						return
-					}
-					asked.Add(1)
-					if !strings.HasPrefix(q.Question[0].Name, "slow") && writeAnswer(server, q) != nil {
-						return
-					}
-				}
-			})
-			return client, nil
-		}
+		var logs syncBuffer
+		f, slow := newSlowNameForwarder(t, &logs)
 		wantAnswered(t, f, "warm.example") // resolver 0 answers
 		wantAnswered(t, f, "slow.example") // 5 s on resolver 0, then resolver 1
-		before := asked.Load()
-		wantAnswered(t, f, "fast.example")
-		if asked.Load() == before {
-			t.Errorf("fast.example went to resolver 1: one slow name demoted a resolver that answers every other query")
-		}
-		if lines := healthLines(&logs); len(lines) != 0 {
-			t.Errorf("a healthy resolver logged as failing:\n%s", strings.Join(lines, "\n"))
-		}
-		f.Close()
-		wg.Wait()
+		wantStillFirst(t, f, slow, &logs, "one slow name")
 	})
 }
 
@@ -353,46 +314,14 @@ func TestSlowNameKeepsResolverFirst(t *testing.T) {
 // slow name, and resolver 0 stays first.
 func TestSlowNameAAndAAAAKeepResolverFirst(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		var (
-			logs  syncBuffer
-			dead  atomic.Bool
-			wg    sync.WaitGroup
-			asked atomic.Int64
-		)
-		f := newHealthForwarder(t, &logs, &dead)
-		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
-			client, server := net.Pipe()
-			wg.Go(func() {
-				defer server.Close()
-				var lenBuf [2]byte
-				for {
-					q, err := readTCPMessage(server, &lenBuf)
-					if err != nil || q == nil {
-						return
-					}
-					asked.Add(1)
-					if !strings.HasPrefix(q.Question[0].Name, "slow") && writeAnswer(server, q) != nil {
-						return
-					}
-				}
-			})
-			return client, nil
-		}
+		var logs syncBuffer
+		f, slow := newSlowNameForwarder(t, &logs)
 		wantAnswered(t, f, "warm.example")
 		var qs sync.WaitGroup
 		for i, qt := range []uint16{dns.TypeA, dns.TypeAAAA} {
 			qs.Go(func() { serve(t, f, query("slow.example", qt, uint16(10+i))) })
 		}
 		qs.Wait()
-		before := asked.Load()
-		wantAnswered(t, f, "fast.example")
-		if asked.Load() == before {
-			t.Errorf("fast.example went to resolver 1: one slow name (A+AAAA) demoted resolver 0")
-		}
-		if lines := healthLines(&logs); len(lines) != 0 {
-			t.Errorf("healthy resolver logged failing:\n%s", strings.Join(lines, "\n"))
-		}
-		f.Close()
-		wg.Wait()
+		wantStillFirst(t, f, slow, &logs, "one slow name (A+AAAA)")
 	})
 }

@@ -44,12 +44,18 @@ func netipAddrPort(t *testing.T, s string) netip.AddrPort {
 }
 
 // pipeResolver answers DNS over TCP on in-memory connections until the
-// client closes them; with hold set, each answer waits until it closes.
+// client closes them; with hold set, each answer waits until it closes;
+// it reads, and leaves unanswered, the queries silent picks (all of them
+// for a resolver that hangs).
 type pipeResolver struct {
 	wg      sync.WaitGroup
 	queries atomic.Int64
 	hold    chan struct{}
+	silent  func(q *dns.Msg) bool
 }
+
+// neverAnswer is a pipeResolver's silent for one that hangs.
+func neverAnswer(*dns.Msg) bool { return true }
 
 func (r *pipeResolver) dial(ctx context.Context) (net.Conn, error) {
 	client, server := net.Pipe()
@@ -68,6 +74,9 @@ func (r *pipeResolver) serve(server net.Conn) {
 				return
 			}
 			r.queries.Add(1)
+			if r.silent != nil && r.silent(q) {
+				continue
+			}
 			if r.hold != nil {
 				<-r.hold
 			}
@@ -443,26 +452,16 @@ func TestTCPStalledConnectionRedialed(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f, res := newScriptForwarder(t, 0, nil, nil)
 		var dials atomic.Int64
-		var stalled sync.WaitGroup
+		stalled := &pipeResolver{silent: neverAnswer}
 		t.Cleanup(func() {
 			f.Close() // ends the stalled connection if it is still pooled
-			stalled.Wait()
+			stalled.wg.Wait()
 		})
 		f.pools[0].dial = func(ctx context.Context) (net.Conn, error) {
 			if dials.Add(1) > 1 {
 				return res.dial(ctx)
 			}
-			client, server := net.Pipe()
-			stalled.Go(func() { // reads queries, never answers
-				defer server.Close()
-				var lenBuf [2]byte
-				for {
-					if _, err := readTCPFrame(server, &lenBuf); err != nil {
-						return
-					}
-				}
-			})
-			return client, nil
+			return stalled.dial(ctx)
 		}
 		for i, wantAnswer := range []bool{false, true, true} {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

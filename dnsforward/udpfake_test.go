@@ -472,6 +472,14 @@ func TestUDPQueryIDsRandom(t *testing.T) {
 	})
 }
 
+// askWithin3s asks f for name's A record, giving up after 3 s.
+func askWithin3s(f *Forwarder, name string, id uint16) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	_, err := f.Exchange(ctx, query(name, dns.TypeA, id))
+	return err
+}
+
 // TestUDPBlackholedAssociationReplaced: an association that answered and
 // then goes silent (the relay gone behind a NAT or a firewall, its
 // control connection still up), on which maxSilentQueries queries in a
@@ -480,12 +488,6 @@ func TestUDPQueryIDsRandom(t *testing.T) {
 // answers others in between is kept. Before, a black-holed association
 // was kept for every later query.
 func TestUDPBlackholedAssociationReplaced(t *testing.T) {
-	ask := func(f *Forwarder, name string, id uint16) error {
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		defer cancel()
-		_, err := f.Exchange(ctx, query(name, dns.TypeA, id))
-		return err
-	}
 	synctest.Test(t, func(t *testing.T) {
 		relays := &fakeRelays{setup: func(i int) *fakeRelay {
 			r := newFakeRelay()
@@ -497,11 +499,11 @@ func TestUDPBlackholedAssociationReplaced(t *testing.T) {
 		f := newFakeUDPForwarder(t, relays, 1)
 		defer f.Close()
 		f.udp.firstRTO = 0 // retransmit as the estimator says
-		if err := ask(f, "first.example", 100); err != nil {
+		if err := askWithin3s(f, "first.example", 100); err != nil {
 			t.Fatal(err)
 		}
 		for i := range maxSilentQueries + 2 {
-			err := ask(f, "a.example", uint16(i))
+			err := askWithin3s(f, "a.example", uint16(i))
 			if wantAnswer := i >= maxSilentQueries; (err == nil) != wantAnswer {
 				t.Errorf("query %d: %v, want answered %v", i, err, wantAnswer)
 			}
@@ -520,10 +522,10 @@ func TestUDPBlackholedAssociationReplaced(t *testing.T) {
 		defer f.Close()
 		f.udp.firstRTO = 0
 		for i := range 2 * maxSilentQueries {
-			if err := ask(f, "dropped.example", uint16(2*i)); err == nil {
+			if err := askWithin3s(f, "dropped.example", uint16(2*i)); err == nil {
 				t.Fatal("a dropped query was answered")
 			}
-			if err := ask(f, "a.example", uint16(2*i+1)); err != nil {
+			if err := askWithin3s(f, "a.example", uint16(2*i+1)); err != nil {
 				t.Fatalf("query %d: %v", 2*i+1, err)
 			}
 		}
@@ -531,14 +533,14 @@ func TestUDPBlackholedAssociationReplaced(t *testing.T) {
 		// they waited.
 		var dropped sync.WaitGroup
 		for i := range maxSilentQueries {
-			dropped.Go(func() { ask(f, "dropped.example", uint16(100+i)) })
+			dropped.Go(func() { askWithin3s(f, "dropped.example", uint16(100+i)) })
 		}
 		synctest.Wait()
-		if err := ask(f, "a.example", 200); err != nil {
+		if err := askWithin3s(f, "a.example", 200); err != nil {
 			t.Fatal(err)
 		}
 		dropped.Wait()
-		if err := ask(f, "a.example", 201); err != nil {
+		if err := askWithin3s(f, "a.example", 201); err != nil {
 			t.Fatal(err)
 		}
 		if n := relays.count(); n != 1 {
@@ -625,12 +627,6 @@ func TestUDPDeadResolverKeepsAssociation(t *testing.T) {
 // datagram (the outage outlasts the replacement), is replaced too: no
 // resolver has answered on it, so every one's silence counts.
 func TestUDPAssociationSilentFromBirthReplaced(t *testing.T) {
-	ask := func(f *Forwarder, name string, id uint16) error {
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		defer cancel()
-		_, err := f.Exchange(ctx, query(name, dns.TypeA, id))
-		return err
-	}
 	synctest.Test(t, func(t *testing.T) {
 		relays := &fakeRelays{setup: func(i int) *fakeRelay {
 			r := newFakeRelay()
@@ -645,12 +641,12 @@ func TestUDPAssociationSilentFromBirthReplaced(t *testing.T) {
 		f := newFakeUDPForwarder(t, relays, 1)
 		defer f.Close()
 		f.udp.firstRTO = 0
-		if err := ask(f, "first.example", 100); err != nil {
+		if err := askWithin3s(f, "first.example", 100); err != nil {
 			t.Fatal(err)
 		}
 		answered := 0
 		for i := range 4 * maxSilentQueries {
-			if ask(f, "a.example", uint16(i)) == nil {
+			if askWithin3s(f, "a.example", uint16(i)) == nil {
 				answered++
 			}
 		}
