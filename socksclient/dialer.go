@@ -384,14 +384,20 @@ func (d *Dialer) dialProxy(ctx context.Context) (net.Conn, error) {
 }
 
 // markedResolver is nil (the default resolver) without LookupControl,
-// else Go's resolver through sockets with it (see LookupControl). Their
-// addresses are a resolver's, not the proxy's: not noted.
+// else ResolverVia it. Its sockets' addresses are a resolver's, not the
+// proxy's: not noted.
 func (d *Dialer) markedResolver() *net.Resolver {
 	if d.LookupControl == nil {
 		return nil
 	}
+	return ResolverVia(d.LookupControl)
+}
+
+// ResolverVia is Go's own resolver, whose sockets get control before they
+// connect (a socket mark, say; see Dialer.LookupControl).
+func ResolverVia(control func(network, address string, c syscall.RawConn) error) *net.Resolver {
 	return &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
-		rd := net.Dialer{Control: d.LookupControl}
+		rd := net.Dialer{Control: control}
 		return rd.DialContext(ctx, network, address)
 	}}
 }

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/socksfwd/socksfwd/internal/sockmark"
 )
 
 // Config is the merged configuration. Each field is one option, declared
@@ -164,6 +166,14 @@ func (d *Duration) UnmarshalText(b []byte) error {
 type Mark uint32
 
 func (m Mark) MarshalText() ([]byte, error) { return []byte(fmt.Sprintf("%#x", uint32(m))), nil }
+
+// control sets the mark on a socket, or is nil without one.
+func (m Mark) control() sockmark.ControlFunc {
+	if m == 0 {
+		return nil
+	}
+	return sockmark.Control(uint32(m))
+}
 
 func (m *Mark) UnmarshalText(b []byte) error {
 	v, err := strconv.ParseUint(string(b), 0, 32)

@@ -56,7 +56,7 @@ func (s *supervisor) newReverse(l listenPlan) (*tunnel.Reverse, error) {
 		CopyMode:    s.plan.copyMode,
 		// As a -L listener's connections: small buffers toward this host;
 		// and the mark, so that capture rules leave the dial alone.
-		TargetControl: sockmark.Chain(sockbuf.CapLoopbackTCP, markControl(s.plan.cfg.Mark)),
+		TargetControl: sockmark.Chain(sockbuf.CapLoopbackTCP, s.plan.cfg.Mark.control()),
 		OnListen:      func(a socksclient.Addr) { s.remotes.set(key, a) },
 		OnRearm:       func(re tunnel.Rearm) { s.tel.rearmHistogram(rev.Name()).Update(re.Gap.Seconds()) },
 		Logger:        s.log,
@@ -203,12 +203,4 @@ func (r *remoteAddrs) remove() {
 		os.Remove(r.path)
 		r.wrote = false
 	}
-}
-
-// markControl sets --mark on a socket, or is nil without one.
-func markControl(mark Mark) sockmark.ControlFunc {
-	if mark == 0 {
-		return nil
-	}
-	return sockmark.Control(uint32(mark))
 }

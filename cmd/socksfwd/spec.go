@@ -177,10 +177,7 @@ func unbracket(s string) string {
 // this host (sockbuf) and the mark, when one is set; the dialer's own
 // default sends no keep-alive probes, as ssh -L does.
 func parseServer(raw, user, password string, mark Mark) (*socksclient.Dialer, error) {
-	var markControl sockmark.ControlFunc
-	if mark != 0 {
-		markControl = sockmark.Control(uint32(mark))
-	}
+	markControl := mark.control()
 	d := &socksclient.Dialer{Username: user, Password: password, Control: sockmark.Chain(sockbuf.CapLoopbackTCP, markControl)}
 	if markControl != nil {
 		d.LookupControl = markControl // else the system's resolver, split DNS and all

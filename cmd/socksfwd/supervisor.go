@@ -412,10 +412,7 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 			Logger:      s.log,
 		}, socks.pc), nil
 	case kindTransparentUDP:
-		var control sockmark.ControlFunc
-		if cfg.Mark != 0 { // reply sockets must not be captured again either
-			control = sockmark.Control(uint32(cfg.Mark))
-		}
+		control := cfg.Mark.control() // reply sockets must not be captured again either
 		return tunnel.NewTransparentUDP(tunnel.TransparentUDPConfig{
 			Name:        socks.pc.LocalAddr().String(),
 			Upstreams:   s.ups,
@@ -471,13 +468,10 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 // upstream sockets get: the capture rules must leave them alone too.
 func directDialer(mark Mark) func(ctx context.Context, network, address string) (net.Conn, error) {
 	d := &net.Dialer{}
-	if mark != 0 {
-		d.Control = sockmark.Control(uint32(mark))
+	if control := mark.control(); control != nil {
+		d.Control = control
 		// The name's lookup too, as the upstreams' (Dialer.LookupControl).
-		d.Resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
-			rd := net.Dialer{Control: d.Control}
-			return rd.DialContext(ctx, network, address)
-		}}
+		d.Resolver = socksclient.ResolverVia(control)
 	}
 	return d.DialContext
 }
