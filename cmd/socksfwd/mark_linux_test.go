@@ -1,9 +1,18 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"fmt"
 	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/sockmark"
@@ -37,4 +46,83 @@ func TestMarkTopBit(t *testing.T) {
 			t.Errorf("socket mark %#x (%v), want %#x", got, err, uint32(mark))
 		}
 	}
+}
+
+// TestMarkOnOwnDials: --mark reaches the sockets socksfwd dials on its own,
+// not only those toward an upstream: -R's dials to its local target and
+// --http's direct dials to a --no-proxy target. Capture rules that leave
+// marked traffic alone would otherwise take these and loop them back.
+func TestMarkOnOwnDials(t *testing.T) {
+	peertest.RequireRoot(t) // CAP_NET_ADMIN for SO_MARK
+	verifyNoLeaks(t)
+	const mark = 0x438
+	socks := newSocks(t)
+	target, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	remoteFile := filepath.Join(t.TempDir(), "remote")
+	d := startDaemon(t, "-S", socks.Addr(), "--mark", fmt.Sprint(mark), "-R", "0:"+target.Addr().String(),
+		"--remote-addr-file", remoteFile, "--http", "127.0.0.1:0", "--no-proxy", "127.0.0.1")
+	d.waitFor("reverse "+socks.Addr()+" listens on", 1)
+	d.waitFor("HTTP proxy on", 1)
+
+	// markOfDial finds, among this process's descriptors, the socket whose
+	// local address is the peer of a connection the target accepted: the
+	// socket socksfwd dialed it with.
+	markOfDial := func(how string, open func() (net.Conn, error)) {
+		t.Helper()
+		c, err := open()
+		if err != nil {
+			t.Fatalf("%s: %v", how, err)
+		}
+		defer c.Close()
+		in, err := target.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer in.Close()
+		want := in.RemoteAddr().(*net.TCPAddr).AddrPort()
+		fds, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range fds {
+			fd, err := strconv.Atoi(e.Name())
+			if err != nil {
+				continue
+			}
+			sa, err := unix.Getsockname(fd)
+			if a, ok := sa.(*unix.SockaddrInet4); err != nil || !ok || netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port)) != want {
+				continue
+			}
+			got, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK)
+			if err != nil || got != mark {
+				t.Errorf("%s: the dial's socket has mark %#x (%v), want %#x", how, got, err, mark)
+			}
+			return
+		}
+		t.Fatalf("%s: no socket of this process is at %s", how, want)
+	}
+
+	markOfDial("-R to its target", func() (net.Conn, error) {
+		return net.Dial("tcp", remoteLinesOf(t, remoteFile)[0])
+	})
+	markOfDial("--http CONNECT to a --no-proxy target", func() (net.Conn, error) {
+		c, err := net.Dial("tcp", d.listener("http"))
+		if err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %[1]s\r\n\r\n", target.Addr())
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err == nil && resp.StatusCode != http.StatusOK {
+			err = fmt.Errorf("CONNECT: %s", resp.Status)
+		}
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	})
 }
