@@ -67,8 +67,10 @@ type pipePool struct {
 	total int     // pipes open: lent and free
 	reap  *time.Timer
 	armed bool // reap is pending
-	// onPut, set by tests before any use, runs after a pipe comes back.
-	onPut func()
+	// onPut, set by tests before any use, runs after a pipe comes back;
+	// onHold when a direction keeps its pipe, bytes in it, because the
+	// destination would block.
+	onPut, onHold func()
 }
 
 func newPipePool(maxFree, max int, idleClose time.Duration) *pipePool {
@@ -213,6 +215,9 @@ func (s *splicer) drain(fd uintptr) bool {
 		case err == unix.EINTR:
 			continue
 		case err == unix.EAGAIN:
+			if pipes.onHold != nil {
+				pipes.onHold()
+			}
 			return false
 		case err != nil:
 			s.outErr = err

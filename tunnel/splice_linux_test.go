@@ -117,10 +117,21 @@ func TestRelaySpliceIdleHoldsSocketsOnly(t *testing.T) {
 // take yet stay in the session's pipe, which goes back only once drained.
 func TestRelaySpliceStalledReaderKeepsPipe(t *testing.T) {
 	pp := newPipePool(maxFreePipes, maxPipes, time.Hour)
+	held := make(chan struct{}, 1)
+	pp.onHold = func() {
+		select {
+		case held <- struct{}{}:
+		default:
+		}
+	}
 	returned := usePool(t, pp)
 	app, target, done := relayed(t, 0, CopySplice)
-	// Far more than the socket buffers hold: the relay blocks on writing
-	// to target, with bytes in its pipe.
+	// A fixed receive buffer (no autotuning) at the target: the payload is
+	// far more than it, the relay's send buffer and a pipe hold, so the
+	// relay must stop with bytes in its pipe while the target does not read.
+	if err := target.SetReadBuffer(64 << 10); err != nil {
+		t.Fatal(err)
+	}
 	payload := bytes.Repeat([]byte("0123456789abcdef"), 1<<20)
 	wrote := make(chan error, 1)
 	go func() {
@@ -128,9 +139,18 @@ func TestRelaySpliceStalledReaderKeepsPipe(t *testing.T) {
 		app.CloseWrite()
 		wrote <- err
 	}()
-	// Read a little so the stream is known to flow, then stall.
+	// Read a little so the stream is known to flow, then stall until the
+	// relay holds bytes it cannot write.
 	if _, err := io.ReadFull(target, make([]byte, 1000)); err != nil {
 		t.Fatal(err)
+	}
+	select {
+	case <-held:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the relay never had to hold bytes in its pipe")
+	}
+	if open, free := pp.stats(); open == free {
+		t.Fatalf("the stalled session holds no pipe: %d open, %d free", open, free)
 	}
 	got, err := io.ReadAll(target)
 	if err != nil || len(got)+1000 != len(payload) {
