@@ -618,6 +618,15 @@ func (r *Reverse) serveSession(s *reverseSession, peer *socksclient.Conn, upstre
 		local.Close()
 		err = net.ErrClosed
 	}
+	if err != nil && r.sessCtx.Err() != nil {
+		// Close cut the dial: the target is not to blame, and the line is
+		// the one a relayed session cut at shutdown gets.
+		abort(peer)
+		r.cfg.Logger.Debug().Str("reverse", r.Name()).Str("client", peer.BoundAddr().String()).Str("target", target).
+			Str("upstream", upstream).Err(err).Str("cause", "cut at shutdown").Dur("dur_ms", time.Since(start)).Msg("session ended")
+		r.endSession(s, peer, nil)
+		return
+	}
 	if err != nil {
 		r.stats.Failures[CauseTarget].Add(1)
 		abort(peer)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -472,5 +473,51 @@ func TestReverseFailureTextPortBusy(t *testing.T) {
 		if got := r.failureText(CausePortBusy, errors.New("x"), nil); !strings.Contains(got, tc.want) {
 			t.Errorf("-R %s: %q, want it to say %q", tc.remote, got, tc.want)
 		}
+	}
+}
+
+// TestReverseCloseDuringTargetDial: a Close that lands while a caller's
+// target dial is under way cuts the session; the target is not to blame,
+// so no target failure is counted and no "unreachable" line is logged.
+func TestReverseCloseDuringTargetDial(t *testing.T) {
+	proxy := newSocks(t, sockstest.Config{})
+	echo := testnet.Echo(t).Addr().String()
+	inDial := make(chan struct{}, 1)
+	release := make(chan struct{})
+	logs := &logBuf{}
+	listen := make(chan socksclient.Addr, 64)
+	r := NewReverse(ReverseConfig{
+		Name: "t", Remote: anyPeer, Target: echo,
+		Upstreams: socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy.Addr(), HandshakeTimeout: 5 * time.Second}),
+		TargetControl: func(network, address string, c syscall.RawConn) error {
+			select {
+			case inDial <- struct{}{}:
+			default:
+			}
+			<-release
+			return nil
+		},
+		OnListen: func(a socksclient.Addr) { listen <- a },
+		Logger:   zerolog.New(logs).Level(zerolog.DebugLevel),
+	})
+	stop := serveForTest(t, r)
+	var addr socksclient.Addr
+	for addr = range listen {
+		if addr.Port != 0 {
+			break
+		}
+	}
+	dialCaller(t, addr)
+	<-inDial
+	closed := make(chan struct{})
+	go func() { stop(); close(closed) }()
+	<-r.sessCtx.Done() // Close has begun: the dial is cut once it goes on
+	close(release)
+	<-closed
+	if n := r.Stats().Failures[CauseTarget].Load(); n != 0 {
+		t.Errorf("failures{cause=target} = %d after a shutdown cut, want 0", n)
+	}
+	if out := logs.String(); strings.Contains(out, "local target unreachable") || !strings.Contains(out, "cut at shutdown") {
+		t.Errorf("the cut session's log:\n%s", out)
 	}
 }
