@@ -596,10 +596,18 @@ func (s *supervisor) writeReverse(p *promWriter, units []liveUnit) {
 		_, listening := u.svc.(*tunnel.Reverse).Remote()
 		p.sample("socksfwd_reverse_listening", b2f(listening), "reverse", u.name)
 	}
-	p.family("socksfwd_reverse_remote_info", "gauge", "Where the proxy listens (remote), 1 per -R while it does.")
+	// The port is a value, not a label: with -R 0 a proxy such as Dante
+	// listens on a new port for every caller, a new series each time.
+	p.family("socksfwd_reverse_remote_info", "gauge", "The address the proxy listens on (remote, without the port), 1 per -R while it does.")
 	for _, u := range units {
 		if a, listening := u.svc.(*tunnel.Reverse).Remote(); listening {
-			p.sample("socksfwd_reverse_remote_info", 1, "reverse", u.name, "remote", a.String())
+			p.sample("socksfwd_reverse_remote_info", 1, "reverse", u.name, "remote", a.Host())
+		}
+	}
+	p.family("socksfwd_reverse_remote_port", "gauge", "The port the proxy listens on, per -R while it does.")
+	for _, u := range units {
+		if a, listening := u.svc.(*tunnel.Reverse).Remote(); listening {
+			p.sample("socksfwd_reverse_remote_port", float64(a.Port), "reverse", u.name)
 		}
 	}
 	p.family("socksfwd_reverse_rearm_seconds", "histogram", "Time the port was closed between two callers: from a caller's arrival to the proxy listening again.")

@@ -29,6 +29,12 @@ func remoteLinesOf(t *testing.T, path string) []string {
 	return strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
 }
 
+// portValue is a port as /metrics gives it.
+func portValue(port string) float64 {
+	n, _ := strconv.Atoi(port)
+	return float64(n)
+}
+
 // TestReverseReload: two -R through the test server. Where the server
 // listens reaches the log, --remote-addr-file, /metrics and /readyz; a
 // caller through each is relayed. A reload keeps the -R that stays (its
@@ -59,7 +65,7 @@ func TestReverseReload(t *testing.T) {
 	}
 	m := scrape(t, admin)
 	keptBinds := `socksfwd_reverse_binds_total{reverse="` + keep + `"}`
-	if m[`socksfwd_reverse_remote_info{reverse="`+keep+`",remote="`+lines[0]+`"}`] != 1 || m[keptBinds] != 1 ||
+	if m[`socksfwd_reverse_remote_info{reverse="`+keep+`",remote="127.0.0.1"}`] != 1 || m[`socksfwd_reverse_remote_port{reverse="`+keep+`"}`] != portValue(fixed) || m[keptBinds] != 1 ||
 		m[`socksfwd_reverse_listening{reverse="`+gone+`"}`] != 1 {
 		t.Errorf("metrics lack the -R forwards: %v", m)
 	}
