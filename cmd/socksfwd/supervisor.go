@@ -724,8 +724,9 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 		if name := reverseName(l); name != svc.Name() {
 			// Its metrics and log lines are labelled by the spec, which
 			// names the target: the old series go.
-			s.tel.rearms.UnregisterMetric(rearmSeries(svc.Name()))
-			svc.Rename(name)
+			oldName := svc.Name()
+			svc.Rename(name) // first, or a re-arm between would make the old series anew
+			s.tel.rearms.UnregisterMetric(rearmSeries(oldName))
 		}
 		if old.cfg.IdleTimeout != p.cfg.IdleTimeout {
 			svc.SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
@@ -779,6 +780,10 @@ func (s *supervisor) drainRemoved(u *unit, timeout time.Duration) {
 				s.log.Warn().Str("listener", u.label()).Msg("removed listener: shutdown timeout reached; cutting remaining sessions")
 			}
 			u.svc.Close() // the admin server's Shutdown leaves what it could not drain open
+		}
+		if rev, ok := u.svc.(*tunnel.Reverse); ok {
+			// Again: a re-arm during the drain made the series anew.
+			s.tel.rearms.UnregisterMetric(rearmSeries(rev.Name()))
 		}
 		s.log.Info().Str("listener", u.label()).Msg("removed listener drained")
 	})
