@@ -91,11 +91,14 @@ type UDPStats struct {
 	DatagramsDown atomic.Int64 // target → client
 	BytesUp       atomic.Int64 // payload bytes of DatagramsUp
 	BytesDown     atomic.Int64 // payload bytes of DatagramsDown
-	DroppedQueue  atomic.Int64 // session queue full, or no association
-	DroppedLarge  atomic.Int64 // too large for a SOCKS header, or longer than a slot (IPv6)
-	DroppedMemory atomic.Int64 // the forward's queued bytes were at QueueBytes
-	DroppedEnded  atomic.Int64 // queued for a session evicted or closed before it sent them
-	DroppedSend   atomic.Int64 // the send failed (e.g. an ICMP error on the association)
+	DroppedQueue  atomic.Int64 // session queue full
+	// DroppedNoAssoc: no association to send on (the upstreams fail, or
+	// the proxy ends associations at once and the next waits a backoff).
+	DroppedNoAssoc atomic.Int64
+	DroppedLarge   atomic.Int64 // too large for a SOCKS header, or longer than a slot (IPv6)
+	DroppedMemory  atomic.Int64 // the forward's queued bytes were at QueueBytes
+	DroppedEnded   atomic.Int64 // queued for a session evicted or closed before it sent them
+	DroppedSend    atomic.Int64 // the send failed (e.g. an ICMP error on the association)
 	// DroppedReply: a reply that could not be delivered to its client (the
 	// send to it failed; for a transparent listener, see
 	// TransparentUDPStats). Replies are not among the datagrams Received.

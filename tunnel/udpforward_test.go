@@ -414,10 +414,10 @@ func hasSession(f *UDPForward, c *net.UDPConn) bool {
 func checkAccounted(t *testing.T, f *udpTable, handed int64) {
 	t.Helper()
 	st := f.stats
-	drops := st.DroppedQueue.Load() + st.DroppedLarge.Load() + st.DroppedMemory.Load() + st.DroppedEnded.Load() + st.DroppedSend.Load()
+	drops := st.DroppedQueue.Load() + st.DroppedNoAssoc.Load() + st.DroppedLarge.Load() + st.DroppedMemory.Load() + st.DroppedEnded.Load() + st.DroppedSend.Load()
 	if up := st.DatagramsUp.Load(); up+drops != handed {
-		t.Errorf("%d datagrams sent and %d dropped (queue %d, large %d, memory %d, ended %d, send %d), but %d came",
-			up, drops, st.DroppedQueue.Load(), st.DroppedLarge.Load(), st.DroppedMemory.Load(), st.DroppedEnded.Load(), st.DroppedSend.Load(), handed)
+		t.Errorf("%d datagrams sent and %d dropped (queue %d, no association %d, large %d, memory %d, ended %d, send %d), but %d came",
+			up, drops, st.DroppedQueue.Load(), st.DroppedNoAssoc.Load(), st.DroppedLarge.Load(), st.DroppedMemory.Load(), st.DroppedEnded.Load(), st.DroppedSend.Load(), handed)
 	}
 	if q := f.queued.Load(); q != 0 {
 		t.Errorf("%d queued bytes left charged after Close", q)

@@ -686,7 +686,7 @@ func (s *udpSession) send(p udpPacket) {
 				Msg("UDP association ended by the proxy; re-associating")
 		}
 		if s.assoc == nil && !s.associate() {
-			t.dropped(&t.stats.DroppedQueue, causeNoAssoc)
+			t.dropped(&t.stats.DroppedNoAssoc, causeNoAssoc)
 			return
 		}
 		err := s.assoc.WritePacket((*p.buf)[:socksclient.MaxUDPHeaderLen+p.n], socksclient.MaxUDPHeaderLen, p.dst)

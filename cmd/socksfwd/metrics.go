@@ -439,7 +439,7 @@ func writeUDP(p *promWriter, units []liveUnit) {
 		p.sample("socksfwd_udp_bytes_total", float64(s.BytesUp.Load()), lab(u, "direction", "up")...)
 		p.sample("socksfwd_udp_bytes_total", float64(s.BytesDown.Load()), lab(u, "direction", "down")...)
 	}
-	p.family("socksfwd_udp_dropped_total", "counter", "Datagrams dropped, by reason; reply and wrong_peer (from another sender than a forward's target) are replies toward clients, upstream_refused counts ICMP errors from the proxy's relay for datagrams sent up.")
+	p.family("socksfwd_udp_dropped_total", "counter", "Datagrams dropped, by reason; no_association while no UDP association can be had (the upstreams fail), reply and wrong_peer (from another sender than a forward's target) are replies toward clients, upstream_refused counts ICMP errors from the proxy's relay for datagrams sent up.")
 	for _, u := range units {
 		s, ts := udpStats(u.svc)
 		type drop struct {
@@ -448,6 +448,7 @@ func writeUDP(p *promWriter, units []liveUnit) {
 		}
 		drops := []drop{
 			{"queue", s.DroppedQueue.Load()},
+			{"no_association", s.DroppedNoAssoc.Load()},
 			// Every oversize drop is in DroppedLarge; the association's
 			// TooLarge counts the same datagrams where it refused them.
 			{"oversize", s.DroppedLarge.Load()},
