@@ -126,3 +126,34 @@ func TestMarkOnOwnDials(t *testing.T) {
 		return c, nil
 	})
 }
+
+// TestRulesLookupMarked: `socksfwd rules` looks a proxy's name up through
+// sockets carrying --mark, as the daemon does, so that DNS capture rules
+// already loaded do not take its query into a --dns that may not run.
+func TestRulesLookupMarked(t *testing.T) {
+	peertest.RequireRoot(t) // CAP_NET_ADMIN for SO_MARK
+	const mark = 0x438
+	d, err := parseServer("proxy.example:1080", "", "", mark)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rulesResolver(d)
+	if r == net.DefaultResolver || r.Dial == nil {
+		t.Fatal("with --mark, the rules look names up with the default resolver")
+	}
+	c, err := r.Dial(context.Background(), "udp", "127.0.0.1:53")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got, err := sockmark.Of(c.(*net.UDPConn)); err != nil || got != mark {
+		t.Errorf("the lookup's socket has mark %#x (%v), want %#x", got, err, mark)
+	}
+	unmarked, err := parseServer("proxy.example:1080", "", "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rulesResolver(unmarked) != net.DefaultResolver {
+		t.Error("without --mark, the rules do not use the system's resolver")
+	}
+}

@@ -14,6 +14,8 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/socksfwd/socksfwd/internal/rules"
+	"github.com/socksfwd/socksfwd/internal/sockmark"
+	"github.com/socksfwd/socksfwd/socksclient"
 )
 
 // rulesCommand is `socksfwd rules`: it reads the same flags, environment
@@ -79,8 +81,9 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 		to   *uint32
 	}{{"route-mark", &rc.RouteMark}, {"route-table", &rc.RouteTable}} {
 		v := c.Uint64(f.name)
-		if v > 0xffffffff {
-			return rc, usagef("rules --%s %#x: out of range 0-0xffffffff", f.name, v)
+		if v > 0xffffffff || v == 0 && c.IsSet(f.name) {
+			// 0 is no mark, and no table: the rules would use the default.
+			return rc, usagef("rules --%s %#x: out of range 1-0xffffffff", f.name, v)
 		}
 		*f.to = uint32(v)
 	}
@@ -139,7 +142,7 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 		return rc, err
 	}
 	for _, d := range p.dialers {
-		addrs, err := proxyAddrs(d.ProxyAddr)
+		addrs, err := proxyAddrs(d)
 		if err != nil {
 			return rc, err
 		}
@@ -361,19 +364,31 @@ func resolverCaptureWarning(rc rules.Config, p *plan) string {
 
 // proxyAddrs is a proxy's addresses: the rules must leave socksfwd's own
 // connections to it alone. A name is resolved here, once.
-func proxyAddrs(hostport string) ([]netip.Addr, error) {
-	host, _, _ := net.SplitHostPort(hostport)
+func proxyAddrs(d *socksclient.Dialer) ([]netip.Addr, error) {
+	host, _, _ := net.SplitHostPort(d.ProxyAddr)
 	if a, err := netip.ParseAddr(host); err == nil {
 		return []netip.Addr{a.Unmap()}, nil
 	}
-	addrs, err := net.DefaultResolver.LookupNetIP(context.Background(), "ip", host)
+	addrs, err := rulesResolver(d).LookupNetIP(context.Background(), "ip", host)
 	if err != nil {
-		return nil, fmt.Errorf("rules: the proxy %s must be left out of the capture, but its name does not resolve here: %w", host, err)
+		return nil, fmt.Errorf("rules: the proxy %s must be left out of the capture, but its name does not resolve here: %w "+
+			"(capture rules already loaded take this lookup unless it carries their --mark, which needs root: remove them first)", host, err)
 	}
 	for i := range addrs {
 		addrs[i] = addrs[i].Unmap()
 	}
 	return addrs, nil
+}
+
+// rulesResolver looks the proxy's name up as the running socksfwd does:
+// with --mark through marked sockets, so that the capture rules of an
+// earlier run, DNS capture among them, leave the lookup alone. A process
+// that may not set marks (rules only prints) uses the default resolver.
+func rulesResolver(d *socksclient.Dialer) *net.Resolver {
+	if d.LookupControl == nil || sockmark.Check(0) != nil {
+		return net.DefaultResolver
+	}
+	return socksclient.ResolverVia(d.LookupControl)
 }
 
 func prefixes(option string, vals []string) ([]netip.Prefix, error) {
