@@ -60,7 +60,8 @@ func (p *plan) iptables(f family) string {
 	t.line("# Load: %s-restore --noflush < FILE", command)
 	t.line("#   (without --noflush, %s-restore first empties the whole mangle and nat tables,", command)
 	t.line("#   other programs' rules included)")
-	t.line("# Remove (before loading again too: a load adds the jumps to these chains once more):")
+	t.line("# Remove (before loading again, and before loading the other scope's rules, which use these")
+	t.line("# chains too: a load adds its jumps to them and leaves any other jump in place):")
 	for _, c := range chains {
 		for _, h := range c.hooks {
 			t.line("#   %s -t %s -D%s", command, c.table, h[len("-A"):])

@@ -22,7 +22,8 @@ func NFT(cfg Config) (string, error) {
 	var t text
 	t.line("#!/usr/sbin/nft -f")
 	p.header(&t, "nft script", p.families)
-	t.line("# Load: nft -f FILE (again to replace it). Remove: nft delete table %s", nftTable)
+	t.line("# Load: nft -f FILE (again to replace it; either scope's rules replace the other's, as they")
+	t.line("# share one table). Remove: nft delete table %s", nftTable)
 	t.line("")
 	t.line("# Declared before it is deleted, so the delete succeeds on a first load too.")
 	t.line("table %s", nftTable)

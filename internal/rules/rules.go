@@ -362,7 +362,7 @@ func (p *plan) header(t *text, title string, fams []family) {
 		if len(p.Interfaces) > 0 {
 			what += ", coming in on " + strings.Join(p.Interfaces, ", ")
 		}
-		what += ".\n# Not this host's own programs' traffic: that is scope local, and the two scopes' rule sets\n# share their names, so one replaces the other"
+		what += ".\n# Not this host's own programs' traffic: that is scope local"
 	}
 	t.line("%s.", what)
 	switch {
