@@ -161,11 +161,8 @@ func (p *replyPool) get(remote netip.AddrPort) *replySocket {
 		s.backoff = nextRetry(s.backoff)
 		s.retryAt = now + int64(s.backoff)
 		if logNow, suppressed := p.logs.Allow(remote.String()); logNow {
-			msg := "UDP reply socket cannot bind the remote's address; replies from it go through a raw socket until a retry binds it"
-			if errors.Is(err, unix.EADDRINUSE) {
-				msg = "UDP reply socket cannot bind the remote's address: a local service holds that address and port; replies from it go through a raw socket"
-			}
-			p.logger.Warn().Err(err).Str("listener", p.name).Str("remote", remote.String()).Func(logthrottle.Repeats("repeats", suppressed)).Msg(msg)
+			p.logger.Warn().Err(err).Str("listener", p.name).Str("remote", remote.String()).Func(logthrottle.Repeats("repeats", suppressed)).
+				Msg(replyBindFailedLine(err, hasCap(unix.CAP_NET_RAW)))
 		}
 	} else {
 		s.pc = pc
@@ -173,6 +170,26 @@ func (p *replyPool) get(remote netip.AddrPort) *replySocket {
 	}
 	p.lru.Add(remote, s) // replaces a failed entry, which holds no socket
 	return s
+}
+
+// replyBindFailedLine says why a reply socket could not bind its remote's
+// address and what becomes of the replies: sent from a raw socket when
+// the process may open one (CAP_NET_RAW), else dropped and counted.
+func replyBindFailedLine(err error, raw bool) string {
+	msg := "UDP reply socket cannot bind the remote's address"
+	switch {
+	case errors.Is(err, unix.EADDRINUSE):
+		msg += ": a local service holds that address and port"
+	case errors.Is(err, unix.EACCES):
+		msg += ": its port is below ip_unprivileged_port_start, which needs CAP_NET_BIND_SERVICE"
+	}
+	if !raw {
+		return msg + "; replies from it are dropped and counted (sending them from a raw socket needs CAP_NET_RAW)"
+	}
+	if errors.Is(err, unix.EADDRINUSE) {
+		return msg + "; replies from it go through a raw socket"
+	}
+	return msg + "; replies from it go through a raw socket until a retry binds it"
 }
 
 // nextRetry is the wait after a failure that came after waiting prev (0:

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -174,5 +175,34 @@ func TestRawOptionsKeepErrno(t *testing.T) {
 	err := setRawOptions(-1, unix.SOL_IP, unix.IP_TRANSPARENT)
 	if !errors.Is(err, unix.EBADF) || !strings.Contains(err.Error(), "IP_TRANSPARENT") {
 		t.Errorf("err = %v, want EBADF naming IP_TRANSPARENT", err)
+	}
+}
+
+// TestReplyBindFailedLine: the line for a reply socket that cannot bind
+// says what becomes of the replies: a raw socket only where the process
+// may open one, else dropped (it said "raw socket" without CAP_NET_RAW,
+// beside the line saying they were dropped).
+func TestReplyBindFailedLine(t *testing.T) {
+	for _, c := range []struct {
+		err       error
+		raw       bool
+		want, not []string
+	}{
+		{unix.EADDRINUSE, true, []string{"a local service holds", "go through a raw socket"}, []string{"dropped"}},
+		{unix.EADDRINUSE, false, []string{"a local service holds", "dropped", "CAP_NET_RAW"}, []string{"go through"}},
+		{unix.EACCES, false, []string{"CAP_NET_BIND_SERVICE", "dropped", "CAP_NET_RAW"}, []string{"go through"}},
+		{unix.EACCES, true, []string{"CAP_NET_BIND_SERVICE", "go through a raw socket until a retry"}, []string{"dropped"}},
+	} {
+		line := replyBindFailedLine(fmt.Errorf("listen udp4: bind: %w", c.err), c.raw)
+		for _, w := range c.want {
+			if !strings.Contains(line, w) {
+				t.Errorf("%v, raw %v: %q lacks %q", c.err, c.raw, line, w)
+			}
+		}
+		for _, n := range c.not {
+			if strings.Contains(line, n) {
+				t.Errorf("%v, raw %v: %q says %q", c.err, c.raw, line, n)
+			}
+		}
 	}
 }
