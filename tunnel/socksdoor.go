@@ -200,6 +200,15 @@ func replyCode(err error) socksclient.ReplyCode {
 // logs it, and ends the session.
 func (d *SOCKSDoor) refuse(req *socksclient.ServerRequest, dialer *socksclient.Dialer, err error, start time.Time) {
 	f := d.TCPForward
+	if peerHungUp(req.Conn) {
+		// The client gave up during a slow dial: its hang-up, not the
+		// upstream's answer, ended the session (the upstreams have
+		// counted their own failure).
+		d.clientGone(req, dialer, err, start)
+		req.Conn.Close()
+		f.endSession(req.Conn, nil)
+		return
+	}
 	req.Reply(replyCode(err), socksclient.Addr{})
 	f.dialFailed(req.Conn, req.Addr, dialer, err, start)
 	req.Conn.Close()
@@ -313,8 +322,8 @@ func (d *SOCKSDoor) bind(req *socksclient.ServerRequest, idle time.Duration, sta
 	d.answerAndRelay(req, peer, dialer, idle, start)
 }
 
-// clientGone counts and logs a client that hung up before its success
-// reply could reach it (a program that gave up during a slow dial).
+// clientGone counts and logs a client that hung up before its reply
+// could reach it (a program that gave up during a slow dial).
 func (d *SOCKSDoor) clientGone(req *socksclient.ServerRequest, dialer *socksclient.Dialer, err error, start time.Time) {
 	d.stats.ClientGone.Add(1)
 	f := d.TCPForward

@@ -988,3 +988,41 @@ func TestDoorDualStack(t *testing.T) {
 		u.Close()
 	}
 }
+
+// TestDoorClientGoneBeforeRefusal: a client that hangs up (FIN) while
+// its upstream keeps it waiting, and whose request then fails, is counted
+// as gone, not as a failed session: nobody was left to answer.
+func TestDoorClientGoneBeforeRefusal(t *testing.T) {
+	noLeaks(t)
+	hangs := newSocks(t, sockstest.Config{Fault: sockstest.FaultHangAfterGreeting})
+	gone := make(chan struct{})
+	held := &socksclient.Dialer{ProxyAddr: hangs.Addr(), HandshakeTimeout: 200 * time.Millisecond,
+		ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			select { // the dial starts once the client has gone
+			case <-gone:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		}}
+	door, logs := startDoorDialers(t, SOCKSDoorConfig{}, nil, held)
+	c := dialFor(t, door.Addr().String())
+	c.Write([]byte{socksclient.Version, 1, byte(socksclient.MethodNoAuth)})
+	if _, err := socksclient.ReadMethodSelection(c); err != nil {
+		t.Fatal(err)
+	}
+	req, err := socksclient.Request{Cmd: socksclient.CmdConnect, Addr: socksclient.Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 80}}.AppendTo(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write(req)
+	c.Close() // a FIN: the door could still write its refusal
+	close(gone)
+	logs.waitFor(t, "the client hung up before its reply")
+	if n := door.DoorStats().ClientGone.Load(); n != 1 {
+		t.Errorf("ClientGone = %d, want 1", n)
+	}
+	if n := door.Stats().Failed.Load(); n != 0 {
+		t.Errorf("Failed = %d, want 0", n)
+	}
+}
