@@ -28,7 +28,7 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 		&cli.StringFlag{Name: "scope", Value: rules.ScopeLocal, Usage: "local (this host's or pod's own programs, OUTPUT) | gateway (traffic from other hosts or containers, PREROUTING)"},
 		&cli.StringSliceFlag{Name: "exclude", Usage: "destination CIDR never to capture, repeatable"},
 		&cli.StringSliceFlag{Name: "include", Usage: "capture only these destination CIDRs, repeatable"},
-		&cli.StringSliceFlag{Name: "interface", Usage: "gateway scope: capture only what arrives on this interface, repeatable"},
+		&cli.StringSliceFlag{Name: "interface", Usage: "gateway scope: capture only what arrives on this interface, repeatable; a trailing + matches every name that starts so (veth+)"},
 		&cli.BoolFlag{Name: "ipv6", Usage: "IPv6 rules too"},
 		&cli.StringSliceFlag{Name: "proxy-user", Usage: "scope local: never capture this user's programs (a proxy on this host, such as Tor), repeatable"},
 		&cli.Uint64Flag{Name: "route-mark", Value: rules.DefaultRouteMark, Usage: "tproxy: the fwmark policy routing uses"},

@@ -71,7 +71,7 @@ func testCapture(t *testing.T, format, mode, scope string) {
 		cfg.UDPPort = captureUDPPort
 	}
 	if scope == ScopeGateway {
-		cfg.Interfaces = []string{"g0"}
+		cfg.Interfaces = []string{"g+"} // g0, by the wildcard: iptables "g+", nft "g*"
 	}
 
 	// host runs the rules and the stand-in listeners; app sends the

@@ -175,7 +175,7 @@ func (p *plan) nftChain(t *text, k chainKind) {
 	}
 	if p.filtersInterfaces(k) {
 		c("Only what comes in on these interfaces.")
-		r("iifname != %s return", nftStrings(p.Interfaces))
+		r("iifname != %s return", nftStrings(nftInterfaces(p.Interfaces)))
 	}
 	if p.onlyMarked(k) {
 		c("Only what output_mark marked.")
@@ -288,6 +288,18 @@ func nftUser(u string) string {
 }
 
 // nftStrings quotes names as one nft value or an anonymous set.
+// nftInterfaces writes the interfaces' trailing-+ wildcards nft's way.
+func nftInterfaces(names []string) []string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		if base, wild := strings.CutSuffix(n, "+"); wild {
+			n = base + "*"
+		}
+		out[i] = n
+	}
+	return out
+}
+
 func nftStrings(names []string) string {
 	q := make([]string, len(names))
 	for i, n := range names {

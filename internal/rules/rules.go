@@ -91,7 +91,8 @@ type Config struct {
 	RouteTable uint32
 
 	// Interfaces limits gateway capture to packets coming in on these
-	// interfaces (exact names); empty: every interface.
+	// interfaces (exact names, or a trailing + for every name that starts
+	// so); empty: every interface.
 	Interfaces []string
 }
 
@@ -256,12 +257,15 @@ func newPlan(cfg Config) (*plan, error) {
 	return p, nil
 }
 
-// checkInterface accepts a Linux interface name, matched exactly: nft and
-// iptables give different characters a wildcard meaning, so none is let in.
+// checkInterface accepts a Linux interface name, matched exactly, or one
+// with a trailing "+" (iptables' wildcard, "veth+": every name that starts
+// so; nft writes it "veth*"). No other wildcard is let in: nft and iptables
+// give different characters that meaning.
 func checkInterface(name string) error {
-	if name == "" || len(name) > 15 || name == "." || name == ".." ||
-		strings.ContainsAny(name, " \t\n/\"'\\*+:") {
-		return configError("interface name %q is not a plain Linux interface name (no wildcards)", name)
+	base := strings.TrimSuffix(name, "+")
+	if base == "" || len(base) > 15 || base == "." || base == ".." ||
+		strings.ContainsAny(base, " \t\n/\"'\\*+:") {
+		return configError("interface name %q is not a Linux interface name, or one with a trailing + (veth+: every name that starts so)", name)
 	}
 	return nil
 }
