@@ -316,7 +316,8 @@ func rulesWarnings(rc rules.Config, p *plan) []string {
 		// interface traffic came in on (for IPv6 often its link-local
 		// one), which a listener on one address may not be.
 		for _, l := range p.listens {
-			if ap, err := netip.ParseAddrPort(l.addr); err == nil && redirected(l, rc) && !ap.Addr().IsUnspecified() {
+			if ap, err := netip.ParseAddrPort(l.addr); err == nil && redirected(l, rc) && !ap.Addr().IsUnspecified() &&
+				!primaryOfInterfaces(ap.Addr(), rc.Interfaces) {
 				warnings = append(warnings, fmt.Sprintf("%s listens on %s only, and REDIRECT on a gateway sends to the primary address "+
 					"of the interface traffic comes in on (for IPv6 often its link-local one): unless that is %s, bind *:%d",
 					l.spec, ap.Addr(), ap.Addr(), ap.Port()))
@@ -324,6 +325,39 @@ func rulesWarnings(rc rules.Config, p *plan) []string {
 		}
 	}
 	return warnings
+}
+
+// primaryOfInterfaces reports whether a is the primary (first) IPv4
+// address of every one of names, as this host has them now: where REDIRECT
+// on a gateway sends what comes in on them. False for IPv6, whose REDIRECT
+// picks an address by source selection, for no names, and for a wildcard.
+func primaryOfInterfaces(a netip.Addr, names []string) bool {
+	if !a.Is4() || len(names) == 0 {
+		return false
+	}
+	for _, name := range names {
+		ifi, err := net.InterfaceByName(name)
+		if err != nil {
+			return false
+		}
+		addrs, err := ifi.Addrs()
+		if err != nil {
+			return false
+		}
+		first := netip.Addr{}
+		for _, ad := range addrs {
+			if n, ok := ad.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap().Is4() {
+					first = ip.Unmap()
+					break
+				}
+			}
+		}
+		if first != a {
+			return false
+		}
+	}
+	return true
 }
 
 // redirected reports whether the rules send l's traffic by REDIRECT:

@@ -46,3 +46,24 @@ func TestResolveListens(t *testing.T) {
 		t.Errorf("TPROXY to 127.0.0.1 with the listener on lanbox's 10.1.0.1: %v", err)
 	}
 }
+
+// TestPrimaryOfInterfaces: the gateway REDIRECT warning is spared when the
+// listener's address is the primary IPv4 address of every --interface.
+func TestPrimaryOfInterfaces(t *testing.T) {
+	for _, c := range []struct {
+		addr  string
+		names []string
+		want  bool
+	}{
+		{"127.0.0.1", []string{"lo"}, true},
+		{"127.0.0.2", []string{"lo"}, false},
+		{"127.0.0.1", nil, false},
+		{"127.0.0.1", []string{"lo", "no-such-if0"}, false},
+		{"127.0.0.1", []string{"lo+"}, false},
+		{"::1", []string{"lo"}, false},
+	} {
+		if got := primaryOfInterfaces(netip.MustParseAddr(c.addr), c.names); got != c.want {
+			t.Errorf("primaryOfInterfaces(%s, %q) = %v, want %v", c.addr, c.names, got, c.want)
+		}
+	}
+}
