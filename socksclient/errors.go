@@ -60,7 +60,12 @@ type ProtocolError struct {
 
 	truncated       bool
 	unknownAddrType bool // a server answers it with REP 8
+	socks4          bool // a SOCKS4 request where a greeting should be
 }
+
+// SOCKS4 reports whether the peer spoke SOCKS4 (or 4a) where a SOCKS5
+// greeting should have been.
+func (e *ProtocolError) SOCKS4() bool { return e.socks4 }
 
 func (e *ProtocolError) Error() string {
 	return fmt.Sprintf("socks: malformed %s: %s", e.Frame, e.Msg)

@@ -43,10 +43,24 @@ func (g Greeting) String() string {
 	return "greeting [" + strings.Join(parts, ", ") + "]"
 }
 
+// socks4Version opens a SOCKS4 or 4a request, which a client that was
+// told the proxy speaks SOCKS4 sends where a greeting should be.
+const socks4Version = 0x04
+
+// socks4Rejected is the SOCKS4 reply "request rejected or failed" (VN 0,
+// CD 91, port and address unused): what a SOCKS5 server answers a SOCKS4
+// client, so that it reports a refusal rather than a closed connection.
+var socks4Rejected = [8]byte{0, 91}
+
+// ParseGreeting decodes a client's greeting from the start of b and
+// returns it with the bytes it took.
 func ParseGreeting(b []byte) (Greeting, int, error) {
 	const frame = "greeting"
 	if len(b) < 2 {
 		return Greeting{}, 0, errTruncated(frame)
+	}
+	if b[0] == socks4Version {
+		return Greeting{}, 0, &ProtocolError{Frame: frame, Msg: "version 0x04: a SOCKS4 client, and this server speaks SOCKS5 only", socks4: true}
 	}
 	if err := checkVersion(frame, b[0], Version); err != nil {
 		return Greeting{}, 0, err

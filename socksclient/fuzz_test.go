@@ -166,7 +166,8 @@ func FuzzReadReply(f *testing.F)           { fuzzReader(f, ParseReply, ReadReply
 // well-formed frames in the order RFC 1928 and RFC 1929 allow, one that
 // agrees with the outcome: method 0xFF alone for ErrNoCommonMethod, status
 // 1 last for ErrWrongCredentials, REP 8 with a zero address only after the
-// method was agreed, and for a request, nothing after the method and status.
+// method was agreed, for a request nothing after the method and status,
+// and for a SOCKS4 client the SOCKS4 rejection alone.
 func FuzzHandshake(f *testing.F) {
 	for _, seed := range []string{
 		"05 01 00" + goldenConnectV4 + "16030100",
@@ -205,6 +206,12 @@ func checkHandshakeWrites(t *testing.T, b []byte, auth bool, c *recordConn, req 
 	if len(out) == 0 {
 		if err == nil || errors.Is(err, ErrNoCommonMethod) || errors.Is(err, ErrWrongCredentials) {
 			fail("a refusal or a request without the method selection")
+		}
+		return
+	}
+	if pe := (*ProtocolError)(nil); errors.As(err, &pe) && pe.SOCKS4() {
+		if !bytes.Equal(out, socks4Rejected[:]) || b[0] != socks4Version {
+			fail("a SOCKS4 client gets the SOCKS4 rejection, alone")
 		}
 		return
 	}

@@ -130,6 +130,10 @@ func Handshake(c net.Conn, cfg ServerConfig) (*ServerRequest, error) {
 	}()
 	g, err := readWith(r, ParseGreeting)
 	if err != nil {
+		var pe *ProtocolError
+		if errors.As(err, &pe) && pe.socks4 {
+			c.Write(socks4Rejected[:])
+		}
 		return nil, fmt.Errorf("reading greeting: %w", err)
 	}
 	want := MethodNoAuth

@@ -65,7 +65,9 @@ func TestHandshake(t *testing.T) {
 		// Not an unknown type: nothing to answer but a hang-up.
 		{name: "zero-length name", in: "05 01 00 05 01 00 03 00 0050", out: "05 00", wantProto: true},
 		{name: "request version 4", in: "05 01 00 04 01 00 01 c0000201 0050", out: "05 00", wantProto: true},
-		{name: "greeting version 4", in: "04 01 00", out: "", wantProto: true},
+		// A SOCKS4 client is told so in its own protocol: "request rejected".
+		{name: "greeting version 4", in: "04 01 00", out: "00 5b 0000 00000000", wantProto: true},
+		{name: "socks4 connect", in: "04 01 0050 c0000201 00", out: "00 5b 0000 00000000", wantProto: true},
 		{name: "greeting no methods", in: "05 00", out: "", wantProto: true},
 		{name: "userpass version 5", auth: bobAuth, in: "05 01 02 05 01 61 01 62", out: "05 02", wantProto: true},
 		// Fields of 0 bytes (curl -U user: sends PLEN 0) are read and

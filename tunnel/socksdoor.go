@@ -157,6 +157,9 @@ func (d *SOCKSDoor) handshakeFailed(client net.Conn, err error) {
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		d.stats.HandshakeTimeout.Add(1)
 		cause = "handshake timeout"
+	case errors.As(err, &pe) && pe.SOCKS4():
+		d.stats.Malformed.Add(1)
+		cause = "SOCKS4 client"
 	case errors.As(err, &pe):
 		d.stats.Malformed.Add(1)
 		cause = "malformed handshake"
