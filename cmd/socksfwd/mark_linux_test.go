@@ -157,3 +157,24 @@ func TestRulesLookupMarked(t *testing.T) {
 		t.Error("without --mark, the rules do not use the system's resolver")
 	}
 }
+
+// TestReloadNewUpstreamsWithoutMark: with transparent listeners and no
+// --mark, the capture rules leave socksfwd's own connections alone only by
+// the proxies' addresses; a reload that changes the upstreams says the
+// rules must be printed and loaded again.
+func TestReloadNewUpstreamsWithoutMark(t *testing.T) {
+	verifyNoLeaks(t)
+	a, b := newSocks(t), newSocks(t)
+	conf := func(server string) string {
+		return fmt.Sprintf("server = [%q]\ntransparent = [\"127.0.0.1:0\"]\n", server)
+	}
+	path := writeConfig(t, conf(a.Addr()))
+	d := startDaemon(t, "-c", path)
+	d.waitFor("transparent", 1)
+	const warning = "the upstreams changed and there is no --mark"
+	d.reload(path, conf(a.Addr())+"idle-timeout = \"1m\"\n", 1)
+	d.reload(path, conf(b.Addr()), 2)
+	if n := len(d.linesWith(warning)); n != 1 {
+		t.Errorf("%d warnings that the capture rules name the old upstreams, want 1 (for the second reload):\n%s", n, d.dump())
+	}
+}

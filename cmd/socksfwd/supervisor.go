@@ -561,6 +561,14 @@ func (s *supervisor) reloadNow() error {
 	s.observeUpstreams(p)
 	if !slices.Equal(old.cfg.Server, p.cfg.Server) {
 		changes = append(changes, fmt.Sprintf("upstreams [%s] → [%s]", redactedServers(old.cfg.Server), redactedServers(p.cfg.Server)))
+		if p.cfg.Mark == 0 && slices.ContainsFunc(p.listens, func(l listenPlan) bool {
+			return l.kind == kindTransparent || l.kind == kindTransparentUDP
+		}) {
+			// Without a mark, the capture rules leave socksfwd's own
+			// connections alone by the proxies' addresses, the old ones.
+			s.log.Warn().Msg("the upstreams changed and there is no --mark: capture rules printed for the old ones leave only their addresses out, " +
+				"so connections to a new proxy are captured and refused; print and load the rules again (socksfwd rules)")
+		}
 	} else if !sameCredentials(old.dialers, p.dialers) {
 		// --server-user, or a password file read afresh: named, never shown.
 		changes = append(changes, "upstream credentials")
