@@ -31,6 +31,7 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 		&cli.StringSliceFlag{Name: "interface", Usage: "gateway scope: capture only what arrives on this interface, repeatable; a trailing + matches every name that starts so (veth+)"},
 		&cli.BoolFlag{Name: "ipv6", Usage: "IPv6 rules too"},
 		&cli.StringSliceFlag{Name: "proxy-user", Usage: "scope local: never capture this user's programs (a proxy on this host, such as Tor), repeatable"},
+		&cli.BoolFlag{Name: "remove", Usage: "print the shell commands that remove what --format loads, instead of the rules (socksfwd rules --remove … | sh)"},
 		&cli.Uint64Flag{Name: "route-mark", Value: rules.DefaultRouteMark, Usage: "tproxy: the fwmark policy routing uses"},
 		&cli.Uint64Flag{Name: "route-table", Value: rules.DefaultRouteTable, Usage: "tproxy: the routing table that makes every address local"},
 	)
@@ -54,10 +55,15 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 			if err != nil {
 				return err
 			}
-			for _, w := range rulesWarnings(rc, cfg.plan) {
-				fmt.Fprintln(c.App.ErrWriter, "socksfwd rules: warning: "+w)
+			var out string
+			if c.Bool("remove") {
+				out, err = printRemoval(c.String("format"), rc)
+			} else {
+				for _, w := range rulesWarnings(rc, cfg.plan) {
+					fmt.Fprintln(c.App.ErrWriter, "socksfwd rules: warning: "+w)
+				}
+				out, err = printRules(c.String("format"), rc)
 			}
-			out, err := printRules(c.String("format"), rc)
 			if errors.Is(err, rules.ErrConfig) {
 				return usageError{err}
 			}
@@ -142,6 +148,9 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 		return rc, err
 	}
 	for _, d := range p.dialers {
+		if c.Bool("remove") {
+			break // what removes the rules does not name the proxies: no lookup
+		}
 		addrs, err := proxyAddrs(d)
 		if err != nil {
 			return rc, err
@@ -442,6 +451,29 @@ func prefixes(option string, vals []string) ([]netip.Prefix, error) {
 }
 
 // printRules renders rc in format.
+// printRemoval is a shell script that removes what format's rules load.
+// sh goes on past a command that fails, so a part already gone (a jump
+// removed by hand, routes never added) does not keep the rest.
+func printRemoval(format string, rc rules.Config) (string, error) {
+	switch format {
+	case "nft", "iptables", "ip6tables", "routes":
+	default:
+		return "", usagef("--format %s: want nft, iptables, ip6tables or routes", quote(format))
+	}
+	if format == "ip6tables" && !rc.IPv6 {
+		return "", usagef("--format ip6tables needs --ipv6")
+	}
+	lines, err := rules.Removal(rc, format)
+	if err != nil {
+		return "", err
+	}
+	if len(lines) == 0 {
+		return "", nil
+	}
+	return "#!/bin/sh\n# Removes what socksfwd rules --format " + format + " loads, with the same options.\n" +
+		strings.Join(lines, "\n") + "\n", nil
+}
+
 func printRules(format string, rc rules.Config) (string, error) {
 	switch format {
 	case "nft":

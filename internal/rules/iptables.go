@@ -44,6 +44,23 @@ func (c *iptChain) comment(format string, args ...any) {
 	c.lines = append(c.lines, "# "+fmt.Sprintf(format, args...))
 }
 
+// iptRemoval is what removes chains: the jumps to them, then their rules,
+// then the chains.
+func iptRemoval(command string, chains []*iptChain) []string {
+	var lines []string
+	for _, c := range chains {
+		for _, h := range c.hooks {
+			lines = append(lines, fmt.Sprintf("%s -t %s -D%s", command, c.table, h[len("-A"):]))
+		}
+	}
+	for _, verb := range []string{"-F", "-X"} {
+		for _, c := range chains {
+			lines = append(lines, fmt.Sprintf("%s -t %s %s %s", command, c.table, verb, c.name))
+		}
+	}
+	return lines
+}
+
 // iptables writes the restore input for one family.
 func (p *plan) iptables(f family) string {
 	command := "iptables"
@@ -62,15 +79,8 @@ func (p *plan) iptables(f family) string {
 	t.line("#   other programs' rules included)")
 	t.line("# Remove (before loading again, and before loading the other scope's rules, which use these")
 	t.line("# chains too: a load adds its jumps to them and leaves any other jump in place):")
-	for _, c := range chains {
-		for _, h := range c.hooks {
-			t.line("#   %s -t %s -D%s", command, c.table, h[len("-A"):])
-		}
-	}
-	for _, verb := range []string{"-F", "-X"} {
-		for _, c := range chains {
-			t.line("#   %s -t %s %s %s", command, c.table, verb, c.name)
-		}
+	for _, l := range iptRemoval(command, chains) {
+		t.line("#   %s", l)
 	}
 	for _, table := range []string{"mangle", "nat"} {
 		var in []*iptChain

@@ -89,6 +89,17 @@ func TestNFTLoads(t *testing.T) {
 					t.Errorf("ip rule show has no fwmark rule after %q:\n%s", routes, rules)
 				}
 			}
+			// Removal's route commands take the routes away again.
+			del, err := Removal(tc.cfg, "routes")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, line := range del {
+				inNetns(t, ns, "", strings.Fields(line)...)
+			}
+			if rules := inNetns(t, ns, "", "ip", "rule", "show"); strings.Contains(rules, "fwmark") {
+				t.Errorf("ip rule show still has a fwmark rule after %q:\n%s", del, rules)
+			}
 			// The removal the header gives leaves nothing behind.
 			const remove = "nft delete table inet socksfwd"
 			if !strings.Contains(script, "Remove: "+remove) {

@@ -333,6 +333,43 @@ func Routes(cfg Config) []string {
 	return p.routes(p.families)
 }
 
+// Removal returns the commands, one shell command line each, that remove
+// what format's output for cfg loads: format is "nft", "iptables"
+// (IPv4), "ip6tables" or "routes" (nil when nothing goes through TPROXY).
+func Removal(cfg Config, format string) ([]string, error) {
+	p, err := newPlan(cfg)
+	if err != nil {
+		return nil, err
+	}
+	switch format {
+	case "nft":
+		return []string{"nft delete table " + nftTable}, nil
+	case "iptables", "ip6tables":
+		f := p.families[0]
+		if format == "ip6tables" {
+			if len(p.families) < 2 {
+				return nil, configError("ip6tables removal: the rules have no IPv6 part")
+			}
+			f = p.families[1]
+		}
+		var chains []*iptChain
+		for _, k := range p.chains() {
+			chains = append(chains, p.iptChains(f, k)...)
+		}
+		return iptRemoval(format, chains), nil
+	case "routes":
+		if !p.tproxy() {
+			return nil, nil
+		}
+		var lines []string
+		for _, r := range p.routes(p.families) {
+			lines = append(lines, strings.Replace(r, " add ", " del ", 1))
+		}
+		return lines, nil
+	}
+	return nil, configError("format %q: want nft, iptables, ip6tables or routes", format)
+}
+
 func (p *plan) routes(fams []family) []string {
 	var lines []string
 	for _, f := range fams {

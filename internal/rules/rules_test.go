@@ -288,3 +288,50 @@ func TestNoIPv6RulesWithoutIPv6(t *testing.T) {
 		t.Errorf("ip6tables input with IPv6 off: %q", v6)
 	}
 }
+
+// TestRemovalAsHeaders: what `socksfwd rules --remove` prints is what each
+// rule set's header says removes it, which the kernel tests run.
+func TestRemovalAsHeaders(t *testing.T) {
+	for _, tc := range goldenCases {
+		t.Run(tc.name, func(t *testing.T) {
+			headerLines := func(s string, keep func(cmd string) bool) []string {
+				var out []string
+				for _, l := range strings.Split(s, "\n") {
+					if cmd, ok := strings.CutPrefix(l, "#   "); ok && keep(cmd) {
+						out = append(out, cmd)
+					}
+				}
+				return out
+			}
+			command := func(name string) func(string) bool {
+				return func(cmd string) bool { return strings.HasPrefix(cmd, name+" ") }
+			}
+			routeDel := func(cmd string) bool { return strings.HasPrefix(cmd, "ip ") && strings.Contains(cmd, " del ") }
+			v4, v6, err := IPTables(tc.cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			nft, err := NFT(tc.cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := map[string][]string{
+				"iptables": headerLines(v4, command("iptables")),
+				"nft":      {"nft delete table inet socksfwd"},
+				"routes":   headerLines(nft, routeDel),
+			}
+			if tc.cfg.IPv6 {
+				want["ip6tables"] = headerLines(v6, command("ip6tables"))
+			}
+			for format, w := range want {
+				got, err := Removal(tc.cfg, format)
+				if err != nil {
+					t.Fatalf("%s: %v", format, err)
+				}
+				if !slices.Equal(got, w) {
+					t.Errorf("%s removal:\n%s\nthe header's:\n%s", format, strings.Join(got, "\n"), strings.Join(w, "\n"))
+				}
+			}
+		})
+	}
+}
