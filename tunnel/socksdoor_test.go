@@ -375,46 +375,63 @@ func TestDoorUpstreamTimeout(t *testing.T) {
 }
 
 // TestDoorClientGoneBeforeReply: a client that hangs up while its
-// upstream is being dialed is counted (client gone) and logged once; its
-// upstream connection is closed, and nothing counts as a failure.
+// upstream is being dialed is counted (client gone) and logged once, and
+// nothing counts as a failure: whether the dial then succeeds (its reply
+// cannot be written after a reset; the upstream connection is closed) or
+// fails (a FIN: the refusal could still be written, but nobody is left to
+// read it).
 func TestDoorClientGoneBeforeReply(t *testing.T) {
-	noLeaks(t)
-	echo := testnet.Echo(t).Addr().String()
-	up := newSocks(t, sockstest.Config{})
-	gone := make(chan struct{})
-	held := &socksclient.Dialer{ProxyAddr: up.Addr(), HandshakeTimeout: 5 * time.Second,
-		ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			select { // the dial waits until the client has gone
-			case <-gone:
-			case <-ctx.Done():
-				return nil, ctx.Err()
+	echo, err := socksclient.ParseAddr(testnet.Echo(t).Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name    string
+		fault   sockstest.Fault
+		timeout time.Duration
+		target  socksclient.Addr
+		reset   bool
+	}{
+		{"dial succeeds, client reset", sockstest.FaultNone, 5 * time.Second, echo, true},
+		{"dial fails, client closed", sockstest.FaultHangAfterGreeting, 200 * time.Millisecond, socksclient.Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 80}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			noLeaks(t)
+			up := newSocks(t, sockstest.Config{Fault: c.fault})
+			gone := make(chan struct{})
+			held := &socksclient.Dialer{ProxyAddr: up.Addr(), HandshakeTimeout: c.timeout,
+				ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+					select { // the dial waits until the client has gone
+					case <-gone:
+					case <-ctx.Done():
+						return nil, ctx.Err()
+					}
+					return (&net.Dialer{}).DialContext(ctx, network, addr)
+				}}
+			door, logs := startDoorDialers(t, SOCKSDoorConfig{}, nil, held)
+			conn := dialFor(t, door.Addr().String())
+			conn.Write([]byte{socksclient.Version, 1, byte(socksclient.MethodNoAuth)})
+			if _, err := socksclient.ReadMethodSelection(conn); err != nil {
+				t.Fatal(err)
 			}
-			return (&net.Dialer{}).DialContext(ctx, network, addr)
-		}}
-	door, logs := startDoorDialers(t, SOCKSDoorConfig{}, nil, held)
-	c := dialFor(t, door.Addr().String())
-	c.Write([]byte{socksclient.Version, 1, byte(socksclient.MethodNoAuth)})
-	if _, err := socksclient.ReadMethodSelection(c); err != nil {
-		t.Fatal(err)
-	}
-	target, err := socksclient.ParseAddr(echo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req, err := socksclient.Request{Cmd: socksclient.CmdConnect, Addr: target}.AppendTo(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.Write(req)
-	c.(*net.TCPConn).SetLinger(0) // a reset: the door's reply cannot be written
-	c.Close()
-	close(gone)
-	logs.waitFor(t, "the client hung up before its reply")
-	if n := door.DoorStats().ClientGone.Load(); n != 1 {
-		t.Errorf("ClientGone = %d, want 1", n)
-	}
-	if n := door.Stats().Failed.Load(); n != 0 {
-		t.Errorf("Failed = %d, want 0", n)
+			req, err := socksclient.Request{Cmd: socksclient.CmdConnect, Addr: c.target}.AppendTo(nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn.Write(req)
+			if c.reset {
+				conn.(*net.TCPConn).SetLinger(0)
+			}
+			conn.Close()
+			close(gone)
+			logs.waitFor(t, "the client hung up before its reply")
+			if n := door.DoorStats().ClientGone.Load(); n != 1 {
+				t.Errorf("ClientGone = %d, want 1", n)
+			}
+			if n := door.Stats().Failed.Load(); n != 0 {
+				t.Errorf("Failed = %d, want 0", n)
+			}
+		})
 	}
 }
 
@@ -988,43 +1005,5 @@ func TestDoorDualStack(t *testing.T) {
 		}
 		echoUDP(t, u, udpEcho, udpEcho, "dual")
 		u.Close()
-	}
-}
-
-// TestDoorClientGoneBeforeRefusal: a client that hangs up (FIN) while
-// its upstream keeps it waiting, and whose request then fails, is counted
-// as gone, not as a failed session: nobody was left to answer.
-func TestDoorClientGoneBeforeRefusal(t *testing.T) {
-	noLeaks(t)
-	hangs := newSocks(t, sockstest.Config{Fault: sockstest.FaultHangAfterGreeting})
-	gone := make(chan struct{})
-	held := &socksclient.Dialer{ProxyAddr: hangs.Addr(), HandshakeTimeout: 200 * time.Millisecond,
-		ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			select { // the dial starts once the client has gone
-			case <-gone:
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			}
-			return (&net.Dialer{}).DialContext(ctx, network, addr)
-		}}
-	door, logs := startDoorDialers(t, SOCKSDoorConfig{}, nil, held)
-	c := dialFor(t, door.Addr().String())
-	c.Write([]byte{socksclient.Version, 1, byte(socksclient.MethodNoAuth)})
-	if _, err := socksclient.ReadMethodSelection(c); err != nil {
-		t.Fatal(err)
-	}
-	req, err := socksclient.Request{Cmd: socksclient.CmdConnect, Addr: socksclient.Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 80}}.AppendTo(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.Write(req)
-	c.Close() // a FIN: the door could still write its refusal
-	close(gone)
-	logs.waitFor(t, "the client hung up before its reply")
-	if n := door.DoorStats().ClientGone.Load(); n != 1 {
-		t.Errorf("ClientGone = %d, want 1", n)
-	}
-	if n := door.Stats().Failed.Load(); n != 0 {
-		t.Errorf("Failed = %d, want 0", n)
 	}
 }
