@@ -760,7 +760,16 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 	}
 	client, _ := r.Context().Value(clientConnKey{}).(net.Conn)
 	info := &forwardInfo{target: target, start: start, client: client}
-	r = r.WithContext(context.WithValue(r.Context(), forwardInfoKey{}, info))
+	// Not r's context: the server cancels that when the client
+	// half-closes (it reads EOF), as nc -N, HTTP/1.0 clients and
+	// `Connection: close` scripts do right behind their request, while
+	// they still read the answer; the target may have carried out the
+	// request already. A client truly gone shows as a failed write.
+	// Close still aborts the forward.
+	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
+	defer cancel()
+	defer context.AfterFunc(p.ctx, cancel)()
+	r = r.WithContext(context.WithValue(ctx, forwardInfoKey{}, info))
 	idle := p.forwardIdle()
 	if r.Body != nil && r.Body != http.NoBody {
 		// A client that stops sending its body is let go after idle, as
@@ -782,21 +791,46 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 	}
 	defer p.untrackStream(info)
 	defer func() {
-		if info.failed.Load() {
-			return
+		// ReverseProxy ends a response it could not copy whole with
+		// http.ErrAbortHandler, which the server recovers: the cause is
+		// logged here on its way.
+		v := recover()
+		p.forwardEnded(w, r, info)
+		if v != nil {
+			panic(v)
 		}
-		if s := int(info.status.Load()); s == http.StatusSwitchingProtocols {
-			w.code = s // counted as 1xx: the stream bypassed w
-		}
-		code := w.code
-		ev := p.cfg.Logger.Debug().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", target.String())
-		if up := info.upstream.Load(); up != nil {
-			ev = ev.Str("upstream", *up)
-		}
-		ev.Str("method", r.Method).Int("status", code).Int64("bytes_up", info.up.Load()).Int64("bytes_down", w.n+info.down.Load()).
-			Dur("dur_ms", time.Since(start)).Msg("request ended")
 	}()
 	p.forwarder.ServeHTTP(w, r)
+}
+
+// forwardEnded writes a forwarded request's end line: debug, or info
+// naming the side that failed and why when the client went away before
+// its answer was written whole (counted 4xx, the client's doing, as
+// nginx's 499). forwardFailed wrote the line of a request that got no
+// answer.
+func (p *HTTPProxy) forwardEnded(w *statusWriter, r *http.Request, info *forwardInfo) {
+	if info.failed.Load() {
+		return
+	}
+	if s := int(info.status.Load()); s == http.StatusSwitchingProtocols {
+		w.code = s // counted as 1xx: the stream bypassed w
+	}
+	ev := p.cfg.Logger.Debug()
+	switch {
+	case w.err == nil:
+	case p.ctx.Err() != nil:
+		ev = ev.Err(w.err).Str("cause", "cut at shutdown")
+	default:
+		w.failed = SideClient
+		re := &RelayError{Side: SideClient, Op: "write", Err: bareErr(w.err)}
+		ev = p.cfg.Logger.Info().Err(w.err).Str("side", re.Side.String()).Str("cause", re.Cause())
+	}
+	ev = ev.Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String())
+	if up := info.upstream.Load(); up != nil {
+		ev = ev.Str("upstream", *up)
+	}
+	ev.Str("method", r.Method).Int("status", w.code).Int64("bytes_up", info.up.Load()).Int64("bytes_down", w.n+info.down.Load()).
+		Dur("dur_ms", time.Since(info.start)).Msg("request ended")
 }
 
 // forwardingHeaders are end-to-end headers that ReverseProxy drops in
@@ -1061,10 +1095,10 @@ func (p *HTTPProxy) forwardFailed(w http.ResponseWriter, r *http.Request, err er
 			code = http.StatusRequestTimeout
 		}
 	}
-	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
-		// The client left (or Close cut it): nobody reads the answer.
+	if errors.Is(err, context.Canceled) && p.ctx.Err() != nil {
+		// Close cut it: nobody reads the answer.
 		p.cfg.Logger.Debug().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String()).
-			Err(err).Msg("request ended")
+			Err(err).Str("cause", "cut at shutdown").Msg("request ended")
 	} else {
 		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String()).
 			Str("method", r.Method).Err(err).Msg("request failed")
@@ -1114,13 +1148,18 @@ func (c *viaConn) Close() error {
 	return c.Conn.Close()
 }
 
-// statusWriter notes the status and counts the body bytes of a response.
-// Unwrap lets http.ResponseController reach Flush and Hijack beneath it.
+// statusWriter notes the status and counts the body bytes of a response,
+// and the first error writing or flushing it to the client. Unwrap lets
+// http.ResponseController reach Hijack beneath it.
 type statusWriter struct {
 	http.ResponseWriter
 	code  int
 	n     int64
 	bytes *atomic.Int64
+	err   error
+	// failed names the side that cut a response short: its class in
+	// the counters is then 4xx (the client's doing) or 5xx (the target's).
+	failed Side
 }
 
 func (w *statusWriter) WriteHeader(code int) {
@@ -1137,7 +1176,20 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 	n, err := w.ResponseWriter.Write(b)
 	w.n += int64(n)
 	w.bytes.Add(int64(n))
+	if err != nil && w.err == nil {
+		w.err = err
+	}
 	return n, err
+}
+
+// FlushError is what http.ResponseController (ReverseProxy's flushes)
+// calls: a client gone may show first there.
+func (w *statusWriter) FlushError() error {
+	err := http.NewResponseController(w.ResponseWriter).Flush()
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	return err
 }
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
@@ -1146,6 +1198,10 @@ func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // wrote nothing answered 200.
 func (w *statusWriter) class() int {
 	switch {
+	case w.failed == SideClient:
+		return 4
+	case w.failed == SideUpstream:
+		return 5
 	case w.code == 0:
 		return 2
 	case w.code >= 100 && w.code < 600:

@@ -1136,3 +1136,128 @@ func TestHTTPProxyParserRefusalHTTP10(t *testing.T) {
 		}
 	}
 }
+
+// eofListener tells, through sawEOF, when the server has read a client's
+// FIN: net/http cancels the request's context right then.
+type eofListener struct {
+	net.Listener
+	sawEOF chan struct{}
+	once   sync.Once
+}
+
+func (l *eofListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &eofConn{Conn: c, l: l}, nil
+}
+
+type eofConn struct {
+	net.Conn
+	l *eofListener
+}
+
+func (c *eofConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if err == io.EOF {
+		c.l.once.Do(func() { close(c.l.sawEOF) })
+	}
+	return n, err
+}
+
+// TestHTTPProxyHalfCloseAfterRequest: a client that half-closes right
+// behind its request (nc -N, an HTTP/1.0 client, a script sending
+// Connection: close) gets the target's answer: the target, which answers
+// only once the proxy has read the FIN, gets the request once, and the
+// client reads 200 and the body.
+func TestHTTPProxyHalfCloseAfterRequest(t *testing.T) {
+	for _, req := range []string{
+		"POST /order HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+		"GET /page HTTP/1.0\r\nHost: HOST\r\n\r\n",
+		"GET /page HTTP/1.1\r\nHost: HOST\r\nConnection: close\r\n\r\n",
+	} {
+		inner, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln := &eofListener{Listener: inner, sawEOF: make(chan struct{})}
+		var mu sync.Mutex
+		var got []string
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			b, _ := io.ReadAll(r.Body)
+			mu.Lock()
+			got = append(got, r.Method+" "+r.URL.Path+" "+string(b))
+			mu.Unlock()
+			<-ln.sawEOF
+			io.WriteString(w, "done")
+		}))
+		p, proxy, _ := startHTTPProxyOn(t, HTTPProxyConfig{}, ln, newSocks(t, sockstest.Config{}).Addr())
+		host := srv.Listener.Addr().String()
+		method, rest, _ := strings.Cut(strings.ReplaceAll(req, "HOST", host), " ")
+		c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		io.WriteString(c, method+" http://"+host+rest)
+		c.(*net.TCPConn).CloseWrite()
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("%s: %v", method, err)
+		}
+		if b := body(t, resp); resp.StatusCode != http.StatusOK || b != "done" {
+			t.Errorf("%.30q half-closed behind the request: %s %q, want 200 \"done\"", req, resp.Status, b)
+		}
+		c.Close()
+		mu.Lock()
+		if len(got) != 1 {
+			t.Errorf("%.30q: the target got %q, want the request once", req, got)
+		}
+		mu.Unlock()
+		srv.Close()
+		p.Close()
+		if n := p.Stats().Responses[HTTPForward][2].Load(); n != 1 {
+			t.Errorf("%.30q: counted %d 2xx, want 1", req, n)
+		}
+	}
+}
+
+// TestHTTPProxyClientGoneDuringDial: a client that resets its connection
+// while its target is being dialed is the client's doing: the answer's
+// write fails, one info line names the client's side, and the request
+// counts as 4xx, not as a gateway failure (5xx).
+func TestHTTPProxyClientGoneDuringDial(t *testing.T) {
+	list, err := noproxy.Parse("127.0.0.0/8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dialing, proceed := make(chan struct{}), make(chan struct{})
+	held := func(ctx context.Context, network, address string) (net.Conn, error) {
+		close(dialing)
+		<-proceed
+		return (&net.Dialer{}).DialContext(ctx, network, address)
+	}
+	big := strings.Repeat("x", 1<<20)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, big) }))
+	defer srv.Close()
+	p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{NoProxy: list, Direct: held})
+	c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "GET "+srv.URL+"/big HTTP/1.1\r\nHost: x\r\n\r\n")
+	<-dialing
+	idle := p.whenIdle() // the request is in the handler now
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close() // a reset: gone for good
+	close(proceed)
+	<-idle
+	if !strings.Contains(logs.String(), `"side":"client","cause":"client reset"`) {
+		t.Errorf("no line naming the client's reset:\n%s", logs)
+	}
+	st := &p.Stats().Responses[HTTPForward]
+	if st[4].Load() != 1 || st[5].Load() != 0 || st[2].Load() != 0 {
+		t.Errorf("counted 2xx %d, 4xx %d, 5xx %d; want one 4xx", st[2].Load(), st[4].Load(), st[5].Load())
+	}
+}
