@@ -725,6 +725,7 @@ type forwardInfo struct {
 	client   net.Conn              // the client's connection, for a stream after a 101
 	streamed []net.Conn            // what a stream after a 101 registered for Close to cut
 	bodyErr  atomic.Pointer[error] // why reading the request body from the client failed
+	readErr  atomic.Pointer[error] // why reading the answer's body from the target failed
 }
 
 type forwardInfoKey struct{}
@@ -796,6 +797,12 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 		// logged here on its way.
 		v := recover()
 		p.forwardEnded(w, r, info)
+		if w.failed == SideUpstream {
+			// What arrived goes out before the server closes the
+			// connection (a small answer was still in its buffer), so
+			// the client sees the truncation rather than no answer.
+			http.NewResponseController(w.ResponseWriter).Flush()
+		}
 		if v != nil {
 			panic(v)
 		}
@@ -806,8 +813,9 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 // forwardEnded writes a forwarded request's end line: debug, or info
 // naming the side that failed and why when the client went away before
 // its answer was written whole (counted 4xx, the client's doing, as
-// nginx's 499). forwardFailed wrote the line of a request that got no
-// answer.
+// nginx's 499) or the target ended its answer early, before its
+// Content-Length or last chunk (counted 5xx, a failure on the target's
+// side). forwardFailed wrote the line of a request that got no answer.
 func (p *HTTPProxy) forwardEnded(w *statusWriter, r *http.Request, info *forwardInfo) {
 	if info.failed.Load() {
 		return
@@ -816,14 +824,23 @@ func (p *HTTPProxy) forwardEnded(w *statusWriter, r *http.Request, info *forward
 		w.code = s // counted as 1xx: the stream bypassed w
 	}
 	ev := p.cfg.Logger.Debug()
+	var re *RelayError
+	if w.err != nil {
+		re = &RelayError{Side: SideClient, Op: "write", Err: bareErr(w.err)}
+	} else if err := info.readErr.Load(); err != nil {
+		re = &RelayError{Side: SideUpstream, Op: "read", Err: bareErr(*err)}
+	}
 	switch {
-	case w.err == nil:
+	case re == nil:
 	case p.ctx.Err() != nil:
-		ev = ev.Err(w.err).Str("cause", "cut at shutdown")
+		ev = ev.Err(re.Err).Str("cause", "cut at shutdown")
 	default:
-		w.failed = SideClient
-		re := &RelayError{Side: SideClient, Op: "write", Err: bareErr(w.err)}
-		ev = p.cfg.Logger.Info().Err(w.err).Str("side", re.Side.String()).Str("cause", re.Cause())
+		w.failed = re.Side
+		cause := re.Cause()
+		if errors.Is(re.Err, io.ErrUnexpectedEOF) {
+			cause = "target closed early (truncated response)"
+		}
+		ev = p.cfg.Logger.Info().Err(re).Str("side", re.Side.String()).Str("cause", cause)
 	}
 	ev = ev.Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String())
 	if up := info.upstream.Load(); up != nil {
@@ -975,8 +992,15 @@ func (p *HTTPProxy) modifyResponse(res *http.Response) error {
 	// Via on the way back too (RFC 9110 §7.6.3: every forwarded message).
 	res.Header["Via"] = append(res.Header["Via"], viaToken)
 	info := infoOf(res.Request)
+	if info == nil {
+		return nil
+	}
+	if res.StatusCode != http.StatusSwitchingProtocols {
+		res.Body = &targetBody{ReadCloser: res.Body, failed: &info.readErr}
+		return nil
+	}
 	rwc, ok := res.Body.(io.ReadWriteCloser)
-	if res.StatusCode != http.StatusSwitchingProtocols || info == nil || !ok {
+	if !ok {
 		return nil
 	}
 	stream := &upgradedStream{ReadWriteCloser: rwc, target: info.conn.Load(), idle: time.Duration(p.idle.Load()),
@@ -1231,6 +1255,22 @@ func (b *countingBody) Read(p []byte) (int, error) {
 	}
 	b.total.Add(int64(n))
 	b.n.Add(int64(n))
+	return n, err
+}
+
+// targetBody is a target's answer body; it keeps the first error reading
+// it (io.ErrUnexpectedEOF: the target closed before its Content-Length
+// or last chunk), which ReverseProxy only turns into an aborted answer.
+type targetBody struct {
+	io.ReadCloser
+	failed *atomic.Pointer[error]
+}
+
+func (b *targetBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		b.failed.CompareAndSwap(nil, &err)
+	}
 	return n, err
 }
 

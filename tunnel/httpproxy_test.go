@@ -1261,3 +1261,32 @@ func TestHTTPProxyClientGoneDuringDial(t *testing.T) {
 		t.Errorf("counted 2xx %d, 4xx %d, 5xx %d; want one 4xx", st[2].Load(), st[4].Load(), st[5].Load())
 	}
 }
+
+// TestHTTPProxyTargetClosesEarly: a target that closes before its
+// Content-Length is all sent: the client gets the status, the headers and
+// the bytes that came, then the end of the connection, so that it sees
+// the truncation; one info line names the cause on the target's side,
+// and the request counts as 5xx, not 2xx.
+func TestHTTPProxyTargetClosesEarly(t *testing.T) {
+	short := testnet.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"+strings.Repeat("y", 300))
+	})
+	p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	resp, _, _ := proxyExchange(t, proxy.Host, "GET http://"+short.Addr().String()+"/ HTTP/1.1\r\nHost: x\r\n\r\n")
+	b, err := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK || resp.ContentLength != 1000 || len(b) != 300 || err != io.ErrUnexpectedEOF {
+		t.Errorf("got %s, Content-Length %d, %d bytes, %v; want 200, 1000, the 300 sent and the truncation", resp.Status, resp.ContentLength, len(b), err)
+	}
+	logs.waitFor(t, `"cause":"target closed early`)
+	if !strings.Contains(logs.String(), `"level":"info","error":"upstream read: unexpected EOF","side":"upstream"`) {
+		t.Errorf("the line does not name the target's side at info:\n%s", logs)
+	}
+	st := &p.Stats().Responses[HTTPForward]
+	if st[2].Load() != 0 || st[5].Load() != 1 {
+		t.Errorf("counted 2xx %d, 5xx %d; want one 5xx", st[2].Load(), st[5].Load())
+	}
+}

@@ -309,7 +309,7 @@ func writeHTTP(p *promWriter, units []liveUnit) {
 			continue
 		}
 		if !family {
-			p.family("socksfwd_http_requests_total", "counter", "Requests the HTTP proxy answered, by kind (connect, forward: absolute-form, or malformed: refused by the HTTP parser) and status class; a forwarded answer whose write failed because the client went away counts as 4xx (nginx's 499).")
+			p.family("socksfwd_http_requests_total", "counter", "Requests the HTTP proxy answered, by kind (connect, forward: absolute-form, or malformed: refused by the HTTP parser) and status class; a forwarded answer whose write failed because the client went away counts as 4xx (nginx's 499), one the target ended early (before its Content-Length or last chunk) as 5xx.")
 			family = true
 		}
 		for kind, name := range []string{tunnel.HTTPConnect: "connect", tunnel.HTTPForward: "forward", tunnel.HTTPMalformed: "malformed"} {
