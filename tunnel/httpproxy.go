@@ -167,7 +167,12 @@ func NewHTTPProxy(cfg HTTPProxyConfig, ln net.Listener) *HTTPProxy {
 		}),
 		ModifyResponse: p.modifyResponse,
 		ErrorHandler:   p.forwardFailed,
-		ErrorLog:       log.New(io.Discard, "", 0),
+		// Bytes go to the client as they come, as over a tunnel: by
+		// default ReverseProxy holds an answer with a Content-Length in
+		// the server's buffer (4 KiB) until it is full or complete, so
+		// a target that drips a short answer seemed silent until its end.
+		FlushInterval: -1,
+		ErrorLog:      log.New(io.Discard, "", 0),
 	}
 	readHeader, keepAlive := cfg.ReadHeaderTimeout, cfg.KeepAlive
 	if readHeader <= 0 {

@@ -1290,3 +1290,42 @@ func TestHTTPProxyTargetClosesEarly(t *testing.T) {
 		t.Errorf("counted 2xx %d, 5xx %d; want one 5xx", st[2].Load(), st[5].Load())
 	}
 }
+
+// TestHTTPProxyStreamsSizedAnswer: an answer with a Content-Length
+// reaches the client as it arrives: the head and the first bytes before
+// the target sends the rest.
+func TestHTTPProxyStreamsSizedAnswer(t *testing.T) {
+	rest := make(chan struct{})
+	slow := testnet.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n0123456789")
+		<-rest
+		io.WriteString(c, strings.Repeat("z", 20))
+	})
+	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET http://"+slow.Addr().String()+"/ HTTP/1.1\r\nHost: x\r\n\r\n")
+	// Not a wait for the proxy: the bound on a failure, which would
+	// otherwise hang until the target sends the rest (never).
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	first := make([]byte, 10)
+	if err == nil {
+		_, err = io.ReadFull(resp.Body, first)
+	}
+	close(rest)
+	if err != nil || string(first) != "0123456789" {
+		t.Fatalf("before the target sent the rest: %q, %v; want the head and the first 10 bytes", first, err)
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if b, err := io.ReadAll(resp.Body); err != nil || len(b) != 20 {
+		t.Errorf("the rest: %d bytes, %v", len(b), err)
+	}
+}
