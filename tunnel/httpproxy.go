@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/http/httputil"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -88,6 +89,11 @@ const (
 	HTTPConnect   HTTPRequestKind = iota // CONNECT host:port
 	HTTPForward                          // absolute-form: GET http://host/path
 	HTTPMalformed                        // answered by net/http itself: 400, 431, 501, 417
+	// HTTPTimeout: a request head that did not arrive within
+	// ReadHeaderTimeout (a slowloris, or a connection opened and never
+	// used), which net/http closes without an answer; counted 4xx, as
+	// the 408 it stands for.
+	HTTPTimeout
 	httpKinds
 )
 
@@ -464,6 +470,24 @@ type clientConn struct {
 	// What is written while it is false is net/http's own refusal of a
 	// request it could not parse, which no handler sees.
 	handled atomic.Bool
+	// idle: between requests, waiting for the next one's first bytes;
+	// a read that times out then is the keep-alive timeout, not a head
+	// that did not arrive.
+	idle atomic.Bool
+}
+
+// Read notes a request head that did not arrive within ReadHeaderTimeout,
+// which net/http closes without a word; on the connection's own
+// goroutine, at no cost to other reads.
+func (c *clientConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 && c.idle.Load() {
+		c.idle.Store(false) // the next request is arriving
+	}
+	if err != nil && !c.handled.Load() && !c.idle.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
+		c.p.headTimedOut(c)
+	}
+	return n, err
 }
 
 func (c *clientConn) Close() error {
@@ -497,6 +521,21 @@ func (c *clientConn) NetConn() net.Conn { return c.Conn }
 func trackConnState(c net.Conn, state http.ConnState) {
 	if cc, ok := c.(*clientConn); ok && (state == http.StateIdle || state == http.StateActive) {
 		cc.handled.Store(false)
+		cc.idle.Store(state == http.StateIdle)
+	}
+}
+
+// headTimedOut counts a request head that did not arrive in time and
+// logs it, throttled as other refusals: anyone who can reach the door can
+// open connections and send nothing.
+func (p *HTTPProxy) headTimedOut(c *clientConn) {
+	c.handled.Store(true) // once
+	p.stats.Responses[HTTPTimeout][4].Add(1)
+	const cause = "request head timeout"
+	if ok, suppressed := p.refusals.Allow(cause); ok {
+		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", c.RemoteAddr().String()).
+			Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Str("cause", cause).
+			Dur("read_header_timeout", p.srv.ReadHeaderTimeout).Msg("request head not received in time, connection closed")
 	}
 }
 

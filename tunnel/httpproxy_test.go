@@ -1329,3 +1329,51 @@ func TestHTTPProxyStreamsSizedAnswer(t *testing.T) {
 		t.Errorf("the rest: %d bytes, %v", len(b), err)
 	}
 }
+
+// TestHTTPProxyHeadTimeout: a client that stalls in the middle of its
+// request head, or sends nothing, loses the connection after
+// ReadHeaderTimeout, counted (kind timeout, 4xx) and logged once per
+// period; a keep-alive connection idle between requests ends without
+// either.
+func TestHTTPProxyHeadTimeout(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &logBuf{}
+	p := NewHTTPProxy(HTTPProxyConfig{Name: "t", Upstreams: socksclient.NewUpstreams(), ReadHeaderTimeout: 200 * time.Millisecond,
+		KeepAlive: 200 * time.Millisecond, Logger: zerolog.New(logs)}, ln)
+	serveForTest(t, p)
+	// ended sends what, then waits for the server to close the connection.
+	ended := func(what string) {
+		t.Helper()
+		c, err := net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, what)
+		if _, err := io.ReadAll(c); err != nil {
+			t.Fatalf("after %q: %v, want the connection closed", what, err)
+		}
+	}
+	timeouts := &p.Stats().Responses[HTTPTimeout]
+	ended("GET http://x/ HTTP/1.1\r\nHost: x\r\n") // and nothing more
+	if n := timeouts[4].Load(); n != 1 {
+		t.Errorf("a head stalled halfway: counted %d, want 1", n)
+	}
+	ended("")
+	if n := timeouts[4].Load(); n != 2 {
+		t.Errorf("a connection that sent nothing: counted %d in all, want 2", n)
+	}
+	if n := strings.Count(logs.String(), `"cause":"request head timeout"`); n != 1 {
+		t.Errorf("%d lines for two timeouts, want 1 (throttled):\n%s", n, logs)
+	}
+	// Answered (the handler's own 400, kept alive), then idle.
+	before := timeouts[4].Load()
+	ended("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	if n := timeouts[4].Load(); n != before {
+		t.Errorf("a keep-alive connection idle between requests counted as a head timeout (%d, then %d)", before, n)
+	}
+}

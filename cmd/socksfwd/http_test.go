@@ -133,6 +133,7 @@ func TestHTTPDoor(t *testing.T) {
 		`socksfwd_http_requests_total{listener="` + proxy + `",kind="forward",code="4xx"}`: 2,
 		`socksfwd_http_requests_total{listener="` + proxy + `",kind="connect",code="2xx"}`: 1,
 		`socksfwd_http_requests_total{listener="` + proxy + `",kind="connect",code="5xx"}`: 0,
+		`socksfwd_http_requests_total{listener="` + proxy + `",kind="timeout",code="4xx"}`: 0,
 		`socksfwd_sessions_active{listener="` + proxy + `",proto="http"}`:                  0,
 		`socksfwd_bytes_total{listener="` + proxy + `",proto="http",direction="up"}`:       8, // the tunnel's
 	} {
