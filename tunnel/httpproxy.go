@@ -108,6 +108,10 @@ type HTTPStats struct {
 	// Responses counts answered requests by kind and status class:
 	// Responses[HTTPConnect][2] is CONNECTs answered 2xx.
 	Responses [httpKinds][6]atomic.Int64
+	// AuthMissing and AuthWrong count 407s by cause: a request without
+	// Proxy-Authorization (most clients' first, to learn the scheme), and
+	// one whose credentials are wrong.
+	AuthMissing, AuthWrong atomic.Int64
 }
 
 // HTTPProxy is an HTTP/1.1 forward proxy whose every request goes through
@@ -600,10 +604,16 @@ func (p *HTTPProxy) authFailed(w http.ResponseWriter, r *http.Request) {
 	cause := "proxy authentication missing"
 	if r.Header.Get("Proxy-Authorization") != "" {
 		cause = "proxy authentication failed"
-	}
-	if ok, suppressed := p.refusals.Allow(cause); ok {
-		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).
-			Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Msg(cause)
+		p.stats.AuthWrong.Add(1)
+		if ok, suppressed := p.refusals.Allow(cause); ok {
+			p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).
+				Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Msg(cause)
+		}
+	} else {
+		// The challenge most clients ask for before they send credentials
+		// (browsers, curl --proxy-anyauth, Java): no trouble, at debug.
+		p.stats.AuthMissing.Add(1)
+		p.cfg.Logger.Debug().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Msg(cause)
 	}
 	if r.Method == http.MethodConnect {
 		// What the client sent behind its CONNECT (a TLS ClientHello) is

@@ -268,7 +268,7 @@ func gitBackend(backend, root string) http.Handler {
 func TestHTTPProxyGoClient(t *testing.T) {
 	secure, plain := newTarget(t, true), newTarget(t, false)
 	creds, _ := ParseProxyCredentials("bob:pw")
-	_, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{Credentials: creds}, newSocks(t, sockstest.Config{}).Addr())
+	door, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{Credentials: creds}, newSocks(t, sockstest.Config{}).Addr())
 	pool := x509.NewCertPool()
 	pool.AddCert(secure.srv.Certificate())
 	client := func(user *url.Userinfo) *http.Client {
@@ -312,6 +312,16 @@ func TestHTTPProxyGoClient(t *testing.T) {
 	logs.waitFor(t, `"message":"proxy authentication failed"`)
 	if strings.Contains(logs.String(), "wrong") {
 		t.Errorf("a password reached the log:\n%s", logs)
+	}
+	// Without credentials (twice: the GET and the CONNECT) is the
+	// challenge clients ask for first: counted, logged at debug only.
+	if missing, wrong := door.Stats().AuthMissing.Load(), door.Stats().AuthWrong.Load(); missing != 2 || wrong != 4 {
+		t.Errorf("407s counted %d missing, %d wrong; want 2 and 4", missing, wrong)
+	}
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, "proxy authentication missing") && !strings.Contains(l, `"level":"debug"`) {
+			t.Errorf("a challenge logged above debug: %s", l)
+		}
 	}
 }
 

@@ -129,13 +129,15 @@ func TestHTTPDoor(t *testing.T) {
 
 	m := scrapeUntil(t, admin, `socksfwd_sessions_active{listener="`+proxy+`",proto="http"}`, 0)
 	for series, want := range map[string]float64{
-		`socksfwd_http_requests_total{listener="` + proxy + `",kind="forward",code="2xx"}`: 2,
-		`socksfwd_http_requests_total{listener="` + proxy + `",kind="forward",code="4xx"}`: 2,
-		`socksfwd_http_requests_total{listener="` + proxy + `",kind="connect",code="2xx"}`: 1,
-		`socksfwd_http_requests_total{listener="` + proxy + `",kind="connect",code="5xx"}`: 0,
-		`socksfwd_http_requests_total{listener="` + proxy + `",kind="timeout",code="4xx"}`: 0,
-		`socksfwd_sessions_active{listener="` + proxy + `",proto="http"}`:                  0,
-		`socksfwd_bytes_total{listener="` + proxy + `",proto="http",direction="up"}`:       8, // the tunnel's
+		`socksfwd_http_requests_total{listener="` + proxy + `",kind="forward",code="2xx"}`:       2,
+		`socksfwd_http_requests_total{listener="` + proxy + `",kind="forward",code="4xx"}`:       2,
+		`socksfwd_http_requests_total{listener="` + proxy + `",kind="connect",code="2xx"}`:       1,
+		`socksfwd_http_auth_failures_total{listener="` + proxy + `",reason="missing"}`:           1,
+		`socksfwd_http_auth_failures_total{listener="` + proxy + `",reason="wrong_credentials"}`: 1,
+		`socksfwd_http_requests_total{listener="` + proxy + `",kind="connect",code="5xx"}`:       0,
+		`socksfwd_http_requests_total{listener="` + proxy + `",kind="timeout",code="4xx"}`:       0,
+		`socksfwd_sessions_active{listener="` + proxy + `",proto="http"}`:                        0,
+		`socksfwd_bytes_total{listener="` + proxy + `",proto="http",direction="up"}`:             8, // the tunnel's
 	} {
 		if got, ok := m[series]; !ok || got != want {
 			t.Errorf("%s = %v (present %v), want %v", series, got, ok, want)

@@ -319,6 +319,19 @@ func writeHTTP(p *promWriter, units []liveUnit) {
 			}
 		}
 	}
+	family = false
+	for _, u := range units {
+		h, ok := u.svc.(*tunnel.HTTPProxy)
+		if !ok {
+			continue
+		}
+		if !family {
+			p.family("socksfwd_http_auth_failures_total", "counter", "Requests answered 407, by reason: missing (no Proxy-Authorization: most clients' first request, to learn the scheme) or wrong_credentials.")
+			family = true
+		}
+		p.sample("socksfwd_http_auth_failures_total", float64(h.Stats().AuthMissing.Load()), "listener", u.name, "reason", "missing")
+		p.sample("socksfwd_http_auth_failures_total", float64(h.Stats().AuthWrong.Load()), "listener", u.name, "reason", "wrong_credentials")
+	}
 }
 
 // writeSOCKS writes what only the SOCKS5 doors of units count: requests
