@@ -172,6 +172,10 @@ func (p *replyPool) get(remote netip.AddrPort) *replySocket {
 	return s
 }
 
+// errLocalSource: a reply's source is one of this host's own addresses,
+// where no reply socket is bound.
+var errLocalSource = errors.New("the address is this host's own")
+
 // replyBindFailedLine says why a reply socket could not bind its remote's
 // address and what becomes of the replies: sent from a raw socket when
 // the process may open one (CAP_NET_RAW), else dropped and counted.
@@ -182,11 +186,13 @@ func replyBindFailedLine(err error, raw bool) string {
 		msg += ": a local service holds that address and port"
 	case errors.Is(err, unix.EACCES):
 		msg += ": its port is below ip_unprivileged_port_start, which needs CAP_NET_BIND_SERVICE"
+	case errors.Is(err, errLocalSource):
+		msg = "UDP reply socket not bound: the remote's address is this host's own, where it would take a local service's datagrams"
 	}
 	if !raw {
 		return msg + "; replies from it are dropped and counted (sending them from a raw socket needs CAP_NET_RAW)"
 	}
-	if errors.Is(err, unix.EADDRINUSE) {
+	if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, errLocalSource) {
 		return msg + "; replies from it go through a raw socket"
 	}
 	return msg + "; replies from it go through a raw socket until a retry binds it"
@@ -202,6 +208,16 @@ func nextRetry(prev time.Duration) time.Duration {
 // not this host's: IP_TRANSPARENT allows it, SO_REUSEADDR lets it share
 // the port with the other reply sockets of that port.
 func (p *replyPool) bind(remote netip.AddrPort) (*net.UDPConn, error) {
+	// A source that is this host's own (a process beside a proxy on this
+	// host, or a proxy naming one): a socket bound there would take the
+	// datagrams of a local service on that port, or its port, and nobody
+	// reads it. Such replies go by the raw socket. A route lookup that
+	// fails leaves the bind to decide, as before.
+	if a := remote.Addr().Unmap(); a.IsLoopback() {
+		return nil, errLocalSource
+	} else if local, err := routesLocal(a); err == nil && local {
+		return nil, errLocalSource
+	}
 	network := "udp4"
 	if remote.Addr().Is6() {
 		network = "udp6"

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -204,5 +205,56 @@ func TestReplyBindFailedLine(t *testing.T) {
 				t.Errorf("%v, raw %v: %q says %q", c.err, c.raw, line, n)
 			}
 		}
+	}
+}
+
+// TestReplyPoolLocalSource: a reply whose source is this host's own
+// address (a process beside a proxy on this host, or a proxy naming one)
+// gets no reply socket, which would take the datagrams of a local service
+// on that address or its port; it goes by the raw socket.
+func TestReplyPoolLocalSource(t *testing.T) {
+	peertest.RequireRoot(t) // CAP_NET_RAW
+	client := testnet.ListenUDP(t, "udp4", "127.0.0.1:0")
+	to := client.LocalAddr().(*net.UDPAddr).AddrPort()
+	own := []netip.Addr{netip.MustParseAddr("127.0.0.1")}
+	if addrs, err := net.InterfaceAddrs(); err == nil {
+		for _, a := range addrs {
+			if n, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(n.IP.To4()); ok && !ip.IsLoopback() {
+					own = append(own, ip) // the route lookup's case, where the host has one
+					break
+				}
+			}
+		}
+	}
+	logs := &logBuf{}
+	var stats TransparentUDPStats
+	p := newReplyPool(8, time.Minute, &TransparentUDPConfig{Name: "t", Logger: zerolog.New(logs)}, &stats)
+	defer p.close()
+	for _, a := range own {
+		free := testnet.ListenUDP(t, "udp4", netip.AddrPortFrom(a, 0).String())
+		from := free.LocalAddr().(*net.UDPAddr).AddrPort()
+		free.Close()
+		if !p.send([]byte("from "+a.String()), from, to) {
+			t.Fatalf("a reply from %s was not sent\n%s", from, logs)
+		}
+		client.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b := make([]byte, 64)
+		n, src, err := client.ReadFromUDPAddrPort(b)
+		if err != nil || string(b[:n]) != "from "+a.String() || src != from {
+			t.Fatalf("client got %q from %s (%v), want the reply from %s", b[:n], src, err, from)
+		}
+		if n := stats.ReplySockets.Load(); n != 0 {
+			t.Fatalf("%d reply sockets bound at this host's own %s", n, from)
+		}
+		// The port stays free for a local service.
+		svc, err := net.ListenPacket("udp4", net.JoinHostPort("0.0.0.0", strconv.Itoa(int(from.Port()))))
+		if err != nil {
+			t.Fatalf("a service cannot bind the port after a reply from %s: %v", from, err)
+		}
+		svc.Close()
+	}
+	if !strings.Contains(logs.String(), "this host's own") {
+		t.Errorf("no line saying why no reply socket was bound:\n%s", logs)
 	}
 }
