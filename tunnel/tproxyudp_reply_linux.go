@@ -53,9 +53,12 @@ type replyPool struct {
 	idle    time.Duration
 	control func(network, address string, c syscall.RawConn) error
 	stats   *TransparentUDPStats
-	logs    *logthrottle.Throttle
-	logger  zerolog.Logger
-	name    string
+	// logs throttles the bind failures, a key per remote; causeLogs the
+	// lines with a key of their own (refused sources, each raw socket),
+	// which remotes filling logs' keys must not silence.
+	logs, causeLogs *logthrottle.Throttle
+	logger          zerolog.Logger
+	name            string
 
 	mu  sync.Mutex
 	lru *simplelru.LRU[netip.AddrPort, *replySocket]
@@ -74,7 +77,7 @@ type replyPool struct {
 func newReplyPool(size int, idle time.Duration, cfg *TransparentUDPConfig, stats *TransparentUDPStats) *replyPool {
 	p := &replyPool{
 		idle: idle, control: cfg.Control, stats: stats,
-		logs: logthrottle.New(replyBindLogEvery), logger: cfg.Logger, name: cfg.Name,
+		logs: logthrottle.New(replyBindLogEvery), causeLogs: logthrottle.New(replyBindLogEvery), logger: cfg.Logger, name: cfg.Name,
 	}
 	p.lru, _ = simplelru.NewLRU(size, p.evicted) // size > 0: no error
 	return p
@@ -126,10 +129,12 @@ func isRemoteSource(remote netip.AddrPort) bool {
 		a != netip.AddrFrom4([4]byte{255, 255, 255, 255})
 }
 
-// refuse logs, once a period per remote, a reply whose source the proxy
+// refuse logs, once a period, a reply whose source the proxy
 // named is no remote's (see isRemoteSource).
 func (p *replyPool) refuse(remote netip.AddrPort) {
-	if ok, suppressed := p.logs.Allow(remote.String()); ok {
+	// One key for them all: a proxy that names such sources can name
+	// any number of them.
+	if ok, suppressed := p.causeLogs.Allow("refused source"); ok {
 		p.logger.Warn().Str("listener", p.name).Str("remote", remote.String()).Func(logthrottle.Repeats("repeats", suppressed)).
 			Msg("UDP reply dropped: the proxy named a wildcard, port 0, multicast or broadcast source, which no reply socket may bind")
 	}
@@ -249,8 +254,8 @@ func (p *replyPool) bind(remote netip.AddrPort) (*net.UDPConn, error) {
 	return pc.(*net.UDPConn), nil
 }
 
-// rawLogKeys are the throttle's keys for a raw socket that cannot be
-// made, per family: no remote's address looks like them.
+// rawLogKeys are causeLogs' keys for a raw socket that cannot be
+// made, per family.
 var rawLogKeys = [2]string{"raw socket IPv4", "raw socket IPv6"}
 
 // sendRaw sends through the family's raw socket, made on first need; one
@@ -271,7 +276,7 @@ func (p *replyPool) sendRaw(payload []byte, remote, client netip.AddrPort) bool 
 		if err != nil {
 			p.rawBackoff[fam] = nextRetry(p.rawBackoff[fam])
 			p.rawRetry[fam] = now.Add(p.rawBackoff[fam])
-			if ok, suppressed := p.logs.Allow(rawLogKeys[fam]); ok {
+			if ok, suppressed := p.causeLogs.Allow(rawLogKeys[fam]); ok {
 				p.logger.Warn().Err(err).Str("listener", p.name).Func(logthrottle.Repeats("repeats", suppressed)).
 					Msg("no raw socket for UDP replies whose reply socket cannot bind; they are dropped and counted until a retry makes one")
 			}

@@ -45,7 +45,8 @@ func logLines(logs *logBuf, remote string) []string {
 // TestReplyPoolRefusesNonRemoteSource: a reply whose source the proxy
 // named as a wildcard address, port 0, a multicast or the broadcast
 // address is dropped before any socket is bound to it (0.0.0.0:53 would
-// take a local resolver's port), and logged once per remote.
+// take a local resolver's port), and logged once a period for them all
+// (the line names the first).
 func TestReplyPoolRefusesNonRemoteSource(t *testing.T) {
 	logs := &logBuf{}
 	var stats TransparentUDPStats
@@ -63,9 +64,9 @@ func TestReplyPoolRefusesNonRemoteSource(t *testing.T) {
 				t.Errorf("a reply from %s was sent", r)
 			}
 		}
-		if n := len(logLines(logs, r)); n != 1 {
-			t.Errorf("%d log lines name %s, want 1:\n%s", n, r, logs)
-		}
+	}
+	if n := strings.Count(logs.String(), "the proxy named a wildcard"); n != 1 || len(logLines(logs, refused[0])) != 1 {
+		t.Errorf("%d lines for the refused sources, want 1 naming %s:\n%s", n, refused[0], logs)
 	}
 	if calls != 0 || p.Len() != 0 || stats.ReplyBindFailures.Load() != 0 || stats.ReplySockets.Load() != 0 {
 		t.Errorf("%d sockets tried, %d remotes held, %d bind failures, %d reply sockets; want none",
@@ -256,5 +257,33 @@ func TestReplyPoolLocalSource(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "this host's own") {
 		t.Errorf("no line saying why no reply socket was bound:\n%s", logs)
+	}
+}
+
+// TestReplyPoolRefusedSourcesKeepLogs: a proxy naming a thousand bogus
+// sources (port 0) gets one line for them all, and leaves the throttle
+// room for a real remote's bind failure (it filled the per-remote keys,
+// after which bind failures were counted but never logged).
+func TestReplyPoolRefusedSourcesKeepLogs(t *testing.T) {
+	logs := &logBuf{}
+	var stats TransparentUDPStats
+	calls := 0
+	control := failingControl(1<<30, errors.New("bind refused in this test"), &calls)
+	p := newReplyPool(8, time.Minute, &TransparentUDPConfig{Name: "tproxy-udp", Control: control, Logger: zerolog.New(logs)}, &stats)
+	defer p.close()
+	client := netip.MustParseAddrPort("127.0.0.2:40000")
+	for i := range 1100 {
+		p.send([]byte("x"), netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, byte(i >> 8), byte(i)}), 0), client)
+	}
+	real := netip.MustParseAddrPort("203.0.113.9:5000")
+	p.send([]byte("x"), real, client)
+	if n := stats.ReplyBindFailures.Load(); n != 1 {
+		t.Fatalf("%d bind failures, want the real remote's", n)
+	}
+	if lines := logLines(logs, real.String()); len(lines) != 1 {
+		t.Errorf("the real remote's bind failure has %d lines, want 1:\n%s", len(lines), logs)
+	}
+	if n := strings.Count(logs.String(), "the proxy named a wildcard, port 0"); n != 1 {
+		t.Errorf("%d lines for the refused sources, want 1", n)
 	}
 }
