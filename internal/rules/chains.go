@@ -83,6 +83,22 @@ func (p *plan) skipsProxyUsers(k chainKind) bool {
 	return len(p.ProxyUsers) > 0 && p.hookIsOutput(k) && k != tagOutput
 }
 
+// ownerCaveat is what an owner match cannot do where it decides per
+// packet (TPROXY's mark; NAT decides per connection): a packet sent with
+// no owner, such as a closing connection's last ACK from TIME-WAIT, is
+// captured, and TPROXY drops it, since no transparent socket takes it.
+func (p *plan) ownerCaveat(k chainKind) []string {
+	if k != markOutput {
+		return nil
+	}
+	return []string{
+		"An owner match misses packets sent with no owner: a closed connection's last ACK from",
+		"TIME-WAIT is captured and dropped here, so the far end waits out its FIN retries. With a proxy",
+		"on this host, --mode redirect (NAT decides per connection) or a network namespace of its own",
+		"avoids that.",
+	}
+}
+
 // explainsNoMark: without --mark, the chains that see socksfwd's own
 // packets (OUTPUT) say how else to keep them out.
 func (p *plan) explainsNoMark(k chainKind) bool {

@@ -167,6 +167,9 @@ func (p *plan) iptChains(f family, k chainKind) []*iptChain {
 	}
 	if p.skipsProxyUsers(k) {
 		c.comment("The proxies that run on this host (--proxy-user): their own connections.")
+		for _, l := range p.ownerCaveat(k) {
+			c.comment("%s", l)
+		}
 		for _, u := range p.ProxyUsers {
 			c.rule("-m owner --uid-owner %s -j RETURN", u)
 		}

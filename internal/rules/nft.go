@@ -187,6 +187,9 @@ func (p *plan) nftChain(t *text, k chainKind) {
 	}
 	if p.skipsProxyUsers(k) {
 		c("The proxies that run on this host (--proxy-user): their own connections.")
+		for _, l := range p.ownerCaveat(k) {
+			c("%s", l)
+		}
 		for _, u := range p.ProxyUsers {
 			r("meta skuid %s return", nftUser(u))
 		}

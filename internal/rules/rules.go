@@ -262,8 +262,10 @@ func newPlan(cfg Config) (*plan, error) {
 // so; nft writes it "veth*"). No other wildcard is let in: nft and iptables
 // give different characters that meaning.
 func checkInterface(name string) error {
+	// IFNAMSIZ (16) holds the name and its NUL; iptables and nft count
+	// the + (or *) in it.
 	base := strings.TrimSuffix(name, "+")
-	if base == "" || len(base) > 15 || base == "." || base == ".." ||
+	if base == "" || len(name) > 15 || base == "." || base == ".." ||
 		strings.ContainsAny(base, " \t\n/\"'\\*+:") {
 		return configError("interface name %q is not a Linux interface name, or one with a trailing + (veth+: every name that starts so)", name)
 	}

@@ -184,6 +184,7 @@ func TestConfigErrors(t *testing.T) {
 		{"interfaces local", with(func(c *Config) { c.Interfaces = []string{"eth0"} }), "apply to scope \"gateway\" only"},
 		{"nft wildcard interface", with(func(c *Config) { c.Scope = ScopeGateway; c.Interfaces = []string{"veth*"} }), `"veth*"`},
 		{"inner wildcard interface", with(func(c *Config) { c.Scope = ScopeGateway; c.Interfaces = []string{"ve+th"} }), `"ve+th"`},
+		{"long wildcard interface", with(func(c *Config) { c.Scope = ScopeGateway; c.Interfaces = []string{"abcdefghijklmno+"} }), `"abcdefghijklmno+"`},
 		{"bare wildcard interface", with(func(c *Config) { c.Scope = ScopeGateway; c.Interfaces = []string{"+"} }), `"+"`},
 		{"long interface", with(func(c *Config) { c.Scope = ScopeGateway; c.Interfaces = []string{"abcdefghijklmnop"} }), "not a Linux interface name"},
 		{"include v6 without ipv6", with(func(c *Config) { c.Include = prefixes("fd00::/8") }), "include fd00::/8 is IPv6"},
