@@ -320,6 +320,11 @@ func rulesWarnings(rc rules.Config, p *plan) []string {
 	if w := resolverCaptureWarning(rc, p); w != "" {
 		warnings = append(warnings, w)
 	}
+	if rc.Scope == rules.ScopeGateway && len(rc.Interfaces) == 0 {
+		warnings = append(warnings, "--scope gateway without --interface captures what arrives on every interface, "+
+			"also new connections from the far side toward the hosts behind this one (a port forwarded to them): "+
+			"give --interface for the side the clients are on")
+	}
 	if rc.Scope == rules.ScopeGateway {
 		// REDIRECT on a gateway sends to the primary address of the
 		// interface traffic came in on (for IPv6 often its link-local
