@@ -706,9 +706,16 @@ func (r *Reverse) isCut() bool {
 // stops listening) and waits for live sessions to end until ctx is done;
 // then it cuts the rest (Close).
 func (r *Reverse) Shutdown(ctx context.Context) error {
+	r.StopAccepting()
+	return drain(ctx, r.sessions.Wait, r.Close)
+}
+
+// StopAccepting stops issuing BINDs and returns once the loop that issues
+// them has ended (no re-arm comes after it); live sessions go on.
+// Shutdown begins with it.
+func (r *Reverse) StopAccepting() {
 	r.stopLoop()
 	r.waitLoop()
-	return drain(ctx, r.sessions.Wait, r.Close)
 }
 
 // drain waits for wait to return until ctx is done, then calls cut (which

@@ -250,3 +250,64 @@ func callOnce(addr, msg string) (string, error) {
 	got, err := io.ReadAll(c)
 	return string(got), err
 }
+
+// TestReloadReAddedReverseKeepsSeries: a -R removed while a session of it
+// is live, then added back (same spec, same series) before that session
+// ends: the old one's drain ending leaves the new one's re-arm series
+// alone (it was unregistered then, a fix for re-arms during the drain).
+func TestReloadReAddedReverseKeepsSeries(t *testing.T) {
+	verifyNoLeaks(t)
+	socks := newSocks(t)
+	echo := testnet.Echo(t).Addr().String()
+	echo2 := testnet.Echo(t).Addr().String()
+	dir := t.TempDir()
+	file := filepath.Join(dir, "remote")
+	conf := filepath.Join(dir, "socksfwd.toml")
+	admin := "127.0.0.1:" + freePort(t)
+	spec, other := "0:"+echo, "0:"+echo2
+	config := func(remotes ...string) string {
+		q := ""
+		for i, r := range remotes {
+			if i > 0 {
+				q += ", "
+			}
+			q += fmt.Sprintf("%q", r)
+		}
+		return fmt.Sprintf("server = [%q]\nremote = [%s]\nremote-addr-file = %q\nadmin = %q\nshutdown-timeout = \"60s\"\n", socks.Addr(), q, file, admin)
+	}
+	if err := os.WriteFile(conf, []byte(config(other, spec)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, "-c", conf)
+	d.waitFor("reverse "+socks.Addr()+" listens on", 2)
+	lines := remoteLinesOf(t, file)
+	// A live session of spec's -R, kept open.
+	live, err := net.Dial("tcp", lines[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(live, "x")
+	live.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(live, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	d.waitFor("reverse "+socks.Addr()+" listens on", 3) // re-armed
+	series := `socksfwd_reverse_rearm_seconds_count{reverse="` + spec + `"}`
+
+	d.reload(conf, config(other), 1)       // removed; drains while live is open
+	d.reload(conf, config(other, spec), 2) // back, a new unit of the same name
+	d.waitFor("reverse "+socks.Addr()+" listens on", 4)
+	lines = remoteLinesOf(t, file)
+	if err := echoOnce(lines[1], "new"); err != nil {
+		t.Fatal(err)
+	}
+	d.waitFor("reverse "+socks.Addr()+" listens on", 5) // the new unit re-armed
+	before := scrape(t, admin)[series]
+	live.Close() // the old unit's drain ends
+	d.waitFor("removed listener drained", 1)
+	m := scrape(t, admin)
+	if v, ok := m[series]; !ok || v != before {
+		t.Errorf("after the old unit drained, the new -R's %s = %v (present %v), was %v", series, v, ok, before)
+	}
+	d.stop()
+}

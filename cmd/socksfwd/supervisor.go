@@ -597,9 +597,6 @@ func (s *supervisor) reloadNow() error {
 		u := s.units[k]
 		l, keep := want[k]
 		if !keep {
-			if rev, ok := u.svc.(*tunnel.Reverse); ok {
-				s.tel.rearms.UnregisterMetric(rearmSeries(rev.Name()))
-			}
 			delete(s.units, k)
 			removed = append(removed, u)
 			changes = append(changes, "-"+k)
@@ -609,6 +606,10 @@ func (s *supervisor) reloadNow() error {
 	}
 	stopAccepting(slices.Values(removed))
 	for _, u := range removed {
+		if rev, ok := u.svc.(*tunnel.Reverse); ok {
+			// Its loop has ended: no re-arm makes the series anew.
+			s.tel.rearms.UnregisterMetric(rearmSeries(rev.Name()))
+		}
 		s.drainRemoved(u, time.Duration(old.cfg.ShutdownTimeout))
 	}
 	for _, u := range bound {
@@ -788,10 +789,6 @@ func (s *supervisor) drainRemoved(u *unit, timeout time.Duration) {
 				s.log.Warn().Str("listener", u.label()).Msg("removed listener: shutdown timeout reached; cutting remaining sessions")
 			}
 			u.svc.Close() // the admin server's Shutdown leaves what it could not drain open
-		}
-		if rev, ok := u.svc.(*tunnel.Reverse); ok {
-			// Again: a re-arm during the drain made the series anew.
-			s.tel.rearms.UnregisterMetric(rearmSeries(rev.Name()))
 		}
 		s.log.Info().Str("listener", u.label()).Msg("removed listener drained")
 	})
