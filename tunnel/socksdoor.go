@@ -331,8 +331,11 @@ func (d *SOCKSDoor) clientGone(req *socksclient.ServerRequest, dialer *socksclie
 	d.stats.ClientGone.Add(1)
 	f := d.TCPForward
 	if ok, suppressed := f.refusals.Allow("client gone before its reply"); ok {
-		f.sessionEvent(f.cfg.Logger.Info(), req.Conn, req.Addr).Str("cmd", req.Cmd.String()).Str("upstream", dialer.ProxyAddr).
-			Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Err(err).Dur("dur_ms", time.Since(start)).
+		ev := f.sessionEvent(f.cfg.Logger.Info(), req.Conn, req.Addr).Str("cmd", req.Cmd.String())
+		if dialer != nil { // nil: every upstream failed
+			ev = ev.Str("upstream", dialer.ProxyAddr)
+		}
+		ev.Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Err(err).Dur("dur_ms", time.Since(start)).
 			Msg("session ended: the client hung up before its reply")
 	}
 }

@@ -379,36 +379,46 @@ func TestDoorUpstreamTimeout(t *testing.T) {
 // nothing counts as a failure: whether the dial then succeeds (its reply
 // cannot be written after a reset; the upstream connection is closed) or
 // fails (a FIN: the refusal could still be written, but nobody is left to
-// read it).
+// read it), also on every one of several upstreams (no dialer to name).
 func TestDoorClientGoneBeforeReply(t *testing.T) {
 	echo, err := socksclient.ParseAddr(testnet.Echo(t).Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
+	unreachable := socksclient.Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 80}
 	for _, c := range []struct {
-		name    string
-		fault   sockstest.Fault
-		timeout time.Duration
-		target  socksclient.Addr
-		reset   bool
+		name      string
+		fault     sockstest.Fault
+		timeout   time.Duration
+		target    socksclient.Addr
+		reset     bool
+		upstreams int
+		closed    bool // the upstreams' port is closed
 	}{
-		{"dial succeeds, client reset", sockstest.FaultNone, 5 * time.Second, echo, true},
-		{"dial fails, client closed", sockstest.FaultHangAfterGreeting, 200 * time.Millisecond, socksclient.Addr{IP: netip.MustParseAddr("192.0.2.1"), Port: 80}, false},
+		{"dial succeeds, client reset", sockstest.FaultNone, 5 * time.Second, echo, true, 1, false},
+		{"dial fails, client closed", sockstest.FaultHangAfterGreeting, 200 * time.Millisecond, unreachable, false, 1, false},
+		{"every upstream fails, client closed", sockstest.FaultNone, 5 * time.Second, unreachable, false, 2, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			noLeaks(t)
-			up := newSocks(t, sockstest.Config{Fault: c.fault})
+			addr := newSocks(t, sockstest.Config{Fault: c.fault}).Addr()
+			if c.closed {
+				addr = testnet.ClosedPort(t)
+			}
 			gone := make(chan struct{})
-			held := &socksclient.Dialer{ProxyAddr: up.Addr(), HandshakeTimeout: c.timeout,
-				ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-					select { // the dial waits until the client has gone
-					case <-gone:
-					case <-ctx.Done():
-						return nil, ctx.Err()
-					}
-					return (&net.Dialer{}).DialContext(ctx, network, addr)
-				}}
-			door, logs := startDoorDialers(t, SOCKSDoorConfig{}, nil, held)
+			var held []*socksclient.Dialer
+			for range c.upstreams {
+				held = append(held, &socksclient.Dialer{ProxyAddr: addr, HandshakeTimeout: c.timeout,
+					ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+						select { // the dial waits until the client has gone
+						case <-gone:
+						case <-ctx.Done():
+							return nil, ctx.Err()
+						}
+						return (&net.Dialer{}).DialContext(ctx, network, addr)
+					}})
+			}
+			door, logs := startDoorDialers(t, SOCKSDoorConfig{}, nil, held...)
 			conn := dialFor(t, door.Addr().String())
 			conn.Write([]byte{socksclient.Version, 1, byte(socksclient.MethodNoAuth)})
 			if _, err := socksclient.ReadMethodSelection(conn); err != nil {
