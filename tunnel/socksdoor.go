@@ -203,16 +203,19 @@ func replyCode(err error) socksclient.ReplyCode {
 // logs it, and ends the session.
 func (d *SOCKSDoor) refuse(req *socksclient.ServerRequest, dialer *socksclient.Dialer, err error, start time.Time) {
 	f := d.TCPForward
-	if peerHungUp(req.Conn) {
-		// The client gave up during a slow dial: its hang-up, not the
-		// upstream's answer, ended the session (the upstreams have
-		// counted their own failure).
+	gone := peerHungUp(req.Conn)
+	// Answered all the same: a FIN may be a half-close, from a client
+	// that still reads.
+	req.Reply(replyCode(err), socksclient.Addr{})
+	if gone {
+		// Most often a client that gave up during a slow dial: its
+		// hang-up, not the upstream's answer, ended the session (the
+		// upstreams have counted their own failure).
 		d.clientGone(req, dialer, err, start)
 		req.Conn.Close()
 		f.endSession(req.Conn, nil)
 		return
 	}
-	req.Reply(replyCode(err), socksclient.Addr{})
 	f.dialFailed(req.Conn, req.Addr, dialer, err, start)
 	req.Conn.Close()
 	f.endSession(req.Conn, nil)

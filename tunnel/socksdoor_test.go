@@ -391,13 +391,15 @@ func TestDoorClientGoneBeforeReply(t *testing.T) {
 		fault     sockstest.Fault
 		timeout   time.Duration
 		target    socksclient.Addr
-		reset     bool
+		hangUp    string // reset, close or half-close
 		upstreams int
 		closed    bool // the upstreams' port is closed
 	}{
-		{"dial succeeds, client reset", sockstest.FaultNone, 5 * time.Second, echo, true, 1, false},
-		{"dial fails, client closed", sockstest.FaultHangAfterGreeting, 200 * time.Millisecond, unreachable, false, 1, false},
-		{"every upstream fails, client closed", sockstest.FaultNone, 5 * time.Second, unreachable, false, 2, true},
+		{"dial succeeds, client reset", sockstest.FaultNone, 5 * time.Second, echo, "reset", 1, false},
+		{"dial fails, client closed", sockstest.FaultHangAfterGreeting, 200 * time.Millisecond, unreachable, "close", 1, false},
+		// A FIN may be a half-close: the refusal is written all the same.
+		{"dial fails, client half-closed", sockstest.FaultHangAfterGreeting, 200 * time.Millisecond, unreachable, "half-close", 1, false},
+		{"every upstream fails, client closed", sockstest.FaultNone, 5 * time.Second, unreachable, "close", 2, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			noLeaks(t)
@@ -429,12 +431,23 @@ func TestDoorClientGoneBeforeReply(t *testing.T) {
 				t.Fatal(err)
 			}
 			conn.Write(req)
-			if c.reset {
+			switch c.hangUp {
+			case "reset":
 				conn.(*net.TCPConn).SetLinger(0)
+				conn.Close()
+			case "close":
+				conn.Close()
+			case "half-close":
+				conn.(*net.TCPConn).CloseWrite()
 			}
-			conn.Close()
 			close(gone)
 			logs.waitFor(t, "the client hung up before its reply")
+			if c.hangUp == "half-close" {
+				conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if rep, err := socksclient.ReadReply(conn); err != nil || rep.Code != socksclient.RepTTLExpired {
+					t.Errorf("the half-closed client read %v (%v), want the refusal REP 6", rep, err)
+				}
+			}
 			if n := door.DoorStats().ClientGone.Load(); n != 1 {
 				t.Errorf("ClientGone = %d, want 1", n)
 			}
