@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -65,6 +66,8 @@ type HTTPProxyConfig struct {
 	// requests (default 2 min).
 	KeepAlive time.Duration
 	Logger    zerolog.Logger
+	// halfCloseWait replaces defaultHalfCloseWait, in tests.
+	halfCloseWait time.Duration
 }
 
 // DefaultDirectTimeout bounds a direct connect to a target NoProxy lists,
@@ -114,6 +117,11 @@ type HTTPStats struct {
 	AuthMissing, AuthWrong atomic.Int64
 }
 
+// defaultHalfCloseWait: a client that half-closes behind its request
+// (nc -N, HTTP/1.0 scripts) gets an answer that comes within it; one that
+// gave up on a slow target holds the target's connection no longer.
+const defaultHalfCloseWait = 30 * time.Second
+
 // HTTPProxy is an HTTP/1.1 forward proxy whose every request goes through
 // the upstreams: CONNECT host:port becomes a SOCKS5 CONNECT and a raw
 // relay; an absolute-form request is forwarded over a connection dialed
@@ -139,10 +147,13 @@ type HTTPProxy struct {
 	cancel context.CancelFunc
 
 	refusals *logthrottle.Throttle
-	admit    atomic.Pointer[admission]
-	idle     atomic.Int64
-	creds    atomic.Pointer[ProxyCredentials]
-	noProxy  atomic.Pointer[noproxy.List]
+	// halfCloseWait is how long a forward goes on after its client's FIN
+	// (defaultHalfCloseWait; tests shorten it).
+	halfCloseWait time.Duration
+	admit         atomic.Pointer[admission]
+	idle          atomic.Int64
+	creds         atomic.Pointer[ProxyCredentials]
+	noProxy       atomic.Pointer[noproxy.List]
 
 	mu      sync.Mutex
 	closed  bool
@@ -160,6 +171,7 @@ func NewHTTPProxy(cfg HTTPProxyConfig, ln net.Listener) *HTTPProxy {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &HTTPProxy{cfg: cfg, ln: ln, ctx: ctx, cancel: cancel, tunnels: make(map[net.Conn]bool)}
 	p.refusals = logthrottle.New(refusalLogEvery)
+	p.halfCloseWait = cmp.Or(cfg.halfCloseWait, defaultHalfCloseWait)
 	p.idle.Store(int64(cfg.IdleTimeout))
 	p.creds.Store(cfg.Credentials)
 	p.noProxy.Store(cfg.NoProxy)
@@ -478,6 +490,9 @@ type clientConn struct {
 	// a read that times out then is the keep-alive timeout, not a head
 	// that did not arrive.
 	idle atomic.Bool
+	// reset: a read failed other than by EOF or a deadline (a reset):
+	// the client is gone, not half-closed.
+	reset atomic.Bool
 }
 
 // Read notes a request head that did not arrive within ReadHeaderTimeout,
@@ -490,6 +505,9 @@ func (c *clientConn) Read(b []byte) (int, error) {
 	}
 	if err != nil && !c.handled.Load() && !c.idle.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
 		c.p.headTimedOut(c)
+	}
+	if err != nil && err != io.EOF && !errors.Is(err, os.ErrDeadlineExceeded) {
+		c.reset.Store(true)
 	}
 	return n, err
 }
@@ -780,6 +798,8 @@ type forwardInfo struct {
 	streamed []net.Conn            // what a stream after a 101 registered for Close to cut
 	bodyErr  atomic.Pointer[error] // why reading the request body from the client failed
 	readErr  atomic.Pointer[error] // why reading the answer's body from the target failed
+	// clientEnd says why whenClientEnds cancelled the forward.
+	clientEnd atomic.Pointer[string]
 }
 
 type forwardInfoKey struct{}
@@ -819,11 +839,12 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 	// half-closes (it reads EOF), as nc -N, HTTP/1.0 clients and
 	// `Connection: close` scripts do right behind their request, while
 	// they still read the answer; the target may have carried out the
-	// request already. A client truly gone shows as a failed write.
-	// Close still aborts the forward.
+	// request already. Close still aborts the forward, and so does the
+	// client's end (whenClientEnds).
 	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
 	defer cancel()
 	defer context.AfterFunc(p.ctx, cancel)()
+	defer p.whenClientEnds(r.Context(), client, info, cancel)()
 	r = r.WithContext(context.WithValue(ctx, forwardInfoKey{}, info))
 	idle := p.forwardIdle()
 	if r.Body != nil && r.Body != http.NoBody {
@@ -862,6 +883,35 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 		}
 	}()
 	p.forwarder.ServeHTTP(w, r)
+}
+
+// whenClientEnds cancels a forward once the server has read its client's
+// end (rctx is the request's context): at once for a reset, after
+// halfCloseWait for a FIN, which may be a half-close from a client that
+// still reads its answer, or a client that gave up on a slow target (a
+// long poll), whose target connection and --max-sessions slot must not
+// be held for the whole idle timeout. It returns what stops it.
+func (p *HTTPProxy) whenClientEnds(rctx context.Context, client net.Conn, info *forwardInfo, cancel context.CancelFunc) (stop func()) {
+	end := func(why string) {
+		info.clientEnd.Store(&why)
+		cancel()
+	}
+	var grace atomic.Pointer[time.Timer]
+	stopWatch := context.AfterFunc(rctx, func() {
+		if cc, ok := client.(*clientConn); ok && cc.reset.Load() {
+			end("client reset")
+			return
+		}
+		grace.Store(time.AfterFunc(p.halfCloseWait, func() {
+			end(fmt.Sprintf("client closed, and no answer within %s of it", p.halfCloseWait))
+		}))
+	})
+	return func() {
+		stopWatch()
+		if t := grace.Load(); t != nil {
+			t.Stop() // one stored after this Load cancels a forward already ended
+		}
+	}
 }
 
 // forwardEnded writes a forwarded request's end line: debug, or info
@@ -1159,6 +1209,17 @@ func (p *HTTPProxy) forwardFailed(w http.ResponseWriter, r *http.Request, err er
 		return
 	}
 	info.failed.Store(true)
+	if why := info.clientEnd.Load(); why != nil && errors.Is(err, context.Canceled) && p.ctx.Err() == nil {
+		// The client's end cut it: the client's doing, counted 4xx.
+		if sw, ok := w.(*statusWriter); ok {
+			sw.failed = SideClient
+		}
+		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String()).
+			Str("method", r.Method).Str("side", SideClient.String()).Str("cause", *why).Dur("dur_ms", time.Since(info.start)).
+			Msg("request ended")
+		answer(w, http.StatusGatewayTimeout, fmt.Sprintf("%s: %s", info.target, *why))
+		return
+	}
 	var de *dialError
 	if errors.As(err, &de) {
 		p.dialFailed(w, r, info.target, de.upstream, de.err, info.start)

@@ -1387,3 +1387,47 @@ func TestHTTPProxyHeadTimeout(t *testing.T) {
 		t.Errorf("a keep-alive connection idle between requests counted as a head timeout (%d, then %d)", before, n)
 	}
 }
+
+// TestHTTPProxyClientGaveUp: a client that gives up on a target slow to
+// answer (a long poll, curl --max-time) releases the target's connection
+// and its --max-sessions slot: at once for a reset, after the half-close
+// wait for a FIN (which may be a half-close from a client still reading).
+// The request counts 4xx, the client's doing.
+func TestHTTPProxyClientGaveUp(t *testing.T) {
+	for _, reset := range []bool{true, false} {
+		got, released := make(chan struct{}), make(chan struct{})
+		slow := testnet.Serve(t, func(c net.Conn) {
+			defer c.Close()
+			if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+				return
+			}
+			close(got)
+			io.Copy(io.Discard, c) // never answers; ends when the proxy lets go
+			close(released)
+		})
+		p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{MaxSessions: 1, halfCloseWait: 200 * time.Millisecond}, newSocks(t, sockstest.Config{}).Addr())
+		c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(c, "GET http://"+slow.Addr().String()+"/long-poll HTTP/1.1\r\nHost: x\r\n\r\n")
+		<-got
+		idle := p.whenIdle() // the request is in the handler now
+		if reset {
+			c.(*net.TCPConn).SetLinger(0)
+		}
+		c.Close()
+		select {
+		case <-released:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("reset %v: the target's connection is held after the client left (%d active)", reset, p.Stats().Active.Load())
+		}
+		<-idle
+		if !strings.Contains(logs.String(), `"side":"client"`) {
+			t.Errorf("reset %v: no line naming the client:\n%s", reset, logs)
+		}
+		if n := p.Stats().Responses[HTTPForward][4].Load(); n != 1 {
+			t.Errorf("reset %v: %d forwards counted 4xx, want 1 (5xx: %d)", reset, n, p.Stats().Responses[HTTPForward][5].Load())
+		}
+	}
+}
