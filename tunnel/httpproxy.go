@@ -66,8 +66,10 @@ type HTTPProxyConfig struct {
 	// requests (default 2 min).
 	KeepAlive time.Duration
 	Logger    zerolog.Logger
-	// halfCloseWait replaces defaultHalfCloseWait, in tests.
+	// halfCloseWait replaces defaultHalfCloseWait, in tests; afterGrace,
+	// if set, runs once that wait is over and decided.
 	halfCloseWait time.Duration
+	afterGrace    func()
 }
 
 // DefaultDirectTimeout bounds a direct connect to a target NoProxy lists,
@@ -886,11 +888,12 @@ func (p *HTTPProxy) forward(w *statusWriter, r *http.Request) {
 }
 
 // whenClientEnds cancels a forward once the server has read its client's
-// end (rctx is the request's context): at once for a reset, after
-// halfCloseWait for a FIN, which may be a half-close from a client that
-// still reads its answer, or a client that gave up on a slow target (a
-// long poll), whose target connection and --max-sessions slot must not
-// be held for the whole idle timeout. It returns what stops it.
+// end (rctx is the request's context): at once for a reset; for a FIN,
+// which may be a half-close from a client that still reads its answer,
+// only if the answer has not begun within halfCloseWait (a client that
+// gave up on a slow target, a long poll, whose target connection and
+// --max-sessions slot must not be held for the whole idle timeout). It
+// returns what stops it.
 func (p *HTTPProxy) whenClientEnds(rctx context.Context, client net.Conn, info *forwardInfo, cancel context.CancelFunc) (stop func()) {
 	end := func(why string) {
 		info.clientEnd.Store(&why)
@@ -903,7 +906,12 @@ func (p *HTTPProxy) whenClientEnds(rctx context.Context, client net.Conn, info *
 			return
 		}
 		grace.Store(time.AfterFunc(p.halfCloseWait, func() {
-			end(fmt.Sprintf("client closed, and no answer within %s of it", p.halfCloseWait))
+			if info.status.Load() == 0 { // an answer under way goes on: a client gone fails its writes
+				end(fmt.Sprintf("client closed, and no answer within %s of it", p.halfCloseWait))
+			}
+			if p.cfg.afterGrace != nil {
+				p.cfg.afterGrace()
+			}
 		}))
 	})
 	return func() {

@@ -1431,3 +1431,45 @@ func TestHTTPProxyClientGaveUp(t *testing.T) {
 		}
 	}
 }
+
+// TestHTTPProxyHalfCloseDuringAnswer: a client that half-closes once its
+// answer has begun reads it to the end, however long past the half-close
+// wait it streams.
+func TestHTTPProxyHalfCloseDuringAnswer(t *testing.T) {
+	graceOver := make(chan struct{})
+	more := make(chan struct{})
+	streaming := testnet.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+		<-more
+		io.WriteString(c, "world")
+	})
+	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{halfCloseWait: time.Nanosecond, afterGrace: func() { close(graceOver) }},
+		newSocks(t, sockstest.Config{}).Addr())
+	c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	io.WriteString(c, "GET http://"+streaming.Addr().String()+"/ HTTP/1.1\r\nHost: x\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := make([]byte, 5)
+	if _, err := io.ReadFull(resp.Body, first); err != nil {
+		t.Fatal(err)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	<-graceOver // the proxy read the FIN and its wait is over
+	close(more)
+	rest, err := io.ReadAll(resp.Body)
+	if got := string(first) + string(rest); err != nil || got != "helloworld" {
+		t.Fatalf("the half-closed client read %q (%v), want the whole answer", got, err)
+	}
+}
