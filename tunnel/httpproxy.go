@@ -495,6 +495,8 @@ type clientConn struct {
 	// reset: a read failed other than by EOF or a deadline (a reset):
 	// the client is gone, not half-closed.
 	reset atomic.Bool
+	// began: a byte of the request being read has come.
+	began atomic.Bool
 }
 
 // Read notes a request head that did not arrive within ReadHeaderTimeout,
@@ -502,11 +504,20 @@ type clientConn struct {
 // goroutine, at no cost to other reads.
 func (c *clientConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
-	if n > 0 && c.idle.Load() {
+	if n > 0 {
 		c.idle.Store(false) // the next request is arriving
+		c.began.Store(true)
 	}
 	if err != nil && !c.handled.Load() && !c.idle.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
-		c.p.headTimedOut(c)
+		if c.began.Load() {
+			c.p.headTimedOut(c)
+		} else {
+			// Opened and never used: browsers open spare connections to
+			// a proxy ahead of need. No request, and nothing wrong.
+			c.handled.Store(true) // once
+			c.p.cfg.Logger.Debug().Str("listener", c.p.cfg.Name).Str("client", c.RemoteAddr().String()).
+				Msg("connection closed: no request came")
+		}
 	}
 	if err != nil && err != io.EOF && !errors.Is(err, os.ErrDeadlineExceeded) {
 		c.reset.Store(true)
@@ -546,6 +557,9 @@ func trackConnState(c net.Conn, state http.ConnState) {
 	if cc, ok := c.(*clientConn); ok && (state == http.StateIdle || state == http.StateActive) {
 		cc.handled.Store(false)
 		cc.idle.Store(state == http.StateIdle)
+		if state == http.StateIdle {
+			cc.began.Store(false)
+		}
 	}
 }
 

@@ -1373,12 +1373,21 @@ func TestHTTPProxyHeadTimeout(t *testing.T) {
 	if n := timeouts[4].Load(); n != 1 {
 		t.Errorf("a head stalled halfway: counted %d, want 1", n)
 	}
-	ended("")
+	ended("GET http://x/ HTTP/1.1\r\n")
 	if n := timeouts[4].Load(); n != 2 {
-		t.Errorf("a connection that sent nothing: counted %d in all, want 2", n)
+		t.Errorf("a second stalled head: counted %d in all, want 2", n)
 	}
 	if n := strings.Count(logs.String(), `"cause":"request head timeout"`); n != 1 {
 		t.Errorf("%d lines for two timeouts, want 1 (throttled):\n%s", n, logs)
+	}
+	// Opened and never used (a browser's spare connection): no request,
+	// so not counted as one; a debug line.
+	ended("")
+	if n := timeouts[4].Load(); n != 2 {
+		t.Errorf("a connection that sent nothing counted as a request head timeout (%d in all)", n)
+	}
+	if !strings.Contains(logs.String(), `"level":"debug"`) || !strings.Contains(logs.String(), "no request came") {
+		t.Errorf("no debug line for the unused connection:\n%s", logs)
 	}
 	// Answered (the handler's own 400, kept alive), then idle.
 	before := timeouts[4].Load()

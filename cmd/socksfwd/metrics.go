@@ -309,7 +309,7 @@ func writeHTTP(p *promWriter, units []liveUnit) {
 			continue
 		}
 		if !family {
-			p.family("socksfwd_http_requests_total", "counter", "Requests the HTTP proxy answered, by kind (connect, forward: absolute-form, malformed: refused by the HTTP parser, or timeout: a request head not received within 10 s, closed without an answer and counted 4xx as a 408) and status class; a forwarded answer whose write failed because the client went away counts as 4xx (nginx's 499), one the target ended early (before its Content-Length or last chunk) as 5xx.")
+			p.family("socksfwd_http_requests_total", "counter", "Requests the HTTP proxy answered, by kind (connect, forward: absolute-form, malformed: refused by the HTTP parser, or timeout: a request head begun but not received within 10 s, closed without an answer and counted 4xx as a 408; a connection that sends nothing is no request) and status class; a forwarded answer whose write failed because the client went away counts as 4xx (nginx's 499), one the target ended early (before its Content-Length or last chunk) as 5xx.")
 			family = true
 		}
 		for kind, name := range []string{tunnel.HTTPConnect: "connect", tunnel.HTTPForward: "forward", tunnel.HTTPMalformed: "malformed", tunnel.HTTPTimeout: "timeout"} {
