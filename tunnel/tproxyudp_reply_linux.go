@@ -197,8 +197,8 @@ func replyBindFailedLine(err error, raw bool) string {
 	if !raw {
 		return msg + "; replies from it are dropped and counted (sending them from a raw socket needs CAP_NET_RAW)"
 	}
-	if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, errLocalSource) {
-		return msg + "; replies from it go through a raw socket"
+	if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, errLocalSource) || errors.Is(err, unix.EACCES) {
+		return msg + "; replies from it go through a raw socket" // a retry would fail the same way
 	}
 	return msg + "; replies from it go through a raw socket until a retry binds it"
 }

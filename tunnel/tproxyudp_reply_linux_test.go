@@ -193,7 +193,8 @@ func TestReplyBindFailedLine(t *testing.T) {
 		{unix.EADDRINUSE, true, []string{"a local service holds", "go through a raw socket"}, []string{"dropped"}},
 		{unix.EADDRINUSE, false, []string{"a local service holds", "dropped", "CAP_NET_RAW"}, []string{"go through"}},
 		{unix.EACCES, false, []string{"CAP_NET_BIND_SERVICE", "dropped", "CAP_NET_RAW"}, []string{"go through"}},
-		{unix.EACCES, true, []string{"CAP_NET_BIND_SERVICE", "go through a raw socket until a retry"}, []string{"dropped"}},
+		{unix.EACCES, true, []string{"CAP_NET_BIND_SERVICE", "go through a raw socket"}, []string{"dropped", "until a retry"}},
+		{unix.EMFILE, true, []string{"go through a raw socket until a retry binds it"}, []string{"dropped"}},
 	} {
 		line := replyBindFailedLine(fmt.Errorf("listen udp4: bind: %w", c.err), c.raw)
 		for _, w := range c.want {

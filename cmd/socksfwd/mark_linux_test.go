@@ -173,8 +173,9 @@ func TestReloadNewUpstreamsWithoutMark(t *testing.T) {
 	d.waitFor("transparent", 1)
 	const warning = "the upstreams changed and there is no --mark"
 	d.reload(path, conf(a.Addr())+"idle-timeout = \"1m\"\n", 1)
-	d.reload(path, conf(b.Addr()), 2)
+	d.reload(path, conf("socks5://user:pw@"+a.Addr()), 2) // the same address
+	d.reload(path, conf(b.Addr()), 3)
 	if n := len(d.linesWith(warning)); n != 1 {
-		t.Errorf("%d warnings that the capture rules name the old upstreams, want 1 (for the second reload):\n%s", n, d.dump())
+		t.Errorf("%d warnings that the capture rules name the old upstreams, want 1 (for the third reload):\n%s", n, d.dump())
 	}
 }

@@ -612,16 +612,23 @@ func (s *supervisor) writeReverse(p *promWriter, units []liveUnit) {
 	}
 	// The port is a value, not a label: with -R 0 a proxy such as Dante
 	// listens on a new port for every caller, a new series each time.
+	// Read once for both families, so that a scrape never pairs one
+	// BIND's address with another's port.
+	remotes := make([]socksclient.Addr, len(units))
+	listening := make([]bool, len(units))
+	for i, u := range units {
+		remotes[i], listening[i] = u.svc.(*tunnel.Reverse).Remote()
+	}
 	p.family("socksfwd_reverse_remote_info", "gauge", "The address the proxy listens on (remote, without the port), 1 per -R while it does.")
-	for _, u := range units {
-		if a, listening := u.svc.(*tunnel.Reverse).Remote(); listening {
-			p.sample("socksfwd_reverse_remote_info", 1, "reverse", u.name, "remote", a.Host())
+	for i, u := range units {
+		if listening[i] {
+			p.sample("socksfwd_reverse_remote_info", 1, "reverse", u.name, "remote", remotes[i].Host())
 		}
 	}
 	p.family("socksfwd_reverse_remote_port", "gauge", "The port the proxy listens on, per -R while it does.")
-	for _, u := range units {
-		if a, listening := u.svc.(*tunnel.Reverse).Remote(); listening {
-			p.sample("socksfwd_reverse_remote_port", float64(a.Port), "reverse", u.name)
+	for i, u := range units {
+		if listening[i] {
+			p.sample("socksfwd_reverse_remote_port", float64(remotes[i].Port), "reverse", u.name)
 		}
 	}
 	p.family("socksfwd_reverse_rearm_seconds", "histogram", "Time the port was closed between two callers: from a caller's arrival to the proxy listening again.")

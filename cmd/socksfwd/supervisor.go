@@ -561,7 +561,14 @@ func (s *supervisor) reloadNow() error {
 	s.observeUpstreams(p)
 	if !slices.Equal(old.cfg.Server, p.cfg.Server) {
 		changes = append(changes, fmt.Sprintf("upstreams [%s] → [%s]", redactedServers(old.cfg.Server), redactedServers(p.cfg.Server)))
-		if p.cfg.Mark == 0 && slices.ContainsFunc(p.listens, func(l listenPlan) bool {
+		proxyAddrs := func(ds []*socksclient.Dialer) []string {
+			var addrs []string
+			for _, d := range ds {
+				addrs = append(addrs, d.ProxyAddr)
+			}
+			return addrs
+		}
+		if p.cfg.Mark == 0 && !slices.Equal(proxyAddrs(old.dialers), proxyAddrs(p.dialers)) && slices.ContainsFunc(p.listens, func(l listenPlan) bool {
 			return l.kind == kindTransparent || l.kind == kindTransparentUDP
 		}) {
 			// Without a mark, the capture rules leave socksfwd's own
