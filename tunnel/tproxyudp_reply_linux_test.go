@@ -31,6 +31,16 @@ func failingControl(n int, errno error, calls *int) func(network, address string
 	}
 }
 
+// newUnbindableReplyPool is a reply pool every socket of which fails in
+// control, so nothing is bound or sent; calls counts the sockets tried.
+func newUnbindableReplyPool(t *testing.T) (p *replyPool, stats *TransparentUDPStats, logs *logBuf, calls *int) {
+	logs, stats, calls = &logBuf{}, &TransparentUDPStats{}, new(int)
+	control := failingControl(1<<30, errors.New("no socket in this test"), calls)
+	p = newReplyPool(8, time.Minute, &TransparentUDPConfig{Name: "tproxy-udp", Control: control, Logger: zerolog.New(logs)}, stats)
+	t.Cleanup(p.close)
+	return p, stats, logs, calls
+}
+
 // logLines returns the log lines that name remote.
 func logLines(logs *logBuf, remote string) []string {
 	var lines []string
@@ -48,14 +58,7 @@ func logLines(logs *logBuf, remote string) []string {
 // take a local resolver's port), and logged once a period for them all
 // (the line names the first).
 func TestReplyPoolRefusesNonRemoteSource(t *testing.T) {
-	logs := &logBuf{}
-	var stats TransparentUDPStats
-	calls := 0
-	// Every socket the pool makes fails in control, so nothing is bound
-	// or sent even when the check is missing.
-	control := failingControl(1<<30, errors.New("no socket in this test"), &calls)
-	p := newReplyPool(8, time.Minute, &TransparentUDPConfig{Name: "tproxy-udp", Control: control, Logger: zerolog.New(logs)}, &stats)
-	defer p.close()
+	p, stats, logs, calls := newUnbindableReplyPool(t)
 	client := netip.MustParseAddrPort("127.0.0.2:40000")
 	refused := []string{"0.0.0.0:53", "[::]:53", "198.51.100.7:0", "[2001:db8::7]:0", "224.0.0.251:5353", "[ff02::fb]:5353", "255.255.255.255:67"}
 	for _, r := range refused {
@@ -68,9 +71,9 @@ func TestReplyPoolRefusesNonRemoteSource(t *testing.T) {
 	if n := strings.Count(logs.String(), "the proxy named a wildcard"); n != 1 || len(logLines(logs, refused[0])) != 1 {
 		t.Errorf("%d lines for the refused sources, want 1 naming %s:\n%s", n, refused[0], logs)
 	}
-	if calls != 0 || p.Len() != 0 || stats.ReplyBindFailures.Load() != 0 || stats.ReplySockets.Load() != 0 {
+	if *calls != 0 || p.Len() != 0 || stats.ReplyBindFailures.Load() != 0 || stats.ReplySockets.Load() != 0 {
 		t.Errorf("%d sockets tried, %d remotes held, %d bind failures, %d reply sockets; want none",
-			calls, p.Len(), stats.ReplyBindFailures.Load(), stats.ReplySockets.Load())
+			*calls, p.Len(), stats.ReplyBindFailures.Load(), stats.ReplySockets.Load())
 	}
 	if strings.Contains(logs.String(), "cannot bind") {
 		t.Errorf("a bind was tried:\n%s", logs)
@@ -266,12 +269,7 @@ func TestReplyPoolLocalSource(t *testing.T) {
 // room for a real remote's bind failure (it filled the per-remote keys,
 // after which bind failures were counted but never logged).
 func TestReplyPoolRefusedSourcesKeepLogs(t *testing.T) {
-	logs := &logBuf{}
-	var stats TransparentUDPStats
-	calls := 0
-	control := failingControl(1<<30, errors.New("bind refused in this test"), &calls)
-	p := newReplyPool(8, time.Minute, &TransparentUDPConfig{Name: "tproxy-udp", Control: control, Logger: zerolog.New(logs)}, &stats)
-	defer p.close()
+	p, stats, logs, _ := newUnbindableReplyPool(t)
 	client := netip.MustParseAddrPort("127.0.0.2:40000")
 	for i := range 1100 {
 		p.send([]byte("x"), netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, byte(i >> 8), byte(i)}), 0), client)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
 )
 
 // remoteLinesOf reads --remote-addr-file.
@@ -35,6 +36,39 @@ func portValue(port string) float64 {
 	return float64(n)
 }
 
+// reverseConfig is a config file for -R through the test server, toward
+// one of two echo targets, with a --remote-addr-file and --admin.
+type reverseConfig struct {
+	socks                          *sockstest.Server
+	echo, echo2, file, conf, admin string
+}
+
+func newReverseConfig(t *testing.T) *reverseConfig {
+	dir := t.TempDir()
+	return &reverseConfig{
+		socks: newSocks(t),
+		echo:  testnet.Echo(t).Addr().String(), echo2: testnet.Echo(t).Addr().String(),
+		file: filepath.Join(dir, "remote"), conf: filepath.Join(dir, "socksfwd.toml"),
+		admin: "127.0.0.1:" + freePort(t),
+	}
+}
+
+// text is the file's content with the given -R specs, then extra.
+func (rc *reverseConfig) text(extra string, remotes ...string) string {
+	q := make([]string, len(remotes))
+	for i, r := range remotes {
+		q[i] = fmt.Sprintf("%q", r)
+	}
+	return fmt.Sprintf("server = [%q]\nremote = [%s]\nremote-addr-file = %q\nadmin = %q\n", rc.socks.Addr(), strings.Join(q, ", "), rc.file, rc.admin) + extra
+}
+
+func (rc *reverseConfig) write(t *testing.T, text string) {
+	t.Helper()
+	if err := os.WriteFile(rc.conf, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestReverseReload: two -R through the test server. Where the server
 // listens reaches the log, --remote-addr-file, /metrics and /readyz; a
 // caller through each is relayed. A reload keeps the -R that stays (its
@@ -42,21 +76,12 @@ func portValue(port string) float64 {
 // the file goes at exit.
 func TestReverseReload(t *testing.T) {
 	verifyNoLeaks(t)
-	socks := newSocks(t)
-	echo := testnet.Echo(t).Addr().String()
-	echo2 := testnet.Echo(t).Addr().String()
-	dir := t.TempDir()
-	file := filepath.Join(dir, "remote")
-	conf := filepath.Join(dir, "socksfwd.toml")
+	rc := newReverseConfig(t)
+	socks, file, conf, admin := rc.socks, rc.file, rc.conf, rc.admin
 	fixed := freePort(t)
-	admin := "127.0.0.1:" + freePort(t)
-	keep, gone, added := fixed+":"+echo, "0:"+echo, "0:"+echo2
-	config := func(remotes ...string) string {
-		return fmt.Sprintf("server = [%q]\nremote = [%q, %q]\nremote-addr-file = %q\nadmin = %q\n", socks.Addr(), remotes[0], remotes[1], file, admin)
-	}
-	if err := os.WriteFile(conf, []byte(config(keep, gone)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	keep, gone, added := fixed+":"+rc.echo, "0:"+rc.echo, "0:"+rc.echo2
+	config := func(remotes ...string) string { return rc.text("", remotes...) }
+	rc.write(t, config(keep, gone))
 	d := startDaemon(t, "-c", conf)
 	d.waitFor("reverse "+socks.Addr()+" listens on", 2)
 	lines := remoteLinesOf(t, file)
@@ -78,7 +103,7 @@ func TestReverseReload(t *testing.T) {
 	d.waitFor("reverse "+socks.Addr()+" listens on", 3) // re-armed on a new port
 
 	rel := d.reload(conf, config(keep, added), 1)
-	if changes := fmt.Sprint(rel["changes"]); !strings.Contains(changes, "-reverse 0.0.0.0:0 → "+echo) || !strings.Contains(changes, "+reverse 0.0.0.0:0 → "+echo2) {
+	if changes := fmt.Sprint(rel["changes"]); !strings.Contains(changes, "-reverse 0.0.0.0:0 → "+rc.echo) || !strings.Contains(changes, "+reverse 0.0.0.0:0 → "+rc.echo2) {
 		t.Fatalf("reload changes %s", changes)
 	}
 	d.waitFor("reverse "+socks.Addr()+" listens on", 4) // the new one
@@ -257,27 +282,11 @@ func callOnce(addr, msg string) (string, error) {
 // alone (it was unregistered then, a fix for re-arms during the drain).
 func TestReloadReAddedReverseKeepsSeries(t *testing.T) {
 	verifyNoLeaks(t)
-	socks := newSocks(t)
-	echo := testnet.Echo(t).Addr().String()
-	echo2 := testnet.Echo(t).Addr().String()
-	dir := t.TempDir()
-	file := filepath.Join(dir, "remote")
-	conf := filepath.Join(dir, "socksfwd.toml")
-	admin := "127.0.0.1:" + freePort(t)
-	spec, other := "0:"+echo, "0:"+echo2
-	config := func(remotes ...string) string {
-		q := ""
-		for i, r := range remotes {
-			if i > 0 {
-				q += ", "
-			}
-			q += fmt.Sprintf("%q", r)
-		}
-		return fmt.Sprintf("server = [%q]\nremote = [%s]\nremote-addr-file = %q\nadmin = %q\nshutdown-timeout = \"60s\"\n", socks.Addr(), q, file, admin)
-	}
-	if err := os.WriteFile(conf, []byte(config(other, spec)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	rc := newReverseConfig(t)
+	socks, file, conf, admin := rc.socks, rc.file, rc.conf, rc.admin
+	spec, other := "0:"+rc.echo, "0:"+rc.echo2
+	config := func(remotes ...string) string { return rc.text("shutdown-timeout = \"60s\"\n", remotes...) }
+	rc.write(t, config(other, spec))
 	d := startDaemon(t, "-c", conf)
 	d.waitFor("reverse "+socks.Addr()+" listens on", 2)
 	lines := remoteLinesOf(t, file)
