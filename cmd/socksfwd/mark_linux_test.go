@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -160,22 +161,32 @@ func TestRulesLookupMarked(t *testing.T) {
 
 // TestReloadNewUpstreamsWithoutMark: with transparent listeners and no
 // --mark, the capture rules leave socksfwd's own connections alone only by
-// the proxies' addresses; a reload that changes the upstreams says the
-// rules must be printed and loaded again.
+// the proxies' addresses; a reload that names a new proxy host says the
+// rules must be printed and loaded again. One that reorders them, drops
+// one, changes a port or adds one on loopback (never captured) leaves
+// those rules right, and says nothing.
 func TestReloadNewUpstreamsWithoutMark(t *testing.T) {
 	verifyNoLeaks(t)
-	a, b := newSocks(t), newSocks(t)
-	conf := func(server string) string {
-		return fmt.Sprintf("server = [%q]\ntransparent = [\"127.0.0.1:0\"]\n", server)
+	conf := func(servers ...string) string {
+		return fmt.Sprintf("server = [\"%s\"]\ntransparent = [\"127.0.0.1:0\"]\n", strings.Join(servers, `", "`))
 	}
-	path := writeConfig(t, conf(a.Addr()))
+	path := writeConfig(t, conf("192.0.2.1:1080", "192.0.2.2:1080"))
 	d := startDaemon(t, "-c", path)
 	d.waitFor("transparent", 1)
 	const warning = "the upstreams changed and there is no --mark"
-	d.reload(path, conf(a.Addr())+"idle-timeout = \"1m\"\n", 1)
-	d.reload(path, conf("socks5://user:pw@"+a.Addr()), 2) // the same address
-	d.reload(path, conf(b.Addr()), 3)
+	for i, servers := range [][]string{
+		{"192.0.2.1:1080", "192.0.2.2:1080", "127.0.0.1:1080"},
+		{"192.0.2.2:1080", "192.0.2.1:1080"},
+		{"192.0.2.2:1080"},
+		{"socks5://user:pw@192.0.2.2:1081"},
+	} {
+		d.reload(path, conf(servers...), i+1)
+	}
+	if n := len(d.linesWith(warning)); n != 0 {
+		t.Fatalf("%d warnings that the capture rules name the old upstreams, want none yet:\n%s", n, d.dump())
+	}
+	d.reload(path, conf("192.0.2.2:1081", "192.0.2.3:1080"), 5)
 	if n := len(d.linesWith(warning)); n != 1 {
-		t.Errorf("%d warnings that the capture rules name the old upstreams, want 1 (for the third reload):\n%s", n, d.dump())
+		t.Errorf("%d warnings that the capture rules name the old upstreams, want 1 (for the new host):\n%s", n, d.dump())
 	}
 }

@@ -561,14 +561,7 @@ func (s *supervisor) reloadNow() error {
 	s.observeUpstreams(p)
 	if !slices.Equal(old.cfg.Server, p.cfg.Server) {
 		changes = append(changes, fmt.Sprintf("upstreams [%s] → [%s]", redactedServers(old.cfg.Server), redactedServers(p.cfg.Server)))
-		proxyAddrs := func(ds []*socksclient.Dialer) []string {
-			var addrs []string
-			for _, d := range ds {
-				addrs = append(addrs, d.ProxyAddr)
-			}
-			return addrs
-		}
-		if p.cfg.Mark == 0 && !slices.Equal(proxyAddrs(old.dialers), proxyAddrs(p.dialers)) && slices.ContainsFunc(p.listens, func(l listenPlan) bool {
+		if p.cfg.Mark == 0 && newProxyHost(old.dialers, p.dialers) && slices.ContainsFunc(p.listens, func(l listenPlan) bool {
 			return l.kind == kindTransparent || l.kind == kindTransparentUDP
 		}) {
 			// Without a mark, the capture rules leave socksfwd's own
@@ -892,6 +885,34 @@ func sameCredentials(a, b []*socksclient.Dialer) bool {
 	return slices.EqualFunc(a, b, func(x, y *socksclient.Dialer) bool {
 		return x.Username == y.Username && x.Password == y.Password
 	})
+}
+
+// newProxyHost reports whether now names a proxy host that before did not,
+// other than loopback. The capture rules leave the proxies out by address
+// alone, loopback never captured, so a new order, a proxy dropped or a new
+// port leaves rules printed for before still right.
+func newProxyHost(before, now []*socksclient.Dialer) bool {
+	host := func(d *socksclient.Dialer) string {
+		h, _, err := net.SplitHostPort(d.ProxyAddr)
+		if err != nil {
+			return d.ProxyAddr
+		}
+		return h
+	}
+	known := make(map[string]bool, len(before))
+	for _, d := range before {
+		known[host(d)] = true
+	}
+	for _, d := range now {
+		h := host(d)
+		if a, err := netip.ParseAddr(h); (err == nil && a.IsLoopback()) || strings.EqualFold(h, "localhost") {
+			continue
+		}
+		if !known[h] {
+			return true
+		}
+	}
+	return false
 }
 
 func redactedServers(servers []string) string {
