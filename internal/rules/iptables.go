@@ -3,6 +3,7 @@ package rules
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 )
 
 // IPTables returns iptables-restore input for IPv4 and, when cfg.IPv6 is
@@ -45,12 +46,19 @@ func (c *iptChain) comment(format string, args ...any) {
 }
 
 // iptRemoval is what removes chains: the jumps to them, then their rules,
-// then the chains.
+// then the chains. The lines are shell commands (rules --remove | sh), so
+// each word of a jump is quoted where the shell would read it otherwise: an
+// interface name may hold "(" or ";".
 func iptRemoval(command string, chains []*iptChain) []string {
 	var lines []string
 	for _, c := range chains {
 		for _, h := range c.hooks {
-			lines = append(lines, fmt.Sprintf("%s -t %s -D%s", command, c.table, h[len("-A"):]))
+			words := strings.Fields(h)
+			words[0] = "-D"
+			for i, w := range words {
+				words[i] = shellWord(w)
+			}
+			lines = append(lines, fmt.Sprintf("%s -t %s %s", command, c.table, strings.Join(words, " ")))
 		}
 	}
 	for _, verb := range []string{"-F", "-X"} {
@@ -259,4 +267,13 @@ func (p *plan) iptChains(f family, k chainKind) []*iptChain {
 		action.rule("-p tcp -j REDIRECT --to-ports %d", p.TCPPort)
 	}
 	return chains
+}
+
+// shellWord is w as one word of a POSIX shell command line: as it is when
+// it holds nothing the shell reads specially, else in single quotes.
+func shellWord(w string) string {
+	if w != "" && strings.Trim(w, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.+@%=:,/") == "" {
+		return w
+	}
+	return "'" + strings.ReplaceAll(w, "'", `'\''`) + "'"
 }

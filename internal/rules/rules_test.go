@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -334,5 +335,36 @@ func TestRemovalAsHeaders(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestRemovalShellWords: the removal lines are shell commands (rules
+// --remove | sh), and an interface name may hold what the shell reads
+// otherwise; sh reads back the very words of each jump's removal, the
+// interface name one word.
+func TestRemovalShellWords(t *testing.T) {
+	names := []string{"br(1)", "x;id>&2", "a$b", "veth+", "eth0.100"}
+	cfg := Config{Mode: ModeTProxy, Scope: ScopeGateway, TCPPort: 12345, Proxies: addrs("192.0.2.10"), Interfaces: names}
+	lines, err := Removal(cfg, "iptables")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen []string
+	for _, l := range lines {
+		words, err := exec.Command("sh", "-c", "set -- "+l+`; for w in "$@"; do printf '%s\n' "$w"; done`).Output()
+		if err != nil {
+			t.Fatalf("sh reading %q: %v", l, err)
+		}
+		w := strings.Split(strings.TrimSuffix(string(words), "\n"), "\n")
+		if i := slices.Index(w, "-i"); i >= 0 {
+			if i+2 >= len(w) || w[i+2] != "-j" {
+				t.Errorf("%q: the interface is not one word: %q", l, w)
+				continue
+			}
+			seen = append(seen, w[i+1])
+		}
+	}
+	if !slices.Equal(seen, names) {
+		t.Errorf("sh reads the interfaces %q, want %q:\n%s", seen, names, strings.Join(lines, "\n"))
 	}
 }
