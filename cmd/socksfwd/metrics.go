@@ -605,20 +605,20 @@ func (s *supervisor) writeReverse(p *promWriter, units []liveUnit) {
 			p.sample("socksfwd_reverse_failures_total", float64(stats(u).Failures[c].Load()), "reverse", u.name, "cause", c.String())
 		}
 	}
-	p.family("socksfwd_reverse_listening", "gauge", "1 while the proxy listens for the next caller, 0 while it does not (a failure, a re-arm).")
-	for _, u := range units {
-		_, listening := u.svc.(*tunnel.Reverse).Remote()
-		p.sample("socksfwd_reverse_listening", b2f(listening), "reverse", u.name)
-	}
-	// The port is a value, not a label: with -R 0 a proxy such as Dante
-	// listens on a new port for every caller, a new series each time.
-	// Read once for both families, so that a scrape never pairs one
-	// BIND's address with another's port.
+	// Read once for the three families, so that a scrape never pairs one
+	// BIND's address with another's port, nor says listening=0 beside
+	// an address.
 	remotes := make([]socksclient.Addr, len(units))
 	listening := make([]bool, len(units))
 	for i, u := range units {
 		remotes[i], listening[i] = u.svc.(*tunnel.Reverse).Remote()
 	}
+	p.family("socksfwd_reverse_listening", "gauge", "1 while the proxy listens for the next caller, 0 while it does not (a failure, a re-arm).")
+	for i, u := range units {
+		p.sample("socksfwd_reverse_listening", b2f(listening[i]), "reverse", u.name)
+	}
+	// The port is a value, not a label: with -R 0 a proxy such as Dante
+	// listens on a new port for every caller, a new series each time.
 	p.family("socksfwd_reverse_remote_info", "gauge", "The address the proxy listens on (remote, without the port), 1 per -R while it does.")
 	for i, u := range units {
 		if listening[i] {
