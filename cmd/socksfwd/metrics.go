@@ -33,7 +33,11 @@ type telemetry struct {
 	// metrics package.
 	handshakes *metrics.Set
 	rearms     *metrics.Set
-	upstreams  sync.Map // proxy address → *upstreamTelemetry
+	// rearmMu orders a re-arm's observation against a reload's rename of
+	// its -R: an observation under the old name after the old series was
+	// unregistered would make it anew.
+	rearmMu   sync.Mutex
+	upstreams sync.Map // proxy address → *upstreamTelemetry
 
 	reloadsOK, reloadsFailed atomic.Int64
 	lastReloadOK             atomic.Bool

@@ -9,7 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/VictoriaMetrics/metrics"
 	"github.com/rs/zerolog"
 
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
@@ -58,7 +57,7 @@ func (s *supervisor) newReverse(l listenPlan) (*tunnel.Reverse, error) {
 		// and the mark, so that capture rules leave the dial alone.
 		TargetControl: sockmark.Chain(sockbuf.CapLoopbackTCP, s.plan.cfg.Mark.control()),
 		OnListen:      func(a socksclient.Addr) { s.remotes.set(key, a) },
-		OnRearm:       func(re tunnel.Rearm) { s.tel.rearmHistogram(rev.Name()).Update(re.Gap.Seconds()) },
+		OnRearm:       func(re tunnel.Rearm) { s.tel.observeRearm(rev, re.Gap) },
 		Logger:        s.log,
 	})
 	return rev, nil
@@ -69,9 +68,21 @@ func (s *supervisor) newReverse(l listenPlan) (*tunnel.Reverse, error) {
 // server that cannot bind a port in use adds the session's length.
 var rearmBuckets = []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
 
-// rearmHistogram is the re-arm gap histogram of the -R named name.
-func (t *telemetry) rearmHistogram(name string) *metrics.PrometheusHistogram {
-	return t.rearms.GetOrCreatePrometheusHistogramExt(rearmSeries(name), rearmBuckets)
+// observeRearm records a re-arm gap of rev under its name now.
+func (t *telemetry) observeRearm(rev *tunnel.Reverse, gap time.Duration) {
+	t.rearmMu.Lock()
+	defer t.rearmMu.Unlock()
+	t.rearms.GetOrCreatePrometheusHistogramExt(rearmSeries(rev.Name()), rearmBuckets).Update(gap.Seconds())
+}
+
+// renameReverse renames rev and takes its series under the old name away,
+// with no re-arm observed between the two.
+func (t *telemetry) renameReverse(rev *tunnel.Reverse, name string) {
+	t.rearmMu.Lock()
+	defer t.rearmMu.Unlock()
+	oldName := rev.Name()
+	rev.Rename(name)
+	t.rearms.UnregisterMetric(rearmSeries(oldName))
 }
 
 func rearmSeries(name string) string {

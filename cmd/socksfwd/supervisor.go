@@ -733,9 +733,7 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 		if name := reverseName(l); name != svc.Name() {
 			// Its metrics and log lines are labelled by the spec, which
 			// names the target: the old series go.
-			oldName := svc.Name()
-			svc.Rename(name) // first, or a re-arm between would make the old series anew
-			s.tel.rearms.UnregisterMetric(rearmSeries(oldName))
+			s.tel.renameReverse(svc, name)
 		}
 		if old.cfg.IdleTimeout != p.cfg.IdleTimeout {
 			svc.SetIdleTimeout(time.Duration(p.cfg.IdleTimeout))
