@@ -337,9 +337,11 @@ func (p *HTTPProxy) Close() error {
 	p.mu.Lock()
 	p.closed = true
 	p.cancel()
-	if tunnels := sessionsIn(p.tunnels); tunnels > 0 {
+	// Forwarded requests in flight count as sessions too (busy holds
+	// them and the tunnels, whose handlers have returned).
+	if n := p.busy; n > 0 {
 		p.cut.Store(true)
-		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Int("sessions", tunnels).Msg("cutting sessions still open")
+		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Int("sessions", n).Msg("cutting sessions still open")
 	}
 	abortAll(p.tunnels)
 	p.mu.Unlock()

@@ -743,6 +743,35 @@ func TestHTTPProxyShutdownDrains(t *testing.T) {
 	logs2.waitFor(t, "cutting sessions still open")
 }
 
+// TestHTTPProxyCloseCountsForwards: a forwarded request still waiting for
+// its answer when the drain runs out is one of the sessions Close says it
+// cuts (it counted tunnels only, and said nothing for forwards).
+func TestHTTPProxyCloseCountsForwards(t *testing.T) {
+	arrived, release := make(chan struct{}), make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		close(arrived)
+		<-release
+	}))
+	defer srv.Close()
+	defer close(release)
+	p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET "+srv.URL+"/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request never reached the target")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	p.Shutdown(ctx)
+	logs.waitFor(t, `"sessions":1,"message":"cutting sessions still open"`)
+}
+
 // FuzzHTTPProxyRequest: whatever request net/http parses from the
 // network, the proxy answers it (here without upstreams, so every target
 // fails) with a status and a one-line body, never a panic; with and
