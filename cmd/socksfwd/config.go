@@ -38,7 +38,7 @@ type Config struct {
 	HTTPAuth           string   `toml:"http-auth,omitempty" usage:"user:password that --http clients must send (Proxy-Authorization: Basic); without it none is asked"`
 	HTTPAuthFile       string   `toml:"http-auth-file,omitempty" usage:"file holding user:password for --http (one trailing newline stripped), which keeps it out of ps"`
 	NoProxy            string   `toml:"no-proxy,omitempty" usage:"targets --http reaches directly, not through the upstreams, in NO_PROXY syntax: example.com,.internal,10.0.0.0/8,[::1]:8080 (a name matches itself and names below it; * matches all)"`
-	Dynamic            string   `toml:"dynamic,omitempty" short:"D" usage:"SOCKS5 server [bind:]port for local programs (CONNECT, BIND, UDP ASSOCIATE), each request chained to the upstreams with names left for the proxy to resolve (bind defaults to 127.0.0.1)"`
+	Dynamic            string   `toml:"dynamic,omitempty" short:"D" usage:"SOCKS5 server [bind:]port for local programs (CONNECT, BIND, UDP ASSOCIATE), each request chained to the upstreams, names resolved as the upstream says (socks5h: by the proxy) (bind defaults to 127.0.0.1)"`
 	SOCKSAuth          string   `toml:"socks-auth,omitempty" usage:"user:password that -D clients must send (RFC 1929); without it none is asked"`
 	SOCKSAuthFile      string   `toml:"socks-auth-file,omitempty" usage:"file holding user:password for -D (one trailing newline stripped), which keeps it out of ps"`
 	DNS                string   `toml:"dns,omitempty" usage:"DNS listener [bind:]port, UDP and TCP (bind defaults to 127.0.0.1)"`
@@ -56,7 +56,7 @@ type Config struct {
 	Allow              []string `toml:"allow,omitempty" usage:"client sources (CIDR) allowed on listeners bound beyond loopback and on transparent ones, repeatable; others are refused (TCP reset, UDP dropped, DNS REFUSED, admin 403) and counted"`
 	LogLevel           string   `toml:"log-level" def:"info" usage:"debug | info | warn | error"`
 	LogFormat          string   `toml:"log-format" def:"auto" usage:"auto | json | console (auto: console on a terminal)"`
-	ShutdownTimeout    Duration `toml:"shutdown-timeout" def:"30s" usage:"drain time on SIGINT/SIGTERM"`
+	ShutdownTimeout    Duration `toml:"shutdown-timeout" def:"30s" usage:"drain time on SIGINT/SIGTERM, and of listeners a reload removes"`
 	Admin              string   `toml:"admin,omitempty" usage:"serve /metrics, /healthz and /readyz on [bind:]port (bind defaults to 127.0.0.1; off by default)"`
 	AdminPprof         bool     `toml:"admin-pprof,omitempty" usage:"also serve /debug/pprof/ on --admin"`
 	// For make bench: compare the relay's copy paths.
