@@ -958,6 +958,12 @@ func (p *HTTPProxy) forwardEnded(w *statusWriter, r *http.Request, info *forward
 	} else if err := info.readErr.Load(); err != nil {
 		re = &RelayError{Side: SideUpstream, Op: "read", Err: bareErr(*err)}
 	}
+	// A read of the answer cut by whenClientEnds (a client's reset while
+	// the answer came) is the client's doing, not the target's.
+	why := info.clientEnd.Load()
+	if re != nil && re.Side == SideUpstream && why != nil && errors.Is(re.Err, context.Canceled) {
+		re = &RelayError{Side: SideClient, Op: "read", Err: errors.New(*why)}
+	}
 	switch {
 	case re == nil:
 	case p.ctx.Err() != nil:
@@ -967,6 +973,8 @@ func (p *HTTPProxy) forwardEnded(w *statusWriter, r *http.Request, info *forward
 		cause := re.Cause()
 		if errors.Is(re.Err, io.ErrUnexpectedEOF) {
 			cause = "target closed early (truncated response)"
+		} else if why != nil && re.Side == SideClient {
+			cause = *why
 		}
 		ev = p.cfg.Logger.Info().Err(re).Str("side", re.Side.String()).Str("cause", cause)
 	}

@@ -743,6 +743,54 @@ func TestHTTPProxyShutdownDrains(t *testing.T) {
 	logs2.waitFor(t, "cutting sessions still open")
 }
 
+// TestHTTPProxyClientResetDuringAnswer: a client that resets once its
+// answer has begun (curl's Ctrl-C, a tab closed, bytes unread) while the
+// target is slow to send the rest is the client's doing: side client,
+// counted 4xx (the cancelled read of the answer was blamed on the target).
+func TestHTTPProxyClientResetDuringAnswer(t *testing.T) {
+	more := make(chan struct{})
+	defer close(more)
+	streaming := testnet.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+		<-more
+		io.WriteString(c, "world")
+	})
+	p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
+	c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	io.WriteString(c, "GET http://"+streaming.Addr().String()+"/ HTTP/1.1\r\nHost: x\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := make([]byte, 5)
+	if _, err := io.ReadFull(resp.Body, first); err != nil {
+		t.Fatal(err)
+	}
+	idle := p.whenIdle()
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
+	select {
+	case <-idle:
+	case <-time.After(10 * time.Second):
+		t.Fatal("forward still running 10 s after the client's reset")
+	}
+	st := &p.Stats().Responses[HTTPForward]
+	if st[4].Load() != 1 || st[5].Load() != 0 {
+		t.Errorf("client reset mid-answer counted 4xx %d, 5xx %d; want one 4xx", st[4].Load(), st[5].Load())
+	}
+	if !strings.Contains(logs.String(), `"side":"client","cause":"client reset"`) {
+		t.Errorf("no line naming the client's reset:\n%s", logs)
+	}
+}
+
 // TestHTTPProxyCloseCountsForwards: a forwarded request still waiting for
 // its answer when the drain runs out is one of the sessions Close says it
 // cuts (it counted tunnels only, and said nothing for forwards).
