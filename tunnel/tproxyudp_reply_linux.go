@@ -54,7 +54,8 @@ type replyPool struct {
 	control func(network, address string, c syscall.RawConn) error
 	stats   *TransparentUDPStats
 	// logs throttles the bind failures, a key per remote; causeLogs the
-	// lines with a key of their own (refused sources, each raw socket),
+	// lines with a key of their own (refused sources, this host's own
+	// addresses, each raw socket),
 	// which remotes filling logs' keys must not silence.
 	logs, causeLogs *logthrottle.Throttle
 	logger          zerolog.Logger
@@ -158,14 +159,22 @@ func (p *replyPool) get(remote netip.AddrPort) *replySocket {
 	s.lastUse.Store(now)
 	pc, err := p.bind(remote)
 	if err != nil {
+		// This host's own address is no failure (its replies go by the
+		// raw socket, counted there), and shares one log key: a proxy
+		// may name any number of its ports.
+		local := errors.Is(err, errLocalSource)
 		if ok {
 			s.backoff = prev.backoff
-		} else {
+		} else if !local {
 			p.stats.ReplyBindFailures.Add(1) // a remote once per failing streak
 		}
 		s.backoff = nextRetry(s.backoff)
 		s.retryAt = now + int64(s.backoff)
-		if logNow, suppressed := p.logs.Allow(remote.String()); logNow {
+		logs, key := p.logs, remote.String()
+		if local {
+			logs, key = p.causeLogs, "local source"
+		}
+		if logNow, suppressed := logs.Allow(key); logNow {
 			p.logger.Warn().Err(err).Str("listener", p.name).Str("remote", remote.String()).Func(logthrottle.Repeats("repeats", suppressed)).
 				Msg(replyBindFailedLine(err, hasCap(unix.CAP_NET_RAW)))
 		}

@@ -286,3 +286,26 @@ func TestReplyPoolRefusedSourcesKeepLogs(t *testing.T) {
 		t.Errorf("%d lines for the refused sources, want 1", n)
 	}
 }
+
+// TestReplyPoolLocalSourcesKeepLogs: replies from this host's own address
+// on a thousand ports (a proxy beside busy local peers, or naming them)
+// get one line for them all and count no bind failure; a real remote's
+// bind failure is still logged (they filled the per-remote throttle).
+func TestReplyPoolLocalSourcesKeepLogs(t *testing.T) {
+	p, stats, logs, _ := newUnbindableReplyPool(t)
+	client := netip.MustParseAddrPort("127.0.0.2:40000")
+	for port := range uint16(1100) {
+		p.send([]byte("x"), netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port+1), client)
+	}
+	if n := stats.ReplyBindFailures.Load(); n != 0 {
+		t.Errorf("%d bind failures for this host's own address, want none", n)
+	}
+	if n := strings.Count(logs.String(), "not bound: the remote's address is this host's own"); n != 1 {
+		t.Errorf("%d lines for this host's own address, want 1", n)
+	}
+	real := netip.MustParseAddrPort("203.0.113.9:5000")
+	p.send([]byte("x"), real, client)
+	if lines := logLines(logs, real.String()); len(lines) != 1 || stats.ReplyBindFailures.Load() != 1 {
+		t.Errorf("the real remote's bind failure: %d lines, %d counted; want 1, 1:\n%s", len(lines), stats.ReplyBindFailures.Load(), logs)
+	}
+}
