@@ -28,7 +28,7 @@ import (
 type Config struct {
 	Server             []string `toml:"server" short:"S" usage:"upstream SOCKS5 server, repeat for failover: host:port | socks5h://[user[:pass]@]host[:port] | socks5://… (resolves names locally)"`
 	ServerUser         string   `toml:"server-user,omitempty" usage:"username for servers whose URL has none"`
-	ServerPasswordFile string   `toml:"server-password-file,omitempty" usage:"file holding the password for them (one trailing newline stripped)"`
+	ServerPasswordFile string   `toml:"server-password-file,omitempty" usage:"file holding the password for them (one line; its newline stripped)"`
 	Local              []string `toml:"local" short:"L" usage:"forward [bind:]port:host:hostport[/udp], repeatable; bind defaults to 127.0.0.1"`
 	Remote             []string `toml:"remote,omitempty" short:"R" usage:"reverse forward through BIND, [bind_address:]port:host:hostport, repeatable: the proxy listens on port (0: it picks one) for a caller from bind_address (default any) and relays it to host:hostport here; one caller at a time"`
 	RemoteAddrFile     string   `toml:"remote-addr-file,omitempty" usage:"write where the proxy listens for each -R to this file, one line per -R (- while it listens nowhere), for scripts"`
@@ -36,11 +36,11 @@ type Config struct {
 	Mark               Mark     `toml:"mark,omitempty" usage:"SO_MARK on every socket toward an upstream, e.g. 0x438, so netfilter rules can leave socksfwd's own traffic alone (Linux, needs CAP_NET_ADMIN)"`
 	HTTP               string   `toml:"http,omitempty" usage:"HTTP proxy [bind:]port for programs that take HTTP_PROXY/HTTPS_PROXY: CONNECT and absolute-form requests, each through the upstreams (bind defaults to 127.0.0.1)"`
 	HTTPAuth           string   `toml:"http-auth,omitempty" usage:"user:password that --http clients must send (Proxy-Authorization: Basic); without it none is asked"`
-	HTTPAuthFile       string   `toml:"http-auth-file,omitempty" usage:"file holding user:password for --http (one trailing newline stripped), which keeps it out of ps"`
+	HTTPAuthFile       string   `toml:"http-auth-file,omitempty" usage:"file holding user:password for --http (one line; its newline stripped), which keeps it out of ps"`
 	NoProxy            string   `toml:"no-proxy,omitempty" usage:"targets --http reaches directly, not through the upstreams, in NO_PROXY syntax: example.com,.internal,10.0.0.0/8,[::1]:8080 (a name matches itself and names below it; * matches all)"`
 	Dynamic            string   `toml:"dynamic,omitempty" short:"D" usage:"SOCKS5 server [bind:]port for local programs (CONNECT, BIND, UDP ASSOCIATE), each request chained to the upstreams, names resolved as the upstream says (socks5h: by the proxy) (bind defaults to 127.0.0.1)"`
 	SOCKSAuth          string   `toml:"socks-auth,omitempty" usage:"user:password that -D clients must send (RFC 1929); without it none is asked"`
-	SOCKSAuthFile      string   `toml:"socks-auth-file,omitempty" usage:"file holding user:password for -D (one trailing newline stripped), which keeps it out of ps"`
+	SOCKSAuthFile      string   `toml:"socks-auth-file,omitempty" usage:"file holding user:password for -D (one line; its newline stripped), which keeps it out of ps"`
 	DNS                string   `toml:"dns,omitempty" usage:"DNS listener [bind:]port, UDP and TCP (bind defaults to 127.0.0.1)"`
 	DNSUpstream        []string `toml:"dns-upstream,omitempty" usage:"resolver behind the proxy, host[:port] (port 53), repeatable; required with --dns"`
 	DNSTransport       string   `toml:"dns-transport" def:"tcp" usage:"tcp (DNS over TCP through CONNECT, works everywhere) | udp (one UDP ASSOCIATE)"`

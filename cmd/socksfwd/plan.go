@@ -359,13 +359,19 @@ func doorCredentials(flag, value, file string, parse func(string) (*tunnel.Proxy
 }
 
 // readSecret reads the secret in the file an option (flag) names, with
-// one trailing newline stripped.
+// one trailing newline stripped. A line break left in it is refused: it is
+// a blank line an editor left at the end far more often than part of a
+// password, and would fail every login without a word.
 func readSecret(flag, file string) (string, error) {
 	b, err := readLimited(file, 64<<10)
 	if err != nil {
 		return "", usagef("%s: %w", flag, err)
 	}
-	return strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r"), nil
+	secret := strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	if strings.ContainsAny(secret, "\r\n") {
+		return "", usagef("%s: %s holds more than one line (a blank line at its end?); it must hold the one line", flag, file)
+	}
+	return secret, nil
 }
 
 // buildSOCKS plans the SOCKS5 door's listeners: one per address -D

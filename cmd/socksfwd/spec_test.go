@@ -174,6 +174,25 @@ func TestPasswordFileWithURLUser(t *testing.T) {
 	}
 }
 
+// TestSecretFileOfOneLine: a secret file with a line break left after its
+// one trailing newline is stripped (a blank last line) is refused at start
+// rather than failing every login; a CRLF line is one line.
+func TestSecretFileOfOneLine(t *testing.T) {
+	dir := t.TempDir()
+	for content, want := range map[string]string{"bob:pw\r\n": "bob:pw", "bob:pw": "bob:pw", "bob:pw\n\n": "", "bob:pw\r\n\r\n": "", "bob\npw": ""} {
+		f := filepath.Join(dir, "auth")
+		if err := os.WriteFile(f, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		got, err := readSecret("--socks-auth-file", f)
+		if want == "" && (err == nil || !strings.Contains(err.Error(), "more than one line")) {
+			t.Errorf("%q: %q, %v; want refused as more than one line", content, got, err)
+		} else if want != "" && (got != want || err != nil) {
+			t.Errorf("%q: %q, %v; want %q", content, got, err, want)
+		}
+	}
+}
+
 // TestPortInBareIPv6: an IPv6 address without brackets whose last group
 // reads as a port is warned of; ::1 and names are not.
 func TestPortInBareIPv6(t *testing.T) {
