@@ -46,8 +46,9 @@ type SOCKSDoorStats struct {
 	// UDP ASSOCIATE requests refused REP 2: the source their DST.ADDR
 	// names is not in --allow.
 	SourceNotAllowed atomic.Int64
-	// Handshakes that ended without a request, by cause.
-	Malformed, WrongCredentials, NoCommonMethod, HandshakeTimeout, ClientGone atomic.Int64
+	// Handshakes that ended without a request, by cause (SOCKS4: a
+	// SOCKS4 or 4a client, answered SOCKS4's rejection).
+	Malformed, SOCKS4, WrongCredentials, NoCommonMethod, HandshakeTimeout, ClientGone atomic.Int64
 	// UDP ASSOCIATE: datagrams and payload-and-header bytes each way.
 	DatagramsUp, DatagramsDown, UDPBytesUp, UDPBytesDown atomic.Int64
 	// Datagrams dropped: from another source than the client, with FRAG
@@ -158,7 +159,7 @@ func (d *SOCKSDoor) handshakeFailed(client net.Conn, err error) {
 		d.stats.HandshakeTimeout.Add(1)
 		cause = "handshake timeout"
 	case errors.As(err, &pe) && pe.SOCKS4():
-		d.stats.Malformed.Add(1)
+		d.stats.SOCKS4.Add(1)
 		cause = "SOCKS4 client"
 	case errors.As(err, &pe):
 		d.stats.Malformed.Add(1)

@@ -828,8 +828,8 @@ func TestDoorRefusesBadRequests(t *testing.T) {
 		t.Fatalf("a SOCKS4 client got % x (%v), want SOCKS4's \"request rejected\" and a hang-up", got, err)
 	}
 	logs.waitFor(t, `"cause":"SOCKS4 client"`)
-	if n := st.Malformed.Load(); n != 2 {
-		t.Fatalf("Malformed = %d, want 2", n)
+	if n, m := st.SOCKS4.Load(), st.Malformed.Load(); n != 1 || m != 1 {
+		t.Fatalf("SOCKS4 = %d, Malformed = %d; want 1, 1 (a SOCKS4 client is told from garbage)", n, m)
 	}
 	works()
 

@@ -368,8 +368,9 @@ func writeSOCKS(p *promWriter, units []liveUnit) {
 		{"socksfwd_socks_requests_refused_total", "Requests the SOCKS5 door refused itself, by reason (udp_source_not_allowed: a UDP ASSOCIATE naming a source --allow refuses, answered REP 2).", "reason", []labelled{
 			{"udp_source_not_allowed", func(s st) *atomic.Int64 { return &s.SourceNotAllowed }},
 		}},
-		{"socksfwd_socks_handshake_failures_total", "SOCKS5 door handshakes that failed before the session began, by reason (client_gone: the client hung up before its request or its reply).", "reason", []labelled{
+		{"socksfwd_socks_handshake_failures_total", "SOCKS5 door handshakes that failed before the session began, by reason (client_gone: the client hung up before its request or its reply; socks4: a SOCKS4 or 4a client, answered SOCKS4's rejection).", "reason", []labelled{
 			{"malformed", func(s st) *atomic.Int64 { return &s.Malformed }},
+			{"socks4", func(s st) *atomic.Int64 { return &s.SOCKS4 }},
 			{"wrong_credentials", func(s st) *atomic.Int64 { return &s.WrongCredentials }},
 			{"no_common_method", func(s st) *atomic.Int64 { return &s.NoCommonMethod }},
 			{"timeout", func(s st) *atomic.Int64 { return &s.HandshakeTimeout }},
