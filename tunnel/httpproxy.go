@@ -1271,8 +1271,11 @@ func (p *HTTPProxy) forwardFailed(w http.ResponseWriter, r *http.Request, err er
 		p.cfg.Logger.Debug().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String()).
 			Err(err).Str("cause", "cut at shutdown").Msg("request ended")
 	} else {
-		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String()).
-			Str("method", r.Method).Err(err).Msg("request failed")
+		ev := p.cfg.Logger.Info().Str("listener", p.cfg.Name).Str("client", r.RemoteAddr).Str("target", info.target.String())
+		if up := info.upstream.Load(); up != nil {
+			ev = ev.Str("upstream", *up)
+		}
+		ev.Str("method", r.Method).Int("status", code).Err(err).Msg("request failed")
 	}
 	answer(w, code, fmt.Sprintf("%s: %v", info.target, err))
 }

@@ -1085,6 +1085,8 @@ func TestHTTPProxyForwardStalls(t *testing.T) {
 	if resp.StatusCode != http.StatusGatewayTimeout {
 		t.Errorf("a target that never answers: %s, want 504", resp.Status)
 	}
+	// Its line names the upstream and the status, as the other lines do.
+	logs.waitFor(t, `"upstream":"`+socks.Addr()+`","method":"GET","status":504`)
 
 	c, err := net.DialTimeout("tcp", u.Host, 5*time.Second)
 	if err != nil {
