@@ -456,6 +456,12 @@ func (p *HTTPProxy) whenIdle() <-chan struct{} {
 
 // admittingListener closes at once, with a reset, connections that
 // --allow or --max-sessions refuse; the server sees only the others.
+// tooManySessionsAnswer is what a connection beyond --max-sessions gets.
+var tooManySessionsAnswer = func() string {
+	body := "socksfwd: too many sessions (--max-sessions); try again later\n"
+	return fmt.Sprintf("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+}()
+
 type admittingListener struct {
 	net.Listener
 	p *HTTPProxy
@@ -469,7 +475,18 @@ func (l admittingListener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		if err := p.admit.Load().check(c, p.stats.Active.Load()); err != nil {
-			rejectConn(p.cfg.Logger, p.refusals, &p.stats.TCPStats, p.cfg.Name, c, err)
+			if !errors.Is(err, ErrTooManySessions) {
+				rejectConn(p.cfg.Logger, p.refusals, &p.stats.TCPStats, p.cfg.Name, c, err)
+				continue
+			}
+			// A client told 503 knows the proxy is busy (privoxy and
+			// squid say so); a reset reads as a broken proxy. Written
+			// at once, no request read: a fresh socket's buffer takes
+			// it, and no goroutine is spent on a connection refused.
+			countRejection(p.cfg.Logger, p.refusals, &p.stats.TCPStats, p.cfg.Name, c, err)
+			c.SetWriteDeadline(time.Now().Add(time.Second))
+			io.WriteString(c, tooManySessionsAnswer)
+			c.Close()
 			continue
 		}
 		// Counted here, so that the next accept sees it against

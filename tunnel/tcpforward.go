@@ -218,6 +218,13 @@ func (f *TCPForward) reject(c net.Conn, err error) {
 // rejectConn closes a connection admission refused on listener name, with
 // a reset; it counts it in stats and logs one line per cause and period.
 func rejectConn(log zerolog.Logger, refusals *logthrottle.Throttle, stats *TCPStats, name string, c net.Conn, err error) {
+	countRejection(log, refusals, stats, name, c, err)
+	abort(c)
+}
+
+// countRejection counts and logs (once a period per cause) a connection
+// refused by the admission check.
+func countRejection(log zerolog.Logger, refusals *logthrottle.Throttle, stats *TCPStats, name string, c net.Conn, err error) {
 	if errors.Is(err, ErrNotAllowed) {
 		stats.RejectedNotAllowed.Add(1)
 	} else {
@@ -227,7 +234,6 @@ func rejectConn(log zerolog.Logger, refusals *logthrottle.Throttle, stats *TCPSt
 		log.Warn().Str("listener", name).Str("client", c.RemoteAddr().String()).
 			Func(logthrottle.Repeats("rejected_since_last_line", suppressed)).Err(err).Msg("connection rejected")
 	}
-	abort(c)
 }
 
 func (f *TCPForward) isStopping() bool {
