@@ -442,12 +442,11 @@ func (p *plan) header(t *text, title string, fams []family) {
 		t.line("#        socksfwd %s", p.listenFlags("--dns", p.DNSPort, "", false))
 	}
 	if p.tproxy() {
-		t.line("# socksfwd needs CAP_NET_ADMIN for TPROXY (IP_TRANSPARENT). Without it:")
-		if p.TCPPort != 0 {
-			t.line("#   TCP: the start line says \"REDIRECT only\" and what these rules send there is dropped.")
-		}
+		t.line("# socksfwd needs CAP_NET_ADMIN for TPROXY (IP_TRANSPARENT; CAP_NET_RAW also does): without it,")
 		if p.UDPPort != 0 {
-			t.line("#   UDP: the listener does not start.")
+			t.line("# the /udp listener cannot open and socksfwd does not start.")
+		} else {
+			t.line("# its start line says \"REDIRECT only\" and what these rules send it is dropped.")
 		}
 		t.line("# TPROXY needs policy routing too; run once as root (it does not survive a reboot):")
 		for _, r := range p.routes(fams) {
