@@ -751,8 +751,9 @@ func (p *HTTPProxy) dialFailed(w http.ResponseWriter, r *http.Request, target so
 	if errors.As(err, &re) {
 		ev = ev.Str("rep", re.Code.String())
 	}
-	ev.Err(err).Dur("dur_ms", time.Since(start)).Msg("request failed")
-	answer(w, dialStatus(err), fmt.Sprintf("%s: %v", target, err))
+	code := dialStatus(err)
+	ev.Int("status", code).Err(err).Dur("dur_ms", time.Since(start)).Msg("request failed")
+	answer(w, code, fmt.Sprintf("%s: %v", target, err))
 }
 
 // connect serves CONNECT host:port: a SOCKS5 CONNECT to the target (a
