@@ -163,6 +163,10 @@ type HTTPProxy struct {
 	idleNow chan struct{}     // closed when busy drops to 0
 	tunnels map[net.Conn]bool // true for a tunnel's client conn
 	cut     atomic.Bool       // Close cut live tunnels
+	// lingering: refused connections read until their client is done
+	// (lingerClose); lingers waits for them.
+	lingering map[net.Conn]struct{}
+	lingers   sync.WaitGroup
 
 	stats HTTPStats
 }
@@ -171,7 +175,7 @@ type HTTPProxy struct {
 // has bound (so a bind failure surfaces before anything starts).
 func NewHTTPProxy(cfg HTTPProxyConfig, ln net.Listener) *HTTPProxy {
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &HTTPProxy{cfg: cfg, ln: ln, ctx: ctx, cancel: cancel, tunnels: make(map[net.Conn]bool)}
+	p := &HTTPProxy{cfg: cfg, ln: ln, ctx: ctx, cancel: cancel, tunnels: make(map[net.Conn]bool), lingering: make(map[net.Conn]struct{})}
 	p.refusals = logthrottle.New(refusalLogEvery)
 	p.halfCloseWait = cmp.Or(cfg.halfCloseWait, defaultHalfCloseWait)
 	p.idle.Store(int64(cfg.IdleTimeout))
@@ -344,10 +348,14 @@ func (p *HTTPProxy) Close() error {
 		p.cfg.Logger.Info().Str("listener", p.cfg.Name).Int("sessions", n).Msg("cutting sessions still open")
 	}
 	abortAll(p.tunnels)
+	for c := range p.lingering {
+		c.Close()
+	}
 	p.mu.Unlock()
 	p.srv.Close()
 	p.ln.Close() // in case Serve never ran
 	<-p.whenIdle()
+	p.lingers.Wait()
 	p.transport.Load().CloseIdleConnections()
 	p.mu.Lock()
 	for _, t := range p.retired {
@@ -454,14 +462,24 @@ func (p *HTTPProxy) whenIdle() <-chan struct{} {
 	return p.idleNow
 }
 
-// admittingListener closes at once, with a reset, connections that
-// --allow or --max-sessions refuse; the server sees only the others.
 // tooManySessionsAnswer is what a connection beyond --max-sessions gets.
 var tooManySessionsAnswer = func() string {
 	body := "socksfwd: too many sessions (--max-sessions); try again later\n"
 	return fmt.Sprintf("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
 }()
 
+// A refused connection's linger: how long, how much of what the client
+// still sends is read and dropped, and how many linger at once (beyond,
+// one is closed at once, a reset if its request was unread).
+const (
+	lingerTime  = 500 * time.Millisecond
+	lingerBytes = 256 << 10
+	maxLingers  = 64
+)
+
+// admittingListener closes at once, with a reset, connections that
+// --allow refuses, and answers 503 to those beyond --max-sessions; the
+// server sees only the others.
 type admittingListener struct {
 	net.Listener
 	p *HTTPProxy
@@ -481,12 +499,11 @@ func (l admittingListener) Accept() (net.Conn, error) {
 			}
 			// A client told 503 knows the proxy is busy (privoxy and
 			// squid say so); a reset reads as a broken proxy. Written
-			// at once, no request read: a fresh socket's buffer takes
-			// it, and no goroutine is spent on a connection refused.
+			// at once: a fresh socket's buffer takes it.
 			countRejection(p.cfg.Logger, p.refusals, &p.stats.TCPStats, p.cfg.Name, c, err)
 			c.SetWriteDeadline(time.Now().Add(time.Second))
 			io.WriteString(c, tooManySessionsAnswer)
-			c.Close()
+			p.lingerClose(c)
 			continue
 		}
 		// Counted here, so that the next accept sees it against
@@ -495,6 +512,35 @@ func (l admittingListener) Accept() (net.Conn, error) {
 		p.stats.Active.Add(1)
 		return &clientConn{Conn: c, p: p}, nil
 	}
+}
+
+// lingerClose ends a connection whose answer was written without reading
+// its request: FIN, then what the client still sends is read and dropped
+// for a while, as net/http does, since closing with the request unread
+// would reset the connection, which may destroy the answer before the
+// client reads it. Close cuts lingering connections and waits for them.
+func (p *HTTPProxy) lingerClose(c net.Conn) {
+	p.mu.Lock()
+	if p.closed || len(p.lingering) >= maxLingers {
+		p.mu.Unlock()
+		c.Close()
+		return
+	}
+	p.lingering[c] = struct{}{}
+	p.lingers.Add(1)
+	p.mu.Unlock()
+	go func() {
+		defer p.lingers.Done()
+		if cw, ok := c.(closeWriter); ok {
+			cw.CloseWrite()
+		}
+		c.SetReadDeadline(time.Now().Add(lingerTime))
+		io.Copy(io.Discard, io.LimitReader(c, lingerBytes))
+		p.mu.Lock()
+		delete(p.lingering, c)
+		p.mu.Unlock()
+		c.Close()
+	}()
 }
 
 // clientConn is an accepted connection, counted as active until it is

@@ -661,16 +661,21 @@ func TestHTTPProxyAdmission(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatal(resp.Status)
 	}
-	resp, br, c := proxyExchange(t, proxy.Host, "CONNECT "+echo+" HTTP/1.1\r\n\r\n")
-	if b := body(t, resp); resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(b, "--max-sessions") {
-		t.Errorf("a connection beyond --max-sessions got %s %q, want 503 naming --max-sessions", resp.Status, b)
+	// Each request arrives before the 503 is written, often: still an
+	// orderly end (FIN) after the answer, not a reset that could destroy
+	// it before the client reads it.
+	for range 10 {
+		resp, br, c := proxyExchange(t, proxy.Host, "GET http://"+echo+"/ HTTP/1.1\r\nHost: x\r\n\r\n")
+		if b := body(t, resp); resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(b, "--max-sessions") {
+			t.Errorf("a connection beyond --max-sessions got %s %q, want 503 naming --max-sessions", resp.Status, b)
+		}
+		if _, err := br.ReadByte(); err != io.EOF {
+			t.Errorf("after the 503: %v, want EOF", err)
+		}
+		c.Close()
 	}
-	if _, err := br.ReadByte(); err == nil {
-		t.Error("the connection beyond --max-sessions stays open after its 503")
-	}
-	c.Close()
 	logs.waitFor(t, `"message":"connection rejected"`)
-	if n := p.Stats().RejectedFull.Load(); n != 1 {
+	if n := p.Stats().RejectedFull.Load(); n != 10 {
 		t.Errorf("RejectedFull = %d", n)
 	}
 	p.SetAdmission(0, nil)
