@@ -243,15 +243,7 @@ func measure(ways []string, run func(way string, m *meter) float64) []result {
 	}
 	samples := make(map[string][]sample)
 	for round := range rounds {
-		// Each round starts one way further along, and every other round
-		// runs backwards, so that a way neither keeps its place nor always
-		// follows the same other one: the run after a heavy one pays for
-		// it (a warm or a cooling CPU, sockets in TIME_WAIT).
-		for i := range ways {
-			k := (i + round) % len(ways)
-			if round%2 == 1 {
-				k = len(ways) - 1 - k
-			}
+		for _, k := range roundOrder(len(ways), round) {
 			w := ways[k]
 			var m meter
 			v := run(w, &m)
@@ -478,21 +470,44 @@ func (t tcpBench) rows(cpus cpuSplit, ways, connWays []string) (peertest.Peer, s
 // pooled, through user-space buffers.
 var relayModes = []string{"splice", "iocopy", "pooled"}
 
+// roundOrder is the order in which round runs n ways: every other round
+// backwards, and each pair of rounds starting one way further along, so
+// that a way neither keeps its place nor always follows the same other
+// one: the run after a heavy one pays for it (a warm or a cooling CPU,
+// sockets in TIME_WAIT). (Rotating by one every round and reversing every
+// other cancelled out: two ways ran in one order in every round, and of
+// four, two never ran first.)
+func roundOrder(n, round int) []int {
+	order := make([]int, n)
+	for i := range order {
+		if round%2 == 0 {
+			order[i] = (i + round/2) % n
+		} else {
+			order[i] = (n - 1 - i + round/2) % n
+		}
+	}
+	return order
+}
+
 // benchRelayCPU: socksfwd's CPU per gigabyte relayed in each copy mode, the
 // robust measure on a noisy machine and what the default was chosen by.
 // The modes run interleaved, and the verdict is the median of the
 // per-round ratios of splice to iocopy: the pooled pipes must cost no more
 // than 10 % over Go's splice.
 func benchRelayCPU(h *harness, iperf, target, bin, proxy string) {
-	const gigabytes, cpuRounds = 4, 3
+	// iperf3 reads -n 4G as 4 GiB; the figures are per 10^9 bytes, as
+	// every other row's.
+	const gibibytes, cpuRounds = 4, 3
+	const gigabytes = gibibytes * (1 << 30) / 1e9
 	perGB := make(map[string][]float64)
-	for range cpuRounds {
-		for _, mode := range relayModes {
+	for round := range cpuRounds {
+		for _, k := range roundOrder(len(relayModes), round) {
+			mode := relayModes[k]
 			fwd, p := h.socksfwd(bin, target, proxy, "--relay-copy", mode)
 			before := cpuMillis(h, p.Pid())
 			host, port, _ := net.SplitHostPort(fwd)
-			if out, err := exec.Command(iperf, "-c", host, "-p", port, "-n", strconv.Itoa(gigabytes)+"G", "-J").Output(); err != nil {
-				h.Fatalf("iperf3 -n %dG: %v\n%s", gigabytes, err, out)
+			if out, err := exec.Command(iperf, "-c", host, "-p", port, "-n", strconv.Itoa(gibibytes)+"G", "-J").Output(); err != nil {
+				h.Fatalf("iperf3 -n %dG: %v\n%s", gibibytes, err, out)
 			}
 			perGB[mode] = append(perGB[mode], float64(cpuMillis(h, p.Pid())-before)/gigabytes)
 			p.Stop()
@@ -612,9 +627,17 @@ func connRate(h *harness, prefix []string, connrate, addr string, secs int, extr
 	if err != nil {
 		h.Fatalf("%s: %v", strings.Join(argv, " "), err)
 	}
-	n, err := strconv.Atoi(strings.TrimSpace(string(out)))
-	if err != nil {
+	var n, failed int
+	if _, err := fmt.Sscan(string(out), &n, &failed); err != nil {
 		h.Fatalf("connrate printed %q", out)
+	}
+	// A run where nothing got through is no figure (a ratio to it would
+	// be dropped in silence); a few failures are said beside the row.
+	if n == 0 {
+		h.Fatalf("%s: no connection completed (%d failed)", strings.Join(argv, " "), failed)
+	}
+	if failed > 0 {
+		fmt.Printf("  (connrate through %s: %d of %d connections failed)\n", addr, failed, n+failed)
 	}
 	return float64(n) / float64(secs)
 }

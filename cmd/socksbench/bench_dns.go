@@ -119,7 +119,7 @@ func benchDNSClosing(h *harness, dnsperf, direct, viaTCP, names string, secs int
 		}
 		verdict := ""
 		if r.way != "direct" {
-			verdict = barText(servfail == 0, "0 SERVFAIL")
+			verdict = barText(servfail == 0 && lost == 0, "0 SERVFAIL, 0 lost")
 		}
 		fmt.Printf("%-26s %-12s %8.0f q/s  SERVFAIL %d of %d answered  lost %d%s%s\n",
 			"dns-closing-resolver-200", r.way, qps, servfail, completed, lost, dnsPerQuery(spent, r.way, float64(completed), lost), verdict)

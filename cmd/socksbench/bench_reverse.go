@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/netip"
 	"slices"
@@ -380,7 +381,9 @@ func quantile(d []time.Duration, q float64) time.Duration {
 	}
 	s := slices.Clone(d)
 	slices.Sort(s)
-	return s[min(int(q*float64(len(s))), len(s)-1)]
+	// Nearest rank: the smallest value with at least q of them at or
+	// below it.
+	return s[max(int(math.Ceil(q*float64(len(s))))-1, 0)]
 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.3f ms", float64(d.Microseconds())/1000) }

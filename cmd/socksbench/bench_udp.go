@@ -257,11 +257,17 @@ func udpEchoRTTs(h *harness, c net.Conn, n int) []time.Duration {
 	msg, buf := make([]byte, 64), make([]byte, 512)
 	rtts := make([]time.Duration, 0, n)
 	for i := 0; len(rtts) < n && i < 2*n; i++ {
-		msg[0] = byte(i)
+		msg[0], msg[1] = byte(i), byte(i>>8)
 		start := time.Now()
 		c.Write(msg)
 		c.SetReadDeadline(time.Now().Add(time.Second))
-		if _, err := c.Read(buf); err != nil {
+		// A late echo of an earlier probe is skipped, not timed as this
+		// one's.
+		var err error
+		for n := 0; err == nil && (n < 2 || buf[0] != msg[0] || buf[1] != msg[1]); {
+			n, err = c.Read(buf)
+		}
+		if err != nil {
 			continue // lost; the first ones while the association is built
 		}
 		if i >= 10 { // warm-up
@@ -275,8 +281,7 @@ func udpEchoRTTs(h *harness, c net.Conn, n int) []time.Duration {
 }
 
 func percentiles(rtts []time.Duration) (p50, p99 time.Duration) {
-	sort.Slice(rtts, func(i, j int) bool { return rtts[i] < rtts[j] })
-	return rtts[len(rtts)/2], rtts[len(rtts)*99/100]
+	return quantile(rtts, 0.50), quantile(rtts, 0.99)
 }
 
 // cpuSnapshot holds CPU ticks per process at a moment, to name the busiest
@@ -326,11 +331,20 @@ func startCPU() *cpuSnapshot {
 
 func readTicks() map[int]procTicks {
 	out := map[int]procTicks{}
+	// Only processes in the bench's own network namespace: a socksfwd,
+	// gost or Dante serving the host would be counted as the way's
+	// forwarder (counted by command name).
+	ownNet, _ := os.Readlink("/proc/self/ns/net")
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
+		}
+		if ownNet != "" {
+			if ns, err := os.Readlink("/proc/" + e.Name() + "/ns/net"); err != nil || ns != ownNet {
+				continue
+			}
 		}
 		if t, ok := readProcStat(pid); ok {
 			out[pid] = t

@@ -2,8 +2,8 @@
  * from a libc client so that proxychains4 (an LD_PRELOAD connect hook) can
  * carry it too. Usage: connrate HOST PORT SECONDS THREADS [TARGET]. With
  * TARGET (host:port), HOST:PORT is an HTTP proxy: each connection first
- * sends CONNECT TARGET and must get 200. Prints the total count of
- * completed connections. Built by socksbench at bench time. */
+ * sends CONNECT TARGET and must get 200. Prints the count of completed
+ * connections, then of failed ones. Built by socksbench at bench time. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -16,7 +16,7 @@
 
 static struct sockaddr_in target;
 static double seconds;
-static long counts[64];
+static long counts[64], failures[64];
 static char connect_req[600]; /* the CONNECT request, when TARGET is given */
 static int connect_len;
 
@@ -48,11 +48,16 @@ static void *worker(void *arg) {
 	char b = 'x';
 	while (now() < end) {
 		int fd = socket(AF_INET, SOCK_STREAM, 0);
-		if (fd < 0) continue;
+		if (fd < 0) {
+			failures[id]++;
+			continue;
+		}
 		if (connect(fd, (struct sockaddr *)&target, sizeof target) == 0 &&
 		    (connect_len == 0 || http_connect(fd)) &&
 		    write(fd, &b, 1) == 1 && read(fd, &b, 1) == 1)
 			counts[id]++;
+		else
+			failures[id]++;
 		close(fd);
 	}
 	return NULL;
@@ -73,11 +78,12 @@ int main(int argc, char **argv) {
 	if (n < 1 || n > 64) n = 1;
 	pthread_t th[64];
 	for (long i = 0; i < n; i++) pthread_create(&th[i], NULL, worker, (void *)i);
-	long total = 0;
+	long total = 0, failed = 0;
 	for (int i = 0; i < n; i++) {
 		pthread_join(th[i], NULL);
 		total += counts[i];
+		failed += failures[i];
 	}
-	printf("%ld\n", total);
+	printf("%ld %ld\n", total, failed);
 	return 0;
 }
