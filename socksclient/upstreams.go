@@ -161,6 +161,10 @@ type Attempt struct {
 	// *ReplyError for the proxy's refusal, context.Canceled for a try cut
 	// short because another upstream won the race, and so on.
 	Err error
+	// WaitedOnTarget: the try failed because the caller gave up (its
+	// context ended) while the proxy, having answered the greeting, was
+	// still waiting on the target: no fault of the proxy's.
+	WaitedOnTarget bool
 }
 
 // OnAttempt sets f to be told the result of every try of every dial (for
@@ -559,7 +563,9 @@ func (h *hedgedDial[T]) runAttempt(i int, d *Dialer, progress *handshakeProgress
 	start := time.Now()
 	v, err := h.op(withProgress(h.actx, progress), d)
 	if f := h.u.onTry.Load(); f != nil {
-		h.u.reportAttempt(*f, h.attempts[i].up, Attempt{Proxy: d.ProxyAddr, Took: time.Since(start), Err: err})
+		a := Attempt{Proxy: d.ProxyAddr, Took: time.Since(start), Err: err}
+		a.WaitedOnTarget = err != nil && h.ctx.Err() != nil && progress.greeted
+		h.u.reportAttempt(*f, h.attempts[i].up, a)
 	}
 	h.results <- attemptResult[T]{i: i, v: v, err: err}
 }

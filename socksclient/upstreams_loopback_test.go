@@ -182,3 +182,44 @@ func TestUpstreamsTargetRefusedLoopback(t *testing.T) {
 		t.Fatalf("second proxy asked %d times, state changes %+v", good.Handshakes(), log.list())
 	}
 }
+
+// TestUpstreamsAttemptWaitedOnTarget: a try cut by the caller's deadline
+// while the proxy, greeted, waits on the target (a DNS query's deadline
+// against a dead target) is reported WaitedOnTarget, which the metrics
+// do not count against the proxy; one whose proxy never answered the
+// greeting is not.
+func TestUpstreamsAttemptWaitedOnTarget(t *testing.T) {
+	target, err := socksclient.ParseAddr("192.0.2.1:53")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		fault sockstest.Fault
+		want  bool
+	}{{sockstest.FaultHangAfterRequest, true}, {sockstest.FaultHangAfterGreeting, false}} {
+		srv, err := sockstest.NewServer(sockstest.Config{Fault: c.fault})
+		if err != nil {
+			t.Fatal(err)
+		}
+		u := socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: 10 * time.Second})
+		var mu sync.Mutex
+		var got []socksclient.Attempt
+		u.OnAttempt(func(a socksclient.Attempt) {
+			mu.Lock()
+			got = append(got, a)
+			mu.Unlock()
+		})
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		if conn, _, err := u.DialAddr(ctx, target); err == nil {
+			conn.Close()
+			t.Fatalf("fault %d: the dial succeeded", c.fault)
+		}
+		cancel()
+		srv.Close()
+		mu.Lock()
+		if len(got) != 1 || got[0].Err == nil || got[0].WaitedOnTarget != c.want {
+			t.Errorf("fault %d: attempts %+v, want one failed with WaitedOnTarget %v", c.fault, got, c.want)
+		}
+		mu.Unlock()
+	}
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -19,6 +21,7 @@ import (
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/testnet"
+	"github.com/socksfwd/socksfwd/socksclient"
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
 )
 
@@ -461,5 +464,26 @@ func TestMaxSessions(t *testing.T) {
 	d.waitFor("session ended", 1)
 	if err := echoOnce(fwd, "room again"); err != nil {
 		t.Errorf("after the held session ended: %v", err)
+	}
+}
+
+// TestObserveSkipsTriesCutOffTheProxy: a try cut short by another
+// upstream's win, or by the caller while the proxy waited on the target,
+// is no handshake failure; one the caller's deadline caught before the
+// proxy answered is (a timeout).
+func TestObserveSkipsTriesCutOffTheProxy(t *testing.T) {
+	tel := newTelemetry()
+	tel.observe(socksclient.Attempt{Proxy: "p:1080", Err: context.Canceled})
+	tel.observe(socksclient.Attempt{Proxy: "p:1080", Err: context.DeadlineExceeded, WaitedOnTarget: true})
+	count := func() (n int64) {
+		tel.upstream("p:1080").failures.Range(func(_, v any) bool { n += v.(*atomic.Int64).Load(); return true })
+		return n
+	}
+	if n := count(); n != 0 {
+		t.Fatalf("%d failures counted for tries cut off the proxy, want none", n)
+	}
+	tel.observe(socksclient.Attempt{Proxy: "p:1080", Err: context.DeadlineExceeded})
+	if n := count(); n != 1 {
+		t.Errorf("%d failures for a proxy that did not answer in the caller's time, want 1", n)
 	}
 }

@@ -90,7 +90,10 @@ func (t *telemetry) keepUpstreams(addrs []string) {
 // OnAttempt): its latency when it worked, its cause when it failed. A try
 // cut short because another upstream won says nothing of either.
 func (t *telemetry) observe(a socksclient.Attempt) {
-	if errors.Is(a.Err, context.Canceled) {
+	// Cut short: by another upstream winning the race, or by the caller
+	// giving up while the proxy waited on its target (a DNS query's
+	// deadline, say): no handshake failure of the proxy's.
+	if errors.Is(a.Err, context.Canceled) || a.WaitedOnTarget {
 		return
 	}
 	u := t.upstream(a.Proxy)
