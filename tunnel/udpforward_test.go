@@ -30,6 +30,8 @@ type udpFwdOpts struct {
 	target      netip.AddrPort // default: a UDP echo
 	// proxyDial, if set, connects to the proxy (socksclient.Dialer.ProxyDial).
 	proxyDial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// upstreams is how many upstreams lead to the proxy (default 1).
+	upstreams int
 }
 
 // startUDPForward runs a UDPForward to the target (a UDP echo unless o
@@ -53,9 +55,13 @@ func startUDPForward(t *testing.T, cfg sockstest.Config, o udpFwdOpts) (*UDPForw
 		t.Skipf("cannot listen on %s: %v", o.listen, err)
 	}
 	logs := &logBuf{}
+	dialers := make([]*socksclient.Dialer, max(o.upstreams, 1))
+	for i := range dialers {
+		dialers[i] = &socksclient.Dialer{ProxyAddr: proxy.Addr(), HandshakeTimeout: 5 * time.Second, ProxyDial: o.proxyDial}
+	}
 	f := NewUDPForward(UDPForwardConfig{
 		Name: pc.LocalAddr().String(), Target: socksclient.AddrFromAddrPort(o.target),
-		Upstreams:   socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: proxy.Addr(), HandshakeTimeout: 5 * time.Second, ProxyDial: o.proxyDial}),
+		Upstreams:   socksclient.NewUpstreams(dialers...),
 		IdleTimeout: o.idle, MaxSessions: o.maxSessions,
 		Logger: zerolog.New(logs).Level(zerolog.DebugLevel),
 	}, pc)
@@ -581,9 +587,10 @@ func TestUDPForwardReadErrorsBackOff(t *testing.T) {
 	})
 }
 
-// With the upstream down, many sessions failing to associate make one log
-// line for the forward, not one per session and retry; the line when it
-// works again counts the failures in between.
+// With the upstreams down, many sessions failing to associate make one
+// log line for the forward, not one per session and retry; the line when
+// it works again counts the failures in between. With every upstream
+// failed no upstream is named (the error names them all), not an empty one.
 func TestUDPForwardAssociateFailuresLogOnce(t *testing.T) {
 	var down atomic.Bool
 	down.Store(true)
@@ -594,7 +601,7 @@ func TestUDPForwardAssociateFailuresLogOnce(t *testing.T) {
 		var d net.Dialer
 		return d.DialContext(ctx, network, addr)
 	}
-	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{idle: 50 * time.Millisecond, proxyDial: dial})
+	f, fwd, logs := startUDPForward(t, sockstest.Config{}, udpFwdOpts{idle: 50 * time.Millisecond, proxyDial: dial, upstreams: 2})
 	const clients = 5
 	for range clients {
 		if _, err := udpClient(t, "udp4").WriteToUDP([]byte("x"), fwd); err != nil {
@@ -608,6 +615,9 @@ func TestUDPForwardAssociateFailuresLogOnce(t *testing.T) {
 	}
 	if n := strings.Count(logs.String(), "UDP associate fail"); n != 1 {
 		t.Fatalf("%d lines for %d failed associations, want 1:\n%s", n, clients, logs)
+	}
+	if strings.Contains(logs.String(), `"upstream":""`) {
+		t.Errorf("a line names an empty upstream:\n%s", logs)
 	}
 	down.Store(false)
 	// The next session must outlive its association and echo, however

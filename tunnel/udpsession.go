@@ -645,7 +645,10 @@ func (s *udpSession) serve() {
 		if s.fixed {
 			ev = ev.Str("target", s.target.String())
 		}
-		ev = ev.Str("upstream", s.upstream).Int64("datagrams_up", s.up.Load()).Int64("datagrams_down", s.down.Load())
+		if s.upstream != "" { // none ever associated
+			ev = ev.Str("upstream", s.upstream)
+		}
+		ev = ev.Int64("datagrams_up", s.up.Load()).Int64("datagrams_down", s.down.Load())
 		if s.relayWaits > 0 {
 			ev = ev.Int64("relay_waits", s.relayWaits).Int64("relay_stalls", s.relayStalls)
 		}
@@ -727,8 +730,11 @@ func (s *udpSession) associate() bool {
 			s.failUntil = time.Now().Add(udpRetryDelay)
 			t.stats.AssociateFailures.Add(1)
 			if ok, suppressed := t.logs.Allow(causeAssociate); ok {
-				t.logger.Warn().Err(err).Str("listener", t.name).Str("upstream", s.upstream).
-					Func(logthrottle.Repeats("failures_since_last_line", suppressed)).Msg("UDP associate failing")
+				ev := t.logger.Warn().Err(err).Str("listener", t.name)
+				if d != nil { // none when every upstream failed: the error names them
+					ev = ev.Str("upstream", d.ProxyAddr)
+				}
+				ev.Func(logthrottle.Repeats("failures_since_last_line", suppressed)).Msg("UDP associate failing")
 			}
 		}
 		return false
