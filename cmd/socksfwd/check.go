@@ -569,7 +569,7 @@ func (s *stepReport) answered(resp *dns.Msg) {
 		s.Status = statusFailed
 		s.Detail += "; the query went through, but the resolver refuses it: check its access control " +
 			"for the proxy's address (unbound: access-control; dnsmasq: listen-address, interface, local-service), " +
-			"or that it has servers to forward to"
+			"or, for an internal-only resolver, ask it a name it serves (--check-name db.internal)"
 	default:
 		s.Detail += "; the query went through, the resolver declined it"
 	}
