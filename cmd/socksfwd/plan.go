@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -129,9 +130,34 @@ type socksPlan struct {
 	creds *tunnel.ProxyCredentials // nil: no authentication
 }
 
-func (d *dnsPlan) equal(o *dnsPlan) bool {
-	return slices.Equal(d.resolvers, o.resolvers) && d.transport == o.transport && d.timeout == o.timeout &&
-		d.cacheSize == o.cacheSize && d.maxInFlight == o.maxInFlight
+func (d *dnsPlan) equal(o *dnsPlan) bool { return len(d.changesTo(o)) == 0 }
+
+// changesTo names each setting that differs in o, as "name old → new".
+func (d *dnsPlan) changesTo(o *dnsPlan) []string {
+	var out []string
+	if !slices.Equal(d.resolvers, o.resolvers) {
+		names := func(rs []socksclient.Addr) string {
+			s := make([]string, len(rs))
+			for i, r := range rs {
+				s[i] = r.String()
+			}
+			return strings.Join(s, ", ")
+		}
+		out = append(out, fmt.Sprintf("dns-upstream [%s] → [%s]", names(d.resolvers), names(o.resolvers)))
+	}
+	if d.transport != o.transport {
+		out = append(out, fmt.Sprintf("dns-transport %s → %s", d.transport, o.transport))
+	}
+	if d.timeout != o.timeout {
+		out = append(out, fmt.Sprintf("dns-timeout %s → %s", d.timeout, o.timeout))
+	}
+	if d.cacheSize != o.cacheSize {
+		out = append(out, fmt.Sprintf("dns-cache-size %d → %d", d.cacheSize, o.cacheSize))
+	}
+	if d.maxInFlight != o.maxInFlight {
+		out = append(out, fmt.Sprintf("dns-max-inflight %d → %d", d.maxInFlight, o.maxInFlight))
+	}
+	return out
 }
 
 // errNothingToForward: a configuration with no listener.

@@ -676,8 +676,8 @@ func TestReloadDNS(t *testing.T) {
 		t.Fatalf("before the reload: %s, want the first resolver's 192.0.2.1", got)
 	}
 	line := d.reload(path, conf(r2), 1)
-	if !strings.Contains(fmt.Sprint(line["changes"]), "dns 127.0.0.1:"+port) {
-		t.Errorf("changes = %v, want the DNS listener's settings", line["changes"])
+	if want := "dns 127.0.0.1:" + port + " dns-upstream [" + r1 + "] → [" + r2 + "]"; !strings.Contains(fmt.Sprint(line["changes"]), want) {
+		t.Errorf("changes = %v, want %q", line["changes"], want)
 	}
 	if got := ask(); got != "192.0.2.2" {
 		t.Errorf("after the reload: %s, want the new resolver's 192.0.2.2", got)

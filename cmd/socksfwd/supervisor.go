@@ -769,7 +769,7 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 			if l.dns.equal(u.lp.dns) {
 				changes = append(changes, key+" reconnects through the new upstreams")
 			} else {
-				changes = append(changes, key+" resolvers, transport, timeout or cache")
+				changes = append(changes, key+" "+strings.Join(u.lp.dns.changesTo(l.dns), ", "))
 			}
 		}
 	}
