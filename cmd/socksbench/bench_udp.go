@@ -264,8 +264,8 @@ func udpEchoRTTs(h *harness, c net.Conn, n int) []time.Duration {
 		// A late echo of an earlier probe is skipped, not timed as this
 		// one's.
 		var err error
-		for n := 0; err == nil && (n < 2 || buf[0] != msg[0] || buf[1] != msg[1]); {
-			n, err = c.Read(buf)
+		for got := 0; err == nil && (got < 2 || buf[0] != msg[0] || buf[1] != msg[1]); {
+			got, err = c.Read(buf)
 		}
 		if err != nil {
 			continue // lost; the first ones while the association is built
