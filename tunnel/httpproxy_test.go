@@ -753,14 +753,10 @@ func TestHTTPProxyShutdownDrains(t *testing.T) {
 	logs2.waitFor(t, "cutting sessions still open")
 }
 
-// TestHTTPProxyClientResetDuringAnswer: a client that resets once its
-// answer has begun (curl's Ctrl-C, a tab closed, bytes unread) while the
-// target is slow to send the rest is the client's doing: side client,
-// counted 4xx (the cancelled read of the answer was blamed on the target).
-func TestHTTPProxyClientResetDuringAnswer(t *testing.T) {
-	more := make(chan struct{})
-	defer close(more)
-	streaming := testnet.Serve(t, func(c net.Conn) {
+// halfwayTarget answers a request with a 10-byte body, the first half at
+// once and the rest once more is closed.
+func halfwayTarget(t *testing.T, more <-chan struct{}) net.Listener {
+	return testnet.Serve(t, func(c net.Conn) {
 		defer c.Close()
 		if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
 			return
@@ -769,6 +765,16 @@ func TestHTTPProxyClientResetDuringAnswer(t *testing.T) {
 		<-more
 		io.WriteString(c, "world")
 	})
+}
+
+// TestHTTPProxyClientResetDuringAnswer: a client that resets once its
+// answer has begun (curl's Ctrl-C, a tab closed, bytes unread) while the
+// target is slow to send the rest is the client's doing: side client,
+// counted 4xx (the cancelled read of the answer was blamed on the target).
+func TestHTTPProxyClientResetDuringAnswer(t *testing.T) {
+	more := make(chan struct{})
+	defer close(more)
+	streaming := halfwayTarget(t, more)
 	p, proxy, logs := startHTTPProxy(t, HTTPProxyConfig{}, newSocks(t, sockstest.Config{}).Addr())
 	c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
 	if err != nil {
@@ -1536,15 +1542,7 @@ func TestHTTPProxyClientGaveUp(t *testing.T) {
 func TestHTTPProxyHalfCloseDuringAnswer(t *testing.T) {
 	graceOver := make(chan struct{})
 	more := make(chan struct{})
-	streaming := testnet.Serve(t, func(c net.Conn) {
-		defer c.Close()
-		if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
-			return
-		}
-		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
-		<-more
-		io.WriteString(c, "world")
-	})
+	streaming := halfwayTarget(t, more)
 	_, proxy, _ := startHTTPProxy(t, HTTPProxyConfig{halfCloseWait: time.Nanosecond, afterGrace: func() { close(graceOver) }},
 		newSocks(t, sockstest.Config{}).Addr())
 	c, err := net.DialTimeout("tcp", proxy.Host, 5*time.Second)
