@@ -161,9 +161,10 @@ type Attempt struct {
 	// *ReplyError for the proxy's refusal, context.Canceled for a try cut
 	// short because another upstream won the race, and so on.
 	Err error
-	// WaitedOnTarget: the try failed because the caller gave up (its
-	// context ended) while the proxy, having answered the greeting, was
-	// still waiting on the target: no fault of the proxy's.
+	// WaitedOnTarget: the proxy had answered the greeting and the try ran
+	// out of time (the handshake timeout, or the caller's deadline) while
+	// the proxy waited on the target: the target's silence, no fault of
+	// the proxy's (as the upstreams' health sees it too).
 	WaitedOnTarget bool
 }
 
@@ -564,7 +565,7 @@ func (h *hedgedDial[T]) runAttempt(i int, d *Dialer, progress *handshakeProgress
 	v, err := h.op(withProgress(h.actx, progress), d)
 	if f := h.u.onTry.Load(); f != nil {
 		a := Attempt{Proxy: d.ProxyAddr, Took: time.Since(start), Err: err}
-		a.WaitedOnTarget = err != nil && h.ctx.Err() != nil && progress.greeted
+		a.WaitedOnTarget = progress.greeted && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled))
 		h.u.reportAttempt(*f, h.attempts[i].up, a)
 	}
 	h.results <- attemptResult[T]{i: i, v: v, err: err}

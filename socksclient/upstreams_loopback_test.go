@@ -183,25 +183,35 @@ func TestUpstreamsTargetRefusedLoopback(t *testing.T) {
 	}
 }
 
-// TestUpstreamsAttemptWaitedOnTarget: a try cut by the caller's deadline
-// while the proxy, greeted, waits on the target (a DNS query's deadline
-// against a dead target) is reported WaitedOnTarget, which the metrics
-// do not count against the proxy; one whose proxy never answered the
-// greeting is not.
+// TestUpstreamsAttemptWaitedOnTarget: a try that runs out of time while
+// the proxy, greeted, waits on the target (a dead target; the caller's
+// deadline, as a DNS query's, or the handshake timeout) is reported
+// WaitedOnTarget, which the metrics keep apart from the proxy's own
+// timeouts; one whose proxy never answered the greeting is not.
 func TestUpstreamsAttemptWaitedOnTarget(t *testing.T) {
 	target, err := socksclient.ParseAddr("192.0.2.1:53")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, c := range []struct {
-		fault sockstest.Fault
-		want  bool
-	}{{sockstest.FaultHangAfterRequest, true}, {sockstest.FaultHangAfterGreeting, false}} {
+		fault    sockstest.Fault
+		callerTO bool // the caller's deadline, else the handshake timeout
+		want     bool
+	}{
+		{sockstest.FaultHangAfterRequest, true, true},
+		{sockstest.FaultHangAfterRequest, false, true},
+		{sockstest.FaultHangAfterGreeting, true, false},
+		{sockstest.FaultHangAfterGreeting, false, false},
+	} {
 		srv, err := sockstest.NewServer(sockstest.Config{Fault: c.fault})
 		if err != nil {
 			t.Fatal(err)
 		}
-		u := socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: 10 * time.Second})
+		handshake, caller := 10*time.Second, 200*time.Millisecond
+		if !c.callerTO {
+			handshake, caller = caller, handshake
+		}
+		u := socksclient.NewUpstreams(&socksclient.Dialer{ProxyAddr: srv.Addr(), HandshakeTimeout: handshake})
 		var mu sync.Mutex
 		var got []socksclient.Attempt
 		u.OnAttempt(func(a socksclient.Attempt) {
@@ -209,7 +219,7 @@ func TestUpstreamsAttemptWaitedOnTarget(t *testing.T) {
 			got = append(got, a)
 			mu.Unlock()
 		})
-		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		ctx, cancel := context.WithTimeout(context.Background(), caller)
 		if conn, _, err := u.DialAddr(ctx, target); err == nil {
 			conn.Close()
 			t.Fatalf("fault %d: the dial succeeded", c.fault)
@@ -218,7 +228,7 @@ func TestUpstreamsAttemptWaitedOnTarget(t *testing.T) {
 		srv.Close()
 		mu.Lock()
 		if len(got) != 1 || got[0].Err == nil || got[0].WaitedOnTarget != c.want {
-			t.Errorf("fault %d: attempts %+v, want one failed with WaitedOnTarget %v", c.fault, got, c.want)
+			t.Errorf("fault %d, caller's deadline %v: attempts %+v, want one failed with WaitedOnTarget %v", c.fault, c.callerTO, got, c.want)
 		}
 		mu.Unlock()
 	}

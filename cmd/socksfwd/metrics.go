@@ -90,11 +90,8 @@ func (t *telemetry) keepUpstreams(addrs []string) {
 // OnAttempt): its latency when it worked, its cause when it failed. A try
 // cut short because another upstream won says nothing of either.
 func (t *telemetry) observe(a socksclient.Attempt) {
-	// Cut short: by another upstream winning the race, or by the caller
-	// giving up while the proxy waited on its target (a DNS query's
-	// deadline, say): no handshake failure of the proxy's.
-	if errors.Is(a.Err, context.Canceled) || a.WaitedOnTarget {
-		return
+	if errors.Is(a.Err, context.Canceled) {
+		return // cut short: another upstream won the race, or the client left
 	}
 	u := t.upstream(a.Proxy)
 	if a.Err == nil {
@@ -103,6 +100,11 @@ func (t *telemetry) observe(a socksclient.Attempt) {
 		return
 	}
 	c := classify(a.Err)
+	if a.WaitedOnTarget {
+		// Apart from the proxy's own timeouts, which an alert may page
+		// on: a dead target behind a healthy proxy is no proxy outage.
+		c = failureCause{cause: "target_timeout"}
+	}
 	n, ok := u.failures.Load(c)
 	if !ok {
 		n, _ = u.failures.LoadOrStore(c, new(atomic.Int64))
@@ -688,7 +690,7 @@ func (s *supervisor) writeUpstreams(p *promWriter) {
 	}
 	slices.Sort(proxies)
 	proxies = slices.Compact(proxies)
-	p.family("socksfwd_upstream_handshake_failures_total", "counter", "Tries of an upstream that failed, by cause (reply: the proxy's REP code, in code).")
+	p.family("socksfwd_upstream_handshake_failures_total", "counter", "Tries of an upstream that failed, by cause (reply: the proxy's REP code, in code; timeout: the proxy's own; target_timeout: the proxy answered, then waited on the target until time ran out).")
 	for _, proxy := range proxies {
 		u := s.tel.upstream(proxy)
 		var causes []failureCause
