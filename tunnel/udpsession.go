@@ -721,6 +721,7 @@ func (s *udpSession) associate() bool {
 		return false
 	}
 	a, d, err := t.upstreams.Associate(s.ctx)
+	s.upstream = "" // none when every upstream failed, not the one before
 	if d != nil {
 		s.upstream = d.ProxyAddr
 	}
