@@ -637,7 +637,11 @@ func connRate(h *harness, prefix []string, connrate, addr string, secs int, extr
 		h.Fatalf("%s: no connection completed (%d failed)", strings.Join(argv, " "), failed)
 	}
 	if failed > 0 {
-		fmt.Printf("  (connrate through %s: %d of %d connections failed)\n", addr, failed, n+failed)
+		through := addr
+		if len(prefix) > 0 { // proxychains4, whose hop is in the client
+			through = filepath.Base(prefix[0]) + " → " + addr
+		}
+		fmt.Printf("  (connrate through %s: %d of %d connections failed)\n", through, failed, n+failed)
 	}
 	return float64(n) / float64(secs)
 }
