@@ -33,6 +33,9 @@ func Parse(cidrs []string) (*List, error) {
 			p = netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen())
 		}
 		if p.Addr().Is4In6() {
+			if p.Bits() < 96 { // wider than the mapped range: it would match nothing
+				return nil, fmt.Errorf("%q reaches beyond the IPv4-mapped addresses (::ffff:0:0/96): write it as IPv4 or as IPv6", c)
+			}
 			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 		}
 		l.prefixes = append(l.prefixes, p.Masked())

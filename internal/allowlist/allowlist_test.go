@@ -30,8 +30,12 @@ func TestAllows(t *testing.T) {
 	if l.AllowsAddr(&net.UDPAddr{IP: net.ParseIP("203.0.113.1"), Port: 53}) {
 		t.Error("AllowsAddr allows a source outside the list")
 	}
-	if _, err := Parse([]string{"10.0.0.0/33"}); err == nil {
-		t.Error("Parse took a bad prefix")
+	for _, bad := range []string{"10.0.0.0/33", "::ffff:0:0/95", "::ffff:0.0.0.0/0"} {
+		// An IPv4-mapped prefix wider than the mapped range matched
+		// nothing, silently.
+		if _, err := Parse([]string{bad}); err == nil {
+			t.Errorf("Parse took the bad prefix %s", bad)
+		}
 	}
 }
 

@@ -7,12 +7,13 @@ import (
 )
 
 // Network is network ("tcp" or "udp") for addr, IPv4 only ("tcp4") for
-// an IPv4 address: Go binds 0.0.0.0 as [::], both families, where
-// 0.0.0.0 means IPv4 alone to ssh -L and to every socket API (an empty
-// host, or "*" made empty, is both).
+// an IPv4 address, written as one or IPv4-mapped: Go binds 0.0.0.0 (and
+// ::ffff:0.0.0.0) as [::], both families, where 0.0.0.0 means IPv4 alone
+// to ssh -L and to every socket API (an empty host, or "*" made empty, is
+// both).
 func Network(network, addr string) string {
 	host, _, _ := net.SplitHostPort(addr)
-	if ip, err := netip.ParseAddr(host); err == nil && ip.Is4() {
+	if ip, err := netip.ParseAddr(host); err == nil && ip.Unmap().Is4() {
 		return network + "4"
 	}
 	return network
