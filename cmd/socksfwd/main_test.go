@@ -365,6 +365,12 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"-S", "p:1", "-D", "1080", "--dynamic=1081", "--print-config"}, exitUsage},
 		{[]string{"-S", "p:1", "--dns", "5300", "-dns", "5301", "--print-config"}, exitUsage},
 		{[]string{"-S", "p:1", "-D", "1080", "--http", "3128", "--print-config"}, exitOK},
+		// An option for a listener that is not set is refused, as
+		// --http-auth without --http is: it was taken in silence.
+		{[]string{"-S", "p:1", "-L", "1:h:2", "--admin-pprof", "--print-config"}, exitUsage},
+		{[]string{"-S", "p:1", "-L", "1:h:2", "--admin", "9100", "--admin-pprof", "--print-config"}, exitOK},
+		// -R is TCP only (BIND): said so, not "invalid target port".
+		{[]string{"-S", "p:1", "-R", "8080:127.0.0.1:80/udp", "--print-config"}, exitUsage},
 	}
 	for _, tc := range tests {
 		var out, errOut strings.Builder

@@ -261,6 +261,8 @@ func buildPlan(cfg Config) (*plan, error) {
 		for _, addr := range addrs {
 			p.listens = append(p.listens, listenPlan{kind: kindAdmin, addr: addr, spec: "--admin " + cfg.Admin, optional: optional[addr]})
 		}
+	} else if cfg.AdminPprof {
+		return nil, usagef("--admin-pprof is for --admin, which is not set")
 	}
 	if cfg.HTTP != "" {
 		ls, err := buildHTTP(&cfg)

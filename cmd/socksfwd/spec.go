@@ -115,6 +115,9 @@ type remoteForward struct {
 // means any peer.
 func parseRemote(spec string) (remoteForward, error) {
 	var rf remoteForward
+	if strings.HasSuffix(spec, "/udp") {
+		return rf, usagef("-R %s: -R forwards TCP only (SOCKS5 BIND carries TCP); for UDP use -L with /udp", quote(spec))
+	}
 	f, err := splitForward("-R", spec, spec, "[bind_address:]port:host:hostport", "port")
 	if err != nil {
 		return rf, err

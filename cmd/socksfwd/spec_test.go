@@ -205,3 +205,11 @@ func TestPortInBareIPv6(t *testing.T) {
 		}
 	}
 }
+
+// TestRemoteUDPRefused: -R with /udp says -R is TCP only, not that the
+// target port is invalid.
+func TestRemoteUDPRefused(t *testing.T) {
+	if _, err := parseRemote("8080:127.0.0.1:80/udp"); err == nil || !strings.Contains(err.Error(), "TCP only") {
+		t.Errorf("parseRemote(…/udp) = %v, want an error saying -R is TCP only", err)
+	}
+}

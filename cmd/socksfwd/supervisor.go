@@ -313,7 +313,11 @@ func (s *supervisor) logListening(u *unit) {
 		return
 	}
 	if u.lp.kind == kindAdmin {
-		ev.Msgf("admin on http://%s: /metrics /healthz /readyz", name)
+		paths := "/metrics /healthz /readyz"
+		if s.plan.cfg.AdminPprof { // worth seeing: it exposes the process's internals
+			paths += " /debug/pprof/"
+		}
+		ev.Msgf("admin on http://%s: %s", name, paths)
 		return
 	}
 	if u.lp.kind == kindHTTP {
