@@ -369,6 +369,9 @@ func TestExitCodes(t *testing.T) {
 		// --http-auth without --http is: it was taken in silence.
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--admin-pprof", "--print-config"}, exitUsage},
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--admin", "9100", "--admin-pprof", "--print-config"}, exitOK},
+		// A --remote-addr-file that cannot be written is found at start,
+		// not by a script waiting on it for ever.
+		{[]string{"-S", "p:1", "-R", "0:h:1", "--remote-addr-file", "/nonexistent/dir/remote", "--print-config"}, exitUsage},
 		// -R is TCP only (BIND): said so, not "invalid target port".
 		{[]string{"-S", "p:1", "-R", "8080:127.0.0.1:80/udp", "--print-config"}, exitUsage},
 	}

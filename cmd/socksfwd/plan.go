@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -174,6 +176,17 @@ func buildPlan(cfg Config) (*plan, error) {
 	}
 	if cfg.RemoteAddrFile != "" && len(cfg.Remote) == 0 {
 		return nil, usagef("--remote-addr-file needs -R")
+	}
+	if cfg.RemoteAddrFile != "" {
+		// The file is replaced through a new one beside it: its directory
+		// must take one, or scripts waiting on the file wait for ever.
+		dir := filepath.Dir(cfg.RemoteAddrFile)
+		probe, err := os.CreateTemp(dir, ".socksfwd-remote-*")
+		if err != nil {
+			return nil, usagef("--remote-addr-file %s: its directory does not take a new file: %v", cfg.RemoteAddrFile, err)
+		}
+		probe.Close()
+		os.Remove(probe.Name())
 	}
 	var err error
 	switch level := strings.ToLower(cfg.LogLevel); level {
