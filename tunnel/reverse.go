@@ -385,9 +385,10 @@ func (r *Reverse) loop() {
 				r.logRebind(d)
 				continue
 			}
-			if errors.Is(err, socksclient.ErrUnexpectedPeer) {
+			if r.wrongCaller(err) {
 				// Someone else reached the port first: the proxy is fine,
-				// listen again at once for the caller -R names.
+				// listen again at once for the caller -R names. A backoff
+				// would let anyone who reaches the port keep it closed.
 				r.fail(CauseSecondReply, err, d)
 				continue
 			}
@@ -413,6 +414,20 @@ func (r *Reverse) loop() {
 			}
 		}
 	}
+}
+
+// wrongCaller reports whether a BIND's wait ended on a caller other than
+// the one bind_address names: one that socksfwd turned away itself, or one
+// the proxy refused (REP 2, as Dante answers a caller from another
+// address when the BIND named one).
+func (r *Reverse) wrongCaller(err error) bool {
+	if errors.Is(err, socksclient.ErrUnexpectedPeer) {
+		return true
+	}
+	var re *socksclient.ReplyError
+	remote := r.cfg.Remote
+	named := remote.Name != "" || remote.IP.IsValid() && !remote.IP.IsUnspecified()
+	return named && errors.As(err, &re) && re.Code == socksclient.RepNotAllowed
 }
 
 // logRebind says a BIND through the old upstreams (d's) was given up for
@@ -580,6 +595,9 @@ func (r *Reverse) failureText(cause ReverseCause, err error, d *socksclient.Dial
 	case CauseControlLost:
 		return name + "the connection to " + server + " closed while waiting for a caller; retrying with backoff"
 	case CauseSecondReply:
+		if r.wrongCaller(err) {
+			return name + server + " turned away a caller from another address than bind_address " + r.cfg.Remote.Host() + "; listening again at once"
+		}
 		if errors.As(err, &re) && re.Code == socksclient.RepNotAllowed {
 			return name + server + " refused the caller by its rules (REP 2); on Dante, a socks pass rule with \"command: bindreply\" must match the caller's address; retrying with backoff"
 		}

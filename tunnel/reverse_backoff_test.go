@@ -72,6 +72,68 @@ func TestReverseBackoffGrowsWhenBindsDie(t *testing.T) {
 	})
 }
 
+// TestReverseWrongCallersNoBackoff: with a bind_address, a proxy that
+// refuses each caller from another address (REP 2 in the second reply, as
+// Dante does) is asked to listen again at once, every time: a backoff let
+// anyone who reached the port keep the forward closed for up to 30 s.
+func TestReverseWrongCallersNoBackoff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const refused = 5
+		var mu sync.Mutex
+		var binds []time.Time
+		proxy := &socksclient.Dialer{ProxyAddr: "192.0.2.1:1080", HandshakeTimeout: 5 * time.Second,
+			ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				c, proxy := net.Pipe()
+				go func() {
+					defer proxy.Close()
+					if _, err := socksclient.ReadGreeting(proxy); err != nil {
+						return
+					}
+					b, _ := socksclient.MethodSelection{Method: socksclient.MethodNoAuth}.AppendTo(nil)
+					proxy.Write(b)
+					if req, err := socksclient.ReadRequest(proxy); err != nil || req.Cmd != socksclient.CmdBind {
+						return
+					}
+					mu.Lock()
+					binds = append(binds, time.Now())
+					n := len(binds)
+					mu.Unlock()
+					b, _ = socksclient.Reply{Code: socksclient.RepSucceeded,
+						Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort("192.0.2.1:4000"))}.AppendTo(nil)
+					proxy.Write(b)
+					if n > refused {
+						proxy.Read(make([]byte, 1)) // waits for a caller that never comes
+						return
+					}
+					b, _ = socksclient.Reply{Code: socksclient.RepNotAllowed, Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort("0.0.0.0:0"))}.AppendTo(nil)
+					proxy.Write(b)
+				}()
+				return c, nil
+			}}
+		r := NewReverse(ReverseConfig{
+			Name: "test", Remote: socksclient.Addr{IP: netip.MustParseAddr("198.51.100.7")}, Target: "127.0.0.1:1",
+			Upstreams: socksclient.NewUpstreams(proxy), Logger: zerolog.Nop(),
+		})
+		served := make(chan error, 1)
+		go func() { served <- r.Serve(context.Background()) }()
+		time.Sleep(time.Minute)
+		r.Close()
+		<-served
+
+		mu.Lock()
+		defer mu.Unlock()
+		if len(binds) != refused+1 {
+			t.Fatalf("%d BINDs, want %d (one after each refused caller)", len(binds), refused+1)
+		}
+		if gap := binds[refused].Sub(binds[0]); gap != 0 {
+			t.Errorf("the last BIND came %s after the first, want at once after each refusal", gap)
+		}
+		if n := r.Stats().Failures[CauseSecondReply].Load(); n != refused {
+			t.Errorf("second_reply failures %d, want %d", n, refused)
+		}
+	})
+}
+
 // TestReverseRebindEndsSessionWait: a fixed-port forward whose server
 // cannot bind the port twice waits for the session that holds it; a
 // Rebind (other upstreams, which may bind it) ends that wait, a Retry
