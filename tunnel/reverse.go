@@ -171,6 +171,10 @@ type Reverse struct {
 	cut       bool
 	sessions  sync.WaitGroup
 
+	// failedWhy is the line of the failure since the last first reply, for
+	// readers other than the loop (nil: none).
+	failedWhy atomic.Pointer[string]
+
 	// The loop's own state, touched by Serve's goroutine only.
 	failing   ReverseCause
 	isFailing bool
@@ -209,6 +213,15 @@ func (r *Reverse) Remote() (socksclient.Addr, bool) {
 		return *a, true
 	}
 	return socksclient.Addr{}, false
+}
+
+// Failed says why the server listens nowhere after a failure, until the
+// next first reply ("" while it has not failed since).
+func (r *Reverse) Failed() string {
+	if why := r.failedWhy.Load(); why != nil {
+		return *why
+	}
+	return ""
 }
 
 // Target is where callers are relayed to.
@@ -515,6 +528,7 @@ func (r *Reverse) armed(addr socksclient.Addr, d *socksclient.Dialer) {
 	r.setRemote(&addr)
 	recovered, tries := r.isFailing, r.failTries
 	r.isFailing, r.failTries = false, 0
+	r.failedWhy.Store(nil)
 	// Logged when the address changes, not each time a fixed port is
 	// listened on again after a session.
 	if r.logged == addr && !recovered {
@@ -548,6 +562,8 @@ func (r *Reverse) fail(cause ReverseCause, err error, d *socksclient.Dialer) {
 	r.stats.Failures[cause].Add(1)
 	r.setRemote(nil)
 	r.failTries++
+	why := cause.String() + ": " + r.failureText(cause, err, d)
+	r.failedWhy.Store(&why)
 	if r.isFailing && r.failing == cause {
 		return
 	}

@@ -97,6 +97,8 @@ func (s *supervisor) remoteLines() string {
 		if r, ok := u.svc.(*tunnel.Reverse); ok {
 			if a, listening := r.Remote(); listening {
 				fmt.Fprintf(&b, "reverse %s listens on %s\n", u.name, a)
+			} else if why := r.Failed(); why != "" {
+				fmt.Fprintf(&b, "reverse %s listens nowhere: %s\n", u.name, why)
 			}
 		}
 	}

@@ -168,7 +168,8 @@ func TestReverseReloadMovesUpstream(t *testing.T) {
 
 // TestReverseServerWithoutBind: through microsocks (REP 7) and ssh -D
 // (which closes the connection), -R is one error line naming the server
-// and the fix, and a -L beside it keeps working.
+// and the fix, /readyz says why it listens nowhere (it was silent), and a
+// -L beside it keeps working.
 func TestReverseServerWithoutBind(t *testing.T) {
 	verifyNoLeaks(t)
 	if testing.Short() {
@@ -183,11 +184,17 @@ func TestReverseServerWithoutBind(t *testing.T) {
 			proxy := start()
 			local := "127.0.0.1:" + freePort(t)
 			spec := "0:" + echo
-			d := startDaemon(t, "-S", proxy, "-L", local+":"+echo, "-R", spec)
+			admin := "127.0.0.1:" + freePort(t)
+			d := startDaemon(t, "-S", proxy, "-L", local+":"+echo, "-R", spec, "--admin", admin)
 			line := d.waitFor("reverse "+spec+": ", 1)
 			msg, _ := line["message"].(string)
 			if line["level"] != "error" || !strings.Contains(msg, proxy+" has no BIND") || !strings.Contains(msg, "Dante") {
 				t.Errorf("error line %v; want it to name %s and the fix", line, proxy)
+			}
+			// Readiness is about this host's listeners; the body says why
+			// the -R listens nowhere.
+			if body, code := get(t, admin, "/readyz"); code != http.StatusOK || !strings.Contains(body, "reverse "+spec+" listens nowhere: unsupported: ") {
+				t.Errorf("/readyz: %d %q; want 200 saying the -R listens nowhere for want of BIND", code, body)
 			}
 			for i := range 3 {
 				// No half-close: microsocks closes both ways on the first EOF.
