@@ -562,7 +562,7 @@ func (r *Reverse) fail(cause ReverseCause, err error, d *socksclient.Dialer) {
 	r.stats.Failures[cause].Add(1)
 	r.setRemote(nil)
 	r.failTries++
-	why := cause.String() + ": " + r.failureText(cause, err, d)
+	why := cause.String() + ": " + strings.TrimPrefix(r.failureText(cause, err, d), "reverse "+r.Name()+": ")
 	r.failedWhy.Store(&why)
 	if r.isFailing && r.failing == cause {
 		return
