@@ -114,6 +114,9 @@ type ReverseStats struct {
 const (
 	reverseMinBackoff = time.Second
 	reverseMaxBackoff = 30 * time.Second
+	// wrongCallerFloor is the shortest time between two BINDs when the
+	// first ended on a wrong caller: at most ten a second.
+	wrongCallerFloor = 100 * time.Millisecond
 	// reverseStable is how long a BIND must wait for its caller before
 	// its failure counts as a new one rather than one more in a row.
 	reverseStable = 10 * time.Second
@@ -401,8 +404,13 @@ func (r *Reverse) loop() {
 			if r.wrongCaller(err) {
 				// Someone else reached the port first: the proxy is fine,
 				// listen again at once for the caller -R names. A backoff
-				// would let anyone who reaches the port keep it closed.
+				// would let anyone who reaches the port keep it closed;
+				// the floor keeps a proxy that refuses with no caller at
+				// all from spinning the loop.
 				r.fail(CauseSecondReply, err, d)
+				if wait := wrongCallerFloor - time.Since(armedAt); wait > 0 && !r.pause(wait) {
+					return
+				}
 				continue
 			}
 			cause := CauseControlLost
@@ -611,8 +619,12 @@ func (r *Reverse) failureText(cause ReverseCause, err error, d *socksclient.Dial
 	case CauseControlLost:
 		return name + "the connection to " + server + " closed while waiting for a caller; retrying with backoff"
 	case CauseSecondReply:
+		if errors.Is(err, socksclient.ErrUnexpectedPeer) {
+			return name + server + " let through a caller from another address than bind_address " + r.cfg.Remote.Host() + ", closed here; listening again at once"
+		}
 		if r.wrongCaller(err) {
-			return name + server + " turned away a caller from another address than bind_address " + r.cfg.Remote.Host() + "; listening again at once"
+			return name + server + " refused a caller (REP 2): one from another address than bind_address " + r.cfg.Remote.Host() +
+				", or that address itself if no socks pass rule with \"command: bindreply\" matches it (Dante); listening again at once"
 		}
 		if errors.As(err, &re) && re.Code == socksclient.RepNotAllowed {
 			return name + server + " refused the caller by its rules (REP 2); on Dante, a socks pass rule with \"command: bindreply\" must match the caller's address; retrying with backoff"
