@@ -150,6 +150,9 @@ func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string
 			return err // answered already: --help, --version, --print-config
 		}
 		p := cfg.plan
+		if err := checkRemoteAddrFile(p); err != nil {
+			return err
+		}
 		log := newLogger(p, stderr)
 		for _, w := range cfg.warnings {
 			log.Warn().Msg(w)
@@ -161,6 +164,9 @@ func runWith(args []string, stdout, stderr io.Writer, getenv func(string) string
 			}
 			if cfg.plan == nil {
 				return nil, usagef("the command line no longer starts socksfwd")
+			}
+			if err := checkRemoteAddrFile(cfg.plan); err != nil {
+				return nil, err
 			}
 			for _, w := range cfg.warnings {
 				log.Warn().Msg(w)

@@ -370,8 +370,10 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--admin-pprof", "--print-config"}, exitUsage},
 		{[]string{"-S", "p:1", "-L", "1:h:2", "--admin", "9100", "--admin-pprof", "--print-config"}, exitOK},
 		// A --remote-addr-file that cannot be written is found at start,
-		// not by a script waiting on it for ever.
-		{[]string{"-S", "p:1", "-R", "0:h:1", "--remote-addr-file", "/nonexistent/dir/remote", "--print-config"}, exitUsage},
+		// not by a script waiting on it for ever; --print-config (and
+		// rules) may run before the service made its directory.
+		{[]string{"-S", "127.0.0.1:1", "-R", "0:h:1", "--remote-addr-file", "/nonexistent/dir/remote"}, exitUsage},
+		{[]string{"-S", "p:1", "-R", "0:h:1", "--remote-addr-file", "/nonexistent/dir/remote", "--print-config"}, exitOK},
 		// -R is TCP only (BIND): said so, not "invalid target port".
 		{[]string{"-S", "p:1", "-R", "8080:127.0.0.1:80/udp", "--print-config"}, exitUsage},
 	}

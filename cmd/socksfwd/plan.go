@@ -177,17 +177,6 @@ func buildPlan(cfg Config) (*plan, error) {
 	if cfg.RemoteAddrFile != "" && len(cfg.Remote) == 0 {
 		return nil, usagef("--remote-addr-file needs -R")
 	}
-	if cfg.RemoteAddrFile != "" {
-		// The file is replaced through a new one beside it: its directory
-		// must take one, or scripts waiting on the file wait for ever.
-		dir := filepath.Dir(cfg.RemoteAddrFile)
-		probe, err := os.CreateTemp(dir, ".socksfwd-remote-*")
-		if err != nil {
-			return nil, usagef("--remote-addr-file %s: its directory does not take a new file: %v", cfg.RemoteAddrFile, err)
-		}
-		probe.Close()
-		os.Remove(probe.Name())
-	}
 	var err error
 	switch level := strings.ToLower(cfg.LogLevel); level {
 	case "trace", "debug", "info", "warn", "error":
@@ -508,4 +497,24 @@ func buildDialers(cfg *Config) ([]*socksclient.Dialer, error) {
 		return nil, usagef("--server-password-file needs a user: --server-user, or one in the -S URL (socks5h://user@proxy)")
 	}
 	return dialers, nil
+}
+
+// checkRemoteAddrFile makes sure --remote-addr-file can be written where
+// socksfwd serves (at start and on reload; not for rules or
+// --print-config, which may run where the directory does not exist yet,
+// before the service made it): the file is replaced through a new one
+// beside it, so its directory must take one, or scripts waiting on the
+// file wait for ever.
+func checkRemoteAddrFile(p *plan) error {
+	path := p.cfg.RemoteAddrFile
+	if path == "" {
+		return nil
+	}
+	probe, err := os.CreateTemp(filepath.Dir(path), ".socksfwd-remote-*")
+	if err != nil {
+		return usagef("--remote-addr-file %s: its directory does not take a new file: %v", path, err)
+	}
+	probe.Close()
+	os.Remove(probe.Name())
+	return nil
 }
