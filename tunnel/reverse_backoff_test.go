@@ -29,20 +29,13 @@ func TestReverseBackoffGrowsWhenBindsDie(t *testing.T) {
 				c, proxy := net.Pipe()
 				go func() {
 					defer proxy.Close() // right after the first reply
-					if _, err := socksclient.ReadGreeting(proxy); err != nil {
-						return
-					}
-					b, _ := socksclient.MethodSelection{Method: socksclient.MethodNoAuth}.AppendTo(nil)
-					proxy.Write(b)
-					if req, err := socksclient.ReadRequest(proxy); err != nil || req.Cmd != socksclient.CmdBind {
+					if !acceptBind(proxy) {
 						return
 					}
 					mu.Lock()
 					binds = append(binds, time.Now())
 					mu.Unlock()
-					b, _ = socksclient.Reply{Code: socksclient.RepSucceeded,
-						Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort("192.0.2.1:4000"))}.AppendTo(nil)
-					proxy.Write(b)
+					firstReply(proxy)
 				}()
 				return c, nil
 			}}
@@ -73,6 +66,66 @@ func TestReverseBackoffGrowsWhenBindsDie(t *testing.T) {
 	})
 }
 
+// acceptBind plays a proxy's side up to a BIND request, without
+// authentication; false when the client asked something else.
+func acceptBind(proxy net.Conn) bool {
+	if _, err := socksclient.ReadGreeting(proxy); err != nil {
+		return false
+	}
+	b, _ := socksclient.MethodSelection{Method: socksclient.MethodNoAuth}.AppendTo(nil)
+	proxy.Write(b)
+	req, err := socksclient.ReadRequest(proxy)
+	return err == nil && req.Cmd == socksclient.CmdBind
+}
+
+// firstReply says the proxy listens for the caller, on 192.0.2.1:4000.
+func firstReply(proxy net.Conn) {
+	b, _ := socksclient.Reply{Code: socksclient.RepSucceeded,
+		Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort("192.0.2.1:4000"))}.AppendTo(nil)
+	proxy.Write(b)
+}
+
+// refusingBindProxy is a proxy at the other end of a pipe that accepts
+// every BIND (its first reply), then, when refuse says so for that BIND,
+// answers REP 2 in the second reply at once, as Dante does for a caller
+// from another address than the BIND named; else it waits for a caller
+// that never comes.
+func refusingBindProxy(refuse func() bool) *socksclient.Dialer {
+	return &socksclient.Dialer{ProxyAddr: "192.0.2.1:1080", HandshakeTimeout: 5 * time.Second,
+		ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, proxy := net.Pipe()
+			go func() {
+				defer proxy.Close()
+				if !acceptBind(proxy) {
+					return
+				}
+				firstReply(proxy)
+				if !refuse() {
+					proxy.Read(make([]byte, 1))
+					return
+				}
+				b, _ := socksclient.Reply{Code: socksclient.RepNotAllowed, Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort("0.0.0.0:0"))}.AppendTo(nil)
+				proxy.Write(b)
+			}()
+			return c, nil
+		}}
+}
+
+// serveReverseFor runs an -R expecting its caller from 198.51.100.7
+// through proxy for d on the bubble's clock, then closes it.
+func serveReverseFor(proxy *socksclient.Dialer, d time.Duration) *Reverse {
+	r := NewReverse(ReverseConfig{
+		Name: "test", Remote: socksclient.Addr{IP: netip.MustParseAddr("198.51.100.7")}, Target: "127.0.0.1:1",
+		Upstreams: socksclient.NewUpstreams(proxy), Logger: zerolog.Nop(),
+	})
+	served := make(chan error, 1)
+	go func() { served <- r.Serve(context.Background()) }()
+	time.Sleep(d)
+	r.Close()
+	<-served
+	return r
+}
+
 // TestReverseWrongCallersNoBackoff: with a bind_address, a proxy that
 // refuses each caller from another address (REP 2 in the second reply, as
 // Dante does) is asked to listen again at once, every time: a backoff let
@@ -82,44 +135,12 @@ func TestReverseWrongCallersNoBackoff(t *testing.T) {
 		const refused = 5
 		var mu sync.Mutex
 		var binds []time.Time
-		proxy := &socksclient.Dialer{ProxyAddr: "192.0.2.1:1080", HandshakeTimeout: 5 * time.Second,
-			ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				c, proxy := net.Pipe()
-				go func() {
-					defer proxy.Close()
-					if _, err := socksclient.ReadGreeting(proxy); err != nil {
-						return
-					}
-					b, _ := socksclient.MethodSelection{Method: socksclient.MethodNoAuth}.AppendTo(nil)
-					proxy.Write(b)
-					if req, err := socksclient.ReadRequest(proxy); err != nil || req.Cmd != socksclient.CmdBind {
-						return
-					}
-					mu.Lock()
-					binds = append(binds, time.Now())
-					n := len(binds)
-					mu.Unlock()
-					b, _ = socksclient.Reply{Code: socksclient.RepSucceeded,
-						Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort("192.0.2.1:4000"))}.AppendTo(nil)
-					proxy.Write(b)
-					if n > refused {
-						proxy.Read(make([]byte, 1)) // waits for a caller that never comes
-						return
-					}
-					b, _ = socksclient.Reply{Code: socksclient.RepNotAllowed, Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort("0.0.0.0:0"))}.AppendTo(nil)
-					proxy.Write(b)
-				}()
-				return c, nil
-			}}
-		r := NewReverse(ReverseConfig{
-			Name: "test", Remote: socksclient.Addr{IP: netip.MustParseAddr("198.51.100.7")}, Target: "127.0.0.1:1",
-			Upstreams: socksclient.NewUpstreams(proxy), Logger: zerolog.Nop(),
-		})
-		served := make(chan error, 1)
-		go func() { served <- r.Serve(context.Background()) }()
-		time.Sleep(time.Minute)
-		r.Close()
-		<-served
+		r := serveReverseFor(refusingBindProxy(func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			binds = append(binds, time.Now())
+			return len(binds) <= refused
+		}), time.Minute)
 
 		mu.Lock()
 		defer mu.Unlock()
@@ -143,41 +164,9 @@ func TestReverseWrongCallersNoBackoff(t *testing.T) {
 func TestReverseRefusingProxyDoesNotSpin(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var binds atomic.Int64
-		proxy := &socksclient.Dialer{ProxyAddr: "192.0.2.1:1080", HandshakeTimeout: 5 * time.Second,
-			ProxyDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				c, proxy := net.Pipe()
-				go func() {
-					defer proxy.Close()
-					if _, err := socksclient.ReadGreeting(proxy); err != nil {
-						return
-					}
-					b, _ := socksclient.MethodSelection{Method: socksclient.MethodNoAuth}.AppendTo(nil)
-					proxy.Write(b)
-					if req, err := socksclient.ReadRequest(proxy); err != nil || req.Cmd != socksclient.CmdBind {
-						return
-					}
-					n := binds.Add(1)
-					b, _ = socksclient.Reply{Code: socksclient.RepSucceeded,
-						Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort("192.0.2.1:4000"))}.AppendTo(nil)
-					if n > 200 { // enough to tell: the loop spins; let the clock move on
-						proxy.Write(b)
-						proxy.Read(make([]byte, 1))
-						return
-					}
-					b, _ = socksclient.Reply{Code: socksclient.RepNotAllowed, Addr: socksclient.AddrFromAddrPort(netip.MustParseAddrPort("0.0.0.0:0"))}.AppendTo(b)
-					proxy.Write(b)
-				}()
-				return c, nil
-			}}
-		r := NewReverse(ReverseConfig{
-			Name: "test", Remote: socksclient.Addr{IP: netip.MustParseAddr("198.51.100.7")}, Target: "127.0.0.1:1",
-			Upstreams: socksclient.NewUpstreams(proxy), Logger: zerolog.Nop(),
-		})
-		served := make(chan error, 1)
-		go func() { served <- r.Serve(context.Background()) }()
-		time.Sleep(10 * time.Second)
-		r.Close()
-		<-served
+		// Past 200 the loop spins: the proxy stops refusing, so that the
+		// bubble's clock can move on and the test fail rather than hang.
+		serveReverseFor(refusingBindProxy(func() bool { return binds.Add(1) <= 200 }), 10*time.Second)
 		if n := binds.Load(); n > 101 {
 			t.Errorf("%d BINDs in 10 s against a proxy that refuses with no caller, want at most 101", n)
 		}
