@@ -4,33 +4,27 @@ package tunnel
 
 import (
 	"net"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
 
 // peerHungUp reports whether c's peer has closed or reset the connection,
 // without taking a byte it sent (a peek that does not wait). A conn
-// without a socket underneath reports false.
+// without a TCP socket underneath reports false.
 func peerHungUp(c net.Conn) bool {
-	for {
-		if sc, ok := c.(syscall.Conn); ok {
-			rc, err := sc.SyscallConn()
-			if err != nil {
-				return false
-			}
-			gone := false
-			rc.Control(func(fd uintptr) {
-				var b [1]byte
-				n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-				gone = n == 0 && err == nil || err == unix.ECONNRESET
-			})
-			return gone
-		}
-		u, ok := c.(interface{ NetConn() net.Conn })
-		if !ok {
-			return false
-		}
-		c = u.NetConn()
+	tc, ok := unwrapTCP(c)
+	if !ok {
+		return false
 	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	gone := false
+	rc.Control(func(fd uintptr) {
+		var b [1]byte
+		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		gone = n == 0 && err == nil || err == unix.ECONNRESET
+	})
+	return gone
 }

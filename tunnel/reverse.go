@@ -570,7 +570,8 @@ func (r *Reverse) fail(cause ReverseCause, err error, d *socksclient.Dialer) {
 	r.stats.Failures[cause].Add(1)
 	r.setRemote(nil)
 	r.failTries++
-	why := cause.String() + ": " + strings.TrimPrefix(r.failureText(cause, err, d), "reverse "+r.Name()+": ")
+	text := r.failureText(cause, err, d)
+	why := cause.String() + ": " + strings.TrimPrefix(text, "reverse "+r.Name()+": ")
 	r.failedWhy.Store(&why)
 	if r.isFailing && r.failing == cause {
 		return
@@ -584,7 +585,7 @@ func (r *Reverse) fail(cause ReverseCause, err error, d *socksclient.Dialer) {
 	if d != nil {
 		ev = ev.Str("upstream", d.ProxyAddr)
 	}
-	ev.Msg(r.failureText(cause, err, d))
+	ev.Msg(text)
 }
 
 // failureText says what went wrong and what to do, in one line.

@@ -213,11 +213,9 @@ func (d *SOCKSDoor) refuse(req *socksclient.ServerRequest, dialer *socksclient.D
 		// hang-up, not the upstream's answer, ended the session (the
 		// upstreams have counted their own failure).
 		d.clientGone(req, dialer, err, start)
-		req.Conn.Close()
-		f.endSession(req.Conn, nil)
-		return
+	} else {
+		f.dialFailed(req.Conn, req.Addr, dialer, err, start)
 	}
-	f.dialFailed(req.Conn, req.Addr, dialer, err, start)
 	req.Conn.Close()
 	f.endSession(req.Conn, nil)
 }

@@ -732,8 +732,8 @@ func (s *udpSession) associate() bool {
 			t.stats.AssociateFailures.Add(1)
 			if ok, suppressed := t.logs.Allow(causeAssociate); ok {
 				ev := t.logger.Warn().Err(err).Str("listener", t.name)
-				if d != nil { // none when every upstream failed: the error names them
-					ev = ev.Str("upstream", d.ProxyAddr)
+				if s.upstream != "" { // none when every upstream failed: the error names them
+					ev = ev.Str("upstream", s.upstream)
 				}
 				ev.Func(logthrottle.Repeats("failures_since_last_line", suppressed)).Msg("UDP associate failing")
 			}

@@ -309,37 +309,32 @@ func tcpStats(svc service) *tunnel.TCPStats {
 }
 
 // writeHTTP writes what only the HTTP proxies of units count: requests
-// by kind and status class.
+// by kind and status class, and 407s by reason.
 func writeHTTP(p *promWriter, units []liveUnit) {
-	family := false
+	var proxies []liveUnit
 	for _, u := range units {
-		h, ok := u.svc.(*tunnel.HTTPProxy)
-		if !ok {
-			continue
+		if _, ok := u.svc.(*tunnel.HTTPProxy); ok {
+			proxies = append(proxies, u)
 		}
-		if !family {
-			p.family("socksfwd_http_requests_total", "counter", "Requests the HTTP proxy answered, by kind (connect, forward: absolute-form, malformed: refused by the HTTP parser, or timeout: a request head begun but not received within 10 s, closed without an answer and counted 4xx as a 408; a connection that sends nothing is no request) and status class; a forwarded answer whose write failed because the client went away counts as 4xx (nginx's 499), one the target ended early (before its Content-Length or last chunk) as 5xx.")
-			family = true
-		}
+	}
+	if len(proxies) == 0 {
+		return
+	}
+	p.family("socksfwd_http_requests_total", "counter", "Requests the HTTP proxy answered, by kind (connect, forward: absolute-form, malformed: refused by the HTTP parser, or timeout: a request head begun but not received within 10 s, closed without an answer and counted 4xx as a 408; a connection that sends nothing is no request) and status class; a forwarded answer whose write failed because the client went away counts as 4xx (nginx's 499), one the target ended early (before its Content-Length or last chunk) as 5xx.")
+	for _, u := range proxies {
+		st := u.svc.(*tunnel.HTTPProxy).Stats()
 		for kind, name := range []string{tunnel.HTTPConnect: "connect", tunnel.HTTPForward: "forward", tunnel.HTTPMalformed: "malformed", tunnel.HTTPTimeout: "timeout"} {
 			for class := 1; class <= 5; class++ {
-				p.sample("socksfwd_http_requests_total", float64(h.Stats().Responses[kind][class].Load()),
+				p.sample("socksfwd_http_requests_total", float64(st.Responses[kind][class].Load()),
 					"listener", u.name, "kind", name, "code", strconv.Itoa(class)+"xx")
 			}
 		}
 	}
-	family = false
-	for _, u := range units {
-		h, ok := u.svc.(*tunnel.HTTPProxy)
-		if !ok {
-			continue
-		}
-		if !family {
-			p.family("socksfwd_http_auth_failures_total", "counter", "Requests answered 407, by reason: missing (no Proxy-Authorization: most clients' first request, to learn the scheme) or wrong_credentials.")
-			family = true
-		}
-		p.sample("socksfwd_http_auth_failures_total", float64(h.Stats().AuthMissing.Load()), "listener", u.name, "reason", "missing")
-		p.sample("socksfwd_http_auth_failures_total", float64(h.Stats().AuthWrong.Load()), "listener", u.name, "reason", "wrong_credentials")
+	p.family("socksfwd_http_auth_failures_total", "counter", "Requests answered 407, by reason: missing (no Proxy-Authorization: most clients' first request, to learn the scheme) or wrong_credentials.")
+	for _, u := range proxies {
+		st := u.svc.(*tunnel.HTTPProxy).Stats()
+		p.sample("socksfwd_http_auth_failures_total", float64(st.AuthMissing.Load()), "listener", u.name, "reason", "missing")
+		p.sample("socksfwd_http_auth_failures_total", float64(st.AuthWrong.Load()), "listener", u.name, "reason", "wrong_credentials")
 	}
 }
 

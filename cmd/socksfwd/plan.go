@@ -132,20 +132,13 @@ type socksPlan struct {
 	creds *tunnel.ProxyCredentials // nil: no authentication
 }
 
-func (d *dnsPlan) equal(o *dnsPlan) bool { return len(d.changesTo(o)) == 0 }
-
-// changesTo names each setting that differs in o, as "name old → new".
+// changesTo names each setting that differs in o, as "name old → new";
+// none when they are equal.
 func (d *dnsPlan) changesTo(o *dnsPlan) []string {
 	var out []string
 	if !slices.Equal(d.resolvers, o.resolvers) {
-		names := func(rs []socksclient.Addr) string {
-			s := make([]string, len(rs))
-			for i, r := range rs {
-				s[i] = r.String()
-			}
-			return strings.Join(s, ", ")
-		}
-		out = append(out, fmt.Sprintf("dns-upstream [%s] → [%s]", names(d.resolvers), names(o.resolvers)))
+		out = append(out, fmt.Sprintf("dns-upstream [%s] → [%s]",
+			strings.Join(addrStrings(d.resolvers), ", "), strings.Join(addrStrings(o.resolvers), ", ")))
 	}
 	if d.transport != o.transport {
 		out = append(out, fmt.Sprintf("dns-transport %s → %s", d.transport, o.transport))
@@ -497,6 +490,15 @@ func buildDialers(cfg *Config) ([]*socksclient.Dialer, error) {
 		return nil, usagef("--server-password-file needs a user: --server-user, or one in the -S URL (socks5h://user@proxy)")
 	}
 	return dialers, nil
+}
+
+// addrStrings is each of as written out.
+func addrStrings(as []socksclient.Addr) []string {
+	s := make([]string, len(as))
+	for i, a := range as {
+		s[i] = a.String()
+	}
+	return s
 }
 
 // checkRemoteAddrFile makes sure --remote-addr-file can be written where

@@ -305,10 +305,7 @@ func (s *supervisor) logListening(u *unit) {
 		ev.Bool("systemd_socket", true)
 	}
 	if u.lp.kind == kindDNS {
-		resolvers := make([]string, len(u.lp.dns.resolvers))
-		for i, r := range u.lp.dns.resolvers {
-			resolvers[i] = r.String()
-		}
+		resolvers := addrStrings(u.lp.dns.resolvers)
 		ev.Strs("resolvers", resolvers).Msgf("DNS on %s (udp+tcp) → %s over %s via %s", name, strings.Join(resolvers, ", "), u.lp.dns.transport, s.via())
 		return
 	}
@@ -761,8 +758,8 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 		// Other upstreams: the forwarder's pooled tunnels (or its UDP
 		// association) still lead through the old ones, and a busy pool
 		// never idles out, so a new forwarder takes over.
-		redial := upstreamsChanged(old, p)
-		if !l.dns.equal(u.lp.dns) || redial {
+		dnsChanges := u.lp.dns.changesTo(l.dns)
+		if len(dnsChanges) > 0 || upstreamsChanged(old, p) {
 			fwd, err := s.newForwarder(l.dns, svc.Forwarder().Stats())
 			if err != nil {
 				// New only fails on what buildPlan checked; keep the old one.
@@ -770,10 +767,10 @@ func (s *supervisor) update(u *unit, l listenPlan, old, p *plan) []string {
 				return changes
 			}
 			svc.SetForwarder(fwd)
-			if l.dns.equal(u.lp.dns) {
+			if len(dnsChanges) == 0 {
 				changes = append(changes, key+" reconnects through the new upstreams")
 			} else {
-				changes = append(changes, key+" "+strings.Join(u.lp.dns.changesTo(l.dns), ", "))
+				changes = append(changes, key+" "+strings.Join(dnsChanges, ", "))
 			}
 		}
 	}

@@ -69,16 +69,22 @@ func iptRemoval(command string, chains []*iptChain) []string {
 	return lines
 }
 
+// allIptChains lays out every chain of family f (see iptChains).
+func (p *plan) allIptChains(f family) []*iptChain {
+	var chains []*iptChain
+	for _, k := range p.chains() {
+		chains = append(chains, p.iptChains(f, k)...)
+	}
+	return chains
+}
+
 // iptables writes the restore input for one family.
 func (p *plan) iptables(f family) string {
 	command := "iptables"
 	if f.v6 {
 		command = "ip6tables"
 	}
-	var chains []*iptChain
-	for _, k := range p.chains() {
-		chains = append(chains, p.iptChains(f, k)...)
-	}
+	chains := p.allIptChains(f)
 
 	var t text
 	p.header(&t, command+"-restore input", []family{f})

@@ -354,20 +354,12 @@ func Removal(cfg Config, format string) ([]string, error) {
 			}
 			f = p.families[1]
 		}
-		var chains []*iptChain
-		for _, k := range p.chains() {
-			chains = append(chains, p.iptChains(f, k)...)
-		}
-		return iptRemoval(format, chains), nil
+		return iptRemoval(format, p.allIptChains(f)), nil
 	case "routes":
 		if !p.tproxy() {
 			return nil, nil
 		}
-		var lines []string
-		for _, r := range p.routes(p.families) {
-			lines = append(lines, strings.Replace(r, " add ", " del ", 1))
-		}
-		return lines, nil
+		return p.routesRemoval(p.families), nil
 	}
 	return nil, configError("format %q: want nft, iptables, ip6tables or routes", format)
 }
@@ -453,10 +445,19 @@ func (p *plan) header(t *text, title string, fams []family) {
 			t.line("#   %s", r)
 		}
 		t.line("# and to remove it (a second add would stack a second rule):")
-		for _, r := range p.routes(fams) {
-			t.line("#   %s", strings.Replace(r, " add ", " del ", 1))
+		for _, r := range p.routesRemoval(fams) {
+			t.line("#   %s", r)
 		}
 	}
+}
+
+// routesRemoval is the commands that take routes(fams) away again.
+func (p *plan) routesRemoval(fams []family) []string {
+	var lines []string
+	for _, r := range p.routes(fams) {
+		lines = append(lines, strings.Replace(r, " add ", " del ", 1))
+	}
+	return lines
 }
 
 // target says where TCP or UDP capture sends packets.
