@@ -159,6 +159,29 @@ func TestRulesLookupMarked(t *testing.T) {
 	}
 }
 
+// TestDirectLookupMarked: --http looks a --no-proxy target's name up
+// through sockets carrying --mark, as it dials the target with it, so that
+// DNS capture rules do not take the lookup back into socksfwd.
+func TestDirectLookupMarked(t *testing.T) {
+	peertest.RequireRoot(t) // CAP_NET_ADMIN for SO_MARK
+	const mark = 0x438
+	d := directDialer(mark)
+	if d.Resolver == nil || d.Resolver.Dial == nil {
+		t.Fatal("with --mark, direct dials look names up with the default resolver")
+	}
+	c, err := d.Resolver.Dial(context.Background(), "udp", "127.0.0.1:53")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got, err := sockmark.Of(c.(*net.UDPConn)); err != nil || got != mark {
+		t.Errorf("the lookup's socket has mark %#x (%v), want %#x", got, err, mark)
+	}
+	if directDialer(0).Resolver != nil {
+		t.Error("without --mark, direct dials do not use the system's resolver")
+	}
+}
+
 // TestReloadNewUpstreamsWithoutMark: with transparent listeners and no
 // --mark, the capture rules leave socksfwd's own connections alone only by
 // the proxies' addresses; a reload that names a new proxy host says the

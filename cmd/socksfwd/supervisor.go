@@ -427,7 +427,7 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 			Name:      socks.ln.Addr().String(),
 			Upstreams: s.ups,
 			NoProxy:   l.http.noProxy,
-			Direct:    directDialer(cfg.Mark),
+			Direct:    directDialer(cfg.Mark).DialContext,
 			// A direct connect gets the time a dial through an upstream gets.
 			DirectTimeout: time.Duration(cfg.HandshakeTimeout),
 			Credentials:   l.http.creds,
@@ -466,15 +466,16 @@ func (s *supervisor) build(l listenPlan, socks sockets) (service, error) {
 }
 
 // directDialer dials the targets --no-proxy lists, with the mark the
-// upstream sockets get: the capture rules must leave them alone too.
-func directDialer(mark Mark) func(ctx context.Context, network, address string) (net.Conn, error) {
+// upstream sockets get, and looks their names up through sockets with it:
+// the capture rules must leave both alone too.
+func directDialer(mark Mark) *net.Dialer {
 	d := &net.Dialer{}
 	if control := mark.control(); control != nil {
 		d.Control = control
 		// The name's lookup too, as the upstreams' (Dialer.LookupControl).
 		d.Resolver = socksclient.ResolverVia(control)
 	}
-	return d.DialContext
+	return d
 }
 
 // errCaptureLoop refuses a transparent connection whose original
