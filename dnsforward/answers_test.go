@@ -52,9 +52,11 @@ func (r *scriptResolver) dial(ctx context.Context) (net.Conn, error) {
 				if r.hold != nil {
 					<-r.hold
 				}
-				frames := [][]byte{packed(echoReply(q))}
+				var frames [][]byte
 				if r.reply != nil {
 					frames = r.reply(q)
+				} else {
+					frames = [][]byte{packed(echoReply(q))}
 				}
 				wmu.Lock()
 				defer wmu.Unlock()
@@ -105,7 +107,7 @@ func echoReply(q *dns.Msg) *dns.Msg {
 
 // newScriptForwarder is a tcp-transport forwarder to one scriptResolver
 // (with reply and hold as given), with a cache of cacheSize answers.
-func newScriptForwarder(t *testing.T, cacheSize int, reply func(q *dns.Msg) [][]byte, hold chan struct{}) (*Forwarder, *scriptResolver) {
+func newScriptForwarder(t testing.TB, cacheSize int, reply func(q *dns.Msg) [][]byte, hold chan struct{}) (*Forwarder, *scriptResolver) {
 	t.Helper()
 	f, err := New(Config{
 		Resolvers: documentationResolvers(t, 1),

@@ -358,6 +358,9 @@ func (f *Forwarder) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) 
 		resp, err = f.attempt(ctx, i, failover, q)
 		if err == nil && (resp.Rcode == dns.RcodeRefused || questionlessErrorMsg(resp)) {
 			f.logErrorAnswer(i, resp.Rcode, len(resp.Question) == 0, func() (string, uint16) {
+				if len(q.Question) == 0 { // Exchange's callers may send one so
+					return "", 0
+				}
 				return q.Question[0].Name, q.Question[0].Qtype
 			})
 		}
@@ -779,12 +782,20 @@ func (f *Forwarder) answerWire(dst, query []byte) ([]byte, bool) {
 }
 
 // ServeDNS implements dns.Handler: forward, or answer SERVFAIL (every
-// resolver failed) or REFUSED (too many queries in flight, or a zone
-// transfer). Never a silent drop. Failures are logged one line per cause per period, with the count
-// of queries that failed the same way since the last line.
+// resolver failed), REFUSED (too many queries in flight, or a zone
+// transfer) or FORMERR (not one question). Never a silent drop. Failures
+// are logged one line per cause per period, with the count of queries
+// that failed the same way since the last line.
 func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	_, udp := w.RemoteAddr().(*net.UDPAddr)
 	f.countQuery(udp)
+	if len(r.Question) != 1 {
+		// The header's count passes the accept function, but the message
+		// holds no question (miekg/dns lowers the count to what it read):
+		// FORMERR, as unbound answers, and nothing to forward.
+		f.answerRcode(w, r, dns.RcodeFormatError)
+		return
+	}
 	if isZoneTransfer(r) {
 		// A transfer is a stream of messages (RFC 5936 §2.2) and an IXFR's
 		// answer depends on the client's serial: neither is one answer to

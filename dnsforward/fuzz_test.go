@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 )
@@ -143,6 +144,47 @@ func FuzzAnswerLayout(f *testing.F) {
 		for i, off := range ttls {
 			if got := binary.BigEndian.Uint32(b[off:]); got != want[i] {
 				t.Fatalf("% x: TTL %d at %d, miekg/dns reads %d", b, got, off, want[i])
+			}
+		}
+	})
+}
+
+// FuzzServeMessage: a query's bytes from the network, through the server's
+// whole path (accept, unpack, cache, forward) to a resolver that answers by
+// the query's ID: header-only FORMERR or REFUSED (as unbound answers what
+// it will not take), or the usual answer. Property: no panic; a message
+// that is answered is answered with its own ID.
+func FuzzServeMessage(f *testing.F) {
+	fuzzQuerySeeds(f)
+	f.Add([]byte{0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0}) // QDCOUNT 1, no question
+	f.Add([]byte{0x12, 0x35, 0x01, 0x00, 0, 0, 0, 0, 0, 0, 0, 0}) // no question at all
+	two := new(dns.Msg)
+	two.SetQuestion("a.example.", dns.TypeA)
+	two.Question = append(two.Question, two.Question[0])
+	if wire, err := two.Pack(); err == nil {
+		f.Add(wire)
+	}
+	fwd, _ := newScriptForwarder(f, 100, func(q *dns.Msg) [][]byte {
+		switch q.Id % 3 {
+		case 0:
+			return [][]byte{packed(&dns.Msg{MsgHdr: dns.MsgHdr{Id: q.Id, Response: true, Rcode: dns.RcodeFormatError}})}
+		case 1:
+			return [][]byte{packed(&dns.Msg{MsgHdr: dns.MsgHdr{Id: q.Id, Response: true, Rcode: dns.RcodeRefused}})}
+		}
+		if len(q.Question) != 1 {
+			return [][]byte{packed(&dns.Msg{MsgHdr: dns.MsgHdr{Id: q.Id, Response: true, Rcode: dns.RcodeFormatError}})}
+		}
+		return [][]byte{packed(echoReply(q))}
+	}, nil)
+	fwd.cfg.Timeout = time.Second
+	s := &Server{stopping: make(chan struct{})} // serveMessage needs no socket
+	s.cur.Store(newServing(fwd))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		w := &recorder{}
+		s.serveMessage(w, b)
+		for _, m := range w.msgs {
+			if id := binary.BigEndian.Uint16(b); m.Id != id {
+				t.Fatalf("% x: answered with ID %#x, want %#x", b, m.Id, id)
 			}
 		}
 	})

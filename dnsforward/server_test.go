@@ -423,3 +423,96 @@ func TestWildcardLargeQuery(t *testing.T) {
 		t.Errorf("a %d-byte query answered %s", q.Len(), dns.RcodeToString[m.Rcode])
 	}
 }
+
+// headerOnlyFormErr answers every query FORMERR with the header alone, as
+// unbound, BIND and dnsmasq answer a query without a question.
+func headerOnlyFormErr(q *dns.Msg) [][]byte {
+	return [][]byte{packed(&dns.Msg{MsgHdr: dns.MsgHdr{Id: q.Id, Response: true, Rcode: dns.RcodeFormatError}})}
+}
+
+// TestQueryWithoutQuestion: a 12-byte query whose header claims one
+// question but that holds none unpacks to a message with no question.
+// It is answered FORMERR on every path (UDP fast path, TCP, a wildcard
+// socket's miekg/dns server) and not forwarded. Forwarded, the resolver's
+// header-only FORMERR reached a log line that read the query's first
+// question, and the process died of one datagram.
+func TestQueryWithoutQuestion(t *testing.T) {
+	empty := []byte{0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0}
+	wantFormErr := func(t *testing.T, b []byte) {
+		t.Helper()
+		m := new(dns.Msg)
+		if err := m.Unpack(b); err != nil {
+			t.Fatal(err)
+		}
+		if m.Id != 0x1234 || m.Rcode != dns.RcodeFormatError {
+			t.Errorf("answer id %#x %s, want 0x1234 FORMERR", m.Id, dns.RcodeToString[m.Rcode])
+		}
+	}
+	exchangeUDP := func(t *testing.T, addr string) []byte {
+		t.Helper()
+		c, err := net.Dial("udp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := c.Write(empty); err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(10 * time.Second)) // a bound, not a wait
+		b := make([]byte, 512)
+		n, err := c.Read(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b[:n]
+	}
+	for _, path := range []string{"udp", "tcp", "wildcard"} {
+		t.Run(path, func(t *testing.T) {
+			f, res := newScriptForwarder(t, 100, headerOnlyFormErr, nil)
+			var answer []byte
+			switch path {
+			case "udp", "tcp":
+				_, addr := startServerFor(t, f)
+				if path == "udp" {
+					answer = exchangeUDP(t, addr)
+					break
+				}
+				c, err := net.Dial("tcp", addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				c.Write(append([]byte{0, byte(len(empty))}, empty...))
+				c.SetReadDeadline(time.Now().Add(10 * time.Second)) // a bound, not a wait
+				var l [2]byte
+				if answer, err = readTCPFrame(c, &l); err != nil {
+					t.Fatal(err)
+				}
+			case "wildcard":
+				pc, ln, err := Listen("0.0.0.0:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				s := NewServer(f, pc, ln)
+				done := make(chan error, 1)
+				go func() { done <- s.Serve(context.Background()) }()
+				defer func() { s.Close(); <-done }()
+				answer = exchangeUDP(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(pc.LocalAddr().(*net.UDPAddr).Port)))
+			}
+			wantFormErr(t, answer)
+			if n := len(res.queries()); n != 0 {
+				t.Errorf("the resolver was asked %d queries, want none", n)
+			}
+		})
+	}
+	t.Run("Exchange", func(t *testing.T) {
+		f, _ := newScriptForwarder(t, 100, headerOnlyFormErr, nil)
+		m, err := f.Exchange(context.Background(), &dns.Msg{MsgHdr: dns.MsgHdr{Id: 7, RecursionDesired: true}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Rcode != dns.RcodeFormatError {
+			t.Errorf("Exchange of a query without a question: %s, want the resolver's FORMERR", dns.RcodeToString[m.Rcode])
+		}
+	})
+}

@@ -34,7 +34,7 @@ func readTCPMessage(r io.Reader, lenBuf *[2]byte) (*dns.Msg, error) {
 	return m, nil
 }
 
-func netipAddrPort(t *testing.T, s string) netip.AddrPort {
+func netipAddrPort(t testing.TB, s string) netip.AddrPort {
 	t.Helper()
 	ap, err := netip.ParseAddrPort(s)
 	if err != nil {

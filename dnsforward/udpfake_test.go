@@ -189,7 +189,7 @@ func (fr *fakeRelays) count() int {
 
 // documentationResolvers is n resolver addresses from the documentation
 // range, for forwarders whose connections are fakes that never dial.
-func documentationResolvers(t *testing.T, n int) []socksclient.Addr {
+func documentationResolvers(t testing.TB, n int) []socksclient.Addr {
 	t.Helper()
 	var addrs []socksclient.Addr
 	for i := range n {
