@@ -49,8 +49,10 @@ type streamWriter struct {
 // write queues msg, under id when withID (msg itself is left as it is),
 // and returns once it is written, or (without waits) handed to the write
 // under way. An error means the stream failed, in the write that carried
-// msg or an earlier one; without waits, a message handed on is lost with
-// a write that fails later, and the stream's owner fails what was on it.
+// msg or an earlier one; without waits, also in a later batch this sender
+// went on to write: its senders had been told their messages were on the
+// way, and only this error tells the stream's owner to fail what was on
+// it (they would wait out their deadlines on a stream that sends nothing).
 func (s *streamWriter) write(msg []byte, id uint16, withID bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -67,7 +69,7 @@ func (s *streamWriter) write(msg []byte, id uint16, withID bool) error {
 		binary.BigEndian.PutUint16(s.queued[start:], id)
 	}
 	mine := s.batches + 1 // the next batch taken carries msg
-	yielded := false
+	yielded, wroteFailed := false, false
 	for s.err == nil && (s.written < mine || !s.waits && len(s.queued) > 0) {
 		if s.writing {
 			if !s.waits {
@@ -84,8 +86,9 @@ func (s *streamWriter) write(msg []byte, id uint16, withID bool) error {
 			s.mu.Lock()
 		}
 		s.writeBatch()
+		wroteFailed = s.err != nil
 	}
-	if s.written >= mine {
+	if s.written >= mine && !wroteFailed {
 		return nil
 	}
 	return s.err

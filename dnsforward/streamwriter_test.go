@@ -2,11 +2,17 @@ package dnsforward
 
 import (
 	"bytes"
+	"context"
+	"encoding/binary"
 	"errors"
 	"net"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/miekg/dns"
 )
 
 // gatedConn records each Write and holds it until the test lets it
@@ -140,6 +146,114 @@ func TestStreamWriterWithoutWaits(t *testing.T) {
 		c.pass <- struct{}{}
 		if err := <-first; err != nil {
 			t.Fatal(err)
+		}
+	})
+}
+
+// TestStreamWriterWithoutWaitsLaterFailure: without waits, a sender that
+// goes on to write the batch queued behind its own gets that batch's
+// failure, though its own message went out: the senders of that batch
+// were told it was on the way, and only this error tells the stream's
+// owner to fail it (and them) rather than leave them to their deadlines.
+func TestStreamWriterWithoutWaitsLaterFailure(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := &gatedConn{pass: make(chan struct{})}
+		w := &streamWriter{conn: c, timeout: time.Second}
+		first := make(chan error, 1)
+		go func() { first <- w.write([]byte{0, 0, 7}, 0, false) }()
+		synctest.Wait() // its write is held
+		if err := w.write([]byte{0, 1, 7}, 0, false); err != nil {
+			t.Fatal(err)
+		}
+		c.pass <- struct{}{} // the first write goes out
+		synctest.Wait()
+		broken := errors.New("write: i/o timeout")
+		c.err = broken
+		c.pass <- struct{}{} // the second fails
+		if err := <-first; !errors.Is(err, broken) {
+			t.Fatalf("the sender that wrote the failed batch got %v, want %v", err, broken)
+		}
+	})
+}
+
+// laterFailConn holds its first Write until pass is closed, and fails its
+// second, as a write that hit its deadline does; reads go on.
+type laterFailConn struct {
+	net.Conn
+	writes atomic.Int32
+	pass   chan struct{}
+}
+
+func (c *laterFailConn) Write(b []byte) (int, error) {
+	switch c.writes.Add(1) {
+	case 1:
+		<-c.pass
+	case 2:
+		return 0, errors.New("write: i/o timeout")
+	}
+	return c.Conn.Write(b)
+}
+
+// TestPooledQueryHandedOnResent: on a resolver connection, a query
+// queued behind another's write goes out in the next write; when that
+// write fails, the connection is failed and the query sent again on a new
+// one at once. It had waited out its whole deadline: the sender that
+// wrote it had its own query out, and nobody failed the connection.
+func TestPooledQueryHandedOnResent(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var resolvers sync.WaitGroup
+		defer resolvers.Wait()
+		var dials atomic.Int32
+		first := &laterFailConn{pass: make(chan struct{})}
+		p := newTCPPool(func(ctx context.Context) (net.Conn, error) {
+			client, server := net.Pipe()
+			resolvers.Go(func() { // answers each query
+				defer server.Close()
+				var l [2]byte
+				for {
+					b, err := readTCPFrame(server, &l)
+					if err != nil {
+						return
+					}
+					q := new(dns.Msg)
+					if q.Unpack(b) != nil {
+						return
+					}
+					out := packed(echoReply(q))
+					if _, err := server.Write(append(binary.BigEndian.AppendUint16(nil, uint16(len(out))), out...)); err != nil {
+						return
+					}
+				}
+			})
+			if dials.Add(1) == 1 {
+				first.Conn = client
+				return first, nil
+			}
+			return client, nil
+		}, 1, 32, time.Minute, new(Stats))
+		defer p.close()
+		exchange := func(name string, id uint16) chan error {
+			done := make(chan error, 1)
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				defer cancel()
+				_, err := p.exchangeWire(ctx, packed(query(name, dns.TypeA, id)), false)
+				done <- err
+			}()
+			synctest.Wait()
+			return done
+		}
+		a := exchange("a.example", 1) // its write is held
+		b := exchange("b.example", 2) // queued behind it
+		start := time.Now()
+		close(first.pass)
+		for name, done := range map[string]chan error{"a": a, "b": b} {
+			if err := <-done; err != nil {
+				t.Errorf("query %s: %v after %v", name, err, time.Since(start))
+			}
+		}
+		if n := dials.Load(); n != 2 {
+			t.Errorf("%d connections dialed, want 2 (the failed one and its replacement)", n)
 		}
 	})
 }
