@@ -385,12 +385,24 @@ func (s *Server) Serve(ctx context.Context) error {
 	defer stop()
 	errc := make(chan error, 2)
 	var wg sync.WaitGroup
-	if s.fast != nil {
-		wg.Go(func() { errc <- s.fast.serve() })
-	} else {
-		wg.Go(func() { errc <- s.udp.ActivateAndServe() })
+	// A failure that ends one transport ends the other too, so that Serve
+	// returns it: half a DNS server, answering TCP only, would fail every
+	// UDP client without a word.
+	run := func(serve func() error) {
+		wg.Go(func() {
+			err := serve()
+			if err != nil && !errors.Is(err, net.ErrClosed) {
+				s.Close()
+			}
+			errc <- err
+		})
 	}
-	wg.Go(func() { errc <- s.tcp.run() })
+	if s.fast != nil {
+		run(s.fast.serve)
+	} else {
+		run(s.udp.ActivateAndServe)
+	}
+	run(s.tcp.run)
 	wg.Wait()
 	close(errc)
 	for err := range errc {

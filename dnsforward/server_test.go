@@ -516,3 +516,35 @@ func TestQueryWithoutQuestion(t *testing.T) {
 		}
 	})
 }
+
+// brokenConn is a UDP socket whose reads fail for good.
+type brokenConn struct{ outsiderConn }
+
+var errSocketGone = errors.New("recvmsg: the socket is gone")
+
+func (c *brokenConn) ReadFrom([]byte) (int, net.Addr, error) { return 0, nil, errSocketGone }
+
+// TestServeEndsWithUDPFailure: a read failure that ends the UDP side ends
+// the TCP side too, and Serve returns it, so that the supervisor hears of
+// it. Serve had gone on serving TCP alone, every UDP client failed
+// without a word.
+func TestServeEndsWithUDPFailure(t *testing.T) {
+	f, _ := newScriptForwarder(t, 0, nil, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(f, &brokenConn{outsiderConn{closed: make(chan struct{})}}, ln)
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(context.Background()) }()
+	select {
+	case err := <-served:
+		if !errors.Is(err, errSocketGone) {
+			t.Errorf("Serve: %v, want %v", err, errSocketGone)
+		}
+	case <-time.After(10 * time.Second): // a bound, not a wait
+		s.Close()
+		<-served
+		t.Fatal("Serve did not return when its UDP side failed")
+	}
+}
