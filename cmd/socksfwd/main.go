@@ -91,6 +91,11 @@ func newApp(stdout, stderr io.Writer, getenv func(string) string, loaded *merged
 					return err
 				}
 				fmt.Fprint(stdout, out)
+				// What a run would log at its start, where the user
+				// checking a merge looks for it.
+				for _, w := range cfg.warnings {
+					fmt.Fprintln(stderr, "socksfwd: warning: "+w)
+				}
 				return nil
 			}
 			*loaded = cfg

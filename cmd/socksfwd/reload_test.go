@@ -895,6 +895,16 @@ func TestFlagListReplacesFileList(t *testing.T) {
 	d.waitFor("forwarding", 1)
 	d.reload(path, conf, 1)
 	d.waitFor(`-L (--local) replaces`, 2)
+
+	// --print-config, where a user checks the merge, says so too.
+	var stdout, stderr strings.Builder
+	if code := run([]string{"socksfwd", "-c", path, "-L", "7011:h:1", "--print-config"}, &stdout, &stderr, func(string) string { return "" }); code != exitOK {
+		t.Fatalf("--print-config: exit %d: %s", code, stderr.String())
+	}
+	if !strings.Contains(stderr.String(), `warning: -L (--local) replaces the 1 "local" value(s) of the config file`) ||
+		!strings.Contains(stdout.String(), "7011:h:1") {
+		t.Errorf("--print-config printed\n%s\nand said\n%s\nwant the merged -L and the warning", stdout.String(), stderr.String())
+	}
 }
 
 // TestReloadHintBlamesOnlyWhatHoldsThePort: the port of the added

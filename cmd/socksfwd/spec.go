@@ -282,6 +282,17 @@ func redactURL(raw string) string {
 			return u.Redacted()
 		}
 		prefix, rest = scheme+"://", r
+	} else if strings.Contains(raw, "@") {
+		// user:pass@proxy, read as parseServer reads it: the user stays,
+		// so that the redacted value, loaded again, says the password is
+		// the mark instead of that the user has none. A user without a
+		// password does not: in a list split at a comma in a password,
+		// it is that password's second piece.
+		if u, err := url.Parse("socks5h://" + raw); err == nil && u.User != nil {
+			if _, ok := u.User.Password(); ok {
+				return strings.TrimPrefix(u.Redacted(), "socks5h://")
+			}
+		}
 	}
 	if i := strings.LastIndex(rest, "@"); i >= 0 {
 		return prefix + "xxxxx@" + rest[i+1:]

@@ -155,6 +155,17 @@ func TestParseServer(t *testing.T) {
 	if got := redactURL("socks5h://u:secret@proxy"); strings.Contains(got, "secret") {
 		t.Errorf("redactURL = %s", got)
 	}
+	// The bare form keeps its user, and read back says the password is
+	// the mark (it had said the user had no password, with no user left).
+	if got := redactURL("alice:secret@proxy:1080"); got != "alice:xxxxx@proxy:1080" {
+		t.Errorf("redactURL(alice:secret@proxy:1080) = %s, want alice:xxxxx@proxy:1080", got)
+	}
+	if got := redactURL("cret@proxy:1080"); got != "xxxxx@proxy:1080" { // of "alice:se,cret@proxy:1080"
+		t.Errorf("redactURL(cret@proxy:1080) = %s, want xxxxx@proxy:1080", got)
+	}
+	if _, err := parseServer(redactURL("alice:secret@proxy:1080"), "", "", 0); err == nil || !strings.Contains(err.Error(), redactedMarkHint) {
+		t.Errorf("the redacted bare form read back: %v, want %q", err, redactedMarkHint)
+	}
 }
 
 // TestPasswordFileWithURLUser: --server-password-file gives its password
