@@ -13,6 +13,7 @@ import (
 	"github.com/miekg/dns"
 
 	"github.com/socksfwd/socksfwd/internal/allowlist"
+	"github.com/socksfwd/socksfwd/internal/logthrottle"
 	"github.com/socksfwd/socksfwd/internal/bindaddr"
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
@@ -113,8 +114,19 @@ func NewServer(fwd *Forwarder, pc net.PacketConn, ln net.Listener) *Server {
 		s.udp = &dns.Server{PacketConn: pc, Handler: s, MsgAcceptFunc: s.acceptUDP, MsgInvalidFunc: s.invalidUDP, UDPSize: 4096,
 			DecorateReader: s.refuseOutsiders}
 	}
-	s.tcp = newTCPServer(ln, s.serveMessage)
+	s.tcp = newTCPServer(ln, s.serveMessage, tcpMaxClients, s.tcpFull)
 	return s
+}
+
+// tcpFull logs, once per period, that DNS-over-TCP clients wait for room.
+func (s *Server) tcpFull() {
+	f := s.cur.Load().fwd
+	ok, suppressed := f.failLog.Allow("tcp clients full")
+	if !ok {
+		return
+	}
+	f.cfg.Logger.Warn().Int("max_clients", cap(s.tcp.room)).Func(logthrottle.Repeats("more_since_last_line", suppressed)).
+		Msgf("DNS over TCP: %d clients at once, the most it serves; the next waits until one leaves (one line per %s)", cap(s.tcp.room), failureLogPeriod)
 }
 
 // Forwarder is the forwarder answering new queries (for its Stats).

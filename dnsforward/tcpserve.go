@@ -31,6 +31,13 @@ const (
 	// client that sends more, or reads slowly, is slowed by TCP rather
 	// than by queries or answers waiting in memory.
 	tcpPipeline = 32
+	// tcpMaxClients is how many clients are served at once; the next is
+	// accepted when one leaves, and waits in the listen backlog until then
+	// (as with dnsmasq, which serves a few TCP clients at a time). Each
+	// holds a descriptor, a goroutine and a buffer, and up to tcpPipeline
+	// queries: without a bound, one program opening connections would
+	// take memory and descriptors from every listener of the process.
+	tcpMaxClients = 1024
 )
 
 // tcpServer accepts DNS-over-TCP clients and answers each connection's
@@ -43,6 +50,9 @@ type tcpServer struct {
 	serve   func(w dns.ResponseWriter, q []byte) // answers one query's bytes
 	workers *workers                             // answer every client's queries
 
+	room   chan struct{} // a token per client served (tcpMaxClients)
+	onFull func()        // told when a client waits for room
+
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{}
 	stopped  bool
@@ -50,16 +60,29 @@ type tcpServer struct {
 	clients  sync.WaitGroup
 }
 
-func newTCPServer(ln net.Listener, serve func(dns.ResponseWriter, []byte)) *tcpServer {
-	return &tcpServer{ln: ln, serve: serve, workers: newWorkers(), conns: make(map[net.Conn]struct{}), stopping: make(chan struct{})}
+func newTCPServer(ln net.Listener, serve func(dns.ResponseWriter, []byte), maxClients int, onFull func()) *tcpServer {
+	return &tcpServer{ln: ln, serve: serve, workers: newWorkers(), room: make(chan struct{}, maxClients), onFull: onFull,
+		conns: make(map[net.Conn]struct{}), stopping: make(chan struct{})}
 }
 
-// run accepts clients until the listener is closed.
+// run accepts clients until the listener is closed, as many at once as
+// there is room for.
 func (t *tcpServer) run() error {
 	var delay time.Duration
 	for {
+		select {
+		case t.room <- struct{}{}:
+		default:
+			t.onFull()
+			select {
+			case t.room <- struct{}{}:
+			case <-t.stopping:
+				return nil
+			}
+		}
 		c, err := t.ln.Accept()
 		if err != nil {
+			<-t.room
 			if errors.Is(err, net.ErrClosed) || t.isStopped() {
 				return nil
 			}
@@ -75,6 +98,7 @@ func (t *tcpServer) run() error {
 		}
 		go func() {
 			defer t.clients.Done()
+			defer func() { <-t.room }()
 			defer t.untrack(c)
 			newTCPClient(c, t.serve, t.workers.run, t.armRead).run()
 		}()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"github.com/rs/zerolog"
 )
 
 // writeQueries sends queries on c in one write, each with its length.
@@ -300,4 +302,66 @@ func TestTCPClientThatDoesNotReadIsHeld(t *testing.T) {
 		client.Close()
 		<-done
 	})
+}
+
+// TestTCPClientsBounded: past its bound of clients, the server accepts
+// the next only when one leaves (it waits in the listen backlog), and says
+// so in one line. Unbounded, one program opening connections took
+// descriptors and memory from every listener of the process.
+func TestTCPClientsBounded(t *testing.T) {
+	f, _ := newScriptForwarder(t, 0, nil, nil)
+	var logs syncBuffer
+	f.cfg.Logger = zerolog.New(&logs)
+	pc, ln, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(f, pc, ln)
+	s.tcp = newTCPServer(ln, s.serveMessage, 1, nil)
+	full := make(chan struct{}, 1)
+	s.tcp.onFull = func() {
+		s.tcpFull()
+		select {
+		case full <- struct{}{}:
+		default:
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(context.Background()) }()
+	defer func() { s.Close(); <-done }()
+
+	ask := func(c net.Conn, id uint16) {
+		t.Helper()
+		writeQueries(t, c, query("a.example", dns.TypeA, id))
+		c.SetReadDeadline(time.Now().Add(10 * time.Second)) // a bound, not a wait
+		var l [2]byte
+		b, err := readTCPFrame(c, &l)
+		if err != nil {
+			t.Fatalf("query %d: %v", id, err)
+		}
+		if got := binary.BigEndian.Uint16(b); got != id {
+			t.Fatalf("answer id %d, want %d", got, id)
+		}
+	}
+	first, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	ask(first, 1)
+	select {
+	case <-full:
+	case <-time.After(10 * time.Second): // a bound, not a wait
+		t.Fatal("with one client of one served, the server did not wait for room")
+	}
+	second, err := net.Dial("tcp", ln.Addr().String()) // in the backlog
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	first.Close()
+	ask(second, 2) // accepted once the first left
+	if l := logs.lines(); len(l) != 1 || !strings.Contains(l[0], "DNS over TCP: 1 clients at once, the most it serves; the next waits until one leaves") {
+		t.Errorf("log lines %q, want one saying the clients are at the bound", l)
+	}
 }
