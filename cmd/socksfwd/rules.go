@@ -106,7 +106,7 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 		}
 		// REDIRECT on a gateway hands a connection to the address of the
 		// interface it arrived on: a loopback listener never sees it.
-		if rc.Scope == rules.ScopeGateway && redirected(l, rc) && ap.Addr().IsLoopback() {
+		if rc.Scope == rules.ScopeGateway && redirected(l, rc) && ap.Addr().IsLoopback() && !c.Bool("remove") {
 			return rc, usagef("rules --scope gateway: %s listens on %s, but REDIRECT on a gateway sends to the address of the interface traffic arrives on; bind it to 0.0.0.0:%d (or that interface's address)", l.spec, ap, ap.Port())
 		}
 		switch l.kind {
@@ -144,13 +144,16 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 	if rc.TCPPort == 0 && rc.UDPPort == 0 && rc.DNSPort == 0 {
 		return rc, usagef("rules: nothing to capture: give --transparent [bind:]port[/udp] (and --dns to capture DNS)")
 	}
+	if c.Bool("remove") {
+		// What removes the rules depends on format, mode and scope only:
+		// a configuration edited since they were loaded still removes
+		// them, though it would not load.
+		return rc, nil
+	}
 	if err := checkListenersTake(rc, listens); err != nil {
 		return rc, err
 	}
 	for _, d := range p.dialers {
-		if c.Bool("remove") {
-			break // what removes the rules does not name the proxies: no lookup
-		}
 		addrs, err := proxyAddrs(d)
 		if err != nil {
 			return rc, err
@@ -402,6 +405,14 @@ func resolverCaptureWarning(rc rules.Config, p *plan) string {
 	for _, d := range p.dialers {
 		host, _, _ := net.SplitHostPort(d.ProxyAddr)
 		if _, err := netip.ParseAddr(host); err != nil && len(captured) > 0 {
+			if rc.Mark == 0 && len(rc.ProxyUsers) == 0 {
+				// Nothing tells socksfwd's own traffic apart but the
+				// proxies' addresses, and a lookup goes to a resolver.
+				return fmt.Sprintf("the proxy %s is a name, and without --mark or --proxy-user the rules capture socksfwd's own lookups of it too "+
+					"(they capture %s): the lookup would need the proxy to reach the proxy, and nothing would connect. "+
+					"Give --mark N (the same to socksfwd) or --proxy-user, or the proxy by address (or its name in /etc/hosts).",
+					host, strings.Join(captured, " and "))
+			}
 			return fmt.Sprintf("the proxy %s is a name: socksfwd looks it up through this host's resolver, and the rules capture %s, "+
 				"so a local stub resolver's own queries (127.0.0.53's) would need the proxy to resolve the proxy. "+
 				"Give the proxy by address, or --exclude the stub's upstream resolvers.", host, strings.Join(captured, " and "))

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/socksfwd/socksfwd/internal/rules"
+	"github.com/socksfwd/socksfwd/socksclient"
 )
 
 // TestResolveListens: a listener bound by host name is checked, and sent
@@ -64,6 +65,27 @@ func TestPrimaryOfInterfaces(t *testing.T) {
 	} {
 		if got := primaryOfInterfaces(netip.MustParseAddr(c.addr), c.names); got != c.want {
 			t.Errorf("primaryOfInterfaces(%s, %q) = %v, want %v", c.addr, c.names, got, c.want)
+		}
+	}
+}
+
+// TestOwnLookupsCaptured: with a proxy given by name, DNS captured in
+// scope local and neither --mark nor --proxy-user, the rules take
+// socksfwd's own lookups of the proxy into the capture that needs the
+// proxy; the warning says so, and how out. With a mark it speaks only of
+// a local stub resolver, whose queries carry no mark.
+func TestOwnLookupsCaptured(t *testing.T) {
+	p := &plan{dialers: []*socksclient.Dialer{{ProxyAddr: "proxy.example:1080"}}}
+	rc := rules.Config{Scope: rules.ScopeLocal, DNSPort: 5353}
+	if w := resolverCaptureWarning(rc, p); !strings.Contains(w, "capture socksfwd's own lookups of it too") || !strings.Contains(w, "Give --mark N") {
+		t.Errorf("without a mark: %q", w)
+	}
+	for _, rc := range []rules.Config{
+		{Scope: rules.ScopeLocal, DNSPort: 5353, Mark: 0x438},
+		{Scope: rules.ScopeLocal, DNSPort: 5353, ProxyUsers: []string{"socksfwd"}},
+	} {
+		if w := resolverCaptureWarning(rc, p); strings.Contains(w, "own lookups") || !strings.Contains(w, "a local stub resolver") {
+			t.Errorf("mark %#x, proxy users %v: %q", rc.Mark, rc.ProxyUsers, w)
 		}
 	}
 }
