@@ -17,6 +17,7 @@ import (
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
 	"github.com/socksfwd/socksfwd/internal/sockmark"
+	"github.com/socksfwd/socksfwd/internal/testnet"
 )
 
 // TestMarkTopBit: a mark with the top bit set passes the start-up check
@@ -211,5 +212,31 @@ func TestReloadNewUpstreamsWithoutMark(t *testing.T) {
 	d.reload(path, conf("192.0.2.2:1081", "192.0.2.3:1080"), 5)
 	if n := len(d.linesWith(warning)); n != 1 {
 		t.Errorf("%d warnings that the capture rules name the old upstreams, want 1 (for the new host):\n%s", n, d.dump())
+	}
+}
+
+// TestReloadMovedCaptureListener: capture rules send to the transparent
+// listeners' (and --dns's) ports; a reload that moves one says the rules
+// must be printed and loaded again, where it had listed the move alone
+// and every captured connection was refused. One that changes only
+// other listeners says nothing of the rules.
+func TestReloadMovedCaptureListener(t *testing.T) {
+	verifyNoLeaks(t)
+	echo := testnet.Echo(t).Addr().String()
+	conf := func(transparent, local string) string {
+		return fmt.Sprintf("server = [\"192.0.2.1:1080\"]\nmark = \"0x438\"\ntransparent = [%q]\nlocal = [%q]\n", transparent, local)
+	}
+	first, second := "127.0.0.1:"+freePort(t), "127.0.0.1:"+freePort(t)
+	path := writeConfig(t, conf(first, "127.0.0.1:0:"+echo))
+	d := startDaemon(t, "-c", path)
+	d.waitFor("transparent", 1)
+	const warning = "the listeners the capture rules send to changed"
+	d.reload(path, conf(first, "127.0.0.2:0:"+echo), 1)
+	if n := len(d.linesWith(warning)); n != 0 {
+		t.Fatalf("%d warnings after moving a -L, want none:\n%s", n, d.dump())
+	}
+	d.reload(path, conf(second, "127.0.0.2:0:"+echo), 2)
+	if n := len(d.linesWith(warning)); n != 1 {
+		t.Errorf("%d warnings after moving the transparent listener, want 1:\n%s", n, d.dump())
 	}
 }

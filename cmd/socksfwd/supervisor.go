@@ -563,9 +563,7 @@ func (s *supervisor) reloadNow() error {
 	s.observeUpstreams(p)
 	if !slices.Equal(old.cfg.Server, p.cfg.Server) {
 		changes = append(changes, fmt.Sprintf("upstreams [%s] → [%s]", redactedServers(old.cfg.Server), redactedServers(p.cfg.Server)))
-		if p.cfg.Mark == 0 && newProxyHost(old.dialers, p.dialers) && slices.ContainsFunc(p.listens, func(l listenPlan) bool {
-			return l.kind == kindTransparent || l.kind == kindTransparentUDP
-		}) {
+		if p.cfg.Mark == 0 && newProxyHost(old.dialers, p.dialers) && hasTransparent(p) {
 			// Without a mark, the capture rules leave socksfwd's own
 			// connections alone by the proxies' addresses, the old ones.
 			s.log.Warn().Msg("the upstreams changed and there is no --mark: capture rules printed for the old ones leave only their addresses out, " +
@@ -620,6 +618,10 @@ func (s *supervisor) reloadNow() error {
 	if old.cfg.RemoteAddrFile != p.cfg.RemoteAddrFile {
 		changes = append(changes, fmt.Sprintf("remote-addr-file %q → %q", old.cfg.RemoteAddrFile, p.cfg.RemoteAddrFile))
 	}
+	if was, now := captureTargets(old), captureTargets(p); !slices.Equal(was, now) && (hasTransparent(old) || hasTransparent(p)) {
+		s.log.Warn().Strs("before", was).Strs("now", now).Msg("the listeners the capture rules send to changed: rules printed for the old ones send " +
+			"connections where nothing may listen now, and they are refused or dropped; print and load the rules again (socksfwd rules)")
+	}
 	s.remotes.configure(p)
 	s.start(bound)
 	s.reloaded(true)
@@ -629,6 +631,25 @@ func (s *supervisor) reloadNow() error {
 	}
 	s.log.Info().Strs("changes", changes).Msg("reloaded: " + strings.Join(changes, "; "))
 	return nil
+}
+
+// captureTargets are the addresses of p's listeners that capture rules
+// send to (transparent TCP and UDP, and --dns), sorted.
+func captureTargets(p *plan) []string {
+	var out []string
+	for _, l := range p.listens {
+		if l.kind == kindTransparent || l.kind == kindTransparentUDP || l.kind == kindDNS {
+			out = append(out, l.key())
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func hasTransparent(p *plan) bool {
+	return slices.ContainsFunc(p.listens, func(l listenPlan) bool {
+		return l.kind == kindTransparent || l.kind == kindTransparentUDP
+	})
 }
 
 // reloaded counts a reload's result for /metrics.
