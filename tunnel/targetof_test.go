@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -108,6 +109,30 @@ func TestTargetOfErrorRefuses(t *testing.T) {
 	}
 	if n := proxy.Handshakes(); n != 0 {
 		t.Errorf("the proxy saw %d handshakes for a refused session", n)
+	}
+}
+
+// TestTargetOfRefusalReasons: the refusals of a transparent listener are
+// counted by reason, apart from failures: a connection no rule sent, and
+// socksfwd's own connection to its proxy taken by the capture rules (a
+// loop, which /metrics must tell apart from a target that failed).
+func TestTargetOfRefusalReasons(t *testing.T) {
+	proxy := newSocks(t, sockstest.Config{})
+	for _, cause := range []error{ErrNotRedirected, ErrCaptureLoop} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, logs := startTargetOfForward(t, ln, func(net.Conn) (socksclient.Addr, error) {
+			return socksclient.Addr{}, fmt.Errorf("original destination 192.0.2.1:1080: %w", cause)
+		}, proxy.Addr())
+		expectReset(t, ln.Addr().String())
+		logs.waitFor(t, "session refused")
+		s := f.Stats()
+		got := map[error]int64{ErrNotRedirected: s.RejectedNotRedirected.Load(), ErrCaptureLoop: s.RejectedCaptureLoop.Load()}
+		if got[cause] != 1 || s.Failed.Load() != 0 {
+			t.Errorf("%v: rejected %v, failed %d; want it counted once under its own reason", cause, got, s.Failed.Load())
+		}
 	}
 }
 

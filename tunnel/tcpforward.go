@@ -85,12 +85,14 @@ type TCPForward struct {
 type TCPStats struct {
 	Sessions  atomic.Int64 // accepted connections
 	Active    atomic.Int64
-	Failed    atomic.Int64 // sessions refused (TargetOf) or whose upstream dial failed
+	Failed    atomic.Int64 // sessions without a target (TargetOf failed) or whose upstream dial failed
 	BytesUp   atomic.Int64
 	BytesDown atomic.Int64
 	// Connections closed at once: MaxSessions were open, or the source
-	// is not in Allow.
-	RejectedFull, RejectedNotAllowed atomic.Int64
+	// is not in Allow; on a transparent listener, no rule sent the
+	// connection (ErrNotRedirected), or it was socksfwd's own to a proxy
+	// (ErrCaptureLoop).
+	RejectedFull, RejectedNotAllowed, RejectedNotRedirected, RejectedCaptureLoop atomic.Int64
 }
 
 // NewTCPForward returns a forward that will serve on listeners, which the
@@ -271,7 +273,14 @@ func (f *TCPForward) serveSession(client net.Conn) {
 	idle := time.Duration(f.idle.Load())
 	target, err := f.targetOf(client)
 	if err != nil {
-		f.stats.Failed.Add(1)
+		switch {
+		case errors.Is(err, ErrNotRedirected):
+			f.stats.RejectedNotRedirected.Add(1)
+		case errors.Is(err, ErrCaptureLoop):
+			f.stats.RejectedCaptureLoop.Add(1)
+		default:
+			f.stats.Failed.Add(1)
+		}
 		// Anyone who can reach a listener can make it refuse: one line
 		// per cause and period, with a count, not one per connection.
 		if ok, suppressed := f.refusals.Allow(err.Error()); ok {

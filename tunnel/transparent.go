@@ -18,6 +18,11 @@ var ErrTransparentNeedsLinux = errors.New("transparent mode needs Linux")
 // the proxy) connect to itself, again and again.
 var ErrNotRedirected = errors.New("no rule redirected the connection to socksfwd")
 
+// ErrCaptureLoop refuses a transparent connection whose original
+// destination is an upstream proxy: the capture rules took socksfwd's own
+// connection, and relaying it would loop until descriptors run out.
+var ErrCaptureLoop = errors.New("the capture rules took socksfwd's own connection to its proxy; run with --mark N and print the rules with the same mark (or leave the proxy's address out)")
+
 // TransparentTarget returns a TCPForwardConfig.TargetOf for a transparent
 // listener bound to listen: each connection goes to its original
 // destination, as an IP address (the proxy resolves nothing). A connection

@@ -216,8 +216,8 @@ func TestTransparentRefusesDirectConnection(t *testing.T) {
 			if n := strings.Count(logs.String(), "\n"); n != 1 || !strings.Contains(logs.String(), "no rule redirected the connection to socksfwd") {
 				t.Errorf("want one line saying no rule redirected the connection, got:\n%s", logs)
 			}
-			if got := f.Stats().Failed.Load(); got != 1 {
-				t.Errorf("failed = %d, want 1", got)
+			if got, failed := f.Stats().RejectedNotRedirected.Load(), f.Stats().Failed.Load(); got != 1 || failed != 0 {
+				t.Errorf("rejected as not redirected %d, failed %d; want 1 and 0", got, failed)
 			}
 			if n := proxy.Handshakes(); n != 0 {
 				t.Errorf("the proxy saw %d handshakes", n)
@@ -411,8 +411,8 @@ func TestTransparentTPROXYNonlocalBind(t *testing.T) {
 	}
 	expectReset(t, fmt.Sprintf("127.0.0.1:%d", port))
 	logs.waitFor(t, "session refused")
-	if got := f.Stats().Failed.Load(); got != 1 || !strings.Contains(logs.String(), ErrNotRedirected.Error()) {
-		t.Errorf("straight to the listener: %d failed, want 1 not redirected:\n%s", got, logs)
+	if got := f.Stats().RejectedNotRedirected.Load(); got != 1 || !strings.Contains(logs.String(), ErrNotRedirected.Error()) {
+		t.Errorf("straight to the listener: %d rejected as not redirected, want 1:\n%s", got, logs)
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -239,4 +240,34 @@ func TestReloadMovedCaptureListener(t *testing.T) {
 	if n := len(d.linesWith(warning)); n != 1 {
 		t.Errorf("%d warnings after moving the transparent listener, want 1:\n%s", n, d.dump())
 	}
+}
+
+// TestMetricsNotRedirected: a connection made straight to a transparent
+// listener is refused and counted under its own reason, not among the
+// sessions whose target failed.
+func TestMetricsNotRedirected(t *testing.T) {
+	verifyNoLeaks(t)
+	d := startDaemon(t, "-S", "192.0.2.1:1080", "--transparent", "0", "--admin", "0")
+	d.waitFor("admin on", 1)
+	tl := d.listener("transparent")
+	c, err := net.Dial("tcp", tl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second)) // a bound, not a wait
+	if _, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatal("a connection straight to the transparent listener was served")
+	}
+	c.Close()
+	m := scrape(t, d.listener("admin"))
+	for series, want := range map[string]float64{
+		fmt.Sprintf(`socksfwd_sessions_rejected_total{listener=%q,proto="transparent",reason="not_redirected"}`, tl): 1,
+		fmt.Sprintf(`socksfwd_sessions_rejected_total{listener=%q,proto="transparent",reason="capture_loop"}`, tl):   0,
+		fmt.Sprintf(`socksfwd_sessions_failed_total{listener=%q,proto="transparent"}`, tl):                           0,
+	} {
+		if got, ok := m[series]; !ok || got != want {
+			t.Errorf("%s = %v (present %v), want %v", series, got, ok, want)
+		}
+	}
+	d.stop()
 }

@@ -275,7 +275,7 @@ func writeTCP(p *promWriter, units []liveUnit) {
 	}{
 		{"socksfwd_sessions_total", "counter", "TCP sessions accepted (for proto http: client connections).", func(s st) int64 { return s.Sessions.Load() }},
 		{"socksfwd_sessions_active", "gauge", "TCP sessions open now.", func(s st) int64 { return s.Active.Load() }},
-		{"socksfwd_sessions_failed_total", "counter", "TCP sessions refused, or whose upstream dial failed.", func(s st) int64 { return s.Failed.Load() }},
+		{"socksfwd_sessions_failed_total", "counter", "TCP sessions whose target could not be read or whose upstream dial failed.", func(s st) int64 { return s.Failed.Load() }},
 	}
 	for _, f := range fams {
 		p.family(f.name, f.typ, f.help)
@@ -283,11 +283,16 @@ func writeTCP(p *promWriter, units []liveUnit) {
 			p.sample(f.name, float64(f.v(tcpStats(u.svc))), "listener", u.name, "proto", string(u.kind))
 		}
 	}
-	p.family("socksfwd_sessions_rejected_total", "counter", "TCP connections closed at once, by reason: max_sessions (--max-sessions were open) or not_allowed (source not in --allow).")
+	p.family("socksfwd_sessions_rejected_total", "counter", "TCP connections closed at once, by reason: max_sessions (--max-sessions were open) or not_allowed (source not in --allow); "+
+		"on transparent listeners also not_redirected (no rule sent the connection) or capture_loop (socksfwd's own connection to a proxy, captured).")
 	for _, u := range units {
 		s := tcpStats(u.svc)
 		p.sample("socksfwd_sessions_rejected_total", float64(s.RejectedFull.Load()), "listener", u.name, "proto", string(u.kind), "reason", "max_sessions")
 		p.sample("socksfwd_sessions_rejected_total", float64(s.RejectedNotAllowed.Load()), "listener", u.name, "proto", string(u.kind), "reason", "not_allowed")
+		if u.kind == kindTransparent {
+			p.sample("socksfwd_sessions_rejected_total", float64(s.RejectedNotRedirected.Load()), "listener", u.name, "proto", string(u.kind), "reason", "not_redirected")
+			p.sample("socksfwd_sessions_rejected_total", float64(s.RejectedCaptureLoop.Load()), "listener", u.name, "proto", string(u.kind), "reason", "capture_loop")
+		}
 	}
 	p.family("socksfwd_bytes_total", "counter", "Payload bytes relayed, by direction (up: client to target).")
 	for _, u := range units {

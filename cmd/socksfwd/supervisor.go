@@ -478,11 +478,6 @@ func directDialer(mark Mark) *net.Dialer {
 	return d
 }
 
-// errCaptureLoop refuses a transparent connection whose original
-// destination is an upstream proxy: the capture rules took socksfwd's own
-// connection, and relaying it would loop until descriptors run out.
-var errCaptureLoop = errors.New("the capture rules took socksfwd's own connection to its proxy; run with --mark N and print the rules with the same mark (or leave the proxy's address out)")
-
 // notToUpstream wraps a transparent listener's target so that a
 // connection to one of the upstream proxies is refused instead of relayed:
 // a proxy given as an address, or one socksfwd dialed lately (a name, as
@@ -494,7 +489,7 @@ func (s *supervisor) notToUpstream(targetOf func(net.Conn) (socksclient.Addr, er
 			return a, err
 		}
 		if s.ups.IsProxyAddr(netip.AddrPortFrom(a.IP, a.Port)) {
-			return a, fmt.Errorf("original destination %s: %w", a, errCaptureLoop)
+			return a, fmt.Errorf("original destination %s: %w", a, tunnel.ErrCaptureLoop)
 		}
 		return a, nil
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient"
+	"github.com/socksfwd/socksfwd/tunnel"
 )
 
 // TestNotToUpstream: a transparent connection whose original destination
@@ -35,7 +36,7 @@ func TestNotToUpstream(t *testing.T) {
 		dst := socksclient.AddrFromAddrPort(netip.MustParseAddrPort(tc.dst))
 		target := s.notToUpstream(func(net.Conn) (socksclient.Addr, error) { return dst, nil })
 		_, err := target(nil)
-		if got := errors.Is(err, errCaptureLoop); got != tc.loop {
+		if got := errors.Is(err, tunnel.ErrCaptureLoop); got != tc.loop {
 			t.Errorf("%s: refused = %v (%v), want %v", tc.dst, got, err, tc.loop)
 		}
 	}
@@ -61,7 +62,7 @@ func TestNotToUpstreamByName(t *testing.T) {
 	} {
 		dst := socksclient.AddrFromAddrPort(netip.MustParseAddrPort(tc.dst))
 		_, err := s.notToUpstream(func(net.Conn) (socksclient.Addr, error) { return dst, nil })(nil)
-		if got := errors.Is(err, errCaptureLoop); got != tc.loop {
+		if got := errors.Is(err, tunnel.ErrCaptureLoop); got != tc.loop {
 			t.Errorf("%s: refused = %v (%v), want %v", tc.dst, got, err, tc.loop)
 		}
 	}
