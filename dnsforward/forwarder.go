@@ -299,6 +299,7 @@ var errNoAnswer = errors.New("no answer in time")
 func causeOf(err error) string {
 	var (
 		backoff *errBackoff
+		stalled *socksclient.DeadlineError
 		reply   *socksclient.ReplyError
 		noUDP   errNoUDPAssociate
 		errno   syscall.Errno
@@ -306,6 +307,10 @@ func causeOf(err error) string {
 	switch {
 	case errors.As(err, &backoff):
 		return causeOf(backoff.last) // the same failure, answered without a dial
+	case errors.As(err, &stalled) && stalled.AtProxy:
+		return "the proxy did not answer in time: " + stalled.Error()
+	case errors.Is(err, errAwaitingConn):
+		return "no connection to the resolver in time"
 	case errors.Is(err, errNoAnswer), errors.Is(err, context.DeadlineExceeded):
 		return "no answer in time"
 	case errors.Is(err, errConnDead):
@@ -539,7 +544,7 @@ func (f *Forwarder) tryResolvers(ctx context.Context, try func(ctx context.Conte
 		if isContextErr(err) && f.life.Err() != nil {
 			err = errForwarderClosed
 		}
-		if errors.Is(err, context.DeadlineExceeded) && actx.Err() != nil {
+		if errors.Is(err, context.DeadlineExceeded) && actx.Err() != nil && !notResolversSilence(err) {
 			err = fmt.Errorf("%w (within %s)", errNoAnswer, share.Round(time.Millisecond))
 		}
 		if countsAgainstResolver(err) {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/socksfwd/socksfwd/internal/logthrottle"
+	"github.com/socksfwd/socksfwd/socksclient"
 )
 
 // Backoff bounds for a failing resolver, as for the SOCKS upstreams: it is
@@ -78,7 +79,16 @@ func countsAgainstResolver(err error) bool {
 		unsendable unsendableError
 	)
 	return !errors.Is(err, errForwarderClosed) && !errors.Is(err, context.Canceled) &&
-		!errors.As(err, &noUDP) && !errors.As(err, &unsendable)
+		!errors.As(err, &noUDP) && !errors.As(err, &unsendable) && !notResolversSilence(err)
+}
+
+// notResolversSilence: a query's time ran out before it reached the
+// resolver: the proxy had not answered its handshake, or the query waited
+// for a connection another query was dialing. The resolver is not to
+// blame; the proxy's own failures are the upstreams' to count.
+func notResolversSilence(err error) bool {
+	stalled, ok := errors.AsType[*socksclient.DeadlineError](err)
+	return ok && stalled.AtProxy || errors.Is(err, errAwaitingConn)
 }
 
 // unsendableError: the query itself cannot be sent (it does not pack, or

@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/socksfwd/socksfwd/socksclient"
+	"github.com/socksfwd/socksfwd/socksclient/sockstest"
 )
 
 // newHealthForwarder is a tcp-transport forwarder to two resolvers
@@ -324,4 +325,77 @@ func TestSlowNameAAndAAAAKeepResolverFirst(t *testing.T) {
 		qs.Wait()
 		wantStillFirst(t, f, slow, &logs, "one slow name (A+AAAA)")
 	})
+}
+
+// TestProxySilenceNotResolverFailure: queries whose time runs out while
+// the proxy has not answered its handshake fail naming the proxy, and do
+// not mark the resolver failing: it was never reached. They had said "no
+// answer in time" and logged the resolver as failing. A proxy that took
+// the request and waits on the resolver still counts against it (the
+// resolver is black-holed beyond the proxy).
+func TestProxySilenceNotResolverFailure(t *testing.T) {
+	for _, c := range []struct {
+		fault      sockstest.Fault
+		cause      string
+		resolverOK bool
+	}{
+		{sockstest.FaultHangAfterGreeting, "the proxy did not answer in time", true},
+		{sockstest.FaultHangAfterRequest, "no answer in time", false},
+	} {
+		srv, err := sockstest.NewServer(sockstest.Config{Fault: c.fault})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var logs syncBuffer
+		f := newForwarderConfig(t, srv.Addr(), Config{Timeout: 300 * time.Millisecond}, &logs, "192.0.2.53:53")
+		for i := range 2 { // the second timeout in a row is the one that counts
+			_, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, uint16(i)))
+			rerr, ok := errors.AsType[*ResolveError](err)
+			if !ok || !strings.Contains(rerr.cause(), c.cause) {
+				t.Errorf("fault %d, query %d: %v, want the cause %q", c.fault, i, err, c.cause)
+			}
+		}
+		if lines := healthLines(&logs); (len(lines) == 0) != c.resolverOK {
+			t.Errorf("fault %d: resolver state lines %q; want the resolver failing: %v", c.fault, lines, !c.resolverOK)
+		}
+		f.Close()
+		srv.Close()
+	}
+}
+
+// TestAwaitingConnNotResolverFailure: queries that wait for the pool's
+// first connection, which another query dials through a silent proxy,
+// fail saying so and count against no resolver either.
+func TestAwaitingConnNotResolverFailure(t *testing.T) {
+	srv, err := sockstest.NewServer(sockstest.Config{Fault: sockstest.FaultHangAfterGreeting})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	var logs syncBuffer
+	f := newForwarderConfig(t, srv.Addr(), Config{Timeout: 300 * time.Millisecond, PoolSize: 1}, &logs, "192.0.2.53:53")
+	causes := map[string]int{}
+	for round := range 2 {
+		var wg sync.WaitGroup
+		errs := make([]error, 3)
+		for i := range errs {
+			wg.Go(func() { _, errs[i] = f.Exchange(context.Background(), query("a.example", dns.TypeA, uint16(round*3+i))) })
+		}
+		wg.Wait()
+		for _, err := range errs {
+			rerr, ok := errors.AsType[*ResolveError](err)
+			if !ok {
+				t.Fatalf("%v, want a ResolveError", err)
+			}
+			causes[rerr.cause()]++
+		}
+	}
+	for cause := range causes {
+		if !strings.Contains(cause, "the proxy did not answer in time") && !strings.Contains(cause, "no connection to the resolver in time") {
+			t.Errorf("cause %q: want the proxy's silence, or the wait for its dial", cause)
+		}
+	}
+	if lines := healthLines(&logs); len(lines) != 0 {
+		t.Errorf("the resolver was logged failing: %q", lines)
+	}
 }

@@ -20,6 +20,12 @@ import (
 // on it; the query may be sent again on another connection.
 var errConnDead = errors.New("dns over tcp: the connection to the resolver closed")
 
+// errAwaitingConn: a query's time ran out while it waited for the pool's
+// first connection, which another query was dialing. That query's own
+// failure says whether the proxy or the resolver was silent; this one is
+// neither's to count. errors.Is finds context.DeadlineExceeded.
+var errAwaitingConn = fmt.Errorf("no connection to the resolver in time (a dial through the proxy was under way): %w", context.DeadlineExceeded)
+
 // errStalled ends a connection on which a query timed out with nothing
 // read since it was sent.
 var errStalled = errors.New("dns over tcp: no answer on the connection while a query waited")
@@ -214,10 +220,14 @@ func (p *tcpPool) get(ctx context.Context, failFast bool) (*pipeConn, error) {
 		// Every connection is full and dials are under way (the tokens
 		// guarantee one or the other): wait for a dial or a death.
 		changed := p.changedLocked()
+		none := best == nil
 		p.mu.Unlock()
 		select {
 		case <-changed:
 		case <-ctx.Done():
+			if none && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return nil, errAwaitingConn // the dial's own query tells whose silence it was
+			}
 			return nil, ctx.Err()
 		}
 	}

@@ -604,8 +604,11 @@ const (
 // timeoutCause turns the handshake context's expiry into words: which limit
 // hit, or the caller's cancellation.
 func timeoutCause(parent, hctx context.Context, timeout time.Duration, err error, stage string) error {
-	if parent.Err() != nil {
-		return parent.Err()
+	if perr := parent.Err(); perr != nil {
+		if errors.Is(perr, context.DeadlineExceeded) {
+			return &DeadlineError{AtProxy: stage != stageRequest, stage: stage}
+		}
+		return perr
 	}
 	if hctx.Err() != nil {
 		return fmt.Errorf("handshake timed out after %s (%s): %w", timeout, stage, context.DeadlineExceeded)

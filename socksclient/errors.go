@@ -1,6 +1,7 @@
 package socksclient
 
 import (
+	"context"
 	"errors"
 	"fmt"
 )
@@ -30,6 +31,22 @@ var (
 	// cannot reach the target, so it is not taken for a broken server.
 	ErrNoReply = errors.New("socks: server closed the connection without replying to the request (ssh -D does so when it cannot reach the target)")
 )
+
+// A DeadlineError is a handshake cut by the caller's deadline (not the
+// dialer's own HandshakeTimeout), with what it was waiting for: a caller
+// that gives each try a share of its time (a DNS query) tells the proxy's
+// silence from its target's by it. errors.Is finds
+// context.DeadlineExceeded.
+type DeadlineError struct {
+	// AtProxy: the proxy itself had not answered (no TCP connection, or
+	// no answer to the greeting or the authentication); else it had taken
+	// the request and was waiting on its target.
+	AtProxy bool
+	stage   string
+}
+
+func (e *DeadlineError) Error() string { return "deadline passed during the handshake (" + e.stage + ")" }
+func (e *DeadlineError) Unwrap() error { return context.DeadlineExceeded }
 
 // noReplyError is ErrNoReply for one target.
 type noReplyError struct{ target Addr }

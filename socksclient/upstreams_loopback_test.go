@@ -230,6 +230,15 @@ func TestUpstreamsAttemptWaitedOnTarget(t *testing.T) {
 		if len(got) != 1 || got[0].Err == nil || got[0].WaitedOnTarget != c.want {
 			t.Errorf("fault %d, caller's deadline %v: attempts %+v, want one failed with WaitedOnTarget %v", c.fault, c.callerTO, got, c.want)
 		}
+		// The caller's deadline also tells, in the error, where the
+		// handshake stood: a caller without OnAttempt (a DNS query) reads
+		// it there.
+		if len(got) == 1 && c.callerTO {
+			de, ok := errors.AsType[*socksclient.DeadlineError](got[0].Err)
+			if !ok || de.AtProxy == c.want || !errors.Is(got[0].Err, context.DeadlineExceeded) {
+				t.Errorf("fault %d: error %v, want a DeadlineError with AtProxy %v", c.fault, got[0].Err, !c.want)
+			}
+		}
 		mu.Unlock()
 	}
 }
