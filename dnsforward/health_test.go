@@ -379,7 +379,9 @@ func TestAwaitingConnNotResolverFailure(t *testing.T) {
 		var wg sync.WaitGroup
 		errs := make([]error, 3)
 		for i := range errs {
-			wg.Go(func() { _, errs[i] = f.Exchange(context.Background(), query("a.example", dns.TypeA, uint16(round*3+i))) })
+			wg.Go(func() {
+				_, errs[i] = f.Exchange(context.Background(), query("a.example", dns.TypeA, uint16(round*3+i)))
+			})
 		}
 		wg.Wait()
 		for _, err := range errs {

@@ -13,8 +13,8 @@ import (
 	"github.com/miekg/dns"
 
 	"github.com/socksfwd/socksfwd/internal/allowlist"
-	"github.com/socksfwd/socksfwd/internal/logthrottle"
 	"github.com/socksfwd/socksfwd/internal/bindaddr"
+	"github.com/socksfwd/socksfwd/internal/logthrottle"
 	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
 

@@ -45,7 +45,9 @@ type DeadlineError struct {
 	stage   string
 }
 
-func (e *DeadlineError) Error() string { return "deadline passed during the handshake (" + e.stage + ")" }
+func (e *DeadlineError) Error() string {
+	return "deadline passed during the handshake (" + e.stage + ")"
+}
 func (e *DeadlineError) Unwrap() error { return context.DeadlineExceeded }
 
 // noReplyError is ErrNoReply for one target.
