@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -237,6 +238,20 @@ func testCapture(t *testing.T, format, mode, scope string) {
 			}
 		}
 	}
+	if mode == ModeTProxy {
+		// An app whose port closed before the answer came sends an ICMP
+		// error about the flow: it must not reach the remote, which never
+		// saw the flow (the proxy did).
+		world := icmpUnreachableCounter(t, world)
+		for _, target := range []netip.AddrPort{ap(target4, 9998), ap(target6, 9998)} {
+			closedPortError(t, host, app, target)
+		}
+		// After them on the way to the world, a datagram it answers.
+		checkUDP(app, ap(excluded4, 9999), "world")
+		if n := world(); n != 0 {
+			t.Errorf("%d ICMP errors about proxied flows reached the remote", n)
+		}
+	}
 	// DNS goes to --dns, and the answer comes back from the server asked.
 	checkUDP(app, ap(resolver4, 53), "dns")
 	checkTCP(app, ap(resolver4, 53), 0, "dns")
@@ -253,6 +268,114 @@ func testCapture(t *testing.T, format, mode, scope string) {
 	}
 	checkTCP(world, ap(appAddr, 8080), 0, "app")
 	checkUDP(world, ap(appAddr, 8080), "app")
+}
+
+// icmpUnreachableCounter counts, from now on, the ICMP and ICMPv6
+// destination-unreachable errors that arrive in ns, and returns the
+// function that reads the count.
+func icmpUnreachableCounter(t *testing.T, ns string) func() int {
+	t.Helper()
+	inNetns(t, ns, `table inet probe {
+	chain in {
+		type filter hook prerouting priority -300; policy accept;
+		icmp type destination-unreachable counter
+		icmpv6 type destination-unreachable counter
+	}
+}
+`, "nft", "-f", "-")
+	return func() int {
+		n := 0
+		f := strings.Fields(inNetns(t, ns, "", "nft", "list", "chain", "inet", "probe", "in"))
+		for i := 0; i+1 < len(f); i++ {
+			if f[i] == "packets" {
+				v, err := strconv.Atoi(f[i+1])
+				if err != nil {
+					t.Fatalf("nft counter %q: %v", f[i+1], err)
+				}
+				n += v
+			}
+		}
+		return n
+	}
+}
+
+// closedPortError has the app in ns app exchange a datagram with target
+// (captured, answered by the stand-in from target's address) and close
+// its socket; then an answer comes late, from a transparent socket in
+// host bound to target, as socksfwd's does. It returns once the app's
+// kernel has sent its ICMP port-unreachable error about it.
+func closedPortError(t *testing.T, host, app string, target netip.AddrPort) {
+	t.Helper()
+	network, counter := "udp4", "OutDestUnreachs"
+	if target.Addr().Is6() {
+		network, counter = "udp6", "Icmp6OutDestUnreachs"
+	}
+	sent := func() int {
+		t.Helper()
+		stats := inNetns(t, app, "", "cat", "/proc/net/snmp", "/proc/net/snmp6")
+		return icmpCounter(stats, counter)
+	}
+	var appAddr netip.AddrPort
+	if err := inNS(app, func() error {
+		c, err := net.DialUDP(network, nil, net.UDPAddrFromAddrPort(target))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("ask")); err != nil {
+			return err
+		}
+		buf := make([]byte, 1500)
+		if _, err := c.Read(buf); err != nil {
+			return fmt.Errorf("the captured exchange: %w", err)
+		}
+		appAddr = c.LocalAddr().(*net.UDPAddr).AddrPort()
+		return nil
+	}); err != nil {
+		t.Fatalf("UDP to %s from %s: %v", target, app, err)
+	}
+	before := sent()
+	if err := inNS(host, func() error {
+		rc, err := (&net.ListenConfig{Control: transparent}).ListenPacket(context.Background(), network, target.String())
+		if err != nil {
+			return err
+		}
+		defer rc.Close()
+		_, err = rc.WriteTo([]byte("late"), net.UDPAddrFromAddrPort(appAddr))
+		return err
+	}); err != nil {
+		t.Fatalf("the late answer from %s: %v", target, err)
+	}
+	deadline := time.Now().Add(5 * time.Second) // a bound: the error is sent at once
+	for sent() == before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s sent no ICMP error for the late answer from %s to its closed port %s", app, target, appAddr)
+		}
+	}
+}
+
+// icmpCounter reads one counter from /proc/net/snmp ("Icmp:" heading and
+// value lines) or /proc/net/snmp6 (name and value per line).
+func icmpCounter(stats, name string) int {
+	lines := strings.Split(stats, "\n")
+	for i, l := range lines {
+		f := strings.Fields(l)
+		if len(f) == 2 && f[0] == name {
+			n, _ := strconv.Atoi(f[1])
+			return n
+		}
+		if len(f) > 0 && f[0] == "Icmp:" && i+1 < len(lines) {
+			values := strings.Fields(lines[i+1])
+			for j, h := range f {
+				if h == name && j < len(values) {
+					n, _ := strconv.Atoi(values[j])
+					return n
+				}
+			}
+		}
+	}
+	return -1
 }
 
 // inNS runs f on a thread that has joined namespace ns: sockets f creates

@@ -151,6 +151,15 @@ func (p *plan) filtersLocal(k chainKind) bool {
 }
 
 // protocols lists the transport protocols captured by TCP or UDP rules.
+// dropsRelatedICMP: UDP is proxied, and socksfwd answers its flows from
+// the remotes' addresses; an app whose port closed before an answer came
+// sends an ICMP error about it to that remote, which conntrack relates to
+// the flow. Routed as usual it would tell the remote, directly, of a flow
+// it never saw. Only errors to destinations that are proxied reach the
+// rule, and only in the flow's original direction (replies returned
+// earlier), so errors about this host's own services still go out.
+func (p *plan) dropsRelatedICMP() bool { return p.UDPPort != 0 }
+
 func (p *plan) protocols() []string {
 	var ps []string
 	if p.TCPPort != 0 {

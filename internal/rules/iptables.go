@@ -262,17 +262,35 @@ func (p *plan) iptChains(f family, k chainKind) []*iptChain {
 		for _, proto := range p.protocols() {
 			action.rule("-p %s -j MARK --set-mark %#x", proto, p.RouteMark)
 		}
+		iptDropRelatedICMP(p, f, action)
 	case tproxyPrerouting:
 		action.comment("TPROXY drops what no listener takes (socksfwd is not running): nothing goes out unproxied.")
 		for _, proto := range p.protocols() {
 			action.rule("-p %s -j TPROXY --on-port %d --on-ip %s --tproxy-mark %#x",
 				proto, p.port(proto), f.tproxyAddr, p.RouteMark)
 		}
+		if !p.onlyMarked(k) { // scope local: the mark chain has it
+			iptDropRelatedICMP(p, f, action)
+		}
 	case redirect:
 		action.comment("The rest is proxied.")
 		action.rule("-p tcp -j REDIRECT --to-ports %d", p.TCPPort)
 	}
 	return chains
+}
+
+// iptDropRelatedICMP writes the rule that keeps ICMP errors about proxied
+// UDP flows from going out (see dropsRelatedICMP).
+func iptDropRelatedICMP(p *plan, f family, c *iptChain) {
+	if !p.dropsRelatedICMP() {
+		return
+	}
+	proto := "icmp"
+	if f.v6 {
+		proto = "ipv6-icmp"
+	}
+	c.comment("An app's ICMP error about a proxied flow (its port closed before socksfwd's answer came) would reach the remote directly: drop it.")
+	c.rule("-p %s -m conntrack --ctstate RELATED -j DROP", proto)
 }
 
 // shellWord is w as one word of a POSIX shell command line: as it is when

@@ -264,6 +264,7 @@ func (p *plan) nftChain(t *text, k chainKind) {
 	case markOutput:
 		c("The rest is proxied.")
 		r("meta l4proto %s meta mark set %#x", nftProtocols(p.protocols()), p.RouteMark)
+		nftDropRelatedICMP(p, c, r)
 	case tproxyPrerouting:
 		for _, proto := range p.protocols() {
 			for _, f := range p.families {
@@ -275,11 +276,25 @@ func (p *plan) nftChain(t *text, k chainKind) {
 		c("No listener took it (socksfwd is not running): drop it, as iptables' TPROXY does,")
 		c("rather than let it go out unproxied.")
 		r("meta l4proto %s drop", nftProtocols(p.protocols()))
+		if !p.onlyMarked(k) { // scope local: output_mark has it
+			nftDropRelatedICMP(p, c, r)
+		}
 	case redirect:
 		c("The rest is proxied.")
 		r("meta l4proto tcp redirect to :%d", p.TCPPort)
 	}
 	t.line("\t}")
+}
+
+// nftDropRelatedICMP writes the rule that keeps ICMP errors about proxied
+// UDP flows from going out (see dropsRelatedICMP).
+func nftDropRelatedICMP(p *plan, c, r func(string, ...any)) {
+	if !p.dropsRelatedICMP() {
+		return
+	}
+	c("An app's ICMP error about a proxied flow (its port closed before socksfwd's answer came)")
+	c("would reach the remote directly: drop it.")
+	r("meta l4proto { icmp, ipv6-icmp } ct state related drop")
 }
 
 // nftUser is a user for meta skuid: a number as it is, a name quoted.
