@@ -44,7 +44,11 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 			return usageError{err}
 		},
 		Action: func(c *cli.Context) error {
-			cfg, err := planFrom(c, getenv)
+			plan := planFrom
+			if c.Bool("remove") {
+				plan = removalPlan
+			}
+			cfg, err := plan(c, getenv)
 			if errors.Is(err, errNothingToForward) {
 				return usagef("nothing to capture: give --transparent [bind:]port (TCP; port/udp for UDP, with --mode tproxy) or --dns [bind:]port, as socksfwd will run")
 			}
@@ -74,6 +78,23 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 			return err
 		},
 	}
+}
+
+// removalPlan is planFrom for rules --remove, which names no proxy: a
+// stop script that gives only the listeners gets the removal too.
+func removalPlan(c *cli.Context, getenv func(string) string) (mergedConfig, error) {
+	if c.NArg() > 0 {
+		return mergedConfig{}, usagef("unexpected argument %s", quote(c.Args().First()))
+	}
+	cfg, err := mergeConfig(c, getenv)
+	if err != nil {
+		return cfg, err
+	}
+	if len(cfg.Server) == 0 {
+		cfg.Server = []string{"192.0.2.1:1080"} // a documentation address, never dialed
+	}
+	cfg.plan, err = buildPlan(cfg.Config)
+	return cfg, err
 }
 
 // rulesConfig gathers what the rules need from the plan and the flags.
