@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -123,15 +124,20 @@ func TestTargetOfRefusalReasons(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		var n atomic.Int32
 		f, logs := startTargetOfForward(t, ln, func(net.Conn) (socksclient.Addr, error) {
-			return socksclient.Addr{}, fmt.Errorf("original destination 192.0.2.1:1080: %w", cause)
+			return socksclient.Addr{}, fmt.Errorf("original destination 192.0.2.%d:1080: %w", n.Add(1), cause)
 		}, proxy.Addr())
 		expectReset(t, ln.Addr().String())
 		logs.waitFor(t, "session refused")
+		expectReset(t, ln.Addr().String()) // another destination, the same cause
 		s := f.Stats()
 		got := map[error]int64{ErrNotRedirected: s.RejectedNotRedirected.Load(), ErrCaptureLoop: s.RejectedCaptureLoop.Load()}
-		if got[cause] != 1 || s.Failed.Load() != 0 {
-			t.Errorf("%v: rejected %v, failed %d; want it counted once under its own reason", cause, got, s.Failed.Load())
+		if got[cause] != 2 || s.Failed.Load() != 0 {
+			t.Errorf("%v: rejected %v, failed %d; want both counted under its own reason", cause, got, s.Failed.Load())
+		}
+		if l := strings.Count(logs.String(), "session refused"); l != 1 {
+			t.Errorf("%v: %d lines for two refusals to two destinations, want 1 a period:\n%s", cause, l, logs)
 		}
 	}
 }

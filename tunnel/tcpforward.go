@@ -273,17 +273,21 @@ func (f *TCPForward) serveSession(client net.Conn) {
 	idle := time.Duration(f.idle.Load())
 	target, err := f.targetOf(client)
 	if err != nil {
+		// Anyone who can reach a listener can make it refuse: one line
+		// per cause and period, with a count, not one per connection
+		// (nor per destination: the first one's line names it).
+		cause := err.Error()
 		switch {
 		case errors.Is(err, ErrNotRedirected):
 			f.stats.RejectedNotRedirected.Add(1)
+			cause = ErrNotRedirected.Error()
 		case errors.Is(err, ErrCaptureLoop):
 			f.stats.RejectedCaptureLoop.Add(1)
+			cause = ErrCaptureLoop.Error()
 		default:
 			f.stats.Failed.Add(1)
 		}
-		// Anyone who can reach a listener can make it refuse: one line
-		// per cause and period, with a count, not one per connection.
-		if ok, suppressed := f.refusals.Allow(err.Error()); ok {
+		if ok, suppressed := f.refusals.Allow(cause); ok {
 			f.cfg.Logger.Info().Str("listener", f.cfg.Name).Str("client", client.RemoteAddr().String()).
 				Func(logthrottle.Repeats("refused_since_last_line", suppressed)).Err(err).Msg("session refused")
 		}
