@@ -36,7 +36,6 @@ func TransparentTarget(listen netip.AddrPort) func(net.Conn) (socksclient.Addr, 
 		if isListener(dst, listen, isLocalAddr) {
 			return socksclient.Addr{}, fmt.Errorf("original destination %s is the transparent listener itself: %w", dst, ErrNotRedirected)
 		}
-		capPeerOnHost(c)
 		return socksclient.AddrFromAddrPort(dst), nil
 	}
 }

@@ -7,14 +7,10 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"sync"
 	"syscall"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/socksfwd/socksfwd/internal/sockbuf"
 )
 
 // ip6tSOOriginalDst is IP6T_SO_ORIGINAL_DST (linux/netfilter_ipv6/ip6_tables.h),
@@ -169,72 +165,6 @@ func getsockopt(fd, level, opt int, val unsafe.Pointer, size uintptr) error {
 func netPort(p *uint16) uint16 {
 	b := (*[2]byte)(unsafe.Pointer(p))
 	return uint16(b[0])<<8 | uint16(b[1])
-}
-
-// capPeerOnHost gives c the buffers of a loopback connection
-// (sockbuf.LoopbackTCPSize) when its peer is on this host: an app in scope
-// local, whose connections are relayed as -L's loopback ones are. The
-// listener itself keeps the kernel's autotuning, which its accepted
-// sockets inherit: in scope gateway its peers are other hosts, whatever
-// address it is bound to (TPROXY hands them to 127.0.0.1 too), and a
-// capped listener would fix their window scale, and so their throughput
-// over any distance, at the SYN-ACK.
-func capPeerOnHost(c net.Conn) {
-	tc, ok := unwrapTCP(c)
-	if !ok {
-		return
-	}
-	peer, ok := tc.RemoteAddr().(*net.TCPAddr)
-	if ok && localPeers.isLocal(peer.AddrPort().Addr(), time.Now()) {
-		sockbuf.CapTCP(tc)
-	}
-}
-
-// localPeers remembers which peer addresses are this host's, for
-// capPeerOnHost: a route lookup per connection would cost more than the
-// cap saves. An answer lasts a minute (addresses come and go); the map
-// starts afresh when full.
-var localPeers = peerCache{ttl: time.Minute, max: 256, lookup: routesLocal}
-
-type peerCache struct {
-	ttl    time.Duration
-	max    int
-	lookup func(netip.Addr) (bool, error)
-
-	mu sync.Mutex
-	m  map[netip.Addr]peerAnswer
-}
-
-type peerAnswer struct {
-	local bool
-	at    time.Time
-}
-
-// isLocal reports whether ip is this host's (loopback or routed local),
-// from the cache when it answered within ttl. A lookup that fails says
-// no: autotuned buffers suit any peer.
-func (p *peerCache) isLocal(ip netip.Addr, now time.Time) bool {
-	ip = ip.Unmap().WithZone("")
-	if ip.IsLoopback() {
-		return true
-	}
-	p.mu.Lock()
-	a, ok := p.m[ip]
-	p.mu.Unlock()
-	if ok && now.Sub(a.at) < p.ttl {
-		return a.local
-	}
-	local, err := p.lookup(ip)
-	if err != nil {
-		return false
-	}
-	p.mu.Lock()
-	if p.m == nil || len(p.m) >= p.max {
-		p.m = make(map[netip.Addr]peerAnswer)
-	}
-	p.m[ip] = peerAnswer{local: local, at: now}
-	p.mu.Unlock()
-	return local
 }
 
 // isLocalAddr reports whether ip is an address of this host, in this

@@ -18,7 +18,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/socksfwd/socksfwd/internal/peertest"
-	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/internal/testnet"
 	"github.com/socksfwd/socksfwd/socksclient/sockstest"
 )
@@ -518,85 +517,5 @@ func TestParseRouteAnswerErrors(t *testing.T) {
 	}
 	if isLocalAddr(netip.MustParseAddr("127.0.0.2")) != true {
 		t.Error("127.0.0.2 is not local")
-	}
-}
-
-// TestPeerCache: a peer's locality is looked up once and kept for the ttl;
-// loopback needs no lookup; a lookup that fails says not local (autotuned
-// buffers suit any peer) and is not kept; a full cache starts afresh.
-func TestPeerCache(t *testing.T) {
-	var lookups []netip.Addr
-	local := netip.MustParseAddr("10.1.0.1")
-	fail := netip.MustParseAddr("10.1.0.9")
-	p := peerCache{ttl: time.Minute, max: 2, lookup: func(ip netip.Addr) (bool, error) {
-		lookups = append(lookups, ip)
-		if ip == fail {
-			return true, errors.New("netlink: no answer")
-		}
-		return ip == local, nil
-	}}
-	now := time.Now()
-	for _, c := range []struct {
-		ip      string
-		at      time.Duration
-		want    bool
-		lookups int
-	}{
-		{"127.0.0.1", 0, true, 0},
-		{"::ffff:127.0.0.1", 0, true, 0},
-		{"10.1.0.1", 0, true, 1},
-		{"10.1.0.1", 30 * time.Second, true, 1}, // kept
-		{"::ffff:10.1.0.1", 30 * time.Second, true, 1},
-		{"10.1.0.1", 61 * time.Second, true, 2}, // asked again
-		{"192.0.2.7", 61 * time.Second, false, 3},
-		{"10.1.0.9", 61 * time.Second, false, 4},
-		{"10.1.0.9", 61 * time.Second, false, 5},  // a failure is not kept
-		{"192.0.2.8", 61 * time.Second, false, 6}, // the cache was full: afresh
-		{"10.1.0.1", 61 * time.Second, true, 7},
-	} {
-		if got := p.isLocal(netip.MustParseAddr(c.ip), now.Add(c.at)); got != c.want || len(lookups) != c.lookups {
-			t.Errorf("%s at +%v: local %v after %d lookups, want %v after %d", c.ip, c.at, got, len(lookups), c.want, c.lookups)
-		}
-	}
-}
-
-// TestTransparentBuffers: a transparent listener keeps the kernel's
-// autotuning, which its accepted sockets inherit (in scope gateway its
-// peers are other hosts, also on a loopback bind, and a capped listener
-// fixed their window scale at the SYN-ACK); a connection whose peer is on
-// this host gets the loopback cap once accepted.
-func TestTransparentBuffers(t *testing.T) {
-	peertest.RequireRoot(t) // IP_TRANSPARENT
-	ln := listenTransparent(t, "127.0.0.1:0")
-	rcvbuf := func(c syscall.Conn) int {
-		t.Helper()
-		rc, err := c.SyscallConn()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var n int
-		rc.Control(func(fd uintptr) { n, err = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF) })
-		if err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
-	capped := 2 * sockbuf.LoopbackTCPSize // the kernel doubles what is asked
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if n := rcvbuf(c.(*net.TCPConn)); n == capped {
-		t.Fatalf("an accepted socket has the loopback cap (%d) before its peer is known", n)
-	}
-	capPeerOnHost(c)
-	if n := rcvbuf(c.(*net.TCPConn)); n != capped {
-		t.Errorf("a loopback peer's connection has a %d-byte receive buffer, want %d", n, capped)
 	}
 }

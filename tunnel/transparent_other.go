@@ -27,9 +27,6 @@ func OriginalDestination(c net.Conn) (netip.AddrPort, error) {
 	return netip.AddrPort{}, ErrTransparentNeedsLinux
 }
 
-// capPeerOnHost is never reached (OriginalDestination fails first).
-func capPeerOnHost(net.Conn) {}
-
 // isLocalAddr is never reached (OriginalDestination fails first); yes is
 // the answer that never relays to ourselves.
 func isLocalAddr(netip.Addr) bool { return true }

@@ -63,12 +63,14 @@ func (s *supervisor) open(l listenPlan) (sockets, error) {
 			return sockets{ln: ln}, err
 		}
 	case kindTransparent:
-		// Not capped as a loopback listener: TPROXY hands it other hosts'
-		// connections too, whatever its address. Each connection whose
-		// peer is on this host is capped once accepted (tunnel).
-		control = tunnel.ControlTransparent
+		control = func(network, address string, c syscall.RawConn) error {
+			if err := tunnel.ControlTransparent(network, address, c); err != nil {
+				return err
+			}
+			return sockbuf.CapLoopbackTCP(network, address, c)
+		}
 		bind = func() (sockets, error) {
-			ln, err := tunnel.ListenTransparent(context.Background(), bindaddr.Network("tcp", l.addr), l.addr, nil)
+			ln, err := tunnel.ListenTransparent(context.Background(), bindaddr.Network("tcp", l.addr), l.addr, sockbuf.CapLoopbackTCP)
 			return sockets{ln: ln}, err
 		}
 	case kindUDP:

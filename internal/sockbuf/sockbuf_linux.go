@@ -27,15 +27,6 @@ func Grow(c *net.UDPConn) {
 	})
 }
 
-// CapTCP gives c LoopbackTCPSize buffers, for a connection accepted from a
-// listener that takes peers from anywhere (a transparent one) whose peer
-// turned out to be on this host. Shrinking after the handshake is safe:
-// the window scale, set by the listener's larger buffer, only allows more.
-func CapTCP(c *net.TCPConn) {
-	c.SetReadBuffer(LoopbackTCPSize)
-	c.SetWriteBuffer(LoopbackTCPSize)
-}
-
 // CapLoopbackTCP is a Control hook for net.Dialer and net.ListenConfig: a
 // TCP socket that connects to, or listens on, a loopback address gets
 // LoopbackTCPSize buffers; anything else is left alone. Connections a

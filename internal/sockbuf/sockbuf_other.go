@@ -15,9 +15,6 @@ func Grow(c *net.UDPConn) {
 	growTo(c.SetWriteBuffer)
 }
 
-// CapTCP does nothing here (see CapLoopbackTCP).
-func CapTCP(c *net.TCPConn) {}
-
 // CapLoopbackTCP is a Control hook for net.Dialer and net.ListenConfig. It
 // caps loopback TCP buffers on Linux only, where the cap was measured to
 // help; here the system's own sizing stands.
