@@ -14,6 +14,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/socksfwd/socksfwd/internal/rules"
+	"github.com/socksfwd/socksfwd/internal/sockbuf"
 	"github.com/socksfwd/socksfwd/internal/sockmark"
 	"github.com/socksfwd/socksfwd/socksclient"
 )
@@ -348,6 +349,18 @@ func rulesWarnings(rc rules.Config, p *plan) []string {
 		warnings = append(warnings, "--scope gateway without --interface captures what arrives on every interface, "+
 			"also new connections from the far side toward the hosts behind this one (a port forwarded to them): "+
 			"give --interface for the side the clients are on")
+	}
+	if rc.Scope == rules.ScopeGateway && rc.Mode == rules.ModeTProxy {
+		// A loopback listener's sockets ask for small buffers (sockbuf),
+		// right for peers on this host; on a gateway they are other
+		// hosts, whose window the small buffer caps from the SYN-ACK on.
+		for _, l := range p.listens {
+			if ap, err := netip.ParseAddrPort(l.addr); err == nil && l.kind == kindTransparent && ap.Addr().IsLoopback() {
+				warnings = append(warnings, fmt.Sprintf("%s listens on %s: its connections get the small buffers of loopback ones "+
+					"(%d KiB), and on a gateway they come from other hosts, whose throughput that caps (about 40 Mbit/s at 50 ms): "+
+					"bind *:%d (TPROXY reaches it there too)", l.spec, ap.Addr(), sockbuf.LoopbackTCPSize>>10, ap.Port()))
+			}
+		}
 	}
 	if rc.Scope == rules.ScopeGateway {
 		// REDIRECT on a gateway sends to the primary address of the

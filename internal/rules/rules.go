@@ -495,7 +495,10 @@ func (p *plan) listenFlags(flag string, port int, suffix string, tproxy bool) st
 			s += " " + spec("["+p.TProxyAddr6.String()+"]:")
 		}
 		return s
-	case !tproxy && p.Scope == ScopeGateway:
+	case p.Scope == ScopeGateway && (!tproxy || suffix == ""):
+		// REDIRECT sends to the interface's address; and a TCP listener
+		// on loopback, which TPROXY would reach too, gives other hosts'
+		// connections loopback-sized buffers (socksfwd's sockbuf).
 		if p.IPv6 {
 			return fmt.Sprintf("%s '*:%d%s'", flag, port, suffix)
 		}
