@@ -604,16 +604,25 @@ const (
 // timeoutCause turns the handshake context's expiry into words: which limit
 // hit, or the caller's cancellation.
 func timeoutCause(parent, hctx context.Context, timeout time.Duration, err error, stage string) error {
-	if perr := parent.Err(); perr != nil {
-		if errors.Is(perr, context.DeadlineExceeded) {
+	if perr := parent.Err(); perr != nil || expired(parent, err) {
+		if perr == nil || errors.Is(perr, context.DeadlineExceeded) {
 			return &DeadlineError{AtProxy: stage != stageRequest, stage: stage}
 		}
 		return perr
 	}
-	if hctx.Err() != nil {
+	if hctx.Err() != nil || expired(hctx, err) {
 		return fmt.Errorf("handshake timed out after %s (%s): %w", timeout, stage, context.DeadlineExceeded)
 	}
 	return err
+}
+
+// expired: err is a timeout and ctx's deadline has passed, though its
+// Done may not be closed yet: a connect bounded by the same deadline
+// fails with "i/o timeout" a moment before the context's own timer fires.
+func expired(ctx context.Context, err error) bool {
+	var ne net.Error
+	d, ok := ctx.Deadline()
+	return ok && !time.Now().Before(d) && errors.As(err, &ne) && ne.Timeout()
 }
 
 // substituteUnspecified applies RFC 1928's convention that BND.ADDR 0.0.0.0
