@@ -242,7 +242,8 @@ func testCapture(t *testing.T, format, mode, scope string) {
 		// An app whose port closed before the answer came sends an ICMP
 		// error about the flow: it must not reach the remote, which never
 		// saw the flow (the proxy did).
-		world := icmpUnreachableCounter(t, world)
+		worldNS := world
+		world := icmpUnreachableCounter(t, worldNS)
 		for _, target := range []netip.AddrPort{ap(target4, 9998), ap(target6, 9998)} {
 			closedPortError(t, host, app, target)
 		}
@@ -250,6 +251,17 @@ func testCapture(t *testing.T, format, mode, scope string) {
 		checkUDP(app, ap(excluded4, 9999), "world")
 		if n := world(); n != 0 {
 			t.Errorf("%d ICMP errors about proxied flows reached the remote", n)
+		}
+		if scope == ScopeLocal {
+			// An error about a flow not proxied (here socksfwd's own,
+			// marked) goes out as before: path MTU discovery needs them.
+			uncapturedPortError(t, worldNS, app, ap(target4, 9997))
+			deadline := time.Now().Add(5 * time.Second) // a bound: it is on its way
+			for world() != 1 && time.Now().Before(deadline) {
+			}
+			if n := world(); n != 1 {
+				t.Errorf("%d ICMP errors about a flow not proxied reached the remote, want 1", n)
+			}
 		}
 	}
 	// DNS goes to --dns, and the answer comes back from the server asked.
@@ -352,6 +364,43 @@ func closedPortError(t *testing.T, host, app string, target netip.AddrPort) {
 		if time.Now().After(deadline) {
 			t.Fatalf("%s sent no ICMP error for the late answer from %s to its closed port %s", app, target, appAddr)
 		}
+	}
+}
+
+// uncapturedPortError has the app in ns app send a datagram to target
+// with socksfwd's mark (so not captured) and close its socket; then the
+// world answers late, from target, to the closed port, and the app's
+// kernel sends its ICMP error about the flow toward the world.
+func uncapturedPortError(t *testing.T, world, app string, target netip.AddrPort) {
+	t.Helper()
+	var appAddr netip.AddrPort
+	if err := inNS(app, func() error {
+		d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, ownMark) })
+			return errors.Join(err, serr)
+		}}
+		c, err := d.Dial("udp4", target.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		appAddr = c.LocalAddr().(*net.UDPAddr).AddrPort()
+		_, err = c.Write([]byte("ask"))
+		return err
+	}); err != nil {
+		t.Fatalf("UDP to %s from %s with the mark: %v", target, app, err)
+	}
+	if err := inNS(world, func() error {
+		c, err := net.ListenPacket("udp4", target.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.WriteTo([]byte("late"), net.UDPAddrFromAddrPort(appAddr))
+		return err
+	}); err != nil {
+		t.Fatalf("the late answer from %s: %v", target, err)
 	}
 }
 

@@ -155,9 +155,10 @@ func (p *plan) filtersLocal(k chainKind) bool {
 // the remotes' addresses; an app whose port closed before an answer came
 // sends an ICMP error about it to that remote, which conntrack relates to
 // the flow. Routed as usual it would tell the remote, directly, of a flow
-// it never saw. Only errors to destinations that are proxied reach the
-// rule, and only in the flow's original direction (replies returned
-// earlier), so errors about this host's own services still go out.
+// it never saw. The rules tag the UDP flows they proxy in conntrack and
+// drop only ICMP errors related to a tagged flow: errors about anything
+// else (a forwarded TCP flow's "fragmentation needed", which path MTU
+// discovery needs) go out as before.
 func (p *plan) dropsRelatedICMP() bool { return p.UDPPort != 0 }
 
 func (p *plan) protocols() []string {

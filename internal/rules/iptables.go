@@ -258,19 +258,19 @@ func (p *plan) iptChains(f family, k chainKind) []*iptChain {
 	}
 	switch k {
 	case markOutput:
+		iptDropRelatedICMP(p, f, action)
 		action.comment("The rest is proxied.")
 		for _, proto := range p.protocols() {
 			action.rule("-p %s -j MARK --set-mark %#x", proto, p.RouteMark)
 		}
-		iptDropRelatedICMP(p, f, action)
 	case tproxyPrerouting:
+		if !p.onlyMarked(k) { // scope local: the mark chain has it
+			iptDropRelatedICMP(p, f, action)
+		}
 		action.comment("TPROXY drops what no listener takes (socksfwd is not running): nothing goes out unproxied.")
 		for _, proto := range p.protocols() {
 			action.rule("-p %s -j TPROXY --on-port %d --on-ip %s --tproxy-mark %#x",
 				proto, p.port(proto), f.tproxyAddr, p.RouteMark)
-		}
-		if !p.onlyMarked(k) { // scope local: the mark chain has it
-			iptDropRelatedICMP(p, f, action)
 		}
 	case redirect:
 		action.comment("The rest is proxied.")
@@ -289,8 +289,9 @@ func iptDropRelatedICMP(p *plan, f family, c *iptChain) {
 	if f.v6 {
 		proto = "ipv6-icmp"
 	}
-	c.comment("An app's ICMP error about a proxied flow (its port closed before socksfwd's answer came) would reach the remote directly: drop it.")
-	c.rule("-p %s -m conntrack --ctstate RELATED -j DROP", proto)
+	c.comment("Proxied UDP flows are tagged (connmark, the route mark's bits): an app's ICMP error about one (its port closed before socksfwd's answer came) would reach the remote, which never saw the flow, directly; it is dropped. Errors about other flows go out as usual.")
+	c.rule("-p udp -j CONNMARK --or-mark %#x", p.RouteMark)
+	c.rule("-p %s -m conntrack --ctstate RELATED -m connmark --mark %#x/%#x -j DROP", proto, p.RouteMark, p.RouteMark)
 }
 
 // shellWord is w as one word of a POSIX shell command line: as it is when

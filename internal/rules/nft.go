@@ -262,10 +262,13 @@ func (p *plan) nftChain(t *text, k chainKind) {
 	}
 	switch k {
 	case markOutput:
+		nftDropRelatedICMP(p, c, r)
 		c("The rest is proxied.")
 		r("meta l4proto %s meta mark set %#x", nftProtocols(p.protocols()), p.RouteMark)
-		nftDropRelatedICMP(p, c, r)
 	case tproxyPrerouting:
+		if !p.onlyMarked(k) { // scope local: output_mark has it
+			nftDropRelatedICMP(p, c, r)
+		}
 		for _, proto := range p.protocols() {
 			for _, f := range p.families {
 				fp, _, _ := nftFamily(f)
@@ -276,9 +279,6 @@ func (p *plan) nftChain(t *text, k chainKind) {
 		c("No listener took it (socksfwd is not running): drop it, as iptables' TPROXY does,")
 		c("rather than let it go out unproxied.")
 		r("meta l4proto %s drop", nftProtocols(p.protocols()))
-		if !p.onlyMarked(k) { // scope local: output_mark has it
-			nftDropRelatedICMP(p, c, r)
-		}
 	case redirect:
 		c("The rest is proxied.")
 		r("meta l4proto tcp redirect to :%d", p.TCPPort)
@@ -292,9 +292,11 @@ func nftDropRelatedICMP(p *plan, c, r func(string, ...any)) {
 	if !p.dropsRelatedICMP() {
 		return
 	}
-	c("An app's ICMP error about a proxied flow (its port closed before socksfwd's answer came)")
-	c("would reach the remote directly: drop it.")
-	r("meta l4proto { icmp, ipv6-icmp } ct state related drop")
+	c("Proxied UDP flows are tagged (ct mark, the route mark's bits): an app's ICMP error about one")
+	c("(its port closed before socksfwd's answer came) would reach the remote, which never saw the")
+	c("flow, directly; it is dropped. Errors about other flows go out as usual.")
+	r("meta l4proto udp ct mark set ct mark | %#x", p.RouteMark)
+	r("meta l4proto { icmp, ipv6-icmp } ct state related ct mark & %#x == %#x drop", p.RouteMark, p.RouteMark)
 }
 
 // nftUser is a user for meta skuid: a number as it is, a name quoted.
