@@ -91,8 +91,13 @@ func removalPlan(c *cli.Context, getenv func(string) string) (mergedConfig, erro
 	if err != nil {
 		return cfg, err
 	}
-	if len(cfg.Server) == 0 {
-		cfg.Server = []string{"192.0.2.1:1080"} // a documentation address, never dialed
+	// What the removal does not use must not stop it: the proxies, the
+	// resolvers, secrets in files that may be gone (documentation
+	// addresses, never dialed).
+	cfg.Server = []string{"192.0.2.1:1080"}
+	cfg.ServerPasswordFile, cfg.HTTPAuthFile, cfg.SOCKSAuthFile = "", "", ""
+	if cfg.DNS != "" {
+		cfg.DNSUpstream = []string{"192.0.2.53"}
 	}
 	cfg.plan, err = buildPlan(cfg.Config)
 	return cfg, err
@@ -166,10 +171,18 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 	if rc.TCPPort == 0 && rc.UDPPort == 0 && rc.DNSPort == 0 {
 		return rc, usagef("rules: nothing to capture: give --transparent [bind:]port[/udp] (and --dns to capture DNS)")
 	}
+	if rc.Exclude, err = prefixes("--exclude", c.StringSlice("exclude")); err != nil {
+		return rc, err
+	}
+	if rc.Include, err = prefixes("--include", c.StringSlice("include")); err != nil {
+		return rc, err
+	}
 	if c.Bool("remove") {
-		// What removes the rules depends on format, mode and scope only:
-		// a configuration edited since they were loaded still removes
-		// them, though it would not load.
+		// What removes the rules depends on the options that shape the
+		// chains (format, mode, scope, ports, interfaces, --include), not
+		// on the proxies or the listeners' checks: a configuration edited
+		// since they were loaded still removes them, though it would not
+		// load.
 		return rc, nil
 	}
 	if err := checkListenersTake(rc, listens); err != nil {
@@ -187,12 +200,6 @@ func rulesConfig(c *cli.Context, p *plan) (rules.Config, error) {
 				"Run it as a user of its own and name that user with --proxy-user (or run it in another network namespace)", d.ProxyAddr, a)
 		}
 		rc.Proxies = append(rc.Proxies, addrs...)
-	}
-	if rc.Exclude, err = prefixes("--exclude", c.StringSlice("exclude")); err != nil {
-		return rc, err
-	}
-	if rc.Include, err = prefixes("--include", c.StringSlice("include")); err != nil {
-		return rc, err
 	}
 	return rc, nil
 }
