@@ -332,31 +332,35 @@ func TestSlowNameAAndAAAAKeepResolverFirst(t *testing.T) {
 // not mark the resolver failing: it was never reached. They had said "no
 // answer in time" and logged the resolver as failing. A proxy that took
 // the request and waits on the resolver still counts against it (the
-// resolver is black-holed beyond the proxy).
+// resolver is black-holed beyond the proxy), unless the request was a UDP
+// ASSOCIATE (the udp transport), which reaches no resolver.
 func TestProxySilenceNotResolverFailure(t *testing.T) {
 	for _, c := range []struct {
+		transport  string
 		fault      sockstest.Fault
 		cause      string
 		resolverOK bool
 	}{
-		{sockstest.FaultHangAfterGreeting, "the proxy did not answer in time", true},
-		{sockstest.FaultHangAfterRequest, "no answer in time", false},
+		{"tcp", sockstest.FaultHangAfterGreeting, "the proxy did not answer in time", true},
+		{"tcp", sockstest.FaultHangAfterRequest, "no answer in time", false},
+		{"udp", sockstest.FaultHangAfterGreeting, "the proxy did not answer in time", true},
+		{"udp", sockstest.FaultHangAfterRequest, "the proxy did not answer in time", true},
 	} {
 		srv, err := sockstest.NewServer(sockstest.Config{Fault: c.fault})
 		if err != nil {
 			t.Fatal(err)
 		}
 		var logs syncBuffer
-		f := newForwarderConfig(t, srv.Addr(), Config{Timeout: 300 * time.Millisecond}, &logs, "192.0.2.53:53")
+		f := newForwarderConfig(t, srv.Addr(), Config{Timeout: 300 * time.Millisecond, Transport: c.transport}, &logs, "192.0.2.53:53")
 		for i := range 2 { // the second timeout in a row is the one that counts
 			_, err := f.Exchange(context.Background(), query("a.example", dns.TypeA, uint16(i)))
 			rerr, ok := errors.AsType[*ResolveError](err)
 			if !ok || !strings.Contains(rerr.cause(), c.cause) {
-				t.Errorf("fault %d, query %d: %v, want the cause %q", c.fault, i, err, c.cause)
+				t.Errorf("%s, fault %d, query %d: %v, want the cause %q", c.transport, c.fault, i, err, c.cause)
 			}
 		}
 		if lines := healthLines(&logs); (len(lines) == 0) != c.resolverOK {
-			t.Errorf("fault %d: resolver state lines %q; want the resolver failing: %v", c.fault, lines, !c.resolverOK)
+			t.Errorf("%s, fault %d: resolver state lines %q; want the resolver failing: %v", c.transport, c.fault, lines, !c.resolverOK)
 		}
 		f.Close()
 		srv.Close()
@@ -364,16 +368,23 @@ func TestProxySilenceNotResolverFailure(t *testing.T) {
 }
 
 // TestAwaitingConnNotResolverFailure: queries that wait for the pool's
-// first connection, which another query dials through a silent proxy,
-// fail saying so and count against no resolver either.
+// first connection (or the udp transport's association), which another
+// query makes through a silent proxy, fail saying so and count against no
+// resolver either.
 func TestAwaitingConnNotResolverFailure(t *testing.T) {
+	for _, transport := range []string{"tcp", "udp"} {
+		t.Run(transport, func(t *testing.T) { testAwaitingConn(t, transport) })
+	}
+}
+
+func testAwaitingConn(t *testing.T, transport string) {
 	srv, err := sockstest.NewServer(sockstest.Config{Fault: sockstest.FaultHangAfterGreeting})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer srv.Close()
 	var logs syncBuffer
-	f := newForwarderConfig(t, srv.Addr(), Config{Timeout: 300 * time.Millisecond, PoolSize: 1}, &logs, "192.0.2.53:53")
+	f := newForwarderConfig(t, srv.Addr(), Config{Timeout: 300 * time.Millisecond, PoolSize: 1, Transport: transport}, &logs, "192.0.2.53:53")
 	causes := map[string]int{}
 	for round := range 2 {
 		var wg sync.WaitGroup

@@ -21,10 +21,11 @@ import (
 var errConnDead = errors.New("dns over tcp: the connection to the resolver closed")
 
 // errAwaitingConn: a query's time ran out while it waited for the pool's
-// first connection, which another query was dialing. That query's own
-// failure says whether the proxy or the resolver was silent; this one is
-// neither's to count. errors.Is finds context.DeadlineExceeded.
-var errAwaitingConn = fmt.Errorf("no connection to the resolver in time (a dial through the proxy was under way): %w", context.DeadlineExceeded)
+// first connection (or the udp transport's association), which another
+// query was making. That query's own failure says whether the proxy or
+// the resolver was silent; this one is neither's to count. errors.Is
+// finds context.DeadlineExceeded.
+var errAwaitingConn = fmt.Errorf("no connection to the resolver in time (a handshake with the proxy was under way): %w", context.DeadlineExceeded)
 
 // errStalled ends a connection on which a query timed out with nothing
 // read since it was sent.

@@ -211,6 +211,9 @@ func (t *udpTransport) getConn(ctx context.Context) (*association, error) {
 			select {
 			case <-call.done:
 			case <-ctx.Done():
+				if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+					return nil, errAwaitingConn // the association's own query tells whose silence it was
+				}
 				return nil, ctx.Err()
 			}
 			if call.err != nil && !(isContextErr(call.err) && ctx.Err() == nil) {

@@ -349,8 +349,10 @@ func (d *Dialer) request(ctx context.Context, cmd Command, target Addr) (net.Con
 		conn.Close()
 		stage := stageGreeting
 		switch {
-		case progress.greeted:
+		case progress.greeted && cmd == CmdConnect:
 			stage = stageRequest
+		case progress.greeted:
+			stage = stageCommand // BIND's first reply, UDP ASSOCIATE's: no target yet
 		case progress.selected:
 			stage = stageAuth
 		}
@@ -599,6 +601,7 @@ const (
 	stageGreeting = "connected, but no answer to the SOCKS5 greeting: is it a SOCKS5 server? an HTTP proxy waits in silence for more"
 	stageAuth     = "no answer to the authentication"
 	stageRequest  = "no reply to the request: the proxy may be waiting on its target"
+	stageCommand  = "no reply to the request"
 )
 
 // timeoutCause turns the handshake context's expiry into words: which limit
