@@ -628,17 +628,24 @@ func (s *supervisor) reloadNow() error {
 	return nil
 }
 
-// captureTargets are the addresses of p's listeners that capture rules
-// send to (transparent TCP and UDP, and --dns), sorted.
+// captureTargets are where capture rules send for p's listeners
+// (transparent TCP and UDP, and --dns), sorted: the port, and the address
+// when rules name it (one neither loopback nor wildcard; TPROXY's rules
+// send to 127.0.0.1, which a wildcard listener takes too).
 func captureTargets(p *plan) []string {
 	var out []string
 	for _, l := range p.listens {
-		if l.kind == kindTransparent || l.kind == kindTransparentUDP || l.kind == kindDNS {
-			out = append(out, l.key())
+		if l.kind != kindTransparent && l.kind != kindTransparentUDP && l.kind != kindDNS {
+			continue
 		}
+		host, port, _ := net.SplitHostPort(l.addr)
+		if a, err := netip.ParseAddr(host); err != nil || a.IsLoopback() || a.IsUnspecified() {
+			host = "*"
+		}
+		out = append(out, fmt.Sprintf("%s %s", l.kind, net.JoinHostPort(host, port)))
 	}
 	slices.Sort(out)
-	return out
+	return slices.Compact(out)
 }
 
 func hasTransparent(p *plan) bool {
