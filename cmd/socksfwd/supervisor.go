@@ -630,8 +630,8 @@ func (s *supervisor) reloadNow() error {
 
 // captureTargets are where capture rules send for p's listeners
 // (transparent TCP and UDP, and --dns), sorted: the port, and the address
-// when rules name it (one neither loopback nor wildcard; TPROXY's rules
-// send to 127.0.0.1, which a wildcard listener takes too).
+// when rules name it (REDIRECT and TPROXY send to 127.0.0.1 or ::1 unless
+// told another, and a wildcard listener takes those too).
 func captureTargets(p *plan) []string {
 	var out []string
 	for _, l := range p.listens {
@@ -639,7 +639,7 @@ func captureTargets(p *plan) []string {
 			continue
 		}
 		host, port, _ := net.SplitHostPort(l.addr)
-		if a, err := netip.ParseAddr(host); err != nil || a.IsLoopback() || a.IsUnspecified() {
+		if a, err := netip.ParseAddr(host); err != nil || a.IsUnspecified() || a == netip.IPv6Loopback() || a == netip.AddrFrom4([4]byte{127, 0, 0, 1}) {
 			host = "*"
 		}
 		out = append(out, fmt.Sprintf("%s %s", l.kind, net.JoinHostPort(host, port)))

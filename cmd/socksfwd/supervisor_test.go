@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -191,5 +192,33 @@ func TestBindIPv4WildcardIsIPv4Only(t *testing.T) {
 	pc.Close()
 	if err := hold(t, "127.0.0.1:"+p).finish(); err != nil {
 		t.Errorf("through -L 0.0.0.0:%s over IPv4: %v", p, err)
+	}
+}
+
+// TestCaptureTargets: what the capture rules send to, for the reload's
+// warning: the port, and the address only where the rules name it; a
+// listener on 127.0.0.1 or ::1 and one on every address take the same.
+func TestCaptureTargets(t *testing.T) {
+	plan := func(addrs ...string) *plan {
+		p := &plan{}
+		for _, a := range addrs {
+			p.listens = append(p.listens, listenPlan{kind: kindTransparent, addr: a})
+		}
+		p.listens = append(p.listens, listenPlan{kind: kindTCP, addr: "127.0.0.1:5432"})
+		return p
+	}
+	same := [][]string{
+		{"127.0.0.1:12345"}, {"0.0.0.0:12345"}, {"127.0.0.1:12345", "[::1]:12345"}, {"[::]:12345"},
+	}
+	want := captureTargets(plan(same[0]...))
+	for _, addrs := range same[1:] {
+		if got := captureTargets(plan(addrs...)); !slices.Equal(got, want) {
+			t.Errorf("%v: %v, want %v as for 127.0.0.1:12345", addrs, got, want)
+		}
+	}
+	for _, addrs := range [][]string{{"127.0.0.1:12346"}, {"10.1.0.1:12345"}, {"127.0.0.2:12345"}} {
+		if got := captureTargets(plan(addrs...)); slices.Equal(got, want) {
+			t.Errorf("%v: %v, the same as 127.0.0.1:12345", addrs, got)
+		}
 	}
 }
