@@ -3,6 +3,7 @@ package socksclient
 import (
 	"context"
 	"errors"
+	"io"
 	"os"
 	"testing"
 	"time"
@@ -32,5 +33,22 @@ func TestTimeoutCauseBeforeContextTimer(t *testing.T) {
 	refused := errors.New("connect: connection refused")
 	if err := timeoutCause(parent, hctx, time.Hour, refused, stageConnect); err != refused {
 		t.Errorf("a refused connect: %v, want it as it is", err)
+	}
+}
+
+// TestFaultLateDeadline: a try cut by the caller's deadline, reported as
+// a DeadlineError before the caller's context says so, is judged as the
+// caller's deadline: no fault of a proxy given less than its patience. It
+// had been taken for the proxy's own handshake timeout and marked it down.
+func TestFaultLateDeadline(t *testing.T) {
+	h := &hedgedDial[io.Closer]{ctx: context.Background(), hedge: time.Second, attempts: []attempt{{}}}
+	h.attempts[0].progress.proxyAt = time.Now().Add(-10 * time.Millisecond)
+	err := &DeadlineError{AtProxy: true, stage: stageConnect}
+	if got := h.fault(0, err, -1); got != nil {
+		t.Errorf("a try of 10 ms cut by the caller's deadline: fault %v, want none", got)
+	}
+	h.attempts[0].progress.proxyAt = time.Now().Add(-2 * time.Second)
+	if got := h.fault(0, err, -1); got == nil {
+		t.Error("a try of 2 s (hedge 1 s) cut by the caller's deadline: no fault, want the proxy's")
 	}
 }

@@ -646,9 +646,10 @@ func (h *hedgedDial[T]) fault(i int, err error, won int) error {
 		return fmt.Errorf("no reply to the handshake within %s, while %s, started after it, completed one",
 			ran.Round(time.Millisecond), h.attempts[won].up.d.ProxyAddr)
 	}
-	if h.ctx.Err() != nil && errors.Is(err, h.ctx.Err()) {
-		// The caller's deadline counts against a proxy that had been given
-		// time; a cancel says nothing.
+	if _, late := errors.AsType[*DeadlineError](err); late || h.ctx.Err() != nil && errors.Is(err, h.ctx.Err()) {
+		// The caller's deadline (also when the caller's context had not
+		// said so yet: DeadlineError) counts against a proxy that had been
+		// given time; a cancel says nothing.
 		if !errors.Is(err, context.DeadlineExceeded) || ran < patience(h.hedge) {
 			return nil
 		}
