@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -164,10 +165,16 @@ func TestHTTPProxyCurlForward(t *testing.T) {
 	if n := p.Stats().Sessions.Load(); n != 1 {
 		t.Errorf("%d client connections for two requests; want one kept alive", n)
 	}
+	logs.waitForCount(t, `"message":"request ended"`, 2)
+	// Counted when the handler returns, after its end line and after curl
+	// has the answer: a moment later.
+	deadline := time.Now().Add(10 * time.Second) // a bound, not a wait
+	for p.Stats().Responses[HTTPForward][2].Load() != 2 && time.Now().Before(deadline) {
+		runtime.Gosched()
+	}
 	if n := p.Stats().Responses[HTTPForward][2].Load(); n != 2 {
 		t.Errorf("%d forwarded requests answered 2xx, want 2", n)
 	}
-	logs.waitForCount(t, `"message":"request ended"`, 2)
 	if !strings.Contains(logs.String(), `"status":200`) || !strings.Contains(logs.String(), `"bytes_down":10`) {
 		t.Errorf("request end lines:\n%s", logs)
 	}
