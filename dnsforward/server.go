@@ -435,13 +435,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			err = s.udp.ShutdownContext(ctx)
 		}
 		err = errors.Join(err, s.tcp.shutdown(ctx))
+		if s.fast != nil && s.started.Load() {
+			// The reader stops; the queries it handed on are answered
+			// (until ctx is done) on the socket, still open.
+			s.pc.SetReadDeadline(aLongTimeAgo)
+			err = errors.Join(err, s.fast.wait(ctx))
+		}
 		// Also close the UDP socket ourselves: a miekg/dns server not
 		// started yet ignores ShutdownContext and would otherwise start
 		// later.
 		s.pc.Close()
-		if s.fast != nil && s.started.Load() {
-			err = errors.Join(err, s.fast.wait(ctx)) // the queries it handed on
-		}
 		s.mu.Lock()
 		s.stopped = true
 		close(s.stopping)

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"net"
+	"runtime"
 	"strconv"
 	"sync"
 	"testing"
@@ -546,5 +547,67 @@ func TestServeEndsWithUDPFailure(t *testing.T) {
 		s.Close()
 		<-served
 		t.Fatal("Serve did not return when its UDP side failed")
+	}
+}
+
+// TestShutdownAnswersUDPInFlight: a UDP query the fast path handed on
+// before Shutdown is still answered: the reader stops, the socket stays
+// open until the answers are out. The socket had been closed first, and
+// such a query got nothing at all.
+func TestShutdownAnswersUDPInFlight(t *testing.T) {
+	hold := make(chan struct{})
+	f, res := newScriptForwarder(t, 0, nil, hold)
+	pc, ln, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(f, pc, ln)
+	if s.fast == nil {
+		t.Skip("no UDP fast path on this system")
+	}
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(context.Background()) }()
+	c, err := net.Dial("udp", pc.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write(pack(t, query("inflight.example", dns.TypeA, 9))); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second) // bounds, not waits
+	for len(res.queries()) == 0 && time.Now().Before(deadline) {
+		runtime.Gosched()
+	}
+	shut := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		shut <- s.Shutdown(ctx)
+	}()
+	for time.Now().Before(deadline) { // Shutdown has stopped the TCP side
+		tc, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			break
+		}
+		tc.Close()
+		runtime.Gosched()
+	}
+	close(hold)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	b := make([]byte, 512)
+	n, err := c.Read(b)
+	if err != nil {
+		t.Fatalf("the query in flight at Shutdown: %v", err)
+	}
+	m := new(dns.Msg)
+	if err := m.Unpack(b[:n]); err != nil || m.Id != 9 || m.Rcode != dns.RcodeSuccess {
+		t.Errorf("answer %v %v, want id 9 NOERROR", m, err)
+	}
+	if err := <-shut; err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+	if err := <-served; err != nil {
+		t.Errorf("Serve: %v", err)
 	}
 }

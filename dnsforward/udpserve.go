@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"sync"
 	"syscall"
@@ -250,8 +251,10 @@ func transientReadError(err error) bool {
 	return false
 }
 
+// closedIsDone: the socket closed, or its read deadline set in the past
+// (Shutdown stops the reader so, and answers what it read): the end.
 func closedIsDone(err error) error {
-	if errors.Is(err, net.ErrClosed) {
+	if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
 		return nil
 	}
 	return err
