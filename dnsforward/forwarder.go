@@ -794,10 +794,12 @@ func (f *Forwarder) answerWire(dst, query []byte) ([]byte, bool) {
 func (f *Forwarder) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	_, udp := w.RemoteAddr().(*net.UDPAddr)
 	f.countQuery(udp)
-	if len(r.Question) != 1 {
+	if len(r.Question) != 1 || r.Question[0].Qtype == 0 || r.Question[0].Qclass == 0 {
 		// The header's count passes the accept function, but the message
-		// holds no question (miekg/dns lowers the count to what it read):
-		// FORMERR, as unbound answers, and nothing to forward.
+		// holds no question (miekg/dns lowers the count to what it read),
+		// or one cut before its type and class (which it reads as 0):
+		// FORMERR, as unbound answers, and nothing to forward. Forwarded,
+		// the resolver's refusal read as its access control's.
 		f.answerRcode(w, r, dns.RcodeFormatError)
 		return
 	}

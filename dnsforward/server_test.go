@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -449,14 +450,14 @@ func TestQueryWithoutQuestion(t *testing.T) {
 			t.Errorf("answer id %#x %s, want 0x1234 FORMERR", m.Id, dns.RcodeToString[m.Rcode])
 		}
 	}
-	exchangeUDP := func(t *testing.T, addr string) []byte {
+	exchangeUDP := func(t *testing.T, addr string, q []byte) []byte {
 		t.Helper()
 		c, err := net.Dial("udp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		if _, err := c.Write(empty); err != nil {
+		if _, err := c.Write(q); err != nil {
 			t.Fatal(err)
 		}
 		c.SetReadDeadline(time.Now().Add(10 * time.Second)) // a bound, not a wait
@@ -467,15 +468,21 @@ func TestQueryWithoutQuestion(t *testing.T) {
 		}
 		return b[:n]
 	}
-	for _, path := range []string{"udp", "tcp", "wildcard"} {
+	// The header, then a name with no type or class after it.
+	cut := append(slices.Clone(empty), 1, 'a', 7, 'e', 'x', 'a', 'm', 'p', 'l', 'e', 0)
+	for _, path := range []string{"udp", "tcp", "wildcard", "cut"} {
 		t.Run(path, func(t *testing.T) {
+			empty := empty
+			if path == "cut" {
+				path, empty = "udp", cut
+			}
 			f, res := newScriptForwarder(t, 100, headerOnlyFormErr, nil)
 			var answer []byte
 			switch path {
 			case "udp", "tcp":
 				_, addr := startServerFor(t, f)
 				if path == "udp" {
-					answer = exchangeUDP(t, addr)
+					answer = exchangeUDP(t, addr, empty)
 					break
 				}
 				c, err := net.Dial("tcp", addr)
@@ -498,7 +505,7 @@ func TestQueryWithoutQuestion(t *testing.T) {
 				done := make(chan error, 1)
 				go func() { done <- s.Serve(context.Background()) }()
 				defer func() { s.Close(); <-done }()
-				answer = exchangeUDP(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(pc.LocalAddr().(*net.UDPAddr).Port)))
+				answer = exchangeUDP(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(pc.LocalAddr().(*net.UDPAddr).Port)), empty)
 			}
 			wantFormErr(t, answer)
 			if n := len(res.queries()); n != 0 {
