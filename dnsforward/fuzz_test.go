@@ -156,8 +156,8 @@ func FuzzAnswerLayout(f *testing.F) {
 // that is answered is answered with its own ID.
 func FuzzServeMessage(f *testing.F) {
 	fuzzQuerySeeds(f)
-	f.Add([]byte{0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0}) // QDCOUNT 1, no question
-	f.Add([]byte{0x12, 0x35, 0x01, 0x00, 0, 0, 0, 0, 0, 0, 0, 0}) // no question at all
+	f.Add([]byte{0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0})            // QDCOUNT 1, no question
+	f.Add([]byte{0x12, 0x35, 0x01, 0x00, 0, 0, 0, 0, 0, 0, 0, 0})            // no question at all
 	f.Add([]byte{0x12, 0x36, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 1, 'a', 0}) // a name, no type or class
 	two := new(dns.Msg)
 	two.SetQuestion("a.example.", dns.TypeA)
