@@ -313,6 +313,8 @@ func causeOf(err error) string {
 		return "no connection to the resolver in time"
 	case errors.Is(err, errNoAnswer), errors.Is(err, context.DeadlineExceeded):
 		return "no answer in time"
+	case errors.Is(err, errStalled):
+		return "no answer in time"
 	case errors.Is(err, errConnDead):
 		return "the resolver closed the connection"
 	case errors.Is(err, socksclient.ErrAssociationClosed):

@@ -257,3 +257,47 @@ func TestPooledQueryHandedOnResent(t *testing.T) {
 		}
 	})
 }
+
+// TestStalledConnCause: when a query's timeout finds a resolver
+// connection that has read nothing, the connection is failed, and the
+// other queries on it fail with that cause, not as if the resolver had
+// closed it (their line said "the resolver closed the connection").
+func TestStalledConnCause(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var resolvers sync.WaitGroup
+		defer resolvers.Wait()
+		p := newTCPPool(func(ctx context.Context) (net.Conn, error) {
+			client, server := net.Pipe()
+			resolvers.Go(func() { // reads every query, answers none
+				defer server.Close()
+				var l [2]byte
+				for {
+					if _, err := readTCPFrame(server, &l); err != nil {
+						return
+					}
+				}
+			})
+			return client, nil
+		}, 1, 32, time.Minute, new(Stats))
+		defer p.close()
+		pc, err := p.get(context.Background(), false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		other := make(chan error, 1)
+		go func() {
+			_, err := pc.exchange(context.Background(), packed(query("b.example", dns.TypeA, 2)))
+			other <- err
+		}()
+		synctest.Wait()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		if _, err := pc.exchange(ctx, packed(query("a.example", dns.TypeA, 1))); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("the query that timed out: %v", err)
+		}
+		err = <-other
+		if !errors.Is(err, errConnDead) || causeOf(err) != "no answer in time" {
+			t.Errorf("the other query: %v (cause %q), want errConnDead with the cause no answer in time", err, causeOf(err))
+		}
+	})
+}

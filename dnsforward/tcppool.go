@@ -419,6 +419,10 @@ func (c *pipeConn) exchange(ctx context.Context, wire []byte) ([]byte, error) {
 	select {
 	case resp, ok := <-ch:
 		if !ok {
+			if errors.Is(c.cause(), errStalled) {
+				// Closed here, not by the resolver: it answered nothing.
+				return nil, fmt.Errorf("%w: %w", errConnDead, errStalled)
+			}
 			return nil, errConnDead
 		}
 		copy(resp, wire[:2]) // the query's ID
