@@ -404,10 +404,10 @@ func TestDisallowedSourceOnlyRefused(t *testing.T) {
 	})
 }
 
-// TestWildcardLargeQuery: a 700-byte query (EDNS padding) over UDP to a
-// server on the wildcard address (miekg/dns's path) is read whole.
-func TestWildcardLargeQuery(t *testing.T) {
-	f, _ := newScriptForwarder(t, 0, nil, nil)
+// startWildcardServer serves f on the wildcard address (miekg/dns's path
+// for UDP) until cleanup, and returns its port.
+func startWildcardServer(t *testing.T, f *Forwarder) int {
+	t.Helper()
 	pc, ln, err := Listen("0.0.0.0:0")
 	if err != nil {
 		t.Fatal(err)
@@ -415,8 +415,15 @@ func TestWildcardLargeQuery(t *testing.T) {
 	s := NewServer(f, pc, ln)
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(context.Background()) }()
-	defer func() { s.Close(); <-done }()
-	port := pc.LocalAddr().(*net.UDPAddr).Port
+	t.Cleanup(func() { s.Close(); <-done })
+	return pc.LocalAddr().(*net.UDPAddr).Port
+}
+
+// TestWildcardLargeQuery: a 700-byte query (EDNS padding) over UDP to a
+// server on the wildcard address (miekg/dns's path) is read whole.
+func TestWildcardLargeQuery(t *testing.T) {
+	f, _ := newScriptForwarder(t, 0, nil, nil)
+	port := startWildcardServer(t, f)
 	q := query("big.example", dns.TypeA, 11)
 	q.SetEdns0(1232, false)
 	q.IsEdns0().Option = append(q.IsEdns0().Option, &dns.EDNS0_PADDING{Padding: make([]byte, 650)})
@@ -497,15 +504,7 @@ func TestQueryWithoutQuestion(t *testing.T) {
 					t.Fatal(err)
 				}
 			case "wildcard":
-				pc, ln, err := Listen("0.0.0.0:0")
-				if err != nil {
-					t.Fatal(err)
-				}
-				s := NewServer(f, pc, ln)
-				done := make(chan error, 1)
-				go func() { done <- s.Serve(context.Background()) }()
-				defer func() { s.Close(); <-done }()
-				answer = exchangeUDP(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(pc.LocalAddr().(*net.UDPAddr).Port)), empty)
+				answer = exchangeUDP(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(startWildcardServer(t, f))), empty)
 			}
 			wantFormErr(t, answer)
 			if n := len(res.queries()); n != 0 {

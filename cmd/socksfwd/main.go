@@ -259,12 +259,21 @@ type mergedConfig struct {
 
 // planFrom merges the sources of a command's flags and builds the plan.
 func planFrom(c *cli.Context, getenv func(string) string) (mergedConfig, error) {
+	return planFromAdjusted(c, getenv, nil)
+}
+
+// planFromAdjusted is planFrom with adjust, when set, applied to the
+// merged configuration before the plan is built.
+func planFromAdjusted(c *cli.Context, getenv func(string) string, adjust func(*Config)) (mergedConfig, error) {
 	if c.NArg() > 0 {
 		return mergedConfig{}, usagef("unexpected argument %s", quote(c.Args().First()))
 	}
 	cfg, err := mergeConfig(c, getenv)
 	if err != nil {
 		return cfg, err
+	}
+	if adjust != nil {
+		adjust(&cfg.Config)
 	}
 	cfg.plan, err = buildPlan(cfg.Config)
 	if err != nil && len(cfg.warnings) > 0 {

@@ -84,23 +84,16 @@ func rulesCommand(stdout io.Writer, getenv func(string) string) *cli.Command {
 // removalPlan is planFrom for rules --remove, which names no proxy: a
 // stop script that gives only the listeners gets the removal too.
 func removalPlan(c *cli.Context, getenv func(string) string) (mergedConfig, error) {
-	if c.NArg() > 0 {
-		return mergedConfig{}, usagef("unexpected argument %s", quote(c.Args().First()))
-	}
-	cfg, err := mergeConfig(c, getenv)
-	if err != nil {
-		return cfg, err
-	}
-	// What the removal does not use must not stop it: the proxies, the
-	// resolvers, secrets in files that may be gone (documentation
-	// addresses, never dialed).
-	cfg.Server = []string{"192.0.2.1:1080"}
-	cfg.ServerPasswordFile, cfg.HTTPAuthFile, cfg.SOCKSAuthFile = "", "", ""
-	if cfg.DNS != "" {
-		cfg.DNSUpstream = []string{"192.0.2.53"}
-	}
-	cfg.plan, err = buildPlan(cfg.Config)
-	return cfg, err
+	return planFromAdjusted(c, getenv, func(cfg *Config) {
+		// What the removal does not use must not stop it: the proxies, the
+		// resolvers, secrets in files that may be gone (documentation
+		// addresses, never dialed).
+		cfg.Server = []string{"192.0.2.1:1080"}
+		cfg.ServerPasswordFile, cfg.HTTPAuthFile, cfg.SOCKSAuthFile = "", "", ""
+		if cfg.DNS != "" {
+			cfg.DNSUpstream = []string{"192.0.2.53"}
+		}
+	})
 }
 
 // rulesConfig gathers what the rules need from the plan and the flags.
