@@ -119,16 +119,24 @@ func TestStreamWriterFailureSticks(t *testing.T) {
 	})
 }
 
+// heldFirstWrite starts a streamWriter without waits on a gatedConn and a
+// first sender whose write the conn holds; first gets that sender's
+// result. Called in a synctest bubble.
+func heldFirstWrite() (*gatedConn, *streamWriter, chan error) {
+	c := &gatedConn{pass: make(chan struct{})}
+	w := &streamWriter{conn: c, timeout: time.Second}
+	first := make(chan error, 1)
+	go func() { first <- w.write([]byte{0, 0, 7}, 0, false) }()
+	synctest.Wait() // its write is held
+	return c, w, first
+}
+
 // TestStreamWriterWithoutWaits: without waits, a sender that finds a
 // write under way returns at once, and the writer writes what was queued
 // meanwhile before it returns.
 func TestStreamWriterWithoutWaits(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		c := &gatedConn{pass: make(chan struct{})}
-		w := &streamWriter{conn: c, timeout: time.Second}
-		first := make(chan error, 1)
-		go func() { first <- w.write([]byte{0, 0, 7}, 0, false) }()
-		synctest.Wait() // its write is held
+		c, w, first := heldFirstWrite()
 		for id := range byte(2) {
 			if err := w.write([]byte{0, id + 1, 7}, 0, false); err != nil {
 				t.Fatal(err)
@@ -157,11 +165,7 @@ func TestStreamWriterWithoutWaits(t *testing.T) {
 // owner to fail it (and them) rather than leave them to their deadlines.
 func TestStreamWriterWithoutWaitsLaterFailure(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		c := &gatedConn{pass: make(chan struct{})}
-		w := &streamWriter{conn: c, timeout: time.Second}
-		first := make(chan error, 1)
-		go func() { first <- w.write([]byte{0, 0, 7}, 0, false) }()
-		synctest.Wait() // its write is held
+		c, w, first := heldFirstWrite()
 		if err := w.write([]byte{0, 1, 7}, 0, false); err != nil {
 			t.Fatal(err)
 		}
