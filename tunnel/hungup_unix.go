@@ -16,14 +16,10 @@ func peerHungUp(c net.Conn) bool {
 	if !ok {
 		return false
 	}
-	rc, err := tc.SyscallConn()
-	if err != nil {
-		return false
-	}
 	gone := false
-	rc.Control(func(fd uintptr) {
+	withFD(tc, func(fd int) {
 		var b [1]byte
-		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		n, _, err := unix.Recvfrom(fd, b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
 		gone = n == 0 && err == nil || err == unix.ECONNRESET
 	})
 	return gone

@@ -70,21 +70,13 @@ func setTransparent(network string, c syscall.RawConn) error {
 // IsTransparent reports whether ln's socket has IP_TRANSPARENT (or
 // IPV6_TRANSPARENT) set, that is whether TPROXY can deliver to it.
 func IsTransparent(ln net.Listener) bool {
-	sc, ok := ln.(syscall.Conn)
-	if !ok {
-		return false
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return false
-	}
 	on := false
-	rc.Control(func(fd uintptr) {
+	withFD(ln, func(fd int) {
 		level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
-		if domain, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DOMAIN); err == nil && domain == unix.AF_INET6 {
+		if domain, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN); err == nil && domain == unix.AF_INET6 {
 			level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
 		}
-		v, err := unix.GetsockoptInt(int(fd), level, opt)
+		v, err := unix.GetsockoptInt(fd, level, opt)
 		on = err == nil && v != 0
 	})
 	return on

@@ -348,17 +348,7 @@ func closedPortError(t *testing.T, host, app string, target netip.AddrPort) {
 		t.Fatalf("UDP to %s from %s: %v", target, app, err)
 	}
 	before := sent()
-	if err := inNS(host, func() error {
-		rc, err := (&net.ListenConfig{Control: transparent}).ListenPacket(context.Background(), network, target.String())
-		if err != nil {
-			return err
-		}
-		defer rc.Close()
-		_, err = rc.WriteTo([]byte("late"), net.UDPAddrFromAddrPort(appAddr))
-		return err
-	}); err != nil {
-		t.Fatalf("the late answer from %s: %v", target, err)
-	}
+	sendLate(t, host, network, target, appAddr, transparent)
 	deadline := time.Now().Add(5 * time.Second) // a bound: the error is sent at once
 	for sent() == before {
 		if time.Now().After(deadline) {
@@ -375,11 +365,7 @@ func uncapturedPortError(t *testing.T, world, app string, target netip.AddrPort)
 	t.Helper()
 	var appAddr netip.AddrPort
 	if err := inNS(app, func() error {
-		d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-			var serr error
-			err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, ownMark) })
-			return errors.Join(err, serr)
-		}}
+		d := net.Dialer{Control: markControl(ownMark)}
 		c, err := d.Dial("udp4", target.String())
 		if err != nil {
 			return err
@@ -391,16 +377,23 @@ func uncapturedPortError(t *testing.T, world, app string, target netip.AddrPort)
 	}); err != nil {
 		t.Fatalf("UDP to %s from %s with the mark: %v", target, app, err)
 	}
-	if err := inNS(world, func() error {
-		c, err := net.ListenPacket("udp4", target.String())
+	sendLate(t, world, "udp4", target, appAddr, nil)
+}
+
+// sendLate sends a late answer in ns from a socket bound to from (with
+// control, when set) to to.
+func sendLate(t *testing.T, ns, network string, from, to netip.AddrPort, control controlFunc) {
+	t.Helper()
+	if err := inNS(ns, func() error {
+		c, err := (&net.ListenConfig{Control: control}).ListenPacket(context.Background(), network, from.String())
 		if err != nil {
 			return err
 		}
 		defer c.Close()
-		_, err = c.WriteTo([]byte("late"), net.UDPAddrFromAddrPort(appAddr))
+		_, err = c.WriteTo([]byte("late"), net.UDPAddrFromAddrPort(to))
 		return err
 	}); err != nil {
-		t.Fatalf("the late answer from %s: %v", target, err)
+		t.Fatalf("the late answer from %s: %v", from, err)
 	}
 }
 
@@ -628,6 +621,15 @@ func originalDst(c net.Conn) (netip.AddrPort, error) {
 	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(buf[4:8])), port), nil
 }
 
+// markControl sets SO_MARK mark on a socket before it connects.
+func markControl(mark int) controlFunc {
+	return func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark) })
+		return errors.Join(err, serr)
+	}
+}
+
 // askTCP connects from ns to to (with SO_MARK mark when not 0) and reads
 // the one line the server says.
 func askTCP(ns string, to netip.AddrPort, mark int) (string, error) {
@@ -635,11 +637,7 @@ func askTCP(ns string, to netip.AddrPort, mark int) (string, error) {
 	err := inNS(ns, func() error {
 		d := net.Dialer{Timeout: 5 * time.Second}
 		if mark != 0 {
-			d.Control = func(_, _ string, c syscall.RawConn) error {
-				var serr error
-				err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark) })
-				return errors.Join(err, serr)
-			}
+			d.Control = markControl(mark)
 		}
 		c, err := d.Dial("tcp", to.String())
 		if err != nil {
